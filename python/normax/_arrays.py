@@ -1,0 +1,151 @@
+"""Input handling shared by every op: dtype rules, axes, memory layout and ``out=``.
+
+Each op runs its kernel on C-contiguous, native-endian float32/float64 arrays viewed as
+(outer, len, inner) with the reduced axes merged into ``len``. This module gets any input there
+(a view where possible, a copy where not) and the result back into the caller's shape and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # NumPy >= 2
+    from numpy.lib.array_utils import normalize_axis_tuple
+except ImportError:  # pragma: no cover - NumPy 1.x
+    from numpy.core.numeric import normalize_axis_tuple
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def compute_dtype(dtype: np.dtype, name: str) -> tuple[np.dtype, np.dtype]:
+    """(dtype the kernel runs in, dtype of the result) for an input dtype; TypeError if unsupported.
+
+    float32/float64 run as themselves; float16, bfloat16 and other small floats (ml_dtypes) run
+    in float32 and come back in their own dtype; long double runs in float64 and comes back as
+    long double; integers and bool become float64, as in SciPy.
+    """
+    kind = dtype.kind
+    if kind == "f":
+        if dtype.itemsize <= 4:
+            return _F32, dtype.newbyteorder("=")
+        if dtype.itemsize == 8:
+            return _F64, _F64
+        return _F64, dtype.newbyteorder("=")
+    if kind in "iub":
+        return _F64, _F64
+    if kind == "V" and _is_ml_float(dtype):
+        return _F32, dtype
+    raise TypeError(f"{name}: unsupported dtype {dtype}; expected a real floating, integer or bool array")
+
+
+def _is_ml_float(dtype: np.dtype) -> bool:
+    # ml_dtypes floats (bfloat16, float8_*) are kind 'V'; they convert to float32 losslessly.
+    try:
+        np.zeros(1, dtype).astype(np.float32)
+    except (TypeError, ValueError):
+        return False
+    return dtype.names is None and dtype.subdtype is None and dtype.itemsize <= 2
+
+
+def as_input(x, name: str = "x") -> tuple[np.ndarray, np.dtype]:
+    """The array in its kernel dtype (native byte order), and the dtype of the result."""
+    a = np.asarray(x)
+    work, result = compute_dtype(a.dtype, name)
+    if a.dtype != work:
+        a = a.astype(work)
+    return a, result
+
+
+def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
+    """Sorted non-negative axes; None means all. AxisError when out of range, ValueError on repeats."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError("axis: expected an int, a tuple of ints or None, got a bool")
+    try:
+        axes = normalize_axis_tuple(axis, ndim, "axis")
+    except TypeError:
+        raise TypeError(f"axis: expected an int, a tuple of ints or None, got {axis!r}") from None
+    return tuple(sorted(axes))
+
+
+class Plan:
+    """How to lay an array of `shape` out so the reduced `axes` form the middle of (outer, len, inner).
+
+    Consecutive axes of a C-contiguous array need no copy. Otherwise the axes are moved to the end
+    and the array copied once (``arrange``); ``restore`` moves them back in the result.
+    """
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...]):
+        self.shape = shape
+        self.axes = axes
+        ndim = len(shape)
+        consecutive = not axes or axes == tuple(range(axes[0], axes[-1] + 1))
+        if consecutive:
+            first = axes[0] if axes else ndim
+            last = axes[-1] + 1 if axes else ndim
+            self.moved = None
+        else:
+            k = len(axes)
+            self.moved = (axes, tuple(range(ndim - k, ndim)))
+            shape = tuple(s for i, s in enumerate(shape) if i not in axes) + tuple(shape[i] for i in axes)
+            first, last = ndim - k, ndim
+        self.outer = math.prod(shape[:first])
+        self.len = math.prod(shape[first:last])
+        self.inner = math.prod(shape[last:])
+        # Shape of a reduction's result with the reduced axes dropped, in the original order.
+        self.reduced_shape = tuple(s for i, s in enumerate(self.shape) if i not in axes)
+        self.keepdims_shape = tuple(1 if i in axes else s for i, s in enumerate(self.shape))
+
+    def arrange(self, a: np.ndarray) -> np.ndarray:
+        """A C-contiguous array in kernel order holding `a`'s values (a view when possible)."""
+        if self.moved is not None:
+            a = np.moveaxis(a, *self.moved)
+        return np.ascontiguousarray(a)
+
+    def restore(self, r: np.ndarray) -> np.ndarray:
+        """A kernel-order result of the full shape, back in the original axis order."""
+        if self.moved is None:
+            return r
+        return np.moveaxis(r, self.moved[1], self.moved[0])
+
+
+def check_out(out, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Validates ``out=`` before anything is written."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out: shape {out.shape} does not match the result shape {shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: dtype {out.dtype} does not match the result dtype {dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out: array is read-only")
+    return out
+
+
+def direct_output(out: np.ndarray, work: np.ndarray, plan: Plan) -> np.ndarray | None:
+    """`out` itself if the kernel can write it directly: same kernel dtype, C-contiguous in kernel
+    order, and either `work`'s own memory (in place) or not overlapping it at all."""
+    if plan.moved is not None or out.dtype != work.dtype or not out.flags.c_contiguous:
+        return None
+    if not out.dtype.isnative:
+        return None
+    same = out.__array_interface__["data"][0] == work.__array_interface__["data"][0]
+    if same or not np.may_share_memory(out, work):
+        return out
+    return None
+
+
+def finish(result: np.ndarray, result_dtype: np.dtype, out):
+    """The kernel's result in the caller's dtype, written to `out` when given."""
+    if out is not None:
+        if result is not out:
+            np.copyto(out, result, casting="unsafe")
+        return out
+    if result.dtype != result_dtype:
+        result = result.astype(result_dtype)
+    return result

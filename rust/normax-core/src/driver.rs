@@ -1,0 +1,519 @@
+//! The one driver every row op runs through: rows, axes, threads, and splitting very long rows.
+//!
+//! An array is viewed as (outer, len, inner) with the reduced axis of length `len` in the middle.
+//! inner == 1 is the fast path (rows contiguous). Otherwise blocks of columns are gathered into
+//! contiguous scratch rows, run through the same row kernels, and scattered back.
+
+use crate::float::Float;
+use crate::isa::{dispatch, Kernel};
+use crate::simd::Vector;
+use crate::threads;
+use crate::Error;
+
+/// Shape of the work: `outer` independent groups of `inner` rows of `len` elements, element (o, i, j)
+/// at o * len * inner + i * inner + j.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub outer: usize,
+    pub len: usize,
+    pub inner: usize,
+}
+
+impl Layout {
+    /// Contiguous rows of `len` elements.
+    pub fn rows(rows: usize, len: usize) -> Layout {
+        Layout {
+            outer: rows,
+            len,
+            inner: 1,
+        }
+    }
+
+    /// Elements in the array, or an error if the product overflows.
+    pub fn size(&self) -> Result<usize, Error> {
+        self.outer
+            .checked_mul(self.len)
+            .and_then(|n| n.checked_mul(self.inner))
+            .ok_or_else(|| Error::Value("array too large".into()))
+    }
+
+    /// Number of rows (reduction results).
+    pub fn rows_count(&self) -> usize {
+        self.outer * self.inner
+    }
+
+    pub(crate) fn check(&self, name: &str, actual: usize, expected: usize) -> Result<(), Error> {
+        if actual != expected {
+            return Err(Error::Value(format!(
+                "{name} has {actual} elements; the layout {self:?} needs {expected}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A raw pointer that may cross threads: the driver hands out disjoint ranges only.
+#[derive(Clone, Copy)]
+pub(crate) struct Ptr<T>(pub *mut T);
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    pub fn from_const(p: *const T) -> Self {
+        Ptr(p as *mut T)
+    }
+    /// Offset by `i` elements; null stays null.
+    pub fn at(self, i: usize) -> *mut T {
+        if self.0.is_null() {
+            self.0
+        } else {
+            self.0.wrapping_add(i)
+        }
+    }
+}
+
+/// A row-to-row op (softmax, log_softmax, their backwards): `a` and optional `b` in, `out` written.
+/// `out` may be `a` itself: kernels read each element before writing the same index.
+pub(crate) trait RowMap<T: Float>: Sync {
+    type Stat: Copy + Send + Sync;
+    /// Whether `b` is read.
+    const TWO_INPUTS: bool;
+    /// One whole row; free to pick whichever algorithm suits its length.
+    unsafe fn row<V: Vector<Elem = T>>(&self, a: *const T, b: *const T, out: *mut T, len: usize);
+    /// Statistics of one chunk of a long row, for splitting it across threads.
+    unsafe fn chunk_stat<V: Vector<Elem = T>>(
+        &self,
+        a: *const T,
+        b: *const T,
+        len: usize,
+    ) -> Self::Stat;
+    fn combine(x: Self::Stat, y: Self::Stat) -> Self::Stat;
+    /// False when the combined statistics say the row must be redone whole (the exact path).
+    fn splittable(stat: &Self::Stat) -> bool;
+    unsafe fn chunk_write<V: Vector<Elem = T>>(
+        &self,
+        a: *const T,
+        b: *const T,
+        out: *mut T,
+        len: usize,
+        stat: Self::Stat,
+    );
+}
+
+/// A row-to-value op (logsumexp): each row gives a value and a sign.
+pub(crate) trait RowReduce<T: Float>: Sync {
+    type Stat: Copy + Send + Sync;
+    const TWO_INPUTS: bool;
+    unsafe fn row<V: Vector<Elem = T>>(&self, a: *const T, b: *const T, len: usize) -> (T, T);
+    unsafe fn chunk_stat<V: Vector<Elem = T>>(
+        &self,
+        a: *const T,
+        b: *const T,
+        len: usize,
+    ) -> Self::Stat;
+    fn combine(x: Self::Stat, y: Self::Stat) -> Self::Stat;
+    /// The value and sign from a whole row's statistics, or None to redo the row whole.
+    fn finish(stat: Self::Stat) -> Option<(T, T)>;
+}
+
+/// Work per task: small arrays stay on the calling thread.
+const GRAIN: usize = 1 << 15;
+/// Rows at least this long are split across threads when there are too few rows to share.
+const SPLIT_MIN_LEN: usize = 1 << 18;
+/// Chunk of a split row; fixed, so results do not depend on the thread count.
+const SPLIT_CHUNK: usize = 1 << 16;
+
+fn chunks(len: usize) -> usize {
+    len.div_ceil(SPLIT_CHUNK)
+}
+
+fn chunk_range(c: usize, len: usize) -> (usize, usize) {
+    let start = c * SPLIT_CHUNK;
+    (start, (start + SPLIT_CHUNK).min(len) - start)
+}
+
+fn should_split(layout: &Layout) -> bool {
+    layout.inner == 1
+        && layout.len >= SPLIT_MIN_LEN
+        && layout.outer < 2 * threads::num_threads()
+        && threads::num_threads() > 1
+}
+
+/// Columns gathered per task in the strided case: enough that each task has real work.
+fn column_block(layout: &Layout) -> usize {
+    (GRAIN / layout.len.max(1))
+        .clamp(16, 1024)
+        .min(layout.inner)
+}
+
+struct MapRows<'a, T, Op> {
+    op: &'a Op,
+    a: Ptr<T>,
+    b: Ptr<T>,
+    out: Ptr<T>,
+    len: usize,
+    rows: std::ops::Range<usize>,
+}
+
+impl<T: Float, Op: RowMap<T>> Kernel<T> for MapRows<'_, T, Op> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) {
+        for r in self.rows {
+            let o = r * self.len;
+            unsafe {
+                self.op
+                    .row::<V>(self.a.at(o), self.b.at(o), self.out.at(o), self.len)
+            };
+        }
+    }
+}
+
+/// Copies columns [c0, c0 + cols) of group `o` into `cols` contiguous rows of `scratch`.
+unsafe fn gather<T: Float>(
+    src: Ptr<T>,
+    layout: &Layout,
+    o: usize,
+    c0: usize,
+    cols: usize,
+    scratch: &mut [T],
+) {
+    let base = src.at(o * layout.len * layout.inner + c0);
+    for i in 0..layout.len {
+        let row = base.add(i * layout.inner);
+        for c in 0..cols {
+            *scratch.get_unchecked_mut(c * layout.len + i) = *row.add(c);
+        }
+    }
+}
+
+unsafe fn scatter<T: Float>(
+    dst: Ptr<T>,
+    layout: &Layout,
+    o: usize,
+    c0: usize,
+    cols: usize,
+    scratch: &[T],
+) {
+    let base = dst.at(o * layout.len * layout.inner + c0);
+    for i in 0..layout.len {
+        let row = base.add(i * layout.inner);
+        for c in 0..cols {
+            *row.add(c) = *scratch.get_unchecked(c * layout.len + i);
+        }
+    }
+}
+
+struct GatherMap<'a, T, Op> {
+    op: &'a Op,
+    a: Ptr<T>,
+    b: Ptr<T>,
+    out: Ptr<T>,
+    layout: Layout,
+    o: usize,
+    c0: usize,
+    cols: usize,
+}
+
+impl<T: Float, Op: RowMap<T>> Kernel<T> for GatherMap<'_, T, Op> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) {
+        let (l, n) = (&self.layout, self.cols * self.layout.len);
+        let mut sa = vec![T::ZERO; n];
+        let mut sb = vec![T::ZERO; if Op::TWO_INPUTS { n } else { 0 }];
+        let mut so = vec![T::ZERO; n];
+        unsafe {
+            gather(self.a, l, self.o, self.c0, self.cols, &mut sa);
+            if Op::TWO_INPUTS {
+                gather(self.b, l, self.o, self.c0, self.cols, &mut sb);
+            }
+            for c in 0..self.cols {
+                let s = c * l.len;
+                let b = if Op::TWO_INPUTS {
+                    sb.as_ptr().add(s)
+                } else {
+                    std::ptr::null()
+                };
+                self.op
+                    .row::<V>(sa.as_ptr().add(s), b, so.as_mut_ptr().add(s), l.len);
+            }
+            scatter(self.out, l, self.o, self.c0, self.cols, &so);
+        }
+    }
+}
+
+struct ChunkStat<'a, T, Op> {
+    op: &'a Op,
+    a: *const T,
+    b: *const T,
+    len: usize,
+}
+
+impl<T: Float, Op: RowMap<T>> Kernel<T> for ChunkStat<'_, T, Op> {
+    type Output = Op::Stat;
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) -> Op::Stat {
+        unsafe { self.op.chunk_stat::<V>(self.a, self.b, self.len) }
+    }
+}
+
+struct ChunkWrite<'a, T: Float, Op: RowMap<T>> {
+    op: &'a Op,
+    a: *const T,
+    b: *const T,
+    out: *mut T,
+    len: usize,
+    stat: Op::Stat,
+}
+
+impl<T: Float, Op: RowMap<T>> Kernel<T> for ChunkWrite<'_, T, Op> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) {
+        unsafe {
+            self.op
+                .chunk_write::<V>(self.a, self.b, self.out, self.len, self.stat)
+        }
+    }
+}
+
+/// Runs a row-to-row op over the layout. `b` may be null when the op reads one input; `out` may be `a`.
+///
+/// # Safety
+/// `a`, `b` (if used) readable and `out` writable for `layout.size()` elements.
+pub(crate) unsafe fn map<T: Float, Op: RowMap<T>>(
+    op: &Op,
+    a: *const T,
+    b: *const T,
+    out: *mut T,
+    layout: Layout,
+) {
+    let (a, b, out) = (Ptr::from_const(a), Ptr::from_const(b), Ptr(out));
+    let Layout { outer, len, inner } = layout;
+    if outer == 0 || len == 0 || inner == 0 {
+        return;
+    }
+    if inner > 1 {
+        let cb = column_block(&layout);
+        let blocks = inner.div_ceil(cb);
+        threads::for_each(outer * blocks, |t| {
+            let (o, c0) = (t / blocks, (t % blocks) * cb);
+            let cols = cb.min(inner - c0);
+            dispatch(GatherMap {
+                op,
+                a,
+                b,
+                out,
+                layout,
+                o,
+                c0,
+                cols,
+            });
+        });
+    } else if should_split(&layout) {
+        for r in 0..outer {
+            let base = r * len;
+            let stats = threads::map(chunks(len), |c| {
+                let (s, n) = chunk_range(c, len);
+                dispatch(ChunkStat {
+                    op,
+                    a: a.at(base + s),
+                    b: b.at(base + s),
+                    len: n,
+                })
+            });
+            let stat = stats.into_iter().reduce(Op::combine).expect("len > 0");
+            if !Op::splittable(&stat) {
+                dispatch(MapRows {
+                    op,
+                    a,
+                    b,
+                    out,
+                    len,
+                    rows: r..r + 1,
+                });
+                continue;
+            }
+            threads::for_each(chunks(len), |c| {
+                let (s, n) = chunk_range(c, len);
+                let (a, b, out) = (a.at(base + s), b.at(base + s), out.at(base + s));
+                dispatch(ChunkWrite {
+                    op,
+                    a,
+                    b,
+                    out,
+                    len: n,
+                    stat,
+                });
+            });
+        }
+    } else {
+        let per_task = (GRAIN / len).max(1);
+        threads::for_each(outer.div_ceil(per_task), |t| {
+            let rows = t * per_task..((t + 1) * per_task).min(outer);
+            dispatch(MapRows {
+                op,
+                a,
+                b,
+                out,
+                len,
+                rows,
+            });
+        });
+    }
+}
+
+struct ReduceRows<'a, T, Op> {
+    op: &'a Op,
+    a: Ptr<T>,
+    b: Ptr<T>,
+    out: Ptr<T>,
+    sign: Ptr<T>,
+    layout: Layout,
+    o: usize,
+    c0: usize,
+    cols: usize,
+}
+
+impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceRows<'_, T, Op> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) {
+        let l = &self.layout;
+        let put = |c: usize, (v, s): (T, T)| unsafe {
+            let k = self.o * l.inner + self.c0 + c;
+            *self.out.at(k) = v;
+            if !self.sign.0.is_null() {
+                *self.sign.at(k) = s;
+            }
+        };
+        unsafe {
+            if l.inner == 1 {
+                for c in 0..self.cols {
+                    let off = (self.o + c) * l.len;
+                    put(c, self.op.row::<V>(self.a.at(off), self.b.at(off), l.len));
+                }
+                return;
+            }
+            let n = self.cols * l.len;
+            let mut sa = vec![T::ZERO; n];
+            let mut sb = vec![T::ZERO; if Op::TWO_INPUTS { n } else { 0 }];
+            gather(self.a, l, self.o, self.c0, self.cols, &mut sa);
+            if Op::TWO_INPUTS {
+                gather(self.b, l, self.o, self.c0, self.cols, &mut sb);
+            }
+            for c in 0..self.cols {
+                let s = c * l.len;
+                let b = if Op::TWO_INPUTS {
+                    sb.as_ptr().add(s)
+                } else {
+                    std::ptr::null()
+                };
+                put(c, self.op.row::<V>(sa.as_ptr().add(s), b, l.len));
+            }
+        }
+    }
+}
+
+struct ReduceChunk<'a, T, Op> {
+    op: &'a Op,
+    a: *const T,
+    b: *const T,
+    len: usize,
+}
+
+impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceChunk<'_, T, Op> {
+    type Output = Op::Stat;
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) -> Op::Stat {
+        unsafe { self.op.chunk_stat::<V>(self.a, self.b, self.len) }
+    }
+}
+
+/// Runs a row-to-value op: `out` (and `sign`, unless null) get `layout.rows_count()` values.
+///
+/// # Safety
+/// `a`, `b` (if used) readable for `layout.size()` elements; `out`, `sign` (unless null) writable
+/// for `layout.rows_count()`.
+pub(crate) unsafe fn reduce<T: Float, Op: RowReduce<T>>(
+    op: &Op,
+    a: *const T,
+    b: *const T,
+    out: *mut T,
+    sign: *mut T,
+    layout: Layout,
+) {
+    let (a, b, out, sign) = (Ptr::from_const(a), Ptr::from_const(b), Ptr(out), Ptr(sign));
+    let Layout { outer, len, inner } = layout;
+    if outer == 0 || inner == 0 {
+        return;
+    }
+    if inner == 1 && should_split(&layout) {
+        for r in 0..outer {
+            let base = r * len;
+            let stats = threads::map(chunks(len), |c| {
+                let (s, n) = chunk_range(c, len);
+                dispatch(ReduceChunk {
+                    op,
+                    a: a.at(base + s),
+                    b: b.at(base + s),
+                    len: n,
+                })
+            });
+            let stat = stats.into_iter().reduce(Op::combine).expect("len > 0");
+            let value = Op::finish(stat).unwrap_or_else(|| {
+                dispatch(ReduceOne {
+                    op,
+                    a: a.at(base),
+                    b: b.at(base),
+                    len,
+                })
+            });
+            *out.at(r) = value.0;
+            if !sign.0.is_null() {
+                *sign.at(r) = value.1;
+            }
+        }
+        return;
+    }
+    // inner == 1: a "column block" is a block of consecutive rows.
+    let (groups, block) = if inner == 1 {
+        (1, (GRAIN / len.max(1)).max(1).min(outer))
+    } else {
+        (outer, column_block(&layout))
+    };
+    let span = if inner == 1 { outer } else { inner };
+    let blocks = span.div_ceil(block);
+    threads::for_each(groups * blocks, |t| {
+        let (g, c0) = (t / blocks, (t % blocks) * block);
+        let cols = block.min(span - c0);
+        let (o, c0) = if inner == 1 { (c0, 0) } else { (g, c0) };
+        dispatch(ReduceRows {
+            op,
+            a,
+            b,
+            out,
+            sign,
+            layout,
+            o,
+            c0,
+            cols,
+        });
+    });
+}
+
+struct ReduceOne<'a, T, Op> {
+    op: &'a Op,
+    a: *const T,
+    b: *const T,
+    len: usize,
+}
+
+impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceOne<'_, T, Op> {
+    type Output = (T, T);
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) -> (T, T) {
+        unsafe { self.op.row::<V>(self.a, self.b, self.len) }
+    }
+}

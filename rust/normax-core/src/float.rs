@@ -1,0 +1,165 @@
+//! The element types the kernels run on (f32, f64) and the constants of their exp.
+
+use crate::simd::Vector;
+use std::fmt::Debug;
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// A floating-point element type with the constants of the exponent-splitting exp.
+///
+/// exp(x) = m * 2^n with n = round(x * log2 e), t = x - n ln2 (Cody-Waite: ln2 = LN2_HI + LN2_LO,
+/// LN2_HI has trailing zero bits so n * LN2_HI is exact) and m = 1 + t * q(t).
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Debug
+    + Default
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const INFINITY: Self;
+    const NEG_INFINITY: Self;
+    const NAN: Self;
+    const LOG2E: Self;
+    const LN2_HI: Self;
+    const LN2_LO: Self;
+    /// q(t) coefficients c1..ck of m = 1 + t*(c1 + t*(c2 + ...)), lowest first.
+    const EXP_POLY: &'static [Self];
+    /// |x| up to which the Cody-Waite reduction stays accurate; rows reaching beyond it (or holding
+    /// NaN/inf) take the exact max-subtracting path instead.
+    const SPLIT_LIMIT: Self;
+    /// Exponent bias: 2^k is built from its bits for -BIAS <= k <= BIAS, with 2^-BIAS read as 0.
+    const BIAS: Self;
+    /// ldexp range: two factors of at most 2^(BIAS-1) cover every finite result.
+    const LDEXP_MIN: Self;
+    const LDEXP_MAX: Self;
+
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+    fn is_nan(self) -> bool;
+    fn round_even(self) -> Self;
+    /// 2^k for integral k in [-BIAS, BIAS]; exactly 0 at -BIAS.
+    fn pow2_bits(k: Self) -> Self;
+
+    type Scalar: Vector<Elem = Self>;
+    #[cfg(target_arch = "x86_64")]
+    type Avx2: Vector<Elem = Self>;
+    #[cfg(target_arch = "x86_64")]
+    type Avx512: Vector<Elem = Self>;
+}
+
+impl Float for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    const INFINITY: f32 = f32::INFINITY;
+    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
+    const NAN: f32 = f32::NAN;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_375; // 355/512: 9 significant bits, n * LN2_HI exact for |n| < 2^15
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Near-minimax (Lawson-weighted least squares) on [-ln2/2, ln2/2]: 2e-9 relative error.
+    const EXP_POLY: &'static [f32] = &[
+        1.0,
+        0.499_999_94,
+        0.166_664_32,
+        0.041_668,
+        0.008_374_155_5,
+        0.001_384_365_4,
+    ];
+    const SPLIT_LIMIT: f32 = 4096.0;
+    const BIAS: f32 = 127.0;
+    const LDEXP_MIN: f32 = -252.0;
+    const LDEXP_MAX: f32 = 254.0;
+
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> f32 {
+        v as f32
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+    #[inline(always)]
+    fn round_even(self) -> f32 {
+        self.round_ties_even()
+    }
+    #[inline(always)]
+    fn pow2_bits(k: f32) -> f32 {
+        f32::from_bits(((k as i32 + 127) as u32) << 23)
+    }
+
+    type Scalar = crate::simd::scalar::Scalar<f32>;
+    #[cfg(target_arch = "x86_64")]
+    type Avx2 = crate::simd::avx2::F32x8;
+    #[cfg(target_arch = "x86_64")]
+    type Avx512 = crate::simd::avx512::F32x16;
+}
+
+impl Float for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    const INFINITY: f64 = f64::INFINITY;
+    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
+    const NAN: f64 = f64::NAN;
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1; // fdlibm: 32 trailing zero bits
+    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    // Taylor to degree 13: truncation below 1e-17 on [-ln2/2, ln2/2].
+    const EXP_POLY: &'static [f64] = &[
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5040.0,
+        1.0 / 40320.0,
+        1.0 / 362880.0,
+        1.0 / 3628800.0,
+        1.0 / 39916800.0,
+        1.0 / 479001600.0,
+        1.0 / 6227020800.0,
+    ];
+    const SPLIT_LIMIT: f64 = 65536.0;
+    const BIAS: f64 = 1023.0;
+    const LDEXP_MIN: f64 = -2044.0;
+    const LDEXP_MAX: f64 = 2046.0;
+
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+    #[inline(always)]
+    fn round_even(self) -> f64 {
+        self.round_ties_even()
+    }
+    #[inline(always)]
+    fn pow2_bits(k: f64) -> f64 {
+        f64::from_bits(((k as i64 + 1023) as u64) << 52)
+    }
+
+    type Scalar = crate::simd::scalar::Scalar<f64>;
+    #[cfg(target_arch = "x86_64")]
+    type Avx2 = crate::simd::avx2::F64x4;
+    #[cfg(target_arch = "x86_64")]
+    type Avx512 = crate::simd::avx512::F64x8;
+}

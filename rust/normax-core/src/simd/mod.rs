@@ -1,0 +1,138 @@
+//! One vector trait, one implementation per ISA (a file each), and the math written once on top.
+//!
+//! Kernels are generic over [`Vector`]; `crate::isa::dispatch` is the single place that picks the
+//! implementation at run time and enters a `#[target_feature]` function so everything inlines
+//! into code compiled for that ISA.
+
+use crate::float::Float;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+pub mod scalar;
+
+/// The widest vector we have (AVX-512 f32): partial loads go through a buffer this long.
+pub const MAX_LANES: usize = 16;
+
+/// A SIMD vector of `Elem`. Every method is `#[inline(always)]` in the implementations.
+pub trait Vector: Copy {
+    type Elem: Float;
+    /// A lane mask, as produced by comparisons.
+    type Mask: Copy;
+    const LANES: usize;
+
+    fn splat(v: Self::Elem) -> Self;
+    /// # Safety
+    /// `p` must be valid for reading `LANES` elements.
+    unsafe fn load(p: *const Self::Elem) -> Self;
+    /// # Safety
+    /// `p` must be valid for writing `LANES` elements.
+    unsafe fn store(self, p: *mut Self::Elem);
+
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    /// self * b + c
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    /// Lane-wise max; NaN handling is unspecified (callers detect NaN with `gt_or_nan`).
+    fn max(self, o: Self) -> Self;
+    fn min(self, o: Self) -> Self;
+    /// Round to nearest, ties to even.
+    fn round(self) -> Self;
+    /// 2^k for integral k in [-BIAS, BIAS], exactly 0 at k = -BIAS.
+    fn pow2(self) -> Self;
+    fn reduce_add(self) -> Self::Elem;
+    fn reduce_max(self) -> Self::Elem;
+    /// Lanes where self > o or either is NaN.
+    fn gt_or_nan(self, o: Self) -> Self::Mask;
+    fn mask_or(a: Self::Mask, b: Self::Mask) -> Self::Mask;
+    fn mask_none() -> Self::Mask;
+    fn mask_any(m: Self::Mask) -> bool;
+}
+
+/// Loads `n < LANES` elements, the other lanes set to `fill`.
+///
+/// # Safety
+/// `p` must be valid for reading `n` elements.
+#[inline(always)]
+pub unsafe fn load_partial<V: Vector>(p: *const V::Elem, n: usize, fill: V::Elem) -> V {
+    let mut buf = [fill; MAX_LANES];
+    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+    V::load(buf.as_ptr())
+}
+
+/// Stores the first `n < LANES` lanes.
+///
+/// # Safety
+/// `p` must be valid for writing `n` elements.
+#[inline(always)]
+pub unsafe fn store_partial<V: Vector>(v: V, p: *mut V::Elem, n: usize) {
+    let mut buf = [V::Elem::ZERO; MAX_LANES];
+    v.store(buf.as_mut_ptr());
+    std::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+}
+
+/// Splits exp(x) = m * 2^n, m in [sqrt(1/2), sqrt(2)], for |x| within the Cody-Waite range.
+#[inline(always)]
+pub fn exp_parts<V: Vector>(x: V) -> (V, V) {
+    let n = x.mul(V::splat(V::Elem::LOG2E)).round();
+    let t = n.mul_add(V::splat(-V::Elem::LN2_HI), x);
+    let t = n.mul_add(V::splat(-V::Elem::LN2_LO), t);
+    let poly = V::Elem::EXP_POLY;
+    let mut q = V::splat(poly[poly.len() - 1]);
+    for &c in poly[..poly.len() - 1].iter().rev() {
+        q = q.mul_add(t, V::splat(c));
+    }
+    (q.mul_add(t, V::splat(V::Elem::ONE)), n)
+}
+
+/// 2^k for integral k <= 0, flushed to 0 below the normal range (2^-BIAS and beyond).
+#[inline(always)]
+pub fn pow2_nonpositive<V: Vector>(k: V) -> V {
+    k.max(V::splat(-V::Elem::BIAS)).pow2()
+}
+
+/// v * 2^k for integral k, correct into the subnormal range: two normal factors, one rounding.
+#[inline(always)]
+pub fn ldexp<V: Vector>(v: V, k: V) -> V {
+    let k = k
+        .max(V::splat(V::Elem::LDEXP_MIN))
+        .min(V::splat(V::Elem::LDEXP_MAX));
+    let half = k.mul(V::splat(V::Elem::from_f64(0.5))).round();
+    v.mul(half.pow2()).mul(k.sub(half).pow2())
+}
+
+/// exp(x) for every x: -inf and underflow give 0, overflow gives +inf, NaN stays NaN.
+#[inline(always)]
+pub fn exp<V: Vector>(x: V) -> V {
+    // Beyond these bounds the result is 0 or inf anyway; clamping keeps the reduction exact.
+    let bound = V::Elem::from_f64(V::Elem::LDEXP_MAX.to_f64() * std::f64::consts::LN_2 + 2.0);
+    let nan = x.gt_or_nan(x); // only NaN lanes compare unordered with themselves
+    let xc = x.max(V::splat(-bound)).min(V::splat(bound));
+    let (m, n) = exp_parts(xc);
+    let y = ldexp(m, n);
+    select_nan::<V>(y, x, nan)
+}
+
+/// Where `mask` is set, take `x` (NaN) instead of `y`.
+#[inline(always)]
+fn select_nan<V: Vector>(y: V, x: V, mask: V::Mask) -> V {
+    if V::mask_any(mask) {
+        // Rare: rebuild lane by lane so NaN inputs propagate.
+        let mut ys = [V::Elem::ZERO; MAX_LANES];
+        let mut xs = [V::Elem::ZERO; MAX_LANES];
+        unsafe {
+            y.store(ys.as_mut_ptr());
+            x.store(xs.as_mut_ptr());
+        }
+        for i in 0..V::LANES {
+            if xs[i].is_nan() {
+                ys[i] = xs[i];
+            }
+        }
+        unsafe { V::load(ys.as_ptr()) }
+    } else {
+        y
+    }
+}
