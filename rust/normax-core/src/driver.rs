@@ -132,6 +132,65 @@ fn chunk_range(c: usize, len: usize) -> (usize, usize) {
     (start, (start + SPLIT_CHUNK).min(len) - start)
 }
 
+/// Offset that keeps a null pointer null (the unused second input).
+fn offset<T>(p: *const T, i: usize) -> *const T {
+    if p.is_null() {
+        p
+    } else {
+        p.wrapping_add(i)
+    }
+}
+
+/// One row through a map op. Rows of SPLIT_MIN_LEN or more always use the chunked arithmetic of
+/// the multi-threaded split, so results are the same for every thread count.
+#[inline(always)]
+unsafe fn map_row<T: Float, Op: RowMap<T>, V: Vector<Elem = T>>(
+    op: &Op,
+    a: *const T,
+    b: *const T,
+    out: *mut T,
+    len: usize,
+) {
+    if len < SPLIT_MIN_LEN {
+        return op.row::<V>(a, b, out, len);
+    }
+    let stat = (0..chunks(len))
+        .map(|c| {
+            let (s, n) = chunk_range(c, len);
+            op.chunk_stat::<V>(offset(a, s), offset(b, s), n)
+        })
+        .reduce(Op::combine)
+        .expect("len > 0");
+    if !Op::splittable(&stat) {
+        return op.row::<V>(a, b, out, len);
+    }
+    for c in 0..chunks(len) {
+        let (s, n) = chunk_range(c, len);
+        op.chunk_write::<V>(offset(a, s), offset(b, s), out.add(s), n, stat);
+    }
+}
+
+/// One row through a reduce op, chunked like [`map_row`] when long.
+#[inline(always)]
+unsafe fn reduce_row<T: Float, Op: RowReduce<T>, V: Vector<Elem = T>>(
+    op: &Op,
+    a: *const T,
+    b: *const T,
+    len: usize,
+) -> (T, T) {
+    if len < SPLIT_MIN_LEN {
+        return op.row::<V>(a, b, len);
+    }
+    let stat = (0..chunks(len))
+        .map(|c| {
+            let (s, n) = chunk_range(c, len);
+            op.chunk_stat::<V>(offset(a, s), offset(b, s), n)
+        })
+        .reduce(Op::combine)
+        .expect("len > 0");
+    Op::finish(stat).unwrap_or_else(|| op.row::<V>(a, b, len))
+}
+
 fn should_split(layout: &Layout) -> bool {
     layout.inner == 1
         && layout.len >= SPLIT_MIN_LEN
@@ -162,8 +221,13 @@ impl<T: Float, Op: RowMap<T>> Kernel<T> for MapRows<'_, T, Op> {
         for r in self.rows {
             let o = r * self.len;
             unsafe {
-                self.op
-                    .row::<V>(self.a.at(o), self.b.at(o), self.out.at(o), self.len)
+                map_row::<T, Op, V>(
+                    self.op,
+                    self.a.at(o),
+                    self.b.at(o),
+                    self.out.at(o),
+                    self.len,
+                )
             };
         }
     }
@@ -235,8 +299,13 @@ impl<T: Float, Op: RowMap<T>> Kernel<T> for GatherMap<'_, T, Op> {
                 } else {
                     std::ptr::null()
                 };
-                self.op
-                    .row::<V>(sa.as_ptr().add(s), b, so.as_mut_ptr().add(s), l.len);
+                map_row::<T, Op, V>(
+                    self.op,
+                    sa.as_ptr().add(s),
+                    b,
+                    so.as_mut_ptr().add(s),
+                    l.len,
+                );
             }
             scatter(self.out, l, self.o, self.c0, self.cols, &so);
         }
@@ -392,7 +461,10 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceRows<'_, T, Op> {
             if l.inner == 1 {
                 for c in 0..self.cols {
                     let off = (self.o + c) * l.len;
-                    put(c, self.op.row::<V>(self.a.at(off), self.b.at(off), l.len));
+                    put(
+                        c,
+                        reduce_row::<T, Op, V>(self.op, self.a.at(off), self.b.at(off), l.len),
+                    );
                 }
                 return;
             }
@@ -410,7 +482,10 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceRows<'_, T, Op> {
                 } else {
                     std::ptr::null()
                 };
-                put(c, self.op.row::<V>(sa.as_ptr().add(s), b, l.len));
+                put(
+                    c,
+                    reduce_row::<T, Op, V>(self.op, sa.as_ptr().add(s), b, l.len),
+                );
             }
         }
     }

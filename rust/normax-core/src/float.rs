@@ -35,6 +35,9 @@ pub trait Float:
     /// |x| up to which the Cody-Waite reduction stays accurate; rows reaching beyond it (or holding
     /// NaN/inf) take the exact max-subtracting path instead.
     const SPLIT_LIMIT: Self;
+    /// 1.5 * 2^(mantissa bits): adding it rounds to an integer and leaves that integer in the low
+    /// mantissa bits, ready for `Vector::exponent_bits`.
+    const ROUND_MAGIC: Self;
     /// Exponent bias: 2^k is built from its bits for -BIAS <= k <= BIAS, with 2^-BIAS read as 0.
     const BIAS: Self;
     /// ldexp range: two factors of at most 2^(BIAS-1) cover every finite result.
@@ -45,8 +48,8 @@ pub trait Float:
     fn from_f64(v: f64) -> Self;
     fn is_nan(self) -> bool;
     fn round_even(self) -> Self;
-    /// 2^k for integral k in [-BIAS, BIAS]; exactly 0 at -BIAS.
-    fn pow2_bits(k: Self) -> Self;
+    /// The representation shifted left by the mantissa width (see `Vector::exponent_bits`).
+    fn exponent_bits(v: Self) -> Self;
 
     type Scalar: Vector<Elem = Self>;
     #[cfg(target_arch = "x86_64")]
@@ -74,6 +77,7 @@ impl Float for f32 {
         0.001_384_365_4,
     ];
     const SPLIT_LIMIT: f32 = 4096.0;
+    const ROUND_MAGIC: f32 = 12_582_912.0;
     const BIAS: f32 = 127.0;
     const LDEXP_MIN: f32 = -252.0;
     const LDEXP_MAX: f32 = 254.0;
@@ -95,8 +99,8 @@ impl Float for f32 {
         self.round_ties_even()
     }
     #[inline(always)]
-    fn pow2_bits(k: f32) -> f32 {
-        f32::from_bits(((k as i32 + 127) as u32) << 23)
+    fn exponent_bits(v: f32) -> f32 {
+        f32::from_bits(v.to_bits() << 23)
     }
 
     type Scalar = crate::simd::scalar::Scalar<f32>;
@@ -132,6 +136,7 @@ impl Float for f64 {
         1.0 / 6227020800.0,
     ];
     const SPLIT_LIMIT: f64 = 65536.0;
+    const ROUND_MAGIC: f64 = 6_755_399_441_055_744.0;
     const BIAS: f64 = 1023.0;
     const LDEXP_MIN: f64 = -2044.0;
     const LDEXP_MAX: f64 = 2046.0;
@@ -153,8 +158,8 @@ impl Float for f64 {
         self.round_ties_even()
     }
     #[inline(always)]
-    fn pow2_bits(k: f64) -> f64 {
-        f64::from_bits(((k as i64 + 1023) as u64) << 52)
+    fn exponent_bits(v: f64) -> f64 {
+        f64::from_bits(v.to_bits() << 52)
     }
 
     type Scalar = crate::simd::scalar::Scalar<f64>;

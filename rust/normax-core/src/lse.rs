@@ -13,7 +13,9 @@
 //! `Float::SPLIT_LIMIT` (where the Cody-Waite reduction degrades) go to an exact f64 path.
 
 use crate::float::Float;
-use crate::simd::{exp_parts, load_partial, pow2_nonpositive, store_partial, Vector, MAX_LANES};
+use crate::simd::{
+    exp_parts, exp_reduced, load_partial, pow2_nonpositive, store_partial, Vector, MAX_LANES,
+};
 use std::f64::consts::LN_2;
 
 /// A sum of exponentials held as m * 2^n, combined exactly (in f64) across lanes, blocks and threads.
@@ -38,7 +40,7 @@ impl ExpSum {
         }
         let n = self.n.max(o.n);
         ExpSum {
-            m: self.m * (self.n - n).exp2() + o.m * (o.n - n).exp2(),
+            m: self.m * pow2_nonpositive_f64(self.n - n) + o.m * pow2_nonpositive_f64(o.n - n),
             n,
         }
     }
@@ -46,6 +48,15 @@ impl ExpSum {
     /// log of the sum.
     pub fn ln(self) -> f64 {
         self.m.ln() + self.n * LN_2
+    }
+}
+
+/// 2^k for integral k <= 0, from its bits (0 below the normal range): cheaper than exp2.
+fn pow2_nonpositive_f64(k: f64) -> f64 {
+    if k < -1022.0 {
+        0.0
+    } else {
+        f64::from_bits(((k as i64 + 1023) as u64) << 52)
     }
 }
 
@@ -76,9 +87,10 @@ impl RowSum {
 }
 
 /// Accumulator flush periods: level-1 (4 vectors, unrolled) folds into level-2 every FOLD steps,
-/// level-2 into f64 every FOLD folds. Keeps every f32 partial sum short, so the row sum stays within
-/// a few ULP without summing in f64 per element.
-const FOLD: usize = 64;
+/// level-2 into f64 every FOLD folds. Keeps every f32 partial sum short (each element passes
+/// through at most 2 * FOLD roundings), so the row sum stays within a few ULP without summing
+/// in f64 per element.
+pub(crate) const FOLD: usize = 16;
 
 fn floor_of<T: Float>() -> T {
     -(T::SPLIT_LIMIT + T::SPLIT_LIMIT)
@@ -171,19 +183,15 @@ pub unsafe fn sum_two_pass<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
     RowSum::Fast(total.combine(lanes_to_sum(m2, e2))).checked::<V::Elem>()
 }
 
-/// The row's maximum and whether it needs the exact path (NaN, or beyond the split limit).
+/// The row's maximum. NaN may or may not survive `max`; the sum pass catches it either way.
 #[inline(always)]
-unsafe fn max_pass<V: Vector>(x: *const V::Elem, len: usize) -> (V::Elem, bool) {
-    let limit = V::splat(V::Elem::SPLIT_LIMIT);
-    let mut special = V::mask_none();
+unsafe fn max_pass<V: Vector>(x: *const V::Elem, len: usize) -> V::Elem {
     let mut mx = [V::splat(V::Elem::NEG_INFINITY); 4];
     let w = V::LANES;
     let mut i = 0;
     while i + 4 * w <= len {
         for (j, acc) in mx.iter_mut().enumerate() {
-            let v = V::load(x.add(i + j * w));
-            special = V::mask_or(special, v.gt_or_nan(limit));
-            *acc = acc.max(v);
+            *acc = acc.max(V::load(x.add(i + j * w)));
         }
         i += 4 * w;
     }
@@ -193,15 +201,27 @@ unsafe fn max_pass<V: Vector>(x: *const V::Elem, len: usize) -> (V::Elem, bool) 
         } else {
             load_partial::<V>(x.add(i), len - i, V::Elem::NEG_INFINITY)
         };
-        special = V::mask_or(special, v.gt_or_nan(limit));
         mx[0] = mx[0].max(v);
         i += w;
     }
-    let m = mx[0].max(mx[1]).max(mx[2].max(mx[3])).reduce_max();
-    (m, V::mask_any(special))
+    mx[0].max(mx[1]).max(mx[2].max(mx[3])).reduce_max()
 }
 
-/// In-cache pass 2: sum of exp(x) * 2^-N given the max exponent N, optionally storing each term.
+/// exp(x) * 2^-top for x <= the row max, given bias = ROUND_MAGIC + BIAS - top and
+/// floor = (top - BIAS) / log2 e: one fma both rounds x log2 e and leaves 2^(n - top) in the low
+/// bits. Terms below 2^-(BIAS - 1) of the max flush to 0 (so -inf gives exactly 0); NaN propagates
+/// (`floor.max(x)` returns x when x is NaN, on every ISA).
+#[inline(always)]
+fn scaled_exp<V: Vector>(x: V, bias: V, floor: V) -> V {
+    let x = floor.max(x);
+    let v = x.mul_add(V::splat(V::Elem::LOG2E), bias);
+    let n = v.sub(bias);
+    exp_reduced(x, n).mul(v.exponent_bits())
+}
+
+/// In-cache pass 2: sum of exp(x) * 2^-top, optionally storing each term. NaN if x holds NaN.
+/// Prefetches the next row (the next `len` elements) so the following row's reads overlap this
+/// row's arithmetic; prefetches never fault, past the end of the array included.
 #[inline(always)]
 unsafe fn sum_given_max<V: Vector>(
     x: *const V::Elem,
@@ -209,21 +229,19 @@ unsafe fn sum_given_max<V: Vector>(
     top: V::Elem,
     store: Option<*mut V::Elem>,
 ) -> f64 {
-    let floor = V::splat(floor_of::<V::Elem>());
-    let top = V::splat(top);
+    let bias = V::splat(V::Elem::ROUND_MAGIC + V::Elem::BIAS - top);
+    let floor = V::splat((top - V::Elem::BIAS) / V::Elem::LOG2E);
     let zero = V::splat(V::Elem::ZERO);
-    let term = |v: V| {
-        let (m, n) = exp_parts(v.max(floor));
-        m.mul(pow2_nonpositive(n.sub(top)))
-    };
     let mut acc = [zero; 4];
     let mut total = 0.0f64;
     let mut steps = 0;
     let w = V::LANES;
     let mut i = 0;
     while i + 4 * w <= len {
+        V::prefetch(x.wrapping_add(len + i));
+        V::prefetch(x.wrapping_add(len + i + 2 * w));
         for (j, a) in acc.iter_mut().enumerate() {
-            let t = term(V::load(x.add(i + j * w)));
+            let t = scaled_exp(V::load(x.add(i + j * w)), bias, floor);
             if let Some(y) = store {
                 t.store(y.add(i + j * w));
             }
@@ -244,9 +262,13 @@ unsafe fn sum_given_max<V: Vector>(
     while i < len {
         let n = (len - i).min(w);
         let t = if n == w {
-            term(V::load(x.add(i)))
+            scaled_exp(V::load(x.add(i)), bias, floor)
         } else {
-            term(load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY))
+            scaled_exp(
+                load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY),
+                bias,
+                floor,
+            )
         };
         if let Some(y) = store {
             if n == w {
@@ -276,15 +298,16 @@ pub unsafe fn sum_in_cache<V: Vector>(
     len: usize,
     store: Option<*mut V::Elem>,
 ) -> RowSum {
-    let (mx, special) = max_pass::<V>(x, len);
-    if special || mx < -V::Elem::SPLIT_LIMIT {
+    let mx = max_pass::<V>(x, len);
+    if !(mx <= V::Elem::SPLIT_LIMIT) || mx < -V::Elem::SPLIT_LIMIT {
         return RowSum::Exact;
     }
     let top = (mx * V::Elem::LOG2E).round_even();
-    RowSum::Fast(ExpSum {
-        m: sum_given_max::<V>(x, len, top, store),
-        n: top.to_f64(),
-    })
+    let m = sum_given_max::<V>(x, len, top, store);
+    if m.is_nan() {
+        return RowSum::Exact;
+    }
+    RowSum::Fast(ExpSum { m, n: top.to_f64() })
 }
 
 /// Rows up to this many elements use the in-cache algorithm; longer ones the two-pass one.

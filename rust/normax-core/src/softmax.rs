@@ -2,7 +2,7 @@
 
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
-use crate::lse::{exact_stats, sum_in_cache, sum_two_pass, ExpSum, RowSum, IN_CACHE_MAX_LEN};
+use crate::lse::{exact_stats, sum_in_cache, sum_two_pass, ExpSum, RowSum, FOLD, IN_CACHE_MAX_LEN};
 use crate::simd::{exp, exp_parts, load_partial, pow2_nonpositive, store_partial, Vector};
 use crate::Error;
 
@@ -49,24 +49,31 @@ unsafe fn map_elements2<V: Vector>(
     }
 }
 
+/// n <= LANES elements, zero-padded.
+#[inline(always)]
+unsafe fn load_n<V: Vector>(p: *const V::Elem, n: usize) -> V {
+    if n == V::LANES {
+        V::load(p)
+    } else {
+        load_partial::<V>(p, n, V::Elem::ZERO)
+    }
+}
+
+/// a[i..i+n] * b[i..i+n] (or a alone when `b` is null), zero-padded past n.
+#[inline(always)]
+unsafe fn dot_term<V: Vector>(a: *const V::Elem, b: *const V::Elem, i: usize, n: usize) -> V {
+    let va = load_n::<V>(a.add(i), n);
+    if b.is_null() {
+        va
+    } else {
+        va.mul(load_n::<V>(b.add(i), n))
+    }
+}
+
 /// sum(a * b), or sum(a) when `b` is null; f32 partial sums folded into f64 every few vectors.
 #[inline(always)]
 unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f64 {
     let zero = V::splat(V::Elem::ZERO);
-    let term = |i: usize, n: usize| -> V {
-        let va = if n == V::LANES {
-            V::load(a.add(i))
-        } else {
-            load_partial::<V>(a.add(i), n, V::Elem::ZERO)
-        };
-        if b.is_null() {
-            va
-        } else if n == V::LANES {
-            va.mul(V::load(b.add(i)))
-        } else {
-            va.mul(load_partial::<V>(b.add(i), n, V::Elem::ZERO))
-        }
-    };
     let w = V::LANES;
     let mut acc = [zero; 4];
     let mut total = 0.0;
@@ -74,11 +81,11 @@ unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f6
     let mut steps = 0;
     while i + 4 * w <= len {
         for (j, s) in acc.iter_mut().enumerate() {
-            *s = s.add(term(i + j * w, w));
+            *s = s.add(dot_term::<V>(a, b, i + j * w, w));
         }
         i += 4 * w;
         steps += 1;
-        if steps == 64 {
+        if steps == FOLD {
             total += acc[0]
                 .add(acc[1])
                 .add(acc[2].add(acc[3]))
@@ -90,7 +97,7 @@ unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f6
     }
     while i < len {
         let n = (len - i).min(w);
-        acc[0] = acc[0].add(term(i, n));
+        acc[0] = acc[0].add(dot_term::<V>(a, b, i, n));
         i += w;
     }
     total
@@ -107,10 +114,16 @@ unsafe fn write_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usiz
     let floor = V::splat(-(V::Elem::SPLIT_LIMIT + V::Elem::SPLIT_LIMIT));
     let top = V::splat(V::Elem::from_f64(s.n));
     let inv = V::splat(V::Elem::from_f64(1.0 / s.m));
-    map_elements::<V>(x, y, len, |v| {
-        let (m, n) = exp_parts(v.max(floor));
-        m.mul(pow2_nonpositive(n.sub(top))).mul(inv)
-    });
+    map_elements::<V>(
+        x,
+        y,
+        len,
+        #[inline(always)]
+        |v| {
+            let (m, n) = exp_parts(v.max(floor));
+            m.mul(pow2_nonpositive(n.sub(top))).mul(inv)
+        },
+    );
 }
 
 /// y = x - lse, with lse split in two so the subtraction is exact where x is close to lse.
@@ -119,7 +132,13 @@ unsafe fn write_log_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: 
     let hi = V::Elem::from_f64(lse);
     let lo = V::splat(V::Elem::from_f64(lse - hi.to_f64()));
     let hi = V::splat(hi);
-    map_elements::<V>(x, y, len, |v| v.sub(hi).sub(lo));
+    map_elements::<V>(
+        x,
+        y,
+        len,
+        #[inline(always)]
+        |v| v.sub(hi).sub(lo),
+    );
 }
 
 /// The row's sum of exponentials, by the algorithm that suits its length.
@@ -134,14 +153,15 @@ unsafe fn row_sum<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
 
 unsafe fn exact_softmax<T: Float>(x: *const T, y: *mut T, len: usize, log: bool) {
     let st = exact_stats(x, len);
-    let lse = st.lse();
     for i in 0..len {
+        // Relative to the max: max + ln(sum) would lose ln(sum) next to a huge max.
+        let shifted = (*x.add(i)).to_f64() - st.max;
         *y.add(i) = if st.row_is_nan() {
             T::NAN
         } else if log {
-            T::from_f64((*x.add(i)).to_f64() - st.max - st.sum.ln())
+            T::from_f64(shifted - st.sum.ln())
         } else {
-            T::from_f64(((*x.add(i)).to_f64() - lse).exp())
+            T::from_f64(shifted.exp() / st.sum)
         };
     }
 }
@@ -159,7 +179,13 @@ impl<T: Float> RowMap<T> for Softmax {
             match sum_in_cache::<V>(x, len, Some(y)) {
                 RowSum::Fast(s) => {
                     let inv = V::splat(T::from_f64(1.0 / s.m));
-                    map_elements::<V>(y, y, len, |v| v.mul(inv));
+                    map_elements::<V>(
+                        y,
+                        y,
+                        len,
+                        #[inline(always)]
+                        |v| v.mul(inv),
+                    );
                 }
                 RowSum::Exact => exact_softmax(x, y, len, false),
             }
@@ -423,7 +449,14 @@ impl<T: Float> RowMap<T> for SoftmaxBackward {
         s: f64,
     ) {
         let s = V::splat(T::from_f64(s));
-        map_elements2::<V>(y, dy, dx, len, |y, dy| y.mul(dy.sub(s)));
+        map_elements2::<V>(
+            y,
+            dy,
+            dx,
+            len,
+            #[inline(always)]
+            |y, dy| y.mul(dy.sub(s)),
+        );
     }
 }
 
@@ -459,9 +492,14 @@ impl<T: Float> RowMap<T> for LogSoftmaxBackward {
         s: f64,
     ) {
         let s = V::splat(T::from_f64(s));
-        map_elements2::<V>(y, dy, dx, len, |y, dy| {
-            exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE))
-        });
+        map_elements2::<V>(
+            y,
+            dy,
+            dx,
+            len,
+            #[inline(always)]
+            |y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
+        );
     }
 }
 
@@ -612,7 +650,15 @@ pub fn exp_slice<T: Float>(x: &[T], y: &mut [T]) -> Result<(), Error> {
         type Output = ();
         #[inline(always)]
         fn run<V: Vector<Elem = T>>(self) {
-            unsafe { map_elements::<V>(self.0.as_ptr(), self.1.as_mut_ptr(), self.0.len(), exp) }
+            unsafe {
+                map_elements::<V>(
+                    self.0.as_ptr(),
+                    self.1.as_mut_ptr(),
+                    self.0.len(),
+                    #[inline(always)]
+                    |v| exp(v),
+                )
+            }
         }
     }
     crate::isa::dispatch(ExpKernel(x, y));

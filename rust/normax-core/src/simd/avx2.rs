@@ -8,11 +8,6 @@ pub struct F32x8(__m256);
 #[derive(Clone, Copy)]
 pub struct F64x4(__m256d);
 
-// Adding 1.5 * 2^mantissa_bits + bias to an integral float puts (k + bias) in the low mantissa bits;
-// shifting those into the exponent field builds 2^k with two integer-free instructions.
-pub(super) const F32_POW2_MAGIC: f32 = 12_582_912.0 + 127.0;
-pub(super) const F64_POW2_MAGIC: f64 = 6_755_399_441_055_744.0 + 1023.0;
-
 impl Vector for F32x8 {
     type Elem = f32;
     type Mask = __m256;
@@ -63,13 +58,16 @@ impl Vector for F32x8 {
         }
     }
     #[inline(always)]
-    fn pow2(self) -> Self {
+    fn exponent_bits(self) -> Self {
         unsafe {
-            let biased = _mm256_add_ps(self.0, _mm256_set1_ps(F32_POW2_MAGIC));
             F32x8(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(
-                _mm256_castps_si256(biased),
+                _mm256_castps_si256(self.0),
             )))
         }
+    }
+    #[inline(always)]
+    fn prefetch(p: *const f32) {
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
     }
     #[inline(always)]
     fn reduce_add(self) -> f32 {
@@ -163,13 +161,16 @@ impl Vector for F64x4 {
         }
     }
     #[inline(always)]
-    fn pow2(self) -> Self {
+    fn exponent_bits(self) -> Self {
         unsafe {
-            let biased = _mm256_add_pd(self.0, _mm256_set1_pd(F64_POW2_MAGIC));
             F64x4(_mm256_castsi256_pd(_mm256_slli_epi64::<52>(
-                _mm256_castpd_si256(biased),
+                _mm256_castpd_si256(self.0),
             )))
         }
+    }
+    #[inline(always)]
+    fn prefetch(p: *const f64) {
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
     }
     #[inline(always)]
     fn reduce_add(self) -> f64 {

@@ -1,6 +1,5 @@
 //! AVX-512F: 16 x f32, 8 x f64.
 
-use super::avx2::{F32_POW2_MAGIC, F64_POW2_MAGIC};
 use super::Vector;
 use std::arch::x86_64::*;
 
@@ -57,13 +56,16 @@ impl Vector for F32x16 {
         unsafe { F32x16(_mm512_roundscale_ps::<ROUND_NEAREST>(self.0)) }
     }
     #[inline(always)]
-    fn pow2(self) -> Self {
+    fn exponent_bits(self) -> Self {
         unsafe {
-            let biased = _mm512_add_ps(self.0, _mm512_set1_ps(F32_POW2_MAGIC));
             F32x16(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(
-                _mm512_castps_si512(biased),
+                _mm512_castps_si512(self.0),
             )))
         }
+    }
+    #[inline(always)]
+    fn prefetch(p: *const f32) {
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
     }
     #[inline(always)]
     fn reduce_add(self) -> f32 {
@@ -137,13 +139,16 @@ impl Vector for F64x8 {
         unsafe { F64x8(_mm512_roundscale_pd::<ROUND_NEAREST>(self.0)) }
     }
     #[inline(always)]
-    fn pow2(self) -> Self {
+    fn exponent_bits(self) -> Self {
         unsafe {
-            let biased = _mm512_add_pd(self.0, _mm512_set1_pd(F64_POW2_MAGIC));
             F64x8(_mm512_castsi512_pd(_mm512_slli_epi64::<52>(
-                _mm512_castpd_si512(biased),
+                _mm512_castpd_si512(self.0),
             )))
         }
+    }
+    #[inline(always)]
+    fn prefetch(p: *const f64) {
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
     }
     #[inline(always)]
     fn reduce_add(self) -> f64 {

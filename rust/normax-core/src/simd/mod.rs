@@ -40,8 +40,12 @@ pub trait Vector: Copy {
     fn min(self, o: Self) -> Self;
     /// Round to nearest, ties to even.
     fn round(self) -> Self;
-    /// 2^k for integral k in [-BIAS, BIAS], exactly 0 at k = -BIAS.
-    fn pow2(self) -> Self;
+    /// Moves the low bits of the representation into the exponent field: for
+    /// v = ROUND_MAGIC + BIAS + k (k integral in [-BIAS, BIAS]) this is 2^k, exactly 0 at k = -BIAS.
+    fn exponent_bits(self) -> Self;
+    /// Hints that `p` will be read soon; never faults, any address allowed.
+    #[inline(always)]
+    fn prefetch(_p: *const Self::Elem) {}
     fn reduce_add(self) -> Self::Elem;
     fn reduce_max(self) -> Self::Elem;
     /// Lanes where self > o or either is NaN.
@@ -77,6 +81,12 @@ pub unsafe fn store_partial<V: Vector>(v: V, p: *mut V::Elem, n: usize) {
 #[inline(always)]
 pub fn exp_parts<V: Vector>(x: V) -> (V, V) {
     let n = x.mul(V::splat(V::Elem::LOG2E)).round();
+    (exp_reduced(x, n), n)
+}
+
+/// exp(x - n ln2) for integral n = round(x log2 e): Cody-Waite reduction, then the polynomial.
+#[inline(always)]
+pub fn exp_reduced<V: Vector>(x: V, n: V) -> V {
     let t = n.mul_add(V::splat(-V::Elem::LN2_HI), x);
     let t = n.mul_add(V::splat(-V::Elem::LN2_LO), t);
     let poly = V::Elem::EXP_POLY;
@@ -84,13 +94,20 @@ pub fn exp_parts<V: Vector>(x: V) -> (V, V) {
     for &c in poly[..poly.len() - 1].iter().rev() {
         q = q.mul_add(t, V::splat(c));
     }
-    (q.mul_add(t, V::splat(V::Elem::ONE)), n)
+    q.mul_add(t, V::splat(V::Elem::ONE))
+}
+
+/// 2^k for integral k in [-BIAS, BIAS], exactly 0 at k = -BIAS.
+#[inline(always)]
+pub fn pow2<V: Vector>(k: V) -> V {
+    k.add(V::splat(V::Elem::ROUND_MAGIC + V::Elem::BIAS))
+        .exponent_bits()
 }
 
 /// 2^k for integral k <= 0, flushed to 0 below the normal range (2^-BIAS and beyond).
 #[inline(always)]
 pub fn pow2_nonpositive<V: Vector>(k: V) -> V {
-    k.max(V::splat(-V::Elem::BIAS)).pow2()
+    pow2(k.max(V::splat(-V::Elem::BIAS)))
 }
 
 /// v * 2^k for integral k, correct into the subnormal range: two normal factors, one rounding.
@@ -100,7 +117,7 @@ pub fn ldexp<V: Vector>(v: V, k: V) -> V {
         .max(V::splat(V::Elem::LDEXP_MIN))
         .min(V::splat(V::Elem::LDEXP_MAX));
     let half = k.mul(V::splat(V::Elem::from_f64(0.5))).round();
-    v.mul(half.pow2()).mul(k.sub(half).pow2())
+    v.mul(pow2(half)).mul(pow2(k.sub(half)))
 }
 
 /// exp(x) for every x: -inf and underflow give 0, overflow gives +inf, NaN stays NaN.

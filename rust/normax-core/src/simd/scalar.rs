@@ -52,8 +52,8 @@ impl<T: Float> Vector for Scalar<T> {
         Scalar(self.0.round_even())
     }
     #[inline(always)]
-    fn pow2(self) -> Self {
-        Scalar(T::pow2_bits(self.0))
+    fn exponent_bits(self) -> Self {
+        Scalar(T::exponent_bits(self.0))
     }
     #[inline(always)]
     fn reduce_add(self) -> T {

@@ -1,0 +1,413 @@
+//! Kernel accuracy and edge cases on every ISA this CPU supports, against f64 references.
+
+use normax_core::softmax::{
+    exp_slice, log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward,
+    softmax_inplace,
+};
+use normax_core::{isa, threads, Isa, Layout};
+use std::sync::Mutex;
+
+/// The ISA and thread count are process-wide: tests that set them run one at a time.
+static GLOBAL: Mutex<()> = Mutex::new(());
+
+fn each_isa(mut f: impl FnMut(Isa)) {
+    let _guard = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
+    let before = isa::active();
+    for isa in isa::supported() {
+        isa::set_active(isa).unwrap();
+        f(isa);
+    }
+    isa::set_active(before).unwrap();
+}
+
+/// A small deterministic generator (xorshift) with normal-ish samples: no dev-dependency needed.
+struct Rng(u64);
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Sum of 4 uniforms, scaled to standard deviation `sd`.
+    fn normal(&mut self, sd: f64) -> f64 {
+        let s: f64 = (0..4).map(|_| self.next_f64()).sum::<f64>() - 2.0;
+        s * sd * 3f64.sqrt()
+    }
+    fn vec_f32(&mut self, n: usize, sd: f64) -> Vec<f32> {
+        (0..n).map(|_| self.normal(sd) as f32).collect()
+    }
+}
+
+fn ulp_f32(v: f64) -> f64 {
+    let a = (v as f32).abs();
+    if a < f32::MIN_POSITIVE {
+        f32::from_bits(1) as f64
+    } else {
+        (f32::from_bits(a.to_bits() + 1) - a) as f64
+    }
+}
+
+fn ref_softmax(x: &[f32]) -> Vec<f64> {
+    let m = x
+        .iter()
+        .map(|&v| v as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+fn ref_lse(x: &[f32]) -> f64 {
+    let m = x
+        .iter()
+        .map(|&v| v as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
+
+#[test]
+fn exp_f32_dense_sweep_within_2_ulp() {
+    // Every 7th float from below the subnormal cutoff to overflow (~30M values per ISA).
+    let lo = -103.0f32;
+    let hi = 88.72f32;
+    let mut xs = Vec::new();
+    let mut b = hi.to_bits();
+    while f32::from_bits(b) > 0.0 {
+        xs.push(f32::from_bits(b));
+        b = b.saturating_sub(7);
+    }
+    let mut b = 0x8000_0000u32;
+    while f32::from_bits(b) >= lo {
+        xs.push(f32::from_bits(b));
+        b += 7;
+    }
+    let mut ys = vec![0f32; xs.len()];
+    each_isa(|isa| {
+        exp_slice(&xs, &mut ys).unwrap();
+        let mut worst = (0.0f64, 0.0f32);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let r = (x as f64).exp();
+            let err = ((y as f64) - r).abs() / ulp_f32(r);
+            if err > worst.0 {
+                worst = (err, x);
+            }
+        }
+        assert!(
+            worst.0 <= 2.0,
+            "{isa:?}: exp({}) is {} ULP off",
+            worst.1,
+            worst.0
+        );
+    });
+}
+
+#[test]
+fn exp_f64_sample_within_2_ulp() {
+    let mut rng = Rng(42);
+    let xs: Vec<f64> = (0..2_000_000)
+        .map(|_| rng.next_f64() * (709.7 + 708.0) - 708.0)
+        .collect();
+    let mut ys = vec![0f64; xs.len()];
+    each_isa(|isa| {
+        exp_slice(&xs, &mut ys).unwrap();
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let r = x.exp();
+            let ulp = f64::from_bits(r.to_bits() + 1) - r;
+            // std's exp is itself within 1 ULP: 2 ULP of ours plus its own.
+            assert!(
+                (y - r).abs() <= 3.0 * ulp,
+                "{isa:?}: exp({x}) = {y}, std {r}"
+            );
+        }
+    });
+}
+
+#[test]
+fn exp_edges() {
+    let xs = [
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        f32::NAN,
+        89.0,
+        -104.0,
+        0.0,
+        -0.0,
+        88.72283,
+        f32::MAX,
+        f32::MIN,
+    ];
+    let mut ys = [0f32; 10];
+    each_isa(|isa| {
+        exp_slice(&xs, &mut ys).unwrap();
+        assert_eq!(ys[0], 0.0, "{isa:?}");
+        assert_eq!(ys[1], f32::INFINITY, "{isa:?}");
+        assert!(ys[2].is_nan(), "{isa:?}");
+        assert_eq!(ys[3], f32::INFINITY, "{isa:?}");
+        assert_eq!(ys[4], 0.0, "{isa:?}");
+        assert_eq!(ys[5], 1.0, "{isa:?}");
+        assert_eq!(ys[6], 1.0, "{isa:?}");
+        assert!(ys[7].is_finite() && ys[7] > 3.4e38, "{isa:?}: {}", ys[7]);
+        assert_eq!(ys[8], f32::INFINITY, "{isa:?}");
+        assert_eq!(ys[9], 0.0, "{isa:?}");
+    });
+}
+
+/// Row lengths around every vector and unroll boundary, the in-cache limit and beyond.
+const LENGTHS: &[usize] = &[
+    1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 67, 1000, 4097, 65536, 65537, 100_003,
+];
+
+#[test]
+fn softmax_family_matches_f64_reference() {
+    each_isa(|isa| {
+        let mut rng = Rng(7);
+        for &len in LENGTHS {
+            let rows = if len > 10_000 { 1 } else { 3 };
+            let x = rng.vec_f32(rows * len, 5.0);
+            let layout = Layout::rows(rows, len);
+            let mut y = vec![0f32; x.len()];
+            let mut ly = vec![0f32; x.len()];
+            let mut lse = vec![0f32; rows];
+            softmax(&x, &mut y, layout).unwrap();
+            log_softmax(&x, &mut ly, layout).unwrap();
+            logsumexp(&x, None, &mut lse, None, layout).unwrap();
+            for r in 0..rows {
+                let xr = &x[r * len..(r + 1) * len];
+                let want = ref_softmax(xr);
+                let want_lse = ref_lse(xr);
+                assert!(((lse[r] as f64 - want_lse) / want_lse.abs().max(1.0)).abs() < 1e-6);
+                for i in 0..len {
+                    let (got, w) = (y[r * len + i] as f64, want[i]);
+                    if w > 1e-30 {
+                        // exp within 2 ULP, sum within 1, product and reciprocal 0.5 each.
+                        let ulps = (got - w).abs() / ulp_f32(w);
+                        assert!(
+                            ulps <= 5.0,
+                            "{isa:?} len {len}: softmax {got} vs {w} ({ulps} ULP)"
+                        );
+                    }
+                    let lw = xr[i] as f64 - want_lse;
+                    let lg = ly[r * len + i] as f64;
+                    assert!(
+                        (lg - lw).abs() <= 2.0 * ulp_f32(lw) + 2.0 * ulp_f32(want_lse),
+                        "{isa:?} len {len}: log_softmax {lg} vs {lw}"
+                    );
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn special_values() {
+    each_isa(|isa| {
+        let nan = f32::NAN;
+        let inf = f32::INFINITY;
+        let cases: Vec<Vec<f32>> = vec![
+            vec![1.0, nan, 2.0],
+            vec![1.0, inf, 2.0],
+            vec![-inf, -inf, -inf],
+            vec![1e30, -1e30, 1e30],
+            vec![3e38, 0.0, -3e38],
+            vec![-1e30, -1e30 + 1e24, -inf],
+            vec![0.0, -inf, 1.0],
+        ];
+        for x in cases {
+            let n = x.len();
+            let mut y = vec![0f32; n];
+            let mut lse = [0f32];
+            softmax(&x, &mut y, Layout::rows(1, n)).unwrap();
+            logsumexp(&x, None, &mut lse, None, Layout::rows(1, n)).unwrap();
+            let has_nan = x.iter().any(|v| v.is_nan());
+            let has_inf = x.contains(&inf);
+            let all_neg_inf = x.iter().all(|&v| v == -inf);
+            if has_nan || has_inf || all_neg_inf {
+                assert!(y.iter().all(|v| v.is_nan()), "{isa:?} {x:?}: {y:?}");
+            } else {
+                let want = ref_softmax(&x);
+                for i in 0..n {
+                    assert!(
+                        (y[i] as f64 - want[i]).abs() <= 1e-6 * want[i] + 1e-37,
+                        "{isa:?} {x:?}: {y:?}"
+                    );
+                }
+            }
+            let want_lse = if has_nan {
+                f64::NAN
+            } else if has_inf {
+                f64::INFINITY
+            } else if all_neg_inf {
+                f64::NEG_INFINITY
+            } else {
+                ref_lse(&x)
+            };
+            if want_lse.is_nan() {
+                assert!(lse[0].is_nan(), "{isa:?} {x:?}: {lse:?}");
+            } else if want_lse.is_infinite() {
+                assert_eq!(lse[0] as f64, want_lse, "{isa:?} {x:?}");
+            } else {
+                assert!(
+                    ((lse[0] as f64 - want_lse) / want_lse.abs()).abs() < 1e-6,
+                    "{isa:?} {x:?}: {lse:?}"
+                );
+            }
+        }
+        // -inf entries of a finite row are exactly 0.
+        let x = [0.0f32, f32::NEG_INFINITY, 1.0];
+        let mut y = [1f32; 3];
+        softmax(&x, &mut y, Layout::rows(1, 3)).unwrap();
+        assert_eq!(y[1], 0.0);
+        // An empty reduction is -inf.
+        let mut lse = [0f32; 2];
+        logsumexp::<f32>(&[], None, &mut lse, None, Layout::rows(2, 0)).unwrap();
+        assert_eq!(lse, [f32::NEG_INFINITY; 2]);
+    });
+}
+
+#[test]
+fn strided_layout_matches_rows() {
+    // (outer, len, inner) = (2, 37, 5): compare against the same data transposed to rows.
+    let (outer, len, inner) = (2, 37, 5);
+    let mut rng = Rng(3);
+    let x = rng.vec_f32(outer * len * inner, 3.0);
+    let mut rows = vec![0f32; x.len()];
+    for o in 0..outer {
+        for i in 0..len {
+            for j in 0..inner {
+                rows[(o * inner + j) * len + i] = x[(o * len + i) * inner + j];
+            }
+        }
+    }
+    each_isa(|isa| {
+        let mut y = vec![0f32; x.len()];
+        let mut yr = vec![0f32; x.len()];
+        softmax(&x, &mut y, Layout { outer, len, inner }).unwrap();
+        softmax(&rows, &mut yr, Layout::rows(outer * inner, len)).unwrap();
+        let mut lse = vec![0f32; outer * inner];
+        let mut lser = vec![0f32; outer * inner];
+        logsumexp(&x, None, &mut lse, None, Layout { outer, len, inner }).unwrap();
+        logsumexp(
+            &rows,
+            None,
+            &mut lser,
+            None,
+            Layout::rows(outer * inner, len),
+        )
+        .unwrap();
+        assert_eq!(lse, lser, "{isa:?}");
+        for o in 0..outer {
+            for i in 0..len {
+                for j in 0..inner {
+                    assert_eq!(
+                        y[(o * len + i) * inner + j],
+                        yr[(o * inner + j) * len + i],
+                        "{isa:?}"
+                    );
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn long_row_split_is_exact_and_thread_independent() {
+    let _guard = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
+    let len = 3 * (1 << 18) + 17;
+    let mut rng = Rng(11);
+    let x = rng.vec_f32(len, 4.0);
+    let want = ref_softmax(&x);
+    let want_lse = ref_lse(&x);
+    let threads_before = threads::num_threads();
+    let mut results = Vec::new();
+    for t in [1, 2, 3] {
+        threads::set_num_threads(t).unwrap();
+        let mut y = vec![0f32; len];
+        let mut lse = [0f32];
+        softmax(&x, &mut y, Layout::rows(1, len)).unwrap();
+        logsumexp(&x, None, &mut lse, None, Layout::rows(1, len)).unwrap();
+        results.push((y, lse[0]));
+    }
+    threads::set_num_threads(threads_before).unwrap();
+    assert!(((results[0].1 as f64 - want_lse) / want_lse).abs() < 1e-6);
+    for (i, &w) in want.iter().enumerate() {
+        if w > 1e-30 {
+            assert!((results[0].0[i] as f64 - w).abs() / w < 1e-6, "element {i}");
+        }
+    }
+    for r in &results[1..] {
+        assert_eq!(r.0, results[0].0, "thread count changed the softmax");
+        assert_eq!(r.1, results[0].1, "thread count changed the logsumexp");
+    }
+}
+
+#[test]
+fn in_place_equals_out_of_place() {
+    each_isa(|isa| {
+        let mut rng = Rng(5);
+        for &len in &[5usize, 1000, 70_000] {
+            let x = rng.vec_f32(2 * len, 2.0);
+            let mut y = vec![0f32; x.len()];
+            softmax(&x, &mut y, Layout::rows(2, len)).unwrap();
+            let mut z = x.clone();
+            softmax_inplace(&mut z, Layout::rows(2, len)).unwrap();
+            assert_eq!(y, z, "{isa:?} len {len}");
+        }
+    });
+}
+
+#[test]
+fn backwards_match_formulas() {
+    each_isa(|isa| {
+        let mut rng = Rng(9);
+        for &len in &[1usize, 13, 1000] {
+            let x: Vec<f64> = (0..len).map(|_| rng.normal(2.0)).collect();
+            let dy: Vec<f64> = (0..len).map(|_| rng.normal(1.0)).collect();
+            let mut y = vec![0f64; len];
+            softmax(&x, &mut y, Layout::rows(1, len)).unwrap();
+            let mut dx = vec![0f64; len];
+            softmax_backward(&y, &dy, &mut dx, Layout::rows(1, len)).unwrap();
+            let s: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+            for i in 0..len {
+                assert!((dx[i] - y[i] * (dy[i] - s)).abs() < 1e-13, "{isa:?}");
+            }
+            let mut ly = vec![0f64; len];
+            log_softmax(&x, &mut ly, Layout::rows(1, len)).unwrap();
+            log_softmax_backward(&ly, &dy, &mut dx, Layout::rows(1, len)).unwrap();
+            let s: f64 = dy.iter().sum();
+            for i in 0..len {
+                assert!((dx[i] - (dy[i] - ly[i].exp() * s)).abs() < 1e-13, "{isa:?}");
+            }
+        }
+    });
+}
+
+#[test]
+fn weighted_logsumexp_signs() {
+    let x = [1.0f64, 2.0, 3.0, f64::INFINITY];
+    let b = [1.0f64, -1.0, 0.5, 0.0];
+    let (mut out, mut sign) = ([0f64], [0f64]);
+    logsumexp(&x, Some(&b), &mut out, Some(&mut sign), Layout::rows(1, 4)).unwrap();
+    let s = 1f64.exp() - 2f64.exp() + 0.5 * 3f64.exp();
+    assert!((out[0] - s.abs().ln()).abs() < 1e-14);
+    assert_eq!(sign[0], s.signum());
+}
+
+#[test]
+fn bad_lengths_are_errors() {
+    let x = [0f32; 6];
+    let mut y = [0f32; 5];
+    assert!(softmax(&x, &mut y, Layout::rows(2, 3)).is_err());
+    let mut y = [0f32; 6];
+    assert!(softmax(&x, &mut y, Layout::rows(2, 4)).is_err());
+    assert!(softmax(
+        &x,
+        &mut y,
+        Layout {
+            outer: usize::MAX,
+            len: 2,
+            inner: 2
+        }
+    )
+    .is_err());
+}
