@@ -7,10 +7,9 @@ the kernels: only the kernels' own rounding does.
 
 from __future__ import annotations
 
+import normax
 import numpy as np
 import pytest
-
-import normax
 
 # Unit roundoff (half an ULP at 1.0) of the kernel dtypes.
 UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
@@ -48,8 +47,7 @@ def num_threads():
 
 def assert_same_specials(actual, expected) -> None:
     """NaN where expected is NaN, and +-inf exactly where expected is +-inf."""
-    a = _as_longdouble(actual)
-    e = _as_longdouble(expected)
+    a, e = _widen(actual, expected)
     assert a.shape == e.shape, (a.shape, e.shape)
     np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg="NaN positions differ")
     inf = np.isinf(e)
@@ -57,19 +55,20 @@ def assert_same_specials(actual, expected) -> None:
     np.testing.assert_array_equal(a[inf], e[inf], err_msg="infinities differ in sign")
 
 
-def _as_longdouble(v) -> np.ndarray:
-    v = np.asarray(v)
-    if v.dtype != np.longdouble:
-        v = v.astype(np.float64)  # exact for every dtype here (ml_dtypes included)
-    return v.astype(np.longdouble)
+def _widen(*arrays):
+    """All as float64, or as long double where any already is one (a long-double reference for
+    float64 results): wide enough to measure the error without adding any."""
+    arrays = [np.asarray(v) for v in arrays]
+    wide = np.longdouble if any(v.dtype == np.longdouble for v in arrays) else np.float64
+    # Via float64: exact for every dtype here (ml_dtypes' bfloat16 included).
+    return [v if v.dtype == wide else v.astype(np.float64).astype(wide) for v in arrays]
 
 
-def _finite_pairs(actual, expected):
-    a = _as_longdouble(actual)
-    e = _as_longdouble(expected)
+def _finite_pairs(actual, expected, *more):
+    a, e, *more = _widen(actual, expected, *more)
     assert_same_specials(a, e)
     keep = np.isfinite(e)
-    return a[keep], e[keep], keep
+    return (a[keep], e[keep], keep, *more)
 
 
 def rel_error(actual, expected, tiny: float = 1e-30) -> float:
@@ -89,8 +88,9 @@ def scaled_error(actual, expected, scale) -> float:
     error bound is a few roundoffs of the operands' magnitude, not of the (possibly cancelled)
     result: pass that magnitude as `scale`.
     """
-    a, e, keep = _finite_pairs(actual, expected)
-    s = np.broadcast_to(np.asarray(scale, dtype=np.longdouble), np.shape(expected))[keep]
+    scale = np.broadcast_to(np.asarray(scale), np.shape(expected))
+    a, e, keep, s = _finite_pairs(actual, expected, scale)
+    s = s[keep]
     if not a.size:
         return 0.0
     return float(np.max(np.abs(a - e) / s))

@@ -2,8 +2,10 @@
 
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
-use crate::lse::{exact_stats, sum_in_cache, sum_two_pass, ExpSum, RowSum, FOLD, IN_CACHE_MAX_LEN};
-use crate::simd::{exp, exp_parts, load_partial, pow2_nonpositive, store_partial, Vector};
+use crate::lse::{
+    exact_stats, sum_in_cache, sum_two_pass, ExpSum, RowSum, ScaledExp, FOLD, IN_CACHE_MAX_LEN,
+};
+use crate::simd::{exp, load_partial, store_partial, Vector};
 use crate::Error;
 
 /// Applies `f` to each full vector and the partial tail of x[..len], writing y.
@@ -108,21 +110,17 @@ unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f6
             .to_f64()
 }
 
-/// y = exp(x) / sum, from the row's sum = m * 2^n: each term m_x * 2^(n_x - n) / m.
+/// y = exp(x) / sum, from the row's sum = m * 2^n: each term exp(x) * 2^-n / m.
 #[inline(always)]
 unsafe fn write_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, s: ExpSum) {
-    let floor = V::splat(-(V::Elem::SPLIT_LIMIT + V::Elem::SPLIT_LIMIT));
-    let top = V::splat(V::Elem::from_f64(s.n));
+    let scaled = ScaledExp::<V>::new(V::Elem::from_f64(s.n));
     let inv = V::splat(V::Elem::from_f64(1.0 / s.m));
     map_elements::<V>(
         x,
         y,
         len,
         #[inline(always)]
-        |v| {
-            let (m, n) = exp_parts(v.max(floor));
-            m.mul(pow2_nonpositive(n.sub(top))).mul(inv)
-        },
+        |v| scaled.apply(v).mul(inv),
     );
 }
 
@@ -141,10 +139,29 @@ unsafe fn write_log_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: 
     );
 }
 
-/// The row's sum of exponentials, by the algorithm that suits its length.
+/// How a row's sum of exponentials is found (see `lse`): by row length, or forced (benchmarks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// In-cache up to `IN_CACHE_MAX_LEN` elements, two-pass beyond.
+    Auto,
+    TwoPass,
+    InCache,
+}
+
+impl Algorithm {
+    fn in_cache(self, len: usize) -> bool {
+        match self {
+            Algorithm::Auto => len <= IN_CACHE_MAX_LEN,
+            Algorithm::TwoPass => false,
+            Algorithm::InCache => true,
+        }
+    }
+}
+
+/// The row's sum of exponentials, by the chosen algorithm.
 #[inline(always)]
-unsafe fn row_sum<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
-    if len <= IN_CACHE_MAX_LEN {
+unsafe fn row_sum<V: Vector>(x: *const V::Elem, len: usize, algorithm: Algorithm) -> RowSum {
+    if algorithm.in_cache(len) {
         sum_in_cache::<V>(x, len, None)
     } else {
         sum_two_pass::<V>(x, len)
@@ -166,7 +183,7 @@ unsafe fn exact_softmax<T: Float>(x: *const T, y: *mut T, len: usize, log: bool)
     }
 }
 
-pub(crate) struct Softmax;
+pub(crate) struct Softmax(pub Algorithm);
 
 impl<T: Float> RowMap<T> for Softmax {
     type Stat = RowSum;
@@ -174,7 +191,7 @@ impl<T: Float> RowMap<T> for Softmax {
 
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, y: *mut T, len: usize) {
-        if len <= IN_CACHE_MAX_LEN {
+        if self.0.in_cache(len) {
             // Terms land in y, then one scaling pass; the exact path writes nothing before it.
             match sum_in_cache::<V>(x, len, Some(y)) {
                 RowSum::Fast(s) => {
@@ -190,9 +207,9 @@ impl<T: Float> RowMap<T> for Softmax {
                 RowSum::Exact => exact_softmax(x, y, len, false),
             }
         } else {
-            match sum_two_pass::<V>(x, len) {
-                RowSum::Fast(s) => write_softmax::<V>(x, y, len, s),
-                RowSum::Exact => exact_softmax(x, y, len, false),
+            match sum_two_pass::<V>(x, len).usable::<T>() {
+                Some(s) => write_softmax::<V>(x, y, len, s),
+                None => exact_softmax(x, y, len, false),
             }
         }
     }
@@ -209,7 +226,7 @@ impl<T: Float> RowMap<T> for Softmax {
         a.combine(b)
     }
     fn splittable(s: &RowSum) -> bool {
-        matches!(s, RowSum::Fast(_))
+        s.usable::<T>().is_some()
     }
     #[inline(always)]
     unsafe fn chunk_write<V: Vector<Elem = T>>(
@@ -220,13 +237,13 @@ impl<T: Float> RowMap<T> for Softmax {
         len: usize,
         s: RowSum,
     ) {
-        if let RowSum::Fast(s) = s {
+        if let Some(s) = s.usable::<T>() {
             write_softmax::<V>(x, y, len, s);
         }
     }
 }
 
-pub(crate) struct LogSoftmax;
+pub(crate) struct LogSoftmax(pub Algorithm);
 
 impl<T: Float> RowMap<T> for LogSoftmax {
     type Stat = RowSum;
@@ -234,9 +251,9 @@ impl<T: Float> RowMap<T> for LogSoftmax {
 
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, y: *mut T, len: usize) {
-        match row_sum::<V>(x, len) {
-            RowSum::Fast(s) => write_log_softmax::<V>(x, y, len, s.ln()),
-            RowSum::Exact => exact_softmax(x, y, len, true),
+        match row_sum::<V>(x, len, self.0).usable::<T>() {
+            Some(s) => write_log_softmax::<V>(x, y, len, s.ln()),
+            None => exact_softmax(x, y, len, true),
         }
     }
     #[inline(always)]
@@ -252,7 +269,7 @@ impl<T: Float> RowMap<T> for LogSoftmax {
         a.combine(b)
     }
     fn splittable(s: &RowSum) -> bool {
-        matches!(s, RowSum::Fast(_))
+        s.usable::<T>().is_some()
     }
     #[inline(always)]
     unsafe fn chunk_write<V: Vector<Elem = T>>(
@@ -263,13 +280,13 @@ impl<T: Float> RowMap<T> for LogSoftmax {
         len: usize,
         s: RowSum,
     ) {
-        if let RowSum::Fast(s) = s {
+        if let Some(s) = s.usable::<T>() {
             write_log_softmax::<V>(x, y, len, s.ln());
         }
     }
 }
 
-pub(crate) struct LogSumExp;
+pub(crate) struct LogSumExp(pub Algorithm);
 
 impl<T: Float> RowReduce<T> for LogSumExp {
     type Stat = RowSum;
@@ -277,9 +294,9 @@ impl<T: Float> RowReduce<T> for LogSumExp {
 
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, len: usize) -> (T, T) {
-        let lse = match row_sum::<V>(x, len) {
-            RowSum::Fast(s) => s.ln(),
-            RowSum::Exact => exact_stats(x, len).lse(),
+        let lse = match row_sum::<V>(x, len, self.0).usable::<T>() {
+            Some(s) => s.ln(),
+            None => exact_stats(x, len).lse(),
         };
         (T::from_f64(lse), sign_of_lse(lse))
     }
@@ -296,10 +313,7 @@ impl<T: Float> RowReduce<T> for LogSumExp {
         a.combine(b)
     }
     fn finish(s: RowSum) -> Option<(T, T)> {
-        match s {
-            RowSum::Fast(s) => Some((T::from_f64(s.ln()), T::ONE)),
-            RowSum::Exact => None,
-        }
+        s.usable::<T>().map(|s| (T::from_f64(s.ln()), T::ONE))
     }
 }
 
@@ -511,10 +525,21 @@ fn check_io<T>(layout: &Layout, x: &[T], y_len: usize) -> Result<(), Error> {
 
 /// softmax over the `len` axis of `x`, written to `y`.
 pub fn softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(), Error> {
+    softmax_with(x, y, layout, Algorithm::Auto)
+}
+
+/// softmax with the row algorithm forced (for benchmarks; rows of 2^18 or more are always chunked
+/// two-pass).
+pub fn softmax_with<T: Float>(
+    x: &[T],
+    y: &mut [T],
+    layout: Layout,
+    algorithm: Algorithm,
+) -> Result<(), Error> {
     check_io(&layout, x, y.len())?;
     unsafe {
         driver::map(
-            &Softmax,
+            &Softmax(algorithm),
             x.as_ptr(),
             std::ptr::null(),
             y.as_mut_ptr(),
@@ -528,7 +553,7 @@ pub fn softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(), Err
 pub fn softmax_inplace<T: Float>(x: &mut [T], layout: Layout) -> Result<(), Error> {
     layout.check("x", x.len(), layout.size()?)?;
     let p = x.as_mut_ptr();
-    unsafe { driver::map(&Softmax, p, std::ptr::null(), p, layout) };
+    unsafe { driver::map(&Softmax(Algorithm::Auto), p, std::ptr::null(), p, layout) };
     Ok(())
 }
 
@@ -537,7 +562,7 @@ pub fn log_softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(),
     check_io(&layout, x, y.len())?;
     unsafe {
         driver::map(
-            &LogSoftmax,
+            &LogSoftmax(Algorithm::Auto),
             x.as_ptr(),
             std::ptr::null(),
             y.as_mut_ptr(),
@@ -551,7 +576,7 @@ pub fn log_softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(),
 pub fn log_softmax_inplace<T: Float>(x: &mut [T], layout: Layout) -> Result<(), Error> {
     layout.check("x", x.len(), layout.size()?)?;
     let p = x.as_mut_ptr();
-    unsafe { driver::map(&LogSoftmax, p, std::ptr::null(), p, layout) };
+    unsafe { driver::map(&LogSoftmax(Algorithm::Auto), p, std::ptr::null(), p, layout) };
     Ok(())
 }
 
@@ -588,7 +613,7 @@ pub fn logsumexp<T: Float>(
                 layout,
             ),
             None => driver::reduce(
-                &LogSumExp,
+                &LogSumExp(Algorithm::Auto),
                 x.as_ptr(),
                 std::ptr::null(),
                 out.as_mut_ptr(),

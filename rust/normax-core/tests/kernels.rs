@@ -411,3 +411,63 @@ fn bad_lengths_are_errors() {
     )
     .is_err());
 }
+
+#[test]
+fn two_pass_blocks_below_the_limit() {
+    let len = 70_000; // beyond the in-cache limit: the two-pass path
+    let mut rng = Rng(13);
+    let base = rng.vec_f32(len, 3.0);
+    let cases: Vec<Vec<f32>> = vec![
+        // A masked prefix of whole blocks at -1e9: negligible, the fast path stays.
+        base.iter()
+            .enumerate()
+            .map(|(i, &v)| if i < 10_000 { -1e9 } else { v })
+            .collect(),
+        // Everything far below the limit, the values close together: the exact path.
+        base.iter().map(|&v| v - 5000.0).collect(),
+        // One block just below -limit, the rest just above: not negligible.
+        base.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i < 4096 {
+                    -4100.0
+                } else {
+                    -4090.0 + v * 1e-3
+                }
+            })
+            .collect(),
+        // Whole blocks of -inf.
+        base.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i % 8192 < 4096 {
+                    f32::NEG_INFINITY
+                } else {
+                    v
+                }
+            })
+            .collect(),
+    ];
+    each_isa(|isa| {
+        for (k, x) in cases.iter().enumerate() {
+            let want = ref_softmax(x);
+            let mut y = vec![0f32; len];
+            softmax(x, &mut y, Layout::rows(1, len)).unwrap();
+            let mut lse = [0f32];
+            logsumexp(x, None, &mut lse, None, Layout::rows(1, len)).unwrap();
+            let want_lse = ref_lse(x);
+            assert!(
+                ((lse[0] as f64 - want_lse) / want_lse.abs()).abs() < 1e-6,
+                "{isa:?} case {k}"
+            );
+            for i in 0..len {
+                assert!(
+                    (y[i] as f64 - want[i]).abs() <= 1e-6 * want[i] + 1e-38,
+                    "{isa:?} case {k} element {i}: {} vs {}",
+                    y[i],
+                    want[i]
+                );
+            }
+        }
+    });
+}
