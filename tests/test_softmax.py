@@ -85,7 +85,12 @@ def reference(x, axis=-1):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         e = np.exp(xl - m)
         s = np.sum(e, axis=axis, keepdims=True)
-        return e / s, (xl - m) - np.log(s), m + np.log(s)
+        # log(s) as log1p of the terms below the max (plus extra ties), not of s - 1: near a
+        # dominant element the rest would be rounded away in s.
+        below = np.sum(np.where(xl < m, e, 0), axis=axis, keepdims=True)
+        ties = np.sum(xl == m, axis=axis, keepdims=True)
+        log_s = np.log1p(below + (ties - 1))
+        return e / s, (xl - m) - log_s, m + log_s
 
 
 def log_scale(lsm_ref, lse_ref):

@@ -61,9 +61,14 @@ def as_input(x, name: str = "x") -> tuple[np.ndarray, np.dtype]:
 
 
 def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
-    """Sorted non-negative axes; None means all. AxisError when out of range, ValueError on repeats."""
+    """Sorted non-negative axes; None means all. AxisError when out of range, ValueError on repeats.
+
+    A 0-d array reduces over its single element for axis 0 or -1, as in torch and JAX.
+    """
     if axis is None:
         return tuple(range(ndim))
+    if ndim == 0 and isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_)) and axis in (0, -1):
+        return ()
     if isinstance(axis, (bool, np.bool_)):
         raise TypeError("axis: expected an int, a tuple of ints or None, got a bool")
     try:
@@ -120,7 +125,7 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
         raise ValueError(f"out: shape {out.shape} does not match the result shape {shape}")
-    if out.dtype != dtype:
+    if out.dtype.newbyteorder("=") != dtype.newbyteorder("="):
         raise TypeError(f"out: dtype {out.dtype} does not match the result dtype {dtype}")
     if not out.flags.writeable:
         raise ValueError("out: array is read-only")

@@ -252,6 +252,79 @@ unsafe fn sum_given_max<V: Vector>(
             .to_f64()
 }
 
+/// A log-sum-exp as hi + lo, with hi exactly representable in the element type: x - hi is then
+/// exact where x is close to hi, so log_softmax = (x - hi) - lo keeps its accuracy near 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lse {
+    pub hi: f64,
+    pub lo: f64,
+}
+
+impl Lse {
+    /// Splits an f64 log-sum-exp at the element type's precision.
+    pub fn split<T: Float>(lse: f64) -> Lse {
+        let hi = T::from_f64(lse).to_f64();
+        let lo = if lse.is_finite() { lse - hi } else { 0.0 };
+        Lse { hi, lo }
+    }
+
+    pub fn value(self) -> f64 {
+        self.hi + self.lo
+    }
+}
+
+/// log of the row's sum of exponentials, `s`, made accurate where it matters most.
+///
+/// `s.ln()` carries the f32 rounding of the largest term: an absolute error of a few 1e-8, which
+/// is large relative to a log-sum-exp near 0, or to log_softmax of a dominant element
+/// (-log(1 + rest)). When the sum is dominated by its largest terms (or the result is near 0),
+/// this recomputes it as max + log1p(rest / t_max + ties - 1), with `rest` summed over the
+/// elements below the max only, so a single-element row gives exactly its value.
+///
+/// # Safety
+/// `x` must be valid for reading `len` elements and `s` its (usable) sum.
+#[inline(always)]
+pub unsafe fn refined_lse<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum) -> Lse {
+    let lse = s.ln();
+    // s.m >= 1.6 means the terms below the max add at least ~13% of it: f32 rounding of the
+    // largest term is then a few ULP of the result.
+    if s.m >= 1.6 && lse.abs() >= 0.25 {
+        return Lse::split::<V::Elem>(lse);
+    }
+    let xmax = max_pass::<V>(x, len);
+    let top = V::Elem::from_f64(s.n);
+    let scaled = ScaledExp::<V>::new(top);
+    let mut t_max = [V::Elem::ZERO; crate::simd::MAX_LANES];
+    scaled.apply(V::splat(xmax)).store(t_max.as_mut_ptr());
+    let t_max = t_max[0].to_f64();
+    let bound = V::splat(xmax);
+    let zero = V::splat(V::Elem::ZERO);
+    let (mut rest, mut acc, mut steps) = (0.0f64, zero, 0);
+    let w = V::LANES;
+    let mut i = 0;
+    while i < len {
+        let n = (len - i).min(w);
+        let v = if n == w {
+            V::load(x.add(i))
+        } else {
+            load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY)
+        };
+        acc = acc.add(scaled.apply(v).keep(v.lt(bound)));
+        i += w;
+        steps += 1;
+        if steps == FOLD {
+            rest += acc.reduce_add().to_f64();
+            (acc, steps) = (zero, 0);
+        }
+    }
+    rest += acc.reduce_add().to_f64();
+    let ties = ((s.m - rest) / t_max).round().max(1.0);
+    Lse {
+        hi: xmax.to_f64(),
+        lo: (rest / t_max + (ties - 1.0)).ln_1p(),
+    }
+}
+
 /// The in-cache statistics; with `store`, the terms exp(x) * 2^-N are left in it for scaling.
 ///
 /// # Safety

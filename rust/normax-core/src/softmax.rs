@@ -3,7 +3,8 @@
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
 use crate::lse::{
-    exact_stats, sum_in_cache, sum_two_pass, ExpSum, RowSum, ScaledExp, FOLD, IN_CACHE_MAX_LEN,
+    exact_stats, refined_lse, sum_in_cache, sum_two_pass, ExpSum, Lse, RowSum, ScaledExp, FOLD,
+    IN_CACHE_MAX_LEN,
 };
 use crate::simd::{exp, load_partial, store_partial, Vector};
 use crate::Error;
@@ -124,12 +125,11 @@ unsafe fn write_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usiz
     );
 }
 
-/// y = x - lse, with lse split in two so the subtraction is exact where x is close to lse.
+/// y = (x - hi) - lo: exact subtraction where x is close to the log-sum-exp.
 #[inline(always)]
-unsafe fn write_log_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, lse: f64) {
-    let hi = V::Elem::from_f64(lse);
-    let lo = V::splat(V::Elem::from_f64(lse - hi.to_f64()));
-    let hi = V::splat(hi);
+unsafe fn write_log_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, lse: Lse) {
+    let hi = V::splat(V::Elem::from_f64(lse.hi));
+    let lo = V::splat(V::Elem::from_f64(lse.lo));
     map_elements::<V>(
         x,
         y,
@@ -252,7 +252,7 @@ impl<T: Float> RowMap<T> for LogSoftmax {
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, y: *mut T, len: usize) {
         match row_sum::<V>(x, len, self.0).usable::<T>() {
-            Some(s) => write_log_softmax::<V>(x, y, len, s.ln()),
+            Some(s) => write_log_softmax::<V>(x, y, len, refined_lse::<V>(x, len, s)),
             None => exact_softmax(x, y, len, true),
         }
     }
@@ -281,7 +281,7 @@ impl<T: Float> RowMap<T> for LogSoftmax {
         s: RowSum,
     ) {
         if let Some(s) = s.usable::<T>() {
-            write_log_softmax::<V>(x, y, len, s.ln());
+            write_log_softmax::<V>(x, y, len, Lse::split::<T>(s.ln()));
         }
     }
 }
@@ -295,7 +295,7 @@ impl<T: Float> RowReduce<T> for LogSumExp {
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, len: usize) -> (T, T) {
         let lse = match row_sum::<V>(x, len, self.0).usable::<T>() {
-            Some(s) => s.ln(),
+            Some(s) => refined_lse::<V>(x, len, s).value(),
             None => exact_stats(x, len).lse(),
         };
         (T::from_f64(lse), sign_of_lse(lse))

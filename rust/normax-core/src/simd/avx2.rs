@@ -98,6 +98,14 @@ impl Vector for F32x8 {
         unsafe { _mm256_cmp_ps::<_CMP_NLE_UQ>(self.0, o.0) }
     }
     #[inline(always)]
+    fn lt(self, o: Self) -> __m256 {
+        unsafe { _mm256_cmp_ps::<_CMP_LT_OQ>(self.0, o.0) }
+    }
+    #[inline(always)]
+    fn keep(self, m: __m256) -> Self {
+        unsafe { F32x8(_mm256_and_ps(self.0, m)) }
+    }
+    #[inline(always)]
     fn mask_or(a: __m256, b: __m256) -> __m256 {
         unsafe { _mm256_or_ps(a, b) }
     }
@@ -195,6 +203,14 @@ impl Vector for F64x4 {
     #[inline(always)]
     fn gt_or_nan(self, o: Self) -> __m256d {
         unsafe { _mm256_cmp_pd::<_CMP_NLE_UQ>(self.0, o.0) }
+    }
+    #[inline(always)]
+    fn lt(self, o: Self) -> __m256d {
+        unsafe { _mm256_cmp_pd::<_CMP_LT_OQ>(self.0, o.0) }
+    }
+    #[inline(always)]
+    fn keep(self, m: __m256d) -> Self {
+        unsafe { F64x4(_mm256_and_pd(self.0, m)) }
     }
     #[inline(always)]
     fn mask_or(a: __m256d, b: __m256d) -> __m256d {

@@ -80,6 +80,14 @@ impl Vector for F32x16 {
         unsafe { _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(self.0, o.0) }
     }
     #[inline(always)]
+    fn lt(self, o: Self) -> __mmask16 {
+        unsafe { _mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, o.0) }
+    }
+    #[inline(always)]
+    fn keep(self, m: __mmask16) -> Self {
+        unsafe { F32x16(_mm512_maskz_mov_ps(m, self.0)) }
+    }
+    #[inline(always)]
     fn mask_or(a: __mmask16, b: __mmask16) -> __mmask16 {
         a | b
     }
@@ -161,6 +169,14 @@ impl Vector for F64x8 {
     #[inline(always)]
     fn gt_or_nan(self, o: Self) -> __mmask8 {
         unsafe { _mm512_cmp_pd_mask::<_CMP_NLE_UQ>(self.0, o.0) }
+    }
+    #[inline(always)]
+    fn lt(self, o: Self) -> __mmask8 {
+        unsafe { _mm512_cmp_pd_mask::<_CMP_LT_OQ>(self.0, o.0) }
+    }
+    #[inline(always)]
+    fn keep(self, m: __mmask8) -> Self {
+        unsafe { F64x8(_mm512_maskz_mov_pd(m, self.0)) }
     }
     #[inline(always)]
     fn mask_or(a: __mmask8, b: __mmask8) -> __mmask8 {

@@ -50,6 +50,10 @@ pub trait Vector: Copy {
     fn reduce_max(self) -> Self::Elem;
     /// Lanes where self > o or either is NaN.
     fn gt_or_nan(self, o: Self) -> Self::Mask;
+    /// Lanes where self < o (false for NaN).
+    fn lt(self, o: Self) -> Self::Mask;
+    /// self where `m` is set, 0 elsewhere.
+    fn keep(self, m: Self::Mask) -> Self;
     fn mask_or(a: Self::Mask, b: Self::Mask) -> Self::Mask;
     fn mask_none() -> Self::Mask;
     fn mask_any(m: Self::Mask) -> bool;

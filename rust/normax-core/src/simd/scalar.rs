@@ -68,6 +68,14 @@ impl<T: Float> Vector for Scalar<T> {
         !(self.0 <= o.0)
     }
     #[inline(always)]
+    fn lt(self, o: Self) -> bool {
+        self.0 < o.0
+    }
+    #[inline(always)]
+    fn keep(self, m: bool) -> Self {
+        Scalar(if m { self.0 } else { T::ZERO })
+    }
+    #[inline(always)]
     fn mask_or(a: bool, b: bool) -> bool {
         a | b
     }
