@@ -10,14 +10,14 @@ from ._softmax import log_softmax, log_softmax_backward, logsumexp, softmax, sof
 __version__ = "0.1.0"
 
 __all__ = [
-    "softmax",
-    "log_softmax",
-    "logsumexp",
-    "softmax_backward",
-    "log_softmax_backward",
-    "get_num_threads",
-    "set_num_threads",
     "get_isa",
+    "get_num_threads",
+    "log_softmax",
+    "log_softmax_backward",
+    "logsumexp",
     "set_isa",
+    "set_num_threads",
+    "softmax",
+    "softmax_backward",
     "supported_isas",
 ]
