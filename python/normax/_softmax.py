@@ -10,23 +10,40 @@ from ._arrays import Plan, as_input, check_out, direct_output, finish, normalize
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _map(kernel, x, axis, out):
-    """Runs a row-to-row kernel (softmax, log_softmax) on `x` over `axis`."""
-    # Fast path for the common call: a contiguous float32/float64 array over its last axis.
-    if (
-        out is None
-        and axis == -1
-        and type(x) is np.ndarray
+def _is_fast(x) -> bool:
+    """A C-contiguous native float32/float64 ndarray with at least one axis: no conversion needed."""
+    return (
+        type(x) is np.ndarray
         and x.dtype in _FAST_DTYPES
-        and x.ndim
+        and x.ndim > 0
         and x.flags.c_contiguous
         and x.dtype.isnative
-    ):
-        y = np.empty_like(x)
-        n = x.shape[-1]
-        if n:
-            kernel(x, y, x.size // n, n, 1)
-        return y
+    )
+
+
+def _map(kernel, x, axis, out):
+    """Runs a row-to-row kernel (softmax, log_softmax) on `x` over `axis`."""
+    # Fast path for the common call: a contiguous float32/float64 array over its last axis, into a
+    # fresh array, itself, or a separate contiguous array of its dtype.
+    if _is_fast(x) and axis == -1:
+        if out is None:
+            y = np.empty_like(x)
+        elif out is x or (
+            type(out) is np.ndarray
+            and out.dtype == x.dtype
+            and out.shape == x.shape
+            and out.flags.c_contiguous
+            and out.flags.writeable
+            and not np.may_share_memory(out, x)
+        ):
+            y = out
+        else:
+            y = None
+        if y is not None:
+            n = x.shape[-1]
+            if n:
+                kernel(x, y, x.size // n, n, 1)
+            return y
 
     a, result_dtype = as_input(x)
     if out is not None:
@@ -174,6 +191,12 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     >>> float(normax.logsumexp(np.log(np.array([1.0, 2.0, 3.0]))))
     1.791759469228055
     """
+    if b is None and not keepdims and not return_sign and axis == -1 and _is_fast(x) and x.ndim > 1:
+        n = x.shape[-1]
+        res = np.empty(x.shape[:-1], x.dtype)
+        if res.size:
+            _core.logsumexp(x, None, res, None, res.size, n, 1)
+        return res
     a, result_dtype = as_input(x)
     if b is not None:
         b_arr = np.asarray(b)
@@ -214,6 +237,12 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
 
 
 def _backward(kernel, y, dy, axis):
+    if axis == -1 and _is_fast(y) and _is_fast(dy) and y.dtype == dy.dtype and y.shape == dy.shape:
+        dx = np.empty_like(y)
+        n = y.shape[-1]
+        if n:
+            kernel(y, dy, dx, y.size // n, n, 1)
+        return dx
     ya, y_dtype = as_input(y, "y")
     dya, dy_dtype = as_input(dy, "dy")
     if ya.shape != dya.shape:

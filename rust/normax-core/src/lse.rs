@@ -20,18 +20,30 @@ use crate::float::Float;
 use crate::simd::{exp_reduced, load_partial, store_partial, Vector};
 use std::f64::consts::LN_2;
 
-/// A sum of exponentials held as m * 2^n, combined exactly (in f64) across lanes, blocks and threads.
+/// A sum of exponentials held as m * 2^n, combined exactly (in f64) across blocks and threads,
+/// with the largest element it covers (`max`, whose exponent is n).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ExpSum {
     pub m: f64,
     pub n: f64,
+    pub max: f64,
 }
 
 impl ExpSum {
     pub const EMPTY: ExpSum = ExpSum {
         m: 0.0,
         n: f64::NEG_INFINITY,
+        max: f64::NEG_INFINITY,
     };
+
+    /// The sum of exp(x) * 2^-n over x[..] with max element `max` and n = round(max log2 e).
+    pub fn new<T: Float>(m: f64, max: T) -> ExpSum {
+        ExpSum {
+            m,
+            n: (max * T::LOG2E).round_even().to_f64(),
+            max: max.to_f64(),
+        }
+    }
 
     pub fn combine(self, o: ExpSum) -> ExpSum {
         if self.m == 0.0 {
@@ -44,6 +56,7 @@ impl ExpSum {
         ExpSum {
             m: self.m * pow2_nonpositive_f64(self.n - n) + o.m * pow2_nonpositive_f64(o.n - n),
             n,
+            max: self.max.max(o.max),
         }
     }
 
@@ -123,12 +136,12 @@ pub unsafe fn sum_two_pass<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
             dropped = dropped.max(mx.to_f64());
             continue;
         }
-        let top = (mx * V::Elem::LOG2E).round_even();
-        let m = sum_given_max::<V>(block, n, top, None);
+        let s = ExpSum::new(0.0, mx);
+        let m = sum_given_max::<V>(block, n, V::Elem::from_f64(s.n), None);
         if m.is_nan() {
             return RowSum::Exact;
         }
-        total = total.combine(ExpSum { m, n: top.to_f64() });
+        total = total.combine(ExpSum { m, ..s });
     }
     let negligible = (V::Elem::BIAS.to_f64() + 24.0) * LN_2;
     if dropped > f64::NEG_INFINITY && !(total.ln() - dropped > negligible) {
@@ -286,14 +299,14 @@ impl Lse {
 #[inline(always)]
 pub unsafe fn refined_lse<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum) -> Lse {
     let lse = s.ln();
-    // s.m >= 1.6 means the terms below the max add at least ~13% of it: f32 rounding of the
-    // largest term is then a few ULP of the result.
-    if s.m >= 1.6 && lse.abs() >= 0.25 {
+    // The terms below the max relative to it, estimated: at 0.1 or more the rounding of the
+    // largest term is a few ULP of log(1 + rest) too.
+    let rest_estimate = s.m / (s.max - s.n * LN_2).exp() - 1.0;
+    if rest_estimate >= 0.1 && lse.abs() >= 0.25 {
         return Lse::split::<V::Elem>(lse);
     }
-    let xmax = max_pass::<V>(x, len);
-    let top = V::Elem::from_f64(s.n);
-    let scaled = ScaledExp::<V>::new(top);
+    let xmax = V::Elem::from_f64(s.max);
+    let scaled = ScaledExp::<V>::new(V::Elem::from_f64(s.n));
     let mut t_max = [V::Elem::ZERO; crate::simd::MAX_LANES];
     scaled.apply(V::splat(xmax)).store(t_max.as_mut_ptr());
     let t_max = t_max[0].to_f64();
@@ -340,12 +353,12 @@ pub unsafe fn sum_in_cache<V: Vector>(
         // Beyond the limit, all -inf and empty rows included: the exact path.
         return RowSum::Exact;
     }
-    let top = (mx * V::Elem::LOG2E).round_even();
-    let m = sum_given_max::<V>(x, len, top, store);
+    let s = ExpSum::new(0.0, mx);
+    let m = sum_given_max::<V>(x, len, V::Elem::from_f64(s.n), store);
     if m.is_nan() {
         return RowSum::Exact;
     }
-    RowSum::Fast(ExpSum { m, n: top.to_f64() })
+    RowSum::Fast(ExpSum { m, ..s })
 }
 
 /// Rows up to this many elements use the in-cache algorithm; longer ones the two-pass one.
