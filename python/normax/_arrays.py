@@ -67,7 +67,12 @@ def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
     """
     if axis is None:
         return tuple(range(ndim))
-    if ndim == 0 and isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_)) and axis in (0, -1):
+    if (
+        ndim == 0
+        and isinstance(axis, (int, np.integer))
+        and not isinstance(axis, (bool, np.bool_))
+        and axis in (0, -1)
+    ):
         return ()
     if isinstance(axis, (bool, np.bool_)):
         raise TypeError("axis: expected an int, a tuple of ints or None, got a bool")
