@@ -1,6 +1,5 @@
 # Type stub of the Rust extension (rust/normax-py). Arrays are C-contiguous float32/float64
 # ndarrays laid out as (outer, len, inner); the Python layer (normax._softmax) prepares them.
-from typing import Optional
 
 import numpy as np
 
@@ -8,14 +7,16 @@ def softmax(x: np.ndarray, out: np.ndarray, outer: int, len: int, inner: int) ->
 def log_softmax(x: np.ndarray, out: np.ndarray, outer: int, len: int, inner: int) -> None: ...
 def logsumexp(
     x: np.ndarray,
-    b: Optional[np.ndarray],
+    b: np.ndarray | None,
     out: np.ndarray,
-    sign: Optional[np.ndarray],
+    sign: np.ndarray | None,
     outer: int,
     len: int,
     inner: int,
 ) -> None: ...
-def softmax_backward(y: np.ndarray, dy: np.ndarray, dx: np.ndarray, outer: int, len: int, inner: int) -> None: ...
+def softmax_backward(
+    y: np.ndarray, dy: np.ndarray, dx: np.ndarray, outer: int, len: int, inner: int
+) -> None: ...
 def log_softmax_backward(
     y: np.ndarray, dy: np.ndarray, dx: np.ndarray, outer: int, len: int, inner: int
 ) -> None: ...
