@@ -50,6 +50,16 @@ fn same_memory(a: &Bound<'_, PyUntypedArray>, b: &Bound<'_, PyUntypedArray>) -> 
     unsafe { (*a.as_array_ptr()).fields.data == (*b.as_array_ptr()).fields.data }
 }
 
+/// Runs a kernel over `elements` values, releasing the GIL unless the work is too small to be
+/// worth the release and re-acquire (tiny calls are dominated by call overhead).
+fn run<R: Send>(py: Python<'_>, elements: usize, kernel: impl FnOnce() -> R + Send) -> R {
+    if elements < 1 << 14 {
+        kernel()
+    } else {
+        py.detach(kernel)
+    }
+}
+
 type MapFn<T> = fn(&[T], &mut [T], Layout) -> Result<(), Error>;
 type MapInplaceFn<T> = fn(&mut [T], Layout) -> Result<(), Error>;
 
@@ -70,7 +80,7 @@ fn map_typed<T: Float + Element>(
         let os = o
             .as_slice_mut()
             .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-        return py.detach(|| f_inplace(os, l)).map_err(to_py);
+        return run(py, os.len(), || f_inplace(os, l)).map_err(to_py);
     }
     let xr = xa
         .try_readonly()
@@ -84,7 +94,7 @@ fn map_typed<T: Float + Element>(
     let os = o
         .as_slice_mut()
         .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-    py.detach(|| f(xs, os, l)).map_err(to_py)
+    run(py, xs.len(), || f(xs, os, l)).map_err(to_py)
 }
 
 /// softmax(x) into out (which may be x) over the middle axis of (outer, len, inner).
@@ -173,7 +183,7 @@ fn lse_typed<T: Float + Element>(
         ),
         None => None,
     };
-    py.detach(|| k::logsumexp(xs, bs, os, ss, l)).map_err(to_py)
+    run(py, xs.len(), || k::logsumexp(xs, bs, os, ss, l)).map_err(to_py)
 }
 
 /// log|sum(b * exp(x))| over the middle axis into out (outer * inner values), sign optional.
@@ -226,7 +236,7 @@ fn backward_typed<T: Float + Element>(
     let dxs = dxw
         .as_slice_mut()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    py.detach(|| f(ys, dys, dxs, l)).map_err(to_py)
+    run(py, ys.len(), || f(ys, dys, dxs, l)).map_err(to_py)
 }
 
 /// dx = y * (dy - sum(dy * y)) over the middle axis; dx must be a fresh array.
