@@ -64,7 +64,7 @@ pub struct Params<'a, T> {
 impl<T: Float> Params<'_, T> {
     /// Rows in an array of `size` elements, after checking the parameters.
     fn rows(&self, name: &str, size: usize) -> Result<usize, Error> {
-        if !(self.eps >= 0.0) {
+        if self.eps.is_nan() || self.eps < 0.0 {
             return Err(Error::Value(format!("eps must be >= 0, got {}", self.eps)));
         }
         for (p, pname) in [(self.weight, "weight"), (self.bias, "bias")] {
@@ -498,7 +498,7 @@ impl PowerLayout {
                 self.groups, self.channels
             )));
         }
-        if !(eps >= 0.0) {
+        if eps.is_nan() || eps < 0.0 {
             return Err(Error::Value(format!("eps must be >= 0, got {eps}")));
         }
         self.tokens
