@@ -126,6 +126,17 @@ unsafe fn load_or<V: Vector>(p: Ptr<V::Elem>, i: usize, n: usize, default: V) ->
     }
 }
 
+/// g = dy * weight over elements i..i + k (weight null: dy).
+#[inline(always)]
+unsafe fn grad<V: Vector>(dy: *const V::Elem, w: Ptr<V::Elem>, i: usize, k: usize) -> V {
+    let dyv = load_n::<V>(dy.add(i), k);
+    if w.0.is_null() {
+        dyv
+    } else {
+        dyv.mul(load_n::<V>(w.at(i), k))
+    }
+}
+
 /// A row's statistics in f64: mean (0 for the RMS norms) and 1/sqrt(var + eps).
 #[derive(Clone, Copy, Debug)]
 struct Stats {
@@ -136,30 +147,45 @@ struct Stats {
 #[inline(always)]
 unsafe fn row_stats<V: Vector>(norm: Norm, x: *const V::Elem, len: usize, eps: f64) -> Stats {
     let n = len as f64;
-    let load = |i: usize, k: usize| load_n::<V>(x.add(i), k);
     let (mean, ms) = match norm {
         Norm::Rms => {
-            let [ss] = row_sums::<V, 1>(len, |i, k| {
-                let v = load(i, k);
-                [v.mul(v)]
-            });
+            let [ss] = row_sums::<V, 1>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let v = load_n::<V>(x.add(i), k);
+                    [v.mul(v)]
+                },
+            );
             (0.0, ss / n)
         }
         Norm::Crms => {
-            let [ss, s] = row_sums::<V, 2>(len, |i, k| {
-                let v = load(i, k);
-                [v.mul(v), v]
-            });
+            let [ss, s] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let v = load_n::<V>(x.add(i), k);
+                    [v.mul(v), v]
+                },
+            );
             (0.0, (ss + s * s) / (n + 1.0))
         }
         Norm::Layer => {
-            let [s] = row_sums::<V, 1>(len, |i, k| [load(i, k)]);
+            let [s] = row_sums::<V, 1>(
+                len,
+                #[inline(always)]
+                |i, k| [load_n::<V>(x.add(i), k)],
+            );
             let m0 = V::Elem::from_f64(s / n);
             let mv = V::splat(m0);
-            let [sd, sdd] = row_sums::<V, 2>(len, |i, k| {
-                let d = load(i, k).sub(mv);
-                [d, d.mul(d)]
-            });
+            let [sd, sdd] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let d = load_n::<V>(x.add(i), k).sub(mv);
+                    [d, d.mul(d)]
+                },
+            );
             let dm = sd / n;
             (m0.to_f64() + dm, (sdd / n - dm * dm).max(0.0))
         }
@@ -227,11 +253,15 @@ impl<T: Float> Kernel<T> for Forward<'_, T> {
                 let (x, y) = (self.x.at(r * len), self.y.at(r * len));
                 let s = row_stats::<V>(norm, x, len, p.eps);
                 let cen = Centering::<V>::new(norm, s);
-                for_each_vector::<V>(len, |i, n| {
-                    let xh = cen.xhat(norm, load_n::<V>(x.add(i), n));
-                    let v = xh.mul_add(load_or(w, i, n, one), load_or(b, i, n, zero));
-                    store_n(v, y.add(i), n);
-                });
+                for_each_vector::<V>(
+                    len,
+                    #[inline(always)]
+                    |i, n| {
+                        let xh = cen.xhat(norm, load_n::<V>(x.add(i), n));
+                        let v = xh.mul_add(load_or(w, i, n, one), load_or(b, i, n, zero));
+                        store_n(v, y.add(i), n);
+                    },
+                );
                 if !self.mean.0.is_null() {
                     *self.mean.at(r) = s.mean;
                 }
@@ -331,7 +361,6 @@ impl<T: Float> Kernel<T> for Backward<'_, T> {
         let (len, norm) = (p.len, p.norm);
         let n = len as f64;
         let w = opt_ptr(p.weight);
-        let one = V::splat(T::ONE);
         for r in self.rows {
             unsafe {
                 let (dy, x, dx) = (self.dy.at(r * len), self.x.at(r * len), self.dx.at(r * len));
@@ -348,48 +377,62 @@ impl<T: Float> Kernel<T> for Backward<'_, T> {
                     }
                 };
                 let cen = Centering::<V>::new(norm, s);
-                let g = |i: usize, k: usize| load_n::<V>(dy.add(i), k).mul(load_or(w, i, k, one));
-                let xv = |i: usize, k: usize| load_n::<V>(x.add(i), k);
                 // dx = r * g + a + b * (x or xhat): the row sums give a and b.
                 let (a, b) = match norm {
                     Norm::Layer => {
                         // dx = r * (g - mean(g) - xhat * mean(g * xhat))
-                        let [sg, sgx] = row_sums::<V, 2>(len, |i, k| {
-                            let gv = g(i, k);
-                            [gv, gv.mul(cen.xhat(norm, xv(i, k)))]
-                        });
+                        let [sg, sgx] = row_sums::<V, 2>(
+                            len,
+                            #[inline(always)]
+                            |i, k| {
+                                let gv = grad::<V>(dy, w, i, k);
+                                [gv, gv.mul(cen.xhat(norm, load_n::<V>(x.add(i), k)))]
+                            },
+                        );
                         (-s.rstd * sg / n, -s.rstd * sgx / n)
                     }
                     Norm::Rms => {
                         // dx = r * g - x * r^3 * mean(g * x)
-                        let [sgx] = row_sums::<V, 1>(len, |i, k| [g(i, k).mul(xv(i, k))]);
+                        let [sgx] = row_sums::<V, 1>(
+                            len,
+                            #[inline(always)]
+                            |i, k| [grad::<V>(dy, w, i, k).mul(load_n::<V>(x.add(i), k))],
+                        );
                         (0.0, -s.rstd.powi(3) * sgx / n)
                     }
                     Norm::Crms => {
                         // dx = r * g - (x + sum(x)) * r^3 * sum(g * x) / (len + 1)
-                        let [sgx, sx] = row_sums::<V, 2>(len, |i, k| {
-                            let v = xv(i, k);
-                            [g(i, k).mul(v), v]
-                        });
+                        let [sgx, sx] = row_sums::<V, 2>(
+                            len,
+                            #[inline(always)]
+                            |i, k| {
+                                let v = load_n::<V>(x.add(i), k);
+                                [grad::<V>(dy, w, i, k).mul(v), v]
+                            },
+                        );
                         let b = -s.rstd.powi(3) * sgx / (n + 1.0);
                         (b * sx, b)
                     }
                 };
                 let (av, bv) = (V::splat(T::from_f64(a)), V::splat(T::from_f64(b)));
                 let (dw, db) = (self.dweight, self.dbias);
-                for_each_vector::<V>(len, |i, k| {
-                    let (xi, dyi) = (xv(i, k), load_n::<V>(dy.add(i), k));
-                    let xh = cen.xhat(norm, xi);
-                    let lin = if norm == Norm::Layer { xh } else { xi };
-                    let gi = dyi.mul(load_or(w, i, k, one));
-                    store_n(gi.mul_add(cen.r, lin.mul_add(bv, av)), dx.add(i), k);
-                    if !dw.0.is_null() {
-                        add_n(dyi.mul(xh), dw.at(i), k);
-                    }
-                    if !db.0.is_null() {
-                        add_n(dyi, db.at(i), k);
-                    }
-                });
+                for_each_vector::<V>(
+                    len,
+                    #[inline(always)]
+                    |i, k| {
+                        let (xi, dyi) = (load_n::<V>(x.add(i), k), load_n::<V>(dy.add(i), k));
+                        let xh = cen.xhat(norm, xi);
+                        let lin = if norm == Norm::Layer { xh } else { xi };
+                        let gi = dyi.mul(load_or(w, i, k, V::splat(T::ONE)));
+                        store_n(gi.mul_add(cen.r, lin.mul_add(bv, av)), dx.add(i), k);
+                        if !dw.0.is_null() {
+                            add_n(dyi.mul(xh), dw.at(i), k);
+                        }
+                        if !db.0.is_null() {
+                            add_n(dyi, db.at(i), k);
+                        }
+                    },
+                );
             }
         }
     }
@@ -510,10 +553,14 @@ impl PowerLayout {
 /// 1/sqrt(mean(x^2) + eps) of one channel group (the group scaling).
 #[inline(always)]
 unsafe fn group_scale<V: Vector>(x: *const V::Elem, len: usize, eps: f64) -> V {
-    let [ss] = row_sums::<V, 1>(len, |i, k| {
-        let v = load_n::<V>(x.add(i), k);
-        [v.mul(v)]
-    });
+    let [ss] = row_sums::<V, 1>(
+        len,
+        #[inline(always)]
+        |i, k| {
+            let v = load_n::<V>(x.add(i), k);
+            [v.mul(v)]
+        },
+    );
     V::splat(V::Elem::from_f64(1.0 / (ss / len as f64 + eps).sqrt()))
 }
 
@@ -545,18 +592,22 @@ impl<T: Float> Kernel<T> for PowerForward<'_, T> {
                 unsafe {
                     let x = self.x.at(off);
                     let s = group_scale::<V>(x, cg, self.eps);
-                    for_each_vector::<V>(cg, |i, k| {
-                        let u = load_n::<V>(x.add(i), k).mul(s);
-                        let j = g * cg + i;
-                        if acc {
-                            add_n(u.mul(u), self.sumsq.at(j), k);
-                        }
-                        if !self.y.0.is_null() {
-                            let scale = load_n::<V>(self.scale.as_ptr().add(j), k);
-                            let shift = load_n::<V>(self.shift.as_ptr().add(j), k);
-                            store_n(u.mul_add(scale, shift), self.y.at(off + i), k);
-                        }
-                    });
+                    for_each_vector::<V>(
+                        cg,
+                        #[inline(always)]
+                        |i, k| {
+                            let u = load_n::<V>(x.add(i), k).mul(s);
+                            let j = g * cg + i;
+                            if acc {
+                                add_n(u.mul(u), self.sumsq.at(j), k);
+                            }
+                            if !self.y.0.is_null() {
+                                let scale = load_n::<V>(self.scale.as_ptr().add(j), k);
+                                let shift = load_n::<V>(self.shift.as_ptr().add(j), k);
+                                store_n(u.mul_add(scale, shift), self.y.at(off + i), k);
+                            }
+                        },
+                    );
                 }
             }
         }
@@ -640,6 +691,31 @@ pub struct PowerGrad<'a, T> {
     pub dscale: &'a [T],
 }
 
+/// One channel group of one token in the PowerNorm backward: pointers at the group's first element.
+struct PowerTerms<V: Vector> {
+    x: *const V::Elem,
+    dy: *const V::Elem,
+    w: Ptr<V::Elem>,
+    zs: *const V::Elem,
+    ema: *const V::Elem,
+    ds: *const V::Elem,
+    /// The group's scale 1/sqrt(mean(x^2) + eps).
+    s: V,
+}
+
+impl<V: Vector> PowerTerms<V> {
+    /// (u, z, dy, g_hat, du) of elements i..i + k of the group.
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, k: usize) -> (V, V, V, V, V) {
+        let u = load_n::<V>(self.x.add(i), k).mul(self.s);
+        let z = u.mul(load_n::<V>(self.zs.add(i), k));
+        let dyv = load_n::<V>(self.dy.add(i), k);
+        let gh = grad::<V>(self.dy, self.w, i, k).sub(load_n::<V>(self.ema.add(i), k).mul(z));
+        let du = gh.mul(load_n::<V>(self.ds.add(i), k));
+        (u, z, dyv, gh, du)
+    }
+}
+
 struct PowerBackward<'a, T> {
     l: PowerLayout,
     eps: f64,
@@ -663,38 +739,49 @@ impl<T: Float> Kernel<T> for PowerBackward<'_, T> {
             self.c.ema.as_ptr(),
             self.c.dscale.as_ptr(),
         );
-        let one = V::splat(T::ONE);
         for t in self.rows {
             for g in 0..self.l.groups {
                 let off = t * c + g * cg;
                 unsafe {
                     let (x, dy, dx) = (self.x.at(off), self.dy.at(off), self.dx.at(off));
                     let s = group_scale::<V>(x, cg, self.eps);
-                    // u, z, g_hat, du of elements i..i+k of this group.
-                    let terms = |i: usize, k: usize| {
-                        let j = g * cg + i;
-                        let u = load_n::<V>(x.add(i), k).mul(s);
-                        let z = u.mul(load_n::<V>(zs.add(j), k));
-                        let dyv = load_n::<V>(dy.add(i), k);
-                        let gv = dyv.mul(load_or(w, j, k, one));
-                        let gh = gv.sub(load_n::<V>(ema.add(j), k).mul(z));
-                        let du = gh.mul(load_n::<V>(ds.add(j), k));
-                        (u, z, dyv, gh, du)
+                    let (w, zs, ema, ds) = (
+                        Ptr(w.at(g * cg)),
+                        zs.add(g * cg),
+                        ema.add(g * cg),
+                        ds.add(g * cg),
+                    );
+                    let terms = PowerTerms {
+                        x,
+                        dy,
+                        w,
+                        zs,
+                        ema,
+                        ds,
+                        s,
                     };
                     // Back through the group scaling: dx = s * (du - u * mean(du * u)).
-                    let [sdu] = row_sums::<V, 1>(cg, |i, k| {
-                        let (u, _, _, _, du) = terms(i, k);
-                        [du.mul(u)]
-                    });
+                    let [sdu] = row_sums::<V, 1>(
+                        cg,
+                        #[inline(always)]
+                        |i, k| {
+                            let (u, _, _, _, du) = terms.at(i, k);
+                            [du.mul(u)]
+                        },
+                    );
                     let su = V::splat(T::from_f64(-sdu / cg as f64)).mul(s);
-                    for_each_vector::<V>(cg, |i, k| {
-                        let (u, z, dyv, gh, du) = terms(i, k);
-                        store_n(u.mul_add(su, du.mul(s)), dx.add(i), k);
-                        let j = g * cg + i;
-                        add_n(gh.mul(z), self.acc.at(j), k);
-                        add_n(dyv.mul(z), self.acc.at(c + j), k);
-                        add_n(dyv, self.acc.at(2 * c + j), k);
-                    });
+                    for_each_vector::<V>(
+                        cg,
+                        #[inline(always)]
+                        |i, k| {
+                            let (u, z, dyv, gh, du) = terms.at(i, k);
+                            store_n(u.mul_add(su, du.mul(s)), dx.add(i), k);
+                            let j = g * cg + i;
+                            add_n(gh.mul(z), self.acc.at(j), k);
+                            add_n(dyv.mul(z), self.acc.at(c + j), k);
+                            add_n(dyv, self.acc.at(2 * c + j), k);
+                        },
+                    );
                 }
             }
         }

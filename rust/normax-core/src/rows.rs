@@ -74,11 +74,25 @@ pub(crate) fn keep_lanes<V: Vector>(v: V, n: usize) -> V {
     }
 }
 
+/// Adds the four accumulators of each term into `total` and clears them.
+#[inline(always)]
+fn fold<V: Vector, const K: usize>(total: &mut [f64; K], acc: &mut [[V; K]; 4]) {
+    for k in 0..K {
+        let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+        total[k] += s.reduce_add().to_f64();
+    }
+    *acc = [[V::splat(V::Elem::ZERO); K]; 4];
+}
+
 /// The sums over `0..len` of `K` per-element terms: `term(i, n)` gives the terms of elements
 /// `i..i + n` (n <= LANES; lanes past `n` are discarded, so the terms may be anything there).
 ///
 /// Four accumulators per term hide the add latency; each adds at most `FOLD` vectors in `Elem`
 /// before its sum is folded into f64, so f32 partial sums stay short.
+///
+/// Mark `term` `#[inline(always)]` at the call (as every closure passed to these loops): a closure
+/// that is not inlined is compiled without the ISA's target features, and each vector operation in
+/// it becomes a function call.
 #[inline(always)]
 pub(crate) fn row_sums<V: Vector, const K: usize>(
     len: usize,
@@ -88,13 +102,6 @@ pub(crate) fn row_sums<V: Vector, const K: usize>(
     let w = V::LANES;
     let mut acc = [[zero; K]; 4];
     let mut total = [0.0f64; K];
-    let fold = |total: &mut [f64; K], acc: &mut [[V; K]; 4]| {
-        for k in 0..K {
-            let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
-            total[k] += s.reduce_add().to_f64();
-        }
-        *acc = [[zero; K]; 4];
-    };
     let mut i = 0;
     let mut steps = 0;
     while i + 4 * w <= len {
