@@ -518,14 +518,17 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceOne<'_, T, Op> {
     }
 }
 
-/// Runs `f` over blocks of consecutive contiguous rows of `len` elements, about `GRAIN` elements a
-/// block, in parallel when there is more than one block.
+/// Runs `f` over blocks of consecutive contiguous rows of `len` elements in parallel: at least
+/// `GRAIN` elements a block (small arrays stay on the calling thread), and no more than
+/// `ROW_TASKS_PER_THREAD` blocks per thread (large arrays are not cut into needless tasks).
 pub(crate) fn for_each_row_block(
     rows: usize,
     len: usize,
     f: impl Fn(std::ops::Range<usize>) + Sync + Send,
 ) {
-    let per_task = (GRAIN / len.max(1)).max(1);
+    const ROW_TASKS_PER_THREAD: usize = 8;
+    let most_tasks = ROW_TASKS_PER_THREAD * threads::num_threads();
+    let per_task = (GRAIN / len.max(1)).max(rows.div_ceil(most_tasks)).max(1);
     threads::for_each(rows.div_ceil(per_task), |t| {
         f(t * per_task..((t + 1) * per_task).min(rows))
     });

@@ -13,9 +13,24 @@ const FOLD: usize = 64;
 /// Calls `f(i, n)` for consecutive pieces of `0..len`: full vectors (n == LANES), then one partial
 /// tail (0 < n < LANES) if `len` is not a multiple of LANES.
 #[inline(always)]
-pub(crate) fn for_each_vector<V: Vector>(len: usize, mut f: impl FnMut(usize, usize)) {
+pub(crate) fn for_each_vector<V: Vector>(len: usize, f: impl FnMut(usize, usize)) {
+    for_each_vector_from::<V>(0, len, f)
+}
+
+/// [`for_each_vector`] with a first piece of `head < LANES` elements (none if 0 or >= len), so
+/// that the full vectors start `head` elements in: used to align them for streaming stores.
+#[inline(always)]
+pub(crate) fn for_each_vector_from<V: Vector>(
+    head: usize,
+    len: usize,
+    mut f: impl FnMut(usize, usize),
+) {
     let w = V::LANES;
     let mut i = 0;
+    if head > 0 && head < len {
+        f(0, head);
+        i = head;
+    }
     while i + w <= len {
         f(i, w);
         i += w;
@@ -58,6 +73,61 @@ pub(crate) unsafe fn store_n<V: Vector>(v: V, p: *mut V::Elem, n: usize) {
 #[inline(always)]
 pub(crate) unsafe fn add_n<V: Vector>(v: V, p: *mut V::Elem, n: usize) {
     store_n(load_n::<V>(p, n).add(v), p, n)
+}
+
+/// Output written with streaming stores, when large enough that it would not stay cached anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Store {
+    Plain,
+    Stream,
+}
+
+/// Outputs at least this large (bytes) are written with streaming stores.
+const STREAM_MIN_BYTES: usize = 32 << 20;
+
+impl Store {
+    pub(crate) fn for_output<T>(elements: usize) -> Store {
+        if elements.saturating_mul(std::mem::size_of::<T>()) >= STREAM_MIN_BYTES {
+            Store::Stream
+        } else {
+            Store::Plain
+        }
+    }
+
+    /// For a row at `p`: the head length that aligns the full vectors after it, and how to store
+    /// them (plain if `p` is not even element-aligned).
+    #[inline(always)]
+    pub(crate) fn row<V: Vector>(self, p: *const V::Elem) -> (usize, Store) {
+        let size = std::mem::size_of::<V::Elem>();
+        let bytes = V::LANES * size;
+        let addr = p as usize;
+        if self == Store::Plain || addr % size != 0 {
+            return (0, Store::Plain);
+        }
+        (((bytes - addr % bytes) % bytes) / size, Store::Stream)
+    }
+
+    /// After a run of streaming stores.
+    #[inline(always)]
+    pub(crate) fn finish<V: Vector>(self) {
+        if self == Store::Stream {
+            V::stream_fence()
+        }
+    }
+}
+
+/// Stores the first `n <= LANES` lanes of `v` to `p`, a full vector with a streaming store if
+/// STREAM (the caller aligned it, see [`Store::row`]).
+///
+/// # Safety
+/// As [`store_n`]; with STREAM and `n == LANES`, `p` aligned to `LANES` elements.
+#[inline(always)]
+pub(crate) unsafe fn put<V: Vector, const STREAM: bool>(v: V, p: *mut V::Elem, n: usize) {
+    if STREAM && n == V::LANES {
+        v.store_stream(p)
+    } else {
+        store_n(v, p, n)
+    }
 }
 
 /// `v` with the lanes from `n` on set to zero.
