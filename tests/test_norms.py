@@ -457,6 +457,21 @@ def test_weight_gradient_does_not_depend_on_thread_count(num_threads_restored):
             assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_large_outputs_give_the_same_bits(norm):
+    """Outputs of 32 MiB and more are written with streaming stores (rows of 1023 float32 start
+    misaligned); every row is the same bits as when computed in a small array."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((8300, 1023)).astype(np.float32)
+    dy = rng.standard_normal((8300, 1023)).astype(np.float32)
+    w = rng.standard_normal(1023).astype(np.float32)
+    y = _forward(norm, x, w, None)
+    dx, _, _ = _backward(norm, dy, x, None, None)
+    for rows in (slice(0, 3), slice(4000, 4005), slice(8297, 8300)):
+        assert np.array_equal(y[rows], _forward(norm, x[rows], w, None))
+        assert np.array_equal(dx[rows], _backward(norm, dy[rows], x[rows], None, None)[0])
+
+
 def test_empty_inputs():
     x = np.ones((0, 8), np.float32)
     assert normax.layer_norm(x).shape == (0, 8)
