@@ -118,15 +118,10 @@ fn opt_ptr_mut<T>(p: Option<&mut [T]>) -> Ptr<T> {
     Ptr(p.map_or(std::ptr::null_mut(), |s| s.as_mut_ptr()))
 }
 
-/// g = dy * weight over elements i..i + k (weight null: dy).
+/// g = dy * weight over elements i..i + k (`w` never null: ones stand in for no weight).
 #[inline(always)]
 unsafe fn grad<V: Vector>(dy: *const V::Elem, w: Ptr<V::Elem>, i: usize, k: usize) -> V {
-    let dyv = load_n::<V>(dy.add(i), k);
-    if w.0.is_null() {
-        dyv
-    } else {
-        dyv.mul(load_n::<V>(w.at(i), k))
-    }
+    load_n::<V>(dy.add(i), k).mul(load_n::<V>(w.at(i), k))
 }
 
 /// A row's statistics in f64: mean (0 for the RMS norms) and 1/sqrt(var + eps).
@@ -827,6 +822,8 @@ struct PowerBackward<'a, T> {
     l: PowerLayout,
     eps: f64,
     c: &'a PowerGrad<'a, T>,
+    /// The weight, or ones.
+    w: Ptr<T>,
     dy: Ptr<T>,
     x: Ptr<T>,
     dx: Ptr<T>,
@@ -840,7 +837,7 @@ impl<T: Float> Kernel<T> for PowerBackward<'_, T> {
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
         let (c, cg) = (self.l.channels, self.l.channels / self.l.groups);
-        let w = opt_ptr(self.c.weight);
+        let w = self.w;
         let (zs, ema, ds) = (
             self.c.zscale.as_ptr(),
             self.c.ema.as_ptr(),
@@ -923,6 +920,12 @@ pub fn power_norm_backward<T: Float>(
         Ptr::from_const(x.as_ptr()),
         Ptr(dx.as_mut_ptr()),
     );
+    let ones = if c.weight.is_none() {
+        vec![T::ONE; l.channels]
+    } else {
+        Vec::new()
+    };
+    let w = Ptr::from_const(c.weight.unwrap_or(&ones).as_ptr());
     Ok(driver::column_sums::<T>(
         l.tokens,
         3 * l.channels,
@@ -931,6 +934,7 @@ pub fn power_norm_backward<T: Float>(
                 l,
                 eps,
                 c,
+                w,
                 dy,
                 x,
                 dx,
