@@ -350,6 +350,21 @@ def test_zero_rows(norm, dtype):
     assert rowwise_error(dx, edx, dsize) <= BWD_TOL[dtype]
 
 
+def test_bfloat16_and_integer_inputs():
+    """bfloat16 (ml_dtypes) is computed in float32 and returned as bfloat16, with rms_norm's default
+    eps that of bfloat16; integers become float64, as the other ops."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.random.default_rng(13).standard_normal((3, 40)).astype(ml_dtypes.bfloat16)
+    y = normax.rms_norm(x)
+    assert y.dtype == ml_dtypes.bfloat16
+    eps = float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps)
+    ey, size = ref_forward("rms", x.astype(np.float64), None, None, eps)
+    assert rowwise_error(y.astype(np.float64), ey, size) <= 2.0**-8 + 16 * U32  # bfloat16 rounding
+    yi = normax.layer_norm(np.arange(12).reshape(3, 4))
+    assert yi.dtype == np.float64
+    np.testing.assert_allclose(yi, normax.layer_norm(np.arange(12.0).reshape(3, 4)), rtol=0, atol=0)
+
+
 def test_out_argument():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 10)).astype(np.float32)

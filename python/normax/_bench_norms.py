@@ -142,8 +142,10 @@ def bench_norms(repeats=5, shapes=SHAPES, power_shape=POWER_SHAPE, peers=("torch
     power_shape : (T, B, C), default (256, 64, 1024)
         The PowerNorm input; a pad mask marks the last eighth of every sequence.
     peers : sequence of str, default ("torch", "jax")
-        Peers to run where installed. The ``out=`` rows always compare to ``"copy"``
-        (``np.copyto`` of the same array into an existing buffer: the bandwidth floor).
+        Peers to run where installed. The ``out=`` rows always compare to ``"copy"``: ``np.copyto``
+        of the same array into an existing buffer (one thread; glibc's large memcpy uses streaming
+        stores, so it moves 8 bytes per element). The main benchmark may prefer its own measured
+        multi-thread copy bandwidth as the floor: normax's time is in the row either way.
     power : bool, default True
         Whether to run the PowerNorm row (needs torch).
 
