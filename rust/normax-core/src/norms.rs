@@ -10,6 +10,9 @@
 //! - the output pass: y = xhat * weight + bias with xhat = (x - m0) * rstd + (m0 - mean) * rstd.
 //! - backward: one pass for the row sums the gradient needs, one writing dx and adding the row's
 //!   dweight/dbias terms to per-block column sums (`driver::column_sums`, deterministic).
+//! - outputs too large to stay cached (`rows::Store`) are written with streaming stores, saving
+//!   the read-for-ownership of every line; the loops carry no per-vector branches (absent weight or
+//!   bias are ones/zeros, the RMS norms centre on 0, variants are const generics).
 //!
 //! PowerNorm (Shen et al. 2020) works on tokens (rows) of `channels` values in `groups` equal
 //! groups: each group is scaled by 1/sqrt(mean(x^2) + eps) (RMSNorm without weight), then each
