@@ -8,6 +8,8 @@ pub mod driver;
 pub mod float;
 pub mod isa;
 pub mod lse;
+pub mod norms;
+mod rows;
 pub mod simd;
 pub mod softmax;
 pub mod threads;

@@ -9,6 +9,8 @@ use numpy::{Element, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayM
 use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod norms;
+
 fn to_py(e: Error) -> PyErr {
     match e {
         Error::Value(m) => PyValueError::new_err(m),
@@ -348,5 +350,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_isa, m)?)?;
     m.add_function(wrap_pyfunction!(set_isa, m)?)?;
     m.add_function(wrap_pyfunction!(supported_isas, m)?)?;
+    norms::register(m)?;
     Ok(())
 }

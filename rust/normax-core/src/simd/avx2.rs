@@ -117,6 +117,14 @@ impl Vector for F32x8 {
     fn mask_any(m: __m256) -> bool {
         unsafe { _mm256_movemask_ps(m) != 0 }
     }
+    #[inline(always)]
+    unsafe fn store_stream(self, p: *mut f32) {
+        _mm256_stream_ps(p, self.0)
+    }
+    #[inline(always)]
+    fn stream_fence() {
+        unsafe { _mm_sfence() }
+    }
 }
 
 impl Vector for F64x4 {
@@ -223,5 +231,13 @@ impl Vector for F64x4 {
     #[inline(always)]
     fn mask_any(m: __m256d) -> bool {
         unsafe { _mm256_movemask_pd(m) != 0 }
+    }
+    #[inline(always)]
+    unsafe fn store_stream(self, p: *mut f64) {
+        _mm256_stream_pd(p, self.0)
+    }
+    #[inline(always)]
+    fn stream_fence() {
+        unsafe { _mm_sfence() }
     }
 }

@@ -99,6 +99,14 @@ impl Vector for F32x16 {
     fn mask_any(m: __mmask16) -> bool {
         m != 0
     }
+    #[inline(always)]
+    unsafe fn store_stream(self, p: *mut f32) {
+        _mm512_stream_ps(p, self.0)
+    }
+    #[inline(always)]
+    fn stream_fence() {
+        unsafe { _mm_sfence() }
+    }
 }
 
 impl Vector for F64x8 {
@@ -189,5 +197,13 @@ impl Vector for F64x8 {
     #[inline(always)]
     fn mask_any(m: __mmask8) -> bool {
         m != 0
+    }
+    #[inline(always)]
+    unsafe fn store_stream(self, p: *mut f64) {
+        _mm512_stream_pd(p, self.0)
+    }
+    #[inline(always)]
+    fn stream_fence() {
+        unsafe { _mm_sfence() }
     }
 }

@@ -57,6 +57,18 @@ pub trait Vector: Copy {
     fn mask_or(a: Self::Mask, b: Self::Mask) -> Self::Mask;
     fn mask_none() -> Self::Mask;
     fn mask_any(m: Self::Mask) -> bool;
+    /// Stores bypassing the caches (non-temporal), for outputs too large to stay cached: saves the
+    /// read-for-ownership of each line. Plain `store` where the ISA has nothing better.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` elements and aligned to `LANES` elements.
+    #[inline(always)]
+    unsafe fn store_stream(self, p: *mut Self::Elem) {
+        self.store(p)
+    }
+    /// Orders the streaming stores before this thread's later stores (call after a run of them).
+    #[inline(always)]
+    fn stream_fence() {}
 }
 
 /// Loads `n < LANES` elements, the other lanes set to `fill`.

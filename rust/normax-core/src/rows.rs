@@ -1,0 +1,230 @@
+//! Loops over one contiguous row, generic over [`Vector`]: vector-sized steps with a partial tail,
+//! and sums of per-element terms kept short in `Elem` and folded into f64.
+//!
+//! These are the building blocks of the element-wise row kernels (the norms family); they hold no
+//! op-specific math.
+
+use crate::float::Float;
+use crate::simd::{load_partial, store_partial, Vector, MAX_LANES};
+
+/// Vectors each level-1 accumulator adds before its sum is folded into f64.
+const FOLD: usize = 64;
+
+/// Calls `f(i, n)` for consecutive pieces of `0..len`: full vectors (n == LANES), then one partial
+/// tail (0 < n < LANES) if `len` is not a multiple of LANES.
+#[inline(always)]
+pub(crate) fn for_each_vector<V: Vector>(len: usize, f: impl FnMut(usize, usize)) {
+    for_each_vector_from::<V>(0, len, f)
+}
+
+/// [`for_each_vector`] with a first piece of `head < LANES` elements (none if 0 or >= len), so
+/// that the full vectors start `head` elements in: used to align them for streaming stores.
+#[inline(always)]
+pub(crate) fn for_each_vector_from<V: Vector>(
+    head: usize,
+    len: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    let w = V::LANES;
+    let mut i = 0;
+    if head > 0 && head < len {
+        f(0, head);
+        i = head;
+    }
+    while i + w <= len {
+        f(i, w);
+        i += w;
+    }
+    if i < len {
+        f(i, len - i);
+    }
+}
+
+/// `n <= LANES` elements from `p`, the lanes past `n` zero.
+///
+/// # Safety
+/// `p` must be valid for reading `n` elements.
+#[inline(always)]
+pub(crate) unsafe fn load_n<V: Vector>(p: *const V::Elem, n: usize) -> V {
+    if n == V::LANES {
+        V::load(p)
+    } else {
+        load_partial::<V>(p, n, V::Elem::ZERO)
+    }
+}
+
+/// Stores the first `n <= LANES` lanes of `v` to `p`.
+///
+/// # Safety
+/// `p` must be valid for writing `n` elements.
+#[inline(always)]
+pub(crate) unsafe fn store_n<V: Vector>(v: V, p: *mut V::Elem, n: usize) {
+    if n == V::LANES {
+        v.store(p)
+    } else {
+        store_partial(v, p, n)
+    }
+}
+
+/// `p[..n] += v[..n]`.
+///
+/// # Safety
+/// `p` must be valid for reading and writing `n` elements.
+#[inline(always)]
+pub(crate) unsafe fn add_n<V: Vector>(v: V, p: *mut V::Elem, n: usize) {
+    store_n(load_n::<V>(p, n).add(v), p, n)
+}
+
+/// Output written with streaming stores, when large enough that it would not stay cached anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Store {
+    Plain,
+    Stream,
+}
+
+/// Outputs at least this large (bytes) are written with streaming stores.
+const STREAM_MIN_BYTES: usize = 32 << 20;
+
+impl Store {
+    pub(crate) fn for_output<T>(elements: usize) -> Store {
+        if elements.saturating_mul(std::mem::size_of::<T>()) >= STREAM_MIN_BYTES {
+            Store::Stream
+        } else {
+            Store::Plain
+        }
+    }
+
+    /// For a row at `p`: the head length that aligns the full vectors after it, and how to store
+    /// them (plain if `p` is not even element-aligned).
+    #[inline(always)]
+    pub(crate) fn row<V: Vector>(self, p: *const V::Elem) -> (usize, Store) {
+        let size = std::mem::size_of::<V::Elem>();
+        let bytes = V::LANES * size;
+        let addr = p as usize;
+        if self == Store::Plain || addr % size != 0 {
+            return (0, Store::Plain);
+        }
+        (((bytes - addr % bytes) % bytes) / size, Store::Stream)
+    }
+
+    /// After a run of streaming stores.
+    #[inline(always)]
+    pub(crate) fn finish<V: Vector>(self) {
+        if self == Store::Stream {
+            V::stream_fence()
+        }
+    }
+}
+
+/// Stores the first `n <= LANES` lanes of `v` to `p`, a full vector with a streaming store if
+/// STREAM (the caller aligned it, see [`Store::row`]).
+///
+/// # Safety
+/// As [`store_n`]; with STREAM and `n == LANES`, `p` aligned to `LANES` elements.
+#[inline(always)]
+pub(crate) unsafe fn put<V: Vector, const STREAM: bool>(v: V, p: *mut V::Elem, n: usize) {
+    if STREAM && n == V::LANES {
+        v.store_stream(p)
+    } else {
+        store_n(v, p, n)
+    }
+}
+
+/// `v` with the lanes from `n` on set to zero.
+#[inline(always)]
+pub(crate) fn keep_lanes<V: Vector>(v: V, n: usize) -> V {
+    if n >= V::LANES {
+        return v;
+    }
+    let mut buf = [V::Elem::ZERO; MAX_LANES];
+    unsafe {
+        v.store(buf.as_mut_ptr());
+        buf[n..].fill(V::Elem::ZERO);
+        V::load(buf.as_ptr())
+    }
+}
+
+/// Adds the four accumulators of each term into `total` and clears them.
+#[inline(always)]
+fn fold<V: Vector, const K: usize>(total: &mut [f64; K], acc: &mut [[V; K]; 4]) {
+    for k in 0..K {
+        let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+        total[k] += s.reduce_add().to_f64();
+    }
+    *acc = [[V::splat(V::Elem::ZERO); K]; 4];
+}
+
+/// The sums over `0..len` of `K` per-element terms: `term(i, n)` gives the terms of elements
+/// `i..i + n` (n <= LANES; lanes past `n` are discarded, so the terms may be anything there).
+///
+/// Four accumulators per term hide the add latency; each adds at most `FOLD` vectors in `Elem`
+/// before its sum is folded into f64, so f32 partial sums stay short.
+///
+/// Mark `term` `#[inline(always)]` at the call (as every closure passed to these loops): a closure
+/// that is not inlined is compiled without the ISA's target features, and each vector operation in
+/// it becomes a function call.
+#[inline(always)]
+pub(crate) fn row_sums<V: Vector, const K: usize>(
+    len: usize,
+    term: impl Fn(usize, usize) -> [V; K],
+) -> [f64; K] {
+    let zero = V::splat(V::Elem::ZERO);
+    let w = V::LANES;
+    let mut acc = [[zero; K]; 4];
+    let mut total = [0.0f64; K];
+    let mut i = 0;
+    let mut steps = 0;
+    while i + 4 * w <= len {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let t = term(i + j * w, w);
+            for k in 0..K {
+                a[k] = a[k].add(t[k]);
+            }
+        }
+        i += 4 * w;
+        steps += 1;
+        if steps == FOLD {
+            fold(&mut total, &mut acc);
+            steps = 0;
+        }
+    }
+    while i < len {
+        let n = (len - i).min(w);
+        let t = term(i, n);
+        for k in 0..K {
+            acc[0][k] = acc[0][k].add(keep_lanes(t[k], n));
+        }
+        i += n;
+    }
+    fold(&mut total, &mut acc);
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::scalar::Scalar;
+
+    #[test]
+    fn row_sums_discards_the_tail_lanes() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::Isa::Avx2.is_supported() {
+            // Any lanes past the row end must not count: the term adds 1 everywhere.
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn count(len: usize) -> f64 {
+                let one = <f32 as Float>::Avx2::splat(1.0);
+                row_sums::<<f32 as Float>::Avx2, 1>(len, |_, _| [one])[0]
+            }
+            for len in [0, 1, 7, 8, 9, 31, 32, 33, 1000] {
+                assert_eq!(unsafe { count(len) }, len as f64);
+            }
+        }
+        let x: Vec<f64> = (0..1001).map(|i| i as f64).collect();
+        let [s, ss] = row_sums::<Scalar<f64>, 2>(x.len(), |i, _| {
+            let v = Scalar(x[i]);
+            [v, v.mul(v)]
+        });
+        assert_eq!(s, 1000.0 * 1001.0 / 2.0);
+        assert_eq!(ss, 1000.0 * 1001.0 * 2001.0 / 6.0);
+    }
+}
