@@ -154,13 +154,12 @@ unsafe fn map_row<T: Float, Op: RowMap<T>, V: Vector<Elem = T>>(
     if len < SPLIT_MIN_LEN {
         return op.row::<V>(a, b, out, len);
     }
-    let stat = (0..chunks(len))
-        .map(|c| {
-            let (s, n) = chunk_range(c, len);
-            op.chunk_stat::<V>(offset(a, s), offset(b, s), n)
-        })
-        .reduce(Op::combine)
-        .expect("len > 0");
+    // A plain loop: closures here would be compiled without the ISA's target features.
+    let mut stat = op.chunk_stat::<V>(a, b, chunk_range(0, len).1);
+    for c in 1..chunks(len) {
+        let (s, n) = chunk_range(c, len);
+        stat = Op::combine(stat, op.chunk_stat::<V>(offset(a, s), offset(b, s), n));
+    }
     if !Op::splittable(&stat) {
         return op.row::<V>(a, b, out, len);
     }
@@ -181,13 +180,12 @@ unsafe fn reduce_row<T: Float, Op: RowReduce<T>, V: Vector<Elem = T>>(
     if len < SPLIT_MIN_LEN {
         return op.row::<V>(a, b, len);
     }
-    let stat = (0..chunks(len))
-        .map(|c| {
-            let (s, n) = chunk_range(c, len);
-            op.chunk_stat::<V>(offset(a, s), offset(b, s), n)
-        })
-        .reduce(Op::combine)
-        .expect("len > 0");
+    // A plain loop: closures here would be compiled without the ISA's target features.
+    let mut stat = op.chunk_stat::<V>(a, b, chunk_range(0, len).1);
+    for c in 1..chunks(len) {
+        let (s, n) = chunk_range(c, len);
+        stat = Op::combine(stat, op.chunk_stat::<V>(offset(a, s), offset(b, s), n));
+    }
     Op::finish(stat).unwrap_or_else(|| op.row::<V>(a, b, len))
 }
 

@@ -6,6 +6,7 @@ use crate::lse::{
     exact_stats, refined_lse, sum_in_cache, sum_two_pass, ExpSum, Lse, RowSum, ScaledExp, FOLD,
     IN_CACHE_MAX_LEN,
 };
+use crate::rows::{for_each_vector, for_each_vector_from, load_n, put, store_n, Store};
 use crate::simd::{exp, load_partial, store_partial, Vector};
 use crate::Error;
 
@@ -17,15 +18,33 @@ unsafe fn map_elements<V: Vector>(
     len: usize,
     f: impl Fn(V) -> V,
 ) {
-    let w = V::LANES;
-    let mut i = 0;
-    while i + w <= len {
-        f(V::load(x.add(i))).store(y.add(i));
-        i += w;
-    }
-    if i < len {
-        let v = load_partial::<V>(x.add(i), len - i, V::Elem::ZERO);
-        store_partial(f(v), y.add(i), len - i);
+    map_elements_to(x, y, len, Store::Plain, f)
+}
+
+/// [`map_elements`] with the output written by `store` (streaming stores for large outputs).
+#[inline(always)]
+unsafe fn map_elements_to<V: Vector>(
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    store: Store,
+    f: impl Fn(V) -> V,
+) {
+    let (head, store) = store.row::<V>(y);
+    if store == Store::Stream {
+        for_each_vector_from::<V>(
+            head,
+            len,
+            #[inline(always)]
+            |i, n| put::<V, true>(f(load_n::<V>(x.add(i), n)), y.add(i), n),
+        );
+        store.finish::<V>();
+    } else {
+        for_each_vector::<V>(
+            len,
+            #[inline(always)]
+            |i, n| store_n(f(load_n::<V>(x.add(i), n)), y.add(i), n),
+        );
     }
 }
 
@@ -49,16 +68,6 @@ unsafe fn map_elements2<V: Vector>(
         let va = load_partial::<V>(a.add(i), n, V::Elem::ZERO);
         let vb = load_partial::<V>(b.add(i), n, V::Elem::ZERO);
         store_partial(f(va, vb), y.add(i), n);
-    }
-}
-
-/// n <= LANES elements, zero-padded.
-#[inline(always)]
-unsafe fn load_n<V: Vector>(p: *const V::Elem, n: usize) -> V {
-    if n == V::LANES {
-        V::load(p)
-    } else {
-        load_partial::<V>(p, n, V::Elem::ZERO)
     }
 }
 
@@ -113,27 +122,80 @@ unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f6
 
 /// y = exp(x) / sum, from the row's sum = m * 2^n: each term exp(x) * 2^-n / m.
 #[inline(always)]
-unsafe fn write_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, s: ExpSum) {
+unsafe fn write_softmax<V: Vector>(
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    s: ExpSum,
+    store: Store,
+) {
     let scaled = ScaledExp::<V>::new(V::Elem::from_f64(s.n));
     let inv = V::splat(V::Elem::from_f64(1.0 / s.m));
-    map_elements::<V>(
+    map_elements_to::<V>(
         x,
         y,
         len,
+        store,
         #[inline(always)]
         |v| scaled.apply(v).mul(inv),
     );
 }
 
+/// y = terms / s.m: the in-cache algorithm's scaling pass.
+#[inline(always)]
+unsafe fn scale_into<V: Vector>(
+    terms: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    s: ExpSum,
+    store: Store,
+) {
+    let inv = V::splat(V::Elem::from_f64(1.0 / s.m));
+    map_elements_to::<V>(
+        terms,
+        y,
+        len,
+        store,
+        #[inline(always)]
+        |v| v.mul(inv),
+    );
+}
+
+thread_local! {
+    /// Per-thread scratch row (f64 words, so aligned for any element type).
+    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's scratch row, at least `len` elements of T. Valid until the next call on this
+/// thread (kernels do not nest). The kernel runs outside `LocalKey::with`, whose closure would be
+/// compiled without the ISA's target features.
+fn scratch_row<T: Float>(len: usize) -> *mut T {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+        if buf.len() < words {
+            buf.resize(words, 0.0);
+        }
+        buf.as_mut_ptr() as *mut T
+    })
+}
+
 /// y = (x - hi) - lo: exact subtraction where x is close to the log-sum-exp.
 #[inline(always)]
-unsafe fn write_log_softmax<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, lse: Lse) {
+unsafe fn write_log_softmax<V: Vector>(
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    lse: Lse,
+    store: Store,
+) {
     let hi = V::splat(V::Elem::from_f64(lse.hi));
     let lo = V::splat(V::Elem::from_f64(lse.lo));
-    map_elements::<V>(
+    map_elements_to::<V>(
         x,
         y,
         len,
+        store,
         #[inline(always)]
         |v| v.sub(hi).sub(lo),
     );
@@ -183,7 +245,8 @@ unsafe fn exact_softmax<T: Float>(x: *const T, y: *mut T, len: usize, log: bool)
     }
 }
 
-pub(crate) struct Softmax(pub Algorithm);
+/// softmax rows: the row algorithm, and how the output is stored.
+pub(crate) struct Softmax(pub Algorithm, pub Store);
 
 impl<T: Float> RowMap<T> for Softmax {
     type Stat = RowSum;
@@ -192,23 +255,23 @@ impl<T: Float> RowMap<T> for Softmax {
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, y: *mut T, len: usize) {
         if self.0.in_cache(len) {
-            // Terms land in y, then one scaling pass; the exact path writes nothing before it.
-            match sum_in_cache::<V>(x, len, Some(y)) {
-                RowSum::Fast(s) => {
-                    let inv = V::splat(T::from_f64(1.0 / s.m));
-                    map_elements::<V>(
-                        y,
-                        y,
-                        len,
-                        #[inline(always)]
-                        |v| v.mul(inv),
-                    );
+            if self.1 == Store::Stream {
+                // Terms go to a scratch row in cache, so y is written once, by streaming stores.
+                let terms = scratch_row::<T>(len);
+                match sum_in_cache::<V>(x, len, Some(terms)).usable::<T>() {
+                    Some(s) => scale_into::<V>(terms, y, len, s, Store::Stream),
+                    None => exact_softmax(x, y, len, false),
                 }
-                RowSum::Exact => exact_softmax(x, y, len, false),
+                return;
+            }
+            // Terms land in y, then one scaling pass; the exact path writes nothing before it.
+            match sum_in_cache::<V>(x, len, Some(y)).usable::<T>() {
+                Some(s) => scale_into::<V>(y, y, len, s, Store::Plain),
+                None => exact_softmax(x, y, len, false),
             }
         } else {
             match sum_two_pass::<V>(x, len).usable::<T>() {
-                Some(s) => write_softmax::<V>(x, y, len, s),
+                Some(s) => write_softmax::<V>(x, y, len, s, self.1),
                 None => exact_softmax(x, y, len, false),
             }
         }
@@ -238,12 +301,13 @@ impl<T: Float> RowMap<T> for Softmax {
         s: RowSum,
     ) {
         if let Some(s) = s.usable::<T>() {
-            write_softmax::<V>(x, y, len, s);
+            write_softmax::<V>(x, y, len, s, self.1);
         }
     }
 }
 
-pub(crate) struct LogSoftmax(pub Algorithm);
+/// log_softmax rows: the row algorithm, and how the output is stored.
+pub(crate) struct LogSoftmax(pub Algorithm, pub Store);
 
 impl<T: Float> RowMap<T> for LogSoftmax {
     type Stat = RowSum;
@@ -252,7 +316,7 @@ impl<T: Float> RowMap<T> for LogSoftmax {
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, y: *mut T, len: usize) {
         match row_sum::<V>(x, len, self.0).usable::<T>() {
-            Some(s) => write_log_softmax::<V>(x, y, len, refined_lse::<V>(x, len, s)),
+            Some(s) => write_log_softmax::<V>(x, y, len, refined_lse::<V>(x, len, s), self.1),
             None => exact_softmax(x, y, len, true),
         }
     }
@@ -281,7 +345,7 @@ impl<T: Float> RowMap<T> for LogSoftmax {
         s: RowSum,
     ) {
         if let Some(s) = s.usable::<T>() {
-            write_log_softmax::<V>(x, y, len, Lse::split::<T>(s.ln()));
+            write_log_softmax::<V>(x, y, len, Lse::split::<T>(s.ln()), self.1);
         }
     }
 }
@@ -517,6 +581,15 @@ impl<T: Float> RowMap<T> for LogSoftmaxBackward {
     }
 }
 
+/// Streaming stores for outputs too large to stay cached, written row by row (not gathered).
+fn output_store<T>(layout: &Layout) -> Store {
+    if layout.inner == 1 {
+        Store::for_output::<T>(layout.size().unwrap_or(0))
+    } else {
+        Store::Plain
+    }
+}
+
 fn check_io<T>(layout: &Layout, x: &[T], y_len: usize) -> Result<(), Error> {
     let n = layout.size()?;
     layout.check("x", x.len(), n)?;
@@ -539,7 +612,7 @@ pub fn softmax_with<T: Float>(
     check_io(&layout, x, y.len())?;
     unsafe {
         driver::map(
-            &Softmax(algorithm),
+            &Softmax(algorithm, output_store::<T>(&layout)),
             x.as_ptr(),
             std::ptr::null(),
             y.as_mut_ptr(),
@@ -553,7 +626,15 @@ pub fn softmax_with<T: Float>(
 pub fn softmax_inplace<T: Float>(x: &mut [T], layout: Layout) -> Result<(), Error> {
     layout.check("x", x.len(), layout.size()?)?;
     let p = x.as_mut_ptr();
-    unsafe { driver::map(&Softmax(Algorithm::Auto), p, std::ptr::null(), p, layout) };
+    unsafe {
+        driver::map(
+            &Softmax(Algorithm::Auto, output_store::<T>(&layout)),
+            p,
+            std::ptr::null(),
+            p,
+            layout,
+        )
+    };
     Ok(())
 }
 
@@ -562,7 +643,7 @@ pub fn log_softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(),
     check_io(&layout, x, y.len())?;
     unsafe {
         driver::map(
-            &LogSoftmax(Algorithm::Auto),
+            &LogSoftmax(Algorithm::Auto, output_store::<T>(&layout)),
             x.as_ptr(),
             std::ptr::null(),
             y.as_mut_ptr(),
@@ -576,7 +657,15 @@ pub fn log_softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(),
 pub fn log_softmax_inplace<T: Float>(x: &mut [T], layout: Layout) -> Result<(), Error> {
     layout.check("x", x.len(), layout.size()?)?;
     let p = x.as_mut_ptr();
-    unsafe { driver::map(&LogSoftmax(Algorithm::Auto), p, std::ptr::null(), p, layout) };
+    unsafe {
+        driver::map(
+            &LogSoftmax(Algorithm::Auto, output_store::<T>(&layout)),
+            p,
+            std::ptr::null(),
+            p,
+            layout,
+        )
+    };
     Ok(())
 }
 
