@@ -231,7 +231,29 @@ def softmax_suite(shapes, budget_s):
     return cases
 
 
-SUITES = {"softmax": softmax_suite}
+def _cases_from_rows(suite, rows, bytes_per_element):
+    """Cases from a suite's (op, shape, peer, normax_s, peer_s) rows: one case per (op, shape)."""
+    cases = {}
+    for op, shape, peer, ours, theirs in rows:
+        key = (op, tuple(shape))
+        if key not in cases:
+            n = int(np.prod(shape))
+            per = next((v for k, v in bytes_per_element.items() if k in op), 8)
+            cases[key] = Case(suite, op, tuple(shape), "", per * n, ours)
+        cases[key].peers[peer] = theirs
+    return list(cases.values())
+
+
+def norms_suite(budget_s):
+    """rms_norm, layer_norm (forward, out=, forward+backward) and PowerNorm forward+backward."""
+    from ._bench_norms import bench_norms
+
+    repeats = max(3, int(5 * budget_s / 0.5))
+    # fwd+bwd: forward reads x, writes y; backward reads dy and x, writes dx (20 bytes/element).
+    return _cases_from_rows("norms", bench_norms(repeats=repeats), {"fwd+bwd": 20})
+
+
+SUITES = {"softmax": softmax_suite, "norms": norms_suite}
 
 DEFAULT_SHAPES = [(8, 16), (4096, 1024), (256, 32768), (32, 128256), (16384, 4096)]
 
@@ -285,6 +307,28 @@ def targets(cases, copy_gbps):
         c = get(op, (32, 128256), "fresh")
         if c and "torch" in c.peers:
             found.append((f"{op} 32x128256 vs torch", c.speedup("torch"), 1.5, "x"))
+    for shape in ((16384, 4096), (4096, 1024)):
+        for op, peer, goal in (
+            ("rms_norm", "torch", 4.0),
+            ("rms_norm", "jax", 1.5),
+            ("layer_norm", "torch", 1.5),
+            ("rms_norm fwd+bwd", "torch", 2.0),
+            ("layer_norm fwd+bwd", "torch", 2.0),
+        ):
+            c = get(op, shape, "")
+            if c and peer in c.peers:
+                found.append((f"{op} {shape[0]}x{shape[1]} vs {peer}", c.speedup(peer), goal, "x"))
+        for op in ("rms_norm out=", "layer_norm out="):
+            c = get(op, shape, "")
+            if c:
+                found.append(
+                    (f"{op} {shape[0]}x{shape[1]} % of copy bandwidth", 100 * c.gbps() / copy_gbps, 70, "%")
+                )
+    for c in cases:
+        if c.op.startswith("power_norm") and "torch" in c.peers:
+            found.append(
+                (f"{c.op} {'x'.join(map(str, c.shape))} vs torch MaskPowerNorm", c.speedup("torch"), 3.0, "x")
+            )
     c = get("softmax", (8, 16), "fresh")
     if c and "np.exp" in c.peers:
         found.append(("softmax 8x16 cost / np.exp cost (at most)", c.normax_s / c.peers["np.exp"], 3.0, "<="))
