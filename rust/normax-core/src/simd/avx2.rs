@@ -38,6 +38,10 @@ impl Vector for F32x8 {
         unsafe { F32x8(_mm256_mul_ps(self.0, o.0)) }
     }
     #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        unsafe { F32x8(_mm256_div_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         unsafe { F32x8(_mm256_fmadd_ps(self.0, b.0, c.0)) }
     }
@@ -155,6 +159,10 @@ impl Vector for F64x4 {
     #[inline(always)]
     fn mul(self, o: Self) -> Self {
         unsafe { F64x4(_mm256_mul_pd(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        unsafe { F64x4(_mm256_div_pd(self.0, o.0)) }
     }
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {

@@ -40,6 +40,10 @@ impl Vector for F32x16 {
         unsafe { F32x16(_mm512_mul_ps(self.0, o.0)) }
     }
     #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        unsafe { F32x16(_mm512_div_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         unsafe { F32x16(_mm512_fmadd_ps(self.0, b.0, c.0)) }
     }
@@ -137,6 +141,10 @@ impl Vector for F64x8 {
     #[inline(always)]
     fn mul(self, o: Self) -> Self {
         unsafe { F64x8(_mm512_mul_pd(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        unsafe { F64x8(_mm512_div_pd(self.0, o.0)) }
     }
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {

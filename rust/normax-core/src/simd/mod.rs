@@ -33,6 +33,7 @@ pub trait Vector: Copy {
     fn add(self, o: Self) -> Self;
     fn sub(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
     /// self * b + c
     fn mul_add(self, b: Self, c: Self) -> Self;
     /// Lane-wise max; NaN handling is unspecified (callers detect NaN with `gt_or_nan`).
@@ -103,6 +104,13 @@ pub fn exp_parts<V: Vector>(x: V) -> (V, V) {
 /// exp(x - n ln2) for integral n = round(x log2 e): Cody-Waite reduction, then the polynomial.
 #[inline(always)]
 pub fn exp_reduced<V: Vector>(x: V, n: V) -> V {
+    let (t, q) = reduce(x, n);
+    q.mul_add(t, V::splat(V::Elem::ONE))
+}
+
+/// t = x - n ln2 (Cody-Waite) and q(t), with exp(t) = 1 + t * q(t).
+#[inline(always)]
+fn reduce<V: Vector>(x: V, n: V) -> (V, V) {
     let t = n.mul_add(V::splat(-V::Elem::LN2_HI), x);
     let t = n.mul_add(V::splat(-V::Elem::LN2_LO), t);
     let poly = V::Elem::EXP_POLY;
@@ -110,7 +118,29 @@ pub fn exp_reduced<V: Vector>(x: V, n: V) -> V {
     for &c in poly[..poly.len() - 1].iter().rev() {
         q = q.mul_add(t, V::splat(c));
     }
-    q.mul_add(t, V::splat(V::Elem::ONE))
+    (t, q)
+}
+
+/// tanh(x) for every x (NaN stays NaN), as -e / (2 + e) with e = expm1(-2x).
+///
+/// expm1 is formed as 2^n * (t q(t)) + (2^n - 1) from the exp reduction, never as exp - 1, so
+/// small |x| keep full relative accuracy. Beyond |x| = 19.5 tanh rounds to +-1 in f32 and f64.
+#[inline(always)]
+pub fn tanh<V: Vector>(x: V) -> V {
+    let bound = V::splat(V::Elem::from_f64(19.5));
+    let nan = x.gt_or_nan(x);
+    let y = x
+        .max(V::splat(V::Elem::ZERO).sub(bound))
+        .min(bound)
+        .mul(V::splat(V::Elem::from_f64(-2.0)));
+    let n = y.mul(V::splat(V::Elem::LOG2E)).round();
+    let (t, q) = reduce(y, n);
+    let p = pow2(n);
+    let e = t.mul(q).mul_add(p, p.sub(V::splat(V::Elem::ONE)));
+    let r = V::splat(V::Elem::ZERO)
+        .sub(e)
+        .div(e.add(V::splat(V::Elem::from_f64(2.0))));
+    select_nan::<V>(r, x, nan)
 }
 
 /// 2^k for integral k in [-BIAS, BIAS], exactly 0 at k = -BIAS.

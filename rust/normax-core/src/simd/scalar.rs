@@ -36,6 +36,10 @@ impl<T: Float> Vector for Scalar<T> {
         Scalar(self.0 * o.0)
     }
     #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        Scalar(self.0 / o.0)
+    }
+    #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         Scalar(self.0 * b.0 + c.0)
     }
