@@ -117,7 +117,7 @@ pub(crate) trait RowReduce<T: Float>: Sync {
 }
 
 /// Work per task: small arrays stay on the calling thread.
-const GRAIN: usize = 1 << 15;
+pub(crate) const GRAIN: usize = 1 << 15;
 /// Rows at least this long are split across threads when there are too few rows to share.
 const SPLIT_MIN_LEN: usize = 1 << 18;
 /// Chunk of a split row; fixed, so results do not depend on the thread count.

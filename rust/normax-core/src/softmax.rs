@@ -12,7 +12,7 @@ use crate::Error;
 
 /// Applies `f` to each full vector and the partial tail of x[..len], writing y.
 #[inline(always)]
-unsafe fn map_elements<V: Vector>(
+pub(crate) unsafe fn map_elements<V: Vector>(
     x: *const V::Elem,
     y: *mut V::Elem,
     len: usize,
@@ -84,7 +84,7 @@ unsafe fn dot_term<V: Vector>(a: *const V::Elem, b: *const V::Elem, i: usize, n:
 
 /// sum(a * b), or sum(a) when `b` is null; f32 partial sums folded into f64 every few vectors.
 #[inline(always)]
-unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f64 {
+pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f64 {
     let zero = V::splat(V::Elem::ZERO);
     let w = V::LANES;
     let mut acc = [zero; 4];
@@ -222,7 +222,11 @@ impl Algorithm {
 
 /// The row's sum of exponentials, by the chosen algorithm.
 #[inline(always)]
-unsafe fn row_sum<V: Vector>(x: *const V::Elem, len: usize, algorithm: Algorithm) -> RowSum {
+pub(crate) unsafe fn row_sum<V: Vector>(
+    x: *const V::Elem,
+    len: usize,
+    algorithm: Algorithm,
+) -> RowSum {
     if algorithm.in_cache(len) {
         sum_in_cache::<V>(x, len, None)
     } else {

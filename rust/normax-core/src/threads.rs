@@ -77,3 +77,8 @@ pub(crate) fn map<R: Send>(tasks: usize, task: impl Fn(usize) -> R + Sync + Send
         pool.install(|| (0..tasks).into_par_iter().map(task).collect())
     }
 }
+
+/// Runs `f` inside the pool, so rayon work it starts (a GEMM's) uses these threads.
+pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    pool().install(f)
+}
