@@ -4,6 +4,7 @@
 //! dispatch), `lse` (the sum-of-exponentials machinery), `driver` (rows, axes, threads) and one
 //! module per op family.
 
+pub mod cross_entropy;
 pub mod driver;
 pub mod float;
 pub mod isa;
