@@ -9,6 +9,7 @@ use numpy::{Element, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayM
 use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod cross_entropy;
 mod norms;
 
 fn to_py(e: Error) -> PyErr {
@@ -351,5 +352,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_isa, m)?)?;
     m.add_function(wrap_pyfunction!(supported_isas, m)?)?;
     norms::register(m)?;
+    cross_entropy::register(m)?;
     Ok(())
 }
