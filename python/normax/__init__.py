@@ -5,6 +5,12 @@ NumPy and SciPy conventions. See the README for the benchmark and the API overvi
 """
 
 from ._core import get_isa, get_num_threads, set_isa, set_num_threads, supported_isas
+from ._cross_entropy import (
+    cross_entropy,
+    cross_entropy_with_grad,
+    linear_cross_entropy,
+    linear_cross_entropy_with_grad,
+)
 from ._norms import (
     PowerNormSaved,
     PowerNormState,
@@ -26,10 +32,14 @@ __all__ = [
     "PowerNormState",
     "crms_norm",
     "crms_norm_backward",
+    "cross_entropy",
+    "cross_entropy_with_grad",
     "get_isa",
     "get_num_threads",
     "layer_norm",
     "layer_norm_backward",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "log_softmax",
     "log_softmax_backward",
     "logsumexp",

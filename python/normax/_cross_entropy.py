@@ -1,0 +1,571 @@
+"""cross_entropy, linear_cross_entropy and their ``_with_grad`` forms: the NumPy-first API."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from . import _core
+from ._arrays import as_input, compute_dtype, normalize_axes
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _options(ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The loss options checked and converted; errors name the argument."""
+    if isinstance(ignore_index, (bool, np.bool_)):
+        raise TypeError("ignore_index: expected an int, got a bool")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}") from None
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: {ignore_index} does not fit in int64")
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    label_smoothing = _number(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
+    z_loss = _number(z_loss, "z_loss")
+    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss: must be a finite number >= 0, got {z_loss}")
+    if softcap is not None:
+        softcap = _number(softcap, "softcap")
+        if not (softcap > 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"softcap: must be a finite number > 0 or None, got {softcap}")
+    return ignore_index, reduction, label_smoothing, z_loss, softcap
+
+
+def _number(v, name: str) -> float:
+    if isinstance(v, (bool, np.bool_)) or np.ndim(v) != 0:
+        raise TypeError(f"{name}: expected a real number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a real number, got {v!r}") from None
+
+
+def _class_axis(axis, ndim: int) -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis: expected an int (the class axis), got {axis!r}")
+    return normalize_axes(int(axis), ndim)[0]
+
+
+def _real(a, name: str) -> np.ndarray:
+    """`a` as an array of a real dtype the kernels take (TypeError otherwise)."""
+    arr = np.asarray(a)
+    compute_dtype(arr.dtype, name)
+    return arr
+
+
+def _targets(target, shape: tuple, axis: int, work: np.dtype):
+    """(class indices as int64, or probabilities in `work`), and whether they are soft."""
+    t = np.asarray(target)
+    row_shape = shape[:axis] + shape[axis + 1 :]
+    if t.dtype.kind in "iu":
+        if t.shape != row_shape:
+            raise ValueError(
+                f"target: class indices have shape {t.shape}; expected {row_shape} "
+                f"(the logits' shape {shape} without the class axis {axis})"
+            )
+        return t, False
+    if t.dtype.kind == "b":
+        raise TypeError("target: expected integer class indices or float probabilities, got bool")
+    compute_dtype(t.dtype, "target")  # TypeError for complex, strings, objects
+    if t.shape != shape:
+        raise ValueError(
+            f"target: class probabilities (a float target) must have the logits' shape {shape}, "
+            f"got {t.shape}; integer class indices have shape {row_shape}"
+        )
+    return t.astype(work, copy=False), True
+
+
+def _index_error(t: np.ndarray, classes: int, ignore_index: int) -> IndexError:
+    """The first class index out of range, by value and position (the core found one)."""
+    bad = (t != ignore_index) & ((t < 0) | (t >= classes))
+    if not bad.any():  # pragma: no cover - the array changed under us
+        return IndexError("target: a class index is out of range")
+    pos = np.unravel_index(int(np.argmax(bad)), t.shape)
+    where = int(pos[0]) if len(pos) == 1 else tuple(int(p) for p in pos)
+    return IndexError(
+        f"target: class index {int(t[pos])} at position {where} is out of range [0, {classes}) "
+        f"and is not ignore_index ({ignore_index})"
+    )
+
+
+def _grad_output(grad_output, reduction: str, loss_shape: tuple, work: np.dtype):
+    """(per-row array or None, scalar) for the core."""
+    g = np.asarray(grad_output)
+    if g.ndim == 0:
+        return None, _number(g, "grad_output")
+    if reduction != "none":
+        raise ValueError(f"grad_output: must be a number for reduction={reduction!r}, got shape {g.shape}")
+    compute_dtype(g.dtype, "grad_output")
+    try:
+        g = np.broadcast_to(g, loss_shape)
+    except ValueError:
+        raise ValueError(
+            f"grad_output: shape {g.shape} does not broadcast to the per-row loss shape {loss_shape}"
+        ) from None
+    return np.ascontiguousarray(g, dtype=work).reshape(-1), 0.0
+
+
+def _cross_entropy(
+    logits,
+    target,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    with_grad,
+    grad_output=1.0,
+    inplace=False,
+):
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, reduction = opts[0], opts[1]
+    if inplace and not (
+        isinstance(logits, np.ndarray)
+        and logits.flags.writeable
+        and (logits.dtype.kind == "f" or logits.dtype.kind == "V")
+    ):
+        raise ValueError("logits: inplace=True needs a writeable floating-point numpy.ndarray")
+    x, result_dtype = as_input(logits, "logits")
+    if x.ndim == 0:
+        raise ValueError("logits: expected at least one dimension (the class axis)")
+    ax = _class_axis(axis, x.ndim)
+    shape = x.shape
+    classes = shape[ax]
+    if classes == 0:
+        raise ValueError(f"logits: the class axis {ax} is empty")
+    t, soft = _targets(target, shape, ax, x.dtype)
+    row_shape = shape[:ax] + shape[ax + 1 :]
+    w = None
+    if weight is not None:
+        w = _real(weight, "weight")
+        if w.shape != (classes,):
+            raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
+        w = np.ascontiguousarray(w, dtype=x.dtype)
+
+    # Classes last, rows contiguous: a view when the logits already are, else one copy.
+    last = ax == x.ndim - 1
+    work = np.ascontiguousarray(x if last else np.moveaxis(x, ax, -1))
+    tk = np.ascontiguousarray(t if (last or not soft) else np.moveaxis(t, ax, -1))
+    if not soft:
+        tk = tk.astype(np.int64, copy=False)
+    rows = work.size // classes
+    loss = np.empty(rows if reduction == "none" else 1, x.dtype)
+
+    grad = grad_rows = None
+    grad_scalar = 0.0
+    if with_grad:
+        grad_rows, grad_scalar = _grad_output(grad_output, reduction, row_shape, x.dtype)
+        # In place: `work` is either the caller's array itself (float32/float64, classes last,
+        # contiguous) or already a private copy, written in place and copied back below.
+        grad = work if inplace else np.empty_like(work)
+    try:
+        _core.cross_entropy(work, tk, w, loss, grad, grad_rows, grad_scalar, rows, classes, *opts)
+    except IndexError:
+        raise _index_error(t, classes, ignore_index) from None
+
+    if reduction == "none":
+        out = loss.reshape(row_shape).astype(result_dtype, copy=False)
+    else:
+        out = loss.astype(result_dtype, copy=False)[0]
+    if not with_grad:
+        return out
+    g = grad if last else np.moveaxis(grad, -1, ax)
+    if inplace:
+        if not np.may_share_memory(grad, logits):
+            np.copyto(logits, g, casting="same_kind")
+        return out, logits
+    return out, g.astype(result_dtype, copy=False)
+
+
+def cross_entropy(
+    logits,
+    target,
+    *,
+    axis=-1,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+):
+    """Cross-entropy loss between `logits` and `target`, as ``torch.nn.functional.cross_entropy``.
+
+    Parameters
+    ----------
+    logits : array_like
+        Unnormalized scores; `axis` holds the classes. float32 and float64 are computed as
+        themselves; float16 and bfloat16 (ml_dtypes) in float32 with the loss in their dtype;
+        integers and bool become float64.
+    target : array_like
+        Either integer class indices shaped like `logits` without the class axis, or class
+        probabilities (a float array) shaped like `logits`.
+    axis : int, default -1
+        The class axis of `logits` (torch puts it at 1; NumPy-first, ours is last by default).
+    weight : array_like, optional
+        One weight per class, as torch's `weight`.
+    ignore_index : int, default -100
+        Class index whose rows are left out of the loss and of the mean's denominator (hard
+        targets only; must be negative with probability targets, as in torch).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" divides the summed loss by the summed weight of the rows not ignored (their
+        number without `weight`; the number of rows for probability targets); "none" returns one
+        loss per row.
+    label_smoothing : float, default 0.0
+        In [0, 1]: the target mixes with the uniform distribution, ``(1 - s) * target + s / C``,
+        combined with `weight` exactly as torch does.
+    z_loss : float, default 0.0
+        PaLM's auxiliary loss: ``z_loss * lse**2`` is added to each row's loss (rows not ignored),
+        lse being the row's log-sum-exp; with `weight` a row's loss is ``w[y] * ce + z_loss *
+        lse**2`` and the mean still divides by the summed ``w[y]``.
+    softcap : float, optional
+        Gemma 2's cap: logits become ``softcap * tanh(logits / softcap)`` first.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        A scalar of the logits' dtype for "mean" and "sum"; for "none", an array shaped like the
+        logits without the class axis.
+
+    Raises
+    ------
+    IndexError
+        For a class index outside [0, C) that is not `ignore_index`; the message names the value
+        and its position.
+    ValueError
+        For a `target` or `weight` of the wrong shape, an empty class axis, `label_smoothing`
+        outside [0, 1], a negative `z_loss`, a `softcap` that is not positive, an unknown
+        `reduction`, or `ignore_index` >= 0 with probability targets.
+    TypeError
+        For complex, string, object or bool targets or logits, or a non-integer `axis`.
+    numpy.exceptions.AxisError
+        If `axis` is out of range.
+
+    Notes
+    -----
+    Each row's log-sum-exp comes from the softmax family's machinery (two-pass or in-cache sums
+    of exp(x) as mantissa/exponent pairs, exact float64 fallback for rows with NaN, inf or huge
+    values), in float64 per row; losses add up in float64 in a fixed order, so the result does
+    not depend on the thread count. Special values follow torch: a -inf logit off the target is
+    fine, a -inf target logit gives +inf, a row with NaN or +inf (or nothing but -inf) gives NaN,
+    and a mean over zero targets (every row ignored) is NaN.
+
+    Examples
+    --------
+    >>> import numpy as np, normax
+    >>> logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> round(float(normax.cross_entropy(logits, np.array([0, 2]))), 6)
+    0.669079
+    >>> normax.cross_entropy(logits, np.array([0, -100]), reduction="none")
+    array([0.23954477, 0.        ])
+    """
+    return _cross_entropy(
+        logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, False
+    )
+
+
+def cross_entropy_with_grad(
+    logits,
+    target,
+    *,
+    axis=-1,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    grad_output=1.0,
+    inplace=False,
+):
+    """:func:`cross_entropy` and its gradient with respect to `logits`, fused.
+
+    Parameters
+    ----------
+    logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+        As in :func:`cross_entropy`.
+    grad_output : float or array_like, default 1.0
+        The gradient is that of ``grad_output * loss``. With ``reduction="none"`` it may be an
+        array broadcasting to the per-row loss shape.
+    inplace : bool, default False
+        Write the gradient into `logits` (a writeable floating-point ndarray) and return it: no
+        second logits-sized buffer when `logits` is float32/float64 with the class axis last and
+        contiguous (otherwise the gradient is formed in one working copy and copied back).
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`cross_entropy`.
+    dlogits : ndarray
+        d(grad_output * loss)/d(logits), shaped like `logits` (`logits` itself with
+        ``inplace=True``).
+
+    Raises
+    ------
+    IndexError, ValueError, TypeError, numpy.exceptions.AxisError
+        As :func:`cross_entropy`; also ValueError for ``inplace=True`` on anything but a writeable
+        floating-point ndarray, and for a `grad_output` that is not a number (reductions "mean"
+        and "sum") or does not broadcast to the per-row loss. Nothing is written before the
+        input is checked.
+
+    Notes
+    -----
+    One read of each row builds its log-sum-exp, a second writes the gradient
+    ``softmax(x) * A - w * (label_smoothing / C + (1 - label_smoothing) * t)`` (A collects the
+    target weight, smoothing and ``2 * z_loss * lse``; t is the one-hot or probability target),
+    times ``1 - (x / softcap)**2`` with a softcap. Rows left out by `ignore_index` get a zero
+    gradient without being read (torch gives NaN there when such a row holds NaN or inf).
+
+    Examples
+    --------
+    >>> import numpy as np, normax
+    >>> loss, dlogits = normax.cross_entropy_with_grad(np.zeros((1, 4)), np.array([1]))
+    >>> dlogits
+    array([[ 0.25, -0.75,  0.25,  0.25]])
+    """
+    return _cross_entropy(
+        logits,
+        target,
+        axis,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        True,
+        grad_output,
+        bool(inplace),
+    )
+
+
+def _linear(
+    hidden,
+    weight,
+    target,
+    bias,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    with_grad,
+    grad_output=1.0,
+):
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, reduction = opts[0], opts[1]
+    h, h_dtype = as_input(hidden, "hidden")
+    w, w_dtype = as_input(weight, "weight")
+    if h.ndim != 2:
+        raise ValueError(f"hidden: expected a 2-d (N, H) array, got shape {h.shape}")
+    if w.ndim != 2 or w.shape[1] != h.shape[1]:
+        raise ValueError(f"weight: expected shape (V, {h.shape[1]}) as torch.nn.Linear, got {w.shape}")
+    n, hd = h.shape
+    v = w.shape[0]
+    if v == 0:
+        raise ValueError("weight: the vocabulary (first axis) is empty")
+    work = np.result_type(h.dtype, w.dtype)
+    result_dtype = np.result_type(h_dtype, w_dtype)
+    b = None
+    if bias is not None:
+        b, b_dtype = as_input(bias, "bias")
+        if b.shape != (v,):
+            raise ValueError(f"bias: expected shape ({v},), got {b.shape}")
+        b = np.ascontiguousarray(b, dtype=work)
+        result_dtype = np.result_type(result_dtype, b_dtype)
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target: expected integer class indices, got dtype {t.dtype}")
+    if t.shape != (n,):
+        raise ValueError(f"target: expected shape ({n},), one class index per row of hidden; got {t.shape}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
+            raise TypeError(f"chunk_size: expected an int or None, got {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
+        chunk_size = int(chunk_size)
+    h = np.ascontiguousarray(h, dtype=work)
+    w = np.ascontiguousarray(w, dtype=work)
+    tk = np.ascontiguousarray(t, dtype=np.int64)
+    loss = np.empty(n if reduction == "none" else 1, work)
+    dh = dw = db = grad_rows = None
+    grad_scalar = 0.0
+    if with_grad:
+        grad_rows, grad_scalar = _grad_output(grad_output, reduction, (n,), work)
+        dh = np.empty_like(h)
+        dw = np.empty_like(w)
+        db = np.empty(v, work) if b is not None else None
+    try:
+        _core.linear_cross_entropy(
+            h, w, b, tk, loss, dh, dw, db, grad_rows, grad_scalar, n, hd, v, *opts, chunk_size
+        )
+    except IndexError:
+        raise _index_error(t, v, ignore_index) from None
+    out = loss.astype(result_dtype, copy=False)
+    out = out if reduction == "none" else out[0]
+    if not with_grad:
+        return out
+
+    def cast(a):
+        return None if a is None else a.astype(result_dtype, copy=False)
+
+    return out, cast(dh), cast(dw), cast(db)
+
+
+def linear_cross_entropy(
+    hidden,
+    weight,
+    target,
+    *,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    chunk_size=None,
+):
+    """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding those N x V logits.
+
+    Parameters
+    ----------
+    hidden : array_like
+        (N, H) hidden states.
+    weight : array_like
+        (V, H) classifier weight, as ``torch.nn.Linear.weight``.
+    target : array_like
+        (N,) integer class indices.
+    bias : array_like, optional
+        (V,) classifier bias.
+    ignore_index, reduction, label_smoothing, z_loss, softcap
+        As in :func:`cross_entropy` (no class weights here).
+    chunk_size : int, optional
+        Most logits held at once, in elements (rows x vocabulary). None picks 2**24 (64 MiB of
+        float32), or all of them when there are fewer.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`cross_entropy`: a scalar, or (N,) for ``reduction="none"``.
+
+    Raises
+    ------
+    IndexError
+        For a class index outside [0, V) that is not `ignore_index`.
+    ValueError
+        For shapes that do not fit ((N, H), (V, H), (V,), (N,)), an empty vocabulary, a
+        `chunk_size` below 1, or options as in :func:`cross_entropy`.
+    TypeError
+        For non-integer targets or unsupported dtypes.
+
+    Notes
+    -----
+    Blocks of rows (and, when a block of whole rows would exceed `chunk_size`, blocks of the
+    vocabulary) get their logits from a GEMM (the ``gemm`` crate); each row's log-sum-exp is
+    combined across vocabulary blocks as a (mantissa, exponent) sum, so the result equals the
+    one-block result to rounding. Equivalent to ``cross_entropy(hidden @ weight.T + bias,
+    target, ...)``.
+
+    Examples
+    --------
+    >>> import numpy as np, normax
+    >>> hidden, weight = np.eye(2), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> round(float(normax.linear_cross_entropy(hidden, weight, np.array([0, 1]))), 6)
+    0.551445
+    """
+    return _linear(
+        hidden,
+        weight,
+        target,
+        bias,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        chunk_size,
+        False,
+    )
+
+
+def linear_cross_entropy_with_grad(
+    hidden,
+    weight,
+    target,
+    *,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    chunk_size=None,
+    grad_output=1.0,
+):
+    """:func:`linear_cross_entropy` and its gradients, still without the N x V logits.
+
+    Parameters
+    ----------
+    hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size
+        As in :func:`linear_cross_entropy`.
+    grad_output : float or array_like, default 1.0
+        The gradients are those of ``grad_output * loss``; an (N,)-broadcastable array with
+        ``reduction="none"``.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`linear_cross_entropy`.
+    dhidden : ndarray
+        (N, H).
+    dweight : ndarray
+        (V, H).
+    dbias : ndarray or None
+        (V,), or None when `bias` is None.
+
+    Raises
+    ------
+    IndexError, ValueError, TypeError
+        As :func:`linear_cross_entropy`, and for a `grad_output` as in
+        :func:`cross_entropy_with_grad`.
+
+    Notes
+    -----
+    Each logits block becomes its gradient in place (the fused row kernel of
+    :func:`cross_entropy_with_grad`), then feeds ``dhidden += G @ W`` and ``dweight += G.T @ hidden``
+    (GEMMs) and the bias's column sums (float64). With one vocabulary block per row block that is
+    three GEMMs in all, as for matmul + cross_entropy + backward; with vocabulary blocks the
+    logits are computed twice (once for the log-sum-exps, once for the gradients).
+
+    Examples
+    --------
+    >>> import numpy as np, normax
+    >>> loss, dh, dw, db = normax.linear_cross_entropy_with_grad(
+    ...     np.ones((1, 2)), np.zeros((2, 2)), np.array([0]), bias=np.zeros(2))
+    >>> db
+    array([-0.5,  0.5])
+    """
+    return _linear(
+        hidden,
+        weight,
+        target,
+        bias,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        chunk_size,
+        True,
+        grad_output,
+    )
