@@ -453,7 +453,83 @@ impl<V: Vector> Acc<V> {
 #[inline(always)]
 unsafe fn cap_into<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, s: V::Elem) {
     let s = V::splat(s);
-    map_elements::<V>(x, y, len, |v| tanh(v.div(s)).mul(s));
+    map_elements::<V>(
+        x,
+        y,
+        len,
+        #[inline(always)]
+        |v| tanh(v.div(s)).mul(s),
+    );
+}
+
+/// n <= LANES elements from p[i..], zero-padded.
+#[inline(always)]
+unsafe fn load_n<V: Vector>(p: *const V::Elem, i: usize, n: usize) -> V {
+    if n == V::LANES {
+        V::load(p.add(i))
+    } else {
+        load_partial::<V>(p.add(i), n, V::Elem::ZERO)
+    }
+}
+
+/// The loop-invariant state of [`pass2`].
+struct Pass2<V: Vector> {
+    x: *const V::Elem,
+    w: *const V::Elem,
+    t: *const V::Elem,
+    grad: *mut V::Elem,
+    /// r = hi + lo, so r - x = (hi - x) + lo is exact where x is close to r.
+    hi: V,
+    lo: V,
+    a: V,
+    b: V,
+    ct: V,
+    inv_cap: Option<V>,
+    probs: Probs<V>,
+}
+
+impl<V: Vector> Pass2<V> {
+    /// Elements [i, i + n), n <= LANES.
+    #[inline(always)]
+    unsafe fn step<const GRAD: bool>(&self, i: usize, n: usize, s: &mut Acc<V>, st: &mut Acc<V>) {
+        let one = V::splat(V::Elem::ONE);
+        let xv = load_n::<V>(self.x, i, n);
+        // Padding lanes get weight 0, so they add nothing.
+        let wv = if !self.w.is_null() {
+            load_n::<V>(self.w, i, n)
+        } else if n == V::LANES {
+            one
+        } else {
+            let ones = [V::Elem::ONE; MAX_LANES];
+            load_n::<V>(ones.as_ptr(), 0, n)
+        };
+        let wd = wv.mul(self.hi.sub(xv).add(self.lo));
+        s.add(wd);
+        let tv = if self.t.is_null() {
+            None
+        } else {
+            Some(load_n::<V>(self.t, i, n))
+        };
+        if let Some(tv) = tv {
+            st.add(wd.mul(tv));
+        }
+        if GRAD {
+            let off = match tv {
+                Some(tv) => tv.mul_add(self.ct, self.b),
+                None => self.b,
+            };
+            let mut g = self.probs.of(xv).mul(self.a).sub(wv.mul(off));
+            if let Some(ic) = self.inv_cap {
+                let u = xv.mul(ic);
+                g = g.mul(one.sub(u.mul(u)));
+            }
+            if n == V::LANES {
+                g.store(self.grad.add(i));
+            } else {
+                store_partial(g, self.grad.add(i), n);
+            }
+        }
+    }
 }
 
 /// Pass 2 over x[..len] (a row, or one vocabulary block of it), fast path.
@@ -474,65 +550,31 @@ unsafe fn pass2<V: Vector, const GRAD: bool>(
     cap: Option<V::Elem>,
     grad: *mut V::Elem,
 ) -> (f64, f64) {
-    let zero = V::Elem::ZERO;
-    let one = V::splat(V::Elem::ONE);
-    // r - x as (hi - x) + lo: exact where x is close to r.
     let hi = V::Elem::from_f64(lse);
-    let lo = V::splat(V::Elem::from_f64(lse - hi.to_f64()));
-    let hi = V::splat(hi);
-    let (a, b, ct) = (
-        V::splat(V::Elem::from_f64(coef.a)),
-        V::splat(V::Elem::from_f64(coef.b)),
-        V::splat(V::Elem::from_f64(coef.ct)),
-    );
-    let inv_cap = cap.map(|s| V::splat(V::Elem::ONE / s));
-    let ones = [V::Elem::ONE; MAX_LANES];
-    let (mut acc_s, mut acc_t) = (Acc::<V>::new(), Acc::<V>::new());
-    let mut step = |i: usize, n: usize| {
-        let full = n == V::LANES;
-        let ld = |p: *const V::Elem| {
-            if full {
-                V::load(p.add(i))
-            } else {
-                load_partial::<V>(p.add(i), n, zero)
-            }
-        };
-        let xv = ld(x);
-        // Padding lanes get weight 0, so they add nothing.
-        let wv = if !w.is_null() {
-            ld(w)
-        } else if full {
-            one
-        } else {
-            load_partial::<V>(ones.as_ptr(), n, zero)
-        };
-        let wd = wv.mul(hi.sub(xv).add(lo));
-        acc_s.add(wd);
-        let tv = if t.is_null() { None } else { Some(ld(t)) };
-        if let Some(tv) = tv {
-            acc_t.add(wd.mul(tv));
-        }
-        if GRAD {
-            let off = tv.map_or(b, |tv| tv.mul_add(ct, b));
-            let mut g = probs.of(xv).mul(a).sub(wv.mul(off));
-            if let Some(ic) = inv_cap {
-                let u = xv.mul(ic);
-                g = g.mul(one.sub(u.mul(u)));
-            }
-            if full {
-                g.store(grad.add(i));
-            } else {
-                store_partial(g, grad.add(i), n);
-            }
-        }
+    let p = Pass2 {
+        x,
+        w,
+        t,
+        grad,
+        hi: V::splat(hi),
+        lo: V::splat(V::Elem::from_f64(lse - hi.to_f64())),
+        a: V::splat(V::Elem::from_f64(coef.a)),
+        b: V::splat(V::Elem::from_f64(coef.b)),
+        ct: V::splat(V::Elem::from_f64(coef.ct)),
+        inv_cap: match cap {
+            Some(s) => Some(V::splat(V::Elem::ONE / s)),
+            None => None,
+        },
+        probs: *probs,
     };
+    let (mut acc_s, mut acc_t) = (Acc::<V>::new(), Acc::<V>::new());
     let mut i = 0;
     while i + V::LANES <= len {
-        step(i, V::LANES);
+        p.step::<GRAD>(i, V::LANES, &mut acc_s, &mut acc_t);
         i += V::LANES;
     }
     if i < len {
-        step(i, len - i);
+        p.step::<GRAD>(i, len - i, &mut acc_s, &mut acc_t);
     }
     (acc_s.value(), acc_t.value())
 }
@@ -652,7 +694,13 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool>(
     let (smooth, soft) = match stats {
         RowLse::Fast(e) if plain => {
             let k = V::splat(T::from_f64(coef.a / e.m));
-            map_elements::<V>(grad, grad, len, |v| v.mul(k));
+            map_elements::<V>(
+                grad,
+                grad,
+                len,
+                #[inline(always)]
+                |v| v.mul(k),
+            );
             (0.0, 0.0)
         }
         _ if !(GRAD || rule.eps > 0.0 || !hard) => (0.0, 0.0),
