@@ -402,6 +402,11 @@ def test_extreme_logits_follow_torch(dtype):
     np.testing.assert_allclose(loss, want_loss, rtol=RTOL[dtype])
     np.testing.assert_allclose(grad, want_grad, rtol=RTOL[dtype], atol=1e-7)
     assert np.isfinite(grad[:5]).all() and np.isnan(grad[5]).all()
+    # In place: the same, NaN row included (its logits may be overwritten before NaN is found).
+    xi = x.copy()
+    loss_i, grad_i = normax.cross_entropy_with_grad(xi, t, reduction="none", inplace=True)
+    np.testing.assert_array_equal(loss_i, loss)
+    np.testing.assert_array_equal(grad_i, grad)
     # Smoothing sees -inf entries too: +inf, as torch.
     sl, sg = normax.cross_entropy_with_grad(x[:1], t[:1], label_smoothing=0.1)
     tl, tg = torch_reference(x[:1], t[:1], label_smoothing=0.1)
