@@ -1227,7 +1227,7 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
                 }
                 let part = RowLse::of::<V>(x, vn);
                 let row = &mut *self.state.at(i);
-                let local = y as u64 - self.v0 as u64;
+                let local = (y as u64).wrapping_sub(self.v0 as u64);
                 if y >= self.v0 as i64 && local < vn as u64 {
                     row.x_y = (*x.add(local as usize)).to_f64();
                 }
@@ -1313,7 +1313,7 @@ impl<T: Float> Kernel<T> for GradBlock<'_, T> {
                         pass2_exact::<T, true>(x, w, t, vn, lse, &coef, self.rule.cap, x);
                     }
                 }
-                let local = y as u64 - self.v0 as u64;
+                let local = (y as u64).wrapping_sub(self.v0 as u64);
                 if y >= self.v0 as i64 && local < vn as u64 {
                     *x.add(local as usize) =
                         T::from_f64(self.rule.target_grad(st.x_y, lse, &coef, 1.0));
