@@ -1,7 +1,9 @@
-"""normax: fast, accurate softmax, log-sum-exp and normalization ops for NumPy arrays.
+"""normax: fast, accurate softmax, log-sum-exp, cross-entropy and normalization ops.
 
 The kernels are Rust (SIMD with run-time ISA dispatch, rayon threads); these functions follow
-NumPy and SciPy conventions. See the README for the benchmark and the API overview.
+NumPy and SciPy conventions and take any CPU array (NumPy, PyTorch, JAX, array-API), returning
+the caller's kind. ``normax.torch`` and ``normax.jax`` (imported on demand) are the framework
+adapters with autograd. See the README for the benchmark and the API overview.
 """
 
 from ._core import get_isa, get_num_threads, set_isa, set_num_threads, supported_isas
@@ -11,6 +13,7 @@ from ._cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_with_grad,
 )
+from ._dispatch import array_api
 from ._norms import (
     PowerNormSaved,
     PowerNormState,
@@ -24,6 +27,25 @@ from ._norms import (
     rms_norm_backward,
 )
 from ._softmax import log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward
+
+# Any array in, the same kind out: every array function goes through the array-API layer once.
+softmax = array_api(softmax)
+log_softmax = array_api(log_softmax)
+logsumexp = array_api(logsumexp)
+softmax_backward = array_api(softmax_backward)
+log_softmax_backward = array_api(log_softmax_backward)
+cross_entropy = array_api(cross_entropy)
+cross_entropy_with_grad = array_api(cross_entropy_with_grad)
+linear_cross_entropy = array_api(linear_cross_entropy)
+linear_cross_entropy_with_grad = array_api(linear_cross_entropy_with_grad)
+rms_norm = array_api(rms_norm)
+rms_norm_backward = array_api(rms_norm_backward)
+layer_norm = array_api(layer_norm)
+layer_norm_backward = array_api(layer_norm_backward)
+crms_norm = array_api(crms_norm)
+crms_norm_backward = array_api(crms_norm_backward)
+power_norm = array_api(power_norm)
+power_norm_backward = array_api(power_norm_backward)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,212 @@
+"""Any array in, the same kind out: the array-API layer over the NumPy-first functions.
+
+The public ``normax`` functions are written for NumPy. :func:`array_api` wraps one of them so it
+also takes PyTorch CPU tensors, JAX CPU arrays and any other array-API array (as SciPy does):
+the arguments become NumPy views of the same memory, the NumPy function runs, and each array
+result goes back to the caller's library, again without a copy where the library allows one.
+
+The plain-NumPy call costs one scan of the arguments' types on top of the function itself.
+Nothing here imports torch or JAX: a tensor can only arrive once its library is imported, and
+the ``array_api_compat`` predicates look in ``sys.modules`` without importing anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import array_api_compat as _compat
+import numpy as np
+
+# Types that are never a foreign array: the common arguments (arrays, numbers, axes, options).
+_PLAIN = frozenset({np.ndarray, int, float, bool, str, tuple, list, type(None)})
+
+_GPU_MESSAGE = (
+    "{fname}: {name} is a {what} on {device}; normax has no GPU backend yet (the CUDA kernels are "
+    "a later issue) and never copies device data to the host silently: move it to the CPU "
+    "explicitly (e.g. tensor.cpu(), jax.device_put(x, jax.devices('cpu')[0]), cupy.asnumpy(x))"
+)
+
+_NOTE = """
+    Array types: besides NumPy arrays, the array arguments may be PyTorch CPU tensors, JAX CPU
+    arrays or any other array-API array (one library per call; NumPy arrays, lists and scalars mix
+    with any of them), and array results come back in the same library (0-d arrays for scalar
+    results). Data is shared with the caller's arrays, not copied, where the library allows it
+    (a JAX result is copied into JAX's own buffer unless it is 64-byte aligned). A torch tensor
+    that requires grad is read through its detached data, so the result carries no gradient: use
+    :mod:`normax.torch` for autograd (and :mod:`normax.jax` under jit, grad and vmap). Arrays on a
+    GPU (torch CUDA tensors, CuPy, JAX GPU arrays) raise NotImplementedError.
+"""
+
+
+def _is_foreign(a) -> bool:
+    """Whether `a` is an array of another library than NumPy (called for non-plain types only)."""
+    if isinstance(a, (np.ndarray, np.generic)):
+        return False
+    t = type(a)
+    return hasattr(t, "__array_namespace__") or hasattr(t, "__dlpack__")
+
+
+def _library(a) -> str:
+    if _compat.is_torch_array(a):
+        return "torch"
+    if _compat.is_jax_array(a):
+        return "jax"
+    if _compat.is_cupy_array(a):
+        return "cupy"
+    return type(a).__module__.split(".")[0]
+
+
+def _to_numpy(a, library: str, name: str, fname: str) -> np.ndarray:
+    """A NumPy view of a CPU array's memory (a copy only where its library offers no view)."""
+    if library == "torch":
+        if a.device.type != "cpu":
+            raise NotImplementedError(
+                _GPU_MESSAGE.format(fname=fname, name=name, what="torch tensor", device=a.device)
+            )
+        import torch  # already imported: `a` is a tensor
+
+        a = a.detach().resolve_conj().resolve_neg()
+        if a.dtype == torch.bfloat16:
+            # NumPy has no bfloat16; ml_dtypes' has the same bits (ml_dtypes comes with JAX).
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise TypeError(
+                    f"{fname}: {name} is a bfloat16 tensor, which needs the ml_dtypes package to be "
+                    "viewed from NumPy (pip install ml_dtypes); normax.torch takes bfloat16 without it"
+                ) from None
+            return a.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return a.numpy()
+    if library == "jax":
+        import jax
+
+        if isinstance(a, jax.core.Tracer):
+            raise TypeError(
+                f"{fname}: {name} is a traced JAX value (inside jit, grad or vmap), which has no data "
+                f"to read; use normax.jax.{fname.rsplit('.', 1)[-1]}, which works under those transformations"
+            )
+        platforms = {d.platform for d in a.devices()}
+        if platforms != {"cpu"}:
+            device = ", ".join(sorted(str(d) for d in a.devices()))
+            raise NotImplementedError(
+                _GPU_MESSAGE.format(fname=fname, name=name, what="JAX array", device=device)
+            )
+        return np.asarray(a)  # a read-only view of the CPU buffer
+    if library == "cupy":
+        raise NotImplementedError(
+            _GPU_MESSAGE.format(fname=fname, name=name, what="CuPy array", device=f"cuda:{a.device.id}")
+        )
+    if hasattr(type(a), "__dlpack__"):
+        try:
+            device_type = int(a.__dlpack_device__()[0])
+        except Exception:  # noqa: BLE001 - no usable device information: let from_dlpack decide
+            device_type = None
+        if device_type not in (None, 1):  # 1 is kDLCPU
+            raise NotImplementedError(
+                _GPU_MESSAGE.format(
+                    fname=fname,
+                    name=name,
+                    what=f"{type(a).__name__} array",
+                    device=f"DLPack device {device_type}",
+                )
+            )
+        return np.from_dlpack(a)
+    return np.asarray(a)
+
+
+def _from_numpy(r: np.ndarray, library: str, xp):
+    """`r` as an array of `library` (sharing its memory where the library allows)."""
+    if library == "torch":
+        import torch
+
+        if r.dtype.kind == "V" and r.dtype.name == "bfloat16":
+            return torch.from_numpy(r.view(np.int16)).view(torch.bfloat16)
+        if not (r.flags.writeable and r.dtype.isnative):
+            r = np.array(r)  # torch.from_numpy needs a writeable, native array
+        return torch.from_numpy(r)
+    if library == "jax":
+        import jax.numpy as jnp
+
+        try:
+            return jnp.from_dlpack(r)  # zero-copy for 64-byte aligned buffers, else one copy
+        except Exception:  # noqa: BLE001 - dtypes DLPack cannot carry (ml_dtypes)
+            return jnp.asarray(r)
+    try:
+        return xp.from_dlpack(r)
+    except Exception:  # noqa: BLE001 - a library without (CPU) DLPack import
+        return xp.asarray(r)
+
+
+def _convert_result(value, library: str, xp, originals: dict):
+    if isinstance(value, tuple):
+        return tuple(_convert_result(v, library, xp, originals) for v in value)
+    if isinstance(value, np.ndarray):
+        original = originals.get(id(value))
+        if original is not None and original[0] is value:
+            return original[1]  # `out=` or an in-place result: the caller's own array
+        return _from_numpy(value, library, xp)
+    if isinstance(value, np.generic):
+        return _from_numpy(np.asarray(value), library, xp)
+    return value
+
+
+def _add_note(doc: str | None) -> str | None:
+    """The docstring with the array-types paragraph at the end of its Notes section."""
+    if not doc:
+        return doc
+    examples = "\n    Examples\n    --------"
+    cut = doc.find(examples)
+    if cut < 0:
+        cut = len(doc.rstrip())
+    head, tail = doc[:cut], doc[cut:]
+    if "\n    Notes\n    -----" not in head:
+        head += "\n\n    Notes\n    -----"
+    return head.rstrip() + "\n" + _NOTE + tail
+
+
+def array_api(fn):
+    """Wraps a NumPy-first function so that it takes and returns any library's CPU arrays."""
+    fname = f"normax.{fn.__name__}"
+    names = tuple(inspect.signature(fn).parameters)
+
+    def dispatch(args, kwargs):
+        library = xp = None
+        originals = {}
+
+        def convert(a, name):
+            nonlocal library, xp
+            if type(a) in _PLAIN or not _is_foreign(a):
+                return a
+            lib = _library(a)
+            if library is None:
+                library = lib
+            elif lib != library:
+                raise TypeError(
+                    f"{fname}: {name} is a {lib} array but another argument is a {library} array; "
+                    "pass arrays of one library per call"
+                )
+            view = _to_numpy(a, lib, name, fname)
+            originals[id(view)] = (view, a)
+            return view
+
+        new_args = tuple(convert(a, names[i] if i < len(names) else "argument") for i, a in enumerate(args))
+        new_kwargs = {k: convert(v, k) for k, v in kwargs.items()}
+        if library not in ("torch", "jax"):
+            xp = _compat.array_namespace(*(orig for _, orig in originals.values()))
+        result = fn(*new_args, **new_kwargs)
+        return _convert_result(result, library, xp, originals)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        # The plain-NumPy call: only a type lookup per argument before the function itself.
+        for a in args:
+            if type(a) not in _PLAIN and _is_foreign(a):
+                return dispatch(args, kwargs)
+        for a in kwargs.values():
+            if type(a) not in _PLAIN and _is_foreign(a):
+                return dispatch(args, kwargs)
+        return fn(*args, **kwargs)
+
+    wrapper.__doc__ = _add_note(fn.__doc__)
+    return wrapper
