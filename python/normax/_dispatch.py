@@ -31,8 +31,8 @@ _NOTE = """
     Array types: besides NumPy arrays, the array arguments may be PyTorch CPU tensors, JAX CPU
     arrays or any other array-API array (one library per call; NumPy arrays, lists and scalars mix
     with any of them), and array results come back in the same library (0-d arrays for scalar
-    results). Data is shared with the caller's arrays, not copied, where the library allows it
-    (a JAX result is copied into JAX's own buffer unless it is 64-byte aligned). A torch tensor
+    results). Inputs are read in place (NumPy views of their memory, never copies); results are
+    handed over without a copy too, except to JAX, whose arrays own their buffers. A torch tensor
     that requires grad is read through its detached data, so the result carries no gradient: use
     :mod:`normax.torch` for autograd (and :mod:`normax.jax` under jit, grad and vmap). Arrays on a
     GPU (torch CUDA tensors, CuPy, JAX GPU arrays) raise NotImplementedError.
@@ -111,8 +111,10 @@ def _to_numpy(a, library: str, name: str, fname: str) -> np.ndarray:
                     device=f"DLPack device {device_type}",
                 )
             )
-        return np.from_dlpack(a)
-    return np.asarray(a)
+    # A CPU array: __array__ where it has one (cheaper than a DLPack capsule), else DLPack.
+    if hasattr(type(a), "__array__"):
+        return np.asarray(a)
+    return np.from_dlpack(a)
 
 
 def _from_numpy(r: np.ndarray, library: str, xp):
@@ -128,10 +130,10 @@ def _from_numpy(r: np.ndarray, library: str, xp):
     if library == "jax":
         import jax.numpy as jnp
 
-        try:
-            return jnp.from_dlpack(r)  # zero-copy for 64-byte aligned buffers, else one copy
-        except Exception:  # noqa: BLE001 - dtypes DLPack cannot carry (ml_dtypes)
-            return jnp.asarray(r)
+        # JAX arrays own their (immutable) buffers: one copy. JAX can alias a NumPy buffer only
+        # when it is 64-byte aligned, which NumPy's allocator does not promise, and the call that
+        # would alias costs more than this copy at 1 MiB.
+        return jnp.asarray(r)
     try:
         return xp.from_dlpack(r)
     except Exception:  # noqa: BLE001 - a library without (CPU) DLPack import
@@ -149,6 +151,18 @@ def _convert_result(value, library: str, xp, originals: dict):
     if isinstance(value, np.generic):
         return _from_numpy(np.asarray(value), library, xp)
     return value
+
+
+_NAMESPACES: dict = {}
+
+
+def _namespace(a):
+    """The array-API namespace of `a`, cached per type (array_namespace costs tens of microseconds)."""
+    t = type(a)
+    xp = _NAMESPACES.get(t)
+    if xp is None:
+        xp = _NAMESPACES[t] = _compat.array_namespace(a)
+    return xp
 
 
 def _add_note(doc: str | None) -> str | None:
@@ -171,13 +185,16 @@ def array_api(fn):
     names = tuple(inspect.signature(fn).parameters)
 
     def dispatch(args, kwargs):
-        library = xp = None
-        originals = {}
-
-        def convert(a, name):
-            nonlocal library, xp
+        library = None
+        originals = {}  # id(NumPy view) -> (view, the caller's array)
+        args = list(args)
+        kwargs = dict(kwargs)
+        named = [(args, i, names[i] if i < len(names) else "argument") for i in range(len(args))]
+        named += [(kwargs, k, k) for k in kwargs]
+        for holder, key, name in named:
+            a = holder[key]
             if type(a) in _PLAIN or not _is_foreign(a):
-                return a
+                continue
             lib = _library(a)
             if library is None:
                 library = lib
@@ -188,14 +205,11 @@ def array_api(fn):
                 )
             view = _to_numpy(a, lib, name, fname)
             originals[id(view)] = (view, a)
-            return view
-
-        new_args = tuple(convert(a, names[i] if i < len(names) else "argument") for i, a in enumerate(args))
-        new_kwargs = {k: convert(v, k) for k, v in kwargs.items()}
+            holder[key] = view
+        xp = None
         if library not in ("torch", "jax"):
-            xp = _compat.array_namespace(*(orig for _, orig in originals.values()))
-        result = fn(*new_args, **new_kwargs)
-        return _convert_result(result, library, xp, originals)
+            xp = _namespace(next(iter(originals.values()))[1])
+        return _convert_result(fn(*args, **kwargs), library, xp, originals)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
