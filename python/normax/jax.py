@@ -62,13 +62,30 @@ def _call(impl, specs, args, base_ndims, row_args, vmap_method="expand_dims"):
 
     Under vmap each argument arrives with extra leading dimensions (size 1 when not batched). If
     only the `row_args` are batched and every output is a row output (its leading dimensions are
-    the rows'), they are broadcast to the batch shape and `impl` runs once; otherwise it runs once
-    per batch element and the results are stacked.
+    the rows'), they are broadcast to the batch shape and `impl` runs once; otherwise (`row_args`
+    None, or a parameter batched) it runs once per batch element and the results are stacked.
+
+    `impl` must be the same object for the same computation (see :func:`_bind`): JAX caches the
+    compiled callback by its identity, and a fresh closure per call would recompile every eager call.
     """
-    present = [i for i, a in enumerate(args) if a is not None]
+    present = tuple(i for i, a in enumerate(args) if a is not None)
+    key = tuple((tuple(s.shape), jnp.dtype(s.dtype)) for s in specs)
+    host = _host(impl, key, tuple(base_ndims), row_args, present, len(args))
+    return jax.pure_callback(host, tuple(specs), *[args[i] for i in present], vmap_method=vmap_method)
+
+
+@functools.cache
+def _bind(fn, **static):
+    """``fn`` with static keyword arguments, one object per distinct value (a stable callback)."""
+    return functools.partial(fn, **static)
+
+
+@functools.cache
+def _host(impl, spec_key, base_ndims, row_args, present, nargs):
+    specs = [_spec(shape, dtype) for shape, dtype in spec_key]
 
     def host(*arrays):
-        full = [None] * len(args)
+        full = [None] * nargs
         for i, a in zip(present, arrays):
             full[i] = np.asarray(a)
         extra = {i: full[i].ndim - base_ndims[i] for i in present}
@@ -81,11 +98,10 @@ def _call(impl, specs, args, base_ndims, row_args, vmap_method="expand_dims"):
         if row_args is not None and not params_batched:
             call = list(full)
             for i in present:
-                lead = full[i].shape[: extra[i]]
                 if i in row_args:
                     call[i] = np.broadcast_to(full[i], batch + full[i].shape[extra[i] :])
                 else:
-                    call[i] = full[i].reshape(full[i].shape[len(lead) :])
+                    call[i] = full[i].reshape(full[i].shape[extra[i] :])
             return _outputs(impl(*call), [_spec(batch + s.shape, s.dtype) for s in specs])
         results = []
         for idx in np.ndindex(*batch):
@@ -100,7 +116,7 @@ def _call(impl, specs, args, base_ndims, row_args, vmap_method="expand_dims"):
             for k in range(len(specs))
         )
 
-    return jax.pure_callback(host, tuple(specs), *[args[i] for i in present], vmap_method=vmap_method)
+    return host
 
 
 def _outputs(result, specs):
@@ -144,7 +160,7 @@ def _row_map(fn, backward):
     """custom_vjp of a row-to-row map y = fn(x) whose backward takes (y, dy)."""
 
     def forward(x, axes):
-        return _call(lambda a: fn(a, axis=axes), [_spec(x.shape, x.dtype)], (x,), (x.ndim,), (0,))[0]
+        return _call(_bind(fn, axis=axes), [_spec(x.shape, x.dtype)], (x,), (x.ndim,), (0,))[0]
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
     def op(x, axes):
@@ -157,7 +173,7 @@ def _row_map(fn, backward):
     def bwd(axes, y, dy):
         dy = dy.astype(y.dtype)
         spec = [_spec(y.shape, y.dtype)]
-        return (_call(lambda a, b: backward(a, b, axis=axes), spec, (y, dy), (y.ndim, y.ndim), (0, 1))[0],)
+        return (_call(_bind(backward, axis=axes), spec, (y, dy), (y.ndim, y.ndim), (0, 1))[0],)
 
     op.defvjp(fwd, bwd)
     return op
@@ -230,18 +246,15 @@ def log_softmax(x, axis=-1):
 # logsumexp
 
 
-def _lse_host(axes):
-    def impl(a, b=None):
-        return _softmax.logsumexp(a, axis=axes, b=b, keepdims=True, return_sign=True)
-
-    return impl
+def _lse_impl(a, b=None, *, axes):
+    return _softmax.logsumexp(a, axis=axes, b=b, keepdims=True, return_sign=True)
 
 
 def _lse_forward(a, b, axes):
     shape = tuple(1 if i - a.ndim in axes else s for i, s in enumerate(a.shape))
     specs = [_spec(shape, a.dtype), _spec(shape, a.dtype)]
     args = (a,) if b is None else (a, b)
-    return _call(_lse_host(axes), specs, args, (a.ndim,) * len(args), tuple(range(len(args))))
+    return _call(_bind(_lse_impl, axes=axes), specs, args, (a.ndim,) * len(args), tuple(range(len(args))))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -354,30 +367,31 @@ def _ce_rows(logits, labels, weight, opts):
     return _ce_forward(logits, labels, weight, opts, False)[0]
 
 
-def _ce_forward(logits, labels, weight, opts, with_grad):
+def _ce_impl(x, t, w=None, *, opts, with_grad):
     axis, ignore_index, label_smoothing, z_loss, softcap = opts
+    kw = {
+        "axis": axis,
+        "weight": w,
+        "ignore_index": ignore_index,
+        "reduction": "none",
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "softcap": softcap,
+    }
+    if with_grad:
+        return _cross_entropy.cross_entropy_with_grad(x, t, **kw)
+    return (_cross_entropy.cross_entropy(x, t, **kw),)
+
+
+def _ce_forward(logits, labels, weight, opts, with_grad):
+    axis = opts[0]
     row_shape = tuple(s for i, s in enumerate(logits.shape) if i - logits.ndim != axis)
-
-    def impl(x, t, w=None):
-        kw = {
-            "axis": axis,
-            "weight": w,
-            "ignore_index": ignore_index,
-            "reduction": "none",
-            "label_smoothing": label_smoothing,
-            "z_loss": z_loss,
-            "softcap": softcap,
-        }
-        if with_grad:
-            return _cross_entropy.cross_entropy_with_grad(x, t, **kw)
-        return (_cross_entropy.cross_entropy(x, t, **kw),)
-
     specs = [_spec(row_shape, logits.dtype)]
     if with_grad:
         specs.append(_spec(logits.shape, logits.dtype))
     args = (logits, labels, weight)
     ndims = (logits.ndim, labels.ndim, 1)
-    return _call(impl, specs, args, ndims, (0, 1))
+    return _call(_bind(_ce_impl, opts=opts, with_grad=with_grad), specs, args, ndims, (0, 1))
 
 
 def _ce_fwd(logits, labels, weight, opts):
@@ -495,17 +509,29 @@ def _norm_vjp(x, weight, bias, opts):
     return _norm_forward(x, weight, bias, opts)
 
 
-def _norm_forward(x, weight, bias, opts):
+def _norm_fwd_impl(a, w=None, b=None, *, opts):
     kind, eps, axes = opts
-    k = len(axes)
+    if kind == "rms":
+        return _norms.rms_norm(a, w, eps=eps, axis=axes)
+    return _norms.layer_norm(a, w, b, eps=eps, axis=axes)
 
-    def impl(a, w=None, b=None):
-        if kind == "rms":
-            return _norms.rms_norm(a, w, eps=eps, axis=axes)
-        return _norms.layer_norm(a, w, b, eps=eps, axis=axes)
 
+def _norm_bwd_impl(g, a, w=None, b=None, *, opts):
+    # The statistics are recomputed from x (one more read) rather than saved: JAX without x64
+    # could only keep them in float32, too coarse for a saved mean when |mean| >> std.
+    kind, eps, axes = opts
+    if kind == "rms":
+        dx, dw = _norms.rms_norm_backward(g, a, w, eps=eps, axis=axes)
+        db = None
+    else:
+        dx, dw, db = _norms.layer_norm_backward(g, a, w, b, eps=eps, axis=axes)
+    return (dx,) + tuple(d for d in (dw, db) if d is not None)
+
+
+def _norm_forward(x, weight, bias, opts):
+    k = len(opts[2])
     args = (x, weight, bias)
-    return _call(impl, [_spec(x.shape, x.dtype)], args, (x.ndim, k, k), (0,))[0]
+    return _call(_bind(_norm_fwd_impl, opts=opts), [_spec(x.shape, x.dtype)], args, (x.ndim, k, k), (0,))[0]
 
 
 def _norm_fwd(x, weight, bias, opts):
@@ -513,33 +539,14 @@ def _norm_fwd(x, weight, bias, opts):
 
 
 def _norm_bwd(opts, saved, dy):
-    kind, eps, axes = opts
     x, weight, bias = saved
-    k = len(axes)
-
-    def impl(g, a, w=None, b=None):
-        # The statistics are recomputed from x (one more read) rather than saved: JAX without x64
-        # could only keep them in float32, too coarse for a saved mean when |mean| >> std.
-        if kind == "rms":
-            dx, dw = _norms.rms_norm_backward(g, a, w, eps=eps, axis=axes)
-            return dx, dw, None
-        return _norms.layer_norm_backward(g, a, w, b, eps=eps, axis=axes)
-
+    k = len(opts[2])
     specs = [_spec(x.shape, x.dtype)]
     specs += [_spec(p.shape, p.dtype) for p in (weight, bias) if p is not None]
-
-    def host(g, a, w, b):
-        dx, dw, db = impl(g, a, w, b)
-        return (dx,) + tuple(d for d in (dw, db) if d is not None)
-
-    row_only = weight is None and bias is None
-    out = _call(
-        host,
-        specs,
-        (dy.astype(x.dtype), x, weight, bias),
-        (x.ndim, x.ndim, k, k),
-        (0, 1) if row_only else None,
-    )
+    # Without parameters the backward is row-wise; dweight/dbias sum over rows: one call per example.
+    row_args = (0, 1) if weight is None and bias is None else None
+    args = (dy.astype(x.dtype), x, weight, bias)
+    out = _call(_bind(_norm_bwd_impl, opts=opts), specs, args, (x.ndim, x.ndim, k, k), row_args)
     dx, rest = out[0], list(out[1:])
     dw = rest.pop(0) if weight is not None else None
     db = rest.pop(0) if bias is not None else None
@@ -653,24 +660,42 @@ def _scale_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
-def _power_norm_forward(x, weight, bias, running_phi, iters, pad_mask, opts):
+def _power_norm_fwd_impl(a, w, b, phi, it, pad=None, *, opts):
     training, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num = opts
+    state = _adapt.power_norm_state(
+        np.array(phi, np.float64),
+        np.zeros(phi.shape[0]),
+        int(it),
+        eps=eps,
+        alpha_fwd=alpha_fwd,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=warmup_iters,
+        group_num=group_num,
+    )
+    y, saved = _norms.power_norm(a, w, b, state, training=training, pad_mask=pad, return_saved=True)
+    return y, state.running_phi, np.asarray(state.iters), saved.zscale, saved.dscale
+
+
+def _power_norm_bwd_impl(g, a, w, ema, zs, ds, *, opts):
+    training, eps, _, alpha_bkw, _, group_num = opts
+    before = np.array(ema, np.float64)
+    state = _adapt.power_norm_state(
+        np.ones_like(before),
+        before.copy(),
+        0,
+        eps=eps,
+        alpha_fwd=0.0,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=0,
+        group_num=group_num,
+    )
+    saved = _adapt.power_norm_saved(a, w, True, zs, ds, training=training, eps=eps, group_num=group_num)
+    dx, dw, db = _norms.power_norm_backward(g, saved, state)
+    return dx, dw, db, state.ema_gz - before
+
+
+def _power_norm_forward(x, weight, bias, running_phi, iters, pad_mask, opts):
     c = x.shape[-1]
-
-    def impl(a, w, b, phi, it, pad=None):
-        state = _adapt.power_norm_state(
-            np.array(phi, np.float64),
-            np.zeros(c),
-            int(it),
-            eps=eps,
-            alpha_fwd=alpha_fwd,
-            alpha_bkw=alpha_bkw,
-            warmup_iters=warmup_iters,
-            group_num=group_num,
-        )
-        y, saved = _norms.power_norm(a, w, b, state, training=training, pad_mask=pad, return_saved=True)
-        return y, state.running_phi, np.asarray(state.iters), saved.zscale, saved.dscale
-
     sd = _scale_dtype()
     specs = [
         _spec(x.shape, x.dtype),
@@ -682,7 +707,7 @@ def _power_norm_forward(x, weight, bias, running_phi, iters, pad_mask, opts):
     args = (x, weight, bias, running_phi, iters, pad_mask)
     ndims = (x.ndim, 1, 1, 1, 0, None if pad_mask is None else pad_mask.ndim)
     # Batch statistics: a vmapped call is one PowerNorm call per batch element.
-    return _call(impl, specs, args, ndims, None, vmap_method="sequential")
+    return _call(_bind(_power_norm_fwd_impl, opts=opts), specs, args, ndims, None, vmap_method="sequential")
 
 
 def _power_norm_fwd(x, weight, bias, ema_gz, running_phi, iters, pad_mask, opts):
@@ -691,33 +716,15 @@ def _power_norm_fwd(x, weight, bias, ema_gz, running_phi, iters, pad_mask, opts)
 
 
 def _power_norm_bwd(opts, saved, cts):
-    training, eps, _, alpha_bkw, _, group_num = opts
     x, weight, ema_gz, zscale, dscale = saved
-    dy = cts[0].astype(x.dtype)
-
-    def impl(g, a, w, ema, zs, ds):
-        before = np.array(ema, np.float64)
-        state = _adapt.power_norm_state(
-            np.ones_like(before),
-            before.copy(),
-            0,
-            eps=eps,
-            alpha_fwd=0.0,
-            alpha_bkw=alpha_bkw,
-            warmup_iters=0,
-            group_num=group_num,
-        )
-        s = _adapt.power_norm_saved(a, w, True, zs, ds, training=training, eps=eps, group_num=group_num)
-        dx, dw, db = _norms.power_norm_backward(g, s, state)
-        return dx, dw, db, state.ema_gz - before
-
     specs = [
         _spec(x.shape, x.dtype),
         _spec(weight.shape, weight.dtype),
         _spec(weight.shape, weight.dtype),
         _spec(ema_gz.shape, ema_gz.dtype),
     ]
-    args = (dy, x, weight, ema_gz, zscale, dscale)
+    args = (cts[0].astype(x.dtype), x, weight, ema_gz, zscale, dscale)
+    impl = _bind(_power_norm_bwd_impl, opts=opts)
     dx, dw, db, dema = _call(impl, specs, args, (x.ndim, x.ndim, 1, 1, 1, 1), None, vmap_method="sequential")
     return dx, dw, db, dema, None, None, None
 
