@@ -66,7 +66,8 @@ def _to_numpy(a, library: str, name: str, fname: str) -> np.ndarray:
             )
         import torch  # already imported: `a` is a tensor
 
-        a = a.detach().resolve_conj().resolve_neg()
+        if a.requires_grad:
+            a = a.detach()
         if a.dtype == torch.bfloat16:
             # NumPy has no bfloat16; ml_dtypes' has the same bits (ml_dtypes comes with JAX).
             try:
@@ -77,6 +78,8 @@ def _to_numpy(a, library: str, name: str, fname: str) -> np.ndarray:
                     "viewed from NumPy (pip install ml_dtypes); normax.torch takes bfloat16 without it"
                 ) from None
             return a.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        if a.is_neg() or a.is_conj():  # lazy negation/conjugation bits: NumPy cannot view those
+            a = a.resolve_neg().resolve_conj()
         return a.numpy()
     if library == "jax":
         import jax
