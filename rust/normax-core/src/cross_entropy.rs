@@ -1209,7 +1209,7 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
         let vn = self.vn;
-        let no_probs = Probs::<V>::new(ExpSum { m: 1.0, n: 0.0 });
+        let no_probs = Probs::<V>::new(ExpSum { m: 1.0, n: 0.0, max: 0.0 });
         let no_coef = Coef {
             a: 0.0,
             b: 0.0,
