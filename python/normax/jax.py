@@ -599,7 +599,7 @@ def rms_norm(x, weight=None, *, eps=1e-6, axis=-1):
     --------
     >>> import jax.numpy as jnp, normax.jax as nj
     >>> nj.rms_norm(jnp.array([3.0, 4.0]), eps=0.0)
-    Array([0.8485281, 1.1313709], dtype=float32)
+    Array([0.84852815, 1.1313709 ], dtype=float32)
     """
     return _norm("rms", "normax.jax.rms_norm", x, weight, None, eps, axis)
 
