@@ -27,7 +27,8 @@ use crate::lse::{
     exact_stats, refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, RowSum, ScaledExp,
     FOLD, IN_CACHE_MAX_LEN,
 };
-use crate::simd::{load_partial, store_partial, tanh, Vector, MAX_LANES};
+use crate::rows::{load_n, store_n};
+use crate::simd::{tanh, Vector, MAX_LANES};
 use crate::softmax::{dot, map_elements, row_sum, Algorithm};
 use crate::threads;
 use crate::Error;
@@ -451,16 +452,6 @@ unsafe fn cap_into<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, s:
     );
 }
 
-/// n <= LANES elements from p[i..], zero-padded.
-#[inline(always)]
-unsafe fn load_n<V: Vector>(p: *const V::Elem, i: usize, n: usize) -> V {
-    if n == V::LANES {
-        V::load(p.add(i))
-    } else {
-        load_partial::<V>(p.add(i), n, V::Elem::ZERO)
-    }
-}
-
 /// The loop-invariant state of [`pass2`].
 struct Pass2<V: Vector> {
     x: *const V::Elem,
@@ -482,22 +473,22 @@ impl<V: Vector> Pass2<V> {
     #[inline(always)]
     unsafe fn step<const GRAD: bool>(&self, i: usize, n: usize, s: &mut Acc<V>, st: &mut Acc<V>) {
         let one = V::splat(V::Elem::ONE);
-        let xv = load_n::<V>(self.x, i, n);
+        let xv = load_n::<V>(self.x.add(i), n);
         // Padding lanes get weight 0, so they add nothing.
         let wv = if !self.w.is_null() {
-            load_n::<V>(self.w, i, n)
+            load_n::<V>(self.w.add(i), n)
         } else if n == V::LANES {
             one
         } else {
             let ones = [V::Elem::ONE; MAX_LANES];
-            load_n::<V>(ones.as_ptr(), 0, n)
+            load_n::<V>(ones.as_ptr(), n)
         };
         let wd = wv.mul(self.hi.sub(xv).add(self.lo));
         s.add(wd);
         let tv = if self.t.is_null() {
             None
         } else {
-            Some(load_n::<V>(self.t, i, n))
+            Some(load_n::<V>(self.t.add(i), n))
         };
         if let Some(tv) = tv {
             st.add(wd.mul(tv));
@@ -512,11 +503,7 @@ impl<V: Vector> Pass2<V> {
                 let u = xv.mul(ic);
                 g = g.mul(one.sub(u.mul(u)));
             }
-            if n == V::LANES {
-                g.store(self.grad.add(i));
-            } else {
-                store_partial(g, self.grad.add(i), n);
-            }
+            store_n(g, self.grad.add(i), n);
         }
     }
 }
@@ -1536,13 +1523,10 @@ pub fn linear_cross_entropy<T: Float>(
 mod tests {
     use super::*;
     use crate::isa;
-    use std::sync::Mutex;
 
-    /// The ISA and the thread count are process-wide; tests that change them take turns.
-    static GLOBAL: Mutex<()> = Mutex::new(());
-
+    /// The ISA and the thread count are process-wide; tests that change or rely on them take turns.
     fn lock() -> std::sync::MutexGuard<'static, ()> {
-        GLOBAL.lock().unwrap_or_else(|e| e.into_inner())
+        isa::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deterministic pseudo-random numbers in [-1, 1) (no extra dev-dependency).
@@ -1865,6 +1849,7 @@ mod tests {
 
     #[test]
     fn special_values_follow_torch() {
+        let _g = lock();
         let inf = f64::INFINITY;
         let x = vec![
             1.0,
