@@ -4,9 +4,9 @@ References run in float64 (torch autograd for gradients), so the tolerances meas
 - float64: rtol 1e-10. Each row's log-sum-exp and gradient are a few ULP off; losses add in float64.
 - float32: rtol 2e-5, plus an absolute 2e-6 of the largest reference value (at least 2e-6).
   The inputs are exact in both; a float32 row's lse is within a few float32 ULP (1.2e-7 each)
-  of the true one, and the per-row loss lse - x_y keeps that absolute error where it cancels
-  (a 1-class row's loss is ~1e-9, not 0). A gradient entry p * A - c is rounded in float32 once
-  or twice, hence the absolute term for entries that cancel to near zero.
+  of the true one. Where the target dominates, lse is refined as max + log1p(rest), so a loss
+  near 0 keeps its relative accuracy (tested on its own below). A gradient entry p * A - c is
+  rounded in float32 once or twice, hence the absolute term for entries that cancel to near 0.
 """
 
 from __future__ import annotations
@@ -412,6 +412,23 @@ def test_extreme_logits_follow_torch(dtype):
     tl, tg = torch_reference(x[:1], t[:1], label_smoothing=0.1)
     assert sl == tl == inf
     np.testing.assert_allclose(sg, tg, rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dominant_target_keeps_relative_accuracy(inplace):
+    # Losses log(1 + k e^-d) from 1e-3 down to ~1e-11, per row: within 1e-6 relative of float64
+    # (a plain lse - x_y in float32 arithmetic would be off by ~1e-8 absolute, i.e. 100% at 1e-8).
+    d = np.arange(6.0, 26.0, 2.0)
+    x = np.zeros((d.size, 5), np.float32)
+    x[:, 2] = d
+    t = np.full(d.size, 2)
+    want = np.log1p(4 * np.exp(-x[:, 2].astype(np.float64)))
+    if inplace:
+        loss, _ = normax.cross_entropy_with_grad(x, t, reduction="none", inplace=True)
+    else:
+        loss = normax.cross_entropy(x, t, reduction="none")
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    assert (loss > 0).all()
 
 
 def test_grad_output_scales():

@@ -159,7 +159,8 @@ def bench_cross_entropy(
     Returns
     -------
     list of tuple
-        ``(op, shape, peer, normax_median_s, peer_median_s, info)``; empty without PyTorch.
+        ``(op, shape, peer, normax_median_s, peer_median_s, info)`` with `shape` a tuple of ints and
+        `info` a free-text note (dtype, threads, peak memory); empty without PyTorch.
     """
     try:
         import torch
@@ -171,7 +172,7 @@ def bench_cross_entropy(
     rows = []
     rng = np.random.default_rng(0)
     for n, c in shapes:
-        shape = f"{n}x{c}"
+        shape = (n, c)
         x = rng.standard_normal((n, c), dtype=np.float32)
         t = rng.integers(0, c, n)
         xt, tt = torch.from_numpy(x), torch.from_numpy(t)
@@ -200,7 +201,7 @@ def bench_cross_entropy(
                 f"; peak extra memory: normax {_mib(ours)} in place, {_mib(fresh)} with a fresh output,"
                 f" torch {_mib(theirs)}; one float32 row per thread: {threads} x {_mib(c * 4)}"
             )
-        rows.append(("cross_entropy_with_grad", shape, "torch", inplace_s, peer_s, info))
+        rows.append(("cross_entropy_with_grad inplace", shape, "torch", inplace_s, peer_s, info))
         del x, xt, buf
 
     if linear_shape is not None:
@@ -232,7 +233,7 @@ def bench_cross_entropy(
         rows.append(
             (
                 "linear_cross_entropy_with_grad",
-                f"{n}x{h}x{v}",
+                (n, h, v),
                 "torch matmul+ce+backward",
                 ours_s,
                 peer_s,
@@ -245,6 +246,6 @@ def bench_cross_entropy(
 if __name__ == "__main__":  # pragma: no cover - manual run
     for op, shape, peer, ours, theirs, info in bench_cross_entropy():
         print(
-            f"{op:32s} {shape:>18s} normax {ours * 1e3:9.1f} ms  {peer} {theirs * 1e3:9.1f} ms  "
+            f"{op:32s} {'x'.join(map(str, shape)):>18s} normax {ours * 1e3:9.1f} ms  {peer} {theirs * 1e3:9.1f} ms  "
             f"x{theirs / ours:5.2f}  {info}"
         )

@@ -21,6 +21,43 @@ def log_softmax_backward(
     y: np.ndarray, dy: np.ndarray, dx: np.ndarray, outer: int, len: int, inner: int
 ) -> None: ...
 def exp(x: np.ndarray, out: np.ndarray) -> None: ...
+def cross_entropy(
+    logits: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None,
+    loss: np.ndarray,
+    grad: np.ndarray | None,
+    grad_rows: np.ndarray | None,
+    grad_scalar: float,
+    rows: int,
+    classes: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> None: ...
+def linear_cross_entropy(
+    hidden: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    target: np.ndarray,
+    loss: np.ndarray,
+    dhidden: np.ndarray | None,
+    dweight: np.ndarray | None,
+    dbias: np.ndarray | None,
+    grad_rows: np.ndarray | None,
+    grad_scalar: float,
+    n: int,
+    h: int,
+    v: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> None: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def get_isa() -> str: ...

@@ -23,8 +23,12 @@
 use crate::driver::{Ptr, GRAIN};
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
-use crate::lse::{exact_stats, sum_in_cache, ExpSum, RowSum, ScaledExp, FOLD, IN_CACHE_MAX_LEN};
-use crate::simd::{load_partial, store_partial, tanh, Vector, MAX_LANES};
+use crate::lse::{
+    exact_stats, refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, RowSum, ScaledExp,
+    FOLD, IN_CACHE_MAX_LEN,
+};
+use crate::rows::{load_n, store_n};
+use crate::simd::{tanh, Vector, MAX_LANES};
 use crate::softmax::{dot, map_elements, row_sum, Algorithm};
 use crate::threads;
 use crate::Error;
@@ -251,7 +255,7 @@ impl<T: Float> Rule<T> {
 
     /// The gradient at a hard target's own class, in f64 (x_y capped).
     fn target_grad(&self, x_y: f64, lse: Lse, c: &Coef, w_y: f64) -> f64 {
-        let p = (-lse.minus(x_y)).exp();
+        let p = (-minus(lse, x_y)).exp();
         let g = p * c.a - w_y * (c.b + c.ct);
         match self.cap {
             Some(s) => {
@@ -271,24 +275,9 @@ impl<T: Float> Rule<T> {
     }
 }
 
-/// A row's log-sum-exp as top + rest: on the exact path top is the row's max and rest the log of
-/// sum(exp(x - max)), so lse - x cancels the large parts first and stays exact where x is the max
-/// (a row of equal values near -1e30 loses nothing to the rounding of -1e30 + log(C)).
-#[derive(Clone, Copy, Debug)]
-struct Lse {
-    top: f64,
-    rest: f64,
-}
-
-impl Lse {
-    fn value(self) -> f64 {
-        self.top + self.rest
-    }
-
-    /// lse - x.
-    fn minus(self, x: f64) -> f64 {
-        (self.top - x) + self.rest
-    }
+/// lse - x, the large parts cancelled first: exact where x is hi (a row's max, or its rounding).
+fn minus(l: Lse, x: f64) -> f64 {
+    (l.hi - x) + l.lo
 }
 
 /// A row's (or a block of a row's) sum of exponentials, combinable across vocabulary blocks.
@@ -376,17 +365,18 @@ impl RowLse {
     }
 
     /// The row's log-sum-exp, or None where its loss and gradient are NaN (NaN, +inf, or nothing
-    /// but -inf: torch's log_softmax is NaN there too).
+    /// but -inf: torch's log_softmax is NaN there too). The exact path keeps the max apart, so
+    /// lse - x stays exact next to huge values (a row of equal values near -1e30 gives log C).
     fn lse(self) -> Option<Lse> {
         match self {
             RowLse::Nan => None,
             RowLse::Fast(e) if e.m > 0.0 => Some(Lse {
-                top: e.ln(),
-                rest: 0.0,
+                hi: e.ln(),
+                lo: 0.0,
             }),
             RowLse::Exact { max, sum } if max > f64::NEG_INFINITY => Some(Lse {
-                top: max,
-                rest: sum.ln(),
+                hi: max,
+                lo: sum.ln(),
             }),
             _ => None,
         }
@@ -462,16 +452,6 @@ unsafe fn cap_into<V: Vector>(x: *const V::Elem, y: *mut V::Elem, len: usize, s:
     );
 }
 
-/// n <= LANES elements from p[i..], zero-padded.
-#[inline(always)]
-unsafe fn load_n<V: Vector>(p: *const V::Elem, i: usize, n: usize) -> V {
-    if n == V::LANES {
-        V::load(p.add(i))
-    } else {
-        load_partial::<V>(p.add(i), n, V::Elem::ZERO)
-    }
-}
-
 /// The loop-invariant state of [`pass2`].
 struct Pass2<V: Vector> {
     x: *const V::Elem,
@@ -493,22 +473,22 @@ impl<V: Vector> Pass2<V> {
     #[inline(always)]
     unsafe fn step<const GRAD: bool>(&self, i: usize, n: usize, s: &mut Acc<V>, st: &mut Acc<V>) {
         let one = V::splat(V::Elem::ONE);
-        let xv = load_n::<V>(self.x, i, n);
+        let xv = load_n::<V>(self.x.add(i), n);
         // Padding lanes get weight 0, so they add nothing.
         let wv = if !self.w.is_null() {
-            load_n::<V>(self.w, i, n)
+            load_n::<V>(self.w.add(i), n)
         } else if n == V::LANES {
             one
         } else {
             let ones = [V::Elem::ONE; MAX_LANES];
-            load_n::<V>(ones.as_ptr(), 0, n)
+            load_n::<V>(ones.as_ptr(), n)
         };
         let wd = wv.mul(self.hi.sub(xv).add(self.lo));
         s.add(wd);
         let tv = if self.t.is_null() {
             None
         } else {
-            Some(load_n::<V>(self.t, i, n))
+            Some(load_n::<V>(self.t.add(i), n))
         };
         if let Some(tv) = tv {
             st.add(wd.mul(tv));
@@ -523,11 +503,7 @@ impl<V: Vector> Pass2<V> {
                 let u = xv.mul(ic);
                 g = g.mul(one.sub(u.mul(u)));
             }
-            if n == V::LANES {
-                g.store(self.grad.add(i));
-            } else {
-                store_partial(g, self.grad.add(i), n);
-            }
+            store_n(g, self.grad.add(i), n);
         }
     }
 }
@@ -544,20 +520,20 @@ unsafe fn pass2<V: Vector, const GRAD: bool>(
     w: *const V::Elem,
     t: *const V::Elem,
     len: usize,
-    lse: f64,
+    lse: Lse,
     probs: &Probs<V>,
     coef: &Coef,
     cap: Option<V::Elem>,
     grad: *mut V::Elem,
 ) -> (f64, f64) {
-    let hi = V::Elem::from_f64(lse);
+    let hi = V::Elem::from_f64(lse.hi);
     let p = Pass2 {
         x,
         w,
         t,
         grad,
         hi: V::splat(hi),
-        lo: V::splat(V::Elem::from_f64(lse - hi.to_f64())),
+        lo: V::splat(V::Elem::from_f64((lse.hi - hi.to_f64()) + lse.lo)),
         a: V::splat(V::Elem::from_f64(coef.a)),
         b: V::splat(V::Elem::from_f64(coef.b)),
         ct: V::splat(V::Elem::from_f64(coef.ct)),
@@ -604,7 +580,7 @@ unsafe fn pass2_exact<T: Float, const GRAD: bool>(
         } else {
             (*t.add(c)).to_f64()
         };
-        let d = lse.minus(xv);
+        let d = minus(lse, xv);
         let wd = wv * d;
         acc_s += wd;
         acc_t += wd * tv;
@@ -686,8 +662,14 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool>(
     } else {
         RowLse::of::<V>(x, len)
     };
-    let Some(lse) = stats.lse() else {
-        return nan_row();
+    // Fast rows: the log-sum-exp made accurate where the target dominates (a loss near 0).
+    let lse = match stats {
+        RowLse::Fast(e) if plain => refined_lse_from_terms::<V>(grad, len, e),
+        RowLse::Fast(e) => refined_lse::<V>(x, len, e),
+        other => match other.lse() {
+            Some(l) => l,
+            None => return nan_row(),
+        },
     };
     let sum_wt = if hard { w_y } else { dot::<V>(t, w, len) };
     let coef = rule.coef(lse.value(), sum_wt, s);
@@ -706,14 +688,14 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool>(
         _ if !(GRAD || rule.eps > 0.0 || !hard) => (0.0, 0.0),
         RowLse::Fast(e) => {
             let probs = Probs::<V>::new(e);
-            pass2::<V, GRAD>(x, w, t, len, lse.value(), &probs, &coef, rule.cap, grad)
+            pass2::<V, GRAD>(x, w, t, len, lse, &probs, &coef, rule.cap, grad)
         }
         _ => pass2_exact::<T, GRAD>(x, w, t, len, lse, &coef, rule.cap, grad),
     };
     if GRAD && hard {
         *grad.add(y) = T::from_f64(rule.target_grad(x_y, lse, &coef, w_y));
     }
-    let target_term = if hard { w_y * lse.minus(x_y) } else { soft };
+    let target_term = if hard { w_y * minus(lse, x_y) } else { soft };
     rule.loss(lse.value(), target_term, smooth)
 }
 
@@ -1209,7 +1191,7 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
         let vn = self.vn;
-        let no_probs = Probs::<V>::new(ExpSum { m: 1.0, n: 0.0, max: 0.0 });
+        let no_probs = Probs::<V>::new(ExpSum::new(1.0, T::ZERO));
         let no_coef = Coef {
             a: 0.0,
             b: 0.0,
@@ -1242,7 +1224,7 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
                             std::ptr::null(),
                             std::ptr::null(),
                             vn,
-                            rb,
+                            Lse { hi: rb, lo: 0.0 },
                             &no_probs,
                             &no_coef,
                             None,
@@ -1307,7 +1289,7 @@ impl<T: Float> Kernel<T> for GradBlock<'_, T> {
                 match st.lse {
                     RowLse::Fast(e) => {
                         let probs = Probs::<V>::new(e);
-                        pass2::<V, true>(x, w, t, vn, lse.value(), &probs, &coef, self.rule.cap, x);
+                        pass2::<V, true>(x, w, t, vn, lse, &probs, &coef, self.rule.cap, x);
                     }
                     _ => {
                         pass2_exact::<T, true>(x, w, t, vn, lse, &coef, self.rule.cap, x);
@@ -1481,7 +1463,7 @@ pub fn linear_cross_entropy<T: Float>(
                 0.0
             } else {
                 match s.lse.lse() {
-                    Some(lse) => rule.loss(lse.value(), lse.minus(s.x_y), s.smooth),
+                    Some(lse) => rule.loss(lse.value(), minus(lse, s.x_y), s.smooth),
                     None => f64::NAN,
                 }
             };
@@ -1541,13 +1523,10 @@ pub fn linear_cross_entropy<T: Float>(
 mod tests {
     use super::*;
     use crate::isa;
-    use std::sync::Mutex;
 
-    /// The ISA and the thread count are process-wide; tests that change them take turns.
-    static GLOBAL: Mutex<()> = Mutex::new(());
-
+    /// The ISA and the thread count are process-wide; tests that change or rely on them take turns.
     fn lock() -> std::sync::MutexGuard<'static, ()> {
-        GLOBAL.lock().unwrap_or_else(|e| e.into_inner())
+        isa::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deterministic pseudo-random numbers in [-1, 1) (no extra dev-dependency).
@@ -1870,6 +1849,7 @@ mod tests {
 
     #[test]
     fn special_values_follow_torch() {
+        let _g = lock();
         let inf = f64::INFINITY;
         let x = vec![
             1.0,
@@ -1954,6 +1934,53 @@ mod tests {
         .unwrap();
         assert_eq!(l1[0], 4f32.ln());
         assert_eq!(g1, [0.25, 0.25, -0.75, 0.25]);
+        // A dominant target: the loss log(1 + 3 e^-20) ~ 6e-9 keeps its relative accuracy (lse
+        // refined as max + log1p(rest)), in place (from the stored terms) and not.
+        let want = (3.0 * (-20f64).exp()).ln_1p();
+        for inplace in [false, true] {
+            let mut x = [20f32, 0.0, 0.0, 0.0];
+            let (mut l, mut g) = ([0f32; 1], [0f32; 4]);
+            if inplace {
+                cross_entropy_with_grad_inplace(
+                    &mut x,
+                    1,
+                    4,
+                    Target::Classes(&[0]),
+                    &o1,
+                    GradOutput::Scalar(1.0),
+                    &mut l,
+                )
+                .unwrap();
+            } else {
+                cross_entropy_with_grad(
+                    &x,
+                    &mut g,
+                    1,
+                    4,
+                    Target::Classes(&[0]),
+                    &o1,
+                    GradOutput::Scalar(1.0),
+                    &mut l,
+                )
+                .unwrap();
+            }
+            assert!(
+                (l[0] as f64 / want - 1.0).abs() < 1e-6,
+                "{} vs {want}",
+                l[0]
+            );
+            let mut only = [0f32];
+            cross_entropy(
+                &[20f32, 0.0, 0.0, 0.0],
+                1,
+                4,
+                Target::Classes(&[0]),
+                &o1,
+                &mut only,
+            )
+            .unwrap();
+            assert_eq!(only[0], l[0]);
+        }
     }
 
     #[test]

@@ -114,6 +114,11 @@ pub fn set_active(isa: Isa) -> Result<(), Error> {
     Ok(())
 }
 
+/// Tests that change the process-wide ISA or thread count hold this lock: one lock for every
+/// module's tests, so one module's ISA loop never runs under another's.
+#[cfg(test)]
+pub(crate) static TEST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Work generic over the vector type: the dispatch point instantiates it once per ISA.
 pub trait Kernel<T: Float> {
     type Output;

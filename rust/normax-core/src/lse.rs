@@ -298,6 +298,25 @@ impl Lse {
 /// `x` must be valid for reading `len` elements and `s` its (usable) sum.
 #[inline(always)]
 pub unsafe fn refined_lse<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum) -> Lse {
+    refined_lse_of::<V>(x, len, s, false)
+}
+
+/// [`refined_lse`] where `x` holds the terms exp(x) * 2^-n that [`sum_in_cache`] stored instead of
+/// the elements (an in-place caller no longer has them); terms below the max's are the rest.
+///
+/// # Safety
+/// As [`refined_lse`], with the stored terms in place of the elements.
+#[inline(always)]
+pub unsafe fn refined_lse_from_terms<V: Vector>(
+    terms: *const V::Elem,
+    len: usize,
+    s: ExpSum,
+) -> Lse {
+    refined_lse_of::<V>(terms, len, s, true)
+}
+
+#[inline(always)]
+unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, terms: bool) -> Lse {
     let lse = s.ln();
     // The terms below the max relative to it, estimated: at 0.1 or more the rounding of the
     // largest term is a few ULP of log(1 + rest) too.
@@ -309,6 +328,7 @@ pub unsafe fn refined_lse<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum) -
     let scaled = ScaledExp::<V>::new(V::Elem::from_f64(s.n));
     let mut t_max = [V::Elem::ZERO; crate::simd::MAX_LANES];
     scaled.apply(V::splat(xmax)).store(t_max.as_mut_ptr());
+    let t_max_v = V::splat(t_max[0]);
     let t_max = t_max[0].to_f64();
     let bound = V::splat(xmax);
     let zero = V::splat(V::Elem::ZERO);
@@ -320,9 +340,19 @@ pub unsafe fn refined_lse<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum) -
         let v = if n == w {
             V::load(x.add(i))
         } else {
-            load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY)
+            // Padding below everything: -inf elements, or zero terms.
+            let fill = if terms {
+                V::Elem::ZERO
+            } else {
+                V::Elem::NEG_INFINITY
+            };
+            load_partial::<V>(x.add(i), n, fill)
         };
-        acc = acc.add(scaled.apply(v).keep(v.lt(bound)));
+        acc = acc.add(if terms {
+            v.keep(v.lt(t_max_v))
+        } else {
+            scaled.apply(v).keep(v.lt(bound))
+        });
         i += w;
         steps += 1;
         if steps == FOLD {

@@ -951,12 +951,10 @@ pub fn power_norm_backward<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// The ISA and the thread count are process-wide: tests that change them take this lock.
+    use crate::isa::TEST_LOCK as GLOBAL;
     use crate::isa::{self, Isa};
     use crate::threads;
-    use std::sync::Mutex;
-
-    /// The ISA and the thread count are process-wide: tests that change them take this lock.
-    static GLOBAL: Mutex<()> = Mutex::new(());
 
     /// Runs `f` once per ISA this CPU supports, restoring the active one.
     fn each_isa(f: impl Fn(Isa)) {
