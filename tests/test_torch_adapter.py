@@ -219,6 +219,15 @@ def test_double_backward_raises_clearly():
     (g,) = torch.autograd.grad(nt.softmax(x, 1)[:, 0].sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         g.sum().backward()
+    # A gradient the fused cross-entropy formed in its forward: a second derivative through it
+    # (a gradient penalty) raises rather than silently leaving out the cross-entropy's Hessian.
+    (g,) = torch.autograd.grad(nt.cross_entropy(x, torch.tensor([0, 1, 2])), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad((g * g).sum() + x.sum(), x)
+    h, w = rand(3, 2, grad=True), rand(4, 2, seed=1, grad=True)
+    (gh,) = torch.autograd.grad(nt.linear_cross_entropy(h, w, torch.tensor([0, 1, 3])), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(gh.square().sum(), w)
     # logsumexp's backward is plain torch ops: its second derivative works.
     assert torch.autograd.gradgradcheck(lambda a: nt.logsumexp(a, 1), (x,))
 
@@ -254,7 +263,7 @@ def _opcheck_cases():
             nt._cross_entropy_with_grad_op,
             (x, t, w.detach(), 1, -100, "none", *ce[1:]),
         ),
-        "scale_grad": (nt._scale_grad_op, (dy, rand(4, seed=7), 1)),
+        "scale_grad": (nt._scale_grad_op, (dy, rand(4, seed=7), 1, x.detach())),
         "linear_cross_entropy": (nt._linear_ce_op, (h, wl, t, b, -100, "none", 0.1, 0.0, None, None)),
         "linear_cross_entropy_with_grad": (
             nt._linear_ce_with_grad_op,

@@ -15,9 +15,11 @@ through a float32 copy; results come back in the input's dtype.
 Differences from torch, stated once:
 
 - CPU tensors only: a CUDA tensor raises NotImplementedError (normax has no GPU backend yet).
-- Double backward (``create_graph=True`` through one of our backward passes) raises
-  "Trying to backward through normax.<op>_backward ... but no autograd formula was registered";
-  :func:`logsumexp` is the exception (its backward is plain torch ops).
+- Double backward is not supported: differentiating one of our backward passes raises a
+  RuntimeError ("Trying to backward through normax.<op> ... but no autograd formula was
+  registered", or "does not require grad" where the first gradient came out of a saved one);
+  never a silently wrong second derivative. :func:`logsumexp` is the exception (its backward is
+  plain torch ops, differentiable again).
 - No gradient flows to a probability (float) ``target`` of :func:`cross_entropy` or to class
   ``weight`` tensors (torch differentiates the former).
 - ``cross_entropy`` has no deprecated ``size_average``/``reduce`` arguments (the module keeps them),
@@ -381,28 +383,34 @@ def _(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_l
 
 
 @torch.library.custom_op("normax::scale_grad", mutates_args=())
-def _scale_grad_op(g: Tensor, scale: Tensor, dim: int) -> Tensor:
-    """``g * scale``, `scale` 0-d or shaped like `g` without `dim` (a per-row loss's gradient)."""
+def _scale_grad_op(g: Tensor, scale: Tensor, dim: int, anchor: Tensor) -> Tensor:
+    """``g * scale``, `scale` 0-d or shaped like `g` without `dim` (a per-row loss's gradient).
+
+    `g` is a gradient the forward formed (saved, so no longer connected to the forward's input).
+    `anchor` is that input, unused here: under ``create_graph=True`` it makes the result depend
+    on it through this op, which has no autograd formula, so a second derivative raises instead
+    of silently missing this term.
+    """
     if scale.ndim:
         scale = scale.unsqueeze(dim)
     return (g * scale).to(g.dtype)
 
 
 @_scale_grad_op.register_fake
-def _(g, scale, dim):
+def _(g, scale, dim, anchor):
     return g.new_empty(g.shape)
 
 
 def _ce_setup(ctx, inputs, output) -> None:
     ctx.axis = inputs[3]
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[0])
 
 
 def _ce_grad(ctx, grad_loss: Tensor, _grad_dlogits):
-    (dlogits,) = ctx.saved_tensors
+    dlogits, input = ctx.saved_tensors
     # The per-row gradient is linear in the row's loss gradient: scale the one formed in the forward.
-    return _scale_grad_op(dlogits, grad_loss, ctx.axis), None, None, None, None, None, None, None, None
+    return _scale_grad_op(dlogits, grad_loss, ctx.axis, input), None, None, None, None, None, None, None, None
 
 
 _cross_entropy_with_grad_op.register_autograd(_ce_grad, setup_context=_ce_setup)
@@ -571,13 +579,13 @@ def _linear_ce_setup(ctx, inputs, output) -> None:
     ctx.has_bias = inputs[3] is not None
     for t in output[1:]:
         ctx.mark_non_differentiable(t)
-    ctx.save_for_backward(*output[1:])
+    ctx.save_for_backward(*output[1:], inputs[0], inputs[1])
 
 
 def _linear_ce_grad(ctx, grad_loss, *_):
-    dh, dw, db = ctx.saved_tensors
-    scaled = [_scale_grad_op(g, grad_loss, 0) for g in (dh, dw)]
-    dbias = _scale_grad_op(db, grad_loss, 0) if ctx.has_bias else None
+    dh, dw, db, input, weight = ctx.saved_tensors
+    scaled = [_scale_grad_op(g, grad_loss, 0, anchor) for g, anchor in ((dh, weight), (dw, input))]
+    dbias = _scale_grad_op(db, grad_loss, 0, input) if ctx.has_bias else None
     return scaled[0], scaled[1], None, dbias, None, None, None, None, None, None, None
 
 
