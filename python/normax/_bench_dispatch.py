@@ -10,11 +10,20 @@ finds its input equally cold: timing one array over and over would reward whiche
 the least Python between calls with a hotter cache, not measure the layer. Calls of every variant
 are interleaved in rounds and the medians are taken over all calls, so a shared machine's load
 falls on every variant alike. The issue's bound is the NumPy path at 1 MiB: under 10%.
+
+Two settings. "back to back": calls follow each other immediately, as in a micro-benchmark; the
+kernel's worker threads are still spinning and the interpreter's own data is in cache, so any
+Python between calls (the conversions) also costs the next kernel a wake-up and the conversions
+run cache-cold after the kernel streamed 2 MiB: at 1 MiB that shows as tens of microseconds more
+than the fixed cost. "after other work": each call follows an unrelated 8 MiB memory pass, as in a
+program that does something between calls; every variant then starts equally cold, and the
+difference is the layer's own cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -55,8 +64,9 @@ def _inputs(xs: list) -> dict:
     return out
 
 
-def measure(shape=(512, 512), rounds: int = 30, calls: int = 16) -> dict:
+def measure(shape=(512, 512), rounds: int = 30, calls: int = 16, other_work: bool = False) -> dict:
     """{op: {variant: median seconds}}; variant "raw" is the NumPy-first function on NumPy input."""
+    scratch = np.zeros(1 << 20)  # 8 MiB
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(COPIES)]
     inputs = _inputs(xs)
@@ -71,6 +81,8 @@ def measure(shape=(512, 512), rounds: int = 30, calls: int = 16) -> dict:
             for k, (fn, arrays) in variants.items():
                 for i in range(calls):
                     a = arrays[i % COPIES]
+                    if other_work:
+                        scratch += 1.0
                     t0 = time.perf_counter()
                     fn(a)
                     times[k].append(time.perf_counter() - t0)
@@ -83,9 +95,10 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args(argv)
     cases = (((512, 512), "1 MiB float32 (512 x 512)"), ((8, 16), "tiny float32 (8 x 16): the fixed cost"))
-    for shape, what in cases:
-        results = measure(shape, rounds=args.rounds)
-        print(f"{what}; median per call; vs the NumPy-first function on NumPy input (raw)")
+    for (shape, what), other_work in itertools.product(cases, (False, True)):
+        results = measure(shape, rounds=args.rounds, other_work=other_work)
+        setting = "after other work" if other_work else "back to back"
+        print(f"{what}, {setting}; median per call; vs the NumPy-first function on NumPy input (raw)")
         for op, r in results.items():
             base = r["raw"]
             cells = [f"raw {base * 1e6:7.1f} us"]

@@ -39,27 +39,41 @@ _NOTE = """
 """
 
 
-def _is_foreign(a) -> bool:
-    """Whether `a` is an array of another library than NumPy (called for non-plain types only)."""
-    if isinstance(a, (np.ndarray, np.generic)):
-        return False
-    t = type(a)
-    return hasattr(t, "__array_namespace__") or hasattr(t, "__dlpack__")
+_LIBRARY_OF_TYPE: dict = {}  # type -> its library's name, or "" for types that are not foreign arrays
 
 
 def _library(a) -> str:
-    if _compat.is_torch_array(a):
-        return "torch"
-    if _compat.is_jax_array(a):
-        return "jax"
-    if _compat.is_cupy_array(a):
-        return "cupy"
-    return type(a).__module__.split(".")[0]
+    """The library of a foreign array ("torch", "jax", "cupy", or the top module), "" otherwise.
+
+    Cached per type: after the first call for a type this is one dict lookup.
+    """
+    t = type(a)
+    lib = _LIBRARY_OF_TYPE.get(t)
+    if lib is None:
+        if isinstance(a, (np.ndarray, np.generic)) or not (
+            hasattr(t, "__array_namespace__") or hasattr(t, "__dlpack__")
+        ):
+            lib = ""
+        elif _compat.is_torch_array(a):
+            lib = "torch"
+        elif _compat.is_jax_array(a):
+            lib = "jax"
+        elif _compat.is_cupy_array(a):
+            lib = "cupy"
+        else:
+            lib = t.__module__.split(".")[0]
+        _LIBRARY_OF_TYPE[t] = lib
+    return lib
 
 
 def _to_numpy(a, library: str, name: str, fname: str) -> np.ndarray:
     """A NumPy view of a CPU array's memory (a copy only where its library offers no view)."""
     if library == "torch":
+        if a.is_cpu:
+            try:
+                return a.numpy()  # the common case: a plain CPU tensor
+            except (RuntimeError, TypeError):
+                pass  # requires grad, bfloat16, or a lazy neg/conj bit: handled below
         if a.device.type != "cpu":
             raise NotImplementedError(
                 _GPU_MESSAGE.format(fname=fname, name=name, what="torch tensor", device=a.device)
@@ -125,11 +139,15 @@ def _from_numpy(r: np.ndarray, library: str, xp):
     if library == "torch":
         import torch
 
+        if r.flags.writeable:
+            try:
+                return torch.from_numpy(r)  # the common case
+            except TypeError:
+                pass  # bfloat16 (ml_dtypes) or a non-native byte order: handled below
         if r.dtype.kind == "V" and r.dtype.name == "bfloat16":
-            return torch.from_numpy(r.view(np.int16)).view(torch.bfloat16)
-        if not (r.flags.writeable and r.dtype.isnative):
-            r = np.array(r)  # torch.from_numpy needs a writeable, native array
-        return torch.from_numpy(r)
+            return torch.from_numpy(np.array(r).view(np.int16)).view(torch.bfloat16)
+        # torch.from_numpy needs a writeable array in native byte order.
+        return torch.from_numpy(r.astype(r.dtype.newbyteorder("=")))
     if library == "jax":
         import jax.numpy as jnp
 
@@ -196,9 +214,9 @@ def array_api(fn):
         named += [(kwargs, k, k) for k in kwargs]
         for holder, key, name in named:
             a = holder[key]
-            if type(a) in _PLAIN or not _is_foreign(a):
+            lib = "" if type(a) in _PLAIN else _library(a)
+            if not lib:
                 continue
-            lib = _library(a)
             if library is None:
                 library = lib
             elif lib != library:
@@ -218,10 +236,10 @@ def array_api(fn):
     def wrapper(*args, **kwargs):
         # The plain-NumPy call: only a type lookup per argument before the function itself.
         for a in args:
-            if type(a) not in _PLAIN and _is_foreign(a):
+            if type(a) not in _PLAIN and _library(a):
                 return dispatch(args, kwargs)
         for a in kwargs.values():
-            if type(a) not in _PLAIN and _is_foreign(a):
+            if type(a) not in _PLAIN and _library(a):
                 return dispatch(args, kwargs)
         return fn(*args, **kwargs)
 
