@@ -42,7 +42,7 @@ class Case:
         return self.peers[peer] / self.normax_s if peer in self.peers else None
 
     def gbps(self):
-        return self.bytes_moved / self.normax_s / 1e9
+        return self.bytes_moved / self.normax_s / 1e9 if self.bytes_moved else float("nan")
 
 
 def median_time(fn, budget_s=1.0, min_runs=5, max_runs=50):
@@ -234,13 +234,15 @@ def softmax_suite(shapes, budget_s):
 def _cases_from_rows(suite, rows, bytes_per_element):
     """Cases from a suite's (op, shape, peer, normax_s, peer_s) rows: one case per (op, shape)."""
     cases = {}
-    for op, shape, peer, ours, theirs in rows:
+    for op, shape, peer, ours, theirs, *note in rows:
         key = (op, tuple(shape))
         if key not in cases:
             n = int(np.prod(shape))
             per = next((v for k, v in bytes_per_element.items() if k in op), 8)
             cases[key] = Case(suite, op, tuple(shape), "", per * n, ours)
         cases[key].peers[peer] = theirs
+        if note and note[0]:
+            cases[key].note = note[0]
     return list(cases.values())
 
 
@@ -253,7 +255,18 @@ def norms_suite(budget_s):
     return _cases_from_rows("norms", bench_norms(repeats=repeats), {"fwd+bwd": 20})
 
 
-SUITES = {"softmax": softmax_suite, "norms": norms_suite}
+def cross_entropy_suite(budget_s):
+    """cross_entropy_with_grad (fresh gradient and in place) and linear_cross_entropy_with_grad."""
+    from ._bench_ce import bench_cross_entropy
+
+    repeats = max(3, int(5 * budget_s / 0.5))
+    rows = bench_cross_entropy(repeats=repeats, linear_repeats=1)
+    # Roofline bytes: logits read + gradient written; the linear case is GEMM-bound (no roofline).
+    cases = _cases_from_rows("cross_entropy", rows, {"linear": 0, "": 8})
+    return cases
+
+
+SUITES = {"softmax": softmax_suite, "norms": norms_suite, "cross_entropy": cross_entropy_suite}
 
 DEFAULT_SHAPES = [(8, 16), (4096, 1024), (256, 32768), (32, 128256), (16384, 4096)]
 
@@ -328,6 +341,28 @@ def targets(cases, copy_gbps):
         if c.op.startswith("power_norm") and "torch" in c.peers:
             found.append(
                 (f"{c.op} {'x'.join(map(str, c.shape))} vs torch MaskPowerNorm", c.speedup("torch"), 3.0, "x")
+            )
+    for shape, goal in (((16384, 4096), 4.0), ((32, 128256), 2.0)):
+        c = get("cross_entropy_with_grad", shape, "")
+        if c and "torch" in c.peers:
+            found.append(
+                (
+                    f"cross_entropy_with_grad {shape[0]}x{shape[1]} vs torch fwd+bwd",
+                    c.speedup("torch"),
+                    goal,
+                    "x",
+                )
+            )
+    for c in cases:
+        if c.op == "linear_cross_entropy_with_grad" and c.peers:
+            peer = next(iter(c.peers))
+            found.append(
+                (
+                    f"linear_cross_entropy_with_grad {'x'.join(map(str, c.shape))} time / torch time (at most)",
+                    c.normax_s / c.peers[peer],
+                    1.3,
+                    "<=",
+                )
             )
     c = get("softmax", (8, 16), "fresh")
     if c and "np.exp" in c.peers:
@@ -405,6 +440,9 @@ def main(argv=None):
         cases += suite_cases
         print(f"\n== {name} (median times; xPEER = PEER time / normax time, higher is better)")
         print(format_table(suite_cases, copy_gbps))
+        for c in suite_cases:
+            if c.note:
+                print(f"  {c.op} {'x'.join(map(str, c.shape))}: {c.note}")
     found = targets(cases, copy_gbps)
     if found:
         print("\n== targets")
