@@ -235,6 +235,8 @@ def array_api(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         # The plain-NumPy call: only a type lookup per argument before the function itself.
+        if not kwargs and len(args) == 1 and type(args[0]) is np.ndarray:
+            return fn(args[0])
         for a in args:
             if type(a) not in _PLAIN and _library(a):
                 return dispatch(args, kwargs)

@@ -21,29 +21,34 @@ def _is_fast(x) -> bool:
     )
 
 
-def _map(kernel, x, axis, out):
+def _map(kernel, kernel_last, x, axis, out):
     """Runs a row-to-row kernel (softmax, log_softmax) on `x` over `axis`."""
-    # Fast path for the common call: a contiguous float32/float64 array over its last axis, into a
-    # fresh array, itself, or a separate contiguous array of its dtype.
-    if _is_fast(x) and axis == -1:
-        if out is None:
-            y = np.empty_like(x)
-        elif out is x or (
-            type(out) is np.ndarray
-            and out.dtype == x.dtype
-            and out.shape == x.shape
-            and out.flags.c_contiguous
-            and out.flags.writeable
-            and not np.may_share_memory(out, x)
-        ):
-            y = out
-        else:
-            y = None
+    # The common call in one crossing into Rust: a contiguous float32/float64 array over its last
+    # axis into a fresh array (None back for anything else).
+    if axis == -1 and out is None:
+        y = kernel_last(x)
         if y is not None:
-            n = x.shape[-1]
-            if n:
-                kernel(x, y, x.size // n, n, 1)
             return y
+    # Into itself, or a separate contiguous array of its dtype.
+    if (
+        axis == -1
+        and _is_fast(x)
+        and (
+            out is x
+            or (
+                type(out) is np.ndarray
+                and out.dtype == x.dtype
+                and out.shape == x.shape
+                and out.flags.c_contiguous
+                and out.flags.writeable
+                and not np.may_share_memory(out, x)
+            )
+        )
+    ):
+        n = x.shape[-1]
+        if n:
+            kernel(x, out, x.size // n, n, 1)
+        return out
 
     a, result_dtype = as_input(x)
     if out is not None:
@@ -104,7 +109,7 @@ def softmax(x, axis=-1, *, out=None):
     >>> normax.softmax(np.array([0.0, np.log(3.0)]))
     array([0.25, 0.75])
     """
-    return _map(_core.softmax, x, axis, out)
+    return _map(_core.softmax, _core.softmax_last, x, axis, out)
 
 
 def log_softmax(x, axis=-1, *, out=None):
@@ -141,7 +146,7 @@ def log_softmax(x, axis=-1, *, out=None):
     >>> normax.log_softmax(np.array([0.0, 0.0]))
     array([-0.69314718, -0.69314718])
     """
-    return _map(_core.log_softmax, x, axis, out)
+    return _map(_core.log_softmax, _core.log_softmax_last, x, axis, out)
 
 
 def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):

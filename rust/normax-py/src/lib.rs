@@ -100,6 +100,67 @@ fn map_typed<T: Float + Element>(
     run(py, xs.len(), || f(xs, os, l)).map_err(to_py)
 }
 
+/// The whole call for the common case, in one crossing of the boundary: a C-contiguous, native
+/// float32/float64 array of at least one axis, reduced over its last axis into a new NumPy array
+/// (NumPy's allocator). None for anything else; the Python layer then takes the general path.
+fn last_axis_new<'py, T: Float + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArrayDyn<T>>,
+    f: MapFn<T>,
+) -> PyResult<Option<Bound<'py, PyUntypedArray>>> {
+    if !x.is_c_contiguous() || x.ndim() == 0 {
+        return Ok(None);
+    }
+    let len = x.shape()[x.ndim() - 1];
+    let y = unsafe { PyArrayDyn::<T>::new(py, x.shape(), false) };
+    if len > 0 {
+        let xr = x
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
+        let xs = xr
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        // SAFETY: `y` was just created here; no other reference to its memory exists.
+        let ys = unsafe { y.as_slice_mut() }.map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let l = layout(xs.len() / len, len, 1);
+        run(py, xs.len(), || f(xs, ys, l)).map_err(to_py)?;
+    }
+    Ok(Some(y.into_any().cast_into::<PyUntypedArray>()?))
+}
+
+fn last_axis<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    f32_op: MapFn<f32>,
+    f64_op: MapFn<f64>,
+) -> PyResult<Option<Bound<'py, PyUntypedArray>>> {
+    if let Ok(a) = x.cast::<PyArrayDyn<f32>>() {
+        last_axis_new(py, a, f32_op)
+    } else if let Ok(a) = x.cast::<PyArrayDyn<f64>>() {
+        last_axis_new(py, a, f64_op)
+    } else {
+        Ok(None)
+    }
+}
+
+/// softmax over the last axis into a new array, or None where the general path is needed.
+#[pyfunction]
+fn softmax_last<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyUntypedArray>>> {
+    last_axis(py, x, k::softmax, k::softmax)
+}
+
+/// log_softmax over the last axis into a new array, or None where the general path is needed.
+#[pyfunction]
+fn log_softmax_last<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyUntypedArray>>> {
+    last_axis(py, x, k::log_softmax, k::log_softmax)
+}
+
 /// softmax(x) into out (which may be x) over the middle axis of (outer, len, inner).
 #[pyfunction]
 fn softmax(
@@ -341,6 +402,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         normax_core::isa::set_active(isa).map_err(to_py)?;
     }
     m.add_function(wrap_pyfunction!(softmax, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_last, m)?)?;
+    m.add_function(wrap_pyfunction!(log_softmax_last, m)?)?;
     m.add_function(wrap_pyfunction!(log_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(logsumexp, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
