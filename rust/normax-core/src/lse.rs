@@ -102,6 +102,32 @@ impl RowSum {
     }
 }
 
+/// A sum with Neumaier's compensation: the folded partial sums of a long row add up without the
+/// error growing with their count (it matters for f64 rows, whose partials are already f64).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CompensatedSum {
+    sum: f64,
+    compensation: f64,
+}
+
+impl CompensatedSum {
+    #[inline(always)]
+    pub(crate) fn add(&mut self, v: f64) {
+        let t = self.sum + v;
+        self.compensation += if self.sum.abs() >= v.abs() {
+            (self.sum - t) + v
+        } else {
+            (v - t) + self.sum
+        };
+        self.sum = t;
+    }
+
+    #[inline(always)]
+    pub(crate) fn value(self) -> f64 {
+        self.sum + self.compensation
+    }
+}
+
 /// The f32 partial sums (4 vectors, unrolled) fold into f64 every FOLD steps, so each element
 /// passes through at most FOLD f32 roundings: the row sum stays within a few ULP without summing
 /// in f64 per element.
@@ -214,7 +240,7 @@ unsafe fn sum_given_max<V: Vector>(
     let scaled = ScaledExp::<V>::new(top);
     let zero = V::splat(V::Elem::ZERO);
     let mut acc = [zero; 4];
-    let mut total = 0.0f64;
+    let mut total = CompensatedSum::default();
     let mut steps = 0;
     let w = V::LANES;
     let mut i = 0;
@@ -231,11 +257,13 @@ unsafe fn sum_given_max<V: Vector>(
         i += 4 * w;
         steps += 1;
         if steps == FOLD {
-            total += acc[0]
-                .add(acc[1])
-                .add(acc[2].add(acc[3]))
-                .reduce_add()
-                .to_f64();
+            total.add(
+                acc[0]
+                    .add(acc[1])
+                    .add(acc[2].add(acc[3]))
+                    .reduce_add()
+                    .to_f64(),
+            );
             acc = [zero; 4];
             steps = 0;
         }
@@ -257,12 +285,14 @@ unsafe fn sum_given_max<V: Vector>(
         acc[0] = acc[0].add(t);
         i += w;
     }
-    total
-        + acc[0]
+    total.add(
+        acc[0]
             .add(acc[1])
             .add(acc[2].add(acc[3]))
             .reduce_add()
-            .to_f64()
+            .to_f64(),
+    );
+    total.value()
 }
 
 /// A log-sum-exp as hi + lo, with hi exactly representable in the element type: x - hi is then
@@ -332,7 +362,7 @@ unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, te
     let t_max = t_max[0].to_f64();
     let bound = V::splat(xmax);
     let zero = V::splat(V::Elem::ZERO);
-    let (mut rest, mut acc, mut steps) = (0.0f64, zero, 0);
+    let (mut rest, mut acc, mut steps) = (CompensatedSum::default(), zero, 0);
     let w = V::LANES;
     let mut i = 0;
     while i < len {
@@ -356,11 +386,12 @@ unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, te
         i += w;
         steps += 1;
         if steps == FOLD {
-            rest += acc.reduce_add().to_f64();
+            rest.add(acc.reduce_add().to_f64());
             (acc, steps) = (zero, 0);
         }
     }
-    rest += acc.reduce_add().to_f64();
+    rest.add(acc.reduce_add().to_f64());
+    let rest = rest.value();
     let ties = ((s.m - rest) / t_max).round().max(1.0);
     Lse {
         hi: xmax.to_f64(),
@@ -391,9 +422,13 @@ pub unsafe fn sum_in_cache<V: Vector>(
     RowSum::Fast(ExpSum { m, ..s })
 }
 
-/// Rows up to this many elements use the in-cache algorithm; longer ones the two-pass one.
-/// Chosen from `cargo bench --bench softmax` (the crossover on the development machine).
-pub const IN_CACHE_MAX_LEN: usize = 1 << 16;
+/// Rows up to this many elements use the in-cache algorithm; longer ones the two-pass one (rows of
+/// 2^18 or more are chunked two-pass in the driver anyway). From `cargo bench --bench softmax` on
+/// the AVX2 development machine, single thread, ~1 M elements per case: in-cache 0.56-0.70 ms,
+/// two-pass 0.77-1.02 ms at every row length from 1024 to 262143, so in-cache wins up to the
+/// chunking length here; two-pass saves one read of memory per row, which pays where the
+/// arithmetic is cheaper (AVX-512) or rows do not fit in L2.
+pub const IN_CACHE_MAX_LEN: usize = 1 << 18;
 
 /// The exact path: max and sum of exp(x - max) in f64. `nan` is set if any element is NaN.
 pub struct ExactStats {

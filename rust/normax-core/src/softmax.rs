@@ -3,8 +3,8 @@
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
 use crate::lse::{
-    exact_stats, refined_lse, sum_in_cache, sum_two_pass, ExpSum, Lse, RowSum, ScaledExp, FOLD,
-    IN_CACHE_MAX_LEN,
+    exact_stats, refined_lse, sum_in_cache, sum_two_pass, CompensatedSum, ExpSum, Lse, RowSum,
+    ScaledExp, FOLD, IN_CACHE_MAX_LEN,
 };
 use crate::rows::{for_each_vector, for_each_vector_from, load_n, put, store_n, Store};
 use crate::simd::{exp, load_partial, store_partial, Vector};
@@ -88,7 +88,7 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: u
     let zero = V::splat(V::Elem::ZERO);
     let w = V::LANES;
     let mut acc = [zero; 4];
-    let mut total = 0.0;
+    let mut total = CompensatedSum::default();
     let mut i = 0;
     let mut steps = 0;
     while i + 4 * w <= len {
@@ -98,11 +98,13 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: u
         i += 4 * w;
         steps += 1;
         if steps == FOLD {
-            total += acc[0]
-                .add(acc[1])
-                .add(acc[2].add(acc[3]))
-                .reduce_add()
-                .to_f64();
+            total.add(
+                acc[0]
+                    .add(acc[1])
+                    .add(acc[2].add(acc[3]))
+                    .reduce_add()
+                    .to_f64(),
+            );
             acc = [zero; 4];
             steps = 0;
         }
@@ -112,12 +114,14 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: u
         acc[0] = acc[0].add(dot_term::<V>(a, b, i, n));
         i += w;
     }
-    total
-        + acc[0]
+    total.add(
+        acc[0]
             .add(acc[1])
             .add(acc[2].add(acc[3]))
             .reduce_add()
-            .to_f64()
+            .to_f64(),
+    );
+    total.value()
 }
 
 /// y = exp(x) / sum, from the row's sum = m * 2^n: each term exp(x) * 2^-n / m.

@@ -155,7 +155,7 @@ fn exp_edges() {
 
 /// Row lengths around every vector and unroll boundary, the in-cache limit and beyond.
 const LENGTHS: &[usize] = &[
-    1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 67, 1000, 4097, 65536, 65537, 100_003,
+    1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 67, 1000, 4097, 65537, 262_143, 262_145,
 ];
 
 #[test]
@@ -414,7 +414,7 @@ fn bad_lengths_are_errors() {
 
 #[test]
 fn two_pass_blocks_below_the_limit() {
-    let len = 70_000; // beyond the in-cache limit: the two-pass path
+    let len = 300_000; // beyond the in-cache limit: the (chunked) two-pass path
     let mut rng = Rng(13);
     let base = rng.vec_f32(len, 3.0);
     let cases: Vec<Vec<f32>> = vec![
