@@ -122,6 +122,18 @@ impl CompensatedSum {
         self.sum = t;
     }
 
+    /// Adds every lane of the four unrolled accumulators.
+    #[inline(always)]
+    pub(crate) fn add_lanes<V: Vector>(&mut self, acc: &[V; 4]) {
+        self.add(
+            acc[0]
+                .add(acc[1])
+                .add(acc[2].add(acc[3]))
+                .reduce_add()
+                .to_f64(),
+        );
+    }
+
     #[inline(always)]
     pub(crate) fn value(self) -> f64 {
         self.sum + self.compensation
@@ -257,13 +269,7 @@ unsafe fn sum_given_max<V: Vector>(
         i += 4 * w;
         steps += 1;
         if steps == FOLD {
-            total.add(
-                acc[0]
-                    .add(acc[1])
-                    .add(acc[2].add(acc[3]))
-                    .reduce_add()
-                    .to_f64(),
-            );
+            total.add_lanes(&acc);
             acc = [zero; 4];
             steps = 0;
         }
@@ -285,13 +291,7 @@ unsafe fn sum_given_max<V: Vector>(
         acc[0] = acc[0].add(t);
         i += w;
     }
-    total.add(
-        acc[0]
-            .add(acc[1])
-            .add(acc[2].add(acc[3]))
-            .reduce_add()
-            .to_f64(),
-    );
+    total.add_lanes(&acc);
     total.value()
 }
 

@@ -98,13 +98,7 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: u
         i += 4 * w;
         steps += 1;
         if steps == FOLD {
-            total.add(
-                acc[0]
-                    .add(acc[1])
-                    .add(acc[2].add(acc[3]))
-                    .reduce_add()
-                    .to_f64(),
-            );
+            total.add_lanes(&acc);
             acc = [zero; 4];
             steps = 0;
         }
@@ -114,13 +108,7 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: u
         acc[0] = acc[0].add(dot_term::<V>(a, b, i, n));
         i += w;
     }
-    total.add(
-        acc[0]
-            .add(acc[1])
-            .add(acc[2].add(acc[3]))
-            .reduce_add()
-            .to_f64(),
-    );
+    total.add_lanes(&acc);
     total.value()
 }
 
