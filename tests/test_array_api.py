@@ -127,7 +127,7 @@ def test_bfloat16_in_bfloat16_out():
 
 def test_device_arrays_are_refused_not_copied():
     with pytest.raises(
-        NotImplementedError, match=r"normax.softmax: x is a torch tensor on meta.*no GPU backend"
+        NotImplementedError, match=r"normax.softmax: x is a torch tensor on meta.*CUDA arrays of torch and CuPy"
     ):
         normax.softmax(torch.empty(2, 3, device="meta"))
 
@@ -143,8 +143,16 @@ def test_device_arrays_are_refused_not_copied():
         def __dlpack__(self, **kwargs):
             raise AssertionError("normax must not ask for the data of a GPU array")
 
-    with pytest.raises(NotImplementedError, match="weight is a FakeGpuArray array on DLPack device 2"):
+    # A CUDA array goes to the CUDA path, which takes torch and CuPy arrays only.
+    with pytest.raises(NotImplementedError, match="rms_norm: CUDA arrays of .* are not supported"):
         normax.rms_norm(X, weight=FakeGpuArray())
+
+    class FakeRocmArray(FakeGpuArray):
+        def __dlpack_device__(self):
+            return (10, 0)  # kDLROCM
+
+    with pytest.raises(NotImplementedError, match="weight is a FakeRocmArray array on DLPack device 10"):
+        normax.rms_norm(X, weight=FakeRocmArray())
 
 
 def test_traced_jax_values_point_to_normax_jax():

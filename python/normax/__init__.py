@@ -13,7 +13,7 @@ from ._cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_with_grad,
 )
-from ._dispatch import array_api
+from ._dispatch import array_api, get_backend, set_backend
 from ._norms import (
     PowerNormSaved,
     PowerNormState,
@@ -56,6 +56,7 @@ __all__ = [
     "crms_norm_backward",
     "cross_entropy",
     "cross_entropy_with_grad",
+    "get_backend",
     "get_isa",
     "get_num_threads",
     "layer_norm",
@@ -69,6 +70,7 @@ __all__ = [
     "power_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "set_backend",
     "set_isa",
     "set_num_threads",
     "softmax",

@@ -22,9 +22,9 @@ import numpy as np
 _PLAIN = frozenset({np.ndarray, int, float, bool, str, tuple, list, type(None)})
 
 _GPU_MESSAGE = (
-    "{fname}: {name} is a {what} on {device}; normax has no GPU backend yet (the CUDA kernels are "
-    "a later issue) and never copies device data to the host silently: move it to the CPU "
-    "explicitly (e.g. tensor.cpu(), jax.device_put(x, jax.devices('cpu')[0]), cupy.asnumpy(x))"
+    "{fname}: {name} is a {what} on {device}; normax's GPU backend takes CUDA arrays of torch and "
+    "CuPy only, and never copies device data to the host silently: move it to the CPU explicitly "
+    "(e.g. tensor.cpu(), jax.device_put(x, jax.devices('cpu')[0]), cupy.asnumpy(x))"
 )
 
 _NOTE = """
@@ -34,8 +34,10 @@ _NOTE = """
     results). Inputs are read in place (NumPy views of their memory, never copies); results are
     handed over without a copy too, except to JAX, whose arrays own their buffers. A torch tensor
     that requires grad is read through its detached data, so the result carries no gradient: use
-    :mod:`normax.torch` for autograd (and :mod:`normax.jax` under jit, grad and vmap). Arrays on a
-    GPU (torch CUDA tensors, CuPy, JAX GPU arrays) raise NotImplementedError.
+    :mod:`normax.torch` for autograd (and :mod:`normax.jax` under jit, grad and vmap). torch CUDA tensors and CuPy arrays run on their
+    GPU with the CUDA kernels, on the caller's current stream, and come back on it (float32,
+    float16 and bfloat16; see the README's GPU section); other GPU arrays raise
+    NotImplementedError. ``device="wgpu"`` runs NumPy input on the portable wgpu backend.
 """
 
 
@@ -200,10 +202,66 @@ def _add_note(doc: str | None) -> str | None:
     return head.rstrip() + "\n" + _NOTE + tail
 
 
+_BACKENDS = ("cpu", "wgpu")
+_backend = ["cpu"]  # the default for NumPy input: set_backend()
+
+
+def set_backend(name: str) -> None:
+    """Where NumPy (host) arrays are computed by default: "cpu" (the default) or "wgpu".
+
+    "wgpu" runs the functions that have a wgpu kernel (softmax, log_softmax, logsumexp,
+    cross_entropy, cross_entropy_with_grad, rms_norm, layer_norm) on the portable GPU backend,
+    NumPy in and NumPy out; the others stay on the CPU. A call's ``device=`` overrides this.
+    CUDA arrays (torch CUDA tensors, CuPy) always run on their own GPU whatever the backend.
+    """
+    if not isinstance(name, str) or name not in _BACKENDS:
+        raise ValueError(f"name: expected one of {_BACKENDS}, got {name!r}")
+    _backend[0] = name
+
+
+def get_backend() -> str:
+    """The default backend for NumPy arrays (see :func:`set_backend`)."""
+    return _backend[0]
+
+
+def _gpu_impl(module_name: str, fname: str, name: str):
+    """The CUDA or wgpu implementation of a public function, or NotImplementedError."""
+    import importlib
+
+    module = importlib.import_module(f"normax.{module_name}")
+    impl = getattr(module, name, None)
+    if impl is None:
+        where = "CUDA arrays" if module_name == "_cuda" else 'device="wgpu"'
+        raise NotImplementedError(
+            f"{fname} has no GPU kernel for {where}; it runs on the CPU only (move the data to the host)"
+        )
+    return impl
+
+
+def _device_of(kwargs: dict, fname: str) -> str:
+    device = kwargs.pop("device", None)
+    if device is None:
+        return _backend[0]
+    if not isinstance(device, str) or device not in _BACKENDS:
+        raise ValueError(
+            f"device: expected None, 'cpu' or 'wgpu', got {device!r} (CUDA arrays run on their own GPU)"
+        )
+    return device
+
+
 def array_api(fn):
-    """Wraps a NumPy-first function so that it takes and returns any library's CPU arrays."""
+    """Wraps a NumPy-first function so that it takes and returns any library's CPU arrays.
+
+    It also adds the ``device=`` keyword (None, "cpu" or "wgpu", see :func:`set_backend`) and
+    sends CUDA arrays (torch, CuPy) to the CUDA kernels.
+    """
     fname = f"normax.{fn.__name__}"
     names = tuple(inspect.signature(fn).parameters)
+
+    def on_cuda(args, kwargs) -> bool:
+        from . import _cuda
+
+        return any(_cuda.is_cuda_array(a) for a in (*args, *kwargs.values()))
 
     def dispatch(args, kwargs):
         library = None
@@ -235,15 +293,26 @@ def array_api(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         # The plain-NumPy call: only a type lookup per argument before the function itself.
-        if not kwargs and len(args) == 1 and type(args[0]) is np.ndarray:
+        if not kwargs and len(args) == 1 and type(args[0]) is np.ndarray and _backend[0] == "cpu":
             return fn(args[0])
-        for a in args:
-            if type(a) not in _PLAIN and _library(a):
-                return dispatch(args, kwargs)
-        for a in kwargs.values():
-            if type(a) not in _PLAIN and _library(a):
-                return dispatch(args, kwargs)
+        device = _device_of(kwargs, fname) if kwargs or _backend[0] != "cpu" else "cpu"
+        foreign = any(type(a) not in _PLAIN and _library(a) for a in (*args, *kwargs.values()))
+        if foreign and on_cuda(args, kwargs):
+            return _gpu_impl("_cuda", fname, fn.__name__)(*args, **kwargs)
+        if device == "wgpu":
+            if foreign:
+                raise TypeError(
+                    f'{fname}: device="wgpu" takes NumPy arrays (host memory); got another library\'s arrays'
+                )
+            return _gpu_impl("_wgpu", fname, fn.__name__)(*args, **kwargs)
+        if foreign:
+            return dispatch(args, kwargs)
         return fn(*args, **kwargs)
+
+    signature = inspect.signature(fn)
+    if "device" not in signature.parameters:
+        device = inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default=None)
+        wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), device])
 
     wrapper.__doc__ = _add_note(fn.__doc__)
     return wrapper

@@ -10,6 +10,8 @@ use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod norms;
 
 fn to_py(e: Error) -> PyErr {
@@ -416,5 +418,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(supported_isas, m)?)?;
     norms::register(m)?;
     cross_entropy::register(m)?;
+    #[cfg(feature = "cuda")]
+    cuda::register(m)?;
     Ok(())
 }

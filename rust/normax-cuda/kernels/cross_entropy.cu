@@ -1,0 +1,186 @@
+// Cross-entropy loss and gradient over rows of logits, torch's definitions (see normax-core's
+// cross_entropy.rs for the formulas). With lse the row's log-sum-exp of the (softcapped) logits:
+//   loss = (1 - eps) * target_term + eps / C * (sum_c w_c * lse - sum_c w_c x_c) + z * lse^2
+//   grad_c = (p_c * A - w_c * (b + ct * t_c)) * (1 - (x_c / cap)^2 with a softcap)
+// Pass 1 gathers per row (chunk): max and sum of exp, sum_c w_c x_c, and for probability targets
+// sum_c w_c t_c and sum_c w_c t_c x_c; pass 2 finishes the loss and writes the gradient.
+
+#define NX_MAX_ROWS_PER_BLOCK 8
+
+struct CeArgs {
+    const i64* target;   // class indices, or null for probability targets
+    const void* probs;   // probability targets (the logits' dtype), or null
+    const float* weight; // class weights, or null for ones
+    i64 ignore_index;
+    float eps, z, cap;  // cap 0: no softcap
+};
+
+// The row statistics of pass 1: the (max, sum) pair and sums that simply add: sum_c w_c x_c and
+// sum_c w_c (smoothing), sum_c w_c t_c and sum_c w_c t_c x_c (probability targets).
+// x_y, the hard target's (capped) logit, is gathered here too (zero elsewhere, so it adds): pass 2
+// may be writing the gradient over the logits.
+struct CeStats {
+    float2 ms;
+    float wx, w, wt, wtx, xy;
+};
+struct CeMerge {
+    __device__ CeStats operator()(CeStats a, CeStats b) const {
+        CeStats r;
+        r.ms = MaxSum()(a.ms, b.ms);
+        r.wx = a.wx + b.wx;
+        r.w = a.w + b.w;
+        r.wt = a.wt + b.wt;
+        r.wtx = a.wtx + b.wtx;
+        r.xy = a.xy + b.xy;
+        return r;
+    }
+};
+__device__ __forceinline__ CeStats shfl_xor(CeStats v, int o) {
+    CeStats r;
+    r.ms = shfl_xor(v.ms, o);
+    r.wx = shfl_xor(v.wx, o);
+    r.w = shfl_xor(v.w, o);
+    r.wt = shfl_xor(v.wt, o);
+    r.wtx = shfl_xor(v.wtx, o);
+    r.xy = shfl_xor(v.xy, o);
+    return r;
+}
+
+__device__ __forceinline__ float capped(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
+
+template <class T, int V>
+__device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const CeArgs& a, const RowSlot& s,
+                                                  CeStats* scratch) {
+    CeStats st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    bool smooth = a.eps > 0.0f;
+    if (s.active) {
+        const T* row = x + s.row * cols;
+        const T* prow = a.probs ? static_cast<const T*>(a.probs) + s.row * cols : nullptr;
+        i64 y = a.target ? a.target[s.row] : -1;
+        for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
+            float v[V];
+            load<T, V>(row + i, v);
+#pragma unroll
+            for (int j = 0; j < V; ++j) v[j] = capped(v[j], a.cap);
+            max_sum_add<V>(st.ms, v);
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (i + j == y) st.xy = v[j];
+            if (smooth || prow) {
+                float t[V];
+                if (prow) load<T, V>(prow + i, t);
+#pragma unroll
+                for (int j = 0; j < V; ++j) {
+                    float w = a.weight ? a.weight[i + j] : 1.0f;
+                    if (smooth) {
+                        st.wx = fmaf(w, v[j], st.wx);
+                        st.w += w;
+                    }
+                    if (prow) {
+                        st.wt = fmaf(w, t[j], st.wt);
+                        st.wtx = fmaf(w * t[j], v[j], st.wtx);
+                    }
+                }
+            }
+        }
+    }
+    return row_reduce(st, scratch, CeMerge());
+}
+
+template <class T, int V>
+__device__ void ce_part(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, CeStats* part) {
+    __shared__ CeStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
+    RowSlot s = row_slot(rows, cols, chunk, chunks);
+    CeStats st = ce_chunk_stats<T, V>(x, cols, a, s, scratch);
+    if (s.active && threadIdx.x == 0) part[s.row * chunks + s.piece] = st;
+}
+
+// Pass 2. Writes loss_rows[row] (from the first chunk's block) and, when grad is not null, the
+// gradient of this chunk scaled by gscale[row * gscale_stride]. Ignored rows: loss 0, gradient 0.
+template <class T, int V>
+__device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, const CeStats* part,
+                        float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {
+    __shared__ CeStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
+    RowSlot s = row_slot(rows, cols, chunk, chunks);
+    CeStats st;
+    if (part == nullptr) {
+        st = ce_chunk_stats<T, V>(x, cols, a, s, scratch);
+    } else {
+        st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (s.active)
+            for (int c = 0; c < chunks; ++c) st = CeMerge()(st, part[s.row * chunks + c]);
+    }
+    if (!s.active) return;
+    const T* row = x + s.row * cols;
+    i64 y = -1;
+    bool ignored = false;
+    if (a.target) {
+        y = a.target[s.row];
+        // Out-of-range classes were refused by the caller; treated as ignored here, never read.
+        ignored = y == a.ignore_index || y < 0 || y >= cols;
+    }
+    float lse = st.ms.x + logf(st.ms.y);
+    float x_y = 0.0f, w_y = 0.0f;
+    if (a.target && !ignored) {
+        x_y = st.xy;
+        w_y = a.weight ? a.weight[y] : 1.0f;
+    }
+    float c_over = a.eps / (float)cols;
+    if (s.piece == 0 && threadIdx.x == 0) {
+        float loss = 0.0f;
+        if (!ignored) {
+            float target_term = a.target ? w_y * (lse - x_y) : st.wt * lse - st.wtx;
+            loss = (1.0f - a.eps) * target_term;
+            if (a.eps > 0.0f) loss += c_over * (st.w * lse - st.wx);
+            if (a.z > 0.0f) loss += a.z * lse * lse;
+        }
+        loss_rows[s.row] = loss;
+    }
+    if (grad == nullptr) return;
+    T* grow = grad + s.row * cols;
+    float sc = ignored ? 0.0f : gscale[s.row * gscale_stride];
+    float sum_wt = a.target ? w_y : st.wt;
+    float coef_a = (1.0f - a.eps) * sum_wt;
+    if (a.eps > 0.0f) coef_a += c_over * st.w;
+    if (a.z > 0.0f) coef_a += 2.0f * a.z * lse;
+    coef_a *= sc;
+    float coef_b = sc * c_over, coef_t = sc * (1.0f - a.eps);
+    const T* prow = a.probs ? static_cast<const T*>(a.probs) + s.row * cols : nullptr;
+    for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
+        float v[V], t[V];
+        load<T, V>(row + i, v);
+        if (prow) load<T, V>(prow + i, t);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            if (ignored) {
+                v[j] = 0.0f;
+                continue;
+            }
+            float xc = capped(v[j], a.cap);
+            float tc = prow ? t[j] : (i + j == y ? 1.0f : 0.0f);
+            float w = a.weight ? a.weight[i + j] : 1.0f;
+            float g = fast_exp(xc - lse) * coef_a - w * (coef_b + coef_t * tc);
+            if (a.cap > 0.0f) {
+                float u = xc / a.cap;
+                g *= 1.0f - u * u;
+            }
+            v[j] = g;
+        }
+        store<T, V>(grow + i, v);
+    }
+}
+
+#define NX_CE(name, T, V)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(1024) ce_part_##name##_v##V(                             \
+        const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, CeStats* part) {                 \
+        ce_part<T, V>(x, rows, cols, chunk, chunks, a, part);                                             \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(1024) cross_entropy_##name##_v##V(                       \
+        const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, const CeStats* part,             \
+        float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {                              \
+        ce_rows<T, V>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride);     \
+    }
+
+#define NX_CE_TYPE(name, T, V) NX_CE(name, T, 1) NX_CE(name, T, V)
+
+NX_TYPES(NX_CE_TYPE)

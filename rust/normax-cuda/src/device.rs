@@ -1,0 +1,249 @@
+//! Devices, their compiled modules, kernel launches and stream-ordered scratch memory.
+//!
+//! The primary context of each device is retained once (the one PyTorch and CuPy use too) and
+//! made current around each call, restoring whatever the calling thread had current before.
+
+use crate::compile::{compile, ensure_nvrtc};
+use crate::{Error, Result, Stream};
+use cudarc::driver::sys::{self, CUdevice_attribute as Attr, CUresult};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Mutex, OnceLock};
+
+pub(crate) struct Device {
+    ctx: sys::CUcontext,
+    arch: String,
+    pub(crate) sms: u32,
+    modules: HashMap<&'static str, sys::CUmodule>,
+    functions: HashMap<String, sys::CUfunction>,
+}
+
+// The handles are process-wide driver objects, usable from any thread.
+unsafe impl Send for Device {}
+
+fn ok(rc: CUresult, what: &str) -> Result<()> {
+    if rc == CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut msg: *const std::ffi::c_char = std::ptr::null();
+    // Safety: an out-pointer; the driver returns a static string or leaves it null.
+    let text = unsafe {
+        if sys::cuGetErrorString(rc, &mut msg) == CUresult::CUDA_SUCCESS && !msg.is_null() {
+            std::ffi::CStr::from_ptr(msg).to_string_lossy().into_owned()
+        } else {
+            String::new()
+        }
+    };
+    Err(Error::Cuda(format!("{what} failed: {rc:?} {text}")))
+}
+
+fn driver() -> Result<()> {
+    static INIT: OnceLock<Result<()>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        // Safety: only tries to dlopen the candidate library names.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Unavailable(
+                "the CUDA driver library (libcuda.so.1) was not found: this machine has no NVIDIA \
+                 driver"
+                    .into(),
+            ));
+        }
+        // Safety: plain driver initialisation.
+        ok(unsafe { sys::cuInit(0) }, "cuInit").map_err(|e| Error::Unavailable(e.to_string()))
+    })
+    .clone()
+}
+
+fn attribute(dev: sys::CUdevice, attr: Attr) -> Result<i32> {
+    let mut v = 0;
+    // Safety: out-pointer to a local.
+    ok(
+        unsafe { sys::cuDeviceGetAttribute(&mut v, attr, dev) },
+        "cuDeviceGetAttribute",
+    )?;
+    Ok(v)
+}
+
+fn open(ordinal: i32) -> Result<Device> {
+    let mut dev = 0;
+    // Safety: out-pointers to locals.
+    unsafe {
+        ok(sys::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
+    }
+    let mut ctx = std::ptr::null_mut();
+    // Safety: as above; the retained context lives as long as the process.
+    ok(
+        unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+        "cuDevicePrimaryCtxRetain",
+    )?;
+    let major = attribute(dev, Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attribute(dev, Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sms = attribute(dev, Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    Ok(Device {
+        ctx,
+        arch: format!("sm_{major}{minor}"),
+        sms: sms.max(1) as u32,
+        modules: HashMap::new(),
+        functions: HashMap::new(),
+    })
+}
+
+static DEVICES: Mutex<Vec<(i32, Device)>> = Mutex::new(Vec::new());
+
+/// Runs `f` with device `ordinal`'s primary context current on this thread.
+pub(crate) fn with_device<R>(ordinal: i32, f: impl FnOnce(&mut Device) -> Result<R>) -> Result<R> {
+    driver()?;
+    ensure_nvrtc()?;
+    let mut devices = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
+    let at = match devices.iter().position(|(o, _)| *o == ordinal) {
+        Some(at) => at,
+        None => {
+            let d = open(ordinal)?;
+            devices.push((ordinal, d));
+            devices.len() - 1
+        }
+    };
+    let device = &mut devices[at].1;
+    // Safety: a context retained above; popped again below on every path.
+    ok(
+        unsafe { sys::cuCtxPushCurrent_v2(device.ctx) },
+        "cuCtxPushCurrent",
+    )?;
+    let result = f(device);
+    let mut popped = std::ptr::null_mut();
+    // Safety: pops exactly the context pushed above.
+    let pop = ok(
+        unsafe { sys::cuCtxPopCurrent_v2(&mut popped) },
+        "cuCtxPopCurrent",
+    );
+    let value = result?;
+    pop?;
+    Ok(value)
+}
+
+/// The device's name and architecture, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
+pub fn device_name(ordinal: i32) -> Result<String> {
+    with_device(ordinal, |d| {
+        let mut dev = 0;
+        let mut name = [0 as std::ffi::c_char; 256];
+        // Safety: out-pointers to locals of the stated sizes.
+        unsafe {
+            ok(sys::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
+            ok(
+                sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev),
+                "cuDeviceGetName",
+            )?;
+            let name = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy();
+            Ok(format!("{name} ({})", d.arch))
+        }
+    })
+}
+
+impl Device {
+    /// The kernel `name` of `module`, compiling and loading the module on first use.
+    pub(crate) fn function(&mut self, module: &'static str, name: &str) -> Result<sys::CUfunction> {
+        if let Some(&f) = self.functions.get(name) {
+            return Ok(f);
+        }
+        let m = match self.modules.get(module) {
+            Some(&m) => m,
+            None => {
+                let image = compile(module, &self.arch)?;
+                let mut m = std::ptr::null_mut();
+                // Safety: a complete cubin image; the context is current (with_device).
+                ok(
+                    unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr().cast()) },
+                    "cuModuleLoadData",
+                )?;
+                self.modules.insert(module, m);
+                m
+            }
+        };
+        let cname = CString::new(name).expect("kernel names have no NUL");
+        let mut f = std::ptr::null_mut();
+        // Safety: a loaded module and a NUL-terminated name.
+        ok(
+            unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) },
+            name,
+        )?;
+        self.functions.insert(name.to_string(), f);
+        Ok(f)
+    }
+}
+
+/// Launches `f` with `grid` blocks of `block` threads on `stream`. `params` point at the
+/// kernel's arguments, in order and of exactly the kernel's parameter types.
+///
+/// Safety: the arguments must match the kernel's signature and every address in them must be
+/// valid device memory of the sizes the kernel reads and writes.
+pub(crate) unsafe fn launch(
+    f: sys::CUfunction,
+    grid: u32,
+    block: (u32, u32),
+    stream: Stream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    launch_2d(f, (grid, 1), block, stream, params)
+}
+
+/// Stream-ordered device scratch, freed (also stream-ordered) when dropped.
+pub(crate) struct Scratch {
+    pub(crate) ptr: u64,
+    stream: Stream,
+}
+
+impl Scratch {
+    pub(crate) fn new(bytes: usize, stream: Stream) -> Result<Scratch> {
+        let mut ptr = 0;
+        // Safety: out-pointer; the stream belongs to the current context's device.
+        ok(
+            unsafe { sys::cuMemAllocAsync(&mut ptr, bytes.max(1), stream.handle as sys::CUstream) },
+            "cuMemAllocAsync",
+        )?;
+        Ok(Scratch { ptr, stream })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Safety: allocated by cuMemAllocAsync on this stream; the kernels using it were enqueued
+        // before, so the free is ordered after them.
+        unsafe {
+            sys::cuMemFreeAsync(self.ptr, self.stream.handle as sys::CUstream);
+        }
+    }
+}
+
+/// Pointers to the kernel arguments, for [`launch`]; the arguments must outlive the call.
+macro_rules! params {
+    ($($a:expr),* $(,)?) => {
+        [$(&$a as *const _ as *mut std::ffi::c_void),*]
+    };
+}
+pub(crate) use params;
+
+/// [`launch`] with a 2-D grid. Safety: as [`launch`].
+pub(crate) unsafe fn launch_2d(
+    f: sys::CUfunction,
+    grid: (u32, u32),
+    block: (u32, u32),
+    stream: Stream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    ok(
+        sys::cuLaunchKernel(
+            f,
+            grid.0,
+            grid.1,
+            1,
+            block.0,
+            block.1,
+            1,
+            0,
+            stream.handle as sys::CUstream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        ),
+        "cuLaunchKernel",
+    )
+}

@@ -1,0 +1,144 @@
+"""The CUDA backend where no GPU is needed: NVRTC compiles every kernel for sm_80 and sm_90, the
+DLPack checks refuse bad arrays before any address reaches a kernel, and CUDA arrays are routed
+to the CUDA path (which says why when it cannot run). The kernels' results are checked on a GPU
+by benches/gpu_check.sh."""
+
+import ctypes
+import sys
+
+import numpy as np
+import pytest
+
+import normax
+from normax import _core, _cuda
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the NVRTC wheel and these checks are Linux-only"
+)
+
+
+def test_nvrtc_comes_from_the_wheel():
+    path = _cuda.load_nvrtc()
+    assert path is not None and "libnvrtc.so" in path, "pip install nvidia-cuda-nvrtc (a test dependency)"
+    major, minor = _core.cuda_nvrtc_version()
+    assert major >= 12
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_compiles(arch):
+    modules = dict(_cuda.compile_check(arch))
+    assert set(modules) == {"softmax", "cross_entropy", "norms"}
+    assert all(size > 10_000 for size in modules.values())  # real cubins, not empty images
+
+
+def test_bad_architecture_is_a_value_error():
+    with pytest.raises(ValueError, match="arch"):
+        _cuda.compile_check("compute_90; rm")
+
+
+# -- DLPack capsules built by hand: a CUDA tensor description whose memory is never touched here.
+
+class _DlTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device_type", ctypes.c_int32),
+        ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("code", ctypes.c_uint8),
+        ("bits", ctypes.c_uint8),
+        ("lanes", ctypes.c_uint16),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _Managed(ctypes.Structure):
+    _fields_ = [("tensor", _DlTensor), ("ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+
+_KEEP = []  # the structs must outlive the capsules that point at them
+
+
+def capsule(shape, *, device_type=2, device_id=0, code=2, bits=32, strides=None, data=1 << 20):
+    shp = (ctypes.c_int64 * len(shape))(*shape)
+    std = None if strides is None else (ctypes.c_int64 * len(strides))(*strides)
+    m = _Managed()
+    m.tensor = _DlTensor(
+        data, device_type, device_id, len(shape), code, bits, 1, shp,
+        ctypes.cast(std, ctypes.POINTER(ctypes.c_int64)) if std is not None else None, 0,
+    )  # fmt: skip
+    _KEEP.append((m, shp, std))
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    return new(ctypes.addressof(m), b"dltensor", None)
+
+
+def test_capsules_are_checked_before_any_cuda_call():
+    x, y = capsule((2, 3)), capsule((2, 3))
+    with pytest.raises(ValueError, match="out: expected 6 elements"):
+        _core.cuda_softmax(x, capsule((2, 2)), 2, 3, False, 0, 0)
+    with pytest.raises(ValueError, match="x: not a CUDA array"):
+        _core.cuda_softmax(capsule((2, 3), device_type=1), y, 2, 3, False, 0, 0)
+    with pytest.raises(ValueError, match="out: is on cuda:1"):
+        _core.cuda_softmax(x, capsule((2, 3), device_id=1), 2, 3, False, 0, 0)
+    with pytest.raises(ValueError, match="x: must be C-contiguous"):
+        _core.cuda_softmax(capsule((2, 3), strides=(1, 2)), y, 2, 3, False, 0, 0)
+    with pytest.raises(TypeError, match="x: unsupported element type"):
+        _core.cuda_softmax(capsule((2, 3), bits=64), y, 2, 3, False, 0, 0)
+    with pytest.raises(ValueError, match="out: expected F32 elements, got F16"):
+        _core.cuda_softmax(x, capsule((2, 3), bits=16), 2, 3, False, 0, 0)
+    with pytest.raises(TypeError, match="x: expected a DLPack capsule"):
+        _core.cuda_softmax(np.zeros((2, 3), np.float32), y, 2, 3, False, 0, 0)
+    with pytest.raises(ValueError, match="target: expected 2 class indices"):
+        _core.cuda_cross_entropy(
+            x, capsule((3,), code=0, bits=64), None, capsule((2,)), None, None, 0, 2, 3, -100, 0.0, 0.0, 0.0, 0, 0
+        )
+    with pytest.raises(ValueError, match="rstd: expected 2 elements"):
+        _core.cuda_norm_backward("rms", x, x, None, None, capsule((3,)), y, None, None, 2, 3, 0, 0)
+    # Size-1 axes may carry any stride (as torch exports them).
+    with pytest.raises((RuntimeError, ValueError)) as info:
+        _core.cuda_softmax(capsule((1, 3), strides=(7, 1)), capsule((1, 3)), 1, 3, False, 0, 0)
+    assert "contiguous" not in str(info.value)
+
+
+@pytest.mark.skipif(_cuda.available(), reason="checks the error of a machine without a CUDA driver")
+def test_without_a_driver_the_error_says_why():
+    with pytest.raises(RuntimeError, match="CUDA driver library"):
+        _core.cuda_softmax(capsule((2, 3)), capsule((2, 3)), 2, 3, False, 0, 0)
+
+
+class FakeCudaArray:
+    """Looks like a CUDA array of an unsupported library (DLPack device type 2)."""
+
+    ndim = 2
+    shape = (2, 3)
+
+    def __array_namespace__(self, api_version=None):
+        import array_api_strict
+
+        return array_api_strict
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+def test_cuda_arrays_are_routed_and_unsupported_libraries_named():
+    assert _cuda.is_cuda_array(FakeCudaArray())
+    assert not _cuda.is_cuda_array(np.zeros(3))
+    with pytest.raises(NotImplementedError, match="softmax: CUDA arrays of .* are not supported"):
+        normax.softmax(FakeCudaArray())
+    # Functions without a CUDA kernel say so.
+    with pytest.raises(NotImplementedError, match="power_norm has no GPU kernel"):
+        normax.power_norm(FakeCudaArray(), None, None, normax.PowerNormState(3))
+
+
+def test_backend_and_device_arguments_are_validated():
+    assert normax.get_backend() == "cpu"
+    with pytest.raises(ValueError, match="name: expected one of"):
+        normax.set_backend("cuda")
+    with pytest.raises(ValueError, match="device: expected None, 'cpu' or 'wgpu'"):
+        normax.softmax(np.zeros(3), device="tpu")
+    np.testing.assert_array_equal(normax.softmax(np.zeros(2), device="cpu"), [0.5, 0.5])
+    assert "device" in str(__import__("inspect").signature(normax.softmax))
