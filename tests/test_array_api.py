@@ -127,7 +127,8 @@ def test_bfloat16_in_bfloat16_out():
 
 def test_device_arrays_are_refused_not_copied():
     with pytest.raises(
-        NotImplementedError, match=r"normax.softmax: x is a torch tensor on meta.*CUDA arrays of torch and CuPy"
+        NotImplementedError,
+        match=r"normax.softmax: x is a torch tensor on meta.*CUDA arrays of torch and CuPy",
     ):
         normax.softmax(torch.empty(2, 3, device="meta"))
 

@@ -6,10 +6,9 @@ by benches/gpu_check.sh."""
 import ctypes
 import sys
 
+import normax
 import numpy as np
 import pytest
-
-import normax
 from normax import _core, _cuda
 
 pytestmark = pytest.mark.skipif(
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 def test_nvrtc_comes_from_the_wheel():
     path = _cuda.load_nvrtc()
     assert path is not None and "libnvrtc.so" in path, "pip install nvidia-cuda-nvrtc (a test dependency)"
-    major, minor = _core.cuda_nvrtc_version()
+    major, _ = _core.cuda_nvrtc_version()
     assert major >= 12
 
 
@@ -37,6 +36,7 @@ def test_bad_architecture_is_a_value_error():
 
 
 # -- DLPack capsules built by hand: a CUDA tensor description whose memory is never touched here.
+
 
 class _DlTensor(ctypes.Structure):
     _fields_ = [
@@ -93,7 +93,21 @@ def test_capsules_are_checked_before_any_cuda_call():
         _core.cuda_softmax(np.zeros((2, 3), np.float32), y, 2, 3, False, 0, 0)
     with pytest.raises(ValueError, match="target: expected 2 class indices"):
         _core.cuda_cross_entropy(
-            x, capsule((3,), code=0, bits=64), None, capsule((2,)), None, None, 0, 2, 3, -100, 0.0, 0.0, 0.0, 0, 0
+            x,
+            capsule((3,), code=0, bits=64),
+            None,
+            capsule((2,)),
+            None,
+            None,
+            0,
+            2,
+            3,
+            -100,
+            0.0,
+            0.0,
+            0.0,
+            0,
+            0,
         )
     with pytest.raises(ValueError, match="rstd: expected 2 elements"):
         _core.cuda_norm_backward("rms", x, x, None, None, capsule((3,)), y, None, None, 2, 3, 0, 0)

@@ -429,9 +429,19 @@ def test_patch_swaps_norms_in_place():
     assert nt.patch(model) == 0  # already ours
 
 
-def test_cpu_only_error_names_the_missing_backend():
-    with pytest.raises(NotImplementedError, match="no GPU backend"):
+def test_other_devices_error_names_the_missing_kernel():
+    with pytest.raises(NotImplementedError, match="no kernel for that device"):
         nt._host(torch.empty(2, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "op",
+    ["softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "logsumexp", "cross_entropy",
+     "cross_entropy_with_grad", "layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"],
+)  # fmt: skip
+def test_ops_have_a_cuda_kernel(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"normax::{op}", "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"normax::{op}", "XLA")
 
 
 def test_importing_normax_torch_registers_the_ops():

@@ -246,7 +246,9 @@ def _run(lib: _Lib, kernel, *args):
     _require_build()
     if not _NVRTC_LOADED:
         load_nvrtc()
-    caps = [lib.capsule(a) if a is not None and not isinstance(a, (int, float, str, bool)) else a for a in args]
+    caps = [
+        lib.capsule(a) if a is not None and not isinstance(a, (int, float, str, bool)) else a for a in args
+    ]
     kernel(*caps, lib.index, lib.stream)
 
 
@@ -542,7 +544,20 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
     y = lib.empty((rows.rows, rows.cols), x.dtype)
     mean = lib.empty((rows.rows,), f32) if return_stats and kind == "layer" else None
     rstd = lib.empty((rows.rows,), f32) if return_stats else None
-    _run(lib, _core.cuda_norm_forward, kind, rows.work, params[0], params[1], y, mean, rstd, rows.rows, rows.cols, e)
+    _run(
+        lib,
+        _core.cuda_norm_forward,
+        kind,
+        rows.work,
+        params[0],
+        params[1],
+        y,
+        mean,
+        rstd,
+        rows.rows,
+        rows.cols,
+        e,
+    )
     y = _finish(lib, rows.back(y), out)
     if not return_stats:
         return y

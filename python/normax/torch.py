@@ -8,13 +8,15 @@
 
 Every op is a ``torch.library.custom_op`` (namespace ``normax``) with ``register_fake`` and
 ``register_autograd``: autograd, ``torch.compile(fullgraph=True)`` (no graph break at our ops) and
-``torch.library.opcheck`` work. The kernels run on NumPy views of the tensors' CPU memory (no
+``torch.library.opcheck`` work. On the CPU the kernels run on NumPy views of the tensors' memory (no
 copies); float32 and float64 compute as themselves, float16 in float32 inside the kernels, bfloat16
 through a float32 copy; results come back in the input's dtype.
 
 Differences from torch, stated once:
 
-- CPU tensors only: a CUDA tensor raises NotImplementedError (normax has no GPU backend yet).
+- CPU and CUDA tensors. CUDA tensors (float32, float16, bfloat16) run on normax's CUDA kernels
+  (compiled by NVRTC at first use) on torch's current stream; the saved statistics are float32
+  computed and kept as float64 like the CPU ones. Other devices raise NotImplementedError.
 - Double backward is not supported: differentiating one of our backward passes raises a
   RuntimeError ("Trying to backward through normax.<op> ... but no autograd formula was
   registered", or "does not require grad" where the first gradient came out of a saved one);
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _adapt, _cross_entropy, _norms, _softmax
+from . import _adapt, _cross_entropy, _cuda, _norms, _softmax
 
 __all__ = [
     "CrossEntropyLoss",
@@ -61,8 +63,9 @@ def _host(t: Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (bfloat16: a float32 copy)."""
     if t.device.type != "cpu":
         raise NotImplementedError(
-            f"normax.torch: got a tensor on {t.device}; normax has no GPU backend yet (the CUDA "
-            "kernels are a later issue) and does not copy device tensors to the host silently"
+            f"normax.torch: got a tensor on {t.device}; this op has no kernel for that device (CUDA "
+            "kernels cover softmax, log_softmax, logsumexp, cross_entropy and the norms) and normax "
+            "does not copy device tensors to the host silently"
         )
     t = t.detach().resolve_conj().resolve_neg()
     if t.dtype == torch.bfloat16:
@@ -910,6 +913,93 @@ def rms_norm(
     k = _normalized(fname, input, normalized_shape, (("weight", weight),))
     e = torch.finfo(input.dtype).eps if eps is None else float(eps)
     return _rms_norm_op(input, k, weight, e)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels of the ops above: CUDA tensors run on normax's CUDA backend (normax._cuda), on
+# torch's current stream, returning exactly what the fake implementations promise.
+
+
+def _dense(t: Tensor) -> Tensor:
+    return t.contiguous()
+
+
+@_softmax_op.register_kernel("cuda")
+def _(x, dim):
+    return _dense(_cuda.softmax(x, axis=dim))
+
+
+@_log_softmax_op.register_kernel("cuda")
+def _(x, dim):
+    return _dense(_cuda.log_softmax(x, axis=dim))
+
+
+@_softmax_backward_op.register_kernel("cuda")
+def _(y, dy, dim):
+    return _dense(_cuda.softmax_backward(y, dy, axis=dim))
+
+
+@_log_softmax_backward_op.register_kernel("cuda")
+def _(y, dy, dim):
+    return _dense(_cuda.log_softmax_backward(y, dy, axis=dim))
+
+
+@_logsumexp_op.register_kernel("cuda")
+def _(x, dim, keepdim):
+    return _dense(_cuda.logsumexp(x, axis=tuple(dim) if dim else None, keepdims=keepdim))
+
+
+def _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    return {
+        "axis": axis,
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "softcap": softcap,
+    }
+
+
+@_cross_entropy_op.register_kernel("cuda")
+def _(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    opts = _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _dense(_cuda.cross_entropy(input, target, **opts))
+
+
+@_cross_entropy_with_grad_op.register_kernel("cuda")
+def _(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    opts = _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss, grad = _cuda.cross_entropy_with_grad(input, target, **opts)
+    return _dense(loss), _dense(grad)
+
+
+@_layer_norm_op.register_kernel("cuda")
+def _(x, ndim, weight, bias, eps):
+    y, mean, rstd = _cuda.layer_norm(x, weight, bias, eps=eps, axis=_norm_axes(ndim), return_stats=True)
+    return _dense(y), mean.double(), rstd.double()  # float64, as the CPU op saves them
+
+
+@_layer_norm_backward_op.register_kernel("cuda")
+def _(dy, x, ndim, weight, bias, mean, rstd, eps):
+    dx, dw, db = _cuda.layer_norm_backward(
+        dy, x, weight, bias, eps=eps, axis=_norm_axes(ndim), mean=mean, rstd=rstd
+    )
+    dw = _absent(x) if dw is None else dw.to(weight.dtype)
+    db = _absent(x) if db is None else db.to(bias.dtype)
+    return _dense(dx), dw, db
+
+
+@_rms_norm_op.register_kernel("cuda")
+def _(x, ndim, weight, eps):
+    y, rstd = _cuda.rms_norm(x, weight, eps=eps, axis=_norm_axes(ndim), return_stats=True)
+    return _dense(y), rstd.double()
+
+
+@_rms_norm_backward_op.register_kernel("cuda")
+def _(dy, x, ndim, weight, rstd, eps):
+    dx, dw = _cuda.rms_norm_backward(dy, x, weight, eps=eps, axis=_norm_axes(ndim), rstd=rstd)
+    return _dense(dx), (_absent(x) if dw is None else dw.to(weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
