@@ -40,8 +40,11 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 
 def is_cuda_array(a) -> bool:
-    """Whether `a` exports DLPack on a CUDA device."""
-    device = getattr(type(a), "__dlpack_device__", None)
+    """Whether `a` is an array on a CUDA device (torch, CuPy, or anything exporting DLPack there)."""
+    t = type(a)
+    if t.__module__.startswith("torch"):
+        return getattr(a, "is_cuda", False) is True  # cheaper than torch's __dlpack_device__
+    device = getattr(t, "__dlpack_device__", None)
     if device is None:
         return False
     try:
@@ -138,7 +141,7 @@ def _require_build() -> None:
 
 
 class _Lib:
-    """What the CUDA path needs from the caller's array library."""
+    """What the CUDA path needs from the caller's array library (torch or CuPy)."""
 
     def __init__(self, a, fname: str):
         mod = type(a).__module__.split(".")[0]
@@ -150,21 +153,26 @@ class _Lib:
         self.name = mod
         self.fname = fname
         self.mod = sys.modules[mod]
+        self.device = a.device
         if mod == "torch":
-            self.device = a.device
-            self.index = a.device.index if a.device.index is not None else self.mod.cuda.current_device()
-            stream = self.mod.cuda.current_stream(self.device).cuda_stream
+            self.index = a.get_device()
+            self._to_dlpack = self.mod.utils.dlpack.to_dlpack
         else:
-            self.device = a.device
             self.index = a.device.id
-            with a.device:
-                stream = self.mod.cuda.get_current_stream().ptr
-        self.stream = int(stream)
+        self.stream = self.current_stream()
+
+    def current_stream(self) -> int:
+        """The caller's current stream on this device, as a raw CUstream handle."""
+        if self.name == "torch":
+            raw = getattr(self.mod._C, "_cuda_getCurrentRawStream", None)  # what compiled code uses
+            return int(raw(self.index) if raw else self.mod.cuda.current_stream(self.device).cuda_stream)
+        with self.device:
+            return int(self.mod.cuda.get_current_stream().ptr)
 
     # -- arrays
 
     def dtype_name(self, a) -> str:
-        return str(a.dtype).rsplit(".", 1)[-1]
+        return self.dtype_name_of(a.dtype)
 
     def check_dtype(self, a, name: str) -> None:
         if self.dtype_name(a) not in _DTYPES:
@@ -187,9 +195,7 @@ class _Lib:
             return self.mod.asarray(np.asarray(a))
 
     def _index_of(self, a) -> int:
-        if self.name == "torch":
-            return a.device.index if a.device.index is not None else self.mod.cuda.current_device()
-        return a.device.id
+        return a.get_device() if self.name == "torch" else a.device.id
 
     def contiguous(self, a):
         return a.contiguous() if self.name == "torch" else self.mod.ascontiguousarray(a)
@@ -220,8 +226,12 @@ class _Lib:
             return self.mod.asarray(value, dtype=dtype).reshape(1)
 
     def capsule(self, a):
-        # The kernels run on the caller's stream: the producer orders its work before it (for
-        # its current stream, a no-op). DLPack spells the legacy default stream 1, never 0.
+        # The kernels run on the caller's current stream, the one its own work is ordered on, so
+        # the capsule needs no stream synchronization: torch's to_dlpack skips it (and costs a
+        # tenth of __dlpack__'s Python-level checks); CuPy is asked for that stream (a no-op).
+        # DLPack spells the legacy default stream 1, never 0.
+        if self.name == "torch":
+            return self._to_dlpack(a)
         return a.__dlpack__(stream=self.stream or 1)
 
     def same_memory(self, a, b) -> bool:
@@ -229,9 +239,11 @@ class _Lib:
             return a.data_ptr() == b.data_ptr()
         return a.data.ptr == b.data.ptr
 
-    def copy_into(self, out, value):
-        out[...] = value
-        return out
+    def dtype_name_of(self, dtype) -> str:
+        return str(dtype).rsplit(".", 1)[-1]
+
+    def is_contiguous(self, a) -> bool:
+        return a.is_contiguous() if self.name == "torch" else a.flags.c_contiguous
 
 
 def _lib_of(args, fname):
@@ -257,22 +269,26 @@ def _run(lib: _Lib, kernel, *args):
 
 
 class _Rows:
-    """`x` with `axes` moved last and made contiguous; `back` undoes it for a result."""
+    """`x` with `axes` moved last and made contiguous: `rows` x `cols` for the kernels.
+
+    Results are allocated in `shape` (the moved order) and `back` returns them in the caller's
+    order: the identity in the common case (axes already last), so no reshape is paid there.
+    """
 
     def __init__(self, lib: _Lib, x, axes: tuple[int, ...]):
         nd = x.ndim
         self.perm = [i for i in range(nd) if i not in axes] + list(axes)
         self.moved = self.perm != list(range(nd))
-        work = lib.permute(x, self.perm) if self.moved else x
-        self.work = lib.contiguous(work)
+        self.work = lib.contiguous(lib.permute(x, self.perm) if self.moved else x)
         self.shape = tuple(self.work.shape)
-        self.cols = math.prod(x.shape[i] for i in axes)
+        self.cols = math.prod(self.shape[nd - len(axes) :])
         self.rows = math.prod(self.shape[: nd - len(axes)])
         self.lib = lib
 
+    def empty(self, dtype):
+        return self.lib.empty(self.shape, dtype)
+
     def back(self, r):
-        """A (rows, cols) result, in the caller's axis order (a view where the order is the same)."""
-        r = r.reshape(self.shape)
         if not self.moved:
             return r
         inverse = [0] * len(self.perm)
@@ -287,16 +303,31 @@ def _input(lib: _Lib, x, name: str):
     return x
 
 
-def _finish(lib: _Lib, result, out, name: str = "out"):
+def _output(lib: _Lib, rows: _Rows, shape: tuple, dtype, out):
+    """Where a kernel writes: the caller's `out` itself when it has the rows' layout, else new.
+
+    `out` is checked here (the result's `shape` and `dtype`), before any kernel runs.
+    """
+    if out is not None:
+        o = lib.on_device(out, "out")
+        if tuple(o.shape) != tuple(shape) or lib.dtype_name(o) != lib.dtype_name_of(dtype):
+            raise ValueError(
+                f"{lib.fname}: out must have shape {tuple(shape)} and dtype {lib.dtype_name_of(dtype)}, "
+                f"got {tuple(o.shape)} and {lib.dtype_name(o)}"
+            )
+        if not rows.moved and lib.is_contiguous(o):
+            return o
+    return rows.empty(dtype)
+
+
+def _finish(lib: _Lib, result, out):
+    """`result`, or the caller's `out` holding it (`out` was checked by _output)."""
     if out is None:
         return result
-    out = lib.on_device(out, name)
-    if tuple(out.shape) != tuple(result.shape) or lib.dtype_name(out) != lib.dtype_name(result):
-        raise ValueError(
-            f"{lib.fname}: {name} must have shape {tuple(result.shape)} and dtype "
-            f"{lib.dtype_name(result)}, got {tuple(out.shape)} and {lib.dtype_name(out)}"
-        )
-    return lib.copy_into(out, result)
+    o = lib.on_device(out, "out")
+    if not lib.same_memory(o, result):
+        o[...] = result
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +339,7 @@ def _softmax_like(x, axis, out, log: bool, fname: str):
     x = _input(lib, x, "x")
     axes = tuple(range(x.ndim)) if axis is None else normalize_axes(axis, x.ndim)
     rows = _Rows(lib, x, axes)
-    y = lib.empty((rows.rows, rows.cols), x.dtype)
+    y = _output(lib, rows, x.shape, x.dtype, out)
     _run(lib, _core.cuda_softmax, rows.work, y, rows.rows, rows.cols, log)
     return _finish(lib, rows.back(y), out)
 
@@ -332,14 +363,14 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     axes = tuple(range(x.ndim)) if axis is None else normalize_axes(axis, x.ndim)
     rows = _Rows(lib, x, axes)
     kept = [x.shape[i] for i in range(x.ndim) if i not in axes]
-    r = lib.empty((rows.rows,), x.dtype)
+    if keepdims:
+        kept = [1 if i in axes else x.shape[i] for i in range(x.ndim)]
+    r = lib.empty(kept, x.dtype)  # its elements are the rows, in order, whatever the kept shape
     if rows.cols == 0:
         r[...] = -math.inf  # the log of an empty sum, as NumPy's and SciPy's
     else:
         _run(lib, _core.cuda_logsumexp, rows.work, r, rows.rows, rows.cols)
-    if keepdims:
-        kept = [1 if i in axes else x.shape[i] for i in range(x.ndim)]
-    return r.reshape(tuple(kept))
+    return r
 
 
 def _backward(y, dy, axis, log: bool, fname: str):
@@ -352,7 +383,7 @@ def _backward(y, dy, axis, log: bool, fname: str):
         dy = lib.astype(dy, y.dtype)
     axes = tuple(range(y.ndim)) if axis is None else normalize_axes(axis, y.ndim)
     ry, rdy = _Rows(lib, y, axes), _Rows(lib, dy, axes)
-    dx = lib.empty((ry.rows, ry.cols), y.dtype)
+    dx = ry.empty(y.dtype)
     _run(lib, _core.cuda_softmax_backward, ry.work, rdy.work, dx, ry.rows, ry.cols, log)
     return ry.back(dx)
 
@@ -404,7 +435,7 @@ def _cross_entropy(
                 f"target: class indices have shape {tuple(t.shape)}; expected {row_shape} "
                 f"(the logits' shape {tuple(x.shape)} without the class axis {ax})"
             )
-        tk = lib.contiguous(lib.int64(t)).reshape(rows.rows)
+        tk = lib.contiguous(lib.int64(t))  # row order = the logits rows' order
         _check_classes(lib, tk, classes, ignore_index, row_shape)
     f32 = lib.float32()
     w = None
@@ -430,7 +461,7 @@ def _cross_entropy(
     if with_grad:
         # In place: straight into the logits when they already are the kernel's rows.
         direct = inplace and not rows.moved and lib.same_memory(rows.work, x)
-        grad = rows.work if direct else lib.empty((rows.rows, classes), x.dtype)
+        grad = rows.work if direct else rows.empty(x.dtype)
         scale, stride = _grad_scale(lib, grad_output, reduction, denom, row_shape, rows.rows)
     _run(
         lib, _core.cuda_cross_entropy, rows.work, tk, w, loss_rows, grad, scale, stride,
@@ -539,11 +570,12 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
                 raise ValueError(
                     f"{name}: shape {tuple(p.shape)} does not match the normalized shape {shape} (x.shape[axis:])"
                 )
-            p = lib.contiguous(lib.astype(p, f32)).reshape(rows.cols)
+            p = lib.contiguous(lib.astype(p, f32))
         params.append(p)
-    y = lib.empty((rows.rows, rows.cols), x.dtype)
-    mean = lib.empty((rows.rows,), f32) if return_stats and kind == "layer" else None
-    rstd = lib.empty((rows.rows,), f32) if return_stats else None
+    y = rows.empty(x.dtype)
+    lead = tuple(x.shape[: axes[0]])
+    mean = lib.empty(lead, f32) if return_stats and kind == "layer" else None
+    rstd = lib.empty(lead, f32) if return_stats else None
     _run(
         lib,
         _core.cuda_norm_forward,
@@ -561,10 +593,7 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
     y = _finish(lib, rows.back(y), out)
     if not return_stats:
         return y
-    lead = tuple(x.shape[: axes[0]])
-    if kind == "layer":
-        return y, mean.reshape(lead), rstd.reshape(lead)
-    return y, rstd.reshape(lead)
+    return (y, mean, rstd) if kind == "layer" else (y, rstd)
 
 
 def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd):
@@ -585,7 +614,7 @@ def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd):
         w = lib.on_device(weight, "weight")
         if tuple(w.shape) != shape:
             raise ValueError(f"weight: shape {tuple(w.shape)} does not match the normalized shape {shape}")
-        w = lib.contiguous(lib.astype(w, f32)).reshape(rx.cols)
+        w = lib.contiguous(lib.astype(w, f32))
     if bias is not None and tuple(bias.shape) != shape:
         raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the normalized shape {shape}")
     if kind == "layer" and (mean is None) != (rstd is None):
@@ -605,16 +634,16 @@ def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd):
             s = lib.on_device(s, name)
             if tuple(s.shape) != lead:
                 raise ValueError(f"{name}: expected shape {lead} (one per row), got {tuple(s.shape)}")
-            stats.append(lib.contiguous(lib.astype(s, f32)).reshape(rx.rows))
+            stats.append(lib.contiguous(lib.astype(s, f32)))
         mean, rstd = stats
-    dx = lib.empty((rx.rows, rx.cols), x.dtype)
-    dw = lib.empty((rx.cols,), f32) if weight is not None else None
-    db = lib.empty((rx.cols,), f32) if bias is not None else None
+    dx = rx.empty(x.dtype)
+    dw = lib.empty(shape, f32) if weight is not None else None
+    db = lib.empty(shape, f32) if bias is not None else None
     _run(lib, _core.cuda_norm_backward, kind, rdy.work, rx.work, w, mean, rstd, dx, dw, db, rx.rows, rx.cols)
     dx = rx.back(dx)
-    dw = None if dw is None else lib.astype(dw.reshape(shape), x.dtype)
+    dw = None if dw is None else lib.astype(dw, x.dtype)
     if kind == "layer":
-        return dx, dw, (None if db is None else lib.astype(db.reshape(shape), x.dtype))
+        return dx, dw, (None if db is None else lib.astype(db, x.dtype))
     return dx, dw
 
 

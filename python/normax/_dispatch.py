@@ -13,7 +13,9 @@ the ``array_api_compat`` predicates look in ``sys.modules`` without importing an
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import sys
 
 import array_api_compat as _compat
 import numpy as np
@@ -226,9 +228,9 @@ def get_backend() -> str:
 
 def _gpu_impl(module_name: str, fname: str, name: str):
     """The CUDA or wgpu implementation of a public function, or NotImplementedError."""
-    import importlib
-
-    module = importlib.import_module(f"normax.{module_name}")
+    module = sys.modules.get(f"normax.{module_name}")
+    if module is None:
+        module = importlib.import_module(f"normax.{module_name}")
     impl = getattr(module, name, None)
     if impl is None:
         where = "CUDA arrays" if module_name == "_cuda" else 'device="wgpu"'
@@ -259,9 +261,8 @@ def array_api(fn):
     names = tuple(inspect.signature(fn).parameters)
 
     def on_cuda(args, kwargs) -> bool:
-        from . import _cuda
-
-        return any(_cuda.is_cuda_array(a) for a in (*args, *kwargs.values()))
+        is_cuda = _gpu_impl("_cuda", fname, "is_cuda_array")
+        return any(is_cuda(a) for a in (*args, *kwargs.values()))
 
     def dispatch(args, kwargs):
         library = None
