@@ -274,3 +274,48 @@ def test_functions_without_cuda_kernels_say_so(kernels):
     state = normax.PowerNormState(50)
     with pytest.raises(NotImplementedError, match="power_norm has no GPU kernel"):
         normax.power_norm(torch.from_numpy(X), None, None, state)
+
+
+def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(kernels):
+    """Each op's CUDA kernel (called directly: no CUDA tensors here) returns the CPU op's
+    dtypes and shapes, which are what the op's fake promises, and its values."""
+    import normax.torch as nt
+
+    ops = torch.ops.normax
+    x = torch.from_numpy(X)
+    xb = x.to(torch.bfloat16)
+    w, b = torch.rand(50) + 0.5, torch.randn(50)
+    t = torch.from_numpy(RNG.integers(0, 4, size=(3, 50)))
+    dy = torch.randn(X.shape)
+    cases = [
+        (nt._softmax_cuda, ops.softmax, (x, 1)),
+        (nt._log_softmax_cuda, ops.log_softmax, (xb, 2)),
+        (nt._softmax_backward_cuda, ops.softmax_backward, (torch.softmax(x, 0), dy, 0)),
+        (nt._log_softmax_backward_cuda, ops.log_softmax_backward, (torch.log_softmax(x, 2), dy, 2)),
+        (nt._logsumexp_cuda, ops.logsumexp, (x, [0, 2], True)),
+        (nt._logsumexp_cuda, ops.logsumexp, (x, [1], False)),
+        (nt._cross_entropy_cuda, ops.cross_entropy, (x, t, None, 1, -100, "mean", 0.1, 0.0, None)),
+        (nt._cross_entropy_cuda, ops.cross_entropy, (x, t, None, 1, 0, "none", 0.0, 1e-3, 4.0)),
+        (
+            nt._cross_entropy_with_grad_cuda,
+            ops.cross_entropy_with_grad,
+            (x, t, None, 1, -100, "sum", 0.0, 0.0, None),
+        ),
+        (nt._layer_norm_cuda, ops.layer_norm, (x, 1, w, b, 1e-5)),
+        (nt._rms_norm_cuda, ops.rms_norm, (xb, 1, w.to(torch.bfloat16), 1e-6)),
+    ]
+    y, mean, rstd = ops.layer_norm(x, 1, w, b, 1e-5)
+    cases.append((nt._layer_norm_backward_cuda, ops.layer_norm_backward, (dy, x, 1, w, b, mean, rstd, 1e-5)))
+    y, rstd = ops.rms_norm(x, 1, w, 1e-6)
+    cases.append((nt._rms_norm_backward_cuda, ops.rms_norm_backward, (dy, x, 1, w, rstd, 1e-6)))
+    cases.append((nt._rms_norm_backward_cuda, ops.rms_norm_backward, (dy, x, 1, None, rstd, 1e-6)))
+    for ours, op, args in cases:
+        got, want = ours(*args), op(*args)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        assert len(got) == len(want), ours.__name__
+        for g, wnt in zip(got, want):
+            assert g.dtype == wnt.dtype and g.shape == wnt.shape, (ours.__name__, g.dtype, wnt.dtype, g.shape)
+            assert g.is_contiguous(), ours.__name__
+            tol = 2e-2 if g.dtype == torch.bfloat16 else 1e-4
+            close(g.float(), wnt.float().numpy(), rtol=tol, atol=tol)

@@ -925,27 +925,27 @@ def _dense(t: Tensor) -> Tensor:
 
 
 @_softmax_op.register_kernel("cuda")
-def _(x, dim):
+def _softmax_cuda(x, dim):
     return _dense(_cuda.softmax(x, axis=dim))
 
 
 @_log_softmax_op.register_kernel("cuda")
-def _(x, dim):
+def _log_softmax_cuda(x, dim):
     return _dense(_cuda.log_softmax(x, axis=dim))
 
 
 @_softmax_backward_op.register_kernel("cuda")
-def _(y, dy, dim):
+def _softmax_backward_cuda(y, dy, dim):
     return _dense(_cuda.softmax_backward(y, dy, axis=dim))
 
 
 @_log_softmax_backward_op.register_kernel("cuda")
-def _(y, dy, dim):
+def _log_softmax_backward_cuda(y, dy, dim):
     return _dense(_cuda.log_softmax_backward(y, dy, axis=dim))
 
 
 @_logsumexp_op.register_kernel("cuda")
-def _(x, dim, keepdim):
+def _logsumexp_cuda(x, dim, keepdim):
     return _dense(_cuda.logsumexp(x, axis=tuple(dim) if dim else None, keepdims=keepdim))
 
 
@@ -962,26 +962,30 @@ def _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss
 
 
 @_cross_entropy_op.register_kernel("cuda")
-def _(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _cross_entropy_cuda(
+    input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
+):
     opts = _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _dense(_cuda.cross_entropy(input, target, **opts))
 
 
 @_cross_entropy_with_grad_op.register_kernel("cuda")
-def _(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _cross_entropy_with_grad_cuda(
+    input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
+):
     opts = _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss, grad = _cuda.cross_entropy_with_grad(input, target, **opts)
     return _dense(loss), _dense(grad)
 
 
 @_layer_norm_op.register_kernel("cuda")
-def _(x, ndim, weight, bias, eps):
+def _layer_norm_cuda(x, ndim, weight, bias, eps):
     y, mean, rstd = _cuda.layer_norm(x, weight, bias, eps=eps, axis=_norm_axes(ndim), return_stats=True)
     return _dense(y), mean.double(), rstd.double()  # float64, as the CPU op saves them
 
 
 @_layer_norm_backward_op.register_kernel("cuda")
-def _(dy, x, ndim, weight, bias, mean, rstd, eps):
+def _layer_norm_backward_cuda(dy, x, ndim, weight, bias, mean, rstd, eps):
     dx, dw, db = _cuda.layer_norm_backward(
         dy, x, weight, bias, eps=eps, axis=_norm_axes(ndim), mean=mean, rstd=rstd
     )
@@ -991,13 +995,13 @@ def _(dy, x, ndim, weight, bias, mean, rstd, eps):
 
 
 @_rms_norm_op.register_kernel("cuda")
-def _(x, ndim, weight, eps):
+def _rms_norm_cuda(x, ndim, weight, eps):
     y, rstd = _cuda.rms_norm(x, weight, eps=eps, axis=_norm_axes(ndim), return_stats=True)
     return _dense(y), rstd.double()
 
 
 @_rms_norm_backward_op.register_kernel("cuda")
-def _(dy, x, ndim, weight, rstd, eps):
+def _rms_norm_backward_cuda(dy, x, ndim, weight, rstd, eps):
     dx, dw = _cuda.rms_norm_backward(dy, x, weight, eps=eps, axis=_norm_axes(ndim), rstd=rstd)
     return _dense(dx), (_absent(x) if dw is None else dw.to(weight.dtype))
 
