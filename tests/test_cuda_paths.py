@@ -135,6 +135,7 @@ def kernels(monkeypatch):
     monkeypatch.setattr(_cuda, "_core", fake)
     monkeypatch.setattr(_cuda, "is_cuda_array", lambda a: isinstance(a, torch.Tensor))
     monkeypatch.setattr(_cuda._Lib, "current_stream", lambda self: 0x5EED)
+    monkeypatch.setattr(_cuda._Lib, "capturing", lambda self: False)
     return fake
 
 
@@ -304,9 +305,9 @@ def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(kernels):
         (nt._layer_norm_cuda, ops.layer_norm, (x, 1, w, b, 1e-5)),
         (nt._rms_norm_cuda, ops.rms_norm, (xb, 1, w.to(torch.bfloat16), 1e-6)),
     ]
-    y, mean, rstd = ops.layer_norm(x, 1, w, b, 1e-5)
+    _, mean, rstd = ops.layer_norm(x, 1, w, b, 1e-5)
     cases.append((nt._layer_norm_backward_cuda, ops.layer_norm_backward, (dy, x, 1, w, b, mean, rstd, 1e-5)))
-    y, rstd = ops.rms_norm(x, 1, w, 1e-6)
+    _, rstd = ops.rms_norm(x, 1, w, 1e-6)
     cases.append((nt._rms_norm_backward_cuda, ops.rms_norm_backward, (dy, x, 1, w, rstd, 1e-6)))
     cases.append((nt._rms_norm_backward_cuda, ops.rms_norm_backward, (dy, x, 1, None, rstd, 1e-6)))
     for ours, op, args in cases:
@@ -319,3 +320,35 @@ def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(kernels):
             assert g.is_contiguous(), ours.__name__
             tol = 2e-2 if g.dtype == torch.bfloat16 else 1e-4
             close(g.float(), wnt.float().numpy(), rtol=tol, atol=tol)
+
+
+def test_review_edge_cases(kernels):
+    import normax.torch as nt
+
+    # A bad class index in a multi-dimensional target is named by its position.
+    logits = torch.from_numpy(X)  # classes on axis 1 (4 of them)
+    target = torch.zeros((3, 50), dtype=torch.int64)
+    target[1, 3] = 7
+    with pytest.raises(IndexError, match=r"class index 7 at position \(1, 3\)"):
+        normax.cross_entropy(logits, target, axis=1)
+    # The torch op asserts on the device instead of reading back (torch's behaviour).
+    with pytest.raises(RuntimeError, match="class index is out of range"):
+        nt._cross_entropy_cuda(logits, target, None, 1, -100, "mean", 0.0, 0.0, None)
+    # out= of the norms is checked before anything is written.
+    with pytest.raises(ValueError, match="out must have shape"):
+        normax.rms_norm(logits, out=torch.zeros(4, 50, dtype=torch.float64))
+    out = torch.empty_like(logits)
+    assert normax.layer_norm(logits, out=out) is out
+    close(out, normax.layer_norm(X), atol=1e-5)
+    # Empty rows: NaN statistics, as on the CPU.
+    y, mean, rstd = normax.layer_norm(torch.zeros(3, 0), return_stats=True)
+    assert y.shape == (3, 0) and torch.isnan(mean).all() and torch.isnan(rstd).all()
+    # Parameter gradients of the torch op are rounded once, to the parameters' dtype.
+    xb = logits.to(torch.bfloat16)
+    w = torch.rand(50) + 0.5
+    dy = torch.randn(X.shape).to(torch.bfloat16)
+    _, rstd = normax.rms_norm(xb.float(), w, eps=1e-6, return_stats=True)
+    _, dw = nt._rms_norm_backward_cuda(dy, xb, 1, w, rstd, 1e-6)
+    want = (dy.double() * xb.double() * rstd.double()[..., None]).sum((0, 1))
+    assert dw.dtype == torch.float32
+    close(dw, want.numpy(), rtol=1e-5, atol=1e-4)  # bf16 rounding would be ~4e-3 relative

@@ -33,7 +33,7 @@ import numpy as np
 from . import _core
 from ._arrays import normalize_axes
 from ._cross_entropy import _number, _options
-from ._norms import _norm_axes
+from ._norms import _eps, _norm_axes
 
 _DL_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -218,12 +218,20 @@ class _Lib:
     def int64(self, a):
         return a.to(self.mod.int64) if self.name == "torch" else a.astype(self.mod.int64, copy=False)
 
-    def scalar(self, value, dtype):
-        """A 1-element device array holding `value` (no host synchronization for device values)."""
+    def scalar(self, value: float, dtype):
+        """A 1-element device array holding `value`, filled on the device (a host-to-device copy
+        of a Python number would synchronize, and is illegal during graph capture)."""
         if self.name == "torch":
-            return self.mod.as_tensor(value, dtype=dtype, device=self.device).reshape(1)
+            return self.mod.full((1,), value, dtype=dtype, device=self.device)
         with self.device:
-            return self.mod.asarray(value, dtype=dtype).reshape(1)
+            return self.mod.full((1,), value, dtype=dtype)
+
+    def capturing(self) -> bool:
+        """Whether the current stream is capturing a CUDA graph."""
+        if self.name == "torch":
+            return bool(self.mod.cuda.is_current_stream_capturing())
+        with self.device:
+            return bool(self.mod.cuda.get_current_stream().is_capturing())
 
     def capsule(self, a):
         # The kernels run on the caller's current stream, the one its own work is ordered on, so
@@ -402,7 +410,7 @@ def log_softmax_backward(y, dy, axis=-1):
 
 def _cross_entropy(
     fname, logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-    with_grad, grad_output=1.0, inplace=False,
+    with_grad, grad_output=1.0, inplace=False, sync_check=True,
 ):  # fmt: skip
     opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     ignore_index, reduction, label_smoothing, z_loss, softcap = opts
@@ -436,7 +444,7 @@ def _cross_entropy(
                 f"(the logits' shape {tuple(x.shape)} without the class axis {ax})"
             )
         tk = lib.contiguous(lib.int64(t))  # row order = the logits rows' order
-        _check_classes(lib, tk, classes, ignore_index, row_shape)
+        _check_classes(lib, tk, classes, ignore_index, row_shape, sync_check)
     f32 = lib.float32()
     w = None
     if weight is not None:
@@ -485,14 +493,25 @@ def _cross_entropy(
     return loss, g
 
 
-def _check_classes(lib, tk, classes, ignore_index, row_shape):
+def _check_classes(lib, tk, classes, ignore_index, row_shape, sync: bool):
+    """IndexError naming the first bad class index: one device-to-host read of a flag.
+
+    With ``sync=False`` (the torch ops, whose callers expect torch's behaviour) and while a CUDA
+    graph is being captured (where reading back is illegal), a device-side assertion instead, as
+    torch's own cross-entropy does: no synchronization, and a bad index fails the stream.
+    """
     bad = (tk != ignore_index) & ((tk < 0) | (tk >= classes))
-    if bool(bad.any()):  # one device-to-host read; the details only on the error path
+    if not sync or lib.capturing():
+        if lib.name == "torch":
+            message = f"target: a class index is out of range [0, {classes}) and is not ignore_index"
+            lib.mod._assert_async(~bad.any(), message)
+        return  # CuPy: the kernels treat such rows as ignored; nothing can be read back here
+    if bool(bad.any()):  # the details only on the error path
         i = int(bad.int().argmax()) if lib.name == "torch" else int(bad.argmax())
         pos = np.unravel_index(i, row_shape) if row_shape else ()
         where = int(pos[0]) if len(pos) == 1 else tuple(int(p) for p in pos)
         raise IndexError(
-            f"target: class index {int(tk[i])} at position {where} is out of range [0, {classes}) "
+            f"target: class index {int(tk.reshape(-1)[i])} at position {where} is out of range [0, {classes}) "
             f"and is not ignore_index ({ignore_index})"
         )
 
@@ -557,9 +576,7 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
     x = _input(lib, x, "x")
     axes = _norm_axes(axis, x.ndim)
     shape = tuple(x.shape[axes[0] :])
-    e = _dtype_eps(lib, x) if eps is None else _number(eps, "eps")
-    if not (e >= 0.0 and math.isfinite(e)):
-        raise ValueError(f"eps: must be a finite number >= 0, got {e}")
+    e = _eps(_dtype_eps(lib, x) if eps is None else eps)
     rows = _Rows(lib, x, axes)
     f32 = lib.float32()
     params = []
@@ -572,10 +589,14 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
                 )
             p = lib.contiguous(lib.astype(p, f32))
         params.append(p)
-    y = rows.empty(x.dtype)
+    y = _output(lib, rows, x.shape, x.dtype, out)
     lead = tuple(x.shape[: axes[0]])
     mean = lib.empty(lead, f32) if return_stats and kind == "layer" else None
     rstd = lib.empty(lead, f32) if return_stats else None
+    if rows.cols == 0:  # statistics of empty rows: NaN, as NumPy's mean of nothing (and the CPU)
+        for stat in (mean, rstd):
+            if stat is not None:
+                stat[...] = math.nan
     _run(
         lib,
         _core.cuda_norm_forward,
@@ -596,7 +617,8 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
     return (y, mean, rstd) if kind == "layer" else (y, rstd)
 
 
-def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd):
+def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, params_dtype="x"):
+    """dx and the parameter gradients, those in `x`'s dtype, or float32 for params_dtype=None."""
     lib = _lib_of((dy, x, weight, bias, mean, rstd), fname)
     x = _input(lib, x, "x")
     dy = _input(lib, dy, "dy")
@@ -621,7 +643,7 @@ def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd):
         missing = "mean" if mean is None else "rstd"
         raise ValueError(f"{missing}: give both saved statistics (mean and rstd) or neither")
     if rstd is None:
-        e = _dtype_eps(lib, x) if eps is None else _number(eps, "eps")
+        e = _eps(_dtype_eps(lib, x) if eps is None else eps)
         mean = lib.empty((rx.rows,), f32) if kind == "layer" else None
         rstd = lib.empty((rx.rows,), f32)
         _run(lib, _core.cuda_norm_forward, kind, rx.work, None, None, None, mean, rstd, rx.rows, rx.cols, e)
@@ -641,9 +663,11 @@ def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd):
     db = lib.empty(shape, f32) if bias is not None else None
     _run(lib, _core.cuda_norm_backward, kind, rdy.work, rx.work, w, mean, rstd, dx, dw, db, rx.rows, rx.cols)
     dx = rx.back(dx)
-    dw = None if dw is None else lib.astype(dw, x.dtype)
+    if params_dtype is not None:
+        dw = None if dw is None else lib.astype(dw, x.dtype)
+        db = None if db is None else lib.astype(db, x.dtype)
     if kind == "layer":
-        return dx, dw, (None if db is None else lib.astype(db, x.dtype))
+        return dx, dw, db
     return dx, dw
 
 

@@ -949,32 +949,27 @@ def _logsumexp_cuda(x, dim, keepdim):
     return _dense(_cuda.logsumexp(x, axis=tuple(dim) if dim else None, keepdims=keepdim))
 
 
-def _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    return {
-        "axis": axis,
-        "weight": weight,
-        "ignore_index": ignore_index,
-        "reduction": reduction,
-        "label_smoothing": label_smoothing,
-        "z_loss": z_loss,
-        "softcap": softcap,
-    }
+def _cross_entropy_on_cuda(with_grad, input, target, weight, axis, *opts):
+    # Bad class indices fail a device-side assertion, as in torch's own kernel: no host sync.
+    return _cuda._cross_entropy(
+        "normax.torch.cross_entropy", input, target, axis, weight, *opts, with_grad, sync_check=False
+    )
 
 
 @_cross_entropy_op.register_kernel("cuda")
 def _cross_entropy_cuda(
     input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
 ):
-    opts = _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _dense(_cuda.cross_entropy(input, target, **opts))
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _dense(_cross_entropy_on_cuda(False, input, target, weight, axis, *opts))
 
 
 @_cross_entropy_with_grad_op.register_kernel("cuda")
 def _cross_entropy_with_grad_cuda(
     input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
 ):
-    opts = _cuda_ce_args(axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    loss, grad = _cuda.cross_entropy_with_grad(input, target, **opts)
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss, grad = _cross_entropy_on_cuda(True, input, target, weight, axis, *opts)
     return _dense(loss), _dense(grad)
 
 
@@ -986,8 +981,9 @@ def _layer_norm_cuda(x, ndim, weight, bias, eps):
 
 @_layer_norm_backward_op.register_kernel("cuda")
 def _layer_norm_backward_cuda(dy, x, ndim, weight, bias, mean, rstd, eps):
-    dx, dw, db = _cuda.layer_norm_backward(
-        dy, x, weight, bias, eps=eps, axis=_norm_axes(ndim), mean=mean, rstd=rstd
+    # float32 parameter gradients, rounded once to the parameters' dtype
+    dx, dw, db = _cuda._norm_backward(
+        "layer", "normax.torch.layer_norm", dy, x, weight, bias, eps, _norm_axes(ndim), mean, rstd, None
     )
     dw = _absent(x) if dw is None else dw.to(weight.dtype)
     db = _absent(x) if db is None else db.to(bias.dtype)
@@ -1002,7 +998,9 @@ def _rms_norm_cuda(x, ndim, weight, eps):
 
 @_rms_norm_backward_op.register_kernel("cuda")
 def _rms_norm_backward_cuda(dy, x, ndim, weight, rstd, eps):
-    dx, dw = _cuda.rms_norm_backward(dy, x, weight, eps=eps, axis=_norm_axes(ndim), rstd=rstd)
+    dx, dw = _cuda._norm_backward(
+        "rms", "normax.torch.rms_norm", dy, x, weight, None, eps, _norm_axes(ndim), None, rstd, None
+    )
     return _dense(dx), (_absent(x) if dw is None else dw.to(weight.dtype))
 
 

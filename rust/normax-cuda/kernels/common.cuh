@@ -23,7 +23,14 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float f) {
 }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float f) {
     bf16 h;
+#if __CUDA_ARCH__ >= 800
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+#else
+    // No bf16 conversion instruction before Ampere: round to nearest even on the bits, NaN kept.
+    unsigned u = __float_as_uint(f);
+    h.bits = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)
+                                             : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
     return h;
 }
 

@@ -171,11 +171,11 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
 }
 
 #define NX_CE(name, T, V)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(1024) ce_part_##name##_v##V(                             \
+    extern "C" __global__ void __launch_bounds__(512) ce_part_##name##_v##V(                             \
         const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, CeStats* part) {                 \
         ce_part<T, V>(x, rows, cols, chunk, chunks, a, part);                                             \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(1024) cross_entropy_##name##_v##V(                       \
+    extern "C" __global__ void __launch_bounds__(512) cross_entropy_##name##_v##V(                       \
         const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, const CeStats* part,             \
         float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {                              \
         ce_rows<T, V>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride);     \

@@ -156,12 +156,12 @@ extern "C" __global__ void sum_parts(const float* part, int parts, i64 cols, flo
 }
 
 #define NX_NORM(name, T, V)                                                                               \
-    extern "C" __global__ void __launch_bounds__(1024) norm_forward_##name##_v##V(                        \
+    extern "C" __global__ void __launch_bounds__(512) norm_forward_##name##_v##V(                        \
         const T* x, const float* weight, const float* bias, T* y, float* mean, float* rstd, i64 rows,     \
         i64 cols, float eps, int kind) {                                                                  \
         norm_forward<T, V>(x, weight, bias, y, mean, rstd, rows, cols, eps, kind);                        \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(1024) norm_backward_##name##_v##V(                       \
+    extern "C" __global__ void __launch_bounds__(512) norm_backward_##name##_v##V(                       \
         const T* dy, const T* x, const float* weight, const float* mean, const float* rstd, T* dx,        \
         i64 rows, i64 cols, int kind) {                                                                   \
         norm_backward<T, V>(dy, x, weight, mean, rstd, dx, rows, cols, kind);                             \

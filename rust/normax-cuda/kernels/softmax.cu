@@ -130,19 +130,19 @@ __device__ void softmax_backward_rows(const T* y, const T* dy, T* dx, i64 rows, 
 }
 
 #define NX_SOFTMAX(name, T, V)                                                                              \
-    extern "C" __global__ void __launch_bounds__(1024) max_sum_part_##name##_v##V(                          \
+    extern "C" __global__ void __launch_bounds__(512) max_sum_part_##name##_v##V(                          \
         const T* x, i64 rows, i64 cols, i64 chunk, int chunks, float2* part) {                              \
         max_sum_part<T, V>(x, rows, cols, chunk, chunks, part);                                             \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(1024) softmax_##name##_v##V(                               \
+    extern "C" __global__ void __launch_bounds__(512) softmax_##name##_v##V(                               \
         const T* x, T* y, i64 rows, i64 cols, i64 chunk, int chunks, const float2* part, int mode) {        \
         softmax_rows<T, V>(x, y, rows, cols, chunk, chunks, part, mode);                                    \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(1024) dot_part_##name##_v##V(                              \
+    extern "C" __global__ void __launch_bounds__(512) dot_part_##name##_v##V(                              \
         const T* y, const T* dy, i64 rows, i64 cols, i64 chunk, int chunks, int mode, float* part) {        \
         dot_part<T, V>(y, dy, rows, cols, chunk, chunks, mode, part);                                       \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(1024) softmax_backward_##name##_v##V(                      \
+    extern "C" __global__ void __launch_bounds__(512) softmax_backward_##name##_v##V(                      \
         const T* y, const T* dy, T* dx, i64 rows, i64 cols, i64 chunk, int chunks, const float* part,       \
         int mode) {                                                                                         \
         softmax_backward_rows<T, V>(y, dy, dx, rows, cols, chunk, chunks, part, mode);                      \

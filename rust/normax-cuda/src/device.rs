@@ -121,6 +121,22 @@ pub(crate) fn with_device<R>(ordinal: i32, f: impl FnOnce(&mut Device) -> Result
     Ok(value)
 }
 
+/// Why a cubin may not load: NVRTC newer than the driver (say which versions met).
+fn version_hint() -> String {
+    let mut driver = 0;
+    // Safety: out-pointer to a local.
+    let _ = unsafe { sys::cuDriverGetVersion(&mut driver) };
+    match crate::nvrtc_version() {
+        Ok((major, minor)) if major * 1000 > driver - driver % 1000 => format!(
+            " (NVRTC {major}.{minor} is newer than this driver's CUDA {}.{}: load an NVRTC of the \
+             driver's major version first, e.g. the nvidia-cuda-nvrtc wheel matching your PyTorch)",
+            driver / 1000,
+            driver % 1000 / 10
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The device's name and architecture, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
 pub fn device_name(ordinal: i32) -> Result<String> {
     with_device(ordinal, |d| {
@@ -154,7 +170,8 @@ impl Device {
                 ok(
                     unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr().cast()) },
                     "cuModuleLoadData",
-                )?;
+                )
+                .map_err(|e| Error::Cuda(format!("{e}{}", version_hint())))?;
                 self.modules.insert(module, m);
                 m
             }

@@ -17,6 +17,8 @@ pub struct Plan {
 
 /// Rows at most this many per block (the kernels' shared scratch is sized for it).
 const MAX_ROWS_PER_BLOCK: u32 = 8;
+/// Threads per block at most: the kernels' `__launch_bounds__(512)` (more registers per thread).
+const MAX_THREADS: u32 = 512;
 /// A row is split across blocks only when there are too few rows to fill the device and each
 /// piece keeps at least this many elements.
 const MIN_CHUNK: usize = 4096;
@@ -28,7 +30,7 @@ pub fn plan(rows: usize, cols: usize, vec: usize, sms: u32, split: bool) -> Resu
         0..=128 => 32,
         129..=512 => 128,
         513..=2048 => 256,
-        _ => 512,
+        _ => MAX_THREADS,
     };
     let rows_per_block = (256 / threads).clamp(1, MAX_ROWS_PER_BLOCK);
     let groups = rows.div_ceil(rows_per_block as usize);
@@ -628,7 +630,7 @@ mod tests {
                 );
                 let rows_covered = (p.grid / p.chunks) as usize * p.block.1 as usize;
                 assert!(rows_covered >= rows && rows_covered < rows + p.block.1 as usize);
-                assert!(p.block.0 * p.block.1 <= 1024 && p.block.1 <= MAX_ROWS_PER_BLOCK);
+                assert!(p.block.0 * p.block.1 <= MAX_THREADS && p.block.1 <= MAX_ROWS_PER_BLOCK);
                 assert!(p.block.0 % 32 == 0);
                 if p.chunks > 1 {
                     assert_eq!(p.block.1, 1);
