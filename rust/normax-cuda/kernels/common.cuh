@@ -109,6 +109,9 @@ __device__ __forceinline__ S row_reduce(S v, S* scratch, Op op) {
     return v;
 }
 
+struct Max {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 struct Add {
     __device__ float operator()(float a, float b) const { return a + b; }
     __device__ float2 operator()(float2 a, float2 b) const { return make_float2(a.x + b.x, a.y + b.y); }

@@ -167,6 +167,81 @@ extern "C" __global__ void sum_parts(const float* part, int parts, i64 cols, flo
         norm_backward<T, V>(dy, x, weight, mean, rstd, dx, rows, cols, kind);                             \
     }
 
+// Rows that fit in registers (at most P packs of V per thread, aligned): one read of memory, the
+// centered second moment from the registers.
+template <class T, int V, int P>
+__device__ void norm_forward_cached(const T* x, const float* weight, const float* bias, T* y,
+                                    float* mean_out, float* rstd_out, i64 rows, i64 cols, float eps,
+                                    int kind) {
+    __shared__ float4 raw[NX_MAX_ROWS_PER_BLOCK * 32];
+    i64 r = norm_row();
+    bool active = r < rows;
+    const T* row = x + r * cols;
+    float v[P][V];
+    float sum = 0.0f, sq = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (active && i < cols) {
+            load<T, V>(row + i, v[p]);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                sum += v[p][j];
+                sq = fmaf(v[p][j], v[p][j], sq);
+            }
+        }
+    }
+    float2 s = row_reduce(make_float2(sum, sq), reinterpret_cast<float2*>(raw), Add());
+    float mean = 0.0f, ms;
+    if (kind == 2) {
+        mean = s.x / (float)cols;
+        float c = 0.0f;
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+            i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+            if (active && i < cols) {
+#pragma unroll
+                for (int j = 0; j < V; ++j) {
+                    float d = v[p][j] - mean;
+                    c = fmaf(d, d, c);
+                }
+            }
+        }
+        ms = row_reduce(c, reinterpret_cast<float*>(raw), Add()) / (float)cols;
+    } else {
+        ms = kind == 1 ? (s.y + s.x * s.x) / (float)(cols + 1) : s.y / (float)cols;
+    }
+    float rstd = 1.0f / sqrtf(ms + eps);
+    if (!active) return;
+    if (threadIdx.x == 0) {
+        if (mean_out) mean_out[r] = mean;
+        if (rstd_out) rstd_out[r] = rstd;
+    }
+    if (y == nullptr) return;
+    T* out = y + r * cols;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (i < cols) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                float h = (v[p][j] - mean) * rstd;
+                if (weight) h *= weight[i + j];
+                if (bias) h += bias[i + j];
+                v[p][j] = h;
+            }
+            store<T, V>(out + i, v[p]);
+        }
+    }
+}
+
+#define NX_NORM_CACHED(name, T, V, P)                                                                     \
+    extern "C" __global__ void __launch_bounds__(512) norm_forward_cached_##name##_p##P(                  \
+        const T* x, const float* weight, const float* bias, T* y, float* mean, float* rstd, i64 rows,     \
+        i64 cols, float eps, int kind) {                                                                  \
+        norm_forward_cached<T, V, P>(x, weight, bias, y, mean, rstd, rows, cols, eps, kind);              \
+    }
+
 #define NX_NORM_TYPE(name, T, V)                                                                          \
     NX_NORM(name, T, 1)                                                                                   \
     NX_NORM(name, T, V)                                                                                   \
@@ -174,6 +249,13 @@ extern "C" __global__ void sum_parts(const float* part, int parts, i64 cols, flo
                                                       const float* rstd, i64 rows, i64 cols,              \
                                                       i64 rows_per_part, float* part_w, float* part_b) {  \
         norm_param_part<T>(dy, x, mean, rstd, rows, cols, rows_per_part, part_w, part_b);                 \
-    }
+    }                                                                                                     \
+    NX_NORM_CACHED(name, T, V, 1)                                                                         \
+    NX_NORM_CACHED(name, T, V, 2)                                                                         \
+    NX_NORM_CACHED(name, T, V, 4)                                                                         \
+    NX_NORM_CACHED(name, T, V, 8)
+
 
 NX_TYPES(NX_NORM_TYPE)
+// 16 packs of 4 floats: 64 registers of row per thread, the most without spilling.
+NX_NORM_CACHED(f32, float, 4, 16)

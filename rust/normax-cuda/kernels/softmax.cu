@@ -148,11 +148,73 @@ __device__ void softmax_backward_rows(const T* y, const T* dy, T* dx, i64 rows, 
         softmax_backward_rows<T, V>(y, dy, dx, rows, cols, chunk, chunks, part, mode);                      \
     }
 
+// Rows that fit in registers (at most P packs of V per thread, aligned): one read of memory.
+// The max first, then exp once per element (kept), its sum, then the scale: special values come
+// out as in softmax_rows (a +-inf max makes x - max NaN somewhere, so the whole row is NaN).
+template <class T, int V, int P>
+__device__ void softmax_cached_rows(const T* x, T* y, i64 rows, i64 cols, int mode) {
+    __shared__ float4 raw[NX_MAX_ROWS_PER_BLOCK * 32];
+    RowSlot s = row_slot(rows, cols, cols, 1);
+    const T* xr = x + s.row * cols;
+    float v[P][V];
+    float m = -NX_INF;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (s.active && i < cols) {
+            load<T, V>(xr + i, v[p]);
+#pragma unroll
+            for (int j = 0; j < V; ++j) m = fmaxf(m, v[p][j]);
+        }
+    }
+    m = row_reduce(m, reinterpret_cast<float*>(raw), Max());
+    float sum = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (s.active && i < cols) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                float e = fast_exp(v[p][j] - m);
+                sum += e;
+                if (mode == 0) v[p][j] = e;
+                else v[p][j] -= m;
+            }
+        }
+    }
+    sum = row_reduce(sum, reinterpret_cast<float*>(raw), Add());
+    if (!s.active) return;
+    float scale = mode == 0 ? 1.0f / sum : logf(sum);
+    T* yr = y + s.row * cols;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (i < cols) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) v[p][j] = mode == 0 ? v[p][j] * scale : v[p][j] - scale;
+            store<T, V>(yr + i, v[p]);
+        }
+    }
+}
+
+#define NX_SOFTMAX_CACHED(name, T, V, P)                                                                    \
+    extern "C" __global__ void __launch_bounds__(512) softmax_cached_##name##_p##P(                        \
+        const T* x, T* y, i64 rows, i64 cols, int mode) {                                                   \
+        softmax_cached_rows<T, V, P>(x, y, rows, cols, mode);                                               \
+    }
+
 #define NX_SOFTMAX_TYPE(name, T, V)                                                                     \
     NX_SOFTMAX(name, T, 1)                                                                              \
     NX_SOFTMAX(name, T, V)                                                                              \
     extern "C" __global__ void logsumexp_##name(const float2* part, int chunks, i64 rows, T* out) {     \
         logsumexp_rows<T>(part, chunks, rows, out);                                                     \
-    }
+    }                                                                                                   \
+    NX_SOFTMAX_CACHED(name, T, V, 1)                                                                    \
+    NX_SOFTMAX_CACHED(name, T, V, 2)                                                                    \
+    NX_SOFTMAX_CACHED(name, T, V, 4)                                                                    \
+    NX_SOFTMAX_CACHED(name, T, V, 8)
+
 
 NX_TYPES(NX_SOFTMAX_TYPE)
+// 16 packs of 4 floats: 64 registers of row per thread, the most without spilling.
+NX_SOFTMAX_CACHED(f32, float, 4, 16)

@@ -55,6 +55,22 @@ pub fn plan(rows: usize, cols: usize, vec: usize, sms: u32, split: bool) -> Resu
     })
 }
 
+/// Registers of row per thread the cached kernels may hold (their `P * V` floats; more spills).
+const MAX_CACHED_FLOATS: usize = 64;
+
+/// The packs per thread of a cached kernel (`<op>_cached_<dtype>_p<P>`: the row held in
+/// registers, one read of memory), or None where the row does not fit or is not vectorized.
+fn cached_packs(p: &Plan, cols: usize) -> Option<usize> {
+    if p.chunks != 1 || p.vec == 1 {
+        return None;
+    }
+    let packs = cols
+        .div_ceil(p.vec)
+        .div_ceil(p.block.0 as usize)
+        .next_power_of_two();
+    (packs * p.vec <= MAX_CACHED_FLOATS).then_some(packs)
+}
+
 /// 16 bytes' worth of elements when the rows and every buffer are 16-byte aligned, else 1.
 fn vector_width(dtype: DType, cols: usize, bufs: &[u64]) -> usize {
     let v = 16 / dtype.size();
@@ -118,6 +134,20 @@ pub fn softmax(s: Stream, x: Buf, y: Buf, rows: usize, cols: usize, log: bool) -
         let (rows_i, cols_i, chunk_i, chunks_i) =
             (rows as i64, cols as i64, p.chunk as i64, p.chunks as i32);
         let mode = log as i32;
+        if let Some(packs) = cached_packs(&p, cols) {
+            let name = format!("softmax_cached_{}_p{packs}", x.dtype.kernel_name());
+            let f = d.function("softmax", &name)?;
+            // Safety: x and y have rows*cols elements (checked), 16-byte aligned rows (vec > 1).
+            return unsafe {
+                launch(
+                    f,
+                    p.grid,
+                    p.block,
+                    s,
+                    &mut params![x.ptr, y.ptr, rows_i, cols_i, mode],
+                )
+            };
+        }
         let scratch = if p.chunks > 1 {
             let sc = Scratch::new(rows * p.chunks as usize * 8, s)?;
             let f = kernel(d, "softmax", "max_sum_part", x.dtype, Some(vec))?;
@@ -455,7 +485,13 @@ pub fn norm_forward(
         let vec = vector_width(x.dtype, cols, &[x.ptr, ptr(y)]);
         let p = norm_plan(d, rows, cols, vec)?;
         let (rows_i, cols_i, kind_i) = (rows as i64, cols as i64, kind as i32);
-        let f = kernel(d, "norms", "norm_forward", x.dtype, Some(vec))?;
+        let f = match cached_packs(&p, cols) {
+            Some(packs) => d.function(
+                "norms",
+                &format!("norm_forward_cached_{}_p{packs}", x.dtype.kernel_name()),
+            )?,
+            None => kernel(d, "norms", "norm_forward", x.dtype, Some(vec))?,
+        };
         // Safety: every buffer checked above (null where absent).
         unsafe {
             launch(
@@ -637,6 +673,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn cached_kernels_exist_for_every_choice() {
+        let sources = [crate::MODULES[0].1, crate::MODULES[2].1];
+        for cols in (1..40_000).step_by(97).chain([4096, 32768, 16384, 8192]) {
+            for (dtype, vec) in [(DType::F32, 4), (DType::BF16, 8), (DType::F16, 8)] {
+                if cols % vec != 0 {
+                    continue;
+                }
+                let p = plan(1000, cols, vec, 132, true).unwrap();
+                if let Some(packs) = cached_packs(&p, cols) {
+                    assert!(packs.is_power_of_two() && packs * vec <= MAX_CACHED_FLOATS);
+                    assert!(
+                        packs * vec * p.block.0 as usize >= cols,
+                        "{cols}: {p:?} {packs}"
+                    );
+                    let (t, v) = (dtype.kernel_name(), vec);
+                    // The instantiation is either in the per-type macro (P <= 8) or written out.
+                    let listed = packs <= 8
+                        || sources
+                            .iter()
+                            .all(|src| src.contains(&format!("({t}, float, {v}, {packs})")));
+                    assert!(listed, "no {t} cached kernel with P = {packs}");
+                }
+            }
+        }
+        // The shapes of the issue: rows of 4096 and 32768 are read once.
+        assert!(cached_packs(&plan(16384, 4096, 4, 132, true).unwrap(), 4096).is_some());
+        assert!(cached_packs(&plan(4096, 32768, 4, 132, true).unwrap(), 32768).is_some());
+        assert!(cached_packs(&plan(4096, 32768, 8, 132, true).unwrap(), 32768).is_some());
+        assert!(cached_packs(&plan(32, 128256, 4, 132, true).unwrap(), 128256).is_none());
     }
 
     #[test]
