@@ -23,7 +23,7 @@ def test_nvrtc_comes_from_the_wheel():
     assert major >= 12
 
 
-@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # sm_75: cargo test -p normax-cuda
 def test_every_kernel_compiles(arch):
     modules = dict(_cuda.compile_check(arch))
     assert set(modules) == {"softmax", "cross_entropy", "norms"}

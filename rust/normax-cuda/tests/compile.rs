@@ -1,5 +1,5 @@
-//! Every kernel module compiles with NVRTC for sm_75 (Turing, no bf16 instructions), sm_80 and
-//! sm_90 (no GPU needed). CI sets NORMAX_REQUIRE_NVRTC=1 and puts the nvidia-cuda-nvrtc wheel's library on the
+//! Every kernel module compiles with NVRTC for sm_75 (Turing: no bf16 instructions, its own code
+//! path; sm_80 and sm_90 are compiled by tests/test_cuda.py), no GPU needed. CI sets NORMAX_REQUIRE_NVRTC=1 and puts the nvidia-cuda-nvrtc wheel's library on the
 //! loader path, so there a missing NVRTC fails instead of skipping.
 
 use normax_cuda::{compile_all, nvrtc_version, Error, MODULES};
@@ -18,11 +18,11 @@ fn nvrtc_or_skip() -> bool {
 }
 
 #[test]
-fn every_module_compiles_for_sm75_sm80_and_sm90() {
+fn every_module_compiles_for_sm75() {
     if !nvrtc_or_skip() {
         return;
     }
-    for arch in ["sm_75", "sm_80", "sm_90"] {
+    for arch in ["sm_75"] {
         let built = compile_all(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert_eq!(built.len(), MODULES.len());
         for (module, size) in built {
