@@ -1,6 +1,7 @@
 //! Every kernel module compiles with NVRTC for sm_75 (Turing: no bf16 instructions, its own code
-//! path; sm_80 and sm_90 are compiled by tests/test_cuda.py), no GPU needed. CI sets NORMAX_REQUIRE_NVRTC=1 and puts the nvidia-cuda-nvrtc wheel's library on the
-//! loader path, so there a missing NVRTC fails instead of skipping.
+//! path; sm_80 and sm_90 are compiled by tests/test_cuda.py), no GPU needed. CI sets
+//! NORMAX_REQUIRE_NVRTC=1 and puts the nvidia-cuda-nvrtc wheel's library on the loader path, so
+//! there a missing NVRTC fails instead of skipping.
 
 use normax_cuda::{compile_all, nvrtc_version, Error, MODULES};
 
