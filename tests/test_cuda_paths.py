@@ -302,6 +302,16 @@ def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(kernels):
             ops.cross_entropy_with_grad,
             (x, t, None, 1, -100, "sum", 0.0, 0.0, None),
         ),
+        (
+            nt._cross_entropy_backward_cuda,
+            ops.cross_entropy_backward,
+            (x, t, None, torch.tensor(0.5), 1, -100, "mean", 0.1, 0.0, None),
+        ),
+        (
+            nt._cross_entropy_backward_cuda,
+            ops.cross_entropy_backward,
+            (x, t, w[:4].contiguous(), torch.randn(3, 50), 1, 2, "none", 0.0, 1e-3, 3.0),
+        ),
         (nt._layer_norm_cuda, ops.layer_norm, (x, 1, w, b, 1e-5)),
         (nt._rms_norm_cuda, ops.rms_norm, (xb, 1, w.to(torch.bfloat16), 1e-6)),
     ]

@@ -263,6 +263,10 @@ def _opcheck_cases():
             nt._cross_entropy_with_grad_op,
             (x, t, w.detach(), 1, -100, "none", *ce[1:]),
         ),
+        "cross_entropy_backward": (
+            nt._cross_entropy_backward_op,
+            (x.detach(), t, w.detach(), rand(4, seed=9), 1, -100, "none", *ce[1:]),
+        ),
         "scale_grad": (nt._scale_grad_op, (dy, rand(4, seed=7), 1, x.detach())),
         "linear_cross_entropy": (nt._linear_ce_op, (h, wl, t, b, -100, "none", 0.1, 0.0, None, None)),
         "linear_cross_entropy_with_grad": (
@@ -437,7 +441,7 @@ def test_other_devices_error_names_the_missing_kernel():
 @pytest.mark.parametrize(
     "op",
     ["softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "logsumexp", "cross_entropy",
-     "cross_entropy_with_grad", "layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"],
+     "cross_entropy_with_grad", "cross_entropy_backward", "layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"],
 )  # fmt: skip
 def test_ops_have_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"normax::{op}", "CUDA")
@@ -448,3 +452,18 @@ def test_importing_normax_torch_registers_the_ops():
     assert hasattr(torch.ops.normax, "softmax") and hasattr(torch.ops.normax, "power_norm_backward")
     assert math.isclose(float(nt.logsumexp(torch.zeros(4), 0)), math.log(4.0), rel_tol=1e-6)
     assert normax.softmax is not None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_op_backward_forms_the_gradient(reduction):
+    """The loss-only op (used for CUDA tensors) differentiates through cross_entropy_backward."""
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 4, -100, 2, 1, 3])
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    loss = torch.ops.normax.cross_entropy(x, t, w, 1, -100, reduction, 0.1, 0.0, None)
+    ref = torch.nn.functional.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    (want,) = torch.autograd.grad(ref, x, g)
+    (got,) = torch.autograd.grad(loss, x, g)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(got, want)

@@ -419,6 +419,58 @@ def _ce_grad(ctx, grad_loss: Tensor, _grad_dlogits):
 _cross_entropy_with_grad_op.register_autograd(_ce_grad, setup_context=_ce_setup)
 
 
+@torch.library.custom_op("normax::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_loss: Tensor,
+    axis: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> Tensor:
+    _, dlogits = _cross_entropy.cross_entropy_with_grad(
+        _host(input),
+        _host(target),
+        axis=axis,
+        weight=_host_opt(weight),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        grad_output=_host(grad_loss),
+    )
+    return _tensor(dlogits, input.dtype)
+
+
+@_cross_entropy_backward_op.register_fake
+def _(input, target, weight, grad_loss, axis, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    return input.new_empty(input.shape)
+
+
+def _ce_loss_setup(ctx, inputs, output) -> None:
+    input, target, weight = inputs[:3]
+    ctx.options = inputs[3:]
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(input, target, weight if weight is not None else _absent(input))
+
+
+def _ce_loss_grad(ctx, grad_loss: Tensor):
+    # The gradient formed in the backward, from the loss's own gradient: one kernel writes it,
+    # already scaled (the CUDA path; on the CPU, nt.cross_entropy fuses it into the forward).
+    input, target, weight = ctx.saved_tensors
+    weight = weight if ctx.has_weight else None
+    dlogits = _cross_entropy_backward_op(input, target, weight, grad_loss, *ctx.options)
+    return dlogits, None, None, None, None, None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_ce_loss_grad, setup_context=_ce_loss_setup)
+
+
 def _ce_options(fname, ignore_index, reduction, label_smoothing, z_loss, softcap):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{fname}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -484,9 +536,12 @@ def cross_entropy(
         raise TypeError(f"{fname}: target must be a torch.Tensor, got {type(target).__name__}")
     opts = _ce_options(fname, ignore_index, reduction, label_smoothing, z_loss, softcap)
     axis = 1 if input.ndim >= 2 else 0
-    if _needs_grad(input):
+    if _needs_grad(input) and not input.is_cuda:
+        # CPU: loss and gradient in one pass over the logits; the backward only scales it.
         loss, _ = _cross_entropy_with_grad_op(input, target, weight, axis, *opts)
         return loss
+    # CUDA (or no gradient): the loss alone; its backward writes the scaled gradient in one
+    # kernel, which is fewer passes over the logits than forming it here and scaling it later.
     return _cross_entropy_op(input, target, weight, axis, *opts)
 
 
@@ -971,6 +1026,27 @@ def _cross_entropy_with_grad_cuda(
     opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss, grad = _cross_entropy_on_cuda(True, input, target, weight, axis, *opts)
     return _dense(loss), _dense(grad)
+
+
+@_cross_entropy_backward_op.register_kernel("cuda")
+def _cross_entropy_backward_cuda(
+    input, target, weight, grad_loss, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
+):
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    # grad_loss stays on the device: the kernel reads its scale from there (no sync).
+    return _dense(
+        _cuda._cross_entropy(
+            "normax.torch.cross_entropy",
+            input,
+            target,
+            axis,
+            weight,
+            *opts,
+            True,
+            grad_loss,
+            sync_check=False,
+        )[1]
+    )
 
 
 @_layer_norm_op.register_kernel("cuda")
