@@ -6,10 +6,9 @@ by benches/gpu_check.sh."""
 import ctypes
 import sys
 
+import normax
 import numpy as np
 import pytest
-
-import normax
 from normax import _core, _cuda
 
 pytestmark = pytest.mark.skipif(
@@ -20,14 +19,14 @@ pytestmark = pytest.mark.skipif(
 def test_nvrtc_comes_from_the_wheel():
     path = _cuda.load_nvrtc()
     assert path is not None and "libnvrtc.so" in path, "pip install nvidia-cuda-nvrtc (a test dependency)"
-    major, minor = _core.cuda_nvrtc_version()
+    major, _minor = _core.cuda_nvrtc_version()
     assert major >= 12
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_kernel_compiles(arch):
     modules = dict(_cuda.compile_check(arch))
-    assert set(modules) == {"softmax", "cross_entropy", "norms"}
+    assert set(modules) == {"softmax", "cross_entropy", "norms", "power_norm"}
     assert all(size > 10_000 for size in modules.values())  # real cubins, not empty images
 
 
@@ -37,6 +36,7 @@ def test_bad_architecture_is_a_value_error():
 
 
 # -- DLPack capsules built by hand: a CUDA tensor description whose memory is never touched here.
+
 
 class _DlTensor(ctypes.Structure):
     _fields_ = [
@@ -94,7 +94,7 @@ def test_capsules_are_checked_before_any_cuda_call():
     with pytest.raises(ValueError, match="target: expected 2 class indices"):
         _core.cuda_cross_entropy(
             x, capsule((3,), code=0, bits=64), None, capsule((2,)), None, None, 0, 2, 3, -100, 0.0, 0.0, 0.0, 0, 0
-        )
+        )  # fmt: skip
     with pytest.raises(ValueError, match="rstd: expected 2 elements"):
         _core.cuda_norm_backward("rms", x, x, None, None, capsule((3,)), y, None, None, 2, 3, 0, 0)
     # Size-1 axes may carry any stride (as torch exports them).
@@ -129,9 +129,12 @@ def test_cuda_arrays_are_routed_and_unsupported_libraries_named():
     assert not _cuda.is_cuda_array(np.zeros(3))
     with pytest.raises(NotImplementedError, match="softmax: CUDA arrays of .* are not supported"):
         normax.softmax(FakeCudaArray())
-    # Functions without a CUDA kernel say so.
-    with pytest.raises(NotImplementedError, match="power_norm has no GPU kernel"):
+    # PowerNorm and the linear cross-entropy have a CUDA path too: they reach it (and name the
+    # unsupported library there) instead of the CPU code.
+    with pytest.raises(NotImplementedError, match="power_norm: CUDA arrays of .* are not supported"):
         normax.power_norm(FakeCudaArray(), None, None, normax.PowerNormState(3))
+    with pytest.raises(NotImplementedError, match="linear_cross_entropy: CUDA arrays of .* are not supported"):
+        normax.linear_cross_entropy(FakeCudaArray(), np.zeros((4, 3)), np.zeros(2, np.int64))
 
 
 def test_backend_and_device_arguments_are_validated():
