@@ -1070,6 +1070,116 @@ def _power_norm_grad(ctx, dy, *_):
 _power_norm_op.register_autograd(_power_norm_grad, setup_context=_power_norm_setup)
 
 
+# CUDA tensors: the PowerNorm and linear cross-entropy ops run normax's CUDA path (normax._cuda),
+# returning exactly what the fakes above describe. PowerNorm's state bookkeeping is host float64
+# code, so its C-long buffers and factors travel to the host and back (a synchronization per call).
+
+
+def _host64(t: Tensor) -> np.ndarray:
+    """A float64 NumPy copy (never a view of a buffer) of a tensor on any device."""
+    return t.detach().to("cpu", torch.float64).numpy().reshape(-1).copy()
+
+
+@_power_norm_op.register_kernel("cuda")
+def _(
+    x, weight, bias, running_phi, ema_gz, iters, pad_mask, training, eps, alpha_fwd, alpha_bkw,
+    warmup_iters, group_num,
+):  # fmt: skip
+    from . import _cuda
+
+    state = _adapt.power_norm_state(
+        _host64(running_phi),
+        np.zeros(x.shape[-1]),
+        int(iters.reshape(-1)[0]),
+        eps=eps,
+        alpha_fwd=alpha_fwd,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=warmup_iters,
+        group_num=group_num,
+    )
+    y, saved = _cuda.power_norm(
+        x, weight, bias, state, training=training, pad_mask=pad_mask, return_saved=True
+    )
+    f64 = torch.float64
+    return (
+        y,
+        torch.tensor(saved.zscale, dtype=f64, device=x.device),
+        torch.tensor(saved.dscale, dtype=f64, device=x.device),
+        torch.tensor(state.running_phi, dtype=running_phi.dtype, device=running_phi.device).reshape(
+            running_phi.shape
+        ),
+        torch.full_like(iters, state.iters),
+    )
+
+
+@_power_norm_backward_op.register_kernel("cuda")
+def _(dy, x, weight, zscale, dscale, ema_gz, training, eps, alpha_bkw, group_num):
+    from . import _cuda
+
+    before = _host64(ema_gz)
+    state = _adapt.power_norm_state(
+        np.ones_like(before),
+        before.copy(),
+        0,
+        eps=eps,
+        alpha_fwd=0.0,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=0,
+        group_num=group_num,
+    )
+    saved = _cuda.power_norm_saved(
+        x, weight, True, _host64(zscale), _host64(dscale), training=training, eps=eps, group_num=group_num
+    )
+    dx, dw, db = _cuda.power_norm_backward(dy, saved, state)
+    delta = torch.tensor(state.ema_gz - before, dtype=ema_gz.dtype, device=ema_gz.device).reshape(
+        ema_gz.shape
+    )
+    return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype), delta
+
+
+@_linear_ce_op.register_kernel("cuda")
+def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size):
+    from . import _cuda
+
+    loss = _cuda.linear_cross_entropy(
+        input,
+        weight,
+        target,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        chunk_size=chunk_size,
+    )
+    return loss.to(input.dtype)
+
+
+@_linear_ce_with_grad_op.register_kernel("cuda")
+def _(
+    input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
+    grad_output,
+):  # fmt: skip
+    from . import _cuda
+
+    loss, dh, dw, db = _cuda.linear_cross_entropy_with_grad(
+        input,
+        weight,
+        target,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        grad_output=1.0 if grad_output is None else grad_output,
+    )
+    db = _absent(input) if db is None else db.to(bias.dtype)
+    return loss.to(input.dtype), dh.to(input.dtype), dw.to(weight.dtype), db
+
+
 class PowerNorm(torch.nn.Module):
     """PowerNorm (Shen et al. 2020) with MaskPowerNorm's constructor, buffers and forward.
 
