@@ -11,8 +11,11 @@ Differences from the CPU functions, stated once:
 - float32, float16 and bfloat16 only (float32 arithmetic inside); float64 and integer arrays
   raise TypeError rather than silently losing precision.
 - Saved statistics (``return_stats=True``) and ``dweight``/``dbias`` are float32.
-- Not on the GPU: ``logsumexp``'s ``b=``/``return_sign=``, the PowerNorm functions; those raise
-  NotImplementedError.
+- Not on the GPU: ``logsumexp``'s ``b=``/``return_sign=``; those raise NotImplementedError.
+- PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
+  per-channel sums back from the device, a host synchronization (see the PowerNorm section).
+- The linear cross-entropy holds whole rows of logits (the vocabulary is never split), so a
+  ``chunk_size`` below V still holds one row.
 - Results are the caller's library arrays; a reduced loss is a 0-d array (as torch returns).
 
 The kernels are compiled by NVRTC for the device at first use (about a second per op family),
