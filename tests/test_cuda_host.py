@@ -260,3 +260,49 @@ def test_linear_cross_entropy_checks_and_edge_cases(host_cuda):
     )
     assert float(loss) == 0.0 and dh.shape == (0, 3)
     assert torch.equal(dw, torch.zeros(4, 3)) and torch.equal(db, torch.zeros(4))
+
+
+def _same(got, want, atol=1e-5):
+    """Tensors of the same shape, dtype and (within float32 roundings) values; lists pairwise."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+        np.testing.assert_allclose(g.double().numpy(), w.double().numpy(), rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_cuda_kernels_return_what_the_cpu_kernels_do(host_cuda, training):
+    # The ops' CPU kernels return what their fakes describe; the CUDA kernels must match them.
+    nt = pytest.importorskip("normax.torch")
+    rng = torch.Generator().manual_seed(3)
+    t, b, c = 6, 3, 8
+    x = torch.randn(t, b, c, generator=rng)
+    weight, bias = torch.rand(c, generator=rng) + 0.5, torch.randn(c, generator=rng)
+    running_phi = torch.rand(1, c, 1, 1, generator=rng) + 0.5
+    ema = torch.randn(1, c, 1, 1, generator=rng) * 0.1
+    pad = torch.rand(b, t, generator=rng) < 0.3
+    for iters in (0, 5):  # during and after warmup
+        it = torch.tensor([iters])
+        args = (x, weight, bias, running_phi, ema, it, pad, training, 1e-5, 0.9, 0.8, 2, 2)
+        got, want = nt._power_norm_cuda(*args), nt._power_norm_op(*args)
+        _same(got, want)
+        dy = torch.randn(t, b, c, generator=rng)
+        bargs = (dy, x, weight, want[1], want[2], ema, training, 1e-5, 0.8, 2)
+        _same(nt._power_norm_backward_cuda(*bargs), nt._power_norm_backward_op(*bargs))
+    assert "cuda_power_norm_backward" in host_cuda
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(host_cuda, with_bias):
+    nt = pytest.importorskip("normax.torch")
+    rng = torch.Generator().manual_seed(4)
+    h, w = torch.randn(9, 5, generator=rng), torch.randn(13, 5, generator=rng)
+    bias = torch.randn(13, generator=rng) if with_bias else None
+    t = torch.randint(0, 13, (9,), generator=rng)
+    t[3] = -100
+    for reduction, go in (("mean", None), ("sum", None), ("none", torch.rand(9, generator=rng))):
+        opts = (-100, reduction, 0.1, 1e-3, None, 26)
+        _same([nt._linear_ce_cuda(h, w, t, bias, *opts)], [nt._linear_ce_op(h, w, t, bias, *opts)])
+        got = nt._linear_ce_with_grad_cuda(h, w, t, bias, *opts, go)
+        _same(got, nt._linear_ce_with_grad_op(h, w, t, bias, *opts, go))
+    assert host_cuda.count("cuda_cross_entropy") > 3  # several blocks (26 elements: 2 rows)

@@ -1080,8 +1080,7 @@ def _host64(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().reshape(-1).copy()
 
 
-@_power_norm_op.register_kernel("cuda")
-def _(
+def _power_norm_cuda(
     x, weight, bias, running_phi, ema_gz, iters, pad_mask, training, eps, alpha_fwd, alpha_bkw,
     warmup_iters, group_num,
 ):  # fmt: skip
@@ -1112,8 +1111,7 @@ def _(
     )
 
 
-@_power_norm_backward_op.register_kernel("cuda")
-def _(dy, x, weight, zscale, dscale, ema_gz, training, eps, alpha_bkw, group_num):
+def _power_norm_backward_cuda(dy, x, weight, zscale, dscale, ema_gz, training, eps, alpha_bkw, group_num):
     from . import _cuda
 
     before = _host64(ema_gz)
@@ -1137,8 +1135,9 @@ def _(dy, x, weight, zscale, dscale, ema_gz, training, eps, alpha_bkw, group_num
     return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype), delta
 
 
-@_linear_ce_op.register_kernel("cuda")
-def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size):
+def _linear_ce_cuda(
+    input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size
+):
     from . import _cuda
 
     loss = _cuda.linear_cross_entropy(
@@ -1156,8 +1155,7 @@ def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_l
     return loss.to(input.dtype)
 
 
-@_linear_ce_with_grad_op.register_kernel("cuda")
-def _(
+def _linear_ce_with_grad_cuda(
     input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
     grad_output,
 ):  # fmt: skip
@@ -1178,6 +1176,12 @@ def _(
     )
     db = _absent(input) if db is None else db.to(bias.dtype)
     return loss.to(input.dtype), dh.to(input.dtype), dw.to(weight.dtype), db
+
+
+_power_norm_op.register_kernel("cuda")(_power_norm_cuda)
+_power_norm_backward_op.register_kernel("cuda")(_power_norm_backward_cuda)
+_linear_ce_op.register_kernel("cuda")(_linear_ce_cuda)
+_linear_ce_with_grad_op.register_kernel("cuda")(_linear_ce_with_grad_cuda)
 
 
 class PowerNorm(torch.nn.Module):
