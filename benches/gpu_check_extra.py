@@ -139,6 +139,23 @@ def power_norm_module():
     cpu.eval()
     x = torch.randn(t, b, c)
     check("torch PowerNorm eval y", gpu(x.cuda()), cpu(x), 1e-4)
+    # bfloat16 input, float32 parameters: dweight/dbias stay float32 (from float32 sums).
+    gpu.train()
+    cpu.train()
+    x = (torch.randn(t, b, c) * 2).bfloat16()
+    xg = x.cuda().requires_grad_()
+    xc = x.clone().requires_grad_()
+    yg, yc = gpu(xg), cpu(xc)
+    dy = torch.randn(t, b, c).bfloat16()
+    yg.backward(dy.cuda())
+    yc.backward(dy)
+    tol = TOL[torch.bfloat16]
+    check("torch PowerNorm bfloat16 y", yg, yc, tol)
+    check("torch PowerNorm bfloat16 dx", xg.grad, xc.grad, tol)
+    check("torch PowerNorm bfloat16 dweight", gpu.weight.grad, cpu.weight.grad, tol)
+    if gpu.weight.grad.dtype != torch.float32:
+        FAILURES.append("torch PowerNorm bfloat16 dweight dtype")
+        print(f"FAIL torch PowerNorm bfloat16 dweight dtype {gpu.weight.grad.dtype}")
 
 
 # ---------------------------------------------------------------------------------------------

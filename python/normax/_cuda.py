@@ -813,6 +813,12 @@ def power_norm_saved(x, weight, has_bias, zscale, dscale, *, training, eps, grou
 
 
 def power_norm_backward(dy, saved, state):
+    return power_norm_backward_as(dy, saved, state, None)
+
+
+def power_norm_backward_as(dy, saved, state, param_dtype):
+    """power_norm_backward with dweight and dbias in `param_dtype` (None: the promoted dtype of x
+    and dy) straight from the float32 sums, for adapters whose parameters are wider than x."""
     fname = "normax.power_norm_backward"
     if not isinstance(saved, PowerNormSaved):
         raise TypeError(f"saved: expected a normax.PowerNormSaved, got {type(saved).__name__}")
@@ -824,10 +830,10 @@ def power_norm_backward(dy, saved, state):
         )
     lib = _lib_of((dy, saved.x), fname)
     with _current(lib):
-        return _power_norm_backward(lib, dy, saved, state)
+        return _power_norm_backward(lib, dy, saved, state, param_dtype)
 
 
-def _power_norm_backward(lib, dy, saved, state):
+def _power_norm_backward(lib, dy, saved, state, param_dtype):
     dy = _input(lib, dy, "dy")
     if tuple(dy.shape) != tuple(saved.shape):
         raise ValueError(
@@ -852,9 +858,10 @@ def _power_norm_backward(lib, dy, saved, state):
     if saved.training and tokens:
         state.ema_gz += _host64(lib, sums[:c]) / tokens
     dx = lib.astype(dx.reshape(saved.shape), result)
+    pd = result if param_dtype is None else param_dtype
     # Copies: the three results never share memory (torch custom ops may not return aliases).
-    dweight = None if saved.weight is None else _copy(lib, lib.astype(sums[c : 2 * c], result))
-    dbias = _copy(lib, lib.astype(sums[2 * c :], result)) if saved.has_bias else None
+    dweight = None if saved.weight is None else _copy(lib, lib.astype(sums[c : 2 * c], pd))
+    dbias = _copy(lib, lib.astype(sums[2 * c :], pd)) if saved.has_bias else None
     return dx, dweight, dbias
 
 

@@ -1128,7 +1128,7 @@ def _power_norm_backward_cuda(dy, x, weight, zscale, dscale, ema_gz, training, e
     saved = _cuda.power_norm_saved(
         x, weight, True, _host64(zscale), _host64(dscale), training=training, eps=eps, group_num=group_num
     )
-    dx, dw, db = _cuda.power_norm_backward(dy, saved, state)
+    dx, dw, db = _cuda.power_norm_backward_as(dy, saved, state, weight.dtype)
     delta = torch.tensor(state.ema_gz - before, dtype=ema_gz.dtype, device=ema_gz.device).reshape(
         ema_gz.shape
     )
