@@ -26,7 +26,7 @@ def test_nvrtc_comes_from_the_wheel():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # sm_75: cargo test -p normax-cuda
 def test_every_kernel_compiles(arch):
     modules = dict(_cuda.compile_check(arch))
-    assert set(modules) == {"softmax", "cross_entropy", "norms"}
+    assert set(modules) == {"softmax", "cross_entropy", "norms", "power_norm"}
     assert all(size > 10_000 for size in modules.values())  # real cubins, not empty images
 
 
@@ -93,22 +93,8 @@ def test_capsules_are_checked_before_any_cuda_call():
         _core.cuda_softmax(np.zeros((2, 3), np.float32), y, 2, 3, False, 0, 0)
     with pytest.raises(ValueError, match="target: expected 2 class indices"):
         _core.cuda_cross_entropy(
-            x,
-            capsule((3,), code=0, bits=64),
-            None,
-            capsule((2,)),
-            None,
-            None,
-            0,
-            2,
-            3,
-            -100,
-            0.0,
-            0.0,
-            0.0,
-            0,
-            0,
-        )
+            x, capsule((3,), code=0, bits=64), None, capsule((2,)), None, None, 0, 2, 3, -100, 0.0, 0.0, 0.0, 0, 0
+        )  # fmt: skip
     with pytest.raises(ValueError, match="rstd: expected 2 elements"):
         _core.cuda_norm_backward("rms", x, x, None, None, capsule((3,)), y, None, None, 2, 3, 0, 0)
     # Size-1 axes may carry any stride (as torch exports them).
@@ -143,9 +129,14 @@ def test_cuda_arrays_are_routed_and_unsupported_libraries_named():
     assert not _cuda.is_cuda_array(np.zeros(3))
     with pytest.raises(NotImplementedError, match="softmax: CUDA arrays of .* are not supported"):
         normax.softmax(FakeCudaArray())
-    # Functions without a CUDA kernel say so.
-    with pytest.raises(NotImplementedError, match="power_norm has no GPU kernel"):
+    # PowerNorm and the linear cross-entropy have a CUDA path too: they reach it (and name the
+    # unsupported library there) instead of the CPU code.
+    with pytest.raises(NotImplementedError, match="power_norm: CUDA arrays of .* are not supported"):
         normax.power_norm(FakeCudaArray(), None, None, normax.PowerNormState(3))
+    with pytest.raises(
+        NotImplementedError, match="linear_cross_entropy: CUDA arrays of .* are not supported"
+    ):
+        normax.linear_cross_entropy(FakeCudaArray(), np.zeros((4, 3)), np.zeros(2, np.int64))
 
 
 def test_backend_and_device_arguments_are_validated():
@@ -156,3 +147,66 @@ def test_backend_and_device_arguments_are_validated():
         normax.softmax(np.zeros(3), device="tpu")
     np.testing.assert_array_equal(normax.softmax(np.zeros(2), device="cpu"), [0.5, 0.5])
     assert "device" in str(__import__("inspect").signature(normax.softmax))
+
+
+def test_power_norm_capsules_are_checked_before_any_cuda_call():
+    x = capsule((4, 6))
+    c6 = capsule((6,))
+    with pytest.raises(ValueError, match="group_num: 4 does not divide the 6 channels"):
+        _core.cuda_power_norm_forward(x, 4, 6, 4, 1e-5, None, c6, None, None, None, 0, 0)
+    with pytest.raises(ValueError, match="pad_mask: expected 4 elements"):
+        _core.cuda_power_norm_forward(x, 4, 6, 1, 1e-5, capsule((3,)), c6, None, None, None, 0, 0)
+    with pytest.raises(ValueError, match="sumsq: expected F32 elements, got F16"):
+        _core.cuda_power_norm_forward(x, 4, 6, 1, 1e-5, None, capsule((6,), bits=16), None, None, None, 0, 0)
+    with pytest.raises(ValueError, match="y: scale, shift and y are given together"):
+        _core.cuda_power_norm_forward(x, 4, 6, 1, 1e-5, None, None, c6, None, capsule((4, 6)), 0, 0)
+    with pytest.raises(ValueError, match="eps: must be a finite number"):
+        _core.cuda_power_norm_forward(x, 4, 6, 1, float("nan"), None, c6, None, None, None, 0, 0)
+    with pytest.raises(ValueError, match="x: expected 30 elements"):
+        _core.cuda_power_norm_forward(x, 5, 6, 1, 1e-5, None, c6, None, None, None, 0, 0)
+    # backward: dy, x, tokens, channels, groups, eps, weight, zscale, ema, dscale, dx, sums
+    ok = {"weight": c6, "zscale": c6, "ema": c6, "dscale": c6, "dx": capsule((4, 6)), "sums": capsule((18,))}
+
+    def backward(**changed):
+        a = {**ok, **changed}
+        _core.cuda_power_norm_backward(
+            capsule((4, 6)), x, 4, 6, 2, 1e-5, a["weight"], a["zscale"], a["ema"], a["dscale"], a["dx"],
+            a["sums"], 0, 0,
+        )  # fmt: skip
+
+    for name in ("weight", "zscale", "ema", "dscale"):
+        with pytest.raises(ValueError, match=f"{name}: expected 6 elements"):
+            backward(**{name: capsule((5,))})
+    with pytest.raises(ValueError, match="sums: expected 18 elements"):
+        backward(sums=capsule((12,)))
+    with pytest.raises(ValueError, match="dx: expected F32 elements, got F16"):
+        backward(dx=capsule((4, 6), bits=16))
+    with pytest.raises(TypeError, match="ema: expected a DLPack capsule"):
+        backward(ema=np.zeros(6, np.float32))
+    with pytest.raises(ValueError, match="dscale: is on cuda:1"):
+        backward(dscale=capsule((6,), device_id=1))
+
+
+@pytest.mark.skipif(_cuda.available(), reason="checks the error of a machine without a CUDA driver")
+def test_power_norm_without_a_driver_the_error_says_why():
+    with pytest.raises(RuntimeError, match="CUDA driver library"):
+        _core.cuda_power_norm_forward(
+            capsule((4, 6)), 4, 6, 1, 1e-5, None, capsule((6,)), None, None, None, 0, 0
+        )
+
+
+def test_linear_blocks_hold_about_an_eighth_of_the_logits():
+    rows = _cuda._linear_rows
+    # Large problems: about 1/8 of the rows per block, never all of them.
+    for n, v in ((65536, 128256), (8192, 32000), (4096, 50304)):
+        bn = rows(n, v, None)
+        assert bn == -(-n // 8)
+        assert bn * v <= n * v / 8 + v  # within one row of an eighth
+    # Small ones: one block of at most 2**20 elements rather than many tiny GEMMs.
+    assert rows(64, 1000, None) == 64
+    assert rows(4096, 1024, None) == 1024
+    # chunk_size: whole vocabulary rows, at least one.
+    assert rows(100, 1000, 10_000) == 10
+    assert rows(100, 1000, 999) == 1
+    assert rows(100, 1000, 10**9) == 100
+    assert rows(0, 1000, None) == 1

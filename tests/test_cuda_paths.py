@@ -271,12 +271,6 @@ def test_norms(kernels, axis):
     del tw, tb
 
 
-def test_functions_without_cuda_kernels_say_so(kernels):
-    state = normax.PowerNormState(50)
-    with pytest.raises(NotImplementedError, match="power_norm has no GPU kernel"):
-        normax.power_norm(torch.from_numpy(X), None, None, state)
-
-
 def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(kernels):
     """Each op's CUDA kernel (called directly: no CUDA tensors here) returns the CPU op's
     dtypes and shapes, which are what the op's fake promises, and its values."""

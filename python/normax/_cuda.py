@@ -11,8 +11,11 @@ Differences from the CPU functions, stated once:
 - float32, float16 and bfloat16 only (float32 arithmetic inside); float64 and integer arrays
   raise TypeError rather than silently losing precision.
 - Saved statistics (``return_stats=True``) and ``dweight``/``dbias`` are float32.
-- Not on the GPU: ``logsumexp``'s ``b=``/``return_sign=``, the PowerNorm functions; those raise
-  NotImplementedError.
+- Not on the GPU: ``logsumexp``'s ``b=``/``return_sign=``; those raise NotImplementedError.
+- PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
+  per-channel sums back from the device, a host synchronization (see the PowerNorm section).
+- The linear cross-entropy holds whole rows of logits (the vocabulary is never split), so a
+  ``chunk_size`` below V still holds one row.
 - Results are the caller's library arrays; a reduced loss is a 0-d array (as torch returns).
 
 The kernels are compiled by NVRTC for the device at first use (about a second per op family),
@@ -693,3 +696,398 @@ def crms_norm(x, weight=None, *, eps=1e-6, axis=-1, out=None, return_stats=False
 
 def crms_norm_backward(dy, x, weight=None, *, eps=1e-6, axis=-1, rstd=None):
     return _norm_backward("crms", "normax.crms_norm_backward", dy, x, weight, None, eps, axis, None, rstd)
+
+
+# ---------------------------------------------------------------------------------------------
+# PowerNorm
+#
+# The passes over the tokens run on the device (kernels/power_norm.cu); the O(C) bookkeeping of
+# the state (batch variance, running_phi, warmup, ema_gz) is the CPU path's float64 NumPy code on
+# the host buffers of PowerNormState. So a training forward reads the C channel sums of u^2 back
+# (a host synchronization), and so does a training backward (for ema_gz); evaluation only copies
+# C factors to the device.
+
+from ._norms import PowerNormSaved, PowerNormState
+
+
+class _CudaPowerNormSaved(PowerNormSaved):
+    """A PowerNormSaved whose ``x`` ((tokens, C), the forward's dtype) and ``weight`` (float32 or
+    None) are arrays on the forward's GPU."""
+
+    __slots__ = ()
+
+
+def _current(lib: _Lib):
+    """The array's device as the current one (CuPy allocates and runs on the current device)."""
+    return lib.mod.cuda.device(lib.index) if lib.name == "torch" else lib.device
+
+
+def _host64(lib: _Lib, a) -> np.ndarray:
+    """A float64 NumPy copy of a device array (waits for the work queued before it)."""
+    if lib.name == "torch":
+        return a.detach().to("cpu").numpy().astype(np.float64)
+    return lib.mod.asnumpy(a).astype(np.float64)
+
+
+def _dev32(lib: _Lib, a: np.ndarray, name: str):
+    """Host float64 values as a float32 device array, rounded on the host as the CPU path's astype."""
+    return lib.on_device(np.ascontiguousarray(a, dtype=np.float32), name)
+
+
+def _promote(lib: _Lib, a, b):
+    return lib.mod.promote_types(a, b) if lib.name == "torch" else np.result_type(a, b)
+
+
+def _copy(lib: _Lib, a):
+    return a.clone() if lib.name == "torch" else a.copy()
+
+
+def _power_param(lib: _Lib, p, name: str, c: int):
+    """weight/bias as a float32 (C,) device array, or None."""
+    if p is None:
+        return None
+    p = lib.on_device(p, name)
+    if not lib.dtype_name(p).startswith(("float", "bfloat")):
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {lib.dtype_name(p)}")
+    if tuple(p.shape) != (c,):
+        raise ValueError(f"{name}: shape {tuple(p.shape)} does not match the normalized shape ({c},)")
+    return lib.contiguous(lib.astype(p, lib.float32()))
+
+
+def _pad_flags(lib: _Lib, pad_mask, shape):
+    """pad_mask as float32 per token in the kernels' token order (t * B + b), 1 = padding; or None."""
+    if pad_mask is None:
+        return None
+    m = lib.on_device(pad_mask, "pad_mask")
+    if lib.dtype_name(m) != "bool":
+        raise TypeError(f"pad_mask: expected a boolean array (True = padding), got dtype {lib.dtype_name(m)}")
+    if len(shape) == 3:
+        t, b = shape[0], shape[1]
+        if tuple(m.shape) != (b, t):
+            raise ValueError(
+                f"pad_mask: shape {tuple(m.shape)} is not (B, T) = {(b, t)} for x of shape {shape}"
+            )
+        m = lib.permute(m, (1, 0))
+    else:
+        n = shape[0]
+        if tuple(m.shape) not in ((n, 1), (n,)):
+            raise ValueError(
+                f"pad_mask: shape {tuple(m.shape)} is not (N, 1) = {(n, 1)} for x of shape {shape}"
+            )
+    return lib.contiguous(lib.astype(m, lib.float32())).reshape(-1)
+
+
+def power_norm(x, weight, bias, state, *, training=True, pad_mask=None, return_saved=False):
+    fname = "normax.power_norm"
+    if not isinstance(state, PowerNormState):
+        raise TypeError(f"state: expected a normax.PowerNormState, got {type(state).__name__}")
+    lib = _lib_of((x, weight, bias, pad_mask), fname)
+    with _current(lib):
+        return _power_norm(lib, x, weight, bias, state, training, pad_mask, return_saved)
+
+
+def _power_norm(lib, x, weight, bias, state, training, pad_mask, return_saved):
+    x = _input(lib, x, "x")
+    c = state.num_features
+    shape = tuple(x.shape)
+    if x.ndim not in (2, 3) or shape[-1] != c:
+        raise ValueError(f"x: shape {shape} is not (T, B, C) or (N, C) with C = num_features = {c}")
+    w = _power_param(lib, weight, "weight", c)
+    b = _power_param(lib, bias, "bias", c)
+    pad = _pad_flags(lib, pad_mask, shape)
+    work = lib.contiguous(x).reshape(-1, c)
+    tokens = work.shape[0]
+    f32, f64 = lib.float32(), lib.mod.float64
+    shift = b if b is not None else _dev32(lib, np.zeros(c), "bias")
+    y = lib.empty((tokens, c), x.dtype)
+    eps, groups = state.eps, state.group_num
+
+    def run(pad, sumsq, zscale, y):
+        scale = None
+        if zscale is not None:
+            # weight * zscale in float64, rounded once to float32: the CPU path's (w64 * zscale).astype
+            z = lib.on_device(np.asarray(zscale, np.float64), "zscale")
+            scale = lib.astype(z if w is None else lib.astype(w, f64) * z, f32)
+        _run(
+            lib, _core.cuda_power_norm_forward, work, tokens, c, groups, eps, pad, sumsq, scale,
+            None if y is None else shift, y,
+        )  # fmt: skip
+
+    # As _norms.power_norm, with the state changed only once the kernels have run.
+    phi = state.running_phi.copy()
+    it = state.iters
+    if training:
+        it += 1
+        sumsq_d = lib.empty((c,), f32)
+        count = tokens - (int((pad != 0).sum()) if pad is not None else 0)
+        if it <= state.warmup_iters:
+            run(pad, sumsq_d, None, None)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                var = _host64(lib, sumsq_d) / count
+            zscale = 1.0 / np.sqrt(var + eps)
+            run(None, None, zscale, y)
+        else:
+            zscale = 1.0 / np.sqrt(phi + eps)
+            run(pad, sumsq_d, zscale, y)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                var = _host64(lib, sumsq_d) / count
+        if it < state.warmup_iters:
+            phi = phi * (it - 1) / it + var / it
+        phi = state.alpha_fwd * phi + (1.0 - state.alpha_fwd) * var
+        dscale = 1.0 / np.sqrt(var + eps)
+        state.running_phi[...] = phi
+        state.iters = it
+    else:
+        zscale = 1.0 / np.sqrt(phi + eps)
+        run(None, None, zscale, y)
+        dscale = zscale
+    y = y.reshape(shape)
+    if not return_saved:
+        return y
+    saved = _CudaPowerNormSaved(
+        x=work,
+        shape=shape,
+        dtype=x.dtype,
+        weight=w,
+        has_bias=b is not None,
+        zscale=zscale,
+        dscale=dscale,
+        training=bool(training),
+        eps=eps,
+        group_num=groups,
+    )
+    return y, saved
+
+
+def power_norm_saved(x, weight, has_bias, zscale, dscale, *, training, eps, group_num) -> PowerNormSaved:
+    """The saved record of a CUDA forward on `x` (a torch CUDA tensor or CuPy array) that returned
+    (zscale, dscale) (host float64, shape (C,)); for adapters that carry only arrays between the
+    forward and the backward."""
+    lib = _lib_of((x,), "normax.power_norm_backward")
+    x = _input(lib, x, "x")
+    c = x.shape[-1]
+    return _CudaPowerNormSaved(
+        x=lib.contiguous(x).reshape(-1, c),
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        weight=_power_param(lib, weight, "weight", c),
+        has_bias=bool(has_bias),
+        zscale=np.asarray(zscale, np.float64).reshape(-1),
+        dscale=np.asarray(dscale, np.float64).reshape(-1),
+        training=bool(training),
+        eps=float(eps),
+        group_num=int(group_num),
+    )
+
+
+def power_norm_backward(dy, saved, state):
+    return power_norm_backward_as(dy, saved, state, None)
+
+
+def power_norm_backward_as(dy, saved, state, param_dtype):
+    """power_norm_backward with dweight and dbias in `param_dtype` (None: the promoted dtype of x
+    and dy) straight from the float32 sums, for adapters whose parameters are wider than x."""
+    fname = "normax.power_norm_backward"
+    if not isinstance(saved, PowerNormSaved):
+        raise TypeError(f"saved: expected a normax.PowerNormSaved, got {type(saved).__name__}")
+    if not isinstance(state, PowerNormState):
+        raise TypeError(f"state: expected a normax.PowerNormState, got {type(state).__name__}")
+    if not is_cuda_array(saved.x):
+        raise ValueError(
+            f"{fname}: saved comes from a forward on the CPU while dy is on the GPU; run both on one device"
+        )
+    lib = _lib_of((dy, saved.x), fname)
+    with _current(lib):
+        return _power_norm_backward(lib, dy, saved, state, param_dtype)
+
+
+def _power_norm_backward(lib, dy, saved, state, param_dtype):
+    dy = _input(lib, dy, "dy")
+    if tuple(dy.shape) != tuple(saved.shape):
+        raise ValueError(
+            f"dy: shape {tuple(dy.shape)} does not match the forward's x shape {tuple(saved.shape)}"
+        )
+    work = lib.on_device(saved.x, "saved.x")
+    tokens, c = work.shape
+    if c != state.num_features:
+        raise ValueError(f"state: num_features {state.num_features} does not match the forward's {c}")
+    result = _promote(lib, saved.dtype, dy.dtype)
+    if lib.dtype_name(dy) != lib.dtype_name(work):
+        dy = lib.astype(dy, work.dtype)
+    dyw = lib.contiguous(dy).reshape(tokens, c)
+    ema = (1.0 - state.alpha_bkw) * state.ema_gz if saved.training else np.zeros(c)
+    dx = lib.empty((tokens, c), work.dtype)
+    sums = lib.empty((3 * c,), lib.float32())
+    _run(
+        lib, _core.cuda_power_norm_backward, dyw, work, tokens, c, saved.group_num, saved.eps,
+        saved.weight, _dev32(lib, saved.zscale, "zscale"), _dev32(lib, ema, "ema_gz"),
+        _dev32(lib, saved.dscale, "dscale"), dx, sums,
+    )  # fmt: skip
+    if saved.training and tokens:
+        state.ema_gz += _host64(lib, sums[:c]) / tokens
+    dx = lib.astype(dx.reshape(saved.shape), result)
+    pd = result if param_dtype is None else param_dtype
+    # Copies: the three results never share memory (torch custom ops may not return aliases).
+    dweight = None if saved.weight is None else _copy(lib, lib.astype(sums[c : 2 * c], pd))
+    dbias = _copy(lib, lib.astype(sums[2 * c :], pd)) if saved.has_bias else None
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy: the caller's GEMMs (cuBLAS) on blocks of rows, the cross-entropy kernel on
+# each block of logits (which becomes its gradient in place).
+
+# Logits blocks below this many elements cost more in launches than they save in memory.
+_LINEAR_MIN_BLOCK = 1 << 20
+
+
+def _linear_rows(n: int, v: int, chunk_size: int | None) -> int:
+    """Rows of hidden per logits block. Rows are never split (the kernel takes whole vocabulary
+    rows), so a `chunk_size` below V still holds one row. By default a block is about 1/8 of the
+    N x V logits (at least _LINEAR_MIN_BLOCK elements, or all rows when there are fewer)."""
+    if n == 0:
+        return 1
+    if chunk_size is not None:
+        return max(1, min(n, chunk_size // v))
+    return max(1, min(n, max(-(-n // 8), _LINEAR_MIN_BLOCK // v)))
+
+
+def _gemm(lib: _Lib, a, b, out):
+    lib.mod.matmul(a, b, out=out)
+    return out
+
+
+def _zeros(lib: _Lib, shape, dtype):
+    if lib.name == "torch":
+        return lib.mod.zeros(shape, dtype=dtype, device=lib.device)
+    return lib.mod.zeros(shape, dtype=dtype)  # on the current device: the caller's
+
+
+def _linear(
+    fname, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+    chunk_size, with_grad, grad_output=1.0, sync_check=True,
+):  # fmt: skip
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    lib = _lib_of((hidden, weight, target, bias, grad_output), fname)
+    with _current(lib):
+        return _linear_on(
+            lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check
+        )
+
+
+def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check):
+    ignore_index, reduction, label_smoothing, z_loss, softcap = opts
+    h = _input(lib, hidden, "hidden")
+    w = _input(lib, weight, "weight")
+    if h.ndim != 2:
+        raise ValueError(f"hidden: expected a 2-d (N, H) array, got shape {tuple(h.shape)}")
+    if w.ndim != 2 or w.shape[1] != h.shape[1]:
+        raise ValueError(f"weight: expected shape (V, {h.shape[1]}) as torch.nn.Linear, got {tuple(w.shape)}")
+    n, hd = h.shape
+    v = w.shape[0]
+    if v == 0:
+        raise ValueError("weight: the vocabulary (first axis) is empty")
+    work = _promote(lib, h.dtype, w.dtype)
+    result = work
+    b = None
+    if bias is not None:
+        b = _input(lib, bias, "bias")
+        if tuple(b.shape) != (v,):
+            raise ValueError(f"bias: expected shape ({v},), got {tuple(b.shape)}")
+        result = _promote(lib, work, b.dtype)
+        b = lib.contiguous(lib.astype(b, work))
+    t = lib.on_device(target, "target")
+    tname = lib.dtype_name(t)
+    if tname == "bool" or not tname.startswith(("int", "uint")):
+        raise TypeError(f"target: expected integer class indices, got dtype {tname}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(
+            f"target: expected shape ({n},), one class index per row of hidden; got {tuple(t.shape)}"
+        )
+    if chunk_size is not None:
+        if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
+            raise TypeError(f"chunk_size: expected an int or None, got {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
+        chunk_size = int(chunk_size)
+    h = lib.contiguous(lib.astype(h, work))
+    w = lib.contiguous(lib.astype(w, work))
+    tk = lib.contiguous(lib.int64(t))
+    _check_classes(lib, tk, v, ignore_index, (n,), sync_check)
+    f32 = lib.float32()
+    loss_rows = lib.empty((n,), f32)
+
+    # The mean's denominator counts the kept rows of ALL blocks, so it comes first: the gradient
+    # scale of every block depends on it.
+    denom = lib.astype(tk != ignore_index, f32).sum() if reduction == "mean" else None
+    scale, stride = (None, 0)
+    if with_grad:
+        scale, stride = _grad_scale(lib, grad_output, reduction, denom, (n,), n)
+    bn = _linear_rows(n, v, chunk_size)
+    several = n > bn
+    blk = lib.empty((min(bn, n), v), work)
+    dh = dw = db = None
+    if with_grad:
+        dh = lib.empty((n, hd), work)
+        # Several blocks add into dweight: in float32 (16-bit sums would round at every block).
+        dw = _zeros(lib, (v, hd), f32) if several else None
+        db = _zeros(lib, (v,), f32) if b is not None else None
+    cap = 0.0 if softcap is None else softcap
+    for r0 in range(0, n, bn):
+        rn = min(bn, n - r0)
+        hb = h[r0 : r0 + rn]
+        lg = _gemm(lib, hb, w.T, blk[:rn])
+        if b is not None:
+            lg += b
+        sc = None
+        if with_grad:
+            sc = scale[r0 : r0 + rn] if stride else scale
+        _run(
+            lib, _core.cuda_cross_entropy, lg, tk[r0 : r0 + rn], None, loss_rows[r0 : r0 + rn],
+            lg if with_grad else None, sc, stride, rn, v, ignore_index, label_smoothing, z_loss, cap,
+        )  # fmt: skip
+        if not with_grad:
+            continue
+        _gemm(lib, lg, w, dh[r0 : r0 + rn])  # dhidden = G @ W
+        if not several:
+            dw = lib.empty((v, hd), work)
+            _gemm(lib, lg.T, hb, dw)  # dweight = G^T @ hidden
+        elif lib.name == "torch" and lib.dtype_name(lg) == "float32":
+            dw.addmm_(lg.T, hb)
+        else:
+            dw += lg.T @ hb
+        if db is not None:
+            db += lg.sum(0, dtype=f32) if lib.name == "torch" else lg.sum(axis=0, dtype=f32)
+
+    if reduction == "none":
+        loss = lib.astype(loss_rows, result)
+    elif reduction == "sum":
+        loss = lib.astype(loss_rows.sum(), result)
+    else:
+        loss = lib.astype(loss_rows.sum() / denom, result)
+    if not with_grad:
+        return loss
+    if dw is None:  # no rows
+        dw = _zeros(lib, (v, hd), work)
+    dh, dw = lib.astype(dh, result), lib.astype(dw, result)
+    return loss, dh, dw, (None if db is None else lib.astype(db, result))
+
+
+def linear_cross_entropy(
+    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    z_loss=0.0, softcap=None, chunk_size=None,
+):  # fmt: skip
+    return _linear(
+        "normax.linear_cross_entropy", hidden, weight, target, bias, ignore_index, reduction,
+        label_smoothing, z_loss, softcap, chunk_size, False,
+    )  # fmt: skip
+
+
+def linear_cross_entropy_with_grad(
+    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0,
+):  # fmt: skip
+    return _linear(
+        "normax.linear_cross_entropy_with_grad", hidden, weight, target, bias, ignore_index, reduction,
+        label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
+    )  # fmt: skip

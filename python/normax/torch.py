@@ -1238,6 +1238,97 @@ def _power_norm_grad(ctx, dy, *_):
 _power_norm_op.register_autograd(_power_norm_grad, setup_context=_power_norm_setup)
 
 
+# CUDA tensors: the PowerNorm and linear cross-entropy ops run normax's CUDA path (normax._cuda),
+# returning exactly what the fakes above describe. PowerNorm's state bookkeeping is host float64
+# code, so its C-long buffers and factors travel to the host and back (a synchronization per call).
+
+
+def _host64(t: Tensor) -> np.ndarray:
+    """A float64 NumPy copy (never a view of a buffer) of a tensor on any device."""
+    return t.detach().to("cpu", torch.float64).numpy().reshape(-1).copy()
+
+
+def _power_norm_cuda(
+    x, weight, bias, running_phi, ema_gz, iters, pad_mask, training, eps, alpha_fwd, alpha_bkw,
+    warmup_iters, group_num,
+):  # fmt: skip
+    state = _adapt.power_norm_state(
+        _host64(running_phi),
+        np.zeros(x.shape[-1]),
+        int(iters.reshape(-1)[0]),
+        eps=eps,
+        alpha_fwd=alpha_fwd,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=warmup_iters,
+        group_num=group_num,
+    )
+    y, saved = _cuda.power_norm(
+        x, weight, bias, state, training=training, pad_mask=pad_mask, return_saved=True
+    )
+    f64 = torch.float64
+    return (
+        y,
+        torch.tensor(saved.zscale, dtype=f64, device=x.device),
+        torch.tensor(saved.dscale, dtype=f64, device=x.device),
+        torch.tensor(state.running_phi, dtype=running_phi.dtype, device=running_phi.device).reshape(
+            running_phi.shape
+        ),
+        torch.full_like(iters, state.iters),
+    )
+
+
+def _power_norm_backward_cuda(dy, x, weight, zscale, dscale, ema_gz, training, eps, alpha_bkw, group_num):
+    before = _host64(ema_gz)
+    state = _adapt.power_norm_state(
+        np.ones_like(before),
+        before.copy(),
+        0,
+        eps=eps,
+        alpha_fwd=0.0,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=0,
+        group_num=group_num,
+    )
+    saved = _cuda.power_norm_saved(
+        x, weight, True, _host64(zscale), _host64(dscale), training=training, eps=eps, group_num=group_num
+    )
+    dx, dw, db = _cuda.power_norm_backward_as(dy, saved, state, weight.dtype)
+    delta = torch.tensor(state.ema_gz - before, dtype=ema_gz.dtype, device=ema_gz.device).reshape(
+        ema_gz.shape
+    )
+    return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype), delta
+
+
+def _linear_ce_cuda(
+    input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size
+):
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    # Bad class indices fail a device-side assertion, as in torch: no host sync.
+    fname = "normax.torch.linear_cross_entropy"
+    loss = _cuda._linear(fname, input, weight, target, bias, *opts, chunk_size, False, sync_check=False)
+    return loss.to(input.dtype)
+
+
+def _linear_ce_with_grad_cuda(
+    input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
+    grad_output,
+):  # fmt: skip
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    g = 1.0 if grad_output is None else grad_output
+    fname = "normax.torch.linear_cross_entropy"
+    loss, dh, dw, db = _cuda._linear(
+        fname, input, weight, target, bias, *opts, chunk_size, True, g, sync_check=False
+    )
+    db = _absent(input) if db is None else db.to(bias.dtype)
+    return loss.to(input.dtype), dh.to(input.dtype), dw.to(weight.dtype), db
+
+
+_power_norm_op.register_kernel("cuda")(_power_norm_cuda)
+_power_norm_backward_op.register_kernel("cuda")(_power_norm_backward_cuda)
+_linear_ce_op.register_kernel("cuda")(_linear_ce_cuda)
+_linear_ce_with_grad_op.register_kernel("cuda")(_linear_ce_with_grad_cuda)
+
+
 class PowerNorm(torch.nn.Module):
     """PowerNorm (Shen et al. 2020) with MaskPowerNorm's constructor, buffers and forward.
 

@@ -11,10 +11,12 @@
 mod compile;
 mod device;
 mod ops;
+mod power_norm;
 
 pub use compile::{compile_all, nvrtc_version, MODULES};
 pub use device::device_name;
 pub use ops::*;
+pub use power_norm::*;
 
 use std::fmt;
 

@@ -72,7 +72,7 @@ fn cached_packs(p: &Plan, cols: usize) -> Option<usize> {
 }
 
 /// 16 bytes' worth of elements when the rows and every buffer are 16-byte aligned, else 1.
-fn vector_width(dtype: DType, cols: usize, bufs: &[u64]) -> usize {
+pub(crate) fn vector_width(dtype: DType, cols: usize, bufs: &[u64]) -> usize {
     let v = 16 / dtype.size();
     if cols % v == 0 && bufs.iter().all(|&p| p % 16 == 0) {
         v
@@ -81,7 +81,7 @@ fn vector_width(dtype: DType, cols: usize, bufs: &[u64]) -> usize {
     }
 }
 
-fn check(name: &str, b: &Buf, dtype: DType, len: usize) -> Result<()> {
+pub(crate) fn check(name: &str, b: &Buf, dtype: DType, len: usize) -> Result<()> {
     if b.dtype != dtype {
         return Err(Error::Value(format!(
             "{name}: expected {dtype:?} elements, got {:?}",
@@ -100,13 +100,13 @@ fn check(name: &str, b: &Buf, dtype: DType, len: usize) -> Result<()> {
     Ok(())
 }
 
-fn size(rows: usize, cols: usize) -> Result<usize> {
+pub(crate) fn size(rows: usize, cols: usize) -> Result<usize> {
     rows.checked_mul(cols)
         .filter(|&n| n <= i64::MAX as usize)
         .ok_or_else(|| Error::Value(format!("{rows} x {cols} elements overflow")))
 }
 
-fn kernel(
+pub(crate) fn kernel(
     d: &mut Device,
     module: &'static str,
     op: &str,

@@ -387,5 +387,110 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_cross_entropy, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_norm_forward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_power_norm_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_power_norm_backward, m)?)?;
     Ok(())
+}
+
+// PowerNorm: x is (tokens, channels); the per-channel factors and sums are float32 device arrays.
+
+fn power_shape(tokens: usize, channels: usize, groups: usize) -> cu::PowerShape {
+    cu::PowerShape {
+        tokens,
+        channels,
+        groups,
+    }
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (x, tokens, channels, groups, eps, pad, sumsq, scale, shift, y, device, stream_handle))]
+fn cuda_power_norm_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    tokens: usize,
+    channels: usize,
+    groups: usize,
+    eps: f32,
+    pad: Option<&Bound<'_, PyAny>>,
+    sumsq: Option<&Bound<'_, PyAny>>,
+    scale: Option<&Bound<'_, PyAny>>,
+    shift: Option<&Bound<'_, PyAny>>,
+    y: Option<&Bound<'_, PyAny>>,
+    device: i32,
+    stream_handle: u64,
+) -> PyResult<()> {
+    let x = float_buf(x, "x", device)?;
+    let pad = opt_buf(pad, "pad_mask", device)?;
+    let sumsq = opt_buf(sumsq, "sumsq", device)?;
+    let out = match (
+        opt_buf(scale, "scale", device)?,
+        opt_buf(shift, "shift", device)?,
+        opt_buf(y, "y", device)?,
+    ) {
+        (Some(scale), Some(shift), Some(y)) => Some(cu::PowerOut { scale, shift, y }),
+        (None, None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "y: scale, shift and y are given together or not at all",
+            ))
+        }
+    };
+    let shape = power_shape(tokens, channels, groups);
+    run(py, || {
+        cu::power_norm_forward(
+            stream(device, stream_handle),
+            x,
+            shape,
+            eps,
+            pad,
+            sumsq,
+            out,
+        )
+    })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (dy, x, tokens, channels, groups, eps, weight, zscale, ema, dscale, dx, sums, device, stream_handle))]
+fn cuda_power_norm_backward(
+    py: Python<'_>,
+    dy: &Bound<'_, PyAny>,
+    x: &Bound<'_, PyAny>,
+    tokens: usize,
+    channels: usize,
+    groups: usize,
+    eps: f32,
+    weight: Option<&Bound<'_, PyAny>>,
+    zscale: &Bound<'_, PyAny>,
+    ema: &Bound<'_, PyAny>,
+    dscale: &Bound<'_, PyAny>,
+    dx: &Bound<'_, PyAny>,
+    sums: &Bound<'_, PyAny>,
+    device: i32,
+    stream_handle: u64,
+) -> PyResult<()> {
+    let dy = float_buf(dy, "dy", device)?;
+    let x = float_buf(x, "x", device)?;
+    let grad = cu::PowerGradIn {
+        weight: opt_buf(weight, "weight", device)?,
+        zscale: float_buf(zscale, "zscale", device)?,
+        ema: float_buf(ema, "ema", device)?,
+        dscale: float_buf(dscale, "dscale", device)?,
+    };
+    let dx = float_buf(dx, "dx", device)?;
+    let sums = float_buf(sums, "sums", device)?;
+    let shape = power_shape(tokens, channels, groups);
+    run(py, || {
+        cu::power_norm_backward(
+            stream(device, stream_handle),
+            dy,
+            x,
+            shape,
+            eps,
+            grad,
+            dx,
+            sums,
+        )
+    })
 }
