@@ -4,13 +4,16 @@ The arrays are read and written where they are, through DLPack capsules (no host
 the kernels run on the caller's current stream (``torch.cuda.current_stream()``,
 ``cupy.cuda.get_current_stream()``), so they are ordered with the caller's own work and nothing
 here synchronizes, except that class indices are checked before a cross-entropy (one device-to-
-host read of a flag, as the CPU path raises IndexError for a bad index).
+host read of a flag, as the CPU path raises IndexError for a bad index; the ``normax.torch`` ops
+assert on the device instead, as torch's own kernels do, and so does anything under CUDA-graph
+capture).
 
 Differences from the CPU functions, stated once:
 
 - float32, float16 and bfloat16 only (float32 arithmetic inside); float64 and integer arrays
   raise TypeError rather than silently losing precision.
-- Saved statistics (``return_stats=True``) and ``dweight``/``dbias`` are float32.
+- Saved statistics (``return_stats=True``) are float32; ``dweight``/``dbias`` are summed in
+  float32 and returned in `x`'s dtype.
 - Not on the GPU: ``logsumexp``'s ``b=``/``return_sign=``; those raise NotImplementedError.
 - PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
   per-channel sums back from the device, a host synchronization (see the PowerNorm section).
