@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 
 mod cross_entropy;
 mod norms;
+#[cfg(feature = "wgpu")]
+mod wgpu;
 
 fn to_py(e: Error) -> PyErr {
     match e {
@@ -416,5 +418,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(supported_isas, m)?)?;
     norms::register(m)?;
     cross_entropy::register(m)?;
+    #[cfg(feature = "wgpu")]
+    wgpu::register(m)?;
     Ok(())
 }
