@@ -22,8 +22,8 @@ from normax import _core, _wgpu
 try:
     ADAPTER = _wgpu.adapter()
 except RuntimeError as e:
-    if "without the wgpu feature" in str(e):
-        raise  # a build without the feature is a build problem, not a missing device
+    if not str(e).startswith("no wgpu adapter"):
+        raise  # a build without the feature, or an adapter that fails: not a missing device
     pytest.skip("no wgpu adapter: install mesa-vulkan-drivers (lavapipe)", allow_module_level=True)
 
 RTOL = 2e-5

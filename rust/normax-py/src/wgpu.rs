@@ -18,7 +18,9 @@ type Arr<'py> = Bound<'py, PyUntypedArray>;
 
 fn to_py(e: g::Error) -> PyErr {
     match e {
-        g::Error::Unavailable(m) | g::Error::Device(m) => PyRuntimeError::new_err(m),
+        g::Error::NoAdapter(m) | g::Error::Unavailable(m) | g::Error::Device(m) => {
+            PyRuntimeError::new_err(m)
+        }
         g::Error::Value(m) => PyValueError::new_err(m),
         g::Error::Index(m) => PyIndexError::new_err(m),
     }
@@ -92,7 +94,10 @@ fn wgpu_logsumexp<'py>(py: Python<'py>, x: &Arr<'py>) -> PyResult<Bound<'py, PyA
     Ok(y.into_pyarray(py))
 }
 
-fn read_vec<'py>(a: Option<&Arr<'py>>, name: &str) -> PyResult<Option<PyReadonlyArrayDyn<'py, f32>>> {
+fn read_vec<'py>(
+    a: Option<&Arr<'py>>,
+    name: &str,
+) -> PyResult<Option<PyReadonlyArrayDyn<'py, f32>>> {
     a.map(|a| read::<f32>(a, name, 1)).transpose()
 }
 
@@ -140,10 +145,7 @@ fn wgpu_layer_norm<'py>(
     matrix(py, y, rows, cols)
 }
 
-type LossGrad<'py> = (
-    Bound<'py, PyArray1<f32>>,
-    Option<Bound<'py, PyArray2<f32>>>,
-);
+type LossGrad<'py> = (Bound<'py, PyArray1<f32>>, Option<Bound<'py, PyArray2<f32>>>);
 
 /// Cross-entropy of 2-d float32 logits against int64 class indices: (loss, gradient or None).
 /// The loss has one value per row for reduction "none", else one value. With `with_grad`, the

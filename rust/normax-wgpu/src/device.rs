@@ -36,18 +36,21 @@ pub(crate) struct Gpu {
     failure: Arc<Mutex<Option<String>>>,
 }
 
-static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+static GPU: OnceLock<Result<Gpu, Error>> = OnceLock::new();
 
 /// The device, created on first use; the error (no adapter, no device) is kept and repeated.
 pub(crate) fn gpu() -> Result<&'static Gpu, Error> {
     let g = GPU
         .get_or_init(|| {
             std::panic::catch_unwind(init).unwrap_or_else(|p| {
-                Err(format!("wgpu panicked while starting: {}", panic_text(&p)))
+                Err(Error::Unavailable(format!(
+                    "wgpu panicked while starting: {}",
+                    panic_text(&p)
+                )))
             })
         })
         .as_ref()
-        .map_err(|e| Error::Unavailable(e.clone()))?;
+        .map_err(Clone::clone)?;
     if let Some(f) = g.failure.lock().map_err(|_| lock_error())?.as_ref() {
         return Err(Error::Device(format!(
             "the wgpu device failed earlier: {f}"
@@ -74,7 +77,7 @@ fn source(body: &str) -> String {
     format!("{}\n{}", include_str!("shaders/common.wgsl"), body)
 }
 
-fn init() -> Result<Gpu, String> {
+fn init() -> Result<Gpu, Error> {
     // WGPU_BACKEND and friends select backends, as in every wgpu program.
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
@@ -86,7 +89,7 @@ fn init() -> Result<Gpu, String> {
         compatible_surface: None,
         apply_limit_buckets: false,
     }))
-    .map_err(|e| format!("no wgpu adapter: {e}"))?;
+    .map_err(|e| Error::NoAdapter(format!("no wgpu adapter: {e}")))?;
     let info = adapter.get_info();
     let limits = adapter.limits();
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -98,7 +101,7 @@ fn init() -> Result<Gpu, String> {
         memory_hints: wgpu::MemoryHints::Performance,
         trace: wgpu::Trace::Off,
     }))
-    .map_err(|e| format!("wgpu adapter {:?} gave no device: {e}", info.name))?;
+    .map_err(|e| Error::Unavailable(format!("wgpu adapter {:?} gave no device: {e}", info.name)))?;
 
     // wgpu's default handler panics on an uncaught error; record it instead.
     let failure = Arc::new(Mutex::new(None::<String>));
@@ -134,10 +137,10 @@ fn init() -> Result<Gpu, String> {
     let norms = pipeline("norms", include_str!("shaders/norms.wgsl"));
     let cross_entropy = pipeline("cross_entropy", include_str!("shaders/cross_entropy.wgsl"));
     if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(format!(
+        return Err(Error::Unavailable(format!(
             "the normax shaders failed to compile on {:?}: {e}",
             info.name
-        ));
+        )));
     }
     Ok(Gpu {
         max_binding: limits

@@ -18,7 +18,9 @@ use device::{f32_bytes, gpu, i32_bytes, run, Input, Kernel, Uniform};
 /// Why a call failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
-    /// No adapter or no device: wgpu cannot run here.
+    /// No adapter: no GPU driver (and no software one such as lavapipe).
+    NoAdapter(String),
+    /// An adapter that gave no device, or on which the kernels do not compile.
     Unavailable(String),
     /// Bad argument (length, option), or an input the device cannot hold.
     Value(String),
@@ -31,9 +33,11 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Unavailable(m) | Error::Value(m) | Error::Index(m) | Error::Device(m) => {
-                f.write_str(m)
-            }
+            Error::NoAdapter(m)
+            | Error::Unavailable(m)
+            | Error::Value(m)
+            | Error::Index(m)
+            | Error::Device(m) => f.write_str(m),
         }
     }
 }
@@ -41,7 +45,7 @@ impl std::fmt::Display for Error {
 impl std::error::Error for Error {}
 
 /// The adapter in use ("name (backend, device type)"), creating the device on first call; an
-/// [`Error::Unavailable`] when there is none.
+/// [`Error::NoAdapter`] when there is none.
 pub fn adapter_info() -> Result<String, Error> {
     guarded(|| gpu().map(|g| g.describe()))
 }
