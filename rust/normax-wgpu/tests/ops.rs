@@ -566,3 +566,16 @@ fn cross_entropy_per_row_grad_output_and_all_ignored() {
     assert!(loss[0].is_nan());
     assert!(grad.unwrap().iter().all(|&v| v == 0.0));
 }
+
+#[test]
+fn a_row_longer_than_a_buffer_is_an_error() {
+    require_adapter!();
+    // Buffers are at most 128 MiB (2^25 float32): one more element cannot be bound. The check
+    // comes before any copy (the zeroed vector is never touched).
+    let n = (1 << 25) + 1;
+    let x = vec![0.0f32; n];
+    match gpu::softmax(&x, 1, n) {
+        Err(gpu::Error::Value(m)) => assert!(m.contains("exceeds the largest buffer"), "{m}"),
+        other => panic!("expected a Value error, got {:?}", other.map(|v| v.len())),
+    }
+}
