@@ -112,6 +112,32 @@ def _grad_output(grad_output, reduction: str, loss_shape: tuple, work: np.dtype)
     return np.ascontiguousarray(g, dtype=work).reshape(-1), 0.0
 
 
+def _prepare(logits, target, axis, weight, inplace):
+    """The checked inputs of a cross-entropy: (logits in their kernel dtype, result dtype, class
+    axis, targets, whether they are probabilities, class weights or None)."""
+    if inplace and not (
+        isinstance(logits, np.ndarray)
+        and logits.flags.writeable
+        and (logits.dtype.kind == "f" or logits.dtype.kind == "V")
+    ):
+        raise ValueError("logits: inplace=True needs a writeable floating-point numpy.ndarray")
+    x, result_dtype = as_input(logits, "logits")
+    if x.ndim == 0:
+        raise ValueError("logits: expected at least one dimension (the class axis)")
+    ax = _class_axis(axis, x.ndim)
+    classes = x.shape[ax]
+    if classes == 0:
+        raise ValueError(f"logits: the class axis {ax} is empty")
+    t, soft = _targets(target, x.shape, ax, x.dtype)
+    w = None
+    if weight is not None:
+        w = _real(weight, "weight")
+        if w.shape != (classes,):
+            raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
+        w = np.ascontiguousarray(w, dtype=x.dtype)
+    return x, result_dtype, ax, t, soft, w
+
+
 def _cross_entropy(
     logits,
     target,
@@ -128,28 +154,10 @@ def _cross_entropy(
 ):
     opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     ignore_index, reduction = opts[0], opts[1]
-    if inplace and not (
-        isinstance(logits, np.ndarray)
-        and logits.flags.writeable
-        and (logits.dtype.kind == "f" or logits.dtype.kind == "V")
-    ):
-        raise ValueError("logits: inplace=True needs a writeable floating-point numpy.ndarray")
-    x, result_dtype = as_input(logits, "logits")
-    if x.ndim == 0:
-        raise ValueError("logits: expected at least one dimension (the class axis)")
-    ax = _class_axis(axis, x.ndim)
+    x, result_dtype, ax, t, soft, w = _prepare(logits, target, axis, weight, inplace)
     shape = x.shape
     classes = shape[ax]
-    if classes == 0:
-        raise ValueError(f"logits: the class axis {ax} is empty")
-    t, soft = _targets(target, shape, ax, x.dtype)
     row_shape = shape[:ax] + shape[ax + 1 :]
-    w = None
-    if weight is not None:
-        w = _real(weight, "weight")
-        if w.shape != (classes,):
-            raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
-        w = np.ascontiguousarray(w, dtype=x.dtype)
 
     # Classes last, rows contiguous: a view when the logits already are, else one copy.
     last = ax == x.ndim - 1

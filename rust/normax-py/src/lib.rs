@@ -13,6 +13,8 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod norms;
+#[cfg(feature = "wgpu")]
+mod wgpu;
 
 fn to_py(e: Error) -> PyErr {
     match e {
@@ -420,5 +422,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cross_entropy::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
+    #[cfg(feature = "wgpu")]
+    wgpu::register(m)?;
     Ok(())
 }
