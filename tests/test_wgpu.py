@@ -368,3 +368,31 @@ def test_concurrent_calls_from_threads():
         th.join()
     for g, w in zip(got, want):
         close(g, w)
+
+
+def test_public_functions_take_device_and_the_global_backend():
+    x = normal((5, 300))
+    want = normax.softmax(x)
+    np.testing.assert_allclose(normax.softmax(x, device="wgpu"), want, rtol=RTOL, atol=1e-7)
+    target = rng(1).integers(0, 300, size=5)
+    np.testing.assert_allclose(
+        normax.cross_entropy(x, target, device="wgpu"), normax.cross_entropy(x, target), rtol=RTOL
+    )
+    try:
+        normax.set_backend("wgpu")
+        assert normax.get_backend() == "wgpu"
+        np.testing.assert_allclose(normax.softmax(x), want, rtol=RTOL, atol=1e-7)  # the one-array fast path
+        np.testing.assert_allclose(
+            normax.layer_norm(x), normax.layer_norm(x, device="cpu"), rtol=1e-4, atol=2e-5
+        )
+        # Functions without a wgpu kernel say so rather than silently running elsewhere.
+        with pytest.raises(NotImplementedError, match='softmax_backward has no GPU kernel for device="wgpu"'):
+            normax.softmax_backward(want, x)
+        with pytest.raises(NotImplementedError, match='power_norm has no GPU kernel for device="wgpu"'):
+            normax.power_norm(x[None], None, None, normax.PowerNormState(300))
+    finally:
+        normax.set_backend("cpu")
+    # device="wgpu" takes host arrays only.
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match='device="wgpu" takes NumPy arrays'):
+        normax.softmax(torch.from_numpy(x), device="wgpu")
