@@ -468,7 +468,8 @@ def _cross_entropy(
         else:
             kept = tk != ignore_index
             safe = tk * kept  # ignored rows read class 0, then count 0
-            denom = (w[safe] * kept).sum() if w is not None else lib.astype(kept, f32).sum()
+            # counted in int64: a float32 sum of flags is exact only up to 2^24 rows
+            denom = (w[safe] * kept).sum() if w is not None else lib.astype(kept.sum(), f32)
 
     grad = scale = None
     stride = 0
@@ -1022,7 +1023,7 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
 
     # The mean's denominator counts the kept rows of ALL blocks, so it comes first: the gradient
     # scale of every block depends on it.
-    denom = lib.astype(tk != ignore_index, f32).sum() if reduction == "mean" else None
+    denom = lib.astype((tk != ignore_index).sum(), f32) if reduction == "mean" else None  # exact count
     scale, stride = (None, 0)
     if with_grad:
         scale, stride = _grad_scale(lib, grad_output, reduction, denom, (n,), n)

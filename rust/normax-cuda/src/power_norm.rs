@@ -149,7 +149,7 @@ fn sum_parts(
 ///   float32 per token, nonzero = padding; the caller divides by the count);
 /// - `out`: y = u * scale + shift.
 ///
-/// Both in one read of x when both are asked (after warmup and in evaluation).
+/// x is read twice (the group scales, then the column pass that does both when both are asked).
 #[allow(clippy::too_many_arguments)]
 pub fn power_norm_forward(
     s: Stream,
