@@ -459,7 +459,9 @@ def linear_cross_entropy(
         As in :func:`cross_entropy` (no class weights here).
     chunk_size : int, optional
         Most logits held at once, in elements (rows x vocabulary). None picks 2**24 (64 MiB of
-        float32), or all of them when there are fewer.
+        float32), or all of them when there are fewer. On CUDA arrays blocks are whole rows
+        (a `chunk_size` below the vocabulary still holds one row) and None picks about an eighth
+        of the rows (at least 2**20 elements): GEMMs of few rows would leave a GPU idle.
 
     Returns
     -------
