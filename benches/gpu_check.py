@@ -294,7 +294,11 @@ def bench(shape, dtype):
 
 
 def main() -> int:
+    if not torch.cuda.is_available():
+        print("FAIL: no CUDA device visible to torch")
+        return 1
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"normax from {normax.__file__}")
     t0 = time.perf_counter()
     normax.softmax(torch.zeros(2, 2, device=DEV))
     torch.cuda.synchronize()
