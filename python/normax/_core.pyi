@@ -89,3 +89,93 @@ def wgpu_cross_entropy(
     grad_rows: np.ndarray | None,
     grad_scalar: float,
 ) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+# Only in builds with the Cargo feature "cuda" (the released wheel has it). Array arguments are
+# DLPack capsules of C-contiguous CUDA arrays (normax._cuda makes them); the kernels are enqueued
+# on `stream_handle` (a CUstream of device `device`) and nothing is returned.
+def cuda_compile_all(arch: str) -> list[tuple[str, int]]: ...
+def cuda_nvrtc_version() -> tuple[int, int]: ...
+def cuda_device_name(device: int) -> str: ...
+def cuda_softmax(
+    x: object, out: object, rows: int, cols: int, log: bool, device: int, stream_handle: int
+) -> None: ...
+def cuda_logsumexp(x: object, out: object, rows: int, cols: int, device: int, stream_handle: int) -> None: ...
+def cuda_softmax_backward(
+    y: object, dy: object, dx: object, rows: int, cols: int, log: bool, device: int, stream_handle: int
+) -> None: ...
+def cuda_cross_entropy(
+    logits: object,
+    target: object,
+    weight: object | None,
+    loss_rows: object,
+    grad: object | None,
+    scale: object | None,
+    scale_stride: int,
+    rows: int,
+    cols: int,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    device: int,
+    stream_handle: int,
+) -> None: ...
+def cuda_norm_forward(
+    kind: str,
+    x: object,
+    weight: object | None,
+    bias: object | None,
+    out: object | None,
+    mean: object | None,
+    rstd: object | None,
+    rows: int,
+    cols: int,
+    eps: float,
+    device: int,
+    stream_handle: int,
+) -> None: ...
+def cuda_norm_backward(
+    kind: str,
+    dy: object,
+    x: object,
+    weight: object | None,
+    mean: object | None,
+    rstd: object,
+    dx: object,
+    dweight: object | None,
+    dbias: object | None,
+    rows: int,
+    cols: int,
+    device: int,
+    stream_handle: int,
+) -> None: ...
+def cuda_power_norm_forward(
+    x: object,
+    tokens: int,
+    channels: int,
+    groups: int,
+    eps: float,
+    pad: object | None,
+    sumsq: object | None,
+    scale: object | None,
+    shift: object | None,
+    y: object | None,
+    device: int,
+    stream_handle: int,
+) -> None: ...
+def cuda_power_norm_backward(
+    dy: object,
+    x: object,
+    tokens: int,
+    channels: int,
+    groups: int,
+    eps: float,
+    weight: object | None,
+    zscale: object,
+    ema: object,
+    dscale: object,
+    dx: object,
+    sums: object,
+    device: int,
+    stream_handle: int,
+) -> None: ...
