@@ -210,3 +210,13 @@ def test_linear_blocks_hold_about_an_eighth_of_the_logits():
     assert rows(100, 1000, 999) == 1
     assert rows(100, 1000, 10**9) == 100
     assert rows(0, 1000, None) == 1
+
+
+def test_the_stub_file_lists_every_extension_function():
+    import pathlib
+    import re
+
+    stub = (pathlib.Path(_core.__file__).parent / "_core.pyi").read_text()
+    listed = set(re.findall(r"^def (\w+)\(", stub, flags=re.M))
+    built = {name for name in dir(_core) if not name.startswith("_") and callable(getattr(_core, name))}
+    assert built <= listed, f"missing from _core.pyi: {sorted(built - listed)}"

@@ -60,6 +60,54 @@ def linear_cross_entropy(
     softcap: float | None,
     chunk_size: int | None,
 ) -> None: ...
+def norm_forward(
+    norm: str,
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    y: np.ndarray,
+    mean: np.ndarray | None,
+    rstd: np.ndarray | None,
+    len: int,
+    eps: float,
+) -> None: ...
+def norm_backward(
+    norm: str,
+    dy: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    mean: np.ndarray | None,
+    rstd: np.ndarray | None,
+    dx: np.ndarray,
+    dweight: np.ndarray | None,
+    dbias: np.ndarray | None,
+    len: int,
+    eps: float,
+) -> None: ...
+def power_norm_forward(
+    x: np.ndarray,
+    channels: int,
+    groups: int,
+    eps: float,
+    pad: np.ndarray | None,
+    sumsq: np.ndarray | None,
+    scale: np.ndarray | None,
+    shift: np.ndarray | None,
+    y: np.ndarray | None,
+) -> None: ...
+def power_norm_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    channels: int,
+    groups: int,
+    eps: float,
+    weight: np.ndarray | None,
+    zscale: np.ndarray,
+    ema: np.ndarray,
+    dscale: np.ndarray,
+    dx: np.ndarray,
+    sums: np.ndarray,
+) -> None: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def get_isa() -> str: ...
