@@ -95,6 +95,60 @@ __device__ void ce_part(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
     if (s.active && threadIdx.x == 0) part[s.row * chunks + s.piece] = st;
 }
 
+// What a row's loss and gradient need besides its statistics.
+struct CeRow {
+    i64 y;         // the class index, -1 for probability targets
+    bool ignored;  // ignore_index (or out of range: refused by the caller, never read here)
+    float lse, x_y, w_y;
+};
+
+__device__ __forceinline__ CeRow ce_row(const CeArgs& a, const CeStats& st, i64 row, i64 cols) {
+    CeRow r;
+    r.y = a.target ? a.target[row] : -1;
+    r.ignored = a.target && (r.y == a.ignore_index || r.y < 0 || r.y >= cols);
+    r.lse = st.ms.x + logf(st.ms.y);
+    bool hard = a.target && !r.ignored;
+    r.x_y = hard ? st.xy : 0.0f;
+    r.w_y = hard ? (a.weight ? a.weight[r.y] : 1.0f) : 0.0f;
+    return r;
+}
+
+__device__ __forceinline__ float ce_loss(const CeArgs& a, const CeStats& st, const CeRow& r, i64 cols) {
+    if (r.ignored) return 0.0f;
+    float target_term = a.target ? r.w_y * (r.lse - r.x_y) : st.wt * r.lse - st.wtx;
+    float loss = (1.0f - a.eps) * target_term;
+    if (a.eps > 0.0f) loss += a.eps / (float)cols * (st.w * r.lse - st.wx);
+    if (a.z > 0.0f) loss += a.z * r.lse * r.lse;
+    return loss;
+}
+
+// grad_c = (p_c * A - w_c * (B + Ct * t_c)) * cap'(x_c), the row's scale folded into A, B, Ct.
+struct CeCoef {
+    float a, b, t;
+};
+
+__device__ __forceinline__ CeCoef ce_coef(const CeArgs& a, const CeStats& st, const CeRow& r, float scale,
+                                          i64 cols) {
+    float sc = r.ignored ? 0.0f : scale;
+    float c_over = a.eps / (float)cols;
+    float coef_a = (1.0f - a.eps) * (a.target ? r.w_y : st.wt);
+    if (a.eps > 0.0f) coef_a += c_over * st.w;
+    if (a.z > 0.0f) coef_a += 2.0f * a.z * r.lse;
+    return {coef_a * sc, sc * c_over, sc * (1.0f - a.eps)};
+}
+
+// The gradient of one class from its capped logit xc, target probability tc and weight w.
+__device__ __forceinline__ float ce_grad(const CeArgs& a, const CeRow& r, const CeCoef& k, float xc, float tc,
+                                         float w) {
+    if (r.ignored) return 0.0f;
+    float g = fast_exp(xc - r.lse) * k.a - w * (k.b + k.t * tc);
+    if (a.cap > 0.0f) {
+        float u = xc / a.cap;
+        g *= 1.0f - u * u;
+    }
+    return g;
+}
+
 // Pass 2. Writes loss_rows[row] (from the first chunk's block) and, when grad is not null, the
 // gradient of this chunk scaled by gscale[row * gscale_stride]. Ignored rows: loss 0, gradient 0.
 template <class T, int V>
@@ -111,40 +165,12 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
             for (int c = 0; c < chunks; ++c) st = CeMerge()(st, part[s.row * chunks + c]);
     }
     if (!s.active) return;
-    const T* row = x + s.row * cols;
-    i64 y = -1;
-    bool ignored = false;
-    if (a.target) {
-        y = a.target[s.row];
-        // Out-of-range classes were refused by the caller; treated as ignored here, never read.
-        ignored = y == a.ignore_index || y < 0 || y >= cols;
-    }
-    float lse = st.ms.x + logf(st.ms.y);
-    float x_y = 0.0f, w_y = 0.0f;
-    if (a.target && !ignored) {
-        x_y = st.xy;
-        w_y = a.weight ? a.weight[y] : 1.0f;
-    }
-    float c_over = a.eps / (float)cols;
-    if (s.piece == 0 && threadIdx.x == 0) {
-        float loss = 0.0f;
-        if (!ignored) {
-            float target_term = a.target ? w_y * (lse - x_y) : st.wt * lse - st.wtx;
-            loss = (1.0f - a.eps) * target_term;
-            if (a.eps > 0.0f) loss += c_over * (st.w * lse - st.wx);
-            if (a.z > 0.0f) loss += a.z * lse * lse;
-        }
-        loss_rows[s.row] = loss;
-    }
+    CeRow r = ce_row(a, st, s.row, cols);
+    if (s.piece == 0 && threadIdx.x == 0) loss_rows[s.row] = ce_loss(a, st, r, cols);
     if (grad == nullptr) return;
+    CeCoef k = ce_coef(a, st, r, r.ignored ? 0.0f : gscale[s.row * gscale_stride], cols);
+    const T* row = x + s.row * cols;
     T* grow = grad + s.row * cols;
-    float sc = ignored ? 0.0f : gscale[s.row * gscale_stride];
-    float sum_wt = a.target ? w_y : st.wt;
-    float coef_a = (1.0f - a.eps) * sum_wt;
-    if (a.eps > 0.0f) coef_a += c_over * st.w;
-    if (a.z > 0.0f) coef_a += 2.0f * a.z * lse;
-    coef_a *= sc;
-    float coef_b = sc * c_over, coef_t = sc * (1.0f - a.eps);
     const T* prow = a.probs ? static_cast<const T*>(a.probs) + s.row * cols : nullptr;
     for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
         float v[V], t[V];
@@ -152,23 +178,82 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
         if (prow) load<T, V>(prow + i, t);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-            if (ignored) {
-                v[j] = 0.0f;
-                continue;
-            }
-            float xc = capped(v[j], a.cap);
-            float tc = prow ? t[j] : (i + j == y ? 1.0f : 0.0f);
-            float w = a.weight ? a.weight[i + j] : 1.0f;
-            float g = fast_exp(xc - lse) * coef_a - w * (coef_b + coef_t * tc);
-            if (a.cap > 0.0f) {
-                float u = xc / a.cap;
-                g *= 1.0f - u * u;
-            }
-            v[j] = g;
+            float tc = prow ? t[j] : (i + j == r.y ? 1.0f : 0.0f);
+            v[j] = ce_grad(a, r, k, capped(v[j], a.cap), tc, a.weight ? a.weight[i + j] : 1.0f);
         }
         store<T, V>(grow + i, v);
     }
 }
+
+// Class-index targets whose rows fit in registers (at most P packs of V per thread, aligned):
+// one read of the logits. The max first, then one exp per element for the sum; the gradient
+// from the registers.
+template <class T, int V, int P>
+__device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad,
+                               const float* gscale, i64 gscale_stride) {
+    __shared__ CeStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
+    RowSlot s = row_slot(rows, cols, cols, 1);
+    const T* row = x + s.row * cols;
+    i64 y = s.active ? a.target[s.row] : -1;
+    bool smooth = a.eps > 0.0f;
+    float v[P][V];
+    float m = -NX_INF;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (s.active && i < cols) {
+            load<T, V>(row + i, v[p]);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                v[p][j] = capped(v[p][j], a.cap);
+                m = fmaxf(m, v[p][j]);
+            }
+        }
+    }
+    m = row_reduce(m, reinterpret_cast<float*>(scratch), Max());
+    // Every thread of the row holds the same max, so the (max, sum) pairs merge by adding.
+    CeStats st = {make_float2(m, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (s.active && i < cols) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                st.ms.y += fast_exp(v[p][j] - m);
+                if (smooth) {
+                    float w = a.weight ? a.weight[i + j] : 1.0f;
+                    st.wx = fmaf(w, v[p][j], st.wx);
+                    st.w += w;
+                }
+                if (i + j == y) st.xy = v[p][j];
+            }
+        }
+    }
+    st = row_reduce(st, scratch, CeMerge());
+    if (!s.active) return;
+    CeRow r = ce_row(a, st, s.row, cols);
+    if (threadIdx.x == 0) loss_rows[s.row] = ce_loss(a, st, r, cols);
+    if (grad == nullptr) return;
+    CeCoef k = ce_coef(a, st, r, r.ignored ? 0.0f : gscale[s.row * gscale_stride], cols);
+    T* grow = grad + s.row * cols;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (i < cols) {
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                v[p][j] = ce_grad(a, r, k, v[p][j], i + j == r.y ? 1.0f : 0.0f, a.weight ? a.weight[i + j] : 1.0f);
+            store<T, V>(grow + i, v[p]);
+        }
+    }
+}
+
+#define NX_CE_CACHED(name, T, V, P)                                                                       \
+    extern "C" __global__ void __launch_bounds__(512) ce_cached_##name##_p##P(                            \
+        const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad, const float* gscale,        \
+        i64 gscale_stride) {                                                                              \
+        ce_cached_rows<T, V, P>(x, rows, cols, a, loss_rows, grad, gscale, gscale_stride);                \
+    }
 
 #define NX_CE(name, T, V)                                                                                 \
     extern "C" __global__ void __launch_bounds__(512) ce_part_##name##_v##V(                             \
@@ -181,6 +266,14 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
         ce_rows<T, V>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride);     \
     }
 
-#define NX_CE_TYPE(name, T, V) NX_CE(name, T, 1) NX_CE(name, T, V)
+#define NX_CE_TYPE(name, T, V)                                                                            \
+    NX_CE(name, T, 1)                                                                                     \
+    NX_CE(name, T, V)                                                                                     \
+    NX_CE_CACHED(name, T, V, 1)                                                                           \
+    NX_CE_CACHED(name, T, V, 2)                                                                           \
+    NX_CE_CACHED(name, T, V, 4)                                                                           \
+    NX_CE_CACHED(name, T, V, 8)
 
 NX_TYPES(NX_CE_TYPE)
+// 16 packs of 4 floats: 64 registers of row per thread, the most without spilling.
+NX_CE_CACHED(f32, float, 4, 16)

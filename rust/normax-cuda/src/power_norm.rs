@@ -5,7 +5,7 @@
 //! arrays, which the caller reads back (one host synchronization per training call).
 
 use crate::device::{launch, launch_2d, params, with_device, Device, Scratch};
-use crate::ops::{check, kernel, plan, size, vector_width};
+use crate::ops::{check, kernel, plan, size, vector_width, Variant};
 use crate::{Buf, DType, Error, Result, Stream};
 
 /// `tokens` rows of `channels` (channels last), each row's channels in `groups` equal groups.
@@ -106,7 +106,7 @@ fn group_scales(
     let cg = shape.group_len();
     let vec = vector_width(x.dtype, cg, &[x.ptr]);
     let p = plan(rows, cg, vec, d.sms, false)?;
-    let f = kernel(d, "power_norm", "power_scale", x.dtype, Some(vec))?;
+    let f = kernel(d, "power_norm", "power_scale", x.dtype, Variant::Vec(vec))?;
     let (rows_i, cg_i) = (rows as i64, cg as i64);
     // Safety: x has tokens*channels = rows*cg elements (checked by the caller); `out` rows floats.
     unsafe {
@@ -188,7 +188,7 @@ pub fn power_norm_forward(
         let pad_ptr = pad.map_or(0u64, |p| p.ptr);
         let (scale, shift, y) =
             out.map_or((0u64, 0u64, 0u64), |o| (o.scale.ptr, o.shift.ptr, o.y.ptr));
-        let f = kernel(d, "power_norm", "power_forward", x.dtype, None)?;
+        let f = kernel(d, "power_norm", "power_forward", x.dtype, Variant::Plain)?;
         let (tokens_i, channels_i, cg_i, per_part_i) = (
             shape.tokens as i64,
             shape.channels as i64,
@@ -244,7 +244,13 @@ pub fn power_norm_backward(
         if rows > 0 {
             let vec = vector_width(x.dtype, cg, &[x.ptr, dy.ptr, dx.ptr]);
             let p = plan(rows, cg, vec, d.sms, false)?;
-            let f = kernel(d, "power_norm", "power_backward", x.dtype, Some(vec))?;
+            let f = kernel(
+                d,
+                "power_norm",
+                "power_backward",
+                x.dtype,
+                Variant::Vec(vec),
+            )?;
             let (rows_i, cg_i, groups_i) = (rows as i64, cg as i64, shape.groups as i32);
             let mut a = params![
                 dy.ptr,
@@ -265,7 +271,7 @@ pub fn power_norm_backward(
         }
         let cp = column_plan(shape.tokens, ch, d.sms)?;
         let part = Scratch::new(cp.parts as usize * 3 * ch * 4, s)?;
-        let f = kernel(d, "power_norm", "power_param_part", x.dtype, None)?;
+        let f = kernel(d, "power_norm", "power_param_part", x.dtype, Variant::Plain)?;
         let (tokens_i, channels_i, cg_i, per_part_i) = (
             shape.tokens as i64,
             ch as i64,
