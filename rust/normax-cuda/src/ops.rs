@@ -788,6 +788,10 @@ mod tests {
                     "{module} has no {name}"
                 );
             }
+            // And the search can fail: a name that is never instantiated is not found.
+            let absent = kernel_name(module, DType::BF16, Variant::Packs(64));
+            let absent = [absent.as_bytes(), b"\0"].concat();
+            assert!(!image.windows(absent.len()).any(|w| w == absent));
         }
     }
 
