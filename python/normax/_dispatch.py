@@ -240,8 +240,9 @@ def _gpu_impl(module_name: str, fname: str, name: str):
     return impl
 
 
-def _device_of(kwargs: dict, fname: str) -> str:
-    device = kwargs.pop("device", None)
+def _device_of(kwargs: dict) -> str:
+    """The `device=` keyword (removed from `kwargs`), or the default backend for None."""
+    device = kwargs.pop("device")
     if device is None:
         return _backend[0]
     if not isinstance(device, str) or device not in _BACKENDS:
@@ -291,23 +292,30 @@ def array_api(fn):
             xp = _namespace(next(iter(originals.values()))[1])
         return _convert_result(fn(*args, **kwargs), library, xp, originals)
 
+    def foreign(args, kwargs, device):
+        # CUDA arrays run on their GPU whatever the backend; other foreign arrays on the CPU.
+        if on_cuda(args, kwargs):
+            return _gpu_impl("_cuda", fname, fn.__name__)(*args, **kwargs)
+        if device == "wgpu":
+            raise TypeError(
+                f'{fname}: device="wgpu" takes NumPy arrays (host memory); got another library\'s arrays'
+            )
+        return dispatch(args, kwargs)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         # The plain-NumPy call: only a type lookup per argument before the function itself.
         if not kwargs and len(args) == 1 and type(args[0]) is np.ndarray and _backend[0] == "cpu":
             return fn(args[0])
-        device = _device_of(kwargs, fname) if kwargs or _backend[0] != "cpu" else "cpu"
-        foreign = any(type(a) not in _PLAIN and _library(a) for a in (*args, *kwargs.values()))
-        if foreign and on_cuda(args, kwargs):
-            return _gpu_impl("_cuda", fname, fn.__name__)(*args, **kwargs)
+        device = _device_of(kwargs) if "device" in kwargs else _backend[0]
+        for a in args:
+            if type(a) not in _PLAIN and _library(a):
+                return foreign(args, kwargs, device)
+        for a in kwargs.values():
+            if type(a) not in _PLAIN and _library(a):
+                return foreign(args, kwargs, device)
         if device == "wgpu":
-            if foreign:
-                raise TypeError(
-                    f'{fname}: device="wgpu" takes NumPy arrays (host memory); got another library\'s arrays'
-                )
             return _gpu_impl("_wgpu", fname, fn.__name__)(*args, **kwargs)
-        if foreign:
-            return dispatch(args, kwargs)
         return fn(*args, **kwargs)
 
     signature = inspect.signature(fn)
