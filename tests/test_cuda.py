@@ -217,6 +217,6 @@ def test_the_stub_file_lists_every_extension_function():
     import re
 
     stub = (pathlib.Path(_core.__file__).parent / "_core.pyi").read_text()
-    listed = set(re.findall(r"^def (\w+)\(", stub, flags=re.M))
+    listed = set(re.findall(r"^def (\w+)\(", stub, flags=re.MULTILINE))
     built = {name for name in dir(_core) if not name.startswith("_") and callable(getattr(_core, name))}
     assert built <= listed, f"missing from _core.pyi: {sorted(built - listed)}"

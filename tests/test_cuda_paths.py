@@ -356,3 +356,120 @@ def test_review_edge_cases(kernels):
     want = (dy.double() * xb.double() * rstd.double()[..., None]).sum((0, 1))
     assert dw.dtype == torch.float32
     close(dw, want.numpy(), rtol=1e-5, atol=1e-4)  # bf16 rounding would be ~4e-3 relative
+
+
+# -- The CuPy branch of normax._cuda, on a stand-in: NumPy arrays that say they are CuPy's.
+
+
+class _FakeCupyArray(np.ndarray):
+    """A NumPy array posing as a cupy.ndarray on device 0 (its memory is host memory)."""
+
+    @property
+    def device(self):
+        return _FAKE_DEVICE
+
+    @property
+    def data(self):  # cupy.ndarray.data.ptr: the address
+        return type("MemoryPointer", (), {"ptr": self.__array_interface__["data"][0]})()
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        assert stream == 0x5EED  # asked for the caller's current stream
+        a = np.asarray(self)
+        return (a if a.flags.writeable else a.copy()).__dlpack__()  # NumPy exports no read-only views
+
+
+_FakeCupyArray.__module__ = "cupy"
+
+
+class _FakeDevice:
+    id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_FAKE_DEVICE = _FakeDevice()
+
+
+def _cupy_module():
+    import types
+
+    def wrap(f):
+        return lambda *a, **k: np.asarray(f(*a, **k)).view(_FakeCupyArray)
+
+    stream = types.SimpleNamespace(ptr=0x5EED, is_capturing=lambda: False)
+    return types.SimpleNamespace(
+        float32=np.float32,
+        float64=np.float64,
+        int64=np.int64,
+        empty=wrap(np.empty),
+        zeros=wrap(np.zeros),
+        full=wrap(np.full),
+        asarray=wrap(np.asarray),
+        ascontiguousarray=wrap(np.ascontiguousarray),
+        broadcast_to=wrap(np.broadcast_to),
+        cuda=types.SimpleNamespace(get_current_stream=lambda: stream),
+    )
+
+
+@pytest.fixture
+def cupy_kernels(kernels, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", _cupy_module())
+    monkeypatch.setattr(_cuda, "is_cuda_array", lambda a: isinstance(a, _FakeCupyArray))
+    # Full reductions of the stand-in give NumPy scalars (CuPy gives 0-d device arrays).
+    original = _cuda._Lib.capsule
+    monkeypatch.setattr(
+        _cuda._Lib,
+        "capsule",
+        lambda self, a: original(
+            self, a if isinstance(a, _FakeCupyArray) else np.asarray(a).view(_FakeCupyArray)
+        ),
+    )
+    return kernels
+
+
+def _cp(a):
+    return np.ascontiguousarray(a).view(_FakeCupyArray)
+
+
+def test_cupy_branch(cupy_kernels):
+    x = _cp(X)
+    for axis in (-1, 0, (0, 2)):
+        y = _cuda.softmax(x, axis=axis)
+        assert isinstance(y, _FakeCupyArray)
+        close(np.asarray(y), normax.softmax(X, axis=axis))
+    out = _cp(np.empty_like(X))
+    assert _cuda.log_softmax(x, axis=1, out=out) is out
+    close(np.asarray(out), normax.log_softmax(X, axis=1), atol=2e-5)
+    close(np.asarray(_cuda.logsumexp(x, axis=2, keepdims=True)), normax.logsumexp(X, axis=2, keepdims=True))
+    logits = X.reshape(12, 50)
+    target = RNG.integers(0, 50, size=12)
+    target[::4] = -100
+    weight = RNG.uniform(0.5, 2.0, size=50).astype(np.float32)
+    for kw in ({}, {"reduction": "none", "grad_output": RNG.normal(size=12).astype(np.float32)}):
+        got = _cuda.cross_entropy_with_grad(
+            _cp(logits), _cp(target), weight=_cp(weight), label_smoothing=0.1, **kw
+        )
+        want = normax.cross_entropy_with_grad(logits, target, weight=weight, label_smoothing=0.1, **kw)
+        close(np.asarray(got[0]), want[0])
+        close(np.asarray(got[1]), want[1], atol=1e-6)
+    with pytest.raises(IndexError, match="class index 60 at position 2"):
+        _cuda.cross_entropy(_cp(logits), _cp(np.array([0, 1, 60] + [0] * 9)))
+    w = RNG.uniform(0.5, 2.0, size=50).astype(np.float32)
+    b = RNG.normal(size=50).astype(np.float32)
+    y, mean, rstd = _cuda.layer_norm(x, _cp(w), _cp(b), return_stats=True)
+    want = normax.layer_norm(X, w, b, return_stats=True)
+    for g, wnt in zip((y, mean, rstd), want):
+        close(np.asarray(g), wnt, atol=1e-5)
+    dy = RNG.normal(size=X.shape).astype(np.float32)
+    got = _cuda.layer_norm_backward(_cp(dy), x, _cp(w), _cp(b), mean=mean, rstd=rstd)
+    for g, wnt in zip(got, normax.layer_norm_backward(dy, X, w, b)):
+        close(np.asarray(g), wnt, rtol=1e-4, atol=1e-4)
