@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA backend on a GPU machine (torch with CUDA installed; no registry needed), one script,
-# under 8 minutes (the two checks time out at 6 and 1.5): installs the wheels from dist/ without dependencies, then checks every CUDA op
-# against torch CUDA (forward and gradient) and times normax vs torch with achieved bandwidth
-# against a device-to-device copy measured in the same run.
+# under 8 minutes (its two checks time out at 6 and 1.5 minutes): installs the wheels from dist/
+# without dependencies, then checks every CUDA op against torch CUDA (forward and gradient) and
+# times normax vs torch with achieved bandwidth against a device-to-device copy of the same run.
 #
 # Prepare on a machine with a registry:
 #   maturin build --release --out dist && pip download --no-deps -d dist array-api-compat
