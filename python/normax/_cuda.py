@@ -216,13 +216,15 @@ class _Lib:
         return self.mod.float32
 
     def astype(self, a, dtype):
+        if a.dtype == dtype:  # the common case; torch's .to() costs microseconds even then
+            return a
         return a.to(dtype) if self.name == "torch" else a.astype(dtype, copy=False)
 
     def permute(self, a, perm):
         return a.permute(*perm) if self.name == "torch" else a.transpose(perm)
 
     def int64(self, a):
-        return a.to(self.mod.int64) if self.name == "torch" else a.astype(self.mod.int64, copy=False)
+        return self.astype(a, self.mod.int64)
 
     def scalar(self, value: float, dtype):
         """A 1-element device array holding `value`, filled on the device (a host-to-device copy
