@@ -414,6 +414,7 @@ def _cupy_module():
         asarray=wrap(np.asarray),
         ascontiguousarray=wrap(np.ascontiguousarray),
         broadcast_to=wrap(np.broadcast_to),
+        asnumpy=lambda a: np.array(a),
         cuda=types.SimpleNamespace(get_current_stream=lambda: stream),
     )
 

@@ -82,6 +82,17 @@ def _targets(target, shape: tuple, axis: int, work: np.dtype):
     return t.astype(work, copy=False), True
 
 
+def _chunk_size(chunk_size) -> int | None:
+    """The linear cross-entropy's `chunk_size` checked: None, or an int >= 1."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size: expected an int or None, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
+    return int(chunk_size)
+
+
 def _index_error(t: np.ndarray, classes: int, ignore_index: int) -> IndexError:
     """The first class index out of range, by value and position (the core found one)."""
     bad = (t != ignore_index) & ((t < 0) | (t >= classes))
@@ -396,12 +407,7 @@ def _linear(
         raise TypeError(f"target: expected integer class indices, got dtype {t.dtype}")
     if t.shape != (n,):
         raise ValueError(f"target: expected shape ({n},), one class index per row of hidden; got {t.shape}")
-    if chunk_size is not None:
-        if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
-            raise TypeError(f"chunk_size: expected an int or None, got {chunk_size!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
-        chunk_size = int(chunk_size)
+    chunk_size = _chunk_size(chunk_size)
     h = np.ascontiguousarray(h, dtype=work)
     w = np.ascontiguousarray(w, dtype=work)
     tk = np.ascontiguousarray(t, dtype=np.int64)

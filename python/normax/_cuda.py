@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import normalize_axes
-from ._cross_entropy import _number, _options
+from ._cross_entropy import _chunk_size, _class_axis, _index_error, _number, _options
 from ._norms import _eps, _norm_axes
 
 _DL_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
@@ -160,11 +160,9 @@ class _Lib:
         self.fname = fname
         self.mod = sys.modules[mod]
         self.device = a.device
+        self.index = self._index_of(a)
         if mod == "torch":
-            self.index = a.get_device()
             self._to_dlpack = self.mod.utils.dlpack.to_dlpack
-        else:
-            self.index = a.device.id
         self.stream = self.current_stream()
 
     def current_stream(self) -> int:
@@ -353,7 +351,7 @@ def _finish(lib: _Lib, result, out):
 def _softmax_like(x, axis, out, log: bool, fname: str):
     lib = _lib_of((x, out), fname)
     x = _input(lib, x, "x")
-    axes = tuple(range(x.ndim)) if axis is None else normalize_axes(axis, x.ndim)
+    axes = normalize_axes(axis, x.ndim)
     rows = _Rows(lib, x, axes)
     y = _output(lib, rows, x.shape, x.dtype, out)
     _run(lib, _core.cuda_softmax, rows.work, y, rows.rows, rows.cols, log)
@@ -376,11 +374,12 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
         )
     lib = _lib_of((x,), fname)
     x = _input(lib, x, "x")
-    axes = tuple(range(x.ndim)) if axis is None else normalize_axes(axis, x.ndim)
+    axes = normalize_axes(axis, x.ndim)
     rows = _Rows(lib, x, axes)
-    kept = [x.shape[i] for i in range(x.ndim) if i not in axes]
     if keepdims:
         kept = [1 if i in axes else x.shape[i] for i in range(x.ndim)]
+    else:
+        kept = [x.shape[i] for i in range(x.ndim) if i not in axes]
     r = lib.empty(kept, x.dtype)  # its elements are the rows, in order, whatever the kept shape
     if rows.cols == 0:
         r[...] = -math.inf  # the log of an empty sum, as NumPy's and SciPy's
@@ -395,9 +394,8 @@ def _backward(y, dy, axis, log: bool, fname: str):
     dy = _input(lib, dy, "dy")
     if tuple(y.shape) != tuple(dy.shape):
         raise ValueError(f"{fname}: dy has shape {tuple(dy.shape)}, y has {tuple(y.shape)}")
-    if lib.dtype_name(dy) != lib.dtype_name(y):
-        dy = lib.astype(dy, y.dtype)
-    axes = tuple(range(y.ndim)) if axis is None else normalize_axes(axis, y.ndim)
+    dy = lib.astype(dy, y.dtype)
+    axes = normalize_axes(axis, y.ndim)
     ry, rdy = _Rows(lib, y, axes), _Rows(lib, dy, axes)
     dx = ry.empty(y.dtype)
     _run(lib, _core.cuda_softmax_backward, ry.work, rdy.work, dx, ry.rows, ry.cols, log)
@@ -426,9 +424,7 @@ def _cross_entropy(
     x = _input(lib, logits, "logits")
     if x.ndim == 0:
         raise ValueError(f"{fname}: logits needs at least one dimension (the class axis)")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis: expected an int (the class axis), got {axis!r}")
-    ax = normalize_axes(int(axis), x.ndim)[0]
+    ax = _class_axis(axis, x.ndim)
     classes = x.shape[ax]
     if classes == 0:
         raise ValueError(f"logits: the class axis {ax} is empty")
@@ -486,12 +482,7 @@ def _cross_entropy(
         0.0 if softcap is None else softcap,
     )  # fmt: skip
 
-    if reduction == "none":
-        loss = lib.astype(loss_rows.reshape(row_shape), x.dtype)
-    elif reduction == "sum":
-        loss = lib.astype(loss_rows.sum(), x.dtype)
-    else:
-        loss = lib.astype(loss_rows.sum() / denom, x.dtype)
+    loss = _reduce(lib, loss_rows.reshape(row_shape), reduction, denom, x.dtype)
     if not with_grad:
         return loss
     g = rows.back(grad)
@@ -500,6 +491,14 @@ def _cross_entropy(
             x[...] = g  # `x` is the caller's memory (a detached alias for torch)
         return loss, logits
     return loss, g
+
+
+def _reduce(lib: _Lib, loss_rows, reduction: str, denom, dtype):
+    """The per-row float32 losses reduced ('mean' divides by `denom`), in `dtype`."""
+    if reduction == "none":
+        return lib.astype(loss_rows, dtype)
+    total = loss_rows.sum()
+    return lib.astype(total if reduction == "sum" else total / denom, dtype)
 
 
 def _check_classes(lib, tk, classes, ignore_index, row_shape, sync: bool):
@@ -515,14 +514,8 @@ def _check_classes(lib, tk, classes, ignore_index, row_shape, sync: bool):
             message = f"target: a class index is out of range [0, {classes}) and is not ignore_index"
             lib.mod._assert_async(~bad.any(), message)
         return  # CuPy: the kernels treat such rows as ignored; nothing can be read back here
-    if bool(bad.any()):  # the details only on the error path
-        i = int(bad.int().argmax()) if lib.name == "torch" else int(bad.argmax())
-        pos = np.unravel_index(i, row_shape) if row_shape else ()
-        where = int(pos[0]) if len(pos) == 1 else tuple(int(p) for p in pos)
-        raise IndexError(
-            f"target: class index {int(tk.reshape(-1)[i])} at position {where} is out of range [0, {classes}) "
-            f"and is not ignore_index ({ignore_index})"
-        )
+    if bool(bad.any()):  # the details (the CPU path's message) only on the error path
+        raise _index_error(_host(lib, tk).reshape(row_shape), classes, ignore_index)
 
 
 def _grad_scale(lib, grad_output, reduction, denom, row_shape, rows):
@@ -633,8 +626,7 @@ def _norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, para
     dy = _input(lib, dy, "dy")
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: shape {tuple(dy.shape)} does not match x shape {tuple(x.shape)}")
-    if lib.dtype_name(dy) != lib.dtype_name(x):
-        dy = lib.astype(dy, x.dtype)
+    dy = lib.astype(dy, x.dtype)
     axes = _norm_axes(axis, x.ndim)
     shape = tuple(x.shape[axes[0] :])
     lead = tuple(x.shape[: axes[0]])
@@ -728,11 +720,15 @@ def _current(lib: _Lib):
     return lib.mod.cuda.device(lib.index) if lib.name == "torch" else lib.device
 
 
-def _host64(lib: _Lib, a) -> np.ndarray:
-    """A float64 NumPy copy of a device array (waits for the work queued before it)."""
+def _host(lib: _Lib, a) -> np.ndarray:
+    """A NumPy copy of a device array (waits for the work queued before it)."""
     if lib.name == "torch":
-        return a.detach().to("cpu").numpy().astype(np.float64)
-    return lib.mod.asnumpy(a).astype(np.float64)
+        return a.detach().to("cpu").numpy()
+    return lib.mod.asnumpy(a)
+
+
+def _host64(lib: _Lib, a) -> np.ndarray:
+    return _host(lib, a).astype(np.float64)
 
 
 def _dev32(lib: _Lib, a: np.ndarray, name: str):
@@ -918,8 +914,7 @@ def _power_norm_backward(lib, dy, saved, state, param_dtype):
     if c != state.num_features:
         raise ValueError(f"state: num_features {state.num_features} does not match the forward's {c}")
     result = _promote(lib, saved.dtype, dy.dtype)
-    if lib.dtype_name(dy) != lib.dtype_name(work):
-        dy = lib.astype(dy, work.dtype)
+    dy = lib.astype(dy, work.dtype)
     dyw = lib.contiguous(dy).reshape(tokens, c)
     ema = (1.0 - state.alpha_bkw) * state.ema_gz if saved.training else np.zeros(c)
     dx = lib.empty((tokens, c), work.dtype)
@@ -1010,12 +1005,7 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
         raise ValueError(
             f"target: expected shape ({n},), one class index per row of hidden; got {tuple(t.shape)}"
         )
-    if chunk_size is not None:
-        if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
-            raise TypeError(f"chunk_size: expected an int or None, got {chunk_size!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
-        chunk_size = int(chunk_size)
+    chunk_size = _chunk_size(chunk_size)
     h = lib.contiguous(lib.astype(h, work))
     w = lib.contiguous(lib.astype(w, work))
     tk = lib.contiguous(lib.int64(t))
@@ -1065,12 +1055,7 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
         if db is not None:
             db += lg.sum(0, dtype=f32) if lib.name == "torch" else lg.sum(axis=0, dtype=f32)
 
-    if reduction == "none":
-        loss = lib.astype(loss_rows, result)
-    elif reduction == "sum":
-        loss = lib.astype(loss_rows.sum(), result)
-    else:
-        loss = lib.astype(loss_rows.sum() / denom, result)
+    loss = _reduce(lib, loss_rows, reduction, denom, result)
     if not with_grad:
         return loss
     if dw is None:  # no rows
