@@ -1,0 +1,209 @@
+//! The contract of every op, written once for every backend (CPU here, `normax-cuda`,
+//! `normax-wgpu`): the option types, their checks and the one error type.
+//!
+//! A backend takes its data in its own form (host slices, device buffers), so the types are
+//! generic over where the data lives; the checks depend only on sizes and values.
+
+/// Why a call failed, whatever the backend; the bindings map each variant to one Python exception.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A bad value, length or option (Python ValueError).
+    Value(String),
+    /// An index out of range (Python IndexError).
+    Index(String),
+    /// No device at all for a GPU backend: no driver, no adapter (Python RuntimeError; the wgpu
+    /// tests skip on this one only).
+    NoDevice(String),
+    /// The backend cannot run here: a library that does not load, kernels that do not compile
+    /// (Python RuntimeError).
+    Unavailable(String),
+    /// The device failed: out of memory, rejected work, a driver error (Python RuntimeError).
+    Device(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Value(m)
+            | Error::Index(m)
+            | Error::NoDevice(m)
+            | Error::Unavailable(m)
+            | Error::Device(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `name` must have `expected` elements.
+pub fn check_len(name: &str, actual: usize, expected: usize) -> Result<(), Error> {
+    if actual != expected {
+        return Err(Error::Value(format!(
+            "{name} has {actual} elements; expected {expected}"
+        )));
+    }
+    Ok(())
+}
+
+/// rows * cols, or an error where that overflows.
+pub fn size(rows: usize, cols: usize) -> Result<usize, Error> {
+    rows.checked_mul(cols)
+        .ok_or_else(|| Error::Value("array too large".into()))
+}
+
+/// How the per-row losses combine, as torch's `reduction`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    None,
+    Sum,
+    Mean,
+}
+
+impl Reduction {
+    pub fn parse(name: &str) -> Result<Reduction, Error> {
+        match name {
+            "none" => Ok(Reduction::None),
+            "sum" => Ok(Reduction::Sum),
+            "mean" => Ok(Reduction::Mean),
+            _ => Err(Error::Value(format!(
+                "reduction: must be 'mean', 'sum' or 'none', got {name:?}"
+            ))),
+        }
+    }
+
+    /// The length of the loss output for `rows` rows: one per row for None, else one.
+    pub fn loss_len(self, rows: usize) -> usize {
+        match self {
+            Reduction::None => rows,
+            Reduction::Sum | Reduction::Mean => 1,
+        }
+    }
+}
+
+/// What each row of a cross-entropy is scored against: `C` holds class indices (int64, one per
+/// row; rows equal to `ignore_index` are left out), `P` class probabilities (rows x classes).
+#[derive(Clone, Copy, Debug)]
+pub enum Target<C, P> {
+    Classes(C),
+    Probs(P),
+}
+
+/// d(loss)/d(output) a gradient is scaled by: one number, or one per row (reduction None only).
+#[derive(Clone, Copy, Debug)]
+pub enum GradOutput<R> {
+    Scalar(f64),
+    Rows(R),
+}
+
+/// Something with a number of elements: a host slice, a device buffer.
+pub trait Elements {
+    fn elements(&self) -> usize;
+}
+
+impl<T> Elements for &[T] {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The cross-entropy options, named and defaulted as in torch.nn.functional.cross_entropy;
+/// `W` is the per-class weight as the backend holds it.
+#[derive(Clone, Copy, Debug)]
+pub struct CeOptions<W> {
+    /// One weight per class.
+    pub weight: Option<W>,
+    pub ignore_index: i64,
+    pub reduction: Reduction,
+    pub label_smoothing: f64,
+    /// PaLM's auxiliary loss: z_loss * lse^2 per row not ignored.
+    pub z_loss: f64,
+    /// Gemma 2's logit cap: logits become softcap * tanh(logits / softcap).
+    pub softcap: Option<f64>,
+}
+
+impl<W> Default for CeOptions<W> {
+    fn default() -> Self {
+        CeOptions {
+            weight: None,
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: None,
+        }
+    }
+}
+
+impl<W: Elements> CeOptions<W> {
+    /// Every option in range and one weight per class: the same check on every backend.
+    pub fn check(&self, classes: usize) -> Result<(), Error> {
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            return Err(Error::Value(format!(
+                "label_smoothing: must be between 0.0 and 1.0, got {}",
+                self.label_smoothing
+            )));
+        }
+        if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
+            return Err(Error::Value(format!(
+                "z_loss: must be a finite number >= 0, got {}",
+                self.z_loss
+            )));
+        }
+        if let Some(s) = self.softcap {
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(Error::Value(format!(
+                    "softcap: must be a finite number > 0, got {s}"
+                )));
+            }
+        }
+        if let Some(w) = &self.weight {
+            if w.elements() != classes {
+                return Err(Error::Value(format!(
+                    "weight has {} elements; expected one per class ({classes})",
+                    w.elements()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which normalization of a row. The discriminants are the `kind` codes of the CUDA kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// y = x / sqrt(mean(x^2) + eps) * weight
+    Rms = 0,
+    /// RMSNorm of the zero-mean vector (x, -sum(x)) of length len + 1, restricted to x:
+    /// y = x / sqrt((sum(x^2) + sum(x)^2) / (len + 1) + eps) * weight
+    Crms = 1,
+    /// y = (x - mean) / sqrt(var + eps) * weight + bias, biased variance
+    Layer = 2,
+}
+
+impl NormKind {
+    pub fn parse(name: &str) -> Result<NormKind, Error> {
+        match name {
+            "rms" => Ok(NormKind::Rms),
+            "layer" => Ok(NormKind::Layer),
+            "crms" => Ok(NormKind::Crms),
+            _ => Err(Error::Value(format!(
+                "unknown normalization {name:?}: expected rms, layer or crms"
+            ))),
+        }
+    }
+
+    /// Whether the normalization takes a bias (LayerNorm only).
+    pub fn has_bias(self) -> bool {
+        self == NormKind::Layer
+    }
+}
+
+/// A norm's `eps` must be finite and >= 0.
+pub fn check_eps(eps: f64) -> Result<(), Error> {
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::Value(format!(
+            "eps: must be finite and >= 0, got {eps}"
+        )));
+    }
+    Ok(())
+}
