@@ -6,7 +6,7 @@
 
 use normax_core::{softmax as k, threads, Error, Float, Isa, Layout};
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 mod cross_entropy;
@@ -20,6 +20,7 @@ fn to_py(e: Error) -> PyErr {
     match e {
         Error::Value(m) => PyValueError::new_err(m),
         Error::Index(m) => PyIndexError::new_err(m),
+        Error::NoDevice(m) | Error::Unavailable(m) | Error::Device(m) => PyRuntimeError::new_err(m),
     }
 }
 
