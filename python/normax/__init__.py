@@ -6,46 +6,30 @@ the caller's kind. ``normax.torch`` and ``normax.jax`` (imported on demand) are 
 adapters with autograd. See the README for the benchmark and the API overview.
 """
 
+from . import _cross_entropy, _norms, _power_norm, _softmax
 from ._core import get_isa, get_num_threads, set_isa, set_num_threads, supported_isas
-from ._cross_entropy import (
-    cross_entropy,
-    cross_entropy_with_grad,
-    linear_cross_entropy,
-    linear_cross_entropy_with_grad,
-)
 from ._dispatch import array_api, get_backend, set_backend
-from ._norms import (
-    PowerNormSaved,
-    PowerNormState,
-    crms_norm,
-    crms_norm_backward,
-    layer_norm,
-    layer_norm_backward,
-    power_norm,
-    power_norm_backward,
-    rms_norm,
-    rms_norm_backward,
-)
-from ._softmax import log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward
+from ._power_norm import PowerNormSaved, PowerNormState
 
-# Any array in, the same kind out: every array function goes through the array-API layer once.
-softmax = array_api(softmax)
-log_softmax = array_api(log_softmax)
-logsumexp = array_api(logsumexp)
-softmax_backward = array_api(softmax_backward)
-log_softmax_backward = array_api(log_softmax_backward)
-cross_entropy = array_api(cross_entropy)
-cross_entropy_with_grad = array_api(cross_entropy_with_grad)
-linear_cross_entropy = array_api(linear_cross_entropy)
-linear_cross_entropy_with_grad = array_api(linear_cross_entropy_with_grad)
-rms_norm = array_api(rms_norm)
-rms_norm_backward = array_api(rms_norm_backward)
-layer_norm = array_api(layer_norm)
-layer_norm_backward = array_api(layer_norm_backward)
-crms_norm = array_api(crms_norm)
-crms_norm_backward = array_api(crms_norm_backward)
-power_norm = array_api(power_norm)
-power_norm_backward = array_api(power_norm_backward)
+# Any array in, the same kind out: each public array function is its NumPy-first op (the CPU
+# path, which the framework adapters call directly) behind the array-API layer, defined here once.
+softmax = array_api(_softmax.softmax)
+log_softmax = array_api(_softmax.log_softmax)
+logsumexp = array_api(_softmax.logsumexp)
+softmax_backward = array_api(_softmax.softmax_backward)
+log_softmax_backward = array_api(_softmax.log_softmax_backward)
+cross_entropy = array_api(_cross_entropy.cross_entropy)
+cross_entropy_with_grad = array_api(_cross_entropy.cross_entropy_with_grad)
+linear_cross_entropy = array_api(_cross_entropy.linear_cross_entropy)
+linear_cross_entropy_with_grad = array_api(_cross_entropy.linear_cross_entropy_with_grad)
+rms_norm = array_api(_norms.rms_norm)
+rms_norm_backward = array_api(_norms.rms_norm_backward)
+layer_norm = array_api(_norms.layer_norm)
+layer_norm_backward = array_api(_norms.layer_norm_backward)
+crms_norm = array_api(_norms.crms_norm)
+crms_norm_backward = array_api(_norms.crms_norm_backward)
+power_norm = array_api(_power_norm.power_norm)
+power_norm_backward = array_api(_power_norm.power_norm_backward)
 
 __version__ = "0.1.0"
 

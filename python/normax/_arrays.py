@@ -60,6 +60,17 @@ def as_input(x, name: str = "x") -> tuple[np.ndarray, np.dtype]:
     return a, result
 
 
+def as_backward_inputs(a, name: str, dy):
+    """A backward's inputs: the forward's array `a` (named `name`) in its kernel dtype and its own
+    result dtype, `dy` of its shape in its kernel dtype, the dtype both are computed in and the
+    result's dtype."""
+    a, a_dtype = as_input(a, name)
+    dy, dy_dtype = as_input(dy, "dy")
+    if dy.shape != a.shape:
+        raise ValueError(f"dy: shape {dy.shape} does not match {name} shape {a.shape}")
+    return a, a_dtype, dy, np.result_type(a.dtype, dy.dtype), np.result_type(a_dtype, dy_dtype)
+
+
 def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
     """Sorted non-negative axes; None means all. AxisError when out of range, ValueError on repeats.
 
@@ -84,44 +95,54 @@ def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
 
 
 class Plan:
-    """How to lay an array of `shape` out so the reduced `axes` form the middle of (outer, len, inner).
+    """How every backend lays an array of `shape` out: the reduced `axes` as the middle of
+    (outer, len, inner).
 
-    Consecutive axes of a C-contiguous array need no copy. Otherwise the axes are moved to the end
-    and the array copied once (``arrange``); ``restore`` moves them back in the result.
+    Consecutive axes of a C-contiguous array need no copy. Otherwise (and, with ``last=True``, for
+    kernels that take the axes last, inner == 1, unless they already are) the axes are moved to
+    the end by the permutation ``moved`` and the array copied once; results are allocated in
+    ``arranged_shape`` and ``restore`` moves the axes back. A backend with its own array library
+    applies ``moved`` and ``inverse`` with that library's transpose.
     """
 
-    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...]):
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], *, last: bool = False):
         self.shape = shape
         self.axes = axes
         ndim = len(shape)
-        consecutive = not axes or axes == tuple(range(axes[0], axes[-1] + 1))
-        if consecutive:
-            first = axes[0] if axes else ndim
-            last = axes[-1] + 1 if axes else ndim
-            self.moved = None
+        k = len(axes)
+        if last:
+            in_place = axes == tuple(range(ndim - k, ndim))
         else:
-            k = len(axes)
-            self.moved = (axes, tuple(range(ndim - k, ndim)))
-            shape = tuple(s for i, s in enumerate(shape) if i not in axes) + tuple(shape[i] for i in axes)
-            first, last = ndim - k, ndim
-        self.outer = math.prod(shape[:first])
-        self.len = math.prod(shape[first:last])
-        self.inner = math.prod(shape[last:])
+            in_place = not axes or axes == tuple(range(axes[0], axes[-1] + 1))
+        if in_place:
+            first = axes[0] if axes else ndim
+            last_axis = axes[-1] + 1 if axes else ndim
+            self.moved = self.inverse = None
+            self.arranged_shape = shape
+        else:
+            self.moved = tuple(i for i in range(ndim) if i not in axes) + axes
+            self.inverse = tuple(sorted(range(ndim), key=self.moved.__getitem__))
+            self.arranged_shape = tuple(shape[i] for i in self.moved)
+            first, last_axis = ndim - k, ndim
+        arranged = self.arranged_shape
+        self.outer = math.prod(arranged[:first])
+        self.len = math.prod(arranged[first:last_axis])
+        self.inner = math.prod(arranged[last_axis:])
         # Shape of a reduction's result with the reduced axes dropped, in the original order.
         self.reduced_shape = tuple(s for i, s in enumerate(self.shape) if i not in axes)
         self.keepdims_shape = tuple(1 if i in axes else s for i, s in enumerate(self.shape))
 
-    def arrange(self, a: np.ndarray) -> np.ndarray:
+    def arrange(self, a: np.ndarray, dtype=None) -> np.ndarray:
         """A C-contiguous array in kernel order holding `a`'s values (a view when possible)."""
         if self.moved is not None:
-            a = np.moveaxis(a, *self.moved)
-        return np.ascontiguousarray(a)
+            a = a.transpose(self.moved)
+        return np.ascontiguousarray(a, dtype=dtype)
 
     def restore(self, r: np.ndarray) -> np.ndarray:
-        """A kernel-order result of the full shape, back in the original axis order."""
+        """A result of ``arranged_shape``, back in the original axis order."""
         if self.moved is None:
             return r
-        return np.moveaxis(r, self.moved[1], self.moved[0])
+        return r.transpose(self.inverse)
 
 
 def check_out(out, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

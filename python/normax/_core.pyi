@@ -23,6 +23,9 @@ def log_softmax_backward(
     y: np.ndarray, dy: np.ndarray, dx: np.ndarray, outer: int, len: int, inner: int
 ) -> None: ...
 def exp(x: np.ndarray, out: np.ndarray) -> None: ...
+
+# The cross-entropies take the loss options (ignore_index ... softcap) as the fields of
+# normax._options.CeOptions, in order: callers spread the one checked tuple.
 def cross_entropy(
     logits: np.ndarray,
     target: np.ndarray,

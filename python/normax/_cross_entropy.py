@@ -2,151 +2,19 @@
 
 from __future__ import annotations
 
-import math
-import operator
-
 import numpy as np
 
 from . import _core
-from ._arrays import as_input, compute_dtype, normalize_axes
-
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-def _options(ignore_index, reduction, label_smoothing, z_loss, softcap):
-    """The loss options checked and converted; errors name the argument."""
-    if isinstance(ignore_index, (bool, np.bool_)):
-        raise TypeError("ignore_index: expected an int, got a bool")
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}") from None
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index: {ignore_index} does not fit in int64")
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    label_smoothing = _number(label_smoothing, "label_smoothing")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
-    z_loss = _number(z_loss, "z_loss")
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
-        raise ValueError(f"z_loss: must be a finite number >= 0, got {z_loss}")
-    if softcap is not None:
-        softcap = _number(softcap, "softcap")
-        if not (softcap > 0.0 and math.isfinite(softcap)):
-            raise ValueError(f"softcap: must be a finite number > 0 or None, got {softcap}")
-    return ignore_index, reduction, label_smoothing, z_loss, softcap
-
-
-def _number(v, name: str) -> float:
-    if isinstance(v, (bool, np.bool_)) or np.ndim(v) != 0:
-        raise TypeError(f"{name}: expected a real number, got {v!r}")
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a real number, got {v!r}") from None
-
-
-def _class_axis(axis, ndim: int) -> int:
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis: expected an int (the class axis), got {axis!r}")
-    return normalize_axes(int(axis), ndim)[0]
-
-
-def _real(a, name: str) -> np.ndarray:
-    """`a` as an array of a real dtype the kernels take (TypeError otherwise)."""
-    arr = np.asarray(a)
-    compute_dtype(arr.dtype, name)
-    return arr
-
-
-def _targets(target, shape: tuple, axis: int, work: np.dtype):
-    """(class indices as int64, or probabilities in `work`), and whether they are soft."""
-    t = np.asarray(target)
-    row_shape = shape[:axis] + shape[axis + 1 :]
-    if t.dtype.kind in "iu":
-        if t.shape != row_shape:
-            raise ValueError(
-                f"target: class indices have shape {t.shape}; expected {row_shape} "
-                f"(the logits' shape {shape} without the class axis {axis})"
-            )
-        return t, False
-    if t.dtype.kind == "b":
-        raise TypeError("target: expected integer class indices or float probabilities, got bool")
-    compute_dtype(t.dtype, "target")  # TypeError for complex, strings, objects
-    if t.shape != shape:
-        raise ValueError(
-            f"target: class probabilities (a float target) must have the logits' shape {shape}, "
-            f"got {t.shape}; integer class indices have shape {row_shape}"
-        )
-    return t.astype(work, copy=False), True
-
-
-def _chunk_size(chunk_size) -> int | None:
-    """The linear cross-entropy's `chunk_size` checked: None, or an int >= 1."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size: expected an int or None, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
-    return int(chunk_size)
-
-
-def _index_error(t: np.ndarray, classes: int, ignore_index: int) -> IndexError:
-    """The first class index out of range, by value and position (the core found one)."""
-    bad = (t != ignore_index) & ((t < 0) | (t >= classes))
-    if not bad.any():  # pragma: no cover - the array changed under us
-        return IndexError("target: a class index is out of range")
-    pos = np.unravel_index(int(np.argmax(bad)), t.shape)
-    where = int(pos[0]) if len(pos) == 1 else tuple(int(p) for p in pos)
-    return IndexError(
-        f"target: class index {int(t[pos])} at position {where} is out of range [0, {classes}) "
-        f"and is not ignore_index ({ignore_index})"
-    )
-
-
-def _grad_output(grad_output, reduction: str, loss_shape: tuple, work: np.dtype):
-    """(per-row array or None, scalar) for the core."""
-    g = np.asarray(grad_output)
-    if g.ndim == 0:
-        return None, _number(g, "grad_output")
-    if reduction != "none":
-        raise ValueError(f"grad_output: must be a number for reduction={reduction!r}, got shape {g.shape}")
-    compute_dtype(g.dtype, "grad_output")
-    try:
-        g = np.broadcast_to(g, loss_shape)
-    except ValueError:
-        raise ValueError(
-            f"grad_output: shape {g.shape} does not broadcast to the per-row loss shape {loss_shape}"
-        ) from None
-    return np.ascontiguousarray(g, dtype=work).reshape(-1), 0.0
-
-
-def _prepare(logits, target, axis, weight, inplace):
-    """The checked inputs of a cross-entropy: (logits in their kernel dtype, result dtype, class
-    axis, targets, whether they are probabilities, class weights or None)."""
-    if inplace and not (
-        isinstance(logits, np.ndarray)
-        and logits.flags.writeable
-        and (logits.dtype.kind == "f" or logits.dtype.kind == "V")
-    ):
-        raise ValueError("logits: inplace=True needs a writeable floating-point numpy.ndarray")
-    x, result_dtype = as_input(logits, "logits")
-    if x.ndim == 0:
-        raise ValueError("logits: expected at least one dimension (the class axis)")
-    ax = _class_axis(axis, x.ndim)
-    classes = x.shape[ax]
-    if classes == 0:
-        raise ValueError(f"logits: the class axis {ax} is empty")
-    t, soft = _targets(target, x.shape, ax, x.dtype)
-    w = None
-    if weight is not None:
-        w = _real(weight, "weight")
-        if w.shape != (classes,):
-            raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
-        w = np.ascontiguousarray(w, dtype=x.dtype)
-    return x, result_dtype, ax, t, soft, w
+from ._arrays import as_input
+from ._options import (
+    ce_inputs,
+    ce_options,
+    ce_results,
+    check_chunk_size,
+    grad_output_rows,
+    index_error,
+    linear_shapes,
+)
 
 
 def _cross_entropy(
@@ -163,9 +31,9 @@ def _cross_entropy(
     grad_output=1.0,
     inplace=False,
 ):
-    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    ignore_index, reduction = opts[0], opts[1]
-    x, result_dtype, ax, t, soft, w = _prepare(logits, target, axis, weight, inplace)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, reduction = opts.ignore_index, opts.reduction
+    x, result_dtype, ax, t, soft, w = ce_inputs(logits, target, axis, weight, inplace)
     shape = x.shape
     classes = shape[ax]
     row_shape = shape[:ax] + shape[ax + 1 :]
@@ -182,27 +50,18 @@ def _cross_entropy(
     grad = grad_rows = None
     grad_scalar = 0.0
     if with_grad:
-        grad_rows, grad_scalar = _grad_output(grad_output, reduction, row_shape, x.dtype)
+        grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, row_shape, x.dtype)
         # In place: `work` is either the caller's array itself (float32/float64, classes last,
         # contiguous) or already a private copy, written in place and copied back below.
         grad = work if inplace else np.empty_like(work)
     try:
         _core.cross_entropy(work, tk, w, loss, grad, grad_rows, grad_scalar, rows, classes, *opts)
     except IndexError:
-        raise _index_error(t, classes, ignore_index) from None
+        raise index_error(t, classes, ignore_index) from None
 
-    if reduction == "none":
-        out = loss.reshape(row_shape).astype(result_dtype, copy=False)
-    else:
-        out = loss.astype(result_dtype, copy=False)[0]
-    if not with_grad:
-        return out
-    g = grad if last else np.moveaxis(grad, -1, ax)
-    if inplace:
-        if not np.may_share_memory(grad, logits):
-            np.copyto(logits, g, casting="same_kind")
-        return out, logits
-    return out, g.astype(result_dtype, copy=False)
+    if grad is not None and not last:
+        grad = np.moveaxis(grad, -1, ax)
+    return ce_results(loss, grad, logits, inplace, reduction, row_shape, result_dtype)
 
 
 def cross_entropy(
@@ -381,33 +240,19 @@ def _linear(
     with_grad,
     grad_output=1.0,
 ):
-    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    ignore_index, reduction = opts[0], opts[1]
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, reduction = opts.ignore_index, opts.reduction
     h, h_dtype = as_input(hidden, "hidden")
     w, w_dtype = as_input(weight, "weight")
-    if h.ndim != 2:
-        raise ValueError(f"hidden: expected a 2-d (N, H) array, got shape {h.shape}")
-    if w.ndim != 2 or w.shape[1] != h.shape[1]:
-        raise ValueError(f"weight: expected shape (V, {h.shape[1]}) as torch.nn.Linear, got {w.shape}")
-    n, hd = h.shape
-    v = w.shape[0]
-    if v == 0:
-        raise ValueError("weight: the vocabulary (first axis) is empty")
-    work = np.result_type(h.dtype, w.dtype)
-    result_dtype = np.result_type(h_dtype, w_dtype)
-    b = None
-    if bias is not None:
-        b, b_dtype = as_input(bias, "bias")
-        if b.shape != (v,):
-            raise ValueError(f"bias: expected shape ({v},), got {b.shape}")
-        b = np.ascontiguousarray(b, dtype=work)
-        result_dtype = np.result_type(result_dtype, b_dtype)
+    b, b_dtype = as_input(bias, "bias") if bias is not None else (None, w_dtype)
     t = np.asarray(target)
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"target: expected integer class indices, got dtype {t.dtype}")
-    if t.shape != (n,):
-        raise ValueError(f"target: expected shape ({n},), one class index per row of hidden; got {t.shape}")
-    chunk_size = _chunk_size(chunk_size)
+    b_shape = None if b is None else b.shape
+    n, hd, v = linear_shapes(h.shape, w.shape, b_shape, t.shape, t.dtype.kind in "iu", t.dtype)
+    work = np.result_type(h.dtype, w.dtype)
+    result_dtype = np.result_type(h_dtype, w_dtype, b_dtype)
+    if b is not None:
+        b = np.ascontiguousarray(b, dtype=work)
+    chunk_size = check_chunk_size(chunk_size)
     h = np.ascontiguousarray(h, dtype=work)
     w = np.ascontiguousarray(w, dtype=work)
     tk = np.ascontiguousarray(t, dtype=np.int64)
@@ -415,7 +260,7 @@ def _linear(
     dh = dw = db = grad_rows = None
     grad_scalar = 0.0
     if with_grad:
-        grad_rows, grad_scalar = _grad_output(grad_output, reduction, (n,), work)
+        grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, (n,), work)
         dh = np.empty_like(h)
         dw = np.empty_like(w)
         db = np.empty(v, work) if b is not None else None
@@ -424,9 +269,8 @@ def _linear(
             h, w, b, tk, loss, dh, dw, db, grad_rows, grad_scalar, n, hd, v, *opts, chunk_size
         )
     except IndexError:
-        raise _index_error(t, v, ignore_index) from None
-    out = loss.astype(result_dtype, copy=False)
-    out = out if reduction == "none" else out[0]
+        raise index_error(t, v, ignore_index) from None
+    out = ce_results(loss, None, None, False, reduction, (n,), result_dtype)
     if not with_grad:
         return out
 

@@ -13,12 +13,12 @@ the ``array_api_compat`` predicates look in ``sys.modules`` without importing an
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-import sys
 
 import array_api_compat as _compat
 import numpy as np
+
+from ._backends import backend, kernel
 
 # Types that are never a foreign array: the common arguments (arrays, numbers, axes, options).
 _PLAIN = frozenset({np.ndarray, int, float, bool, str, tuple, list, type(None)})
@@ -226,20 +226,6 @@ def get_backend() -> str:
     return _backend[0]
 
 
-def _gpu_impl(module_name: str, fname: str, name: str):
-    """The CUDA or wgpu implementation of a public function, or NotImplementedError."""
-    module = sys.modules.get(f"normax.{module_name}")
-    if module is None:
-        module = importlib.import_module(f"normax.{module_name}")
-    impl = getattr(module, name, None)
-    if impl is None:
-        where = "CUDA arrays" if module_name == "_cuda" else 'device="wgpu"'
-        raise NotImplementedError(
-            f"{fname} has no GPU kernel for {where}; it runs on the CPU only (move the data to the host)"
-        )
-    return impl
-
-
 def _device_of(kwargs: dict) -> str:
     """The `device=` keyword (removed from `kwargs`), or the default backend for None."""
     device = kwargs.pop("device")
@@ -258,11 +244,12 @@ def array_api(fn):
     It also adds the ``device=`` keyword (None, "cpu" or "wgpu", see :func:`set_backend`) and
     sends CUDA arrays (torch, CuPy) to the CUDA kernels.
     """
-    fname = f"normax.{fn.__name__}"
+    op = fn.__name__
+    fname = f"normax.{op}"
     names = tuple(inspect.signature(fn).parameters)
 
     def on_cuda(args, kwargs) -> bool:
-        is_cuda = _gpu_impl("_cuda", fname, "is_cuda_array")
+        is_cuda = backend("cuda").is_cuda_array
         return any(is_cuda(a) for a in (*args, *kwargs.values()))
 
     def dispatch(args, kwargs):
@@ -295,7 +282,7 @@ def array_api(fn):
     def foreign(args, kwargs, device):
         # CUDA arrays run on their GPU whatever the backend; other foreign arrays on the CPU.
         if on_cuda(args, kwargs):
-            return _gpu_impl("_cuda", fname, fn.__name__)(*args, **kwargs)
+            return kernel("cuda", op)(*args, **kwargs)
         if device == "wgpu":
             raise TypeError(
                 f'{fname}: device="wgpu" takes NumPy arrays (host memory); got another library\'s arrays'
@@ -315,7 +302,7 @@ def array_api(fn):
             if type(a) not in _PLAIN and _library(a):
                 return foreign(args, kwargs, device)
         if device == "wgpu":
-            return _gpu_impl("_wgpu", fname, fn.__name__)(*args, **kwargs)
+            return kernel("wgpu", op)(*args, **kwargs)
         return fn(*args, **kwargs)
 
     signature = inspect.signature(fn)

@@ -1,65 +1,14 @@
-"""rms_norm, layer_norm, crms_norm and their backwards, and PowerNorm: the NumPy-first API."""
+"""rms_norm, layer_norm, crms_norm and their backwards: the NumPy-first API (PowerNorm is in _power_norm)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from . import _core
-from ._arrays import Plan, as_input, check_out, compute_dtype, direct_output, finish, normalize_axes
+from ._arrays import Plan, as_backward_inputs, as_input, check_out, direct_output, finish
+from ._options import check_eps, machine_eps, norm_axes, param
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _norm_axes(axis, ndim: int) -> tuple[int, ...]:
-    """The normalized axes: sorted, non-negative, and the trailing ones."""
-    if axis is None:
-        raise TypeError("axis: expected an int or a tuple of trailing axes, got None")
-    axes = normalize_axes(axis, ndim)
-    if not axes:
-        raise ValueError("axis: name at least one axis")
-    if axes != tuple(range(ndim - len(axes), ndim)):
-        raise ValueError(
-            f"axis: {axis!r} is not a set of trailing axes of the {ndim}-d input; the normalized "
-            "shape is x.shape[axis:] (torch's normalized_shape): move the axes last with numpy.moveaxis"
-        )
-    return axes
-
-
-def _eps(eps) -> float:
-    if isinstance(eps, (bool, np.bool_)):
-        raise TypeError("eps: expected a real number, got a bool")
-    try:
-        e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps: expected a real number, got {eps!r}") from None
-    if not (0.0 <= e < math.inf):
-        raise ValueError(f"eps: must be finite and >= 0, got {eps!r}")
-    return e
-
-
-def _machine_eps(dtype: np.dtype) -> float:
-    """eps of a result dtype (rms_norm's default, as torch): float16 and ml_dtypes floats included."""
-    try:
-        return float(np.finfo(dtype).eps)
-    except (TypeError, ValueError):
-        import ml_dtypes  # only ml_dtypes floats get here
-
-        return float(ml_dtypes.finfo(dtype).eps)
-
-
-def _param(p, name: str, shape: tuple[int, ...], dtype: np.dtype):
-    """weight/bias as a flat contiguous array in the kernel dtype, or None."""
-    if p is None:
-        return None
-    a = np.asarray(p)
-    compute_dtype(a.dtype, name)  # TypeError for complex, string, object
-    if a.shape != shape:
-        raise ValueError(
-            f"{name}: shape {a.shape} does not match the normalized shape {shape} (x.shape[axis])"
-        )
-    return np.ascontiguousarray(a.astype(dtype, copy=False)).reshape(-1)
 
 
 def _stat(s, name: str, shape: tuple[int, ...]):
@@ -99,17 +48,17 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
                 )
         w = None if weight is None else np.ascontiguousarray(weight)
         b = None if bias is None else np.ascontiguousarray(bias)
-        e = _eps(np.finfo(x.dtype).eps if eps is None else eps)
+        e = check_eps(np.finfo(x.dtype).eps if eps is None else eps)
         y = np.empty_like(x)
         _core.norm_forward(norm, x, w, b, y, None, None, n, e)
         return y
 
     a, result_dtype = as_input(x)
-    axes = _norm_axes(axis, a.ndim)
+    axes = norm_axes(axis, a.ndim)
     shape = a.shape[axes[0] :]
-    e = _eps(_machine_eps(result_dtype) if eps is None else eps)
-    w = _param(weight, "weight", shape, a.dtype)
-    b = _param(bias, "bias", shape, a.dtype)
+    e = check_eps(machine_eps(result_dtype) if eps is None else eps)
+    w = param(weight, "weight", shape, a.dtype)
+    b = param(bias, "bias", shape, a.dtype)
     if out is not None:
         check_out(out, a.shape, result_dtype)
     plan = Plan(a.shape, axes)
@@ -135,17 +84,12 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
 
 
 def _backward(norm, dy, x, weight, bias, eps, axis, mean, rstd):
-    xa, x_dtype = as_input(x, "x")
-    dya, dy_dtype = as_input(dy, "dy")
-    if dya.shape != xa.shape:
-        raise ValueError(f"dy: shape {dya.shape} does not match x shape {xa.shape}")
-    work_dtype = np.result_type(xa.dtype, dya.dtype)
-    result_dtype = np.result_type(x_dtype, dy_dtype)
-    axes = _norm_axes(axis, xa.ndim)
+    xa, x_dtype, dya, work_dtype, result_dtype = as_backward_inputs(x, "x", dy)
+    axes = norm_axes(axis, xa.ndim)
     shape = xa.shape[axes[0] :]
-    e = _eps(_machine_eps(x_dtype) if eps is None else eps)
-    w = _param(weight, "weight", shape, work_dtype)
-    _param(bias, "bias", shape, work_dtype)  # only its shape matters: dbias = sum(dy)
+    e = check_eps(machine_eps(x_dtype) if eps is None else eps)
+    w = param(weight, "weight", shape, work_dtype)
+    param(bias, "bias", shape, work_dtype)  # only its shape matters: dbias = sum(dy)
     plan = Plan(xa.shape, axes)
     if norm == "layer" and (mean is None) != (rstd is None):
         missing = "mean" if mean is None else "rstd"
@@ -461,345 +405,3 @@ def crms_norm_backward(dy, x, weight=None, *, eps=1e-6, axis=-1, rstd=None):
     array([[0., 0.]])
     """
     return _backward("crms", dy, x, weight, None, eps, axis, None, rstd)
-
-
-class PowerNormState:
-    """The settings and running buffers of one PowerNorm layer (Shen et al. 2020, MaskPowerNorm).
-
-    PowerNorm is stateful: a training forward updates the running second moment ``running_phi``
-    and counts ``iters``; a training backward updates ``ema_gz``. Those buffers (float64, shape
-    ``(num_features,)``), the iteration count and the layer's settings live here; the learnable
-    ``weight`` and ``bias`` stay with the caller, as parameters of the op. One state per layer.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the channel count (the last axis of the input).
-    eps : float, default 1e-5
-        Added to every second moment (group scaling, batch and running statistics).
-    alpha_fwd : float, default 0.9
-        Decay of ``running_phi``.
-    alpha_bkw : float, default 0.9
-        Decay in the approximate backward: ``g_hat = g - (1 - alpha_bkw) * ema_gz * z``.
-    warmup_iters : int, default 10000
-        Up to this iteration the forward normalizes by the batch statistics and ``running_phi`` is
-        also averaged over the iterations so far; afterwards it normalizes by ``running_phi``.
-    group_num : int, default 1
-        Channel groups of the group scaling; must divide `num_features`.
-
-    Attributes
-    ----------
-    running_phi : ndarray
-        Running second moment per channel, initially ones.
-    ema_gz : ndarray
-        Running mean of ``g_hat * z`` per channel, initially zeros.
-    iters : int
-        Training forward calls so far.
-
-    Raises
-    ------
-    ValueError
-        For a non-positive `num_features`, a `group_num` that does not divide it, an alpha outside
-        [0, 1], a negative `warmup_iters` or `eps`.
-
-    Examples
-    --------
-    >>> import normax
-    >>> state = normax.PowerNormState(8, warmup_iters=100, group_num=2)
-    >>> state.iters, state.running_phi.shape
-    (0, (8,))
-    """
-
-    def __init__(
-        self, num_features, *, eps=1e-5, alpha_fwd=0.9, alpha_bkw=0.9, warmup_iters=10000, group_num=1
-    ):
-        c = _count(num_features, "num_features", 1)
-        g = _count(group_num, "group_num", 1)
-        if c % g:
-            raise ValueError(f"group_num: {g} does not divide num_features {c}")
-        for value, name in ((alpha_fwd, "alpha_fwd"), (alpha_bkw, "alpha_bkw")):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name}: must be in [0, 1], got {value!r}")
-        self.num_features = c
-        self.group_num = g
-        self.eps = _eps(eps)
-        self.alpha_fwd = float(alpha_fwd)
-        self.alpha_bkw = float(alpha_bkw)
-        self.warmup_iters = _count(warmup_iters, "warmup_iters", 0)
-        self.running_phi = np.ones(c)
-        self.ema_gz = np.zeros(c)
-        self.iters = 0
-
-    def copy(self) -> PowerNormState:
-        """An independent copy (buffers copied)."""
-        new = PowerNormState.__new__(PowerNormState)
-        new.__dict__.update(self.__dict__)
-        new.running_phi = self.running_phi.copy()
-        new.ema_gz = self.ema_gz.copy()
-        return new
-
-    def __repr__(self) -> str:
-        return (
-            f"PowerNormState(num_features={self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, "
-            f"alpha_bkw={self.alpha_bkw}, warmup_iters={self.warmup_iters}, group_num={self.group_num}; "
-            f"iters={self.iters})"
-        )
-
-
-def _count(v, name: str, minimum: int) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {v!r}")
-    if v < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {v}")
-    return int(v)
-
-
-class PowerNormSaved:
-    """What :func:`power_norm_backward` needs from one :func:`power_norm` call.
-
-    Returned by ``power_norm(..., return_saved=True)``. It holds the forward's input (the array
-    itself, not a copy: do not modify it before the backward), the weight, and per channel the
-    factor z was formed with and the batch factor 1/sqrt(var + eps) (float64 arrays ``zscale``,
-    ``dscale``). The group scaling is recomputed from the input in the backward.
-    """
-
-    __slots__ = (
-        "dscale",
-        "dtype",
-        "eps",
-        "group_num",
-        "has_bias",
-        "shape",
-        "training",
-        "weight",
-        "x",
-        "zscale",
-    )
-
-    def __init__(self, **fields):
-        for k, v in fields.items():
-            setattr(self, k, v)
-
-
-def _pad_tokens(pad_mask, shape):
-    """pad_mask as one flag per token in the kernel's token order (t * B + b), or None."""
-    if pad_mask is None:
-        return None
-    m = np.asarray(pad_mask)
-    if m.dtype != np.bool_:
-        raise TypeError(f"pad_mask: expected a boolean array (True = padding), got dtype {m.dtype}")
-    if len(shape) == 3:
-        t, b = shape[0], shape[1]
-        if m.shape != (b, t):
-            raise ValueError(f"pad_mask: shape {m.shape} is not (B, T) = {(b, t)} for x of shape {shape}")
-        return np.ascontiguousarray(m.T).reshape(-1)
-    n = shape[0]
-    if m.shape not in ((n, 1), (n,)):
-        raise ValueError(f"pad_mask: shape {m.shape} is not (N, 1) = {(n, 1)} for x of shape {shape}")
-    return np.ascontiguousarray(m).reshape(-1)
-
-
-def power_norm(x, weight, bias, state, *, training=True, pad_mask=None, return_saved=False):
-    """PowerNorm forward (Shen et al. 2020), as MaskPowerNorm of the paper's official code.
-
-    Parameters
-    ----------
-    x : array_like
-        Shape (T, B, C) or (N, C), channels last, ``C = state.num_features``. dtype rules as in
-        :func:`rms_norm` (float16 computed in float32).
-    weight, bias : array_like or None
-        Shape (C,); None means ones and zeros (and no gradient for it).
-    state : PowerNormState
-        The layer's settings and buffers; a training call updates it (see Notes).
-    training : bool, default True
-        Training (batch statistics, state updated) or evaluation (running statistics, no change).
-    pad_mask : array_like of bool, optional
-        Shape (B, T) for (T, B, C) input, (N, 1) or (N,) for (N, C) input; True marks padding,
-        which is left out of the batch statistics (its outputs are still computed).
-    return_saved : bool, default False
-        Also return a :class:`PowerNormSaved` for :func:`power_norm_backward`.
-
-    Returns
-    -------
-    y : ndarray
-        Shaped like `x`, in its dtype.
-    saved : PowerNormSaved
-        Only with ``return_saved=True``.
-
-    Raises
-    ------
-    ValueError
-        If `x` is not (T, B, C) or (N, C) with C = ``state.num_features``, `weight`/`bias` are not
-        (C,), or `pad_mask` has the wrong shape.
-    TypeError
-        If `state` is not a :class:`PowerNormState`, `pad_mask` is not boolean, or for
-        unsupported dtypes.
-
-    Notes
-    -----
-    1. Group scaling: each token's channels are split into ``group_num`` groups, each divided by
-       ``sqrt(mean(x**2 over the group) + eps)``, giving u.
-    2. Training: ``iters += 1``; ``var = mean of u**2 over the non-padded tokens`` per channel;
-       ``z = u / sqrt(var + eps)`` while ``iters <= warmup_iters``, else
-       ``z = u / sqrt(running_phi + eps)``; then, while ``iters < warmup_iters``,
-       ``running_phi = running_phi * (iters - 1) / iters + var / iters``, and always
-       ``running_phi = alpha_fwd * running_phi + (1 - alpha_fwd) * var``.
-       Evaluation: ``z = u / sqrt(running_phi + eps)``, no state change.
-    3. ``y = weight * z + bias`` for every token, padded ones too.
-
-    The passes over the tokens run in Rust (group scaling fused with the channel sums of u**2,
-    which are reduced deterministically, and with the output once the scale is known: after
-    warmup and in evaluation a single read of x); the O(C) bookkeeping is NumPy on float64 buffers.
-    If every token is padded the batch variance is NaN, as in the reference.
-
-    Examples
-    --------
-    >>> import numpy as np, normax
-    >>> state = normax.PowerNormState(4, warmup_iters=10)
-    >>> x = np.arange(24.0).reshape(3, 2, 4)
-    >>> y, saved = normax.power_norm(x, np.ones(4), np.zeros(4), state, return_saved=True)
-    >>> y.shape, state.iters
-    ((3, 2, 4), 1)
-    >>> dx, dw, db = normax.power_norm_backward(np.ones_like(y), saved, state)
-    >>> db
-    array([6., 6., 6., 6.])
-    """
-    if not isinstance(state, PowerNormState):
-        raise TypeError(f"state: expected a normax.PowerNormState, got {type(state).__name__}")
-    a, result_dtype = as_input(x)
-    c = state.num_features
-    if a.ndim not in (2, 3) or a.shape[-1] != c:
-        raise ValueError(f"x: shape {a.shape} is not (T, B, C) or (N, C) with C = num_features = {c}")
-    w = _param(weight, "weight", (c,), a.dtype)
-    b = _param(bias, "bias", (c,), a.dtype)
-    pad = _pad_tokens(pad_mask, a.shape)
-    work = np.ascontiguousarray(a).reshape(-1, c)
-    tokens = work.shape[0]
-    w64 = np.ones(c) if w is None else w.astype(np.float64)
-    b64 = np.zeros(c) if b is None else b.astype(np.float64)
-    shift = b64.astype(a.dtype)
-    y = np.empty_like(work)
-    eps, groups = state.eps, state.group_num
-
-    def run(pad, sumsq, zscale, y):
-        scale = None if zscale is None else (w64 * zscale).astype(a.dtype)
-        _core.power_norm_forward(work, c, groups, eps, pad, sumsq, scale, None if y is None else shift, y)
-
-    if training:
-        state.iters += 1
-        it = state.iters
-        sumsq = np.empty(c)
-        count = tokens - (int(np.count_nonzero(pad)) if pad is not None else 0)
-        if it <= state.warmup_iters:
-            run(pad, sumsq, None, None)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                var = sumsq / count
-            zscale = 1.0 / np.sqrt(var + eps)
-            run(None, None, zscale, y)
-        else:
-            zscale = 1.0 / np.sqrt(state.running_phi + eps)
-            run(pad, sumsq, zscale, y)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                var = sumsq / count
-        phi = state.running_phi
-        if it < state.warmup_iters:
-            phi[...] = phi * (it - 1) / it + var / it
-        phi[...] = state.alpha_fwd * phi + (1.0 - state.alpha_fwd) * var
-        dscale = 1.0 / np.sqrt(var + eps)
-    else:
-        zscale = 1.0 / np.sqrt(state.running_phi + eps)
-        run(None, None, zscale, y)
-        dscale = zscale
-    y = finish(y.reshape(a.shape), result_dtype, None)
-    if not return_saved:
-        return y
-    saved = PowerNormSaved(
-        x=work,
-        shape=a.shape,
-        dtype=result_dtype,
-        weight=w,
-        has_bias=b is not None,
-        zscale=zscale,
-        dscale=dscale,
-        training=bool(training),
-        eps=eps,
-        group_num=groups,
-    )
-    return y, saved
-
-
-def power_norm_backward(dy, saved, state):
-    """PowerNorm backward: the paper's approximate gradient in training, the exact one in evaluation.
-
-    Parameters
-    ----------
-    dy : array_like
-        Gradient of the loss with respect to the forward's output; shaped like it.
-    saved : PowerNormSaved
-        From ``power_norm(..., return_saved=True)``.
-    state : PowerNormState
-        The same state as the forward; a training backward updates ``state.ema_gz`` (so call it
-        once per forward).
-
-    Returns
-    -------
-    dx : ndarray
-        Shaped like the forward's `x`, in the promoted dtype of `x` and `dy`.
-    dweight : ndarray or None
-        ``sum(dy * z)`` over all tokens; None if the forward's weight was None.
-    dbias : ndarray or None
-        ``sum(dy)`` over all tokens; None if the forward's bias was None.
-
-    Raises
-    ------
-    ValueError
-        If `dy` is not shaped like the forward's input.
-    TypeError
-        If `saved` or `state` has the wrong type.
-
-    Notes
-    -----
-    Training (MaskPowerNorm's PowerFunction.backward): ``g = dy * weight``,
-    ``g_hat = g - (1 - alpha_bkw) * ema_gz * z``, then ``ema_gz += mean(g_hat * z)`` over all
-    tokens (padded ones included), ``du = g_hat / sqrt(var + eps)`` with the batch variance (also
-    after warmup), and du goes back through the group scaling exactly:
-    ``dx = s * (du - u * mean(du * u over the group))`` with s the group's scale.
-    Evaluation: the exact gradient of the evaluation forward, ``du = g / sqrt(running_phi + eps)``,
-    no state change. One Rust pass over (dy, x) writes dx and reduces the three per-channel sums
-    deterministically.
-    """
-    if not isinstance(saved, PowerNormSaved):
-        raise TypeError(f"saved: expected a normax.PowerNormSaved, got {type(saved).__name__}")
-    if not isinstance(state, PowerNormState):
-        raise TypeError(f"state: expected a normax.PowerNormState, got {type(state).__name__}")
-    dya, dy_dtype = as_input(dy, "dy")
-    if dya.shape != saved.shape:
-        raise ValueError(f"dy: shape {dya.shape} does not match the forward's x shape {saved.shape}")
-    work = saved.x
-    tokens, c = work.shape
-    if c != state.num_features:
-        raise ValueError(f"state: num_features {state.num_features} does not match the forward's {c}")
-    dyw = np.ascontiguousarray(dya, dtype=work.dtype).reshape(work.shape)
-    ema = (1.0 - state.alpha_bkw) * state.ema_gz if saved.training else np.zeros(c)
-    dx = np.empty_like(work)
-    sums = np.empty(3 * c)
-    _core.power_norm_backward(
-        dyw,
-        work,
-        c,
-        saved.group_num,
-        saved.eps,
-        saved.weight,
-        saved.zscale.astype(work.dtype),
-        ema.astype(work.dtype),
-        saved.dscale.astype(work.dtype),
-        dx,
-        sums,
-    )
-    if saved.training and tokens:
-        state.ema_gz += sums[:c] / tokens
-    result_dtype = np.result_type(saved.dtype, dy_dtype)
-    dx = finish(dx.reshape(saved.shape), result_dtype, None)
-    dweight = None if saved.weight is None else finish(sums[c : 2 * c], result_dtype, None)
-    dbias = finish(sums[2 * c :], result_dtype, None) if saved.has_bias else None
-    return dx, dweight, dbias

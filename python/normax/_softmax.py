@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._arrays import Plan, as_input, check_out, direct_output, finish, normalize_axes
+from ._arrays import Plan, as_backward_inputs, as_input, check_out, direct_output, finish, normalize_axes
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -248,12 +248,7 @@ def _backward(kernel, y, dy, axis):
         if n:
             kernel(y, dy, dx, y.size // n, n, 1)
         return dx
-    ya, y_dtype = as_input(y, "y")
-    dya, dy_dtype = as_input(dy, "dy")
-    if ya.shape != dya.shape:
-        raise ValueError(f"dy: shape {dya.shape} does not match y shape {ya.shape}")
-    work_dtype = np.result_type(ya.dtype, dya.dtype)
-    result_dtype = np.result_type(y_dtype, dy_dtype)
+    ya, _, dya, work_dtype, result_dtype = as_backward_inputs(y, "y", dy)
     axes = normalize_axes(axis, ya.ndim)
     plan = Plan(ya.shape, axes)
     if ya.ndim == 0:

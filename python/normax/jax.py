@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _adapt, _cross_entropy, _norms, _softmax
+from . import _cross_entropy, _norms, _power_norm, _softmax
+from ._options import ce_options
 
 __all__ = [
     "PowerNormState",
@@ -368,16 +369,8 @@ def _ce_rows(logits, labels, weight, opts):
 
 
 def _ce_impl(x, t, w=None, *, opts, with_grad):
-    axis, ignore_index, label_smoothing, z_loss, softcap = opts
-    kw = {
-        "axis": axis,
-        "weight": w,
-        "ignore_index": ignore_index,
-        "reduction": "none",
-        "label_smoothing": label_smoothing,
-        "z_loss": z_loss,
-        "softcap": softcap,
-    }
+    axis, options = opts
+    kw = {"axis": axis, "weight": w, **options._asdict()}
     if with_grad:
         return _cross_entropy.cross_entropy_with_grad(x, t, **kw)
     return (_cross_entropy.cross_entropy(x, t, **kw),)
@@ -457,8 +450,7 @@ def cross_entropy(
     Array([1.3862944, 1.3862944], dtype=float32)
     """
     fname = "normax.jax.cross_entropy"
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{fname}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    options = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     logits = _floating(logits)
     labels = jnp.asarray(labels)
     if logits.ndim == 0:
@@ -469,22 +461,16 @@ def cross_entropy(
         labels = labels.astype(logits.dtype)
     if weight is not None:
         weight = jnp.asarray(weight).astype(logits.dtype)
-    opts = (
-        ax,
-        int(ignore_index),
-        float(label_smoothing),
-        float(z_loss),
-        None if softcap is None else float(softcap),
-    )
-    rows = _ce_rows(logits, labels, weight, opts)
-    if reduction == "none":
+    # The kernel returns per-example losses; the reduction is jnp code (it batches under vmap).
+    rows = _ce_rows(logits, labels, weight, (ax, options._replace(reduction="none")))
+    if options.reduction == "none":
         return rows
     total = jnp.sum(rows)
-    if reduction == "sum":
+    if options.reduction == "sum":
         return total
     if soft:
         return total / rows.size
-    counted = labels != ignore_index
+    counted = labels != options.ignore_index
     if weight is None:
         denom = jnp.sum(counted).astype(rows.dtype)
     else:
@@ -662,7 +648,7 @@ def _scale_dtype():
 
 def _power_norm_fwd_impl(a, w, b, phi, it, pad=None, *, opts):
     training, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num = opts
-    state = _adapt.power_norm_state(
+    state = _power_norm.power_norm_state(
         np.array(phi, np.float64),
         np.zeros(phi.shape[0]),
         int(it),
@@ -672,14 +658,14 @@ def _power_norm_fwd_impl(a, w, b, phi, it, pad=None, *, opts):
         warmup_iters=warmup_iters,
         group_num=group_num,
     )
-    y, saved = _norms.power_norm(a, w, b, state, training=training, pad_mask=pad, return_saved=True)
+    y, saved = _power_norm.power_norm(a, w, b, state, training=training, pad_mask=pad, return_saved=True)
     return y, state.running_phi, np.asarray(state.iters), saved.zscale, saved.dscale
 
 
 def _power_norm_bwd_impl(g, a, w, ema, zs, ds, *, opts):
     training, eps, _, alpha_bkw, _, group_num = opts
     before = np.array(ema, np.float64)
-    state = _adapt.power_norm_state(
+    state = _power_norm.power_norm_state(
         np.ones_like(before),
         before.copy(),
         0,
@@ -689,8 +675,8 @@ def _power_norm_bwd_impl(g, a, w, ema, zs, ds, *, opts):
         warmup_iters=0,
         group_num=group_num,
     )
-    saved = _adapt.power_norm_saved(a, w, True, zs, ds, training=training, eps=eps, group_num=group_num)
-    dx, dw, db = _norms.power_norm_backward(g, saved, state)
+    saved = _power_norm.power_norm_saved(a, w, True, zs, ds, training=training, eps=eps, group_num=group_num)
+    dx, dw, db = _power_norm.power_norm_backward(g, saved, state)
     return dx, dw, db, state.ema_gz - before
 
 

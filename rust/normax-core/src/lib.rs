@@ -1,12 +1,15 @@
-//! normax-core: SIMD softmax / log-sum-exp kernels with rayon parallelism. No Python here.
+//! normax-core: SIMD softmax, cross-entropy and normalization kernels with rayon parallelism. No
+//! Python here.
 //!
-//! Layout: `float` (element types), `simd` (one vector trait, one file per ISA), `isa` (run-time
-//! dispatch), `lse` (the sum-of-exponentials machinery), `driver` (rows, axes, threads) and one
-//! module per op family.
+//! Layout: `spec` (the option types, checks and error every backend shares), `float` (element
+//! types), `simd` (one vector trait, one file per ISA), `isa` (run-time dispatch), `rows` (loops
+//! over one row), `lse` (the sum-of-exponentials machinery), `driver` (rows, axes, threads),
+//! `gemm` (matrix products) and one module per op family: `softmax`, `cross_entropy`, `norms`.
 
 pub mod cross_entropy;
 pub mod driver;
 pub mod float;
+mod gemm;
 pub mod isa;
 pub mod lse;
 pub mod norms;

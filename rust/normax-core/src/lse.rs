@@ -471,3 +471,36 @@ impl ExactStats {
         self.nan || !self.max.is_finite()
     }
 }
+
+/// How a row's sum of exponentials is found (see `lse`): by row length, or forced (benchmarks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// In-cache up to `IN_CACHE_MAX_LEN` elements, two-pass beyond.
+    Auto,
+    TwoPass,
+    InCache,
+}
+
+impl Algorithm {
+    pub(crate) fn in_cache(self, len: usize) -> bool {
+        match self {
+            Algorithm::Auto => len <= IN_CACHE_MAX_LEN,
+            Algorithm::TwoPass => false,
+            Algorithm::InCache => true,
+        }
+    }
+}
+
+/// The row's sum of exponentials, by the chosen algorithm.
+#[inline(always)]
+pub(crate) unsafe fn row_sum<V: Vector>(
+    x: *const V::Elem,
+    len: usize,
+    algorithm: Algorithm,
+) -> RowSum {
+    if algorithm.in_cache(len) {
+        sum_in_cache::<V>(x, len, None)
+    } else {
+        sum_two_pass::<V>(x, len)
+    }
+}

@@ -1,10 +1,12 @@
 //! Loops over one contiguous row, generic over [`Vector`]: vector-sized steps with a partial tail,
 //! and sums of per-element terms kept short in `Elem` and folded into f64.
 //!
-//! These are the building blocks of the element-wise row kernels (the norms family); they hold no
-//! op-specific math.
+//! These are the building blocks of every op family's row kernels (softmax, cross-entropy, norms):
+//! element maps, dot products, sums, stores and a per-thread scratch row. They hold no op-specific
+//! math.
 
 use crate::float::Float;
+use crate::lse::{self, CompensatedSum};
 use crate::simd::{load_partial, store_partial, Vector, MAX_LANES};
 
 /// Vectors each level-1 accumulator adds before its sum is folded into f64.
@@ -198,6 +200,146 @@ pub(crate) fn row_sums<V: Vector, const K: usize>(
     }
     fold(&mut total, &mut acc);
     total
+}
+
+/// Applies `f` to each full vector and the partial tail of x[..len], writing y.
+#[inline(always)]
+pub(crate) unsafe fn map_elements<V: Vector>(
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    f: impl Fn(V) -> V,
+) {
+    map_elements_to(x, y, len, Store::Plain, f)
+}
+
+/// [`map_elements`] with the output written by `store` (streaming stores for large outputs).
+#[inline(always)]
+pub(crate) unsafe fn map_elements_to<V: Vector>(
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    store: Store,
+    f: impl Fn(V) -> V,
+) {
+    let (head, store) = store.row::<V>(y);
+    if store == Store::Stream {
+        for_each_vector_from::<V>(
+            head,
+            len,
+            #[inline(always)]
+            |i, n| put::<V, true>(f(load_n::<V>(x.add(i), n)), y.add(i), n),
+        );
+        store.finish::<V>();
+    } else {
+        for_each_vector::<V>(
+            len,
+            #[inline(always)]
+            |i, n| store_n(f(load_n::<V>(x.add(i), n)), y.add(i), n),
+        );
+    }
+}
+
+/// Same as [`map_elements`] with two inputs.
+#[inline(always)]
+pub(crate) unsafe fn map_elements2<V: Vector>(
+    a: *const V::Elem,
+    b: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    f: impl Fn(V, V) -> V,
+) {
+    let w = V::LANES;
+    let mut i = 0;
+    while i + w <= len {
+        f(V::load(a.add(i)), V::load(b.add(i))).store(y.add(i));
+        i += w;
+    }
+    if i < len {
+        let n = len - i;
+        let va = load_partial::<V>(a.add(i), n, V::Elem::ZERO);
+        let vb = load_partial::<V>(b.add(i), n, V::Elem::ZERO);
+        store_partial(f(va, vb), y.add(i), n);
+    }
+}
+
+/// a[i..i+n] * b[i..i+n] (or a alone when `b` is null), zero-padded past n.
+#[inline(always)]
+unsafe fn dot_term<V: Vector>(a: *const V::Elem, b: *const V::Elem, i: usize, n: usize) -> V {
+    let va = load_n::<V>(a.add(i), n);
+    if b.is_null() {
+        va
+    } else {
+        va.mul(load_n::<V>(b.add(i), n))
+    }
+}
+
+/// sum(a * b), or sum(a) when `b` is null; f32 partial sums folded into f64 every few vectors.
+#[inline(always)]
+pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f64 {
+    let zero = V::splat(V::Elem::ZERO);
+    let w = V::LANES;
+    let mut acc = [zero; 4];
+    let mut total = CompensatedSum::default();
+    let mut i = 0;
+    let mut steps = 0;
+    while i + 4 * w <= len {
+        for (j, s) in acc.iter_mut().enumerate() {
+            *s = s.add(dot_term::<V>(a, b, i + j * w, w));
+        }
+        i += 4 * w;
+        steps += 1;
+        if steps == lse::FOLD {
+            total.add_lanes(&acc);
+            acc = [zero; 4];
+            steps = 0;
+        }
+    }
+    while i < len {
+        let n = (len - i).min(w);
+        acc[0] = acc[0].add(dot_term::<V>(a, b, i, n));
+        i += w;
+    }
+    total.add_lanes(&acc);
+    total.value()
+}
+
+/// p[..len] = v.
+pub(crate) unsafe fn fill<T: Float>(p: *mut T, len: usize, v: T) {
+    std::slice::from_raw_parts_mut(p, len).fill(v);
+}
+
+thread_local! {
+    /// Per-thread scratch row (f64 words, so aligned for any element type).
+    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's scratch row, at least `len` elements of T. Valid until the next call on this
+/// thread (kernels do not nest). The kernel runs outside `LocalKey::with`, whose closure would be
+/// compiled without the ISA's target features.
+pub(crate) fn scratch_row<T: Float>(len: usize) -> *mut T {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+        if buf.len() < words {
+            buf.resize(words, 0.0);
+        }
+        buf.as_mut_ptr() as *mut T
+    })
+}
+
+/// sum(x^2) over x[..len].
+#[inline(always)]
+pub(crate) unsafe fn sum_squares<V: Vector>(x: *const V::Elem, len: usize) -> f64 {
+    let [ss] = row_sums::<V, 1>(
+        len,
+        #[inline(always)]
+        |i, k| {
+            let v = load_n::<V>(x.add(i), k);
+            [v.mul(v)]
+        },
+    );
+    ss
 }
 
 #[cfg(test)]

@@ -3,114 +3,12 @@
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
 use crate::lse::{
-    exact_stats, refined_lse, sum_in_cache, sum_two_pass, CompensatedSum, ExpSum, Lse, RowSum,
-    ScaledExp, FOLD, IN_CACHE_MAX_LEN,
+    exact_stats, refined_lse, row_sum, sum_in_cache, sum_two_pass, Algorithm, ExpSum, Lse, RowSum,
+    ScaledExp,
 };
-use crate::rows::{for_each_vector, for_each_vector_from, load_n, put, store_n, Store};
-use crate::simd::{exp, load_partial, store_partial, Vector};
+use crate::rows::{dot, map_elements, map_elements2, map_elements_to, scratch_row, Store};
+use crate::simd::{exp, Vector};
 use crate::Error;
-
-/// Applies `f` to each full vector and the partial tail of x[..len], writing y.
-#[inline(always)]
-pub(crate) unsafe fn map_elements<V: Vector>(
-    x: *const V::Elem,
-    y: *mut V::Elem,
-    len: usize,
-    f: impl Fn(V) -> V,
-) {
-    map_elements_to(x, y, len, Store::Plain, f)
-}
-
-/// [`map_elements`] with the output written by `store` (streaming stores for large outputs).
-#[inline(always)]
-unsafe fn map_elements_to<V: Vector>(
-    x: *const V::Elem,
-    y: *mut V::Elem,
-    len: usize,
-    store: Store,
-    f: impl Fn(V) -> V,
-) {
-    let (head, store) = store.row::<V>(y);
-    if store == Store::Stream {
-        for_each_vector_from::<V>(
-            head,
-            len,
-            #[inline(always)]
-            |i, n| put::<V, true>(f(load_n::<V>(x.add(i), n)), y.add(i), n),
-        );
-        store.finish::<V>();
-    } else {
-        for_each_vector::<V>(
-            len,
-            #[inline(always)]
-            |i, n| store_n(f(load_n::<V>(x.add(i), n)), y.add(i), n),
-        );
-    }
-}
-
-/// Same as [`map_elements`] with two inputs.
-#[inline(always)]
-unsafe fn map_elements2<V: Vector>(
-    a: *const V::Elem,
-    b: *const V::Elem,
-    y: *mut V::Elem,
-    len: usize,
-    f: impl Fn(V, V) -> V,
-) {
-    let w = V::LANES;
-    let mut i = 0;
-    while i + w <= len {
-        f(V::load(a.add(i)), V::load(b.add(i))).store(y.add(i));
-        i += w;
-    }
-    if i < len {
-        let n = len - i;
-        let va = load_partial::<V>(a.add(i), n, V::Elem::ZERO);
-        let vb = load_partial::<V>(b.add(i), n, V::Elem::ZERO);
-        store_partial(f(va, vb), y.add(i), n);
-    }
-}
-
-/// a[i..i+n] * b[i..i+n] (or a alone when `b` is null), zero-padded past n.
-#[inline(always)]
-unsafe fn dot_term<V: Vector>(a: *const V::Elem, b: *const V::Elem, i: usize, n: usize) -> V {
-    let va = load_n::<V>(a.add(i), n);
-    if b.is_null() {
-        va
-    } else {
-        va.mul(load_n::<V>(b.add(i), n))
-    }
-}
-
-/// sum(a * b), or sum(a) when `b` is null; f32 partial sums folded into f64 every few vectors.
-#[inline(always)]
-pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: usize) -> f64 {
-    let zero = V::splat(V::Elem::ZERO);
-    let w = V::LANES;
-    let mut acc = [zero; 4];
-    let mut total = CompensatedSum::default();
-    let mut i = 0;
-    let mut steps = 0;
-    while i + 4 * w <= len {
-        for (j, s) in acc.iter_mut().enumerate() {
-            *s = s.add(dot_term::<V>(a, b, i + j * w, w));
-        }
-        i += 4 * w;
-        steps += 1;
-        if steps == FOLD {
-            total.add_lanes(&acc);
-            acc = [zero; 4];
-            steps = 0;
-        }
-    }
-    while i < len {
-        let n = (len - i).min(w);
-        acc[0] = acc[0].add(dot_term::<V>(a, b, i, n));
-        i += w;
-    }
-    total.add_lanes(&acc);
-    total.value()
-}
 
 /// y = exp(x) / sum, from the row's sum = m * 2^n: each term exp(x) * 2^-n / m.
 #[inline(always)]
@@ -153,25 +51,6 @@ unsafe fn scale_into<V: Vector>(
     );
 }
 
-thread_local! {
-    /// Per-thread scratch row (f64 words, so aligned for any element type).
-    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// This thread's scratch row, at least `len` elements of T. Valid until the next call on this
-/// thread (kernels do not nest). The kernel runs outside `LocalKey::with`, whose closure would be
-/// compiled without the ISA's target features.
-fn scratch_row<T: Float>(len: usize) -> *mut T {
-    SCRATCH.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        let words = (len * std::mem::size_of::<T>()).div_ceil(8);
-        if buf.len() < words {
-            buf.resize(words, 0.0);
-        }
-        buf.as_mut_ptr() as *mut T
-    })
-}
-
 /// y = (x - hi) - lo: exact subtraction where x is close to the log-sum-exp.
 #[inline(always)]
 unsafe fn write_log_softmax<V: Vector>(
@@ -193,39 +72,6 @@ unsafe fn write_log_softmax<V: Vector>(
     );
 }
 
-/// How a row's sum of exponentials is found (see `lse`): by row length, or forced (benchmarks).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Algorithm {
-    /// In-cache up to `IN_CACHE_MAX_LEN` elements, two-pass beyond.
-    Auto,
-    TwoPass,
-    InCache,
-}
-
-impl Algorithm {
-    fn in_cache(self, len: usize) -> bool {
-        match self {
-            Algorithm::Auto => len <= IN_CACHE_MAX_LEN,
-            Algorithm::TwoPass => false,
-            Algorithm::InCache => true,
-        }
-    }
-}
-
-/// The row's sum of exponentials, by the chosen algorithm.
-#[inline(always)]
-pub(crate) unsafe fn row_sum<V: Vector>(
-    x: *const V::Elem,
-    len: usize,
-    algorithm: Algorithm,
-) -> RowSum {
-    if algorithm.in_cache(len) {
-        sum_in_cache::<V>(x, len, None)
-    } else {
-        sum_two_pass::<V>(x, len)
-    }
-}
-
 unsafe fn exact_softmax<T: Float>(x: *const T, y: *mut T, len: usize, log: bool) {
     let st = exact_stats(x, len);
     for i in 0..len {
@@ -241,79 +87,55 @@ unsafe fn exact_softmax<T: Float>(x: *const T, y: *mut T, len: usize, log: bool)
     }
 }
 
-/// softmax rows: the row algorithm, and how the output is stored.
-pub(crate) struct Softmax(pub Algorithm, pub Store);
+/// softmax rows (log_softmax with LOG): the row algorithm, and how the output is stored. LOG is a
+/// const so that each instance compiles to its own branch-free row kernel.
+struct Softmax<const LOG: bool>(Algorithm, Store);
 
-impl<T: Float> RowMap<T> for Softmax {
-    type Stat = RowSum;
-    const TWO_INPUTS: bool = false;
-
+impl<const LOG: bool> Softmax<LOG> {
     #[inline(always)]
-    unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, y: *mut T, len: usize) {
+    unsafe fn softmax_row<V: Vector>(&self, x: *const V::Elem, y: *mut V::Elem, len: usize) {
         if self.0.in_cache(len) {
             if self.1 == Store::Stream {
                 // Terms go to a scratch row in cache, so y is written once, by streaming stores.
-                let terms = scratch_row::<T>(len);
-                match sum_in_cache::<V>(x, len, Some(terms)).usable::<T>() {
+                let terms = scratch_row::<V::Elem>(len);
+                match sum_in_cache::<V>(x, len, Some(terms)).usable::<V::Elem>() {
                     Some(s) => scale_into::<V>(terms, y, len, s, Store::Stream),
                     None => exact_softmax(x, y, len, false),
                 }
                 return;
             }
             // Terms land in y, then one scaling pass; the exact path writes nothing before it.
-            match sum_in_cache::<V>(x, len, Some(y)).usable::<T>() {
+            match sum_in_cache::<V>(x, len, Some(y)).usable::<V::Elem>() {
                 Some(s) => scale_into::<V>(y, y, len, s, Store::Plain),
                 None => exact_softmax(x, y, len, false),
             }
         } else {
-            match sum_two_pass::<V>(x, len).usable::<T>() {
+            match sum_two_pass::<V>(x, len).usable::<V::Elem>() {
                 Some(s) => write_softmax::<V>(x, y, len, s, self.1),
                 None => exact_softmax(x, y, len, false),
             }
         }
     }
+
     #[inline(always)]
-    unsafe fn chunk_stat<V: Vector<Elem = T>>(
-        &self,
-        x: *const T,
-        _: *const T,
-        len: usize,
-    ) -> RowSum {
-        sum_two_pass::<V>(x, len)
-    }
-    fn combine(a: RowSum, b: RowSum) -> RowSum {
-        a.combine(b)
-    }
-    fn splittable(s: &RowSum) -> bool {
-        s.usable::<T>().is_some()
-    }
-    #[inline(always)]
-    unsafe fn chunk_write<V: Vector<Elem = T>>(
-        &self,
-        x: *const T,
-        _: *const T,
-        y: *mut T,
-        len: usize,
-        s: RowSum,
-    ) {
-        if let Some(s) = s.usable::<T>() {
-            write_softmax::<V>(x, y, len, s, self.1);
+    unsafe fn log_softmax_row<V: Vector>(&self, x: *const V::Elem, y: *mut V::Elem, len: usize) {
+        match row_sum::<V>(x, len, self.0).usable::<V::Elem>() {
+            Some(s) => write_log_softmax::<V>(x, y, len, refined_lse::<V>(x, len, s), self.1),
+            None => exact_softmax(x, y, len, true),
         }
     }
 }
 
-/// log_softmax rows: the row algorithm, and how the output is stored.
-pub(crate) struct LogSoftmax(pub Algorithm, pub Store);
-
-impl<T: Float> RowMap<T> for LogSoftmax {
+impl<T: Float, const LOG: bool> RowMap<T> for Softmax<LOG> {
     type Stat = RowSum;
     const TWO_INPUTS: bool = false;
 
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, x: *const T, _: *const T, y: *mut T, len: usize) {
-        match row_sum::<V>(x, len, self.0).usable::<T>() {
-            Some(s) => write_log_softmax::<V>(x, y, len, refined_lse::<V>(x, len, s), self.1),
-            None => exact_softmax(x, y, len, true),
+        if LOG {
+            self.log_softmax_row::<V>(x, y, len)
+        } else {
+            self.softmax_row::<V>(x, y, len)
         }
     }
     #[inline(always)]
@@ -341,12 +163,16 @@ impl<T: Float> RowMap<T> for LogSoftmax {
         s: RowSum,
     ) {
         if let Some(s) = s.usable::<T>() {
-            write_log_softmax::<V>(x, y, len, Lse::split::<T>(s.ln()), self.1);
+            if LOG {
+                write_log_softmax::<V>(x, y, len, Lse::split::<T>(s.ln()), self.1);
+            } else {
+                write_softmax::<V>(x, y, len, s, self.1);
+            }
         }
     }
 }
 
-pub(crate) struct LogSumExp(pub Algorithm);
+struct LogSumExp(Algorithm);
 
 impl<T: Float> RowReduce<T> for LogSumExp {
     type Stat = RowSum;
@@ -390,11 +216,11 @@ fn sign_of_lse<T: Float>(lse: f64) -> T {
 
 /// Weighted log-sum-exp: log|sum(b * exp(x))| and its sign, in f64 (as scipy.special.logsumexp).
 /// Elements with b == 0 are left out entirely, so x = +-inf there does not poison the row.
-pub(crate) struct WeightedLogSumExp;
+struct WeightedLogSumExp;
 
 /// max over the included elements, and sum(b * exp(x - max)); NaN-poisoned rows carry `nan`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct WeightedSum {
+struct WeightedSum {
     max: f64,
     sum: f64,
     nan: bool,
@@ -491,21 +317,26 @@ impl<T: Float> RowReduce<T> for WeightedLogSumExp {
     }
 }
 
-/// dx = y * (dy - sum(dy * y)) with y = softmax(x).
-pub(crate) struct SoftmaxBackward;
+/// The backward of softmax: dx = y * (dy - sum(dy * y)) with y = softmax(x); with LOG, of
+/// log_softmax: dx = dy - exp(y) * sum(dy) with y = log_softmax(x).
+struct SoftmaxBackward<const LOG: bool>;
 
-impl<T: Float> RowMap<T> for SoftmaxBackward {
+impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
     type Stat = f64;
     const TWO_INPUTS: bool = true;
 
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, y: *const T, dy: *const T, dx: *mut T, len: usize) {
-        let s = dot::<V>(y, dy, len);
+        let s = self.chunk_stat::<V>(y, dy, len);
         self.chunk_write::<V>(y, dy, dx, len, s);
     }
     #[inline(always)]
     unsafe fn chunk_stat<V: Vector<Elem = T>>(&self, y: *const T, dy: *const T, len: usize) -> f64 {
-        dot::<V>(y, dy, len)
+        if LOG {
+            dot::<V>(dy, std::ptr::null(), len)
+        } else {
+            dot::<V>(y, dy, len)
+        }
     }
     fn combine(a: f64, b: f64) -> f64 {
         a + b
@@ -523,57 +354,25 @@ impl<T: Float> RowMap<T> for SoftmaxBackward {
         s: f64,
     ) {
         let s = V::splat(T::from_f64(s));
-        map_elements2::<V>(
-            y,
-            dy,
-            dx,
-            len,
-            #[inline(always)]
-            |y, dy| y.mul(dy.sub(s)),
-        );
-    }
-}
-
-/// dx = dy - exp(y) * sum(dy) with y = log_softmax(x).
-pub(crate) struct LogSoftmaxBackward;
-
-impl<T: Float> RowMap<T> for LogSoftmaxBackward {
-    type Stat = f64;
-    const TWO_INPUTS: bool = true;
-
-    #[inline(always)]
-    unsafe fn row<V: Vector<Elem = T>>(&self, y: *const T, dy: *const T, dx: *mut T, len: usize) {
-        let s = dot::<V>(dy, std::ptr::null(), len);
-        self.chunk_write::<V>(y, dy, dx, len, s);
-    }
-    #[inline(always)]
-    unsafe fn chunk_stat<V: Vector<Elem = T>>(&self, _: *const T, dy: *const T, len: usize) -> f64 {
-        dot::<V>(dy, std::ptr::null(), len)
-    }
-    fn combine(a: f64, b: f64) -> f64 {
-        a + b
-    }
-    fn splittable(_: &f64) -> bool {
-        true
-    }
-    #[inline(always)]
-    unsafe fn chunk_write<V: Vector<Elem = T>>(
-        &self,
-        y: *const T,
-        dy: *const T,
-        dx: *mut T,
-        len: usize,
-        s: f64,
-    ) {
-        let s = V::splat(T::from_f64(s));
-        map_elements2::<V>(
-            y,
-            dy,
-            dx,
-            len,
-            #[inline(always)]
-            |y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
-        );
+        if LOG {
+            map_elements2::<V>(
+                y,
+                dy,
+                dx,
+                len,
+                #[inline(always)]
+                |y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
+            );
+        } else {
+            map_elements2::<V>(
+                y,
+                dy,
+                dx,
+                len,
+                #[inline(always)]
+                |y, dy| y.mul(dy.sub(s)),
+            );
+        }
     }
 }
 
@@ -597,6 +396,20 @@ pub fn softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(), Err
     softmax_with(x, y, layout, Algorithm::Auto)
 }
 
+/// softmax (log_softmax with LOG) of `x` into `y`, which may be `x`.
+///
+/// # Safety
+/// `x` readable and `y` writable for `layout.size()` elements.
+unsafe fn softmax_rows<T: Float, const LOG: bool>(
+    x: *const T,
+    y: *mut T,
+    layout: Layout,
+    algorithm: Algorithm,
+) {
+    let op = Softmax::<LOG>(algorithm, output_store::<T>(&layout));
+    driver::map(&op, x, std::ptr::null(), y, layout)
+}
+
 /// softmax with the row algorithm forced (for benchmarks; rows of 2^18 or more are always chunked
 /// two-pass).
 pub fn softmax_with<T: Float>(
@@ -606,15 +419,7 @@ pub fn softmax_with<T: Float>(
     algorithm: Algorithm,
 ) -> Result<(), Error> {
     check_io(&layout, x, y.len())?;
-    unsafe {
-        driver::map(
-            &Softmax(algorithm, output_store::<T>(&layout)),
-            x.as_ptr(),
-            std::ptr::null(),
-            y.as_mut_ptr(),
-            layout,
-        )
-    };
+    unsafe { softmax_rows::<T, false>(x.as_ptr(), y.as_mut_ptr(), layout, algorithm) };
     Ok(())
 }
 
@@ -622,30 +427,14 @@ pub fn softmax_with<T: Float>(
 pub fn softmax_inplace<T: Float>(x: &mut [T], layout: Layout) -> Result<(), Error> {
     layout.check("x", x.len(), layout.size()?)?;
     let p = x.as_mut_ptr();
-    unsafe {
-        driver::map(
-            &Softmax(Algorithm::Auto, output_store::<T>(&layout)),
-            p,
-            std::ptr::null(),
-            p,
-            layout,
-        )
-    };
+    unsafe { softmax_rows::<T, false>(p, p, layout, Algorithm::Auto) };
     Ok(())
 }
 
 /// log_softmax over the `len` axis of `x`, written to `y`.
 pub fn log_softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(), Error> {
     check_io(&layout, x, y.len())?;
-    unsafe {
-        driver::map(
-            &LogSoftmax(Algorithm::Auto, output_store::<T>(&layout)),
-            x.as_ptr(),
-            std::ptr::null(),
-            y.as_mut_ptr(),
-            layout,
-        )
-    };
+    unsafe { softmax_rows::<T, true>(x.as_ptr(), y.as_mut_ptr(), layout, Algorithm::Auto) };
     Ok(())
 }
 
@@ -653,15 +442,7 @@ pub fn log_softmax<T: Float>(x: &[T], y: &mut [T], layout: Layout) -> Result<(),
 pub fn log_softmax_inplace<T: Float>(x: &mut [T], layout: Layout) -> Result<(), Error> {
     layout.check("x", x.len(), layout.size()?)?;
     let p = x.as_mut_ptr();
-    unsafe {
-        driver::map(
-            &LogSoftmax(Algorithm::Auto, output_store::<T>(&layout)),
-            p,
-            std::ptr::null(),
-            p,
-            layout,
-        )
-    };
+    unsafe { softmax_rows::<T, true>(p, p, layout, Algorithm::Auto) };
     Ok(())
 }
 
@@ -710,8 +491,8 @@ pub fn logsumexp<T: Float>(
     Ok(())
 }
 
-/// Gradient of softmax: dx = y * (dy - sum(dy * y)) with y = softmax(x).
-pub fn softmax_backward<T: Float>(
+/// The backward of softmax (log_softmax with LOG) after checking the lengths.
+fn backward<T: Float, const LOG: bool>(
     y: &[T],
     dy: &[T],
     dx: &mut [T],
@@ -719,16 +500,19 @@ pub fn softmax_backward<T: Float>(
 ) -> Result<(), Error> {
     check_io(&layout, y, dx.len())?;
     layout.check("dy", dy.len(), y.len())?;
-    unsafe {
-        driver::map(
-            &SoftmaxBackward,
-            y.as_ptr(),
-            dy.as_ptr(),
-            dx.as_mut_ptr(),
-            layout,
-        )
-    };
+    let op = SoftmaxBackward::<LOG>;
+    unsafe { driver::map(&op, y.as_ptr(), dy.as_ptr(), dx.as_mut_ptr(), layout) };
     Ok(())
+}
+
+/// Gradient of softmax: dx = y * (dy - sum(dy * y)) with y = softmax(x).
+pub fn softmax_backward<T: Float>(
+    y: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    layout: Layout,
+) -> Result<(), Error> {
+    backward::<T, false>(y, dy, dx, layout)
 }
 
 /// Gradient of log_softmax: dx = dy - exp(y) * sum(dy) with y = log_softmax(x).
@@ -738,18 +522,7 @@ pub fn log_softmax_backward<T: Float>(
     dx: &mut [T],
     layout: Layout,
 ) -> Result<(), Error> {
-    check_io(&layout, y, dx.len())?;
-    layout.check("dy", dy.len(), y.len())?;
-    unsafe {
-        driver::map(
-            &LogSoftmaxBackward,
-            y.as_ptr(),
-            dy.as_ptr(),
-            dx.as_mut_ptr(),
-            layout,
-        )
-    };
-    Ok(())
+    backward::<T, true>(y, dy, dx, layout)
 }
 
 /// exp(x) element-wise with the active ISA (the same exp the kernels use; exposed for testing).

@@ -42,7 +42,7 @@ fn nvrtc_ok(rc: sys::nvrtcResult, what: &str) -> Result<()> {
     if rc == sys::nvrtcResult::NVRTC_SUCCESS {
         Ok(())
     } else {
-        Err(Error::Cuda(format!("{what} failed: {rc:?}")))
+        Err(Error::Device(format!("{what} failed: {rc:?}")))
     }
 }
 
@@ -57,7 +57,7 @@ pub(crate) fn compile(module: &str, arch: &str) -> Result<Vec<u8>> {
     let source = CString::new(format!("{COMMON}\n{body}")).expect("kernel sources have no NUL");
     let name = CString::new(format!("normax_{module}.cu")).expect("no NUL");
     let prog = nvrtc::create_program(&source, Some(&name))
-        .map_err(|e| Error::Cuda(format!("nvrtcCreateProgram: {e:?}")))?;
+        .map_err(|e| Error::Device(format!("nvrtcCreateProgram: {e:?}")))?;
     let options = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
     // Safety: `prog` is a live program, destroyed once below on every path.
     let result = unsafe {
@@ -67,7 +67,7 @@ pub(crate) fn compile(module: &str, arch: &str) -> Result<Vec<u8>> {
                 let log = nvrtc::get_program_log(prog)
                     .map(|l| l.iter().map(|&c| c as u8 as char).collect::<String>())
                     .unwrap_or_default();
-                Err(Error::Cuda(format!(
+                Err(Error::Device(format!(
                     "NVRTC could not compile the {module} kernels for {arch} ({e:?}):\n{}",
                     log.trim_end_matches('\0')
                 )))

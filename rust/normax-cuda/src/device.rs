@@ -34,7 +34,7 @@ fn ok(rc: CUresult, what: &str) -> Result<()> {
             String::new()
         }
     };
-    Err(Error::Cuda(format!("{what} failed: {rc:?} {text}")))
+    Err(Error::Device(format!("{what} failed: {rc:?} {text}")))
 }
 
 fn driver() -> Result<()> {
@@ -171,7 +171,7 @@ impl Device {
                     unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr().cast()) },
                     "cuModuleLoadData",
                 )
-                .map_err(|e| Error::Cuda(format!("{e}{}", version_hint())))?;
+                .map_err(|e| Error::Device(format!("{e}{}", version_hint())))?;
                 self.modules.insert(module, m);
                 m
             }

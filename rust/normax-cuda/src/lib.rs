@@ -7,38 +7,28 @@
 //! The caller owns all memory: inputs and outputs arrive as device addresses ([`Buf`], from
 //! DLPack in the Python bindings). The only allocations here are small stream-ordered scratch
 //! buffers for the partial results of rows split across blocks.
+//!
+//! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs`, `norms.rs`, `power_norm.rs`
+//! host each family's checks and kernel sequence; `launch.rs` the launch shapes they share.
+//! Options, checks and errors are normax-core's [`spec`](normax_core::spec), as on every backend.
 
 mod compile;
+mod cross_entropy;
 mod device;
-mod ops;
+mod launch;
+mod norms;
 mod power_norm;
+mod softmax;
 
 pub use compile::{compile_all, nvrtc_version, MODULES};
+pub use cross_entropy::{cross_entropy, CeTarget};
 pub use device::device_name;
-pub use ops::*;
-pub use power_norm::*;
+pub use launch::{column_plan, plan, ColumnPlan, Plan};
+pub use norms::{norm_backward, norm_forward};
+pub use power_norm::{power_norm_backward, power_norm_forward, PowerGradIn, PowerOut, PowerShape};
+pub use softmax::{logsumexp, softmax, softmax_backward};
 
-use std::fmt;
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Error {
-    /// No CUDA driver or NVRTC library could be loaded (or no device): the backend is unusable.
-    Unavailable(String),
-    /// Bad arguments (sizes, dtypes): the caller's bug, reported before anything runs.
-    Value(String),
-    /// A CUDA or NVRTC call failed.
-    Cuda(String),
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Unavailable(m) | Error::Value(m) | Error::Cuda(m) => f.write_str(m),
-        }
-    }
-}
-
-impl std::error::Error for Error {}
+pub use normax_core::spec::{CeOptions, Error, NormKind, Target};
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -73,6 +63,19 @@ impl DType {
 pub struct Buf {
     pub ptr: u64,
     pub dtype: DType,
+    pub len: usize,
+}
+
+impl normax_core::spec::Elements for Buf {
+    fn elements(&self) -> usize {
+        self.len
+    }
+}
+
+/// int64 class indices on the device: the address and element count.
+#[derive(Clone, Copy, Debug)]
+pub struct Indices {
+    pub ptr: u64,
     pub len: usize,
 }
 

@@ -3,45 +3,15 @@
 //! python/normax/_cross_entropy.py validates the user's input and lays it out as contiguous rows
 //! (classes last); the core re-checks sizes and every target index before any kernel reads.
 
-use super::{is_f32, same_memory, to_py, typed};
-use normax_core::cross_entropy::{self as k, GradOutput, LinearGrads, Options, Reduction, Target};
+use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt, same_memory};
+use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr};
+use crate::errors::to_py;
+use normax_core::cross_entropy::{self as k, LinearGrads};
+use normax_core::spec::{CeOptions, GradOutput, Reduction, Target};
 use normax_core::Float;
-use numpy::{
-    Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-};
+use numpy::{Element, PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-
-fn readonly<'py, T: Element>(
-    a: &Bound<'py, PyUntypedArray>,
-    name: &str,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-    typed::<T>(a, name)?
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
-}
-
-fn readwrite<'py, T: Element>(
-    a: &Bound<'py, PyUntypedArray>,
-    name: &str,
-) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
-    typed::<T>(a, name)?
-        .try_readwrite()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
-}
-
-fn slice<'a, T: Element>(a: &'a PyReadonlyArrayDyn<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
-}
-
-fn slice_mut<'a, T: Element>(
-    a: &'a mut PyReadwriteArrayDyn<'_, T>,
-    name: &str,
-) -> PyResult<&'a mut [T]> {
-    a.as_slice_mut()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
-}
 
 /// Hard targets arrive as int64, soft ones in the logits' dtype.
 enum Targets<'py, T: Element> {
@@ -50,7 +20,7 @@ enum Targets<'py, T: Element> {
 }
 
 impl<'py, T: Element + Float> Targets<'py, T> {
-    fn new(a: &Bound<'py, PyUntypedArray>) -> PyResult<Self> {
+    fn new(a: &Arr<'py>) -> PyResult<Self> {
         if a.cast::<PyArrayDyn<i64>>().is_ok() {
             Ok(Targets::Classes(readonly::<i64>(a, "target")?))
         } else if a.cast::<PyArrayDyn<T>>().is_ok() {
@@ -62,7 +32,7 @@ impl<'py, T: Element + Float> Targets<'py, T> {
         }
     }
 
-    fn get(&self) -> PyResult<Target<'_, T>> {
+    fn get(&self) -> PyResult<Target<&[i64], &[T]>> {
         Ok(match self {
             Targets::Classes(t) => Target::Classes(slice(t, "target")?),
             Targets::Probs(t) => Target::Probs(slice(t, "target")?),
@@ -81,8 +51,8 @@ struct Opts<'a> {
 }
 
 impl Opts<'_> {
-    fn options<'w, T>(&self, weight: Option<&'w [T]>) -> PyResult<Options<'w, T>> {
-        Ok(Options {
+    fn options<'w, T>(&self, weight: Option<&'w [T]>) -> PyResult<CeOptions<&'w [T]>> {
+        Ok(CeOptions {
             weight,
             ignore_index: self.ignore_index,
             reduction: Reduction::parse(self.reduction).map_err(to_py)?,
@@ -96,7 +66,7 @@ impl Opts<'_> {
 fn grad_output<'a, T: Element>(
     rows: &'a Option<PyReadonlyArrayDyn<'_, T>>,
     scalar: f64,
-) -> PyResult<GradOutput<'a, T>> {
+) -> PyResult<GradOutput<&'a [T]>> {
     Ok(match rows {
         Some(g) => GradOutput::Rows(slice(g, "grad_output")?),
         None => GradOutput::Scalar(scalar),
@@ -106,23 +76,21 @@ fn grad_output<'a, T: Element>(
 #[allow(clippy::too_many_arguments)]
 fn ce_typed<T: Float + Element>(
     py: Python<'_>,
-    logits: &Bound<'_, PyUntypedArray>,
-    target: &Bound<'_, PyUntypedArray>,
-    weight: Option<&Bound<'_, PyUntypedArray>>,
-    loss: &Bound<'_, PyUntypedArray>,
-    grad: Option<&Bound<'_, PyUntypedArray>>,
-    grad_rows: Option<&Bound<'_, PyUntypedArray>>,
+    logits: &Arr<'_>,
+    target: &Arr<'_>,
+    weight: Option<&Arr<'_>>,
+    loss: &Arr<'_>,
+    grad: Option<&Arr<'_>>,
+    grad_rows: Option<&Arr<'_>>,
     grad_scalar: f64,
     (rows, classes): (usize, usize),
     opts: Opts<'_>,
 ) -> PyResult<()> {
     let targets = Targets::<T>::new(target)?;
-    let weight = weight.map(|w| readonly::<T>(w, "weight")).transpose()?;
-    let go = grad_rows
-        .map(|g| readonly::<T>(g, "grad_output"))
-        .transpose()?;
+    let weight = readonly_opt::<T>(weight, "weight")?;
+    let go = readonly_opt::<T>(grad_rows, "grad_output")?;
     let mut loss = readwrite::<T>(loss, "loss")?;
-    let ws = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
+    let ws = slice_opt(&weight, "weight")?;
     let o = opts.options(ws)?;
     let t = targets.get()?;
     let go = grad_output(&go, grad_scalar)?;
@@ -158,12 +126,12 @@ fn ce_typed<T: Float + Element>(
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy(
     py: Python<'_>,
-    logits: &Bound<'_, PyUntypedArray>,
-    target: &Bound<'_, PyUntypedArray>,
-    weight: Option<Bound<'_, PyUntypedArray>>,
-    loss: &Bound<'_, PyUntypedArray>,
-    grad: Option<Bound<'_, PyUntypedArray>>,
-    grad_rows: Option<Bound<'_, PyUntypedArray>>,
+    logits: &Arr<'_>,
+    target: &Arr<'_>,
+    weight: Option<Arr<'_>>,
+    loss: &Arr<'_>,
+    grad: Option<Arr<'_>>,
+    grad_rows: Option<Arr<'_>>,
     grad_scalar: f64,
     rows: usize,
     classes: usize,
@@ -180,53 +148,25 @@ fn cross_entropy(
         z_loss,
         softcap,
     };
-    let args = (
-        weight.as_ref(),
-        loss,
-        grad.as_ref(),
-        grad_rows.as_ref(),
-        grad_scalar,
-    );
-    if is_f32(logits) {
-        ce_typed::<f32>(
-            py,
-            logits,
-            target,
-            args.0,
-            args.1,
-            args.2,
-            args.3,
-            args.4,
-            (rows, classes),
-            opts,
-        )
-    } else {
-        ce_typed::<f64>(
-            py,
-            logits,
-            target,
-            args.0,
-            args.1,
-            args.2,
-            args.3,
-            args.4,
-            (rows, classes),
-            opts,
-        )
-    }
+    let (w, g, go) = (weight.as_ref(), grad.as_ref(), grad_rows.as_ref());
+    let shape = (rows, classes);
+    by_dtype!(
+        logits,
+        ce_typed(py, logits, target, w, loss, g, go, grad_scalar, shape, opts)
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
 fn linear_typed<T: Float + Element>(
     py: Python<'_>,
-    hidden: &Bound<'_, PyUntypedArray>,
-    weight: &Bound<'_, PyUntypedArray>,
-    bias: Option<&Bound<'_, PyUntypedArray>>,
-    target: &Bound<'_, PyUntypedArray>,
-    loss: &Bound<'_, PyUntypedArray>,
-    grads: Option<(&Bound<'_, PyUntypedArray>, &Bound<'_, PyUntypedArray>)>,
-    dbias: Option<&Bound<'_, PyUntypedArray>>,
-    grad_rows: Option<&Bound<'_, PyUntypedArray>>,
+    hidden: &Arr<'_>,
+    weight: &Arr<'_>,
+    bias: Option<&Arr<'_>>,
+    target: &Arr<'_>,
+    loss: &Arr<'_>,
+    grads: Option<(&Arr<'_>, &Arr<'_>)>,
+    dbias: Option<&Arr<'_>>,
+    grad_rows: Option<&Arr<'_>>,
     grad_scalar: f64,
     nhv: (usize, usize, usize),
     opts: Opts<'_>,
@@ -234,21 +174,19 @@ fn linear_typed<T: Float + Element>(
 ) -> PyResult<()> {
     let hid = readonly::<T>(hidden, "hidden")?;
     let w = readonly::<T>(weight, "weight")?;
-    let b = bias.map(|b| readonly::<T>(b, "bias")).transpose()?;
+    let b = readonly_opt::<T>(bias, "bias")?;
     let t = readonly::<i64>(target, "target")?;
-    let go = grad_rows
-        .map(|g| readonly::<T>(g, "grad_output"))
-        .transpose()?;
+    let go = readonly_opt::<T>(grad_rows, "grad_output")?;
     let mut loss = readwrite::<T>(loss, "loss")?;
     let mut dh = grads.map(|g| readwrite::<T>(g.0, "dhidden")).transpose()?;
     let mut dw = grads.map(|g| readwrite::<T>(g.1, "dweight")).transpose()?;
-    let mut db = dbias.map(|d| readwrite::<T>(d, "dbias")).transpose()?;
+    let mut db = readwrite_opt::<T>(dbias, "dbias")?;
     let (hs, ws, ts) = (
         slice(&hid, "hidden")?,
         slice(&w, "weight")?,
         slice(&t, "target")?,
     );
-    let bs = b.as_ref().map(|b| slice(b, "bias")).transpose()?;
+    let bs = slice_opt(&b, "bias")?;
     let o = opts.options::<T>(None)?;
     let go = grad_output(&go, grad_scalar)?;
     let ls = slice_mut(&mut loss, "loss")?;
@@ -258,7 +196,7 @@ fn linear_typed<T: Float + Element>(
             LinearGrads {
                 dhidden: slice_mut(dh, "dhidden")?,
                 dweight: slice_mut(dw, "dweight")?,
-                dbias: db.as_mut().map(|d| slice_mut(d, "dbias")).transpose()?,
+                dbias: slice_mut_opt(&mut db, "dbias")?,
             },
         )),
         _ => None,
@@ -276,15 +214,15 @@ fn linear_typed<T: Float + Element>(
 #[allow(clippy::too_many_arguments)]
 fn linear_cross_entropy(
     py: Python<'_>,
-    hidden: &Bound<'_, PyUntypedArray>,
-    weight: &Bound<'_, PyUntypedArray>,
-    bias: Option<Bound<'_, PyUntypedArray>>,
-    target: &Bound<'_, PyUntypedArray>,
-    loss: &Bound<'_, PyUntypedArray>,
-    dhidden: Option<Bound<'_, PyUntypedArray>>,
-    dweight: Option<Bound<'_, PyUntypedArray>>,
-    dbias: Option<Bound<'_, PyUntypedArray>>,
-    grad_rows: Option<Bound<'_, PyUntypedArray>>,
+    hidden: &Arr<'_>,
+    weight: &Arr<'_>,
+    bias: Option<Arr<'_>>,
+    target: &Arr<'_>,
+    loss: &Arr<'_>,
+    dhidden: Option<Arr<'_>>,
+    dweight: Option<Arr<'_>>,
+    dbias: Option<Arr<'_>>,
+    grad_rows: Option<Arr<'_>>,
     grad_scalar: f64,
     n: usize,
     h: usize,
@@ -310,8 +248,9 @@ fn linear_cross_entropy(
     };
     let (b, db, go) = (bias.as_ref(), dbias.as_ref(), grad_rows.as_ref());
     let nhv = (n, h, v);
-    if is_f32(hidden) {
-        linear_typed::<f32>(
+    by_dtype!(
+        hidden,
+        linear_typed(
             py,
             hidden,
             weight,
@@ -326,23 +265,7 @@ fn linear_cross_entropy(
             opts,
             chunk_size,
         )
-    } else {
-        linear_typed::<f64>(
-            py,
-            hidden,
-            weight,
-            b,
-            target,
-            loss,
-            grads,
-            db,
-            go,
-            grad_scalar,
-            nhv,
-            opts,
-            chunk_size,
-        )
-    }
+    )
 }
 
 /// Adds this module's functions to `normax._core`.

@@ -4,70 +4,20 @@
 //! native-endian, in the kernel dtype (statistics always float64); here only what memory safety
 //! depends on is re-checked (dtypes, contiguity, writeability, sizes in the core).
 
-use crate::{is_f32, same_memory, to_py, typed};
-use normax_core::norms::{self as k, Norm, Params, PowerGrad, PowerLayout, PowerOutput};
+use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt, same_memory};
+use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr};
+use crate::errors::to_py;
+use normax_core::norms::{self as k, Params, PowerGrad, PowerLayout, PowerOutput};
+use normax_core::spec::NormKind;
 use normax_core::Float;
-use numpy::{
-    Element, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
-};
+use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-
-type Arr<'py> = Bound<'py, PyUntypedArray>;
-
-fn read<'py, T: Element>(a: &Arr<'py>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-    typed::<T>(a, name)?
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
-}
-
-fn write<'py, T: Element>(a: &Arr<'py>, name: &str) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
-    typed::<T>(a, name)?
-        .try_readwrite()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
-}
-
-fn read_opt<'py, T: Element>(
-    a: Option<&Arr<'py>>,
-    name: &str,
-) -> PyResult<Option<PyReadonlyArrayDyn<'py, T>>> {
-    a.map(|a| read::<T>(a, name)).transpose()
-}
-
-fn write_opt<'py, T: Element>(
-    a: Option<&Arr<'py>>,
-    name: &str,
-) -> PyResult<Option<PyReadwriteArrayDyn<'py, T>>> {
-    a.map(|a| write::<T>(a, name)).transpose()
-}
-
-fn slice<'a, T: Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|e| PyValueError::new_err(e.to_string()))
-}
-
-fn slice_mut<'a, T: Element>(a: &'a mut PyReadwriteArrayDyn<'_, T>) -> PyResult<&'a mut [T]> {
-    a.as_slice_mut()
-        .map_err(|e| PyValueError::new_err(e.to_string()))
-}
-
-fn slice_opt<'a, T: Element>(
-    a: &'a Option<PyReadonlyArrayDyn<'_, T>>,
-) -> PyResult<Option<&'a [T]>> {
-    a.as_ref().map(slice).transpose()
-}
-
-fn slice_mut_opt<'a, T: Element>(
-    a: &'a mut Option<PyReadwriteArrayDyn<'_, T>>,
-) -> PyResult<Option<&'a mut [T]>> {
-    a.as_mut().map(slice_mut).transpose()
-}
 
 #[allow(clippy::too_many_arguments)]
 fn forward_typed<T: Float + Element>(
     py: Python<'_>,
-    norm: Norm,
+    norm: NormKind,
     x: &Arr<'_>,
     weight: Option<&Arr<'_>>,
     bias: Option<&Arr<'_>>,
@@ -78,31 +28,34 @@ fn forward_typed<T: Float + Element>(
     eps: f64,
 ) -> PyResult<()> {
     let (w, b) = (
-        read_opt::<T>(weight, "weight")?,
-        read_opt::<T>(bias, "bias")?,
+        readonly_opt::<T>(weight, "weight")?,
+        readonly_opt::<T>(bias, "bias")?,
     );
     let (mut m, mut r) = (
-        write_opt::<f64>(mean, "mean")?,
-        write_opt::<f64>(rstd, "rstd")?,
+        readwrite_opt::<f64>(mean, "mean")?,
+        readwrite_opt::<f64>(rstd, "rstd")?,
     );
     let p = Params {
         norm,
         len,
         eps,
-        weight: slice_opt(&w)?,
-        bias: slice_opt(&b)?,
+        weight: slice_opt(&w, "weight")?,
+        bias: slice_opt(&b, "bias")?,
     };
-    let (ms, rs) = (slice_mut_opt(&mut m)?, slice_mut_opt(&mut r)?);
+    let (ms, rs) = (
+        slice_mut_opt(&mut m, "mean")?,
+        slice_mut_opt(&mut r, "rstd")?,
+    );
     if same_memory(x, y) {
-        let mut yw = write::<T>(y, "out")?;
-        let ys = slice_mut(&mut yw)?;
+        let mut yw = readwrite::<T>(y, "out")?;
+        let ys = slice_mut(&mut yw, "out")?;
         return py
             .detach(|| k::forward_inplace(&p, ys, ms, rs))
             .map_err(to_py);
     }
-    let xr = read::<T>(x, "x")?;
-    let mut yw = write::<T>(y, "out")?;
-    let (xs, ys) = (slice(&xr)?, slice_mut(&mut yw)?);
+    let xr = readonly::<T>(x, "x")?;
+    let mut yw = readwrite::<T>(y, "out")?;
+    let (xs, ys) = (slice(&xr, "x")?, slice_mut(&mut yw, "out")?);
     py.detach(|| k::forward(&p, xs, ys, ms, rs)).map_err(to_py)
 }
 
@@ -122,19 +75,15 @@ fn norm_forward(
     len: usize,
     eps: f64,
 ) -> PyResult<()> {
-    let norm = Norm::parse(norm).map_err(to_py)?;
+    let norm = NormKind::parse(norm).map_err(to_py)?;
     let (w, b, m, r) = (weight.as_ref(), bias.as_ref(), mean.as_ref(), rstd.as_ref());
-    if is_f32(x) {
-        forward_typed::<f32>(py, norm, x, w, b, y, m, r, len, eps)
-    } else {
-        forward_typed::<f64>(py, norm, x, w, b, y, m, r, len, eps)
-    }
+    by_dtype!(x, forward_typed(py, norm, x, w, b, y, m, r, len, eps))
 }
 
 #[allow(clippy::too_many_arguments)]
 fn backward_typed<T: Float + Element>(
     py: Python<'_>,
-    norm: Norm,
+    norm: NormKind,
     dy: &Arr<'_>,
     x: &Arr<'_>,
     weight: Option<&Arr<'_>>,
@@ -147,31 +96,36 @@ fn backward_typed<T: Float + Element>(
     eps: f64,
 ) -> PyResult<()> {
     let (dyr, xr, w) = (
-        read::<T>(dy, "dy")?,
-        read::<T>(x, "x")?,
-        read_opt::<T>(weight, "weight")?,
+        readonly::<T>(dy, "dy")?,
+        readonly::<T>(x, "x")?,
+        readonly_opt::<T>(weight, "weight")?,
     );
     let (m, r) = (
-        read_opt::<f64>(mean, "mean")?,
-        read_opt::<f64>(rstd, "rstd")?,
+        readonly_opt::<f64>(mean, "mean")?,
+        readonly_opt::<f64>(rstd, "rstd")?,
     );
-    let mut dxw = write::<T>(dx, "dx")?;
+    let mut dxw = readwrite::<T>(dx, "dx")?;
     let (mut dw, mut db) = (
-        write_opt::<T>(dweight, "dweight")?,
-        write_opt::<T>(dbias, "dbias")?,
+        readwrite_opt::<T>(dweight, "dweight")?,
+        readwrite_opt::<T>(dbias, "dbias")?,
     );
     let p = Params {
         norm,
         len,
         eps,
-        weight: slice_opt(&w)?,
+        weight: slice_opt(&w, "weight")?,
         bias: None,
     };
-    let (dys, xs, ms, rs) = (slice(&dyr)?, slice(&xr)?, slice_opt(&m)?, slice_opt(&r)?);
+    let (dys, xs, ms, rs) = (
+        slice(&dyr, "dy")?,
+        slice(&xr, "x")?,
+        slice_opt(&m, "mean")?,
+        slice_opt(&r, "rstd")?,
+    );
     let (dxs, dws, dbs) = (
-        slice_mut(&mut dxw)?,
-        slice_mut_opt(&mut dw)?,
-        slice_mut_opt(&mut db)?,
+        slice_mut(&mut dxw, "dx")?,
+        slice_mut_opt(&mut dw, "dweight")?,
+        slice_mut_opt(&mut db, "dbias")?,
     );
     py.detach(|| k::backward(&p, dys, xs, ms, rs, dxs, dws, dbs))
         .map_err(to_py)
@@ -195,13 +149,21 @@ fn norm_backward(
     len: usize,
     eps: f64,
 ) -> PyResult<()> {
-    let norm = Norm::parse(norm).map_err(to_py)?;
+    let norm = NormKind::parse(norm).map_err(to_py)?;
     let (w, m, r) = (weight.as_ref(), mean.as_ref(), rstd.as_ref());
     let (dw, db) = (dweight.as_ref(), dbias.as_ref());
-    if is_f32(x) {
-        backward_typed::<f32>(py, norm, dy, x, w, m, r, dx, dw, db, len, eps)
-    } else {
-        backward_typed::<f64>(py, norm, dy, x, w, m, r, dx, dw, db, len, eps)
+    by_dtype!(
+        x,
+        backward_typed(py, norm, dy, x, w, m, r, dx, dw, db, len, eps)
+    )
+}
+
+/// The token layout of x: as many tokens as whole rows of `channels` (the core checks the rest).
+fn power_layout(x: &Arr<'_>, channels: usize, groups: usize) -> PowerLayout {
+    PowerLayout {
+        tokens: x.len() / channels.max(1),
+        channels,
+        groups,
     }
 }
 
@@ -217,16 +179,24 @@ fn power_forward_typed<T: Float + Element>(
     shift: Option<&Arr<'_>>,
     y: Option<&Arr<'_>>,
 ) -> PyResult<()> {
-    let xr = read::<T>(x, "x")?;
-    let padr = read_opt::<bool>(pad, "pad_mask")?;
-    let mut ss = write_opt::<f64>(sumsq, "sumsq")?;
+    let xr = readonly::<T>(x, "x")?;
+    let padr = readonly_opt::<bool>(pad, "pad_mask")?;
+    let mut ss = readwrite_opt::<f64>(sumsq, "sumsq")?;
     let (sc, sh) = (
-        read_opt::<T>(scale, "scale")?,
-        read_opt::<T>(shift, "shift")?,
+        readonly_opt::<T>(scale, "scale")?,
+        readonly_opt::<T>(shift, "shift")?,
     );
-    let mut yw = write_opt::<T>(y, "y")?;
-    let (xs, pads, sss) = (slice(&xr)?, slice_opt(&padr)?, slice_mut_opt(&mut ss)?);
-    let out = match (slice_opt(&sc)?, slice_opt(&sh)?, slice_mut_opt(&mut yw)?) {
+    let mut yw = readwrite_opt::<T>(y, "y")?;
+    let (xs, pads, sss) = (
+        slice(&xr, "x")?,
+        slice_opt(&padr, "pad_mask")?,
+        slice_mut_opt(&mut ss, "sumsq")?,
+    );
+    let out = match (
+        slice_opt(&sc, "scale")?,
+        slice_opt(&sh, "shift")?,
+        slice_mut_opt(&mut yw, "y")?,
+    ) {
         (Some(scale), Some(shift), Some(y)) => Some(PowerOutput { scale, shift, y }),
         (None, None, None) => None,
         _ => return Err(PyValueError::new_err("scale, shift and y go together")),
@@ -251,11 +221,7 @@ fn power_norm_forward(
     shift: Option<Arr<'_>>,
     y: Option<Arr<'_>>,
 ) -> PyResult<()> {
-    let l = PowerLayout {
-        tokens: x.len() / channels.max(1),
-        channels,
-        groups,
-    };
+    let l = power_layout(x, channels, groups);
     let (p, s, sc, sh, yy) = (
         pad.as_ref(),
         sumsq.as_ref(),
@@ -263,11 +229,7 @@ fn power_norm_forward(
         shift.as_ref(),
         y.as_ref(),
     );
-    if is_f32(x) {
-        power_forward_typed::<f32>(py, x, l, eps, p, s, sc, sh, yy)
-    } else {
-        power_forward_typed::<f64>(py, x, l, eps, p, s, sc, sh, yy)
-    }
+    by_dtype!(x, power_forward_typed(py, x, l, eps, p, s, sc, sh, yy))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -285,28 +247,28 @@ fn power_backward_typed<T: Float + Element>(
     sums: &Arr<'_>,
 ) -> PyResult<()> {
     let (dyr, xr, w) = (
-        read::<T>(dy, "dy")?,
-        read::<T>(x, "x")?,
-        read_opt::<T>(weight, "weight")?,
+        readonly::<T>(dy, "dy")?,
+        readonly::<T>(x, "x")?,
+        readonly_opt::<T>(weight, "weight")?,
     );
     let (zr, er, dr) = (
-        read::<T>(zscale, "zscale")?,
-        read::<T>(ema, "ema")?,
-        read::<T>(dscale, "dscale")?,
+        readonly::<T>(zscale, "zscale")?,
+        readonly::<T>(ema, "ema")?,
+        readonly::<T>(dscale, "dscale")?,
     );
-    let mut dxw = write::<T>(dx, "dx")?;
-    let mut sw = write::<f64>(sums, "sums")?;
+    let mut dxw = readwrite::<T>(dx, "dx")?;
+    let mut sw = readwrite::<f64>(sums, "sums")?;
     let c = PowerGrad {
-        weight: slice_opt(&w)?,
-        zscale: slice(&zr)?,
-        ema: slice(&er)?,
-        dscale: slice(&dr)?,
+        weight: slice_opt(&w, "weight")?,
+        zscale: slice(&zr, "zscale")?,
+        ema: slice(&er, "ema")?,
+        dscale: slice(&dr, "dscale")?,
     };
     let (dys, xs, dxs, ss) = (
-        slice(&dyr)?,
-        slice(&xr)?,
-        slice_mut(&mut dxw)?,
-        slice_mut(&mut sw)?,
+        slice(&dyr, "dy")?,
+        slice(&xr, "x")?,
+        slice_mut(&mut dxw, "dx")?,
+        slice_mut(&mut sw, "sums")?,
     );
     if ss.len() != 3 * l.channels {
         return Err(PyValueError::new_err("sums: expected 3 * channels values"));
@@ -337,17 +299,12 @@ fn power_norm_backward(
     dx: &Arr<'_>,
     sums: &Arr<'_>,
 ) -> PyResult<()> {
-    let l = PowerLayout {
-        tokens: x.len() / channels.max(1),
-        channels,
-        groups,
-    };
+    let l = power_layout(x, channels, groups);
     let w = weight.as_ref();
-    if is_f32(x) {
-        power_backward_typed::<f32>(py, dy, x, l, eps, w, zscale, ema, dscale, dx, sums)
-    } else {
-        power_backward_typed::<f64>(py, dy, x, l, eps, w, zscale, ema, dscale, dx, sums)
-    }
+    by_dtype!(
+        x,
+        power_backward_typed(py, dy, x, l, eps, w, zscale, ema, dscale, dx, sums)
+    )
 }
 
 /// Adds the normalization functions to the extension module.

@@ -1,32 +1,24 @@
 //! Bindings of the wgpu kernels (`normax_wgpu`, Cargo feature `wgpu`): array conversion only.
 //!
-//! python/normax/_wgpu.py validates the user's arguments and hands over C-contiguous float32
-//! arrays of rows (2-d, the reduced axis last); here the dtype, contiguity and rank are re-checked,
-//! the GIL is released while the device works, and errors become Python exceptions: no adapter or
-//! a device failure RuntimeError, a bad argument ValueError, a class index IndexError.
+//! python/normax/_backends/wgpu.py validates the user's arguments and hands over C-contiguous
+//! float32 arrays of rows (2-d, the reduced axis last); here the dtype, contiguity and rank are
+//! re-checked, the GIL is released while the device works, and errors become Python exceptions
+//! (`errors::to_py`): no adapter or a device failure RuntimeError, a bad argument ValueError, a
+//! class index IndexError.
 
-use crate::typed;
-use normax_wgpu::{self as g, GradOutput, Options, Reduction};
+use crate::arrays::{readonly, slice, slice_opt, Arr};
+use crate::errors::to_py;
+use normax_core::spec::{CeOptions, GradOutput, Reduction};
+use normax_wgpu as g;
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
+    Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyIndexError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-type Arr<'py> = Bound<'py, PyUntypedArray>;
-
-fn to_py(e: g::Error) -> PyErr {
-    match e {
-        g::Error::NoAdapter(m) | g::Error::Unavailable(m) | g::Error::Device(m) => {
-            PyRuntimeError::new_err(m)
-        }
-        g::Error::Value(m) => PyValueError::new_err(m),
-        g::Error::Index(m) => PyIndexError::new_err(m),
-    }
-}
-
-fn read<'py, T: numpy::Element>(
+/// The array checked to have `ndim` dimensions, then read-only (`arrays::readonly`).
+fn read<'py, T: Element>(
     a: &Arr<'py>,
     name: &str,
     ndim: usize,
@@ -37,14 +29,15 @@ fn read<'py, T: numpy::Element>(
             a.ndim()
         )));
     }
-    typed::<T>(a, name)?
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+    readonly::<T>(a, name)
 }
 
-fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|e| PyValueError::new_err(e.to_string()))
+/// A 1-d float32 array that may be absent (weight, bias, per-row grad_output).
+fn read_vec<'py>(
+    a: Option<&Arr<'py>>,
+    name: &str,
+) -> PyResult<Option<PyReadonlyArrayDyn<'py, f32>>> {
+    a.map(|a| read::<f32>(a, name, 1)).transpose()
 }
 
 fn matrix<'py>(
@@ -64,11 +57,17 @@ fn wgpu_adapter(py: Python<'_>) -> PyResult<String> {
 
 type RowsFn = fn(&[f32], usize, usize) -> Result<Vec<f32>, g::Error>;
 
-fn map_rows<'py>(py: Python<'py>, x: &Arr<'py>, f: RowsFn) -> PyResult<Bound<'py, PyArray2<f32>>> {
+/// `f` of the rows of a 2-d float32 array: (rows, cols, the result).
+fn of_rows(py: Python<'_>, x: &Arr<'_>, f: RowsFn) -> PyResult<(usize, usize, Vec<f32>)> {
     let xr = read::<f32>(x, "x", 2)?;
     let (rows, cols) = (xr.shape()[0], xr.shape()[1]);
-    let xs = slice(&xr)?;
+    let xs = slice(&xr, "x")?;
     let y = py.detach(|| f(xs, rows, cols)).map_err(to_py)?;
+    Ok((rows, cols, y))
+}
+
+fn map_rows<'py>(py: Python<'py>, x: &Arr<'py>, f: RowsFn) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (rows, cols, y) = of_rows(py, x, f)?;
     matrix(py, y, rows, cols)
 }
 
@@ -87,22 +86,8 @@ fn wgpu_log_softmax<'py>(py: Python<'py>, x: &Arr<'py>) -> PyResult<Bound<'py, P
 /// logsumexp of each row of a 2-d float32 array: one value per row.
 #[pyfunction]
 fn wgpu_logsumexp<'py>(py: Python<'py>, x: &Arr<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let xr = read::<f32>(x, "x", 2)?;
-    let (rows, cols) = (xr.shape()[0], xr.shape()[1]);
-    let xs = slice(&xr)?;
-    let y = py.detach(|| g::logsumexp(xs, rows, cols)).map_err(to_py)?;
+    let (_, _, y) = of_rows(py, x, g::logsumexp)?;
     Ok(y.into_pyarray(py))
-}
-
-fn read_vec<'py>(
-    a: Option<&Arr<'py>>,
-    name: &str,
-) -> PyResult<Option<PyReadonlyArrayDyn<'py, f32>>> {
-    a.map(|a| read::<f32>(a, name, 1)).transpose()
-}
-
-fn slice_opt<'a>(a: &'a Option<PyReadonlyArrayDyn<'_, f32>>) -> PyResult<Option<&'a [f32]>> {
-    a.as_ref().map(slice).transpose()
 }
 
 /// rms_norm of each row (weight None: ones).
@@ -114,14 +99,7 @@ fn wgpu_rms_norm<'py>(
     weight: Option<&Arr<'py>>,
     eps: f32,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let xr = read::<f32>(x, "x", 2)?;
-    let (rows, cols) = (xr.shape()[0], xr.shape()[1]);
-    let wr = read_vec(weight, "weight")?;
-    let (xs, ws) = (slice(&xr)?, slice_opt(&wr)?);
-    let y = py
-        .detach(|| g::rms_norm(xs, rows, cols, ws, eps))
-        .map_err(to_py)?;
-    matrix(py, y, rows, cols)
+    norm(py, x, weight, None, eps, false)
 }
 
 /// layer_norm of each row (weight None: ones, bias None: zeros).
@@ -134,13 +112,32 @@ fn wgpu_layer_norm<'py>(
     bias: Option<&Arr<'py>>,
     eps: f32,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    norm(py, x, weight, bias, eps, true)
+}
+
+/// layer_norm (`layer`) or rms_norm (no bias) of each row.
+fn norm<'py>(
+    py: Python<'py>,
+    x: &Arr<'py>,
+    weight: Option<&Arr<'py>>,
+    bias: Option<&Arr<'py>>,
+    eps: f32,
+    layer: bool,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let xr = read::<f32>(x, "x", 2)?;
     let (rows, cols) = (xr.shape()[0], xr.shape()[1]);
     let wr = read_vec(weight, "weight")?;
     let br = read_vec(bias, "bias")?;
-    let (xs, ws, bs) = (slice(&xr)?, slice_opt(&wr)?, slice_opt(&br)?);
+    let xs = slice(&xr, "x")?;
+    let (ws, bs) = (slice_opt(&wr, "weight")?, slice_opt(&br, "bias")?);
     let y = py
-        .detach(|| g::layer_norm(xs, rows, cols, ws, bs, eps))
+        .detach(|| {
+            if layer {
+                g::layer_norm(xs, rows, cols, ws, bs, eps)
+            } else {
+                g::rms_norm(xs, rows, cols, ws, eps)
+            }
+        })
         .map_err(to_py)?;
     matrix(py, y, rows, cols)
 }
@@ -164,9 +161,9 @@ fn wgpu_cross_entropy<'py>(
     weight: Option<&Arr<'py>>,
     ignore_index: i64,
     reduction: &str,
-    label_smoothing: f32,
-    z_loss: f32,
-    softcap: Option<f32>,
+    label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f64>,
     with_grad: bool,
     grad_rows: Option<&Arr<'py>>,
     grad_scalar: f64,
@@ -176,30 +173,20 @@ fn wgpu_cross_entropy<'py>(
     let tr = read::<i64>(target, "target", 1)?;
     let wr = read_vec(weight, "weight")?;
     let gr = read_vec(grad_rows, "grad_output")?;
-    let reduction = match reduction {
-        "none" => Reduction::None,
-        "sum" => Reduction::Sum,
-        "mean" => Reduction::Mean,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "reduction: expected 'mean', 'sum' or 'none', got {other:?}"
-            )))
-        }
-    };
-    let opts = Options {
-        weight: slice_opt(&wr)?,
+    let opts = CeOptions {
+        weight: slice_opt(&wr, "weight")?,
         ignore_index,
-        reduction,
+        reduction: Reduction::parse(reduction).map_err(to_py)?,
         label_smoothing,
         z_loss,
         softcap,
     };
-    let grad = match (with_grad, slice_opt(&gr)?) {
+    let grad = match (with_grad, slice_opt(&gr, "grad_output")?) {
         (false, _) => None,
         (true, Some(g)) => Some(GradOutput::Rows(g)),
         (true, None) => Some(GradOutput::Scalar(grad_scalar)),
     };
-    let (xs, ts) = (slice(&xr)?, slice(&tr)?);
+    let (xs, ts) = (slice(&xr, "logits")?, slice(&tr, "target")?);
     let (loss, grad) = py
         .detach(|| g::cross_entropy(xs, rows, classes, ts, &opts, grad))
         .map_err(to_py)?;

@@ -89,7 +89,7 @@ fn init() -> Result<Gpu, Error> {
         compatible_surface: None,
         apply_limit_buckets: false,
     }))
-    .map_err(|e| Error::NoAdapter(format!("no wgpu adapter: {e}")))?;
+    .map_err(|e| Error::NoDevice(format!("no wgpu adapter: {e}")))?;
     let info = adapter.get_info();
     let limits = adapter.limits();
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -209,14 +209,15 @@ pub(crate) fn i32_bytes(x: &[i32]) -> &[u8] {
 /// Runs `kernel` over `rows` rows. Bindings: 0 the uniform block (from `uniform(chunk_rows, nx)`,
 /// which must start with rows, cols, nx), then `inputs`, then one output per entry of `outputs`
 /// (elements per row; 0 binds a placeholder and returns nothing). Returns the outputs, all rows.
+/// A panic inside wgpu becomes an error.
 pub(crate) fn run(
-    gpu: &Gpu,
     kernel: Kernel,
     rows: usize,
     inputs: &[Input],
     outputs: &[usize],
     uniform: &dyn Fn(u32, u32) -> Uniform,
 ) -> Result<Vec<Vec<f32>>, Error> {
+    let gpu = gpu()?;
     let per_row_bytes = inputs
         .iter()
         .filter_map(|i| match i {
@@ -250,22 +251,24 @@ pub(crate) fn run(
         .iter()
         .map(|&n| Vec::with_capacity(rows * n))
         .collect();
-    let mut start = 0;
-    while start < rows {
-        let n = chunk.min(rows - start);
-        run_chunk(
-            gpu,
-            kernel,
-            start,
-            n,
-            inputs,
-            outputs,
-            uniform,
-            &mut results,
-        )?;
-        start += n;
-    }
-    Ok(results)
+    crate::guarded(|| {
+        let mut start = 0;
+        while start < rows {
+            let n = chunk.min(rows - start);
+            run_chunk(
+                gpu,
+                kernel,
+                start,
+                n,
+                inputs,
+                outputs,
+                uniform,
+                &mut results,
+            )?;
+            start += n;
+        }
+        Ok(results)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -10,6 +10,7 @@
 //! passes; CI installs Mesa's lavapipe so they run there.
 
 use normax_core::cross_entropy as cpu_ce;
+use normax_core::spec::{NormKind, Target};
 use normax_core::{norms, softmax as cpu, Layout};
 use normax_wgpu as gpu;
 
@@ -17,7 +18,7 @@ macro_rules! require_adapter {
     () => {
         // Only a missing adapter skips; an adapter that fails is a failure. Written to stderr
         // directly: libtest hides eprintln! output of passing tests.
-        if let Err(gpu::Error::NoAdapter(e)) = gpu::adapter_info() {
+        if let Err(gpu::Error::NoDevice(e)) = gpu::adapter_info() {
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "skipped: {e}");
             return;
@@ -200,7 +201,7 @@ fn bad_arguments_are_errors() {
         gpu::layer_norm(&[1.0; 6], 2, 3, None, None, -1.0),
         Err(gpu::Error::Value(_))
     ));
-    let o = gpu::Options {
+    let o = gpu::CeOptions {
         label_smoothing: 1.5,
         ..Default::default()
     };
@@ -224,7 +225,7 @@ fn chunked_rows_match_one_chunk() {
     let whole_s = gpu::softmax(&x, rows, cols).unwrap();
     let whole_n = gpu::layer_norm(&x, rows, cols, Some(&w), Some(&w), 1e-5).unwrap();
     let t: Vec<i64> = (0..rows as i64).map(|r| (r * 7) % cols as i64).collect();
-    let o = gpu::Options {
+    let o = gpu::CeOptions {
         reduction: gpu::Reduction::None,
         ..Default::default()
     };
@@ -258,7 +259,7 @@ fn more_rows_than_one_dispatch_dimension() {
 }
 
 fn cpu_norm(
-    norm: norms::Norm,
+    norm: NormKind,
     x: &[f32],
     cols: usize,
     weight: Option<&[f32]>,
@@ -294,11 +295,11 @@ fn norms_match_cpu() {
         let what = format!("{rows}x{cols}");
         for (weight, eps) in [(None, 1e-6f32), (Some(&w[..]), 1e-5), (Some(&w[..]), 0.0)] {
             let g = gpu::rms_norm(&x, rows, cols, weight, eps).unwrap();
-            let c = cpu_norm(norms::Norm::Rms, &x, cols, weight, None, eps);
+            let c = cpu_norm(NormKind::Rms, &x, cols, weight, None, eps);
             assert_close(&format!("rms_norm {what}"), &g, &c, 2e-5, 1e-5);
             for bias in [None, Some(&b[..])] {
                 let g = gpu::layer_norm(&x, rows, cols, weight, bias, eps).unwrap();
-                let c = cpu_norm(norms::Norm::Layer, &x, cols, weight, bias, eps);
+                let c = cpu_norm(NormKind::Layer, &x, cols, weight, bias, eps);
                 assert_close(&format!("layer_norm {what}"), &g, &c, 2e-5, 2e-5);
             }
         }
@@ -315,7 +316,7 @@ fn layer_norm_is_stable_for_a_large_mean() {
         .map(|v| v + 1e4)
         .collect();
     let g = gpu::layer_norm(&x, rows, cols, None, None, 0.0).unwrap();
-    let c = cpu_norm(norms::Norm::Layer, &x, cols, None, None, 0.0);
+    let c = cpu_norm(NormKind::Layer, &x, cols, None, None, 0.0);
     // x itself carries ulp(1e4) ~ 1e-3 of rounding, 0.1 std: the centred values agree to ~1e-4.
     assert_close("layer_norm mean 1e4", &g, &c, 1e-4, 1e-4);
 }
@@ -339,46 +340,30 @@ fn norm_special_rows_match_cpu() {
     ];
     for eps in [0.0, 1e-5] {
         let g = gpu::rms_norm(&x, 3, 4, None, eps).unwrap();
-        let c = cpu_norm(norms::Norm::Rms, &x, 4, None, None, eps);
+        let c = cpu_norm(NormKind::Rms, &x, 4, None, None, eps);
         assert_close("rms_norm special", &g, &c, 2e-5, 1e-5);
         let g = gpu::layer_norm(&x, 3, 4, None, None, eps).unwrap();
-        let c = cpu_norm(norms::Norm::Layer, &x, 4, None, None, eps);
+        let c = cpu_norm(NormKind::Layer, &x, 4, None, None, eps);
         assert_close("layer_norm special", &g, &c, 2e-5, 1e-5);
     }
 }
 
 struct Case {
     weight: bool,
-    smoothing: f32,
-    z: f32,
-    cap: Option<f32>,
+    smoothing: f64,
+    z: f64,
+    cap: Option<f64>,
     reduction: gpu::Reduction,
 }
 
-fn cpu_reduction(r: gpu::Reduction) -> cpu_ce::Reduction {
-    match r {
-        gpu::Reduction::None => cpu_ce::Reduction::None,
-        gpu::Reduction::Sum => cpu_ce::Reduction::Sum,
-        gpu::Reduction::Mean => cpu_ce::Reduction::Mean,
-    }
-}
-
 fn check_ce(x: &[f32], rows: usize, cols: usize, t: &[i64], w: &[f32], case: &Case, what: &str) {
-    let opts = gpu::Options {
+    let opts = gpu::CeOptions {
         weight: case.weight.then_some(w),
         ignore_index: -100,
         reduction: case.reduction,
         label_smoothing: case.smoothing,
         z_loss: case.z,
         softcap: case.cap,
-    };
-    let copts = cpu_ce::Options {
-        weight: case.weight.then_some(w),
-        ignore_index: -100,
-        reduction: cpu_reduction(case.reduction),
-        label_smoothing: case.smoothing as f64,
-        z_loss: case.z as f64,
-        softcap: case.cap.map(|c| c as f64),
     };
     let g_out = 0.75;
     let (loss, grad) = gpu::cross_entropy(
@@ -407,9 +392,9 @@ fn check_ce(x: &[f32], rows: usize, cols: usize, t: &[i64], w: &[f32], case: &Ca
         &mut cgrad,
         rows,
         cols,
-        cpu_ce::Target::Classes(t),
-        &copts,
-        cpu_ce::GradOutput::Scalar(g_out),
+        Target::Classes(t),
+        &opts,
+        gpu::GradOutput::Scalar(g_out),
         &mut closs,
     )
     .unwrap();
@@ -520,16 +505,12 @@ fn cross_entropy_per_row_grad_output_and_all_ignored() {
     let x = normal(rows * cols, 2.0, 77);
     let t: Vec<i64> = vec![3, -100, 16, 0, 5];
     let g: Vec<f32> = vec![0.5, 2.0, -1.0, 0.0, 3.0];
-    let opts = gpu::Options {
+    let opts = gpu::CeOptions {
         reduction: gpu::Reduction::None,
         ..Default::default()
     };
     let (loss, grad) =
         gpu::cross_entropy(&x, rows, cols, &t, &opts, Some(gpu::GradOutput::Rows(&g))).unwrap();
-    let copts = cpu_ce::Options::<f32> {
-        reduction: cpu_ce::Reduction::None,
-        ..Default::default()
-    };
     let mut closs = vec![0.0; rows];
     let mut cgrad = vec![0.0; rows * cols];
     cpu_ce::cross_entropy_with_grad(
@@ -537,9 +518,9 @@ fn cross_entropy_per_row_grad_output_and_all_ignored() {
         &mut cgrad,
         rows,
         cols,
-        cpu_ce::Target::Classes(&t),
-        &copts,
-        cpu_ce::GradOutput::Rows(&g),
+        Target::Classes(&t),
+        &opts,
+        gpu::GradOutput::Rows(&g),
         &mut closs,
     )
     .unwrap();

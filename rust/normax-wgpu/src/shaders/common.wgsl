@@ -109,6 +109,32 @@ fn reduce_sum(lid: u32, v: f32) -> f32 {
     return reduce_sum2(lid, vec2<f32>(v, 0.0)).x;
 }
 
+// A row's max over its non-NaN values, and whether it holds NaN or +inf: each invocation folds
+// its values in with scan_value, then row_scan combines the invocations.
+const HAS_NAN: u32 = 1u;
+const HAS_POS_INF: u32 = 2u;
+
+struct Scan {
+    max: f32,
+    flags: u32,
+}
+
+fn scan_start(zero: u32) -> Scan {
+    return Scan(neg_inf(zero), 0u);
+}
+
+fn scan_value(s: Scan, v: f32) -> Scan {
+    if is_nan(v) {
+        return Scan(s.max, s.flags | HAS_NAN);
+    }
+    return Scan(max(s.max, v), select(s.flags, s.flags | HAS_POS_INF, is_pos_inf(v)));
+}
+
+fn row_scan(lid: u32, s: Scan) -> Scan {
+    let m = reduce_max(lid, s.max);
+    return Scan(m, reduce_or(lid, s.flags));
+}
+
 // The row a workgroup handles: dispatches are 2-D (x up to the per-dimension limit).
 fn row_of(wg: vec3<u32>, nx: u32) -> u32 {
     return wg.y * nx + wg.x;

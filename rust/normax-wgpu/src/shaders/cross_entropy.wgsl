@@ -1,5 +1,5 @@
 // Cross-entropy per row of logits with an integer class target, and optionally its gradient.
-// The formulas are normax-core's (rust/normax-core/src/cross_entropy.rs), with x the logits after
+// The formulas are normax-core's (rust/normax-core/src/cross_entropy/mod.rs), with x the logits after
 // the optional softcap (x -> cap * tanh(x / cap)), lse the row's log-sum-exp, w the class weights
 // (ones without), eps the label smoothing, z the z-loss weight, C the classes, y the target:
 //
@@ -39,9 +39,6 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> grad: array<f32>;
 
 var<workgroup> row_target: i32;
-
-const HAS_NAN: u32 = 1u;
-const HAS_POS_INF: u32 = 2u;
 
 // tanh without exp overflow: odd series near 0 (where 1 - 2 / (e^2a + 1) would cancel), the
 // exponential form elsewhere (e^2a = inf gives exactly 1). NaN stays NaN.
@@ -100,21 +97,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let ty = u32(t);
 
-    var m = neg_inf(P.zero);
-    var flags = 0u;
+    var scan = scan_start(P.zero);
     for (var i = lid; i < cols; i += WG) {
-        let v = logit(base + i);
-        if is_nan(v) {
-            flags |= HAS_NAN;
-        } else {
-            if is_pos_inf(v) {
-                flags |= HAS_POS_INF;
-            }
-            m = max(m, v);
-        }
+        scan = scan_value(scan, logit(base + i));
     }
-    let mx = reduce_max(lid, m);
-    let fl = reduce_or(lid, flags);
+    scan = row_scan(lid, scan);
+    let mx = scan.max;
+    let fl = scan.flags;
 
     // sum_c exp(x_c - max), and (smoothing only) sum_c w_c (max - x_c).
     var acc_e = vec2<f32>(0.0, 0.0);

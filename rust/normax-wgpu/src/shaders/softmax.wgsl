@@ -19,9 +19,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
-const HAS_NAN: u32 = 1u;
-const HAS_POS_INF: u32 = 2u;
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_of(wg, P.nx);
@@ -31,21 +28,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let cols = P.cols;
     let base = row * cols;
 
-    var m = neg_inf(P.zero);
-    var flags = 0u;
+    var scan = scan_start(P.zero);
     for (var i = lid; i < cols; i += WG) {
-        let v = x[base + i];
-        if is_nan(v) {
-            flags |= HAS_NAN;
-        } else {
-            if is_pos_inf(v) {
-                flags |= HAS_POS_INF;
-            }
-            m = max(m, v);
-        }
+        scan = scan_value(scan, x[base + i]);
     }
-    let mx = reduce_max(lid, m);
-    let fl = reduce_or(lid, flags);
+    scan = row_scan(lid, scan);
+    let mx = scan.max;
+    let fl = scan.flags;
 
     var acc = vec2<f32>(0.0, 0.0);
     for (var i = lid; i < cols; i += WG) {

@@ -1,0 +1,119 @@
+"""The softmax suite: softmax, log_softmax, logsumexp (fresh output, out=, axis=0) and the two
+backwards against NumPy, SciPy, PyTorch and JAX."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from report import Case, peers_available
+from timer import median_time
+
+import normax
+
+
+def numpy_softmax(a, axis=-1):
+    e = np.exp(a - a.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def numpy_log_softmax(a, axis=-1):
+    s = a - a.max(axis=axis, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=axis, keepdims=True))
+
+
+def numpy_logsumexp(a, axis=-1):
+    m = a.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+NUMPY = {"softmax": numpy_softmax, "log_softmax": numpy_log_softmax, "logsumexp": numpy_logsumexp}
+
+
+def _softmax_specs(x, dy, out, xt, xj, sp, torch, jax, jitted):
+    """(op, variant, roofline bytes, normax call, {peer: call}) for one input."""
+    n = x.size
+
+    def fresh(op, nbytes):
+        """op over the last axis into a new array, against every peer."""
+        ours, ref = getattr(normax, op), NUMPY[op]
+        sp_op, torch_op = sp and getattr(sp, op), torch and getattr(torch, op)
+        peers = {
+            "numpy": lambda: ref(x),
+            "scipy": sp and (lambda: sp_op(x, axis=-1)),
+            "torch": torch and (lambda: torch_op(xt, -1)),
+            "jax": jax and (lambda: jitted[op](xj).block_until_ready()),
+        }
+        return (op, "fresh", nbytes, lambda: ours(x), peers)
+
+    def into_out(op):
+        """op into an existing array (out=), against torch's out=."""
+        ours, torch_op = getattr(normax, op), torch and getattr(torch, op)
+        peers = {"torch": torch and (lambda: torch_op(xt, -1, out=torch.from_numpy(out)))}
+        return (op, "out=", 8 * n, lambda: ours(x, out=out), peers)
+
+    def backward(op, numpy_ref):
+        """op's backward from its output and the upstream gradient, against torch's."""
+        ours = getattr(normax, f"{op}_backward")
+        torch_op = torch and getattr(torch, f"_{op}_backward_data")
+        peers = {
+            "numpy": numpy_ref,
+            "torch": torch and (lambda: torch_op(torch.from_numpy(dy), xt, -1, torch.float32)),
+        }
+        return (f"{op}_backward", "fresh", 12 * n, lambda: ours(x, dy), peers)
+
+    axis0 = {"numpy": lambda: numpy_softmax(x, 0), "torch": torch and (lambda: torch.softmax(xt, 0))}
+    return [
+        fresh("softmax", 8 * n),
+        into_out("softmax"),
+        ("softmax", "axis=0", 8 * n, lambda: normax.softmax(x, axis=0), axis0),
+        fresh("log_softmax", 8 * n),
+        into_out("log_softmax"),
+        fresh("logsumexp", 4 * n),
+        backward("softmax", lambda: x * (dy - (dy * x).sum(-1, keepdims=True))),
+        backward("log_softmax", lambda: dy - np.exp(x) * dy.sum(-1, keepdims=True)),
+    ]
+
+
+DEFAULT_SHAPES = [(8, 16), (4096, 1024), (256, 32768), (32, 128256), (16384, 4096)]
+
+
+def suite(budget_s, shapes=DEFAULT_SHAPES):
+    """The cases of every shape (axis=0 only above 4096 elements; 8x16 also against np.exp)."""
+    mods = peers_available()
+    torch, jax, sp = mods["torch"], mods["jax"], mods["scipy.special"]
+    if torch is not None:
+        torch.set_num_threads(normax.get_num_threads())
+    jitted = {}
+    if jax is not None:
+        import jax.numpy as jnp
+
+        jitted = {
+            "softmax": jax.jit(lambda a: jax.nn.softmax(a, axis=-1)),
+            "log_softmax": jax.jit(lambda a: jax.nn.log_softmax(a, axis=-1)),
+            "logsumexp": jax.jit(lambda a: jax.nn.logsumexp(a, axis=-1)),
+        }
+    cases = []
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        x = rng.normal(0.0, 5.0, shape).astype(np.float32)
+        dy = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        n = x.size
+        out = np.empty_like(x)
+        xt = torch.from_numpy(x) if torch is not None else None
+        xj = jnp.asarray(x) if jax is not None else None
+
+        specs = _softmax_specs(x, dy, out, xt, xj, sp, torch, jax, jitted)
+        small = n <= 1 << 12
+        for op, variant, nbytes, ours, peers in specs:
+            if variant == "axis=0" and small:
+                continue
+            case = Case("softmax", op, shape, variant, nbytes, median_time(ours, budget_s))
+            for name, fn in peers.items():
+                if fn:
+                    case.peers[name] = median_time(fn, budget_s)
+            if small and op == "softmax" and variant == "fresh":
+                # The call-overhead yardstick: one NumPy ufunc call on the same array.
+                case.peers["np.exp"] = median_time(functools.partial(np.exp, x), budget_s)
+            cases.append(case)
+    return cases

@@ -1,0 +1,107 @@
+"""The CUDA path of the public functions: torch CUDA tensors and CuPy arrays in, the same out.
+
+The arrays are read and written where they are, through DLPack capsules (no host round trip);
+the kernels run on the caller's current stream (``torch.cuda.current_stream()``,
+``cupy.cuda.get_current_stream()``), so they are ordered with the caller's own work and nothing
+here synchronizes, except that class indices are checked before a cross-entropy (one device-to-
+host read of a flag, as the CPU path raises IndexError for a bad index; the ``normax.torch`` ops
+assert on the device instead, as torch's own kernels do, and so does anything under CUDA-graph
+capture).
+
+Differences from the CPU functions, stated once:
+
+- float32, float16 and bfloat16 only (float32 arithmetic inside); float64 and integer arrays
+  raise TypeError rather than silently losing precision.
+- Saved statistics (``return_stats=True``) are float32; ``dweight``/``dbias`` are summed in
+  float32 and returned in `x`'s dtype.
+- Not on the GPU: ``logsumexp``'s ``b=``/``return_sign=``; those raise NotImplementedError.
+- PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
+  per-channel sums back from the device, a host synchronization (see the PowerNorm section).
+- The linear cross-entropy holds whole rows of logits (the vocabulary is never split), so a
+  ``chunk_size`` below V still holds one row.
+- Results are the caller's library arrays; a reduced loss is a 0-d array (as torch returns).
+
+The kernels are compiled by NVRTC for the device at first use (about a second per op family),
+then cached for the process. NVRTC comes from the ``nvidia-cuda-nvrtc`` wheel (installed with
+PyTorch) or a CUDA toolkit on the library path.
+
+Layout: one module per op family (``softmax``, ``cross_entropy``, ``norms``, ``power_norm``, as
+the CPU path and ``kernels/*.cu``) over ``device`` (the caller's library, DLPack, streams, the
+kernels' entry point). ``cross_entropy_rows``, ``linear_blocks`` and ``norm_backward`` are the
+families' cores with the options ``normax.torch`` needs (no read-back check, float32 parameter
+gradients).
+"""
+
+from .cross_entropy import (
+    cross_entropy,
+    cross_entropy_rows,
+    cross_entropy_with_grad,
+    linear_blocks,
+    linear_cross_entropy,
+    linear_cross_entropy_with_grad,
+)
+from .device import available, compile_check, is_cuda_array, load_nvrtc
+from .norms import (
+    crms_norm,
+    crms_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+    norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
+from .power_norm import power_norm, power_norm_backward, power_norm_backward_as, power_norm_saved
+from .softmax import log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward
+
+__all__ = [
+    "available",
+    "compile_check",
+    "crms_norm",
+    "crms_norm_backward",
+    "cross_entropy",
+    "cross_entropy_rows",
+    "cross_entropy_with_grad",
+    "is_cuda_array",
+    "layer_norm",
+    "layer_norm_backward",
+    "linear_blocks",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
+    "load_nvrtc",
+    "log_softmax",
+    "log_softmax_backward",
+    "logsumexp",
+    "norm_backward",
+    "power_norm",
+    "power_norm_backward",
+    "power_norm_backward_as",
+    "power_norm_saved",
+    "rms_norm",
+    "rms_norm_backward",
+    "softmax",
+    "softmax_backward",
+]
+
+# The public functions this backend runs (every array function of normax), for the registry.
+OPS = {
+    f.__name__: f
+    for f in (
+        softmax,
+        log_softmax,
+        logsumexp,
+        softmax_backward,
+        log_softmax_backward,
+        cross_entropy,
+        cross_entropy_with_grad,
+        linear_cross_entropy,
+        linear_cross_entropy_with_grad,
+        rms_norm,
+        rms_norm_backward,
+        layer_norm,
+        layer_norm_backward,
+        crms_norm,
+        crms_norm_backward,
+        power_norm,
+        power_norm_backward,
+    )
+}

@@ -1,0 +1,297 @@
+"""cross_entropy, its gradient and the linear cross-entropy on CUDA arrays (kernels/cross_entropy.cu).
+
+The argument checks are the CPU path's (normax._options); a bad class index raises the CPU path's
+IndexError after one device-to-host read of a flag (see :func:`_check_classes`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..._arrays import Plan
+from ..._options import (
+    ce_options,
+    check_chunk_size,
+    class_axis,
+    index_error,
+    linear_shapes,
+    number,
+    target_kind,
+)
+from . import device
+from .device import Lib, lib_of, run
+
+
+def cross_entropy_rows(
+    fname, logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+    with_grad, grad_output=1.0, inplace=False, sync_check=True,
+):  # fmt: skip
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, reduction, label_smoothing, z_loss, softcap = opts
+    lib = lib_of((logits, target, weight, grad_output), fname)
+    x = lib.input(logits, "logits")
+    ax = class_axis(axis, tuple(x.shape))
+    classes = x.shape[ax]
+    row_shape = tuple(x.shape[:ax]) + tuple(x.shape[ax + 1 :])
+    plan = Plan(tuple(x.shape), (ax,), last=True)
+    work = lib.arrange(x, plan)
+    t = lib.on_device(target, "target")
+    tname = lib.dtype_name(t)
+    kind = "f" if tname.startswith(("float", "bfloat")) else "i" if tname.startswith(("int", "uint")) else ""
+    soft = target_kind(tuple(t.shape), kind, tname, tuple(x.shape), ax)
+    if soft:
+        tk = lib.arrange(lib.astype(t, x.dtype), plan)
+    else:
+        tk = lib.contiguous(lib.int64(t))  # row order = the logits rows' order
+        _check_classes(lib, tk, classes, ignore_index, row_shape, sync_check)
+    f32 = lib.float32()
+    w = None
+    if weight is not None:
+        w = lib.on_device(weight, "weight")
+        if tuple(w.shape) != (classes,):
+            raise ValueError(f"weight: expected shape ({classes},), one per class; got {tuple(w.shape)}")
+        w = lib.contiguous(lib.astype(w, f32))
+    loss_rows = lib.empty((plan.outer,), f32)
+
+    # The mean's denominator: the summed weight of the rows kept (hard targets), else the row count.
+    denom = None
+    if reduction == "mean":
+        if soft:
+            denom = float(plan.outer)
+        else:
+            kept = tk != ignore_index
+            safe = tk * kept  # ignored rows read class 0, then count 0
+            # counted in int64: a float32 sum of flags is exact only up to 2^24 rows
+            denom = (w[safe] * kept).sum() if w is not None else lib.astype(kept.sum(), f32)
+
+    grad = scale = None
+    stride = 0
+    if with_grad:
+        # In place: straight into the logits when they already are the kernel's rows.
+        direct = inplace and not plan.moved and lib.same_memory(work, x)
+        grad = work if direct else lib.empty(plan.arranged_shape, x.dtype)
+        scale, stride = _grad_scale(lib, grad_output, reduction, denom, row_shape, plan.outer)
+    run(
+        lib, "cross_entropy", work, tk, w, loss_rows, grad, scale, stride,
+        plan.outer, classes, ignore_index, label_smoothing, z_loss,
+        0.0 if softcap is None else softcap,
+    )  # fmt: skip
+
+    loss = _reduce(lib, loss_rows.reshape(row_shape), reduction, denom, x.dtype)
+    if not with_grad:
+        return loss
+    g = lib.restore(grad, plan)
+    if inplace:
+        if not direct:
+            x[...] = g  # `x` is the caller's memory (a detached alias for torch)
+        return loss, logits
+    return loss, g
+
+
+def _reduce(lib: Lib, loss_rows, reduction: str, denom, dtype):
+    """The per-row float32 losses reduced ('mean' divides by `denom`), in `dtype`."""
+    if reduction == "none":
+        return lib.astype(loss_rows, dtype)
+    total = loss_rows.sum()
+    return lib.astype(total if reduction == "sum" else total / denom, dtype)
+
+
+def _check_classes(lib, tk, classes, ignore_index, row_shape, sync: bool):
+    """IndexError naming the first bad class index: one device-to-host read of a flag.
+
+    With ``sync=False`` (the torch ops, whose callers expect torch's behaviour) and while a CUDA
+    graph is being captured (where reading back is illegal), a device-side assertion instead, as
+    torch's own cross-entropy does: no synchronization, and a bad index fails the stream.
+    """
+    bad = (tk != ignore_index) & ((tk < 0) | (tk >= classes))
+    if not sync or lib.capturing():
+        if lib.name == "torch":
+            message = f"target: a class index is out of range [0, {classes}) and is not ignore_index"
+            lib.mod._assert_async(~bad.any(), message)
+        return  # CuPy: the kernels treat such rows as ignored; nothing can be read back here
+    if bool(bad.any()):  # the details (the CPU path's message) only on the error path
+        raise index_error(lib.host(tk).reshape(row_shape), classes, ignore_index)
+
+
+def _grad_scale(lib, grad_output, reduction, denom, row_shape, rows):
+    """(float32 device array of scales, stride): one scale, or one per row (reduction='none')."""
+    f32 = lib.float32()
+    if np.ndim(grad_output) != 0:
+        if reduction != "none":
+            raise ValueError(
+                f"grad_output: must be a number for reduction={reduction!r}, got shape {np.shape(grad_output)}"
+            )
+        g = lib.on_device(grad_output, "grad_output")
+        try:
+            g = lib.mod.broadcast_to(g, row_shape)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"grad_output: shape {tuple(g.shape)} does not broadcast to the per-row loss shape {row_shape}"
+            ) from None
+        return lib.contiguous(lib.astype(g, f32)).reshape(rows), 1
+    if device.is_cuda_array(grad_output):
+        g = lib.astype(lib.on_device(grad_output, "grad_output"), f32)
+    else:
+        g = number(grad_output, "grad_output")
+    if reduction == "mean":
+        g = g / denom if not (isinstance(denom, float) and denom == 0.0) else math.nan
+    if isinstance(g, float):
+        return lib.scalar(g, f32), 0
+    return lib.contiguous(lib.astype(g, f32).reshape(1)), 0
+
+
+def cross_entropy(
+    logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
+    label_smoothing=0.0, z_loss=0.0, softcap=None,
+):  # fmt: skip
+    return cross_entropy_rows(
+        "normax.cross_entropy", logits, target, axis, weight, ignore_index, reduction,
+        label_smoothing, z_loss, softcap, False,
+    )  # fmt: skip
+
+
+def cross_entropy_with_grad(
+    logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
+    label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=1.0, inplace=False,
+):  # fmt: skip
+    return cross_entropy_rows(
+        "normax.cross_entropy_with_grad", logits, target, axis, weight, ignore_index, reduction,
+        label_smoothing, z_loss, softcap, True, grad_output, inplace,
+    )  # fmt: skip
+
+
+# each block of logits (which becomes its gradient in place).
+
+# Logits blocks below this many elements cost more in launches than they save in memory.
+_LINEAR_MIN_BLOCK = 1 << 20
+
+
+def _linear_rows(n: int, v: int, chunk_size: int | None) -> int:
+    """Rows of hidden per logits block. Rows are never split (the kernel takes whole vocabulary
+    rows), so a `chunk_size` below V still holds one row. By default a block is about 1/8 of the
+    N x V logits (at least _LINEAR_MIN_BLOCK elements, or all rows when there are fewer)."""
+    if n == 0:
+        return 1
+    if chunk_size is not None:
+        return max(1, min(n, chunk_size // v))
+    return max(1, min(n, max(-(-n // 8), _LINEAR_MIN_BLOCK // v)))
+
+
+def _gemm(lib: Lib, a, b, out):
+    lib.mod.matmul(a, b, out=out)
+    return out
+
+
+def _zeros(lib: Lib, shape, dtype):
+    if lib.name == "torch":
+        return lib.mod.zeros(shape, dtype=dtype, device=lib.device)
+    return lib.mod.zeros(shape, dtype=dtype)  # on the current device: the caller's
+
+
+def linear_blocks(
+    fname, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+    chunk_size, with_grad, grad_output=1.0, sync_check=True,
+):  # fmt: skip
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    lib = lib_of((hidden, weight, target, bias, grad_output), fname)
+    with lib.current():
+        return _linear_on(
+            lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check
+        )
+
+
+def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check):
+    ignore_index, reduction, label_smoothing, z_loss, softcap = opts
+    h = lib.input(hidden, "hidden")
+    w = lib.input(weight, "weight")
+    b = None if bias is None else lib.input(bias, "bias")
+    t = lib.on_device(target, "target")
+    tname = lib.dtype_name(t)
+    n, hd, v = linear_shapes(
+        tuple(h.shape), tuple(w.shape), None if b is None else tuple(b.shape), tuple(t.shape),
+        tname.startswith(("int", "uint")), tname,
+    )  # fmt: skip
+    work = lib.promote(h.dtype, w.dtype)
+    result = work
+    if b is not None:
+        result = lib.promote(work, b.dtype)
+        b = lib.contiguous(lib.astype(b, work))
+    chunk_size = check_chunk_size(chunk_size)
+    h = lib.contiguous(lib.astype(h, work))
+    w = lib.contiguous(lib.astype(w, work))
+    tk = lib.contiguous(lib.int64(t))
+    _check_classes(lib, tk, v, ignore_index, (n,), sync_check)
+    f32 = lib.float32()
+    loss_rows = lib.empty((n,), f32)
+
+    # The mean's denominator counts the kept rows of ALL blocks, so it comes first: the gradient
+    # scale of every block depends on it.
+    denom = lib.astype((tk != ignore_index).sum(), f32) if reduction == "mean" else None  # exact count
+    scale, stride = (None, 0)
+    if with_grad:
+        scale, stride = _grad_scale(lib, grad_output, reduction, denom, (n,), n)
+    bn = _linear_rows(n, v, chunk_size)
+    several = n > bn
+    blk = lib.empty((min(bn, n), v), work)
+    dh = dw = db = None
+    if with_grad:
+        dh = lib.empty((n, hd), work)
+        # Several blocks add into dweight: in float32 (16-bit sums would round at every block).
+        dw = lib.zeros((v, hd), f32) if several else None
+        db = lib.zeros((v,), f32) if b is not None else None
+    cap = 0.0 if softcap is None else softcap
+    for r0 in range(0, n, bn):
+        rn = min(bn, n - r0)
+        hb = h[r0 : r0 + rn]
+        lg = _gemm(lib, hb, w.T, blk[:rn])
+        if b is not None:
+            lg += b
+        sc = None
+        if with_grad:
+            sc = scale[r0 : r0 + rn] if stride else scale
+        run(
+            lib, "cross_entropy", lg, tk[r0 : r0 + rn], None, loss_rows[r0 : r0 + rn],
+            lg if with_grad else None, sc, stride, rn, v, ignore_index, label_smoothing, z_loss, cap,
+        )  # fmt: skip
+        if not with_grad:
+            continue
+        _gemm(lib, lg, w, dh[r0 : r0 + rn])  # dhidden = G @ W
+        if not several:
+            dw = lib.empty((v, hd), work)
+            _gemm(lib, lg.T, hb, dw)  # dweight = G^T @ hidden
+        elif lib.name == "torch" and lib.dtype_name(lg) == "float32":
+            dw.addmm_(lg.T, hb)
+        else:
+            dw += lg.T @ hb
+        if db is not None:
+            db += lg.sum(0, dtype=f32) if lib.name == "torch" else lg.sum(axis=0, dtype=f32)
+
+    loss = _reduce(lib, loss_rows, reduction, denom, result)
+    if not with_grad:
+        return loss
+    if dw is None:  # no rows
+        dw = lib.zeros((v, hd), work)
+    dh, dw = lib.astype(dh, result), lib.astype(dw, result)
+    return loss, dh, dw, (None if db is None else lib.astype(db, result))
+
+
+def linear_cross_entropy(
+    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    z_loss=0.0, softcap=None, chunk_size=None,
+):  # fmt: skip
+    return linear_blocks(
+        "normax.linear_cross_entropy", hidden, weight, target, bias, ignore_index, reduction,
+        label_smoothing, z_loss, softcap, chunk_size, False,
+    )  # fmt: skip
+
+
+def linear_cross_entropy_with_grad(
+    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0,
+):  # fmt: skip
+    return linear_blocks(
+        "normax.linear_cross_entropy_with_grad", hidden, weight, target, bias, ignore_index, reduction,
+        label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
+    )  # fmt: skip

@@ -1,0 +1,136 @@
+"""rms_norm, layer_norm, crms_norm and their backwards on CUDA arrays (kernels/norms.cu)."""
+
+from __future__ import annotations
+
+import math
+
+from ..._arrays import Plan
+from ..._options import check_eps, norm_axes
+from .device import lib_of, run
+
+
+def _dtype_eps(lib, x) -> float:
+    return {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}[lib.dtype_name(x)]
+
+
+def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
+    lib = lib_of((x, weight, bias, out), fname)
+    x = lib.input(x, "x")
+    axes = norm_axes(axis, x.ndim)
+    shape = tuple(x.shape[axes[0] :])
+    e = check_eps(_dtype_eps(lib, x) if eps is None else eps)
+    plan = Plan(tuple(x.shape), axes, last=True)  # trailing axes: never moved
+    f32 = lib.float32()
+    params = []
+    for p, name in ((weight, "weight"), (bias, "bias")):
+        if p is not None:
+            p = lib.on_device(p, name)
+            if tuple(p.shape) != shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(p.shape)} does not match the normalized shape {shape} (x.shape[axis:])"
+                )
+            p = lib.contiguous(lib.astype(p, f32))
+        params.append(p)
+    y = lib.output(plan, x.dtype, out)
+    lead = tuple(x.shape[: axes[0]])
+    mean = lib.empty(lead, f32) if return_stats and kind == "layer" else None
+    rstd = lib.empty(lead, f32) if return_stats else None
+    if plan.len == 0:  # statistics of empty rows: NaN, as NumPy's mean of nothing (and the CPU)
+        for stat in (mean, rstd):
+            if stat is not None:
+                stat[...] = math.nan
+    run(
+        lib,
+        "norm_forward",
+        kind,
+        lib.contiguous(x),
+        params[0],
+        params[1],
+        y,
+        mean,
+        rstd,
+        plan.outer,
+        plan.len,
+        e,
+    )
+    y = lib.finish(y, out)
+    if not return_stats:
+        return y
+    return (y, mean, rstd) if kind == "layer" else (y, rstd)
+
+
+def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, params_dtype="x"):
+    """dx and the parameter gradients, those in `x`'s dtype, or float32 for params_dtype=None."""
+    lib = lib_of((dy, x, weight, bias, mean, rstd), fname)
+    x = lib.input(x, "x")
+    dy = lib.input(dy, "dy")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy: shape {tuple(dy.shape)} does not match x shape {tuple(x.shape)}")
+    dy = lib.astype(dy, x.dtype)
+    axes = norm_axes(axis, x.ndim)
+    shape = tuple(x.shape[axes[0] :])
+    lead = tuple(x.shape[: axes[0]])
+    rows, cols = math.prod(lead), math.prod(shape)
+    x, dy = lib.contiguous(x), lib.contiguous(dy)
+    f32 = lib.float32()
+    w = None
+    if weight is not None:
+        w = lib.on_device(weight, "weight")
+        if tuple(w.shape) != shape:
+            raise ValueError(f"weight: shape {tuple(w.shape)} does not match the normalized shape {shape}")
+        w = lib.contiguous(lib.astype(w, f32))
+    if bias is not None and tuple(bias.shape) != shape:
+        raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the normalized shape {shape}")
+    if kind == "layer" and (mean is None) != (rstd is None):
+        missing = "mean" if mean is None else "rstd"
+        raise ValueError(f"{missing}: give both saved statistics (mean and rstd) or neither")
+    if rstd is None:
+        e = check_eps(_dtype_eps(lib, x) if eps is None else eps)
+        mean = lib.empty((rows,), f32) if kind == "layer" else None
+        rstd = lib.empty((rows,), f32)
+        run(lib, "norm_forward", kind, x, None, None, None, mean, rstd, rows, cols, e)
+    else:
+        stats = []
+        for s, name in ((mean, "mean"), (rstd, "rstd")):
+            if s is None:
+                stats.append(None)
+                continue
+            s = lib.on_device(s, name)
+            if tuple(s.shape) != lead:
+                raise ValueError(f"{name}: expected shape {lead} (one per row), got {tuple(s.shape)}")
+            stats.append(lib.contiguous(lib.astype(s, f32)))
+        mean, rstd = stats
+    dx = lib.empty(tuple(x.shape), x.dtype)
+    dw = lib.empty(shape, f32) if weight is not None else None
+    db = lib.empty(shape, f32) if bias is not None else None
+    run(lib, "norm_backward", kind, dy, x, w, mean, rstd, dx, dw, db, rows, cols)
+    if params_dtype is not None:
+        dw = None if dw is None else lib.astype(dw, x.dtype)
+        db = None if db is None else lib.astype(db, x.dtype)
+    if kind == "layer":
+        return dx, dw, db
+    return dx, dw
+
+
+def rms_norm(x, weight=None, *, eps=None, axis=-1, out=None, return_stats=False):
+    return _norm_forward("rms", "normax.rms_norm", x, weight, None, eps, axis, out, return_stats)
+
+
+def rms_norm_backward(dy, x, weight=None, *, eps=None, axis=-1, rstd=None):
+    return norm_backward("rms", "normax.rms_norm_backward", dy, x, weight, None, eps, axis, None, rstd)
+
+
+def layer_norm(x, weight=None, bias=None, *, eps=1e-5, axis=-1, out=None, return_stats=False):
+    return _norm_forward("layer", "normax.layer_norm", x, weight, bias, eps, axis, out, return_stats)
+
+
+def layer_norm_backward(dy, x, weight=None, bias=None, *, eps=1e-5, axis=-1, mean=None, rstd=None):
+    return norm_backward("layer", "normax.layer_norm_backward", dy, x, weight, bias, eps, axis, mean, rstd)
+
+
+def crms_norm(x, weight=None, *, eps=1e-6, axis=-1, out=None, return_stats=False):
+    return _norm_forward("crms", "normax.crms_norm", x, weight, None, eps, axis, out, return_stats)
+
+
+def crms_norm_backward(dy, x, weight=None, *, eps=1e-6, axis=-1, rstd=None):
+    return norm_backward("crms", "normax.crms_norm_backward", dy, x, weight, None, eps, axis, None, rstd)

@@ -1,0 +1,64 @@
+"""softmax, log_softmax, logsumexp and their backwards on CUDA arrays (kernels/softmax.cu)."""
+
+from __future__ import annotations
+
+import math
+
+from ..._arrays import Plan, normalize_axes
+from .device import lib_of, run
+
+
+def _softmax_like(x, axis, out, log: bool, fname: str):
+    lib = lib_of((x, out), fname)
+    x = lib.input(x, "x")
+    plan = Plan(tuple(x.shape), normalize_axes(axis, x.ndim), last=True)
+    y = lib.output(plan, x.dtype, out)
+    run(lib, "softmax", lib.arrange(x, plan), y, plan.outer, plan.len, log)
+    return lib.finish(lib.restore(y, plan), out)
+
+
+def softmax(x, axis=-1, *, out=None):
+    return _softmax_like(x, axis, out, False, "normax.softmax")
+
+
+def log_softmax(x, axis=-1, *, out=None):
+    return _softmax_like(x, axis, out, True, "normax.log_softmax")
+
+
+def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
+    fname = "normax.logsumexp"
+    if b is not None or return_sign:
+        raise NotImplementedError(
+            f"{fname}: b= and return_sign= are not supported on CUDA arrays; move the data to the CPU"
+        )
+    lib = lib_of((x,), fname)
+    x = lib.input(x, "x")
+    plan = Plan(tuple(x.shape), normalize_axes(axis, x.ndim), last=True)
+    # Its elements are the rows, in order, whatever the kept shape.
+    r = lib.empty(plan.keepdims_shape if keepdims else plan.reduced_shape, x.dtype)
+    if plan.len == 0:
+        r[...] = -math.inf  # the log of an empty sum, as NumPy's and SciPy's
+    else:
+        run(lib, "logsumexp", lib.arrange(x, plan), r, plan.outer, plan.len)
+    return r
+
+
+def _backward(y, dy, axis, log: bool, fname: str):
+    lib = lib_of((y, dy), fname)
+    y = lib.input(y, "y")
+    dy = lib.input(dy, "dy")
+    if tuple(y.shape) != tuple(dy.shape):
+        raise ValueError(f"{fname}: dy has shape {tuple(dy.shape)}, y has {tuple(y.shape)}")
+    dy = lib.astype(dy, y.dtype)
+    plan = Plan(tuple(y.shape), normalize_axes(axis, y.ndim), last=True)
+    dx = lib.empty(plan.arranged_shape, y.dtype)
+    run(lib, "softmax_backward", lib.arrange(y, plan), lib.arrange(dy, plan), dx, plan.outer, plan.len, log)
+    return lib.restore(dx, plan)
+
+
+def softmax_backward(y, dy, axis=-1):
+    return _backward(y, dy, axis, False, "normax.softmax_backward")
+
+
+def log_softmax_backward(y, dy, axis=-1):
+    return _backward(y, dy, axis, True, "normax.log_softmax_backward")

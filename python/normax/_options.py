@@ -1,0 +1,293 @@
+"""The argument checks every backend shares: one contract per op, written once.
+
+The CPU ops, the CUDA path and the wgpu backend call these, so an argument is accepted,
+normalized and rejected (same exception, same message) the same way whatever runs the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+from ._arrays import as_input, compute_dtype, normalize_axes
+
+# ---------------------------------------------------------------------------------------------
+# Scalars
+
+
+def number(v, name: str) -> float:
+    """A real number as a float; TypeError naming `name` otherwise (bools included)."""
+    if isinstance(v, (bool, np.bool_)) or np.ndim(v) != 0:
+        raise TypeError(f"{name}: expected a real number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a real number, got {v!r}") from None
+
+
+def count(v, name: str, minimum: int) -> int:
+    """An int >= `minimum` (bools rejected)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {v}")
+    return int(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class CeOptions(NamedTuple):
+    """The checked loss options, in the order the `_core` cross-entropy functions take them."""
+
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+
+
+def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeOptions:
+    """The loss options checked and converted; errors name the argument."""
+    if isinstance(ignore_index, (bool, np.bool_)):
+        raise TypeError("ignore_index: expected an int, got a bool")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}") from None
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: {ignore_index} does not fit in int64")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    label_smoothing = number(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
+    z_loss = number(z_loss, "z_loss")
+    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss: must be a finite number >= 0, got {z_loss}")
+    if softcap is not None:
+        softcap = number(softcap, "softcap")
+        if not (softcap > 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"softcap: must be a finite number > 0 or None, got {softcap}")
+    return CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+
+def class_axis(axis, shape: tuple) -> int:
+    """The class axis of logits of `shape` as a non-negative int; it must exist and hold classes."""
+    if not shape:
+        raise ValueError("logits: expected at least one dimension (the class axis)")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis: expected an int (the class axis), got {axis!r}")
+    ax = normalize_axes(int(axis), len(shape))[0]
+    if shape[ax] == 0:
+        raise ValueError(f"logits: the class axis {ax} is empty")
+    return ax
+
+
+def target_kind(t_shape: tuple, kind: str, dtype, shape: tuple, axis: int) -> bool:
+    """Checks a cross-entropy target against logits of `shape`; True for class probabilities.
+
+    `kind` is "i" for integer class indices, "f" for real floating probabilities, anything else
+    for a dtype that is neither.
+    """
+    row_shape = shape[:axis] + shape[axis + 1 :]
+    if kind == "i":
+        if t_shape != row_shape:
+            raise ValueError(
+                f"target: class indices have shape {t_shape}; expected {row_shape} "
+                f"(the logits' shape {shape} without the class axis {axis})"
+            )
+        return False
+    if kind != "f":
+        raise TypeError(f"target: expected integer class indices or float probabilities, got {dtype}")
+    if t_shape != shape:
+        raise ValueError(
+            f"target: class probabilities (a float target) must have the logits' shape {shape}, "
+            f"got {t_shape}; integer class indices have shape {row_shape}"
+        )
+    return True
+
+
+def linear_shapes(h_shape: tuple, w_shape: tuple, b_shape, t_shape: tuple, t_integer: bool, t_dtype):
+    """(N, H, V) of a linear cross-entropy: (N, H) hidden, (V, H) weight, (V,) bias or None, (N,)
+    integer target."""
+    if len(h_shape) != 2:
+        raise ValueError(f"hidden: expected a 2-d (N, H) array, got shape {h_shape}")
+    if len(w_shape) != 2 or w_shape[1] != h_shape[1]:
+        raise ValueError(f"weight: expected shape (V, {h_shape[1]}) as torch.nn.Linear, got {w_shape}")
+    (n, hd), v = h_shape, w_shape[0]
+    if v == 0:
+        raise ValueError("weight: the vocabulary (first axis) is empty")
+    if b_shape is not None and b_shape != (v,):
+        raise ValueError(f"bias: expected shape ({v},), got {b_shape}")
+    if not t_integer:
+        raise TypeError(f"target: expected integer class indices, got dtype {t_dtype}")
+    if t_shape != (n,):
+        raise ValueError(f"target: expected shape ({n},), one class index per row of hidden; got {t_shape}")
+    return n, hd, v
+
+
+def check_chunk_size(value) -> int | None:
+    """The linear cross-entropy's `chunk_size` checked: None, or an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"chunk_size: expected an int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"chunk_size: must be at least 1, got {value}")
+    return int(value)
+
+
+def index_error(t: np.ndarray, classes: int, ignore_index: int) -> IndexError:
+    """The first class index out of range, by value and position (a kernel found one)."""
+    bad = (t != ignore_index) & ((t < 0) | (t >= classes))
+    if not bad.any():  # pragma: no cover - the array changed under us
+        return IndexError("target: a class index is out of range")
+    pos = np.unravel_index(int(np.argmax(bad)), t.shape)
+    where = int(pos[0]) if len(pos) == 1 else tuple(int(p) for p in pos)
+    return IndexError(
+        f"target: class index {int(t[pos])} at position {where} is out of range [0, {classes}) "
+        f"and is not ignore_index ({ignore_index})"
+    )
+
+
+def grad_output_rows(grad_output, reduction: str, loss_shape: tuple, work: np.dtype):
+    """`grad_output` for the kernels: (per-row array or None, scalar)."""
+    g = np.asarray(grad_output)
+    if g.ndim == 0:
+        return None, number(g, "grad_output")
+    if reduction != "none":
+        raise ValueError(f"grad_output: must be a number for reduction={reduction!r}, got shape {g.shape}")
+    compute_dtype(g.dtype, "grad_output")
+    try:
+        g = np.broadcast_to(g, loss_shape)
+    except ValueError:
+        raise ValueError(
+            f"grad_output: shape {g.shape} does not broadcast to the per-row loss shape {loss_shape}"
+        ) from None
+    return np.ascontiguousarray(g, dtype=work).reshape(-1), 0.0
+
+
+def _targets(target, shape: tuple, axis: int, work: np.dtype):
+    """(class indices, or probabilities in `work`), and whether they are probabilities."""
+    t = np.asarray(target)
+    if t.dtype.kind in "iu":
+        kind = "i"
+    elif t.dtype.kind == "b":
+        kind = "b"
+    else:
+        compute_dtype(t.dtype, "target")  # TypeError for complex, strings, objects
+        kind = "f"
+    soft = target_kind(t.shape, kind, t.dtype, shape, axis)
+    return (t.astype(work, copy=False) if soft else t), soft
+
+
+class CeInputs(NamedTuple):
+    """A cross-entropy's checked NumPy inputs."""
+
+    logits: np.ndarray  # in its kernel dtype
+    result_dtype: np.dtype
+    axis: int  # the class axis, non-negative
+    target: np.ndarray  # class indices, or probabilities in the kernel dtype
+    soft: bool  # whether `target` holds probabilities
+    weight: np.ndarray | None  # per class, contiguous, in the kernel dtype
+
+
+def ce_inputs(logits, target, axis, weight, inplace: bool) -> CeInputs:
+    """The checked NumPy inputs of a cross-entropy (no kernel has run, nothing is written)."""
+    if inplace and not (
+        isinstance(logits, np.ndarray)
+        and logits.flags.writeable
+        and (logits.dtype.kind == "f" or logits.dtype.kind == "V")
+    ):
+        raise ValueError("logits: inplace=True needs a writeable floating-point numpy.ndarray")
+    x, result_dtype = as_input(logits, "logits")
+    ax = class_axis(axis, x.shape)
+    classes = x.shape[ax]
+    t, soft = _targets(target, x.shape, ax, x.dtype)
+    w = None
+    if weight is not None:
+        w = np.asarray(weight)
+        compute_dtype(w.dtype, "weight")
+        if w.shape != (classes,):
+            raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
+        w = np.ascontiguousarray(w, dtype=x.dtype)
+    return CeInputs(x, result_dtype, ax, t, soft, w)
+
+
+def ce_results(loss: np.ndarray, grad, logits, inplace: bool, reduction: str, row_shape: tuple, dtype):
+    """The public results of a NumPy cross-entropy: the loss (one per row for "none", else a
+    scalar) from the kernel's loss buffer, and with a `grad` (in the logits' layout) the gradient,
+    written into `logits` for `inplace`; all in the result `dtype`."""
+    if reduction == "none":
+        out = loss.reshape(row_shape).astype(dtype, copy=False)
+    else:
+        out = loss.astype(dtype, copy=False)[0]
+    if grad is None:
+        return out
+    if inplace:
+        if not np.may_share_memory(grad, logits):
+            np.copyto(logits, grad, casting="same_kind")
+        return out, logits
+    return out, grad.astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms
+
+
+def norm_axes(axis, ndim: int) -> tuple[int, ...]:
+    """The normalized axes: sorted, non-negative, and the trailing ones."""
+    if axis is None:
+        raise TypeError("axis: expected an int or a tuple of trailing axes, got None")
+    axes = normalize_axes(axis, ndim)
+    if not axes:
+        raise ValueError("axis: name at least one axis")
+    if axes != tuple(range(ndim - len(axes), ndim)):
+        raise ValueError(
+            f"axis: {axis!r} is not a set of trailing axes of the {ndim}-d input; the normalized "
+            "shape is x.shape[axis:] (torch's normalized_shape): move the axes last with numpy.moveaxis"
+        )
+    return axes
+
+
+def check_eps(eps) -> float:
+    """`eps` as a finite float >= 0."""
+    if isinstance(eps, (bool, np.bool_)):
+        raise TypeError("eps: expected a real number, got a bool")
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps: expected a real number, got {eps!r}") from None
+    if not (0.0 <= e < math.inf):
+        raise ValueError(f"eps: must be finite and >= 0, got {eps!r}")
+    return e
+
+
+def machine_eps(dtype: np.dtype) -> float:
+    """eps of a result dtype (rms_norm's default, as torch): float16 and ml_dtypes floats included."""
+    try:
+        return float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):
+        import ml_dtypes  # only ml_dtypes floats get here
+
+        return float(ml_dtypes.finfo(dtype).eps)
+
+
+def param(p, name: str, shape: tuple[int, ...], dtype: np.dtype):
+    """weight/bias as a flat contiguous NumPy array in `dtype`, or None."""
+    if p is None:
+        return None
+    a = np.asarray(p)
+    compute_dtype(a.dtype, name)  # TypeError for complex, string, object
+    if a.shape != shape:
+        raise ValueError(
+            f"{name}: shape {a.shape} does not match the normalized shape {shape} (x.shape[axis])"
+        )
+    return np.ascontiguousarray(a.astype(dtype, copy=False)).reshape(-1)

@@ -1,0 +1,271 @@
+"""layer_norm and rms_norm: custom ops, fake kernels, autograd, CUDA kernels, public functions.
+
+The ops normalize the trailing `ndim` dimensions; the forward returns the row statistics (float64
+on every device) that the backward takes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _norms as cpu
+from .._backends import cuda
+from ._convert import absent, check_float, dense, host, host_opt, to_tensor
+
+
+def _norm_axes(ndim: int) -> tuple[int, ...]:
+    return tuple(range(-ndim, 0))
+
+
+@torch.library.custom_op("normax::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: Tensor, ndim: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = cpu.layer_norm(
+        host(x), host_opt(weight), host_opt(bias), eps=eps, axis=_norm_axes(ndim), return_stats=True
+    )
+    return to_tensor(y, x.dtype), to_tensor(mean, torch.float64), to_tensor(rstd, torch.float64)
+
+
+@_layer_norm_op.register_fake
+def _layer_norm_fake(x, ndim, weight, bias, eps):
+    rows = x.shape[: x.ndim - ndim]
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(rows, dtype=torch.float64),
+        x.new_empty(rows, dtype=torch.float64),
+    )
+
+
+@torch.library.custom_op("normax::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    ndim: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = cpu.layer_norm_backward(
+        host(dy),
+        host(x),
+        host_opt(weight),
+        host_opt(bias),
+        eps=eps,
+        axis=_norm_axes(ndim),
+        mean=host(mean),
+        rstd=host(rstd),
+    )
+    dw = absent(x) if dw is None else to_tensor(dw, weight.dtype)
+    db = absent(x) if db is None else to_tensor(db, bias.dtype)
+    return to_tensor(dx, x.dtype), dw, db
+
+
+@_layer_norm_backward_op.register_fake
+def _layer_norm_backward_fake(dy, x, ndim, weight, bias, mean, rstd, eps):
+    dw = absent(x) if weight is None else weight.new_empty(weight.shape)
+    db = absent(x) if bias is None else bias.new_empty(bias.shape)
+    return x.new_empty(x.shape), dw, db
+
+
+def _layer_norm_setup(ctx, inputs, output) -> None:
+    x, ndim, weight, bias, eps = inputs
+    ctx.ndim, ctx.eps = ndim, eps
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.mark_non_differentiable(output[1], output[2])
+    missing = absent(x)
+    ctx.save_for_backward(
+        x,
+        weight if weight is not None else missing,
+        bias if bias is not None else missing,
+        output[1],
+        output[2],
+    )
+
+
+def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    weight = weight if ctx.has_weight else None
+    bias = bias if ctx.has_bias else None
+    dx, dw, db = _layer_norm_backward_op(dy, x, ctx.ndim, weight, bias, mean, rstd, ctx.eps)
+    return dx, None, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None
+
+
+_layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+
+@_layer_norm_op.register_kernel("cuda")
+def _layer_norm_cuda(x, ndim, weight, bias, eps):
+    y, mean, rstd = cuda.layer_norm(x, weight, bias, eps=eps, axis=_norm_axes(ndim), return_stats=True)
+    return dense(y), mean.double(), rstd.double()  # float64, as the CPU op saves them
+
+
+@_layer_norm_backward_op.register_kernel("cuda")
+def _layer_norm_backward_cuda(dy, x, ndim, weight, bias, mean, rstd, eps):
+    # float32 parameter gradients, rounded once to the parameters' dtype
+    dx, dw, db = cuda.norm_backward(
+        "layer", "normax.torch.layer_norm", dy, x, weight, bias, eps, _norm_axes(ndim), mean, rstd, None
+    )
+    dw = absent(x) if dw is None else dw.to(weight.dtype)
+    db = absent(x) if db is None else db.to(bias.dtype)
+    return dense(dx), dw, db
+
+
+@torch.library.custom_op("normax::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, ndim: int, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    y, rstd = cpu.rms_norm(host(x), host_opt(weight), eps=eps, axis=_norm_axes(ndim), return_stats=True)
+    return to_tensor(y, x.dtype), to_tensor(rstd, torch.float64)
+
+
+@_rms_norm_op.register_fake
+def _rms_norm_fake(x, ndim, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[: x.ndim - ndim], dtype=torch.float64)
+
+
+@torch.library.custom_op("normax::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: Tensor, x: Tensor, ndim: int, weight: Tensor | None, rstd: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    dx, dw = cpu.rms_norm_backward(
+        host(dy), host(x), host_opt(weight), eps=eps, axis=_norm_axes(ndim), rstd=host(rstd)
+    )
+    return to_tensor(dx, x.dtype), (absent(x) if dw is None else to_tensor(dw, weight.dtype))
+
+
+@_rms_norm_backward_op.register_fake
+def _rms_norm_backward_fake(dy, x, ndim, weight, rstd, eps):
+    return x.new_empty(x.shape), (absent(x) if weight is None else weight.new_empty(weight.shape))
+
+
+def _rms_norm_setup(ctx, inputs, output) -> None:
+    x, ndim, weight, eps = inputs
+    ctx.ndim, ctx.eps, ctx.has_weight = ndim, eps, weight is not None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight if weight is not None else absent(x), output[1])
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_backward_op(dy, x, ctx.ndim, weight if ctx.has_weight else None, rstd, ctx.eps)
+    return dx, None, (dw if ctx.has_weight else None), None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+
+
+@_rms_norm_op.register_kernel("cuda")
+def _rms_norm_cuda(x, ndim, weight, eps):
+    y, rstd = cuda.rms_norm(x, weight, eps=eps, axis=_norm_axes(ndim), return_stats=True)
+    return dense(y), rstd.double()
+
+
+@_rms_norm_backward_op.register_kernel("cuda")
+def _rms_norm_backward_cuda(dy, x, ndim, weight, rstd, eps):
+    dx, dw = cuda.norm_backward(
+        "rms", "normax.torch.rms_norm", dy, x, weight, None, eps, _norm_axes(ndim), None, rstd, None
+    )
+    return dense(dx), (absent(x) if dw is None else dw.to(weight.dtype))
+
+
+def _normalized(fname: str, input: Tensor, normalized_shape, params) -> int:
+    """The number of normalized (trailing) dimensions, after checking the shapes as torch does."""
+    check_float(input, fname)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or k > input.ndim or tuple(input.shape[input.ndim - k :]) != shape:
+        raise ValueError(
+            f"{fname}: normalized_shape {list(shape)} does not match the trailing dimensions of an input "
+            f"of shape {list(input.shape)}"
+        )
+    for name, p in params:
+        if p is not None and tuple(p.shape) != shape:
+            raise ValueError(
+                f"{fname}: {name} shape {list(p.shape)} does not match normalized_shape {list(shape)}"
+            )
+    return k
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.layer_norm`` computed by :func:`normax.layer_norm`.
+
+    Parameters
+    ----------
+    input : Tensor
+        Floating-point CPU tensor whose trailing dimensions are `normalized_shape`.
+    normalized_shape : int or sequence of int
+        The normalized (trailing) shape.
+    weight, bias : Tensor, optional
+        Of `normalized_shape`.
+    eps : float, default 1e-5
+        Added to the (biased) variance.
+
+    Returns
+    -------
+    Tensor
+        Shaped like `input`, in its dtype.
+
+    Notes
+    -----
+    One fused normax pass per row with a stable variance; the forward keeps each row's mean and
+    rstd (float64) for the backward, which is one more normax pass (dx, and dweight/dbias reduced
+    deterministically).
+
+    Examples
+    --------
+    >>> import torch, normax.torch as nt
+    >>> nt.layer_norm(torch.tensor([1.0, 2.0, 3.0]), (3,), eps=0.0)
+    tensor([-1.2247,  0.0000,  1.2247])
+    """
+    fname = "normax.torch.layer_norm"
+    k = _normalized(fname, input, normalized_shape, (("weight", weight), ("bias", bias)))
+    return _layer_norm_op(input, k, weight, bias, float(eps))[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """``torch.nn.functional.rms_norm`` computed by :func:`normax.rms_norm`.
+
+    Parameters
+    ----------
+    input : Tensor
+        Floating-point CPU tensor whose trailing dimensions are `normalized_shape`.
+    normalized_shape : int or sequence of int
+        The normalized (trailing) shape.
+    weight : Tensor, optional
+        Of `normalized_shape`.
+    eps : float, optional
+        Added to the mean square; None means ``torch.finfo(input.dtype).eps``, as torch.
+
+    Returns
+    -------
+    Tensor
+        Shaped like `input`, in its dtype.
+
+    Notes
+    -----
+    torch's CPU rms_norm is a chain of separate ops; this is one fused normax pass per row (and
+    one for the backward, with the forward's rstd).
+
+    Examples
+    --------
+    >>> import torch, normax.torch as nt
+    >>> nt.rms_norm(torch.tensor([3.0, 4.0]), (2,), eps=0.0)
+    tensor([0.8485, 1.1314])
+    """
+    fname = "normax.torch.rms_norm"
+    k = _normalized(fname, input, normalized_shape, (("weight", weight),))
+    e = torch.finfo(input.dtype).eps if eps is None else float(eps)
+    return _rms_norm_op(input, k, weight, e)[0]

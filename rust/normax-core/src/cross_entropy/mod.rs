@@ -1,0 +1,203 @@
+//! Cross-entropy: loss and gradient fused over rows of logits, and a linear cross-entropy that
+//! computes the logits block by block from the hidden states and never holds all of them.
+//!
+//! Per row with logits x (after the optional softcap x -> s * tanh(x / s)), lse = log-sum-exp(x),
+//! class weights w (ones without), smoothing eps, z-loss z and C classes:
+//!
+//! ```text
+//! L      = (1 - eps) * w_y * (lse - x_y) + eps / C * sum_c w_c (lse - x_c) + z * lse^2
+//! dL/dx_c = p_c * A - w_c * (eps / C + (1 - eps) * t_c),     p = softmax(x)
+//! A      = (1 - eps) * sum_c w_c t_c + eps / C * sum_c w_c + 2 z lse
+//! ```
+//!
+//! with t the one-hot target (hard targets) or the target probabilities (soft targets, whose first
+//! loss term is (1 - eps) * sum_c w_c t_c (lse - x_c)). With a softcap the gradient is multiplied
+//! by 1 - (x / s)^2 (x capped). These are torch.nn.functional.cross_entropy's definitions.
+//!
+//! Pass 1 is the sum-of-exponentials machinery of [`crate::lse`] (exact f64 path for rows with NaN,
+//! inf or huge values). Pass 2 writes the gradient and accumulates the sums that need lse; the
+//! common case (hard targets, no smoothing, no softcap) instead keeps pass 1's exp terms in the
+//! gradient buffer and only scales them, as the in-cache softmax does. Rows run in parallel in
+//! fixed blocks whose loss sums add up in f64 in block order: the same result for any thread count.
+//!
+//! Here: the public functions and their checks; `rule`: the loss algebra above; `rows`: the SIMD
+//! passes and the row driver; `linear`: the linear cross-entropy.
+
+mod linear;
+mod rows;
+mod rule;
+
+use crate::driver::Ptr;
+use crate::float::Float;
+use crate::spec::{check_len, size, CeOptions, GradOutput, Reduction, Target};
+use crate::Error;
+use rows::{run_rows, Targets};
+use rule::{scale_for, Rule};
+
+pub use linear::{linear_block, linear_cross_entropy, LinearGrads, DEFAULT_CHUNK};
+
+/// Checks every class index; returns the mean's denominator, the summed weight of the rows kept.
+fn check_classes<T: Float>(
+    target: &[i64],
+    classes: usize,
+    ignore: i64,
+    weight: Option<&[T]>,
+) -> Result<f64, Error> {
+    let mut total = 0.0;
+    for (i, &y) in target.iter().enumerate() {
+        if y == ignore {
+            continue;
+        }
+        if y < 0 || y as u64 >= classes as u64 {
+            return Err(Error::Index(format!(
+                "target {y} at position {i} is out of range for {classes} classes \
+                 (and is not ignore_index = {ignore})"
+            )));
+        }
+        total += weight.map_or(1.0, |w| w[y as usize].to_f64());
+    }
+    Ok(total)
+}
+
+/// Writes the reduced loss (or checks the per-row buffer) once the row sums are in.
+pub(super) fn finish_loss<T: Float>(reduction: Reduction, total: f64, denom: f64, loss: &mut [T]) {
+    match reduction {
+        Reduction::None => {}
+        Reduction::Sum => loss[0] = T::from_f64(total),
+        Reduction::Mean => loss[0] = T::from_f64(total / denom),
+    }
+}
+
+/// Validates everything and returns the mean's denominator.
+pub(super) fn prepare<T: Float>(
+    rows: usize,
+    classes: usize,
+    target: &Target<&[i64], &[T]>,
+    opts: &CeOptions<&[T]>,
+    loss: &[T],
+) -> Result<f64, Error> {
+    opts.check(classes)?;
+    check_len("loss", loss.len(), opts.reduction.loss_len(rows))?;
+    match target {
+        Target::Classes(t) => {
+            check_len("target", t.len(), rows)?;
+            check_classes(t, classes, opts.ignore_index, opts.weight)
+        }
+        Target::Probs(p) => {
+            check_len("target", p.len(), size(rows, classes)?)?;
+            if opts.ignore_index >= 0 {
+                return Err(Error::Value(
+                    "ignore_index is not supported with class-probability targets".into(),
+                ));
+            }
+            Ok(rows as f64)
+        }
+    }
+}
+
+/// Checks every size and option, then runs the rows: the loss into `loss` and, unless `grad` is
+/// null, the gradient into `grad` (which may be the logits).
+///
+/// # Safety
+/// Each pointer valid for the length beside it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run<T: Float>(
+    (x, x_len): (*const T, usize),
+    (grad, grad_len): (*mut T, usize),
+    rows: usize,
+    classes: usize,
+    target: Target<&[i64], &[T]>,
+    opts: &CeOptions<&[T]>,
+    grad_output: GradOutput<&[T]>,
+    loss: &mut [T],
+) -> Result<(), Error> {
+    check_len("logits", x_len, size(rows, classes)?)?;
+    if !grad.is_null() {
+        check_len("grad", grad_len, x_len)?;
+    }
+    let denom = prepare(rows, classes, &target, opts, loss)?;
+    let scale = scale_for(opts.reduction, grad_output, denom, rows)?;
+    let rule = Rule::new(opts, classes);
+    let targets = match target {
+        Target::Classes(t) => Targets::Classes(t, opts.ignore_index),
+        Target::Probs(p) => Targets::Probs(Ptr::from_const(p.as_ptr())),
+    };
+    let losses = if opts.reduction == Reduction::None {
+        Ptr(loss.as_mut_ptr())
+    } else {
+        Ptr(std::ptr::null_mut())
+    };
+    let total = run_rows(
+        &rule,
+        Ptr::from_const(x),
+        Ptr(grad),
+        targets,
+        scale,
+        losses,
+        rows,
+        classes,
+        0,
+    );
+    finish_loss(opts.reduction, total, denom, loss);
+    Ok(())
+}
+
+/// Cross-entropy of `logits` (rows x classes, contiguous) into `loss`: one value per row for
+/// reduction None, else one.
+pub fn cross_entropy<T: Float>(
+    logits: &[T],
+    rows: usize,
+    classes: usize,
+    target: Target<&[i64], &[T]>,
+    opts: &CeOptions<&[T]>,
+    loss: &mut [T],
+) -> Result<(), Error> {
+    let x = (logits.as_ptr(), logits.len());
+    let no_grad = (std::ptr::null_mut(), 0);
+    let go = GradOutput::Scalar(0.0);
+    unsafe { run(x, no_grad, rows, classes, target, opts, go, loss) }
+}
+
+/// [`cross_entropy`] and d(grad_output * loss)/d(logits) into `grad`.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_with_grad<T: Float>(
+    logits: &[T],
+    grad: &mut [T],
+    rows: usize,
+    classes: usize,
+    target: Target<&[i64], &[T]>,
+    opts: &CeOptions<&[T]>,
+    grad_output: GradOutput<&[T]>,
+    loss: &mut [T],
+) -> Result<(), Error> {
+    let (x, g) = (
+        (logits.as_ptr(), logits.len()),
+        (grad.as_mut_ptr(), grad.len()),
+    );
+    unsafe { run(x, g, rows, classes, target, opts, grad_output, loss) }
+}
+
+/// [`cross_entropy_with_grad`] writing the gradient over the logits.
+pub fn cross_entropy_with_grad_inplace<T: Float>(
+    logits: &mut [T],
+    rows: usize,
+    classes: usize,
+    target: Target<&[i64], &[T]>,
+    opts: &CeOptions<&[T]>,
+    grad_output: GradOutput<&[T]>,
+    loss: &mut [T],
+) -> Result<(), Error> {
+    let (p, n) = (logits.as_mut_ptr(), logits.len());
+    unsafe {
+        run(
+            (p, n),
+            (p, n),
+            rows,
+            classes,
+            target,
+            opts,
+            grad_output,
+            loss,
+        )
+    }
+}

@@ -1,0 +1,664 @@
+//! Normalizations over contiguous rows: RMSNorm, LayerNorm and CRMSNorm (forward and backward),
+//! and the element passes of PowerNorm.
+//!
+//! Each row kernel reads its row a few times while it sits in cache and writes it once:
+//! - statistics: RMSNorm sums x^2 (CRMSNorm also x); LayerNorm sums x, then - with m0 = that mean
+//!   rounded to the element type - the deviations d = x - m0 and d^2 (corrected two-pass: the mean is
+//!   m0 + mean(d), the biased variance mean(d^2) - mean(d)^2, where mean(d) is tiny, so nothing
+//!   cancels even when |mean| >> std). Sums are short `Elem` partials folded into f64 (`rows`), and
+//!   the statistics are kept in f64.
+//! - the output pass: y = xhat * weight + bias with xhat = (x - m0) * rstd + (m0 - mean) * rstd.
+//! - backward: one pass for the row sums the gradient needs, one writing dx and adding the row's
+//!   dweight/dbias terms to per-block column sums (`driver::column_sums`, deterministic).
+//! - outputs too large to stay cached (`rows::Store`) are written with streaming stores, saving
+//!   the read-for-ownership of every line; the loops carry no per-vector branches (absent weight or
+//!   bias are ones/zeros, the RMS norms centre on 0, variants are const generics).
+//!
+//! PowerNorm's passes over tokens are in `power`.
+
+use crate::driver::{self, Ptr};
+use crate::float::Float;
+use crate::isa::{dispatch, Kernel};
+use crate::rows::{add_n, for_each_vector_from, load_n, put, row_sums, sum_squares, Store};
+use crate::simd::Vector;
+use crate::spec::{check_eps, check_len, NormKind};
+use crate::Error;
+use std::ops::Range;
+
+mod power;
+
+pub use power::{power_norm_backward, power_norm_forward, PowerGrad, PowerLayout, PowerOutput};
+
+/// One call's normalization: rows of `len` elements, weight and bias of `len` elements each.
+#[derive(Clone, Copy, Debug)]
+pub struct Params<'a, T> {
+    pub norm: NormKind,
+    pub len: usize,
+    pub eps: f64,
+    pub weight: Option<&'a [T]>,
+    /// LayerNorm only.
+    pub bias: Option<&'a [T]>,
+}
+
+impl<T: Float> Params<'_, T> {
+    /// Rows in an array of `size` elements, after checking the parameters.
+    fn rows(&self, name: &str, size: usize) -> Result<usize, Error> {
+        check_eps(self.eps)?;
+        for (p, pname) in [(self.weight, "weight"), (self.bias, "bias")] {
+            if let Some(p) = p {
+                if p.len() != self.len {
+                    return Err(Error::Value(format!(
+                        "{pname} has {} elements; the rows have {}",
+                        p.len(),
+                        self.len
+                    )));
+                }
+            }
+        }
+        if self.bias.is_some() && !self.norm.has_bias() {
+            return Err(Error::Value(format!("{:?} takes no bias", self.norm)));
+        }
+        if self.len == 0 {
+            return if size == 0 {
+                Ok(0)
+            } else {
+                Err(Error::Value(format!("{name}: rows of length 0")))
+            };
+        }
+        if size % self.len != 0 {
+            return Err(Error::Value(format!(
+                "{name} has {size} elements, not a whole number of rows of {}",
+                self.len
+            )));
+        }
+        Ok(size / self.len)
+    }
+}
+
+pub(super) fn opt_ptr<T>(p: Option<&[T]>) -> Ptr<T> {
+    Ptr::from_const(p.map_or(std::ptr::null(), |s| s.as_ptr()))
+}
+
+fn opt_ptr_mut<T>(p: Option<&mut [T]>) -> Ptr<T> {
+    Ptr(p.map_or(std::ptr::null_mut(), |s| s.as_mut_ptr()))
+}
+
+/// g = dy * weight over elements i..i + k (`w` never null: ones stand in for no weight).
+#[inline(always)]
+pub(super) unsafe fn grad<V: Vector>(dy: *const V::Elem, w: Ptr<V::Elem>, i: usize, k: usize) -> V {
+    load_n::<V>(dy.add(i), k).mul(load_n::<V>(w.at(i), k))
+}
+
+/// A row's statistics in f64: mean (0 for the RMS norms) and 1/sqrt(var + eps).
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    mean: f64,
+    rstd: f64,
+}
+
+#[inline(always)]
+unsafe fn row_stats<V: Vector>(norm: NormKind, x: *const V::Elem, len: usize, eps: f64) -> Stats {
+    let n = len as f64;
+    let (mean, ms) = match norm {
+        NormKind::Rms => (0.0, sum_squares::<V>(x, len) / n),
+        NormKind::Crms => {
+            let [ss, s] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let v = load_n::<V>(x.add(i), k);
+                    [v.mul(v), v]
+                },
+            );
+            (0.0, (ss + s * s) / (n + 1.0))
+        }
+        NormKind::Layer => {
+            let [s] = row_sums::<V, 1>(
+                len,
+                #[inline(always)]
+                |i, k| [load_n::<V>(x.add(i), k)],
+            );
+            let m0 = V::Elem::from_f64(s / n);
+            let mv = V::splat(m0);
+            let [sd, sdd] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let d = load_n::<V>(x.add(i), k).sub(mv);
+                    [d, d.mul(d)]
+                },
+            );
+            let dm = sd / n;
+            (m0.to_f64() + dm, (sdd / n - dm * dm).max(0.0))
+        }
+    };
+    Stats {
+        mean,
+        rstd: 1.0 / (ms + eps).sqrt(),
+    }
+}
+
+/// xhat = (x - m0) * r + c as vectors: with m0 the mean rounded to `Elem` (so x - m0 is exact
+/// near the mean) and c = (m0 - mean) * r carrying the rest of the mean. For the RMS norms m0 and
+/// c are 0, and (x - 0) * r + 0 is exactly x * r: one formula, no branch in the loops.
+#[derive(Clone, Copy)]
+struct Centering<V> {
+    m0: V,
+    r: V,
+    c: V,
+}
+
+impl<V: Vector> Centering<V> {
+    #[inline(always)]
+    fn new(s: Stats) -> Self {
+        let m0 = V::Elem::from_f64(s.mean);
+        Centering {
+            m0: V::splat(m0),
+            r: V::splat(V::Elem::from_f64(s.rstd)),
+            c: V::splat(V::Elem::from_f64((m0.to_f64() - s.mean) * s.rstd)),
+        }
+    }
+
+    #[inline(always)]
+    fn xhat(&self, x: V) -> V {
+        x.sub(self.m0).mul_add(self.r, self.c)
+    }
+}
+
+/// A row's stats from the saved arrays (null: recompute).
+#[inline(always)]
+unsafe fn saved_or_stats<V: Vector>(
+    norm: NormKind,
+    x: *const V::Elem,
+    len: usize,
+    eps: f64,
+    mean: Ptr<f64>,
+    rstd: Ptr<f64>,
+    r: usize,
+) -> Stats {
+    if rstd.0.is_null() {
+        return row_stats::<V>(norm, x, len, eps);
+    }
+    let mean = if mean.0.is_null() { 0.0 } else { *mean.at(r) };
+    Stats {
+        mean,
+        rstd: *rstd.at(r),
+    }
+}
+
+/// `weight` (or ones) and `bias` (or zeros) as pointers the loops always read: no branch per
+/// vector for the optional parameters.
+struct Affine<T> {
+    w: Ptr<T>,
+    b: Ptr<T>,
+    _ones: Vec<T>,
+    _zeros: Vec<T>,
+}
+
+impl<T: Float> Affine<T> {
+    fn new(p: &Params<T>) -> Self {
+        let ones = if p.weight.is_none() {
+            vec![T::ONE; p.len]
+        } else {
+            Vec::new()
+        };
+        let zeros = if p.bias.is_none() {
+            vec![T::ZERO; p.len]
+        } else {
+            Vec::new()
+        };
+        Affine {
+            w: Ptr::from_const(p.weight.unwrap_or(&ones).as_ptr()),
+            b: Ptr::from_const(p.bias.unwrap_or(&zeros).as_ptr()),
+            _ones: ones,
+            _zeros: zeros,
+        }
+    }
+}
+
+struct Forward<'a, T> {
+    p: &'a Params<'a, T>,
+    x: Ptr<T>,
+    y: Ptr<T>,
+    w: Ptr<T>,
+    b: Ptr<T>,
+    mean: Ptr<f64>,
+    rstd: Ptr<f64>,
+    store: Store,
+    rows: Range<usize>,
+}
+
+/// y = xhat * w + b over one row; the full vectors from `head` on streamed if STREAM.
+#[inline(always)]
+unsafe fn write_row<V: Vector, const STREAM: bool>(
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    w: Ptr<V::Elem>,
+    b: Ptr<V::Elem>,
+    len: usize,
+    head: usize,
+    cen: Centering<V>,
+) {
+    for_each_vector_from::<V>(
+        head,
+        len,
+        #[inline(always)]
+        |i, n| {
+            let v = cen
+                .xhat(load_n::<V>(x.add(i), n))
+                .mul_add(load_n::<V>(w.at(i), n), load_n::<V>(b.at(i), n));
+            put::<V, STREAM>(v, y.add(i), n);
+        },
+    );
+}
+
+impl<T: Float> Kernel<T> for Forward<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) {
+        let p = self.p;
+        let len = p.len;
+        for r in self.rows {
+            unsafe {
+                let (x, y) = (self.x.at(r * len), self.y.at(r * len));
+                let s = row_stats::<V>(p.norm, x, len, p.eps);
+                let cen = Centering::<V>::new(s);
+                match self.store.row::<V>(y) {
+                    (head, Store::Stream) => {
+                        write_row::<V, true>(x, y, self.w, self.b, len, head, cen)
+                    }
+                    (head, Store::Plain) => {
+                        write_row::<V, false>(x, y, self.w, self.b, len, head, cen)
+                    }
+                }
+                if !self.mean.0.is_null() {
+                    *self.mean.at(r) = s.mean;
+                }
+                if !self.rstd.0.is_null() {
+                    *self.rstd.at(r) = s.rstd;
+                }
+            }
+        }
+        self.store.finish::<V>();
+    }
+}
+
+unsafe fn forward_raw<T: Float>(
+    p: &Params<T>,
+    x: *const T,
+    y: *mut T,
+    rows: usize,
+    mean: Ptr<f64>,
+    rstd: Ptr<f64>,
+) {
+    let (x, y) = (Ptr::from_const(x), Ptr(y));
+    let affine = Affine::new(p);
+    let (w, b) = (affine.w, affine.b);
+    let store = Store::for_output::<T>(rows * p.len);
+    driver::for_each_row_block(rows, p.len, |rows| {
+        dispatch(Forward {
+            p,
+            x,
+            y,
+            w,
+            b,
+            mean,
+            rstd,
+            store,
+            rows,
+        })
+    });
+}
+
+fn check_stats_out(
+    rows: usize,
+    mean: &Option<&mut [f64]>,
+    rstd: &Option<&mut [f64]>,
+) -> Result<(), Error> {
+    if let Some(m) = mean {
+        check_len("mean", m.len(), rows)?;
+    }
+    if let Some(r) = rstd {
+        check_len("rstd", r.len(), rows)?;
+    }
+    Ok(())
+}
+
+/// Normalizes each row of `x` into `y`; optionally stores each row's mean (LayerNorm; 0 for the
+/// RMS norms) and 1/sqrt(var + eps) (the RMS norms: 1/sqrt(mean square + eps)) for the backward.
+pub fn forward<T: Float>(
+    p: &Params<T>,
+    x: &[T],
+    y: &mut [T],
+    mean: Option<&mut [f64]>,
+    rstd: Option<&mut [f64]>,
+) -> Result<(), Error> {
+    let rows = p.rows("x", x.len())?;
+    check_len("out", y.len(), x.len())?;
+    check_stats_out(rows, &mean, &rstd)?;
+    let (m, r) = (opt_ptr_mut(mean), opt_ptr_mut(rstd));
+    unsafe { forward_raw(p, x.as_ptr(), y.as_mut_ptr(), rows, m, r) };
+    Ok(())
+}
+
+/// [`forward`] in place.
+pub fn forward_inplace<T: Float>(
+    p: &Params<T>,
+    x: &mut [T],
+    mean: Option<&mut [f64]>,
+    rstd: Option<&mut [f64]>,
+) -> Result<(), Error> {
+    let rows = p.rows("x", x.len())?;
+    check_stats_out(rows, &mean, &rstd)?;
+    let (m, r) = (opt_ptr_mut(mean), opt_ptr_mut(rstd));
+    let xp = x.as_mut_ptr();
+    unsafe { forward_raw(p, xp, xp, rows, m, r) };
+    Ok(())
+}
+
+struct Backward<'a, T> {
+    p: &'a Params<'a, T>,
+    dy: Ptr<T>,
+    x: Ptr<T>,
+    dx: Ptr<T>,
+    /// Never null (ones without a weight).
+    w: Ptr<T>,
+    mean: Ptr<f64>,
+    rstd: Ptr<f64>,
+    /// Column sums of dy * xhat and of dy (null when not wanted), `len` each.
+    dweight: Ptr<T>,
+    dbias: Ptr<T>,
+    store: Store,
+    rows: Range<usize>,
+}
+
+/// One row's backward write pass: dx = g * r + xhat * b + a, and the row's dweight (dy * xhat)
+/// and dbias (dy) terms added to the column sums where ACC_W / ACC_B.
+struct RowGrad<V: Vector> {
+    dy: *const V::Elem,
+    x: *const V::Elem,
+    dx: *mut V::Elem,
+    w: Ptr<V::Elem>,
+    dw: Ptr<V::Elem>,
+    db: Ptr<V::Elem>,
+    cen: Centering<V>,
+    a: V,
+    b: V,
+}
+
+#[inline(always)]
+unsafe fn grad_row<V: Vector, const STREAM: bool, const ACC_W: bool, const ACC_B: bool>(
+    g: &RowGrad<V>,
+    len: usize,
+    head: usize,
+) {
+    for_each_vector_from::<V>(
+        head,
+        len,
+        #[inline(always)]
+        |i, k| {
+            let dyi = load_n::<V>(g.dy.add(i), k);
+            let xh = g.cen.xhat(load_n::<V>(g.x.add(i), k));
+            let gi = dyi.mul(load_n::<V>(g.w.at(i), k));
+            put::<V, STREAM>(gi.mul_add(g.cen.r, xh.mul_add(g.b, g.a)), g.dx.add(i), k);
+            if ACC_W {
+                add_n(dyi.mul(xh), g.dw.at(i), k);
+            }
+            if ACC_B {
+                add_n(dyi, g.db.at(i), k);
+            }
+        },
+    );
+}
+
+impl<T: Float> Kernel<T> for Backward<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) {
+        let p = self.p;
+        let (len, norm) = (p.len, p.norm);
+        let n = len as f64;
+        let w = self.w;
+        for r in self.rows {
+            unsafe {
+                let (dy, x, dx) = (self.dy.at(r * len), self.x.at(r * len), self.dx.at(r * len));
+                let s = saved_or_stats::<V>(norm, x, len, p.eps, self.mean, self.rstd, r);
+                let cen = Centering::<V>::new(s);
+                // dx = r * g + xhat * b + a: the row sums give a and b.
+                let (a, b) = match norm {
+                    NormKind::Layer => {
+                        // dx = r * (g - mean(g) - xhat * mean(g * xhat))
+                        let [sg, sgx] = row_sums::<V, 2>(
+                            len,
+                            #[inline(always)]
+                            |i, k| {
+                                let gv = grad::<V>(dy, w, i, k);
+                                [gv, gv.mul(cen.xhat(load_n::<V>(x.add(i), k)))]
+                            },
+                        );
+                        (-s.rstd * sg / n, -s.rstd * sgx / n)
+                    }
+                    NormKind::Rms => {
+                        // dx = r * g - x * r^3 * mean(g * x), with x = xhat / r
+                        let [sgx] = row_sums::<V, 1>(
+                            len,
+                            #[inline(always)]
+                            |i, k| [grad::<V>(dy, w, i, k).mul(load_n::<V>(x.add(i), k))],
+                        );
+                        (0.0, -s.rstd * s.rstd * sgx / n)
+                    }
+                    NormKind::Crms => {
+                        // dx = r * g - (x + sum(x)) * r^3 * sum(g * x) / (len + 1)
+                        let [sgx, sx] = row_sums::<V, 2>(
+                            len,
+                            #[inline(always)]
+                            |i, k| {
+                                let v = load_n::<V>(x.add(i), k);
+                                [grad::<V>(dy, w, i, k).mul(v), v]
+                            },
+                        );
+                        let b = -s.rstd.powi(3) * sgx / (n + 1.0);
+                        (b * sx, b / s.rstd)
+                    }
+                };
+                let g = RowGrad {
+                    dy,
+                    x,
+                    dx,
+                    w,
+                    dw: self.dweight,
+                    db: self.dbias,
+                    cen,
+                    a: V::splat(T::from_f64(a)),
+                    b: V::splat(T::from_f64(b)),
+                };
+                let (head, store) = self.store.row::<V>(dx);
+                let stream = store == Store::Stream;
+                match (stream, !g.dw.0.is_null(), !g.db.0.is_null()) {
+                    (false, false, false) => grad_row::<V, false, false, false>(&g, len, head),
+                    (false, true, false) => grad_row::<V, false, true, false>(&g, len, head),
+                    (false, false, true) => grad_row::<V, false, false, true>(&g, len, head),
+                    (false, true, true) => grad_row::<V, false, true, true>(&g, len, head),
+                    (true, false, false) => grad_row::<V, true, false, false>(&g, len, head),
+                    (true, true, false) => grad_row::<V, true, true, false>(&g, len, head),
+                    (true, false, true) => grad_row::<V, true, false, true>(&g, len, head),
+                    (true, true, true) => grad_row::<V, true, true, true>(&g, len, head),
+                }
+            }
+        }
+        self.store.finish::<V>();
+    }
+}
+
+/// Gradient of [`forward`]: dx from dy and x, and the column sums dweight = sum(dy * xhat) and
+/// dbias = sum(dy) over rows where wanted. `mean`/`rstd` are the forward's statistics if saved
+/// (LayerNorm needs both; the RMS norms only `rstd`), else they are recomputed.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    p: &Params<T>,
+    dy: &[T],
+    x: &[T],
+    mean: Option<&[f64]>,
+    rstd: Option<&[f64]>,
+    dx: &mut [T],
+    dweight: Option<&mut [T]>,
+    dbias: Option<&mut [T]>,
+) -> Result<(), Error> {
+    let rows = p.rows("x", x.len())?;
+    check_len("dy", dy.len(), x.len())?;
+    check_len("dx", dx.len(), x.len())?;
+    match (p.norm, mean, rstd) {
+        (_, None, None)
+        | (NormKind::Layer, Some(_), Some(_))
+        | (NormKind::Rms | NormKind::Crms, None, Some(_)) => {}
+        (NormKind::Layer, ..) => {
+            return Err(Error::Value(
+                "mean and rstd: give both saved statistics or neither".into(),
+            ))
+        }
+        _ => return Err(Error::Value("mean: the RMS norms save only rstd".into())),
+    }
+    for (s, name) in [(mean, "mean"), (rstd, "rstd")] {
+        if let Some(s) = s {
+            check_len(name, s.len(), rows)?;
+        }
+    }
+    for (s, name) in [(&dweight, "dweight"), (&dbias, "dbias")] {
+        if let Some(s) = s {
+            check_len(name, s.len(), p.len)?;
+        }
+    }
+    let (dy, x, dx) = (
+        Ptr::from_const(dy.as_ptr()),
+        Ptr::from_const(x.as_ptr()),
+        Ptr(dx.as_mut_ptr()),
+    );
+    let (mean, rstd) = (opt_ptr(mean), opt_ptr(rstd));
+    let len = p.len;
+    let store = Store::for_output::<T>(rows * len);
+    let affine = Affine::new(p);
+    let w = affine.w;
+    let run = |rows: Range<usize>, dweight: Ptr<T>, dbias: Ptr<T>| {
+        dispatch(Backward {
+            p,
+            dy,
+            x,
+            dx,
+            w,
+            mean,
+            rstd,
+            dweight,
+            dbias,
+            store,
+            rows,
+        })
+    };
+    let null = Ptr(std::ptr::null_mut());
+    if dweight.is_none() && dbias.is_none() {
+        driver::for_each_row_block(rows, len, |r| run(r, null, null));
+        return Ok(());
+    }
+    let (want_w, want_b) = (dweight.is_some(), dbias.is_some());
+    let width = len * (want_w as usize + want_b as usize);
+    let sums = driver::column_sums::<T>(rows, width, |r, acc| {
+        let acc = Ptr(acc.as_mut_ptr());
+        let dw = if want_w { acc } else { null };
+        let db = if want_b {
+            Ptr(acc.at(if want_w { len } else { 0 }))
+        } else {
+            null
+        };
+        run(r, dw, db)
+    });
+    let mut parts = sums.chunks_exact(len);
+    for out in [dweight, dbias].into_iter().flatten() {
+        for (o, &s) in out
+            .iter_mut()
+            .zip(parts.next().expect("one part per output"))
+        {
+            *o = T::from_f64(s);
+        }
+    }
+    Ok(())
+}
+
+// The public functions are tested in tests/norms.rs; this one needs the private row kernels.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isa::{self, TEST_LOCK};
+
+    /// Deterministic values in [-1, 1) that differ from row to row.
+    fn values(n: usize, step: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 * step) % 2.0) - 1.0).collect()
+    }
+
+    #[test]
+    fn streaming_stores_write_the_same_bits() {
+        // Outputs past Store's size threshold are written with streaming stores, aligned per row
+        // by a head piece; force that path on small rows of odd lengths (misaligned row starts).
+        let _guard = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = isa::active();
+        for isa in isa::supported() {
+            isa::set_active(isa).unwrap();
+            for len in [1, 7, 17, 33, 100] {
+                let rows = 9;
+                let x = values(rows * len, 0.37);
+                let dy = values(rows * len, 0.61);
+                let w = values(len, 0.83);
+                for norm in [NormKind::Rms, NormKind::Layer, NormKind::Crms] {
+                    let p = Params {
+                        norm,
+                        len,
+                        eps: 1e-5,
+                        weight: Some(&w[..]),
+                        bias: None,
+                    };
+                    let run = |store: Store| {
+                        let (mut y, mut dx) = (vec![0.0f32; rows * len], vec![0.0f32; rows * len]);
+                        let (null, nul) = (Ptr(std::ptr::null_mut()), Ptr(std::ptr::null_mut()));
+                        let (xp, dyp) = (Ptr::from_const(x.as_ptr()), Ptr::from_const(dy.as_ptr()));
+                        let affine = Affine::new(&p);
+                        let (w, b, yp) = (affine.w, affine.b, Ptr(y.as_mut_ptr()));
+                        let (p, rows) = (&p, 0..rows);
+                        let fwd = Forward {
+                            p,
+                            x: xp,
+                            y: yp,
+                            w,
+                            b,
+                            mean: null,
+                            rstd: null,
+                            store,
+                            rows: rows.clone(),
+                        };
+                        dispatch(fwd);
+                        let dxp = Ptr(dx.as_mut_ptr());
+                        let (dweight, dbias) = (nul, nul);
+                        let (mean, rstd) = (null, null);
+                        dispatch(Backward {
+                            p,
+                            dy: dyp,
+                            x: xp,
+                            dx: dxp,
+                            w,
+                            mean,
+                            rstd,
+                            dweight,
+                            dbias,
+                            store,
+                            rows,
+                        });
+                        (y, dx)
+                    };
+                    assert_eq!(
+                        run(Store::Stream),
+                        run(Store::Plain),
+                        "{isa:?} {norm:?} {len}"
+                    );
+                }
+            }
+        }
+        isa::set_active(previous).unwrap();
+    }
+}

@@ -1,0 +1,304 @@
+"""The one emulation of the CUDA kernels for every test of the CUDA path's Python side (no GPU here).
+
+The fixture `cuda_kernels` (conftest.py) makes CPU torch tensors count as CUDA arrays and replaces `_core.cuda_*` (where
+normax._backends.cuda.device calls them, the one place that does) by what each kernel computes
+from the contiguous row-major buffers its DLPack capsules describe, in float64 torch ops. The
+CUDA path's functions must then give the CPU functions' results: this checks argument handling,
+layouts, reductions, gradient scales, PowerNorm's state bookkeeping and result shapes. The
+kernels themselves are checked on a GPU by the `gpu`-marked tests.
+
+`cupy_kernels` does the same for the CuPy branch, with NumPy arrays posing as CuPy's.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from normax import _core
+from normax._backends import cuda
+from normax._backends.cuda import device
+
+STREAM = 0x5EED  # the caller's "current stream": every kernel must run on it
+
+
+def _t(capsule):
+    return None if capsule is None else torch.from_dlpack(capsule)
+
+
+def _rows(capsule, rows, cols):
+    t = _t(capsule)
+    assert t.is_contiguous() and t.numel() == rows * cols
+    return t.reshape(rows, cols)
+
+
+def _vec(capsule, n):
+    t = _t(capsule)
+    assert t.is_contiguous() and t.numel() == n
+    return t.reshape(n)
+
+
+class EmulatedKernels:
+    """The contract of `_core.cuda_*`: contiguous row-major buffers, float32 statistics.
+
+    Every call is recorded in `calls` as (kernel name, device index, stream).
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+    def __getattr__(self, name):
+        if not name.startswith("cuda_"):
+            raise AttributeError(name)
+        kernel = getattr(type(self), "_" + name[len("cuda_") :])
+        assert hasattr(_core, name) or not hasattr(_core, "cuda_softmax"), f"no such kernel: {name}"
+
+        def call(*args):
+            self.calls.append((name, args[-2], args[-1]))
+            return kernel(*args[:-2])
+
+        return call
+
+    @staticmethod
+    def _compile_all(arch):
+        return []
+
+    @staticmethod
+    def _softmax(x, out, rows, cols, log):
+        v = _rows(x, rows, cols).double()
+        _rows(out, rows, cols).copy_(torch.log_softmax(v, -1) if log else torch.softmax(v, -1))
+
+    @staticmethod
+    def _logsumexp(x, out, rows, cols):
+        _vec(out, rows).copy_(torch.logsumexp(_rows(x, rows, cols).double(), -1))
+
+    @staticmethod
+    def _softmax_backward(y, dy, dx, rows, cols, log):
+        yv, dyv = _rows(y, rows, cols).double(), _rows(dy, rows, cols).double()
+        if log:
+            r = dyv - yv.exp() * dyv.sum(-1, keepdim=True)
+        else:
+            r = yv * (dyv - (dyv * yv).sum(-1, keepdim=True))
+        _rows(dx, rows, cols).copy_(r)
+
+    @staticmethod
+    def _cross_entropy(
+        logits, target, weight, loss_rows, grad, scale, stride, rows, cols, ignore, eps, z, cap
+    ):
+        x = _rows(logits, rows, cols).double().clone()  # grad may be the logits themselves
+        if cap:
+            x = cap * torch.tanh(x / cap)
+        lse = torch.logsumexp(x, -1)
+        w = torch.ones(cols, dtype=torch.float64) if weight is None else _t(weight).double()
+        t = _t(target)
+        if t.dtype == torch.int64:
+            t = t.reshape(rows)
+            ignored = (t == ignore) | (t < 0) | (t >= cols)
+            y = torch.where(ignored, 0, t)
+            tvec = torch.nn.functional.one_hot(y, cols).double()
+            target_term = w[y] * (lse - x.gather(1, y[:, None])[:, 0])
+            sum_wt = w[y]
+        else:
+            ignored = torch.zeros(rows, dtype=torch.bool)
+            tvec = t.reshape(rows, cols).double()
+            target_term = (w * tvec * (lse[:, None] - x)).sum(-1)
+            sum_wt = (w * tvec).sum(-1)
+        smooth = (w * (lse[:, None] - x)).sum(-1)
+        loss = (1 - eps) * target_term + eps / cols * smooth + z * lse**2
+        _vec(loss_rows, rows).copy_(torch.where(ignored, 0.0, loss))
+        if grad is not None:
+            s = _t(scale).double()
+            s = s[0].expand(rows) if stride == 0 else s[:rows]
+            s = torch.where(ignored, 0.0, s)
+            a = (1 - eps) * sum_wt + eps * w.sum() / cols + 2 * z * lse
+            g = (torch.exp(x - lse[:, None]) * a[:, None] - w * (eps / cols + (1 - eps) * tvec)) * s[:, None]
+            if cap:
+                g = g * (1 - (x / cap) ** 2)
+            _rows(grad, rows, cols).copy_(g)
+
+    @staticmethod
+    def _stats(kind, x, eps):
+        if kind == "layer":
+            mean = x.mean(-1)
+            var = ((x - mean[:, None]) ** 2).mean(-1)
+            return mean, 1 / torch.sqrt(var + eps)
+        ms = (x * x).sum(-1)
+        d = x.shape[1]
+        if kind == "crms":
+            ms, d = ms + x.sum(-1) ** 2, d + 1
+        return torch.zeros(x.shape[0], dtype=x.dtype), 1 / torch.sqrt(ms / d + eps)
+
+    @staticmethod
+    def _norm_forward(kind, x, weight, bias, out, mean, rstd, rows, cols, eps):
+        xv = _rows(x, rows, cols).double()
+        mu, rs = EmulatedKernels._stats(kind, xv, eps)
+        if mean is not None:
+            _vec(mean, rows).copy_(mu)
+        if rstd is not None:
+            _vec(rstd, rows).copy_(rs)
+        if out is not None:
+            y = (xv - mu[:, None]) * rs[:, None]
+            if weight is not None:
+                y = y * _vec(weight, cols).double()
+            if bias is not None:
+                y = y + _vec(bias, cols).double()
+            _rows(out, rows, cols).copy_(y)
+
+    @staticmethod
+    def _norm_backward(kind, dy, x, weight, mean, rstd, dx, dweight, dbias, rows, cols):
+        xv, dyv = _rows(x, rows, cols).double(), _rows(dy, rows, cols).double()
+        mu = _vec(mean, rows).double() if mean is not None else torch.zeros(rows, dtype=torch.float64)
+        rs = _vec(rstd, rows).double()[:, None]
+        xhat = (xv - mu[:, None]) * rs
+        g = dyv * _vec(weight, cols).double() if weight is not None else dyv
+        d = cols + 1 if kind == "crms" else cols
+        proj = (g * xhat).sum(-1, keepdim=True) / d
+        along = (xv + xv.sum(-1, keepdim=True)) * rs if kind == "crms" else xhat
+        mean_g = g.sum(-1, keepdim=True) / d if kind == "layer" else 0.0
+        _rows(dx, rows, cols).copy_(rs * (g - mean_g - along * proj))
+        if dweight is not None:
+            _vec(dweight, cols).copy_((dyv * xhat).sum(0))
+        if dbias is not None:
+            _vec(dbias, cols).copy_(dyv.sum(0))
+
+    # PowerNorm: written from the CPU equations (normax.power_norm's Notes), not from the CUDA code.
+
+    @staticmethod
+    def _group_scaled(x, tokens, c, groups, eps):
+        """(u, s): the group-scaled tokens and each group's scale."""
+        xs = _rows(x, tokens, c).double().reshape(tokens, groups, c // groups)
+        s = 1.0 / torch.sqrt((xs * xs).mean(-1, keepdim=True) + eps)
+        return (xs * s).reshape(tokens, c), s
+
+    @staticmethod
+    def _power_norm_forward(x, tokens, c, groups, eps, pad, sumsq, scale, shift, y):
+        assert (scale is None) == (shift is None) == (y is None)
+        u, _ = EmulatedKernels._group_scaled(x, tokens, c, groups, eps)
+        if sumsq is not None:
+            keep = torch.ones(tokens, dtype=torch.bool) if pad is None else _vec(pad, tokens) == 0
+            _vec(sumsq, c).copy_((u[keep] ** 2).sum(0))
+        if y is not None:
+            _rows(y, tokens, c).copy_(u * _vec(scale, c).double() + _vec(shift, c).double())
+
+    @staticmethod
+    def _power_norm_backward(dy, x, tokens, c, groups, eps, weight, zscale, ema, dscale, dx, sums):
+        cg = c // groups
+        u, s = EmulatedKernels._group_scaled(x, tokens, c, groups, eps)
+        d = _rows(dy, tokens, c).double()
+        z = u * _vec(zscale, c).double()
+        g = d * (_vec(weight, c).double() if weight is not None else 1.0)
+        gh = g - _vec(ema, c).double() * z
+        du = gh * _vec(dscale, c).double()
+        mean_du_u = (du * u).reshape(tokens, groups, cg).mean(-1, keepdim=True)
+        out = s * (du.reshape(tokens, groups, cg) - u.reshape(tokens, groups, cg) * mean_du_u)
+        _rows(dx, tokens, c).copy_(out.reshape(tokens, c))
+        _vec(sums, 3 * c).copy_(torch.cat([(gh * z).sum(0), (d * z).sum(0), d.sum(0)]))
+
+
+def emulate(monkeypatch, is_cuda) -> EmulatedKernels:
+    """Arrays for which `is_cuda` holds count as CUDA arrays; the kernels are emulated."""
+    kernels = EmulatedKernels()
+    monkeypatch.setattr(device, "_core", kernels)
+    for module in (device, cuda):
+        monkeypatch.setattr(module, "is_cuda_array", is_cuda)
+    monkeypatch.setattr(device.Lib, "current_stream", lambda self: STREAM)
+    monkeypatch.setattr(device.Lib, "capturing", lambda self: False)
+    return kernels
+
+
+# -- The CuPy branch, on a stand-in: NumPy arrays that say they are CuPy's.
+
+
+class FakeCupyArray(np.ndarray):
+    """A NumPy array posing as a cupy.ndarray on device 0 (its memory is host memory)."""
+
+    @property
+    def device(self):
+        return _FAKE_DEVICE
+
+    @property
+    def data(self):  # cupy.ndarray.data.ptr: the address
+        return type("MemoryPointer", (), {"ptr": self.__array_interface__["data"][0]})()
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        assert stream == STREAM  # asked for the caller's current stream
+        a = np.asarray(self)
+        return (a if a.flags.writeable else a.copy()).__dlpack__()  # NumPy exports no read-only views
+
+
+FakeCupyArray.__module__ = "cupy"
+
+
+class _FakeDevice:
+    id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_FAKE_DEVICE = _FakeDevice()
+
+
+def cupy_module():
+    def wrap(f):
+        return lambda *a, **k: np.asarray(f(*a, **k)).view(FakeCupyArray)
+
+    stream = types.SimpleNamespace(ptr=STREAM, is_capturing=lambda: False)
+    return types.SimpleNamespace(
+        float32=np.float32,
+        float64=np.float64,
+        int64=np.int64,
+        empty=wrap(np.empty),
+        zeros=wrap(np.zeros),
+        full=wrap(np.full),
+        asarray=wrap(np.asarray),
+        ascontiguousarray=wrap(np.ascontiguousarray),
+        broadcast_to=wrap(np.broadcast_to),
+        asnumpy=lambda a: np.array(a),
+        cuda=types.SimpleNamespace(get_current_stream=lambda: stream),
+    )
+
+
+def cp(a):
+    """`a` as a (stand-in) CuPy array."""
+    return np.ascontiguousarray(a).view(FakeCupyArray)
+
+
+def close(got, want, rtol=2e-5, atol=2e-6):
+    got = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    np.testing.assert_allclose(got.astype(np.float64), np.asarray(want, np.float64), rtol=rtol, atol=atol)
+
+
+def same_as_the_cpu_op(cases):
+    """Each (CUDA kernel, CPU op, args): the same dtypes, shapes and (to rounding) values."""
+    for ours, op, args in cases:
+        got, want = ours(*args), op(*args)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        assert len(got) == len(want), ours.__name__
+        for g, wnt in zip(got, want):
+            assert g.dtype == wnt.dtype and g.shape == wnt.shape, (ours.__name__, g.dtype, wnt.dtype, g.shape)
+            assert g.is_contiguous(), ours.__name__
+            tol = 2e-2 if g.dtype == torch.bfloat16 else 1e-4
+            close(g.float(), wnt.float().numpy(), rtol=tol, atol=tol)
+
+
+def same_tensors(got, want, atol=1e-5):
+    """Tensors of the same shape, dtype and (within float32 roundings) values; lists pairwise."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+        np.testing.assert_allclose(g.double().numpy(), w.double().numpy(), rtol=1e-5, atol=atol)

@@ -1,0 +1,237 @@
+"""cross_entropy, its gradient and the linear cross-entropy on CUDA arrays, against the CPU
+functions, with the kernels emulated (cuda_emulation.py): options, axes, probabilities,
+grad_output, in place, bad indices, the linear cross-entropy's row blocks, mean denominator,
+gradient scales and dweight/dbias accumulation.
+
+Tolerances: the emulated kernels compute in float64 and round to float32 once, the CPU path in
+float32 with float64 sums, so results agree to a few float32 roundings of the values' magnitude.
+"""
+
+import normax
+import numpy as np
+import pytest
+from cuda_emulation import close, cp, same_as_the_cpu_op, same_tensors, torch
+from normax._backends import cuda
+from normax._backends.cuda.cross_entropy import _linear_rows
+
+RNG = np.random.default_rng(7)
+X = RNG.normal(scale=3.0, size=(3, 4, 50)).astype(np.float32)
+
+CE_CASES = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3, "softcap": 5.0},
+    {"ignore_index": 2},
+]
+
+
+@pytest.mark.parametrize("kw", CE_CASES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy(cuda_kernels, kw, weighted):
+    logits = X.reshape(12, 50)
+    target = RNG.integers(0, 50, size=12)
+    target[::5] = kw.get("ignore_index", -100)
+    weight = RNG.uniform(0.5, 2.0, size=50).astype(np.float32) if weighted else None
+    tw = None if weight is None else torch.from_numpy(weight)
+    args = (torch.from_numpy(logits), torch.from_numpy(target))
+    close(
+        normax.cross_entropy(*args, weight=tw, **kw),
+        normax.cross_entropy(logits, target, weight=weight, **kw),
+    )
+    loss, grad = normax.cross_entropy_with_grad(*args, weight=tw, **kw)
+    want_loss, want_grad = normax.cross_entropy_with_grad(logits, target, weight=weight, **kw)
+    close(loss, want_loss)
+    close(grad, want_grad, atol=1e-6)
+    assert isinstance(grad, torch.Tensor) and grad.dtype == torch.float32
+
+
+def test_cross_entropy_axes_probabilities_grad_output_inplace(cuda_kernels):
+    logits = X  # classes on axis 1 (size 4)
+    target = RNG.integers(0, 4, size=(3, 50))
+    tl, tt = torch.from_numpy(logits), torch.from_numpy(target)
+    close(normax.cross_entropy(tl, tt, axis=1), normax.cross_entropy(logits, target, axis=1))
+    g_out = RNG.normal(size=(3, 50)).astype(np.float32)
+    got = normax.cross_entropy_with_grad(
+        tl, tt, axis=1, reduction="none", grad_output=torch.from_numpy(g_out)
+    )
+    want = normax.cross_entropy_with_grad(logits, target, axis=1, reduction="none", grad_output=g_out)
+    close(got[0], want[0])
+    close(got[1], want[1], atol=1e-6)
+    probs = normax.softmax(RNG.normal(size=(12, 50)).astype(np.float32))
+    flat = X.reshape(12, 50)
+    got = normax.cross_entropy_with_grad(torch.from_numpy(flat), torch.from_numpy(probs), label_smoothing=0.2)
+    want = normax.cross_entropy_with_grad(flat, probs, label_smoothing=0.2)
+    close(got[0], want[0])
+    close(got[1], want[1], atol=1e-6)
+    # In place: the gradient lands in the caller's tensor.
+    buf = torch.from_numpy(flat.copy())
+    _, g = normax.cross_entropy_with_grad(buf, torch.from_numpy(target[0, :12]), inplace=True)
+    assert g is buf
+    close(buf, normax.cross_entropy_with_grad(flat, target[0, :12])[1], atol=1e-6)
+    with pytest.raises(IndexError, match=r"class index 50 at position 3 is out of range \[0, 50\)"):
+        normax.cross_entropy(torch.from_numpy(flat), torch.tensor([0, 1, 2, 50] + [0] * 8))
+
+
+def test_bad_class_indices(cuda_kernels):
+    from normax.torch import _cross_entropy as nt
+
+    # A bad class index in a multi-dimensional target is named by its position.
+    logits = torch.from_numpy(X)  # classes on axis 1 (4 of them)
+    target = torch.zeros((3, 50), dtype=torch.int64)
+    target[1, 3] = 7
+    with pytest.raises(IndexError, match=r"class index 7 at position \(1, 3\)"):
+        normax.cross_entropy(logits, target, axis=1)
+    # The torch op asserts on the device instead of reading back (torch's behaviour).
+    with pytest.raises(RuntimeError, match="class index is out of range"):
+        nt._cross_entropy_cuda(logits, target, None, 1, -100, "mean", 0.0, 0.0, None)
+
+
+def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(cuda_kernels):
+    from normax.torch import _cross_entropy as nt
+
+    ops = torch.ops.normax
+    x = torch.from_numpy(X)
+    w = torch.rand(50) + 0.5
+    t = torch.from_numpy(RNG.integers(0, 4, size=(3, 50)))
+    same_as_the_cpu_op([
+        (nt._cross_entropy_cuda, ops.cross_entropy, (x, t, None, 1, -100, "mean", 0.1, 0.0, None)),
+        (nt._cross_entropy_cuda, ops.cross_entropy, (x, t, None, 1, 0, "none", 0.0, 1e-3, 4.0)),
+        (
+            nt._cross_entropy_with_grad_cuda,
+            ops.cross_entropy_with_grad,
+            (x, t, None, 1, -100, "sum", 0.0, 0.0, None),
+        ),
+        (
+            nt._cross_entropy_backward_cuda,
+            ops.cross_entropy_backward,
+            (x, t, None, torch.tensor(0.5), 1, -100, "mean", 0.1, 0.0, None),
+        ),
+        (
+            nt._cross_entropy_backward_cuda,
+            ops.cross_entropy_backward,
+            (x, t, w[:4].contiguous(), torch.randn(3, 50), 1, 2, "none", 0.0, 1e-3, 3.0),
+        ),
+    ])  # fmt: skip
+
+
+def test_cupy_branch(cupy_kernels):
+    logits = X.reshape(12, 50)
+    target = RNG.integers(0, 50, size=12)
+    target[::4] = -100
+    weight = RNG.uniform(0.5, 2.0, size=50).astype(np.float32)
+    for kw in ({}, {"reduction": "none", "grad_output": RNG.normal(size=12).astype(np.float32)}):
+        got = cuda.cross_entropy_with_grad(
+            cp(logits), cp(target), weight=cp(weight), label_smoothing=0.1, **kw
+        )
+        want = normax.cross_entropy_with_grad(logits, target, weight=weight, label_smoothing=0.1, **kw)
+        close(np.asarray(got[0]), want[0])
+        close(np.asarray(got[1]), want[1], atol=1e-6)
+    with pytest.raises(IndexError, match="class index 60 at position 2"):
+        cuda.cross_entropy(cp(logits), cp(np.array([0, 1, 60] + [0] * 9)))
+
+
+# -- The linear cross-entropy: the caller's GEMMs on blocks of rows, the kernel on each block.
+
+
+def lclose(a, b):
+    close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 3 * 11, 1])
+def test_linear_cross_entropy_matches_the_cpu_in_blocks(cuda_kernels, reduction, chunk_size):
+    rng = np.random.default_rng(7)
+    n, h, v = 10, 6, 11
+    hidden = rng.normal(size=(n, h)).astype(np.float32)
+    weight = rng.normal(size=(v, h)).astype(np.float32)
+    bias = rng.normal(size=v).astype(np.float32)
+    target = rng.integers(0, v, n)
+    target[[2, 7]] = -100  # ignored rows: out of the mean's denominator, in every block
+    go = rng.uniform(0.5, 2.0, n).astype(np.float32) if reduction == "none" else 1.5
+    kw = {
+        "reduction": reduction,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "softcap": 20.0,
+        "chunk_size": chunk_size,
+    }
+    want = normax.linear_cross_entropy_with_grad(hidden, weight, target, bias=bias, grad_output=go, **kw)
+    got = cuda.linear_cross_entropy_with_grad(
+        torch.from_numpy(hidden),
+        torch.from_numpy(weight),
+        torch.from_numpy(target),
+        bias=torch.from_numpy(bias),
+        grad_output=torch.from_numpy(go) if reduction == "none" else go,
+        **kw,
+    )
+    for a, b in zip(got, want):
+        assert isinstance(a, torch.Tensor) and a.dtype == torch.float32 and tuple(a.shape) == np.shape(b)
+        lclose(a, b)
+    blocks = {None: 1, 33: 4, 1: 10}[chunk_size]
+    assert cuda_kernels.names().count("cuda_cross_entropy") == blocks
+    loss = cuda.linear_cross_entropy(
+        torch.from_numpy(hidden),
+        torch.from_numpy(weight),
+        torch.from_numpy(target),
+        bias=torch.from_numpy(bias),
+        **kw,
+    )
+    lclose(loss, want[0])
+
+
+def test_linear_cross_entropy_checks_and_edge_cases(cuda_kernels):
+    h, w = torch.zeros(2, 3), torch.zeros(4, 3)
+    t = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        cuda.linear_cross_entropy(h, torch.zeros(4, 2), t)
+    with pytest.raises(TypeError, match="target: expected integer class indices"):
+        cuda.linear_cross_entropy(h, w, t.float())
+    with pytest.raises(ValueError, match="chunk_size: must be at least 1"):
+        cuda.linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(IndexError, match="class index 4 at position 1"):
+        cuda.linear_cross_entropy(h, w, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="grad_output: must be a number"):
+        cuda.linear_cross_entropy_with_grad(h, w, t, grad_output=torch.ones(2))
+    assert cuda_kernels.calls == []
+    # No rows: a zero dweight (and dbias), an empty dhidden.
+    loss, dh, dw, db = cuda.linear_cross_entropy_with_grad(
+        torch.zeros(0, 3), w, torch.zeros(0, dtype=torch.int64), bias=torch.zeros(4), reduction="sum"
+    )
+    assert float(loss) == 0.0 and dh.shape == (0, 3)
+    assert torch.equal(dw, torch.zeros(4, 3)) and torch.equal(db, torch.zeros(4))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(cuda_kernels, with_bias):
+    from normax.torch import _cross_entropy as nt
+
+    rng = torch.Generator().manual_seed(4)
+    h, w = torch.randn(9, 5, generator=rng), torch.randn(13, 5, generator=rng)
+    bias = torch.randn(13, generator=rng) if with_bias else None
+    t = torch.randint(0, 13, (9,), generator=rng)
+    t[3] = -100
+    for reduction, go in (("mean", None), ("sum", None), ("none", torch.rand(9, generator=rng))):
+        opts = (-100, reduction, 0.1, 1e-3, None, 26)
+        same_tensors([nt._linear_ce_cuda(h, w, t, bias, *opts)], [nt._linear_ce_op(h, w, t, bias, *opts)])
+        got = nt._linear_ce_with_grad_cuda(h, w, t, bias, *opts, go)
+        same_tensors(got, nt._linear_ce_with_grad_op(h, w, t, bias, *opts, go))
+    assert cuda_kernels.names().count("cuda_cross_entropy") > 3  # several blocks (26 elements: 2 rows)
+
+
+def test_linear_blocks_hold_about_an_eighth_of_the_logits():
+    rows = _linear_rows
+    # Large problems: about 1/8 of the rows per block, never all of them.
+    for n, v in ((65536, 128256), (8192, 32000), (4096, 50304)):
+        bn = rows(n, v, None)
+        assert bn == -(-n // 8)
+        assert bn * v <= n * v / 8 + v  # within one row of an eighth
+    # Small ones: one block of at most 2**20 elements rather than many tiny GEMMs.
+    assert rows(64, 1000, None) == 64
+    assert rows(4096, 1024, None) == 1024
+    # chunk_size: whole vocabulary rows, at least one.
+    assert rows(100, 1000, 10_000) == 10
+    assert rows(100, 1000, 999) == 1
+    assert rows(100, 1000, 10**9) == 100
+    assert rows(0, 1000, None) == 1
