@@ -386,22 +386,42 @@ def power_norm_backward(dy, saved, state):
 # custom_vjp residuals): these rebuild the state and the saved record from those arrays.
 
 
-def power_norm_state(
-    running_phi, ema_gz, iters, *, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num
-) -> PowerNormState:
-    """A PowerNormState over the given buffers (float arrays of shape (C,), used in place)."""
-    state = PowerNormState(
-        running_phi.shape[0],
+def _state_over(running_phi, ema_gz, iters, **settings) -> PowerNormState:
+    state = PowerNormState(running_phi.shape[0], **settings)
+    state.running_phi = running_phi
+    state.ema_gz = ema_gz
+    state.iters = int(iters)
+    return state
+
+
+def forward_state(running_phi, iters, *, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num) -> PowerNormState:
+    """The state a framework's forward runs on: over its float64 `running_phi` buffer (updated in
+    place) at step `iters`; ema_gz is not read by a forward."""
+    return _state_over(
+        running_phi,
+        np.zeros(running_phi.shape[0]),
+        iters,
         eps=eps,
         alpha_fwd=alpha_fwd,
         alpha_bkw=alpha_bkw,
         warmup_iters=warmup_iters,
         group_num=group_num,
     )
-    state.running_phi = running_phi
-    state.ema_gz = ema_gz
-    state.iters = int(iters)
-    return state
+
+
+def backward_state(ema_gz, *, eps, alpha_bkw, group_num) -> PowerNormState:
+    """The state a framework's backward runs on: over its float64 `ema_gz` buffer, the only one a
+    backward updates (in place)."""
+    return _state_over(
+        np.ones_like(ema_gz),
+        ema_gz,
+        0,
+        eps=eps,
+        alpha_fwd=0.0,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=0,
+        group_num=group_num,
+    )
 
 
 def power_norm_saved(x, weight, has_bias, zscale, dscale, *, training, eps, group_num) -> PowerNormSaved:

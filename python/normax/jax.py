@@ -648,9 +648,8 @@ def _scale_dtype():
 
 def _power_norm_fwd_impl(a, w, b, phi, it, pad=None, *, opts):
     training, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num = opts
-    state = _power_norm.power_norm_state(
+    state = _power_norm.forward_state(
         np.array(phi, np.float64),
-        np.zeros(phi.shape[0]),
         int(it),
         eps=eps,
         alpha_fwd=alpha_fwd,
@@ -665,16 +664,7 @@ def _power_norm_fwd_impl(a, w, b, phi, it, pad=None, *, opts):
 def _power_norm_bwd_impl(g, a, w, ema, zs, ds, *, opts):
     training, eps, _, alpha_bkw, _, group_num = opts
     before = np.array(ema, np.float64)
-    state = _power_norm.power_norm_state(
-        np.ones_like(before),
-        before.copy(),
-        0,
-        eps=eps,
-        alpha_fwd=0.0,
-        alpha_bkw=alpha_bkw,
-        warmup_iters=0,
-        group_num=group_num,
-    )
+    state = _power_norm.backward_state(before.copy(), eps=eps, alpha_bkw=alpha_bkw, group_num=group_num)
     saved = _power_norm.power_norm_saved(a, w, True, zs, ds, training=training, eps=eps, group_num=group_num)
     dx, dw, db = _power_norm.power_norm_backward(g, saved, state)
     return dx, dw, db, state.ema_gz - before

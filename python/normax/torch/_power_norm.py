@@ -18,36 +18,6 @@ from .._backends import cuda
 from ._convert import check_float, host, host64, host_opt, to_tensor
 
 
-def _forward_state(
-    running_phi: np.ndarray, iters: Tensor, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num
-):
-    """The layer's state for a forward, over a float64 copy of running_phi (ema_gz is not read)."""
-    return cpu.power_norm_state(
-        running_phi,
-        np.zeros(running_phi.shape[0]),
-        int(iters.reshape(-1)[0]),
-        eps=eps,
-        alpha_fwd=alpha_fwd,
-        alpha_bkw=alpha_bkw,
-        warmup_iters=warmup_iters,
-        group_num=group_num,
-    )
-
-
-def _backward_state(ema_gz: np.ndarray, eps, alpha_bkw, group_num):
-    """The layer's state for a backward, over a float64 copy of ema_gz (the only buffer it updates)."""
-    return cpu.power_norm_state(
-        np.ones_like(ema_gz),
-        ema_gz,
-        0,
-        eps=eps,
-        alpha_fwd=0.0,
-        alpha_bkw=alpha_bkw,
-        warmup_iters=0,
-        group_num=group_num,
-    )
-
-
 @torch.library.custom_op("normax::power_norm", mutates_args=())
 def _power_norm_op(
     x: Tensor,
@@ -66,7 +36,15 @@ def _power_norm_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # ema_gz and alpha_bkw are not used here: they travel to the backward through setup_context.
     phi = host(running_phi).astype(np.float64).reshape(-1)
-    state = _forward_state(phi, iters, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num)
+    state = cpu.forward_state(
+        phi,
+        int(iters.reshape(-1)[0]),
+        eps=eps,
+        alpha_fwd=alpha_fwd,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=warmup_iters,
+        group_num=group_num,
+    )
     y, saved = cpu.power_norm(
         host(x),
         host(weight),
@@ -114,7 +92,7 @@ def _power_norm_backward_op(
     group_num: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     before = host(ema_gz).astype(np.float64).reshape(-1)
-    state = _backward_state(before.copy(), eps, alpha_bkw, group_num)
+    state = cpu.backward_state(before.copy(), eps=eps, alpha_bkw=alpha_bkw, group_num=group_num)
     saved = cpu.power_norm_saved(
         host(x),
         host(weight),
@@ -173,7 +151,15 @@ def _power_norm_cuda(
     x, weight, bias, running_phi, ema_gz, iters, pad_mask, training, eps, alpha_fwd, alpha_bkw,
     warmup_iters, group_num,
 ):  # fmt: skip
-    state = _forward_state(host64(running_phi), iters, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num)
+    state = cpu.forward_state(
+        host64(running_phi),
+        int(iters.reshape(-1)[0]),
+        eps=eps,
+        alpha_fwd=alpha_fwd,
+        alpha_bkw=alpha_bkw,
+        warmup_iters=warmup_iters,
+        group_num=group_num,
+    )
     y, saved = cuda.power_norm(
         x, weight, bias, state, training=training, pad_mask=pad_mask, return_saved=True
     )
@@ -192,7 +178,7 @@ def _power_norm_cuda(
 @_power_norm_backward_op.register_kernel("cuda")
 def _power_norm_backward_cuda(dy, x, weight, zscale, dscale, ema_gz, training, eps, alpha_bkw, group_num):
     before = host64(ema_gz)
-    state = _backward_state(before.copy(), eps, alpha_bkw, group_num)
+    state = cpu.backward_state(before.copy(), eps=eps, alpha_bkw=alpha_bkw, group_num=group_num)
     saved = cuda.power_norm_saved(
         x, weight, True, host64(zscale), host64(dscale), training=training, eps=eps, group_num=group_num
     )

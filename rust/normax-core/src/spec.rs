@@ -71,6 +71,16 @@ impl Reduction {
         }
     }
 
+    /// The reduced loss of rows whose losses add up to `total`, `denom` being the mean's
+    /// denominator (the summed weight of the rows not ignored); None has nothing to reduce.
+    pub fn reduce(self, total: f64, denom: f64) -> Option<f64> {
+        match self {
+            Reduction::None => None,
+            Reduction::Sum => Some(total),
+            Reduction::Mean => Some(total / denom),
+        }
+    }
+
     /// The length of the loss output for `rows` rows: one per row for None, else one.
     pub fn loss_len(self, rows: usize) -> usize {
         match self {
@@ -93,6 +103,26 @@ pub enum Target<C, P> {
 pub enum GradOutput<R> {
     Scalar(f64),
     Rows(R),
+}
+
+/// The class of target `y` at `position`: None where it is `ignore_index`, an IndexError naming
+/// the value and its position where it is outside [0, classes).
+pub fn check_class(
+    position: usize,
+    y: i64,
+    classes: usize,
+    ignore_index: i64,
+) -> Result<Option<usize>, Error> {
+    if y == ignore_index {
+        return Ok(None);
+    }
+    if y < 0 || y as u64 >= classes as u64 {
+        return Err(Error::Index(format!(
+            "target {y} at position {position} is out of range for {classes} classes \
+             (and is not ignore_index = {ignore_index})"
+        )));
+    }
+    Ok(Some(y as usize))
 }
 
 /// Something with a number of elements: a host slice, a device buffer.

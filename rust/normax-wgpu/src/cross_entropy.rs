@@ -3,7 +3,7 @@
 
 use crate::device::{f32_bytes, i32_bytes, run, Input, Kernel, Uniform};
 use crate::{dim, Error};
-use normax_core::spec::{check_len, size, CeOptions, GradOutput, Reduction};
+use normax_core::spec::{check_class, check_len, size, CeOptions, GradOutput, Reduction};
 
 /// The loss (one per row for [`Reduction::None`], else one value) and, when asked for, the
 /// gradient of grad_output * loss with respect to the logits.
@@ -33,19 +33,11 @@ pub fn cross_entropy(
     let mut denom = 0.0f64;
     let mut classes32 = Vec::with_capacity(rows);
     for (i, &y) in target.iter().enumerate() {
-        if y == opts.ignore_index {
-            classes32.push(-1);
-            continue;
+        let class = check_class(i, y, classes, opts.ignore_index)?;
+        if let Some(c) = class {
+            denom += opts.weight.map_or(1.0, |w| w[c] as f64);
         }
-        if y < 0 || y as u64 >= classes as u64 {
-            return Err(Error::Index(format!(
-                "target {y} at position {i} is out of range for {classes} classes \
-                 (and is not ignore_index = {})",
-                opts.ignore_index
-            )));
-        }
-        denom += opts.weight.map_or(1.0, |w| w[y as usize] as f64);
-        classes32.push(y as i32);
+        classes32.push(class.map_or(-1, |c| c as i32));
     }
     let scale: Option<Vec<f32>> = match (grad, opts.reduction) {
         (None, _) => None,
@@ -100,12 +92,10 @@ pub fn cross_entropy(
         let grad = out.pop().filter(|_| with_grad);
         (out.pop().unwrap_or_default(), grad)
     };
-    let loss = match opts.reduction {
-        Reduction::None => row_loss,
-        Reduction::Sum => vec![row_loss.iter().map(|&l| l as f64).sum::<f64>() as f32],
-        Reduction::Mean => {
-            vec![(row_loss.iter().map(|&l| l as f64).sum::<f64>() / denom) as f32]
-        }
+    let total = row_loss.iter().map(|&l| l as f64).sum::<f64>();
+    let loss = match opts.reduction.reduce(total, denom) {
+        Some(value) => vec![value as f32],
+        None => row_loss,
     };
     Ok((loss, grad))
 }

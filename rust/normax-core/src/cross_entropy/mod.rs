@@ -29,7 +29,7 @@ mod rule;
 
 use crate::driver::Ptr;
 use crate::float::Float;
-use crate::spec::{check_len, size, CeOptions, GradOutput, Reduction, Target};
+use crate::spec::{check_class, check_len, size, CeOptions, GradOutput, Reduction, Target};
 use crate::Error;
 use rows::{run_rows, Targets};
 use rule::{scale_for, Rule};
@@ -45,26 +45,17 @@ fn check_classes<T: Float>(
 ) -> Result<f64, Error> {
     let mut total = 0.0;
     for (i, &y) in target.iter().enumerate() {
-        if y == ignore {
-            continue;
+        if let Some(c) = check_class(i, y, classes, ignore)? {
+            total += weight.map_or(1.0, |w| w[c].to_f64());
         }
-        if y < 0 || y as u64 >= classes as u64 {
-            return Err(Error::Index(format!(
-                "target {y} at position {i} is out of range for {classes} classes \
-                 (and is not ignore_index = {ignore})"
-            )));
-        }
-        total += weight.map_or(1.0, |w| w[y as usize].to_f64());
     }
     Ok(total)
 }
 
-/// Writes the reduced loss (or checks the per-row buffer) once the row sums are in.
+/// Writes the reduced loss (the per-row buffer is already written for reduction None).
 pub(super) fn finish_loss<T: Float>(reduction: Reduction, total: f64, denom: f64, loss: &mut [T]) {
-    match reduction {
-        Reduction::None => {}
-        Reduction::Sum => loss[0] = T::from_f64(total),
-        Reduction::Mean => loss[0] = T::from_f64(total / denom),
+    if let Some(value) = reduction.reduce(total, denom) {
+        loss[0] = T::from_f64(value);
     }
 }
 
