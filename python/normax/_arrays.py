@@ -172,11 +172,18 @@ def direct_output(out: np.ndarray, work: np.ndarray, plan: Plan) -> np.ndarray |
 
 
 def finish(result: np.ndarray, result_dtype: np.dtype, out):
-    """The kernel's result in the caller's dtype, written to `out` when given."""
+    """The kernel's result in the caller's dtype, written to `out` when given (and `out`
+    returned as given, even 0-d); a 0-d result without `out` is a NumPy scalar (:func:`scalar_0d`)."""
     if out is not None:
         if result is not out:
             np.copyto(out, result, casting="unsafe")
         return out
     if result.dtype != result_dtype:
         result = result.astype(result_dtype)
-    return result
+    return scalar_0d(result)
+
+
+def scalar_0d(a):
+    """A 0-d array as a NumPy scalar, anything else unchanged: every NumPy-first function returns
+    0-d results so, as ``scipy.special.softmax`` / ``logsumexp`` and NumPy's ufuncs do."""
+    return a[()] if a.ndim == 0 else a

@@ -112,7 +112,8 @@ def cross_entropy(
     -------
     loss : numpy scalar or ndarray
         A scalar of the logits' dtype for "mean" and "sum"; for "none", an array shaped like the
-        logits without the class axis.
+        logits without the class axis (a NumPy scalar for 1-d logits: one row, as every
+        NumPy-first normax function returns 0-d results).
 
     Raises
     ------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._arrays import Plan, as_backward_inputs, as_input, check_out, direct_output, finish
+from ._arrays import Plan, as_backward_inputs, as_input, check_out, direct_output, finish, scalar_0d
 from ._options import check_eps, machine_eps, norm_axes, param
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -80,7 +80,8 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
     y = finish(y, result_dtype, out)
     if not return_stats:
         return y
-    return (y, mean, rstd) if norm == "layer" else (y, rstd)
+    rstd = scalar_0d(rstd)  # one row (x normalized over all its axes): NumPy scalars
+    return (y, scalar_0d(mean), rstd) if norm == "layer" else (y, rstd)
 
 
 def _backward(norm, dy, x, weight, bias, eps, axis, mean, rstd):
@@ -136,8 +137,9 @@ def rms_norm(x, weight=None, *, eps=None, axis=-1, out=None, return_stats=False)
     -------
     y : ndarray
         Same shape and dtype as `x` (float64 for integer input).
-    rstd : ndarray
-        Only with ``return_stats=True``.
+    rstd : ndarray or scalar
+        Only with ``return_stats=True``; a NumPy scalar when `x` is one row (0-d statistics, as
+        every NumPy-first normax function returns 0-d results).
 
     Raises
     ------
@@ -237,8 +239,8 @@ def layer_norm(x, weight=None, bias=None, *, eps=1e-5, axis=-1, out=None, return
     -------
     y : ndarray
         Same shape and dtype as `x`.
-    mean, rstd : ndarray
-        Only with ``return_stats=True``.
+    mean, rstd : ndarray or scalar
+        Only with ``return_stats=True``; NumPy scalars when `x` is one row (as :func:`rms_norm`).
 
     Raises
     ------
@@ -338,8 +340,9 @@ def crms_norm(x, weight=None, *, eps=1e-6, axis=-1, out=None, return_stats=False
     -------
     y : ndarray
         Same shape and dtype as `x`.
-    rstd : ndarray
-        Only with ``return_stats=True``.
+    rstd : ndarray or scalar
+        Only with ``return_stats=True``; a NumPy scalar when `x` is one row (0-d statistics, as
+        every NumPy-first normax function returns 0-d results).
 
     Raises
     ------

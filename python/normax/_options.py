@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._arrays import as_input, compute_dtype, normalize_axes
+from ._arrays import as_input, compute_dtype, normalize_axes, scalar_0d
 
 # ---------------------------------------------------------------------------------------------
 # Scalars
@@ -226,7 +226,7 @@ def ce_results(loss: np.ndarray, grad, logits, inplace: bool, reduction: str, ro
     scalar) from the kernel's loss buffer, and with a `grad` (in the logits' layout) the gradient,
     written into `logits` for `inplace`; all in the result `dtype`."""
     if reduction == "none":
-        out = loss.reshape(row_shape).astype(dtype, copy=False)
+        out = scalar_0d(loss.reshape(row_shape).astype(dtype, copy=False))
     else:
         out = loss.astype(dtype, copy=False)[0]
     if grad is None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._arrays import Plan, as_backward_inputs, as_input, check_out, direct_output, finish, normalize_axes
+from ._arrays import (
+    Plan,
+    as_backward_inputs,
+    as_input,
+    check_out,
+    compute_dtype,
+    direct_output,
+    finish,
+    normalize_axes,
+    scalar_0d,
+)
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -19,6 +29,137 @@ def _is_fast(x) -> bool:
         and x.flags.c_contiguous
         and x.dtype.isnative
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Complex input: scipy.special computes softmax, log_softmax and logsumexp of complex arrays, so
+# normax does too, in NumPy (no SIMD kernel), with scipy's algorithms and branch conventions.
+# complex64 is computed in complex128 and rounded once.
+
+
+def _complex_work(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.complex128) if dtype.itemsize <= 16 else dtype
+
+
+def _log1p(z):
+    """log(1 + z) for complex z, accurate for small |z| (NumPy's complex log1p forms 1 + z
+    first, losing a small z entirely); log(1 + z) itself from |z| = 1/2 on."""
+    x, y = z.real, z.imag
+    with np.errstate(all="ignore"):
+        small = 0.5 * np.log1p(x * (2 + x) + y * y) + 1j * np.arctan2(y, 1 + x)
+        return np.where(np.abs(z) < 0.5, small, np.log(1 + z))
+
+
+def _exp_diff(x, m):
+    """exp(x - m) without the rounding of ``x - m`` (which costs |x - m| * u relative, the
+    peers' error): the rounding error of each part (TwoSum) is applied as a factor 1 + err."""
+    d = x - m
+    err = np.zeros_like(d)
+    for part in ("real", "imag"):
+        a, b, s = getattr(x, part), -getattr(np.asarray(m), part), getattr(d, part)
+        bv = s - a
+        e = (a - (s - bv)) + (b - bv)
+        getattr(err, part)[...] = np.where(np.isfinite(e), e, 0)
+    return np.exp(d) * (1 + err)
+
+
+def _wrap_radians(y):
+    """y in (-pi, pi], as scipy's logsumexp wraps the imaginary part of its result."""
+    return np.where(np.abs(y) < np.pi, y, -((-y + np.pi) % (2 * np.pi) - np.pi))
+
+
+def _rows(a, axes):
+    """`a` with the `axes` last, as a 2-d (rows, reduced length) array, and its Plan."""
+    plan = Plan(a.shape, axes, last=True)
+    return plan.arrange(a).reshape(plan.outer, plan.len), plan
+
+
+def _complex_map(log, x, axis, out):
+    """scipy.special.softmax / log_softmax of a complex array."""
+    result_dtype = x.dtype
+    if out is not None:
+        check_out(out, x.shape, result_dtype)
+    axes = normalize_axes(axis, x.ndim)
+    a = x.astype(_complex_work(result_dtype), copy=False)
+    with np.errstate(all="ignore"):
+        if not log:
+            # scipy: exp(x - max(x)) / sum(...); NumPy's max of complex values is lexicographic,
+            # so its real part is the largest (nothing overflows).
+            y = a
+            if a.size:
+                e = _exp_diff(a, np.max(a, axis=axes, keepdims=True))
+                y = e / np.sum(e, axis=axes, keepdims=True)
+        else:
+            # scipy: tmp = x - max (0 where the max is not finite), tmp - log(sum(exp(tmp))); the
+            # max term, exactly 1, is kept out of the sum and the log taken as log1p of the rest.
+            rows, plan = _rows(a, axes)
+            if rows.size:
+                k = np.argmax(rows, axis=-1)[:, None]
+                top = np.take_along_axis(rows, k, -1)
+                finite = np.isfinite(top)
+                top = np.where(finite, top, 0)
+                tmp = rows - top
+                e = _exp_diff(rows, top)
+                total = np.sum(e, axis=-1, keepdims=True)
+                np.put_along_axis(e, k, 0, -1)
+                rest = np.sum(e, axis=-1, keepdims=True)
+                lse = np.where(finite, _log1p(rest), np.log(total))
+                rows = tmp - lse
+            y = plan.restore(rows.reshape(plan.arranged_shape))
+    return finish(y, result_dtype, out)
+
+
+def _complex_logsumexp(a, b, axes, keepdims, return_sign, result_dtype):
+    """scipy.special.logsumexp of complex values (`a` or `b` complex, broadcast to one shape).
+
+    As scipy: elements with b == 0 are left out; the imaginary part of the result (or the phase
+    returned as the sign) is the principal one, in (-pi, pi]; where the result is not finite it
+    is log(sum(b * exp(a))) as C99's complex exp and log give it. The element of largest real part
+    is kept out of the sum: log(t + s) = log(t) + log1p(s / t), accurate when the result is near 0.
+    """
+    work = _complex_work(result_dtype)
+    real_dtype = np.finfo(result_dtype).dtype
+    arows, plan = _rows(a.astype(work, copy=False), axes)
+    brows = None if b is None else _rows(b.astype(work, copy=False), axes)[0]
+    shape = plan.keepdims_shape if keepdims else plan.reduced_shape
+    with np.errstate(all="ignore"):
+        rows = arows if brows is None else np.where(brows == 0, -np.inf, arows)
+        direct = np.sum(np.exp(arows) if brows is None else brows * np.exp(arows), axis=-1)
+        re = im = np.zeros(plan.outer, real_dtype)
+        finite = np.zeros(plan.outer, bool)  # an empty sum: log(0) = -inf below
+        if plan.len:
+            k = np.argmax(rows.real, axis=-1)[:, None]
+            top = np.take_along_axis(rows, k, -1)[:, 0]
+            m = top.real
+            m = np.where(np.isfinite(m), m, 0)
+            e = _exp_diff(rows, m[:, None])
+            if brows is not None:
+                e *= brows
+            t = np.take_along_axis(e, k, -1)[:, 0]
+            np.put_along_axis(e, k, 0, -1)
+            lp = _log1p(np.sum(e, axis=-1) / t)
+            bk = 1 if brows is None else np.take_along_axis(brows, k, -1)[:, 0]
+            re = lp.real + np.log(np.abs(bk)) + top.real
+            im = lp.imag + np.angle(bk)
+            # A large Im(top) is reduced by exp's exact argument reduction, not by a float 2*pi.
+            big = np.abs(top.imag) > np.pi
+            im = np.where(
+                big, np.angle(np.exp(1j * np.where(big, top.imag, 0)) * np.exp(1j * im)), im + top.imag
+            )
+            im = _wrap_radians(im)
+            finite = np.isfinite(re) & np.isfinite(im)
+        if return_sign:
+            res = np.where(finite, re, np.log(np.abs(direct)))
+            # NumPy's sign (z / |z|, +1 for +inf), NaN where the direct sum has a NaN part.
+            sign = np.where(
+                finite, np.exp(1j * im), np.where(np.isnan(direct), complex(np.nan, np.nan), np.sign(direct))
+            )
+            return (
+                scalar_0d(res.astype(real_dtype).reshape(shape)),
+                scalar_0d(sign.astype(result_dtype).reshape(shape)),
+            )
+        res = np.where(finite, re + 1j * im, np.log(direct))
+        return scalar_0d(res.astype(result_dtype).reshape(shape))
 
 
 def _map(kernel, kernel_last, x, axis, out):
@@ -50,7 +191,10 @@ def _map(kernel, kernel_last, x, axis, out):
             kernel(x, out, x.size // n, n, 1)
         return out
 
-    a, result_dtype = as_input(x)
+    a = np.asarray(x)
+    if a.dtype.kind == "c":
+        return _complex_map(kernel is _core.log_softmax, a, axis, out)
+    a, result_dtype = as_input(a)
     if out is not None:
         check_out(out, a.shape, result_dtype)
     axes = normalize_axes(axis, a.ndim)
@@ -73,7 +217,8 @@ def softmax(x, axis=-1, *, out=None):
     ----------
     x : array_like
         Input. float32 and float64 are computed as themselves; float16, bfloat16 (ml_dtypes) are
-        computed in float32 and returned in their dtype; integers and bool become float64.
+        computed in float32 and returned in their dtype; integers and bool become float64;
+        complex input is computed as ``scipy.special.softmax`` computes it (see Notes).
     axis : int, tuple of int or None, default -1
         Axis or axes the probabilities sum to one over; None means all axes.
     out : ndarray, optional
@@ -81,15 +226,16 @@ def softmax(x, axis=-1, *, out=None):
 
     Returns
     -------
-    ndarray
-        Same shape as `x`.
+    ndarray or scalar
+        Same shape as `x`; a 0-d result (from a 0-d array or a scalar, without `out`) is a NumPy
+        scalar, as in SciPy.
 
     Raises
     ------
     numpy.exceptions.AxisError
         If an axis is out of range.
     TypeError
-        For complex, string or object input, or an `out` of the wrong dtype.
+        For string or object input, or an `out` of the wrong dtype.
     ValueError
         For an `out` of the wrong shape, or a read-only one.
 
@@ -102,6 +248,14 @@ def softmax(x, axis=-1, *, out=None):
     same accuracy. A row holding NaN or +inf, or only -inf, is all NaN (as ``torch.softmax`` and
     ``scipy.special.softmax``). Unlike ``scipy.special.softmax`` (default ``axis=None``), the
     default axis is the last one, as in ``torch.softmax`` and ``jax.nn.softmax``.
+
+    Complex input (as SciPy; torch and JAX do not take it) is computed in NumPy, not by the SIMD
+    kernels, with SciPy's algorithm ``exp(x - max(x)) / sum(exp(x - max(x)))`` (NumPy's
+    lexicographic max), complex64 in complex128.
+
+    0-d results follow SciPy and NumPy's ufuncs: every NumPy-first normax function returns a
+    NumPy scalar where its result is 0-d and no `out` is given (an `out` is returned as given);
+    other libraries' 0-d arrays come back as their 0-d arrays.
 
     Examples
     --------
@@ -118,7 +272,7 @@ def log_softmax(x, axis=-1, *, out=None):
     Parameters
     ----------
     x : array_like
-        Input; dtype rules as in :func:`softmax`.
+        Input; dtype rules as in :func:`softmax`, complex included.
     axis : int, tuple of int or None, default -1
         Axis or axes to normalize over; None means all axes.
     out : ndarray, optional
@@ -126,8 +280,8 @@ def log_softmax(x, axis=-1, *, out=None):
 
     Returns
     -------
-    ndarray
-        Same shape as `x`.
+    ndarray or scalar
+        Same shape as `x`; a 0-d result is a NumPy scalar, as :func:`softmax`.
 
     Raises
     ------
@@ -140,6 +294,10 @@ def log_softmax(x, axis=-1, *, out=None):
     part, so ``x - lse`` is exact where x is close to lse (the cancellation case). A row holding
     NaN or +inf, or only -inf, is all NaN; -inf entries of other rows give -inf.
 
+    Complex input: SciPy's ``(x - max) - log(sum(exp(x - max)))`` (a non-finite max taken as 0,
+    so the imaginary parts keep SciPy's branch), in NumPy, with the max's own term kept out of
+    the sum and the log taken as an accurate complex log1p of the rest.
+
     Examples
     --------
     >>> import numpy as np, normax
@@ -149,28 +307,53 @@ def log_softmax(x, axis=-1, *, out=None):
     return _map(_core.log_softmax, _core.log_softmax_last, x, axis, out)
 
 
+def _weighted_dtype(x, a: np.ndarray, b, b_arr: np.ndarray) -> np.dtype:
+    """The result dtype of logsumexp(x, b=b), as scipy: ``result_type(x, b)`` made floating.
+
+    Python scalars are weak (a float32 `x` with ``b=2.0`` stays float32, NEP 50), everything
+    else is its array's dtype (float32 with int32 weights gives float64, float16 with float32
+    weights float32); integers and bool alone give float64.
+    """
+    weak = (int, float, complex)
+    if a.dtype.kind == "V" or b_arr.dtype.kind == "V":
+        # ml_dtypes floats (bfloat16, float8_*): NumPy promotes them with Python scalars to float64
+        # and not at all with integers; they stay as they are there, as in torch and JAX.
+        floats = [
+            arr.dtype for v, arr in ((x, a), (b, b_arr)) if type(v) not in weak and arr.dtype.kind in "fcV"
+        ]
+        try:
+            return np.result_type(*floats)
+        except TypeError:  # two different small floats: both are exact in float32
+            return np.dtype(np.float32)
+    r = np.result_type(x if type(x) in weak else a.dtype, b if type(b) in weak else b_arr.dtype)
+    return r if r.kind in "fc" else np.dtype(np.float64)
+
+
 def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     """``log(sum(b * exp(x), axis))``, computed without overflow.
 
     Parameters
     ----------
     x : array_like
-        Input; dtype rules as in :func:`softmax`.
+        Input; dtype rules as in :func:`softmax`, complex included.
     axis : int, tuple of int or None, default -1
         Axis or axes to reduce; None means all.
     b : array_like, optional
-        Weights broadcast against `x`, as in ``scipy.special.logsumexp``. Elements with b == 0 are
-        left out (so x = inf there does not make the result inf or NaN).
+        Weights broadcast against `x`, as in ``scipy.special.logsumexp`` (real or complex).
+        Elements with b == 0 are left out (so x = inf there does not make the result inf or NaN).
     keepdims : bool, default False
         Keep the reduced axes with length one.
     return_sign : bool, default False
-        Also return the sign of the weighted sum (+1, -1, 0 for an empty or zero sum).
+        Also return the sign of the weighted sum (+1, -1, 0 for an empty or zero sum; for complex
+        values the phase ``s / abs(s)``, as SciPy).
 
     Returns
     -------
     res : ndarray or scalar
-        ``log(abs(sum(b * exp(x))))``. Without `return_sign`, NaN where the weighted sum is
-        negative (as SciPy). A 0-d result is returned as a NumPy scalar.
+        ``log(sum(b * exp(x)))``; with `return_sign`, ``log(abs(sum(b * exp(x))))`` (real also
+        for complex input). Real input without `return_sign`: NaN where the weighted sum is
+        negative (as SciPy). Complex: the imaginary part is in (-pi, pi]. A 0-d result is
+        returned as a NumPy scalar.
     sgn : ndarray or scalar
         The sign, only with ``return_sign=True``.
 
@@ -181,14 +364,25 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     ValueError
         If `b` does not broadcast against `x`.
     TypeError
-        For complex, string or object input or weights.
+        For string or object input or weights.
 
     Notes
     -----
-    Differences from ``scipy.special.logsumexp``: the default axis is -1 (SciPy: None), and
-    float32 input gives a float32 result (integer and Python-scalar weights keep it so; float64
-    weights promote to float64). NaN anywhere in a reduced row gives NaN; +inf (and no NaN) gives
-    +inf; an empty reduction or a row of only -inf gives -inf.
+    Differences from ``scipy.special.logsumexp``: the default axis is -1 (SciPy: None), and a
+    0-d input with ``keepdims=True`` gives a NumPy scalar, as NumPy's reductions (SciPy: shape
+    (1,)). The result dtype is SciPy's: the input's (float32 stays float32) and, with `b`,
+    ``numpy.result_type(x, b)`` made floating, Python scalars weak (NEP 50): float32 `x` with
+    ``b=2.0`` is float32, with int32 or float64 weights float64, float16 with float32 weights
+    float32. bfloat16 (ml_dtypes, which NumPy cannot promote) keeps its dtype with integer
+    weights, as in torch and JAX. NaN anywhere in a reduced row gives NaN; +inf (and no NaN)
+    gives +inf; an empty reduction or a row of only -inf gives -inf.
+
+    Complex input or weights are computed in NumPy (complex64 in complex128), as SciPy: elements
+    with b == 0 left out, the element of largest real part kept out of the sum (``log(t + s) =
+    log(t) + log1p(s / t)`` with an accurate complex log1p, so a result near 0 keeps its relative
+    accuracy), the imaginary part reduced to (-pi, pi] through exp's own argument reduction, and
+    non-finite results given by ``log(sum(b * exp(x)))`` (C99 complex exp and log). The sign of
+    an infinite sum is its phase (+1 for +inf, not SciPy's NaN), and of an empty one 0.
 
     Examples
     --------
@@ -202,21 +396,27 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
         if res.size:
             _core.logsumexp(x, None, res, None, res.size, n, 1)
         return res
-    a, result_dtype = as_input(x)
-    if b is not None:
+    a = np.asarray(x)
+    if b is None:
+        if a.dtype.kind == "c":
+            return _complex_logsumexp(a, None, normalize_axes(axis, a.ndim), keepdims, return_sign, a.dtype)
+        a, result_dtype = as_input(a)
+    else:
         b_arr = np.asarray(b)
-        if b_arr.dtype.kind not in "fiub" and not (b_arr.dtype.kind == "V"):
-            raise TypeError(f"b: unsupported dtype {b_arr.dtype}; expected a real array")
-        if b_arr.dtype.kind == "f" and not isinstance(b, (float, int)):
-            work_dtype = np.result_type(a.dtype, b_arr.dtype)
-            if work_dtype != a.dtype:
-                a = a.astype(work_dtype)
-                result_dtype = np.result_type(result_dtype, b_arr.dtype)
+        for v, arr, name in ((x, a, "x"), (b, b_arr, "b")):
+            if arr.dtype.kind not in "fiubc" and not (arr.dtype.kind == "V"):
+                raise TypeError(f"{name}: unsupported dtype {arr.dtype}; expected a real or complex array")
+        result_dtype = _weighted_dtype(x, a, b, b_arr)
         try:
             a, b_arr = np.broadcast_arrays(a, b_arr)
         except ValueError:
             raise ValueError(f"b: shape {b_arr.shape} does not broadcast with x shape {a.shape}") from None
-        b_arr = b_arr.astype(a.dtype)
+        if result_dtype.kind == "c":
+            axes = normalize_axes(axis, a.ndim)
+            return _complex_logsumexp(a, b_arr, axes, keepdims, return_sign, result_dtype)
+        work_dtype = compute_dtype(result_dtype, "x")[0]
+        a = a.astype(work_dtype)
+        b_arr = b_arr.astype(work_dtype)
     axes = normalize_axes(axis, a.ndim)
     plan = Plan(a.shape, axes)
     if a.ndim == 0:
@@ -234,11 +434,7 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
         res = res.reshape(plan.keepdims_shape)
         sign = sign.reshape(plan.keepdims_shape) if sign is not None else None
     res = finish(res, result_dtype, None)
-    res = res[()] if res.ndim == 0 else res
-    if return_sign:
-        sign = finish(sign, result_dtype, None)
-        return res, (sign[()] if sign.ndim == 0 else sign)
-    return res
+    return (res, finish(sign, result_dtype, None)) if return_sign else res
 
 
 def _backward(kernel, y, dy, axis):
@@ -275,8 +471,9 @@ def softmax_backward(y, dy, axis=-1):
 
     Returns
     -------
-    ndarray
-        dx, the gradient with respect to x, shaped like `y`, in the promoted dtype of `y`, `dy`.
+    ndarray or scalar
+        dx, the gradient with respect to x, shaped like `y`, in the promoted dtype of `y`, `dy`
+        (a NumPy scalar for 0-d `y`, as :func:`softmax`).
 
     Raises
     ------
@@ -309,8 +506,8 @@ def log_softmax_backward(y, dy, axis=-1):
 
     Returns
     -------
-    ndarray
-        dx, shaped like `y`, in the promoted dtype of `y`, `dy`.
+    ndarray or scalar
+        dx, shaped like `y`, in the promoted dtype of `y`, `dy` (a NumPy scalar for 0-d `y`).
 
     Raises
     ------

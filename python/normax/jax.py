@@ -146,8 +146,15 @@ def _neg_axes(axis, ndim: int, fname: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _floating(x):
+def _is_complex(x) -> bool:
+    return x is not None and jnp.iscomplexobj(x)
+
+
+def _floating(x, fname):
     x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        # Casting would drop the imaginary part: a silent wrong answer.
+        raise TypeError(f"{fname}: complex input ({x.dtype}) is not supported; normax's kernels are real")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     return x
@@ -185,7 +192,7 @@ _log_softmax_vjp = _row_map(_softmax.log_softmax, _softmax.log_softmax_backward)
 
 
 def _map(op, x, axis, fname):
-    x = _floating(x)
+    x = _floating(x, fname)
     if x.ndim == 0:
         return op(x.reshape(1), (-1,)).reshape(())
     return op(x, _neg_axes(axis, x.ndim, fname))
@@ -208,7 +215,8 @@ def softmax(x, axis=-1):
 
     Notes
     -----
-    Backward: ``dx = y * (dy - sum(dy * y))`` (normax's kernel). No ``where=`` argument.
+    Backward: ``dx = y * (dy - sum(dy * y))`` (normax's kernel). No ``where=`` argument. Complex
+    `x` is computed by ``jax.nn.softmax`` itself (normax's kernels are real), with its gradient.
 
     Examples
     --------
@@ -216,6 +224,8 @@ def softmax(x, axis=-1):
     >>> nj.softmax(jnp.array([0.0, jnp.log(3.0)]))
     Array([0.25, 0.75], dtype=float32)
     """
+    if _is_complex(x):
+        return jax.nn.softmax(jnp.asarray(x), axis)
     return _map(_softmax_vjp, x, axis, "normax.jax.softmax")
 
 
@@ -234,12 +244,18 @@ def log_softmax(x, axis=-1):
     jax.Array
         Same shape and dtype as `x`.
 
+    Notes
+    -----
+    Complex `x` is computed by ``jax.nn.log_softmax`` itself, with its gradient.
+
     Examples
     --------
     >>> import jax.numpy as jnp, normax.jax as nj
     >>> nj.log_softmax(jnp.zeros(2))
     Array([-0.6931472, -0.6931472], dtype=float32)
     """
+    if _is_complex(x):
+        return jax.nn.log_softmax(jnp.asarray(x), axis)
     return _map(_log_softmax_vjp, x, axis, "normax.jax.log_softmax")
 
 
@@ -308,7 +324,8 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
     axis : int, tuple of int or None, default None
         Axes to reduce; None means all (as JAX and SciPy; :func:`normax.logsumexp` defaults to -1).
     b : array_like, optional
-        Weights broadcast against `a`; the result is ``log|sum(b * exp(a))|``.
+        Weights; `a` and `b` broadcast together (as in JAX, `axis` counts the broadcast shape's
+        axes); the result is ``log|sum(b * exp(a))|``.
     keepdims : bool, default False
         Keep the reduced axes with size one.
     return_sign : bool, default False
@@ -322,7 +339,8 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
     Notes
     -----
     Gradients with respect to `a` and `b`; the backward is jnp code (``exp(a - lse)`` from the
-    saved result). No ``where=`` argument.
+    saved result). No ``where=`` argument. Complex `a` or `b` is computed by
+    ``jax.nn.logsumexp`` itself (complex result, its gradient; normax's kernels are real).
 
     Examples
     --------
@@ -331,32 +349,40 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
     Array(1.3862944, dtype=float32)
     """
     fname = "normax.jax.logsumexp"
-    a = _floating(a)
-    squeeze = a.ndim == 0
-    if squeeze:
-        a = a.reshape(1)
-    axes = (-1,) if squeeze else _neg_axes(axis, a.ndim, fname)
-    if b is None:
-        res, sign = _lse_vjp(a, axes)
-    else:
+    if _is_complex(a) or _is_complex(b):
+        b = None if b is None else jnp.asarray(b)
+        return jax.nn.logsumexp(jnp.asarray(a), axis, b, keepdims, return_sign)
+    a = _floating(a, fname)
+    if b is not None:
         b = jnp.asarray(b)
         dtype = jnp.result_type(a.dtype, b.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             dtype = a.dtype
         try:
-            b = jnp.broadcast_to(b.astype(dtype), a.shape)
+            shape = jnp.broadcast_shapes(a.shape, b.shape)
         except ValueError:
             raise ValueError(
-                f"{fname}: b of shape {b.shape} does not broadcast to a's shape {a.shape}"
+                f"{fname}: a of shape {a.shape} and b of shape {b.shape} do not broadcast"
             ) from None
-        res, sign = _lse_b_vjp(a.astype(dtype), b, axes)
-    if not return_sign:
-        res = jnp.where(sign < 0, jnp.nan, res)
+        # As jax: both broadcast (the result may be larger than `a`); broadcast_to's transpose
+        # sums each gradient back to its argument's shape.
+        a, b = jnp.broadcast_to(a.astype(dtype), shape), jnp.broadcast_to(b.astype(dtype), shape)
+    squeeze = a.ndim == 0
+    if squeeze:
+        a = a.reshape(1)
+        b = None if b is None else b.reshape(1)
+    axes = (-1,) if squeeze else _neg_axes(axis, a.ndim, fname)
+    res, sign = _lse_vjp(a, axes) if b is None else _lse_b_vjp(a, b, axes)
     if squeeze:
         res, sign = res.reshape(()), sign.reshape(())
     elif not keepdims:
         res, sign = jnp.squeeze(res, axis=axes), jnp.squeeze(sign, axis=axes)
-    return (res, sign) if return_sign else res
+    if return_sign:
+        return res, sign
+    # NaN where the weighted sum is negative, last and with debug_nans off, as jax does: under
+    # jax.debug_nans (checked op by op under disable_jit) only a NaN result can trip it.
+    with jax.debug_nans(False):
+        return jnp.where(sign < 0, jnp.nan, res)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,8 +477,10 @@ def cross_entropy(
     """
     fname = "normax.jax.cross_entropy"
     options = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    logits = _floating(logits)
+    logits = _floating(logits, fname)
     labels = jnp.asarray(labels)
+    if _is_complex(labels) or _is_complex(weight):
+        raise TypeError(f"{fname}: complex labels or weight are not supported")
     if logits.ndim == 0:
         raise ValueError(f"{fname}: logits must have a class axis")
     (ax,) = _neg_axes(axis, logits.ndim, fname)
@@ -543,12 +571,14 @@ _norm_vjp.defvjp(_norm_fwd, _norm_bwd)
 
 
 def _norm(kind, fname, x, weight, bias, eps, axis):
-    x = _floating(x)
+    x = _floating(x, fname)
     axes = _trailing(axis, x.ndim, fname)
     shape = x.shape[x.ndim - len(axes) :]
     params = []
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
+            if _is_complex(p):
+                raise TypeError(f"{fname}: complex {name} is not supported")
             p = jnp.asarray(p).astype(x.dtype)
             if p.shape != shape:
                 raise ValueError(
@@ -763,7 +793,7 @@ def power_norm(
     Under vmap each batch element is its own PowerNorm call (its own batch statistics and state).
     """
     fname = "normax.jax.power_norm"
-    x = _floating(x)
+    x = _floating(x, fname)
     if x.ndim not in (2, 3):
         raise ValueError(f"{fname}: x must be (T, B, C) or (N, C), got shape {x.shape}")
     weight = jnp.asarray(weight).astype(x.dtype)

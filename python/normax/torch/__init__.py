@@ -22,8 +22,8 @@ Differences from torch, stated once:
   registered", or "does not require grad" where the first gradient came out of a saved one);
   never a silently wrong second derivative. :func:`logsumexp` is the exception (its backward is
   plain torch ops, differentiable again).
-- No gradient flows to a probability (float) ``target`` of :func:`cross_entropy` or to class
-  ``weight`` tensors (torch differentiates the former).
+- No gradient flows to class ``weight`` tensors (torch differentiates them with probability
+  targets); a probability (float) ``target`` of :func:`cross_entropy` gets torch's gradient.
 - ``cross_entropy`` has no deprecated ``size_average``/``reduce`` arguments (the module keeps them),
   and adds ``z_loss`` and ``softcap``.
 

@@ -13,6 +13,7 @@ from .. import _cross_entropy as cpu
 from .._backends import cuda
 from .._options import CeOptions, ce_options
 from ._convert import absent, check_float, dense, host, host_opt, needs_grad, to_tensor
+from ._softmax import _log_softmax_op
 
 _FNAME = "normax.torch.cross_entropy"
 _LINEAR_FNAME = "normax.torch.linear_cross_entropy"
@@ -153,13 +154,39 @@ def _loss_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(input, target, weight if weight is not None else absent(input))
 
 
+def _target_grad(input, weight, grad_loss, axis, reduction, label_smoothing, softcap) -> Tensor:
+    """d loss / d target for class probabilities, as torch differentiates them.
+
+    Each row's loss is ``-sum_c w_c * t'_c * log_softmax(x)_c`` with ``t' = (1 - ls) * t + ls / C``,
+    so the gradient is ``-(1 - ls) * w * log_softmax(x)``, scaled by the incoming gradient ("mean"
+    divides by the number of rows, with or without class weights, as torch); z_loss does not depend
+    on the target. Torch ops and normax's log_softmax: differentiable again.
+    """
+    x = input if softcap is None else softcap * torch.tanh(input / softcap)
+    g = _log_softmax_op(x, axis) * -(1.0 - label_smoothing)
+    if weight is not None:
+        g = g * weight.reshape([-1 if i == axis else 1 for i in range(input.ndim)])
+    if reduction == "none":
+        return g * grad_loss.unsqueeze(axis)
+    if reduction == "mean":
+        grad_loss = grad_loss / (input.numel() // input.shape[axis])
+    return g * grad_loss
+
+
 def _loss_grad(ctx, grad_loss: Tensor):
     # The gradient formed in the backward, from the loss's own gradient: one kernel writes it,
-    # already scaled (the CUDA path; on the CPU, nt.cross_entropy fuses it into the forward).
+    # already scaled (the CUDA path, a target that requires grad; on the CPU, nt.cross_entropy
+    # otherwise fuses it into the forward).
     input, target, weight = ctx.saved_tensors
     weight = weight if ctx.has_weight else None
-    dlogits = _cross_entropy_backward_op(input, target, weight, grad_loss, *ctx.options)
-    return (dlogits,) + (None,) * 8
+    dlogits = dtarget = None
+    if ctx.needs_input_grad[0]:
+        dlogits = _cross_entropy_backward_op(input, target, weight, grad_loss, *ctx.options)
+    if ctx.needs_input_grad[1]:
+        axis, _, reduction, label_smoothing, _, softcap = ctx.options
+        g = _target_grad(input, weight, grad_loss, axis, reduction, label_smoothing, softcap)
+        dtarget = g.to(target.dtype)
+    return (dlogits, dtarget) + (None,) * 7
 
 
 _cross_entropy_op.register_autograd(_loss_grad, setup_context=_loss_setup)
@@ -227,8 +254,11 @@ def cross_entropy(
     Notes
     -----
     When `input` requires grad, one normax call returns the loss and its gradient together (two
-    reads of the logits in all); the backward only scales that gradient by the incoming one. No
-    gradient flows to `target` or `weight`. Unlike torch, no ``size_average``/``reduce`` arguments.
+    reads of the logits in all); the backward only scales that gradient by the incoming one. A
+    probability `target` that requires grad gets torch's gradient, ``-(1 - label_smoothing) *
+    weight * log_softmax(input)`` scaled as the reduction says (then the logits' gradient is formed
+    in the backward). No gradient flows to `weight`. Unlike torch, no ``size_average``/``reduce``
+    arguments.
 
     Examples
     --------
@@ -241,8 +271,10 @@ def cross_entropy(
         raise TypeError(f"{_FNAME}: target must be a torch.Tensor, got {type(target).__name__}")
     opts = _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     axis = 1 if input.ndim >= 2 else 0
-    if needs_grad(input) and not input.is_cuda:
-        # CPU: loss and gradient in one pass over the logits; the backward only scales it.
+    if needs_grad(input) and not input.is_cuda and not needs_grad(target):
+        # CPU: loss and gradient in one pass over the logits; the backward only scales it. (A
+        # target that requires grad takes the other op: its backward differentiates both, and a
+        # second derivative through the target then raises instead of missing that term.)
         loss, _ = _cross_entropy_with_grad_op(input, target, weight, axis, *opts)
         return loss
     # CUDA (or no gradient): the loss alone; its backward writes the scaled gradient in one

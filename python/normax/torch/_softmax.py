@@ -99,7 +99,8 @@ def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor
     Parameters
     ----------
     input : Tensor
-        Floating-point CPU tensor (float32, float64, float16, bfloat16), any strides.
+        Floating-point CPU tensor (float32, float64, float16, bfloat16), any strides. Complex
+        raises TypeError (torch has no complex softmax: it raises NotImplementedError).
     dim : int
         Dimension the probabilities sum to one over.
     dtype : torch.dtype, optional
@@ -133,7 +134,7 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Te
     Parameters
     ----------
     input : Tensor
-        Floating-point CPU tensor.
+        Floating-point CPU tensor; complex raises TypeError, as for :func:`softmax`.
     dim : int
         Dimension to normalize over.
     dtype : torch.dtype, optional
@@ -210,6 +211,7 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     ----------
     input : Tensor
         CPU tensor; integer and bool inputs are promoted to the default float dtype, as torch does.
+        Complex input is computed by ``torch.logsumexp`` itself (complex result, torch's gradient).
     dim : int or sequence of int
         Dimension(s) to reduce.
     keepdim : bool, default False
@@ -233,6 +235,9 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     fname = "normax.torch.logsumexp"
     if not isinstance(input, Tensor):
         raise TypeError(f"{fname}: input must be a torch.Tensor, got {type(input).__name__}")
+    if input.is_complex():
+        # normax's kernels are real: complex input is torch's own logsumexp (and its autograd).
+        return torch.logsumexp(input, dim, keepdim)
     if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
