@@ -43,6 +43,11 @@ pub trait Float:
     /// ldexp range: two factors of at most 2^(BIAS-1) cover every finite result.
     const LDEXP_MIN: Self;
     const LDEXP_MAX: Self;
+    /// Mantissa bits + 2. A scaling by 2^k with k down to the subnormal cutoff (-BIAS - mantissa
+    /// bits) is done in two steps, by 2^(k + SUBNORMAL_STEP) (normal, built from its bits) and by
+    /// SUBNORMAL_LOW = 2^-SUBNORMAL_STEP: gradual underflow instead of a flush to 0.
+    const SUBNORMAL_STEP: Self;
+    const SUBNORMAL_LOW: Self;
 
     fn to_f64(self) -> f64;
     fn from_f64(v: f64) -> Self;
@@ -81,6 +86,8 @@ impl Float for f32 {
     const BIAS: f32 = 127.0;
     const LDEXP_MIN: f32 = -252.0;
     const LDEXP_MAX: f32 = 254.0;
+    const SUBNORMAL_STEP: f32 = 25.0;
+    const SUBNORMAL_LOW: f32 = 1.0 / 33_554_432.0; // 2^-25
 
     #[inline(always)]
     fn to_f64(self) -> f64 {
@@ -140,6 +147,8 @@ impl Float for f64 {
     const BIAS: f64 = 1023.0;
     const LDEXP_MIN: f64 = -2044.0;
     const LDEXP_MAX: f64 = 2046.0;
+    const SUBNORMAL_STEP: f64 = 54.0;
+    const SUBNORMAL_LOW: f64 = 1.0 / 18_014_398_509_481_984.0; // 2^-54
 
     #[inline(always)]
     fn to_f64(self) -> f64 {

@@ -13,35 +13,53 @@
 //!   element on AVX2 (measured with `cargo bench --bench softmax`).
 //!
 //! Both evaluate exp(x) = m * 2^n from x itself, so the result keeps the exp's few-ULP accuracy
-//! instead of inheriting the rounding of x - max. Rows with NaN, +inf, or |x| beyond
-//! `Float::SPLIT_LIMIT` (where the Cody-Waite reduction degrades) go to an exact f64 path.
+//! instead of inheriting the rounding of x - max. The log-sum-exp is kept as max + (lse - max),
+//! never rounded whole before x is subtracted (see [`Lse`]), and refined as max + log1p(rest)
+//! where one element dominates, on both paths (see [`refined_lse`]). Rows with NaN, +inf, or |x|
+//! beyond `Float::SPLIT_LIMIT` (where the Cody-Waite reduction degrades) go to an exact f64 path.
 
 use crate::float::Float;
-use crate::simd::{exp_reduced, load_partial, store_partial, Vector};
+use crate::simd::{exp_reduced_low, load_partial, store_partial, Vector};
 use std::f64::consts::LN_2;
 
 /// A sum of exponentials held as m * 2^n, combined exactly (in f64) across blocks and threads,
 /// with the largest element it covers (`max`, whose exponent is n).
+///
+/// `top` is the max's own term exp(max) * 2^-n as the kernel computed it, and `rest` the sum of
+/// the terms of the elements below the max (both at the same scale as m), or NaN where not
+/// computed. With them the log-sum-exp is max + log1p(rest / top + ties - 1): the rounding of the
+/// max's term cancels, so a dominant element gives log_softmax <= 0 within a few ULP.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ExpSum {
     pub m: f64,
     pub n: f64,
     pub max: f64,
+    pub top: f64,
+    pub rest: f64,
 }
+
+/// ln 2 split so that n * LN_2_HI is exact for |n| < 2^21 (fdlibm's split).
+const LN_2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+const LN_2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
 
 impl ExpSum {
     pub const EMPTY: ExpSum = ExpSum {
         m: 0.0,
         n: f64::NEG_INFINITY,
         max: f64::NEG_INFINITY,
+        top: 0.0,
+        rest: 0.0,
     };
 
-    /// The sum of exp(x) * 2^-n over x[..] with max element `max` and n = round(max log2 e).
+    /// The sum of exp(x) * 2^-n over x[..] with max element `max` and n = round(max log2 e);
+    /// `top` and `rest` not computed.
     pub fn new<T: Float>(m: f64, max: T) -> ExpSum {
         ExpSum {
             m,
             n: (max * T::LOG2E).round_even().to_f64(),
             max: max.to_f64(),
+            top: f64::NAN,
+            rest: f64::NAN,
         }
     }
 
@@ -53,16 +71,51 @@ impl ExpSum {
             return self;
         }
         let n = self.n.max(o.n);
+        let (a, b) = (
+            pow2_nonpositive_f64(self.n - n),
+            pow2_nonpositive_f64(o.n - n),
+        );
+        // Below the combined max: all of a part whose max is lower, the rest of one that has it.
+        let below = |p: &ExpSum, other: &ExpSum| if p.max < other.max { p.m } else { p.rest };
         ExpSum {
-            m: self.m * pow2_nonpositive_f64(self.n - n) + o.m * pow2_nonpositive_f64(o.n - n),
+            m: self.m * a + o.m * b,
             n,
             max: self.max.max(o.max),
+            top: if self.max >= o.max {
+                self.top * a
+            } else {
+                o.top * b
+            },
+            rest: below(&self, &o) * a + below(&o, &self) * b,
         }
     }
 
-    /// log of the sum.
+    /// lse - max (>= 0): log1p(rest / top + ties - 1) where `rest` is known, else
+    /// ln(m) + (n ln 2 - max) with n ln 2 - max exact (no rounding of a large lse: f64 rows of
+    /// uniform [-1000, 1000] were 404 ULP off at |log_softmax| >= 1 with ln(m) + n ln 2).
+    pub fn ln_over_max(self) -> f64 {
+        let r = self.rest / self.top;
+        let v = if r.is_nan() {
+            self.m.ln() + ((self.n * LN_2_HI - self.max) + self.n * LN_2_LO)
+        } else {
+            let ties = ((self.m - self.rest) / self.top).round().max(1.0);
+            (r + (ties - 1.0)).ln_1p()
+        };
+        // The sum is at least the max's term: never let rounding make log_softmax(max) > 0.
+        v.max(0.0)
+    }
+
+    /// log of the sum (-inf when empty).
     pub fn ln(self) -> f64 {
-        self.m.ln() + self.n * LN_2
+        if self.m == 0.0 {
+            return f64::NEG_INFINITY;
+        }
+        self.max + self.ln_over_max()
+    }
+
+    /// log of the sum as an [`Lse`] for element type T.
+    pub fn lse<T: Float>(self) -> Lse {
+        Lse::new::<T>(self.max, self.ln_over_max())
     }
 }
 
@@ -148,6 +201,14 @@ pub(crate) const FOLD: usize = 16;
 /// Elements per two-pass block: small enough to stay in L1 between its max and its sum.
 const BLOCK: usize = 2048;
 
+/// A two-pass block sums its rest (a second pass while it is in L1) where rest / top < this: a
+/// row dominated by one element (rest / top < REST_ROW, see [`refined_lse`]) has it known in the
+/// block that holds its max, with room for the f32 rounding of the estimate.
+const REST_BLOCK: f64 = 0.125;
+/// A row is dominated by its max (the log-sum-exp is refined) where rest / top < this: at 0.1 or
+/// more the rounding of the max's term is a few ULP of log(1 + rest) too.
+const REST_ROW: f64 = 0.1;
+
 /// Two-pass, pass 1: the sum of exponentials of x[..len] from one read of memory.
 ///
 /// Blocks whose elements are all -inf add nothing. Blocks whose max is finite but below
@@ -179,7 +240,7 @@ pub unsafe fn sum_two_pass<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
         if m.is_nan() {
             return RowSum::Exact;
         }
-        total = total.combine(ExpSum { m, ..s });
+        total = total.combine(with_rest::<V>(block, n, ExpSum { m, ..s }, REST_BLOCK));
     }
     let negligible = (V::Elem::BIAS.to_f64() + 24.0) * LN_2;
     if dropped > f64::NEG_INFINITY && !(total.ln() - dropped > negligible) {
@@ -213,8 +274,10 @@ unsafe fn max_pass<V: Vector>(x: *const V::Elem, len: usize) -> V::Elem {
 }
 
 /// exp(x) * 2^-top for x <= the row max, with `top` the max's exponent: one fma both rounds
-/// x log2 e and leaves 2^(n - top) in the low bits. Terms below 2^-(BIAS - 1) of the max flush to
-/// 0 (so -inf gives exactly 0); NaN propagates (`floor.max(x)` returns x when x is NaN, on every ISA).
+/// x log2 e and leaves 2^(n - top + SUBNORMAL_STEP) in the low bits, and `exp_reduced_low` carries
+/// the 2^-SUBNORMAL_STEP: one rounding, so terms below 2^-(BIAS - 1) underflow gradually to
+/// subnormals instead of flushing to 0. Terms below 2^-(BIAS + SUBNORMAL_STEP) of the max are 0
+/// (so -inf gives exactly 0); NaN propagates (`floor.max(x)` returns x when x is NaN, on every ISA).
 #[derive(Clone, Copy)]
 pub(crate) struct ScaledExp<V> {
     bias: V,
@@ -224,9 +287,10 @@ pub(crate) struct ScaledExp<V> {
 impl<V: Vector> ScaledExp<V> {
     #[inline(always)]
     pub(crate) fn new(top: V::Elem) -> Self {
+        let k = V::Elem::SUBNORMAL_STEP;
         ScaledExp {
-            bias: V::splat(V::Elem::ROUND_MAGIC + V::Elem::BIAS - top),
-            floor: V::splat((top - V::Elem::BIAS) / V::Elem::LOG2E),
+            bias: V::splat(V::Elem::ROUND_MAGIC + V::Elem::BIAS + k - top),
+            floor: V::splat((top - V::Elem::BIAS - k) / V::Elem::LOG2E),
         }
     }
 
@@ -235,7 +299,7 @@ impl<V: Vector> ScaledExp<V> {
         let x = self.floor.max(x);
         let v = x.mul_add(V::splat(V::Elem::LOG2E), self.bias);
         let n = v.sub(self.bias);
-        exp_reduced(x, n).mul(v.exponent_bits())
+        exp_reduced_low(x, n).mul(v.exponent_bits())
     }
 }
 
@@ -295,8 +359,9 @@ unsafe fn sum_given_max<V: Vector>(
     total.value()
 }
 
-/// A log-sum-exp as hi + lo, with hi exactly representable in the element type: x - hi is then
-/// exact where x is close to hi, so log_softmax = (x - hi) - lo keeps its accuracy near 0.
+/// A log-sum-exp as hi + lo, with hi exactly representable in the element type and lo small
+/// beside it: x - hi is then exact where x is close to hi, so log_softmax = (x - hi) - lo keeps
+/// its accuracy near 0, and nothing rounds the large lse before x is subtracted.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Lse {
     pub hi: f64,
@@ -304,11 +369,17 @@ pub struct Lse {
 }
 
 impl Lse {
-    /// Splits an f64 log-sum-exp at the element type's precision.
-    pub fn split<T: Float>(lse: f64) -> Lse {
-        let hi = T::from_f64(lse).to_f64();
-        let lo = if lse.is_finite() { lse - hi } else { 0.0 };
-        Lse { hi, lo }
+    /// max + rel (rel = lse - max >= 0, `max` an element) split at the element type's precision.
+    pub fn new<T: Float>(max: f64, rel: f64) -> Lse {
+        // hi = the lse rounded to T, lo = the remainder (TwoSum: exact).
+        let s = max + rel;
+        let hi = T::from_f64(s).to_f64();
+        let b = s - max;
+        let err = (max - (s - b)) + (rel - b);
+        Lse {
+            hi,
+            lo: (s - hi) + err,
+        }
     }
 
     pub fn value(self) -> f64 {
@@ -318,11 +389,12 @@ impl Lse {
 
 /// log of the row's sum of exponentials, `s`, made accurate where it matters most.
 ///
-/// `s.ln()` carries the f32 rounding of the largest term: an absolute error of a few 1e-8, which
-/// is large relative to a log-sum-exp near 0, or to log_softmax of a dominant element
-/// (-log(1 + rest)). When the sum is dominated by its largest terms (or the result is near 0),
-/// this recomputes it as max + log1p(rest / t_max + ties - 1), with `rest` summed over the
-/// elements below the max only, so a single-element row gives exactly its value.
+/// Without `rest`, the log-sum-exp carries the rounding of the largest term (a few 1e-8 absolute
+/// in f32, 1e-16 in f64), which is large relative to a log-sum-exp near 0, or to log_softmax of a
+/// dominant element (-log(1 + rest)). When the sum is dominated by its largest terms (or the
+/// result is near 0), this sums `rest` over the elements below the max only (unless `s` has it,
+/// as from the two-pass blocks), so the result is max + log1p(rest / top + ties - 1) and a
+/// single-element row gives exactly its value.
 ///
 /// # Safety
 /// `x` must be valid for reading `len` elements and `s` its (usable) sum.
@@ -347,19 +419,39 @@ pub unsafe fn refined_lse_from_terms<V: Vector>(
 
 #[inline(always)]
 unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, terms: bool) -> Lse {
-    let lse = s.ln();
-    // The terms below the max relative to it, estimated: at 0.1 or more the rounding of the
-    // largest term is a few ULP of log(1 + rest) too.
-    let rest_estimate = s.m / (s.max - s.n * LN_2).exp() - 1.0;
-    if rest_estimate >= 0.1 && lse.abs() >= 0.25 {
-        return Lse::split::<V::Elem>(lse);
+    if !s.rest.is_nan() {
+        return s.lse::<V::Elem>();
     }
+    let rel = s.ln_over_max();
+    let top_estimate = (s.max - s.n * LN_2).exp();
+    if s.m / top_estimate - 1.0 >= REST_ROW && (s.max + rel).abs() >= 0.25 {
+        return Lse::new::<V::Elem>(s.max, rel);
+    }
+    with_rest_of::<V>(x, len, s, terms).lse::<V::Elem>()
+}
+
+/// `s` (the sum of x[..len]) with `top` and, where rest / top < `below`, `rest` computed.
+#[inline(always)]
+unsafe fn with_rest<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, below: f64) -> ExpSum {
+    let top = ScaledExp::<V>::new(V::Elem::from_f64(s.n))
+        .apply(V::splat(V::Elem::from_f64(s.max)))
+        .reduce_max()
+        .to_f64();
+    if s.m < (1.0 + below) * top {
+        with_rest_of::<V>(x, len, s, false)
+    } else {
+        ExpSum { top, ..s }
+    }
+}
+
+/// `s` with `top` and `rest`: the max's term and the sum of the terms below it, from the elements
+/// (or, with `terms`, from the terms exp(x) * 2^-n that [`sum_in_cache`] stored).
+#[inline(always)]
+unsafe fn with_rest_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, terms: bool) -> ExpSum {
     let xmax = V::Elem::from_f64(s.max);
     let scaled = ScaledExp::<V>::new(V::Elem::from_f64(s.n));
-    let mut t_max = [V::Elem::ZERO; crate::simd::MAX_LANES];
-    scaled.apply(V::splat(xmax)).store(t_max.as_mut_ptr());
-    let t_max_v = V::splat(t_max[0]);
-    let t_max = t_max[0].to_f64();
+    let t_max = scaled.apply(V::splat(xmax)).reduce_max();
+    let t_max_v = V::splat(t_max);
     let bound = V::splat(xmax);
     let zero = V::splat(V::Elem::ZERO);
     let (mut rest, mut acc, mut steps) = (CompensatedSum::default(), zero, 0);
@@ -391,11 +483,10 @@ unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, te
         }
     }
     rest.add(acc.reduce_add().to_f64());
-    let rest = rest.value();
-    let ties = ((s.m - rest) / t_max).round().max(1.0);
-    Lse {
-        hi: xmax.to_f64(),
-        lo: (rest / t_max + (ties - 1.0)).ln_1p(),
+    ExpSum {
+        top: t_max.to_f64(),
+        rest: rest.value(),
+        ..s
     }
 }
 

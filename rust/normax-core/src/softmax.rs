@@ -164,7 +164,7 @@ impl<T: Float, const LOG: bool> RowMap<T> for Softmax<LOG> {
     ) {
         if let Some(s) = s.usable::<T>() {
             if LOG {
-                write_log_softmax::<V>(x, y, len, Lse::split::<T>(s.ln()), self.1);
+                write_log_softmax::<V>(x, y, len, s.lse::<T>(), self.1);
             } else {
                 write_softmax::<V>(x, y, len, s, self.1);
             }

@@ -10,8 +10,10 @@ use normax_core::softmax::exp_slice;
 
 #[test]
 fn exp_f32_dense_sweep_within_2_ulp() {
-    // Every 7th float from below the subnormal cutoff to overflow (~30M values per ISA).
-    let lo = -103.0f32;
+    // Every 7th float from the subnormal cutoff (exp(x) < 2^-150 rounds to 0 below -103.972)
+    // to overflow (~30M values per ISA): results below 2^-126 are subnormal, and ulp_f32 is then
+    // 2^-149, so gradual underflow is checked to 2 units of the smallest subnormal.
+    let lo = -104.0f32;
     let hi = 88.72f32;
     let mut xs = Vec::new();
     let mut b = hi.to_bits();
@@ -46,9 +48,11 @@ fn exp_f32_dense_sweep_within_2_ulp() {
 
 #[test]
 fn exp_f64_sample_within_2_ulp() {
+    // From below the subnormal cutoff (-745.13) to overflow: below -708.4 the results are
+    // subnormal, where one ULP is 2^-1074.
     let mut rng = Rng(42);
     let xs: Vec<f64> = (0..2_000_000)
-        .map(|_| rng.next_f64() * (709.7 + 708.0) - 708.0)
+        .map(|_| rng.next_f64() * (709.7 + 746.0) - 746.0)
         .collect();
     let mut ys = vec![0f64; xs.len()];
     each_isa(|isa| {
@@ -60,6 +64,38 @@ fn exp_f64_sample_within_2_ulp() {
             assert!(
                 (y - r).abs() <= 3.0 * ulp,
                 "{isa:?}: exp({x}) = {y}, std {r}"
+            );
+        }
+    });
+}
+
+#[test]
+fn exp_rounds_gradually_into_the_subnormals() {
+    // Subnormal results are the correctly rounded value within one unit of the smallest
+    // subnormal, never flushed to 0 (the 2^n scaling is done in two steps).
+    let xs32 = [-87.5f32, -90.0, -100.0, -103.0, -103.5, -103.97];
+    let mut ys32 = [0f32; 6];
+    let xs64 = [-709.0f64, -720.0, -740.0, -744.0, -745.0];
+    let mut ys64 = [0f64; 5];
+    each_isa(|isa| {
+        exp_slice(&xs32, &mut ys32).unwrap();
+        for (&x, &y) in xs32.iter().zip(&ys32) {
+            let want = (x as f64).exp();
+            assert!(y > 0.0 && y < f32::MIN_POSITIVE, "{isa:?}: exp({x}) = {y}");
+            let tiny = f32::from_bits(1) as f64;
+            assert!(
+                ((y as f64) - want).abs() <= tiny,
+                "{isa:?}: exp({x}) = {y}, want {want}"
+            );
+        }
+        exp_slice(&xs64, &mut ys64).unwrap();
+        for (&x, &y) in xs64.iter().zip(&ys64) {
+            let want = x.exp();
+            assert!(y > 0.0 && y < f64::MIN_POSITIVE, "{isa:?}: exp({x}) = {y}");
+            let tiny = f64::from_bits(1);
+            assert!(
+                (y - want).abs() <= tiny,
+                "{isa:?}: exp({x}) = {y}, std {want}"
             );
         }
     });

@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::{each_isa, lock, ulp_f32, Rng};
+use common::{each_isa, lock, sum_compensated, ulp_f32, ulp_f64, Rng};
 use normax_core::softmax::{
     log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward, softmax_inplace,
 };
-use normax_core::{threads, Layout};
+use normax_core::{threads, Float, Layout};
 
 fn ref_softmax(x: &[f32]) -> Vec<f64> {
     let m = x
@@ -372,6 +372,78 @@ fn streaming_stores_give_the_same_bits() {
                 &yr[..],
                 "{isa:?} log_softmax row {r}"
             );
+        }
+    });
+}
+
+/// log_softmax and logsumexp of `x` in T, with 1 and 2 threads (bitwise the same), and the ULP of T.
+fn long_row_results<T: Float>(x: &[f32]) -> (Vec<f64>, f64) {
+    let x: Vec<T> = x.iter().map(|&v| T::from_f64(v as f64)).collect();
+    let layout = Layout::rows(1, x.len());
+    let before = threads::num_threads();
+    let mut runs = Vec::new();
+    for t in [1, 2] {
+        threads::set_num_threads(t).unwrap();
+        let mut y = vec![T::ZERO; x.len()];
+        let mut lse = [T::ZERO];
+        log_softmax(&x, &mut y, layout).unwrap();
+        logsumexp(&x, None, &mut lse, None, layout).unwrap();
+        runs.push((y, lse[0]));
+    }
+    threads::set_num_threads(before).unwrap();
+    assert!(runs[0] == runs[1], "the thread count changed the result");
+    let (y, lse) = runs.swap_remove(0);
+    (y.iter().map(|v| v.to_f64()).collect(), lse.to_f64())
+}
+
+#[test]
+fn long_rows_with_a_dominant_element_are_refined() {
+    // Rows of 2^18 or more take the chunked two-pass path; one element dominates. The truth at it
+    // is -log1p(rest), tiny: an unrefined log-sum-exp gave +1.4e-8 (f32) or ~1000 ULP here.
+    let len = (1 << 18) + 1001;
+    let k = 70_001; // in the second chunk
+    let base = Rng(21).vec_f32(len, 1.0);
+    // (the dominant value, the others' shift): lse = top + tiny, and an lse near 0.
+    let cases = [(20.0f32, 0.0f32), (45.0, 0.0), (0.0, -30.0)];
+    each_isa(|isa| {
+        for (top, shift) in cases {
+            let mut x: Vec<f32> = base.iter().map(|&v| v + shift).collect();
+            x[k] = top;
+            // f64 reference: x_i - top is exact (f32 values), exp within an ULP, a compensated sum.
+            let rest = sum_compensated(
+                x.iter()
+                    .enumerate()
+                    .filter(|&(i, _)| i != k)
+                    .map(|(_, &v)| (v as f64 - top as f64).exp()),
+            );
+            let lse_rel = rest.ln_1p();
+            let want_lse = top as f64 + lse_rel;
+            for (name, (y, lse), ulp) in [
+                (
+                    "f32",
+                    long_row_results::<f32>(&x),
+                    ulp_f32 as fn(f64) -> f64,
+                ),
+                ("f64", long_row_results::<f64>(&x), ulp_f64),
+            ] {
+                let what = format!("{isa:?} {name} top {top} shift {shift}");
+                assert!(y.iter().all(|&v| v <= 0.0), "{what}: log_softmax > 0");
+                // Within 4 ULP of each result (the dominant one included), and of the lse: a few
+                // roundings of x - max and log1p, nothing of the max's term.
+                for (i, &v) in y.iter().enumerate() {
+                    let want = (x[i] as f64 - top as f64) - lse_rel;
+                    let ulps = (v - want).abs() / ulp(want);
+                    assert!(
+                        ulps <= 4.0,
+                        "{what}: element {i}: {v} vs {want} ({ulps} ULP)"
+                    );
+                }
+                let ulps = (lse - want_lse).abs() / ulp(want_lse);
+                assert!(
+                    ulps <= 4.0,
+                    "{what}: logsumexp {lse} vs {want_lse} ({ulps} ULP)"
+                );
+            }
         }
     });
 }

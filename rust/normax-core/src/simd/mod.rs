@@ -104,19 +104,30 @@ pub fn exp_parts<V: Vector>(x: V) -> (V, V) {
 /// exp(x - n ln2) for integral n = round(x log2 e): Cody-Waite reduction, then the polynomial.
 #[inline(always)]
 pub fn exp_reduced<V: Vector>(x: V, n: V) -> V {
-    let (t, q) = reduce(x, n);
+    let (t, q) = reduce(x, n, V::Elem::ONE);
     q.mul_add(t, V::splat(V::Elem::ONE))
 }
 
-/// t = x - n ln2 (Cody-Waite) and q(t), with exp(t) = 1 + t * q(t).
+/// exp(x - n ln2) * SUBNORMAL_LOW (2^-SUBNORMAL_STEP), at the cost of [`exp_reduced`]: the polynomial's
+/// coefficients are scaled instead (exactly: a power of two, no intermediate subnormal). A caller
+/// scaling the result by 2^(k + SUBNORMAL_STEP) next, a normal number built from its bits, gets
+/// exp(x - n ln2) * 2^k with a single rounding, gradual underflow included.
 #[inline(always)]
-fn reduce<V: Vector>(x: V, n: V) -> (V, V) {
+pub fn exp_reduced_low<V: Vector>(x: V, n: V) -> V {
+    let (t, q) = reduce(x, n, V::Elem::SUBNORMAL_LOW);
+    q.mul_add(t, V::splat(V::Elem::SUBNORMAL_LOW))
+}
+
+/// t = x - n ln2 (Cody-Waite) and q(t), with exp(t) = 1 + t * q(t); q scaled by `scale` (a power
+/// of two: constant, folded into the coefficients).
+#[inline(always)]
+fn reduce<V: Vector>(x: V, n: V, scale: V::Elem) -> (V, V) {
     let t = n.mul_add(V::splat(-V::Elem::LN2_HI), x);
     let t = n.mul_add(V::splat(-V::Elem::LN2_LO), t);
     let poly = V::Elem::EXP_POLY;
-    let mut q = V::splat(poly[poly.len() - 1]);
+    let mut q = V::splat(poly[poly.len() - 1] * scale);
     for &c in poly[..poly.len() - 1].iter().rev() {
-        q = q.mul_add(t, V::splat(c));
+        q = q.mul_add(t, V::splat(c * scale));
     }
     (t, q)
 }
@@ -134,7 +145,7 @@ pub fn tanh<V: Vector>(x: V) -> V {
         .min(bound)
         .mul(V::splat(V::Elem::from_f64(-2.0)));
     let n = y.mul(V::splat(V::Elem::LOG2E)).round();
-    let (t, q) = reduce(y, n);
+    let (t, q) = reduce(y, n, V::Elem::ONE);
     let p = pow2(n);
     let e = t.mul(q).mul_add(p, p.sub(V::splat(V::Elem::ONE)));
     let r = V::splat(V::Elem::ZERO)
@@ -150,12 +161,6 @@ pub fn pow2<V: Vector>(k: V) -> V {
         .exponent_bits()
 }
 
-/// 2^k for integral k <= 0, flushed to 0 below the normal range (2^-BIAS and beyond).
-#[inline(always)]
-pub fn pow2_nonpositive<V: Vector>(k: V) -> V {
-    pow2(k.max(V::splat(-V::Elem::BIAS)))
-}
-
 /// v * 2^k for integral k, correct into the subnormal range: two normal factors, one rounding.
 #[inline(always)]
 pub fn ldexp<V: Vector>(v: V, k: V) -> V {
@@ -166,7 +171,9 @@ pub fn ldexp<V: Vector>(v: V, k: V) -> V {
     v.mul(pow2(half)).mul(pow2(k.sub(half)))
 }
 
-/// exp(x) for every x: -inf and underflow give 0, overflow gives +inf, NaN stays NaN.
+/// exp(x) for every x: -inf gives 0, overflow +inf, NaN stays NaN; results below the normal
+/// range are the gradual-underflow subnormals (`ldexp`'s two factors), 0 only below half the
+/// smallest subnormal.
 #[inline(always)]
 pub fn exp<V: Vector>(x: V) -> V {
     // Beyond these bounds the result is 0 or inf anyway; clamping keeps the reduction exact.

@@ -83,3 +83,28 @@ pub fn ulp_f32(v: f64) -> f64 {
         (f32::from_bits(a.to_bits() + 1) - a) as f64
     }
 }
+
+/// One ULP of f64 at |v| (the smallest subnormal below the normal range).
+pub fn ulp_f64(v: f64) -> f64 {
+    let a = v.abs();
+    if a < f64::MIN_POSITIVE {
+        f64::from_bits(1)
+    } else {
+        f64::from_bits(a.to_bits() + 1) - a
+    }
+}
+
+/// Neumaier's compensated sum: a reference sum whose error does not grow with the length.
+pub fn sum_compensated(values: impl Iterator<Item = f64>) -> f64 {
+    let (mut s, mut c) = (0.0f64, 0.0f64);
+    for v in values {
+        let t = s + v;
+        c += if s.abs() >= v.abs() {
+            (s - t) + v
+        } else {
+            (v - t) + s
+        };
+        s = t;
+    }
+    s + c
+}
