@@ -26,7 +26,9 @@ def compute_dtype(dtype: np.dtype, name: str) -> tuple[np.dtype, np.dtype]:
 
     float32/float64 run as themselves; float16, bfloat16 and other small floats (ml_dtypes) run
     in float32 and come back in their own dtype; long double runs in float64 and comes back as
-    long double; integers and bool become float64, as in SciPy.
+    long double; integers and bool become float64, as in SciPy: NumPy's and ml_dtypes' integers
+    alike (``ml_dtypes.int4``, ``uint2``, ...). Any other dtype (NumPy cannot tell what it
+    holds) is a TypeError naming the argument.
     """
     kind = dtype.kind
     if kind == "f":
@@ -37,27 +39,76 @@ def compute_dtype(dtype: np.dtype, name: str) -> tuple[np.dtype, np.dtype]:
         return _F64, dtype.newbyteorder("=")
     if kind in "iub":
         return _F64, _F64
-    if kind == "V" and _is_ml_float(dtype):
-        return _F32, dtype
+    if kind == "V":
+        foreign = foreign_kind(dtype)
+        if foreign == "f":
+            return _F32, dtype
+        if foreign == "i":
+            return _F64, _F64
     raise TypeError(f"{name}: unsupported dtype {dtype}; expected a real floating, integer or bool array")
 
 
-def _is_ml_float(dtype: np.dtype) -> bool:
-    # ml_dtypes floats (bfloat16, float8_*) are kind 'V'; they convert to float32 losslessly.
+_FOREIGN: dict = {}
+
+
+def foreign_kind(dtype: np.dtype) -> str | None:
+    """What a dtype NumPy calls 'V' holds: "f" for a small float (ml_dtypes' bfloat16, float8_*,
+    float4_*, ...: exact in float32), "i" for an integer (ml_dtypes' int4, uint2, ...), None for
+    anything else (void, structured, subarray).
+
+    Told apart by what they make of 0.5 and 1.0 (an integer type truncates 0.5), so types from
+    other libraries are recognized as ml_dtypes' are; the answer is cached per dtype.
+    """
     try:
-        np.zeros(1, dtype).astype(np.float32)
-    except (TypeError, ValueError):
-        return False
-    return dtype.names is None and dtype.subdtype is None and dtype.itemsize <= 2
+        return _FOREIGN[dtype]
+    except KeyError:
+        pass
+    kind = None
+    if dtype.kind == "V" and dtype.names is None and dtype.subdtype is None:
+        try:
+            with np.errstate(all="ignore"):
+                probe = np.array([0.5, 1.0]).astype(dtype).astype(np.float64)
+        except (TypeError, ValueError):
+            probe = None
+        if probe is not None and probe.shape == (2,) and probe[1] == 1.0:
+            if probe[0] == 0.5:
+                kind = "f" if dtype.itemsize <= 2 else None
+            elif probe[0] == 0.0 and dtype.itemsize <= 8:
+                kind = "i"
+    _FOREIGN[dtype] = kind
+    return kind
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """A real floating dtype: NumPy's or a small float such as ml_dtypes.bfloat16."""
+    return dtype.kind == "f" or (dtype.kind == "V" and foreign_kind(dtype) == "f")
+
+
+def is_int_dtype(dtype: np.dtype) -> bool:
+    """An integer dtype: NumPy's or one such as ml_dtypes.int4 (bool is not one)."""
+    return dtype.kind in "iu" or (dtype.kind == "V" and foreign_kind(dtype) == "i")
 
 
 def as_input(x, name: str = "x") -> tuple[np.ndarray, np.dtype]:
-    """The array in its kernel dtype (native byte order), and the dtype of the result."""
+    """The array in its kernel dtype (native byte order) and aligned, and the dtype of the result.
+
+    A misaligned array (a view at an odd byte offset) is copied once: the kernels read aligned
+    memory only.
+    """
     a = np.asarray(x)
     work, result = compute_dtype(a.dtype, name)
     if a.dtype != work:
         a = a.astype(work)
+    elif not a.flags.aligned:
+        a = a.copy(order="K")
     return a, result
+
+
+def contiguous(a, dtype=None) -> np.ndarray:
+    """``numpy.ascontiguousarray(a, dtype)`` that is also aligned, as the kernels need: `a`
+    itself when it already is, else one copy."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.aligned else a.copy()
 
 
 def as_backward_inputs(a, name: str, dy):
@@ -136,7 +187,7 @@ class Plan:
         """A C-contiguous array in kernel order holding `a`'s values (a view when possible)."""
         if self.moved is not None:
             a = a.transpose(self.moved)
-        return np.ascontiguousarray(a, dtype=dtype)
+        return contiguous(a, dtype)
 
     def restore(self, r: np.ndarray) -> np.ndarray:
         """A result of ``arranged_shape``, back in the original axis order."""
@@ -160,8 +211,12 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def direct_output(out: np.ndarray, work: np.ndarray, plan: Plan) -> np.ndarray | None:
     """`out` itself if the kernel can write it directly: same kernel dtype, C-contiguous in kernel
-    order, and either `work`'s own memory (in place) or not overlapping it at all."""
-    if plan.moved is not None or out.dtype != work.dtype or not out.flags.c_contiguous:
+    order and aligned, and either `work`'s own memory (in place) or not overlapping it at all.
+    Otherwise (None) the kernel writes a buffer that :func:`finish` copies into `out`."""
+    if plan.moved is not None or out.dtype != work.dtype:
+        return None
+    flags = out.flags
+    if not (flags.c_contiguous and flags.aligned):
         return None
     if not out.dtype.isnative:
         return None
@@ -175,7 +230,7 @@ def finish(result: np.ndarray, result_dtype: np.dtype, out):
     """The kernel's result in the caller's dtype, written to `out` when given (and `out`
     returned as given, even 0-d); a 0-d result without `out` is a NumPy scalar (:func:`scalar_0d`)."""
     if out is not None:
-        if result is not out:
+        if result is not out:  # a misaligned `out` included: written by NumPy, not the kernel
             np.copyto(out, result, casting="unsafe")
         return out
     if result.dtype != result_dtype:

@@ -1,5 +1,6 @@
-# Type stub of the Rust extension (rust/normax-py). Arrays are C-contiguous float32/float64
-# ndarrays laid out as (outer, len, inner); the Python layer (normax._softmax) prepares them.
+# Type stub of the Rust extension (rust/normax-py). Arrays are C-contiguous, aligned, native
+# float32/float64 ndarrays laid out as (outer, len, inner) (a misaligned one is a ValueError);
+# the Python layer (normax._arrays: as_input, contiguous, direct_output) prepares them.
 
 import numpy as np
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._arrays import as_input
+from ._arrays import as_input, contiguous, is_int_dtype
 from ._options import (
     ce_inputs,
     ce_options,
     ce_results,
     check_chunk_size,
+    class_indices,
     grad_output_rows,
     index_error,
     linear_shapes,
+    softcap_dtype,
 )
 
 
@@ -34,14 +36,19 @@ def _cross_entropy(
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     ignore_index, reduction = opts.ignore_index, opts.reduction
     x, result_dtype, ax, t, soft, w = ce_inputs(logits, target, axis, weight, inplace)
+    work_dtype = softcap_dtype(opts.softcap, x.dtype)
+    if work_dtype != x.dtype:  # a cap float32 cannot hold: the loss is computed in float64
+        x = x.astype(work_dtype)
+        t = t.astype(work_dtype) if soft else t
+        w = None if w is None else w.astype(work_dtype)
     shape = x.shape
     classes = shape[ax]
     row_shape = shape[:ax] + shape[ax + 1 :]
 
     # Classes last, rows contiguous: a view when the logits already are, else one copy.
     last = ax == x.ndim - 1
-    work = np.ascontiguousarray(x if last else np.moveaxis(x, ax, -1))
-    tk = np.ascontiguousarray(t if (last or not soft) else np.moveaxis(t, ax, -1))
+    work = contiguous(x if last else np.moveaxis(x, ax, -1))
+    tk = contiguous(t if (last or not soft) else np.moveaxis(t, ax, -1))
     if not soft:
         tk = tk.astype(np.int64, copy=False)
     rows = work.size // classes
@@ -85,7 +92,8 @@ def cross_entropy(
         themselves; float16 and bfloat16 (ml_dtypes) in float32 with the loss in their dtype;
         integers and bool become float64.
     target : array_like
-        Either integer class indices shaped like `logits` without the class axis, or class
+        Either integer class indices shaped like `logits` without the class axis (any integer
+        dtype, ml_dtypes' ``int4`` included; compared as int64, as torch's), or class
         probabilities (a float array) shaped like `logits`.
     axis : int, default -1
         The class axis of `logits` (torch puts it at 1; NumPy-first, ours is last by default).
@@ -106,7 +114,11 @@ def cross_entropy(
         lse being the row's log-sum-exp; with `weight` a row's loss is ``w[y] * ce + z_loss *
         lse**2`` and the mean still divides by the summed ``w[y]``.
     softcap : float, optional
-        Gemma 2's cap: logits become ``softcap * tanh(logits / softcap)`` first.
+        Gemma 2's cap: logits become ``softcap * tanh(logits / softcap)`` first. At least
+        float64's smallest normal number (2.2e-308). float32 logits with a cap float32 cannot
+        hold (>= 2**128 - 2**103, which float32 rounds to inf, or below its smallest normal,
+        1.2e-38) are computed in float64 and the results rounded to float32: the float64
+        ``softcap * tanh(x / softcap)`` reference, not NaN.
 
     Returns
     -------
@@ -118,14 +130,17 @@ def cross_entropy(
     Raises
     ------
     IndexError
-        For a class index outside [0, C) that is not `ignore_index`; the message names the value
-        and its position.
+        For a class index outside [0, C) that is not `ignore_index`, a uint64 index above
+        2**63 - 1 included (it does not fit in int64: cast, ``2**64 - 100`` would wrap around onto
+        ignore_index -100); the message names the value and its position.
     ValueError
         For a `target` or `weight` of the wrong shape, an empty class axis, `label_smoothing`
         outside [0, 1], a negative `z_loss`, a `softcap` that is not positive, an unknown
         `reduction`, or `ignore_index` >= 0 with probability targets.
     TypeError
-        For complex, string, object or bool targets or logits, or a non-integer `axis`.
+        For complex, string, object or bool targets or logits, a non-integer `axis`, or a
+        `label_smoothing`, `z_loss` or `softcap` that is not a real number (a string such as
+        ``'0.1'`` or a bool included).
     numpy.exceptions.AxisError
         If `axis` is out of range.
 
@@ -248,15 +263,15 @@ def _linear(
     b, b_dtype = as_input(bias, "bias") if bias is not None else (None, w_dtype)
     t = np.asarray(target)
     b_shape = None if b is None else b.shape
-    n, hd, v = linear_shapes(h.shape, w.shape, b_shape, t.shape, t.dtype.kind in "iu", t.dtype)
-    work = np.result_type(h.dtype, w.dtype)
+    n, hd, v = linear_shapes(h.shape, w.shape, b_shape, t.shape, is_int_dtype(t.dtype), t.dtype)
+    work = softcap_dtype(opts.softcap, np.result_type(h.dtype, w.dtype))
     result_dtype = np.result_type(h_dtype, w_dtype, b_dtype)
     if b is not None:
-        b = np.ascontiguousarray(b, dtype=work)
+        b = contiguous(b, work)
     chunk_size = check_chunk_size(chunk_size)
-    h = np.ascontiguousarray(h, dtype=work)
-    w = np.ascontiguousarray(w, dtype=work)
-    tk = np.ascontiguousarray(t, dtype=np.int64)
+    h = contiguous(h, work)
+    w = contiguous(w, work)
+    tk = contiguous(class_indices(t))
     loss = np.empty(n if reduction == "none" else 1, work)
     dh = dw = db = grad_rows = None
     grad_scalar = 0.0
@@ -322,7 +337,8 @@ def linear_cross_entropy(
     Raises
     ------
     IndexError
-        For a class index outside [0, V) that is not `ignore_index`.
+        For a class index outside [0, V) that is not `ignore_index` (or a uint64 index that does
+        not fit in int64), named with its position.
     ValueError
         For shapes that do not fit ((N, H), (V, H), (V,), (N,)), an empty vocabulary, a
         `chunk_size` below 1, or options as in :func:`cross_entropy`.

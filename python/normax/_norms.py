@@ -5,10 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._arrays import Plan, as_backward_inputs, as_input, check_out, direct_output, finish, scalar_0d
+from ._arrays import (
+    Plan,
+    as_backward_inputs,
+    as_input,
+    check_out,
+    contiguous,
+    direct_output,
+    finish,
+    scalar_0d,
+)
 from ._options import check_eps, machine_eps, norm_axes, param
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FAST_EPS = {d: float(np.finfo(d).eps) for d in _FAST_DTYPES}  # rms_norm's default eps
 
 
 def _stat(s, name: str, shape: tuple[int, ...]):
@@ -22,7 +32,7 @@ def _stat(s, name: str, shape: tuple[int, ...]):
         raise ValueError(
             f"{name}: shape {a.shape} does not match the rows' shape {shape} (x.shape without axis)"
         )
-    return np.ascontiguousarray(a, dtype=np.float64)
+    return contiguous(a, np.float64)
 
 
 def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
@@ -48,10 +58,15 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
                 )
         w = None if weight is None else np.ascontiguousarray(weight)
         b = None if bias is None else np.ascontiguousarray(bias)
-        e = check_eps(np.finfo(x.dtype).eps if eps is None else eps)
+        e = check_eps(_FAST_EPS[x.dtype] if eps is None else eps)
         y = np.empty_like(x)
-        _core.norm_forward(norm, x, w, b, y, None, None, n, e)
-        return y
+        try:
+            _core.norm_forward(norm, x, w, b, y, None, None, n, e)
+            return y
+        except ValueError:
+            # The kernel refuses a misaligned array before writing: the general path copies it.
+            if all(a is None or a.flags.aligned for a in (x, w, b)):
+                raise
 
     a, result_dtype = as_input(x)
     axes = norm_axes(axis, a.ndim)
@@ -62,7 +77,7 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
     if out is not None:
         check_out(out, a.shape, result_dtype)
     plan = Plan(a.shape, axes)
-    work = np.ascontiguousarray(a)
+    work = contiguous(a)
     y = direct_output(out, work, plan) if out is not None else None
     if y is None:
         y = np.empty_like(work)
@@ -97,8 +112,8 @@ def _backward(norm, dy, x, weight, bias, eps, axis, mean, rstd):
         raise ValueError(f"{missing}: give both saved statistics (mean and rstd) or neither")
     mean = _stat(mean, "mean", plan.reduced_shape)
     rstd = _stat(rstd, "rstd", plan.reduced_shape)
-    wx = np.ascontiguousarray(xa, dtype=work_dtype)
-    wdy = np.ascontiguousarray(dya, dtype=work_dtype)
+    wx = contiguous(xa, work_dtype)
+    wdy = contiguous(dya, work_dtype)
     dx = np.empty_like(wx)
     dw = np.zeros(shape, work_dtype) if weight is not None else None
     db = np.zeros(shape, work_dtype) if bias is not None else None
@@ -118,17 +133,21 @@ def rms_norm(x, weight=None, *, eps=None, axis=-1, out=None, return_stats=False)
     ----------
     x : array_like
         Input. float32 and float64 are computed as themselves; float16, bfloat16 (ml_dtypes) are
-        computed in float32 and returned in their dtype; integers and bool become float64.
+        computed in float32 and returned in their dtype; integers (ml_dtypes' ``int4`` and the
+        like included) and bool become float64; any other dtype is a TypeError. Any layout
+        (strided, byte-swapped, misaligned) is read, copied once where needed.
     weight : array_like, optional
         Elementwise scale of shape ``x.shape[axis]`` (the normalized shape); None means ones.
     eps : float, optional
         Added to the mean square. None means ``np.finfo(x.dtype).eps``, as
-        ``torch.nn.functional.rms_norm``.
+        ``torch.nn.functional.rms_norm``. A real number (a string such as ``'1e-6'`` is a
+        TypeError).
     axis : int or tuple of int, default -1
         The normalized axes; they must be the trailing axes of `x` (torch's ``normalized_shape`` is
         ``x.shape[axis]``).
     out : ndarray, optional
-        Writeable array of the result's shape and dtype to write into; may be `x` itself.
+        Writeable array of the result's shape and dtype to write into; may be `x` itself. A
+        misaligned `out` is written through an aligned buffer.
     return_stats : bool, default False
         Also return ``rstd = 1 / sqrt(mean(x**2) + eps)`` per row (float64, shaped like `x` without
         the normalized axes), which :func:`rms_norm_backward` accepts to skip recomputing it.
@@ -149,7 +168,8 @@ def rms_norm(x, weight=None, *, eps=None, axis=-1, out=None, return_stats=False)
     numpy.exceptions.AxisError
         If an axis is out of range.
     TypeError
-        For complex, string or object input, or an `out` of the wrong dtype.
+        For complex, string, object or other unknown dtypes, an `out` of the wrong dtype, or an
+        `eps` that is not a real number.
 
     Notes
     -----

@@ -12,15 +12,36 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._arrays import as_input, compute_dtype, normalize_axes, scalar_0d
+from ._arrays import (
+    as_input,
+    compute_dtype,
+    contiguous,
+    is_float_dtype,
+    is_int_dtype,
+    normalize_axes,
+    scalar_0d,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Scalars
 
 
+# Things float() takes that are no number: strings ('0.1'), bytes, bools.
+_NOT_NUMBERS = (str, bytes, bytearray, bool, np.bool_)
+_NUMPY_REALS = (np.floating, np.integer)
+
+
 def number(v, name: str) -> float:
-    """A real number as a float; TypeError naming `name` otherwise (bools included)."""
-    if isinstance(v, (bool, np.bool_)) or np.ndim(v) != 0:
+    """A real number as a float; TypeError naming `name` otherwise: bools, strings (``'0.1'``,
+    which ``float()`` would parse), complex numbers and 0-d arrays of those included, as
+    torch's and NumPy's numeric arguments."""
+    if type(v) is float or type(v) is int or isinstance(v, _NUMPY_REALS):
+        return float(v)
+    if (
+        isinstance(v, _NOT_NUMBERS)
+        or np.ndim(v) != 0
+        or getattr(getattr(v, "dtype", None), "kind", "f") in "bcSUOTMm"
+    ):
         raise TypeError(f"{name}: expected a real number, got {v!r}")
     try:
         return float(v)
@@ -75,6 +96,10 @@ def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeO
         softcap = number(softcap, "softcap")
         if not (softcap > 0.0 and math.isfinite(softcap)):
             raise ValueError(f"softcap: must be a finite number > 0 or None, got {softcap}")
+        if softcap < _F64_TINY:  # 1 / softcap, in the gradient, would be inf even in float64
+            raise ValueError(
+                f"softcap: must be at least {_F64_TINY} (float64's smallest normal), got {softcap}"
+            )
     return CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
@@ -144,6 +169,47 @@ def check_chunk_size(value) -> int | None:
     return int(value)
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _position(flat: int, shape: tuple):
+    pos = np.unravel_index(flat, shape)
+    return pos, (int(pos[0]) if len(pos) == 1 else tuple(int(p) for p in pos))
+
+
+def class_indices(t: np.ndarray, name: str = "target") -> np.ndarray:
+    """Integer class indices (NumPy's or ml_dtypes' integers) as int64, the type the kernels
+    compare them in. A uint64 index above 2**63 - 1 does not fit: a cast would wrap it around
+    (2**64 - 100 onto -100, the default ignore_index, silently dropping its row), so it is an
+    IndexError naming the value and its position."""
+    if t.dtype.kind == "u" and t.dtype.itemsize >= 8 and t.size and t.max() > _INT64_MAX:
+        pos, where = _position(int(np.argmax(t > _INT64_MAX)), t.shape)
+        value = int(t[pos])
+        raise IndexError(
+            f"{name}: class index {value} at position {where} is out of range: it does not fit in "
+            f"int64, in which class indices are compared (a cast would wrap it around to {value - 2**64})"
+        )
+    return t.astype(np.int64, copy=False)
+
+
+# float32 rounds a cap at or above 2**128 - 2**103 to inf (so x / cap = 0 and the capped logits
+# 0 * inf = NaN), and one below its smallest normal number to a subnormal or 0.
+_F32_CAP_MAX = 2.0**128 - 2.0**103
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_F64_TINY = float(np.finfo(np.float64).tiny)
+
+
+def softcap_dtype(softcap: float | None, dtype: np.dtype) -> np.dtype:
+    """The dtype a cross-entropy of logits computed in `dtype` runs in with this (checked)
+    `softcap`: `dtype`, or float64 for float32 when float32 cannot hold the cap (at or above
+    2**128 - 2**103, or below float32's smallest normal): the kernels apply the cap in the
+    logits' dtype, and ``softcap * tanh(x / softcap)`` in float64 is the reference (torch computes
+    it in float64 for float64 logits; a float32 cap of inf would give NaN)."""
+    if softcap is not None and dtype == np.float32 and not _F32_TINY <= softcap < _F32_CAP_MAX:
+        return np.dtype(np.float64)
+    return dtype
+
+
 def index_error(t: np.ndarray, classes: int, ignore_index: int) -> IndexError:
     """The first class index out of range, by value and position (a kernel found one)."""
     bad = (t != ignore_index) & ((t < 0) | (t >= classes))
@@ -171,13 +237,13 @@ def grad_output_rows(grad_output, reduction: str, loss_shape: tuple, work: np.dt
         raise ValueError(
             f"grad_output: shape {g.shape} does not broadcast to the per-row loss shape {loss_shape}"
         ) from None
-    return np.ascontiguousarray(g, dtype=work).reshape(-1), 0.0
+    return contiguous(g, work).reshape(-1), 0.0
 
 
 def _targets(target, shape: tuple, axis: int, work: np.dtype):
     """(class indices, or probabilities in `work`), and whether they are probabilities."""
     t = np.asarray(target)
-    if t.dtype.kind in "iu":
+    if is_int_dtype(t.dtype):
         kind = "i"
     elif t.dtype.kind == "b":
         kind = "b"
@@ -185,7 +251,7 @@ def _targets(target, shape: tuple, axis: int, work: np.dtype):
         compute_dtype(t.dtype, "target")  # TypeError for complex, strings, objects
         kind = "f"
     soft = target_kind(t.shape, kind, t.dtype, shape, axis)
-    return (t.astype(work, copy=False) if soft else t), soft
+    return (t.astype(work, copy=False) if soft else class_indices(t)), soft
 
 
 class CeInputs(NamedTuple):
@@ -202,9 +268,7 @@ class CeInputs(NamedTuple):
 def ce_inputs(logits, target, axis, weight, inplace: bool) -> CeInputs:
     """The checked NumPy inputs of a cross-entropy (no kernel has run, nothing is written)."""
     if inplace and not (
-        isinstance(logits, np.ndarray)
-        and logits.flags.writeable
-        and (logits.dtype.kind == "f" or logits.dtype.kind == "V")
+        isinstance(logits, np.ndarray) and logits.flags.writeable and is_float_dtype(logits.dtype)
     ):
         raise ValueError("logits: inplace=True needs a writeable floating-point numpy.ndarray")
     x, result_dtype = as_input(logits, "logits")
@@ -217,7 +281,7 @@ def ce_inputs(logits, target, axis, weight, inplace: bool) -> CeInputs:
         compute_dtype(w.dtype, "weight")
         if w.shape != (classes,):
             raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
-        w = np.ascontiguousarray(w, dtype=x.dtype)
+        w = contiguous(w, x.dtype)
     return CeInputs(x, result_dtype, ax, t, soft, w)
 
 
@@ -258,13 +322,13 @@ def norm_axes(axis, ndim: int) -> tuple[int, ...]:
 
 
 def check_eps(eps) -> float:
-    """`eps` as a finite float >= 0."""
-    if isinstance(eps, (bool, np.bool_)):
-        raise TypeError("eps: expected a real number, got a bool")
-    try:
+    """`eps` as a finite float >= 0 (a real number: bools and strings are TypeErrors)."""
+    if type(eps) is float or type(eps) is int or isinstance(eps, _NUMPY_REALS):
         e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps: expected a real number, got {eps!r}") from None
+    elif isinstance(eps, (bool, np.bool_)):
+        raise TypeError("eps: expected a real number, got a bool")
+    else:
+        e = number(eps, "eps")
     if not (0.0 <= e < math.inf):
         raise ValueError(f"eps: must be finite and >= 0, got {eps!r}")
     return e
@@ -290,4 +354,4 @@ def param(p, name: str, shape: tuple[int, ...], dtype: np.dtype):
         raise ValueError(
             f"{name}: shape {a.shape} does not match the normalized shape {shape} (x.shape[axis])"
         )
-    return np.ascontiguousarray(a.astype(dtype, copy=False)).reshape(-1)
+    return contiguous(a, dtype).reshape(-1)

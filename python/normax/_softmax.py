@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core
@@ -13,6 +15,7 @@ from ._arrays import (
     compute_dtype,
     direct_output,
     finish,
+    foreign_kind,
     normalize_axes,
     scalar_0d,
 )
@@ -21,7 +24,11 @@ _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _is_fast(x) -> bool:
-    """A C-contiguous native float32/float64 ndarray with at least one axis: no conversion needed."""
+    """A C-contiguous native float32/float64 ndarray with at least one axis: no conversion needed.
+
+    Alignment is not checked here (it would cost every call): the kernels refuse a misaligned
+    array with a ValueError before writing anything, and the fast paths then take the general
+    path, which copies (see :func:`_misaligned`)."""
     return (
         type(x) is np.ndarray
         and x.dtype in _FAST_DTYPES
@@ -29,6 +36,12 @@ def _is_fast(x) -> bool:
         and x.flags.c_contiguous
         and x.dtype.isnative
     )
+
+
+def _misaligned(*arrays) -> bool:
+    """Whether a fast path's ValueError came from a misaligned array (then the general path
+    copies it, or writes a misaligned `out` through a buffer); else the error is re-raised."""
+    return not all(a.flags.aligned for a in arrays)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +180,12 @@ def _map(kernel, kernel_last, x, axis, out):
     # The common call in one crossing into Rust: a contiguous float32/float64 array over its last
     # axis into a fresh array (None back for anything else).
     if axis == -1 and out is None:
-        y = kernel_last(x)
+        try:
+            y = kernel_last(x)
+        except ValueError:
+            if not _misaligned(x):
+                raise
+            y = None  # read from one aligned copy below
         if y is not None:
             return y
     # Into itself, or a separate contiguous array of its dtype.
@@ -187,9 +205,14 @@ def _map(kernel, kernel_last, x, axis, out):
         )
     ):
         n = x.shape[-1]
-        if n:
+        if not n:
+            return out
+        try:
             kernel(x, out, x.size // n, n, 1)
-        return out
+            return out
+        except ValueError:
+            if not _misaligned(x, out):
+                raise
 
     a = np.asarray(x)
     if a.dtype.kind == "c":
@@ -217,12 +240,17 @@ def softmax(x, axis=-1, *, out=None):
     ----------
     x : array_like
         Input. float32 and float64 are computed as themselves; float16, bfloat16 (ml_dtypes) are
-        computed in float32 and returned in their dtype; integers and bool become float64;
-        complex input is computed as ``scipy.special.softmax`` computes it (see Notes).
+        computed in float32 and returned in their dtype; integers (ml_dtypes' ``int4`` and the
+        like included) and bool become float64; complex input is computed as
+        ``scipy.special.softmax`` computes it (see Notes); any other dtype is a TypeError. Any
+        memory layout is read: strided, reversed, byte-swapped or misaligned arrays are copied
+        once.
     axis : int, tuple of int or None, default -1
         Axis or axes the probabilities sum to one over; None means all axes.
     out : ndarray, optional
-        Writeable array of the result's shape and dtype to write into; may be `x` itself.
+        Writeable array of the result's shape and dtype to write into; may be `x` itself. Any
+        layout (a misaligned `out` included) is written: where the kernel cannot write it
+        directly, the result is computed into a buffer and copied in.
 
     Returns
     -------
@@ -307,6 +335,33 @@ def log_softmax(x, axis=-1, *, out=None):
     return _map(_core.log_softmax, _core.log_softmax_last, x, axis, out)
 
 
+_TINY64 = float(np.finfo(np.float64).tiny)
+
+
+def _scalar_weight(s) -> tuple[np.float64, float]:
+    """A Python number weight `s` as (weight in float64, shift): ``logsumexp(x, b=s)`` is
+    ``logsumexp(x, b=weight) + shift``. `s` itself where float64 holds it as a normal number (or
+    it is 0, inf or NaN); else its sign, with ``log(abs(s))`` as the shift (an int beyond
+    float64, a subnormal float), so nothing overflows or underflows."""
+    try:
+        f = float(s)
+    except OverflowError:  # an int beyond float64's range; math.log takes any int
+        return np.float64(1.0 if s > 0 else -1.0), math.log(abs(s))
+    if f == 0.0 or not math.isfinite(f) or abs(f) >= _TINY64:
+        return np.float64(f), 0.0
+    return np.float64(math.copysign(1.0, f)), math.log(abs(f))
+
+
+def _numpy_int(a: np.ndarray) -> np.ndarray:
+    """An array of a foreign integer dtype (ml_dtypes.int4, ...) as NumPy's integer of its size,
+    which NumPy can promote; anything else unchanged."""
+    if a.dtype.kind != "V" or foreign_kind(a.dtype) != "i":
+        return a
+    with np.errstate(all="ignore"):
+        signed = np.array(-1.0).astype(a.dtype).astype(np.float64) == -1.0
+    return a.astype(np.dtype(f"{'i' if signed else 'u'}{a.dtype.itemsize}"))
+
+
 def _weighted_dtype(x, a: np.ndarray, b, b_arr: np.ndarray) -> np.dtype:
     """The result dtype of logsumexp(x, b=b), as scipy: ``result_type(x, b)`` made floating.
 
@@ -341,6 +396,10 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     b : array_like, optional
         Weights broadcast against `x`, as in ``scipy.special.logsumexp`` (real or complex).
         Elements with b == 0 are left out (so x = inf there does not make the result inf or NaN).
+        A Python number is weak (NEP 50: the result keeps `x`'s dtype) but is applied in float64,
+        never rounded to `x`'s dtype: ``logsumexp(float32 x, b=1e300)`` is
+        ``logsumexp(x) + log(1e300)`` in float32, not inf (SciPy: inf), and any Python int is
+        taken (``log(abs(b))`` of an int beyond float64 is exact).
     keepdims : bool, default False
         Keep the reduced axes with length one.
     return_sign : bool, default False
@@ -374,7 +433,11 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     ``numpy.result_type(x, b)`` made floating, Python scalars weak (NEP 50): float32 `x` with
     ``b=2.0`` is float32, with int32 or float64 weights float64, float16 with float32 weights
     float32. bfloat16 (ml_dtypes, which NumPy cannot promote) keeps its dtype with integer
-    weights, as in torch and JAX. NaN anywhere in a reduced row gives NaN; +inf (and no NaN)
+    weights, as in torch and JAX; ml_dtypes integers (``int4``, ...) promote as NumPy's integer
+    of their size (``int8``). A real Python-number `b` is computed in float64 (real input in
+    float64, the log of the weighted sum rounded once to the result dtype); where the weight is
+    subnormal or beyond float64 (a huge int) the result is ``logsumexp(x) + log(abs(b))`` with
+    the sign of `b`. NaN anywhere in a reduced row gives NaN; +inf (and no NaN)
     gives +inf; an empty reduction or a row of only -inf gives -inf.
 
     Complex input or weights are computed in NumPy (complex64 in complex128), as SciPy: elements
@@ -393,19 +456,34 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     if b is None and not keepdims and not return_sign and axis == -1 and _is_fast(x) and x.ndim > 1:
         n = x.shape[-1]
         res = np.empty(x.shape[:-1], x.dtype)
-        if res.size:
+        if not res.size:
+            return res
+        try:
             _core.logsumexp(x, None, res, None, res.size, n, 1)
-        return res
+            return res
+        except ValueError:
+            if not _misaligned(x):
+                raise
     a = np.asarray(x)
+    shift = 0.0
     if b is None:
+        b_arr = None
         if a.dtype.kind == "c":
             return _complex_logsumexp(a, None, normalize_axes(axis, a.ndim), keepdims, return_sign, a.dtype)
         a, result_dtype = as_input(a)
+    elif type(b) in (int, float) and a.dtype.kind != "c":
+        # A Python number is weak (NEP 50): the result has x's dtype (float32 stays float32), but
+        # the weight is applied in float64, never rounded to x's dtype (b=1e300 is no inf there).
+        a, result_dtype = as_input(a)
+        a = a.astype(np.float64, copy=False)
+        weight, shift = _scalar_weight(b)
+        b_arr = np.broadcast_to(weight, a.shape)
     else:
         b_arr = np.asarray(b)
         for v, arr, name in ((x, a, "x"), (b, b_arr, "b")):
-            if arr.dtype.kind not in "fiubc" and not (arr.dtype.kind == "V"):
+            if arr.dtype.kind not in "fiubc" and not (arr.dtype.kind == "V" and foreign_kind(arr.dtype)):
                 raise TypeError(f"{name}: unsupported dtype {arr.dtype}; expected a real or complex array")
+        a, b_arr = _numpy_int(a), _numpy_int(b_arr)
         result_dtype = _weighted_dtype(x, a, b, b_arr)
         try:
             a, b_arr = np.broadcast_arrays(a, b_arr)
@@ -421,14 +499,16 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     plan = Plan(a.shape, axes)
     if a.ndim == 0:
         a = a.reshape(1)
-        b_arr = b_arr.reshape(1) if b is not None else None
+        b_arr = b_arr.reshape(1) if b_arr is not None else None
     work = plan.arrange(a)
-    wb = plan.arrange(b_arr) if b is not None else None
+    wb = plan.arrange(b_arr) if b_arr is not None else None
     res = np.empty(plan.reduced_shape, a.dtype)
-    sign = np.empty(plan.reduced_shape, a.dtype) if (return_sign or b is not None) else None
+    sign = np.empty(plan.reduced_shape, a.dtype) if (return_sign or b_arr is not None) else None
     if res.size:
         _core.logsumexp(work, wb, res, sign, plan.outer, plan.len, plan.inner)
-    if b is not None and not return_sign:
+    if shift:
+        res += shift
+    if b_arr is not None and not return_sign:
         res[sign < 0] = np.nan
     if keepdims:
         res = res.reshape(plan.keepdims_shape)
@@ -441,9 +521,14 @@ def _backward(kernel, y, dy, axis):
     if axis == -1 and _is_fast(y) and _is_fast(dy) and y.dtype == dy.dtype and y.shape == dy.shape:
         dx = np.empty_like(y)
         n = y.shape[-1]
-        if n:
+        if not n:
+            return dx
+        try:
             kernel(y, dy, dx, y.size // n, n, 1)
-        return dx
+            return dx
+        except ValueError:
+            if not _misaligned(y, dy):
+                raise
     ya, _, dya, work_dtype, result_dtype = as_backward_inputs(y, "y", dy)
     axes = normalize_axes(axis, ya.ndim)
     plan = Plan(ya.shape, axes)

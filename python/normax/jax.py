@@ -198,15 +198,19 @@ def _map(op, x, axis, fname):
     return op(x, _neg_axes(axis, x.ndim, fname))
 
 
-def softmax(x, axis=-1):
+def softmax(x, axis=-1, where=None):
     """``jax.nn.softmax`` computed by :func:`normax.softmax`.
 
     Parameters
     ----------
     x : array_like
         Input; integers are promoted to the default float dtype.
-    axis : int or tuple of int, default -1
-        Axis or axes to normalize over.
+    axis : int, tuple of int or None, default -1
+        Axis or axes to normalize over (None: all).
+    where : array_like of bool, optional
+        Elements to include, broadcast against `x`, as ``jax.nn.softmax``: masked-out elements are
+        excluded from the sum and give 0. A call with `where` is computed by ``jax.nn.softmax``
+        itself (jnp ops, its gradient); the signature is exactly jax's.
 
     Returns
     -------
@@ -215,7 +219,7 @@ def softmax(x, axis=-1):
 
     Notes
     -----
-    Backward: ``dx = y * (dy - sum(dy * y))`` (normax's kernel). No ``where=`` argument. Complex
+    Backward: ``dx = y * (dy - sum(dy * y))`` (normax's kernel). Complex
     `x` is computed by ``jax.nn.softmax`` itself (normax's kernels are real), with its gradient.
 
     Examples
@@ -224,20 +228,24 @@ def softmax(x, axis=-1):
     >>> nj.softmax(jnp.array([0.0, jnp.log(3.0)]))
     Array([0.25, 0.75], dtype=float32)
     """
-    if _is_complex(x):
-        return jax.nn.softmax(jnp.asarray(x), axis)
+    if where is not None or _is_complex(x):
+        return jax.nn.softmax(jnp.asarray(x), axis, where)
     return _map(_softmax_vjp, x, axis, "normax.jax.softmax")
 
 
-def log_softmax(x, axis=-1):
+def log_softmax(x, axis=-1, where=None):
     """``jax.nn.log_softmax`` computed by :func:`normax.log_softmax`.
 
     Parameters
     ----------
     x : array_like
         Input; integers are promoted to the default float dtype.
-    axis : int or tuple of int, default -1
-        Axis or axes to normalize over.
+    axis : int, tuple of int or None, default -1
+        Axis or axes to normalize over (None: all).
+    where : array_like of bool, optional
+        Elements to include, as ``jax.nn.log_softmax``: masked-out elements are excluded and give
+        -inf. A call with `where` is computed by ``jax.nn.log_softmax`` itself (jnp ops, its
+        gradient); the signature is exactly jax's.
 
     Returns
     -------
@@ -254,8 +262,8 @@ def log_softmax(x, axis=-1):
     >>> nj.log_softmax(jnp.zeros(2))
     Array([-0.6931472, -0.6931472], dtype=float32)
     """
-    if _is_complex(x):
-        return jax.nn.log_softmax(jnp.asarray(x), axis)
+    if where is not None or _is_complex(x):
+        return jax.nn.log_softmax(jnp.asarray(x), axis, where)
     return _map(_log_softmax_vjp, x, axis, "normax.jax.log_softmax")
 
 
@@ -314,7 +322,7 @@ def _lse_b_bwd(axes, saved, cts):
 _lse_b_vjp.defvjp(_lse_b_fwd, _lse_b_bwd)
 
 
-def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
+def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, where=None):
     """``jax.nn.logsumexp`` (= ``jax.scipy.special.logsumexp``) computed by :func:`normax.logsumexp`.
 
     Parameters
@@ -330,6 +338,10 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
         Keep the reduced axes with size one.
     return_sign : bool, default False
         Also return the sign of the weighted sum; without it a negative sum gives NaN.
+    where : array_like of bool, optional
+        Elements to include, as ``jax.nn.logsumexp``: masked-out elements are excluded from the
+        sum. A call with `where` is computed by ``jax.nn.logsumexp`` itself (jnp ops, its
+        gradients); the signature is exactly jax's.
 
     Returns
     -------
@@ -339,7 +351,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
     Notes
     -----
     Gradients with respect to `a` and `b`; the backward is jnp code (``exp(a - lse)`` from the
-    saved result). No ``where=`` argument. Complex `a` or `b` is computed by
+    saved result). Complex `a` or `b` is computed by
     ``jax.nn.logsumexp`` itself (complex result, its gradient; normax's kernels are real).
 
     Examples
@@ -349,9 +361,9 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
     Array(1.3862944, dtype=float32)
     """
     fname = "normax.jax.logsumexp"
-    if _is_complex(a) or _is_complex(b):
+    if where is not None or _is_complex(a) or _is_complex(b):
         b = None if b is None else jnp.asarray(b)
-        return jax.nn.logsumexp(jnp.asarray(a), axis, b, keepdims, return_sign)
+        return jax.nn.logsumexp(jnp.asarray(a), axis, b, keepdims, return_sign, where)
     a = _floating(a, fname)
     if b is not None:
         b = jnp.asarray(b)

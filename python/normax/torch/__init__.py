@@ -24,8 +24,9 @@ Differences from torch, stated once:
   plain torch ops, differentiable again).
 - No gradient flows to class ``weight`` tensors (torch differentiates them with probability
   targets); a probability (float) ``target`` of :func:`cross_entropy` gets torch's gradient.
-- ``cross_entropy`` has no deprecated ``size_average``/``reduce`` arguments (the module keeps them),
-  and adds ``z_loss`` and ``softcap``.
+- Signatures are the installed torch's (``softmax(input, dim=None, _stacklevel=3, dtype=None)``,
+  ``logsumexp(..., *, out=None)``, ``cross_entropy``'s deprecated ``size_average``/``reduce``);
+  ``cross_entropy`` adds keyword-only ``z_loss`` and ``softcap``.
 
 This package imports torch; ``import normax`` alone does not. Layout: one file per op family,
 named as the NumPy-first module it calls (``_softmax``, ``_cross_entropy``, ``_norms``,

@@ -220,7 +220,9 @@ def cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -238,6 +240,10 @@ def cross_entropy(
         probabilities (floating, shaped like `input`).
     weight : Tensor, optional
         (C,) class weights.
+    size_average, reduce : bool, optional
+        Deprecated, as in torch: when either is not None, `reduction` is replaced by torch's
+        legacy mapping (``reduce=False`` -> "none", else ``size_average=False`` -> "sum", else
+        "mean"), with torch's UserWarning. Positions as in torch's signature.
     ignore_index, reduction, label_smoothing
         As in torch.
     z_loss : float, default 0.0
@@ -257,8 +263,9 @@ def cross_entropy(
     reads of the logits in all); the backward only scales that gradient by the incoming one. A
     probability `target` that requires grad gets torch's gradient, ``-(1 - label_smoothing) *
     weight * log_softmax(input)`` scaled as the reduction says (then the logits' gradient is formed
-    in the backward). No gradient flows to `weight`. Unlike torch, no ``size_average``/``reduce``
-    arguments.
+    in the backward). No gradient flows to `weight`. The positional order and defaults are
+    exactly torch's (``size_average`` and ``reduce`` included); ``z_loss`` and ``softcap`` are
+    keyword-only additions.
 
     Examples
     --------
@@ -269,6 +276,9 @@ def cross_entropy(
     check_float(input, _FNAME)
     if not isinstance(target, Tensor):
         raise TypeError(f"{_FNAME}: target must be a torch.Tensor, got {type(target).__name__}")
+    if size_average is not None or reduce is not None:
+        # torch's own legacy mapping and its deprecation warning.
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     opts = _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     axis = 1 if input.ndim >= 2 else 0
     if needs_grad(input) and not input.is_cuda and not needs_grad(target):

@@ -6,6 +6,8 @@ on every device) that the backward takes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -206,7 +208,9 @@ def layer_norm(
     weight, bias : Tensor, optional
         Of `normalized_shape`.
     eps : float, default 1e-5
-        Added to the (biased) variance.
+        Added to the (biased) variance. Any float torch accepts: a negative or non-finite eps
+        (which normax's kernel refuses) is computed by ``torch.nn.functional.layer_norm`` itself,
+        so the result (NaN where ``var + eps < 0``) and gradient are torch's.
 
     Returns
     -------
@@ -227,7 +231,12 @@ def layer_norm(
     """
     fname = "normax.torch.layer_norm"
     k = _normalized(fname, input, normalized_shape, (("weight", weight), ("bias", bias)))
-    return _layer_norm_op(input, k, weight, bias, float(eps))[0]
+    eps = float(eps)
+    if not 0.0 <= eps < math.inf:
+        # torch accepts any eps (a negative one can still give finite results); normax's kernels
+        # refuse eps < 0 and non-finite eps, so such a call is torch's own layer_norm (and autograd).
+        return torch.nn.functional.layer_norm(input, tuple(input.shape[input.ndim - k :]), weight, bias, eps)
+    return _layer_norm_op(input, k, weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -247,7 +256,9 @@ def rms_norm(
     weight : Tensor, optional
         Of `normalized_shape`.
     eps : float, optional
-        Added to the mean square; None means ``torch.finfo(input.dtype).eps``, as torch.
+        Added to the mean square; None means ``torch.finfo(input.dtype).eps``, as torch. A
+        negative or non-finite eps (refused by normax's kernel) is computed by
+        ``torch.nn.functional.rms_norm`` itself, giving torch's result and gradient.
 
     Returns
     -------
@@ -268,4 +279,7 @@ def rms_norm(
     fname = "normax.torch.rms_norm"
     k = _normalized(fname, input, normalized_shape, (("weight", weight),))
     e = torch.finfo(input.dtype).eps if eps is None else float(eps)
+    if not 0.0 <= e < math.inf:
+        # Negative or non-finite eps: torch's own rms_norm, as for layer_norm.
+        return torch.nn.functional.rms_norm(input, tuple(input.shape[input.ndim - k :]), weight, e)
     return _rms_norm_op(input, k, weight, e)[0]

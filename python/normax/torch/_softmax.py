@@ -93,7 +93,9 @@ def _dim(dim, ndim: int, fname: str) -> int:
     return dim % n if ndim else 0
 
 
-def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+def softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor:
     """``torch.softmax`` / ``torch.nn.functional.softmax`` computed by :func:`normax.softmax`.
 
     Parameters
@@ -101,8 +103,11 @@ def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor
     input : Tensor
         Floating-point CPU tensor (float32, float64, float16, bfloat16), any strides. Complex
         raises TypeError (torch has no complex softmax: it raises NotImplementedError).
-    dim : int
-        Dimension the probabilities sum to one over.
+    dim : int, optional
+        Dimension the probabilities sum to one over. None (deprecated in torch) applies torch's
+        legacy implicit choice, with torch's UserWarning: dim 0 for 0-, 1- and 3-d input, else 1.
+    _stacklevel : int, default 3
+        The warning's stack level, as torch (the signature is exactly ``F.softmax``'s).
     dtype : torch.dtype, optional
         Cast `input` to this dtype first, as torch does.
 
@@ -122,21 +127,28 @@ def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor
     >>> nt.softmax(torch.log(torch.tensor([1.0, 3.0])), dim=0)
     tensor([0.2500, 0.7500])
     """
+    if dim is None:  # torch's legacy implicit choice, with its warning (0 for 0-, 1-, 3-d, else 1)
+        dim = torch.nn.functional._get_softmax_dim("softmax", input.dim(), _stacklevel)
     if dtype is not None:
         input = input.to(dtype)
     check_float(input, "normax.torch.softmax")
     return _softmax_op(input, _dim(dim, input.ndim, "normax.torch.softmax"))
 
 
-def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+def log_softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor:
     """``torch.log_softmax`` / ``torch.nn.functional.log_softmax`` computed by :func:`normax.log_softmax`.
 
     Parameters
     ----------
     input : Tensor
         Floating-point CPU tensor; complex raises TypeError, as for :func:`softmax`.
-    dim : int
-        Dimension to normalize over.
+    dim : int, optional
+        Dimension to normalize over. None (deprecated in torch) applies torch's legacy implicit
+        choice with its UserWarning, as :func:`softmax`.
+    _stacklevel : int, default 3
+        The warning's stack level, as torch (the signature is exactly ``F.log_softmax``'s).
     dtype : torch.dtype, optional
         Cast `input` to this dtype first, as torch does.
 
@@ -155,6 +167,8 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Te
     >>> nt.log_softmax(torch.zeros(2), dim=0)
     tensor([-0.6931, -0.6931])
     """
+    if dim is None:  # torch's legacy implicit choice, with its warning (0 for 0-, 1-, 3-d, else 1)
+        dim = torch.nn.functional._get_softmax_dim("log_softmax", input.dim(), _stacklevel)
     if dtype is not None:
         input = input.to(dtype)
     check_float(input, "normax.torch.log_softmax")
@@ -204,7 +218,7 @@ def _logsumexp_cuda(x, dim, keepdim):
     return dense(cuda.logsumexp(x, axis=tuple(dim) if dim else None, keepdims=keepdim))
 
 
-def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
+def logsumexp(input: Tensor, dim, keepdim: bool = False, *, out: Tensor | None = None) -> Tensor:
     """``torch.logsumexp`` computed by :func:`normax.logsumexp`.
 
     Parameters
@@ -216,6 +230,9 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
         Dimension(s) to reduce.
     keepdim : bool, default False
         Keep the reduced dimensions with size one.
+    out : Tensor, optional
+        Written with the result (resized and cast as torch's ``out=`` does) and returned. As in
+        torch, an ``out=`` call is not differentiable.
 
     Returns
     -------
@@ -235,6 +252,20 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     fname = "normax.torch.logsumexp"
     if not isinstance(input, Tensor):
         raise TypeError(f"{fname}: input must be a torch.Tensor, got {type(input).__name__}")
+    if out is not None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{fname}: out must be a torch.Tensor, got {type(out).__name__}")
+        if torch.is_grad_enabled() and (input.requires_grad or out.requires_grad):
+            # torch: "functions with out=... arguments don't support automatic differentiation"
+            return torch.logsumexp(input, dim, keepdim, out=out)
+        result = logsumexp(input, dim, keepdim)
+        if not (out.is_floating_point() or out.is_complex()):
+            raise RuntimeError(
+                f"{fname}: Expected floating point type for result tensor, but got: {out.dtype}"
+            )
+        if out.shape != result.shape:
+            out.resize_(result.shape)
+        return out.copy_(result)
     if input.is_complex():
         # normax's kernels are real: complex input is torch's own logsumexp (and its autograd).
         return torch.logsumexp(input, dim, keepdim)
