@@ -1,17 +1,121 @@
-//! The thread pool kernels run on: sized by `RAYON_NUM_THREADS` (else the CPU count), resizable.
+//! The thread pool kernels run on: sized by `NORMAX_NUM_THREADS`, else `RAYON_NUM_THREADS`, else
+//! the CPU count; resizable up to [`max_threads`]; started lazily and rebuilt in a forked child.
+//!
+//! Fork: a child made by `fork()` has only the forking thread, so the parent's pool threads do
+//! not exist there and a call handed to that pool would wait forever. A `pthread_atfork` child
+//! handler (one atomic store) detaches the pool state, and the child's first call builds a new
+//! pool with the same thread count. The parent's pool is leaked in the child, never touched: its
+//! locks may have been held by threads that are gone (a call running in another thread at the
+//! fork is fine). OpenBLAS and PyTorch do the same with `pthread_atfork`.
 
 use crate::Error;
 use rayon::prelude::*;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-static POOL: RwLock<Option<Arc<rayon::ThreadPool>>> = RwLock::new(None);
+/// The pool, built on first use after start-up, `set_num_threads` or a fork. Heap-allocated and
+/// only ever replaced (never freed) so that the fork handler can detach it with one store.
+struct Slot {
+    pool: RwLock<Option<Arc<rayon::ThreadPool>>>,
+}
 
-fn default_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+static SLOT: AtomicPtr<Slot> = AtomicPtr::new(null_mut());
+/// The thread count the pool has or will be built with; 0 until first resolved from the
+/// environment. Written under the slot's write lock (or by the first resolution).
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+/// Logical CPUs, cached (0 until read).
+static CPUS: AtomicUsize = AtomicUsize::new(0);
+static ATFORK_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+/// The fewest threads [`max_threads`] allows on any machine.
+pub const MIN_MAX_THREADS: usize = 1024;
+
+/// Logical CPUs this process may run on (`std::thread::available_parallelism`, else 1).
+pub fn logical_cpus() -> usize {
+    match CPUS.load(Ordering::Relaxed) {
+        0 => {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            CPUS.store(n, Ordering::Relaxed);
+            n
+        }
+        n => n,
+    }
+}
+
+/// The largest thread count accepted: the larger of 1024 and 4 x the logical CPUs. Larger
+/// requests are refused by [`set_num_threads`] and clamped (with a warning) from the
+/// environment; every thread is a real OS thread, so far more than the CPUs only costs.
+pub fn max_threads() -> usize {
+    MIN_MAX_THREADS.max(logical_cpus().saturating_mul(4))
+}
+
+/// The thread count the environment asks for, and a warning when it had to be adjusted.
+///
+/// `NORMAX_NUM_THREADS` is read first, then `RAYON_NUM_THREADS` (empty counts as unset). `0`
+/// means the CPU count (rayon's convention); text that is not a non-negative integer is ignored
+/// with a warning (the next variable or the CPU count is used); a count above [`max_threads`]
+/// is clamped to it with a warning, as OpenBLAS and numexpr clamp theirs.
+pub fn env_threads() -> (usize, Option<String>) {
+    let var = |name| std::env::var(name).ok();
+    resolve_env(
+        var("NORMAX_NUM_THREADS").as_deref(),
+        var("RAYON_NUM_THREADS").as_deref(),
+        logical_cpus(),
+        max_threads(),
+    )
+}
+
+fn resolve_env(
+    normax: Option<&str>,
+    rayon: Option<&str>,
+    cpus: usize,
+    max: usize,
+) -> (usize, Option<String>) {
+    let mut warnings = Vec::new();
+    let mut chosen = None;
+    for (name, value) in [("NORMAX_NUM_THREADS", normax), ("RAYON_NUM_THREADS", rayon)] {
+        let Some(text) = value.map(str::trim).filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        // Any run of digits is a number, however long: "99999999999999999999" is too many
+        // threads, not garbage.
+        if !text.bytes().all(|b| b.is_ascii_digit()) {
+            warnings.push(format!(
+                "ignoring {name}={text:?}: not a non-negative integer"
+            ));
+            continue;
+        }
+        let n = text.parse::<usize>().unwrap_or(usize::MAX);
+        chosen = Some(if n == 0 {
+            cpus
+        } else if n > max {
+            warnings.push(format!(
+                "{name}={text} is above the maximum of {max} threads (the larger of \
+                 {MIN_MAX_THREADS} and 4 x the {cpus} logical CPUs); using {max}"
+            ));
+            max
+        } else {
+            n
+        });
+        break;
+    }
+    let n = chosen.unwrap_or(cpus).clamp(1, max);
+    (n, (!warnings.is_empty()).then(|| warnings.join("; ")))
+}
+
+/// The thread count, resolving it from the environment the first time.
+fn target() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => {
+            let n = env_threads().0;
+            match THREADS.compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => n,
+                Err(set) => set,
+            }
+        }
+        n => n,
+    }
 }
 
 fn build(threads: usize) -> Result<Arc<rayon::ThreadPool>, Error> {
@@ -23,34 +127,109 @@ fn build(threads: usize) -> Result<Arc<rayon::ThreadPool>, Error> {
         .map_err(|e| Error::Value(format!("cannot start {threads} threads: {e}")))
 }
 
+/// In a forked child: detach the parent's pool state (leaked, never touched). One atomic store,
+/// async-signal-safe.
+#[cfg(unix)]
+extern "C" fn after_fork_in_child() {
+    SLOT.store(null_mut(), Ordering::Relaxed);
+}
+
+#[cfg(unix)]
+fn register_fork_handler() {
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<extern "C" fn()>,
+            parent: Option<extern "C" fn()>,
+            child: Option<extern "C" fn()>,
+        ) -> std::os::raw::c_int;
+    }
+    if !ATFORK_REGISTERED.swap(true, Ordering::Relaxed) {
+        // SAFETY: registers a handler that only stores to an atomic; it takes no pointers.
+        // Failure (ENOMEM) leaves fork unsupported as before; nothing else depends on it.
+        unsafe {
+            pthread_atfork(None, None, Some(after_fork_in_child));
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn register_fork_handler() {}
+
+fn slot() -> &'static Slot {
+    let p = SLOT.load(Ordering::Acquire);
+    if p.is_null() {
+        new_slot()
+    } else {
+        // SAFETY: a published slot is never freed.
+        unsafe { &*p }
+    }
+}
+
+#[cold]
+fn new_slot() -> &'static Slot {
+    register_fork_handler();
+    let fresh = Box::into_raw(Box::new(Slot {
+        pool: RwLock::new(None),
+    }));
+    match SLOT.compare_exchange(null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+        // SAFETY: just published; never freed.
+        Ok(_) => unsafe { &*fresh },
+        Err(current) => {
+            // SAFETY: `fresh` was never published; `current` is a published slot.
+            unsafe {
+                drop(Box::from_raw(fresh));
+                &*current
+            }
+        }
+    }
+}
+
 fn pool() -> Arc<rayon::ThreadPool> {
-    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    let slot = slot();
+    if let Some(p) = slot.pool.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
         return p.clone();
     }
-    let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
-    if slot.is_none() {
-        // A pool of one thread cannot fail to start except by resource exhaustion; fall back to it.
-        *slot = Some(
-            build(default_threads())
-                .or_else(|_| build(1))
-                .expect("thread pool"),
-        );
+    let mut guard = slot.pool.write().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        let threads = target();
+        // A pool of one thread cannot fail to start except by resource exhaustion; fall back to
+        // it (and report 1 thread).
+        let pool = build(threads).or_else(|_| build(1)).expect("thread pool");
+        THREADS.store(pool.current_num_threads(), Ordering::Relaxed);
+        *guard = Some(pool);
     }
-    slot.as_ref().unwrap().clone()
+    guard.as_ref().unwrap().clone()
 }
 
 /// Threads the kernels use.
 pub fn num_threads() -> usize {
-    pool().current_num_threads()
+    target()
 }
 
-/// Resizes the pool; calls already running finish on the old one.
+/// Sets the thread count, 1 to [`max_threads`]; the threads start with the next call (calls
+/// already running finish on the old pool). Setting the current count changes nothing.
 pub fn set_num_threads(threads: usize) -> Result<(), Error> {
     if threads == 0 {
         return Err(Error::Value("n must be at least 1".into()));
     }
-    let new = build(threads)?;
-    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(new);
+    let max = max_threads();
+    if threads > max {
+        return Err(Error::Value(format!(
+            "n must be at most {max} (the larger of {MIN_MAX_THREADS} and 4 x the {} logical \
+             CPUs), got {threads}",
+            logical_cpus()
+        )));
+    }
+    let slot = slot();
+    let old = {
+        let mut guard = slot.pool.write().unwrap_or_else(|e| e.into_inner());
+        if guard.is_some() && target() == threads {
+            return Ok(());
+        }
+        THREADS.store(threads, Ordering::Relaxed);
+        guard.take()
+    };
+    drop(old); // outside the lock: the old pool's threads stop once its last call returns
     Ok(())
 }
 
@@ -81,4 +260,41 @@ pub(crate) fn map<R: Send>(tasks: usize, task: impl Fn(usize) -> R + Sync + Send
 /// Runs `f` inside the pool, so rayon work it starts (a GEMM's) uses these threads.
 pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_env;
+
+    #[test]
+    fn environment_is_bounded() {
+        let (cpus, max) = (2, 1024);
+        assert_eq!(resolve_env(None, None, cpus, max), (2, None));
+        assert_eq!(resolve_env(Some("3"), Some("5"), cpus, max), (3, None));
+        assert_eq!(resolve_env(None, Some("5"), cpus, max), (5, None));
+        assert_eq!(resolve_env(Some(" "), Some("5"), cpus, max), (5, None));
+        assert_eq!(resolve_env(Some("0"), Some("5"), cpus, max), (2, None));
+        assert_eq!(resolve_env(Some("1024"), None, cpus, max), (1024, None));
+        for big in [
+            "1025",
+            "1000000",
+            "1099511627776",
+            "99999999999999999999999",
+        ] {
+            let (n, warning) = resolve_env(Some(big), None, cpus, max);
+            assert_eq!(n, 1024);
+            assert!(warning.unwrap().contains("NORMAX_NUM_THREADS"));
+            let (n, warning) = resolve_env(None, Some(big), cpus, max);
+            assert_eq!(n, 1024);
+            assert!(warning.unwrap().contains("RAYON_NUM_THREADS"));
+        }
+        for bad in ["-3", "abc", "2.5", "0x10"] {
+            let (n, warning) = resolve_env(Some(bad), Some("7"), cpus, max);
+            assert_eq!(n, 7);
+            assert!(warning.unwrap().contains("ignoring NORMAX_NUM_THREADS"));
+            let (n, warning) = resolve_env(None, Some(bad), cpus, max);
+            assert_eq!(n, 2);
+            assert!(warning.unwrap().contains("ignoring RAYON_NUM_THREADS"));
+        }
+    }
 }
