@@ -17,7 +17,6 @@ import textwrap
 import time
 
 import normax
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")

@@ -170,7 +170,13 @@ def test_linear_cross_entropy_matches_the_cpu(n, h, v, dtype, chunk_size, reduct
         if reduction == "none"
         else 1.0
     )
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-4, softcap=30.0, chunk_size=chunk_size)
+    kw = {
+        "reduction": reduction,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-4,
+        "softcap": 30.0,
+        "chunk_size": chunk_size,
+    }
     got = normax.linear_cross_entropy_with_grad(hid, w, t, bias=b, grad_output=go, **kw)
     # The CPU reference in its default blocks: its result does not depend on them beyond rounding,
     # and tiny vocabulary blocks there would take minutes.
