@@ -169,10 +169,10 @@ def test_cross_entropy_target_gradient_opcheck_and_compile():
     w = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
     for reduction in ("mean", "none"):
         torch.library.opcheck(
-            _cross_entropy._cross_entropy_op, (x, t, w, 1, -100, reduction, 0.1, 1e-3, None)
+            _cross_entropy._cross_entropy_op.custom_op, (x, t, w, 1, -100, reduction, 0.1, 1e-3, None)
         )
         torch.library.opcheck(
-            _cross_entropy._cross_entropy_op, (x.detach(), t, None, 1, -100, reduction, 0.0, 0.0, 4.0)
+            _cross_entropy._cross_entropy_op.custom_op, (x.detach(), t, None, 1, -100, reduction, 0.0, 0.0, 4.0)
         )
 
     def f(x, t):

@@ -9,16 +9,23 @@ from torch import Tensor
 
 def host(t: Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (bfloat16: a float32 copy)."""
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise NotImplementedError(
             f"normax.torch: got a tensor on {t.device}; this op has no kernel for that device (CUDA "
             "kernels cover softmax, log_softmax, logsumexp, cross_entropy and the norms) and normax "
             "does not copy device tensors to the host silently"
         )
-    t = t.detach().resolve_conj().resolve_neg()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
     if t.dtype == torch.bfloat16:
         t = t.float()
-    return t.numpy()
+    return t.detach().numpy()
+
+
+def host_dense(t: Tensor) -> np.ndarray:
+    """:func:`host`, C-contiguous: an incoming gradient is often a broadcast view (``y.sum()``'s is
+    one value with zero strides), and one NumPy copy is the cheapest way to the kernels' fast path."""
+    return np.ascontiguousarray(host(t))
 
 
 def host_opt(t: Tensor | None) -> np.ndarray | None:

@@ -6,24 +6,82 @@ checked once by ``ce_options`` (the NumPy API's checks and messages).
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _core
 from .. import _cross_entropy as cpu
 from .._backends import cuda
-from .._options import CeOptions, ce_options
+from .._options import CeOptions, ce_options, index_error, softcap_dtype
 from ._convert import absent, check_float, dense, host, host_opt, needs_grad, to_tensor
+from ._op import op
 from ._softmax import _log_softmax_op
 
 _FNAME = "normax.torch.cross_entropy"
 _LINEAR_FNAME = "normax.torch.linear_cross_entropy"
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # typed: True and 1.0 are different options
+def _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeOptions:
+    return ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+
 @torch.compiler.assume_constant_result
 def _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeOptions:
     # Python scalars in, a constant out: torch.compile runs the NumPy API's checks once while
-    # tracing instead of tracing into them.
-    return ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    # tracing instead of tracing into them, and an eager training loop checks its (unchanging)
+    # options once.
+    try:
+        return _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    except TypeError:  # unhashable arguments: checked uncached (and most likely refused)
+        return ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _cpu_rows(input, target, weight, axis, opts: CeOptions, with_grad: bool):
+    """The common CPU call straight to the kernel: (loss, dlogits or None) as tensors, or None.
+
+    Rows of float32/float64 logits with the classes last and contiguous, int64 class indices,
+    no or a matching class weight: exactly the kernel call the NumPy API makes for them, without
+    its conversions and checks (about 10 µs, as much as the kernel at training-step sizes).
+    Anything else (None) takes :func:`normax.cross_entropy` itself.
+    """
+    dtype = input.dtype
+    if not (
+        dtype in _KERNEL_DTYPES
+        and input.ndim == 2
+        and axis == 1
+        and target.dtype == torch.int64
+        and target.ndim == 1
+        and target.shape[0] == input.shape[0]
+        and input.numel()
+        and input.is_contiguous()
+        and target.is_contiguous()
+        and (
+            weight is None
+            or (weight.dtype == dtype and weight.shape == input.shape[1:] and weight.is_contiguous())
+        )
+        and (opts.softcap is None or softcap_dtype(opts.softcap, np.dtype(np.float32)) == np.float32)
+        and not (input.is_conj() or input.is_neg())
+    ):
+        return None
+    x = input.detach().numpy()
+    t = target.numpy()
+    rows, classes = x.shape
+    loss = np.empty(rows if opts.reduction == "none" else 1, x.dtype)
+    grad = np.empty_like(x) if with_grad else None
+    w = None if weight is None else weight.detach().numpy()
+    try:
+        _core.cross_entropy(x, t, w, loss, grad, None, 1.0, rows, classes, *opts)
+    except IndexError:
+        raise index_error(t, classes, opts.ignore_index) from None
+    loss = torch.from_numpy(loss if opts.reduction == "none" else loss.reshape(()))
+    return loss, None if grad is None else torch.from_numpy(grad)
 
 
 def _loss_shape(input: Tensor, axis: int, reduction: str) -> list[int]:
@@ -36,7 +94,7 @@ def _loss_shape(input: Tensor, axis: int, reduction: str) -> list[int]:
 # cross_entropy
 
 
-@torch.library.custom_op("normax::cross_entropy", mutates_args=())
+@op("normax::cross_entropy")
 def _cross_entropy_op(
     input: Tensor,
     target: Tensor,
@@ -48,8 +106,11 @@ def _cross_entropy_op(
     z_loss: float,
     softcap: float | None,
 ) -> Tensor:
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)._asdict()
-    loss = cpu.cross_entropy(host(input), host(target), axis=axis, weight=host_opt(weight), **opts)
+    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    direct = _cpu_rows(input, target, weight, axis, opts, False)
+    if direct is not None:
+        return direct[0]
+    loss = cpu.cross_entropy(host(input), host(target), axis=axis, weight=host_opt(weight), **opts._asdict())
     return to_tensor(loss, input.dtype)
 
 
@@ -60,7 +121,7 @@ def _cross_entropy_fake(
     return input.new_empty(_loss_shape(input, axis, reduction))
 
 
-@torch.library.custom_op("normax::cross_entropy_with_grad", mutates_args=())
+@op("normax::cross_entropy_with_grad")
 def _cross_entropy_with_grad_op(
     input: Tensor,
     target: Tensor,
@@ -72,9 +133,12 @@ def _cross_entropy_with_grad_op(
     z_loss: float,
     softcap: float | None,
 ) -> tuple[Tensor, Tensor]:
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)._asdict()
+    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    direct = _cpu_rows(input, target, weight, axis, opts, True)
+    if direct is not None:
+        return direct
     loss, dlogits = cpu.cross_entropy_with_grad(
-        host(input), host(target), axis=axis, weight=host_opt(weight), **opts
+        host(input), host(target), axis=axis, weight=host_opt(weight), **opts._asdict()
     )
     return to_tensor(loss, input.dtype), to_tensor(dlogits, input.dtype)
 
@@ -86,7 +150,7 @@ def _cross_entropy_with_grad_fake(
     return input.new_empty(_loss_shape(input, axis, reduction)), input.new_empty(input.shape)
 
 
-@torch.library.custom_op("normax::scale_grad", mutates_args=())
+@op("normax::scale_grad")
 def _scale_grad_op(g: Tensor, scale: Tensor, dim: int, anchor: Tensor) -> Tensor:
     """``g * scale``, `scale` 0-d or shaped like `g` without `dim` (a per-row loss's gradient).
 
@@ -120,7 +184,7 @@ def _with_grad_grad(ctx, grad_loss: Tensor, _grad_dlogits):
 _cross_entropy_with_grad_op.register_autograd(_with_grad_grad, setup_context=_with_grad_setup)
 
 
-@torch.library.custom_op("normax::cross_entropy_backward", mutates_args=())
+@op("normax::cross_entropy_backward")
 def _cross_entropy_backward_op(
     input: Tensor,
     target: Tensor,

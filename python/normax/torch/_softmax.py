@@ -7,30 +7,38 @@ from torch import Tensor
 
 from .. import _softmax as cpu
 from .._backends import cuda
-from ._convert import check_float, dense, host, to_tensor
+from ._convert import check_float, dense, host, host_dense, to_tensor
+from ._op import op
 
 # ---------------------------------------------------------------------------------------------
 # softmax, log_softmax
 
 
-@torch.library.custom_op("normax::softmax", mutates_args=())
+def _axis(dim: int, ndim: int) -> int:
+    # The NumPy functions' one-call fast path is for axis=-1.
+    return -1 if dim == ndim - 1 else dim
+
+
+@op("normax::softmax")
 def _softmax_op(x: Tensor, dim: int) -> Tensor:
-    return to_tensor(cpu.softmax(host(x), axis=dim), x.dtype)
+    return to_tensor(cpu.softmax(host(x), axis=_axis(dim, x.ndim)), x.dtype)
 
 
-@torch.library.custom_op("normax::softmax_backward", mutates_args=())
+@op("normax::softmax_backward")
 def _softmax_backward_op(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    return to_tensor(cpu.softmax_backward(host(y), host(dy), axis=dim), y.dtype)
+    dx = cpu.softmax_backward(host(y), host_dense(dy), axis=_axis(dim, y.ndim))
+    return to_tensor(dx, y.dtype)
 
 
-@torch.library.custom_op("normax::log_softmax", mutates_args=())
+@op("normax::log_softmax")
 def _log_softmax_op(x: Tensor, dim: int) -> Tensor:
-    return to_tensor(cpu.log_softmax(host(x), axis=dim), x.dtype)
+    return to_tensor(cpu.log_softmax(host(x), axis=_axis(dim, x.ndim)), x.dtype)
 
 
-@torch.library.custom_op("normax::log_softmax_backward", mutates_args=())
+@op("normax::log_softmax_backward")
 def _log_softmax_backward_op(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    return to_tensor(cpu.log_softmax_backward(host(y), host(dy), axis=dim), y.dtype)
+    dx = cpu.log_softmax_backward(host(y), host_dense(dy), axis=_axis(dim, y.ndim))
+    return to_tensor(dx, y.dtype)
 
 
 @_softmax_op.register_fake
@@ -179,7 +187,7 @@ def log_softmax(
 # logsumexp
 
 
-@torch.library.custom_op("normax::logsumexp", mutates_args=())
+@op("normax::logsumexp")
 def _logsumexp_op(x: Tensor, dim: list[int], keepdim: bool) -> Tensor:
     return to_tensor(cpu.logsumexp(host(x), axis=tuple(dim), keepdims=keepdim), x.dtype)
 

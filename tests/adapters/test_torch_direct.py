@@ -1,0 +1,134 @@
+"""The two routes of a normax.torch op (normax/torch/_op.py): straight to the kernel in plain
+eager calls, through torch's dispatcher (the registered custom op) everywhere else.
+
+Both routes run the same kernels, so results and gradients must be bitwise equal; the direct route
+must be the one a plain eager call takes (it is what makes a small training step cheap), and the
+dispatcher the one taken whenever torch needs to see the op (modes, subclasses, transforms,
+compiling, meta tensors).
+"""
+
+from __future__ import annotations
+
+import normax.torch as nt
+import pytest
+import torch
+from normax.torch import _cross_entropy, _norms, _op, _softmax
+from torch.overrides import TorchFunctionMode
+
+
+class _Passthrough(TorchFunctionMode):
+    """A do-nothing torch function mode: with one active, normax must take the dispatcher."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _rand(*shape, dtype=torch.float32, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype).requires_grad_(grad)
+
+
+_W = torch.linspace(0.5, 2.0, 7)
+CASES = {
+    "softmax": lambda x: nt.softmax(x, -1),
+    "softmax_dim0": lambda x: nt.softmax(x, 0),
+    "log_softmax": lambda x: nt.log_softmax(x, 1),
+    "logsumexp": lambda x: nt.logsumexp(x, 1),
+    "cross_entropy": lambda x: nt.cross_entropy(x, torch.tensor([0, 6, 3, -100, 2])),
+    "cross_entropy_options": lambda x: nt.cross_entropy(
+        x, torch.tensor([0, 6, 3, 1, 2]), _W.to(x.dtype), label_smoothing=0.1, z_loss=1e-3, softcap=5.0
+    ),
+    "cross_entropy_none": lambda x: nt.cross_entropy(x, torch.tensor([0, 6, 3, 1, 2]), reduction="none"),
+    "cross_entropy_soft": lambda x: nt.cross_entropy(x, torch.softmax(_rand(5, 7, seed=4, grad=False), 1)),
+    "layer_norm": lambda x: nt.layer_norm(x, (7,), _W.to(x.dtype), _W.flip(0).to(x.dtype), 1e-5),
+    "layer_norm_no_params": lambda x: nt.layer_norm(x, (7,)),
+    "rms_norm": lambda x: nt.rms_norm(x, (7,), _W.to(x.dtype), 1e-6),
+    "rms_norm_2d_shape": lambda x: nt.rms_norm(x, (5, 7)),
+}
+
+
+def _forward_and_grads(fn, dtype):
+    x = _rand(5, 7, dtype=dtype)
+    y = fn(x)
+    dy = _rand(*y.shape, dtype=dtype, seed=1, grad=False)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    return y.detach(), dx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_direct_route_matches_dispatcher(name, dtype):
+    direct = _forward_and_grads(CASES[name], dtype)
+    with _Passthrough():
+        dispatched = _forward_and_grads(CASES[name], dtype)
+    for a, b in zip(direct, dispatched):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), name
+
+
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
+    """Forward and backward of every family in plain eager mode never call a custom op."""
+
+    def refuse(*args):
+        raise AssertionError("the dispatcher was called in plain eager mode")
+
+    ops = [getattr(m, n) for m in (_softmax, _cross_entropy, _norms) for n in dir(m)]
+    for o in ops:
+        if isinstance(o, _op.Op):
+            monkeypatch.setattr(o, "custom_op", refuse)
+    for name, fn in CASES.items():
+        x = _rand(5, 7)
+        fn(x).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name
+        with torch.no_grad():
+            fn(x.detach())
+
+
+def test_route_choices():
+    x = _rand(2, 3)
+    assert _op.route((x, 1)) == _op.FUNCTION
+    assert _op.route((x.detach(), 1)) == _op.KERNEL
+    with torch.no_grad():
+        assert _op.route((x, 1)) == _op.KERNEL
+    with _Passthrough():
+        assert _op.route((x, 1)) == _op.DISPATCHER
+    with torch.device("cpu"):  # a torch function mode, as any `with torch.device(...)` block
+        assert _op.route((x, 1)) == _op.DISPATCHER
+    assert _op.route((torch.empty(2, device="meta"), 1)) == _op.DISPATCHER
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert _op.route((x.detach().as_subclass(Sub), 1)) == _op.DISPATCHER
+    seen = []
+    torch.func.grad(lambda a: (seen.append(_op.route((a, 1))), a.sum())[1])(x.detach())
+    assert seen == [_op.DISPATCHER]
+
+
+def test_dispatcher_route_still_serves_meta_and_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    y = nt.softmax(torch.empty(3, 4, device="meta"), 1)
+    assert y.device.type == "meta" and y.shape == (3, 4)
+    with FakeTensorMode():
+        x = torch.empty(2, 5)
+        assert nt.cross_entropy(x, torch.zeros(2, dtype=torch.long)).shape == ()
+        assert nt.layer_norm(x, (5,)).shape == (2, 5)
+
+
+def test_saved_output_modified_in_place_is_refused():
+    """The direct route saves tensors as torch does: an in-place change before backward raises."""
+    x = _rand(3, 4)
+    y = nt.softmax(x, 1)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_retain_graph_and_second_backward_accumulate():
+    x = _rand(4, 6)
+    loss = nt.cross_entropy(x, torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert torch.equal(x.grad, 2 * first)
