@@ -6,6 +6,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# The dtypes the CPU kernels take as they are; the direct kernel calls (a plain contiguous tensor
+# straight to a kernel) are for these.
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
 
 def host(t: Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (bfloat16: a float32 copy)."""

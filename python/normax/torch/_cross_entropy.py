@@ -16,7 +16,7 @@ from .. import _core
 from .. import _cross_entropy as cpu
 from .._backends import cuda
 from .._options import CeOptions, ce_options, index_error, softcap_dtype
-from ._convert import absent, check_float, dense, host, host_opt, needs_grad, to_tensor
+from ._convert import KERNEL_DTYPES, absent, check_float, dense, host, host_opt, needs_grad, to_tensor
 from ._op import op
 from ._softmax import _log_softmax_op
 
@@ -40,9 +40,6 @@ def _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap) 
         return ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
 def _cpu_rows(input, target, weight, axis, opts: CeOptions, with_grad: bool):
     """The common CPU call straight to the kernel: (loss, dlogits or None) as tensors, or None.
 
@@ -53,7 +50,7 @@ def _cpu_rows(input, target, weight, axis, opts: CeOptions, with_grad: bool):
     """
     dtype = input.dtype
     if not (
-        dtype in _KERNEL_DTYPES
+        dtype in KERNEL_DTYPES
         and input.ndim == 2
         and axis == 1
         and target.dtype == torch.int64

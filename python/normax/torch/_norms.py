@@ -15,15 +15,12 @@ from torch import Tensor
 from .. import _core
 from .. import _norms as cpu
 from .._backends import cuda
-from ._convert import absent, check_float, dense, host, host_dense, host_opt, to_tensor
+from ._convert import KERNEL_DTYPES, absent, check_float, dense, host, host_dense, host_opt, to_tensor
 from ._op import op
 
 
 def _norm_axes(ndim: int) -> tuple[int, ...]:
     return tuple(range(-ndim, 0))
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _kernel_views(x: Tensor, *params: Tensor | None) -> list | None:
@@ -34,7 +31,7 @@ def _kernel_views(x: Tensor, *params: Tensor | None) -> list | None:
     conversions and checks (5-10 µs, as much as the kernel at training-step sizes); anything else
     takes the NumPy API itself.
     """
-    if not (x.dtype in _KERNEL_DTYPES and x.numel() and x.is_contiguous() and not x.is_neg()):
+    if not (x.dtype in KERNEL_DTYPES and x.numel() and x.is_contiguous() and not x.is_neg()):
         return None
     views = [x.detach().numpy()]
     for p in params:
