@@ -61,6 +61,8 @@ pub trait Float:
     type Avx2: Vector<Elem = Self>;
     #[cfg(target_arch = "x86_64")]
     type Avx512: Vector<Elem = Self>;
+    #[cfg(target_arch = "aarch64")]
+    type Neon: Vector<Elem = Self>;
 }
 
 impl Float for f32 {
@@ -115,6 +117,8 @@ impl Float for f32 {
     type Avx2 = crate::simd::avx2::F32x8;
     #[cfg(target_arch = "x86_64")]
     type Avx512 = crate::simd::avx512::F32x16;
+    #[cfg(target_arch = "aarch64")]
+    type Neon = crate::simd::neon::F32x4;
 }
 
 impl Float for f64 {
@@ -176,4 +180,6 @@ impl Float for f64 {
     type Avx2 = crate::simd::avx2::F64x4;
     #[cfg(target_arch = "x86_64")]
     type Avx512 = crate::simd::avx512::F64x8;
+    #[cfg(target_arch = "aarch64")]
+    type Neon = crate::simd::neon::F64x2;
 }

@@ -11,16 +11,19 @@ pub enum Isa {
     Scalar = 1,
     Avx2 = 2,
     Avx512 = 3,
+    Neon = 4,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    /// Narrowest first within an architecture; a CPU supports scalar and one architecture's.
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
     }
 
@@ -30,7 +33,7 @@ impl Isa {
             .find(|isa| isa.name() == name.trim().to_ascii_lowercase())
             .ok_or_else(|| {
                 Error::Value(format!(
-                    "unknown ISA {name:?}: expected one of scalar, avx2, avx512"
+                    "unknown ISA {name:?}: expected one of scalar, avx2, avx512, neon"
                 ))
             })
     }
@@ -43,13 +46,16 @@ impl Isa {
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
 
     fn from_u8(v: u8) -> Isa {
         match v {
+            4 => Isa::Neon,
             3 => Isa::Avx512,
             2 => Isa::Avx2,
             _ => Isa::Scalar,
@@ -133,6 +139,8 @@ pub fn dispatch<T: Float, K: Kernel<T>>(kernel: K) -> K::Output {
         Isa::Avx512 => unsafe { run_avx512(kernel) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { run_avx2(kernel) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { run_neon(kernel) },
         _ => kernel.run::<T::Scalar>(),
     }
 }
@@ -141,6 +149,12 @@ pub fn dispatch<T: Float, K: Kernel<T>>(kernel: K) -> K::Output {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2<T: Float, K: Kernel<T>>(kernel: K) -> K::Output {
     kernel.run::<T::Avx2>()
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn run_neon<T: Float, K: Kernel<T>>(kernel: K) -> K::Output {
+    kernel.run::<T::Neon>()
 }
 
 #[cfg(target_arch = "x86_64")]

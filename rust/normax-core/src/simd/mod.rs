@@ -10,6 +10,8 @@ use crate::float::Float;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 
 /// The widest vector we have (AVX-512 f32): partial loads go through a buffer this long.
