@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core
@@ -282,8 +284,8 @@ def _linear(
     chunk_size = check_chunk_size(chunk_size)
     cw = class_weights(weight, classes, work)
     row_shape = logits_shape[:1] + logits_shape[2:] if batched else ()
-    h = contiguous(h.reshape(n, -1), work)
-    w = contiguous(w.reshape(-1, w.shape[-1]), work)
+    h = contiguous(h.reshape(n, h.shape[-1]), work)
+    w = contiguous(w.reshape(math.prod(w.shape[:-1]), w.shape[-1]), work)
     b = None if b is None else contiguous(b.reshape(-1), work)
     t = t if batched else t[None]
     if soft:
@@ -340,16 +342,17 @@ def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_ou
     # The mean's denominator is over all blocks, so it comes first: the summed class weight of
     # the kept targets (their number without weights), or the number of rows for probabilities.
     if reduction != "mean":
-        denom = 1.0
+        denom = np.float64(1.0)
     elif soft:
-        denom = float(t.size // classes)
+        denom = np.float64(t.size // classes)
     else:
         kept = t[t != ignore_index]
-        denom = float(kept.size if cw is None else cw[kept].sum(dtype=np.float64))
+        denom = np.float64(kept.size if cw is None else cw[kept].sum(dtype=np.float64))
     grad_rows = None
     if with_grad:
         grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, row_shape, work)
-        grad_rows = grad_scalar / denom if grad_rows is None else grad_rows.reshape(losses_shape)
+        with np.errstate(divide="ignore"):  # a mean over nothing: NaN loss, as torch
+            grad_rows = grad_scalar / denom if grad_rows is None else grad_rows.reshape(losses_shape)
         dh = np.empty_like(h)
         dw = np.zeros_like(w)
         db = None if b is None else np.zeros(v, np.float64)
@@ -375,7 +378,8 @@ def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_ou
         dw += g.T @ hb
         if db is not None:
             db += g.sum(axis=0, dtype=np.float64)
-    loss = losses if reduction == "none" else np.float64(losses.sum(dtype=np.float64) / denom)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = losses if reduction == "none" else losses.sum(dtype=np.float64) / denom
     if not with_grad:
         return loss, None, None, None
     return loss, dh, dw, db

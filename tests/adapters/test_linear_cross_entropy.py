@@ -9,6 +9,7 @@ relative is far above float64 rounding of these small sums and far below any wro
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import normax
 import normax.torch as nt
@@ -230,3 +231,28 @@ def test_numpy_first_is_consistent():
         )
     with pytest.raises(TypeError, match="bias"):
         normax.linear_cross_entropy(h, w, hard, bias=b)  # renamed: linear_bias
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_and_all_ignored_as_torch(reduction):
+    """No rows, every row ignored, zero class weights, no features: torch's values (NaN means
+    included) and gradients, on the fused and the blocked paths, without warnings."""
+    g = torch.Generator().manual_seed(9)
+    h, w = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
+    cases = [
+        (h, w, torch.full((3,), -100), None),
+        (h, w, torch.full((3,), -100), torch.rand(5, generator=g, dtype=torch.float64)),
+        (h, w, torch.tensor([1, 2, 0]), torch.zeros(5, dtype=torch.float64)),
+        (h[:0], w, torch.zeros(0, dtype=torch.long), None),
+        (h[:0], w, torch.zeros(0, dtype=torch.long), torch.ones(5, dtype=torch.float64)),
+        (h[:, :0], w[:, :0], torch.tensor([0, 1, 4]), None),
+    ]
+    for hh, ww, t, cw in cases:
+        want = _loss_and_grads(F.linear_cross_entropy, hh, ww, t, None, cw, reduction=reduction)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = _loss_and_grads(nt.linear_cross_entropy, hh, ww, t, None, cw, reduction=reduction)
+        torch.testing.assert_close(got, want, equal_nan=True)
