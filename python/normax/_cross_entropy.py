@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core
-from ._arrays import as_input, contiguous, is_int_dtype
+from ._arrays import as_input, contiguous, scalar_0d
 from ._options import (
     ce_inputs,
     ce_options,
     ce_results,
+    ce_targets,
     check_chunk_size,
     class_indices,
+    class_weights,
     grad_output_rows,
     index_error,
-    linear_shapes,
+    linear_logits_shape,
     softcap_dtype,
 )
 
@@ -242,11 +246,15 @@ def cross_entropy_with_grad(
     )
 
 
+_DEFAULT_CHUNK = 2**24  # logits held at once by default: 64 MiB of float32
+
+
 def _linear(
     hidden,
-    weight,
+    linear_weight,
     target,
-    bias,
+    linear_bias,
+    weight,
     ignore_index,
     reduction,
     label_smoothing,
@@ -256,75 +264,169 @@ def _linear(
     with_grad,
     grad_output=1.0,
 ):
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    ignore_index, reduction = opts.ignore_index, opts.reduction
     h, h_dtype = as_input(hidden, "hidden")
-    w, w_dtype = as_input(weight, "weight")
-    b, b_dtype = as_input(bias, "bias") if bias is not None else (None, w_dtype)
-    t = np.asarray(target)
-    b_shape = None if b is None else b.shape
-    n, hd, v = linear_shapes(h.shape, w.shape, b_shape, t.shape, is_int_dtype(t.dtype), t.dtype)
+    w, w_dtype = as_input(linear_weight, "linear_weight")
+    b, b_dtype = as_input(linear_bias, "linear_bias") if linear_bias is not None else (None, w_dtype)
+    logits_shape = linear_logits_shape(h.shape, w.shape, None if b is None else b.shape)
+    batched = h.ndim == 2
+    n = h.shape[0] if batched else 1
+    classes, out_features = w.shape[0], w.shape[1:-1]
+    # The logits' class axis: 1 for (N, H) hidden, 0 for (H,), as torch's reference.
+    t, soft = ce_targets(target, logits_shape, int(batched), h.dtype)
+    if soft and ignore_index is not None:
+        raise ValueError("ignore_index: cannot be given with probability targets (as in torch)")
+    # None: -100 for class indices, as torch's linear_cross_entropy.
+    opts = ce_options(
+        -100 if ignore_index is None else ignore_index, reduction, label_smoothing, z_loss, softcap
+    )
     work = softcap_dtype(opts.softcap, np.result_type(h.dtype, w.dtype))
     result_dtype = np.result_type(h_dtype, w_dtype, b_dtype)
-    if b is not None:
-        b = contiguous(b, work)
     chunk_size = check_chunk_size(chunk_size)
-    h = contiguous(h, work)
-    w = contiguous(w, work)
-    tk = contiguous(class_indices(t))
-    loss = np.empty(n if reduction == "none" else 1, work)
-    dh = dw = db = grad_rows = None
-    grad_scalar = 0.0
-    if with_grad:
-        grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, (n,), work)
-        dh = np.empty_like(h)
-        dw = np.empty_like(w)
-        db = np.empty(v, work) if b is not None else None
-    try:
-        _core.linear_cross_entropy(
-            h, w, b, tk, loss, dh, dw, db, grad_rows, grad_scalar, n, hd, v, *opts, chunk_size
-        )
-    except IndexError:
-        raise index_error(t, v, ignore_index) from None
-    out = ce_results(loss, None, None, False, reduction, (n,), result_dtype)
+    cw = class_weights(weight, classes, work)
+    row_shape = logits_shape[:1] + logits_shape[2:] if batched else ()
+    h = contiguous(h.reshape(n, h.shape[-1]), work)
+    w = contiguous(w.reshape(math.prod(w.shape[:-1]), w.shape[-1]), work)
+    b = None if b is None else contiguous(b.reshape(-1), work)
+    t = t if batched else t[None]
+    if soft:
+        t = t.astype(work, copy=False)
+    fused = not soft and cw is None and not out_features
+    run = _linear_fused if fused else _linear_blocks
+    loss, dh, dw, db = run(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work)
+    if opts.reduction == "none":
+        out = scalar_0d(loss.reshape(row_shape).astype(result_dtype, copy=False))
+    else:
+        out = loss.astype(result_dtype)[()]
     if not with_grad:
         return out
 
-    def cast(a):
-        return None if a is None else a.astype(result_dtype, copy=False)
+    def cast(a, shape):
+        return None if a is None else a.astype(result_dtype, copy=False).reshape(shape)
 
-    return out, cast(dh), cast(dw), cast(db)
+    return out, cast(dh, np.shape(hidden)), cast(dw, np.shape(linear_weight)), cast(db, np.shape(linear_bias))
+
+
+def _linear_fused(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work):
+    # Class indices, (C, H) weight, no class weights: the Rust kernels (GEMMs and fused rows).
+    n, hd = h.shape
+    tk = contiguous(class_indices(t))
+    loss = np.empty(n if opts.reduction == "none" else 1, work)
+    dh = dw = db = grad_rows = None
+    grad_scalar = 0.0
+    if with_grad:
+        grad_rows, grad_scalar = grad_output_rows(grad_output, opts.reduction, row_shape, work)
+        dh = np.empty_like(h)
+        dw = np.empty_like(w)
+        db = np.empty(classes, work) if b is not None else None
+    try:
+        _core.linear_cross_entropy(
+            h, w, b, tk, loss, dh, dw, db, grad_rows, grad_scalar, n, hd, classes, *opts, chunk_size
+        )
+    except IndexError:
+        raise index_error(t, classes, opts.ignore_index) from None
+    return (loss if opts.reduction == "none" else loss[0]), dh, dw, db
+
+
+def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work):
+    # Class weights, probability targets or a K-dimensional loss: blocks of rows, each block's
+    # logits from one GEMM and its loss (and gradient, in place) from the cross-entropy kernel.
+    ignore_index, reduction = opts.ignore_index, opts.reduction
+    n, v = h.shape[0], w.shape[0]
+    soft = t.dtype.kind == "f"
+    losses_shape = t.shape[:1] + t.shape[2:] if soft else t.shape  # (N, d1, ..., dK)
+    if not soft:
+        t = class_indices(t)
+        bad = (t != ignore_index) & ((t < 0) | (t >= classes))
+        if bad.any():
+            raise index_error(t if row_shape else t[0], classes, ignore_index)
+    # The mean's denominator is over all blocks, so it comes first: the summed class weight of
+    # the kept targets (their number without weights), or the number of rows for probabilities.
+    if reduction != "mean":
+        denom = np.float64(1.0)
+    elif soft:
+        denom = np.float64(t.size // classes)
+    else:
+        kept = t[t != ignore_index]
+        denom = np.float64(kept.size if cw is None else cw[kept].sum(dtype=np.float64))
+    grad_rows = None
+    if with_grad:
+        grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, row_shape, work)
+        with np.errstate(divide="ignore"):  # a mean over nothing: NaN loss, as torch
+            grad_rows = grad_scalar / denom if grad_rows is None else grad_rows.reshape(losses_shape)
+        dh = np.empty_like(h)
+        dw = np.zeros_like(w)
+        db = None if b is None else np.zeros(v, np.float64)
+    rows = max(1, (chunk_size or _DEFAULT_CHUNK) // v)
+    losses = np.empty(losses_shape, work)
+    kw = {
+        "axis": 1, "weight": cw, "ignore_index": ignore_index, "reduction": "none",
+        "label_smoothing": opts.label_smoothing, "z_loss": opts.z_loss, "softcap": opts.softcap,
+    }  # fmt: skip
+    for r0 in range(0, n, rows):
+        hb, tb = h[r0 : r0 + rows], t[r0 : r0 + rows]
+        lg = hb @ w.T
+        if b is not None:
+            lg += b
+        lg = lg.reshape((len(hb), classes) + losses.shape[1:])
+        if not with_grad:
+            losses[r0 : r0 + rows] = cross_entropy(lg, tb, **kw)
+            continue
+        go = grad_rows if np.ndim(grad_rows) == 0 else grad_rows[r0 : r0 + rows]
+        losses[r0 : r0 + rows], g = cross_entropy_with_grad(lg, tb, grad_output=go, inplace=True, **kw)
+        g = g.reshape(len(hb), v)
+        dh[r0 : r0 + rows] = g @ w
+        dw += g.T @ hb
+        if db is not None:
+            db += g.sum(axis=0, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = losses if reduction == "none" else losses.sum(dtype=np.float64) / denom
+    if not with_grad:
+        return loss, None, None, None
+    return loss, dh, dw, db
 
 
 def linear_cross_entropy(
     hidden,
-    weight,
+    linear_weight,
     target,
     *,
-    bias=None,
-    ignore_index=-100,
+    linear_bias=None,
+    weight=None,
     reduction="mean",
+    ignore_index=None,
     label_smoothing=0.0,
     z_loss=0.0,
     softcap=None,
     chunk_size=None,
 ):
-    """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding those N x V logits.
+    """Cross-entropy of ``hidden @ linear_weight.T + linear_bias`` without ever holding the logits.
+
+    The semantics and parameter names of ``torch.nn.functional.linear_cross_entropy`` (torch 2.15).
 
     Parameters
     ----------
     hidden : array_like
-        (N, H) hidden states.
-    weight : array_like
-        (V, H) classifier weight, as ``torch.nn.Linear.weight``.
+        (N, H) hidden states, or (H,) for one sample.
+    linear_weight : array_like
+        (C, H) classifier weight, as ``torch.nn.Linear.weight``; or (C, d1, ..., dK, H) for a
+        K-dimensional loss (batched `hidden` only): the logits are then (N, C, d1, ..., dK).
     target : array_like
-        (N,) integer class indices.
-    bias : array_like, optional
-        (V,) classifier bias.
-    ignore_index, reduction, label_smoothing, z_loss, softcap
-        As in :func:`cross_entropy` (no class weights here).
+        Integer class indices, shaped like the logits without the class axis ((N,), (N, d1, ...,
+        dK), or () for one sample), or class probabilities (a float array) shaped like the logits.
+    linear_bias : array_like, optional
+        (C,) or (C, d1, ..., dK) bias of the logits.
+    weight : array_like, optional
+        (C,) class weights, as in :func:`cross_entropy`.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        As in :func:`cross_entropy`; "none" gives one loss per row (shaped like the class
+        indices).
+    ignore_index : int, optional
+        Class index to leave out; None means -100 for class indices, as torch. Cannot be given
+        with probability targets (ValueError; torch raises RuntimeError).
+    label_smoothing, z_loss, softcap
+        As in :func:`cross_entropy`.
     chunk_size : int, optional
-        Most logits held at once, in elements (rows x vocabulary). None picks 2**24 (64 MiB of
+        Most logits held at once, in elements (rows x classes). None picks 2**24 (64 MiB of
         float32), or all of them when there are fewer. On CUDA arrays blocks are whole rows
         (a `chunk_size` below the vocabulary still holds one row) and None picks about an eighth
         of the rows (at least 2**20 elements): GEMMs of few rows would leave a GPU idle.
@@ -332,39 +434,44 @@ def linear_cross_entropy(
     Returns
     -------
     loss : numpy scalar or ndarray
-        As :func:`cross_entropy`: a scalar, or (N,) for ``reduction="none"``.
+        As :func:`cross_entropy`: a scalar, or one loss per row for ``reduction="none"``.
 
     Raises
     ------
     IndexError
-        For a class index outside [0, V) that is not `ignore_index` (or a uint64 index that does
+        For a class index outside [0, C) that is not `ignore_index` (or a uint64 index that does
         not fit in int64), named with its position.
     ValueError
-        For shapes that do not fit ((N, H), (V, H), (V,), (N,)), an empty vocabulary, a
-        `chunk_size` below 1, or options as in :func:`cross_entropy`.
+        For shapes that do not fit, an empty class axis, a `chunk_size` below 1, `ignore_index`
+        with probability targets, or options as in :func:`cross_entropy`.
     TypeError
-        For non-integer targets or unsupported dtypes.
+        For unsupported dtypes.
 
     Notes
     -----
-    Blocks of rows (and, when a block of whole rows would exceed `chunk_size`, blocks of the
+    Equivalent to torch's reference: ``cross_entropy(logits, target, ...)`` with the logits of
+    ``hidden @ linear_weight.reshape(-1, H).T + linear_bias.reshape(-1)`` reshaped to (N, C,
+    d1, ..., dK). Class indices with a (C, H) weight and no class weights run the fused kernels:
+    blocks of rows (and, when a block of whole rows would exceed `chunk_size`, blocks of the
     vocabulary) get their logits from a GEMM (the ``gemm`` crate); each row's log-sum-exp is
     combined across vocabulary blocks as a (mantissa, exponent) sum, so the result equals the
-    one-block result to rounding. Equivalent to ``cross_entropy(hidden @ weight.T + bias,
-    target, ...)``.
+    one-block result to rounding. Class weights, probability targets and K-dimensional losses
+    take blocks of whole rows (NumPy's matmul, then :func:`cross_entropy_with_grad`'s kernel on
+    each block); the mean's denominator is taken over all rows first.
 
     Examples
     --------
     >>> import numpy as np, normax
-    >>> hidden, weight = np.eye(2), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
-    >>> round(float(normax.linear_cross_entropy(hidden, weight, np.array([0, 1]))), 6)
+    >>> hidden, linear_weight = np.eye(2), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> round(float(normax.linear_cross_entropy(hidden, linear_weight, np.array([0, 1]))), 6)
     0.551445
     """
     return _linear(
         hidden,
-        weight,
+        linear_weight,
         target,
-        bias,
+        linear_bias,
+        weight,
         ignore_index,
         reduction,
         label_smoothing,
@@ -377,38 +484,39 @@ def linear_cross_entropy(
 
 def linear_cross_entropy_with_grad(
     hidden,
-    weight,
+    linear_weight,
     target,
     *,
-    bias=None,
-    ignore_index=-100,
+    linear_bias=None,
+    weight=None,
     reduction="mean",
+    ignore_index=None,
     label_smoothing=0.0,
     z_loss=0.0,
     softcap=None,
     chunk_size=None,
     grad_output=1.0,
 ):
-    """:func:`linear_cross_entropy` and its gradients, still without the N x V logits.
+    """:func:`linear_cross_entropy` and its gradients, still without the N x C logits.
 
     Parameters
     ----------
-    hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size
+    hidden, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size
         As in :func:`linear_cross_entropy`.
     grad_output : float or array_like, default 1.0
-        The gradients are those of ``grad_output * loss``; an (N,)-broadcastable array with
-        ``reduction="none"``.
+        The gradients are those of ``grad_output * loss``; with ``reduction="none"`` an array
+        broadcasting to the per-row loss.
 
     Returns
     -------
     loss : numpy scalar or ndarray
         As :func:`linear_cross_entropy`.
     dhidden : ndarray
-        (N, H).
-    dweight : ndarray
-        (V, H).
-    dbias : ndarray or None
-        (V,), or None when `bias` is None.
+        Shaped like `hidden`.
+    dlinear_weight : ndarray
+        Shaped like `linear_weight`.
+    dlinear_bias : ndarray or None
+        Shaped like `linear_bias`, or None when `linear_bias` is None.
 
     Raises
     ------
@@ -422,21 +530,23 @@ def linear_cross_entropy_with_grad(
     :func:`cross_entropy_with_grad`), then feeds ``dhidden += G @ W`` and ``dweight += G.T @ hidden``
     (GEMMs) and the bias's column sums (float64). With one vocabulary block per row block that is
     three GEMMs in all, as for matmul + cross_entropy + backward; with vocabulary blocks the
-    logits are computed twice (once for the log-sum-exps, once for the gradients).
+    logits are computed twice (once for the log-sum-exps, once for the gradients). No gradient
+    of the class weights or of probability targets (``normax.torch`` gives the targets' one).
 
     Examples
     --------
     >>> import numpy as np, normax
     >>> loss, dh, dw, db = normax.linear_cross_entropy_with_grad(
-    ...     np.ones((1, 2)), np.zeros((2, 2)), np.array([0]), bias=np.zeros(2))
+    ...     np.ones((1, 2)), np.zeros((2, 2)), np.array([0]), linear_bias=np.zeros(2))
     >>> db
     array([-0.5,  0.5])
     """
     return _linear(
         hidden,
-        weight,
+        linear_weight,
         target,
-        bias,
+        linear_bias,
+        weight,
         ignore_index,
         reduction,
         label_smoothing,

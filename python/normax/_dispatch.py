@@ -133,9 +133,22 @@ def _to_numpy(a, library: str, name: str, fname: str) -> np.ndarray:
                 )
             )
     # A CPU array: __array__ where it has one (cheaper than a DLPack capsule), else DLPack.
-    if hasattr(type(a), "__array__"):
-        return np.asarray(a)
-    return np.from_dlpack(a)
+    try:
+        if hasattr(type(a), "__array__"):
+            return np.asarray(a)
+        return np.from_dlpack(a)
+    except (RuntimeError, BufferError) as e:
+        # A device NumPy cannot read (e.g. array_api_strict's Device("device1")): not ours to
+        # copy, as for GPU arrays; the library's own message says why.
+        try:
+            device = _compat.device(a)
+        except Exception:  # noqa: BLE001 - no device to name
+            device = "a device NumPy cannot read"
+        raise NotImplementedError(
+            f"{fname}: {name} (a {type(a).__module__.split('.')[0]} array) is on {device}, which "
+            f"normax cannot compute on ({e}); normax runs on the CPU (and CUDA arrays of torch and CuPy) "
+            "and never copies device data silently: move it to the CPU device first"
+        ) from e
 
 
 def _from_numpy(r: np.ndarray, library: str, xp):

@@ -140,22 +140,45 @@ def target_kind(t_shape: tuple, kind: str, dtype, shape: tuple, axis: int) -> bo
 
 
 def linear_shapes(h_shape: tuple, w_shape: tuple, b_shape, t_shape: tuple, t_integer: bool, t_dtype):
-    """(N, H, V) of a linear cross-entropy: (N, H) hidden, (V, H) weight, (V,) bias or None, (N,)
-    integer target."""
+    """(N, H, V) of the fused linear cross-entropy kernels: (N, H) hidden, (V, H) linear weight,
+    (V,) bias or None, (N,) integer target."""
     if len(h_shape) != 2:
         raise ValueError(f"hidden: expected a 2-d (N, H) array, got shape {h_shape}")
     if len(w_shape) != 2 or w_shape[1] != h_shape[1]:
-        raise ValueError(f"weight: expected shape (V, {h_shape[1]}) as torch.nn.Linear, got {w_shape}")
+        raise ValueError(f"linear_weight: expected shape (V, {h_shape[1]}) as torch.nn.Linear, got {w_shape}")
     (n, hd), v = h_shape, w_shape[0]
     if v == 0:
-        raise ValueError("weight: the vocabulary (first axis) is empty")
+        raise ValueError("linear_weight: the vocabulary (first axis) is empty")
     if b_shape is not None and b_shape != (v,):
-        raise ValueError(f"bias: expected shape ({v},), got {b_shape}")
+        raise ValueError(f"linear_bias: expected shape ({v},), got {b_shape}")
     if not t_integer:
         raise TypeError(f"target: expected integer class indices, got dtype {t_dtype}")
     if t_shape != (n,):
         raise ValueError(f"target: expected shape ({n},), one class index per row of hidden; got {t_shape}")
     return n, hd, v
+
+
+def linear_logits_shape(h_shape: tuple, w_shape: tuple, b_shape) -> tuple:
+    """The logits' shape of a linear cross-entropy, as torch's ``F.linear_cross_entropy``:
+    hidden (H,) or (N, H); linear weight (C, H) or (C, d1, ..., dK, H) (K-dimensional loss,
+    batched hidden only); bias (C, d1, ..., dK) or None. Logits are (N?, C, d1, ..., dK)."""
+    if len(h_shape) not in (1, 2):
+        raise ValueError(f"hidden: expected (H,) or (N, H), got shape {h_shape}")
+    if len(w_shape) < 2 or w_shape[-1] != h_shape[-1]:
+        raise ValueError(
+            f"linear_weight: expected shape (C, {h_shape[-1]}) or (C, d1, ..., dK, {h_shape[-1]}), got {w_shape}"
+        )
+    classes, out_features = w_shape[0], tuple(w_shape[1:-1])
+    if classes == 0:
+        raise ValueError("linear_weight: the classes (first axis) are empty")
+    if out_features and len(h_shape) == 1:
+        raise ValueError(
+            f"hidden: a K-dimensional loss (linear_weight of shape {w_shape}) needs batched (N, H) "
+            f"hidden states, got shape {h_shape}"
+        )
+    if b_shape is not None and tuple(b_shape) != (classes, *out_features):
+        raise ValueError(f"linear_bias: expected shape {(classes, *out_features)}, got {tuple(b_shape)}")
+    return (*h_shape[:-1], classes, *out_features)
 
 
 def check_chunk_size(value) -> int | None:
@@ -240,7 +263,7 @@ def grad_output_rows(grad_output, reduction: str, loss_shape: tuple, work: np.dt
     return contiguous(g, work).reshape(-1), 0.0
 
 
-def _targets(target, shape: tuple, axis: int, work: np.dtype):
+def ce_targets(target, shape: tuple, axis: int, work: np.dtype):
     """(class indices, or probabilities in `work`), and whether they are probabilities."""
     t = np.asarray(target)
     if is_int_dtype(t.dtype):
@@ -274,15 +297,19 @@ def ce_inputs(logits, target, axis, weight, inplace: bool) -> CeInputs:
     x, result_dtype = as_input(logits, "logits")
     ax = class_axis(axis, x.shape)
     classes = x.shape[ax]
-    t, soft = _targets(target, x.shape, ax, x.dtype)
-    w = None
-    if weight is not None:
-        w = np.asarray(weight)
-        compute_dtype(w.dtype, "weight")
-        if w.shape != (classes,):
-            raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
-        w = contiguous(w, x.dtype)
-    return CeInputs(x, result_dtype, ax, t, soft, w)
+    t, soft = ce_targets(target, x.shape, ax, x.dtype)
+    return CeInputs(x, result_dtype, ax, t, soft, class_weights(weight, classes, x.dtype))
+
+
+def class_weights(weight, classes: int, work: np.dtype) -> np.ndarray | None:
+    """A cross-entropy's (C,) class weights, contiguous in `work`, or None."""
+    if weight is None:
+        return None
+    w = np.asarray(weight)
+    compute_dtype(w.dtype, "weight")
+    if w.shape != (classes,):
+        raise ValueError(f"weight: expected shape ({classes},), one per class; got {w.shape}")
+    return contiguous(w, work)
 
 
 def ce_results(loss: np.ndarray, grad, logits, inplace: bool, reduction: str, row_shape: tuple, dtype):

@@ -54,7 +54,7 @@ CALLS = {
     "cross_entropy_mean": lambda c: normax.cross_entropy(c(X), c(T), label_smoothing=0.1),
     "cross_entropy_with_grad": lambda c: normax.cross_entropy_with_grad(c(X), c(T), z_loss=1e-3),
     "linear_cross_entropy_with_grad": lambda c: normax.linear_cross_entropy_with_grad(
-        c(X[:, :3]), c(X[:4, 2:]), c(np.array([0, 3, 1, 2, 2, 0])), bias=c(W[:4])
+        c(X[:, :3]), c(X[:4, 2:]), c(np.array([0, 3, 1, 2, 2, 0])), linear_bias=c(W[:4])
     ),
     "rms_norm": lambda c: normax.rms_norm(c(X), c(W)),
     "layer_norm_backward": lambda c: normax.layer_norm_backward(c(X[::-1]), c(X), c(W), c(W)),

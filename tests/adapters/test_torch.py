@@ -24,7 +24,7 @@ import normax.torch as nt
 import pytest
 import torch
 import torch.nn.functional as F
-from normax.torch import _convert, _cross_entropy, _norms, _power_norm, _softmax
+from normax.torch import _convert, _cross_entropy, _linear_cross_entropy, _norms, _power_norm, _softmax
 from torch_power_norm import torch_mask_power_norm
 
 TOL = {
@@ -163,7 +163,9 @@ def test_norm_and_linear_parameter_gradients_equal_torch():
             w = rand(5, 4, dtype=torch.float32, seed=2, grad=True)
             b = rand(5, dtype=torch.float32, seed=3, grad=True)
             if fused:
-                loss = nt.linear_cross_entropy(hh, w, TARGET, b, reduction=reduction, label_smoothing=0.1)
+                loss = nt.linear_cross_entropy(
+                    hh, w, TARGET, linear_bias=b, reduction=reduction, label_smoothing=0.1
+                )
             else:
                 loss = F.cross_entropy(hh @ w.T + b, TARGET, reduction=reduction, label_smoothing=0.1)
             (loss * torch.arange(1.0, 7.0)[: loss.numel()].reshape(loss.shape)).sum().backward()
@@ -270,12 +272,29 @@ def _opcheck_cases():
         ),
         "scale_grad": (_cross_entropy._scale_grad_op, (dy, rand(4, seed=7), 1, x.detach())),
         "linear_cross_entropy": (
-            _cross_entropy._linear_ce_op,
-            (h, wl, t, b, -100, "none", 0.1, 0.0, None, None),
+            _linear_cross_entropy._linear_ce_op,
+            (h, wl, t, b, None, -100, "none", 0.1, 0.0, None, None),
         ),
         "linear_cross_entropy_with_grad": (
-            _cross_entropy._linear_ce_with_grad_op,
-            (h, wl, t, b, -100, "mean", 0.0, 1e-3, 5.0, 7, None),
+            _linear_cross_entropy._linear_ce_with_grad_op,
+            (h, wl, t, b, None, None, "mean", 0.0, 1e-3, 5.0, 7, None),
+        ),
+        # Class weights and probability targets (which then get a gradient too).
+        "linear_cross_entropy_soft": (
+            _linear_cross_entropy._linear_ce_op,
+            (
+                h,
+                wl,
+                rand(4, 5, seed=11).softmax(1).requires_grad_(),
+                b,
+                w.detach(),
+                None,
+                "mean",
+                0.1,
+                0.0,
+                None,
+                7,
+            ),
         ),
         "layer_norm": (_norms._layer_norm_op, (x, 1, w, b, 1e-5)),
         "layer_norm_backward": (
@@ -384,8 +403,6 @@ def test_linear_cross_entropy_loss_module_matches_torch():
     ours.load_state_dict(theirs.state_dict())
     x = rand(6, 4, dtype=torch.float32)
     assert_close(ours(x, TARGET), theirs(x, TARGET), torch.float32)
-    with pytest.raises(NotImplementedError, match="class weights"):
-        nt.LinearCrossEntropyLoss(4, 5, weight=torch.ones(5))
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -234,11 +234,11 @@ def test_z_loss_moves_the_loss():
     assert diff == pytest.approx(0.5 * np.mean(lse**2), rel=1e-12)
 
 
-def linear_reference(hidden, weight, t, bias=None, grad_output=1.0, **opts):
+def linear_reference(hidden, weight, t, linear_bias=None, grad_output=1.0, **opts):
     """matmul + cross_entropy (+ z-loss/softcap) + backward, float64 torch autograd."""
     h = torch.tensor(np.asarray(hidden, np.float64), requires_grad=True)
     w = torch.tensor(np.asarray(weight, np.float64), requires_grad=True)
-    b = None if bias is None else torch.tensor(np.asarray(bias, np.float64), requires_grad=True)
+    b = None if linear_bias is None else torch.tensor(np.asarray(linear_bias, np.float64), requires_grad=True)
     logits = h @ w.T + (0 if b is None else b)
     z, cap = opts.pop("z_loss", 0.0), opts.pop("softcap", None)
     reduction = opts.pop("reduction", "mean")
@@ -265,8 +265,8 @@ def test_linear_against_matmul_and_torch(dtype, chunk_size):
     t[::7] = -100
     cases = [
         {},
-        {"bias": bias, "label_smoothing": 0.1, "reduction": "sum"},
-        {"bias": bias, "z_loss": 1e-3, "softcap": 4.0},
+        {"linear_bias": bias, "label_smoothing": 0.1, "reduction": "sum"},
+        {"linear_bias": bias, "z_loss": 1e-3, "softcap": 4.0},
         {"label_smoothing": 0.2, "z_loss": 1e-4, "reduction": "none", "grad_output": rng.random(n) + 0.5},
     ]
     for case in cases:
@@ -347,7 +347,7 @@ def test_bad_input():
         normax.linear_cross_entropy(np.zeros((3, 2)), np.zeros((5, 3)), np.zeros(3, int))
     with pytest.raises(ValueError, match="chunk_size"):
         normax.linear_cross_entropy(np.zeros((3, 2)), np.zeros((5, 2)), np.zeros(3, int), chunk_size=0)
-    with pytest.raises(TypeError, match="target"):
+    with pytest.raises(ValueError, match="target: class probabilities"):
         normax.linear_cross_entropy(np.zeros((3, 2)), np.zeros((5, 2)), np.zeros(3))
 
 

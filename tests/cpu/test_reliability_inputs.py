@@ -152,10 +152,13 @@ def test_misaligned_linear_cross_entropy():
     w = RNG.standard_normal((7, 4)).astype(np.float32)
     b = RNG.standard_normal(7).astype(np.float32)
     t = RNG.integers(0, 7, 5)
-    ref = normax.linear_cross_entropy(h, w, t, bias=b)
-    assert normax.linear_cross_entropy(misaligned(h), misaligned(w), misaligned(t), bias=misaligned(b)) == ref
-    a = normax.linear_cross_entropy_with_grad(h, w, t, bias=b)
-    m = normax.linear_cross_entropy_with_grad(misaligned(h), misaligned(w), t, bias=misaligned(b))
+    ref = normax.linear_cross_entropy(h, w, t, linear_bias=b)
+    assert (
+        normax.linear_cross_entropy(misaligned(h), misaligned(w), misaligned(t), linear_bias=misaligned(b))
+        == ref
+    )
+    a = normax.linear_cross_entropy_with_grad(h, w, t, linear_bias=b)
+    m = normax.linear_cross_entropy_with_grad(misaligned(h), misaligned(w), t, linear_bias=misaligned(b))
     for u, v in zip(a, m):
         np.testing.assert_array_equal(u, v)
 

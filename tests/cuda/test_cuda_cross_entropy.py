@@ -157,12 +157,14 @@ def test_linear_cross_entropy_matches_the_cpu_in_blocks(cuda_kernels, reduction,
         "softcap": 20.0,
         "chunk_size": chunk_size,
     }
-    want = normax.linear_cross_entropy_with_grad(hidden, weight, target, bias=bias, grad_output=go, **kw)
+    want = normax.linear_cross_entropy_with_grad(
+        hidden, weight, target, linear_bias=bias, grad_output=go, **kw
+    )
     got = cuda.linear_cross_entropy_with_grad(
         torch.from_numpy(hidden),
         torch.from_numpy(weight),
         torch.from_numpy(target),
-        bias=torch.from_numpy(bias),
+        linear_bias=torch.from_numpy(bias),
         grad_output=torch.from_numpy(go) if reduction == "none" else go,
         **kw,
     )
@@ -175,7 +177,7 @@ def test_linear_cross_entropy_matches_the_cpu_in_blocks(cuda_kernels, reduction,
         torch.from_numpy(hidden),
         torch.from_numpy(weight),
         torch.from_numpy(target),
-        bias=torch.from_numpy(bias),
+        linear_bias=torch.from_numpy(bias),
         **kw,
     )
     lclose(loss, want[0])
@@ -197,7 +199,7 @@ def test_linear_cross_entropy_checks_and_edge_cases(cuda_kernels):
     assert cuda_kernels.calls == []
     # No rows: a zero dweight (and dbias), an empty dhidden.
     loss, dh, dw, db = cuda.linear_cross_entropy_with_grad(
-        torch.zeros(0, 3), w, torch.zeros(0, dtype=torch.int64), bias=torch.zeros(4), reduction="sum"
+        torch.zeros(0, 3), w, torch.zeros(0, dtype=torch.int64), linear_bias=torch.zeros(4), reduction="sum"
     )
     assert float(loss) == 0.0 and dh.shape == (0, 3)
     assert torch.equal(dw, torch.zeros(4, 3)) and torch.equal(db, torch.zeros(4))
@@ -205,7 +207,7 @@ def test_linear_cross_entropy_checks_and_edge_cases(cuda_kernels):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(cuda_kernels, with_bias):
-    from normax.torch import _cross_entropy as nt
+    from normax.torch import _linear_cross_entropy as nt
 
     rng = torch.Generator().manual_seed(4)
     h, w = torch.randn(9, 5, generator=rng), torch.randn(13, 5, generator=rng)
@@ -214,9 +216,13 @@ def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(cuda_kernels, 
     t[3] = -100
     for reduction, go in (("mean", None), ("sum", None), ("none", torch.rand(9, generator=rng))):
         opts = (-100, reduction, 0.1, 1e-3, None, 26)
-        same_tensors([nt._linear_ce_cuda(h, w, t, bias, *opts)], [nt._linear_ce_op(h, w, t, bias, *opts)])
-        got = nt._linear_ce_with_grad_cuda(h, w, t, bias, *opts, go)
-        same_tensors(got, nt._linear_ce_with_grad_op(h, w, t, bias, *opts, go))
+        same_tensors(
+            [nt._linear_ce_cuda(h, w, t, bias, None, *opts)], [nt._linear_ce_op(h, w, t, bias, None, *opts)]
+        )
+        got = nt._linear_ce_with_grad_cuda(h, w, t, bias, None, *opts, go)
+        same_tensors(got, nt._linear_ce_with_grad_op(h, w, t, bias, None, *opts, go))
+    with pytest.raises(NotImplementedError, match="no CUDA kernel for class weights"):
+        nt._linear_ce_cuda(h, w, t, bias, torch.ones(13), *opts)
     assert cuda_kernels.names().count("cuda_cross_entropy") > 3  # several blocks (26 elements: 2 rows)
 
 

@@ -177,17 +177,17 @@ def test_linear_cross_entropy_matches_the_cpu(n, h, v, dtype, chunk_size, reduct
         "softcap": 30.0,
         "chunk_size": chunk_size,
     }
-    got = normax.linear_cross_entropy_with_grad(hid, w, t, bias=b, grad_output=go, **kw)
+    got = normax.linear_cross_entropy_with_grad(hid, w, t, linear_bias=b, grad_output=go, **kw)
     # The CPU reference in its default blocks: its result does not depend on them beyond rounding,
     # and tiny vocabulary blocks there would take minutes.
     want = normax.linear_cross_entropy_with_grad(
-        host(hid), host(w), t.cpu().numpy(), bias=host(b),
+        host(hid), host(w), t.cpu().numpy(), linear_bias=host(b),
         grad_output=go.cpu().numpy() if reduction == "none" else go, **{**kw, "chunk_size": None},
     )  # fmt: skip
     tol = TOL[dtype]
     for g, r in zip(got, want):  # loss, dhidden, dweight, dbias
         assert_close(g, r, tol)
-    loss = normax.linear_cross_entropy(hid, w, t, bias=b, **kw)
+    loss = normax.linear_cross_entropy(hid, w, t, linear_bias=b, **kw)
     assert_close(loss, want[0], tol)
 
 
@@ -203,7 +203,7 @@ def test_linear_cross_entropy_matches_torch_autograd(reduction):
     t = torch.randint(0, v, (n,), device="cuda")
     t[::5] = -100
     loss = nt.linear_cross_entropy(
-        hid, w, t, b, reduction=reduction, label_smoothing=0.05, chunk_size=v * 100
+        hid, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.05, chunk_size=v * 100
     )
     ref = F.cross_entropy(hid @ w.T + b, t, reduction=reduction, label_smoothing=0.05)
     assert_close(loss, ref, 1e-4)

@@ -37,7 +37,8 @@ public functions (PowerNorm: its module) together; ``_convert`` (tensors <-> Num
 
 from __future__ import annotations
 
-from ._cross_entropy import cross_entropy, linear_cross_entropy
+from ._cross_entropy import cross_entropy
+from ._linear_cross_entropy import linear_cross_entropy
 from ._modules import CrossEntropyLoss, LayerNorm, LinearCrossEntropyLoss, RMSNorm
 from ._norms import layer_norm, rms_norm
 from ._patch import patch

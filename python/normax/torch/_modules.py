@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ._cross_entropy import cross_entropy, linear_cross_entropy
+from ._cross_entropy import cross_entropy
+from ._linear_cross_entropy import linear_cross_entropy
 from ._norms import layer_norm, rms_norm
 
 
@@ -83,31 +86,29 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         )
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
     """A classifier and its cross-entropy in one module, never holding the logits.
 
-    Mirrors ``torch.nn.LinearCrossEntropyLoss`` (torch >= 2.11): the same constructor arguments it
-    supports and the same state_dict (``linear.weight``, ``linear.bias`` of an inner
-    ``torch.nn.Linear(in_features, num_classes)``); ``forward(input, target)`` is
-    :func:`linear_cross_entropy` of ``input`` with that layer. Class weights and K-dimensional
-    ``out_features`` are not supported (NotImplementedError).
+    ``torch.nn.LinearCrossEntropyLoss``'s constructor, state_dict and forward: an inner
+    ``torch.nn.Linear(in_features, num_classes * prod(out_features))`` (``linear.weight``,
+    ``linear.bias``), the class weights as the ``weight`` buffer; ``forward(input, target)`` is
+    :func:`linear_cross_entropy` of ``input`` with that layer's weight reshaped to
+    ``(num_classes, *out_features, in_features)``.
 
     Parameters
     ----------
     in_features, num_classes : int
-        H and V.
+        H and C.
     out_features : tuple, default ()
-        Only () is supported.
+        (d1, ..., dK) of a K-dimensional loss.
     bias : bool, default False
         Give the classifier a bias.
     device, dtype
         For the classifier's parameters.
-    reduction, ignore_index, label_smoothing
-        As torch's; ``ignore_index=None`` means -100.
-    weight : Tensor, optional
-        Class weights: not supported, must be None.
+    reduction, weight, ignore_index, label_smoothing, options
+        As torch's (``ignore_index=None``: -100 for class indices).
     z_loss, softcap, chunk_size
-        As in :func:`linear_cross_entropy`.
+        normax's, as in :func:`linear_cross_entropy`.
 
     Examples
     --------
@@ -130,42 +131,51 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         weight: Tensor | None = None,
         ignore_index: int | None = None,
         label_smoothing: float = 0.0,
+        options=None,
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
     ):
-        super().__init__()
-        if tuple(out_features) != ():
-            raise NotImplementedError("normax.torch.LinearCrossEntropyLoss: out_features must be ()")
-        if weight is not None:
-            raise NotImplementedError("normax.torch.LinearCrossEntropyLoss: class weights are not supported")
-        self.in_features = in_features
+        # torch's own checks and messages.
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__(weight=weight, reduction=reduction)
         self.num_classes = num_classes
-        self.out_features = ()
-        self.reduction = reduction
+        self.out_features = out_features
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.options = options
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
-        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.linear = torch.nn.Linear(
+            in_features, math.prod(out_features, start=num_classes), bias=bias, device=device, dtype=dtype
+        )
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, num_classes={self.num_classes}, reduction={self.reduction}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+            f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, options={self.options}, z_loss={self.z_loss}, "
             f"softcap={self.softcap}"
         )
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias
         return linear_cross_entropy(
             input,
-            self.linear.weight,
+            self.linear.weight.reshape(*shape, self.linear.in_features),
             target,
-            self.linear.bias,
-            ignore_index=-100 if self.ignore_index is None else self.ignore_index,
+            linear_bias=None if bias is None else bias.reshape(shape),
+            weight=self.weight,
             reduction=self.reduction,
+            ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
+            options=self.options,
             z_loss=self.z_loss,
             softcap=self.softcap,
             chunk_size=self.chunk_size,

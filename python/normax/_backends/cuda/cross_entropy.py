@@ -277,21 +277,33 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
     return loss, dh, dw, (None if db is None else lib.astype(db, result))
 
 
+def _linear_public(fname, hidden, linear_weight, target, linear_bias, weight, ignore_index, *args):
+    # The kernels take class indices, a (C, H) weight and (N, H) hidden, nothing else.
+    shapes = tuple(len(getattr(a, "shape", ())) for a in (hidden, linear_weight, target))
+    if weight is not None or shapes != (2, 2, 1):
+        raise NotImplementedError(
+            f"{fname}: no CUDA kernel for class weights, probability targets, 1-d hidden or a "
+            "K-dimensional linear_weight (the CPU takes them)"
+        )
+    ignore_index = -100 if ignore_index is None else ignore_index
+    return linear_blocks(fname, hidden, linear_weight, target, linear_bias, ignore_index, *args)
+
+
 def linear_cross_entropy(
-    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-    z_loss=0.0, softcap=None, chunk_size=None,
+    hidden, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
 ):  # fmt: skip
-    return linear_blocks(
-        "normax.linear_cross_entropy", hidden, weight, target, bias, ignore_index, reduction,
-        label_smoothing, z_loss, softcap, chunk_size, False,
+    return _linear_public(
+        "normax.linear_cross_entropy", hidden, linear_weight, target, linear_bias, weight, ignore_index,
+        reduction, label_smoothing, z_loss, softcap, chunk_size, False,
     )  # fmt: skip
 
 
 def linear_cross_entropy_with_grad(
-    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-    z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0,
+    hidden, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0,
 ):  # fmt: skip
-    return linear_blocks(
-        "normax.linear_cross_entropy_with_grad", hidden, weight, target, bias, ignore_index, reduction,
-        label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
+    return _linear_public(
+        "normax.linear_cross_entropy_with_grad", hidden, linear_weight, target, linear_bias, weight,
+        ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
     )  # fmt: skip
