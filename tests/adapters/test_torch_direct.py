@@ -12,7 +12,7 @@ from __future__ import annotations
 import normax.torch as nt
 import pytest
 import torch
-from normax.torch import _cross_entropy, _norms, _op, _softmax
+from normax.torch import _cross_entropy, _linear_cross_entropy, _norms, _op, _softmax
 from torch.overrides import TorchFunctionMode
 
 
@@ -44,6 +44,15 @@ CASES = {
     "layer_norm_no_params": lambda x: nt.layer_norm(x, (7,)),
     "rms_norm": lambda x: nt.rms_norm(x, (7,), _W.to(x.dtype), 1e-6),
     "rms_norm_2d_shape": lambda x: nt.rms_norm(x, (5, 7)),
+    "linear_cross_entropy": lambda x: nt.linear_cross_entropy(
+        x, torch.linspace(-1, 1, 28).reshape(4, 7).to(x.dtype), torch.tensor([0, 3, 2, 1, 3])
+    ),
+    "linear_cross_entropy_none": lambda x: nt.linear_cross_entropy(
+        x,
+        torch.linspace(-1, 1, 28).reshape(4, 7).to(x.dtype),
+        torch.tensor([0, 3, 2, 1, 3]),
+        reduction="none",
+    ),
 }
 
 
@@ -72,7 +81,7 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
     def refuse(*args):
         raise AssertionError("the dispatcher was called in plain eager mode")
 
-    ops = [getattr(m, n) for m in (_softmax, _cross_entropy, _norms) for n in dir(m)]
+    ops = [getattr(m, n) for m in (_softmax, _cross_entropy, _linear_cross_entropy, _norms) for n in dir(m)]
     for o in ops:
         if isinstance(o, _op.Op):
             monkeypatch.setattr(o, "custom_op", refuse)

@@ -1,4 +1,4 @@
-"""cross_entropy and linear_cross_entropy: custom ops, fake kernels, autograd, CUDA kernels, public functions.
+"""cross_entropy: custom ops, fake kernels, autograd, CUDA kernels, the public function.
 
 Every op takes the loss options as the fields of :class:`normax._options.CeOptions`, in its order,
 checked once by ``ce_options`` (the NumPy API's checks and messages).
@@ -21,7 +21,6 @@ from ._op import op
 from ._softmax import _log_softmax_op
 
 _FNAME = "normax.torch.cross_entropy"
-_LINEAR_FNAME = "normax.torch.linear_cross_entropy"
 
 
 @functools.lru_cache(maxsize=256, typed=True)  # typed: True and 1.0 are different options

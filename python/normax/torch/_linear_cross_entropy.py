@@ -16,6 +16,7 @@ from .._backends import cuda
 from .._options import ce_options, check_chunk_size, linear_logits_shape, target_kind
 from ._convert import absent, check_float, host, host_opt, needs_grad, to_tensor
 from ._cross_entropy import _scale_grad_op, cross_entropy
+from ._op import op
 
 _FNAME = "normax.torch.linear_cross_entropy"
 
@@ -37,7 +38,7 @@ def _loss_shape(target: Tensor, reduction: str) -> list[int]:
     return shape[:1] + shape[2:] if target.is_floating_point() else shape
 
 
-@torch.library.custom_op("normax::linear_cross_entropy", mutates_args=())
+@op("normax::linear_cross_entropy")
 def _linear_ce_op(
     input: Tensor,
     linear_weight: Tensor,
@@ -68,7 +69,7 @@ def _linear_ce_fake(input, linear_weight, target, linear_bias, weight, ignore_in
     return input.new_empty(_loss_shape(target, reduction))
 
 
-@torch.library.custom_op("normax::linear_cross_entropy_with_grad", mutates_args=())
+@op("normax::linear_cross_entropy_with_grad")
 def _linear_ce_with_grad_op(
     input: Tensor,
     linear_weight: Tensor,
