@@ -46,7 +46,7 @@ fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
     threads::set_num_threads(value as usize).map_err(to_py)
 }
 
-/// The SIMD implementation in use: "scalar", "avx2" or "avx512".
+/// The SIMD implementation in use: "scalar", "avx2", "avx512" (x86-64) or "neon" (AArch64).
 #[pyfunction]
 fn get_isa() -> &'static str {
     isa::active().name()
