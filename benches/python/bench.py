@@ -139,11 +139,12 @@ def main(argv=None):
     for name in names:
         module = SUITES[name]
         table = Table(module.PEERS, module.OP_WIDTH, copy_gbps, cache)
-        print(f"\n== {name}\n{table.header()}", flush=True)
+        print(f"\n== {name}")
         if name == "softmax" and any(r * c <= softmax.SMALL for r, c in shapes):
             print(
-                f"   (up to {softmax.SMALL} elements normax and torch run on 1 thread: see softmax._one_thread)"
+                f"(up to {softmax.SMALL} elements normax and torch run on 1 thread: see softmax._one_thread)"
             )
+        print(table.header(), flush=True)
         gen = module.suite(args.budget, shapes) if name == "softmax" else module.suite(args.budget)
         for case in gen:
             cases.append(case)

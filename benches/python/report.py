@@ -76,6 +76,8 @@ def fmt_ms(seconds):
 
 
 def fmt_ratio(r):
+    if r >= 1e4:
+        return ">1e4"  # keeps the column narrow; such a ratio is a measurement problem anyway
     return f"{r:.0f}" if r >= 100 else f"{r:.1f}" if r >= 10 else f"{r:.2f}"
 
 
