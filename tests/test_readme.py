@@ -25,6 +25,14 @@ def _first_line(block: str) -> str:
     return next(ln for ln in block.splitlines() if ln.strip() and not ln.startswith(("import", "from")))
 
 
+def _uses_cuda(block: str) -> bool:
+    return 'device="cuda"' in block
+
+
+def _uses_wgpu(block: str) -> bool:
+    return 'device="wgpu"' in block or 'set_backend("wgpu")' in block
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -48,14 +56,14 @@ def _wgpu_available() -> bool:
 def test_readme_has_the_blocks():
     # The API, torch, JAX, CUDA and wgpu blocks at least: a broken fence would drop them silently.
     assert len(BLOCKS) >= 5
-    assert sum("cuda" in b for b in BLOCKS) >= 1 and sum('"wgpu"' in b for b in BLOCKS) >= 1
+    assert sum(map(_uses_cuda, BLOCKS)) >= 1 and sum(map(_uses_wgpu, BLOCKS)) >= 1
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[_first_line(b)[:40] for b in BLOCKS])
 def test_readme_block_runs(block, tmp_path):
-    if "cuda" in block and not _cuda_available():
+    if _uses_cuda(block) and not _cuda_available():
         pytest.skip("README block needs a CUDA GPU (torch.cuda.is_available() is False)")
-    if '"wgpu"' in block and not _wgpu_available():
+    if _uses_wgpu(block) and not _wgpu_available():
         pytest.skip("README block needs a wgpu adapter: install mesa-vulkan-drivers (lavapipe)")
     script = tmp_path / "block.py"
     script.write_text(block, encoding="utf-8")
