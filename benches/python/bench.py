@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import platform
 import sys
+import textwrap
 import time
 
 import cross_entropy
@@ -130,11 +131,12 @@ def main(argv=None):
     print(
         f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write, {normax.get_num_threads()} threads): the roofline"
     )
-    print(
-        f"xPEER = PEER time / normax time (higher is better); ±% = spread of normax's runs; {MARK} = normax's or "
-        f"the peer's runs spread over {100 * NOISY:.0f}% (noisy); %copy = GB/s / copy bandwidth, 'cache' where "
-        f"the data fits in the {cache >> 20} MiB last-level cache"
+    legend = (
+        f"xPEER = PEER time / normax time (higher is better); ±% = spread of normax's runs; {MARK} = "
+        f"normax's or the peer's runs spread over {100 * NOISY:.0f}% (noisy); %copy = GB/s / copy "
+        f"bandwidth, 'cache' where the data fits in the {cache >> 20} MiB last-level cache"
     )
+    print(textwrap.fill(legend, 100))
     cases = []
     for name in names:
         module = SUITES[name]
