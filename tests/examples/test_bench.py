@@ -68,7 +68,7 @@ def test_plot_has_a_row_per_suite(tmp_path):
     import matplotlib.image
 
     height, width = matplotlib.image.imread(str(path)).shape[:2]
-    assert width == 1400 and height >= 400  # 14 inches at 100 dpi, two rows
+    assert width == 1500 and height >= 400  # 15 inches at 100 dpi, two rows
 
 
 def test_help_describes_every_option():
