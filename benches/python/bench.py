@@ -7,10 +7,10 @@ Each case times normax and every installed peer on the same data in interleaved 
 line as soon as it is measured: normax's median time and the spread of its runs, its effective
 bandwidth against a parallel copy measured in the same run (the roofline), and normax's speedup
 over each peer (peer time / normax time, higher is better; marked ~ where the runs of either
-spread more than 10%: noise on a shared machine, not a result). Yardsticks (a copy, np.exp on the
-same array) are shown beside their case, never as a speedup. The machines are shared and noisy:
-the ratios are the point, not the absolute times. The suites (softmax.py, norms.py,
-cross_entropy.py) import normax as any user does.
+spread more than 10% or were fewer than 3: noise on a shared machine, not a result). Yardsticks
+(a copy, np.exp on the same array) are shown beside their case, never as a speedup. The machines
+are shared and noisy: the ratios are the point, not the absolute times. The suites (softmax.py,
+norms.py, cross_entropy.py) import normax as any user does.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def main(argv=None):
     )
     legend = (
         f"xPEER = PEER time / normax time (higher is better); ±% = spread of normax's runs; {MARK} = "
-        f"normax's or the peer's runs spread over {100 * NOISY:.0f}% (noisy); %copy = GB/s / copy "
+        f"normax's or the peer's runs spread over {100 * NOISY:.0f}% or numbered under 3 (noisy); "
+        f"%copy = GB/s / copy "
         f"bandwidth, 'cache' where the data fits in the {cache >> 20} MiB last-level cache"
     )
     print(textwrap.fill(legend, 100))

@@ -11,7 +11,8 @@ from timer import Timing
 import normax
 
 # A ratio is marked noisy when normax's or the peer's runs spread more than this (interquartile
-# range / median): on a shared machine such a ratio can move by that much between runs.
+# range / median), or when either ran fewer than 3 times: on a shared machine such a ratio can
+# move by that much between runs.
 NOISY = 0.10
 MARK = "~"
 
@@ -39,7 +40,9 @@ class Case:
         return self.peers[peer].median / self.normax.median if peer in self.peers else None
 
     def noisy(self, peer):
-        return max(self.normax.spread, self.peers[peer].spread) > NOISY
+        # Under 3 runs there is no spread to judge by: not a settled ratio either.
+        timings = (self.normax, self.peers[peer])
+        return max(t.spread for t in timings) > NOISY or min(t.runs for t in timings) < 3
 
     def gbps(self):
         return self.bytes_moved / self.normax.median / 1e9 if self.bytes_moved else None
@@ -112,7 +115,7 @@ class Table:
             case.op,
             "x".join(map(str, case.shape)),
             fmt_ms(case.normax.median),
-            ">99" if spread > 99 else f"{spread:.0f}",
+            "-" if case.normax.runs < 3 else ">99" if spread > 99 else f"{spread:.0f}",
             "-" if gbps is None else f"{gbps:.1f}",
             share,
         ]

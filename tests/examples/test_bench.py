@@ -41,6 +41,13 @@ def test_table_fits_100_columns_for_the_longest_rows(module):
     assert "~" in table.row(case)  # the noisy ratio is marked
 
 
+def test_a_single_run_has_no_spread_and_its_ratio_is_marked():
+    table = Table(("torch",), 30, 40.0, 32 << 20)
+    once = Timing(10.0, 0.0, 1)
+    row = table.row(Case("s", "linear", (8, 8, 8), 0, once, {"torch": once}))
+    assert row.split()[2:4] == ["10000", "-"] and row.endswith("1.00~")
+
+
 def test_softmax_suite_on_a_tiny_shape_prints_every_case():
     shapes = [(8, 16)]
     copy = 10.0
