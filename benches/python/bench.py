@@ -1,13 +1,16 @@
 """The peer comparison: normax against NumPy, SciPy, PyTorch and JAX in one process.
 
-    python benches/python/bench.py                 # every suite, default shapes
-    python benches/python/bench.py --suite softmax --plot bench.png
+    python benches/python/bench.py                 # every suite, default shapes (about 10 minutes)
+    python benches/python/bench.py --suite softmax --shapes 4096x1024 --plot bench.png
 
-Each case times normax and every installed peer on the same data, back to back, and prints
-medians, normax's speedup over each peer (peer time / normax time), and normax's effective
-bandwidth against the machine's copy bandwidth measured in the same run (the roofline). No
-absolute time is a result on its own: the machines are shared and noisy, the ratios are the point.
-The suites (softmax.py, norms.py, cross_entropy.py) import normax as any user does.
+Each case times normax and every installed peer on the same data in interleaved runs and prints a
+line as soon as it is measured: normax's median time and the spread of its runs, its effective
+bandwidth against a parallel copy measured in the same run (the roofline), and normax's speedup
+over each peer (peer time / normax time, higher is better; marked ~ where the runs of either
+spread more than 10% or were fewer than 3: noise on a shared machine, not a result). Yardsticks
+(a copy, np.exp on the same array) are shown beside their case, never as a speedup. The machines
+are shared and noisy: the ratios are the point, not the absolute times. The suites (softmax.py,
+norms.py, cross_entropy.py) import normax as any user does.
 """
 
 from __future__ import annotations
@@ -16,19 +19,24 @@ import argparse
 import concurrent.futures
 import platform
 import sys
+import textwrap
+import time
 
 import cross_entropy
 import norms
 import numpy as np
 import softmax
-from report import format_table, peers_available, plot, targets
+from report import MARK, NOISY, Table, cache_bytes, format_targets, plot, targets, versions
 from timer import median_time
 
 import normax
 
 # softmax first: the linear cross-entropy's gigabytes of allocations fragment the huge pages
 # later fresh outputs would get.
-SUITES = {"softmax": softmax.suite, "norms": norms.suite, "cross_entropy": cross_entropy.suite}
+SUITES = {"softmax": softmax, "norms": norms, "cross_entropy": cross_entropy}
+# Seconds of a default run per suite on the 2-core AVX2 VM of the README (budget 0.5 s), for the
+# estimate printed up front; the budget scales the timed part.
+REFERENCE_S = {"softmax": 150, "norms": 140, "cross_entropy": 200}
 
 
 def copy_bandwidth(nbytes=1 << 30, threads=None):
@@ -59,53 +67,99 @@ def machine():
     )
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+def _clock(seconds):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def estimate_s(names, budget, shapes):
+    """A rough run time: the reference machine's seconds per suite, the softmax suite scaled by its
+    number of cases and the timed parts by the budget."""
+    total = 0.0
+    for name in names:
+        ref = REFERENCE_S[name] * (0.5 + budget)
+        if name == "softmax":
+            ref *= softmax.count(shapes) / softmax.count()
+        total += ref
+    return total
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="python benches/python/bench.py", description=__doc__.split("\n\n")[0].strip()
+    )
     parser.add_argument(
-        "--suite", action="append", choices=sorted(SUITES), help="suite to run (repeatable; default: all)"
+        "--suite", action="append", choices=list(SUITES), help="suite to run (repeatable; default: all)"
     )
     parser.add_argument("--shapes", help="comma-separated RxC shapes for the softmax suite, e.g. 4096x1024")
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds per measurement (default 0.5)")
-    parser.add_argument("--threads", type=int, help="kernel threads (default: normax's default)")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw the speedups to this file")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=0.5,
+        help="seconds per contender per case, at least 5 runs (default 0.5)",
+    )
+    parser.add_argument("--threads", type=int, help="threads of normax and torch (default: normax's default)")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw a panel per suite: speedups per peer and GB/s vs the copy roofline",
+    )
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="also print the developers' performance goals and whether they are met",
+    )
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     if args.threads:
         normax.set_num_threads(args.threads)
     shapes = softmax.DEFAULT_SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-
+    names = args.suite or list(SUITES)
+    total = sum(SUITES[n].count(shapes) if n == "softmax" else SUITES[n].count() for n in names)
+    start = time.perf_counter()
     print(f"machine: {machine()}")
-    copy_gbps = copy_bandwidth()
-    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write, {normax.get_num_threads()} threads)")
+    print(f"versions: normax {normax.__version__}, {versions()}")
     print(
-        "versions: "
-        + ", ".join(
-            f"{n} {getattr(m, '__version__', '?')}" for n, m in peers_available().items() if m is not None
-        )
+        f"{total} cases in {', '.join(names)}: about {_clock(estimate_s(names, args.budget, shapes))} on a 2-core VM"
     )
+    copy_gbps = copy_bandwidth()
+    cache = cache_bytes()
+    print(
+        f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write, {normax.get_num_threads()} threads): the roofline"
+    )
+    legend = (
+        f"xPEER = PEER time / normax time (higher is better); ±% = spread of normax's runs; {MARK} = "
+        f"normax's or the peer's runs spread over {100 * NOISY:.0f}% or numbered under 3 (noisy); "
+        f"%copy = GB/s / copy "
+        f"bandwidth, 'cache' where the data fits in the {cache >> 20} MiB last-level cache"
+    )
+    print(textwrap.fill(legend, 100))
     cases = []
-    for name in args.suite or list(SUITES):
-        suite_cases = SUITES[name](args.budget, shapes) if name == "softmax" else SUITES[name](args.budget)
-        cases += suite_cases
-        print(f"\n== {name} (median times; xPEER = PEER time / normax time, higher is better)")
-        print(format_table(suite_cases, copy_gbps))
-        for c in suite_cases:
-            if c.note:
-                print(f"  {c.op} {'x'.join(map(str, c.shape))}: {c.note}")
-    found = targets(cases, copy_gbps)
-    if found:
-        print("\n== targets")
-        for desc, value, goal, unit in found:
-            met = value <= goal if unit == "<=" else value >= goal
-            shown = f"{value:.2f}{'%' if unit == '%' else 'x'}"
+    for name in names:
+        module = SUITES[name]
+        table = Table(module.PEERS, module.OP_WIDTH, copy_gbps, cache)
+        print(f"\n== {name}")
+        if name == "softmax" and any(r * c <= softmax.SMALL for r, c in shapes):
             print(
-                f"  {'met ' if met else 'MISS'}  {desc}: {shown} (target {'<=' if unit == '<=' else '>='} "
-                f"{goal}{'%' if unit == '%' else 'x'})"
+                f"(up to {softmax.SMALL} elements normax and torch run on 1 thread: see softmax._one_thread)"
             )
+        print(table.header(), flush=True)
+        gen = module.suite(args.budget, shapes) if name == "softmax" else module.suite(args.budget)
+        for case in gen:
+            cases.append(case)
+            print(f"{table.row(case)}", flush=True)
+        print(f"   [{len(cases)}/{total} cases, {_clock(time.perf_counter() - start)} elapsed]", flush=True)
+    if args.targets:
+        print("\n== developer targets (goals of the performance issues)")
+        print(format_targets(targets(cases, copy_gbps)))
     if args.plot:
-        plot(cases, copy_gbps, args.plot)
+        plot(cases, copy_gbps, cache, args.plot)
         print(f"\nplot written to {args.plot}")
+    print(f"\ntotal time {_clock(time.perf_counter() - start)}")
     return 0
 
 

@@ -1,12 +1,12 @@
 """The cross-entropy suite: normax against PyTorch's CPU ops.
 
-:func:`bench_cross_entropy` returns rows ``(op, shape, peer, normax_median_s, peer_median_s, info)``:
+:func:`suite` yields a case per measurement:
 
 - ``cross_entropy_with_grad`` against ``F.cross_entropy(x, t)`` + ``backward()`` (float32 logits, int64
   targets), with a fresh gradient array and with ``inplace=True``;
 - ``linear_cross_entropy_with_grad`` against ``hidden @ weight.T`` + ``F.cross_entropy`` + ``backward()``.
 
-Times are medians of `repeats` runs in this process, both libraries on the same number of threads.
+Times are medians of interleaved runs in this process, both libraries on the same number of threads.
 Peak extra memory is measured in a fresh subprocess per case: the resident-set high-water mark
 (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` right before the call; elsewhere
 ``getrusage``'s ``ru_maxrss``, which then also holds the import) minus the resident set just before
@@ -23,8 +23,8 @@ import subprocess
 import sys
 
 import numpy as np
-from report import cases_from_rows
-from timer import median_time
+from report import Case
+from timer import compare
 
 import normax
 
@@ -123,89 +123,64 @@ def _mib(b: int | None) -> str:
     return f"{b / MIB:.1f} MiB" if abs(b) >= MIB else f"{b / 1024:.0f} KiB"
 
 
-def _median(fn, repeats: int, setup=None) -> float:
-    # No warm-up: the linear case takes tens of seconds a call.
-    return median_time(fn, min_runs=max(1, repeats), max_runs=max(1, repeats), calls=1, warmup=0, setup=setup)
+PEERS = ("torch",)
+OP_WIDTH = len("cross_entropy_with_grad inplace")
+SHAPES = ((16384, 4096), (32, 128256))
+LINEAR_SHAPE = (8192, 1024, 32768)
 
 
-def suite(budget_s):
-    """cross_entropy_with_grad (fresh gradient and in place) and linear_cross_entropy_with_grad;
-    `budget_s` sets the repeats (10 per second; the linear case runs once)."""
-    repeats = max(3, int(5 * budget_s / 0.5))
-    rows = bench_cross_entropy(repeats=repeats, linear_repeats=1)
-    # Roofline bytes: logits read + gradient written; the linear case is GEMM-bound (no roofline).
-    return cases_from_rows("cross_entropy", rows, {"linear": 0, "": 8})
+def count(shapes=SHAPES, linear_shape=LINEAR_SHAPE):
+    return 2 * len(shapes) + (linear_shape is not None)
 
 
-def bench_cross_entropy(
-    repeats: int = 5,
-    shapes=((16384, 4096), (32, 128256)),
-    linear_shape=(8192, 1024, 32768),
-    linear_repeats: int = 2,
-    memory: bool = True,
-):
-    """Times the cross-entropy family against PyTorch; returns rows for the main benchmark table.
-
-    Parameters
-    ----------
-    repeats : int
-        Runs per timing of ``cross_entropy_with_grad`` (the median is reported).
-    shapes : sequence of (rows, classes)
-        Logits shapes, float32.
-    linear_shape : (N, H, V) or None
-        ``linear_cross_entropy_with_grad`` shape (float32); None skips it. The default takes tens
-        of seconds per run on two cores.
-    linear_repeats : int
-        Runs per timing of the linear case.
-    memory : bool
-        Also measure peak extra memory (one subprocess per case and library).
-
-    Returns
-    -------
-    list of tuple
-        ``(op, shape, peer, normax_median_s, peer_median_s, info)`` with `shape` a tuple of ints and
-        `info` a free-text note (dtype, threads, peak memory); empty without PyTorch.
-    """
+def suite(budget_s, shapes=SHAPES, linear_shape=LINEAR_SHAPE, memory=True):
+    """Yields the cases as each is measured: ``cross_entropy_with_grad`` (fresh gradient and in
+    place) per logits shape against ``F.cross_entropy`` + ``backward()``, then the linear
+    cross-entropy (``linear_shape`` (N, H, V) or None to skip it: it takes tens of seconds per call
+    on two cores, so it runs once). `memory`: also measure peak extra memory (a subprocess per case
+    and library). Nothing without PyTorch."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
-        return []
+        return
     threads = normax.get_num_threads()
     torch.set_num_threads(threads)
-    rows = []
     rng = np.random.default_rng(0)
     for n, c in shapes:
-        shape = (n, c)
         x = rng.standard_normal((n, c), dtype=np.float32)
         t = rng.integers(0, c, n)
         xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+        buf = np.empty_like(x)
 
         def peer(xt=xt, tt=tt):
             leaf = xt.detach().requires_grad_()
             F.cross_entropy(leaf, tt).backward()
 
-        peer_s = _median(peer, repeats)
-        fresh_s = _median(lambda x=x, t=t: normax.cross_entropy_with_grad(x, t), repeats)
-        buf = np.empty_like(x)
-        inplace_s = _median(
-            lambda t=t, buf=buf: normax.cross_entropy_with_grad(buf, t, inplace=True),
-            repeats,
-            setup=lambda x=x, buf=buf: np.copyto(buf, x),
-        )
-        info = f"float32, int64 targets, {threads} threads; fresh dlogits array"
-        rows.append(("cross_entropy_with_grad", shape, "torch", fresh_s, peer_s, info))
-        info = f"inplace=True (dlogits over the logits, {x.nbytes / MIB:.0f} MiB)"
+        fns = {
+            "normax": lambda x=x, t=t: normax.cross_entropy_with_grad(x, t),
+            "inplace": lambda t=t, buf=buf: normax.cross_entropy_with_grad(buf, t, inplace=True),
+            "torch": peer,
+        }
+        # Every run restores the in-place call's input (untimed, for all three alike).
+        timed = compare(fns, budget_s, min_runs=5, max_runs=20, setup=lambda x=x, buf=buf: np.copyto(buf, x))
+        # Roofline bytes: logits read + gradient written.
+        case = Case("cross_entropy", "cross_entropy_with_grad", (n, c), 8 * x.size, timed["normax"])
+        case.peers["torch"] = timed["torch"]
+        case.notes.append("int64 targets; a fresh dlogits array; torch: F.cross_entropy + backward()")
+        yield case
+        case = Case("cross_entropy", "cross_entropy_with_grad inplace", (n, c), 8 * x.size, timed["inplace"])
+        case.peers["torch"] = timed["torch"]
         if memory:
-            case = {"op": "ce", "shape": [n, c], "threads": threads}
-            ours = _peak_extra({**case, "lib": "normax", "inplace": True})
-            fresh = _peak_extra({**case, "lib": "normax", "inplace": False})
-            theirs = _peak_extra({**case, "lib": "torch"})
-            info += (
-                f"; peak extra memory: normax {_mib(ours)} in place, {_mib(fresh)} with a fresh output,"
-                f" torch {_mib(theirs)}; one float32 row per thread: {threads} x {_mib(c * 4)}"
+            base = {"op": "ce", "shape": [n, c], "threads": threads}
+            ours = _peak_extra({**base, "lib": "normax", "inplace": True})
+            fresh = _peak_extra({**base, "lib": "normax", "inplace": False})
+            theirs = _peak_extra({**base, "lib": "torch"})
+            case.notes.append(
+                f"peak extra memory: normax {_mib(ours)} in place, {_mib(fresh)} with a fresh output, "
+                f"torch {_mib(theirs)}"
             )
-        rows.append(("cross_entropy_with_grad inplace", shape, "torch", inplace_s, peer_s, info))
+        yield case
         del x, xt, buf
 
     if linear_shape is not None:
@@ -220,28 +195,24 @@ def bench_cross_entropy(
             wl = wt.detach().requires_grad_()
             F.cross_entropy(hl @ wl.T, tt).backward()
 
-        ours_s = _median(lambda: normax.linear_cross_entropy_with_grad(hid, w, t), linear_repeats)
-        peer_s = _median(linear_peer, linear_repeats)
-        logits = n * v * 4
-        outputs = (n * h + v * h) * 4
-        info = f"float32; full logits {logits / MIB:.0f} MiB; dhidden+dweight outputs {outputs / MIB:.0f} MiB"
-        if memory:
-            case = {"op": "linear", "shape": [n, h, v], "threads": threads}
-            ours = _peak_extra({**case, "lib": "normax"})
-            theirs = _peak_extra({**case, "lib": "torch"})
-            scratch = None if ours is None else ours - outputs
-            info += (
-                f"; peak extra memory: normax {_mib(ours)} (beyond the outputs: {_mib(scratch)},"
-                f" {'n/a' if scratch is None else f'{scratch / logits:.3f}'} of the logits), torch {_mib(theirs)}"
-            )
-        rows.append(
-            (
-                "linear_cross_entropy_with_grad",
-                (n, h, v),
-                "torch matmul+ce+backward",
-                ours_s,
-                peer_s,
-                info,
-            )
+        fns = {"normax": lambda: normax.linear_cross_entropy_with_grad(hid, w, t), "torch": linear_peer}
+        timed = compare(fns, budget_s, min_runs=1, max_runs=1, warmup=0)
+        # GEMM-bound: no roofline.
+        case = Case("cross_entropy", "linear_cross_entropy_with_grad", (n, h, v), 0, timed["normax"])
+        case.peers["torch"] = timed["torch"]
+        logits, outputs = n * v * 4, (n * h + v * h) * 4
+        case.notes.append(
+            f"one run each (tens of seconds a call); torch: matmul + F.cross_entropy + backward(); "
+            f"full logits {logits / MIB:.0f} MiB"
         )
-    return rows
+        if memory:
+            base = {"op": "linear", "shape": [n, h, v], "threads": threads}
+            ours = _peak_extra({**base, "lib": "normax"})
+            theirs = _peak_extra({**base, "lib": "torch"})
+            scratch = None if ours is None else ours - outputs
+            share = "" if scratch is None else f", {scratch / logits:.3f} of the logits"
+            case.notes.append(
+                f"peak extra memory: normax {_mib(ours)} (outputs {_mib(outputs)}, scratch {_mib(scratch)}{share}), "
+                f"torch {_mib(theirs)}"
+            )
+        yield case

@@ -1,10 +1,15 @@
 """The norms suite: the normalization ops against their peers.
 
-``bench_norms()`` times, in one process, normax against PyTorch CPU (and JAX, jitted, when it is
-installed): rms_norm and layer_norm forward and forward+backward, the forward into an existing
-buffer (``out=``) against a plain copy of the same array (the bandwidth floor), and PowerNorm
-forward+backward against a PyTorch implementation of MaskPowerNorm (tests/torch_power_norm.py,
-the tests' oracle). Every time is the median of several repeats after one warm-up call.
+In one process, normax against PyTorch CPU (and JAX, jitted, when it is installed): rms_norm and
+layer_norm forward and forward+backward, the forward into an existing buffer (``out=``, with a
+one-thread ``np.copyto`` of the same array as its yardstick), and PowerNorm forward+backward
+against a PyTorch implementation of MaskPowerNorm (tests/torch_power_norm.py, the tests' oracle).
+
+- ``... fwd+bwd``: the forward returning its statistics, then the backward with them (dx,
+  dweight[, dbias]); the peers run their autograd (torch) or a jitted ``jax.vjp``;
+- ``power_norm fwd+bwd``: one training step (forward with the pad mask, backward).
+
+torch uses ``torch.get_num_threads()`` threads and normax ``normax.get_num_threads()``.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from report import cases_from_rows
-from timer import median_time
+from report import Case
+from timer import compare
 
 import normax
 
@@ -24,18 +29,31 @@ from torch_power_norm import torch_mask_power_norm  # noqa: E402
 
 SHAPES = ((16384, 4096), (4096, 1024))
 POWER_SHAPE = (256, 64, 1024)  # (T, B, C): 16384 tokens of 1024 channels
+PEERS = ("torch", "jax")
+OP_WIDTH = len("layer_norm fwd+bwd")
 
 
-def _median(fn, repeats: int) -> float:
-    # One warm-up call (first-touch page faults, JIT compilation, thread-pool start), then `repeats`.
-    return median_time(fn, min_runs=repeats, max_runs=repeats, calls=1)
+def count(shapes=SHAPES):
+    return 6 * len(shapes) + 1
 
 
-def suite(budget_s):
-    """The norms cases; `budget_s` sets the repeats (10 per second)."""
-    repeats = max(3, int(5 * budget_s / 0.5))
-    # fwd+bwd: forward reads x, writes y; backward reads dy and x, writes dx (20 bytes/element).
-    return cases_from_rows("norms", bench_norms(repeats=repeats), {"fwd+bwd": 20})
+def _compare(fns, budget_s):
+    # Large calls: one warm-up (first-touch page faults, JIT, thread-pool start), 5 interleaved runs.
+    return compare(fns, budget_s, min_runs=5, max_runs=20)
+
+
+def suite(budget_s, shapes=SHAPES, power_shape=POWER_SHAPE):
+    """Yields the norms cases as each is measured."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    jx = _jax_fns()
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        yield from _shape_cases(shape, budget_s, rng, torch, jx)
+    if torch is not None:
+        yield _power_case(torch, power_shape, budget_s, rng)
 
 
 def _jax_fns():
@@ -71,67 +89,14 @@ def _jax_fns():
     }
 
 
-def bench_norms(repeats=5, shapes=SHAPES, power_shape=POWER_SHAPE, peers=("torch", "jax"), power=True):
-    """Times the normalization ops against their peers; returns a list of rows
-    ``(op, shape, peer, normax_median_s, peer_median_s)``.
-
-    Parameters
-    ----------
-    repeats : int, default 5
-        Timed calls per measurement (after one warm-up call); the median is reported.
-    shapes : sequence of (rows, len), default ((16384, 4096), (4096, 1024))
-        float32 inputs normalized over their last axis, with weight (and bias for layer_norm).
-    power_shape : (T, B, C), default (256, 64, 1024)
-        The PowerNorm input; a pad mask marks the last eighth of every sequence.
-    peers : sequence of str, default ("torch", "jax")
-        Peers to run where installed. The ``out=`` rows always compare to ``"copy"``: ``np.copyto``
-        of the same array into an existing buffer (one thread; glibc's large memcpy uses streaming
-        stores, so it moves 8 bytes per element). The main benchmark may prefer its own measured
-        multi-thread copy bandwidth as the floor: normax's time is in the row either way.
-    power : bool, default True
-        Whether to run the PowerNorm row (needs torch).
-
-    Notes
-    -----
-    The ops: ``rms_norm`` and ``layer_norm`` forward (fresh output); ``... fwd+bwd``: the forward
-    returning its statistics, then the backward with them (dx, dweight[, dbias]) - the peers run
-    their autograd (torch) or a jitted ``jax.vjp``; ``... out=``: the forward into an existing
-    buffer; ``power_norm fwd+bwd``: one training step (forward with the pad mask, backward).
-    torch uses ``torch.get_num_threads()`` threads and normax ``normax.get_num_threads()``.
-    """
-    rows = []
-    rng = np.random.default_rng(0)
-    torch = None
-    if "torch" in peers:
-        try:
-            import torch
-        except ImportError:
-            torch = None
-    jx = _jax_fns() if "jax" in peers else None
-
-    for shape in shapes:
-        rows += _bench_shape(shape, repeats, rng, torch, jx)
-
-    if power and torch is not None:
-        rows.append(_bench_power(torch, power_shape, repeats, rng))
-    return rows
-
-
-def _bench_shape(shape, repeats, rng, torch, jx):
-    """The rms_norm / layer_norm rows of one float32 shape."""
-    rows = []
+def _shape_cases(shape, budget_s, rng, torch, jx):
+    """The rms_norm / layer_norm cases of one float32 shape."""
     n = shape[-1]
     x = rng.standard_normal(shape, dtype=np.float32)
     dy = rng.standard_normal(shape, dtype=np.float32)
     w = (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
     b = (0.1 * rng.standard_normal(n)).astype(np.float32)
     out = np.empty_like(x)
-    ours = {
-        "rms_norm": lambda: normax.rms_norm(x, w),
-        "layer_norm": lambda: normax.layer_norm(x, w, b),
-        "rms_norm out=": lambda: normax.rms_norm(x, w, out=out),
-        "layer_norm out=": lambda: normax.layer_norm(x, w, b, out=out),
-    }
 
     def rms_fb():
         _, rstd = normax.rms_norm(x, w, return_stats=True)
@@ -141,13 +106,15 @@ def _bench_shape(shape, repeats, rng, torch, jx):
         _, mean, rstd = normax.layer_norm(x, w, b, return_stats=True)
         return normax.layer_norm_backward(dy, x, w, b, mean=mean, rstd=rstd)
 
-    ours["rms_norm fwd+bwd"] = rms_fb
-    ours["layer_norm fwd+bwd"] = layer_fb
-    mine = {op: _median(fn, repeats) for op, fn in ours.items()}
-    copy = _median(lambda: np.copyto(out, x), repeats)
-    for op in ("rms_norm out=", "layer_norm out="):
-        rows.append((op, shape, "copy", mine[op], copy))
-
+    ours = {
+        "rms_norm": lambda: normax.rms_norm(x, w),
+        "layer_norm": lambda: normax.layer_norm(x, w, b),
+        "rms_norm fwd+bwd": rms_fb,
+        "layer_norm fwd+bwd": layer_fb,
+        "rms_norm out=": lambda: normax.rms_norm(x, w, out=out),
+        "layer_norm out=": lambda: normax.layer_norm(x, w, b, out=out),
+    }
+    theirs = {op: {} for op in ours}
     if torch is not None:
         import torch.nn.functional as F
 
@@ -163,34 +130,32 @@ def _bench_shape(shape, repeats, rng, torch, jx):
             gx.grad = gw.grad = gb.grad = None
             F.layer_norm(gx, (n,), gw, gb, 1e-5).backward(tdy)
 
-        theirs = {
-            "rms_norm": lambda: F.rms_norm(tx, (n,), tw, eps32),
-            "layer_norm": lambda: F.layer_norm(tx, (n,), tw, tb, 1e-5),
-            "rms_norm fwd+bwd": t_rms_fb,
-            "layer_norm fwd+bwd": t_layer_fb,
-        }
-        with torch.no_grad():
-            fwd = {op: _median(theirs[op], repeats) for op in ("rms_norm", "layer_norm")}
-        for op, t in fwd.items():
-            rows.append((op, shape, "torch", mine[op], t))
-        for op in ("rms_norm fwd+bwd", "layer_norm fwd+bwd"):
-            rows.append((op, shape, "torch", mine[op], _median(theirs[op], repeats)))
-
+        theirs["rms_norm"]["torch"] = lambda: F.rms_norm(tx, (n,), tw, eps32)
+        theirs["layer_norm"]["torch"] = lambda: F.layer_norm(tx, (n,), tw, tb, 1e-5)
+        theirs["rms_norm fwd+bwd"]["torch"] = t_rms_fb
+        theirs["layer_norm fwd+bwd"]["torch"] = t_layer_fb
     if jx is not None:
         jxs, jdy, jw, jb = (jx["put"](a) for a in (x, dy, w, b))
         block = jx["block"]
-        calls = {
-            "rms_norm": lambda: block(jx["rms_norm"](jxs, jw)),
-            "layer_norm": lambda: block(jx["layer_norm"](jxs, jw, jb)),
-            "rms_norm fwd+bwd": lambda: block(jx["rms_norm fwd+bwd"](jdy, jxs, jw)),
-            "layer_norm fwd+bwd": lambda: block(jx["layer_norm fwd+bwd"](jdy, jxs, jw, jb)),
-        }
-        for op, fn in calls.items():
-            rows.append((op, shape, "jax", mine[op], _median(fn, repeats)))
-    return rows
+        theirs["rms_norm"]["jax"] = lambda: block(jx["rms_norm"](jxs, jw))
+        theirs["layer_norm"]["jax"] = lambda: block(jx["layer_norm"](jxs, jw, jb))
+        theirs["rms_norm fwd+bwd"]["jax"] = lambda: block(jx["rms_norm fwd+bwd"](jdy, jxs, jw))
+        theirs["layer_norm fwd+bwd"]["jax"] = lambda: block(jx["layer_norm fwd+bwd"](jdy, jxs, jw, jb))
+    for op, fn in ours.items():
+        fns = {"normax": fn, **theirs[op]}
+        if op.endswith("out="):
+            fns["copy"] = lambda: np.copyto(out, x)
+        t = _compare(fns, budget_s)
+        # Roofline: the forward reads x, writes y; the backward also reads dy and x, writes dx.
+        per = 20 if "fwd+bwd" in op else 8
+        case = Case("norms", op, shape, per * x.size, t.pop("normax"))
+        if "copy" in t:
+            case.yardsticks["np.copyto of the same array, 1 thread"] = t.pop("copy")
+        case.peers.update(t)
+        yield case
 
 
-def _bench_power(torch, shape, repeats, rng):
+def _power_case(torch, shape, budget_s, rng):
     t_len, batch, c = shape
     x = rng.standard_normal(shape, dtype=np.float32)
     dy = rng.standard_normal(shape, dtype=np.float32)
@@ -212,4 +177,7 @@ def _bench_power(torch, shape, repeats, rng):
         module.zero_grad(set_to_none=True)
         module(tx, tpad).backward(tdy)
 
-    return ("power_norm fwd+bwd", shape, "torch", _median(ours, repeats), _median(theirs, repeats))
+    t = _compare({"normax": ours, "torch": theirs}, budget_s)
+    case = Case("norms", "power_norm fwd+bwd", shape, 0, t["normax"], {"torch": t["torch"]})
+    case.notes.append("torch: a MaskPowerNorm in PyTorch ops (tests/torch_power_norm.py)")
+    return case

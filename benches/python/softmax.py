@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 from report import Case, peers_available
-from timer import median_time
+from timer import compare
 
 import normax
 
@@ -76,10 +76,36 @@ def _softmax_specs(x, dy, out, xt, xj, sp, torch, jax, jitted):
 
 
 DEFAULT_SHAPES = [(8, 16), (4096, 1024), (256, 32768), (32, 128256), (16384, 4096)]
+PEERS = ("numpy", "scipy", "torch", "jax")
+OP_WIDTH = len("log_softmax_backward")
+SMALL = 1 << 12  # elements: axis=0 is skipped below, np.exp is the yardstick
+
+
+def _one_thread(torch, run):
+    """run() with normax and torch on one thread (restored after): on a busy machine a call of a
+    few microseconds that wakes a thread pool waits for a descheduled thread, and that wait (up to
+    milliseconds, thousands of times the call) would be the measured time."""
+    threads = normax.get_num_threads()
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    normax.set_num_threads(1)
+    if torch is not None:
+        torch.set_num_threads(1)
+    try:
+        return run()
+    finally:
+        normax.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+
+
+def count(shapes=DEFAULT_SHAPES):
+    """How many cases :func:`suite` yields."""
+    return sum(7 if r * c <= SMALL else 8 for r, c in shapes)
 
 
 def suite(budget_s, shapes=DEFAULT_SHAPES):
-    """The cases of every shape (axis=0 only above 4096 elements; 8x16 also against np.exp)."""
+    """Yields the cases of every shape as each is measured (axis=0 only above 4096 elements; the
+    small softmax with np.exp on the same array as its call-overhead yardstick)."""
     mods = peers_available()
     torch, jax, sp = mods["torch"], mods["jax"], mods["scipy.special"]
     if torch is not None:
@@ -93,27 +119,30 @@ def suite(budget_s, shapes=DEFAULT_SHAPES):
             "log_softmax": jax.jit(lambda a: jax.nn.log_softmax(a, axis=-1)),
             "logsumexp": jax.jit(lambda a: jax.nn.logsumexp(a, axis=-1)),
         }
-    cases = []
     rng = np.random.default_rng(0)
     for shape in shapes:
         x = rng.normal(0.0, 5.0, shape).astype(np.float32)
         dy = rng.normal(0.0, 1.0, shape).astype(np.float32)
-        n = x.size
         out = np.empty_like(x)
         xt = torch.from_numpy(x) if torch is not None else None
         xj = jnp.asarray(x) if jax is not None else None
 
         specs = _softmax_specs(x, dy, out, xt, xj, sp, torch, jax, jitted)
-        small = n <= 1 << 12
+        small = x.size <= SMALL
         for op, variant, nbytes, ours, peers in specs:
             if variant == "axis=0" and small:
                 continue
-            case = Case("softmax", op, shape, variant, nbytes, median_time(ours, budget_s))
-            for name, fn in peers.items():
-                if fn:
-                    case.peers[name] = median_time(fn, budget_s)
-            if small and op == "softmax" and variant == "fresh":
-                # The call-overhead yardstick: one NumPy ufunc call on the same array.
-                case.peers["np.exp"] = median_time(functools.partial(np.exp, x), budget_s)
-            cases.append(case)
-    return cases
+            fns = {"normax": ours, **{name: fn for name, fn in peers.items() if fn}}
+            yard = small and op == "softmax" and variant == "fresh"
+            if yard:
+                fns["np.exp"] = functools.partial(np.exp, x)
+            if small:
+                t = _one_thread(torch, lambda fns=fns: compare(fns, budget_s, min_runs=15, max_runs=200))
+            else:
+                t = compare(fns, budget_s)
+            name = op if variant == "fresh" else f"{op} {variant}"
+            case = Case("softmax", name, shape, nbytes, t.pop("normax"))
+            if yard:
+                case.yardsticks["np.exp on the same array"] = t.pop("np.exp")
+            case.peers.update(t)
+            yield case

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import NamedTuple
 
 # Calls shorter than this are timed in batches and divided, so the timer's own overhead does not
 # swamp microsecond calls (the 8x16 softmax and its np.exp yardstick).
@@ -66,3 +67,53 @@ def median_time(
             setup()
         times.append(clock(fn, calls) / calls)
     return statistics.median(times)
+
+
+class Timing(NamedTuple):
+    """Median seconds per call and the spread of the runs: (75th - 25th percentile) / median."""
+
+    median: float
+    spread: float
+    runs: int
+
+
+# A run of a fast call is a batch of calls lasting at least this long, so one wake-up of a sleeping
+# thread pool (torch's, after the other library's run) is a small part of it, not the result.
+MIN_BATCH_S = 2e-3
+
+
+def compare(fns: dict, budget_s=0.5, min_runs=5, max_runs=50, *, warmup=1, setup=None) -> dict:
+    """``{name: Timing}`` of every contender in `fns`, timed in interleaved runs (A, B, C, A, B, C,
+    ...) so a busy moment of a shared machine falls on all of them alike.
+
+    Calls under ``MIN_BATCH_S`` are timed in batches. `budget_s` is per contender; `setup()`, if
+    given, runs untimed before every call (and every run is then one call).
+    """
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            if setup is not None:
+                setup()
+            fn()
+        if setup is not None:
+            calls[name] = 1
+        else:
+            first = wall_clock(fn, 1) if warmup else None
+            calls[name] = 1 if first is None else max(1, min(100_000, int(MIN_BATCH_S / max(first, 1e-9))))
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    total_budget = budget_s * len(fns)
+    while True:
+        runs = len(next(iter(times.values())))
+        if runs >= max_runs or (runs >= min_runs and time.perf_counter() - start >= total_budget):
+            break
+        for name, fn in fns.items():
+            if setup is not None:
+                setup()
+            times[name].append(wall_clock(fn, calls[name]) / calls[name])
+    result = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [med, med, med]
+        result[name] = Timing(med, (q[2] - q[0]) / med if med > 0 else 0.0, len(ts))
+    return result

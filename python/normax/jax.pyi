@@ -1,0 +1,95 @@
+# Type stub of normax.jax: jax.nn's signatures over JAX arrays.
+
+from typing import Any, Literal, NamedTuple, TypeAlias, overload
+
+import jax
+import numpy.typing as npt
+
+_Axis: TypeAlias = int | tuple[int, ...] | None
+_Like: TypeAlias = jax.Array | npt.ArrayLike
+
+class PowerNormState(NamedTuple):
+    running_phi: jax.Array
+    ema_gz: jax.Array
+    iters: jax.Array
+
+def softmax(x: _Like, axis: _Axis = -1, where: _Like | None = None) -> jax.Array: ...
+def log_softmax(x: _Like, axis: _Axis = -1, where: _Like | None = None) -> jax.Array: ...
+@overload
+def logsumexp(
+    a: _Like,
+    axis: _Axis = None,
+    b: _Like | None = None,
+    keepdims: bool = False,
+    return_sign: Literal[False] = False,
+    where: _Like | None = None,
+) -> jax.Array: ...
+@overload
+def logsumexp(
+    a: _Like,
+    axis: _Axis,
+    b: _Like | None,
+    keepdims: bool,
+    return_sign: Literal[True],
+    where: _Like | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def logsumexp(
+    a: _Like,
+    axis: _Axis = None,
+    b: _Like | None = None,
+    keepdims: bool = False,
+    *,
+    return_sign: Literal[True],
+    where: _Like | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+def cross_entropy(
+    logits: _Like,
+    labels: _Like,
+    *,
+    axis: int = -1,
+    weight: _Like | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum", "none"] = "none",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> jax.Array: ...
+def rms_norm(
+    x: _Like, weight: _Like | None = None, *, eps: float = 1e-6, axis: int | tuple[int, ...] = -1
+) -> jax.Array: ...
+def layer_norm(
+    x: _Like,
+    weight: _Like | None = None,
+    bias: _Like | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = -1,
+) -> jax.Array: ...
+def power_norm_init(num_features: int, dtype: Any = ...) -> PowerNormState: ...
+def power_norm(
+    x: _Like,
+    weight: _Like | None,
+    bias: _Like | None,
+    state: PowerNormState,
+    *,
+    training: bool = True,
+    pad_mask: _Like | None = None,
+    eps: float = 1e-5,
+    alpha_fwd: float = 0.9,
+    alpha_bkw: float = 0.9,
+    warmup_iters: int = 10000,
+    group_num: int = 1,
+) -> tuple[jax.Array, PowerNormState]: ...
+
+__all__ = [
+    "PowerNormState",
+    "cross_entropy",
+    "layer_norm",
+    "log_softmax",
+    "logsumexp",
+    "power_norm",
+    "power_norm_init",
+    "rms_norm",
+    "softmax",
+]

@@ -1,0 +1,80 @@
+# Type stub of normax.torch: torch.nn.functional's signatures; the modules are torch.nn.Modules.
+
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import torch
+from torch import Tensor
+
+from ._modules import CrossEntropyLoss as CrossEntropyLoss
+from ._modules import LayerNorm as LayerNorm
+from ._modules import LinearCrossEntropyLoss as LinearCrossEntropyLoss
+from ._modules import RMSNorm as RMSNorm
+from ._power_norm import PowerNorm as PowerNorm
+
+_Shape: TypeAlias = int | Sequence[int] | torch.Size
+
+def softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor: ...
+def log_softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor: ...
+def logsumexp(
+    input: Tensor, dim: int | Sequence[int], keepdim: bool = False, *, out: Tensor | None = None
+) -> Tensor: ...
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor: ...
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: torch.nn.LinearCrossEntropyOptions | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor: ...
+def layer_norm(
+    input: Tensor,
+    normalized_shape: _Shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor: ...
+def rms_norm(
+    input: Tensor, normalized_shape: _Shape, weight: Tensor | None = None, eps: float | None = None
+) -> Tensor: ...
+def patch(model: torch.nn.Module) -> int: ...
+
+__all__ = [
+    "CrossEntropyLoss",
+    "LayerNorm",
+    "LinearCrossEntropyLoss",
+    "PowerNorm",
+    "RMSNorm",
+    "cross_entropy",
+    "layer_norm",
+    "linear_cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "patch",
+    "rms_norm",
+    "softmax",
+]
