@@ -42,13 +42,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _target_hash(t: Tensor) -> int:
-    """A hash of the class ids and their order (int64 arithmetic wraps, on every rank alike)."""
+def _target_hash(t: Tensor, shape: tuple) -> int:
+    """A hash of the class ids, their order and the target's shape (int64 arithmetic wraps, on
+    every rank alike; Python's hash of a tuple of ints is the same in every process)."""
     flat = t.reshape(-1)
-    if flat.numel() == 0:
-        return 0
-    mult = torch.arange(flat.numel(), dtype=torch.int64).mul_(0x9E3779B1).add_(0x632BE5AB)
-    return (int(flat.mul(mult).sum()) ^ int(flat.bitwise_xor(mult).sum()) * 31) & _MASK
+    h = hash(shape)
+    if flat.numel():
+        mult = torch.arange(flat.numel(), dtype=torch.int64).mul_(0x9E3779B1).add_(0x632BE5AB)
+        h ^= int(flat.mul(mult).sum()) ^ int(flat.bitwise_xor(mult).sum()) * 31
+    return h & _MASK
 
 
 def _float_key(v: float | None) -> int:
@@ -97,7 +99,7 @@ class _Call:
     the collective, so no rank is left waiting), packs the shard statistics, gathers, checks the
     headers and combines."""
 
-    def __init__(self, fname, rows, length, target, weight, vocab_start, group, opts, dtype, linear):
+    def __init__(self, fname, rows, length, target, shape, weight, vocab_start, group, opts, dtype, linear):
         self.fname = fname
         self.group = group
         self.rank = dist.get_rank(group)
@@ -111,7 +113,7 @@ class _Call:
         self.target = target
         self.weight = weight
         self.error: Exception | None = None
-        self.header = [0, self.start, length, rows, _target_hash(target), _options_hash(opts, weight, linear)]
+        self.header = [0, self.start, length, rows, _target_hash(target, shape), _options_hash(opts, weight, linear)]
         self.packed = torch.zeros((rows, self.fields), dtype=dtype)
 
     def fail(self, e: Exception) -> None:
@@ -205,7 +207,7 @@ class _VocabParallelCE(torch.autograd.Function):
         rows = math.prod(logits.shape[:-1])
         t = target.detach().reshape(-1).to(torch.int64) if target.numel() == rows else torch.zeros(rows, dtype=torch.int64)
         w = _as(weight, dtype)
-        call = _Call(fname, rows, length, t, w, vocab_start, group, opts, dtype, linear=False)
+        call = _Call(fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=False)
         x = _as(logits, dtype)
         try:
             if tuple(target.shape) != tuple(logits.shape[:-1]):
@@ -311,7 +313,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         rows = math.prod(hidden.shape[:-1])
         t = target.detach().reshape(-1).to(torch.int64) if target.numel() == rows else torch.zeros(rows, dtype=torch.int64)
         w = _as(weight, dtype)
-        call = _Call(fname, rows, length, t, w, vocab_start, group, opts, dtype, linear=True)
+        call = _Call(fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=True)
         hid, ws, bs = _as(hidden, dtype), _as(weight_shard, dtype), _as(bias_shard, dtype)
         try:
             if tuple(target.shape) != tuple(hidden.shape[:-1]):
