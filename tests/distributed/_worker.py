@@ -17,11 +17,10 @@ import sys
 import traceback
 import zlib
 
+import normax.torch as nt
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-import normax.torch as nt
 from normax.torch._vocab_parallel import maybe_vocab_parallel
 
 RANK, WORLD, PORT, OUTDIR = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -33,8 +32,17 @@ LOSSES: dict[str, list[int]] = {}
 RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 COLLECTIVES = (
-    "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor",
-    "all_to_all_single", "all_gather_object", "barrier", "reduce", "gather", "scatter",
+    "all_gather_into_tensor",
+    "all_gather",
+    "all_reduce",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "all_gather_object",
+    "barrier",
+    "reduce",
+    "gather",
+    "scatter",
 )
 CALLS: list[str] = []
 
@@ -92,16 +100,16 @@ def problem(seed, n, v, dtype, *, ignore=True, all_ignored=False, last=True):
 
 
 OPTIONS = [
-    dict(),
-    dict(reduction="sum"),
-    dict(reduction="none"),
-    dict(label_smoothing=0.1),
-    dict(z_loss=1e-3),
-    dict(softcap=4.0),
-    dict(use_weight=True),
-    dict(use_weight=True, label_smoothing=0.2, reduction="sum"),
-    dict(use_weight=True, label_smoothing=0.05, z_loss=1e-3, softcap=5.0, reduction="none"),
-    dict(ignore_index=3),
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"softcap": 4.0},
+    {"use_weight": True},
+    {"use_weight": True, "label_smoothing": 0.2, "reduction": "sum"},
+    {"use_weight": True, "label_smoothing": 0.05, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"},
+    {"ignore_index": 3},
 ]
 
 
@@ -111,9 +119,9 @@ def logits_cases():
             v = 37 if uneven else 36  # 36: an equal split for every world size tested
             for i, o in enumerate(OPTIONS):
                 yield f"{dtype}-{'uneven' if uneven else 'even'}-{i}", dtype, v, uneven, dict(o), {}
-    yield "all-ignored-mean", torch.float32, 37, True, dict(), dict(all_ignored=True)
-    yield "all-ignored-sum", torch.float32, 36, False, dict(reduction="sum"), dict(all_ignored=True)
-    yield "3d", torch.float32, 36, False, dict(label_smoothing=0.1), dict(shape3d=True)
+    yield "all-ignored-mean", torch.float32, 37, True, {}, {"all_ignored": True}
+    yield "all-ignored-sum", torch.float32, 36, False, {"reduction": "sum"}, {"all_ignored": True}
+    yield "3d", torch.float32, 36, False, {"label_smoothing": 0.1}, {"shape3d": True}
 
 
 def run_logits_case(name, dtype, v, uneven, opts, extra):
@@ -145,11 +153,11 @@ def run_logits_case(name, dtype, v, uneven, opts, extra):
 
 
 LINEAR_OPTIONS = [
-    dict(),
-    dict(reduction="none", chunk_size=40),
-    dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum", chunk_size=1),
-    dict(softcap=3.0, bias=True),
-    dict(use_weight=True, label_smoothing=0.1, bias=True, chunk_size=100),
+    {},
+    {"reduction": "none", "chunk_size": 40},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "sum", "chunk_size": 1},
+    {"softcap": 3.0, "bias": True},
+    {"use_weight": True, "label_smoothing": 0.1, "bias": True, "chunk_size": 100},
 ]
 
 
@@ -179,8 +187,14 @@ def run_linear_case(i, opts, uneven):
     name = f"linear-{i}-{'uneven' if uneven else 'even'}"
     del CALLS[:]
     loss = nt.vocab_parallel_linear_cross_entropy(
-        hs, Ws, t, bias_shard=bs, vocab_start=start if uneven else None, chunk_size=chunk,
-        weight=cw if use_weight else None, **opts,
+        hs,
+        Ws,
+        t,
+        bias_shard=bs,
+        vocab_start=start if uneven else None,
+        chunk_size=chunk,
+        weight=cw if use_weight else None,
+        **opts,
     )
     check(CALLS == ["all_gather_into_tensor"], f"{name}: forward collectives {CALLS}")
     close(loss, ref, 2e-6, f"{name}: loss")
@@ -201,7 +215,7 @@ def run_linear_case(i, opts, uneven):
 def expect_error(name, fn, kind, words):
     try:
         fn()
-    except Exception as e:  # noqa: BLE001 - the test records any exception's type
+    except Exception as e:  # noqa: BLE001 - the test records whichever exception each rank raised
         ok = type(e).__name__ == kind and all(w in str(e) for w in words)
         check(ok, f"{name}: raised {type(e).__name__}: {e}")
         return
@@ -221,7 +235,9 @@ def bad_inputs():
         xs, ts = shard.reshape(3, 4, vl), t.reshape(3, 4)
     else:
         xs, ts = shard, t
-    expect_error("target shapes", lambda: nt.vocab_parallel_cross_entropy(xs, ts), "ValueError", ["disagree", "target"])
+    expect_error(
+        "target shapes", lambda: nt.vocab_parallel_cross_entropy(xs, ts), "ValueError", ["disagree", "target"]
+    )
     # A rank whose target does not match its own logits: it raises its own error, the others name it.
     tt = t[:-1] if RANK == WORLD - 1 else t
     words = ["target has shape"] if RANK == WORLD - 1 else ["rank(s)", "rejected"]
@@ -229,14 +245,23 @@ def bad_inputs():
     # Different class ids.
     t2 = t.clone()
     t2[3] = (t2[3] + RANK) % v
-    expect_error("target values", lambda: nt.vocab_parallel_cross_entropy(shard, t2), "ValueError", ["disagree"])
+    expect_error(
+        "target values", lambda: nt.vocab_parallel_cross_entropy(shard, t2), "ValueError", ["disagree"]
+    )
     # Class ids outside [0, V): an IndexError naming the value, on every rank.
     for bad in (v + 3, -5):
         t3 = t.clone()
         t3[4] = bad
-        expect_error(f"class {bad}", lambda t3=t3: nt.vocab_parallel_cross_entropy(shard, t3), "IndexError", [str(bad)])
+        expect_error(
+            f"class {bad}", lambda t3=t3: nt.vocab_parallel_cross_entropy(shard, t3), "IndexError", [str(bad)]
+        )
         hid, W = torch.randn(n, 4), torch.randn(vl, 4)
-        expect_error(f"linear class {bad}", lambda t3=t3: nt.vocab_parallel_linear_cross_entropy(hid, W, t3), "IndexError", [str(bad)])
+        expect_error(
+            f"linear class {bad}",
+            lambda t3=t3, hid=hid, W=W: nt.vocab_parallel_linear_cross_entropy(hid, W, t3),
+            "IndexError",
+            [str(bad)],
+        )
     # The group still works after all that.
     loss = nt.vocab_parallel_cross_entropy(shard, t)
     close(loss, nt.cross_entropy(x, t), 1e-6, "after errors")
@@ -280,6 +305,6 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported through the exit status and the printed traceback
         traceback.print_exc()
         sys.exit(1)

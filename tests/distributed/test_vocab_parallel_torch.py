@@ -36,7 +36,10 @@ def spawn(world: int, outdir: Path) -> list[dict]:
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(r), str(world), str(port), str(outdir)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for r in range(world)
     ]

@@ -113,7 +113,14 @@ class _Call:
         self.target = target
         self.weight = weight
         self.error: Exception | None = None
-        self.header = [0, self.start, length, rows, _target_hash(target, shape), _options_hash(opts, weight, linear)]
+        self.header = [
+            0,
+            self.start,
+            length,
+            rows,
+            _target_hash(target, shape),
+            _options_hash(opts, weight, linear),
+        ]
         self.packed = torch.zeros((rows, self.fields), dtype=dtype)
 
     def fail(self, e: Exception) -> None:
@@ -134,8 +141,16 @@ class _Call:
         lse = np.empty((self.rows, 2), dtype=np.float64)
         w = None if self.weight is None else self.weight.numpy()
         denom = _core.shard_combine(
-            gathered, gathered.shape[1], starts, lengths, self.rows, self.target.reshape(-1).numpy(), w,
-            loss, lse, *opts,
+            gathered,
+            gathered.shape[1],
+            starts,
+            lengths,
+            self.rows,
+            self.target.reshape(-1).numpy(),
+            w,
+            loss,
+            lse,
+            *opts,
         )
         return torch.from_numpy(loss), lse, denom, sum(lengths)
 
@@ -169,7 +184,9 @@ class _Call:
                 )
             pos += length
         if self.weight is not None and self.weight.numel() != pos:
-            raise ValueError(f"{self.fname}: weight has {self.weight.numel()} classes; the shards cover {pos}")
+            raise ValueError(
+                f"{self.fname}: weight has {self.weight.numel()} classes; the shards cover {pos}"
+            )
 
 
 def _check_common(fname, target, weight, vocab_start, dtype) -> None:
@@ -180,12 +197,18 @@ def _check_common(fname, target, weight, vocab_start, dtype) -> None:
     if weight is not None:
         check_float(weight, fname, "weight")
         if weight.dim() != 1:
-            raise ValueError(f"{fname}: weight must be 1-D (one weight per class), got shape {tuple(weight.shape)}")
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0):
+            raise ValueError(
+                f"{fname}: weight must be 1-D (one weight per class), got shape {tuple(weight.shape)}"
+            )
+    if vocab_start is not None and (
+        isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+    ):
         raise ValueError(f"{fname}: vocab_start must be a non-negative int, got {vocab_start!r}")
     for t in (target, weight):
         if t is not None and t.device.type != "cpu":
-            raise NotImplementedError(f"{fname}: only CPU tensors (gloo) are supported so far, got {t.device}")
+            raise NotImplementedError(
+                f"{fname}: only CPU tensors (gloo) are supported so far, got {t.device}"
+            )
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -205,9 +228,15 @@ class _VocabParallelCE(torch.autograd.Function):
         dtype = _compute_dtype(logits.dtype)
         length = logits.shape[-1] if logits.dim() else 0
         rows = math.prod(logits.shape[:-1])
-        t = target.detach().reshape(-1).to(torch.int64) if target.numel() == rows else torch.zeros(rows, dtype=torch.int64)
+        t = (
+            target.detach().reshape(-1).to(torch.int64)
+            if target.numel() == rows
+            else torch.zeros(rows, dtype=torch.int64)
+        )
         w = _as(weight, dtype)
-        call = _Call(fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=False)
+        call = _Call(
+            fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=False
+        )
         x = _as(logits, dtype)
         try:
             if tuple(target.shape) != tuple(logits.shape[:-1]):
@@ -216,8 +245,15 @@ class _VocabParallelCE(torch.autograd.Function):
                     "(logits_shard's shape without the class axis)"
                 )
             _core.shard_stats(
-                x.reshape(rows, length).numpy(), t.numpy(), None if w is None else w.numpy(),
-                call.packed.numpy(), rows, call.start, length, opts.ignore_index, opts.label_smoothing,
+                x.reshape(rows, length).numpy(),
+                t.numpy(),
+                None if w is None else w.numpy(),
+                call.packed.numpy(),
+                rows,
+                call.start,
+                length,
+                opts.ignore_index,
+                opts.label_smoothing,
                 opts.softcap,
             )
         except (ValueError, TypeError, IndexError) as e:
@@ -236,8 +272,19 @@ class _VocabParallelCE(torch.autograd.Function):
         go_rows, go = _grad_output(grad, opts.reduction, x.dtype)
         dx = torch.empty((rows, length), dtype=x.dtype)
         _core.shard_backward(
-            x.reshape(rows, length).numpy(), t.numpy(), None if w is None else w.numpy(), lse, denom,
-            dx.numpy(), go_rows, go, rows, start, length, classes, *opts,
+            x.reshape(rows, length).numpy(),
+            t.numpy(),
+            None if w is None else w.numpy(),
+            lse,
+            denom,
+            dx.numpy(),
+            go_rows,
+            go,
+            rows,
+            start,
+            length,
+            classes,
+            *opts,
         )
         return dx.reshape(shape).to(in_dtype), None, None, None, None, None
 
@@ -297,7 +344,9 @@ def vocab_parallel_cross_entropy(
     if logits_shard.dim() < 1:
         raise ValueError(f"{fname}: logits_shard must have a class axis")
     if logits_shard.device.type != "cpu":
-        raise NotImplementedError(f"{fname}: only CPU tensors (gloo) are supported so far, got {logits_shard.device}")
+        raise NotImplementedError(
+            f"{fname}: only CPU tensors (gloo) are supported so far, got {logits_shard.device}"
+        )
     _check_common(fname, target, weight, vocab_start, logits_shard.dtype)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts)
@@ -311,9 +360,15 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         h = hidden.shape[-1]
         length = weight_shard.shape[0] if weight_shard.dim() else 0
         rows = math.prod(hidden.shape[:-1])
-        t = target.detach().reshape(-1).to(torch.int64) if target.numel() == rows else torch.zeros(rows, dtype=torch.int64)
+        t = (
+            target.detach().reshape(-1).to(torch.int64)
+            if target.numel() == rows
+            else torch.zeros(rows, dtype=torch.int64)
+        )
         w = _as(weight, dtype)
-        call = _Call(fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=True)
+        call = _Call(
+            fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=True
+        )
         hid, ws, bs = _as(hidden, dtype), _as(weight_shard, dtype), _as(bias_shard, dtype)
         try:
             if tuple(target.shape) != tuple(hidden.shape[:-1]):
@@ -327,11 +382,24 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                     f"{tuple(hidden.shape)}, got {tuple(weight_shard.shape)}"
                 )
             if bias_shard is not None and tuple(bias_shard.shape) != (length,):
-                raise ValueError(f"{fname}: bias_shard must have shape ({length},), got {tuple(bias_shard.shape)}")
+                raise ValueError(
+                    f"{fname}: bias_shard must have shape ({length},), got {tuple(bias_shard.shape)}"
+                )
             _core.shard_linear_stats(
-                hid.reshape(rows, h).numpy(), ws.numpy(), None if bs is None else bs.numpy(), t.numpy(),
-                None if w is None else w.numpy(), call.packed.numpy(), rows, h, call.start, length,
-                opts.ignore_index, opts.label_smoothing, opts.softcap, chunk,
+                hid.reshape(rows, h).numpy(),
+                ws.numpy(),
+                None if bs is None else bs.numpy(),
+                t.numpy(),
+                None if w is None else w.numpy(),
+                call.packed.numpy(),
+                rows,
+                h,
+                call.start,
+                length,
+                opts.ignore_index,
+                opts.label_smoothing,
+                opts.softcap,
+                chunk,
             )
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
@@ -353,9 +421,25 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         dw = torch.empty_like(ws)
         db = None if bs is None else torch.empty_like(bs)
         _core.shard_linear_backward(
-            hid.reshape(rows, h).numpy(), ws.numpy(), None if bs is None else bs.numpy(), t.numpy(),
-            None if w is None else w.numpy(), lse, denom, dh.numpy(), dw.numpy(),
-            None if db is None else db.numpy(), go_rows, go, rows, h, start, length, classes, *opts, chunk,
+            hid.reshape(rows, h).numpy(),
+            ws.numpy(),
+            None if bs is None else bs.numpy(),
+            t.numpy(),
+            None if w is None else w.numpy(),
+            lse,
+            denom,
+            dh.numpy(),
+            dw.numpy(),
+            None if db is None else db.numpy(),
+            go_rows,
+            go,
+            rows,
+            h,
+            start,
+            length,
+            classes,
+            *opts,
+            chunk,
         )
         if ctx.needs_input_grad[0]:
             # The one collective of the backward: d hidden is the sum of every shard's part.
@@ -365,7 +449,12 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             dh.reshape(ctx.hidden_shape).to(hd),
             dw.to(wd),
             None if db is None else db.to(bd),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -406,7 +495,9 @@ def vocab_parallel_linear_cross_entropy(
         raise ValueError(f"{fname}: hidden must have a feature axis")
     for name, tt in (("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard)):
         if tt is not None and tt.device.type != "cpu":
-            raise NotImplementedError(f"{fname}: only CPU tensors (gloo) are supported so far, {name} is on {tt.device}")
+            raise NotImplementedError(
+                f"{fname}: only CPU tensors (gloo) are supported so far, {name} is on {tt.device}"
+            )
     _check_common(fname, target, weight, vocab_start, hidden.dtype)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = check_chunk_size(chunk_size)
@@ -448,6 +539,10 @@ def maybe_vocab_parallel(input, target, **kwargs) -> Tensor | None:
     if isinstance(weight, DTensor):
         weight = weight.full_tensor()
     return vocab_parallel_cross_entropy(
-        local, target, group=input.device_mesh.get_group(), vocab_start=int(offset[class_dim]),
-        weight=weight, **kwargs,
+        local,
+        target,
+        group=input.device_mesh.get_group(),
+        vocab_start=int(offset[class_dim]),
+        weight=weight,
+        **kwargs,
     )
