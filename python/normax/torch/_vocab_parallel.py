@@ -27,6 +27,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _core
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch built without distributed support
+    DTensor = Shard = None
 from .._options import ce_options, check_chunk_size
 from ._convert import check_float
 
@@ -73,7 +78,7 @@ def _options_hash(opts, weight: Tensor | None, linear: bool) -> int:
 
 
 def _encode(values: list[int], fields: int, dtype: torch.dtype) -> Tensor:
-    pieces = [(v >> (16 * i)) & 0xFFFF for v in values for i in range(_PIECES)]
+    pieces = [(v & _MASK) >> (16 * i) & 0xFFFF for v in values for i in range(_PIECES)]
     pieces += [0] * (-len(pieces) % fields)
     return torch.tensor(pieces, dtype=dtype).reshape(-1, fields)
 
@@ -121,7 +126,10 @@ class _Call:
             _target_hash(target, shape),
             _options_hash(opts, weight, linear),
         ]
-        self.packed = torch.zeros((rows, self.fields), dtype=dtype)
+        header_rows = -(-len(_HEADER) * _PIECES // self.fields)
+        # The rows' statistics and the header in one buffer: the tensor the all-gather sends.
+        self.buffer = torch.zeros((rows + header_rows, self.fields), dtype=dtype)
+        self.packed = self.buffer[:rows]
 
     def fail(self, e: Exception) -> None:
         self.error = e
@@ -130,8 +138,8 @@ class _Call:
 
     def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
         header = _encode(self.header, self.fields, self.dtype)
-        packed = torch.cat([self.packed, header])
-        gathered = _gather(packed, self.group)
+        self.buffer[self.rows :] = header
+        gathered = _gather(self.buffer, self.group)
         heads = [_decode(g[self.rows * self.fields :], len(_HEADER)) for g in gathered]
         self._check(heads)
         starts = [h[1] for h in heads]
@@ -189,7 +197,7 @@ class _Call:
             )
 
 
-def _check_common(fname, target, weight, vocab_start, dtype) -> None:
+def _check_common(fname, target, weight, vocab_start) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{fname}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -347,7 +355,7 @@ def vocab_parallel_cross_entropy(
         raise NotImplementedError(
             f"{fname}: only CPU tensors (gloo) are supported so far, got {logits_shard.device}"
         )
-    _check_common(fname, target, weight, vocab_start, logits_shard.dtype)
+    _check_common(fname, target, weight, vocab_start)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts)
 
@@ -498,7 +506,7 @@ def vocab_parallel_linear_cross_entropy(
             raise NotImplementedError(
                 f"{fname}: only CPU tensors (gloo) are supported so far, {name} is on {tt.device}"
             )
-    _check_common(fname, target, weight, vocab_start, hidden.dtype)
+    _check_common(fname, target, weight, vocab_start)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = check_chunk_size(chunk_size)
     return _VocabParallelLinearCE.apply(
@@ -512,11 +520,7 @@ def maybe_vocab_parallel(input, target, **kwargs) -> Tensor | None:
     :func:`vocab_parallel_cross_entropy` of its local shard over the mesh's group (the loss is a
     plain tensor, the same on every rank). ``target`` may be a replicated DTensor or a tensor.
     ``kwargs``: weight, ignore_index, reduction, label_smoothing, z_loss, softcap."""
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch without distributed
-        return None
-    if not isinstance(input, DTensor):
+    if DTensor is None or not isinstance(input, DTensor):
         return None
     class_dim = 1 if input.dim() >= 2 else 0
     placements = input.placements
