@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _cross_entropy, _norms, _power_norm, _softmax
+from ._jax_vocab_parallel import vocab_parallel_cross_entropy
 from ._options import ce_options
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "power_norm_init",
     "rms_norm",
     "softmax",
+    "vocab_parallel_cross_entropy",
 ]
 
 

@@ -44,6 +44,7 @@ from ._norms import layer_norm, rms_norm
 from ._patch import patch
 from ._power_norm import PowerNorm
 from ._softmax import log_softmax, logsumexp, softmax
+from ._vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "CrossEntropyLoss",
@@ -59,6 +60,8 @@ __all__ = [
     "patch",
     "rms_norm",
     "softmax",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 
 # The public names keep the module they were defined in before the split: pickled modules (a

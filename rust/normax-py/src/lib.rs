@@ -18,6 +18,7 @@ mod cuda;
 mod errors;
 mod norms;
 mod softmax;
+mod vocab_parallel;
 #[cfg(feature = "wgpu")]
 mod wgpu;
 
@@ -27,6 +28,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     softmax::register(m)?;
     norms::register(m)?;
     cross_entropy::register(m)?;
+    vocab_parallel::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
     #[cfg(feature = "wgpu")]

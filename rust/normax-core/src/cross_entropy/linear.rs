@@ -44,16 +44,16 @@ pub struct LinearGrads<'a, T> {
 
 /// The inputs of the linear op, as raw parts.
 #[derive(Clone, Copy)]
-struct Linear<T> {
-    hidden: Ptr<T>,
-    weight: Ptr<T>,
-    bias: Ptr<T>,
-    h: usize,
+pub(super) struct Linear<T> {
+    pub(super) hidden: Ptr<T>,
+    pub(super) weight: Ptr<T>,
+    pub(super) bias: Ptr<T>,
+    pub(super) h: usize,
 }
 
 impl<T: Float> Linear<T> {
     /// out (rn x vn, contiguous) = hidden[r0..r0+rn] @ weight[v0..v0+vn]^T + bias[v0..v0+vn].
-    unsafe fn logits(&self, out: *mut T, r0: usize, rn: usize, v0: usize, vn: usize) {
+    pub(super) unsafe fn logits(&self, out: *mut T, r0: usize, rn: usize, v0: usize, vn: usize) {
         let has_bias = !self.bias.0.is_null();
         if has_bias {
             for i in 0..rn {
@@ -74,7 +74,7 @@ impl<T: Float> Linear<T> {
 
     /// Feeds a gradient block g (rn x vn) into dhidden[r0..] and dweight[v0..] (and the bias sums).
     #[allow(clippy::too_many_arguments)]
-    unsafe fn backward(
+    pub(super) unsafe fn backward(
         &self,
         g: *const T,
         (r0, rn): (usize, usize),

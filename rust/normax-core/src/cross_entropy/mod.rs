@@ -26,6 +26,7 @@
 mod linear;
 mod rows;
 mod rule;
+mod shard;
 
 use crate::driver::Ptr;
 use crate::float::Float;
@@ -35,6 +36,10 @@ use rows::{run_rows, Targets};
 use rule::{scale_for, Rule};
 
 pub use linear::{linear_block, linear_cross_entropy, LinearGrads, DEFAULT_CHUNK};
+pub use shard::{
+    fields as shard_fields, shard_backward, shard_combine, shard_linear_backward,
+    shard_linear_stats, shard_stats, Shard, ShardLinear,
+};
 
 /// Checks every class index; returns the mean's denominator, the summed weight of the rows kept.
 fn check_classes<T: Float>(

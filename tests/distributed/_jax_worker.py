@@ -1,0 +1,70 @@
+"""The JAX check, run in a fresh process: XLA_FLAGS must give 4 CPU devices before jax is imported."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import jax
+import jax.numpy as jnp
+import normax.jax as nj
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+assert len(jax.devices()) == 4, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("v",))
+rng = np.random.default_rng(0)
+n, v = 10, 44
+x = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)
+labels = rng.integers(0, v, n)
+labels[0], labels[1] = v - 1, -100
+labels = jnp.asarray(labels, jnp.int32)
+w = jnp.asarray(rng.random(v).astype(np.float32) + 0.5)
+gout = jnp.asarray(rng.random(n).astype(np.float32) + 0.5)
+
+CASES = [
+    {},
+    {"label_smoothing": 0.1, "z_loss": 1e-3},
+    {"softcap": 4.0, "weight": w},
+    {"weight": w, "label_smoothing": 0.2, "reduction": "mean"},
+    {"reduction": "sum"},
+]
+for kw in CASES:
+    wt = kw.get("weight")
+
+    def sharded(x, labels, kw=kw, wt=wt):
+        opts = {k: val for k, val in kw.items() if k != "weight"}
+        return nj.vocab_parallel_cross_entropy(x, labels, "v", weight=wt, **opts)
+
+    f = jax.shard_map(sharded, mesh=mesh, in_specs=(P(None, "v"), P()), out_specs=P())
+    ref = lambda x, kw=kw: nj.cross_entropy(x, labels, **kw)
+    scalar = kw.get("reduction", "none") != "none"
+
+    def objective(fn, x, scalar=scalar):
+        out = fn(x)
+        return out if scalar else (out * gout).sum()
+
+    def sharded_loss(y, f=f):
+        return f(y, labels)
+
+    got, g = jax.value_and_grad(lambda x, s=sharded_loss: objective(s, x))(x)
+    want, gw = jax.value_and_grad(lambda x, r=ref: objective(r, x))(x)
+    np.testing.assert_allclose(
+        np.asarray(f(x, labels)), np.asarray(ref(x)), rtol=1e-6, atol=0, err_msg=str(kw)
+    )
+    # Gradients: within 1e-6 of the largest entry (small entries carry the same absolute error).
+    scale = float(jnp.abs(gw).max())
+    np.testing.assert_allclose(np.asarray(g), np.asarray(gw), rtol=0, atol=1e-6 * scale, err_msg=str(kw))
+
+    # jit, and the collective: exactly one all-gather in the forward, none in the gradient's own pass.
+    def collectives(fn):
+        text = jax.jit(fn).lower(x).as_text()
+        return {op: text.count(f"stablehlo.{op}") for op in ("all_gather", "all_reduce", "all_to_all")}
+
+    assert collectives(sharded_loss) == {"all_gather": 1, "all_reduce": 0, "all_to_all": 0}, kw
+    # The gradient's program holds the forward's all-gather and nothing more: no collective backward.
+    grad_fn = jax.grad(lambda x, s=sharded_loss: objective(s, x))
+    assert collectives(grad_fn) == {"all_gather": 1, "all_reduce": 0, "all_to_all": 0}, kw
+print("ok")
