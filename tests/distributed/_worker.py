@@ -283,6 +283,14 @@ def dtensor_case():
     ref.backward()
     close(dx.grad.full_tensor(), xf.grad, 1e-6, "dtensor grad")
     check(maybe_vocab_parallel(x, t) is None, "dtensor: a plain tensor must give None")
+    # The public entry points take the same path.
+    dx2 = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_(True)
+    loss2 = nt.cross_entropy(dx2, t, w, label_smoothing=0.1)
+    check(torch.equal(loss2, loss), "dtensor: nt.cross_entropy must equal the vocab-parallel loss")
+    loss2.backward()
+    close(dx2.grad.full_tensor(), xf.grad, 1e-6, "dtensor grad via nt.cross_entropy")
+    module_loss = nt.CrossEntropyLoss(w, label_smoothing=0.1)(distribute_tensor(x, mesh, [Shard(1)]), t)
+    check(torch.equal(module_loss, loss), "dtensor: nt.CrossEntropyLoss must equal the vocab-parallel loss")
 
 
 def main():

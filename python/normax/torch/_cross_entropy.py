@@ -19,6 +19,7 @@ from .._options import CeOptions, ce_options, index_error, softcap_dtype
 from ._convert import KERNEL_DTYPES, absent, check_float, dense, host, host_opt, needs_grad, to_tensor
 from ._op import op
 from ._softmax import _log_softmax_op
+from ._vocab_parallel import maybe_vocab_parallel
 
 _FNAME = "normax.torch.cross_entropy"
 
@@ -339,6 +340,13 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         # torch's own legacy mapping and its deprecation warning.
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    # Logits that are a DTensor sharded on the class axis: the vocabulary-parallel loss.
+    vocab_parallel = maybe_vocab_parallel(
+        input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )  # fmt: skip
+    if vocab_parallel is not None:
+        return vocab_parallel
     opts = _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     axis = 1 if input.ndim >= 2 else 0
     if needs_grad(input) and not input.is_cuda and not needs_grad(target):
