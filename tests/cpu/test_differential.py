@@ -124,7 +124,8 @@ def _norm_reference(norm, x, eps):
     x64 = x.astype(np.float64)
     most = np.max(np.abs(x64), axis=-1, keepdims=True)
     k = np.where(most > 0, 2.0 ** -np.floor(np.log2(np.where(most > 0, most, 1.0))), 1.0)
-    xk, ek = x64 * k, (np.sqrt(eps) * k) ** 2
+    with np.errstate(over="ignore"):  # eps k^2 = inf: 1/sqrt(inf) = 0, as it should be
+        xk, ek = x64 * k, (np.sqrt(eps) * k) ** 2
     n = x.shape[-1]
     if norm == "layer":
         c = xk - xk.mean(-1, keepdims=True)

@@ -118,11 +118,13 @@ def test_ctrl_c_stops_a_long_call(op, threads, isa, rows, cols):
         f"the call ran to the end ({result}) instead of raising KeyboardInterrupt; if it took "
         f"under {DELAY} s, this machine needs a larger call"
     )
-    # The linear cross-entropy stops between its GEMMs (one block of logits, ~0.5 s here): it
-    # cannot stop inside the gemm crate's product.
-    latency = 1.0 if op == "linear_cross_entropy" else LATENCY
-    assert result["interrupted"] < DELAY + latency, result
-    assert result["interrupted"] < result["estimate"] / 2, result
+    if op == "linear_cross_entropy":
+        # It stops between its GEMMs (one block of logits: 0.5-1 s on 2 loaded cores), never
+        # inside the gemm crate's product: checked against the whole call instead.
+        assert result["interrupted"] < result["estimate"] / 3, result
+    else:
+        assert result["interrupted"] < DELAY + LATENCY, result
+        assert result["interrupted"] < result["estimate"] / 2, result
     if "softmax" in op:
         assert 0.0 < result["written"] < 1.0, result  # out= partly written, as NumPy leaves it
 

@@ -341,6 +341,42 @@ pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 #[cfg(test)]
 mod tests {
     use super::resolve_env;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    #[test]
+    fn an_interrupted_call_starts_no_new_task() {
+        let tasks = 10_000;
+        let ran = AtomicUsize::new(0);
+        let ((), interrupted) = super::watch_interrupts(|| {
+            super::for_each(tasks, |_| {
+                if ran.fetch_add(1, Relaxed) == 10 {
+                    super::interrupt();
+                }
+            })
+        });
+        assert!(interrupted);
+        // The tasks already running on the other threads finish; no new one starts.
+        assert!(ran.load(Relaxed) <= 11 + super::num_threads(), "{ran:?}");
+        let ran = AtomicUsize::new(0);
+        let (done, interrupted) = super::watch_interrupts(|| {
+            super::map(tasks, |t| {
+                if ran.fetch_add(1, Relaxed) == 10 {
+                    super::interrupt();
+                }
+                t
+            })
+        });
+        assert!(interrupted);
+        assert!(done.len() <= 11 + super::num_threads(), "{}", done.len());
+        // A call not watched never looks at the flag.
+        super::interrupt();
+        let ran = AtomicUsize::new(0);
+        super::for_each(tasks, |_| {
+            ran.fetch_add(1, Relaxed);
+        });
+        assert_eq!(ran.load(Relaxed), tasks);
+        assert_eq!(super::map(tasks, |t| t).len(), tasks);
+    }
 
     #[test]
     fn environment_is_bounded() {

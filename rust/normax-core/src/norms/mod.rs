@@ -107,10 +107,12 @@ impl Stats {
     /// squares summed were subnormal and rstd may not even fit in `T`.
     #[inline(always)]
     pub(super) fn extreme<T>(&self) -> bool {
+        const F32_MOST: f64 = f64::from_bits((1023 + 51) << 52); // 2^51
+        const F64_MOST: f64 = f64::from_bits((1023 + 484) << 52); // 2^484
         let most = if std::mem::size_of::<T>() == 4 {
-            2f64.powi(51)
+            F32_MOST
         } else {
-            2f64.powi(484)
+            F64_MOST
         };
         !(self.mean.is_finite() && self.rstd > 0.0 && self.rstd <= most)
     }
@@ -231,7 +233,7 @@ unsafe fn scaled_stats<V: Vector>(
 ) -> Stats {
     let ek = eps * k * k;
     let mut s = row_stats::<V>(norm, x, len, ek);
-    if ek.is_infinite() || !(s.rstd < 2f64.powi(500)) {
+    if ek.is_infinite() || !(s.rstd < f64::from_bits((1023 + 500) << 52)) {
         s.rstd = 1.0 / (eps.sqrt() * k);
     }
     s
