@@ -178,6 +178,31 @@ def _from_numpy(r: np.ndarray, library: str, xp):
         return xp.asarray(r)
 
 
+def _refuse_autograd_writes(fname: str, args, kwargs, originals: dict) -> None:
+    """Writes torch itself refuses while grad mode is on, as RuntimeErrors with torch's words:
+    ``out=`` when any tensor argument requires grad, and ``inplace=True`` over logits that do
+    (the write would go behind autograd's back: no version bump, a silently wrong backward)."""
+    import torch  # already imported: a tensor is among the arguments
+
+    if not torch.is_grad_enabled():
+        return
+    tensors = {id(view): a for view, a in originals.values()}
+    requires_grad = any(a.requires_grad for a in tensors.values())
+    if requires_grad and id(kwargs.get("out")) in tensors:
+        raise RuntimeError(
+            f"{fname}(): functions with out=... arguments don't support automatic differentiation, "
+            "but one of the arguments requires grad."
+        )
+    if kwargs.get("inplace") is True:
+        logits = tensors.get(id(args[0] if args else kwargs.get("logits")))
+        if logits is not None and logits.requires_grad:
+            raise RuntimeError(
+                f"{fname}(): inplace=True would overwrite logits, a tensor that requires grad, "
+                "behind autograd's back; use normax.torch.cross_entropy for autograd, or pass "
+                "logits.detach() (or call under torch.no_grad())"
+            )
+
+
 def _convert_result(value, library: str, xp, originals: dict):
     if isinstance(value, tuple):
         return tuple(_convert_result(v, library, xp, originals) for v in value)
@@ -287,6 +312,8 @@ def array_api(fn):
             view = _to_numpy(a, lib, name, fname)
             originals[id(view)] = (view, a)
             holder[key] = view
+        if library == "torch":
+            _refuse_autograd_writes(fname, args, kwargs, originals)
         xp = None
         if library not in ("torch", "jax"):
             xp = _namespace(next(iter(originals.values()))[1])

@@ -176,7 +176,15 @@ def rms_norm(x, weight=None, *, eps=None, axis=-1, out=None, return_stats=False)
     One fused pass per row while it sits in cache: the sum of squares is accumulated in short
     float32 partial sums folded into float64, the scale is formed in float64, then
     ``y = x * rstd * weight``. float32 results are within a few ULP of the float64 result. A row of
-    zeros gives zeros (not NaN) for eps > 0. Rows are spread over threads.
+    zeros gives zeros (not NaN) for any eps > 0, however small. Rows are spread over threads.
+
+    Any magnitude: a row whose squares overflow or underflow the dtype (float32 ``|x|`` past
+    ~1.8e19 / sqrt(n), or rows of subnormals with a tiny eps) is normalized from a copy scaled
+    by a power of two (exact), eps scaled to match; the statistics are those of the row itself.
+    The same holds for :func:`layer_norm`, :func:`crms_norm` and the backward passes, which are
+    finite wherever the float64 gradient fits the dtype. A row holding inf gives NaN where
+    torch's does (``inf * 0``), and its rstd is 0 (LayerNorm: mean and rstd NaN, as
+    ``torch.native_layer_norm``).
 
     Examples
     --------

@@ -390,6 +390,9 @@ pub(crate) unsafe fn map<T: Float, Op: RowMap<T>>(
                     len: n,
                 })
             });
+            if threads::Stop::current().hit() {
+                return; // interrupted: `stats` may be short
+            }
             let stat = stats.into_iter().reduce(Op::combine).expect("len > 0");
             if !Op::splittable(&stat) {
                 dispatch(MapRows {
@@ -534,6 +537,9 @@ pub(crate) unsafe fn reduce<T: Float, Op: RowReduce<T>>(
                     len: n,
                 })
             });
+            if threads::Stop::current().hit() {
+                return; // interrupted: `stats` may be short
+            }
             let stat = stats.into_iter().reduce(Op::combine).expect("len > 0");
             let value = Op::finish(stat).unwrap_or_else(|| {
                 dispatch(ReduceOne {
@@ -593,15 +599,20 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceOne<'_, T, Op> {
 
 /// Runs `f` over blocks of consecutive contiguous rows of `len` elements in parallel: at least
 /// `GRAIN` elements a block (small arrays stay on the calling thread), and no more than
-/// `ROW_TASKS_PER_THREAD` blocks per thread (large arrays are not cut into needless tasks).
+/// `ROW_TASKS_PER_THREAD` blocks per thread (large arrays are not cut into needless tasks) unless
+/// blocks would pass `TASK_MAX` elements (an interrupt waits for the running blocks).
 pub(crate) fn for_each_row_block(
     rows: usize,
     len: usize,
     f: impl Fn(std::ops::Range<usize>) + Sync + Send,
 ) {
     const ROW_TASKS_PER_THREAD: usize = 8;
+    const TASK_MAX: usize = 1 << 22;
     let most_tasks = ROW_TASKS_PER_THREAD * threads::num_threads();
-    let per_task = (GRAIN / len.max(1)).max(rows.div_ceil(most_tasks)).max(1);
+    let per_task = (GRAIN / len.max(1))
+        .max(rows.div_ceil(most_tasks))
+        .min(TASK_MAX / len.max(1))
+        .max(1);
     threads::for_each(rows.div_ceil(per_task), |t| {
         f(t * per_task..((t + 1) * per_task).min(rows))
     });

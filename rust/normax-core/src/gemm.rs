@@ -19,7 +19,8 @@ pub(crate) unsafe fn matmul<T: Float>(
     rhs: *const T,
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    if m == 0 || n == 0 {
+    // An interrupted call skips its remaining products (its results are discarded).
+    if m == 0 || n == 0 || threads::Stop::current().hit() {
         return;
     }
     if k == 0 {

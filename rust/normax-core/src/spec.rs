@@ -73,10 +73,13 @@ impl Reduction {
 
     /// The reduced loss of rows whose losses add up to `total`, `denom` being the mean's
     /// denominator (the summed weight of the rows not ignored); None has nothing to reduce.
+    /// A mean over zero total weight is NaN, as torch's, also when label smoothing or z-loss
+    /// make `total` nonzero (torch: the NLL part's 0 / 0).
     pub fn reduce(self, total: f64, denom: f64) -> Option<f64> {
         match self {
             Reduction::None => None,
             Reduction::Sum => Some(total),
+            Reduction::Mean if denom == 0.0 => Some(f64::NAN),
             Reduction::Mean => Some(total / denom),
         }
     }

@@ -7,9 +7,15 @@
 //! pool with the same thread count. The parent's pool is leaked in the child, never touched: its
 //! locks may have been held by threads that are gone (a call running in another thread at the
 //! fork is fine). OpenBLAS and PyTorch do the same with `pthread_atfork`.
+//!
+//! Interrupts (Ctrl-C): a host runs a call under [`watch_interrupts`] on the thread it can
+//! interrupt, and its signal handler calls [`interrupt`]. The parallel loops of that call then
+//! start no new task, so it returns within about one task (a few milliseconds at most), its
+//! output partly written; the host raises. Calls not watched never look at the flag.
 
 use crate::Error;
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -27,6 +33,51 @@ static THREADS: AtomicUsize = AtomicUsize::new(0);
 /// Logical CPUs, cached (0 until read).
 static CPUS: AtomicUsize = AtomicUsize::new(0);
 static ATFORK_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+/// Set by [`interrupt`]: the watched call should stop.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Whether the call running on this thread is watched for [`interrupt`].
+    static WATCHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Asks the watched call to stop; async-signal-safe (one atomic store).
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Runs `f` (one whole call) so that [`interrupt`] stops it early; returns its result and
+/// whether it was interrupted (then its outputs are partly written and its result meaningless).
+/// One watched call at a time: the host's signal-handling thread.
+pub fn watch_interrupts<R>(f: impl FnOnce() -> R) -> (R, bool) {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WATCHED.set(self.0);
+        }
+    }
+    INTERRUPTED.store(false, Ordering::Relaxed);
+    let _restore = Restore(WATCHED.replace(true));
+    let r = f();
+    (r, INTERRUPTED.swap(false, Ordering::Relaxed))
+}
+
+/// The interrupt state of the call running on this thread, captured once per parallel loop so
+/// that a task costs one relaxed load, and nothing when the call is not watched.
+#[derive(Clone, Copy)]
+pub(crate) struct Stop(bool);
+
+impl Stop {
+    pub(crate) fn current() -> Stop {
+        Stop(WATCHED.get())
+    }
+
+    #[inline(always)]
+    pub(crate) fn hit(self) -> bool {
+        self.0 && INTERRUPTED.load(Ordering::Relaxed)
+    }
+}
 
 /// The fewest threads [`max_threads`] allows on any machine.
 pub const MIN_MAX_THREADS: usize = 1024;
@@ -233,8 +284,15 @@ pub fn set_num_threads(threads: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs `task(i)` for i in 0..tasks, in parallel when there is more than one task and thread.
+/// Runs `task(i)` for i in 0..tasks, in parallel when there is more than one task and thread;
+/// tasks not yet started are skipped once the watched call is interrupted.
 pub(crate) fn for_each(tasks: usize, task: impl Fn(usize) + Sync + Send) {
+    let stop = Stop::current();
+    let task = |t| {
+        if !stop.hit() {
+            task(t)
+        }
+    };
     if tasks <= 1 {
         (0..tasks).for_each(task);
         return;
@@ -247,24 +305,78 @@ pub(crate) fn for_each(tasks: usize, task: impl Fn(usize) + Sync + Send) {
     }
 }
 
-/// Maps `task` over 0..tasks in parallel and returns the results in order.
+/// Maps `task` over 0..tasks in parallel and returns the results in order; once the watched
+/// call is interrupted, the results of the tasks that ran (fewer than `tasks`).
 pub(crate) fn map<R: Send>(tasks: usize, task: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+    let stop = Stop::current();
     let pool = pool();
     if tasks <= 1 || pool.current_num_threads() == 1 {
-        (0..tasks).map(task).collect()
+        (0..tasks)
+            .map_while(|t| (!stop.hit()).then(|| task(t)))
+            .collect()
+    } else if stop.0 {
+        pool.install(|| {
+            (0..tasks)
+                .into_par_iter()
+                .filter_map(|t| (!stop.hit()).then(|| task(t)))
+                .collect()
+        })
     } else {
         pool.install(|| (0..tasks).into_par_iter().map(task).collect())
     }
 }
 
-/// Runs `f` inside the pool, so rayon work it starts (a GEMM's) uses these threads.
+/// Runs `f` inside the pool, so rayon work it starts (a GEMM's) uses these threads; a watched
+/// call stays watched there.
 pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    pool().install(f)
+    let watched = WATCHED.get();
+    pool().install(move || {
+        let previous = WATCHED.replace(watched);
+        let r = f();
+        WATCHED.set(previous);
+        r
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::resolve_env;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    #[test]
+    fn an_interrupted_call_starts_no_new_task() {
+        let tasks = 10_000;
+        let ran = AtomicUsize::new(0);
+        let ((), interrupted) = super::watch_interrupts(|| {
+            super::for_each(tasks, |_| {
+                if ran.fetch_add(1, Relaxed) == 10 {
+                    super::interrupt();
+                }
+            })
+        });
+        assert!(interrupted);
+        // The tasks already running on the other threads finish; no new one starts.
+        assert!(ran.load(Relaxed) <= 11 + super::num_threads(), "{ran:?}");
+        let ran = AtomicUsize::new(0);
+        let (done, interrupted) = super::watch_interrupts(|| {
+            super::map(tasks, |t| {
+                if ran.fetch_add(1, Relaxed) == 10 {
+                    super::interrupt();
+                }
+                t
+            })
+        });
+        assert!(interrupted);
+        assert!(done.len() <= 11 + super::num_threads(), "{}", done.len());
+        // A call not watched never looks at the flag.
+        super::interrupt();
+        let ran = AtomicUsize::new(0);
+        super::for_each(tasks, |_| {
+            ran.fetch_add(1, Relaxed);
+        });
+        assert_eq!(ran.load(Relaxed), tasks);
+        assert_eq!(super::map(tasks, |t| t).len(), tasks);
+    }
 
     #[test]
     fn environment_is_bounded() {

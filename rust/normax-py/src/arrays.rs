@@ -3,8 +3,8 @@
 
 use normax_core::Layout;
 use numpy::{
-    Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    BorrowError, Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -52,13 +52,26 @@ pub(crate) fn named(name: &str, e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(format!("{name}: {e}"))
 }
 
+/// numpy's borrow refusal in the caller's terms: an array this call writes overlaps another
+/// of its arguments (out= aliasing weight, an in-place gradient over its own target, ...).
+fn borrow_error(name: &str, e: BorrowError) -> PyErr {
+    match e {
+        BorrowError::AlreadyBorrowed => PyValueError::new_err(format!(
+            "{name}: shares memory with another argument of this call, one of which is written \
+             (only where a function says so may an output be its input itself, e.g. out=x); \
+             pass arrays that do not overlap"
+        )),
+        e => named(name, e),
+    }
+}
+
 pub(crate) fn readonly<'py, T: Element>(
     a: &Arr<'py>,
     name: &str,
 ) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     typed::<T>(a, name)?
         .try_readonly()
-        .map_err(|e| named(name, e))
+        .map_err(|e| borrow_error(name, e))
 }
 
 pub(crate) fn readwrite<'py, T: Element>(
@@ -67,7 +80,7 @@ pub(crate) fn readwrite<'py, T: Element>(
 ) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
     typed::<T>(a, name)?
         .try_readwrite()
-        .map_err(|e| named(name, e))
+        .map_err(|e| borrow_error(name, e))
 }
 
 pub(crate) fn readonly_opt<'py, T: Element>(

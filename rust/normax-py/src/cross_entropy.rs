@@ -6,6 +6,7 @@
 use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt, same_memory};
 use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr};
 use crate::errors::to_py;
+use crate::interrupt::detach;
 use normax_core::cross_entropy::{self as k, LinearGrads};
 use normax_core::spec::{CeOptions, GradOutput, Reduction, Target};
 use normax_core::Float;
@@ -99,22 +100,27 @@ fn ce_typed<T: Float + Element>(
         None => {
             let x = readonly::<T>(logits, "logits")?;
             let xs = slice(&x, "logits")?;
-            py.detach(|| k::cross_entropy(xs, rows, classes, t, &o, ls))
+            detach(py, xs.len(), || {
+                k::cross_entropy(xs, rows, classes, t, &o, ls)
+            })
         }
         Some(g) if same_memory(g, logits) => {
             let mut x = readwrite::<T>(logits, "logits")?;
             let xs = slice_mut(&mut x, "logits")?;
-            py.detach(|| k::cross_entropy_with_grad_inplace(xs, rows, classes, t, &o, go, ls))
+            detach(py, xs.len(), || {
+                k::cross_entropy_with_grad_inplace(xs, rows, classes, t, &o, go, ls)
+            })
         }
         Some(g) => {
             let x = readonly::<T>(logits, "logits")?;
             let mut g = readwrite::<T>(g, "grad")?;
             let xs = slice(&x, "logits")?;
             let gs = slice_mut(&mut g, "grad")?;
-            py.detach(|| k::cross_entropy_with_grad(xs, gs, rows, classes, t, &o, go, ls))
+            detach(py, xs.len(), || {
+                k::cross_entropy_with_grad(xs, gs, rows, classes, t, &o, go, ls)
+            })
         }
     }
-    .map_err(to_py)
 }
 
 /// Cross-entropy of contiguous (rows, classes) logits into `loss` (rows values for reduction
@@ -201,8 +207,11 @@ fn linear_typed<T: Float + Element>(
         )),
         _ => None,
     };
-    py.detach(|| k::linear_cross_entropy(hs, ws, bs, ts, nhv, &o, chunk_size, grads, ls))
-        .map_err(to_py)
+    // The logits are never held, but each is computed: rows x vocabulary values of work.
+    let work = nhv.0.saturating_mul(nhv.2);
+    detach(py, work, || {
+        k::linear_cross_entropy(hs, ws, bs, ts, nhv, &o, chunk_size, grads, ls)
+    })
 }
 
 /// Linear cross-entropy: logits = hidden @ weight.T + bias, never all held at once. With

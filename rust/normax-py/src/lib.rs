@@ -6,7 +6,7 @@
 //!
 //! One file per op family (`softmax`, `cross_entropy`, `norms`), one per GPU backend (`cuda`,
 //! `wgpu`), and the shared parts: `arrays` (array checks), `errors` (the one error mapping),
-//! `config` (threads, ISA).
+//! `config` (threads, ISA), `interrupt` (Ctrl-C during a long call).
 
 use pyo3::prelude::*;
 
@@ -16,6 +16,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod errors;
+mod interrupt;
 mod norms;
 mod softmax;
 mod vocab_parallel;

@@ -7,6 +7,7 @@
 use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt, same_memory};
 use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr};
 use crate::errors::to_py;
+use crate::interrupt::detach;
 use normax_core::norms::{self as k, Params, PowerGrad, PowerLayout, PowerOutput};
 use normax_core::spec::NormKind;
 use normax_core::Float;
@@ -49,14 +50,12 @@ fn forward_typed<T: Float + Element>(
     if same_memory(x, y) {
         let mut yw = readwrite::<T>(y, "out")?;
         let ys = slice_mut(&mut yw, "out")?;
-        return py
-            .detach(|| k::forward_inplace(&p, ys, ms, rs))
-            .map_err(to_py);
+        return detach(py, ys.len(), || k::forward_inplace(&p, ys, ms, rs));
     }
     let xr = readonly::<T>(x, "x")?;
     let mut yw = readwrite::<T>(y, "out")?;
     let (xs, ys) = (slice(&xr, "x")?, slice_mut(&mut yw, "out")?);
-    py.detach(|| k::forward(&p, xs, ys, ms, rs)).map_err(to_py)
+    detach(py, xs.len(), || k::forward(&p, xs, ys, ms, rs))
 }
 
 /// Normalizes rows of `len` elements of x into y (which may be x); mean/rstd (float64) optional.
@@ -127,8 +126,9 @@ fn backward_typed<T: Float + Element>(
         slice_mut_opt(&mut dw, "dweight")?,
         slice_mut_opt(&mut db, "dbias")?,
     );
-    py.detach(|| k::backward(&p, dys, xs, ms, rs, dxs, dws, dbs))
-        .map_err(to_py)
+    detach(py, xs.len(), || {
+        k::backward(&p, dys, xs, ms, rs, dxs, dws, dbs)
+    })
 }
 
 /// dx (and dweight, dbias where given) of rows of `len` elements; mean/rstd: saved statistics.
@@ -201,8 +201,9 @@ fn power_forward_typed<T: Float + Element>(
         (None, None, None) => None,
         _ => return Err(PyValueError::new_err("scale, shift and y go together")),
     };
-    py.detach(|| k::power_norm_forward(xs, l, eps, pads, sss, out))
-        .map_err(to_py)
+    detach(py, xs.len(), || {
+        k::power_norm_forward(xs, l, eps, pads, sss, out)
+    })
 }
 
 /// PowerNorm's forward pass over (tokens, channels): sums of u^2 and/or y = u * scale + shift.
@@ -273,12 +274,11 @@ fn power_backward_typed<T: Float + Element>(
     if ss.len() != 3 * l.channels {
         return Err(PyValueError::new_err("sums: expected 3 * channels values"));
     }
-    py.detach(|| {
+    detach(py, xs.len(), || {
         let s = k::power_norm_backward(dys, xs, l, eps, &c, dxs)?;
         ss.copy_from_slice(&s);
         Ok(())
     })
-    .map_err(to_py)
 }
 
 /// PowerNorm's backward pass: dx, and per channel the sums of g_hat * z, dy * z, dy into `sums`.

@@ -10,11 +10,15 @@ use pyo3::prelude::*;
 
 /// Runs a kernel over `elements` values, releasing the GIL unless the work is too small to be
 /// worth the release and re-acquire (tiny calls are dominated by call overhead).
-fn run<R: Send>(py: Python<'_>, elements: usize, kernel: impl FnOnce() -> R + Send) -> R {
+fn run<R: Send>(
+    py: Python<'_>,
+    elements: usize,
+    kernel: impl FnOnce() -> Result<R, Error> + Send,
+) -> PyResult<R> {
     if elements < 1 << 14 {
-        kernel()
+        kernel().map_err(to_py)
     } else {
-        py.detach(kernel)
+        crate::interrupt::detach(py, elements, kernel)
     }
 }
 
@@ -33,12 +37,12 @@ fn map_typed<T: Float + Element>(
         typed::<T>(x, "x")?;
         let mut o = readwrite::<T>(out, "out")?;
         let os = slice_mut(&mut o, "out")?;
-        return run(py, os.len(), || f_inplace(os, l)).map_err(to_py);
+        return run(py, os.len(), || f_inplace(os, l));
     }
     let xr = readonly::<T>(x, "x")?;
     let mut o = readwrite::<T>(out, "out")?;
     let (xs, os) = (slice(&xr, "x")?, slice_mut(&mut o, "out")?);
-    run(py, xs.len(), || f(xs, os, l)).map_err(to_py)
+    run(py, xs.len(), || f(xs, os, l))
 }
 
 /// The whole call for the common case, in one crossing of the boundary: a C-contiguous, native
@@ -60,7 +64,7 @@ fn last_axis_new<'py, T: Float + Element>(
         // SAFETY: `y` was just created here; no other reference to its memory exists.
         let ys = unsafe { y.as_slice_mut() }.map_err(|e| named("out", e))?;
         let l = layout(xs.len() / len, len, 1);
-        run(py, xs.len(), || f(xs, ys, l)).map_err(to_py)?;
+        run(py, xs.len(), || f(xs, ys, l))?;
     }
     Ok(Some(y.into_any().cast_into::<PyUntypedArray>()?))
 }
@@ -137,7 +141,7 @@ fn lse_typed<T: Float + Element>(
     let mut s = readwrite_opt::<T>(sign, "sign")?;
     let (xs, bs) = (slice(&xr, "x")?, slice_opt(&br, "b")?);
     let (os, ss) = (slice_mut(&mut o, "out")?, slice_mut_opt(&mut s, "sign")?);
-    run(py, xs.len(), || k::logsumexp(xs, bs, os, ss, l)).map_err(to_py)
+    run(py, xs.len(), || k::logsumexp(xs, bs, os, ss, l))
 }
 
 /// log|sum(b * exp(x))| over the middle axis into out (outer * inner values), sign optional.
@@ -173,7 +177,7 @@ fn backward_typed<T: Float + Element>(
     let mut dxw = readwrite::<T>(dx, "dx")?;
     let (ys, dys) = (slice(&yr, "y")?, slice(&dyr, "dy")?);
     let dxs = slice_mut(&mut dxw, "dx")?;
-    run(py, ys.len(), || f(ys, dys, dxs, l)).map_err(to_py)
+    run(py, ys.len(), || f(ys, dys, dxs, l))
 }
 
 /// dx = y * (dy - sum(dy * y)) over the middle axis; dx must be a fresh array.

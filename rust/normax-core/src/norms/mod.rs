@@ -11,6 +11,10 @@
 //! - the output pass: y = xhat * weight + bias with xhat = (x - m0) * rstd + (m0 - mean) * rstd.
 //! - backward: one pass for the row sums the gradient needs, one writing dx and adding the row's
 //!   dweight/dbias terms to per-block column sums (`driver::column_sums`, deterministic).
+//! - extremes: a row whose statistics leave what `Elem` resolves (squares that overflow past
+//!   |x| ~ 1.8e19 / sqrt(len) in f32, or that are subnormal with an `eps` too small to hide it) is
+//!   redone from a copy scaled by a power of two (exact), its `eps` scaled to match; a rare
+//!   second pass, nothing in the normal case but a range check of each row's statistics.
 //! - outputs too large to stay cached (`rows::Store`) are written with streaming stores, saving
 //!   the read-for-ownership of every line; the loops carry no per-vector branches (absent weight or
 //!   bias are ones/zeros, the RMS norms centre on 0, variants are const generics).
@@ -92,9 +96,86 @@ pub(super) unsafe fn grad<V: Vector>(dy: *const V::Elem, w: Ptr<V::Elem>, i: usi
 
 /// A row's statistics in f64: mean (0 for the RMS norms) and 1/sqrt(var + eps).
 #[derive(Clone, Copy, Debug)]
-struct Stats {
-    mean: f64,
-    rstd: f64,
+pub(super) struct Stats {
+    pub(super) mean: f64,
+    pub(super) rstd: f64,
+}
+
+impl Stats {
+    /// Whether the row must be redone scaled: a statistic that overflowed (or NaN), or an rstd
+    /// beyond 2^51 (f32; 2^484 in f64), where the mean square is below 2^-102 (2^-969), so the
+    /// squares summed were subnormal and rstd may not even fit in `T`.
+    #[inline(always)]
+    pub(super) fn extreme<T>(&self) -> bool {
+        const F32_MOST: f64 = f64::from_bits((1023 + 51) << 52); // 2^51
+        const F64_MOST: f64 = f64::from_bits((1023 + 484) << 52); // 2^484
+        let most = if std::mem::size_of::<T>() == 4 {
+            F32_MOST
+        } else {
+            F64_MOST
+        };
+        !(self.mean.is_finite() && self.rstd > 0.0 && self.rstd <= most)
+    }
+
+    /// The statistics of a row from those of its copy scaled by `k`.
+    fn unscaled(self, k: f64) -> Stats {
+        Stats {
+            mean: self.mean / k,
+            rstd: self.rstd * k,
+        }
+    }
+}
+
+/// mean((k x)^2) of a row and the power of two k that brings its largest |x| into [1, 2), in
+/// f64; None for a row of zeros or one holding inf or NaN.
+pub(super) unsafe fn scaled_mean_square<T: Float>(x: *const T, len: usize) -> Option<(f64, f64)> {
+    let row = std::slice::from_raw_parts(x, len);
+    let k = row_scale(row)?;
+    let ss: f64 = row.iter().map(|v| (v.to_f64() * k).powi(2)).sum();
+    Some((ss / len as f64, k))
+}
+
+/// The power of two k that brings the row's largest |x| into [1, 2); None for a row of zeros or
+/// one holding inf or NaN (nothing to scale).
+fn row_scale<T: Float>(row: &[T]) -> Option<f64> {
+    let mut most = 0.0f64;
+    for v in row {
+        let a = v.to_f64().abs();
+        if a.is_nan() {
+            return None;
+        }
+        most = most.max(a);
+    }
+    if most == 0.0 || most.is_infinite() {
+        return None;
+    }
+    Some((-most.log2().floor()).exp2())
+}
+
+/// A finite rstd clamped to the largest `T`: past it only rows of zeros remain (others are
+/// scaled), where the largest keeps 0 * r = 0 and inf would give NaN.
+pub(super) fn clamp_rstd<T>(rstd: f64) -> f64 {
+    let most = if std::mem::size_of::<T>() == 4 {
+        f32::MAX as f64
+    } else {
+        f64::MAX
+    };
+    if rstd.is_finite() {
+        rstd.min(most)
+    } else {
+        rstd
+    }
+}
+
+/// Copies the row into `buf` scaled by the power of two k that brings its largest |x| into
+/// [1, 2), and returns k; None for a row of zeros or one holding inf or NaN (nothing to scale).
+/// Exact but for elements below 2^-126 (f32) of the largest, which become subnormal.
+unsafe fn scale_row<T: Float>(x: *const T, len: usize, buf: &mut Vec<T>) -> Option<f64> {
+    let row = std::slice::from_raw_parts(x, len);
+    let k = row_scale(row)?;
+    buf.clear();
+    buf.extend(row.iter().map(|v| T::from_f64(v.to_f64() * k)));
+    Some(k)
 }
 
 #[inline(always)]
@@ -127,13 +208,35 @@ unsafe fn row_stats<V: Vector>(norm: NormKind, x: *const V::Elem, len: usize, ep
             );
             // sum (x - m0)^2 = sum (x - mean)^2 + n (mean - m0)^2
             let dm = mean - m0.to_f64();
-            (mean, (sdd / n - dm * dm).max(0.0))
+            let var = sdd / n - dm * dm;
+            // Clamped at 0, but NaN (a row with inf) stays NaN, as torch's rstd.
+            (mean, if var < 0.0 { 0.0 } else { var })
         }
     };
     Stats {
         mean,
         rstd: 1.0 / (ms + eps).sqrt(),
     }
+}
+
+/// The statistics of a row scaled by k (`scale_row`), with eps scaled to match: eps k^2. The
+/// scaled mean square is 0 (a constant LayerNorm row) or at least 1/len; where the sum is tiny
+/// (so that mean square is 0) or eps k^2 overflowed (so eps dwarfs it), only eps counts, and
+/// rstd = 1 / (sqrt(eps) k) has none of eps k^2's over- or underflow.
+#[inline(always)]
+unsafe fn scaled_stats<V: Vector>(
+    norm: NormKind,
+    x: *const V::Elem,
+    len: usize,
+    eps: f64,
+    k: f64,
+) -> Stats {
+    let ek = eps * k * k;
+    let mut s = row_stats::<V>(norm, x, len, ek);
+    if ek.is_infinite() || !(s.rstd < f64::from_bits((1023 + 500) << 52)) {
+        s.rstd = 1.0 / (eps.sqrt() * k);
+    }
+    s
 }
 
 /// sum(x) over x[..len], accurate to about f64 rounding: each lane's `Elem` partial sum keeps the
@@ -210,7 +313,7 @@ impl<V: Vector> Centering<V> {
         let m0 = V::Elem::from_f64(s.mean);
         Centering {
             m0: V::splat(m0),
-            r: V::splat(V::Elem::from_f64(s.rstd)),
+            r: V::splat(V::Elem::from_f64(clamp_rstd::<V::Elem>(s.rstd))),
             c: V::splat(V::Elem::from_f64((m0.to_f64() - s.mean) * s.rstd)),
         }
     }
@@ -314,11 +417,23 @@ impl<T: Float> Kernel<T> for Forward<'_, T> {
     fn run<V: Vector<Elem = T>>(self) {
         let p = self.p;
         let len = p.len;
+        let mut scaled = Vec::new();
         for r in self.rows {
             unsafe {
-                let (x, y) = (self.x.at(r * len), self.y.at(r * len));
-                let s = row_stats::<V>(p.norm, x, len, p.eps);
-                let cen = Centering::<V>::new(s);
+                let (mut x, y) = (self.x.at(r * len) as *const T, self.y.at(r * len));
+                let mut s = row_stats::<V>(p.norm, x, len, p.eps);
+                let mut cen = Centering::<V>::new(s);
+                if s.extreme::<T>() {
+                    if let Some(k) = scale_row(x, len, &mut scaled) {
+                        let sk = scaled_stats::<V>(p.norm, scaled.as_ptr(), len, p.eps, k);
+                        // Not finite: a constant LayerNorm row, all zeros unscaled already.
+                        if sk.rstd.is_finite() {
+                            x = scaled.as_ptr();
+                            cen = Centering::<V>::new(sk);
+                            s = sk.unscaled(k);
+                        }
+                    }
+                }
                 match self.store.row::<V>(y) {
                     (head, Store::Stream) => {
                         write_row::<V, true>(x, y, self.w, self.b, len, head, cen)
@@ -428,8 +543,9 @@ struct Backward<'a, T> {
     rows: Range<usize>,
 }
 
-/// One row's backward write pass: dx = g * r + xhat * b + a, and the row's dweight (dy * xhat)
-/// and dbias (dy) terms added to the column sums where ACC_W / ACC_B.
+/// One row's backward write pass: dx = g * gr + xhat * b + a (gr: rstd, times the row's scale
+/// if it was scaled), and the row's dweight (dy * xhat) and dbias (dy) terms added to the column
+/// sums where ACC_W / ACC_B.
 struct RowGrad<V: Vector> {
     dy: *const V::Elem,
     x: *const V::Elem,
@@ -438,6 +554,7 @@ struct RowGrad<V: Vector> {
     dw: Ptr<V::Elem>,
     db: Ptr<V::Elem>,
     cen: Centering<V>,
+    gr: V,
     a: V,
     b: V,
 }
@@ -456,7 +573,7 @@ unsafe fn grad_row<V: Vector, const STREAM: bool, const ACC_W: bool, const ACC_B
             let dyi = load_n::<V>(g.dy.add(i), k);
             let xh = g.cen.xhat(load_n::<V>(g.x.add(i), k));
             let gi = dyi.mul(load_n::<V>(g.w.at(i), k));
-            put::<V, STREAM>(gi.mul_add(g.cen.r, xh.mul_add(g.b, g.a)), g.dx.add(i), k);
+            put::<V, STREAM>(gi.mul_add(g.gr, xh.mul_add(g.b, g.a)), g.dx.add(i), k);
             if ACC_W {
                 add_n(dyi.mul(xh), g.dw.at(i), k);
             }
@@ -467,56 +584,94 @@ unsafe fn grad_row<V: Vector, const STREAM: bool, const ACC_W: bool, const ACC_B
     );
 }
 
+/// The row coefficients of dx = r * g + xhat * b + a, from the row sums of g = dy * w and x.
+#[inline(always)]
+unsafe fn grad_coefficients<V: Vector>(
+    norm: NormKind,
+    dy: *const V::Elem,
+    w: Ptr<V::Elem>,
+    x: *const V::Elem,
+    len: usize,
+    s: Stats,
+    cen: Centering<V>,
+) -> (f64, f64) {
+    let n = len as f64;
+    match norm {
+        NormKind::Layer => {
+            // dx = r * (g - mean(g) - xhat * mean(g * xhat))
+            let [sg, sgx] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let gv = grad::<V>(dy, w, i, k);
+                    [gv, gv.mul(cen.xhat(load_n::<V>(x.add(i), k)))]
+                },
+            );
+            (-s.rstd * sg / n, -s.rstd * sgx / n)
+        }
+        NormKind::Rms => {
+            // dx = r * g - x * r^3 * mean(g * x), with x = xhat / r
+            let [sgx] = row_sums::<V, 1>(
+                len,
+                #[inline(always)]
+                |i, k| [grad::<V>(dy, w, i, k).mul(load_n::<V>(x.add(i), k))],
+            );
+            // r * (r * sgx): r^2 alone underflows f64 for rows past ~1e154 (a saved rstd).
+            (0.0, -s.rstd * (s.rstd * sgx) / n)
+        }
+        NormKind::Crms => {
+            // dx = r * g - (x + sum(x)) * r^3 * sum(g * x) / (len + 1)
+            let [sgx, sx] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let v = load_n::<V>(x.add(i), k);
+                    [grad::<V>(dy, w, i, k).mul(v), v]
+                },
+            );
+            // With t ~ 1, never r^3 (underflows f64 for rows past ~1e100).
+            let t = s.rstd * sgx / (n + 1.0);
+            (-(s.rstd * t) * (s.rstd * sx), -s.rstd * t)
+        }
+    }
+}
+
 impl<T: Float> Kernel<T> for Backward<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
         let p = self.p;
         let (len, norm) = (p.len, p.norm);
-        let n = len as f64;
         let w = self.w;
+        let mut scaled = Vec::new();
         for r in self.rows {
             unsafe {
-                let (dy, x, dx) = (self.dy.at(r * len), self.x.at(r * len), self.dx.at(r * len));
-                let s = saved_or_stats::<V>(norm, x, len, p.eps, self.mean, self.rstd, r);
-                let cen = Centering::<V>::new(s);
-                // dx = r * g + xhat * b + a: the row sums give a and b.
-                let (a, b) = match norm {
-                    NormKind::Layer => {
-                        // dx = r * (g - mean(g) - xhat * mean(g * xhat))
-                        let [sg, sgx] = row_sums::<V, 2>(
-                            len,
-                            #[inline(always)]
-                            |i, k| {
-                                let gv = grad::<V>(dy, w, i, k);
-                                [gv, gv.mul(cen.xhat(load_n::<V>(x.add(i), k)))]
-                            },
-                        );
-                        (-s.rstd * sg / n, -s.rstd * sgx / n)
+                let (dy, dx) = (self.dy.at(r * len) as *const T, self.dx.at(r * len));
+                let mut x = self.x.at(r * len) as *const T;
+                let mut s = saved_or_stats::<V>(norm, x, len, p.eps, self.mean, self.rstd, r);
+                let mut cen = Centering::<V>::new(s);
+                let (mut a, mut b) = grad_coefficients::<V>(norm, dy, w, x, len, s, cen);
+                // dx is homogeneous of degree -1 in x: with x scaled by k (and eps by k^2), dx
+                // is k times the scaled row's.
+                let mut k = 1.0;
+                if s.extreme::<T>() || !(a.is_finite() && b.is_finite()) {
+                    if let Some(scale) = scale_row(x, len, &mut scaled) {
+                        let sk = if self.rstd.0.is_null() {
+                            scaled_stats::<V>(norm, scaled.as_ptr(), len, p.eps, scale)
+                        } else {
+                            Stats {
+                                mean: s.mean * scale,
+                                rstd: s.rstd / scale,
+                            }
+                        };
+                        // Not finite: a constant LayerNorm row, as well off unscaled.
+                        if sk.rstd.is_finite() {
+                            (k, x, s) = (scale, scaled.as_ptr(), sk);
+                            cen = Centering::<V>::new(s);
+                            (a, b) = grad_coefficients::<V>(norm, dy, w, x, len, s, cen);
+                        }
                     }
-                    NormKind::Rms => {
-                        // dx = r * g - x * r^3 * mean(g * x), with x = xhat / r
-                        let [sgx] = row_sums::<V, 1>(
-                            len,
-                            #[inline(always)]
-                            |i, k| [grad::<V>(dy, w, i, k).mul(load_n::<V>(x.add(i), k))],
-                        );
-                        (0.0, -s.rstd * s.rstd * sgx / n)
-                    }
-                    NormKind::Crms => {
-                        // dx = r * g - (x + sum(x)) * r^3 * sum(g * x) / (len + 1)
-                        let [sgx, sx] = row_sums::<V, 2>(
-                            len,
-                            #[inline(always)]
-                            |i, k| {
-                                let v = load_n::<V>(x.add(i), k);
-                                [grad::<V>(dy, w, i, k).mul(v), v]
-                            },
-                        );
-                        let b = -s.rstd.powi(3) * sgx / (n + 1.0);
-                        (b * sx, b / s.rstd)
-                    }
-                };
+                }
                 let g = RowGrad {
                     dy,
                     x,
@@ -525,8 +680,9 @@ impl<T: Float> Kernel<T> for Backward<'_, T> {
                     dw: self.dweight,
                     db: self.dbias,
                     cen,
-                    a: V::splat(T::from_f64(a)),
-                    b: V::splat(T::from_f64(b)),
+                    gr: V::splat(T::from_f64(k * s.rstd)),
+                    a: V::splat(T::from_f64(k * a)),
+                    b: V::splat(T::from_f64(k * b)),
                 };
                 let (head, store) = self.store.row::<V>(dx);
                 let stream = store == Store::Stream;

@@ -4,7 +4,7 @@
 //! bookkeeping (running statistics, warmup) is O(channels) and lives with the caller; here are the
 //! two passes over the tokens.
 
-use super::{grad, opt_ptr};
+use super::{clamp_rstd, grad, opt_ptr, scaled_mean_square, Stats};
 use crate::driver::{self, Ptr};
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
@@ -35,11 +35,24 @@ impl PowerLayout {
     }
 }
 
-/// 1/sqrt(mean(x^2) + eps) of one channel group (the group scaling).
+/// 1/sqrt(mean(x^2) + eps) of one channel group (the group scaling); a group whose squares
+/// over- or underflow `Elem` is measured scaled (see `Stats::extreme`).
 #[inline(always)]
 unsafe fn group_scale<V: Vector>(x: *const V::Elem, len: usize, eps: f64) -> V {
     let ss = sum_squares::<V>(x, len);
-    V::splat(V::Elem::from_f64(1.0 / (ss / len as f64 + eps).sqrt()))
+    let mut rstd = 1.0 / (ss / len as f64 + eps).sqrt();
+    if (Stats { mean: 0.0, rstd }).extreme::<V::Elem>() {
+        if let Some((ms, k)) = scaled_mean_square(x, len) {
+            let ek = eps * k * k;
+            // ek past the f64 range dwarfs ms (at most 4): rstd is 1/sqrt(eps).
+            rstd = if ek.is_finite() {
+                k / (ms + ek).sqrt()
+            } else {
+                1.0 / eps.sqrt()
+            };
+        }
+    }
+    V::splat(V::Elem::from_f64(clamp_rstd::<V::Elem>(rstd)))
 }
 
 struct PowerForward<'a, T> {
