@@ -81,6 +81,18 @@ def power_norm(
     warmup_iters: int = 10000,
     group_num: int = 1,
 ) -> tuple[jax.Array, PowerNormState]: ...
+def vocab_parallel_cross_entropy(
+    logits_shard: _Like,
+    labels: _Like,
+    axis_name: Any,
+    *,
+    weight: _Like | None = None,
+    ignore_index: int = -100,
+    reduction: str = "none",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> jax.Array: ...
 
 __all__ = [
     "PowerNormState",
@@ -92,4 +104,5 @@ __all__ = [
     "power_norm_init",
     "rms_norm",
     "softmax",
+    "vocab_parallel_cross_entropy",
 ]

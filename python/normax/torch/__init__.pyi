@@ -1,7 +1,7 @@
 # Type stub of normax.torch: torch.nn.functional's signatures; the modules are torch.nn.Modules.
 
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -62,6 +62,35 @@ def rms_norm(
     input: Tensor, normalized_shape: _Shape, weight: Tensor | None = None, eps: float | None = None
 ) -> Tensor: ...
 def patch(model: torch.nn.Module) -> int: ...
+def vocab_parallel_cross_entropy(
+    logits_shard: Tensor,
+    target: Tensor,
+    *,
+    group: Any = None,
+    vocab_start: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor: ...
+def vocab_parallel_linear_cross_entropy(
+    hidden: Tensor,
+    weight_shard: Tensor,
+    target: Tensor,
+    *,
+    group: Any = None,
+    bias_shard: Tensor | None = None,
+    vocab_start: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor: ...
 
 __all__ = [
     "CrossEntropyLoss",
@@ -77,4 +106,6 @@ __all__ = [
     "patch",
     "rms_norm",
     "softmax",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -29,7 +29,8 @@ def host(t: Tensor) -> np.ndarray:
 def host_dense(t: Tensor) -> np.ndarray:
     """:func:`host`, C-contiguous: an incoming gradient is often a broadcast view (``y.sum()``'s is
     one value with zero strides), and one NumPy copy is the cheapest way to the kernels' fast path."""
-    return np.ascontiguousarray(host(t))
+    a = host(t)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes 0-d 1-d)
 
 
 def host_opt(t: Tensor | None) -> np.ndarray | None:
