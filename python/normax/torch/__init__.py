@@ -43,6 +43,7 @@ from ._norms import layer_norm, rms_norm
 from ._patch import patch
 from ._power_norm import PowerNorm
 from ._softmax import log_softmax, logsumexp, softmax
+from ._stablemax import log_stablemax, stablemax
 
 __all__ = [
     "CrossEntropyLoss",
@@ -54,10 +55,12 @@ __all__ = [
     "layer_norm",
     "linear_cross_entropy",
     "log_softmax",
+    "log_stablemax",
     "logsumexp",
     "patch",
     "rms_norm",
     "softmax",
+    "stablemax",
 ]
 
 # The public names keep the module they were defined in before the split: pickled modules (a
