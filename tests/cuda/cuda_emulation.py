@@ -76,6 +76,13 @@ class EmulatedKernels:
         _rows(out, rows, cols).copy_(torch.log_softmax(v, -1) if log else torch.softmax(v, -1))
 
     @staticmethod
+    def _stablemax(x, out, rows, cols, log):
+        v = _rows(x, rows, cols).double()
+        s = torch.where(v >= 0, v + 1, 1 / (1 - v.clamp(max=0)))
+        y = s / s.sum(-1, keepdim=True)
+        _rows(out, rows, cols).copy_(torch.log(y) if log else y)
+
+    @staticmethod
     def _logsumexp(x, out, rows, cols):
         _vec(out, rows).copy_(torch.logsumexp(_rows(x, rows, cols).double(), -1))
 

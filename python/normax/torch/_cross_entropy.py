@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import _cross_entropy as cpu
-from .._stablemax import check_normalizer
 from .._backends import cuda
 from .._options import CeOptions, ce_options
+from .._stablemax import check_normalizer
 from ._convert import absent, check_float, dense, host, host_opt, needs_grad, to_tensor
 from ._softmax import _log_softmax_op
 from ._stablemax import stablemax_logits

@@ -129,9 +129,9 @@ def stablemax_logits(input: Tensor, softcap: float | None) -> Tensor:
     is the StableMax one, and autograd chains its gradient through phi' = 1 / (1 + |x'|).
 
     CPU tensors are taken to float64 first (as the NumPy path does: phi's rounding must not reach
-    the loss of a dominant target); CUDA tensors stay in their dtype (the CUDA kernels are float32).
+    the loss of a dominant target); CUDA tensors to float32 (the CUDA kernels' arithmetic).
     """
-    x = input if input.is_cuda else input.to(torch.float64)
+    x = input.to(torch.float32 if input.is_cuda else torch.float64)
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     # where() picks the branch whose derivative is right at 0 (1, not sign(0) = 0); the clamps keep

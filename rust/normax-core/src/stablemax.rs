@@ -124,7 +124,8 @@ impl Sums {
     }
 }
 
-/// y = s(x) / total.
+/// y = s(x) / total: times 1 / total, or divided by it where 1 / total would be subnormal (a sum
+/// near the type's limit), or in f64 where the sum exceeds the type.
 #[inline(always)]
 unsafe fn write_stablemax<V: Vector>(
     x: *const V::Elem,
@@ -133,19 +134,36 @@ unsafe fn write_stablemax<V: Vector>(
     s: Sums,
     store: Store,
 ) {
-    let inv = V::splat(V::Elem::from_f64(if s.usable() {
-        1.0 / s.total
+    let total = V::Elem::from_f64(s.total);
+    if !s.usable() || s.total < (2.0f64).powi(100) {
+        let inv = V::splat(V::Elem::from_f64(if s.usable() {
+            1.0 / s.total
+        } else {
+            f64::NAN
+        }));
+        map_elements_to::<V>(
+            x,
+            y,
+            len,
+            store,
+            #[inline(always)]
+            |v| s_of(v).mul(inv),
+        );
+    } else if total.to_f64().is_finite() {
+        let d = V::splat(total);
+        map_elements_to::<V>(
+            x,
+            y,
+            len,
+            store,
+            #[inline(always)]
+            |v| s_of(v).div(d),
+        );
     } else {
-        f64::NAN
-    }));
-    map_elements_to::<V>(
-        x,
-        y,
-        len,
-        store,
-        #[inline(always)]
-        |v| s_of(v).mul(inv),
-    );
+        for i in 0..len {
+            *y.add(i) = V::Elem::from_f64(s64((*x.add(i)).to_f64()) / s.total);
+        }
+    }
 }
 
 /// y = log s(x) - log(total), in f64 per element; the max's own entry (and its ties') as
