@@ -160,7 +160,7 @@ def stablemax_backward(y, dy, x, axis=-1):
     >>> import numpy as np, normax
     >>> x = np.array([-1.0, 1.0])
     >>> normax.stablemax_backward(normax.stablemax(x), np.array([1.0, 0.0]), x)
-    array([ 0.08,  -0.08])
+    array([ 0.08, -0.08])
     """
     return _scaled_backward(_core.softmax_backward, y, dy, x, axis)
 

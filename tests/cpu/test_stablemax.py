@@ -58,6 +58,15 @@ def test_matches_the_definition(isa, dtype):
         np.testing.assert_allclose(ly, log_stablemax_ref(x), rtol=RTOL[np.dtype(dtype)], atol=0)
 
 
+def test_zero_and_signed_zero(isa):
+    # s(0) = 1 from both sides, also in float32 (no subnormal threshold: JAX's callback threads
+    # run with denormals-are-zero, where such a constant reads as 0).
+    for dtype in (np.float32, np.float64):
+        x = np.array([[-1.0, 0.0, -0.0, 1.0]], dtype)
+        np.testing.assert_allclose(normax.stablemax(x), [[1 / 9, 2 / 9, 2 / 9, 4 / 9]], rtol=4e-7)
+        np.testing.assert_allclose(normax.log_stablemax(x), np.log([[1 / 9, 2 / 9, 2 / 9, 4 / 9]]), rtol=4e-7)
+
+
 def test_axes_out_and_in_place():
     x = _rows(np.float64, (3, 4, 5))
     np.testing.assert_allclose(normax.stablemax(x, axis=1), stablemax_ref(x, 1), rtol=1e-14)

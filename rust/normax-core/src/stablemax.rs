@@ -15,16 +15,15 @@ use crate::simd::Vector;
 use crate::softmax::{check_io, output_store};
 use crate::Error;
 
-/// s(x) lane-wise: 1 + |x| for x > 0 (and NaN), 1 / (1 + |x|) for x <= 0 (x = 0 gives 1 either
-/// way; -inf gives 0, +inf gives inf).
+/// s(x) lane-wise as (1 + max(x, 0)) / (1 - min(x, 0)): one factor is exactly 1, so each branch
+/// is rounded once, with no select and no subnormal constant (JAX's threads run with
+/// denormals-are-zero). -inf gives 0, +inf gives inf; NaN propagates (`max`/`min` return their
+/// second operand for NaN on every ISA).
 #[inline(always)]
 fn s_of<V: Vector>(x: V) -> V {
     let zero = V::splat(V::Elem::ZERO);
-    let t = V::splat(V::Elem::ONE).add(x.max(zero.sub(x)));
-    // The smallest positive value (f32's smallest subnormal): x < it is x <= 0.
-    let tiny = V::splat(V::Elem::from_f64(1e-45));
-    let inv = V::splat(V::Elem::ONE).div(t);
-    t.keep(x.gt_or_nan(zero)).add(inv.keep(x.lt(tiny)))
+    let one = V::splat(V::Elem::ONE);
+    one.add(zero.max(x)).div(one.sub(zero.min(x)))
 }
 
 /// s(x) in f64 (the exact path and the log's per-element terms).
