@@ -194,7 +194,6 @@ impl RowLse {
         RowLse::from_sum(row_sum::<V>(x, len, Algorithm::Auto), x, len)
     }
 
-    /// (M, s) with the sum = s * e^M; M = -inf when empty.
     /// [`RowLse::of`] for one vocabulary block of a row (the linear cross-entropy): by the
     /// two-pass blocks, which keep `rest` where one element dominates, so the blocks combine
     /// into an lse - x_y that stays relatively accurate for a dominant target.
@@ -206,6 +205,7 @@ impl RowLse {
         RowLse::from_sum(sum_two_pass::<V>(x, len), x, len)
     }
 
+    /// (M, s) with the sum = s * e^M; M = -inf when empty.
     pub(super) fn scaled(self) -> (f64, f64) {
         match self {
             RowLse::Fast(e) if e.m == 0.0 => (f64::NEG_INFINITY, 0.0),
