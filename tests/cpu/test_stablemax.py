@@ -92,6 +92,7 @@ def test_dtypes_and_0d():
     np.testing.assert_allclose(yi, stablemax_ref([[1.0, 2.0, -3.0]]), rtol=1e-15)
     assert normax.stablemax(np.float64(3.0)) == 1.0 and np.isscalar(normax.stablemax(np.float64(3.0)))
     assert normax.log_stablemax(np.float64(-3.0)) == 0.0
+    assert not np.signbit(normax.log_stablemax(np.array([[5.0]], np.float32))).any()  # +0, as log_softmax
 
 
 def test_special_values_and_errors():

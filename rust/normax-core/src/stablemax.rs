@@ -176,7 +176,8 @@ unsafe fn write_log_stablemax<T: Float>(x: *const T, y: *mut T, len: usize, s: S
     // s(max) as the sums saw it (rounded to T), and how many elements equal the max.
     let s_max = T::from_f64(s64(s.max)).to_f64();
     let ties = ((s.total - s.below) / s_max).round().max(1.0);
-    let top = -((s.below + (ties - 1.0) * s_max) / s_max).ln_1p();
+    // 0 - log1p: a lone element gives +0, as log_softmax does.
+    let top = 0.0 - ((s.below + (ties - 1.0) * s_max) / s_max).ln_1p();
     for i in 0..len {
         let v = (*x.add(i)).to_f64();
         *y.add(i) = T::from_f64(if v == s.max {

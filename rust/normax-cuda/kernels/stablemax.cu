@@ -47,7 +47,7 @@ __device__ void stablemax_rows(const T* x, T* y, i64 rows, i64 cols, int mode) {
     float log_total = logf(total);
     float s_max = stable_s(m);
     float ties = fmaxf(rintf((acc.x - acc.y) / s_max), 1.0f);
-    float top = -log1pf((acc.y + (ties - 1.0f) * s_max) / s_max);
+    float top = 0.0f - log1pf((acc.y + (ties - 1.0f) * s_max) / s_max);  // +0 for a lone element
     T* yr = y + s.row * cols;
     for (i64 i = (i64)threadIdx.x * V; i < cols; i += (i64)blockDim.x * V) {
         float v[V];
