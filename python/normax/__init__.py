@@ -6,7 +6,7 @@ the caller's kind. ``normax.torch`` and ``normax.jax`` (imported on demand) are 
 adapters with autograd. See the README for the benchmark and the API overview.
 """
 
-from . import _cross_entropy, _norms, _power_norm, _softmax
+from . import _cross_entropy, _norms, _power_norm, _softmax, _stablemax
 from ._core import get_isa, get_num_threads, set_isa, set_num_threads, supported_isas
 from ._dispatch import array_api, get_backend, set_backend
 from ._power_norm import PowerNormSaved, PowerNormState
@@ -18,6 +18,10 @@ log_softmax = array_api(_softmax.log_softmax)
 logsumexp = array_api(_softmax.logsumexp)
 softmax_backward = array_api(_softmax.softmax_backward)
 log_softmax_backward = array_api(_softmax.log_softmax_backward)
+stablemax = array_api(_stablemax.stablemax)
+log_stablemax = array_api(_stablemax.log_stablemax)
+stablemax_backward = array_api(_stablemax.stablemax_backward)
+log_stablemax_backward = array_api(_stablemax.log_stablemax_backward)
 cross_entropy = array_api(_cross_entropy.cross_entropy)
 cross_entropy_with_grad = array_api(_cross_entropy.cross_entropy_with_grad)
 linear_cross_entropy = array_api(_cross_entropy.linear_cross_entropy)
@@ -49,6 +53,8 @@ __all__ = [
     "linear_cross_entropy_with_grad",
     "log_softmax",
     "log_softmax_backward",
+    "log_stablemax",
+    "log_stablemax_backward",
     "logsumexp",
     "power_norm",
     "power_norm_backward",
@@ -59,5 +65,7 @@ __all__ = [
     "set_num_threads",
     "softmax",
     "softmax_backward",
+    "stablemax",
+    "stablemax_backward",
     "supported_isas",
 ]

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from . import _core
-from ._arrays import as_input, contiguous, scalar_0d
+from . import _core, _stablemax
+from ._arrays import as_input, contiguous, is_int_dtype, scalar_0d
 from ._options import (
     ce_inputs,
     ce_options,
@@ -36,8 +36,10 @@ def _cross_entropy(
     with_grad,
     grad_output=1.0,
     inplace=False,
+    normalizer="softmax",
 ):
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    stable = _stablemax.check_normalizer(normalizer)
     ignore_index, reduction = opts.ignore_index, opts.reduction
     x, result_dtype, ax, t, soft, w = ce_inputs(logits, target, axis, weight, inplace)
     work_dtype = softcap_dtype(opts.softcap, x.dtype)
@@ -55,13 +57,20 @@ def _cross_entropy(
     tk = contiguous(t if (last or not soft) else np.moveaxis(t, ax, -1))
     if not soft:
         tk = tk.astype(np.int64, copy=False)
+    chain = None
+    if stable:
+        # StableMax: the softmax cross-entropy of phi = log s(x), in float64 (see _stablemax).
+        work, chain = _stablemax.ce_logits(work, opts.softcap)
+        opts = opts._replace(softcap=None)
+        tk = tk.astype(np.float64) if soft else tk
+        w = None if w is None else w.astype(np.float64)
     rows = work.size // classes
-    loss = np.empty(rows if reduction == "none" else 1, x.dtype)
+    loss = np.empty(rows if reduction == "none" else 1, work.dtype)
 
     grad = grad_rows = None
     grad_scalar = 0.0
     if with_grad:
-        grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, row_shape, x.dtype)
+        grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, row_shape, work.dtype)
         # In place: `work` is either the caller's array itself (float32/float64, classes last,
         # contiguous) or already a private copy, written in place and copied back below.
         grad = work if inplace else np.empty_like(work)
@@ -69,6 +78,8 @@ def _cross_entropy(
         _core.cross_entropy(work, tk, w, loss, grad, grad_rows, grad_scalar, rows, classes, *opts)
     except IndexError:
         raise index_error(t, classes, ignore_index) from None
+    if chain is not None and grad is not None:
+        grad = (grad * chain).astype(x.dtype, copy=False)
 
     if grad is not None and not last:
         grad = np.moveaxis(grad, -1, ax)
@@ -86,6 +97,7 @@ def cross_entropy(
     label_smoothing=0.0,
     z_loss=0.0,
     softcap=None,
+    normalizer="softmax",
 ):
     """Cross-entropy loss between `logits` and `target`, as ``torch.nn.functional.cross_entropy``.
 
@@ -123,6 +135,11 @@ def cross_entropy(
         hold (>= 2**128 - 2**103, which float32 rounds to inf, or below its smallest normal,
         1.2e-38) are computed in float64 and the results rounded to float32: the float64
         ``softcap * tanh(x / softcap)`` reference, not NaN.
+    normalizer : {"softmax", "stablemax"}, default "softmax"
+        What turns the (softcapped) logits into probabilities: softmax, or StableMax (Prieto et
+        al. 2025; :func:`normax.stablemax`), whose loss is ``-log_stablemax(x)[y]`` with every
+        other option (weights, smoothing, probability targets, reductions) as for softmax and
+        ``z_loss`` applied to ``log(sum(s(x)))``. Anything else raises ValueError.
 
     Returns
     -------
@@ -140,7 +157,7 @@ def cross_entropy(
     ValueError
         For a `target` or `weight` of the wrong shape, an empty class axis, `label_smoothing`
         outside [0, 1], a negative `z_loss`, a `softcap` that is not positive, an unknown
-        `reduction`, or `ignore_index` >= 0 with probability targets.
+        `reduction` or `normalizer`, or `ignore_index` >= 0 with probability targets.
     TypeError
         For complex, string, object or bool targets or logits, a non-integer `axis`, or a
         `label_smoothing`, `z_loss` or `softcap` that is not a real number (a string such as
@@ -157,6 +174,16 @@ def cross_entropy(
     fine, a -inf target logit gives +inf, a row with NaN or +inf (or nothing but -inf) gives NaN,
     and a mean over zero targets (every row ignored) is NaN.
 
+    Softmax Collapse (Prieto et al. 2025): where the target's probability rounds to 1 (a margin
+    above ~17 in float32), the peers' loss and target gradient are exactly 0 and learning stops.
+    Here the loss is ``log1p(sum of the other classes' exp relative to the target)`` and the
+    target's gradient entry ``-(sum of the other probabilities)`` (times its scale), both within
+    a few ULP of the float64 value up to margins of ~87 in float32 (the exp range).
+
+    ``normalizer="stablemax"`` computes the softmax cross-entropy of ``phi = log s(x) =
+    sign(x) * log1p(|x|)`` in float64 (``softmax(phi) = stablemax(x)``) and chains the gradient
+    through ``phi'(x) = 1 / (1 + |x|)``: results are rounded once to the logits' dtype.
+
     Examples
     --------
     >>> import numpy as np, normax
@@ -167,7 +194,17 @@ def cross_entropy(
     array([0.23954477, 0.        ])
     """
     return _cross_entropy(
-        logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, False
+        logits,
+        target,
+        axis,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        False,
+        normalizer=normalizer,
     )
 
 
@@ -184,12 +221,13 @@ def cross_entropy_with_grad(
     softcap=None,
     grad_output=1.0,
     inplace=False,
+    normalizer="softmax",
 ):
     """:func:`cross_entropy` and its gradient with respect to `logits`, fused.
 
     Parameters
     ----------
-    logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+    logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer
         As in :func:`cross_entropy`.
     grad_output : float or array_like, default 1.0
         The gradient is that of ``grad_output * loss``. With ``reduction="none"`` it may be an
@@ -243,6 +281,7 @@ def cross_entropy_with_grad(
         True,
         grad_output,
         bool(inplace),
+        normalizer,
     )
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _cross_entropy, _norms, _power_norm, _softmax
+from . import _cross_entropy, _norms, _power_norm, _softmax, _stablemax
 from ._jax_vocab_parallel import vocab_parallel_cross_entropy
 from ._options import ce_options
 
@@ -43,12 +43,14 @@ __all__ = [
     "cross_entropy",
     "layer_norm",
     "log_softmax",
+    "log_stablemax",
     "logsumexp",
     "power_norm",
     "power_norm_init",
     "rms_norm",
     "softmax",
     "vocab_parallel_cross_entropy",
+    "stablemax",
 ]
 
 
@@ -270,6 +272,92 @@ def log_softmax(x, axis=-1, where=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# stablemax, log_stablemax
+
+
+def _stable_row_map(fn, backward):
+    """custom_vjp of y = fn(x) whose backward takes (y, dy, x): StableMax's gradient needs x."""
+
+    def forward(x, axes):
+        return _call(_bind(fn, axis=axes), [_spec(x.shape, x.dtype)], (x,), (x.ndim,), (0,))[0]
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def op(x, axes):
+        return forward(x, axes)
+
+    def fwd(x, axes):
+        y = forward(x, axes)
+        return y, (y, x)
+
+    def bwd(axes, res, dy):
+        y, x = res
+        dy = dy.astype(y.dtype)
+        spec = [_spec(y.shape, y.dtype)]
+        n = y.ndim
+        return (_call(_bind(backward, axis=axes), spec, (y, dy, x), (n, n, n), (0, 1, 2))[0],)
+
+    op.defvjp(fwd, bwd)
+    return op
+
+
+_stablemax_vjp = _stable_row_map(_stablemax.stablemax, _stablemax.stablemax_backward)
+_log_stablemax_vjp = _stable_row_map(_stablemax.log_stablemax, _stablemax.log_stablemax_backward)
+
+
+def stablemax(x, axis=-1):
+    """StableMax (Prieto et al. 2025) computed by :func:`normax.stablemax`, with ``custom_vjp``.
+
+    Parameters
+    ----------
+    x : array_like
+        Real input; integers are promoted to the default float dtype; complex raises TypeError.
+    axis : int, tuple of int or None, default -1
+        Axis or axes to normalize over (None: all).
+
+    Returns
+    -------
+    jax.Array
+        ``s(x) / sum(s(x), axis)`` with s(x) = x + 1 for x >= 0, 1 / (1 - x) below; same shape
+        and dtype as `x`.
+
+    Notes
+    -----
+    Backward: ``y * (dy - sum(dy * y)) / (1 + |x|)`` (:func:`normax.stablemax_backward`).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, normax.jax as nj
+    >>> nj.stablemax(jnp.array([-1.0, 0.0, 1.0]))
+    Array([0.14285715, 0.2857143 , 0.5714286 ], dtype=float32)
+    """
+    return _map(_stablemax_vjp, x, axis, "normax.jax.stablemax")
+
+
+def log_stablemax(x, axis=-1):
+    """log of :func:`stablemax`, computed by :func:`normax.log_stablemax`, with ``custom_vjp``.
+
+    Parameters
+    ----------
+    x : array_like
+        Real input.
+    axis : int, tuple of int or None, default -1
+        Axis or axes to normalize over (None: all).
+
+    Returns
+    -------
+    jax.Array
+        ``log s(x) - log(sum(s(x), axis))``; same shape and dtype as `x`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, normax.jax as nj
+    >>> nj.log_stablemax(jnp.zeros(2))
+    Array([-0.6931472, -0.6931472], dtype=float32)
+    """
+    return _map(_log_stablemax_vjp, x, axis, "normax.jax.log_stablemax")
+
+
+# ---------------------------------------------------------------------------------------------
 # logsumexp
 
 
@@ -409,8 +497,8 @@ def _ce_rows(logits, labels, weight, opts):
 
 
 def _ce_impl(x, t, w=None, *, opts, with_grad):
-    axis, options = opts
-    kw = {"axis": axis, "weight": w, **options._asdict()}
+    axis, options, normalizer = opts
+    kw = {"axis": axis, "weight": w, "normalizer": normalizer, **options._asdict()}
     if with_grad:
         return _cross_entropy.cross_entropy_with_grad(x, t, **kw)
     return (_cross_entropy.cross_entropy(x, t, **kw),)
@@ -451,6 +539,7 @@ def cross_entropy(
     label_smoothing=0.0,
     z_loss=0.0,
     softcap=None,
+    normalizer="softmax",
 ):
     """Softmax cross-entropy, per example by default (``optax.softmax_cross_entropy_with_integer_labels``).
 
@@ -469,8 +558,9 @@ def cross_entropy(
         Label whose examples get loss 0 and are left out of the mean.
     reduction : {"none", "mean", "sum"}, default "none"
         "mean" is torch's: the summed loss over the summed weight of the counted examples.
-    label_smoothing, z_loss, softcap
-        As in :func:`normax.cross_entropy`.
+    label_smoothing, z_loss, softcap, normalizer
+        As in :func:`normax.cross_entropy` (``normalizer="stablemax"``: the loss of
+        ``log_stablemax``; its gradient comes from the same normax call).
 
     Returns
     -------
@@ -491,6 +581,7 @@ def cross_entropy(
     """
     fname = "normax.jax.cross_entropy"
     options = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    _stablemax.check_normalizer(normalizer)
     logits = _floating(logits, fname)
     labels = jnp.asarray(labels)
     if _is_complex(labels) or _is_complex(weight):
@@ -504,7 +595,7 @@ def cross_entropy(
     if weight is not None:
         weight = jnp.asarray(weight).astype(logits.dtype)
     # The kernel returns per-example losses; the reduction is jnp code (it batches under vmap).
-    rows = _ce_rows(logits, labels, weight, (ax, options._replace(reduction="none")))
+    rows = _ce_rows(logits, labels, weight, (ax, options._replace(reduction="none"), normalizer))
     if options.reduction == "none":
         return rows
     total = jnp.sum(rows)

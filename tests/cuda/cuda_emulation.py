@@ -76,6 +76,13 @@ class EmulatedKernels:
         _rows(out, rows, cols).copy_(torch.log_softmax(v, -1) if log else torch.softmax(v, -1))
 
     @staticmethod
+    def _stablemax(x, out, rows, cols, log):
+        v = _rows(x, rows, cols).double()
+        s = torch.where(v >= 0, v + 1, 1 / (1 - v.clamp(max=0)))
+        y = s / s.sum(-1, keepdim=True)
+        _rows(out, rows, cols).copy_(torch.log(y) if log else y)
+
+    @staticmethod
     def _logsumexp(x, out, rows, cols):
         _vec(out, rows).copy_(torch.logsumexp(_rows(x, rows, cols).double(), -1))
 
@@ -103,7 +110,13 @@ class EmulatedKernels:
             ignored = (t == ignore) | (t < 0) | (t >= cols)
             y = torch.where(ignored, 0, t)
             tvec = torch.nn.functional.one_hot(y, cols).double()
-            target_term = w[y] * (lse - x.gather(1, y[:, None])[:, 0])
+            # The kernels' Softmax-Collapse forms: lse - x_y = log1p(oth) and 1 - p_y =
+            # oth / (1 + oth), oth = sum over the other classes of exp(x - x_y).
+            xy = x.gather(1, y[:, None])[:, 0]
+            oth = torch.exp(x - xy[:, None]).scatter(1, y[:, None], 0.0).sum(-1)
+            near = torch.isfinite(oth) & torch.isfinite(lse)
+            target_term = w[y] * torch.where(near, torch.log1p(oth), lse - xy)
+            q = torch.where(near, oth / (1 + oth), 1 - torch.exp(xy - lse))
             sum_wt = w[y]
         else:
             ignored = torch.zeros(rows, dtype=torch.bool)
@@ -119,6 +132,9 @@ class EmulatedKernels:
             s = torch.where(ignored, 0.0, s)
             a = (1 - eps) * sum_wt + eps * w.sum() / cols + 2 * z * lse
             g = (torch.exp(x - lse[:, None]) * a[:, None] - w * (eps / cols + (1 - eps) * tvec)) * s[:, None]
+            if t.dtype == torch.int64:  # the target's own entry without the cancelling terms
+                res = eps / cols * (w.sum() - w[y]) + 2 * z * lse
+                g = g.scatter(1, y[:, None], ((res - a * q) * s)[:, None])
             if cap:
                 g = g * (1 - (x / cap) ** 2)
             _rows(grad, rows, cols).copy_(g)

@@ -27,7 +27,7 @@ def test_nvrtc_comes_from_the_wheel():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # sm_75: cargo test -p normax-cuda
 def test_every_kernel_compiles(arch):
     modules = dict(cuda.compile_check(arch))
-    assert set(modules) == {"softmax", "cross_entropy", "norms", "power_norm"}
+    assert set(modules) == {"softmax", "cross_entropy", "norms", "power_norm", "stablemax"}
     assert all(size > 10_000 for size in modules.values())  # real cubins, not empty images
 
 

@@ -45,6 +45,7 @@ from ._patch import patch
 from ._power_norm import PowerNorm
 from ._softmax import log_softmax, logsumexp, softmax
 from ._vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from ._stablemax import log_stablemax, stablemax
 
 __all__ = [
     "CrossEntropyLoss",
@@ -56,12 +57,14 @@ __all__ = [
     "layer_norm",
     "linear_cross_entropy",
     "log_softmax",
+    "log_stablemax",
     "logsumexp",
     "patch",
     "rms_norm",
     "softmax",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "stablemax",
 ]
 
 # The public names keep the module they were defined in before the split: pickled modules (a

@@ -16,9 +16,11 @@ from .. import _core
 from .. import _cross_entropy as cpu
 from .._backends import cuda
 from .._options import CeOptions, ce_options, index_error, softcap_dtype
+from .._stablemax import check_normalizer
 from ._convert import KERNEL_DTYPES, absent, check_float, dense, host, host_opt, needs_grad, to_tensor
 from ._op import op
 from ._softmax import _log_softmax_op
+from ._stablemax import stablemax_logits
 from ._vocab_parallel import maybe_vocab_parallel
 
 _FNAME = "normax.torch.cross_entropy"
@@ -289,6 +291,7 @@ def cross_entropy(
     *,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    normalizer: str = "softmax",
 ) -> Tensor:
     """``torch.nn.functional.cross_entropy`` computed by :func:`normax.cross_entropy`, fused.
 
@@ -311,6 +314,10 @@ def cross_entropy(
         PaLM's auxiliary term: ``z_loss * lse**2`` added to each counted row's loss.
     softcap : float, optional
         Logits become ``softcap * tanh(logits / softcap)`` first (Gemma 2).
+    normalizer : {"softmax", "stablemax"}, default "softmax"
+        As in :func:`normax.cross_entropy`: "stablemax" is the loss of ``log_stablemax`` (Prieto
+        et al. 2025), computed as the softmax cross-entropy of ``phi = sign(x) * log1p(|x|)``
+        (in float64 for CPU tensors), autograd chaining the gradient through phi.
 
     Returns
     -------
@@ -340,14 +347,27 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         # torch's own legacy mapping and its deprecation warning.
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    # Logits that are a DTensor sharded on the class axis: the vocabulary-parallel loss.
-    vocab_parallel = maybe_vocab_parallel(
+    stablemax = check_normalizer(normalizer)
+    # Logits that are a DTensor sharded on the class axis: the vocabulary-parallel loss (softmax).
+    vocab_parallel = None if stablemax else maybe_vocab_parallel(
         input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
     )  # fmt: skip
     if vocab_parallel is not None:
         return vocab_parallel
     opts = _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if stablemax:
+        phi = stablemax_logits(input, opts.softcap)
+        loss = cross_entropy(
+            phi,
+            target,
+            weight,
+            ignore_index=opts.ignore_index,
+            reduction=opts.reduction,
+            label_smoothing=opts.label_smoothing,
+            z_loss=opts.z_loss,
+        )
+        return loss.to(input.dtype)
     axis = 1 if input.ndim >= 2 else 0
     if needs_grad(input) and not input.is_cuda and not needs_grad(target):
         # CPU: loss and gradient in one pass over the logits; the backward only scales it. (A

@@ -47,8 +47,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`, plus `z_loss` and `softcap`.
 
     Same constructor arguments (``weight, size_average, ignore_index, reduce, reduction,
-    label_smoothing``) and state_dict (the ``weight`` buffer), then keyword-only ``z_loss=0.0``
-    and ``softcap=None``.
+    label_smoothing``) and state_dict (the ``weight`` buffer), then keyword-only ``z_loss=0.0``,
+    ``softcap=None`` and ``normalizer="softmax"`` (or "stablemax", see :func:`cross_entropy`).
 
     Examples
     --------
@@ -68,10 +68,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         *,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        normalizer: str = "softmax",
     ):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
+        self.normalizer = normalizer
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(
@@ -83,6 +85,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            normalizer=self.normalizer,
         )
 
 

@@ -251,7 +251,7 @@ pub unsafe fn sum_two_pass<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
 
 /// The row's maximum. NaN may or may not survive `max`; the sum pass catches it either way.
 #[inline(always)]
-unsafe fn max_pass<V: Vector>(x: *const V::Elem, len: usize) -> V::Elem {
+pub(crate) unsafe fn max_pass<V: Vector>(x: *const V::Elem, len: usize) -> V::Elem {
     let mut mx = [V::splat(V::Elem::NEG_INFINITY); 4];
     let w = V::LANES;
     let mut i = 0;

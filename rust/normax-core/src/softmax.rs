@@ -377,7 +377,7 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
 }
 
 /// Streaming stores for outputs too large to stay cached, written row by row (not gathered).
-fn output_store<T>(layout: &Layout) -> Store {
+pub(crate) fn output_store<T>(layout: &Layout) -> Store {
     if layout.inner == 1 {
         Store::for_output::<T>(layout.size().unwrap_or(0))
     } else {
@@ -385,7 +385,7 @@ fn output_store<T>(layout: &Layout) -> Store {
     }
 }
 
-fn check_io<T>(layout: &Layout, x: &[T], y_len: usize) -> Result<(), Error> {
+pub(crate) fn check_io<T>(layout: &Layout, x: &[T], y_len: usize) -> Result<(), Error> {
     let n = layout.size()?;
     layout.check("x", x.len(), n)?;
     layout.check("out", y_len, n)

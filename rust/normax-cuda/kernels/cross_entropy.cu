@@ -4,6 +4,11 @@
 //   grad_c = (p_c * A - w_c * (b + ct * t_c)) * (1 - (x_c / cap)^2 with a softcap)
 // Pass 1 gathers per row (chunk): max and sum of exp, sum_c w_c x_c, and for probability targets
 // sum_c w_c t_c and sum_c w_c t_c x_c; pass 2 finishes the loss and writes the gradient.
+//
+// Softmax Collapse: a hard target's lse - x_y is log1p(oth / e_y) and its 1 - p_y is
+// oth / (e_y + oth), with oth the sum of the other classes' exp(x - max) (pass 1 adds it beside the
+// sum, from the same exponentials) and e_y = exp(x_y - max): where p_y rounds to 1 (a margin above
+// ~17) the loss and the target's gradient stay relatively accurate instead of becoming 0.
 
 #define NX_MAX_ROWS_PER_BLOCK 8
 
@@ -22,6 +27,7 @@ struct CeArgs {
 struct CeStats {
     float2 ms;
     float wx, w, wt, wtx, xy;
+    float oth;  // sum of exp(x - ms.x) over the classes other than a hard target's
 };
 struct CeMerge {
     __device__ CeStats operator()(CeStats a, CeStats b) const {
@@ -32,6 +38,7 @@ struct CeMerge {
         r.wt = a.wt + b.wt;
         r.wtx = a.wtx + b.wtx;
         r.xy = a.xy + b.xy;
+        r.oth = a.oth * rescale(a.ms.x, r.ms.x) + b.oth * rescale(b.ms.x, r.ms.x);
         return r;
     }
 };
@@ -43,15 +50,35 @@ __device__ __forceinline__ CeStats shfl_xor(CeStats v, int o) {
     r.wt = shfl_xor(v.wt, o);
     r.wtx = shfl_xor(v.wtx, o);
     r.xy = shfl_xor(v.xy, o);
+    r.oth = shfl_xor(v.oth, o);
     return r;
 }
 
 __device__ __forceinline__ float capped(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
 
+// max_sum_add that also keeps `oth`, the sum without element y (i the index of v[0]): the same
+// exponentials, one more add each.
+template <int V>
+__device__ __forceinline__ void max_sum_oth_add(float2& st, float& oth, const float (&v)[V], i64 i, i64 y) {
+    float m = st.x;
+#pragma unroll
+    for (int j = 0; j < V; ++j) m = fmaxf(m, v[j]);
+    float k = rescale(st.x, m);
+    float s = st.y * k, o = oth * k;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        float e = v[j] == m ? 1.0f : fast_exp(v[j] - m);
+        s += e;
+        if (i + j != y) o += e;
+    }
+    st = make_float2(m, s);
+    oth = o;
+}
+
 template <class T, int V>
 __device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const CeArgs& a, const RowSlot& s,
                                                   CeStats* scratch) {
-    CeStats st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    CeStats st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     bool smooth = a.eps > 0.0f;
     if (s.active) {
         const T* row = x + s.row * cols;
@@ -62,7 +89,7 @@ __device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const Ce
             load<T, V>(row + i, v);
 #pragma unroll
             for (int j = 0; j < V; ++j) v[j] = capped(v[j], a.cap);
-            max_sum_add<V>(st.ms, v);
+            max_sum_oth_add<V>(st.ms, st.oth, v, i, y);
 #pragma unroll
             for (int j = 0; j < V; ++j)
                 if (i + j == y) st.xy = v[j];
@@ -100,6 +127,7 @@ struct CeRow {
     i64 y;         // the class index, -1 for probability targets
     bool ignored;  // ignore_index (or out of range: refused by the caller, never read here)
     float lse, x_y, w_y;
+    float d, q;    // a hard target's lse - x_y and 1 - p_y, relatively accurate (see the top)
 };
 
 __device__ __forceinline__ CeRow ce_row(const CeArgs& a, const CeStats& st, i64 row, i64 cols) {
@@ -110,12 +138,18 @@ __device__ __forceinline__ CeRow ce_row(const CeArgs& a, const CeStats& st, i64 
     bool hard = a.target && !r.ignored;
     r.x_y = hard ? st.xy : 0.0f;
     r.w_y = hard ? (a.weight ? a.weight[r.y] : 1.0f) : 0.0f;
+    // Beside a max within ln 2 of the target the log1p forms; else lse - x_y > ln 2 and
+    // p_y < 1/2 carry no cancellation.
+    float e_y = r.x_y == st.ms.x ? 1.0f : fast_exp(r.x_y - st.ms.x);
+    bool near = hard && e_y >= 0.5f && st.ms.x < NX_INF;  // a +inf max keeps the NaN loss
+    r.d = near ? log1pf(st.oth / e_y) : r.lse - r.x_y;
+    r.q = near ? st.oth / (e_y + st.oth) : 1.0f - fast_exp(r.x_y - r.lse);
     return r;
 }
 
 __device__ __forceinline__ float ce_loss(const CeArgs& a, const CeStats& st, const CeRow& r, i64 cols) {
     if (r.ignored) return 0.0f;
-    float target_term = a.target ? r.w_y * (r.lse - r.x_y) : st.wt * r.lse - st.wtx;
+    float target_term = a.target ? r.w_y * r.d : st.wt * r.lse - st.wtx;
     float loss = (1.0f - a.eps) * target_term;
     if (a.eps > 0.0f) loss += a.eps / (float)cols * (st.w * r.lse - st.wx);
     if (a.z > 0.0f) loss += a.z * r.lse * r.lse;
@@ -123,8 +157,10 @@ __device__ __forceinline__ float ce_loss(const CeArgs& a, const CeStats& st, con
 }
 
 // grad_c = (p_c * A - w_c * (B + Ct * t_c)) * cap'(x_c), the row's scale folded into A, B, Ct.
+// A hard target's own entry is (R - A * (1 - p_y)) * cap'(x_y): R = A - w_y (B + Ct), formed
+// without the cancelling w_y Ct terms.
 struct CeCoef {
-    float a, b, t;
+    float a, b, t, res;
 };
 
 __device__ __forceinline__ CeCoef ce_coef(const CeArgs& a, const CeStats& st, const CeRow& r, float scale,
@@ -133,15 +169,18 @@ __device__ __forceinline__ CeCoef ce_coef(const CeArgs& a, const CeStats& st, co
     float c_over = a.eps / (float)cols;
     float coef_a = (1.0f - a.eps) * (a.target ? r.w_y : st.wt);
     if (a.eps > 0.0f) coef_a += c_over * st.w;
-    if (a.z > 0.0f) coef_a += 2.0f * a.z * r.lse;
-    return {coef_a * sc, sc * c_over, sc * (1.0f - a.eps)};
+    float zl = a.z > 0.0f ? 2.0f * a.z * r.lse : 0.0f;
+    coef_a += zl;
+    float res = (a.eps > 0.0f ? c_over * (st.w - r.w_y) : 0.0f) + zl;
+    return {coef_a * sc, sc * c_over, sc * (1.0f - a.eps), sc * res};
 }
 
-// The gradient of one class from its capped logit xc, target probability tc and weight w.
+// The gradient of one class from its capped logit xc, target probability tc and weight w; `is_y`
+// for a hard target's own class.
 __device__ __forceinline__ float ce_grad(const CeArgs& a, const CeRow& r, const CeCoef& k, float xc, float tc,
-                                         float w) {
+                                         float w, bool is_y) {
     if (r.ignored) return 0.0f;
-    float g = fast_exp(xc - r.lse) * k.a - w * (k.b + k.t * tc);
+    float g = is_y ? k.res - k.a * r.q : fast_exp(xc - r.lse) * k.a - w * (k.b + k.t * tc);
     if (a.cap > 0.0f) {
         float u = xc / a.cap;
         g *= 1.0f - u * u;
@@ -160,7 +199,7 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
     if (part == nullptr) {
         st = ce_chunk_stats<T, V>(x, cols, a, s, scratch);
     } else {
-        st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (s.active)
             for (int c = 0; c < chunks; ++c) st = CeMerge()(st, part[s.row * chunks + c]);
     }
@@ -178,8 +217,9 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
         if (prow) load<T, V>(prow + i, t);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-            float tc = prow ? t[j] : (i + j == r.y ? 1.0f : 0.0f);
-            v[j] = ce_grad(a, r, k, capped(v[j], a.cap), tc, a.weight ? a.weight[i + j] : 1.0f);
+            bool is_y = i + j == r.y;
+            float tc = prow ? t[j] : (is_y ? 1.0f : 0.0f);
+            v[j] = ce_grad(a, r, k, capped(v[j], a.cap), tc, a.weight ? a.weight[i + j] : 1.0f, is_y);
         }
         store<T, V>(grow + i, v);
     }
@@ -212,14 +252,16 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
     }
     m = row_reduce(m, reinterpret_cast<float*>(scratch), Max());
     // Every thread of the row holds the same max, so the (max, sum) pairs merge by adding.
-    CeStats st = {make_float2(m, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    CeStats st = {make_float2(m, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int p = 0; p < P; ++p) {
         i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
         if (s.active && i < cols) {
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                st.ms.y += fast_exp(v[p][j] - m);
+                float e = fast_exp(v[p][j] - m);
+                st.ms.y += e;
+                if (i + j != y) st.oth += e;
                 if (smooth) {
                     float w = a.weight ? a.weight[i + j] : 1.0f;
                     st.wx = fmaf(w, v[p][j], st.wx);
@@ -242,7 +284,8 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
         if (i < cols) {
 #pragma unroll
             for (int j = 0; j < V; ++j)
-                v[p][j] = ce_grad(a, r, k, v[p][j], i + j == r.y ? 1.0f : 0.0f, a.weight ? a.weight[i + j] : 1.0f);
+                v[p][j] = ce_grad(a, r, k, v[p][j], i + j == r.y ? 1.0f : 0.0f, a.weight ? a.weight[i + j] : 1.0f,
+                                  i + j == r.y);
             store<T, V>(grow + i, v[p]);
         }
     }

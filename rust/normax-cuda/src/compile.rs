@@ -8,11 +8,12 @@ use std::ffi::CString;
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// The modules: (name, source without the common prelude).
-pub const MODULES: [(&str, &str); 4] = [
+pub const MODULES: [(&str, &str); 5] = [
     ("softmax", include_str!("../kernels/softmax.cu")),
     ("cross_entropy", include_str!("../kernels/cross_entropy.cu")),
     ("norms", include_str!("../kernels/norms.cu")),
     ("power_norm", include_str!("../kernels/power_norm.cu")),
+    ("stablemax", include_str!("../kernels/stablemax.cu")),
 ];
 
 pub(crate) fn ensure_nvrtc() -> Result<()> {

@@ -8,8 +8,8 @@
 //! DLPack in the Python bindings). The only allocations here are small stream-ordered scratch
 //! buffers for the partial results of rows split across blocks.
 //!
-//! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs`, `norms.rs`, `power_norm.rs`
-//! host each family's checks and kernel sequence; `launch.rs` the launch shapes they share.
+//! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs`, `norms.rs`, `power_norm.rs`,
+//! `stablemax.rs` host each family's checks and kernel sequence; `launch.rs` the launch shapes they share.
 //! Options, checks and errors are normax-core's [`spec`](normax_core::spec), as on every backend.
 
 mod compile;
@@ -19,6 +19,7 @@ mod launch;
 mod norms;
 mod power_norm;
 mod softmax;
+mod stablemax;
 
 pub use compile::{compile_all, nvrtc_version, MODULES};
 pub use cross_entropy::{cross_entropy, CeTarget};
@@ -27,6 +28,7 @@ pub use launch::{column_plan, plan, ColumnPlan, Plan};
 pub use norms::{norm_backward, norm_forward};
 pub use power_norm::{power_norm_backward, power_norm_forward, PowerGradIn, PowerOut, PowerShape};
 pub use softmax::{logsumexp, softmax, softmax_backward};
+pub use stablemax::stablemax;
 
 pub use normax_core::spec::{CeOptions, Error, NormKind, Target};
 

@@ -4,7 +4,7 @@
 //! (outer, len, inner) layout of C-contiguous, native-endian float32/float64 arrays; the bindings
 //! re-check what memory safety depends on (dtype, contiguity, sizes, writeability).
 //!
-//! One file per op family (`softmax`, `cross_entropy`, `norms`), one per GPU backend (`cuda`,
+//! One file per op family (`softmax`, `stablemax`, `cross_entropy`, `norms`), one per GPU backend (`cuda`,
 //! `wgpu`), and the shared parts: `arrays` (array checks), `errors` (the one error mapping),
 //! `config` (threads, ISA), `interrupt` (Ctrl-C during a long call).
 
@@ -20,6 +20,7 @@ mod interrupt;
 mod norms;
 mod softmax;
 mod vocab_parallel;
+mod stablemax;
 #[cfg(feature = "wgpu")]
 mod wgpu;
 
@@ -27,6 +28,7 @@ mod wgpu;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     config::register(m)?;
     softmax::register(m)?;
+    stablemax::register(m)?;
     norms::register(m)?;
     cross_entropy::register(m)?;
     vocab_parallel::register(m)?;

@@ -25,7 +25,7 @@ fn run<R: Send>(
 type MapFn<T> = fn(&[T], &mut [T], Layout) -> Result<(), Error>;
 type MapInplaceFn<T> = fn(&mut [T], Layout) -> Result<(), Error>;
 
-fn map_typed<T: Float + Element>(
+pub(crate) fn map_typed<T: Float + Element>(
     py: Python<'_>,
     x: &Arr<'_>,
     out: &Arr<'_>,
@@ -69,7 +69,7 @@ fn last_axis_new<'py, T: Float + Element>(
     Ok(Some(y.into_any().cast_into::<PyUntypedArray>()?))
 }
 
-fn last_axis<'py>(
+pub(crate) fn last_axis<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     f32_op: MapFn<f32>,

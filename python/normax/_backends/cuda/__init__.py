@@ -25,7 +25,7 @@ The kernels are compiled by NVRTC for the device at first use (about a second pe
 then cached for the process. NVRTC comes from the ``nvidia-cuda-nvrtc`` wheel (installed with
 PyTorch) or a CUDA toolkit on the library path.
 
-Layout: one module per op family (``softmax``, ``cross_entropy``, ``norms``, ``power_norm``, as
+Layout: one module per op family (``softmax``, ``stablemax``, ``cross_entropy``, ``norms``, ``power_norm``, as
 the CPU path and ``kernels/*.cu``) over ``device`` (the caller's library, DLPack, streams, the
 kernels' entry point). ``cross_entropy_rows``, ``linear_blocks`` and ``norm_backward`` are the
 families' cores with the options ``normax.torch`` needs (no read-back check, float32 parameter
@@ -52,6 +52,7 @@ from .norms import (
 )
 from .power_norm import power_norm, power_norm_backward, power_norm_backward_as, power_norm_saved
 from .softmax import log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward
+from .stablemax import log_stablemax, log_stablemax_backward, stablemax, stablemax_backward
 
 __all__ = [
     "available",
@@ -70,6 +71,8 @@ __all__ = [
     "load_nvrtc",
     "log_softmax",
     "log_softmax_backward",
+    "log_stablemax",
+    "log_stablemax_backward",
     "logsumexp",
     "norm_backward",
     "power_norm",
@@ -80,6 +83,8 @@ __all__ = [
     "rms_norm_backward",
     "softmax",
     "softmax_backward",
+    "stablemax",
+    "stablemax_backward",
 ]
 
 # The public functions this backend runs (every array function of normax), for the registry.
@@ -91,6 +96,10 @@ OPS = {
         logsumexp,
         softmax_backward,
         log_softmax_backward,
+        stablemax,
+        log_stablemax,
+        stablemax_backward,
+        log_stablemax_backward,
         cross_entropy,
         cross_entropy_with_grad,
         linear_cross_entropy,

@@ -20,16 +20,19 @@ from ..._options import (
     number,
     target_kind,
 )
+from ..._stablemax import check_normalizer
 from . import device
 from .device import Lib, lib_of, run
+from .stablemax import ce_logits
 
 
 def cross_entropy_rows(
     fname, logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-    with_grad, grad_output=1.0, inplace=False, sync_check=True,
+    with_grad, grad_output=1.0, inplace=False, sync_check=True, normalizer="softmax",
 ):  # fmt: skip
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     ignore_index, reduction, label_smoothing, z_loss, softcap = opts
+    stable = check_normalizer(normalizer)
     lib = lib_of((logits, target, weight, grad_output), fname)
     x = lib.input(logits, "logits")
     ax = class_axis(axis, tuple(x.shape))
@@ -37,12 +40,17 @@ def cross_entropy_rows(
     row_shape = tuple(x.shape[:ax]) + tuple(x.shape[ax + 1 :])
     plan = Plan(tuple(x.shape), (ax,), last=True)
     work = lib.arrange(x, plan)
+    chain = None
+    kdtype = x.dtype  # what the kernel reads and writes
+    if stable:  # StableMax: the softmax cross-entropy of phi = log s(x), in float32
+        work, chain = ce_logits(lib, work, softcap)
+        softcap, kdtype = None, lib.float32()
     t = lib.on_device(target, "target")
     tname = lib.dtype_name(t)
     kind = "f" if tname.startswith(("float", "bfloat")) else "i" if tname.startswith(("int", "uint")) else ""
     soft = target_kind(tuple(t.shape), kind, tname, tuple(x.shape), ax)
     if soft:
-        tk = lib.arrange(lib.astype(t, x.dtype), plan)
+        tk = lib.arrange(lib.astype(t, kdtype), plan)
     else:
         tk = lib.contiguous(lib.int64(t))  # row order = the logits rows' order
         _check_classes(lib, tk, classes, ignore_index, row_shape, sync_check)
@@ -71,7 +79,7 @@ def cross_entropy_rows(
     if with_grad:
         # In place: straight into the logits when they already are the kernel's rows.
         direct = inplace and not plan.moved and lib.same_memory(work, x)
-        grad = work if direct else lib.empty(plan.arranged_shape, x.dtype)
+        grad = work if direct else lib.empty(plan.arranged_shape, kdtype)
         scale, stride = _grad_scale(lib, grad_output, reduction, denom, row_shape, plan.outer)
     run(
         lib, "cross_entropy", work, tk, w, loss_rows, grad, scale, stride,
@@ -82,6 +90,8 @@ def cross_entropy_rows(
     loss = _reduce(lib, loss_rows.reshape(row_shape), reduction, denom, x.dtype)
     if not with_grad:
         return loss
+    if chain is not None:
+        grad = lib.astype(grad * chain, x.dtype)
     g = lib.restore(grad, plan)
     if inplace:
         if not direct:
@@ -144,21 +154,21 @@ def _grad_scale(lib, grad_output, reduction, denom, row_shape, rows):
 
 def cross_entropy(
     logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
-    label_smoothing=0.0, z_loss=0.0, softcap=None,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, normalizer="softmax",
 ):  # fmt: skip
     return cross_entropy_rows(
         "normax.cross_entropy", logits, target, axis, weight, ignore_index, reduction,
-        label_smoothing, z_loss, softcap, False,
+        label_smoothing, z_loss, softcap, False, normalizer=normalizer,
     )  # fmt: skip
 
 
 def cross_entropy_with_grad(
     logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
-    label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=1.0, inplace=False,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=1.0, inplace=False, normalizer="softmax",
 ):  # fmt: skip
     return cross_entropy_rows(
         "normax.cross_entropy_with_grad", logits, target, axis, weight, ignore_index, reduction,
-        label_smoothing, z_loss, softcap, True, grad_output, inplace,
+        label_smoothing, z_loss, softcap, True, grad_output, inplace, normalizer=normalizer,
     )  # fmt: skip
 
 

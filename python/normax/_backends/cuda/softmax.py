@@ -8,12 +8,12 @@ from ..._arrays import Plan, normalize_axes
 from .device import lib_of, run
 
 
-def _softmax_like(x, axis, out, log: bool, fname: str):
+def _softmax_like(x, axis, out, log: bool, fname: str, kernel: str = "softmax"):
     lib = lib_of((x, out), fname)
     x = lib.input(x, "x")
     plan = Plan(tuple(x.shape), normalize_axes(axis, x.ndim), last=True)
     y = lib.output(plan, x.dtype, out)
-    run(lib, "softmax", lib.arrange(x, plan), y, plan.outer, plan.len, log)
+    run(lib, kernel, lib.arrange(x, plan), y, plan.outer, plan.len, log)
     return lib.finish(lib.restore(y, plan), out)
 
 

@@ -173,6 +173,7 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
             a: 0.0,
             b: 0.0,
             ct: 0.0,
+            zl: 0.0,
         };
         for i in self.rows {
             let y = self.targets[self.row0 + i];
@@ -184,7 +185,7 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
                 if let Some(c) = self.rule.cap {
                     cap_into::<V>(x, x, vn, c);
                 }
-                let part = RowLse::of::<V>(x, vn);
+                let part = RowLse::of_block::<V>(x, vn);
                 let row = &mut *self.state.at(i);
                 let local = (y as u64).wrapping_sub(self.v0 as u64);
                 if y >= self.v0 as i64 && local < vn as u64 {

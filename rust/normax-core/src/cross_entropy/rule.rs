@@ -3,7 +3,7 @@
 
 use crate::driver::Ptr;
 use crate::float::Float;
-use crate::lse::{exact_stats, row_sum, Algorithm, ExpSum, Lse, RowSum};
+use crate::lse::{exact_stats, row_sum, sum_two_pass, Algorithm, ExpSum, Lse, RowSum};
 use crate::simd::Vector;
 use crate::spec::{CeOptions, GradOutput, Reduction};
 use crate::Error;
@@ -59,11 +59,13 @@ pub(super) struct Rule<T> {
 }
 
 /// Gradient coefficients of one row: grad_c = (p_c * a - w_c * (b + ct * t_c)) * cap'(x_c).
+/// `zl` is the z-loss part of `a` (s * 2 z lse), kept apart for the target's own entry.
 #[derive(Clone, Copy)]
 pub(super) struct Coef {
     pub(super) a: f64,
     pub(super) b: f64,
     pub(super) ct: f64,
+    pub(super) zl: f64,
 }
 
 impl<T: Float> Rule<T> {
@@ -86,13 +88,16 @@ impl<T: Float> Rule<T> {
         if self.eps > 0.0 {
             a += self.eps * self.w_sum / self.classes as f64;
         }
-        if self.z > 0.0 {
-            a += 2.0 * self.z * lse;
-        }
+        let zl = if self.z > 0.0 {
+            2.0 * self.z * lse
+        } else {
+            0.0
+        };
         Coef {
-            a: s * a,
+            a: s * (a + zl),
             b: s * self.eps / self.classes as f64,
             ct: s * (1.0 - self.eps),
+            zl: s * zl,
         }
     }
 
@@ -111,9 +116,18 @@ impl<T: Float> Rule<T> {
     }
 
     /// The gradient at a hard target's own class, in f64 (x_y capped).
+    ///
+    /// p_y a - w_y (b + ct) is written as (p_y - 1) a + b (W - w_y) + zl (the w_y ct terms cancel
+    /// exactly), with p_y - 1 = expm1(-(lse - x_y)) = -(the other classes' probability): where
+    /// p_y rounds to 1 (a margin above ~17 in f32, ~37 in f64: the "Softmax Collapse") the
+    /// gradient stays that small sum within a few ULP instead of becoming exactly 0.
     pub(super) fn target_grad(&self, x_y: f64, lse: Lse, c: &Coef, w_y: f64) -> f64 {
-        let p = (-minus(lse, x_y)).exp();
-        let g = p * c.a - w_y * (c.b + c.ct);
+        let residual = if self.eps > 0.0 {
+            c.b * (self.w_sum - w_y)
+        } else {
+            0.0
+        };
+        let g = c.a * (-minus(lse, x_y)).exp_m1() + (residual + c.zl);
         match self.cap {
             Some(s) => {
                 let u = x_y / s.to_f64();
@@ -180,6 +194,17 @@ impl RowLse {
         RowLse::from_sum(row_sum::<V>(x, len, Algorithm::Auto), x, len)
     }
 
+    /// [`RowLse::of`] for one vocabulary block of a row (the linear cross-entropy): by the
+    /// two-pass blocks, which keep `rest` where one element dominates, so the blocks combine
+    /// into an lse - x_y that stays relatively accurate for a dominant target.
+    ///
+    /// # Safety
+    /// `x` readable for `len` elements.
+    #[inline(always)]
+    pub(super) unsafe fn of_block<V: Vector>(x: *const V::Elem, len: usize) -> RowLse {
+        RowLse::from_sum(sum_two_pass::<V>(x, len), x, len)
+    }
+
     /// (M, s) with the sum = s * e^M; M = -inf when empty.
     pub(super) fn scaled(self) -> (f64, f64) {
         match self {
@@ -227,10 +252,9 @@ impl RowLse {
     pub(super) fn lse(self) -> Option<Lse> {
         match self {
             RowLse::Nan => None,
-            RowLse::Fast(e) if e.m > 0.0 => Some(Lse {
-                hi: e.ln(),
-                lo: 0.0,
-            }),
+            // max + (lse - max), not rounded whole: lse - x_y stays exact (and relatively
+            // accurate where `rest` is known) for a dominant target.
+            RowLse::Fast(e) if e.m > 0.0 => Some(Lse::new::<f64>(e.max, e.ln_over_max())),
             RowLse::Exact { max, sum } if max > f64::NEG_INFINITY => Some(Lse {
                 hi: max,
                 lo: sum.ln(),

@@ -10,6 +10,7 @@ mod cross_entropy;
 mod norms;
 mod power_norm;
 mod softmax;
+mod stablemax;
 
 use crate::errors::to_py;
 use normax_cuda::{self as cu, Buf, DType, Indices, Stream};
@@ -195,6 +196,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_name, m)?)?;
     softmax::register(m)?;
+    stablemax::register(m)?;
     cross_entropy::register(m)?;
     norms::register(m)?;
     power_norm::register(m)

@@ -1,0 +1,62 @@
+//! Bindings of `normax_core::stablemax`: stablemax and log_stablemax (the backwards are
+//! softmax's, scaled in the Python layer).
+
+use crate::arrays::{by_dtype, layout, Arr};
+use crate::softmax::{last_axis, map_typed};
+use normax_core::stablemax as k;
+use pyo3::prelude::*;
+
+/// stablemax over the last axis into a new array, or None where the general path is needed.
+#[pyfunction]
+fn stablemax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Option<Arr<'py>>> {
+    last_axis(py, x, k::stablemax, k::stablemax)
+}
+
+/// log_stablemax over the last axis into a new array, or None where the general path is needed.
+#[pyfunction]
+fn log_stablemax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Option<Arr<'py>>> {
+    last_axis(py, x, k::log_stablemax, k::log_stablemax)
+}
+
+/// stablemax(x) into out (which may be x) over the middle axis of (outer, len, inner).
+#[pyfunction]
+fn stablemax(
+    py: Python<'_>,
+    x: &Arr<'_>,
+    out: &Arr<'_>,
+    outer: usize,
+    len: usize,
+    inner: usize,
+) -> PyResult<()> {
+    let l = layout(outer, len, inner);
+    by_dtype!(
+        x,
+        map_typed(py, x, out, l, k::stablemax, k::stablemax_inplace)
+    )
+}
+
+/// log_stablemax(x) into out (which may be x) over the middle axis of (outer, len, inner).
+#[pyfunction]
+fn log_stablemax(
+    py: Python<'_>,
+    x: &Arr<'_>,
+    out: &Arr<'_>,
+    outer: usize,
+    len: usize,
+    inner: usize,
+) -> PyResult<()> {
+    let l = layout(outer, len, inner);
+    by_dtype!(
+        x,
+        map_typed(py, x, out, l, k::log_stablemax, k::log_stablemax_inplace)
+    )
+}
+
+/// Adds the stablemax family to the extension module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(stablemax, m)?)?;
+    m.add_function(wrap_pyfunction!(stablemax_last, m)?)?;
+    m.add_function(wrap_pyfunction!(log_stablemax, m)?)?;
+    m.add_function(wrap_pyfunction!(log_stablemax_last, m)?)?;
+    Ok(())
+}
