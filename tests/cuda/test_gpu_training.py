@@ -76,14 +76,14 @@ def test_compiled_rms_norm_cross_entropy_step_matches_eager(dtype):
     assert_all_close(got, ref, PEER[dtype])
 
 
-def training_step(x, t, params):
+def training_step(x, t, params, class_weight):
     """Every normax.torch op family that a step uses, forward and backward: the norms, the
     softmax family, cross-entropy (class weights and smoothing), mixed with torch ops."""
     w, b, head = params
     h = nt.layer_norm(nt.rms_norm(x, (x.shape[-1],), w, eps=1e-6), (x.shape[-1],), w, b)
     logits = h @ head.T
     aux = (nt.softmax(logits, -1)[:, :8] * nt.log_softmax(logits, -1)[:, :8]).mean()
-    loss = nt.cross_entropy(logits, t, label_smoothing=0.05) + 0.1 * aux
+    loss = nt.cross_entropy(logits, t, class_weight, label_smoothing=0.05) + 0.1 * aux
     return (loss, *torch.autograd.grad(loss, (x, *params)))
 
 
@@ -95,15 +95,16 @@ def test_cuda_graph_replay_of_a_training_step_matches_eager():
     params = (w, (torch.randn(d, device=DEV) * 0.1).requires_grad_(), head)
     static_x = torch.randn(n, d, device=DEV).requires_grad_()
     static_t = t0.clone()
+    cw = torch.rand(v, device=DEV) + 0.5
     side = torch.cuda.Stream()  # warm-up off the default stream, as torch's docs do
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            training_step(static_x, static_t, params)
+            training_step(static_x, static_t, params, cw)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = training_step(static_x, static_t, params)
+        static_out = training_step(static_x, static_t, params, cw)
     for seed in (1, 2):
         g = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(n, d, generator=g, device=DEV)
@@ -113,7 +114,7 @@ def test_cuda_graph_replay_of_a_training_step_matches_eager():
             static_x.copy_(x)
             static_t.copy_(t)
         graph.replay()
-        eager = training_step(x.requires_grad_(), t, params)
+        eager = training_step(x.requires_grad_(), t, params, cw)
         assert_all_close(static_out, eager, SAME[torch.float32])
 
 
