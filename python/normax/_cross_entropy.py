@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from . import _core, _stablemax
-from ._arrays import as_input, contiguous, is_int_dtype, scalar_0d
+from ._arrays import as_input, contiguous, scalar_0d
 from ._options import (
     ce_inputs,
     ce_options,

@@ -49,8 +49,8 @@ __all__ = [
     "power_norm_init",
     "rms_norm",
     "softmax",
-    "vocab_parallel_cross_entropy",
     "stablemax",
+    "vocab_parallel_cross_entropy",
 ]
 
 

@@ -44,8 +44,8 @@ from ._norms import layer_norm, rms_norm
 from ._patch import patch
 from ._power_norm import PowerNorm
 from ._softmax import log_softmax, logsumexp, softmax
-from ._vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from ._stablemax import log_stablemax, stablemax
+from ._vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "CrossEntropyLoss",
@@ -62,9 +62,9 @@ __all__ = [
     "patch",
     "rms_norm",
     "softmax",
+    "stablemax",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
-    "stablemax",
 ]
 
 # The public names keep the module they were defined in before the split: pickled modules (a
