@@ -126,6 +126,35 @@ def log_softmax_backward(
     y: npt.ArrayLike, dy: npt.ArrayLike, axis: _Axis = -1, *, device: _Device = None
 ) -> _NDArray: ...
 
+@overload
+def stablemax(x: _A, axis: _Axis = -1, *, out: _Array | None = None, device: _Device = None) -> _A: ...
+@overload
+def stablemax(
+    x: npt.ArrayLike, axis: _Axis = -1, *, out: _Array | None = None, device: _Device = None
+) -> _NDArray: ...
+@overload
+def log_stablemax(x: _A, axis: _Axis = -1, *, out: _Array | None = None, device: _Device = None) -> _A: ...
+@overload
+def log_stablemax(
+    x: npt.ArrayLike, axis: _Axis = -1, *, out: _Array | None = None, device: _Device = None
+) -> _NDArray: ...
+@overload
+def stablemax_backward(
+    y: _A, dy: _A | npt.ArrayLike, x: _A | npt.ArrayLike, axis: _Axis = -1, *, device: _Device = None
+) -> _A: ...
+@overload
+def stablemax_backward(
+    y: npt.ArrayLike, dy: npt.ArrayLike, x: npt.ArrayLike, axis: _Axis = -1, *, device: _Device = None
+) -> _NDArray: ...
+@overload
+def log_stablemax_backward(
+    y: _A, dy: _A | npt.ArrayLike, x: _A | npt.ArrayLike, axis: _Axis = -1, *, device: _Device = None
+) -> _A: ...
+@overload
+def log_stablemax_backward(
+    y: npt.ArrayLike, dy: npt.ArrayLike, x: npt.ArrayLike, axis: _Axis = -1, *, device: _Device = None
+) -> _NDArray: ...
+
 # Cross-entropy. The loss is a 0-d result for reduction "mean"/"sum" (a NumPy scalar for NumPy
 # input), per row for "none": typed as the input's kind.
 @overload
@@ -140,6 +169,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    normalizer: str = "softmax",
     device: _Device = None,
 ) -> _A: ...
 @overload
@@ -154,6 +184,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    normalizer: str = "softmax",
     device: _Device = None,
 ) -> _NDArray: ...
 @overload
@@ -170,6 +201,7 @@ def cross_entropy_with_grad(
     softcap: float | None = None,
     grad_output: float | _Array | npt.ArrayLike = 1.0,
     inplace: bool = False,
+    normalizer: str = "softmax",
     device: _Device = None,
 ) -> tuple[_A, _A]: ...
 @overload
@@ -186,6 +218,7 @@ def cross_entropy_with_grad(
     softcap: float | None = None,
     grad_output: float | _Array | npt.ArrayLike = 1.0,
     inplace: bool = False,
+    normalizer: str = "softmax",
     device: _Device = None,
 ) -> tuple[_NDArray, _NDArray]: ...
 @overload

@@ -54,7 +54,10 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    normalizer: str = "softmax",
 ) -> jax.Array: ...
+def stablemax(x: _Like, axis: _Axis = -1) -> jax.Array: ...
+def log_stablemax(x: _Like, axis: _Axis = -1) -> jax.Array: ...
 def rms_norm(
     x: _Like, weight: _Like | None = None, *, eps: float = 1e-6, axis: int | tuple[int, ...] = -1
 ) -> jax.Array: ...
@@ -99,10 +102,12 @@ __all__ = [
     "cross_entropy",
     "layer_norm",
     "log_softmax",
+    "log_stablemax",
     "logsumexp",
     "power_norm",
     "power_norm_init",
     "rms_norm",
     "softmax",
+    "stablemax",
     "vocab_parallel_cross_entropy",
 ]

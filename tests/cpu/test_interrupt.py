@@ -32,26 +32,39 @@ import numpy as np
 import normax
 
 op, rows, cols = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-x = np.empty((rows, cols), np.float32)  # distinct values, cheap to make
-x[:] = (np.arange(rows, dtype=np.float32)[:, None] % 97) * 0.01
-x += np.arange(cols, dtype=np.float32) * 1e-4
-out = np.empty_like(x)
+
+
+def arrays(rows):
+    x = np.empty((rows, cols), np.float32)  # distinct values, cheap to make
+    x[:] = (np.arange(rows, dtype=np.float32)[:, None] % 97) * 0.01
+    x += np.arange(cols, dtype=np.float32) * 1e-4
+    return x, np.empty_like(x)
+
+
+x, out = arrays(rows)
 w, b = np.ones(cols, np.float32), np.zeros(cols, np.float32)
-t = np.zeros(rows, np.int64)
 vocab = np.full((cols, 1024), 0.01, np.float32)
 calls = {
     "softmax": lambda x, out: normax.softmax(x, out=out),
-    "cross_entropy": lambda x, out: normax.cross_entropy_with_grad(x, t[: len(x)]),
+    "cross_entropy": lambda x, out: normax.cross_entropy_with_grad(x, np.zeros(len(x), np.int64)),
     "softmax_axis0": lambda x, out: normax.softmax(x, axis=0, out=out),
     "log_softmax_axis0": lambda x, out: normax.log_softmax(x, axis=0, out=out),
     "layer_norm_backward": lambda x, out: normax.layer_norm_backward(x, x, w, b),
-    "linear_cross_entropy": lambda x, out: normax.linear_cross_entropy(x[:, :1024], vocab, t[: len(x)]),
+    "linear_cross_entropy": lambda x, out: normax.linear_cross_entropy(
+        x[:, :1024], vocab, np.zeros(len(x), np.int64)
+    ),
 }
 call = calls[op]
-# The whole call's time, estimated from an eighth of it (reported if the call is too short).
+# The whole call's time, estimated from an eighth of it. On a fast machine the call grows (more
+# rows, at most 1 GiB an array) until it takes about a second, so SIGINT arrives mid-call.
 t0 = time.perf_counter()
 call(x[: rows // 8], out[: rows // 8])
 estimate = 8 * (time.perf_counter() - t0)
+grow = min(int(np.ceil(1.0 / max(estimate, 1e-3))), (1 << 28) // (rows * cols))
+if grow > 1:
+    rows *= grow
+    x, out = arrays(rows)
+    estimate *= grow
 out[...] = 7.0
 print(json.dumps({"start": True}), flush=True)
 t0 = time.perf_counter()

@@ -35,6 +35,7 @@ def cross_entropy(
     *,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    normalizer: str = "softmax",
 ) -> Tensor: ...
 def linear_cross_entropy(
     input: Tensor,
@@ -61,6 +62,8 @@ def layer_norm(
 def rms_norm(
     input: Tensor, normalized_shape: _Shape, weight: Tensor | None = None, eps: float | None = None
 ) -> Tensor: ...
+def stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor: ...
+def log_stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor: ...
 def patch(model: torch.nn.Module) -> int: ...
 def vocab_parallel_cross_entropy(
     logits_shard: Tensor,
@@ -102,10 +105,12 @@ __all__ = [
     "layer_norm",
     "linear_cross_entropy",
     "log_softmax",
+    "log_stablemax",
     "logsumexp",
     "patch",
     "rms_norm",
     "softmax",
+    "stablemax",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
 ]

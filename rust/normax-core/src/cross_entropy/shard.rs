@@ -129,6 +129,7 @@ impl<T: Float> Kernel<T> for StatsRows<'_, T> {
             a: 0.0,
             b: 0.0,
             ct: 0.0,
+            zl: 0.0,
         };
         let w = rule.weight.0 as *const T;
         let fields = fields(rule.eps);
