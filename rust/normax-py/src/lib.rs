@@ -19,8 +19,8 @@ mod errors;
 mod interrupt;
 mod norms;
 mod softmax;
-mod vocab_parallel;
 mod stablemax;
+mod vocab_parallel;
 #[cfg(feature = "wgpu")]
 mod wgpu;
 
