@@ -141,3 +141,13 @@ def test_retain_graph_and_second_backward_accumulate():
     first = x.grad.clone()
     loss.backward()
     assert torch.equal(x.grad, 2 * first)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "cross_entropy", "layer_norm", "rms_norm"])
+def test_negative_bit_views_are_read_correctly(name):
+    """A lazily negated view (torch._neg_view) cannot be read through .numpy(): the direct
+    kernel calls leave it to the general path, which resolves it, for every family."""
+    x = _rand(5, 7, grad=False)
+    got = CASES[name](torch._neg_view(x))
+    expected = CASES[name](-x)
+    assert torch.equal(got, expected), name

@@ -17,7 +17,7 @@ from .. import _cross_entropy as cpu
 from .._backends import cuda
 from .._options import CeOptions, ce_options, index_error, softcap_dtype
 from .._stablemax import check_normalizer
-from ._convert import KERNEL_DTYPES, absent, check_float, dense, host, host_opt, needs_grad, to_tensor
+from ._convert import absent, check_float, dense, host, host_opt, kernel_views, needs_grad, to_tensor
 from ._op import op
 from ._softmax import _log_softmax_op
 from ._stablemax import stablemax_logits
@@ -50,31 +50,26 @@ def _cpu_rows(input, target, weight, axis, opts: CeOptions, with_grad: bool):
     its conversions and checks (about 10 µs, as much as the kernel at training-step sizes).
     Anything else (None) takes :func:`normax.cross_entropy` itself.
     """
-    dtype = input.dtype
     if not (
-        dtype in KERNEL_DTYPES
-        and input.ndim == 2
+        input.ndim == 2
         and axis == 1
         and target.dtype == torch.int64
         and target.ndim == 1
         and target.shape[0] == input.shape[0]
-        and input.numel()
-        and input.is_contiguous()
         and target.is_contiguous()
-        and (
-            weight is None
-            or (weight.dtype == dtype and weight.shape == input.shape[1:] and weight.is_contiguous())
-        )
-        and (opts.softcap is None or softcap_dtype(opts.softcap, np.dtype(np.float32)) == np.float32)
-        and not (input.is_conj() or input.is_neg())
+        and (weight is None or weight.shape == input.shape[1:])
     ):
         return None
-    x = input.detach().numpy()
+    views = kernel_views(input, weight)
+    if views is None:
+        return None
+    x, w = views
+    if opts.softcap is not None and softcap_dtype(opts.softcap, x.dtype) != x.dtype:
+        return None  # a cap the logits' dtype cannot hold: the NumPy API computes in float64
     t = target.numpy()
     rows, classes = x.shape
     loss = np.empty(rows if opts.reduction == "none" else 1, x.dtype)
     grad = np.empty_like(x) if with_grad else None
-    w = None if weight is None else weight.detach().numpy()
     try:
         _core.cross_entropy(x, t, w, loss, grad, None, 1.0, rows, classes, *opts)
     except IndexError:

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _core
 from .. import _norms as cpu
 from .._backends import cuda
-from ._convert import KERNEL_DTYPES, absent, check_float, dense, host, host_dense, host_opt, to_tensor
+from ._convert import absent, check_float, dense, host, host_dense, host_opt, kernel_views, to_tensor
 from ._op import op
 
 
@@ -23,30 +23,9 @@ def _norm_axes(ndim: int) -> tuple[int, ...]:
     return tuple(range(-ndim, 0))
 
 
-def _kernel_views(x: Tensor, *params: Tensor | None) -> list | None:
-    """NumPy views of `x` and its parameters for a direct kernel call, or None.
-
-    The common CPU call: float32/float64 `x`, contiguous and not empty, parameters of its dtype,
-    contiguous. It is exactly the kernel call the NumPy API makes for such arrays, without its
-    conversions and checks (5-10 µs, as much as the kernel at training-step sizes); anything else
-    takes the NumPy API itself.
-    """
-    if not (x.dtype in KERNEL_DTYPES and x.numel() and x.is_contiguous() and not x.is_neg()):
-        return None
-    views = [x.detach().numpy()]
-    for p in params:
-        if p is None:
-            views.append(None)
-        elif p.dtype == x.dtype and p.is_contiguous() and not p.is_neg():
-            views.append(p.detach().numpy())
-        else:
-            return None
-    return views
-
-
 def _direct_forward(norm: str, x: Tensor, ndim: int, weight, bias, eps: float):
-    """(y, mean or None, rstd) from one kernel call, or None (see :func:`_kernel_views`)."""
-    views = _kernel_views(x, weight, bias)
+    """(y, mean or None, rstd) from one kernel call, or None (see :func:`kernel_views`)."""
+    views = kernel_views(x, weight, bias)
     if views is None:
         return None
     xa, w, b = views
@@ -62,7 +41,7 @@ def _direct_backward(norm: str, dy: Tensor, x: Tensor, weight, has_bias: bool, m
     """(dx, dweight or None, dbias or None) from one kernel call, or None."""
     if dy.dtype != x.dtype:
         return None
-    views = _kernel_views(x, weight)
+    views = kernel_views(x, weight)
     if views is None:
         return None
     xa, w = views

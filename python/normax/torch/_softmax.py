@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import _core
 from .. import _softmax as cpu
 from .._backends import cuda
-from ._convert import KERNEL_DTYPES, check_float, dense, host, host_dense, to_tensor
+from ._convert import check_float, dense, host, host_dense, kernel_views, to_tensor
 from ._op import op
 
 # ---------------------------------------------------------------------------------------------
@@ -21,23 +21,19 @@ def _axis(dim: int, ndim: int) -> int:
     return -1 if dim == ndim - 1 else dim
 
 
-def _kernel_rows(x: Tensor, dim: int) -> bool:
-    """Whether `x` goes straight to a kernel: float32/float64 contiguous rows along `dim`, the
-    exact call the NumPy API makes for such arrays, without its layers (a few µs a call)."""
-    return x.dtype in KERNEL_DTYPES and dim == x.ndim - 1 and x.is_contiguous() and x.numel() > 0
-
-
 def _map(kernel_last, numpy_function, x: Tensor, dim: int) -> Tensor:
-    if _kernel_rows(x, dim):
-        y = kernel_last(x.detach().numpy())  # None where the kernel wants the general path
+    views = kernel_views(x) if dim == x.ndim - 1 else None
+    if views is not None:
+        y = kernel_last(views[0])  # None where the kernel wants the general path
         if y is not None:
             return torch.from_numpy(y)
     return to_tensor(numpy_function(host(x), axis=_axis(dim, x.ndim)), x.dtype)
 
 
 def _map_backward(kernel, numpy_function, y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    if dy.dtype == y.dtype and _kernel_rows(y, dim):
-        ya, dya = y.detach().numpy(), host_dense(dy)
+    views = kernel_views(y) if dim == y.ndim - 1 and dy.dtype == y.dtype else None
+    if views is not None:
+        ya, dya = views[0], host_dense(dy)
         dx = np.empty_like(ya)
         kernel(ya, dya, dx, ya.size // ya.shape[-1], ya.shape[-1], 1)
         return torch.from_numpy(dx)
