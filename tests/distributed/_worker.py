@@ -307,6 +307,9 @@ def main():
         dtensor_case()
     with open(os.path.join(OUTDIR, f"rank{RANK}.json"), "w") as f:
         json.dump({"failures": FAILURES, "losses": LOSSES}, f)
+    # Every rank done with its collectives before any tears the group down: a rank leaving early
+    # (rank 0 hosts the store) made another's gloo threads abort at exit now and then.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -316,3 +319,7 @@ if __name__ == "__main__":
     except Exception:  # noqa: BLE001 - reported through the exit status and the printed traceback
         traceback.print_exc()
         sys.exit(1)
+    # The results are written: skip interpreter finalization, where gloo's background threads
+    # can still abort the process ("terminate called without an active exception").
+    sys.stdout.flush()
+    os._exit(0)
