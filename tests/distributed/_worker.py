@@ -238,6 +238,31 @@ def bad_inputs():
     expect_error(
         "target shapes", lambda: nt.vocab_parallel_cross_entropy(xs, ts), "ValueError", ["disagree", "target"]
     )
+    # Different row counts (target shapes), dtypes and label smoothing change the bytes each rank
+    # sends: within a size class they are caught by the header instead of aborting gloo.
+    rows = n - 1 if RANK == WORLD - 1 else n
+    expect_error(
+        "row counts",
+        lambda: nt.vocab_parallel_cross_entropy(shard[:rows], t[:rows]),
+        "ValueError",
+        ["disagree", "number of rows"],
+    )
+    xd = shard.double() if RANK == 0 else shard
+    expect_error("dtypes", lambda: nt.vocab_parallel_cross_entropy(xd, t), "ValueError", ["disagree", "dtype"])
+    ls = 0.1 if RANK == 0 else 0.0
+    expect_error(
+        "label smoothing",
+        lambda: nt.vocab_parallel_cross_entropy(shard, t, label_smoothing=ls),
+        "ValueError",
+        ["disagree", "label_smoothing"],
+    )
+    hid, W = torch.randn(rows, 4), torch.randn(vl, 4)
+    expect_error(
+        "linear row counts",
+        lambda: nt.vocab_parallel_linear_cross_entropy(hid, W, t[:rows]),
+        "ValueError",
+        ["disagree", "number of rows"],
+    )
     # A rank whose target does not match its own logits: it raises its own error, the others name it.
     tt = t[:-1] if RANK == WORLD - 1 else t
     words = ["target has shape"] if RANK == WORLD - 1 else ["rank(s)", "rejected"]

@@ -9,12 +9,17 @@ collective for the logits version (the gradient of a shard needs only the row's 
 log-sum-exp, kept from the forward); the linear version all-reduces ``d hidden`` once, as any
 column-parallel layer does.
 
-A header of a few values rides in the same all-gather: each rank's shard (start, size), its row
-count, a hash of ``target`` (values and shape), of the options and of ``weight``, and whether its
-input passed the local checks. Ranks that disagree, or a rank whose input is invalid, make every
-rank raise the same ValueError instead of hanging. What one collective cannot survive: ranks whose
-row counts (or dtypes, or label_smoothing on/off) differ send different byte counts, which gloo
-aborts on ("Received data size doesn't match expected size"); check those before the call.
+A header of a few values leads the same all-gather: each rank's shard (start, size), its row count,
+dtype and statistics per row, a hash of ``target`` (values and shape), of the options and of
+``weight``, and whether its input passed the local checks. Ranks that disagree, or a rank whose
+input is invalid, make every rank raise the same ValueError instead of hanging.
+
+gloo aborts the process (no Python error) when a rank receives more bytes than it posted for, which
+ranks with different row counts, dtypes or label smoothing would do. So every rank sends a buffer
+rounded up to a size class (at least 64 KiB, then eight classes per doubling, at most 12.5% padding):
+ranks whose buffers differ only within a class (any two at most 64 KiB, e.g. up to 5,000 float32
+rows) exchange equal byte counts and read each other's headers. Ranks whose buffers fall in
+different classes still abort in gloo.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from ._convert import check_float
 _FNAME = "normax.torch.vocab_parallel_cross_entropy"
 _LINEAR_FNAME = "normax.torch.vocab_parallel_linear_cross_entropy"
 _REDUCTIONS = ("none", "mean", "sum")
-# Header values are sent as 16-bit pieces: exact in float32 (and bfloat16 is never sent).
-_PIECES = 4
 _MASK = (1 << 64) - 1
+# The smallest size class of the gathered buffer, and the classes per doubling above it.
+_MIN_BYTES = 64 * 1024
+_CLASSES_PER_DOUBLING = 8
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,25 +83,25 @@ def _options_hash(opts, weight: Tensor | None, linear: bool) -> int:
     return hash(key) & _MASK
 
 
-def _encode(values: list[int], fields: int, dtype: torch.dtype) -> Tensor:
-    pieces = [(v & _MASK) >> (16 * i) & 0xFFFF for v in values for i in range(_PIECES)]
-    pieces += [0] * (-len(pieces) % fields)
-    return torch.tensor(pieces, dtype=dtype).reshape(-1, fields)
+_HEADER = ("error", "start", "length", "rows", "dtype", "fields", "target", "options")
+_HEADER_BYTES = 8 * len(_HEADER)
+_DTYPES = (torch.float32, torch.float64)
 
 
-def _decode(block: np.ndarray, count: int) -> list[int]:
-    flat = block.reshape(-1)[: count * _PIECES].astype(np.int64)
-    return [sum(int(flat[j * _PIECES + i]) << (16 * i) for i in range(_PIECES)) for j in range(count)]
+def _size_class(nbytes: int) -> int:
+    """The byte count every rank sends for a payload of ``nbytes``: equal for payloads that differ
+    a little, so a mismatch reaches the header check instead of gloo's abort."""
+    if nbytes <= _MIN_BYTES:
+        return _MIN_BYTES
+    step = 1 << ((nbytes - 1).bit_length() - _CLASSES_PER_DOUBLING.bit_length())
+    return -(-nbytes // step) * step
 
 
-_HEADER = ("error", "start", "length", "rows", "target", "options")
-
-
-def _gather(packed: Tensor, group) -> np.ndarray:
-    """The one collective of the forward: every rank's packed rows, in rank order."""
+def _gather(buffer: Tensor, group) -> np.ndarray:
+    """The one collective of the forward: every rank's buffer, in rank order."""
     world = dist.get_world_size(group)
-    out = packed.new_empty(world * packed.numel())
-    dist.all_gather_into_tensor(out, packed.reshape(-1), group=group)
+    out = buffer.new_empty(world * buffer.numel())
+    dist.all_gather_into_tensor(out, buffer, group=group)
     return out.numpy().reshape(world, -1)
 
 
@@ -123,13 +129,16 @@ class _Call:
             self.start,
             length,
             rows,
+            _DTYPES.index(dtype),
+            self.fields,
             _target_hash(target, shape),
             _options_hash(opts, weight, linear),
         ]
-        header_rows = -(-len(_HEADER) * _PIECES // self.fields)
-        # The rows' statistics and the header in one buffer: the tensor the all-gather sends.
-        self.buffer = torch.zeros((rows + header_rows, self.fields), dtype=dtype)
-        self.packed = self.buffer[:rows]
+        # The header and the rows' statistics in one byte buffer: the tensor the all-gather sends.
+        self.payload = rows * self.fields * dtype.itemsize
+        self.buffer = torch.zeros(_size_class(_HEADER_BYTES + self.payload), dtype=torch.uint8)
+        stats = self.buffer[_HEADER_BYTES : _HEADER_BYTES + self.payload]
+        self.packed = stats.view(dtype).reshape(rows, self.fields)
 
     def fail(self, e: Exception) -> None:
         self.error = e
@@ -137,11 +146,13 @@ class _Call:
         self.packed.zero_()
 
     def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
-        header = _encode(self.header, self.fields, self.dtype)
-        self.buffer[self.rows :] = header
-        gathered = _gather(self.buffer, self.group)
-        heads = [_decode(g[self.rows * self.fields :], len(_HEADER)) for g in gathered]
+        self.buffer[:_HEADER_BYTES].numpy().view(np.uint64)[:] = [v & _MASK for v in self.header]
+        raw = _gather(self.buffer, self.group)
+        heads = [[int(v) for v in row] for row in raw[:, :_HEADER_BYTES].copy().view(np.uint64)]
         self._check(heads)
+        gathered = np.ascontiguousarray(raw[:, _HEADER_BYTES : _HEADER_BYTES + self.payload]).view(
+            self.packed.numpy().dtype
+        )
         starts = [h[1] for h in heads]
         lengths = [h[2] for h in heads]
         opts = self.opts
@@ -174,8 +185,12 @@ class _Call:
         for i, name in enumerate(_HEADER[3:], start=3):
             values = [h[i] for h in heads]
             if len(set(values)) > 1:
+                if name == "dtype":
+                    values = [str(_DTYPES[v]) for v in values]
                 what = {
                     "rows": "the number of rows (target.numel())",
+                    "dtype": "the compute dtype of the logits",
+                    "fields": "label_smoothing (statistics per row)",
                     "target": "target (its values or shape)",
                     "options": "the loss options or weight",
                 }[name]
