@@ -2,7 +2,7 @@
 normax.torch from the same seed.
 
 Same initial weights and batches, so the first losses differ only by the ops' rounding (float32:
-a few ULP of values near log(vocabulary) ~ 3.7, so 1e-5 is a loose bound), and a handful of steps
+a few ULP of values near log(vocabulary) ~ 9.7, so 1e-5 is a loose bound), and a handful of steps
 keeps them that close.
 """
 
