@@ -79,4 +79,4 @@ def test_size_classes_pad_little_and_group_near_sizes():
         assert _size_class(c) == c  # a class is its own class
     # Sizes within a class send the same byte count: small payloads all share the first class.
     assert _size_class(12 * 12 + 64) == _size_class(11 * 12 + 64) == _MIN_BYTES
-    assert len({_size_class(n) for n in range(1 << 20, 1 << 21, 997)}) == 8
+    assert len({_size_class(n) for n in range((1 << 20) + 1, (1 << 21) + 1, 997)}) == 8
