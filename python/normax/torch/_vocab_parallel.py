@@ -32,6 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _core
+from .._backends import cuda as _cuda
+from .._backends.cuda.device import Lib as _CudaLib
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -59,7 +61,11 @@ def _target_hash(t: Tensor, shape: tuple) -> int:
     flat = t.reshape(-1)
     h = hash(shape)
     if flat.numel():
-        mult = torch.arange(flat.numel(), dtype=torch.int64).mul_(0x9E3779B1).add_(0x632BE5AB)
+        mult = (
+            torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
+            .mul_(0x9E3779B1)
+            .add_(0x632BE5AB)
+        )
         h ^= int(flat.mul(mult).sum()) ^ int(flat.bitwise_xor(mult).sum()) * 31
     return h & _MASK
 
@@ -98,11 +104,12 @@ def _size_class(nbytes: int) -> int:
 
 
 def _gather(buffer: Tensor, group) -> np.ndarray:
-    """The one collective of the forward: every rank's buffer, in rank order."""
+    """The one collective of the forward: every rank's buffer, in rank order, on the host (for a
+    CUDA buffer, a device-to-host copy that waits for the stream)."""
     world = dist.get_world_size(group)
     out = buffer.new_empty(world * buffer.numel())
     dist.all_gather_into_tensor(out, buffer, group=group)
-    return out.numpy().reshape(world, -1)
+    return out.cpu().numpy().reshape(world, -1)
 
 
 class _Call:
@@ -111,6 +118,7 @@ class _Call:
     headers and combines."""
 
     def __init__(self, fname, rows, length, target, shape, weight, vocab_start, group, opts, dtype, linear):
+        # The buffer lives where the target does: the logits' device (NCCL gathers CUDA tensors).
         self.fname = fname
         self.group = group
         self.rank = dist.get_rank(group)
@@ -136,7 +144,9 @@ class _Call:
         ]
         # The header and the rows' statistics in one byte buffer: the tensor the all-gather sends.
         self.payload = rows * self.fields * dtype.itemsize
-        self.buffer = torch.zeros(_size_class(_HEADER_BYTES + self.payload), dtype=torch.uint8)
+        self.buffer = torch.zeros(
+            _size_class(_HEADER_BYTES + self.payload), dtype=torch.uint8, device=target.device
+        )
         stats = self.buffer[_HEADER_BYTES : _HEADER_BYTES + self.payload]
         self.packed = stats.view(dtype).reshape(rows, self.fields)
 
@@ -146,26 +156,29 @@ class _Call:
         self.packed.zero_()
 
     def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
-        self.buffer[:_HEADER_BYTES].numpy().view(np.uint64)[:] = [v & _MASK for v in self.header]
+        header = np.array([v & _MASK for v in self.header], dtype=np.uint64).view(np.uint8)
+        self.buffer[:_HEADER_BYTES].copy_(torch.from_numpy(header))
         raw = _gather(self.buffer, self.group)
         heads = [[int(v) for v in row] for row in raw[:, :_HEADER_BYTES].copy().view(np.uint64)]
         self._check(heads)
         gathered = np.ascontiguousarray(raw[:, _HEADER_BYTES : _HEADER_BYTES + self.payload]).view(
-            self.packed.numpy().dtype
+            np.float64 if self.dtype == torch.float64 else np.float32
         )
         starts = [h[1] for h in heads]
         lengths = [h[2] for h in heads]
         opts = self.opts
         loss = np.empty(self.rows if opts.reduction == "none" else 1, dtype=gathered.dtype)
         lse = np.empty((self.rows, 2), dtype=np.float64)
-        w = None if self.weight is None else self.weight.numpy()
+        w = None if self.weight is None else self.weight.cpu().numpy()
+        # sum_c w_c of the whole vocabulary (the CUDA backward's label-smoothing term).
+        self.w_sum = float(sum(lengths)) if w is None else float(w.astype(np.float64).sum())
         denom = _core.shard_combine(
             gathered,
             gathered.shape[1],
             starts,
             lengths,
             self.rows,
-            self.target.reshape(-1).numpy(),
+            self.target.reshape(-1).cpu().numpy(),
             w,
             loss,
             lse,
@@ -227,11 +240,31 @@ def _check_common(fname, target, weight, vocab_start) -> None:
         isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
     ):
         raise ValueError(f"{fname}: vocab_start must be a non-negative int, got {vocab_start!r}")
-    for t in (target, weight):
-        if t is not None and t.device.type != "cpu":
-            raise NotImplementedError(
-                f"{fname}: only CPU tensors (gloo) are supported so far, got {t.device}"
+
+
+def _check_device(fname, inputs, cuda_ok: bool) -> bool:
+    """Whether the call takes the CUDA path: every tensor of ``inputs`` ((name, tensor) pairs, the
+    first the logits or hidden states) on the first one's device, CPU or (``cuda_ok``) CUDA."""
+    first = inputs[0][1]
+    cuda = _cuda.is_cuda_array(first)
+    if cuda and not cuda_ok:
+        raise NotImplementedError(
+            f"{fname}: CUDA tensors are not supported yet (only the logits version, "
+            f"normax.torch.vocab_parallel_cross_entropy, runs on CUDA); got {first.device}"
+        )
+    if not cuda and first.device.type != "cpu":
+        raise NotImplementedError(f"{fname}: CPU (gloo) and CUDA (NCCL) tensors only, got {first.device}")
+    for name, t in inputs[1:]:
+        if t is not None and (_cuda.is_cuda_array(t) != cuda or t.device != first.device):
+            raise ValueError(
+                f"{fname}: {name} is on {t.device}, {inputs[0][0]} on {first.device}: put them on one device"
             )
+    if cuda and first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{fname}: {inputs[0][0]} has dtype {first.dtype}; the CUDA kernels take float32, float16 "
+            "and bfloat16 (float64 runs on CPU tensors)"
+        )
+    return cuda
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -246,52 +279,68 @@ def _grad_output(grad: Tensor, reduction: str, dtype: torch.dtype):
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, vocab_start, group, opts):
+    def forward(ctx, logits, target, weight, vocab_start, group, opts, cuda):
         fname = _FNAME
-        dtype = _compute_dtype(logits.dtype)
+        # CUDA: the kernels read float32/16-bit logits as they are; statistics are float32.
+        dtype = torch.float32 if cuda else _compute_dtype(logits.dtype)
         length = logits.shape[-1] if logits.dim() else 0
         rows = math.prod(logits.shape[:-1])
         t = (
-            target.detach().reshape(-1).to(torch.int64)
+            target.detach().reshape(-1).to(torch.int64).contiguous()
             if target.numel() == rows
-            else torch.zeros(rows, dtype=torch.int64)
+            else torch.zeros(rows, dtype=torch.int64, device=target.device)
         )
         w = _as(weight, dtype)
         call = _Call(
             fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=False
         )
-        x = _as(logits, dtype)
+        x = logits.detach().contiguous() if cuda else _as(logits, dtype)
         try:
             if tuple(target.shape) != tuple(logits.shape[:-1]):
                 raise ValueError(
                     f"{fname}: target has shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} "
                     "(logits_shard's shape without the class axis)"
                 )
-            _core.shard_stats(
-                x.reshape(rows, length).numpy(),
-                t.numpy(),
-                None if w is None else w.numpy(),
-                call.packed.numpy(),
-                rows,
-                call.start,
-                length,
-                opts.ignore_index,
-                opts.label_smoothing,
-                opts.softcap,
-            )
+            if cuda:
+                lib = _CudaLib(x, fname)
+                _cuda.shard_stats(lib, x.reshape(rows, length), t, w, call.packed, call.start, opts)
+            else:
+                _core.shard_stats(
+                    x.reshape(rows, length).numpy(),
+                    t.numpy(),
+                    None if w is None else w.numpy(),
+                    call.packed.numpy(),
+                    rows,
+                    call.start,
+                    length,
+                    opts.ignore_index,
+                    opts.label_smoothing,
+                    opts.softcap,
+                )
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
+        if cuda:
+            # The backward kernel reads each row's lse as float32 hi, lo (hi is float32 already).
+            lse = torch.from_numpy(lse.astype(np.float32)).to(logits.device)
         ctx.save_for_backward(x, t, w)
         ctx.stats = (lse, denom, classes, call.start, opts, logits.dtype, tuple(logits.shape))
+        ctx.cuda = (cuda, call.w_sum)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
-        return loss.reshape(shape).to(logits.dtype)
+        return loss.reshape(shape).to(device=logits.device, dtype=logits.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, t, w = ctx.saved_tensors
         lse, denom, classes, start, opts, in_dtype, shape = ctx.stats
         rows, length = t.numel(), shape[-1]
+        cuda, w_sum = ctx.cuda
+        if cuda:
+            lib = _CudaLib(x, _FNAME)
+            dx = _cuda.shard_backward(
+                lib, x.reshape(rows, length), t, w, lse, grad, denom, start, classes, w_sum, opts
+            )
+            return dx.reshape(shape), None, None, None, None, None, None
         go_rows, go = _grad_output(grad, opts.reduction, x.dtype)
         dx = torch.empty((rows, length), dtype=x.dtype)
         _core.shard_backward(
@@ -309,7 +358,7 @@ class _VocabParallelCE(torch.autograd.Function):
             classes,
             *opts,
         )
-        return dx.reshape(shape).to(in_dtype), None, None, None, None, None
+        return dx.reshape(shape).to(in_dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -366,13 +415,12 @@ def vocab_parallel_cross_entropy(
     check_float(logits_shard, fname, "logits_shard")
     if logits_shard.dim() < 1:
         raise ValueError(f"{fname}: logits_shard must have a class axis")
-    if logits_shard.device.type != "cpu":
-        raise NotImplementedError(
-            f"{fname}: only CPU tensors (gloo) are supported so far, got {logits_shard.device}"
-        )
     _check_common(fname, target, weight, vocab_start)
+    cuda = _check_device(
+        fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)], True
+    )
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts)
+    return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts, cuda)
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
@@ -516,12 +564,13 @@ def vocab_parallel_linear_cross_entropy(
         check_float(bias_shard, fname, "bias_shard")
     if hidden.dim() < 1:
         raise ValueError(f"{fname}: hidden must have a feature axis")
-    for name, tt in (("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard)):
-        if tt is not None and tt.device.type != "cpu":
-            raise NotImplementedError(
-                f"{fname}: only CPU tensors (gloo) are supported so far, {name} is on {tt.device}"
-            )
     _check_common(fname, target, weight, vocab_start)
+    _check_device(
+        fname,
+        [("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard), ("target", target),
+         ("weight", weight)],
+        False,
+    )  # fmt: skip
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = check_chunk_size(chunk_size)
     return _VocabParallelLinearCE.apply(

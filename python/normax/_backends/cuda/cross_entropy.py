@@ -317,3 +317,41 @@ def linear_cross_entropy_with_grad(
         "normax.linear_cross_entropy_with_grad", hidden, linear_weight, target, linear_bias, weight,
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
     )  # fmt: skip
+
+
+# -- Vocabulary-parallel shards (normax.torch.vocab_parallel_cross_entropy on CUDA tensors): the
+# kernels' halves around the host combine. Arrays arrive checked and in the kernels' layout.
+
+
+def shard_stats(lib: Lib, x, target, weight, packed, start: int, opts) -> None:
+    """The shard's row statistics into ``packed`` (float32, rows x fields; normax-core's layout).
+
+    ``x``: (rows, V_local) contiguous logits of classes [start, start + V_local); ``target``: int64
+    global class ids; ``weight``: None or the whole vocabulary's float32 weights.
+    """
+    rows, length = x.shape
+    run(
+        lib, "shard_stats", x, target, weight, packed, rows, start, length, opts.ignore_index,
+        opts.label_smoothing, 0.0 if opts.softcap is None else opts.softcap,
+    )  # fmt: skip
+
+
+def shard_backward(lib: Lib, x, target, weight, lse, grad_output, denom: float, start: int, classes: int,
+                   w_sum: float, opts):  # fmt: skip
+    """The shard's gradient (x's dtype and shape) from each row's global log-sum-exp ``lse``
+    (float32 (rows, 2) hi, lo on the device) and ``denom``, the mean's denominator."""
+    rows, length = x.shape
+    f32 = lib.float32()
+    g = lib.astype(grad_output.detach(), f32)
+    if opts.reduction == "none":
+        scale, stride = lib.contiguous(g.reshape(rows)), 1
+    else:
+        # Stays on the device (no sync); 0 / 0 for a mean of only ignored rows, whose gradient is 0.
+        scale, stride = lib.contiguous((g / denom if opts.reduction == "mean" else g).reshape(1)), 0
+    grad = lib.empty((rows, length), x.dtype)
+    run(
+        lib, "shard_backward", x, target, weight, lse, grad, scale, stride, rows, start, length, classes,
+        w_sum, opts.ignore_index, opts.label_smoothing, opts.z_loss,
+        0.0 if opts.softcap is None else opts.softcap,
+    )  # fmt: skip
+    return grad
