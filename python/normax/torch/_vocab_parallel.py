@@ -20,6 +20,16 @@ rounded up to a size class (at least 64 KiB, then eight classes per doubling, at
 ranks whose buffers differ only within a class (any two at most 64 KiB, e.g. up to 5,000 float32
 rows) exchange equal byte counts and read each other's headers. Ranks whose buffers fall in
 different classes still abort in gloo.
+
+CUDA tensors (the logits version; float32, float16 and bfloat16 logits) take the same steps on the
+device: the shard-statistics kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu)
+writes the same float32 packed rows into a uint8 device buffer on the caller's stream, behind the
+header copied in; ``all_gather_into_tensor`` gathers it (NCCL for CUDA tensors); the gathered buffer
+and the target are copied to the host (one synchronization of the stream) for the CPU's combine, so
+the loss is bit-identical across ranks as on CPU; the backward is one kernel on the caller's stream
+that reads each row's global log-sum-exp (float32 hi, lo) from the forward: no collective, no
+synchronization. Tested with emulated kernels; the kernels on a GPU and NCCL only by the `gpu`
+tests (tests/cuda/test_gpu_vocab_parallel.py), not yet run on a GPU. The linear version is CPU only.
 """
 
 from __future__ import annotations
@@ -405,11 +415,17 @@ def vocab_parallel_cross_entropy(
         one rank's input fails its checks (that rank raises its own error).
     IndexError
         A class id outside ``[0, V)`` that is not ``ignore_index`` (every rank, naming it).
+    TypeError
+        CUDA logits of dtype float64 (the CUDA kernels take float32, float16 and bfloat16).
 
     Notes
     -----
     Forward: one ``all_gather_into_tensor`` of 3 values per row (5 with label smoothing) plus a
-    header of 6 values; every rank combines them in rank order. CPU tensors (gloo) only so far.
+    header of 8 values; every rank combines them in rank order. CPU tensors (gloo, float32 or
+    float64) and CUDA tensors (NCCL; float32, float16 or bfloat16 logits, float32 statistics; the
+    forward copies the gathered statistics to the host for the combine, one synchronization of the
+    stream; loss and gradient in the logits' dtype on their device). ``target`` and ``weight`` must
+    be on the logits' device.
     """
     fname = _FNAME
     check_float(logits_shard, fname, "logits_shard")
