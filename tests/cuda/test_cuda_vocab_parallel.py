@@ -28,6 +28,7 @@ class FakeGroup:
         self.slots = [None] * world
         self.local = threading.local()
         self.gathers = [0] * world
+        self.reduces = [0] * world
 
     def all_gather_into_tensor(self, out, buf, group):
         assert group is self
@@ -36,6 +37,15 @@ class FakeGroup:
         self.slots[r] = buf.clone()
         self.barrier.wait()
         out.copy_(torch.cat(self.slots))
+        self.barrier.wait()
+
+    def all_reduce(self, tensor, op, group):
+        assert group is self and op == "sum"
+        r = self.local.rank
+        self.reduces[r] += 1
+        self.slots[r] = tensor.clone()
+        self.barrier.wait()
+        tensor.copy_(torch.stack(self.slots).sum(0))
         self.barrier.wait()
 
     def run(self, fn):
@@ -69,6 +79,8 @@ def group(monkeypatch):
             get_rank=lambda group: g.local.rank,
             get_world_size=lambda group: g.world,
             all_gather_into_tensor=g.all_gather_into_tensor,
+            all_reduce=g.all_reduce,
+            ReduceOp=types.SimpleNamespace(SUM="sum"),
         )
         monkeypatch.setattr(vp, "dist", fake)
         return g
@@ -204,9 +216,8 @@ def test_device_and_dtype_checks(cuda_kernels, monkeypatch):
     t = torch.zeros(4, dtype=torch.int64)
     with pytest.raises(TypeError, match="float64"):
         nt.vocab_parallel_cross_entropy(x.double(), t)
-    # The linear version has no CUDA path yet: a clear error, not a silent host round trip.
-    with pytest.raises(NotImplementedError, match="CUDA"):
-        nt.vocab_parallel_linear_cross_entropy(torch.randn(4, 3), torch.randn(8, 3), t)
+    with pytest.raises(TypeError, match="weight_shard.*float64"):
+        nt.vocab_parallel_linear_cross_entropy(torch.randn(4, 3), torch.randn(8, 3).double(), t)
     # A target on another device than the logits.
     from normax._backends import cuda
 
@@ -214,3 +225,66 @@ def test_device_and_dtype_checks(cuda_kernels, monkeypatch):
     with pytest.raises(ValueError, match="target"):
         nt.vocab_parallel_cross_entropy(x, t)
     assert cuda_kernels.calls == []
+
+
+LINEAR_OPTIONS = [
+    {},
+    {"reduction": "none", "chunk_size": 40},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "sum", "chunk_size": 1},
+    {"softcap": 3.0, "bias": True},
+    {"weight": True, "label_smoothing": 0.1, "bias": True, "chunk_size": 100},
+]
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+@pytest.mark.parametrize("opts", LINEAR_OPTIONS)
+@pytest.mark.parametrize("world", [1, 3])
+def test_linear_matches_the_cpu(cuda_kernels, group, world, opts, uneven):
+    """The linear version's CUDA path: the logits recomputed block by block (GEMMs) into the shard
+    kernels, one all-gather forward, one all-reduce of d hidden backward."""
+    n, h = 11, 8
+    v = 29 if uneven else 24
+    g = torch.Generator().manual_seed(world * 10 + len(opts))
+    hid, W = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    opts = dict(opts)
+    b = torch.randn(v, generator=g) if opts.pop("bias", False) else None
+    cw = torch.rand(v, generator=g) + 0.5 if opts.pop("weight", False) else None
+    chunk = opts.pop("chunk_size", None)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[0], t[1] = v - 1, -100
+    hf, Wf = hid.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    bf = None if b is None else b.clone().requires_grad_(True)
+    ref = nt.cross_entropy(torch.nn.functional.linear(hf, Wf, bf), t, weight=cw, **opts)
+    gout = torch.rand(ref.shape, generator=g) + 0.5
+    inputs = [hf, Wf] + ([bf] if bf is not None else [])
+    grefs = torch.autograd.grad(ref, inputs, gout)
+    sizes = splits(v, world, uneven)
+    fg = group(world)
+
+    def rank(r):
+        start = sum(sizes[:r])
+        hs = hid.clone().requires_grad_(True)
+        Ws = W[start : start + sizes[r]].clone().requires_grad_(True)
+        bs = None if b is None else b[start : start + sizes[r]].clone().requires_grad_(True)
+        loss = nt.vocab_parallel_linear_cross_entropy(
+            hs, Ws, t, group=fg, bias_shard=bs, vocab_start=start if uneven else None, weight=cw,
+            chunk_size=chunk, **opts,
+        )  # fmt: skip
+        grads = torch.autograd.grad(loss, [hs, Ws] + ([bs] if bs is not None else []), gout)
+        return loss.detach(), grads, start
+
+    results = fg.run(rank)
+    assert fg.gathers == [1] * world and fg.reduces == [1] * world
+    for r, (loss, grads, start) in enumerate(results):
+        assert torch.equal(loss, results[0][0])
+        np.testing.assert_allclose(loss.numpy(), ref.detach().numpy(), rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(grads[0].numpy(), grefs[0].numpy(), rtol=1e-5, atol=1e-6)
+        mine = slice(start, start + sizes[r])
+        np.testing.assert_allclose(grads[1].numpy(), grefs[1][mine].numpy(), rtol=1e-5, atol=1e-6)
+        if b is not None:
+            np.testing.assert_allclose(grads[2].numpy(), grefs[2][mine].numpy(), rtol=1e-5, atol=1e-6)
+    names = cuda_kernels.names()
+    blocks = names.count("cuda_shard_stats")
+    assert blocks >= world and names.count("cuda_shard_backward") == blocks
+    if chunk == 1:
+        assert blocks == world * n  # one row per block

@@ -252,16 +252,12 @@ def _check_common(fname, target, weight, vocab_start) -> None:
         raise ValueError(f"{fname}: vocab_start must be a non-negative int, got {vocab_start!r}")
 
 
-def _check_device(fname, inputs, cuda_ok: bool) -> bool:
+def _check_device(fname, inputs) -> bool:
     """Whether the call takes the CUDA path: every tensor of ``inputs`` ((name, tensor) pairs, the
-    first the logits or hidden states) on the first one's device, CPU or (``cuda_ok``) CUDA."""
+    first the logits or hidden states) on the first one's device, CPU or CUDA; on CUDA the inputs
+    other than ``target`` and ``weight`` of a dtype the kernels take."""
     first = inputs[0][1]
     cuda = _cuda.is_cuda_array(first)
-    if cuda and not cuda_ok:
-        raise NotImplementedError(
-            f"{fname}: CUDA tensors are not supported yet (only the logits version, "
-            f"normax.torch.vocab_parallel_cross_entropy, runs on CUDA); got {first.device}"
-        )
     if not cuda and first.device.type != "cpu":
         raise NotImplementedError(f"{fname}: CPU (gloo) and CUDA (NCCL) tensors only, got {first.device}")
     for name, t in inputs[1:]:
@@ -269,11 +265,13 @@ def _check_device(fname, inputs, cuda_ok: bool) -> bool:
             raise ValueError(
                 f"{fname}: {name} is on {t.device}, {inputs[0][0]} on {first.device}: put them on one device"
             )
-    if cuda and first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"{fname}: {inputs[0][0]} has dtype {first.dtype}; the CUDA kernels take float32, float16 "
-            "and bfloat16 (float64 runs on CPU tensors)"
-        )
+    kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for name, t in inputs:
+        if cuda and t is not None and name not in ("target", "weight") and t.dtype not in kernel_dtypes:
+            raise TypeError(
+                f"{fname}: {name} has dtype {t.dtype}; the CUDA kernels take float32, float16 and "
+                "bfloat16 (float64 runs on CPU tensors)"
+            )
     return cuda
 
 
@@ -432,31 +430,34 @@ def vocab_parallel_cross_entropy(
     if logits_shard.dim() < 1:
         raise ValueError(f"{fname}: logits_shard must have a class axis")
     _check_common(fname, target, weight, vocab_start)
-    cuda = _check_device(
-        fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)], True
-    )
+    cuda = _check_device(fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)])
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts, cuda)
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk):
+    def forward(ctx, hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda):
         fname = _LINEAR_FNAME
-        dtype = _compute_dtype(hidden.dtype)
+        dtype = torch.float32 if cuda else _compute_dtype(hidden.dtype)
         h = hidden.shape[-1]
         length = weight_shard.shape[0] if weight_shard.dim() else 0
         rows = math.prod(hidden.shape[:-1])
         t = (
-            target.detach().reshape(-1).to(torch.int64)
+            target.detach().reshape(-1).to(torch.int64).contiguous()
             if target.numel() == rows
-            else torch.zeros(rows, dtype=torch.int64)
+            else torch.zeros(rows, dtype=torch.int64, device=target.device)
         )
         w = _as(weight, dtype)
         call = _Call(
             fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=True
         )
-        hid, ws, bs = _as(hidden, dtype), _as(weight_shard, dtype), _as(bias_shard, dtype)
+        # CUDA: the GEMMs and kernels in the inputs' promoted dtype (16-bit stays 16-bit).
+        work = dtype
+        if cuda:
+            work = torch.promote_types(hidden.dtype, weight_shard.dtype)
+            work = work if bias_shard is None else torch.promote_types(work, bias_shard.dtype)
+        hid, ws, bs = _as(hidden, work), _as(weight_shard, work), _as(bias_shard, work)
         try:
             if tuple(target.shape) != tuple(hidden.shape[:-1]):
                 raise ValueError(
@@ -472,62 +473,64 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 raise ValueError(
                     f"{fname}: bias_shard must have shape ({length},), got {tuple(bias_shard.shape)}"
                 )
-            _core.shard_linear_stats(
-                hid.reshape(rows, h).numpy(),
-                ws.numpy(),
-                None if bs is None else bs.numpy(),
-                t.numpy(),
-                None if w is None else w.numpy(),
-                call.packed.numpy(),
-                rows,
-                h,
-                call.start,
-                length,
-                opts.ignore_index,
-                opts.label_smoothing,
-                opts.softcap,
-                chunk,
-            )
+            if cuda:
+                _cuda.shard_linear_stats(
+                    _CudaLib(hid, fname),
+                    hid.reshape(rows, h),
+                    ws,
+                    bs,
+                    t,
+                    w,
+                    call.packed,
+                    call.start,
+                    opts,
+                    chunk,
+                )
+            else:
+                _core.shard_linear_stats(
+                    hid.reshape(rows, h).numpy(),
+                    ws.numpy(),
+                    None if bs is None else bs.numpy(),
+                    t.numpy(),
+                    None if w is None else w.numpy(),
+                    call.packed.numpy(),
+                    rows,
+                    h,
+                    call.start,
+                    length,
+                    opts.ignore_index,
+                    opts.label_smoothing,
+                    opts.softcap,
+                    chunk,
+                )
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
+        if cuda:
+            lse = torch.from_numpy(lse.astype(np.float32)).to(hidden.device)
         ctx.save_for_backward(hid, ws, bs, t, w)
         ctx.stats = (lse, denom, classes, call.start, opts, chunk, group)
+        ctx.cuda = (cuda, call.w_sum)
         ctx.dtypes = (hidden.dtype, weight_shard.dtype, None if bias_shard is None else bias_shard.dtype)
         ctx.hidden_shape = tuple(hidden.shape)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
-        return loss.reshape(shape).to(hidden.dtype)
+        return loss.reshape(shape).to(device=hidden.device, dtype=hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         hid, ws, bs, t, w = ctx.saved_tensors
         lse, denom, classes, start, opts, chunk, group = ctx.stats
-        rows, h, length = t.numel(), hid.shape[-1], ws.shape[0]
-        go_rows, go = _grad_output(grad, opts.reduction, hid.dtype)
-        dh = torch.empty((rows, h), dtype=hid.dtype)
-        dw = torch.empty_like(ws)
-        db = None if bs is None else torch.empty_like(bs)
-        _core.shard_linear_backward(
-            hid.reshape(rows, h).numpy(),
-            ws.numpy(),
-            None if bs is None else bs.numpy(),
-            t.numpy(),
-            None if w is None else w.numpy(),
-            lse,
-            denom,
-            dh.numpy(),
-            dw.numpy(),
-            None if db is None else db.numpy(),
-            go_rows,
-            go,
-            rows,
-            h,
-            start,
-            length,
-            classes,
-            *opts,
-            chunk,
-        )
+        rows, h = t.numel(), hid.shape[-1]
+        cuda, w_sum = ctx.cuda
+        if cuda:
+            dh, dw, db = _cuda.shard_linear_backward(
+                _CudaLib(hid, _LINEAR_FNAME), hid.reshape(rows, h), ws, bs, t, w, lse, grad, denom, start,
+                classes, w_sum, opts, chunk,
+            )  # fmt: skip
+        else:
+            dh, dw, db = _linear_backward_cpu(
+                hid, ws, bs, t, w, lse, denom, grad, start, classes, opts, chunk
+            )
         if ctx.needs_input_grad[0]:
             # The one collective of the backward: d hidden is the sum of every shard's part.
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
@@ -542,7 +545,38 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _linear_backward_cpu(hid, ws, bs, t, w, lse, denom, grad, start, classes, opts, chunk):
+    rows, h, length = t.numel(), hid.shape[-1], ws.shape[0]
+    go_rows, go = _grad_output(grad, opts.reduction, hid.dtype)
+    dh = torch.empty((rows, h), dtype=hid.dtype)
+    dw = torch.empty_like(ws)
+    db = None if bs is None else torch.empty_like(bs)
+    _core.shard_linear_backward(
+        hid.reshape(rows, h).numpy(),
+        ws.numpy(),
+        None if bs is None else bs.numpy(),
+        t.numpy(),
+        None if w is None else w.numpy(),
+        lse,
+        denom,
+        dh.numpy(),
+        dw.numpy(),
+        None if db is None else db.numpy(),
+        go_rows,
+        go,
+        rows,
+        h,
+        start,
+        length,
+        classes,
+        *opts,
+        chunk,
+    )
+    return dh, dw, db
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -581,16 +615,15 @@ def vocab_parallel_linear_cross_entropy(
     if hidden.dim() < 1:
         raise ValueError(f"{fname}: hidden must have a feature axis")
     _check_common(fname, target, weight, vocab_start)
-    _check_device(
+    cuda = _check_device(
         fname,
         [("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard), ("target", target),
          ("weight", weight)],
-        False,
     )  # fmt: skip
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = check_chunk_size(chunk_size)
     return _VocabParallelLinearCE.apply(
-        hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk
+        hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda
     )
 
 

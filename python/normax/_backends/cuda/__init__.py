@@ -40,6 +40,8 @@ from .cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_with_grad,
     shard_backward,
+    shard_linear_backward,
+    shard_linear_stats,
     shard_stats,
 )
 from .device import available, compile_check, is_cuda_array, load_nvrtc
@@ -84,6 +86,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_backward",
     "shard_backward",
+    "shard_linear_backward",
+    "shard_linear_stats",
     "shard_stats",
     "softmax",
     "softmax_backward",
