@@ -105,7 +105,8 @@ def run_case(name, dtype, n, v, opts):
     xs = x[..., start : start + sizes[RANK]].to(dev).requires_grad_(True)
     td = t.to(dev)
     del CALLS[:]
-    loss = nt.vocab_parallel_cross_entropy(xs, td, vocab_start=start if uneven else None, **cuda_opts)
+    vocab_start = start if len(set(sizes)) > 1 else None  # the default where the split is even
+    loss = nt.vocab_parallel_cross_entropy(xs, td, vocab_start=vocab_start, **cuda_opts)
     check(CALLS == ["all_gather_into_tensor"], f"{name}: forward collectives {CALLS}")
     check(loss.device == dev and loss.dtype == dtype, f"{name}: loss on {loss.device} as {loss.dtype}")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -118,6 +119,55 @@ def run_case(name, dtype, n, v, opts):
     LOSSES[name] = [int(b) for b in loss.detach().double().cpu().reshape(-1).view(torch.int64)]
 
 
+LINEAR_CASES = [
+    ("linear-f32", torch.float32, 96, 256, 2 * 8000, {"chunk_size": 4 * 8000}),
+    (
+        "linear-f32-bias-smooth-none",
+        torch.float32,
+        33,
+        64,
+        1000,
+        {"bias": True, "label_smoothing": 0.1, "reduction": "none"},
+    ),
+    ("linear-bf16", torch.bfloat16, 64, 128, 4096, {"z_loss": 1e-3}),
+]
+
+
+def run_linear_case(name, dtype, n, h, v, opts):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(len(name) * 1000 + v)
+    hid = torch.randn(n, h, generator=g).to(dtype)
+    W = (torch.randn(v, h, generator=g) / h**0.5).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if opts.pop("bias", False) else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[0], t[1] = v - 1, -100
+    chunk = opts.pop("chunk_size", None)
+    size = v // WORLD
+    start = RANK * size
+    # The reference: the whole head on the CPU in float64 (from the same rounded values).
+    hf, Wf = hid.double().requires_grad_(True), W.double().requires_grad_(True)
+    bf = None if b is None else b.double().requires_grad_(True)
+    ref = nt.cross_entropy(torch.nn.functional.linear(hf, Wf, bf), t, **opts)
+    gout = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
+    refs = torch.autograd.grad(ref, [hf, Wf] + ([bf] if bf is not None else []), gout)
+    hs = hid.to(dev).requires_grad_(True)
+    Ws = W[start : start + size].to(dev).requires_grad_(True)
+    bs = None if b is None else b[start : start + size].to(dev).requires_grad_(True)
+    del CALLS[:]
+    loss = nt.vocab_parallel_linear_cross_entropy(hs, Ws, t.to(dev), bias_shard=bs, chunk_size=chunk, **opts)
+    check(CALLS == ["all_gather_into_tensor"], f"{name}: forward collectives {CALLS}")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    close(loss, ref, tol, f"{name}: loss")
+    del CALLS[:]
+    grads = torch.autograd.grad(loss, [hs, Ws] + ([bs] if bs is not None else []), gout.to(dev).to(dtype))
+    check(CALLS == ["all_reduce"], f"{name}: backward collectives {CALLS}")
+    close(grads[0], refs[0], tol, f"{name}: dhidden")
+    close(grads[1], refs[1][start : start + size], tol, f"{name}: dweight")
+    if bs is not None:
+        close(grads[2], refs[2][start : start + size], tol, f"{name}: dbias")
+    LOSSES[name] = [int(b) for b in loss.detach().double().cpu().reshape(-1).view(torch.int64)]
+
+
 def main():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(PORT))
     torch.cuda.set_device(RANK % torch.cuda.device_count())
@@ -125,6 +175,12 @@ def main():
     for name, dtype, n, v, opts in CASES:
         try:
             run_case(name, dtype, n, v, dict(opts))
+        except Exception as e:  # noqa: BLE001 - recorded; the ranks stay in step (same cases)
+            FAILURES.append(f"rank {RANK}: {name}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+    for name, dtype, n, h, v, opts in LINEAR_CASES:
+        try:
+            run_linear_case(name, dtype, n, h, v, dict(opts))
         except Exception as e:  # noqa: BLE001 - recorded; the ranks stay in step (same cases)
             FAILURES.append(f"rank {RANK}: {name}: {type(e).__name__}: {e}")
             traceback.print_exc()

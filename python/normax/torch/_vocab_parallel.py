@@ -21,15 +21,17 @@ ranks whose buffers differ only within a class (any two at most 64 KiB, e.g. up 
 rows) exchange equal byte counts and read each other's headers. Ranks whose buffers fall in
 different classes still abort in gloo.
 
-CUDA tensors (the logits version; float32, float16 and bfloat16 logits) take the same steps on the
-device: the shard-statistics kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu)
+CUDA tensors (float32, float16 and bfloat16) take the same steps on the device: the shard-statistics kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu)
 writes the same float32 packed rows into a uint8 device buffer on the caller's stream, behind the
 header copied in; ``all_gather_into_tensor`` gathers it (NCCL for CUDA tensors); the gathered buffer
 and the target are copied to the host (one synchronization of the stream) for the CPU's combine, so
 the loss is bit-identical across ranks as on CPU; the backward is one kernel on the caller's stream
 that reads each row's global log-sum-exp (float32 hi, lo) from the forward: no collective, no
-synchronization. Tested with emulated kernels; the kernels on a GPU and NCCL only by the `gpu`
-tests (tests/cuda/test_gpu_vocab_parallel.py), not yet run on a GPU. The linear version is CPU only.
+synchronization. The linear version computes its logits block by block with torch GEMMs on the
+device into the same kernels, turns each recomputed block into its gradient in place in the
+backward (d weight and d bias summed over the blocks in float32) and all-reduces d hidden once.
+Tested with emulated kernels; the kernels on a GPU and NCCL only by the `gpu` tests
+(tests/cuda/test_gpu_vocab_parallel.py), not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -605,7 +607,9 @@ def vocab_parallel_linear_cross_entropy(
     once (summing the shards' parts, the collective a column-parallel layer needs anyway) and
     gives ``weight_shard`` / ``bias_shard`` their own gradients. ``weight`` (all V class weights),
     ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss`` and ``softcap`` are as in
-    :func:`normax.torch.cross_entropy`.
+    :func:`normax.torch.cross_entropy`. CPU tensors (gloo) and CUDA tensors (NCCL; float32, float16
+    or bfloat16, computed in their promoted dtype with float32 statistics) as
+    :func:`vocab_parallel_cross_entropy`.
     """
     fname = _LINEAR_FNAME
     check_float(hidden, fname, "hidden")
