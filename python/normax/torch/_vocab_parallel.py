@@ -21,9 +21,9 @@ ranks whose buffers differ only within a class (any two at most 64 KiB, e.g. up 
 rows) exchange equal byte counts and read each other's headers. Ranks whose buffers fall in
 different classes still abort in gloo.
 
-CUDA tensors (float32, float16 and bfloat16) take the same steps on the device: the shard-statistics kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu)
-writes the same float32 packed rows into a uint8 device buffer on the caller's stream, behind the
-header copied in; ``all_gather_into_tensor`` gathers it (NCCL for CUDA tensors); the gathered buffer
+CUDA tensors (float32, float16 and bfloat16) take the same steps on the device: the shard-statistics
+kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu) writes the same float32 packed
+rows into a uint8 device buffer on the caller's stream, behind the header copied in; ``all_gather_into_tensor`` gathers it (NCCL for CUDA tensors); the gathered buffer
 and the target are copied to the host (one synchronization of the stream) for the CPU's combine, so
 the loss is bit-identical across ranks as on CPU; the backward is one kernel on the caller's stream
 that reads each row's global log-sum-exp (float32 hi, lo) from the forward: no collective, no
