@@ -288,3 +288,34 @@ def test_linear_matches_the_cpu(cuda_kernels, group, world, opts, uneven):
     assert blocks >= world and names.count("cuda_shard_backward") == blocks
     if chunk == 1:
         assert blocks == world * n  # one row per block
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_special_rows(cuda_kernels, group, label_smoothing):
+    """NaN, +inf, all -inf and a -inf element: the packed specials combine into what the CPU's
+    cross_entropy of the whole row gives (NaN, or +inf for a smoothed -inf class)."""
+    v = 12
+    x = torch.randn(6, v, generator=torch.Generator().manual_seed(5))
+    x[0, 2] = float("nan")
+    x[1, 9] = float("inf")
+    x[2] = float("-inf")
+    x[3, 4] = float("-inf")
+    x[4, :6] = float("-inf")  # all -inf on the first shard only
+    t = torch.tensor([1, 3, 5, 7, 8, 11])
+    xf = x.clone().requires_grad_(True)
+    opts = {"reduction": "none", "label_smoothing": label_smoothing}
+    ref = nt.cross_entropy(xf, t, **opts)
+    (gref,) = torch.autograd.grad(ref, xf, torch.ones(6))
+    fg = group(2)
+
+    def rank(r):
+        xs = x[:, r * 6 : (r + 1) * 6].clone().requires_grad_(True)
+        loss = nt.vocab_parallel_cross_entropy(xs, t, group=fg, **opts)
+        (g,) = torch.autograd.grad(loss, xs, torch.ones(6))
+        return loss.detach(), g
+
+    results = fg.run(rank)
+    assert torch.isnan(results[0][0][:3]).all()
+    for r, (loss, g) in enumerate(results):
+        np.testing.assert_allclose(loss.numpy(), ref.detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(g.numpy(), gref[:, r * 6 : (r + 1) * 6].numpy(), rtol=1e-5, atol=1e-7)
