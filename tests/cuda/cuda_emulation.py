@@ -12,6 +12,7 @@ kernels themselves are checked on a GPU by the `gpu`-marked tests.
 
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
@@ -138,6 +139,94 @@ class EmulatedKernels:
             if cap:
                 g = g * (1 - (x / cap) ** 2)
             _rows(grad, rows, cols).copy_(g)
+
+    # Vocabulary-parallel shards: written from normax-core's cross_entropy/shard.rs (the packed
+    # row: lse hi, lo; the target logit; with label smoothing sum_c w_c (lse - x_c) as hi, lo).
+
+    @staticmethod
+    def _shard_stats(logits, target, weight, packed, rows, start, length, ignore, eps, cap):
+        x = _rows(logits, rows, length).double()
+        if cap:
+            x = cap * torch.tanh(x / cap)
+        t = _vec(target, rows)
+        wall = None if weight is None else _t(weight)  # a capsule is read once
+        if wall is not None and wall.numel() < start + length:  # the host code's check
+            raise ValueError(f"weight: expected the whole vocabulary's weights, got {wall.numel()}")
+        w = torch.ones(length, dtype=torch.float64) if wall is None else wall.double()[start : start + length]
+        fields = 5 if eps > 0 else 3
+        out = torch.zeros(rows, fields, dtype=torch.float64)
+
+        def split(v):  # hi rounded to float32, lo the remainder
+            hi = v.float().double()
+            return hi, (v - hi) if torch.isfinite(hi) else 0.0
+
+        for r in range(rows):
+            y = int(t[r])
+            if y == ignore:
+                continue
+            if 0 <= y - start < length:
+                out[r, 2] = x[r, y - start]
+            if torch.isnan(x[r]).any() or (x[r] == math.inf).any():
+                out[r, 0] = math.nan
+                continue
+            lse = torch.logsumexp(x[r], 0) if length else torch.tensor(-math.inf, dtype=torch.float64)
+            if lse == -math.inf:
+                out[r, 0] = -math.inf
+                if eps > 0 and length:
+                    out[r, 3] = math.inf
+                continue
+            out[r, 0], out[r, 1] = split(lse)
+            if eps > 0:
+                out[r, 3], out[r, 4] = split((w * (lse - x[r])).sum())
+        _rows(packed, rows, fields).copy_(out)
+
+    @staticmethod
+    def _shard_backward(
+        logits,
+        target,
+        weight,
+        lse,
+        grad,
+        scale,
+        stride,
+        rows,
+        start,
+        length,
+        classes,
+        w_sum,
+        ignore,
+        eps,
+        z,
+        cap,
+    ):
+        x = _rows(logits, rows, length).double()
+        if cap:
+            x = cap * torch.tanh(x / cap)
+        t = _vec(target, rows)
+        wall = torch.ones(classes, dtype=torch.float64) if weight is None else _vec(weight, classes).double()
+        assert abs(float(wall.sum()) - w_sum) <= 1e-6 * abs(w_sum)
+        w = wall[start : start + length]
+        row_lse = _rows(lse, rows, 2).double().sum(-1)  # hi + lo
+        s = _t(scale).double()
+        s = s[0].expand(rows) if stride == 0 else s[:rows]
+        g = torch.zeros(rows, length, dtype=torch.float64)
+        for r in range(rows):
+            y = int(t[r])
+            if y == ignore:
+                continue
+            if not torch.isfinite(row_lse[r]):
+                g[r] = math.nan
+                continue
+            zl = 2 * z * row_lse[r]
+            a = s[r] * ((1 - eps) * wall[y] + eps * w_sum / classes + zl)
+            b = s[r] * eps / classes
+            g[r] = torch.exp(x[r] - row_lse[r]) * a - w * b
+            if 0 <= y - start < length:
+                c = y - start
+                g[r, c] = a * torch.expm1(-(row_lse[r] - x[r, c])) + b * (w_sum - wall[y]) + s[r] * zl
+            if cap:
+                g[r] = g[r] * (1 - (x[r] / cap) ** 2)
+        _rows(grad, rows, length).copy_(g)
 
     @staticmethod
     def _stats(kind, x, eps):

@@ -20,6 +20,18 @@ rounded up to a size class (at least 64 KiB, then eight classes per doubling, at
 ranks whose buffers differ only within a class (any two at most 64 KiB, e.g. up to 5,000 float32
 rows) exchange equal byte counts and read each other's headers. Ranks whose buffers fall in
 different classes still abort in gloo.
+
+CUDA tensors (float32, float16 and bfloat16) take the same steps on the device: the shard-statistics
+kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu) writes the same float32 packed
+rows into a uint8 device buffer on the caller's stream, behind the header copied in; ``all_gather_into_tensor`` gathers it (NCCL for CUDA tensors); the gathered buffer
+and the target are copied to the host (one synchronization of the stream) for the CPU's combine, so
+the loss is bit-identical across ranks as on CPU; the backward is one kernel on the caller's stream
+that reads each row's global log-sum-exp (float32 hi, lo) from the forward: no collective, no
+synchronization. The linear version computes its logits block by block with torch GEMMs on the
+device into the same kernels, turns each recomputed block into its gradient in place in the
+backward (d weight and d bias summed over the blocks in float32) and all-reduces d hidden once.
+Tested with emulated kernels; the kernels on a GPU and NCCL only by the `gpu` tests
+(tests/cuda/test_gpu_vocab_parallel.py), not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _core
+from .._backends import cuda as _cuda
+from .._backends.cuda.device import Lib as _CudaLib
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -59,7 +73,11 @@ def _target_hash(t: Tensor, shape: tuple) -> int:
     flat = t.reshape(-1)
     h = hash(shape)
     if flat.numel():
-        mult = torch.arange(flat.numel(), dtype=torch.int64).mul_(0x9E3779B1).add_(0x632BE5AB)
+        mult = (
+            torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
+            .mul_(0x9E3779B1)
+            .add_(0x632BE5AB)
+        )
         h ^= int(flat.mul(mult).sum()) ^ int(flat.bitwise_xor(mult).sum()) * 31
     return h & _MASK
 
@@ -98,11 +116,12 @@ def _size_class(nbytes: int) -> int:
 
 
 def _gather(buffer: Tensor, group) -> np.ndarray:
-    """The one collective of the forward: every rank's buffer, in rank order."""
+    """The one collective of the forward: every rank's buffer, in rank order, on the host (for a
+    CUDA buffer, a device-to-host copy that waits for the stream)."""
     world = dist.get_world_size(group)
     out = buffer.new_empty(world * buffer.numel())
     dist.all_gather_into_tensor(out, buffer, group=group)
-    return out.numpy().reshape(world, -1)
+    return out.cpu().numpy().reshape(world, -1)
 
 
 class _Call:
@@ -111,6 +130,7 @@ class _Call:
     headers and combines."""
 
     def __init__(self, fname, rows, length, target, shape, weight, vocab_start, group, opts, dtype, linear):
+        # The buffer lives where the target does: the logits' device (NCCL gathers CUDA tensors).
         self.fname = fname
         self.group = group
         self.rank = dist.get_rank(group)
@@ -136,7 +156,9 @@ class _Call:
         ]
         # The header and the rows' statistics in one byte buffer: the tensor the all-gather sends.
         self.payload = rows * self.fields * dtype.itemsize
-        self.buffer = torch.zeros(_size_class(_HEADER_BYTES + self.payload), dtype=torch.uint8)
+        self.buffer = torch.zeros(
+            _size_class(_HEADER_BYTES + self.payload), dtype=torch.uint8, device=target.device
+        )
         stats = self.buffer[_HEADER_BYTES : _HEADER_BYTES + self.payload]
         self.packed = stats.view(dtype).reshape(rows, self.fields)
 
@@ -146,26 +168,29 @@ class _Call:
         self.packed.zero_()
 
     def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
-        self.buffer[:_HEADER_BYTES].numpy().view(np.uint64)[:] = [v & _MASK for v in self.header]
+        header = np.array([v & _MASK for v in self.header], dtype=np.uint64).view(np.uint8)
+        self.buffer[:_HEADER_BYTES].copy_(torch.from_numpy(header))
         raw = _gather(self.buffer, self.group)
         heads = [[int(v) for v in row] for row in raw[:, :_HEADER_BYTES].copy().view(np.uint64)]
         self._check(heads)
         gathered = np.ascontiguousarray(raw[:, _HEADER_BYTES : _HEADER_BYTES + self.payload]).view(
-            self.packed.numpy().dtype
+            np.float64 if self.dtype == torch.float64 else np.float32
         )
         starts = [h[1] for h in heads]
         lengths = [h[2] for h in heads]
         opts = self.opts
         loss = np.empty(self.rows if opts.reduction == "none" else 1, dtype=gathered.dtype)
         lse = np.empty((self.rows, 2), dtype=np.float64)
-        w = None if self.weight is None else self.weight.numpy()
+        w = None if self.weight is None else self.weight.cpu().numpy()
+        # sum_c w_c of the whole vocabulary (the CUDA backward's label-smoothing term).
+        self.w_sum = float(sum(lengths)) if w is None else float(w.astype(np.float64).sum())
         denom = _core.shard_combine(
             gathered,
             gathered.shape[1],
             starts,
             lengths,
             self.rows,
-            self.target.reshape(-1).numpy(),
+            self.target.reshape(-1).cpu().numpy(),
             w,
             loss,
             lse,
@@ -227,11 +252,29 @@ def _check_common(fname, target, weight, vocab_start) -> None:
         isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
     ):
         raise ValueError(f"{fname}: vocab_start must be a non-negative int, got {vocab_start!r}")
-    for t in (target, weight):
-        if t is not None and t.device.type != "cpu":
-            raise NotImplementedError(
-                f"{fname}: only CPU tensors (gloo) are supported so far, got {t.device}"
+
+
+def _check_device(fname, inputs) -> bool:
+    """Whether the call takes the CUDA path: every tensor of ``inputs`` ((name, tensor) pairs, the
+    first the logits or hidden states) on the first one's device, CPU or CUDA; on CUDA the inputs
+    other than ``target`` and ``weight`` of a dtype the kernels take."""
+    first = inputs[0][1]
+    cuda = _cuda.is_cuda_array(first)
+    if not cuda and first.device.type != "cpu":
+        raise NotImplementedError(f"{fname}: CPU (gloo) and CUDA (NCCL) tensors only, got {first.device}")
+    for name, t in inputs[1:]:
+        if t is not None and (_cuda.is_cuda_array(t) != cuda or t.device != first.device):
+            raise ValueError(
+                f"{fname}: {name} is on {t.device}, {inputs[0][0]} on {first.device}: put them on one device"
             )
+    kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for name, t in inputs:
+        if cuda and t is not None and name not in ("target", "weight") and t.dtype not in kernel_dtypes:
+            raise TypeError(
+                f"{fname}: {name} has dtype {t.dtype}; the CUDA kernels take float32, float16 and "
+                "bfloat16 (float64 runs on CPU tensors)"
+            )
+    return cuda
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -246,52 +289,68 @@ def _grad_output(grad: Tensor, reduction: str, dtype: torch.dtype):
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, vocab_start, group, opts):
+    def forward(ctx, logits, target, weight, vocab_start, group, opts, cuda):
         fname = _FNAME
-        dtype = _compute_dtype(logits.dtype)
+        # CUDA: the kernels read float32/16-bit logits as they are; statistics are float32.
+        dtype = torch.float32 if cuda else _compute_dtype(logits.dtype)
         length = logits.shape[-1] if logits.dim() else 0
         rows = math.prod(logits.shape[:-1])
         t = (
-            target.detach().reshape(-1).to(torch.int64)
+            target.detach().reshape(-1).to(torch.int64).contiguous()
             if target.numel() == rows
-            else torch.zeros(rows, dtype=torch.int64)
+            else torch.zeros(rows, dtype=torch.int64, device=target.device)
         )
         w = _as(weight, dtype)
         call = _Call(
             fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=False
         )
-        x = _as(logits, dtype)
+        x = logits.detach().contiguous() if cuda else _as(logits, dtype)
         try:
             if tuple(target.shape) != tuple(logits.shape[:-1]):
                 raise ValueError(
                     f"{fname}: target has shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} "
                     "(logits_shard's shape without the class axis)"
                 )
-            _core.shard_stats(
-                x.reshape(rows, length).numpy(),
-                t.numpy(),
-                None if w is None else w.numpy(),
-                call.packed.numpy(),
-                rows,
-                call.start,
-                length,
-                opts.ignore_index,
-                opts.label_smoothing,
-                opts.softcap,
-            )
+            if cuda:
+                lib = _CudaLib(x, fname)
+                _cuda.shard_stats(lib, x.reshape(rows, length), t, w, call.packed, call.start, opts)
+            else:
+                _core.shard_stats(
+                    x.reshape(rows, length).numpy(),
+                    t.numpy(),
+                    None if w is None else w.numpy(),
+                    call.packed.numpy(),
+                    rows,
+                    call.start,
+                    length,
+                    opts.ignore_index,
+                    opts.label_smoothing,
+                    opts.softcap,
+                )
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
+        if cuda:
+            # The backward kernel reads each row's lse as float32 hi, lo (hi is float32 already).
+            lse = torch.from_numpy(lse.astype(np.float32)).to(logits.device)
         ctx.save_for_backward(x, t, w)
         ctx.stats = (lse, denom, classes, call.start, opts, logits.dtype, tuple(logits.shape))
+        ctx.cuda = (cuda, call.w_sum)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
-        return loss.reshape(shape).to(logits.dtype)
+        return loss.reshape(shape).to(device=logits.device, dtype=logits.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, t, w = ctx.saved_tensors
         lse, denom, classes, start, opts, in_dtype, shape = ctx.stats
         rows, length = t.numel(), shape[-1]
+        cuda, w_sum = ctx.cuda
+        if cuda:
+            lib = _CudaLib(x, _FNAME)
+            dx = _cuda.shard_backward(
+                lib, x.reshape(rows, length), t, w, lse, grad, denom, start, classes, w_sum, opts
+            )
+            return dx.reshape(shape), None, None, None, None, None, None
         go_rows, go = _grad_output(grad, opts.reduction, x.dtype)
         dx = torch.empty((rows, length), dtype=x.dtype)
         _core.shard_backward(
@@ -309,7 +368,7 @@ class _VocabParallelCE(torch.autograd.Function):
             classes,
             *opts,
         )
-        return dx.reshape(shape).to(in_dtype), None, None, None, None, None
+        return dx.reshape(shape).to(in_dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -356,43 +415,51 @@ def vocab_parallel_cross_entropy(
         one rank's input fails its checks (that rank raises its own error).
     IndexError
         A class id outside ``[0, V)`` that is not ``ignore_index`` (every rank, naming it).
+    TypeError
+        CUDA logits of dtype float64 (the CUDA kernels take float32, float16 and bfloat16).
 
     Notes
     -----
     Forward: one ``all_gather_into_tensor`` of 3 values per row (5 with label smoothing) plus a
-    header of 6 values; every rank combines them in rank order. CPU tensors (gloo) only so far.
+    header of 8 values; every rank combines them in rank order. CPU tensors (gloo, float32 or
+    float64) and CUDA tensors (NCCL; float32, float16 or bfloat16 logits, float32 statistics; the
+    forward copies the gathered statistics to the host for the combine, one synchronization of the
+    stream; loss and gradient in the logits' dtype on their device). ``target`` and ``weight`` must
+    be on the logits' device.
     """
     fname = _FNAME
     check_float(logits_shard, fname, "logits_shard")
     if logits_shard.dim() < 1:
         raise ValueError(f"{fname}: logits_shard must have a class axis")
-    if logits_shard.device.type != "cpu":
-        raise NotImplementedError(
-            f"{fname}: only CPU tensors (gloo) are supported so far, got {logits_shard.device}"
-        )
     _check_common(fname, target, weight, vocab_start)
+    cuda = _check_device(fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)])
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts)
+    return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts, cuda)
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk):
+    def forward(ctx, hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda):
         fname = _LINEAR_FNAME
-        dtype = _compute_dtype(hidden.dtype)
+        dtype = torch.float32 if cuda else _compute_dtype(hidden.dtype)
         h = hidden.shape[-1]
         length = weight_shard.shape[0] if weight_shard.dim() else 0
         rows = math.prod(hidden.shape[:-1])
         t = (
-            target.detach().reshape(-1).to(torch.int64)
+            target.detach().reshape(-1).to(torch.int64).contiguous()
             if target.numel() == rows
-            else torch.zeros(rows, dtype=torch.int64)
+            else torch.zeros(rows, dtype=torch.int64, device=target.device)
         )
         w = _as(weight, dtype)
         call = _Call(
             fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=True
         )
-        hid, ws, bs = _as(hidden, dtype), _as(weight_shard, dtype), _as(bias_shard, dtype)
+        # CUDA: the GEMMs and kernels in the inputs' promoted dtype (16-bit stays 16-bit).
+        work = dtype
+        if cuda:
+            work = torch.promote_types(hidden.dtype, weight_shard.dtype)
+            work = work if bias_shard is None else torch.promote_types(work, bias_shard.dtype)
+        hid, ws, bs = _as(hidden, work), _as(weight_shard, work), _as(bias_shard, work)
         try:
             if tuple(target.shape) != tuple(hidden.shape[:-1]):
                 raise ValueError(
@@ -408,62 +475,64 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 raise ValueError(
                     f"{fname}: bias_shard must have shape ({length},), got {tuple(bias_shard.shape)}"
                 )
-            _core.shard_linear_stats(
-                hid.reshape(rows, h).numpy(),
-                ws.numpy(),
-                None if bs is None else bs.numpy(),
-                t.numpy(),
-                None if w is None else w.numpy(),
-                call.packed.numpy(),
-                rows,
-                h,
-                call.start,
-                length,
-                opts.ignore_index,
-                opts.label_smoothing,
-                opts.softcap,
-                chunk,
-            )
+            if cuda:
+                _cuda.shard_linear_stats(
+                    _CudaLib(hid, fname),
+                    hid.reshape(rows, h),
+                    ws,
+                    bs,
+                    t,
+                    w,
+                    call.packed,
+                    call.start,
+                    opts,
+                    chunk,
+                )
+            else:
+                _core.shard_linear_stats(
+                    hid.reshape(rows, h).numpy(),
+                    ws.numpy(),
+                    None if bs is None else bs.numpy(),
+                    t.numpy(),
+                    None if w is None else w.numpy(),
+                    call.packed.numpy(),
+                    rows,
+                    h,
+                    call.start,
+                    length,
+                    opts.ignore_index,
+                    opts.label_smoothing,
+                    opts.softcap,
+                    chunk,
+                )
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
+        if cuda:
+            lse = torch.from_numpy(lse.astype(np.float32)).to(hidden.device)
         ctx.save_for_backward(hid, ws, bs, t, w)
         ctx.stats = (lse, denom, classes, call.start, opts, chunk, group)
+        ctx.cuda = (cuda, call.w_sum)
         ctx.dtypes = (hidden.dtype, weight_shard.dtype, None if bias_shard is None else bias_shard.dtype)
         ctx.hidden_shape = tuple(hidden.shape)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
-        return loss.reshape(shape).to(hidden.dtype)
+        return loss.reshape(shape).to(device=hidden.device, dtype=hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         hid, ws, bs, t, w = ctx.saved_tensors
         lse, denom, classes, start, opts, chunk, group = ctx.stats
-        rows, h, length = t.numel(), hid.shape[-1], ws.shape[0]
-        go_rows, go = _grad_output(grad, opts.reduction, hid.dtype)
-        dh = torch.empty((rows, h), dtype=hid.dtype)
-        dw = torch.empty_like(ws)
-        db = None if bs is None else torch.empty_like(bs)
-        _core.shard_linear_backward(
-            hid.reshape(rows, h).numpy(),
-            ws.numpy(),
-            None if bs is None else bs.numpy(),
-            t.numpy(),
-            None if w is None else w.numpy(),
-            lse,
-            denom,
-            dh.numpy(),
-            dw.numpy(),
-            None if db is None else db.numpy(),
-            go_rows,
-            go,
-            rows,
-            h,
-            start,
-            length,
-            classes,
-            *opts,
-            chunk,
-        )
+        rows, h = t.numel(), hid.shape[-1]
+        cuda, w_sum = ctx.cuda
+        if cuda:
+            dh, dw, db = _cuda.shard_linear_backward(
+                _CudaLib(hid, _LINEAR_FNAME), hid.reshape(rows, h), ws, bs, t, w, lse, grad, denom, start,
+                classes, w_sum, opts, chunk,
+            )  # fmt: skip
+        else:
+            dh, dw, db = _linear_backward_cpu(
+                hid, ws, bs, t, w, lse, denom, grad, start, classes, opts, chunk
+            )
         if ctx.needs_input_grad[0]:
             # The one collective of the backward: d hidden is the sum of every shard's part.
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
@@ -478,7 +547,38 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _linear_backward_cpu(hid, ws, bs, t, w, lse, denom, grad, start, classes, opts, chunk):
+    rows, h, length = t.numel(), hid.shape[-1], ws.shape[0]
+    go_rows, go = _grad_output(grad, opts.reduction, hid.dtype)
+    dh = torch.empty((rows, h), dtype=hid.dtype)
+    dw = torch.empty_like(ws)
+    db = None if bs is None else torch.empty_like(bs)
+    _core.shard_linear_backward(
+        hid.reshape(rows, h).numpy(),
+        ws.numpy(),
+        None if bs is None else bs.numpy(),
+        t.numpy(),
+        None if w is None else w.numpy(),
+        lse,
+        denom,
+        dh.numpy(),
+        dw.numpy(),
+        None if db is None else db.numpy(),
+        go_rows,
+        go,
+        rows,
+        h,
+        start,
+        length,
+        classes,
+        *opts,
+        chunk,
+    )
+    return dh, dw, db
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -507,7 +607,9 @@ def vocab_parallel_linear_cross_entropy(
     once (summing the shards' parts, the collective a column-parallel layer needs anyway) and
     gives ``weight_shard`` / ``bias_shard`` their own gradients. ``weight`` (all V class weights),
     ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss`` and ``softcap`` are as in
-    :func:`normax.torch.cross_entropy`.
+    :func:`normax.torch.cross_entropy`. CPU tensors (gloo) and CUDA tensors (NCCL; float32, float16
+    or bfloat16, computed in their promoted dtype with float32 statistics) as
+    :func:`vocab_parallel_cross_entropy`.
     """
     fname = _LINEAR_FNAME
     check_float(hidden, fname, "hidden")
@@ -516,16 +618,16 @@ def vocab_parallel_linear_cross_entropy(
         check_float(bias_shard, fname, "bias_shard")
     if hidden.dim() < 1:
         raise ValueError(f"{fname}: hidden must have a feature axis")
-    for name, tt in (("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard)):
-        if tt is not None and tt.device.type != "cpu":
-            raise NotImplementedError(
-                f"{fname}: only CPU tensors (gloo) are supported so far, {name} is on {tt.device}"
-            )
     _check_common(fname, target, weight, vocab_start)
+    cuda = _check_device(
+        fname,
+        [("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard), ("target", target),
+         ("weight", weight)],
+    )  # fmt: skip
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = check_chunk_size(chunk_size)
     return _VocabParallelLinearCE.apply(
-        hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk
+        hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda
     )
 
 

@@ -320,3 +320,198 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
 NX_TYPES(NX_CE_TYPE)
 // 16 packs of 4 floats: 64 registers of row per thread, the most without spilling.
 NX_CE_CACHED(f32, float, 4, 16)
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary-parallel shards (normax-core's cross_entropy/shard.rs holds the format and the math):
+// a rank holds classes [start, start + cols) of every row. The statistics kernel packs per row
+// `fields` floats (3, or 5 with label smoothing): the shard's log-sum-exp as hi + lo (TwoSum of
+// max and log of the scaled sum: exact, combinable in any order), the capped target logit if the
+// target lives here (else 0), and the smoothing sum sum_c w_c (lse_k - x_c) as hi + lo. The host
+// gathers every rank's rows and combines them (normax-core's shard_combine); the backward kernel
+// writes the shard's gradient from each row's global log-sum-exp with no communication.
+
+struct ShardArgs {
+    const i64* target;    // global class ids
+    const float* weight;  // the whole vocabulary's class weights (indexed by global class), or null
+    i64 ignore_index;
+    i64 start;            // the shard's first class
+    i64 classes;          // the whole vocabulary (backward only; 0 in the statistics kernel)
+    float eps, z, cap;    // cap 0: no softcap
+    float w_sum;          // sum of the whole vocabulary's weights (backward only)
+};
+
+// A shard row's running statistics: the max, the sum of exp(x - max) split into the count of
+// elements equal to the max (`ones`, exact) and the rest (so log1p keeps a dominant max's
+// log-sum-exp relatively accurate), the capped target logit, and for label smoothing W = sum w_c
+// and D = sum w_c (max - x_c), every term >= 0 (no cancellation; D grows by W * dmax as the max
+// rises).
+struct ShardStats {
+    float m, ones, rest, w, d, xy;
+};
+
+__device__ __forceinline__ void shard_rescale(ShardStats& s, float m) {
+    if (s.m == m) return;
+    // A max below the new one: its ties become ordinary terms (exp(-inf) = 0 for an empty state).
+    float k = fast_exp(s.m - m);
+    s.rest = (s.rest + s.ones) * k;
+    s.ones = 0.0f;
+    // +inf where the old max was -inf: those classes' terms w_c (max - x_c) are infinite.
+    if (s.w > 0.0f) s.d += s.w * (m - s.m);
+    s.m = m;
+}
+
+struct ShardMerge {
+    __device__ ShardStats operator()(ShardStats a, ShardStats b) const {
+        float m = fmaxf(a.m, b.m);
+        shard_rescale(a, m);
+        shard_rescale(b, m);
+        return {m, a.ones + b.ones, a.rest + b.rest, a.w + b.w, a.d + b.d, a.xy + b.xy};
+    }
+};
+__device__ __forceinline__ ShardStats shfl_xor(ShardStats v, int o) {
+    return {shfl_xor(v.m, o), shfl_xor(v.ones, o), shfl_xor(v.rest, o),
+            shfl_xor(v.w, o), shfl_xor(v.d, o),    shfl_xor(v.xy, o)};
+}
+
+// hi + lo = a + b exactly, hi the float nearest (Knuth's TwoSum).
+__device__ __forceinline__ float2 two_sum(float a, float b) {
+    float s = a + b;
+    float bb = s - a;
+    float err = (a - (s - bb)) + (b - bb);
+    return make_float2(s, err);
+}
+
+template <class T, int V>
+__device__ void shard_stats_rows(const T* x, i64 rows, i64 cols, ShardArgs a, float* packed) {
+    __shared__ ShardStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
+    RowSlot s = row_slot(rows, cols, cols, 1);
+    ShardStats st = {-NX_INF, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    bool smooth = a.eps > 0.0f;
+    i64 y = s.active ? a.target[s.row] : a.ignore_index;
+    bool ignored = y == a.ignore_index;
+    i64 local = y - a.start;  // the target's column here, if in [0, cols)
+    if (s.active && !ignored) {
+        const T* row = x + s.row * cols;
+        for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
+            float v[V];
+            load<T, V>(row + i, v);
+            float m = st.m;
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                v[j] = capped(v[j], a.cap);
+                m = fmaxf(m, v[j]);
+            }
+            shard_rescale(st, m);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                if (v[j] == m)
+                    st.ones += 1.0f;
+                else
+                    st.rest += fast_exp(v[j] - m);  // NaN for a NaN element: the row's result
+                if (i + j == local) st.xy = v[j];
+                if (smooth) {
+                    float w = a.weight ? a.weight[a.start + i + j] : 1.0f;
+                    if (v[j] != m) st.d = fmaf(w, m - v[j], st.d);
+                    st.w += w;
+                }
+            }
+        }
+    }
+    st = row_reduce(st, scratch, ShardMerge());
+    if (!s.active || threadIdx.x != 0) return;
+    int fields = smooth ? 5 : 3;
+    float* out = packed + s.row * fields;
+    for (int f = 0; f < fields; ++f) out[f] = 0.0f;
+    if (ignored) return;
+    out[2] = st.xy;
+    if (st.rest != st.rest || st.m == NX_INF) {  // NaN or +inf somewhere: a NaN row
+        out[0] = __int_as_float(0x7fc00000);
+        return;
+    }
+    if (st.m == -NX_INF) {  // every class -inf, or none here: adds nothing to the sum
+        out[0] = -NX_INF;
+        if (smooth && cols > 0) out[3] = NX_INF;
+        return;
+    }
+    // lse_k - max, >= 0: log(ones) + log1p(rest / ones).
+    float rel = logf(st.ones) + log1pf(st.rest / st.ones);
+    float2 l = two_sum(st.m, rel);
+    out[0] = l.x;
+    out[1] = l.y;
+    if (smooth) {
+        float2 sm = two_sum(st.w * rel, st.d);  // sum_c w_c (lse_k - x_c) = W (lse_k - max) + D
+        out[3] = sm.x;
+        out[4] = sm.y;
+    }
+}
+
+// The shard's gradient: grad_c = (p_c * A - w_c * B) * cap'(x_c) with p_c = exp(x_c - lse) of the
+// row's global lse (hi, lo: `lse[2 row]`, `lse[2 row + 1]`), and at a target living here
+// A * expm1(-(lse - x_y)) + B (W - w_y) + Z (the cancelling terms left out, as the CPU's
+// target_grad). Rows may be split across blocks (no reduction here).
+template <class T, int V>
+__device__ void shard_backward_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, ShardArgs a,
+                                    const float* lse, T* grad, const float* gscale, i64 gscale_stride) {
+    RowSlot s = row_slot(rows, cols, chunk, chunks);
+    if (!s.active) return;
+    i64 y = a.target[s.row];
+    // Out of range never reaches here (the host combine raised IndexError); treated as ignored so
+    // memory safety does not depend on it.
+    bool ignored = y == a.ignore_index || y < 0 || y >= a.classes;
+    float hi = lse[2 * s.row], lo = lse[2 * s.row + 1];
+    float l = hi + lo;
+    T* grow = grad + s.row * cols;
+    const T* row = x + s.row * cols;
+    if (ignored || !(l - l == 0.0f)) {  // ignored: 0; a non-finite lse: NaN, as the CPU
+        float fill = ignored ? 0.0f : __int_as_float(0x7fc00000);
+        for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
+            float v[V];
+#pragma unroll
+            for (int j = 0; j < V; ++j) v[j] = fill;
+            store<T, V>(grow + i, v);
+        }
+        return;
+    }
+    float sc = gscale[s.row * gscale_stride];
+    float w_y = a.weight ? a.weight[y] : 1.0f;
+    float c_over = a.eps / (float)a.classes;
+    float zl = a.z > 0.0f ? 2.0f * a.z * l : 0.0f;
+    float coef_a = (1.0f - a.eps) * w_y + zl;
+    if (a.eps > 0.0f) coef_a += c_over * a.w_sum;
+    coef_a *= sc;
+    float coef_b = sc * c_over;
+    float res = (a.eps > 0.0f ? coef_b * (a.w_sum - w_y) : 0.0f) + sc * zl;
+    i64 local = y - a.start;
+    for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
+        float v[V];
+        load<T, V>(row + i, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            float xc = capped(v[j], a.cap);
+            float w = a.weight ? a.weight[a.start + i + j] : 1.0f;
+            float g = i + j == local ? coef_a * expm1f(-((hi - xc) + lo)) + res
+                                     : fast_exp((xc - hi) - lo) * coef_a - w * coef_b;
+            if (a.cap > 0.0f) {
+                float u = xc / a.cap;
+                g *= 1.0f - u * u;
+            }
+            v[j] = g;
+        }
+        store<T, V>(grow + i, v);
+    }
+}
+
+#define NX_SHARD(name, T, V)                                                                              \
+    extern "C" __global__ void __launch_bounds__(512) ce_shard_stats_##name##_v##V(                      \
+        const T* x, i64 rows, i64 cols, ShardArgs a, float* packed) {                                     \
+        shard_stats_rows<T, V>(x, rows, cols, a, packed);                                                 \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(512) ce_shard_backward_##name##_v##V(                   \
+        const T* x, i64 rows, i64 cols, i64 chunk, int chunks, ShardArgs a, const float* lse, T* grad,   \
+        const float* gscale, i64 gscale_stride) {                                                         \
+        shard_backward_rows<T, V>(x, rows, cols, chunk, chunks, a, lse, grad, gscale, gscale_stride);    \
+    }
+
+#define NX_SHARD_TYPE(name, T, V) NX_SHARD(name, T, 1) NX_SHARD(name, T, V)
+
+NX_TYPES(NX_SHARD_TYPE)

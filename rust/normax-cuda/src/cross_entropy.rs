@@ -153,3 +153,275 @@ pub fn cross_entropy(
         }
     })
 }
+
+/// The shard kernels' argument block (`ShardArgs` in cross_entropy.cu: same fields, same order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ShardArgs {
+    target: u64,
+    weight: u64,
+    ignore_index: i64,
+    start: i64,
+    classes: i64,
+    eps: f32,
+    z: f32,
+    /// 0: no softcap.
+    cap: f32,
+    w_sum: f32,
+}
+
+/// A vocabulary shard's rows: the logits (`rows` x `shard.len`, contiguous) of the classes
+/// `[shard.start, shard.start + shard.len)`, their global class ids, and `opts.weight`, the whole
+/// vocabulary's class weights (float32).
+#[derive(Clone, Copy)]
+pub struct ShardRows {
+    pub x: Buf,
+    pub target: Indices,
+    pub rows: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl ShardRows {
+    fn check(&self, opts: &CeOptions<Buf>) -> Result<()> {
+        check("logits", &self.x, self.x.dtype, size(self.rows, self.len)?)?;
+        if self.target.len != self.rows {
+            return Err(Error::Value(format!(
+                "target: expected {} class indices, got {}",
+                self.rows, self.target.len
+            )));
+        }
+        if self.rows > 0 && self.target.ptr == 0 {
+            return Err(Error::Value("target: null device address".into()));
+        }
+        // The scalar options (the weight is checked against the shard below).
+        CeOptions::<Buf> {
+            weight: None,
+            ..*opts
+        }
+        .check(0)?;
+        if let Some(w) = &opts.weight {
+            let end = self.start.checked_add(self.len);
+            if w.dtype != DType::F32 || end.is_none_or(|e| e > w.len) || w.ptr == 0 {
+                return Err(Error::Value(format!(
+                    "weight: expected float32 weights of the whole vocabulary, at least {} classes, \
+                     got {} {:?}",
+                    self.start.saturating_add(self.len),
+                    w.len,
+                    w.dtype
+                )));
+            }
+        }
+        i64::try_from(self.start + self.len)
+            .map(|_| ())
+            .map_err(|_| Error::Value("vocab_start: too large".into()))
+    }
+
+    fn args(&self, opts: &CeOptions<Buf>, classes: usize, w_sum: f64) -> ShardArgs {
+        ShardArgs {
+            target: self.target.ptr,
+            weight: opts.weight.map_or(0, |w| w.ptr),
+            ignore_index: opts.ignore_index,
+            start: self.start as i64,
+            classes: classes as i64,
+            eps: opts.label_smoothing as f32,
+            z: opts.z_loss as f32,
+            cap: opts.softcap.unwrap_or(0.0) as f32,
+            w_sum: w_sum as f32,
+        }
+    }
+}
+
+/// Floats per row of [`shard_stats`]: normax-core's `shard::fields`.
+pub fn shard_fields(label_smoothing: f64) -> usize {
+    normax_core::cross_entropy::shard_fields(label_smoothing)
+}
+
+/// The shard's row statistics into `packed` (float32, rows x [`shard_fields`]) in normax-core's
+/// `shard_stats` layout, which its `shard_combine` reads once every rank's rows are gathered.
+/// Targets are not range-checked here (the vocabulary is known after the gather); one outside
+/// the shard adds nothing. `opts.reduction` and `opts.z_loss` are the combine's.
+pub fn shard_stats(s: Stream, sh: ShardRows, opts: &CeOptions<Buf>, packed: Buf) -> Result<()> {
+    sh.check(opts)?;
+    let fields = shard_fields(opts.label_smoothing);
+    check("packed", &packed, DType::F32, size(sh.rows, fields)?)?;
+    if sh.rows == 0 {
+        return Ok(());
+    }
+    let args = sh.args(opts, 0, 0.0);
+    with_device(s.device, |d| {
+        // Whole rows per block: the statistics are one reduction per row.
+        let mut r = RowLaunch::new(
+            d,
+            s,
+            "cross_entropy",
+            sh.x.dtype,
+            sh.rows,
+            sh.len,
+            &[sh.x.ptr],
+            false,
+        )?;
+        let (rows_i, cols_i, _, _) = r.dims();
+        // Safety: buffers checked above; packed holds rows * fields floats.
+        unsafe {
+            r.run_vec(
+                "ce_shard_stats",
+                &mut params![sh.x.ptr, rows_i, cols_i, args, packed.ptr],
+            )
+        }
+    })
+}
+
+/// d(grad_output * loss)/d(logits) of the shard into `grad` (the logits' dtype; may be the logits
+/// themselves), from each row's global log-sum-exp `lse` (float32 hi, lo per row) that the
+/// combine returned, the vocabulary size `classes` and `w_sum`, the sum of the whole
+/// vocabulary's weights (`classes` without weights). `scale` is grad_output (divided by the
+/// mean's denominator) as float32 on the device: `stride` 0 for one value, 1 for one per row.
+/// Class ids must already be checked against `classes` (the combine raises IndexError); any other
+/// is treated as ignored, never read out of bounds.
+#[allow(clippy::too_many_arguments)]
+pub fn shard_backward(
+    s: Stream,
+    sh: ShardRows,
+    classes: usize,
+    w_sum: f64,
+    opts: &CeOptions<Buf>,
+    lse: Buf,
+    grad: Buf,
+    scale: Buf,
+    stride: usize,
+) -> Result<()> {
+    sh.check(opts)?;
+    if sh.start.saturating_add(sh.len) > classes {
+        return Err(Error::Value(format!(
+            "the shard [{}, {}) lies outside the {classes} classes",
+            sh.start,
+            sh.start.saturating_add(sh.len)
+        )));
+    }
+    if let Some(w) = &opts.weight {
+        if w.len != classes {
+            return Err(Error::Value(format!(
+                "weight has {} elements; expected one per class ({classes})",
+                w.len
+            )));
+        }
+    }
+    check("lse", &lse, DType::F32, size(sh.rows, 2)?)?;
+    check("grad", &grad, sh.x.dtype, sh.x.len)?;
+    let need = if stride == 0 {
+        1
+    } else {
+        sh.rows.saturating_sub(1) * stride + 1
+    };
+    if scale.dtype != DType::F32 || scale.len < need || scale.ptr == 0 {
+        return Err(Error::Value(format!(
+            "grad_output: expected {need} float32 scales, got {}",
+            scale.len
+        )));
+    }
+    if sh.rows == 0 || sh.len == 0 {
+        return Ok(());
+    }
+    let args = sh.args(opts, classes, w_sum);
+    with_device(s.device, |d| {
+        let bufs = [sh.x.ptr, grad.ptr];
+        let mut r = RowLaunch::new(
+            d,
+            s,
+            "cross_entropy",
+            sh.x.dtype,
+            sh.rows,
+            sh.len,
+            &bufs,
+            true,
+        )?;
+        let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
+        let stride_i = stride as i64;
+        // Safety: buffers checked above.
+        unsafe {
+            r.run_vec(
+                "ce_shard_backward",
+                &mut params![
+                    sh.x.ptr, rows_i, cols_i, chunk_i, chunks_i, args, lse.ptr, grad.ptr,
+                    scale.ptr, stride_i
+                ],
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(ptr: u64, len: usize) -> Buf {
+        Buf {
+            ptr,
+            dtype: DType::F32,
+            len,
+        }
+    }
+
+    /// Every argument mistake of the shard kernels is a ValueError before any CUDA call (this
+    /// machine may have no driver: reaching one would be Unavailable instead).
+    #[test]
+    fn bad_shard_arguments_are_value_errors_before_any_cuda_call() {
+        let s = Stream {
+            device: 0,
+            handle: 0,
+        };
+        let sh = ShardRows {
+            x: f32s(16, 6),
+            target: Indices { ptr: 64, len: 2 },
+            rows: 2,
+            start: 4,
+            len: 3,
+        };
+        let opts = CeOptions::<Buf>::default();
+        let value = |r: Result<()>| matches!(r, Err(Error::Value(_)));
+        // packed: 3 floats per row without label smoothing, 5 with.
+        assert!(value(shard_stats(s, sh, &opts, f32s(128, 5))));
+        let smooth = CeOptions {
+            label_smoothing: 0.1,
+            ..opts
+        };
+        assert!(value(shard_stats(s, sh, &smooth, f32s(128, 6))));
+        // Logits, target, options and the whole vocabulary's weights.
+        let short = ShardRows {
+            x: f32s(16, 5),
+            ..sh
+        };
+        assert!(value(shard_stats(s, short, &opts, f32s(128, 6))));
+        let targets = ShardRows {
+            target: Indices { ptr: 64, len: 3 },
+            ..sh
+        };
+        assert!(value(shard_stats(s, targets, &opts, f32s(128, 6))));
+        let bad_eps = CeOptions {
+            label_smoothing: 1.5,
+            ..opts
+        };
+        assert!(value(shard_stats(s, sh, &bad_eps, f32s(128, 10))));
+        let few_weights = CeOptions {
+            weight: Some(f32s(256, 6)),
+            ..opts
+        };
+        assert!(value(shard_stats(s, sh, &few_weights, f32s(128, 6))));
+        // Backward: the shard inside the vocabulary, one weight per class, lse and grad sizes.
+        let one = f32s(512, 1);
+        let back = |classes, o: &CeOptions<Buf>, lse, grad| {
+            shard_backward(s, sh, classes, 7.0, o, lse, grad, one, 0)
+        };
+        assert!(value(back(6, &opts, f32s(128, 4), f32s(256, 6))));
+        assert!(value(back(7, &opts, f32s(128, 3), f32s(256, 6))));
+        assert!(value(back(7, &opts, f32s(128, 4), f32s(256, 5))));
+        let weights = CeOptions {
+            weight: Some(f32s(256, 8)),
+            ..opts
+        };
+        assert!(value(back(7, &weights, f32s(128, 4), f32s(256, 6))));
+        let per_row = shard_backward(s, sh, 7, 7.0, &opts, f32s(128, 4), f32s(256, 6), one, 1);
+        assert!(value(per_row));
+    }
+}

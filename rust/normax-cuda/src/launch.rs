@@ -390,6 +390,8 @@ mod tests {
                 ("softmax", "softmax_backward"),
                 ("cross_entropy", "ce_part"),
                 ("cross_entropy", "cross_entropy"),
+                ("cross_entropy", "ce_shard_stats"),
+                ("cross_entropy", "ce_shard_backward"),
                 ("norms", "norm_forward"),
                 ("norms", "norm_backward"),
                 ("power_norm", "power_scale"),

@@ -8,7 +8,8 @@
 //! DLPack in the Python bindings). The only allocations here are small stream-ordered scratch
 //! buffers for the partial results of rows split across blocks.
 //!
-//! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs`, `norms.rs`, `power_norm.rs`,
+//! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs` (with the vocabulary-parallel
+//! shards' statistics and gradient), `norms.rs`, `power_norm.rs`,
 //! `stablemax.rs` host each family's checks and kernel sequence; `launch.rs` the launch shapes they share.
 //! Options, checks and errors are normax-core's [`spec`](normax_core::spec), as on every backend.
 
@@ -22,7 +23,9 @@ mod softmax;
 mod stablemax;
 
 pub use compile::{compile_all, nvrtc_version, MODULES};
-pub use cross_entropy::{cross_entropy, CeTarget};
+pub use cross_entropy::{
+    cross_entropy, shard_backward, shard_fields, shard_stats, CeTarget, ShardRows,
+};
 pub use device::device_name;
 pub use launch::{column_plan, plan, ColumnPlan, Plan};
 pub use norms::{norm_backward, norm_forward};

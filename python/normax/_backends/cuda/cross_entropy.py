@@ -317,3 +317,100 @@ def linear_cross_entropy_with_grad(
         "normax.linear_cross_entropy_with_grad", hidden, linear_weight, target, linear_bias, weight,
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
     )  # fmt: skip
+
+
+# -- Vocabulary-parallel shards (normax.torch.vocab_parallel_cross_entropy on CUDA tensors): the
+# kernels' halves around the host combine. Arrays arrive checked and in the kernels' layout.
+
+
+def shard_stats(lib: Lib, x, target, weight, packed, start: int, opts) -> None:
+    """The shard's row statistics into ``packed`` (float32, rows x fields; normax-core's layout).
+
+    ``x``: (rows, V_local) contiguous logits of classes [start, start + V_local); ``target``: int64
+    global class ids; ``weight``: None or the whole vocabulary's float32 weights.
+    """
+    rows, length = x.shape
+    run(
+        lib, "shard_stats", x, target, weight, packed, rows, start, length, opts.ignore_index,
+        opts.label_smoothing, 0.0 if opts.softcap is None else opts.softcap,
+    )  # fmt: skip
+
+
+def _shard_scale(lib: Lib, grad_output, reduction: str, denom: float, rows: int):
+    """grad_output (a device tensor) as the shard kernels' float32 scale and its stride."""
+    g = lib.astype(grad_output.detach(), lib.float32())
+    if reduction == "none":
+        return lib.contiguous(g.reshape(rows)), 1
+    # Stays on the device (no sync); 0 / 0 for a mean of only ignored rows, whose gradient is 0.
+    return lib.contiguous((g / denom if reduction == "mean" else g).reshape(1)), 0
+
+
+def _shard_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts) -> None:
+    rows, length = x.shape
+    run(
+        lib, "shard_backward", x, target, weight, lse, grad, scale, stride, rows, start, length, classes,
+        w_sum, opts.ignore_index, opts.label_smoothing, opts.z_loss,
+        0.0 if opts.softcap is None else opts.softcap,
+    )  # fmt: skip
+
+
+def shard_backward(lib: Lib, x, target, weight, lse, grad_output, denom: float, start: int, classes: int,
+                   w_sum: float, opts):  # fmt: skip
+    """The shard's gradient (x's dtype and shape) from each row's global log-sum-exp ``lse``
+    (float32 (rows, 2) hi, lo on the device) and ``denom``, the mean's denominator."""
+    scale, stride = _shard_scale(lib, grad_output, opts.reduction, denom, x.shape[0])
+    grad = lib.empty(tuple(x.shape), x.dtype)
+    _shard_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts)
+    return grad
+
+
+def _shard_blocks(n: int, v: int, chunk_size):
+    """(first row, rows) of each logits block of the linear shard kernels."""
+    bn = _linear_rows(n, v, chunk_size) if v else max(n, 1)
+    return [(r0, min(bn, n - r0)) for r0 in range(0, n, bn)]
+
+
+def shard_linear_stats(lib: Lib, h, w, b, target, weight, packed, start: int, opts, chunk_size) -> None:
+    """:func:`shard_stats` of ``h @ w.T + b`` (h (n, H), w (V_local, H), b (V_local,) or None, one
+    dtype, contiguous), one block of logits rows at a time (at most ``chunk_size`` elements)."""
+    n, v = h.shape[0], w.shape[0]
+    blocks = _shard_blocks(n, v, chunk_size)
+    blk = lib.empty((blocks[0][1] if blocks else 0, v), h.dtype)
+    for r0, rn in blocks:
+        lg = _gemm(lib, h[r0 : r0 + rn], w.T, blk[:rn])
+        if b is not None:
+            lg += b
+        shard_stats(lib, lg, target[r0 : r0 + rn], weight, packed[r0 : r0 + rn], start, opts)
+
+
+def shard_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_output, denom: float, start: int,
+                          classes: int, w_sum: float, opts, chunk_size):  # fmt: skip
+    """This rank's (d hidden, d weight_shard, d bias_shard or None) of the linear shard, in h's
+    dtype: each block's logits recomputed and turned into their gradient in place by the shard
+    backward kernel, then the GEMMs. d hidden is this shard's part (the caller sums it over the
+    ranks); d weight and d bias are summed over the blocks in float32."""
+    n, hd = h.shape
+    v = w.shape[0]
+    f32 = lib.float32()
+    scale, stride = _shard_scale(lib, grad_output, opts.reduction, denom, n)
+    blocks = _shard_blocks(n, v, chunk_size)
+    blk = lib.empty((blocks[0][1] if blocks else 0, v), h.dtype)
+    dh = lib.zeros((n, hd), h.dtype)
+    dw = lib.zeros((v, hd), f32)
+    db = None if b is None else lib.zeros((v,), f32)
+    for r0, rn in blocks:
+        hb = h[r0 : r0 + rn]
+        lg = _gemm(lib, hb, w.T, blk[:rn])
+        if b is not None:
+            lg += b
+        sc = scale[r0 : r0 + rn] if stride else scale
+        _shard_grad(lib, lg, target[r0 : r0 + rn], weight, lse[r0 : r0 + rn], lg, sc, stride, start, classes,
+                    w_sum, opts)  # fmt: skip
+        _gemm(lib, lg, w, dh[r0 : r0 + rn])  # d hidden = G @ W
+        if lib.dtype_name(lg) == "float32":
+            dw.addmm_(lg.T, hb)
+        else:
+            dw += (lg.T @ hb).float()
+        if db is not None:
+            db += lg.sum(0, dtype=f32)
+    return dh, lib.astype(dw, h.dtype), None if db is None else lib.astype(db, h.dtype)
