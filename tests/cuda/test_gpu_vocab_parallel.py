@@ -80,6 +80,10 @@ CASES = [
     {"label_smoothing": 0.1},
     {"softcap": 20.0, "label_smoothing": 0.05, "weight": True},
     {"z_loss": 1e-3, "weight": True, "ignore_index": 2},
+    # Class 0 (-inf in row 4) weighs 0: its smoothing term is 0 * inf = NaN, as on the CPU.
+    {"label_smoothing": 0.1, "weight": "zero at 0"},
+    # Positive in float64 but 0 in float32: still the 5-field layout the host sized.
+    {"label_smoothing": 1e-46},
 ]
 
 
@@ -93,7 +97,10 @@ def test_shard_kernels_match_the_cpu(dtype, rows, v, split, opts):
     the combined log-sum-exp, against normax-core's shard kernels on the same (rounded) values."""
     opts = dict(opts)
     g = torch.Generator(device=DEV).manual_seed(rows)
-    w = torch.rand(v, generator=g, device=DEV) + 0.5 if opts.pop("weight", False) else None
+    weighted = opts.pop("weight", False)
+    w = torch.rand(v, generator=g, device=DEV) + 0.5 if weighted else None
+    if weighted == "zero at 0":
+        w[0] = 0.0
     o = ce_options(opts.pop("ignore_index", -100), "mean", opts.get("label_smoothing", 0.0),
                    opts.get("z_loss", 0.0), opts.get("softcap"))  # fmt: skip
     x = logits(rows, v, dtype)

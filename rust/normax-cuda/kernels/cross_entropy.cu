@@ -404,13 +404,19 @@ __device__ void shard_stats_rows(const T* x, i64 rows, i64 cols, ShardArgs a, fl
             shard_rescale(st, m);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
+                if (i + j == local) st.xy = v[j];
+                float w = smooth ? (a.weight ? a.weight[a.start + i + j] : 1.0f) : 0.0f;
+                if (v[j] == -NX_INF) {
+                    // exp adds nothing; its smoothing term w (lse - x) is +inf, NaN for w = 0, as
+                    // on the CPU, whatever the running max (a tie with a max of -inf included).
+                    if (smooth) st.d += w * NX_INF;
+                    continue;
+                }
                 if (v[j] == m)
                     st.ones += 1.0f;
                 else
                     st.rest += fast_exp(v[j] - m);  // NaN for a NaN element: the row's result
-                if (i + j == local) st.xy = v[j];
                 if (smooth) {
-                    float w = a.weight ? a.weight[a.start + i + j] : 1.0f;
                     if (v[j] != m) st.d = fmaf(w, m - v[j], st.d);
                     st.w += w;
                 }
@@ -440,6 +446,7 @@ __device__ void shard_stats_rows(const T* x, i64 rows, i64 cols, ShardArgs a, fl
     out[1] = l.y;
     if (smooth) {
         float2 sm = two_sum(st.w * rel, st.d);  // sum_c w_c (lse_k - x_c) = W (lse_k - max) + D
+        if (!(sm.x - sm.x == 0.0f)) sm.y = 0.0f;  // lo 0 where hi is not finite, as the CPU's split
         out[3] = sm.x;
         out[4] = sm.y;
     }

@@ -212,9 +212,11 @@ impl ShardRows {
                 )));
             }
         }
-        i64::try_from(self.start + self.len)
+        self.start
+            .checked_add(self.len)
+            .and_then(|end| i64::try_from(end).ok())
             .map(|_| ())
-            .map_err(|_| Error::Value("vocab_start: too large".into()))
+            .ok_or_else(|| Error::Value("vocab_start: too large".into()))
     }
 
     fn args(&self, opts: &CeOptions<Buf>, classes: usize, w_sum: f64) -> ShardArgs {
@@ -224,7 +226,13 @@ impl ShardRows {
             ignore_index: opts.ignore_index,
             start: self.start as i64,
             classes: classes as i64,
-            eps: opts.label_smoothing as f32,
+            // Positive wherever the host's f64 is (the kernel picks the packed width from its
+            // sign): a smoothing below f32's range keeps 5 fields, with a negligible term.
+            eps: if opts.label_smoothing > 0.0 {
+                (opts.label_smoothing as f32).max(f32::from_bits(1))
+            } else {
+                0.0
+            },
             z: opts.z_loss as f32,
             cap: opts.softcap.unwrap_or(0.0) as f32,
             w_sum: w_sum as f32,
