@@ -1,12 +1,13 @@
 //! The one driver every row op runs through: rows, axes, threads, and splitting very long rows.
 //!
 //! An array is viewed as (outer, len, inner) with the reduced axis of length `len` in the middle.
-//! inner == 1 is the fast path (rows contiguous). Otherwise blocks of columns are gathered into
-//! contiguous scratch rows, run through the same row kernels, and scattered back.
+//! inner == 1 is the fast path (rows contiguous). Otherwise the ops' column kernels run on blocks
+//! of adjacent columns, one column per SIMD lane, so every load is a contiguous vector; a column
+//! the column kernel leaves to the exact path is gathered and run through the row kernel.
 
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
-use crate::simd::Vector;
+use crate::simd::{Vector, MAX_LANES};
 use crate::threads;
 use crate::Error;
 
@@ -98,6 +99,35 @@ pub(crate) trait RowMap<T: Float>: Sync {
         len: usize,
         stat: Self::Stat,
     );
+    /// The column kernel, pass 1: the statistics of `n <= LANES` adjacent columns of `len`
+    /// elements `stride` apart (element i of column l at `a + i * stride + l`), one column per
+    /// lane; None for a column the row kernel must redo whole (a gathered copy of it). Reads only.
+    /// The default leaves every column to the row kernel.
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        _a: *const T,
+        _b: *const T,
+        _stride: usize,
+        _len: usize,
+        _n: usize,
+    ) -> [Option<Self::Stat>; MAX_LANES] {
+        [None; MAX_LANES]
+    }
+    /// The column kernel, pass 2: writes the `n` columns of `out` from their statistics; what it
+    /// writes in the columns whose statistics are None does not matter (the driver overwrites it).
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        _a: *const T,
+        _b: *const T,
+        _out: *mut T,
+        _stride: usize,
+        _len: usize,
+        _n: usize,
+        _stats: &[Option<Self::Stat>; MAX_LANES],
+    ) {
+    }
 }
 
 /// A row-to-value op (logsumexp): each row gives a value and a sign.
@@ -114,6 +144,20 @@ pub(crate) trait RowReduce<T: Float>: Sync {
     fn combine(x: Self::Stat, y: Self::Stat) -> Self::Stat;
     /// The value and sign from a whole row's statistics, or None to redo the row whole.
     fn finish(stat: Self::Stat) -> Option<(T, T)>;
+    /// The column kernel: the values and signs of `n <= LANES` adjacent columns laid out as in
+    /// [`RowMap::column_stats`], one per lane; None for a column the row kernel must redo. The
+    /// default leaves every column to the row kernel.
+    #[inline(always)]
+    unsafe fn column_values<V: Vector<Elem = T>>(
+        &self,
+        _a: *const T,
+        _b: *const T,
+        _stride: usize,
+        _len: usize,
+        _n: usize,
+    ) -> [Option<(T, T)>; MAX_LANES] {
+        [None; MAX_LANES]
+    }
 }
 
 /// Work per task: small arrays stay on the calling thread.
@@ -199,7 +243,7 @@ fn should_split(layout: &Layout) -> bool {
 /// Columns gathered per task in the strided case: enough that each task has real work.
 fn column_block(layout: &Layout) -> usize {
     (GRAIN / layout.len.max(1))
-        .clamp(16, 1024)
+        .clamp(256, 1024)
         .min(layout.inner)
 }
 
@@ -231,42 +275,32 @@ impl<T: Float, Op: RowMap<T>> Kernel<T> for MapRows<'_, T, Op> {
     }
 }
 
-/// Copies columns [c0, c0 + cols) of group `o` into `cols` contiguous rows of `scratch`.
-unsafe fn gather<T: Float>(
-    src: Ptr<T>,
-    layout: &Layout,
-    o: usize,
-    c0: usize,
-    cols: usize,
-    scratch: &mut [T],
-) {
-    let base = src.at(o * layout.len * layout.inner + c0);
-    for i in 0..layout.len {
-        let row = base.add(i * layout.inner);
-        for c in 0..cols {
-            *scratch.get_unchecked_mut(c * layout.len + i) = *row.add(c);
-        }
-    }
+/// Copies the column of `len` elements `stride` apart at `src` into `dst`.
+unsafe fn gather_column<T: Float>(src: *const T, stride: usize, len: usize, dst: &mut Vec<T>) {
+    dst.clear();
+    dst.extend((0..len).map(|i| *src.add(i * stride)));
 }
 
-unsafe fn scatter<T: Float>(
-    dst: Ptr<T>,
-    layout: &Layout,
-    o: usize,
-    c0: usize,
-    cols: usize,
-    scratch: &[T],
-) {
-    let base = dst.at(o * layout.len * layout.inner + c0);
-    for i in 0..layout.len {
-        let row = base.add(i * layout.inner);
-        for c in 0..cols {
-            *row.add(c) = *scratch.get_unchecked(c * layout.len + i);
-        }
+/// The two inputs of column `l` gathered, for the row kernel (the second empty when unused).
+unsafe fn gather_inputs<T: Float>(
+    two: bool,
+    a: *const T,
+    b: *const T,
+    stride: usize,
+    len: usize,
+    bufs: &mut [Vec<T>; 2],
+) -> (*const T, *const T) {
+    gather_column(a, stride, len, &mut bufs[0]);
+    if !two {
+        return (bufs[0].as_ptr(), std::ptr::null());
     }
+    gather_column(b, stride, len, &mut bufs[1]);
+    (bufs[0].as_ptr(), bufs[1].as_ptr())
 }
 
-struct GatherMap<'a, T, Op> {
+/// Columns [c0, c0 + cols) of group `o` through a map op's column kernel, a vector of columns at
+/// a time.
+struct ColumnMap<'a, T, Op> {
     op: &'a Op,
     a: Ptr<T>,
     b: Ptr<T>,
@@ -277,38 +311,77 @@ struct GatherMap<'a, T, Op> {
     cols: usize,
 }
 
-impl<T: Float, Op: RowMap<T>> Kernel<T> for GatherMap<'_, T, Op> {
+impl<T: Float, Op: RowMap<T>> Kernel<T> for ColumnMap<'_, T, Op> {
     type Output = ();
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
-        let (l, n) = (&self.layout, self.cols * self.layout.len);
-        let mut sa = vec![T::ZERO; n];
-        let mut sb = vec![T::ZERO; if Op::TWO_INPUTS { n } else { 0 }];
-        let mut so = vec![T::ZERO; n];
-        unsafe {
-            gather(self.a, l, self.o, self.c0, self.cols, &mut sa);
-            if Op::TWO_INPUTS {
-                gather(self.b, l, self.o, self.c0, self.cols, &mut sb);
+        let Layout { len, inner, .. } = self.layout;
+        let base = self.o * len * inner + self.c0;
+        let mut bufs: [Vec<T>; 2] = Default::default();
+        let groups = self.cols.div_ceil(V::LANES);
+        let mut stats = vec![[None; MAX_LANES]; groups];
+        let mut any_redo = false;
+        for (g, st) in stats.iter_mut().enumerate() {
+            let c = g * V::LANES;
+            let n = V::LANES.min(self.cols - c);
+            let (a, b) = (self.a.at(base + c) as *const T, self.b.at(base + c) as *const T);
+            *st = unsafe { self.op.column_stats::<V>(a, b, inner, len, n) };
+            any_redo |= st[..n].iter().any(|s| s.is_none());
+        }
+        if !any_redo {
+            // Every group a chunk of rows at a time: each row's lines of the block are written
+            // together, not a column's 64 bytes per row at a time (too little per DRAM page).
+            let mut r = 0;
+            while r < len {
+                let rows = COLUMN_WRITE_ROWS.min(len - r);
+                for (g, st) in stats.iter().enumerate() {
+                    let c = g * V::LANES;
+                    let n = V::LANES.min(self.cols - c);
+                    let at = base + r * inner + c;
+                    let (a, b) = (self.a.at(at) as *const T, self.b.at(at) as *const T);
+                    unsafe {
+                        self.op
+                            .column_write::<V>(a, b, self.out.at(at), inner, rows, n, st)
+                    };
+                }
+                r += rows;
             }
-            for c in 0..self.cols {
-                let s = c * l.len;
-                let b = if Op::TWO_INPUTS {
-                    sb.as_ptr().add(s)
+            return;
+        }
+        for (g, stats) in stats.iter().enumerate() {
+            let c = g * V::LANES;
+            let n = V::LANES.min(self.cols - c);
+            let (a, b) = (self.a.at(base + c) as *const T, self.b.at(base + c) as *const T);
+            let out = self.out.at(base + c);
+            unsafe {
+                let redo = (0..n).filter(|&l| stats[l].is_none());
+                if redo.clone().next().is_none() {
+                    self.op.column_write::<V>(a, b, out, inner, len, n, stats);
                 } else {
-                    std::ptr::null()
-                };
-                map_row::<T, Op, V>(
-                    self.op,
-                    sa.as_ptr().add(s),
-                    b,
-                    so.as_mut_ptr().add(s),
-                    l.len,
-                );
+                    // Rare (NaN, inf, extreme values): each such column from a copy taken before
+                    // the column kernel writes `out`, which may be `a`.
+                    let mut copies = Vec::new();
+                    for l in redo {
+                        let (ga, gb) =
+                            gather_inputs(Op::TWO_INPUTS, a.add(l), offset(b, l), inner, len, &mut bufs);
+                        let mut y = vec![T::ZERO; len];
+                        map_row::<T, Op, V>(self.op, ga, gb, y.as_mut_ptr(), len);
+                        copies.push((l, y));
+                    }
+                    self.op.column_write::<V>(a, b, out, inner, len, n, stats);
+                    for (l, y) in copies {
+                        for (i, v) in y.into_iter().enumerate() {
+                            *out.add(i * inner + l) = v;
+                        }
+                    }
+                }
             }
-            scatter(self.out, l, self.o, self.c0, self.cols, &so);
         }
     }
 }
+
+/// Rows of a column block written per group in turn (see `ColumnMap`).
+const COLUMN_WRITE_ROWS: usize = 16;
 
 struct ChunkStat<'a, T, Op> {
     op: &'a Op,
@@ -367,7 +440,7 @@ pub(crate) unsafe fn map<T: Float, Op: RowMap<T>>(
         threads::for_each(outer * blocks, |t| {
             let (o, c0) = (t / blocks, (t % blocks) * cb);
             let cols = cb.min(inner - c0);
-            dispatch(GatherMap {
+            dispatch(ColumnMap {
                 op,
                 a,
                 b,
@@ -469,24 +542,31 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceRows<'_, T, Op> {
                 }
                 return;
             }
-            let n = self.cols * l.len;
-            let mut sa = vec![T::ZERO; n];
-            let mut sb = vec![T::ZERO; if Op::TWO_INPUTS { n } else { 0 }];
-            gather(self.a, l, self.o, self.c0, self.cols, &mut sa);
-            if Op::TWO_INPUTS {
-                gather(self.b, l, self.o, self.c0, self.cols, &mut sb);
-            }
-            for c in 0..self.cols {
-                let s = c * l.len;
-                let b = if Op::TWO_INPUTS {
-                    sb.as_ptr().add(s)
-                } else {
-                    std::ptr::null()
-                };
-                put(
-                    c,
-                    reduce_row::<T, Op, V>(self.op, sa.as_ptr().add(s), b, l.len),
-                );
+            let base = self.o * l.len * l.inner + self.c0;
+            let mut bufs: [Vec<T>; 2] = Default::default();
+            let mut c = 0;
+            while c < self.cols {
+                let n = V::LANES.min(self.cols - c);
+                let (a, b) = (self.a.at(base + c) as *const T, self.b.at(base + c) as *const T);
+                let values = self.op.column_values::<V>(a, b, l.inner, l.len, n);
+                for (k, v) in values[..n].iter().enumerate() {
+                    let v = match *v {
+                        Some(v) => v,
+                        None => {
+                            let (ga, gb) = gather_inputs(
+                                Op::TWO_INPUTS,
+                                a.add(k),
+                                offset(b, k),
+                                l.inner,
+                                l.len,
+                                &mut bufs,
+                            );
+                            reduce_row::<T, Op, V>(self.op, ga, gb, l.len)
+                        }
+                    };
+                    put(c + k, v);
+                }
+                c += n;
             }
         }
     }

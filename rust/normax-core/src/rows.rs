@@ -202,6 +202,134 @@ pub(crate) fn row_sums<V: Vector, const K: usize>(
     total
 }
 
+/// Rows a column loop prefetches ahead: its rows are `stride` apart, too far for the hardware
+/// prefetchers to follow when the stride is a page or more.
+const COLUMN_PREFETCH: usize = 16;
+
+/// The lane-wise max over `len` rows of `n <= LANES` adjacent columns `stride` apart (lanes past
+/// `n` are anything). NaN may or may not survive `max`, as in `lse::max_pass`.
+///
+/// # Safety
+/// `x` readable at `i * stride + l` for i < len, l < n.
+#[inline(always)]
+pub(crate) unsafe fn column_max<V: Vector>(
+    x: *const V::Elem,
+    stride: usize,
+    len: usize,
+    n: usize,
+) -> V {
+    let mut mx = [V::splat(V::Elem::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 4 <= len {
+        for (j, acc) in mx.iter_mut().enumerate() {
+            V::prefetch(x.wrapping_add((i + j + COLUMN_PREFETCH) * stride));
+            *acc = acc.max(load_n::<V>(x.add((i + j) * stride), n));
+        }
+        i += 4;
+    }
+    while i < len {
+        mx[0] = mx[0].max(load_n::<V>(x.add(i * stride), n));
+        i += 1;
+    }
+    mx[0].max(mx[1]).max(mx[2].max(mx[3]))
+}
+
+/// Lane-wise sums over `0..len` of `K` terms per row: `term(i)` gives row i's terms for every
+/// lane (the column kernels: one column per lane). As [`row_sums`] by lanes: four accumulators
+/// (rows i mod 4), each adding at most `lse::FOLD` vectors in `Elem` before the four are folded
+/// into a compensated f64 sum per lane, so each term passes through as few `Elem` roundings as on
+/// the row path.
+#[inline(always)]
+pub(crate) fn lane_sums<V: Vector, const K: usize>(
+    len: usize,
+    term: impl Fn(usize) -> [V; K],
+) -> [[f64; MAX_LANES]; K] {
+    #[inline(always)]
+    fn fold<V: Vector, const K: usize>(
+        total: &mut [[CompensatedSum; MAX_LANES]; K],
+        acc: &mut [[V; K]; 4],
+    ) {
+        let mut lanes = [V::Elem::ZERO; MAX_LANES];
+        for k in 0..K {
+            let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+            unsafe { s.store(lanes.as_mut_ptr()) };
+            for l in 0..V::LANES {
+                total[k][l].add(lanes[l].to_f64());
+            }
+        }
+        *acc = [[V::splat(V::Elem::ZERO); K]; 4];
+    }
+    let zero = V::splat(V::Elem::ZERO);
+    let mut acc = [[zero; K]; 4];
+    let mut total = [[CompensatedSum::default(); MAX_LANES]; K];
+    let mut i = 0;
+    let mut steps = 0;
+    while i + 4 <= len {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let t = term(i + j);
+            for k in 0..K {
+                a[k] = a[k].add(t[k]);
+            }
+        }
+        i += 4;
+        steps += 1;
+        if steps == lse::FOLD {
+            fold::<V, K>(&mut total, &mut acc);
+            steps = 0;
+        }
+    }
+    while i < len {
+        let t = term(i);
+        for k in 0..K {
+            acc[0][k] = acc[0][k].add(t[k]);
+        }
+        i += 1;
+    }
+    fold::<V, K>(&mut total, &mut acc);
+    total.map(|t| t.map(|c| c.value()))
+}
+
+/// The vector of `f(l)` for the lanes l < n, zero past them (per-column constants).
+#[inline(always)]
+pub(crate) fn lanes<V: Vector>(n: usize, f: impl Fn(usize) -> V::Elem) -> V {
+    let mut buf = [V::Elem::ZERO; MAX_LANES];
+    for (l, b) in buf[..n.min(V::LANES)].iter_mut().enumerate() {
+        *b = f(l);
+    }
+    unsafe { V::load(buf.as_ptr()) }
+}
+
+/// y = f(a, b) over `len` rows of `n <= LANES` adjacent columns `stride` apart (`b` unread when
+/// null: `f` gets zeros). `y` may be `a` or `b`: each vector is read before it is written.
+///
+/// # Safety
+/// `a`, `b` (unless null) readable and `y` writable at `i * stride + l` for i < len, l < n.
+#[inline(always)]
+pub(crate) unsafe fn map_column<V: Vector>(
+    a: *const V::Elem,
+    b: *const V::Elem,
+    y: *mut V::Elem,
+    stride: usize,
+    len: usize,
+    n: usize,
+    f: impl Fn(V, V) -> V,
+) {
+    let zero = V::splat(V::Elem::ZERO);
+    for i in 0..len {
+        let p = i * stride;
+        // The output too: a store that misses waits for its line, and the rows are too far apart
+        // for the hardware to fetch ahead.
+        V::prefetch(a.wrapping_add(p + COLUMN_PREFETCH * stride));
+        V::prefetch(y.wrapping_add(p + COLUMN_PREFETCH * stride));
+        let vb = if b.is_null() {
+            zero
+        } else {
+            load_n::<V>(b.add(p), n)
+        };
+        store_n(f(load_n::<V>(a.add(p), n), vb), y.add(p), n);
+    }
+}
+
 /// Applies `f` to each full vector and the partial tail of x[..len], writing y.
 #[inline(always)]
 pub(crate) unsafe fn map_elements<V: Vector>(

@@ -3,11 +3,14 @@
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
 use crate::lse::{
-    exact_stats, refined_lse, row_sum, sum_in_cache, sum_two_pass, Algorithm, ExpSum, Lse, RowSum,
-    ScaledExp,
+    column_exp_sums, exact_stats, refined_lse, refined_lse_known, row_sum, sum_in_cache,
+    sum_two_pass, Algorithm, ExpSum, Lse, RowSum, ScaledExp,
 };
-use crate::rows::{dot, map_elements, map_elements2, map_elements_to, scratch_row, Store};
-use crate::simd::{exp, Vector};
+use crate::rows::{
+    dot, lane_sums, lanes, load_n, map_column, map_elements, map_elements2, map_elements_to,
+    scratch_row, Store,
+};
+use crate::simd::{exp, Vector, MAX_LANES};
 use crate::Error;
 
 /// y = exp(x) / sum, from the row's sum = m * 2^n: each term exp(x) * 2^-n / m.
@@ -170,6 +173,67 @@ impl<T: Float, const LOG: bool> RowMap<T> for Softmax<LOG> {
             }
         }
     }
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        stride: usize,
+        len: usize,
+        n: usize,
+    ) -> [Option<RowSum>; MAX_LANES] {
+        column_exp_sums::<V, LOG>(x, stride, len, n).map(|s| s.map(RowSum::Fast))
+    }
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        y: *mut T,
+        stride: usize,
+        len: usize,
+        n: usize,
+        stats: &[Option<RowSum>; MAX_LANES],
+    ) {
+        let sum = |l: usize| match stats[l] {
+            Some(RowSum::Fast(s)) => Some(s),
+            _ => None,
+        };
+        if LOG {
+            // As the row path's refined_lse: y = (x - hi) - lo per column.
+            let lse = |l| sum(l).map_or(Lse { hi: 0.0, lo: 0.0 }, refined_lse_known::<T>);
+            let hi = lanes::<V>(n, |l| T::from_f64(lse(l).hi));
+            let lo = lanes::<V>(n, |l| T::from_f64(lse(l).lo));
+            map_column::<V>(
+                x,
+                std::ptr::null(),
+                y,
+                stride,
+                len,
+                n,
+                #[inline(always)]
+                |v, _| v.sub(hi).sub(lo),
+            );
+        } else {
+            // As write_softmax: each term exp(x) * 2^-N times 1 / m.
+            let mut tops = [T::ZERO; MAX_LANES];
+            for (l, t) in tops[..n].iter_mut().enumerate() {
+                *t = sum(l).map_or(T::ZERO, |s| T::from_f64(s.n));
+            }
+            let scaled = ScaledExp::<V>::lanes(&tops);
+            let inv = lanes::<V>(n, |l| sum(l).map_or(T::ZERO, |s| T::from_f64(1.0 / s.m)));
+            map_column::<V>(
+                x,
+                std::ptr::null(),
+                y,
+                stride,
+                len,
+                n,
+                #[inline(always)]
+                |v, _| scaled.apply(v).mul(inv),
+            );
+        }
+    }
 }
 
 struct LogSumExp(Algorithm);
@@ -200,6 +264,22 @@ impl<T: Float> RowReduce<T> for LogSumExp {
     }
     fn finish(s: RowSum) -> Option<(T, T)> {
         s.usable::<T>().map(|s| (T::from_f64(s.ln()), T::ONE))
+    }
+    #[inline(always)]
+    unsafe fn column_values<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        stride: usize,
+        len: usize,
+        n: usize,
+    ) -> [Option<(T, T)>; MAX_LANES] {
+        column_exp_sums::<V, true>(x, stride, len, n).map(|s| {
+            s.map(|s| {
+                let lse = refined_lse_known::<T>(s).value();
+                (T::from_f64(lse), sign_of_lse(lse))
+            })
+        })
     }
 }
 
@@ -343,6 +423,70 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
     }
     fn splittable(_: &f64) -> bool {
         true
+    }
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        y: *const T,
+        dy: *const T,
+        stride: usize,
+        len: usize,
+        n: usize,
+    ) -> [Option<f64>; MAX_LANES] {
+        // As chunk_stat: sum(dy) (LOG) or sum(y * dy) per column.
+        let [s] = lane_sums::<V, 1>(
+            len,
+            #[inline(always)]
+            |i| {
+                let d = load_n::<V>(dy.add(i * stride), n);
+                [if LOG {
+                    d
+                } else {
+                    load_n::<V>(y.add(i * stride), n).mul(d)
+                }]
+            },
+        );
+        let mut out = [None; MAX_LANES];
+        for l in 0..n {
+            out[l] = Some(s[l]);
+        }
+        out
+    }
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        y: *const T,
+        dy: *const T,
+        dx: *mut T,
+        stride: usize,
+        len: usize,
+        n: usize,
+        stats: &[Option<f64>; MAX_LANES],
+    ) {
+        let s = lanes::<V>(n, |l| T::from_f64(stats[l].unwrap_or(0.0)));
+        if LOG {
+            map_column::<V>(
+                y,
+                dy,
+                dx,
+                stride,
+                len,
+                n,
+                #[inline(always)]
+                |y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
+            );
+        } else {
+            map_column::<V>(
+                y,
+                dy,
+                dx,
+                stride,
+                len,
+                n,
+                #[inline(always)]
+                |y, dy| y.mul(dy.sub(s)),
+            );
+        }
     }
     #[inline(always)]
     unsafe fn chunk_write<V: Vector<Elem = T>>(

@@ -10,8 +10,8 @@
 use crate::driver::{self, Layout, RowMap};
 use crate::float::Float;
 use crate::lse::max_pass;
-use crate::rows::{map_elements_to, row_sums, Store};
-use crate::simd::Vector;
+use crate::rows::{column_max, lane_sums, lanes, load_n, map_column, map_elements_to, row_sums, Store};
+use crate::simd::{Vector, MAX_LANES};
 use crate::softmax::{check_io, output_store};
 use crate::Error;
 
@@ -87,6 +87,53 @@ impl Sums {
             below,
             max: mx.to_f64(),
         }
+    }
+
+    /// [`Sums::of`] for `n <= LANES` adjacent columns `stride` apart, one per lane.
+    #[inline(always)]
+    unsafe fn of_columns<V: Vector, const LOG: bool>(
+        x: *const V::Elem,
+        stride: usize,
+        len: usize,
+        n: usize,
+    ) -> [Sums; MAX_LANES] {
+        let empty = Sums {
+            total: f64::NAN,
+            below: f64::NAN,
+            max: f64::NAN,
+        };
+        let mut out = [empty; MAX_LANES];
+        if !LOG {
+            let [total] = lane_sums::<V, 1>(
+                len,
+                #[inline(always)]
+                |i| [s_of(load_n::<V>(x.add(i * stride), n))],
+            );
+            for l in 0..n {
+                out[l].total = total[l];
+            }
+            return out;
+        }
+        let mx = column_max::<V>(x, stride, len, n);
+        let [total, below] = lane_sums::<V, 2>(
+            len,
+            #[inline(always)]
+            |i| {
+                let v = load_n::<V>(x.add(i * stride), n);
+                let s = s_of(v);
+                [s, s.keep(v.lt(mx))]
+            },
+        );
+        let mut maxes = [V::Elem::ZERO; MAX_LANES];
+        mx.store(maxes.as_mut_ptr());
+        for l in 0..n {
+            out[l] = Sums {
+                total: total[l],
+                below: below[l],
+                max: maxes[l].to_f64(),
+            };
+        }
+        out
     }
 
     /// The f64 sums of a row the vector sums cannot serve (an f32 partial sum overflowed).
@@ -166,10 +213,18 @@ unsafe fn write_stablemax<V: Vector>(
 }
 
 /// y = log s(x) - log(total), in f64 per element; the max's own entry (and its ties') as
-/// -log1p(rest / s(max)), rest the sum of the others.
-unsafe fn write_log_stablemax<T: Float>(x: *const T, y: *mut T, len: usize, s: Sums) {
+/// -log1p(rest / s(max)), rest the sum of the others. Elements `stride` apart (a column).
+unsafe fn write_log_stablemax<T: Float>(
+    x: *const T,
+    y: *mut T,
+    len: usize,
+    stride: usize,
+    s: Sums,
+) {
     if !s.usable() {
-        crate::rows::fill(y, len, T::NAN);
+        for i in 0..len {
+            *y.add(i * stride) = T::NAN;
+        }
         return;
     }
     let ln_total = s.total.ln();
@@ -179,8 +234,8 @@ unsafe fn write_log_stablemax<T: Float>(x: *const T, y: *mut T, len: usize, s: S
     // 0 - log1p: a lone element gives +0, as log_softmax does.
     let top = 0.0 - ((s.below + (ties - 1.0) * s_max) / s_max).ln_1p();
     for i in 0..len {
-        let v = (*x.add(i)).to_f64();
-        *y.add(i) = T::from_f64(if v == s.max {
+        let v = (*x.add(i * stride)).to_f64();
+        *y.add(i * stride) = T::from_f64(if v == s.max {
             top
         } else {
             ln_s64(v) - ln_total
@@ -195,7 +250,7 @@ impl<const LOG: bool> StableMax<LOG> {
     #[inline(always)]
     unsafe fn write<V: Vector>(&self, x: *const V::Elem, y: *mut V::Elem, len: usize, s: Sums) {
         if LOG {
-            write_log_stablemax(x, y, len, s)
+            write_log_stablemax(x, y, len, 1, s)
         } else {
             write_stablemax::<V>(x, y, len, s, self.0)
         }
@@ -235,6 +290,55 @@ impl<T: Float, const LOG: bool> RowMap<T> for StableMax<LOG> {
         s: Sums,
     ) {
         self.write::<V>(x, y, len, s)
+    }
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        stride: usize,
+        len: usize,
+        n: usize,
+    ) -> [Option<Sums>; MAX_LANES] {
+        // The row kernel redoes the columns it would redo in f64 (a sum that is not finite), and,
+        // without the log, those whose sum needs a division (see `write_stablemax`).
+        Sums::of_columns::<V, LOG>(x, stride, len, n)
+            .map(|s| (s.total.is_finite() && (LOG || s.total < (2.0f64).powi(100))).then_some(s))
+    }
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        y: *mut T,
+        stride: usize,
+        len: usize,
+        n: usize,
+        stats: &[Option<Sums>; MAX_LANES],
+    ) {
+        if LOG {
+            for (l, s) in stats[..n].iter().enumerate() {
+                if let Some(s) = *s {
+                    write_log_stablemax(x.add(l), y.add(l), len, stride, s);
+                }
+            }
+            return;
+        }
+        // As write_stablemax: s(x) times 1 / total (NaN for a column without a result).
+        let inv = lanes::<V>(n, |l| match stats[l] {
+            Some(s) if s.usable() => T::from_f64(1.0 / s.total),
+            _ => T::NAN,
+        });
+        map_column::<V>(
+            x,
+            std::ptr::null(),
+            y,
+            stride,
+            len,
+            n,
+            #[inline(always)]
+            |v, _| s_of(v).mul(inv),
+        );
     }
 }
 
