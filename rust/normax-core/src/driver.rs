@@ -7,7 +7,7 @@
 
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
-use crate::simd::{Vector, MAX_LANES};
+use crate::simd::Vector;
 use crate::threads;
 use crate::Error;
 
@@ -99,10 +99,10 @@ pub(crate) trait RowMap<T: Float>: Sync {
         len: usize,
         stat: Self::Stat,
     );
-    /// The column kernel, pass 1: the statistics of `n <= LANES` adjacent columns of `len`
-    /// elements `stride` apart (element i of column l at `a + i * stride + l`), one column per
-    /// lane; None for a column the row kernel must redo whole (a gathered copy of it). Reads only.
-    /// The default leaves every column to the row kernel.
+    /// The column kernel, pass 1: the statistics of `cols` adjacent columns of `len` elements
+    /// `stride` apart (element i of column c at `a + i * stride + c`, one column per SIMD lane),
+    /// into `stats` (`cols` values): None for a column the row kernel must redo whole (a gathered
+    /// copy of it). Reads only. The default leaves every column to the row kernel.
     #[inline(always)]
     unsafe fn column_stats<V: Vector<Elem = T>>(
         &self,
@@ -110,12 +110,13 @@ pub(crate) trait RowMap<T: Float>: Sync {
         _b: *const T,
         _stride: usize,
         _len: usize,
-        _n: usize,
-    ) -> [Option<Self::Stat>; MAX_LANES] {
-        [None; MAX_LANES]
+        stats: &mut [Option<Self::Stat>],
+    ) {
+        stats.fill(None)
     }
-    /// The column kernel, pass 2: writes the `n` columns of `out` from their statistics; what it
-    /// writes in the columns whose statistics are None does not matter (the driver overwrites it).
+    /// The column kernel, pass 2: writes the columns of `out` from their statistics (`stats`,
+    /// one per column); what it writes in the columns whose statistics are None does not matter
+    /// (the driver overwrites it).
     #[inline(always)]
     unsafe fn column_write<V: Vector<Elem = T>>(
         &self,
@@ -124,8 +125,7 @@ pub(crate) trait RowMap<T: Float>: Sync {
         _out: *mut T,
         _stride: usize,
         _len: usize,
-        _n: usize,
-        _stats: &[Option<Self::Stat>; MAX_LANES],
+        _stats: &[Option<Self::Stat>],
     ) {
     }
 }
@@ -144,9 +144,9 @@ pub(crate) trait RowReduce<T: Float>: Sync {
     fn combine(x: Self::Stat, y: Self::Stat) -> Self::Stat;
     /// The value and sign from a whole row's statistics, or None to redo the row whole.
     fn finish(stat: Self::Stat) -> Option<(T, T)>;
-    /// The column kernel: the values and signs of `n <= LANES` adjacent columns laid out as in
-    /// [`RowMap::column_stats`], one per lane; None for a column the row kernel must redo. The
-    /// default leaves every column to the row kernel.
+    /// The column kernel: the values and signs of `out.len()` adjacent columns laid out as in
+    /// [`RowMap::column_stats`]; None for a column the row kernel must redo. The default leaves
+    /// every column to the row kernel.
     #[inline(always)]
     unsafe fn column_values<V: Vector<Elem = T>>(
         &self,
@@ -154,9 +154,9 @@ pub(crate) trait RowReduce<T: Float>: Sync {
         _b: *const T,
         _stride: usize,
         _len: usize,
-        _n: usize,
-    ) -> [Option<(T, T)>; MAX_LANES] {
-        [None; MAX_LANES]
+        out: &mut [Option<(T, T)>],
+    ) {
+        out.fill(None)
     }
 }
 
@@ -240,7 +240,9 @@ fn should_split(layout: &Layout) -> bool {
         && threads::num_threads() > 1
 }
 
-/// Columns gathered per task in the strided case: enough that each task has real work.
+/// Columns per task in the strided case: enough that each task has real work, and at least 256
+/// (1 KiB of float32 per row): the column kernels visit a block's rows in turn, and fewer bytes
+/// per row visit cost a TLB entry and a DRAM page each (about 1.5x the time at 16 columns).
 fn column_block(layout: &Layout) -> usize {
     (GRAIN / layout.len.max(1))
         .clamp(256, 1024)
@@ -316,72 +318,30 @@ impl<T: Float, Op: RowMap<T>> Kernel<T> for ColumnMap<'_, T, Op> {
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
         let Layout { len, inner, .. } = self.layout;
-        let base = self.o * len * inner + self.c0;
-        let mut bufs: [Vec<T>; 2] = Default::default();
-        let groups = self.cols.div_ceil(V::LANES);
-        let mut stats = vec![[None; MAX_LANES]; groups];
-        let mut any_redo = false;
-        for (g, st) in stats.iter_mut().enumerate() {
-            let c = g * V::LANES;
-            let n = V::LANES.min(self.cols - c);
-            let (a, b) = (self.a.at(base + c) as *const T, self.b.at(base + c) as *const T);
-            *st = unsafe { self.op.column_stats::<V>(a, b, inner, len, n) };
-            any_redo |= st[..n].iter().any(|s| s.is_none());
-        }
-        if !any_redo {
-            // Every group a chunk of rows at a time: each row's lines of the block are written
-            // together, not a column's 64 bytes per row at a time (too little per DRAM page).
-            let mut r = 0;
-            while r < len {
-                let rows = COLUMN_WRITE_ROWS.min(len - r);
-                for (g, st) in stats.iter().enumerate() {
-                    let c = g * V::LANES;
-                    let n = V::LANES.min(self.cols - c);
-                    let at = base + r * inner + c;
-                    let (a, b) = (self.a.at(at) as *const T, self.b.at(at) as *const T);
-                    unsafe {
-                        self.op
-                            .column_write::<V>(a, b, self.out.at(at), inner, rows, n, st)
-                    };
-                }
-                r += rows;
+        let at = self.o * len * inner + self.c0;
+        let (a, b, out) = (self.a.at(at) as *const T, self.b.at(at) as *const T, self.out.at(at));
+        let mut stats = vec![None; self.cols];
+        unsafe {
+            self.op.column_stats::<V>(a, b, inner, len, &mut stats);
+            // Rare (NaN, inf, extreme values): such columns from copies taken before the column
+            // kernel writes `out`, which may be `a`.
+            let mut bufs: [Vec<T>; 2] = Default::default();
+            let mut redone = Vec::new();
+            for (c, _) in stats.iter().enumerate().filter(|(_, s)| s.is_none()) {
+                let (ga, gb) = gather_inputs(Op::TWO_INPUTS, a.add(c), offset(b, c), inner, len, &mut bufs);
+                let mut y = vec![T::ZERO; len];
+                map_row::<T, Op, V>(self.op, ga, gb, y.as_mut_ptr(), len);
+                redone.push((c, y));
             }
-            return;
-        }
-        for (g, stats) in stats.iter().enumerate() {
-            let c = g * V::LANES;
-            let n = V::LANES.min(self.cols - c);
-            let (a, b) = (self.a.at(base + c) as *const T, self.b.at(base + c) as *const T);
-            let out = self.out.at(base + c);
-            unsafe {
-                let redo = (0..n).filter(|&l| stats[l].is_none());
-                if redo.clone().next().is_none() {
-                    self.op.column_write::<V>(a, b, out, inner, len, n, stats);
-                } else {
-                    // Rare (NaN, inf, extreme values): each such column from a copy taken before
-                    // the column kernel writes `out`, which may be `a`.
-                    let mut copies = Vec::new();
-                    for l in redo {
-                        let (ga, gb) =
-                            gather_inputs(Op::TWO_INPUTS, a.add(l), offset(b, l), inner, len, &mut bufs);
-                        let mut y = vec![T::ZERO; len];
-                        map_row::<T, Op, V>(self.op, ga, gb, y.as_mut_ptr(), len);
-                        copies.push((l, y));
-                    }
-                    self.op.column_write::<V>(a, b, out, inner, len, n, stats);
-                    for (l, y) in copies {
-                        for (i, v) in y.into_iter().enumerate() {
-                            *out.add(i * inner + l) = v;
-                        }
-                    }
+            self.op.column_write::<V>(a, b, out, inner, len, &stats);
+            for (c, y) in redone {
+                for (i, v) in y.into_iter().enumerate() {
+                    *out.add(i * inner + c) = v;
                 }
             }
         }
     }
 }
-
-/// Rows of a column block written per group in turn (see `ColumnMap`).
-const COLUMN_WRITE_ROWS: usize = 16;
 
 struct ChunkStat<'a, T, Op> {
     op: &'a Op,
@@ -542,31 +502,21 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceRows<'_, T, Op> {
                 }
                 return;
             }
-            let base = self.o * l.len * l.inner + self.c0;
+            let at = self.o * l.len * l.inner + self.c0;
+            let (a, b) = (self.a.at(at) as *const T, self.b.at(at) as *const T);
+            let mut values = vec![None; self.cols];
+            self.op.column_values::<V>(a, b, l.inner, l.len, &mut values);
             let mut bufs: [Vec<T>; 2] = Default::default();
-            let mut c = 0;
-            while c < self.cols {
-                let n = V::LANES.min(self.cols - c);
-                let (a, b) = (self.a.at(base + c) as *const T, self.b.at(base + c) as *const T);
-                let values = self.op.column_values::<V>(a, b, l.inner, l.len, n);
-                for (k, v) in values[..n].iter().enumerate() {
-                    let v = match *v {
-                        Some(v) => v,
-                        None => {
-                            let (ga, gb) = gather_inputs(
-                                Op::TWO_INPUTS,
-                                a.add(k),
-                                offset(b, k),
-                                l.inner,
-                                l.len,
-                                &mut bufs,
-                            );
-                            reduce_row::<T, Op, V>(self.op, ga, gb, l.len)
-                        }
-                    };
-                    put(c + k, v);
-                }
-                c += n;
+            for (c, v) in values.into_iter().enumerate() {
+                let v = match v {
+                    Some(v) => v,
+                    None => {
+                        let (ga, gb) =
+                            gather_inputs(Op::TWO_INPUTS, a.add(c), offset(b, c), l.inner, l.len, &mut bufs);
+                        reduce_row::<T, Op, V>(self.op, ga, gb, l.len)
+                    }
+                };
+                put(c, v);
             }
         }
     }

@@ -480,117 +480,134 @@ pub(crate) fn refined_lse_known<T: Float>(s: ExpSum) -> Lse {
 /// interval: 16 steps of 4 rows, each accumulator adding at most `FOLD` vectors.
 const COLUMN_BLOCK: usize = 4 * FOLD;
 
-/// The statistics of `n <= LANES` adjacent columns (`len` elements `stride` apart), one per lane,
-/// equal to those [`sum_in_cache`] finds for a row (with REST also `top` and `rest`) but from one
-/// read of memory: each block of rows is read for its max, then for its terms exp(x) * 2^-N while
-/// in cache, N the exponent of the running max of the lane. Where a block raises N, the lane's
-/// sums so far are rescaled (exactly, by a power of two), and where it raises the max, everything
-/// so far is below the max (`rest` = `m`). None for a lane that needs the exact path (NaN, +inf,
-/// |x| beyond the split limit, all -inf), where the row path's [`RowSum::usable`] is None.
+/// One group of LANES columns in [`column_exp_sums`]: the running max and its exponent, and the
+/// sums so far, per lane.
+struct LaneSums<V: Vector> {
+    running: V,
+    maxes: [V::Elem; MAX_LANES],
+    tops: [V::Elem; MAX_LANES],
+    scaled: ScaledExp<V>,
+    m: [CompensatedSum; MAX_LANES],
+    rest: [CompensatedSum; MAX_LANES],
+}
+
+/// The exponent a lane's terms are scaled by for its running max: the max's own within the
+/// split limit (beyond it the column takes the exact path and its terms do not matter).
+#[inline(always)]
+fn column_top<T: Float>(mx: T) -> T {
+    let limit = T::SPLIT_LIMIT;
+    let c = if !(mx <= limit) {
+        limit
+    } else if mx < -limit {
+        -limit
+    } else {
+        mx
+    };
+    (c * T::LOG2E).round_even()
+}
+
+/// The statistics of `out.len()` adjacent columns (`len` elements `stride` apart, one per SIMD
+/// lane), equal to those [`sum_in_cache`] finds for a row (with REST also `top` and `rest`) but
+/// from one read of memory: each block of rows is read for its max, then for its terms
+/// exp(x) * 2^-N while in cache, N the exponent of the lane's running max, every group of
+/// columns in turn. Where a block raises N, the lane's sums so far are rescaled (exactly, by a
+/// power of two), and where it raises the max, everything so far is below the max (`rest` = `m`).
+/// None for a column that needs the exact path (NaN, +inf, |x| beyond the split limit, all
+/// -inf), where the row path's [`RowSum::usable`] is None.
 ///
 /// # Safety
-/// `x` readable at `i * stride + l` for i < len, l < n.
+/// `x` readable at `i * stride + c` for i < len, c < out.len().
 #[inline(always)]
 pub(crate) unsafe fn column_exp_sums<V: Vector, const REST: bool>(
     x: *const V::Elem,
     stride: usize,
     len: usize,
-    n: usize,
-) -> [Option<ExpSum>; MAX_LANES] {
+    out: &mut [Option<ExpSum>],
+) {
+    let cols = out.len();
     let limit = V::Elem::SPLIT_LIMIT;
-    // The exponent the terms are scaled by for a running max: the max's own within the split
-    // limit (beyond it the lane takes the exact path and its terms do not matter).
-    let top_of = |mx: V::Elem| {
-        let c = if !(mx <= limit) {
-            limit
-        } else if mx < -limit {
-            -limit
-        } else {
-            mx
-        };
-        (c * V::Elem::LOG2E).round_even()
-    };
     let zero = V::splat(V::Elem::ZERO);
-    let mut running = V::splat(V::Elem::NEG_INFINITY);
-    let mut maxes = [V::Elem::NEG_INFINITY; MAX_LANES];
-    let mut tops = [top_of(V::Elem::NEG_INFINITY); MAX_LANES];
-    let mut scaled = ScaledExp::<V>::lanes(&tops);
-    let mut m = [CompensatedSum::default(); MAX_LANES];
-    let mut rest = [CompensatedSum::default(); MAX_LANES];
+    let start = [column_top(V::Elem::NEG_INFINITY); MAX_LANES];
+    let mut groups: Vec<LaneSums<V>> = (0..cols.div_ceil(V::LANES))
+        .map(|_| LaneSums {
+            running: V::splat(V::Elem::NEG_INFINITY),
+            maxes: [V::Elem::NEG_INFINITY; MAX_LANES],
+            tops: start,
+            scaled: ScaledExp::<V>::lanes(&start),
+            m: [CompensatedSum::default(); MAX_LANES],
+            rest: [CompensatedSum::default(); MAX_LANES],
+        })
+        .collect();
     let mut i = 0;
     while i < len {
         let rows = COLUMN_BLOCK.min(len - i);
-        let block = x.add(i * stride);
+        for (g, st) in groups.iter_mut().enumerate() {
+            let n = V::LANES.min(cols - g * V::LANES);
+            let block = x.add(i * stride + g * V::LANES);
+            let next = st.running.max(column_max::<V>(block, stride, rows, n));
+            if V::mask_any(next.gt_or_nan(st.running)) {
+                // Rare after the first blocks: a lane's max rose.
+                let mut raised = [V::Elem::ZERO; MAX_LANES];
+                next.store(raised.as_mut_ptr());
+                for l in 0..n {
+                    if raised[l] > st.maxes[l] {
+                        let top = column_top(raised[l]);
+                        let k = pow2_nonpositive_f64(st.tops[l].to_f64() - top.to_f64());
+                        st.m[l].scale(k);
+                        st.rest[l] = st.m[l]; // everything before is below the new max
+                        (st.maxes[l], st.tops[l]) = (raised[l], top);
+                    }
+                }
+                st.running = next;
+                st.scaled = ScaledExp::<V>::lanes(&st.tops);
+            }
+            let (scaled, running) = (st.scaled, st.running);
+            let mut acc = [[zero; 2]; 4];
+            let mut r = 0;
+            while r < rows {
+                for (j, a) in acc.iter_mut().enumerate().take(rows - r) {
+                    let v = load_n::<V>(block.add((r + j) * stride), n);
+                    let t = scaled.apply(v);
+                    a[0] = a[0].add(t);
+                    if REST {
+                        a[1] = a[1].add(t.keep(v.lt(running)));
+                    }
+                }
+                r += 4;
+            }
+            let mut lanes = [V::Elem::ZERO; MAX_LANES];
+            for (k, sums) in [&mut st.m, &mut st.rest].into_iter().enumerate() {
+                if k == 1 && !REST {
+                    break;
+                }
+                let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+                s.store(lanes.as_mut_ptr());
+                for l in 0..n {
+                    sums[l].add(lanes[l].to_f64());
+                }
+            }
+        }
         i += rows;
-        let next = running.max(column_max::<V>(block, stride, rows, n));
-        if V::mask_any(next.gt_or_nan(running)) {
-            // Rare after the first blocks: a lane's max rose.
-            let mut raised = [V::Elem::ZERO; MAX_LANES];
-            next.store(raised.as_mut_ptr());
-            for l in 0..n {
-                if raised[l] > maxes[l] {
-                    let top = top_of(raised[l]);
-                    let k = pow2_nonpositive_f64(tops[l].to_f64() - top.to_f64());
-                    m[l].scale(k);
-                    rest[l] = m[l]; // everything before is below the new max
-                    (maxes[l], tops[l]) = (raised[l], top);
-                }
-            }
-            running = next;
-            scaled = ScaledExp::<V>::lanes(&tops);
-        }
-        let mut acc = [[zero; 2]; 4];
-        let mut r = 0;
-        while r + 4 <= rows {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let v = load_n::<V>(block.add((r + j) * stride), n);
-                let t = scaled.apply(v);
-                a[0] = a[0].add(t);
-                if REST {
-                    a[1] = a[1].add(t.keep(v.lt(running)));
-                }
-            }
-            r += 4;
-        }
-        while r < rows {
-            let v = load_n::<V>(block.add(r * stride), n);
-            let t = scaled.apply(v);
-            acc[0][0] = acc[0][0].add(t);
-            if REST {
-                acc[0][1] = acc[0][1].add(t.keep(v.lt(running)));
-            }
-            r += 1;
-        }
-        let mut lanes = [V::Elem::ZERO; MAX_LANES];
-        for (k, sums) in [&mut m, &mut rest].into_iter().enumerate() {
-            if k == 1 && !REST {
-                break;
-            }
-            let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
-            s.store(lanes.as_mut_ptr());
-            for l in 0..n {
-                sums[l].add(lanes[l].to_f64());
-            }
+    }
+    for (g, st) in groups.iter().enumerate() {
+        let mut top = [V::Elem::ZERO; MAX_LANES];
+        st.scaled.apply(st.running).store(top.as_mut_ptr());
+        for l in 0..V::LANES.min(cols - g * V::LANES) {
+            let (mx, sum) = (st.maxes[l], st.m[l].value());
+            out[g * V::LANES + l] = if !(mx <= limit) || mx < -limit || sum.is_nan() {
+                None
+            } else {
+                RowSum::Fast(ExpSum {
+                    m: sum,
+                    n: st.tops[l].to_f64(),
+                    max: mx.to_f64(),
+                    top: if REST { top[l].to_f64() } else { f64::NAN },
+                    rest: if REST { st.rest[l].value() } else { f64::NAN },
+                })
+                .usable::<V::Elem>()
+            };
         }
     }
-    let mut top = [V::Elem::ZERO; MAX_LANES];
-    scaled.apply(running).store(top.as_mut_ptr());
-    let mut out = [None; MAX_LANES];
-    for l in 0..n {
-        let (mx, sum) = (maxes[l], m[l].value());
-        if !(mx <= limit) || mx < -limit || sum.is_nan() {
-            continue;
-        }
-        let s = ExpSum {
-            m: sum,
-            n: tops[l].to_f64(),
-            max: mx.to_f64(),
-            top: if REST { top[l].to_f64() } else { f64::NAN },
-            rest: if REST { rest[l].value() } else { f64::NAN },
-        };
-        out[l] = RowSum::Fast(s).usable::<V::Elem>();
-    }
-    out
 }
 
 /// `s` (the sum of x[..len]) with `top` and, where rest / top < `below`, `rest` computed.

@@ -299,34 +299,49 @@ pub(crate) fn lanes<V: Vector>(n: usize, f: impl Fn(usize) -> V::Elem) -> V {
     unsafe { V::load(buf.as_ptr()) }
 }
 
-/// y = f(a, b) over `len` rows of `n <= LANES` adjacent columns `stride` apart (`b` unread when
-/// null: `f` gets zeros). `y` may be `a` or `b`: each vector is read before it is written.
+/// Rows [`map_columns`] writes of one group of columns before moving to the next group.
+const COLUMN_CHUNK: usize = 16;
+
+/// y = f(params[g], a, b) over `len` rows of `cols` adjacent columns `stride` apart, group g the
+/// columns [g LANES, (g + 1) LANES) (`b` unread when null: `f` gets zeros). A chunk of rows at a
+/// time across the groups, so each row's lines of the block are read and written together (64
+/// bytes per row per pass is too little per DRAM page and TLB entry). `y` may be `a` or `b`:
+/// each vector is read before it is written.
 ///
 /// # Safety
-/// `a`, `b` (unless null) readable and `y` writable at `i * stride + l` for i < len, l < n.
+/// `a`, `b` (unless null) readable and `y` writable at `i * stride + c` for i < len, c < cols;
+/// `params` has a value per group.
 #[inline(always)]
-pub(crate) unsafe fn map_column<V: Vector>(
+pub(crate) unsafe fn map_columns<V: Vector, P: Copy>(
     a: *const V::Elem,
     b: *const V::Elem,
     y: *mut V::Elem,
-    stride: usize,
-    len: usize,
-    n: usize,
-    f: impl Fn(V, V) -> V,
+    (stride, len, cols): (usize, usize, usize),
+    params: &[P],
+    f: impl Fn(P, V, V) -> V,
 ) {
     let zero = V::splat(V::Elem::ZERO);
-    for i in 0..len {
-        let p = i * stride;
-        // The output too: a store that misses waits for its line, and the rows are too far apart
-        // for the hardware to fetch ahead.
-        V::prefetch(a.wrapping_add(p + COLUMN_PREFETCH * stride));
-        V::prefetch(y.wrapping_add(p + COLUMN_PREFETCH * stride));
-        let vb = if b.is_null() {
-            zero
-        } else {
-            load_n::<V>(b.add(p), n)
-        };
-        store_n(f(load_n::<V>(a.add(p), n), vb), y.add(p), n);
+    let mut r0 = 0;
+    while r0 < len {
+        let r1 = (r0 + COLUMN_CHUNK).min(len);
+        for (g, &p) in params.iter().enumerate() {
+            let c = g * V::LANES;
+            let n = V::LANES.min(cols - c);
+            for i in r0..r1 {
+                let at = i * stride + c;
+                // The output too: a store that misses waits for its line, and the rows are too
+                // far apart for the hardware to fetch ahead.
+                V::prefetch(a.wrapping_add(at + COLUMN_PREFETCH * stride));
+                V::prefetch(y.wrapping_add(at + COLUMN_PREFETCH * stride));
+                let vb = if b.is_null() {
+                    zero
+                } else {
+                    load_n::<V>(b.add(at), n)
+                };
+                store_n(f(p, load_n::<V>(a.add(at), n), vb), y.add(at), n);
+            }
+        }
+        r0 = r1;
     }
 }
 

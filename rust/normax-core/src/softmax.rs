@@ -7,7 +7,7 @@ use crate::lse::{
     sum_two_pass, Algorithm, ExpSum, Lse, RowSum, ScaledExp,
 };
 use crate::rows::{
-    dot, lane_sums, lanes, load_n, map_column, map_elements, map_elements2, map_elements_to,
+    dot, lane_sums, lanes, load_n, map_columns, map_elements, map_elements2, map_elements_to,
     scratch_row, Store,
 };
 use crate::simd::{exp, Vector, MAX_LANES};
@@ -180,9 +180,13 @@ impl<T: Float, const LOG: bool> RowMap<T> for Softmax<LOG> {
         _: *const T,
         stride: usize,
         len: usize,
-        n: usize,
-    ) -> [Option<RowSum>; MAX_LANES] {
-        column_exp_sums::<V, LOG>(x, stride, len, n).map(|s| s.map(RowSum::Fast))
+        stats: &mut [Option<RowSum>],
+    ) {
+        let mut sums = vec![None; stats.len()];
+        column_exp_sums::<V, LOG>(x, stride, len, &mut sums);
+        for (st, s) in stats.iter_mut().zip(sums) {
+            *st = s.map(RowSum::Fast);
+        }
     }
     #[inline(always)]
     unsafe fn column_write<V: Vector<Elem = T>>(
@@ -192,45 +196,62 @@ impl<T: Float, const LOG: bool> RowMap<T> for Softmax<LOG> {
         y: *mut T,
         stride: usize,
         len: usize,
-        n: usize,
-        stats: &[Option<RowSum>; MAX_LANES],
+        stats: &[Option<RowSum>],
     ) {
-        let sum = |l: usize| match stats[l] {
-            Some(RowSum::Fast(s)) => Some(s),
+        let cols = stats.len();
+        let sum = |c: usize| match stats.get(c) {
+            Some(Some(RowSum::Fast(s))) => Some(*s),
             _ => None,
         };
+        let groups = (0..cols.div_ceil(V::LANES)).map(|g| g * V::LANES);
+        let null = std::ptr::null();
         if LOG {
             // As the row path's refined_lse: y = (x - hi) - lo per column.
-            let lse = |l| sum(l).map_or(Lse { hi: 0.0, lo: 0.0 }, refined_lse_known::<T>);
-            let hi = lanes::<V>(n, |l| T::from_f64(lse(l).hi));
-            let lo = lanes::<V>(n, |l| T::from_f64(lse(l).lo));
-            map_column::<V>(
+            let params: Vec<(V, V)> = groups
+                .map(|c0| {
+                    let mut lse = [Lse { hi: 0.0, lo: 0.0 }; MAX_LANES];
+                    for (l, v) in lse.iter_mut().enumerate() {
+                        if let Some(s) = sum(c0 + l) {
+                            *v = refined_lse_known::<T>(s);
+                        }
+                    }
+                    (
+                        lanes::<V>(V::LANES, |l| T::from_f64(lse[l].hi)),
+                        lanes::<V>(V::LANES, |l| T::from_f64(lse[l].lo)),
+                    )
+                })
+                .collect();
+            map_columns::<V, (V, V)>(
                 x,
-                std::ptr::null(),
+                null,
                 y,
-                stride,
-                len,
-                n,
+                (stride, len, cols),
+                &params,
                 #[inline(always)]
-                |v, _| v.sub(hi).sub(lo),
+                |(hi, lo), v, _| v.sub(hi).sub(lo),
             );
         } else {
             // As write_softmax: each term exp(x) * 2^-N times 1 / m.
-            let mut tops = [T::ZERO; MAX_LANES];
-            for (l, t) in tops[..n].iter_mut().enumerate() {
-                *t = sum(l).map_or(T::ZERO, |s| T::from_f64(s.n));
-            }
-            let scaled = ScaledExp::<V>::lanes(&tops);
-            let inv = lanes::<V>(n, |l| sum(l).map_or(T::ZERO, |s| T::from_f64(1.0 / s.m)));
-            map_column::<V>(
+            let params: Vec<(ScaledExp<V>, V)> = groups
+                .map(|c0| {
+                    let mut tops = [T::ZERO; MAX_LANES];
+                    for (l, t) in tops.iter_mut().enumerate() {
+                        *t = sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(s.n));
+                    }
+                    let inv = lanes::<V>(V::LANES, |l| {
+                        sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(1.0 / s.m))
+                    });
+                    (ScaledExp::<V>::lanes(&tops), inv)
+                })
+                .collect();
+            map_columns::<V, (ScaledExp<V>, V)>(
                 x,
-                std::ptr::null(),
+                null,
                 y,
-                stride,
-                len,
-                n,
+                (stride, len, cols),
+                &params,
                 #[inline(always)]
-                |v, _| scaled.apply(v).mul(inv),
+                |(scaled, inv), v, _| scaled.apply(v).mul(inv),
             );
         }
     }
@@ -272,14 +293,16 @@ impl<T: Float> RowReduce<T> for LogSumExp {
         _: *const T,
         stride: usize,
         len: usize,
-        n: usize,
-    ) -> [Option<(T, T)>; MAX_LANES] {
-        column_exp_sums::<V, true>(x, stride, len, n).map(|s| {
-            s.map(|s| {
+        out: &mut [Option<(T, T)>],
+    ) {
+        let mut sums = vec![None; out.len()];
+        column_exp_sums::<V, true>(x, stride, len, &mut sums);
+        for (o, s) in out.iter_mut().zip(sums) {
+            *o = s.map(|s| {
                 let lse = refined_lse_known::<T>(s).value();
                 (T::from_f64(lse), sign_of_lse(lse))
-            })
-        })
+            });
+        }
     }
 }
 
@@ -431,26 +454,27 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
         dy: *const T,
         stride: usize,
         len: usize,
-        n: usize,
-    ) -> [Option<f64>; MAX_LANES] {
+        stats: &mut [Option<f64>],
+    ) {
         // As chunk_stat: sum(dy) (LOG) or sum(y * dy) per column.
-        let [s] = lane_sums::<V, 1>(
-            len,
-            #[inline(always)]
-            |i| {
-                let d = load_n::<V>(dy.add(i * stride), n);
-                [if LOG {
-                    d
-                } else {
-                    load_n::<V>(y.add(i * stride), n).mul(d)
-                }]
-            },
-        );
-        let mut out = [None; MAX_LANES];
-        for l in 0..n {
-            out[l] = Some(s[l]);
+        for (g, st) in stats.chunks_mut(V::LANES).enumerate() {
+            let (y, dy, n) = (y.add(g * V::LANES), dy.add(g * V::LANES), st.len());
+            let [s] = lane_sums::<V, 1>(
+                len,
+                #[inline(always)]
+                |i| {
+                    let d = load_n::<V>(dy.add(i * stride), n);
+                    [if LOG {
+                        d
+                    } else {
+                        load_n::<V>(y.add(i * stride), n).mul(d)
+                    }]
+                },
+            );
+            for (l, v) in st.iter_mut().enumerate() {
+                *v = Some(s[l]);
+            }
         }
-        out
     }
     #[inline(always)]
     unsafe fn column_write<V: Vector<Elem = T>>(
@@ -460,31 +484,32 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
         dx: *mut T,
         stride: usize,
         len: usize,
-        n: usize,
-        stats: &[Option<f64>; MAX_LANES],
+        stats: &[Option<f64>],
     ) {
-        let s = lanes::<V>(n, |l| T::from_f64(stats[l].unwrap_or(0.0)));
+        let params: Vec<V> = stats
+            .chunks(V::LANES)
+            .map(|st| lanes::<V>(st.len(), |l| T::from_f64(st[l].unwrap_or(0.0))))
+            .collect();
+        let shape = (stride, len, stats.len());
         if LOG {
-            map_column::<V>(
+            map_columns::<V, V>(
                 y,
                 dy,
                 dx,
-                stride,
-                len,
-                n,
+                shape,
+                &params,
                 #[inline(always)]
-                |y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
+                |s, y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
             );
         } else {
-            map_column::<V>(
+            map_columns::<V, V>(
                 y,
                 dy,
                 dx,
-                stride,
-                len,
-                n,
+                shape,
+                &params,
                 #[inline(always)]
-                |y, dy| y.mul(dy.sub(s)),
+                |s, y, dy| y.mul(dy.sub(s)),
             );
         }
     }

@@ -10,7 +10,9 @@
 use crate::driver::{self, Layout, RowMap};
 use crate::float::Float;
 use crate::lse::max_pass;
-use crate::rows::{column_max, lane_sums, lanes, load_n, map_column, map_elements_to, row_sums, Store};
+use crate::rows::{
+    column_max, lane_sums, lanes, load_n, map_columns, map_elements_to, row_sums, Store,
+};
 use crate::simd::{Vector, MAX_LANES};
 use crate::softmax::{check_io, output_store};
 use crate::Error;
@@ -298,12 +300,17 @@ impl<T: Float, const LOG: bool> RowMap<T> for StableMax<LOG> {
         _: *const T,
         stride: usize,
         len: usize,
-        n: usize,
-    ) -> [Option<Sums>; MAX_LANES] {
+        stats: &mut [Option<Sums>],
+    ) {
         // The row kernel redoes the columns it would redo in f64 (a sum that is not finite), and,
         // without the log, those whose sum needs a division (see `write_stablemax`).
-        Sums::of_columns::<V, LOG>(x, stride, len, n)
-            .map(|s| (s.total.is_finite() && (LOG || s.total < (2.0f64).powi(100))).then_some(s))
+        for (g, st) in stats.chunks_mut(V::LANES).enumerate() {
+            let sums = Sums::of_columns::<V, LOG>(x.add(g * V::LANES), stride, len, st.len());
+            for (v, s) in st.iter_mut().zip(sums) {
+                let fast = s.total.is_finite() && (LOG || s.total < (2.0f64).powi(100));
+                *v = fast.then_some(s);
+            }
+        }
     }
     #[inline(always)]
     unsafe fn column_write<V: Vector<Elem = T>>(
@@ -313,31 +320,34 @@ impl<T: Float, const LOG: bool> RowMap<T> for StableMax<LOG> {
         y: *mut T,
         stride: usize,
         len: usize,
-        n: usize,
-        stats: &[Option<Sums>; MAX_LANES],
+        stats: &[Option<Sums>],
     ) {
         if LOG {
-            for (l, s) in stats[..n].iter().enumerate() {
+            for (c, s) in stats.iter().enumerate() {
                 if let Some(s) = *s {
-                    write_log_stablemax(x.add(l), y.add(l), len, stride, s);
+                    write_log_stablemax(x.add(c), y.add(c), len, stride, s);
                 }
             }
             return;
         }
         // As write_stablemax: s(x) times 1 / total (NaN for a column without a result).
-        let inv = lanes::<V>(n, |l| match stats[l] {
-            Some(s) if s.usable() => T::from_f64(1.0 / s.total),
-            _ => T::NAN,
-        });
-        map_column::<V>(
+        let params: Vec<V> = stats
+            .chunks(V::LANES)
+            .map(|st| {
+                lanes::<V>(st.len(), |l| match st[l] {
+                    Some(s) if s.usable() => T::from_f64(1.0 / s.total),
+                    _ => T::NAN,
+                })
+            })
+            .collect();
+        map_columns::<V, V>(
             x,
             std::ptr::null(),
             y,
-            stride,
-            len,
-            n,
+            (stride, len, stats.len()),
+            &params,
             #[inline(always)]
-            |v, _| s_of(v).mul(inv),
+            |inv, v, _| s_of(v).mul(inv),
         );
     }
 }

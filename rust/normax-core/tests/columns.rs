@@ -43,7 +43,7 @@ fn eps<T: Float>() -> f64 {
 
 /// Random columns, with special ones among them (by column index, in even groups): NaN, +inf,
 /// all -inf, one -inf, one dominant element, huge (beyond the exp's split limit), tiny (far
-/// below 0).
+/// below 0); in odd groups some increasing columns.
 fn data<T: Float>(outer: usize, len: usize, inner: usize, seed: u64) -> Vec<T> {
     let mut rng = Rng(seed);
     let mut x: Vec<f64> = (0..outer * len * inner).map(|_| rng.normal(5.0)).collect();
@@ -70,6 +70,12 @@ fn data<T: Float>(outer: usize, len: usize, inner: usize, seed: u64) -> Vec<T> {
                 7 => (0..len).for_each(|i| x[at(i)] += tiny),
                 _ => {}
             }
+        }
+    }
+    // Increasing columns: the running max (and its exponent) rises in every block of rows.
+    for o in (1..outer).step_by(2) {
+        for j in (0..inner).step_by(4) {
+            (0..len).for_each(|i| x[(o * len + i) * inner + j] = i as f64 * 0.37 - 50.0);
         }
     }
     x.into_iter().map(T::from_f64).collect()
