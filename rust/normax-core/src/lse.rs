@@ -466,7 +466,11 @@ unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, te
 /// in the same pass as `m`): the same choice of formula as the row path, so a row that is not
 /// dominated by its max (where `m - rest` would cancel) keeps ln(m) + (n ln 2 - max).
 pub(crate) fn refined_lse_known<T: Float>(s: ExpSum) -> Lse {
-    let rel = ExpSum { rest: f64::NAN, ..s }.ln_over_max();
+    let rel = ExpSum {
+        rest: f64::NAN,
+        ..s
+    }
+    .ln_over_max();
     if s.m / s.top - 1.0 >= REST_ROW && (s.max + rel).abs() >= 0.25 {
         return Lse::new::<T>(s.max, rel);
     }

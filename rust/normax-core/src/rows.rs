@@ -300,7 +300,7 @@ pub(crate) fn lanes<V: Vector>(n: usize, f: impl Fn(usize) -> V::Elem) -> V {
 }
 
 /// Rows [`map_columns`] writes of one group of columns before moving to the next group.
-const COLUMN_CHUNK: usize = 16;
+const COLUMN_CHUNK: usize = 4;
 
 /// y = f(params[g], a, b) over `len` rows of `cols` adjacent columns `stride` apart, group g the
 /// columns [g LANES, (g + 1) LANES) (`b` unread when null: `f` gets zeros). A chunk of rows at a

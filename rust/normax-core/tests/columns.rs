@@ -136,7 +136,11 @@ fn reference<T: Float>(
     x: &[T],
     (outer, len, inner): (usize, usize, usize),
 ) -> [Vec<f64>; 3] {
-    let mut out = [vec![f64::NAN; x.len()], vec![f64::NAN; x.len()], vec![0.0; x.len()]];
+    let mut out = [
+        vec![f64::NAN; x.len()],
+        vec![f64::NAN; x.len()],
+        vec![0.0; x.len()],
+    ];
     let e = f64::EPSILON;
     for o in 0..outer {
         for j in 0..inner {
@@ -177,14 +181,21 @@ fn maps_match_rows<T: Float>() {
         ("softmax", softmax::<T>, softmax_inplace::<T>),
         ("log_softmax", log_softmax::<T>, log_softmax_inplace::<T>),
         ("stablemax", stablemax::<T>, stablemax_inplace::<T>),
-        ("log_stablemax", log_stablemax::<T>, log_stablemax_inplace::<T>),
+        (
+            "log_stablemax",
+            log_stablemax::<T>,
+            log_stablemax_inplace::<T>,
+        ),
     ];
     each_isa(|isa| {
         for &shape in SHAPES {
             let (outer, len, inner) = shape;
             let x = data::<T>(outer, len, inner, 11 + len as u64);
             let rows = to_rows(&x, shape);
-            let (cl, rl) = (Layout { outer, len, inner }, Layout::rows(outer * inner, len));
+            let (cl, rl) = (
+                Layout { outer, len, inner },
+                Layout::rows(outer * inner, len),
+            );
             let mut lse = vec![T::ZERO; outer * inner];
             logsumexp(&rows, None, &mut lse, None, rl).unwrap();
             let mut lse_col = vec![T::ZERO; outer * inner];
@@ -260,7 +271,10 @@ fn backwards_match_rows<T: Float>() {
                 .map(|_| T::from_f64(rng.normal(2.0)))
                 .collect();
             let dy: Vec<T> = (0..x.len()).map(|_| T::from_f64(rng.normal(1.0))).collect();
-            let (cl, rl) = (Layout { outer, len, inner }, Layout::rows(outer * inner, len));
+            let (cl, rl) = (
+                Layout { outer, len, inner },
+                Layout::rows(outer * inner, len),
+            );
             for (name, op, fwd) in ops {
                 let what = format!("{isa:?} {} {shape:?} {name}", std::any::type_name::<T>());
                 let mut y = vec![T::ZERO; x.len()];
