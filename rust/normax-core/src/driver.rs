@@ -280,11 +280,20 @@ impl ColumnBlocks {
 
 /// Columns per task in the strided case: enough that each task has real work, and at least 256
 /// (1 KiB of float32 per row): the column kernels visit a block's rows in turn, and fewer bytes
-/// per row visit cost a TLB entry and a DRAM page each (about 1.5x the time at 16 columns).
+/// per row visit cost a TLB entry and a DRAM page each (about 1.5x the time at 16 columns). Fewer
+/// (down to 16) where that would leave threads idle: a column's rows are never split.
 fn column_block(layout: &Layout) -> usize {
-    (GRAIN / layout.len.max(1))
-        .clamp(256, 1024)
-        .min(layout.inner)
+    let wide = (GRAIN / layout.len.max(1)).clamp(256, 1024);
+    let tasks = 2 * threads::num_threads();
+    let width = if layout.outer * layout.inner.div_ceil(wide) >= tasks {
+        wide
+    } else {
+        (layout.inner * layout.outer)
+            .div_ceil(tasks)
+            .next_multiple_of(16)
+            .clamp(16, wide)
+    };
+    width.min(layout.inner)
 }
 
 struct MapRows<'a, T, Op> {
