@@ -289,6 +289,52 @@ pub(crate) fn lane_sums<V: Vector, const K: usize>(
     total.map(|t| t.map(|c| c.value()))
 }
 
+/// [`lane_sums`] of `cols` adjacent columns at once: `term(i, c, n)` gives row i's terms for
+/// the `n <= LANES` columns from c (a group). Blocks of `4 * lse::FOLD` rows, each read for every
+/// group in turn, so each row's lines of the columns are read together (64 bytes per row visit
+/// cost a TLB entry and a DRAM page each). The sums of column c go to `out[c]`.
+#[inline(always)]
+pub(crate) fn columns_lane_sums<V: Vector, const K: usize>(
+    len: usize,
+    out: &mut [[f64; K]],
+    term: impl Fn(usize, usize, usize) -> [V; K],
+) {
+    let cols = out.len();
+    let zero = V::splat(V::Elem::ZERO);
+    let mut totals = vec![[[CompensatedSum::default(); MAX_LANES]; K]; cols.div_ceil(V::LANES)];
+    let mut i = 0;
+    while i < len {
+        let rows = (4 * lse::FOLD).min(len - i);
+        for (g, total) in totals.iter_mut().enumerate() {
+            let (c, mut acc) = (g * V::LANES, [[zero; K]; 4]);
+            let n = V::LANES.min(cols - c);
+            let mut r = 0;
+            while r < rows {
+                for (j, a) in acc.iter_mut().enumerate().take(rows - r) {
+                    let t = term(i + r + j, c, n);
+                    for k in 0..K {
+                        a[k] = a[k].add(t[k]);
+                    }
+                }
+                r += 4;
+            }
+            let mut lanes = [V::Elem::ZERO; MAX_LANES];
+            for k in 0..K {
+                let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+                unsafe { s.store(lanes.as_mut_ptr()) };
+                for l in 0..n {
+                    total[k][l].add(lanes[l].to_f64());
+                }
+            }
+        }
+        i += rows;
+    }
+    for (c, o) in out.iter_mut().enumerate() {
+        let (g, l) = (c / V::LANES, c % V::LANES);
+        *o = std::array::from_fn(|k| totals[g][k][l].value());
+    }
+}
+
 /// The vector of `f(l)` for the lanes l < n, zero past them (per-column constants).
 #[inline(always)]
 pub(crate) fn lanes<V: Vector>(n: usize, f: impl Fn(usize) -> V::Elem) -> V {

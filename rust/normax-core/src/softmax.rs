@@ -7,8 +7,8 @@ use crate::lse::{
     sum_two_pass, Algorithm, ExpSum, Lse, RowSum, ScaledExp,
 };
 use crate::rows::{
-    dot, lane_sums, lanes, load_n, map_columns, map_elements, map_elements2, map_elements_to,
-    scratch_row, Store,
+    columns_lane_sums, dot, lanes, load_n, map_columns, map_elements, map_elements2,
+    map_elements_to, scratch_row, Store,
 };
 use crate::simd::{exp, Vector, MAX_LANES};
 use crate::Error;
@@ -457,23 +457,22 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
         stats: &mut [Option<f64>],
     ) {
         // As chunk_stat: sum(dy) (LOG) or sum(y * dy) per column.
-        for (g, st) in stats.chunks_mut(V::LANES).enumerate() {
-            let (y, dy, n) = (y.add(g * V::LANES), dy.add(g * V::LANES), st.len());
-            let [s] = lane_sums::<V, 1>(
-                len,
-                #[inline(always)]
-                |i| {
-                    let d = load_n::<V>(dy.add(i * stride), n);
-                    [if LOG {
-                        d
-                    } else {
-                        load_n::<V>(y.add(i * stride), n).mul(d)
-                    }]
-                },
-            );
-            for (l, v) in st.iter_mut().enumerate() {
-                *v = Some(s[l]);
-            }
+        let mut sums = vec![[0.0]; stats.len()];
+        columns_lane_sums::<V, 1>(
+            len,
+            &mut sums,
+            #[inline(always)]
+            |i, c, n| {
+                let d = load_n::<V>(dy.add(i * stride + c), n);
+                [if LOG {
+                    d
+                } else {
+                    load_n::<V>(y.add(i * stride + c), n).mul(d)
+                }]
+            },
+        );
+        for (st, [s]) in stats.iter_mut().zip(sums) {
+            *st = Some(s);
         }
     }
     #[inline(always)]

@@ -11,7 +11,8 @@ use crate::driver::{self, Layout, RowMap};
 use crate::float::Float;
 use crate::lse::max_pass;
 use crate::rows::{
-    column_max, lane_sums, lanes, load_n, map_columns, map_elements_to, row_sums, Store,
+    column_max, columns_lane_sums, lane_sums, lanes, load_n, map_columns, map_elements_to,
+    row_sums, Store,
 };
 use crate::simd::{Vector, MAX_LANES};
 use crate::softmax::{check_io, output_store};
@@ -91,9 +92,9 @@ impl Sums {
         }
     }
 
-    /// [`Sums::of`] for `n <= LANES` adjacent columns `stride` apart, one per lane.
+    /// [`Sums::of`] with the log for `n <= LANES` adjacent columns `stride` apart, one per lane.
     #[inline(always)]
-    unsafe fn of_columns<V: Vector, const LOG: bool>(
+    unsafe fn of_columns<V: Vector>(
         x: *const V::Elem,
         stride: usize,
         len: usize,
@@ -105,17 +106,6 @@ impl Sums {
             max: f64::NAN,
         };
         let mut out = [empty; MAX_LANES];
-        if !LOG {
-            let [total] = lane_sums::<V, 1>(
-                len,
-                #[inline(always)]
-                |i| [s_of(load_n::<V>(x.add(i * stride), n))],
-            );
-            for l in 0..n {
-                out[l].total = total[l];
-            }
-            return out;
-        }
         let mx = column_max::<V>(x, stride, len, n);
         let [total, below] = lane_sums::<V, 2>(
             len,
@@ -304,8 +294,25 @@ impl<T: Float, const LOG: bool> RowMap<T> for StableMax<LOG> {
     ) {
         // The row kernel redoes the columns it would redo in f64 (a sum that is not finite), and,
         // without the log, those whose sum needs a division (see `write_stablemax`).
+        if !LOG {
+            let mut totals = vec![[0.0]; stats.len()];
+            columns_lane_sums::<V, 1>(
+                len,
+                &mut totals,
+                #[inline(always)]
+                |i, c, n| [s_of(load_n::<V>(x.add(i * stride + c), n))],
+            );
+            for (st, [total]) in stats.iter_mut().zip(totals) {
+                *st = (total.is_finite() && total < (2.0f64).powi(100)).then_some(Sums {
+                    total,
+                    below: f64::NAN,
+                    max: f64::NAN,
+                });
+            }
+            return;
+        }
         for (g, st) in stats.chunks_mut(V::LANES).enumerate() {
-            let sums = Sums::of_columns::<V, LOG>(x.add(g * V::LANES), stride, len, st.len());
+            let sums = Sums::of_columns::<V>(x.add(g * V::LANES), stride, len, st.len());
             for (v, s) in st.iter_mut().zip(sums) {
                 let fast = s.total.is_finite() && (LOG || s.total < (2.0f64).powi(100));
                 *v = fast.then_some(s);
