@@ -1,8 +1,9 @@
 //! The one driver every row op runs through: rows, axes, threads, and splitting very long rows.
 //!
 //! An array is viewed as (outer, len, inner) with the reduced axis of length `len` in the middle.
-//! inner == 1 is the fast path (rows contiguous). Otherwise blocks of columns are gathered into
-//! contiguous scratch rows, run through the same row kernels, and scattered back.
+//! inner == 1 is the fast path (rows contiguous). Otherwise the ops' column kernels run on blocks
+//! of adjacent columns, one column per SIMD lane, so every load is a contiguous vector; a column
+//! the column kernel leaves to the exact path is gathered and run through the row kernel.
 
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
@@ -98,6 +99,35 @@ pub(crate) trait RowMap<T: Float>: Sync {
         len: usize,
         stat: Self::Stat,
     );
+    /// The column kernel, pass 1: the statistics of `cols` adjacent columns of `len` elements
+    /// `stride` apart (element i of column c at `a + i * stride + c`, one column per SIMD lane),
+    /// into `stats` (`cols` values): None for a column the row kernel must redo whole (a gathered
+    /// copy of it). Reads only. The default leaves every column to the row kernel.
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        _a: *const T,
+        _b: *const T,
+        _stride: usize,
+        _len: usize,
+        stats: &mut [Option<Self::Stat>],
+    ) {
+        stats.fill(None)
+    }
+    /// The column kernel, pass 2: writes the columns of `out` from their statistics (`stats`,
+    /// one per column); what it writes in the columns whose statistics are None does not matter
+    /// (the driver overwrites it).
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        _a: *const T,
+        _b: *const T,
+        _out: *mut T,
+        _stride: usize,
+        _len: usize,
+        _stats: &[Option<Self::Stat>],
+    ) {
+    }
 }
 
 /// A row-to-value op (logsumexp): each row gives a value and a sign.
@@ -114,6 +144,20 @@ pub(crate) trait RowReduce<T: Float>: Sync {
     fn combine(x: Self::Stat, y: Self::Stat) -> Self::Stat;
     /// The value and sign from a whole row's statistics, or None to redo the row whole.
     fn finish(stat: Self::Stat) -> Option<(T, T)>;
+    /// The column kernel: the values and signs of `out.len()` adjacent columns laid out as in
+    /// [`RowMap::column_stats`]; None for a column the row kernel must redo. The default leaves
+    /// every column to the row kernel.
+    #[inline(always)]
+    unsafe fn column_values<V: Vector<Elem = T>>(
+        &self,
+        _a: *const T,
+        _b: *const T,
+        _stride: usize,
+        _len: usize,
+        out: &mut [Option<(T, T)>],
+    ) {
+        out.fill(None)
+    }
 }
 
 /// Work per task: small arrays stay on the calling thread.
@@ -196,11 +240,60 @@ fn should_split(layout: &Layout) -> bool {
         && threads::num_threads() > 1
 }
 
-/// Columns gathered per task in the strided case: enough that each task has real work.
+/// The column blocks of one group of rows (the tasks of the strided case): a thin first block
+/// up to the first column whose address is a multiple of 64 bytes in every row (where the rows'
+/// stride is), so that every vector of the other blocks is one cache line, not two.
+#[derive(Clone, Copy)]
+struct ColumnBlocks {
+    head: usize,
+    width: usize,
+    count: usize,
+}
+
+impl ColumnBlocks {
+    fn new<T>(layout: &Layout, a: *const T) -> Self {
+        const LINE: usize = 64;
+        let size = std::mem::size_of::<T>();
+        let (addr, inner) = (a as usize, layout.inner);
+        let head = if (inner * size) % LINE == 0 && addr % size == 0 {
+            (((LINE - addr % LINE) % LINE) / size).min(inner)
+        } else {
+            0
+        };
+        let width = column_block(layout);
+        ColumnBlocks {
+            head,
+            width,
+            count: (head > 0) as usize + (inner - head).div_ceil(width),
+        }
+    }
+
+    /// The first column and the number of columns of block `k`.
+    fn block(&self, k: usize, inner: usize) -> (usize, usize) {
+        if self.head > 0 && k == 0 {
+            return (0, self.head);
+        }
+        let c0 = self.head + (k - (self.head > 0) as usize) * self.width;
+        (c0, self.width.min(inner - c0))
+    }
+}
+
+/// Columns per task in the strided case: enough that each task has real work, and at least 256
+/// (1 KiB of float32 per row): the column kernels visit a block's rows in turn, and fewer bytes
+/// per row visit cost a TLB entry and a DRAM page each (about 1.5x the time at 16 columns). Fewer
+/// (down to 16) where that would leave threads idle: a column's rows are never split.
 fn column_block(layout: &Layout) -> usize {
-    (GRAIN / layout.len.max(1))
-        .clamp(16, 1024)
-        .min(layout.inner)
+    let wide = (GRAIN / layout.len.max(1)).clamp(256, 1024);
+    let tasks = 2 * threads::num_threads();
+    let width = if layout.outer * layout.inner.div_ceil(wide) >= tasks {
+        wide
+    } else {
+        (layout.inner * layout.outer)
+            .div_ceil(tasks)
+            .next_multiple_of(16)
+            .clamp(16, wide)
+    };
+    width.min(layout.inner)
 }
 
 struct MapRows<'a, T, Op> {
@@ -231,42 +324,32 @@ impl<T: Float, Op: RowMap<T>> Kernel<T> for MapRows<'_, T, Op> {
     }
 }
 
-/// Copies columns [c0, c0 + cols) of group `o` into `cols` contiguous rows of `scratch`.
-unsafe fn gather<T: Float>(
-    src: Ptr<T>,
-    layout: &Layout,
-    o: usize,
-    c0: usize,
-    cols: usize,
-    scratch: &mut [T],
-) {
-    let base = src.at(o * layout.len * layout.inner + c0);
-    for i in 0..layout.len {
-        let row = base.add(i * layout.inner);
-        for c in 0..cols {
-            *scratch.get_unchecked_mut(c * layout.len + i) = *row.add(c);
-        }
-    }
+/// Copies the column of `len` elements `stride` apart at `src` into `dst`.
+unsafe fn gather_column<T: Float>(src: *const T, stride: usize, len: usize, dst: &mut Vec<T>) {
+    dst.clear();
+    dst.extend((0..len).map(|i| *src.add(i * stride)));
 }
 
-unsafe fn scatter<T: Float>(
-    dst: Ptr<T>,
-    layout: &Layout,
-    o: usize,
-    c0: usize,
-    cols: usize,
-    scratch: &[T],
-) {
-    let base = dst.at(o * layout.len * layout.inner + c0);
-    for i in 0..layout.len {
-        let row = base.add(i * layout.inner);
-        for c in 0..cols {
-            *row.add(c) = *scratch.get_unchecked(c * layout.len + i);
-        }
+/// The two inputs of column `l` gathered, for the row kernel (the second empty when unused).
+unsafe fn gather_inputs<T: Float>(
+    two: bool,
+    a: *const T,
+    b: *const T,
+    stride: usize,
+    len: usize,
+    bufs: &mut [Vec<T>; 2],
+) -> (*const T, *const T) {
+    gather_column(a, stride, len, &mut bufs[0]);
+    if !two {
+        return (bufs[0].as_ptr(), std::ptr::null());
     }
+    gather_column(b, stride, len, &mut bufs[1]);
+    (bufs[0].as_ptr(), bufs[1].as_ptr())
 }
 
-struct GatherMap<'a, T, Op> {
+/// Columns [c0, c0 + cols) of group `o` through a map op's column kernel, a vector of columns at
+/// a time.
+struct ColumnMap<'a, T, Op> {
     op: &'a Op,
     a: Ptr<T>,
     b: Ptr<T>,
@@ -277,35 +360,43 @@ struct GatherMap<'a, T, Op> {
     cols: usize,
 }
 
-impl<T: Float, Op: RowMap<T>> Kernel<T> for GatherMap<'_, T, Op> {
+impl<T: Float, Op: RowMap<T>> Kernel<T> for ColumnMap<'_, T, Op> {
     type Output = ();
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
-        let (l, n) = (&self.layout, self.cols * self.layout.len);
-        let mut sa = vec![T::ZERO; n];
-        let mut sb = vec![T::ZERO; if Op::TWO_INPUTS { n } else { 0 }];
-        let mut so = vec![T::ZERO; n];
+        let Layout { len, inner, .. } = self.layout;
+        let at = self.o * len * inner + self.c0;
+        let (a, b, out) = (
+            self.a.at(at) as *const T,
+            self.b.at(at) as *const T,
+            self.out.at(at),
+        );
+        let mut stats = vec![None; self.cols];
         unsafe {
-            gather(self.a, l, self.o, self.c0, self.cols, &mut sa);
-            if Op::TWO_INPUTS {
-                gather(self.b, l, self.o, self.c0, self.cols, &mut sb);
-            }
-            for c in 0..self.cols {
-                let s = c * l.len;
-                let b = if Op::TWO_INPUTS {
-                    sb.as_ptr().add(s)
-                } else {
-                    std::ptr::null()
-                };
-                map_row::<T, Op, V>(
-                    self.op,
-                    sa.as_ptr().add(s),
-                    b,
-                    so.as_mut_ptr().add(s),
-                    l.len,
+            self.op.column_stats::<V>(a, b, inner, len, &mut stats);
+            // Rare (NaN, inf, extreme values): such columns from copies taken before the column
+            // kernel writes `out`, which may be `a`.
+            let mut bufs: [Vec<T>; 2] = Default::default();
+            let mut redone = Vec::new();
+            for (c, _) in stats.iter().enumerate().filter(|(_, s)| s.is_none()) {
+                let (ga, gb) = gather_inputs(
+                    Op::TWO_INPUTS,
+                    a.add(c),
+                    offset(b, c),
+                    inner,
+                    len,
+                    &mut bufs,
                 );
+                let mut y = vec![T::ZERO; len];
+                map_row::<T, Op, V>(self.op, ga, gb, y.as_mut_ptr(), len);
+                redone.push((c, y));
             }
-            scatter(self.out, l, self.o, self.c0, self.cols, &so);
+            self.op.column_write::<V>(a, b, out, inner, len, &stats);
+            for (c, y) in redone {
+                for (i, v) in y.into_iter().enumerate() {
+                    *out.add(i * inner + c) = v;
+                }
+            }
         }
     }
 }
@@ -362,12 +453,11 @@ pub(crate) unsafe fn map<T: Float, Op: RowMap<T>>(
         return;
     }
     if inner > 1 {
-        let cb = column_block(&layout);
-        let blocks = inner.div_ceil(cb);
-        threads::for_each(outer * blocks, |t| {
-            let (o, c0) = (t / blocks, (t % blocks) * cb);
-            let cols = cb.min(inner - c0);
-            dispatch(GatherMap {
+        let cb = ColumnBlocks::new(&layout, a.0);
+        threads::for_each(outer * cb.count, |t| {
+            let o = t / cb.count;
+            let (c0, cols) = cb.block(t % cb.count, inner);
+            dispatch(ColumnMap {
                 op,
                 a,
                 b,
@@ -469,24 +559,28 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceRows<'_, T, Op> {
                 }
                 return;
             }
-            let n = self.cols * l.len;
-            let mut sa = vec![T::ZERO; n];
-            let mut sb = vec![T::ZERO; if Op::TWO_INPUTS { n } else { 0 }];
-            gather(self.a, l, self.o, self.c0, self.cols, &mut sa);
-            if Op::TWO_INPUTS {
-                gather(self.b, l, self.o, self.c0, self.cols, &mut sb);
-            }
-            for c in 0..self.cols {
-                let s = c * l.len;
-                let b = if Op::TWO_INPUTS {
-                    sb.as_ptr().add(s)
-                } else {
-                    std::ptr::null()
+            let at = self.o * l.len * l.inner + self.c0;
+            let (a, b) = (self.a.at(at) as *const T, self.b.at(at) as *const T);
+            let mut values = vec![None; self.cols];
+            self.op
+                .column_values::<V>(a, b, l.inner, l.len, &mut values);
+            let mut bufs: [Vec<T>; 2] = Default::default();
+            for (c, v) in values.into_iter().enumerate() {
+                let v = match v {
+                    Some(v) => v,
+                    None => {
+                        let (ga, gb) = gather_inputs(
+                            Op::TWO_INPUTS,
+                            a.add(c),
+                            offset(b, c),
+                            l.inner,
+                            l.len,
+                            &mut bufs,
+                        );
+                        reduce_row::<T, Op, V>(self.op, ga, gb, l.len)
+                    }
                 };
-                put(
-                    c,
-                    reduce_row::<T, Op, V>(self.op, sa.as_ptr().add(s), b, l.len),
-                );
+                put(c, v);
             }
         }
     }
@@ -557,16 +651,24 @@ pub(crate) unsafe fn reduce<T: Float, Op: RowReduce<T>>(
         return;
     }
     // inner == 1: a "column block" is a block of consecutive rows.
-    let (groups, block) = if inner == 1 {
-        (1, (GRAIN / len.max(1)).max(1).min(outer))
+    let (groups, cb) = if inner == 1 {
+        let block = (GRAIN / len.max(1)).max(1).min(outer);
+        let count = outer.div_ceil(block);
+        (
+            1,
+            ColumnBlocks {
+                head: 0,
+                width: block,
+                count,
+            },
+        )
     } else {
-        (outer, column_block(&layout))
+        (outer, ColumnBlocks::new(&layout, a.0))
     };
     let span = if inner == 1 { outer } else { inner };
-    let blocks = span.div_ceil(block);
-    threads::for_each(groups * blocks, |t| {
-        let (g, c0) = (t / blocks, (t % blocks) * block);
-        let cols = block.min(span - c0);
+    threads::for_each(groups * cb.count, |t| {
+        let g = t / cb.count;
+        let (c0, cols) = cb.block(t % cb.count, span);
         let (o, c0) = if inner == 1 { (c0, 0) } else { (g, c0) };
         dispatch(ReduceRows {
             op,

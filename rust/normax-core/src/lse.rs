@@ -19,7 +19,8 @@
 //! beyond `Float::SPLIT_LIMIT` (where the Cody-Waite reduction degrades) go to an exact f64 path.
 
 use crate::float::Float;
-use crate::simd::{exp_reduced_low, load_partial, store_partial, Vector};
+use crate::rows::{column_max, load_n};
+use crate::simd::{exp_reduced_low, load_partial, store_partial, Vector, MAX_LANES};
 use std::f64::consts::LN_2;
 
 /// A sum of exponentials held as m * 2^n, combined exactly (in f64) across blocks and threads,
@@ -191,6 +192,13 @@ impl CompensatedSum {
     pub(crate) fn value(self) -> f64 {
         self.sum + self.compensation
     }
+
+    /// Times `k`, a power of two (exact unless it underflows).
+    #[inline(always)]
+    pub(crate) fn scale(&mut self, k: f64) {
+        self.sum *= k;
+        self.compensation *= k;
+    }
 }
 
 /// The f32 partial sums (4 vectors, unrolled) fold into f64 every FOLD steps, so each element
@@ -287,11 +295,35 @@ pub(crate) struct ScaledExp<V> {
 impl<V: Vector> ScaledExp<V> {
     #[inline(always)]
     pub(crate) fn new(top: V::Elem) -> Self {
-        let k = V::Elem::SUBNORMAL_STEP;
+        let (bias, floor) = Self::constants(top);
         ScaledExp {
-            bias: V::splat(V::Elem::ROUND_MAGIC + V::Elem::BIAS + k - top),
-            floor: V::splat((top - V::Elem::BIAS - k) / V::Elem::LOG2E),
+            bias: V::splat(bias),
+            floor: V::splat(floor),
         }
+    }
+
+    /// One `top` per lane (the column kernels: one column per lane), the same constants as `new`.
+    #[inline(always)]
+    pub(crate) fn lanes(tops: &[V::Elem; MAX_LANES]) -> Self {
+        let (mut bias, mut floor) = ([V::Elem::ZERO; MAX_LANES], [V::Elem::ZERO; MAX_LANES]);
+        for l in 0..V::LANES {
+            (bias[l], floor[l]) = Self::constants(tops[l]);
+        }
+        unsafe {
+            ScaledExp {
+                bias: V::load(bias.as_ptr()),
+                floor: V::load(floor.as_ptr()),
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn constants(top: V::Elem) -> (V::Elem, V::Elem) {
+        let k = V::Elem::SUBNORMAL_STEP;
+        (
+            V::Elem::ROUND_MAGIC + V::Elem::BIAS + k - top,
+            (top - V::Elem::BIAS - k) / V::Elem::LOG2E,
+        )
     }
 
     #[inline(always)]
@@ -428,6 +460,158 @@ unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, te
         return Lse::new::<V::Elem>(s.max, rel);
     }
     with_rest_of::<V>(x, len, s, terms).lse::<V::Elem>()
+}
+
+/// [`refined_lse`] of a sum whose `top` and `rest` are both known (the column kernels sum `rest`
+/// in the same pass as `m`): the same choice of formula as the row path, so a row that is not
+/// dominated by its max (where `m - rest` would cancel) keeps ln(m) + (n ln 2 - max).
+pub(crate) fn refined_lse_known<T: Float>(s: ExpSum) -> Lse {
+    let rel = ExpSum {
+        rest: f64::NAN,
+        ..s
+    }
+    .ln_over_max();
+    if s.m / s.top - 1.0 >= REST_ROW && (s.max + rel).abs() >= 0.25 {
+        return Lse::new::<T>(s.max, rel);
+    }
+    s.lse::<T>()
+}
+
+/// Rows per block of [`column_exp_sums`]: a block is read twice (max, then sum) while in cache.
+/// Small, because the columns' rows are `stride` apart and a stride that is a multiple of 4 KiB
+/// maps every row to the same few cache sets: 64 rows of 64-byte lines stay in an 8-way L2 at any
+/// stride (a whole column would not, and each pass over it went to memory). Also the fold
+/// interval: 16 steps of 4 rows, each accumulator adding at most `FOLD` vectors.
+const COLUMN_BLOCK: usize = 4 * FOLD;
+
+/// One group of LANES columns in [`column_exp_sums`]: the running max and its exponent, and the
+/// sums so far, per lane.
+struct LaneSums<V: Vector> {
+    running: V,
+    maxes: [V::Elem; MAX_LANES],
+    tops: [V::Elem; MAX_LANES],
+    scaled: ScaledExp<V>,
+    m: [CompensatedSum; MAX_LANES],
+    rest: [CompensatedSum; MAX_LANES],
+}
+
+/// The exponent a lane's terms are scaled by for its running max: the max's own within the
+/// split limit (beyond it the column takes the exact path and its terms do not matter).
+#[inline(always)]
+fn column_top<T: Float>(mx: T) -> T {
+    let limit = T::SPLIT_LIMIT;
+    let c = if !(mx <= limit) {
+        limit
+    } else if mx < -limit {
+        -limit
+    } else {
+        mx
+    };
+    (c * T::LOG2E).round_even()
+}
+
+/// The statistics of `out.len()` adjacent columns (`len` elements `stride` apart, one per SIMD
+/// lane), equal to those [`sum_in_cache`] finds for a row (with REST also `top` and `rest`) but
+/// from one read of memory: each block of rows is read for its max, then for its terms
+/// exp(x) * 2^-N while in cache, N the exponent of the lane's running max, every group of
+/// columns in turn. Where a block raises N, the lane's sums so far are rescaled (exactly, by a
+/// power of two), and where it raises the max, everything so far is below the max (`rest` = `m`).
+/// None for a column that needs the exact path (NaN, +inf, |x| beyond the split limit, all
+/// -inf), where the row path's [`RowSum::usable`] is None.
+///
+/// # Safety
+/// `x` readable at `i * stride + c` for i < len, c < out.len().
+#[inline(always)]
+pub(crate) unsafe fn column_exp_sums<V: Vector, const REST: bool>(
+    x: *const V::Elem,
+    stride: usize,
+    len: usize,
+    out: &mut [Option<ExpSum>],
+) {
+    let cols = out.len();
+    let limit = V::Elem::SPLIT_LIMIT;
+    let zero = V::splat(V::Elem::ZERO);
+    let start = [column_top(V::Elem::NEG_INFINITY); MAX_LANES];
+    let mut groups: Vec<LaneSums<V>> = (0..cols.div_ceil(V::LANES))
+        .map(|_| LaneSums {
+            running: V::splat(V::Elem::NEG_INFINITY),
+            maxes: [V::Elem::NEG_INFINITY; MAX_LANES],
+            tops: start,
+            scaled: ScaledExp::<V>::lanes(&start),
+            m: [CompensatedSum::default(); MAX_LANES],
+            rest: [CompensatedSum::default(); MAX_LANES],
+        })
+        .collect();
+    let mut i = 0;
+    while i < len {
+        let rows = COLUMN_BLOCK.min(len - i);
+        for (g, st) in groups.iter_mut().enumerate() {
+            let n = V::LANES.min(cols - g * V::LANES);
+            let block = x.add(i * stride + g * V::LANES);
+            let next = st.running.max(column_max::<V>(block, stride, rows, n));
+            if V::mask_any(next.gt_or_nan(st.running)) {
+                // Rare after the first blocks: a lane's max rose.
+                let mut raised = [V::Elem::ZERO; MAX_LANES];
+                next.store(raised.as_mut_ptr());
+                for l in 0..n {
+                    if raised[l] > st.maxes[l] {
+                        let top = column_top(raised[l]);
+                        let k = pow2_nonpositive_f64(st.tops[l].to_f64() - top.to_f64());
+                        st.m[l].scale(k);
+                        st.rest[l] = st.m[l]; // everything before is below the new max
+                        (st.maxes[l], st.tops[l]) = (raised[l], top);
+                    }
+                }
+                st.running = next;
+                st.scaled = ScaledExp::<V>::lanes(&st.tops);
+            }
+            let (scaled, running) = (st.scaled, st.running);
+            let mut acc = [[zero; 2]; 4];
+            let mut r = 0;
+            while r < rows {
+                for (j, a) in acc.iter_mut().enumerate().take(rows - r) {
+                    let v = load_n::<V>(block.add((r + j) * stride), n);
+                    let t = scaled.apply(v);
+                    a[0] = a[0].add(t);
+                    if REST {
+                        a[1] = a[1].add(t.keep(v.lt(running)));
+                    }
+                }
+                r += 4;
+            }
+            let mut lanes = [V::Elem::ZERO; MAX_LANES];
+            for (k, sums) in [&mut st.m, &mut st.rest].into_iter().enumerate() {
+                if k == 1 && !REST {
+                    break;
+                }
+                let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+                s.store(lanes.as_mut_ptr());
+                for l in 0..n {
+                    sums[l].add(lanes[l].to_f64());
+                }
+            }
+        }
+        i += rows;
+    }
+    for (g, st) in groups.iter().enumerate() {
+        let mut top = [V::Elem::ZERO; MAX_LANES];
+        st.scaled.apply(st.running).store(top.as_mut_ptr());
+        for l in 0..V::LANES.min(cols - g * V::LANES) {
+            let (mx, sum) = (st.maxes[l], st.m[l].value());
+            out[g * V::LANES + l] = if !(mx <= limit) || mx < -limit || sum.is_nan() {
+                None
+            } else {
+                RowSum::Fast(ExpSum {
+                    m: sum,
+                    n: st.tops[l].to_f64(),
+                    max: mx.to_f64(),
+                    top: if REST { top[l].to_f64() } else { f64::NAN },
+                    rest: if REST { st.rest[l].value() } else { f64::NAN },
+                })
+                .usable::<V::Elem>()
+            };
+        }
+    }
 }
 
 /// `s` (the sum of x[..len]) with `top` and, where rest / top < `below`, `rest` computed.

@@ -202,6 +202,195 @@ pub(crate) fn row_sums<V: Vector, const K: usize>(
     total
 }
 
+/// Rows a column loop prefetches ahead: its rows are `stride` apart, too far for the hardware
+/// prefetchers to follow when the stride is a page or more.
+const COLUMN_PREFETCH: usize = 16;
+
+/// The lane-wise max over `len` rows of `n <= LANES` adjacent columns `stride` apart (lanes past
+/// `n` are anything). NaN may or may not survive `max`, as in `lse::max_pass`.
+///
+/// # Safety
+/// `x` readable at `i * stride + l` for i < len, l < n.
+#[inline(always)]
+pub(crate) unsafe fn column_max<V: Vector>(
+    x: *const V::Elem,
+    stride: usize,
+    len: usize,
+    n: usize,
+) -> V {
+    let mut mx = [V::splat(V::Elem::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 4 <= len {
+        for (j, acc) in mx.iter_mut().enumerate() {
+            V::prefetch(x.wrapping_add((i + j + COLUMN_PREFETCH) * stride));
+            *acc = acc.max(load_n::<V>(x.add((i + j) * stride), n));
+        }
+        i += 4;
+    }
+    while i < len {
+        mx[0] = mx[0].max(load_n::<V>(x.add(i * stride), n));
+        i += 1;
+    }
+    mx[0].max(mx[1]).max(mx[2].max(mx[3]))
+}
+
+/// Lane-wise sums over `0..len` of `K` terms per row: `term(i)` gives row i's terms for every
+/// lane (the column kernels: one column per lane). As [`row_sums`] by lanes: four accumulators
+/// (rows i mod 4), each adding at most `lse::FOLD` vectors in `Elem` before the four are folded
+/// into a compensated f64 sum per lane, so each term passes through as few `Elem` roundings as on
+/// the row path.
+#[inline(always)]
+pub(crate) fn lane_sums<V: Vector, const K: usize>(
+    len: usize,
+    term: impl Fn(usize) -> [V; K],
+) -> [[f64; MAX_LANES]; K] {
+    #[inline(always)]
+    fn fold<V: Vector, const K: usize>(
+        total: &mut [[CompensatedSum; MAX_LANES]; K],
+        acc: &mut [[V; K]; 4],
+    ) {
+        let mut lanes = [V::Elem::ZERO; MAX_LANES];
+        for k in 0..K {
+            let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+            unsafe { s.store(lanes.as_mut_ptr()) };
+            for l in 0..V::LANES {
+                total[k][l].add(lanes[l].to_f64());
+            }
+        }
+        *acc = [[V::splat(V::Elem::ZERO); K]; 4];
+    }
+    let zero = V::splat(V::Elem::ZERO);
+    let mut acc = [[zero; K]; 4];
+    let mut total = [[CompensatedSum::default(); MAX_LANES]; K];
+    let mut i = 0;
+    let mut steps = 0;
+    while i + 4 <= len {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let t = term(i + j);
+            for k in 0..K {
+                a[k] = a[k].add(t[k]);
+            }
+        }
+        i += 4;
+        steps += 1;
+        if steps == lse::FOLD {
+            fold::<V, K>(&mut total, &mut acc);
+            steps = 0;
+        }
+    }
+    while i < len {
+        let t = term(i);
+        for k in 0..K {
+            acc[0][k] = acc[0][k].add(t[k]);
+        }
+        i += 1;
+    }
+    fold::<V, K>(&mut total, &mut acc);
+    total.map(|t| t.map(|c| c.value()))
+}
+
+/// [`lane_sums`] of `cols` adjacent columns at once: `term(i, c, n)` gives row i's terms for
+/// the `n <= LANES` columns from c (a group). Blocks of `4 * lse::FOLD` rows, each read for every
+/// group in turn, so each row's lines of the columns are read together (64 bytes per row visit
+/// cost a TLB entry and a DRAM page each). The sums of column c go to `out[c]`.
+#[inline(always)]
+pub(crate) fn columns_lane_sums<V: Vector, const K: usize>(
+    len: usize,
+    out: &mut [[f64; K]],
+    term: impl Fn(usize, usize, usize) -> [V; K],
+) {
+    let cols = out.len();
+    let zero = V::splat(V::Elem::ZERO);
+    let mut totals = vec![[[CompensatedSum::default(); MAX_LANES]; K]; cols.div_ceil(V::LANES)];
+    let mut i = 0;
+    while i < len {
+        let rows = (4 * lse::FOLD).min(len - i);
+        for (g, total) in totals.iter_mut().enumerate() {
+            let (c, mut acc) = (g * V::LANES, [[zero; K]; 4]);
+            let n = V::LANES.min(cols - c);
+            let mut r = 0;
+            while r < rows {
+                for (j, a) in acc.iter_mut().enumerate().take(rows - r) {
+                    let t = term(i + r + j, c, n);
+                    for k in 0..K {
+                        a[k] = a[k].add(t[k]);
+                    }
+                }
+                r += 4;
+            }
+            let mut lanes = [V::Elem::ZERO; MAX_LANES];
+            for k in 0..K {
+                let s = acc[0][k].add(acc[1][k]).add(acc[2][k].add(acc[3][k]));
+                unsafe { s.store(lanes.as_mut_ptr()) };
+                for l in 0..n {
+                    total[k][l].add(lanes[l].to_f64());
+                }
+            }
+        }
+        i += rows;
+    }
+    for (c, o) in out.iter_mut().enumerate() {
+        let (g, l) = (c / V::LANES, c % V::LANES);
+        *o = std::array::from_fn(|k| totals[g][k][l].value());
+    }
+}
+
+/// The vector of `f(l)` for the lanes l < n, zero past them (per-column constants).
+#[inline(always)]
+pub(crate) fn lanes<V: Vector>(n: usize, f: impl Fn(usize) -> V::Elem) -> V {
+    let mut buf = [V::Elem::ZERO; MAX_LANES];
+    for (l, b) in buf[..n.min(V::LANES)].iter_mut().enumerate() {
+        *b = f(l);
+    }
+    unsafe { V::load(buf.as_ptr()) }
+}
+
+/// Rows [`map_columns`] writes of one group of columns before moving to the next group.
+const COLUMN_CHUNK: usize = 4;
+
+/// y = f(params[g], a, b) over `len` rows of `cols` adjacent columns `stride` apart, group g the
+/// columns [g LANES, (g + 1) LANES) (`b` unread when null: `f` gets zeros). A chunk of rows at a
+/// time across the groups, so each row's lines of the block are read and written together (64
+/// bytes per row per pass is too little per DRAM page and TLB entry). `y` may be `a` or `b`:
+/// each vector is read before it is written.
+///
+/// # Safety
+/// `a`, `b` (unless null) readable and `y` writable at `i * stride + c` for i < len, c < cols;
+/// `params` has a value per group.
+#[inline(always)]
+pub(crate) unsafe fn map_columns<V: Vector, P: Copy>(
+    a: *const V::Elem,
+    b: *const V::Elem,
+    y: *mut V::Elem,
+    (stride, len, cols): (usize, usize, usize),
+    params: &[P],
+    f: impl Fn(P, V, V) -> V,
+) {
+    let zero = V::splat(V::Elem::ZERO);
+    let mut r0 = 0;
+    while r0 < len {
+        let r1 = (r0 + COLUMN_CHUNK).min(len);
+        for (g, &p) in params.iter().enumerate() {
+            let c = g * V::LANES;
+            let n = V::LANES.min(cols - c);
+            for i in r0..r1 {
+                let at = i * stride + c;
+                // The output too: a store that misses waits for its line, and the rows are too
+                // far apart for the hardware to fetch ahead.
+                V::prefetch(a.wrapping_add(at + COLUMN_PREFETCH * stride));
+                V::prefetch(y.wrapping_add(at + COLUMN_PREFETCH * stride));
+                let vb = if b.is_null() {
+                    zero
+                } else {
+                    load_n::<V>(b.add(at), n)
+                };
+                store_n(f(p, load_n::<V>(a.add(at), n), vb), y.add(at), n);
+            }
+        }
+        r0 = r1;
+    }
+}
+
 /// Applies `f` to each full vector and the partial tail of x[..len], writing y.
 #[inline(always)]
 pub(crate) unsafe fn map_elements<V: Vector>(

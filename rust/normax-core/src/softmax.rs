@@ -3,11 +3,14 @@
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
 use crate::lse::{
-    exact_stats, refined_lse, row_sum, sum_in_cache, sum_two_pass, Algorithm, ExpSum, Lse, RowSum,
-    ScaledExp,
+    column_exp_sums, exact_stats, refined_lse, refined_lse_known, row_sum, sum_in_cache,
+    sum_two_pass, Algorithm, ExpSum, Lse, RowSum, ScaledExp,
 };
-use crate::rows::{dot, map_elements, map_elements2, map_elements_to, scratch_row, Store};
-use crate::simd::{exp, Vector};
+use crate::rows::{
+    columns_lane_sums, dot, lanes, load_n, map_columns, map_elements, map_elements2,
+    map_elements_to, scratch_row, Store,
+};
+use crate::simd::{exp, Vector, MAX_LANES};
 use crate::Error;
 
 /// y = exp(x) / sum, from the row's sum = m * 2^n: each term exp(x) * 2^-n / m.
@@ -170,6 +173,88 @@ impl<T: Float, const LOG: bool> RowMap<T> for Softmax<LOG> {
             }
         }
     }
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        stride: usize,
+        len: usize,
+        stats: &mut [Option<RowSum>],
+    ) {
+        let mut sums = vec![None; stats.len()];
+        column_exp_sums::<V, LOG>(x, stride, len, &mut sums);
+        for (st, s) in stats.iter_mut().zip(sums) {
+            *st = s.map(RowSum::Fast);
+        }
+    }
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        y: *mut T,
+        stride: usize,
+        len: usize,
+        stats: &[Option<RowSum>],
+    ) {
+        let cols = stats.len();
+        let sum = |c: usize| match stats.get(c) {
+            Some(Some(RowSum::Fast(s))) => Some(*s),
+            _ => None,
+        };
+        let groups = (0..cols.div_ceil(V::LANES)).map(|g| g * V::LANES);
+        let null = std::ptr::null();
+        if LOG {
+            // As the row path's refined_lse: y = (x - hi) - lo per column.
+            let params: Vec<(V, V)> = groups
+                .map(|c0| {
+                    let mut lse = [Lse { hi: 0.0, lo: 0.0 }; MAX_LANES];
+                    for (l, v) in lse.iter_mut().enumerate() {
+                        if let Some(s) = sum(c0 + l) {
+                            *v = refined_lse_known::<T>(s);
+                        }
+                    }
+                    (
+                        lanes::<V>(V::LANES, |l| T::from_f64(lse[l].hi)),
+                        lanes::<V>(V::LANES, |l| T::from_f64(lse[l].lo)),
+                    )
+                })
+                .collect();
+            map_columns::<V, (V, V)>(
+                x,
+                null,
+                y,
+                (stride, len, cols),
+                &params,
+                #[inline(always)]
+                |(hi, lo), v, _| v.sub(hi).sub(lo),
+            );
+        } else {
+            // As write_softmax: each term exp(x) * 2^-N times 1 / m.
+            let params: Vec<(ScaledExp<V>, V)> = groups
+                .map(|c0| {
+                    let mut tops = [T::ZERO; MAX_LANES];
+                    for (l, t) in tops.iter_mut().enumerate() {
+                        *t = sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(s.n));
+                    }
+                    let inv = lanes::<V>(V::LANES, |l| {
+                        sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(1.0 / s.m))
+                    });
+                    (ScaledExp::<V>::lanes(&tops), inv)
+                })
+                .collect();
+            map_columns::<V, (ScaledExp<V>, V)>(
+                x,
+                null,
+                y,
+                (stride, len, cols),
+                &params,
+                #[inline(always)]
+                |(scaled, inv), v, _| scaled.apply(v).mul(inv),
+            );
+        }
+    }
 }
 
 struct LogSumExp(Algorithm);
@@ -200,6 +285,24 @@ impl<T: Float> RowReduce<T> for LogSumExp {
     }
     fn finish(s: RowSum) -> Option<(T, T)> {
         s.usable::<T>().map(|s| (T::from_f64(s.ln()), T::ONE))
+    }
+    #[inline(always)]
+    unsafe fn column_values<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        stride: usize,
+        len: usize,
+        out: &mut [Option<(T, T)>],
+    ) {
+        let mut sums = vec![None; out.len()];
+        column_exp_sums::<V, true>(x, stride, len, &mut sums);
+        for (o, s) in out.iter_mut().zip(sums) {
+            *o = s.map(|s| {
+                let lse = refined_lse_known::<T>(s).value();
+                (T::from_f64(lse), sign_of_lse(lse))
+            });
+        }
     }
 }
 
@@ -343,6 +446,71 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
     }
     fn splittable(_: &f64) -> bool {
         true
+    }
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        y: *const T,
+        dy: *const T,
+        stride: usize,
+        len: usize,
+        stats: &mut [Option<f64>],
+    ) {
+        // As chunk_stat: sum(dy) (LOG) or sum(y * dy) per column.
+        let mut sums = vec![[0.0]; stats.len()];
+        columns_lane_sums::<V, 1>(
+            len,
+            &mut sums,
+            #[inline(always)]
+            |i, c, n| {
+                let d = load_n::<V>(dy.add(i * stride + c), n);
+                [if LOG {
+                    d
+                } else {
+                    load_n::<V>(y.add(i * stride + c), n).mul(d)
+                }]
+            },
+        );
+        for (st, [s]) in stats.iter_mut().zip(sums) {
+            *st = Some(s);
+        }
+    }
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        y: *const T,
+        dy: *const T,
+        dx: *mut T,
+        stride: usize,
+        len: usize,
+        stats: &[Option<f64>],
+    ) {
+        let params: Vec<V> = stats
+            .chunks(V::LANES)
+            .map(|st| lanes::<V>(st.len(), |l| T::from_f64(st[l].unwrap_or(0.0))))
+            .collect();
+        let shape = (stride, len, stats.len());
+        if LOG {
+            map_columns::<V, V>(
+                y,
+                dy,
+                dx,
+                shape,
+                &params,
+                #[inline(always)]
+                |s, y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
+            );
+        } else {
+            map_columns::<V, V>(
+                y,
+                dy,
+                dx,
+                shape,
+                &params,
+                #[inline(always)]
+                |s, y, dy| y.mul(dy.sub(s)),
+            );
+        }
     }
     #[inline(always)]
     unsafe fn chunk_write<V: Vector<Elem = T>>(

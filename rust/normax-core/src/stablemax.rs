@@ -10,8 +10,11 @@
 use crate::driver::{self, Layout, RowMap};
 use crate::float::Float;
 use crate::lse::max_pass;
-use crate::rows::{map_elements_to, row_sums, Store};
-use crate::simd::Vector;
+use crate::rows::{
+    column_max, columns_lane_sums, lane_sums, lanes, load_n, map_columns, map_elements_to,
+    row_sums, Store,
+};
+use crate::simd::{Vector, MAX_LANES};
 use crate::softmax::{check_io, output_store};
 use crate::Error;
 
@@ -87,6 +90,42 @@ impl Sums {
             below,
             max: mx.to_f64(),
         }
+    }
+
+    /// [`Sums::of`] with the log for `n <= LANES` adjacent columns `stride` apart, one per lane.
+    #[inline(always)]
+    unsafe fn of_columns<V: Vector>(
+        x: *const V::Elem,
+        stride: usize,
+        len: usize,
+        n: usize,
+    ) -> [Sums; MAX_LANES] {
+        let empty = Sums {
+            total: f64::NAN,
+            below: f64::NAN,
+            max: f64::NAN,
+        };
+        let mut out = [empty; MAX_LANES];
+        let mx = column_max::<V>(x, stride, len, n);
+        let [total, below] = lane_sums::<V, 2>(
+            len,
+            #[inline(always)]
+            |i| {
+                let v = load_n::<V>(x.add(i * stride), n);
+                let s = s_of(v);
+                [s, s.keep(v.lt(mx))]
+            },
+        );
+        let mut maxes = [V::Elem::ZERO; MAX_LANES];
+        mx.store(maxes.as_mut_ptr());
+        for l in 0..n {
+            out[l] = Sums {
+                total: total[l],
+                below: below[l],
+                max: maxes[l].to_f64(),
+            };
+        }
+        out
     }
 
     /// The f64 sums of a row the vector sums cannot serve (an f32 partial sum overflowed).
@@ -166,10 +205,18 @@ unsafe fn write_stablemax<V: Vector>(
 }
 
 /// y = log s(x) - log(total), in f64 per element; the max's own entry (and its ties') as
-/// -log1p(rest / s(max)), rest the sum of the others.
-unsafe fn write_log_stablemax<T: Float>(x: *const T, y: *mut T, len: usize, s: Sums) {
+/// -log1p(rest / s(max)), rest the sum of the others. Elements `stride` apart (a column).
+unsafe fn write_log_stablemax<T: Float>(
+    x: *const T,
+    y: *mut T,
+    len: usize,
+    stride: usize,
+    s: Sums,
+) {
     if !s.usable() {
-        crate::rows::fill(y, len, T::NAN);
+        for i in 0..len {
+            *y.add(i * stride) = T::NAN;
+        }
         return;
     }
     let ln_total = s.total.ln();
@@ -179,8 +226,8 @@ unsafe fn write_log_stablemax<T: Float>(x: *const T, y: *mut T, len: usize, s: S
     // 0 - log1p: a lone element gives +0, as log_softmax does.
     let top = 0.0 - ((s.below + (ties - 1.0) * s_max) / s_max).ln_1p();
     for i in 0..len {
-        let v = (*x.add(i)).to_f64();
-        *y.add(i) = T::from_f64(if v == s.max {
+        let v = (*x.add(i * stride)).to_f64();
+        *y.add(i * stride) = T::from_f64(if v == s.max {
             top
         } else {
             ln_s64(v) - ln_total
@@ -195,7 +242,7 @@ impl<const LOG: bool> StableMax<LOG> {
     #[inline(always)]
     unsafe fn write<V: Vector>(&self, x: *const V::Elem, y: *mut V::Elem, len: usize, s: Sums) {
         if LOG {
-            write_log_stablemax(x, y, len, s)
+            write_log_stablemax(x, y, len, 1, s)
         } else {
             write_stablemax::<V>(x, y, len, s, self.0)
         }
@@ -235,6 +282,80 @@ impl<T: Float, const LOG: bool> RowMap<T> for StableMax<LOG> {
         s: Sums,
     ) {
         self.write::<V>(x, y, len, s)
+    }
+    #[inline(always)]
+    unsafe fn column_stats<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        stride: usize,
+        len: usize,
+        stats: &mut [Option<Sums>],
+    ) {
+        // The row kernel redoes the columns it would redo in f64 (a sum that is not finite), and,
+        // without the log, those whose sum needs a division (see `write_stablemax`).
+        if !LOG {
+            let mut totals = vec![[0.0]; stats.len()];
+            columns_lane_sums::<V, 1>(
+                len,
+                &mut totals,
+                #[inline(always)]
+                |i, c, n| [s_of(load_n::<V>(x.add(i * stride + c), n))],
+            );
+            for (st, [total]) in stats.iter_mut().zip(totals) {
+                *st = (total.is_finite() && total < (2.0f64).powi(100)).then_some(Sums {
+                    total,
+                    below: f64::NAN,
+                    max: f64::NAN,
+                });
+            }
+            return;
+        }
+        for (g, st) in stats.chunks_mut(V::LANES).enumerate() {
+            let sums = Sums::of_columns::<V>(x.add(g * V::LANES), stride, len, st.len());
+            for (v, s) in st.iter_mut().zip(sums) {
+                let fast = s.total.is_finite() && (LOG || s.total < (2.0f64).powi(100));
+                *v = fast.then_some(s);
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn column_write<V: Vector<Elem = T>>(
+        &self,
+        x: *const T,
+        _: *const T,
+        y: *mut T,
+        stride: usize,
+        len: usize,
+        stats: &[Option<Sums>],
+    ) {
+        if LOG {
+            for (c, s) in stats.iter().enumerate() {
+                if let Some(s) = *s {
+                    write_log_stablemax(x.add(c), y.add(c), len, stride, s);
+                }
+            }
+            return;
+        }
+        // As write_stablemax: s(x) times 1 / total (NaN for a column without a result).
+        let params: Vec<V> = stats
+            .chunks(V::LANES)
+            .map(|st| {
+                lanes::<V>(st.len(), |l| match st[l] {
+                    Some(s) if s.usable() => T::from_f64(1.0 / s.total),
+                    _ => T::NAN,
+                })
+            })
+            .collect();
+        map_columns::<V, V>(
+            x,
+            std::ptr::null(),
+            y,
+            (stride, len, stats.len()),
+            &params,
+            #[inline(always)]
+            |inv, v, _| s_of(v).mul(inv),
+        );
     }
 }
 

@@ -139,50 +139,7 @@ fn special_values() {
     });
 }
 
-#[test]
-fn strided_layout_matches_rows() {
-    // (outer, len, inner) = (2, 37, 5): compare against the same data transposed to rows.
-    let (outer, len, inner) = (2, 37, 5);
-    let mut rng = Rng(3);
-    let x = rng.vec_f32(outer * len * inner, 3.0);
-    let mut rows = vec![0f32; x.len()];
-    for o in 0..outer {
-        for i in 0..len {
-            for j in 0..inner {
-                rows[(o * inner + j) * len + i] = x[(o * len + i) * inner + j];
-            }
-        }
-    }
-    each_isa(|isa| {
-        let mut y = vec![0f32; x.len()];
-        let mut yr = vec![0f32; x.len()];
-        softmax(&x, &mut y, Layout { outer, len, inner }).unwrap();
-        softmax(&rows, &mut yr, Layout::rows(outer * inner, len)).unwrap();
-        let mut lse = vec![0f32; outer * inner];
-        let mut lser = vec![0f32; outer * inner];
-        logsumexp(&x, None, &mut lse, None, Layout { outer, len, inner }).unwrap();
-        logsumexp(
-            &rows,
-            None,
-            &mut lser,
-            None,
-            Layout::rows(outer * inner, len),
-        )
-        .unwrap();
-        assert_eq!(lse, lser, "{isa:?}");
-        for o in 0..outer {
-            for i in 0..len {
-                for j in 0..inner {
-                    assert_eq!(
-                        y[(o * len + i) * inner + j],
-                        yr[(o * inner + j) * len + i],
-                        "{isa:?}"
-                    );
-                }
-            }
-        }
-    });
-}
+// Strided layouts (the column kernels): tests/columns.rs.
 
 #[test]
 fn long_row_split_is_exact_and_thread_independent() {
