@@ -27,9 +27,13 @@ DELAY = 0.15  # seconds from the call's start to SIGINT
 LATENCY = 0.25
 
 CHILD = """
-import json, sys, time
+import json, signal, sys, time
 import numpy as np
 import normax
+
+# Python's own Ctrl-C handler, as in an interactive session: a child started from a background job
+# inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 op, rows, cols = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
