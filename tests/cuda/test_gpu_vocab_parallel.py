@@ -8,17 +8,12 @@ two GPUs or more, else 1) against the single-process cross-entropy on the whole 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import normax
 import numpy as np
 import pytest
+import ranks
 import torch
 from accuracy import assert_close_to_scale
 from normax import _core
@@ -139,38 +134,9 @@ def test_shard_kernels_match_the_cpu(dtype, rows, v, split, opts):
         assert_close_to_scale(got.float(), want, 2e-5 if dtype == torch.float32 else 1e-2, floor=1e-30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vocab_parallel_over_nccl(tmp_path):
     world = 2 if torch.cuda.device_count() >= 2 else 1
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(normax.__file__).parent.parent), env.get("PYTHONPATH", "")])
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), str(port), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=180)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"world {world}: the NCCL ranks did not finish within 180 s (a hang)")
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{out[-4000:]}"
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    results = ranks.spawn(WORKER, world, tmp_path, 180)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures[:40])
     assert len(results[0]["losses"]) >= 8

@@ -6,54 +6,17 @@ group, to keep CI time down); a hard timeout kills them, so a hang fails the tes
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import normax
 import pytest
+import ranks
 
 WORKER = Path(__file__).with_name("_worker.py")
 TIMEOUT_S = 150
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world: int, outdir: Path) -> list[dict]:
-    env = dict(os.environ)
-    # The workers import this checkout's normax, whatever the parent's working directory.
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(normax.__file__).parent.parent), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["NORMAX_NUM_THREADS"] = "1"
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), str(port), str(outdir)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"world {world}: the ranks did not finish within {TIMEOUT_S} s (a hang)")
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{out[-4000:]}"
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(world)]
+    return ranks.spawn(WORKER, world, outdir, TIMEOUT_S, OMP_NUM_THREADS="1", NORMAX_NUM_THREADS="1")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
