@@ -114,6 +114,30 @@ def test_route_choices():
     assert seen == [_op.DISPATCHER]
 
 
+def _which(x: torch.Tensor) -> torch.Tensor:
+    return "decorated"
+
+
+def test_direct_route_picks_the_kernel_the_dispatcher_would():
+    """A device's registered kernel, else the decorated implementation (torch runs that on every
+    device without one): scale_grad, plain torch with no CUDA kernel, raised KeyError: 'cuda' on
+    the direct route of a GPU linear cross-entropy's backward."""
+
+    class OnCuda:
+        is_cuda = True
+
+    class OnCpu:
+        is_cuda = False
+
+    both = _op.Op("normax_test::kernel_choice_both", _which)
+    both.register_kernel("cuda")(lambda x: "cuda")
+    decorated_only = _op.Op("normax_test::kernel_choice_decorated", _which)
+    assert both._kernel(OnCuda()) == "cuda" and both._kernel(OnCpu()) == "decorated"
+    assert decorated_only._kernel(OnCuda()) == "decorated"
+    assert decorated_only._kernel(OnCpu()) == "decorated"
+    assert "cuda" not in _cross_entropy._scale_grad_op._kernels  # the case that failed on the GPU
+
+
 def test_dispatcher_route_still_serves_meta_and_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

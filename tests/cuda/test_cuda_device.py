@@ -102,6 +102,12 @@ def test_capsules_are_checked_before_any_cuda_call():
     with pytest.raises((RuntimeError, ValueError)) as info:
         _core.cuda_softmax(capsule((1, 3), strides=(7, 1)), capsule((1, 3)), 1, 3, False, 0, 0)
     assert "contiguous" not in str(info.value)
+    # So may every axis of an empty array: torch's x[:, 0:0].contiguous() keeps x's strides.
+    # (Nothing to compute, so the call may return without reaching the driver.)
+    try:
+        _core.cuda_softmax(capsule((5, 0), strides=(16, 1)), capsule((5, 0)), 5, 0, False, 0, 0)
+    except (RuntimeError, ValueError) as e:
+        assert "contiguous" not in str(e)
 
 
 @pytest.mark.skipif(cuda.available(), reason="checks the error of a machine without a CUDA driver")

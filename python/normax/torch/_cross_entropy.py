@@ -32,14 +32,17 @@ def _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -
 
 
 @torch.compiler.assume_constant_result
-def _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeOptions:
+def _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> tuple:
     # Python scalars in, a constant out: torch.compile runs the NumPy API's checks once while
     # tracing instead of tracing into them, and an eager training loop checks its (unchanging)
-    # options once.
+    # options once. A plain tuple, not the CeOptions NamedTuple: torch 2.11's dynamo cannot
+    # unpack a NamedTuple constant (it guards on a constant source and fails the fullgraph
+    # compile), while a tuple of literals is a constant it unpacks natively.
     try:
-        return _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+        opts = _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     except TypeError:  # unhashable arguments: checked uncached (and most likely refused)
-        return ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+        opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return tuple(opts)
 
 
 def _cpu_rows(input, target, weight, axis, opts: CeOptions, with_grad: bool):
@@ -352,15 +355,16 @@ def cross_entropy(
         return vocab_parallel
     opts = _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if stablemax:
-        phi = stablemax_logits(input, opts.softcap)
+        ignore_index, reduction, label_smoothing, z_loss, softcap = opts
+        phi = stablemax_logits(input, softcap)
         loss = cross_entropy(
             phi,
             target,
             weight,
-            ignore_index=opts.ignore_index,
-            reduction=opts.reduction,
-            label_smoothing=opts.label_smoothing,
-            z_loss=opts.z_loss,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
         )
         return loss.to(input.dtype)
     axis = 1 if input.ndim >= 2 else 0

@@ -60,7 +60,10 @@ class Op:
     def __init__(self, name: str, cpu):
         self.name = name
         self.custom_op = torch.library.custom_op(name, mutates_args=())(cpu)
-        self._kernels = {"cpu": cpu}
+        # As the custom op's: the decorated function runs on every device without a kernel of
+        # its own (a plain torch implementation such as scale_grad serves CUDA too).
+        self._default = cpu
+        self._kernels = {}
         self._function = None
 
     def register_fake(self, fn):
@@ -100,7 +103,7 @@ class Op:
 
     def _kernel(self, *args):
         # Every op's first argument is a tensor on the device it runs on.
-        return self._kernels["cuda" if args[0].is_cuda else "cpu"](*args)
+        return self._kernels.get("cuda" if args[0].is_cuda else "cpu", self._default)(*args)
 
     def __call__(self, *args):
         how = route(args)

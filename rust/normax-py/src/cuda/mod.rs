@@ -113,8 +113,9 @@ fn dlpack(obj: &Bound<'_, PyAny>, name: &str, device: i32) -> PyResult<Capsule> 
             .checked_mul(d)
             .ok_or_else(|| PyValueError::new_err(format!("{name}: too many elements")))?;
     }
-    if let Some(strides) = strides {
-        // C-contiguous: each stride is the product of the later extents (size-1 axes are free).
+    if let (Some(strides), true) = (strides, len > 0) {
+        // C-contiguous: each stride is the product of the later extents (size-1 axes are free,
+        // and so is every stride of an empty array, as torch and NumPy treat them).
         let mut expect = 1i64;
         for (&d, &s) in shape.iter().zip(strides).rev() {
             if d != 1 && s != expect {
