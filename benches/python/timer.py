@@ -77,14 +77,35 @@ class Timing(NamedTuple):
     runs: int
 
 
-# A run of a fast call is a batch of calls lasting at least this long, so one wake-up of a sleeping
-# thread pool (torch's, after the other library's run) is a small part of it, not the result.
-MIN_BATCH_S = 2e-3
+# A run of a fast call is a batch of calls lasting at least this long, so what the first call of a
+# run pays (waking a sleeping thread pool, reloading data another contender evicted from cache) is
+# a small part of it, not the result: back-to-back calls, as in a training loop.
+MIN_BATCH_S = 20e-3
+
+
+# After a run, a library's thread pool may keep spinning: torch's OpenMP workers burn about 10 ms
+# of CPU after each parallel region, XLA's pool some too. On a 2-core machine that is a core taken
+# from whichever contender runs next (normax's fwd+bwd at 4096x1024 took 2x as long right after a
+# torch call as alone). So each run starts once the process has stopped using CPU for a slice.
+SETTLE_SLICE_S = 2e-3
+SETTLE_MAX_S = 0.05
+
+
+def settle() -> None:
+    """Sleep until no thread of this process used more than a tenth of a slice of CPU during one
+    ``SETTLE_SLICE_S`` sleep (at most ``SETTLE_MAX_S``): every contender starts from idle pools."""
+    deadline = time.perf_counter() + SETTLE_MAX_S
+    while time.perf_counter() < deadline:
+        used = time.process_time()
+        time.sleep(SETTLE_SLICE_S)
+        if time.process_time() - used < 0.1 * SETTLE_SLICE_S:
+            return
 
 
 def compare(fns: dict, budget_s=0.5, min_runs=5, max_runs=50, *, warmup=1, setup=None) -> dict:
     """``{name: Timing}`` of every contender in `fns`, timed in interleaved runs (A, B, C, A, B, C,
-    ...) so a busy moment of a shared machine falls on all of them alike.
+    ...) so a busy moment of a shared machine falls on all of them alike, each run started after
+    :func:`settle` so that no contender's spinning pool slows the next one's run.
 
     Calls under ``MIN_BATCH_S`` are timed in batches. `budget_s` is per contender; `setup()`, if
     given, runs untimed before every call (and every run is then one call).
@@ -110,6 +131,7 @@ def compare(fns: dict, budget_s=0.5, min_runs=5, max_runs=50, *, warmup=1, setup
         for name, fn in fns.items():
             if setup is not None:
                 setup()
+            settle()
             times[name].append(wall_clock(fn, calls[name]) / calls[name])
     result = {}
     for name, ts in times.items():

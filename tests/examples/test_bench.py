@@ -14,7 +14,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benches" / "python"
 sys.path.insert(0, str(BENCH))
 bench = pytest.importorskip("bench")  # imports the suites (torch and JAX where installed)
 from report import Case, Table, plot
-from timer import Timing, compare
+from timer import SETTLE_MAX_S, Timing, compare, settle
 
 
 def _line_ok(line):
@@ -29,6 +29,30 @@ def test_compare_interleaves_and_reports_spread():
     # After the warm-up and batch-sizing calls, runs alternate: a batch of a, then a batch of b.
     tail = order[order.index("b") :]
     assert "a" in tail[tail.index("b") :]
+
+
+def test_settle_waits_for_a_spinning_thread_to_stop():
+    """A contender's pool that spins on after its call (torch's OpenMP workers do, for about 10 ms)
+    must not run into the next contender's timed run: settle() returns only once it stopped."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+        done.set()
+
+    worker = threading.Thread(target=spin, args=(0.6 * SETTLE_MAX_S,))
+    worker.start()
+    settle()
+    assert done.is_set()
+    worker.join()
+    start = time.perf_counter()
+    settle()  # nothing spinning: one slice
+    assert time.perf_counter() - start < 0.5 * SETTLE_MAX_S
 
 
 @pytest.mark.parametrize("module", list(bench.SUITES.values()), ids=list(bench.SUITES))
