@@ -348,47 +348,80 @@ pub(crate) fn lanes<V: Vector>(n: usize, f: impl Fn(usize) -> V::Elem) -> V {
 /// Rows [`map_columns`] writes of one group of columns before moving to the next group.
 const COLUMN_CHUNK: usize = 4;
 
-/// y = f(params[g], a, b) over `len` rows of `cols` adjacent columns `stride` apart, group g the
-/// columns [g LANES, (g + 1) LANES) (`b` unread when null: `f` gets zeros). A chunk of rows at a
-/// time across the groups, so each row's lines of the block are read and written together (64
-/// bytes per row per pass is too little per DRAM page and TLB entry). `y` may be `a` or `b`:
-/// each vector is read before it is written.
+/// y = f(param(c), a, b) over `len` rows of `cols` adjacent columns `stride` apart, a group of up
+/// to LANES columns at a time, `param(c)` the constants of the group whose lane l is column c + l
+/// (`b` unread when null: `f` gets zeros). A chunk of rows at a time across the groups, so each
+/// row's lines of the block are read and written together (64 bytes per row per pass is too
+/// little per DRAM page and TLB entry). `y` may be `a` or `b`: each vector is read before it is
+/// written.
+///
+/// Outputs too large to stay cached (`Store::for_output` of the rows written) get streaming
+/// stores, which spare the read of each output line a plain store makes: the groups then start
+/// where y's vectors are aligned (the columns before it are a group of their own, stored plainly),
+/// so every full group writes whole lines. The values are the same either way.
 ///
 /// # Safety
-/// `a`, `b` (unless null) readable and `y` writable at `i * stride + c` for i < len, c < cols;
-/// `params` has a value per group.
+/// `a`, `b` (unless null) readable and `y` writable at `i * stride + c` for i < len, c < cols.
 #[inline(always)]
 pub(crate) unsafe fn map_columns<V: Vector, P: Copy>(
     a: *const V::Elem,
     b: *const V::Elem,
     y: *mut V::Elem,
     (stride, len, cols): (usize, usize, usize),
-    params: &[P],
+    param: impl Fn(usize) -> P,
     f: impl Fn(P, V, V) -> V,
 ) {
+    let wanted = Store::for_output::<V::Elem>(len.saturating_mul(stride));
+    // Every row's group starts equally aligned only if the stride is a whole number of vectors.
+    let (head, store) = if stride % V::LANES == 0 {
+        wanted.row::<V>(y)
+    } else {
+        (0, Store::Plain)
+    };
+    let head = head.min(cols);
+    let starts: Vec<usize> = (head > 0)
+        .then_some(0)
+        .into_iter()
+        .chain((head..cols).step_by(V::LANES))
+        .collect();
+    let groups: Vec<(usize, usize, P)> = starts
+        .iter()
+        .enumerate()
+        .map(|(g, &c)| {
+            let end = starts.get(g + 1).copied().unwrap_or(cols);
+            (c, end - c, param(c))
+        })
+        .collect();
     let zero = V::splat(V::Elem::ZERO);
     let mut r0 = 0;
     while r0 < len {
         let r1 = (r0 + COLUMN_CHUNK).min(len);
-        for (g, &p) in params.iter().enumerate() {
-            let c = g * V::LANES;
-            let n = V::LANES.min(cols - c);
+        for &(c, n, p) in &groups {
+            let stream = store == Store::Stream && c >= head && n == V::LANES;
             for i in r0..r1 {
                 let at = i * stride + c;
-                // The output too: a store that misses waits for its line, and the rows are too
-                // far apart for the hardware to fetch ahead.
+                // The output too (unless streamed): a store that misses waits for its line, and
+                // the rows are too far apart for the hardware to fetch ahead.
                 V::prefetch(a.wrapping_add(at + COLUMN_PREFETCH * stride));
-                V::prefetch(y.wrapping_add(at + COLUMN_PREFETCH * stride));
+                if !stream {
+                    V::prefetch(y.wrapping_add(at + COLUMN_PREFETCH * stride));
+                }
                 let vb = if b.is_null() {
                     zero
                 } else {
                     load_n::<V>(b.add(at), n)
                 };
-                store_n(f(p, load_n::<V>(a.add(at), n), vb), y.add(at), n);
+                let v = f(p, load_n::<V>(a.add(at), n), vb);
+                if stream {
+                    v.store_stream(y.add(at));
+                } else {
+                    store_n(v, y.add(at), n);
+                }
             }
         }
         r0 = r1;
     }
+    store.finish::<V>();
 }
 
 /// Applies `f` to each full vector and the partial tail of x[..len], writing y.

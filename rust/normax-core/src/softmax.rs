@@ -203,53 +203,48 @@ impl<T: Float, const LOG: bool> RowMap<T> for Softmax<LOG> {
             Some(Some(RowSum::Fast(s))) => Some(*s),
             _ => None,
         };
-        let groups = (0..cols.div_ceil(V::LANES)).map(|g| g * V::LANES);
         let null = std::ptr::null();
         if LOG {
             // As the row path's refined_lse: y = (x - hi) - lo per column.
-            let params: Vec<(V, V)> = groups
-                .map(|c0| {
-                    let mut lse = [Lse { hi: 0.0, lo: 0.0 }; MAX_LANES];
-                    for (l, v) in lse.iter_mut().enumerate() {
-                        if let Some(s) = sum(c0 + l) {
-                            *v = refined_lse_known::<T>(s);
-                        }
+            let params = |c0: usize| {
+                let mut lse = [Lse { hi: 0.0, lo: 0.0 }; MAX_LANES];
+                for (l, v) in lse.iter_mut().enumerate() {
+                    if let Some(s) = sum(c0 + l) {
+                        *v = refined_lse_known::<T>(s);
                     }
-                    (
-                        lanes::<V>(V::LANES, |l| T::from_f64(lse[l].hi)),
-                        lanes::<V>(V::LANES, |l| T::from_f64(lse[l].lo)),
-                    )
-                })
-                .collect();
+                }
+                (
+                    lanes::<V>(V::LANES, |l| T::from_f64(lse[l].hi)),
+                    lanes::<V>(V::LANES, |l| T::from_f64(lse[l].lo)),
+                )
+            };
             map_columns::<V, (V, V)>(
                 x,
                 null,
                 y,
                 (stride, len, cols),
-                &params,
+                params,
                 #[inline(always)]
                 |(hi, lo), v, _| v.sub(hi).sub(lo),
             );
         } else {
             // As write_softmax: each term exp(x) * 2^-N times 1 / m.
-            let params: Vec<(ScaledExp<V>, V)> = groups
-                .map(|c0| {
-                    let mut tops = [T::ZERO; MAX_LANES];
-                    for (l, t) in tops.iter_mut().enumerate() {
-                        *t = sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(s.n));
-                    }
-                    let inv = lanes::<V>(V::LANES, |l| {
-                        sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(1.0 / s.m))
-                    });
-                    (ScaledExp::<V>::lanes(&tops), inv)
-                })
-                .collect();
+            let params = |c0: usize| {
+                let mut tops = [T::ZERO; MAX_LANES];
+                for (l, t) in tops.iter_mut().enumerate() {
+                    *t = sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(s.n));
+                }
+                let inv = lanes::<V>(V::LANES, |l| {
+                    sum(c0 + l).map_or(T::ZERO, |s| T::from_f64(1.0 / s.m))
+                });
+                (ScaledExp::<V>::lanes(&tops), inv)
+            };
             map_columns::<V, (ScaledExp<V>, V)>(
                 x,
                 null,
                 y,
                 (stride, len, cols),
-                &params,
+                params,
                 #[inline(always)]
                 |(scaled, inv), v, _| scaled.apply(v).mul(inv),
             );
@@ -485,10 +480,11 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
         len: usize,
         stats: &[Option<f64>],
     ) {
-        let params: Vec<V> = stats
-            .chunks(V::LANES)
-            .map(|st| lanes::<V>(st.len(), |l| T::from_f64(st[l].unwrap_or(0.0))))
-            .collect();
+        let params = |c0: usize| {
+            lanes::<V>(V::LANES, |l| {
+                T::from_f64(stats.get(c0 + l).copied().flatten().unwrap_or(0.0))
+            })
+        };
         let shape = (stride, len, stats.len());
         if LOG {
             map_columns::<V, V>(
@@ -496,7 +492,7 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
                 dy,
                 dx,
                 shape,
-                &params,
+                params,
                 #[inline(always)]
                 |s, y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
             );
@@ -506,7 +502,7 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
                 dy,
                 dx,
                 shape,
-                &params,
+                params,
                 #[inline(always)]
                 |s, y, dy| y.mul(dy.sub(s)),
             );

@@ -338,21 +338,18 @@ impl<T: Float, const LOG: bool> RowMap<T> for StableMax<LOG> {
             return;
         }
         // As write_stablemax: s(x) times 1 / total (NaN for a column without a result).
-        let params: Vec<V> = stats
-            .chunks(V::LANES)
-            .map(|st| {
-                lanes::<V>(st.len(), |l| match st[l] {
-                    Some(s) if s.usable() => T::from_f64(1.0 / s.total),
-                    _ => T::NAN,
-                })
+        let params = |c0: usize| {
+            lanes::<V>(V::LANES, |l| match stats.get(c0 + l) {
+                Some(Some(s)) if s.usable() => T::from_f64(1.0 / s.total),
+                _ => T::NAN,
             })
-            .collect();
+        };
         map_columns::<V, V>(
             x,
             std::ptr::null(),
             y,
             (stride, len, stats.len()),
-            &params,
+            params,
             #[inline(always)]
             |inv, v, _| s_of(v).mul(inv),
         );
