@@ -379,18 +379,16 @@ pub(crate) unsafe fn map_columns<V: Vector, P: Copy>(
         (0, Store::Plain)
     };
     let head = head.min(cols);
-    let starts: Vec<usize> = (head > 0)
-        .then_some(0)
+    // (first column, columns, constants): the head group, then groups of LANES from `head` on.
+    let groups: Vec<(usize, usize, P)> = (head > 0)
+        .then_some((0, head))
         .into_iter()
-        .chain((head..cols).step_by(V::LANES))
-        .collect();
-    let groups: Vec<(usize, usize, P)> = starts
-        .iter()
-        .enumerate()
-        .map(|(g, &c)| {
-            let end = starts.get(g + 1).copied().unwrap_or(cols);
-            (c, end - c, param(c))
-        })
+        .chain(
+            (head..cols)
+                .step_by(V::LANES)
+                .map(|c| (c, V::LANES.min(cols - c))),
+        )
+        .map(|(c, n)| (c, n, param(c)))
         .collect();
     let zero = V::splat(V::Elem::ZERO);
     let mut r0 = 0;
