@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _core
-from ._options import CeOptions, ce_options
+from .. import _core
+from .._options import CeOptions, ce_options
 
 
 def _compute(dtype) -> np.dtype:
