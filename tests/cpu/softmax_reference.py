@@ -1,13 +1,14 @@
-"""The softmax family's references and tolerances, shared by the softmax test files (the
-tolerances are explained in test_softmax.py's docstring, the backward's bound at BACKWARD_C)."""
+"""The softmax family's references, tolerances and forward check, shared by the softmax test files
+(the tolerances are explained in test_softmax.py's docstring, the backward's bound at BACKWARD_C)."""
 
 from __future__ import annotations
 
 import zlib
 
 import ml_dtypes
+import normax
 import numpy as np
-from accuracy import LONGDOUBLE_IS_EXTENDED, UNIT_ROUNDOFF
+from accuracy import LONGDOUBLE_IS_EXTENDED, UNIT_ROUNDOFF, rel_error, scaled_error
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -18,6 +19,8 @@ TOL = {F32: 1e-6, F64: 32 * UNIT_ROUNDOFF[F64] if LONGDOUBLE_IS_EXTENDED else 1e
 TINY = {F32: 1e-30, F64: 1e-290}
 # normax vs scipy.special in float64: SciPy's own x - max rounding (~40 u) dominates.
 SCIPY_RTOL = 1e-13
+
+FORWARD = {"softmax": normax.softmax, "log_softmax": normax.log_softmax}
 
 
 def rng_for(*key) -> np.random.Generator:
@@ -50,6 +53,26 @@ def reference(x, axis=-1):
 def log_scale(lsm_ref, lse_ref):
     """The operands' magnitude for log-domain error bounds: max(1, |result|, |lse|)."""
     return np.maximum(1.0, np.maximum(np.abs(lsm_ref), np.abs(lse_ref)))
+
+
+def check_forward(x, dtype, axis=-1, what="", tol=None):
+    """Runs softmax, log_softmax, logsumexp on x (already `dtype`) and checks all three."""
+    dtype = np.dtype(dtype)
+    tol = TOL[dtype] if tol is None else tol
+    sm, lsm, lse = reference(x, axis)
+    y = normax.softmax(x, axis=axis)
+    ly = normax.log_softmax(x, axis=axis)
+    l = normax.logsumexp(x, axis=axis, keepdims=True)
+    for name, got in (("softmax", y), ("log_softmax", ly), ("logsumexp", l)):
+        assert got.dtype == dtype, (what, name, got.dtype)
+    assert y.shape == ly.shape == np.shape(x)
+    errs = {
+        "softmax": rel_error(y, sm, TINY[dtype]),
+        "log_softmax": scaled_error(ly, lsm, log_scale(lsm, lse)),
+        "logsumexp": scaled_error(l, lse, np.maximum(1.0, np.abs(lse))),
+    }
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{what}: errors above {tol:.3g}: {bad}"
 
 
 def _wide(*arrays):

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 from accuracy import UNIT_ROUNDOFF, rel_error
 
-from .softmax_reference import BACKWARD_C, F32, F64, TOL, log_softmax_grad_ref, rng_for, softmax_grad_ref
-from .test_softmax import check_forward
+from .softmax_reference import (
+    BACKWARD_C,
+    F32,
+    F64,
+    TOL,
+    check_forward,
+    log_softmax_grad_ref,
+    rng_for,
+    softmax_grad_ref,
+)
 from .test_stablemax import RTOL, log_stablemax_ref, stablemax_ref
 
 # (outer, len, inner) once moved to 3-D: inner 37 (tails), 300 (several vector groups and an
