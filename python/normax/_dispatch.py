@@ -251,8 +251,12 @@ def set_backend(name: str) -> None:
 
     "wgpu" runs the functions that have a wgpu kernel (softmax, log_softmax, logsumexp,
     cross_entropy, cross_entropy_with_grad, rms_norm, layer_norm) on the portable GPU backend,
-    NumPy in and NumPy out; the others stay on the CPU. A call's ``device=`` overrides this.
-    CUDA arrays (torch CUDA tensors, CuPy) always run on their own GPU whatever the backend.
+    NumPy in and NumPy out. The other functions, and the options those kernels lack (such as
+    ``logsumexp``'s ``b=`` or ``normalizer="stablemax"``), raise NotImplementedError naming the
+    function and the option: nothing falls back to the CPU silently. A call's ``device=``
+    overrides this (``device="cpu"`` runs that call on the CPU). Other libraries' CPU arrays
+    raise TypeError under "wgpu", which takes NumPy arrays only; CUDA arrays (torch CUDA
+    tensors, CuPy) always run on their own GPU whatever the backend.
     """
     if not isinstance(name, str) or name not in _BACKENDS:
         raise ValueError(f"name: expected one of {_BACKENDS}, got {name!r}")

@@ -212,25 +212,6 @@ def test_the_stub_file_lists_every_extension_function():
     assert built <= listed, f"missing from _core.pyi: {sorted(built - listed)}"
 
 
-def test_the_readme_import_paths_are_the_backends():
-    import normax._cuda
-    import normax._wgpu
-    from normax._backends import wgpu
-
-    assert normax._cuda is cuda and normax._wgpu is wgpu
-    assert normax._cuda.load_nvrtc is cuda.load_nvrtc and callable(normax._wgpu.adapter)
-
-
-def test_a_missing_kernel_is_one_error_naming_backend_and_op():
-    from normax._backends import kernel
-
-    assert kernel("cuda", "power_norm") is cuda.power_norm
-    with pytest.raises(
-        NotImplementedError, match=r"no wgpu kernel for normax.softmax_backward \(device=\"wgpu\"\)"
-    ):
-        kernel("wgpu", "softmax_backward")
-
-
 def test_the_emulated_kernels_are_the_real_ones():
     from cuda_emulation import EmulatedKernels
 

@@ -9,8 +9,9 @@ in float64 (float64, long double, integers, bool) raise TypeError rather than si
 precision in float32: cast them (``x.astype(np.float32)``) or use the CPU (default) backend.
 
 Options the GPU kernels do not have (``b=``, ``return_sign=True``, ``return_stats=True``,
-class-probability targets) raise NotImplementedError. Arguments are checked by the CPU backend's
-helpers (normax._options), so bad input raises the same exceptions with the same messages.
+class-probability targets, ``normalizer="stablemax"``) raise the registry's NotImplementedError
+naming the op and the option. Arguments are checked by the CPU backend's helpers
+(normax._options), so bad input raises the same exceptions with the same messages.
 
 Results agree with the CPU backend's to float32 rounding, not bit for bit: the kernels subtract
 the row's max before ``exp`` (the CPU's two-pass softmax never rounds ``x - max``) and use the
@@ -34,6 +35,8 @@ from .._options import (
     norm_axes,
     param,
 )
+from .._stablemax import check_normalizer
+from . import missing
 
 _F32 = np.dtype(np.float32)
 _CPU_HINT = "use the CPU (default) backend"
@@ -68,10 +71,6 @@ def available() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _unsupported(option: str):
-    raise NotImplementedError(f"{option} is not supported by the wgpu backend; {_CPU_HINT}")
 
 
 def _input(x, name: str = "x") -> tuple[np.ndarray, np.dtype]:
@@ -155,9 +154,9 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     -inf or an empty reduction, as the CPU backend. A 0-d result is a NumPy scalar.
     """
     if b is not None:
-        _unsupported("b= (weights)")
+        raise missing("wgpu", "logsumexp", "b= (weights)")
     if return_sign:
-        _unsupported("return_sign=True")
+        raise missing("wgpu", "logsumexp", "return_sign=True")
     a, result_dtype = _input(x)
     plan = Plan(a.shape, normalize_axes(axis, a.ndim), last=True)
     res = _native("logsumexp")(_rows(a, plan))
@@ -168,7 +167,7 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
 
 def _norm(kind: str, x, weight, bias, eps, axis, out, return_stats):
     if return_stats:
-        _unsupported("return_stats=True")
+        raise missing("wgpu", f"{kind}_norm", "return_stats=True")
     a, result_dtype = _input(x)
     axes = norm_axes(axis, a.ndim)
     shape = a.shape[axes[0] :]
@@ -226,15 +225,19 @@ def _cross_entropy(
     z_loss,
     softcap,
     with_grad,
+    normalizer,
     grad_output=1.0,
     inplace=False,
 ):
+    op = "cross_entropy_with_grad" if with_grad else "cross_entropy"
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if check_normalizer(normalizer):
+        raise missing("wgpu", op, f"normalizer={normalizer!r}")
     ignore_index, reduction = opts.ignore_index, opts.reduction
     _input(logits, "logits")
     x, result_dtype, ax, t, soft, w = ce_inputs(logits, target, axis, weight, inplace)
     if soft:
-        _unsupported("class-probability (float) targets")
+        raise missing("wgpu", op, "class-probability (float) targets")
     shape = x.shape
     classes = shape[ax]
     row_shape = shape[:ax] + shape[ax + 1 :]
@@ -262,13 +265,14 @@ def cross_entropy(
     label_smoothing=0.0,
     z_loss=0.0,
     softcap=None,
+    normalizer="softmax",
 ):
     """:func:`normax.cross_entropy` on the GPU, for integer class targets, in float32.
 
     Raises
     ------
     NotImplementedError
-        For class-probability (float) targets.
+        For class-probability (float) targets and ``normalizer="stablemax"``.
     IndexError, ValueError, TypeError, numpy.exceptions.AxisError
         As :func:`normax.cross_entropy`, and TypeError for logits computed in float64 on the CPU.
     RuntimeError
@@ -283,7 +287,17 @@ def cross_entropy(
     the softcap) or a row of only -inf gives NaN, a mean over no rows is NaN.
     """
     return _cross_entropy(
-        logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, False
+        logits,
+        target,
+        axis,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        False,
+        normalizer,
     )
 
 
@@ -300,6 +314,7 @@ def cross_entropy_with_grad(
     softcap=None,
     grad_output=1.0,
     inplace=False,
+    normalizer="softmax",
 ):
     """:func:`normax.cross_entropy_with_grad` on the GPU: the loss and d(grad_output * loss)/d(logits).
 
@@ -317,12 +332,14 @@ def cross_entropy_with_grad(
         z_loss,
         softcap,
         True,
+        normalizer,
         grad_output,
         bool(inplace),
     )
 
 
-# The public functions this backend runs, for the registry (the others stay on the CPU).
+# The public functions this backend has kernels for, for the registry: the others raise its
+# NotImplementedError under device="wgpu" (never a silent fallback to the CPU).
 OPS = {
     f.__name__: f
     for f in (softmax, log_softmax, logsumexp, cross_entropy, cross_entropy_with_grad, rms_norm, layer_norm)

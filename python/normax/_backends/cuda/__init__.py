@@ -14,7 +14,10 @@ Differences from the CPU functions, stated once:
   raise TypeError rather than silently losing precision.
 - Saved statistics (``return_stats=True``) are float32; ``dweight``/``dbias`` are summed in
   float32 and returned in `x`'s dtype.
-- Not on the GPU: ``logsumexp``'s ``b=``/``return_sign=``; those raise NotImplementedError.
+- Not on the GPU: ``logsumexp``'s ``b=`` and ``return_sign=True``, and the linear
+  cross-entropy's class weights and shapes other than 2-d hidden and linear_weight with 1-d class
+  indices; those raise the registry's NotImplementedError (normax._backends.missing), naming the
+  op and the option.
 - PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
   per-channel sums back from the device, a host synchronization (see the PowerNorm section).
 - The linear cross-entropy holds whole rows of logits (the vocabulary is never split), so a

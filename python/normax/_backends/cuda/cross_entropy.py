@@ -21,6 +21,7 @@ from ..._options import (
     target_kind,
 )
 from ..._stablemax import check_normalizer
+from .. import missing
 from . import device
 from .device import Lib, lib_of, run
 from .stablemax import ce_logits
@@ -289,12 +290,15 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
 
 def _linear_public(fname, hidden, linear_weight, target, linear_bias, weight, ignore_index, *args):
     # The kernels take class indices, a (C, H) weight and (N, H) hidden, nothing else.
+    op = fname.removeprefix("normax.")
+    if weight is not None:
+        raise missing("cuda", op, "weight= (class weights)")
     shapes = tuple(len(getattr(a, "shape", ())) for a in (hidden, linear_weight, target))
-    if weight is not None or shapes != (2, 2, 1):
-        raise NotImplementedError(
-            f"{fname}: no CUDA kernel for class weights, probability targets, 1-d hidden or a "
-            "K-dimensional linear_weight (the CPU takes them)"
-        )
+    if shapes != (2, 2, 1):
+        raise missing(
+            "cuda", op, f"{shapes[0]}-d hidden, {shapes[1]}-d linear_weight and {shapes[2]}-d target "
+            "(the kernels take 2-d, 2-d and 1-d: class indices, no K-dimensional linear_weight)",
+        )  # fmt: skip
     ignore_index = -100 if ignore_index is None else ignore_index
     return linear_blocks(fname, hidden, linear_weight, target, linear_bias, ignore_index, *args)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..._arrays import Plan, normalize_axes
+from .. import missing
 from .device import lib_of, run
 
 
@@ -26,12 +27,11 @@ def log_softmax(x, axis=-1, *, out=None):
 
 
 def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
-    fname = "normax.logsumexp"
-    if b is not None or return_sign:
-        raise NotImplementedError(
-            f"{fname}: b= and return_sign= are not supported on CUDA arrays; move the data to the CPU"
-        )
-    lib = lib_of((x,), fname)
+    if b is not None:
+        raise missing("cuda", "logsumexp", "b= (weights)")
+    if return_sign:
+        raise missing("cuda", "logsumexp", "return_sign=True")
+    lib = lib_of((x,), "normax.logsumexp")
     x = lib.input(x, "x")
     plan = Plan(tuple(x.shape), normalize_axes(axis, x.ndim), last=True)
     # Its elements are the rows, in order, whatever the kept shape.
