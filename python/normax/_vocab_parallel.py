@@ -46,7 +46,7 @@ MIN_BYTES = 64 * 1024
 CLASSES_PER_DOUBLING = 8
 _MASK = (1 << 64) - 1
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_REDUCTIONS = ("none", "mean", "sum")
+_REDUCTIONS = ("none", "mean", "sum")  # their codes in the options hash
 
 
 def stats_dtype(dtype) -> np.dtype:
@@ -110,7 +110,8 @@ def _grad_output(grad_output, reduction: str, dtype):
 
 
 # -- The CPU kernels (rust/normax-py/src/vocab_parallel.rs), one function per binding. Arrays are
-# converted to the kernels' dtypes (no copy when they already are); the options are checked.
+# converted to the kernels' dtypes (no copy when they already are); ``opts`` arrive checked
+# (normax._options.ce_options).
 
 
 def stats(logits, target, weight, start: int, opts, packed: np.ndarray | None = None) -> np.ndarray:
