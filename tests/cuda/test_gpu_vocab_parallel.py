@@ -16,7 +16,7 @@ import pytest
 import ranks
 import torch
 from accuracy import assert_close_to_scale
-from normax import _core
+from normax import _vocab_parallel as vocab_parallel
 from normax._backends import cuda
 from normax._backends.cuda.device import Lib
 from normax._options import ce_options
@@ -41,17 +41,12 @@ def logits(rows, v, dtype, seed=0):
 
 
 def cpu_stats(x, t, w, start, opts):
-    rows, length = x.shape
-    packed = np.zeros((rows, _core.shard_fields(opts.label_smoothing)), np.float32)
-    _core.shard_stats(
-        x.float().cpu().numpy(), t.cpu().numpy(), None if w is None else w.cpu().numpy(), packed,
-        rows, start, length, opts.ignore_index, opts.label_smoothing, opts.softcap,
-    )  # fmt: skip
-    return packed
+    wn = None if w is None else w.cpu().numpy()
+    return vocab_parallel.stats(x.float().cpu().numpy(), t.cpu().numpy(), wn, start, opts)
 
 
 def gpu_stats(x, t, w, start, opts):
-    packed = torch.full((x.shape[0], _core.shard_fields(opts.label_smoothing)), 7.0, device=DEV)
+    packed = torch.full((x.shape[0], vocab_parallel.fields(opts)), 7.0, device=DEV)
     cuda.shard_stats(Lib(x, "test"), x, t, w, packed, start, opts)
     return packed.cpu().numpy()
 
@@ -113,12 +108,9 @@ def test_shard_kernels_match_the_cpu(dtype, rows, v, split, opts):
         packs.append(want)
     # The global lse and denominator from the CPU's combine of the CPU's statistics.
     gathered = np.stack([p.reshape(-1) for p in packs])
-    loss = np.empty(1, np.float32)
-    lse = np.empty((rows, 2))
     wn = None if w is None else w.cpu().numpy()
     tn = t.cpu().numpy()
-    denom = _core.shard_combine(gathered, gathered.shape[1], [0, split], [split, v - split], rows, tn, wn,
-                                loss, lse, *o)  # fmt: skip
+    _, lse, denom = vocab_parallel.combine(gathered, shards, tn, wn, o)
     lse32 = torch.from_numpy(lse.astype(np.float32)).to(DEV)
     w_sum = float(v if w is None else w.double().sum())
     gout = torch.tensor(0.75, device=DEV)
@@ -126,10 +118,7 @@ def test_shard_kernels_match_the_cpu(dtype, rows, v, split, opts):
         xs = x[:, start : start + length].contiguous()
         got = cuda.shard_backward(Lib(xs, "test"), xs, t, w, lse32, gout, denom, start, v, w_sum, o)
         assert got.dtype == dtype and got.shape == xs.shape
-        want = np.empty((rows, length), np.float32)
-        _core.shard_backward(
-            xs.float().cpu().numpy(), tn, wn, lse, denom, want, None, 0.75, rows, start, length, v, *o
-        )
+        want = vocab_parallel.backward(xs.float().cpu().numpy(), tn, wn, lse, denom, 0.75, start, v, o)
         # float32 exp of x - lse (the kernel's hi/lo in float32); 16-bit outputs rounded once more.
         assert_close_to_scale(got.float(), want, 2e-5 if dtype == torch.float32 else 1e-2, floor=1e-30)
 

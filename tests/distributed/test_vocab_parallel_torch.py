@@ -30,16 +30,3 @@ def test_vocab_parallel_gloo(world, tmp_path):
     for r in results[1:]:
         assert r["losses"] == results[0]["losses"]
 
-
-def test_size_classes_pad_little_and_group_near_sizes():
-    from normax.torch._vocab_parallel import _MIN_BYTES, _size_class
-
-    sizes = [1, 100, _MIN_BYTES - 1, _MIN_BYTES, _MIN_BYTES + 1, 100_000, 1 << 20, (1 << 20) + 1, 12_345_678]
-    for n in sizes:
-        c = _size_class(n)
-        assert c >= n and c % 8 == 0, (n, c)
-        assert c == _MIN_BYTES or c <= n * 1.125, (n, c)
-        assert _size_class(c) == c  # a class is its own class
-    # Sizes within a class send the same byte count: small payloads all share the first class.
-    assert _size_class(12 * 12 + 64) == _size_class(11 * 12 + 64) == _MIN_BYTES
-    assert len({_size_class(n) for n in range((1 << 20) + 1, (1 << 21) + 1, 997)}) == 8

@@ -2,7 +2,7 @@
 
 For use inside ``jax.shard_map`` (or ``pmap``) with the class axis split over the mapped axis
 ``axis_name``: the normax kernels reduce each row of the local shard to a few numbers (see
-python/normax/torch/_vocab_parallel.py and rust/normax-core/src/cross_entropy/shard.rs), ONE
+normax._vocab_parallel, which owns the packed rows and the combine), ONE
 ``jax.lax.all_gather`` brings every device's numbers to every device, and each combines them in
 device order: the same per-example losses everywhere. The backward (``jax.custom_vjp``) needs no
 collective: the gradient of a shard needs only each row's global log-sum-exp, kept from the
@@ -17,78 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _core
-from .._options import CeOptions, ce_options
+from .. import _vocab_parallel as vocab_parallel
+from .._options import ce_options
 
 
-def _compute(dtype) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def _as(a, dtype):
-    return None if a is None else np.ascontiguousarray(np.asarray(a), dtype=dtype)
-
-
-def _stats(x, t, w, start, *, opts: CeOptions):
-    dt = _compute(x.dtype)
-    rows, length = x.shape
-    packed = np.empty((rows, _core.shard_fields(opts.label_smoothing)), dt)
-    _core.shard_stats(
-        _as(x, dt),
-        _as(t, np.int64),
-        _as(w, dt),
-        packed,
-        rows,
-        int(start),
-        length,
-        opts.ignore_index,
-        opts.label_smoothing,
-        opts.softcap,
-    )
-    return packed
-
-
-def _combine(gathered, t, w, *, opts: CeOptions, length: int):
-    g = np.ascontiguousarray(gathered)
-    world, rows = g.shape[0], g.shape[1]
-    loss = np.empty(rows, g.dtype)
-    lse = np.empty((rows, 2), np.float64)
-    _core.shard_combine(
-        g.reshape(world, -1),
-        rows * g.shape[2],
-        [k * length for k in range(world)],
-        [length] * world,
-        rows,
-        _as(t, np.int64),
-        _as(w, g.dtype),
-        loss,
-        lse,
-        *opts,
-    )
+def _combine(gathered, t, w, *, opts, length: int):
+    world = gathered.shape[0]
+    packed = np.ascontiguousarray(gathered).reshape(world, -1)
+    shards = [(k * length, length) for k in range(world)]
+    loss, lse, _ = vocab_parallel.combine(packed, shards, t, w, opts)
     # hi is exact in the element type and lo small beside it: both keep their value in it.
-    return loss, lse.astype(g.dtype)
+    return loss, lse.astype(packed.dtype)
 
 
-def _backward(x, t, w, start, lse, g, *, opts: CeOptions, classes: int):
-    dt = _compute(x.dtype)
-    rows, length = x.shape
-    dx = np.empty((rows, length), dt)
-    _core.shard_backward(
-        _as(x, dt),
-        _as(t, np.int64),
-        _as(w, dt),
-        _as(lse, np.float64),
-        1.0,
-        dx,
-        _as(g, dt),
-        0.0,
-        rows,
-        int(start),
-        length,
-        classes,
-        *opts,
-    )
-    return dx.astype(x.dtype)
+def _backward(x, t, w, start, lse, g, *, opts, classes: int):
+    # reduction "none" (the adapter reduces): one gradient per row, denominator 1.
+    return vocab_parallel.backward(x, t, w, lse, 1.0, g, int(start), classes, opts).astype(x.dtype)
 
 
 def _spec(shape, dtype):
@@ -107,12 +51,12 @@ def _rows(x, t, w, axis_name, opts):
 
 def _rows_fwd(x, t, w, axis_name, opts):
     rows, length = x.shape
-    dt = _compute(x.dtype)
+    dt = vocab_parallel.stats_dtype(x.dtype)
     start = jax.lax.axis_index(axis_name) * length
-    stats = functools.partial(_stats, opts=opts)
+    stats = functools.partial(vocab_parallel.stats, opts=opts)
     packed = _callback(
-        lambda x, t, start, w=None: stats(x, t, w, start),
-        _spec((rows, _core.shard_fields(opts.label_smoothing)), dt),
+        lambda x, t, start, w=None: stats(x, t, w, int(start)),
+        _spec((rows, vocab_parallel.fields(opts)), dt),
         x,
         t,
         start,
@@ -197,7 +141,7 @@ def vocab_parallel_cross_entropy(
         raise ValueError(
             f"labels: shape {t.shape}; expected {x.shape[:-1]} (logits_shard without the class axis)"
         )
-    w = None if weight is None else jnp.asarray(weight, _compute(x.dtype))
+    w = None if weight is None else jnp.asarray(weight, vocab_parallel.stats_dtype(x.dtype))
     losses = _rows(x.reshape(-1, x.shape[-1]), t.reshape(-1), w, axis_name, opts).reshape(t.shape)
     if red == "none":
         return losses

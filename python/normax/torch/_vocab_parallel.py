@@ -1,37 +1,22 @@
 """Vocabulary-parallel cross-entropy over torch.distributed: one all-gather per forward.
 
-Each rank holds the logits (or the LM-head weight rows) of a contiguous slice of the classes. The
-normax kernels reduce every row of the shard to a few numbers (its log-sum-exp as a hi/lo pair,
-which combines exactly in any order; the target's logit where the target lives in the shard; the
-label-smoothing sum), ONE ``all_gather`` brings every rank's numbers to every rank, and every rank
-folds them in rank order, so all ranks return bit-identical losses. The backward needs no
-collective for the logits version (the gradient of a shard needs only the row's global
-log-sum-exp, kept from the forward); the linear version all-reduces ``d hidden`` once, as any
-column-parallel layer does.
-
-A header of a few values leads the same all-gather: each rank's shard (start, size), its row count,
-dtype and statistics per row, a hash of ``target`` (values and shape), of the options and of
-``weight``, and whether its input passed the local checks. Ranks that disagree, or a rank whose
-input is invalid, make every rank raise the same ValueError instead of hanging.
-
-gloo aborts the process (no Python error) when a rank receives more bytes than it posted for, which
-ranks with different row counts, dtypes or label smoothing would do. So every rank sends a buffer
-rounded up to a size class (at least 64 KiB, then eight classes per doubling, at most 12.5% padding):
-ranks whose buffers differ only within a class (any two at most 64 KiB, e.g. up to 5,000 float32
-rows) exchange equal byte counts and read each other's headers. Ranks whose buffers fall in
-different classes still abort in gloo.
+The packed rows, the header that leads them and the combine are normax._vocab_parallel's (read
+its docstring first); this module holds what is torch's: the byte buffer on the inputs' device,
+``dist.all_gather_into_tensor`` (gloo for CPU tensors, NCCL for CUDA tensors), the autograd
+Functions, the linear version's ``d hidden`` all-reduce and the DTensor entry.
 
 CUDA tensors (float32, float16 and bfloat16) take the same steps on the device: the shard-statistics
 kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu) writes the same float32 packed
-rows into a uint8 device buffer on the caller's stream, behind the header copied in; ``all_gather_into_tensor`` gathers it (NCCL for CUDA tensors); the gathered buffer
-and the target are copied to the host (one synchronization of the stream) for the CPU's combine, so
-the loss is bit-identical across ranks as on CPU; the backward is one kernel on the caller's stream
-that reads each row's global log-sum-exp (float32 hi, lo) from the forward: no collective, no
-synchronization. The linear version computes its logits block by block with torch GEMMs on the
-device into the same kernels, turns each recomputed block into its gradient in place in the
-backward (d weight and d bias summed over the blocks in float32) and all-reduces d hidden once.
-Tested with emulated kernels; the kernels on a GPU and NCCL only by the `gpu` tests
-(tests/cuda/test_gpu_vocab_parallel.py), not yet run on a GPU.
+rows into the uint8 device buffer on the caller's stream, behind the header copied in; the
+gathered buffer is copied to the host for the CPU's combine, so the loss is bit-identical across
+ranks as on CPU; the backward is one kernel on the caller's stream that reads each row's global
+log-sum-exp (float32 hi, lo) from the forward: no collective, no synchronization. The linear
+version computes its logits block by block with torch GEMMs on the device into the same kernels,
+turns each recomputed block into its gradient in place in the backward (d weight and d bias summed
+over the blocks in float32) and all-reduces d hidden once.
+Tested here with emulated kernels (tests/cuda/test_cuda_vocab_parallel.py); the kernels and NCCL
+by the `gpu` tests (tests/cuda/test_gpu_vocab_parallel.py), which passed on one H200 (2026-11-27):
+NCCL with one rank only, a group of several GPUs has not been run.
 """
 
 from __future__ import annotations
@@ -43,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _core
+from .. import _vocab_parallel as vocab_parallel
 from .._backends import cuda as _cuda
 from .._backends.cuda.device import Lib as _CudaLib
 
@@ -56,185 +41,56 @@ from ._convert import check_float
 
 _FNAME = "normax.torch.vocab_parallel_cross_entropy"
 _LINEAR_FNAME = "normax.torch.vocab_parallel_linear_cross_entropy"
-_REDUCTIONS = ("none", "mean", "sum")
-_MASK = (1 << 64) - 1
-# The smallest size class of the gathered buffer, and the classes per doubling above it.
-_MIN_BYTES = 64 * 1024
-_CLASSES_PER_DOUBLING = 8
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _target_hash(t: Tensor, shape: tuple) -> int:
-    """A hash of the class ids, their order and the target's shape (int64 arithmetic wraps, on
-    every rank alike; Python's hash of a tuple of ints is the same in every process)."""
-    flat = t.reshape(-1)
-    h = hash(shape)
-    if flat.numel():
-        mult = (
-            torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
-            .mul_(0x9E3779B1)
-            .add_(0x632BE5AB)
-        )
-        h ^= int(flat.mul(mult).sum()) ^ int(flat.bitwise_xor(mult).sum()) * 31
-    return h & _MASK
+def _host(t: Tensor | None) -> np.ndarray | None:
+    """``t`` as a NumPy array (a CPU tensor's own memory; a CUDA tensor copied, which waits for
+    the stream)."""
+    return None if t is None else t.detach().cpu().contiguous().numpy()
 
 
-def _float_key(v: float | None) -> int:
-    return -1 if v is None else int(np.float64(v).view(np.int64))
-
-
-def _options_hash(opts, weight: Tensor | None, linear: bool) -> int:
-    key = (
-        int(opts.ignore_index),
-        _REDUCTIONS.index(opts.reduction),
-        _float_key(opts.label_smoothing),
-        _float_key(opts.z_loss),
-        _float_key(opts.softcap),
-        -1 if weight is None else weight.numel(),
-        _float_key(None if weight is None else float(weight.double().sum())),
-        int(linear),
-    )
-    # Python's hash of a tuple of ints is the same in every process (no hash randomization).
-    return hash(key) & _MASK
-
-
-_HEADER = ("error", "start", "length", "rows", "dtype", "fields", "target", "options")
-_HEADER_BYTES = 8 * len(_HEADER)
-_DTYPES = (torch.float32, torch.float64)
-
-
-def _size_class(nbytes: int) -> int:
-    """The byte count every rank sends for a payload of ``nbytes``: equal for payloads that differ
-    a little, so a mismatch reaches the header check instead of gloo's abort."""
-    if nbytes <= _MIN_BYTES:
-        return _MIN_BYTES
-    step = 1 << ((nbytes - 1).bit_length() - _CLASSES_PER_DOUBLING.bit_length())
-    return -(-nbytes // step) * step
-
-
-def _gather(buffer: Tensor, group) -> np.ndarray:
-    """The one collective of the forward: every rank's buffer, in rank order, on the host (for a
-    CUDA buffer, a device-to-host copy that waits for the stream)."""
-    world = dist.get_world_size(group)
-    out = buffer.new_empty(world * buffer.numel())
-    dist.all_gather_into_tensor(out, buffer, group=group)
-    return out.cpu().numpy().reshape(world, -1)
+def _flat_target(target: Tensor, rows: int) -> Tensor:
+    """The (rows,) int64 class ids; zeros when ``target`` has another size (the local check
+    reports it, and the header's hash of the target's shape tells the other ranks)."""
+    if target.numel() == rows:
+        return target.detach().reshape(-1).to(torch.int64).contiguous()
+    return torch.zeros(rows, dtype=torch.int64, device=target.device)
 
 
 class _Call:
-    """One forward: validates locally (an error is reported through the header, not raised before
-    the collective, so no rank is left waiting), packs the shard statistics, gathers, checks the
-    headers and combines."""
+    """The torch side of one forward's :class:`normax._vocab_parallel.Exchange`: the byte buffer
+    every rank sends (on the target's device, the inputs' own), its packed rows as a tensor the
+    kernels write, and the all-gather."""
 
-    def __init__(self, fname, rows, length, target, shape, weight, vocab_start, group, opts, dtype, linear):
-        # The buffer lives where the target does: the logits' device (NCCL gathers CUDA tensors).
-        self.fname = fname
+    def __init__(self, fname, group, rows, length, target, shape, weight, vocab_start, opts, dtype, linear):
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.rows = rows
-        self.length = length
-        self.opts = opts
-        self.dtype = dtype
-        self.fields = _core.shard_fields(opts.label_smoothing)
-        self.start = self.rank * length if vocab_start is None else vocab_start
-        self.target = target
-        self.weight = weight
-        self.error: Exception | None = None
-        self.header = [
-            0,
-            self.start,
-            length,
-            rows,
-            _DTYPES.index(dtype),
-            self.fields,
-            _target_hash(target, shape),
-            _options_hash(opts, weight, linear),
-        ]
-        # The header and the rows' statistics in one byte buffer: the tensor the all-gather sends.
-        self.payload = rows * self.fields * dtype.itemsize
-        self.buffer = torch.zeros(
-            _size_class(_HEADER_BYTES + self.payload), dtype=torch.uint8, device=target.device
-        )
-        stats = self.buffer[_HEADER_BYTES : _HEADER_BYTES + self.payload]
-        self.packed = stats.view(dtype).reshape(rows, self.fields)
+        self.exchange = vocab_parallel.Exchange(
+            fname, opts, rank=dist.get_rank(group), rows=rows, length=length, vocab_start=vocab_start,
+            dtype=_NUMPY_DTYPES[dtype], target=_host(target), target_shape=shape, weight=_host(weight),
+            linear=linear,
+        )  # fmt: skip
+        self.start = self.exchange.start
+        self.buffer = torch.zeros(self.exchange.nbytes, dtype=torch.uint8, device=target.device)
+        self.packed = self.buffer[self.exchange.payload].view(dtype).reshape(rows, self.exchange.fields)
 
     def fail(self, e: Exception) -> None:
-        self.error = e
-        self.header[0] = 1
+        self.exchange.fail(e)
         self.packed.zero_()
 
     def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
-        header = np.array([v & _MASK for v in self.header], dtype=np.uint64).view(np.uint8)
-        self.buffer[:_HEADER_BYTES].copy_(torch.from_numpy(header))
-        raw = _gather(self.buffer, self.group)
-        heads = [[int(v) for v in row] for row in raw[:, :_HEADER_BYTES].copy().view(np.uint64)]
-        self._check(heads)
-        gathered = np.ascontiguousarray(raw[:, _HEADER_BYTES : _HEADER_BYTES + self.payload]).view(
-            np.float64 if self.dtype == torch.float64 else np.float32
-        )
-        starts = [h[1] for h in heads]
-        lengths = [h[2] for h in heads]
-        opts = self.opts
-        loss = np.empty(self.rows if opts.reduction == "none" else 1, dtype=gathered.dtype)
-        lse = np.empty((self.rows, 2), dtype=np.float64)
-        w = None if self.weight is None else self.weight.cpu().numpy()
-        # sum_c w_c of the whole vocabulary (the CUDA backward's label-smoothing term).
-        self.w_sum = float(sum(lengths)) if w is None else float(w.astype(np.float64).sum())
-        denom = _core.shard_combine(
-            gathered,
-            gathered.shape[1],
-            starts,
-            lengths,
-            self.rows,
-            self.target.reshape(-1).cpu().numpy(),
-            w,
-            loss,
-            lse,
-            *opts,
-        )
-        return torch.from_numpy(loss), lse, denom, sum(lengths)
-
-    def _check(self, heads: list[list[int]]) -> None:
-        bad = [k for k, h in enumerate(heads) if h[0]]
-        if self.error is not None:
-            raise self.error
-        if bad:
-            raise ValueError(
-                f"{self.fname}: rank(s) {bad} of the group rejected their input (their own error says "
-                "why); nothing was computed"
-            )
-        for i, name in enumerate(_HEADER[3:], start=3):
-            values = [h[i] for h in heads]
-            if len(set(values)) > 1:
-                if name == "dtype":
-                    values = [str(_DTYPES[v]) for v in values]
-                what = {
-                    "rows": "the number of rows (target.numel())",
-                    "dtype": "the compute dtype of the logits",
-                    "fields": "label_smoothing (statistics per row)",
-                    "target": "target (its values or shape)",
-                    "options": "the loss options or weight",
-                }[name]
-                raise ValueError(f"{self.fname}: the ranks of the group disagree on {what}: {values} by rank")
-        shards = sorted((h[1], h[2], k) for k, h in enumerate(heads))
-        pos = 0
-        for start, length, k in shards:
-            if start != pos:
-                layout = [(h[1], h[1] + h[2]) for h in heads]
-                raise ValueError(
-                    f"{self.fname}: the ranks' vocabulary shards [start, end) = {layout} (by rank) do not "
-                    "tile [0, V): give vocab_start on every rank for uneven splits, and the same number "
-                    "of classes per rank otherwise"
-                )
-            pos += length
-        if self.weight is not None and self.weight.numel() != pos:
-            raise ValueError(
-                f"{self.fname}: weight has {self.weight.numel()} classes; the shards cover {pos}"
-            )
+        """The one collective of the forward, then the combine on the host: (loss, lse, denom, V)."""
+        header = torch.from_numpy(self.exchange.header_bytes())
+        self.buffer[: vocab_parallel.HEADER_BYTES].copy_(header)
+        world = dist.get_world_size(self.group)
+        out = self.buffer.new_empty(world * self.buffer.numel())
+        dist.all_gather_into_tensor(out, self.buffer, group=self.group)
+        loss, lse, denom, classes = self.exchange.combine(out.cpu().numpy().reshape(world, -1))
+        return torch.from_numpy(loss), lse, denom, classes
 
 
 def _check_common(fname, target, weight, vocab_start) -> None:
@@ -281,12 +137,6 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
-def _grad_output(grad: Tensor, reduction: str, dtype: torch.dtype):
-    if reduction == "none":
-        return grad.detach().to(dtype).contiguous().reshape(-1).numpy(), 0.0
-    return None, float(grad)
-
-
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, vocab_start, group, opts, cuda):
@@ -295,38 +145,20 @@ class _VocabParallelCE(torch.autograd.Function):
         dtype = torch.float32 if cuda else _compute_dtype(logits.dtype)
         length = logits.shape[-1] if logits.dim() else 0
         rows = math.prod(logits.shape[:-1])
-        t = (
-            target.detach().reshape(-1).to(torch.int64).contiguous()
-            if target.numel() == rows
-            else torch.zeros(rows, dtype=torch.int64, device=target.device)
-        )
+        t = _flat_target(target, rows)
         w = _as(weight, dtype)
-        call = _Call(
-            fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=False
-        )
+        call = _Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, False)
         x = logits.detach().contiguous() if cuda else _as(logits, dtype)
         try:
-            if tuple(target.shape) != tuple(logits.shape[:-1]):
-                raise ValueError(
-                    f"{fname}: target has shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} "
-                    "(logits_shard's shape without the class axis)"
-                )
+            vocab_parallel.check_target_shape(
+                fname, tuple(target.shape), tuple(logits.shape[:-1]), "logits_shard's shape without the class axis"
+            )
             if cuda:
                 lib = _CudaLib(x, fname)
                 _cuda.shard_stats(lib, x.reshape(rows, length), t, w, call.packed, call.start, opts)
             else:
-                _core.shard_stats(
-                    x.reshape(rows, length).numpy(),
-                    t.numpy(),
-                    None if w is None else w.numpy(),
-                    call.packed.numpy(),
-                    rows,
-                    call.start,
-                    length,
-                    opts.ignore_index,
-                    opts.label_smoothing,
-                    opts.softcap,
-                )
+                packed = call.packed.numpy()
+                vocab_parallel.stats(x.reshape(rows, length).numpy(), t.numpy(), _host(w), call.start, opts, packed)
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
@@ -335,7 +167,7 @@ class _VocabParallelCE(torch.autograd.Function):
             lse = torch.from_numpy(lse.astype(np.float32)).to(logits.device)
         ctx.save_for_backward(x, t, w)
         ctx.stats = (lse, denom, classes, call.start, opts, logits.dtype, tuple(logits.shape))
-        ctx.cuda = (cuda, call.w_sum)
+        ctx.cuda = (cuda, call.exchange.w_sum)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
         return loss.reshape(shape).to(device=logits.device, dtype=logits.dtype)
 
@@ -351,24 +183,11 @@ class _VocabParallelCE(torch.autograd.Function):
                 lib, x.reshape(rows, length), t, w, lse, grad, denom, start, classes, w_sum, opts
             )
             return dx.reshape(shape), None, None, None, None, None, None
-        go_rows, go = _grad_output(grad, opts.reduction, x.dtype)
-        dx = torch.empty((rows, length), dtype=x.dtype)
-        _core.shard_backward(
-            x.reshape(rows, length).numpy(),
-            t.numpy(),
-            None if w is None else w.numpy(),
-            lse,
-            denom,
-            dx.numpy(),
-            go_rows,
-            go,
-            rows,
-            start,
-            length,
-            classes,
-            *opts,
-        )
-        return dx.reshape(shape).to(in_dtype), None, None, None, None, None, None
+        dx = vocab_parallel.backward(
+            x.reshape(rows, length).numpy(), t.numpy(), _host(w), lse, denom, _host(grad.to(x.dtype)), start,
+            classes, opts,
+        )  # fmt: skip
+        return torch.from_numpy(dx).reshape(shape).to(in_dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -445,15 +264,9 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         h = hidden.shape[-1]
         length = weight_shard.shape[0] if weight_shard.dim() else 0
         rows = math.prod(hidden.shape[:-1])
-        t = (
-            target.detach().reshape(-1).to(torch.int64).contiguous()
-            if target.numel() == rows
-            else torch.zeros(rows, dtype=torch.int64, device=target.device)
-        )
+        t = _flat_target(target, rows)
         w = _as(weight, dtype)
-        call = _Call(
-            fname, rows, length, t, tuple(target.shape), w, vocab_start, group, opts, dtype, linear=True
-        )
+        call = _Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, True)
         # CUDA: the GEMMs and kernels in the inputs' promoted dtype (16-bit stays 16-bit).
         work = dtype
         if cuda:
@@ -461,50 +274,22 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             work = work if bias_shard is None else torch.promote_types(work, bias_shard.dtype)
         hid, ws, bs = _as(hidden, work), _as(weight_shard, work), _as(bias_shard, work)
         try:
-            if tuple(target.shape) != tuple(hidden.shape[:-1]):
-                raise ValueError(
-                    f"{fname}: target has shape {tuple(target.shape)}; expected {tuple(hidden.shape[:-1])} "
-                    "(hidden's shape without its last axis)"
-                )
-            if weight_shard.dim() != 2 or weight_shard.shape[1] != h:
-                raise ValueError(
-                    f"{fname}: weight_shard must have shape (V_local, {h}) for hidden of shape "
-                    f"{tuple(hidden.shape)}, got {tuple(weight_shard.shape)}"
-                )
-            if bias_shard is not None and tuple(bias_shard.shape) != (length,):
-                raise ValueError(
-                    f"{fname}: bias_shard must have shape ({length},), got {tuple(bias_shard.shape)}"
-                )
+            vocab_parallel.check_target_shape(
+                fname, tuple(target.shape), tuple(hidden.shape[:-1]), "hidden's shape without its last axis"
+            )
+            vocab_parallel.check_linear_shapes(
+                fname, tuple(hidden.shape), tuple(weight_shard.shape),
+                None if bias_shard is None else tuple(bias_shard.shape),
+            )  # fmt: skip
             if cuda:
                 _cuda.shard_linear_stats(
-                    _CudaLib(hid, fname),
-                    hid.reshape(rows, h),
-                    ws,
-                    bs,
-                    t,
-                    w,
-                    call.packed,
-                    call.start,
-                    opts,
-                    chunk,
+                    _CudaLib(hid, fname), hid.reshape(rows, h), ws, bs, t, w, call.packed, call.start, opts, chunk
                 )
             else:
-                _core.shard_linear_stats(
-                    hid.reshape(rows, h).numpy(),
-                    ws.numpy(),
-                    None if bs is None else bs.numpy(),
-                    t.numpy(),
-                    None if w is None else w.numpy(),
-                    call.packed.numpy(),
-                    rows,
-                    h,
-                    call.start,
-                    length,
-                    opts.ignore_index,
-                    opts.label_smoothing,
-                    opts.softcap,
-                    chunk,
-                )
+                vocab_parallel.linear_stats(
+                    hid.reshape(rows, h).numpy(), ws.numpy(), _host(bs), t.numpy(), _host(w),
+                    call.packed.numpy(), call.start, opts, chunk,
+                )  # fmt: skip
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
@@ -512,7 +297,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             lse = torch.from_numpy(lse.astype(np.float32)).to(hidden.device)
         ctx.save_for_backward(hid, ws, bs, t, w)
         ctx.stats = (lse, denom, classes, call.start, opts, chunk, group)
-        ctx.cuda = (cuda, call.w_sum)
+        ctx.cuda = (cuda, call.exchange.w_sum)
         ctx.dtypes = (hidden.dtype, weight_shard.dtype, None if bias_shard is None else bias_shard.dtype)
         ctx.hidden_shape = tuple(hidden.shape)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
@@ -530,55 +315,19 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 classes, w_sum, opts, chunk,
             )  # fmt: skip
         else:
-            dh, dw, db = _linear_backward_cpu(
-                hid, ws, bs, t, w, lse, denom, grad, start, classes, opts, chunk
-            )
+            dh, dw, db = (
+                None if g is None else torch.from_numpy(g)
+                for g in vocab_parallel.linear_backward(
+                    hid.reshape(rows, h).numpy(), ws.numpy(), _host(bs), t.numpy(), _host(w), lse, denom,
+                    _host(grad.to(hid.dtype)), start, classes, opts, chunk,
+                )
+            )  # fmt: skip
         if ctx.needs_input_grad[0]:
             # The one collective of the backward: d hidden is the sum of every shard's part.
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
         hd, wd, bd = ctx.dtypes
-        return (
-            dh.reshape(ctx.hidden_shape).to(hd),
-            dw.to(wd),
-            None if db is None else db.to(bd),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def _linear_backward_cpu(hid, ws, bs, t, w, lse, denom, grad, start, classes, opts, chunk):
-    rows, h, length = t.numel(), hid.shape[-1], ws.shape[0]
-    go_rows, go = _grad_output(grad, opts.reduction, hid.dtype)
-    dh = torch.empty((rows, h), dtype=hid.dtype)
-    dw = torch.empty_like(ws)
-    db = None if bs is None else torch.empty_like(bs)
-    _core.shard_linear_backward(
-        hid.reshape(rows, h).numpy(),
-        ws.numpy(),
-        None if bs is None else bs.numpy(),
-        t.numpy(),
-        None if w is None else w.numpy(),
-        lse,
-        denom,
-        dh.numpy(),
-        dw.numpy(),
-        None if db is None else db.numpy(),
-        go_rows,
-        go,
-        rows,
-        h,
-        start,
-        length,
-        classes,
-        *opts,
-        chunk,
-    )
-    return dh, dw, db
+        dbias = None if db is None else db.to(bd)
+        return dh.reshape(ctx.hidden_shape).to(hd), dw.to(wd), dbias, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(
