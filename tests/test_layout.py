@@ -1,5 +1,6 @@
-"""File sizes a maintainer can read: no tracked source file over 800 lines, and the framework
-adapters (normax.torch, normax.jax: one thin file per op family) under 500 lines a file."""
+"""The layout a maintainer can read: no tracked source file over 800 lines, the framework adapters
+(normax.torch, normax.jax: one thin file per op family) under 500 lines a file, and the typed pyo3
+seam (options cross as one object: no positional option lists, no kernel looked up by name)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_SUFFIXES = {".py", ".rs", ".cu", ".wgsl"}
 ADAPTER_PACKAGES = ["python/normax/jax", "python/normax/torch"]
-# Still over 500: issue 21 moves the vocabulary-parallel layout out of it into a NumPy-first module.
-ADAPTER_FILES_OVER_500 = {"python/normax/torch/_vocab_parallel.py"}
 
 
 def _tracked_files() -> list[str]:
@@ -38,7 +37,29 @@ def test_no_source_file_over_800_lines():
 def test_adapter_files_under_500_lines():
     files = [p for p in _tracked_files() if p.startswith(tuple(f"{d}/" for d in ADAPTER_PACKAGES))]
     assert any(p.startswith("python/normax/jax/") for p in files), "normax.jax is not a package"
-    too_long = {p: n for p in files if p not in ADAPTER_FILES_OVER_500 and (n := _lines(p)) >= 500}
+    too_long = {p: n for p in files if (n := _lines(p)) >= 500}
     assert not too_long, f"one file per op family, each under 500 lines: {too_long}"
-    shrunk = [p for p in ADAPTER_FILES_OVER_500 if _lines(p) < 500]
-    assert not shrunk, f"{shrunk} now under 500 lines: remove from ADAPTER_FILES_OVER_500"
+
+
+def _grep(pattern: str, under: str, suffix: str) -> list[str]:
+    hits = []
+    for p in _tracked_files():
+        if p.startswith(under) and p.endswith(suffix):
+            text = (ROOT / p).read_text(encoding="utf-8")
+            hits += [f"{p}:{i}" for i, line in enumerate(text.splitlines(), 1) if pattern in line]
+    return hits
+
+
+@pytest.mark.parametrize(
+    ("pattern", "under", "suffix"),
+    [
+        # The bindings take the checked options as one object, not as many positional arguments.
+        ("too_many_arguments", "rust/normax-py/", ".rs"),
+        # No option tuple spread into a call, no kernel looked up by a built name.
+        ("*opts", "python/", ".py"),
+        ("getattr(_core", "python/", ".py"),
+    ],
+)
+def test_typed_seam(pattern, under, suffix):
+    hits = _grep(pattern, under, suffix)
+    assert not hits, f"{pattern!r} found: {hits}"

@@ -1,118 +1,147 @@
 # Type stub of the Rust extension (rust/normax-py). Arrays are C-contiguous, aligned, native
-# float32/float64 ndarrays laid out as (outer, len, inner) (a misaligned one is a ValueError);
-# the Python layer (normax._arrays: as_input, contiguous, direct_output) prepares them.
+# float32/float64 ndarrays (a misaligned one is a ValueError); the Python layer (normax._arrays:
+# as_input, contiguous, direct_output) prepares them. The checked options cross as one object
+# (normax._options builds them from the user's arguments): CeOptions, NormOptions,
+# PowerNormOptions, VocabShard; `layout` is (outer, len, inner), the reduced axis in the middle.
+
+from typing import Any
 
 import numpy as np
+from typing_extensions import TypeAlias
 
-def softmax(x: np.ndarray, out: np.ndarray, outer: int, len: int, inner: int) -> None: ...
+Layout: TypeAlias = tuple[int, int, int]
+
+class CeOptions:
+    """The cross-entropy options (torch.nn.functional.cross_entropy's), checked."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ) -> None: ...
+    @property
+    def ignore_index(self) -> int: ...
+    @property
+    def reduction(self) -> str: ...
+    @property
+    def label_smoothing(self) -> float: ...
+    @property
+    def z_loss(self) -> float: ...
+    @property
+    def softcap(self) -> float | None: ...
+    def replace(self, **changes: Any) -> CeOptions: ...
+
+class NormOptions:
+    """Which normalization ("rms", "layer" or "crms") and its eps."""
+
+    def __init__(self, kind: str, eps: float) -> None: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def eps(self) -> float: ...
+
+class PowerNormOptions:
+    """PowerNorm's channels, channel groups and eps."""
+
+    def __init__(self, channels: int, groups: int, eps: float) -> None: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def groups(self) -> int: ...
+    @property
+    def eps(self) -> float: ...
+
+class VocabShard:
+    """One rank's rows x classes [start, start + length) of a vocabulary of `classes`."""
+
+    def __init__(self, rows: int, start: int, length: int, classes: int) -> None: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def classes(self) -> int: ...
+
+# d(loss)/d(output): a number, or one per row (reduction "none").
+GradOutput: TypeAlias = float | np.ndarray
+
+def softmax(x: np.ndarray, out: np.ndarray, layout: Layout) -> None: ...
 def softmax_last(x: object) -> np.ndarray | None: ...
 def log_softmax_last(x: object) -> np.ndarray | None: ...
-def log_softmax(x: np.ndarray, out: np.ndarray, outer: int, len: int, inner: int) -> None: ...
-def stablemax(x: np.ndarray, out: np.ndarray, outer: int, len: int, inner: int) -> None: ...
+def log_softmax(x: np.ndarray, out: np.ndarray, layout: Layout) -> None: ...
+def stablemax(x: np.ndarray, out: np.ndarray, layout: Layout) -> None: ...
 def stablemax_last(x: object) -> np.ndarray | None: ...
-def log_stablemax(x: np.ndarray, out: np.ndarray, outer: int, len: int, inner: int) -> None: ...
+def log_stablemax(x: np.ndarray, out: np.ndarray, layout: Layout) -> None: ...
 def log_stablemax_last(x: object) -> np.ndarray | None: ...
 def logsumexp(
-    x: np.ndarray,
-    b: np.ndarray | None,
-    out: np.ndarray,
-    sign: np.ndarray | None,
-    outer: int,
-    len: int,
-    inner: int,
+    x: np.ndarray, b: np.ndarray | None, out: np.ndarray, sign: np.ndarray | None, layout: Layout
 ) -> None: ...
-def softmax_backward(
-    y: np.ndarray, dy: np.ndarray, dx: np.ndarray, outer: int, len: int, inner: int
-) -> None: ...
-def log_softmax_backward(
-    y: np.ndarray, dy: np.ndarray, dx: np.ndarray, outer: int, len: int, inner: int
-) -> None: ...
+def softmax_backward(y: np.ndarray, dy: np.ndarray, dx: np.ndarray, layout: Layout) -> None: ...
+def log_softmax_backward(y: np.ndarray, dy: np.ndarray, dx: np.ndarray, layout: Layout) -> None: ...
 def exp(x: np.ndarray, out: np.ndarray) -> None: ...
 
-# The cross-entropies take the loss options (ignore_index ... softcap) as the fields of
-# normax._options.CeOptions, in order: callers spread the one checked tuple.
+# Cross-entropy of (rows, classes) logits; `grad` a fresh array or `logits` itself (in place).
 def cross_entropy(
     logits: np.ndarray,
     target: np.ndarray,
     weight: np.ndarray | None,
+    options: CeOptions,
     loss: np.ndarray,
-    grad: np.ndarray | None,
-    grad_rows: np.ndarray | None,
-    grad_scalar: float,
-    rows: int,
-    classes: int,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    grad: np.ndarray | None = None,
+    grad_output: GradOutput = 1.0,
 ) -> None: ...
+
+# inputs = (hidden (N, H), linear weight (V, H), bias (V,) or None); grads = (dhidden,
+# dlinear_weight, dlinear_bias or None).
 def linear_cross_entropy(
-    hidden: np.ndarray,
-    weight: np.ndarray,
-    bias: np.ndarray | None,
+    inputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     target: np.ndarray,
-    loss: np.ndarray,
-    dhidden: np.ndarray | None,
-    dweight: np.ndarray | None,
-    dbias: np.ndarray | None,
-    grad_rows: np.ndarray | None,
-    grad_scalar: float,
-    n: int,
-    h: int,
-    v: int,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    options: CeOptions,
     chunk_size: int | None,
+    loss: np.ndarray,
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+    grad_output: GradOutput = 1.0,
 ) -> None: ...
+
+# Rows are x's last axis; statistics float64, one per row.
 def norm_forward(
-    norm: str,
+    options: NormOptions,
     x: np.ndarray,
     weight: np.ndarray | None,
     bias: np.ndarray | None,
     y: np.ndarray,
-    mean: np.ndarray | None,
-    rstd: np.ndarray | None,
-    len: int,
-    eps: float,
+    mean: np.ndarray | None = None,
+    rstd: np.ndarray | None = None,
 ) -> None: ...
 def norm_backward(
-    norm: str,
+    options: NormOptions,
     dy: np.ndarray,
     x: np.ndarray,
     weight: np.ndarray | None,
-    mean: np.ndarray | None,
-    rstd: np.ndarray | None,
+    saved: tuple[np.ndarray | None, np.ndarray | None],
     dx: np.ndarray,
-    dweight: np.ndarray | None,
-    dbias: np.ndarray | None,
-    len: int,
-    eps: float,
+    dparams: tuple[np.ndarray | None, np.ndarray | None],
 ) -> None: ...
+
+# x is (tokens, channels); out = (scale, shift, y); saved = (zscale, ema, dscale).
 def power_norm_forward(
+    options: PowerNormOptions,
     x: np.ndarray,
-    channels: int,
-    groups: int,
-    eps: float,
     pad: np.ndarray | None,
     sumsq: np.ndarray | None,
-    scale: np.ndarray | None,
-    shift: np.ndarray | None,
-    y: np.ndarray | None,
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
 ) -> None: ...
 def power_norm_backward(
+    options: PowerNormOptions,
     dy: np.ndarray,
     x: np.ndarray,
-    channels: int,
-    groups: int,
-    eps: float,
     weight: np.ndarray | None,
-    zscale: np.ndarray,
-    ema: np.ndarray,
-    dscale: np.ndarray,
+    saved: tuple[np.ndarray, np.ndarray, np.ndarray],
     dx: np.ndarray,
     sums: np.ndarray,
 ) -> None: ...
@@ -124,244 +153,147 @@ def get_isa() -> str: ...
 def set_isa(name: str) -> None: ...
 def supported_isas() -> list[str]: ...
 
+# Vocabulary-parallel cross-entropy (rust/normax-py/src/vocab_parallel.rs). labels = (target
+# class indices, class weights or None); saved = (lse (rows, 2) float64, denom, grad_output).
+Labels: TypeAlias = tuple[np.ndarray, np.ndarray | None]
+LinearInputs: TypeAlias = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+def vocab_parallel_fields(options: CeOptions) -> int: ...
+def vocab_parallel_stats(
+    logits: np.ndarray, labels: Labels, shard: VocabShard, options: CeOptions, packed: np.ndarray
+) -> None: ...
+def vocab_parallel_combine(
+    gathered: np.ndarray,
+    shards: list[VocabShard],
+    labels: Labels,
+    options: CeOptions,
+    out: tuple[np.ndarray, np.ndarray],
+) -> float: ...
+def vocab_parallel_backward(
+    logits: np.ndarray,
+    labels: Labels,
+    shard: VocabShard,
+    options: CeOptions,
+    saved: tuple[np.ndarray, float, GradOutput],
+    grad: np.ndarray,
+) -> None: ...
+def vocab_parallel_linear_stats(
+    inputs: LinearInputs,
+    labels: Labels,
+    shard: VocabShard,
+    options: CeOptions,
+    chunk_size: int | None,
+    packed: np.ndarray,
+) -> None: ...
+def vocab_parallel_linear_backward(
+    inputs: LinearInputs,
+    labels: Labels,
+    shard: VocabShard,
+    options: CeOptions,
+    chunk_size: int | None,
+    saved: tuple[np.ndarray, float, GradOutput],
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+) -> None: ...
+
 # Only in builds with the Cargo feature "wgpu" (the released wheel has it). 2-d C-contiguous
 # float32 rows in, new float32 arrays out (normax._backends.wgpu prepares them).
 def wgpu_adapter() -> str: ...
 def wgpu_softmax(x: np.ndarray) -> np.ndarray: ...
 def wgpu_log_softmax(x: np.ndarray) -> np.ndarray: ...
 def wgpu_logsumexp(x: np.ndarray) -> np.ndarray: ...
-def wgpu_rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray: ...
-def wgpu_layer_norm(
-    x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float
+def wgpu_norm(
+    options: NormOptions, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None
 ) -> np.ndarray: ...
 def wgpu_cross_entropy(
     logits: np.ndarray,
     target: np.ndarray,
     weight: np.ndarray | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    with_grad: bool,
-    grad_rows: np.ndarray | None,
-    grad_scalar: float,
+    options: CeOptions,
+    grad_output: GradOutput | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 # Only in builds with the Cargo feature "cuda" (the released wheel has it). Array arguments are
-# DLPack capsules of C-contiguous CUDA arrays (normax._backends.cuda makes them); the kernels are enqueued
-# on `stream_handle` (a CUstream of device `device`) and nothing is returned.
+# DLPack capsules of C-contiguous CUDA arrays (normax._backends.cuda.device makes them), grouped
+# in tuples where they go together; `shape` is (rows, cols); the kernels are enqueued on
+# `stream` and nothing is returned.
+class CudaStream:
+    """The caller's CUDA device and current stream (a raw CUstream handle)."""
+
+    def __init__(self, device: int, handle: int) -> None: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def handle(self) -> int: ...
+
+Capsule = object
+Shape: TypeAlias = tuple[int, int]
+# (grad, grad_output as float32 on the device, stride: 0 for one value, 1 for one per row)
+ScaledGrad: TypeAlias = tuple[Capsule, Capsule, int]
+
 def cuda_compile_all(arch: str) -> list[tuple[str, int]]: ...
 def cuda_nvrtc_version() -> tuple[int, int]: ...
 def cuda_device_name(device: int) -> str: ...
-def cuda_softmax(
-    x: object, out: object, rows: int, cols: int, log: bool, device: int, stream_handle: int
-) -> None: ...
-def cuda_logsumexp(x: object, out: object, rows: int, cols: int, device: int, stream_handle: int) -> None: ...
-def cuda_stablemax(
-    x: object, out: object, rows: int, cols: int, log: bool, device: int, stream_handle: int
-) -> None: ...
+def cuda_softmax(x: Capsule, out: Capsule, shape: Shape, log: bool, stream: CudaStream) -> None: ...
+def cuda_logsumexp(x: Capsule, out: Capsule, shape: Shape, stream: CudaStream) -> None: ...
+def cuda_stablemax(x: Capsule, out: Capsule, shape: Shape, log: bool, stream: CudaStream) -> None: ...
 def cuda_softmax_backward(
-    y: object, dy: object, dx: object, rows: int, cols: int, log: bool, device: int, stream_handle: int
+    y: Capsule, dy: Capsule, dx: Capsule, shape: Shape, log: bool, stream: CudaStream
 ) -> None: ...
 def cuda_cross_entropy(
-    logits: object,
-    target: object,
-    weight: object | None,
-    loss_rows: object,
-    grad: object | None,
-    scale: object | None,
-    scale_stride: int,
-    rows: int,
-    cols: int,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    device: int,
-    stream_handle: int,
+    inputs: tuple[Capsule, Capsule, Capsule | None],
+    options: CeOptions,
+    shape: Shape,
+    loss_rows: Capsule,
+    grad: ScaledGrad | None,
+    stream: CudaStream,
 ) -> None: ...
-def cuda_shard_stats(
-    logits: object,
-    target: object,
-    weight: object | None,
-    packed: object,
-    rows: int,
-    start: int,
-    length: int,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    device: int,
-    stream_handle: int,
+def cuda_vocab_parallel_stats(
+    logits: Capsule,
+    labels: tuple[Capsule, Capsule | None],
+    shard: VocabShard,
+    options: CeOptions,
+    packed: Capsule,
+    stream: CudaStream,
 ) -> None: ...
-def cuda_shard_backward(
-    logits: object,
-    target: object,
-    weight: object | None,
-    lse: object,
-    grad: object,
-    scale: object,
-    scale_stride: int,
-    rows: int,
-    start: int,
-    length: int,
-    classes: int,
-    w_sum: float,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    device: int,
-    stream_handle: int,
+def cuda_vocab_parallel_backward(
+    logits: Capsule,
+    labels: tuple[Capsule, Capsule | None],
+    shard: VocabShard,
+    options: CeOptions,
+    saved: tuple[Capsule, float],
+    grad: ScaledGrad,
+    stream: CudaStream,
 ) -> None: ...
 def cuda_norm_forward(
-    kind: str,
-    x: object,
-    weight: object | None,
-    bias: object | None,
-    out: object | None,
-    mean: object | None,
-    rstd: object | None,
-    rows: int,
-    cols: int,
-    eps: float,
-    device: int,
-    stream_handle: int,
+    options: NormOptions,
+    x: Capsule,
+    params: tuple[Capsule | None, Capsule | None],
+    out: Capsule | None,
+    stats: tuple[Capsule | None, Capsule | None],
+    shape: Shape,
+    stream: CudaStream,
 ) -> None: ...
 def cuda_norm_backward(
-    kind: str,
-    dy: object,
-    x: object,
-    weight: object | None,
-    mean: object | None,
-    rstd: object,
-    dx: object,
-    dweight: object | None,
-    dbias: object | None,
-    rows: int,
-    cols: int,
-    device: int,
-    stream_handle: int,
+    options: NormOptions,
+    inputs: tuple[Capsule, Capsule, Capsule | None],
+    saved: tuple[Capsule | None, Capsule],
+    dx: Capsule,
+    dparams: tuple[Capsule | None, Capsule | None],
+    shape: Shape,
+    stream: CudaStream,
 ) -> None: ...
 def cuda_power_norm_forward(
-    x: object,
-    tokens: int,
-    channels: int,
-    groups: int,
-    eps: float,
-    pad: object | None,
-    sumsq: object | None,
-    scale: object | None,
-    shift: object | None,
-    y: object | None,
-    device: int,
-    stream_handle: int,
+    options: PowerNormOptions,
+    x: Capsule,
+    pad: Capsule | None,
+    sumsq: Capsule | None,
+    out: tuple[Capsule, Capsule, Capsule] | None,
+    stream: CudaStream,
 ) -> None: ...
 def cuda_power_norm_backward(
-    dy: object,
-    x: object,
-    tokens: int,
-    channels: int,
-    groups: int,
-    eps: float,
-    weight: object | None,
-    zscale: object,
-    ema: object,
-    dscale: object,
-    dx: object,
-    sums: object,
-    device: int,
-    stream_handle: int,
-) -> None: ...
-
-# Vocabulary-parallel cross-entropy (rust/normax-py/src/vocab_parallel.rs)
-def shard_fields(label_smoothing: float) -> int: ...
-def shard_stats(
-    logits: np.ndarray,
-    target: np.ndarray,
-    weight: np.ndarray | None,
-    packed: np.ndarray,
-    rows: int,
-    start: int,
-    length: int,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float | None,
-) -> None: ...
-def shard_combine(
-    gathered: np.ndarray,
-    stride: int,
-    starts: list[int],
-    lengths: list[int],
-    rows: int,
-    target: np.ndarray,
-    weight: np.ndarray | None,
-    loss: np.ndarray,
-    lse: np.ndarray,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-) -> float: ...
-def shard_backward(
-    logits: np.ndarray,
-    target: np.ndarray,
-    weight: np.ndarray | None,
-    lse: np.ndarray,
-    denom: float,
-    grad: np.ndarray,
-    grad_rows: np.ndarray | None,
-    grad_scalar: float,
-    rows: int,
-    start: int,
-    length: int,
-    classes: int,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-) -> None: ...
-def shard_linear_stats(
-    hidden: np.ndarray,
-    weight_shard: np.ndarray,
-    bias_shard: np.ndarray | None,
-    target: np.ndarray,
-    weight: np.ndarray | None,
-    packed: np.ndarray,
-    rows: int,
-    h: int,
-    start: int,
-    length: int,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float | None,
-    chunk_size: int | None,
-) -> None: ...
-def shard_linear_backward(
-    hidden: np.ndarray,
-    weight_shard: np.ndarray,
-    bias_shard: np.ndarray | None,
-    target: np.ndarray,
-    weight: np.ndarray | None,
-    lse: np.ndarray,
-    denom: float,
-    dhidden: np.ndarray,
-    dweight: np.ndarray,
-    dbias: np.ndarray | None,
-    grad_rows: np.ndarray | None,
-    grad_scalar: float,
-    rows: int,
-    h: int,
-    start: int,
-    length: int,
-    classes: int,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    chunk_size: int | None,
+    options: PowerNormOptions,
+    inputs: tuple[Capsule, Capsule, Capsule | None],
+    saved: tuple[Capsule, Capsule, Capsule],
+    outs: tuple[Capsule, Capsule],
+    stream: CudaStream,
 ) -> None: ...

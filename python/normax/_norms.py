@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core
@@ -15,7 +17,7 @@ from ._arrays import (
     finish,
     scalar_0d,
 )
-from ._options import check_eps, machine_eps, norm_axes, param
+from ._options import machine_eps, norm_axes, norm_options, param
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FAST_EPS = {d: float(np.finfo(d).eps) for d in _FAST_DTYPES}  # rms_norm's default eps
@@ -35,43 +37,71 @@ def _stat(s, name: str, shape: tuple[int, ...]):
     return contiguous(a, np.float64)
 
 
+def _is_param(p, dtype) -> bool:
+    return p is None or (type(p) is np.ndarray and p.dtype == dtype)
+
+
+def _is_stat(s, rows: tuple) -> bool:
+    return s is None or (type(s) is np.ndarray and s.dtype == np.float64 and s.shape == rows and s.flags.c_contiguous)
+
+
+def _trailing(axis, ndim: int) -> int:
+    """How many trailing axes `axis` names in its common forms (-1, or (-k, ..., -1) as the torch
+    adapter passes them); 0 for any other form, which the general path checks."""
+    if type(axis) is int:
+        return 1 if axis == -1 else 0
+    if type(axis) is tuple and 0 < len(axis) <= ndim and axis == tuple(range(-len(axis), 0)):
+        return len(axis)
+    return 0
+
+
 def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
-    # Fast path for the common call: contiguous float32/float64 over the last axis, fresh output.
-    if (
-        out is None
-        and not return_stats
-        and axis == -1
+    # The common call straight to the kernel: contiguous float32/float64 over trailing axes, fresh
+    # output (the torch adapter's calls included).
+    k = (
+        _trailing(axis, x.ndim)
+        if out is None
         and type(x) is np.ndarray
         and x.dtype in _FAST_DTYPES
         and x.ndim
         and x.flags.c_contiguous
         and x.dtype.isnative
         and x.size
-        and (weight is None or (type(weight) is np.ndarray and weight.dtype == x.dtype))
-        and (bias is None or (type(bias) is np.ndarray and bias.dtype == x.dtype))
-    ):
-        n = x.shape[-1]
+        and _is_param(weight, x.dtype)
+        and _is_param(bias, x.dtype)
+        else 0
+    )
+    if k:
+        shape = x.shape[x.ndim - k :]
         for p, name in ((weight, "weight"), (bias, "bias")):
-            if p is not None and p.shape != (n,):
+            if p is not None and p.shape != shape:
                 raise ValueError(
-                    f"{name}: shape {p.shape} does not match the normalized shape {(n,)} (x.shape[axis])"
+                    f"{name}: shape {p.shape} does not match the normalized shape {shape} (x.shape[axis])"
                 )
-        w = None if weight is None else np.ascontiguousarray(weight)
-        b = None if bias is None else np.ascontiguousarray(bias)
-        e = check_eps(_FAST_EPS[x.dtype] if eps is None else eps)
+        w = None if weight is None else np.ascontiguousarray(weight).reshape(-1)
+        b = None if bias is None else np.ascontiguousarray(bias).reshape(-1)
+        options = norm_options(norm, _FAST_EPS[x.dtype] if eps is None else eps)
+        rows = x.shape[: x.ndim - k]
+        rstd = np.empty(rows, np.float64) if return_stats else None
+        mean = np.empty(rows, np.float64) if return_stats and norm == "layer" else None
         y = np.empty_like(x)
+        matrix = (x.size // math.prod(shape), math.prod(shape))
         try:
-            _core.norm_forward(norm, x, w, b, y, None, None, n, e)
-            return y
+            _core.norm_forward(options, x.reshape(matrix), w, b, y.reshape(matrix), mean, rstd)
         except ValueError:
             # The kernel refuses a misaligned array before writing: the general path copies it.
             if all(a is None or a.flags.aligned for a in (x, w, b)):
                 raise
+        else:
+            if not return_stats:
+                return y
+            rstd = scalar_0d(rstd)  # one row (x normalized over all its axes): NumPy scalars
+            return (y, scalar_0d(mean), rstd) if norm == "layer" else (y, rstd)
 
     a, result_dtype = as_input(x)
     axes = norm_axes(axis, a.ndim)
     shape = a.shape[axes[0] :]
-    e = check_eps(machine_eps(result_dtype) if eps is None else eps)
+    options = norm_options(norm, machine_eps(result_dtype) if eps is None else eps)
     w = param(weight, "weight", shape, a.dtype)
     b = param(bias, "bias", shape, a.dtype)
     if out is not None:
@@ -86,7 +116,8 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
         rstd = np.empty(plan.reduced_shape, np.float64)
         mean = np.empty(plan.reduced_shape, np.float64) if norm == "layer" else None
     if work.size:
-        _core.norm_forward(norm, work, w, b, y, mean, rstd, plan.len, e)
+        rows = (work.size // plan.len, plan.len)
+        _core.norm_forward(options, work.reshape(rows), w, b, y.reshape(rows), mean, rstd)
     elif plan.len == 0:
         # Statistics of empty rows, as NumPy's mean of nothing.
         for s in (mean, rstd):
@@ -99,11 +130,56 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
     return (y, scalar_0d(mean), rstd) if norm == "layer" else (y, rstd)
 
 
+def _fast_backward(norm, dy, x, weight, bias, eps, axis, mean, rstd):
+    """(dx, dweight, dbias) straight from the kernel for the common call (contiguous float32/float64
+    dy and x of one dtype and shape over trailing axes, float64 statistics of the rows' shape), or
+    None."""
+    if not (type(x) is np.ndarray and type(dy) is np.ndarray and x.dtype in _FAST_DTYPES and x.ndim and x.size):
+        return None
+    k = _trailing(axis, x.ndim)
+    rows, shape = x.shape[: x.ndim - k], x.shape[x.ndim - k :]
+    if not (
+        k
+        and dy.dtype == x.dtype
+        and dy.shape == x.shape
+        and x.flags.c_contiguous
+        and dy.flags.c_contiguous
+        and x.dtype.isnative
+        and dy.dtype.isnative
+        and _is_param(weight, x.dtype)
+        and (weight is None or weight.shape == shape)
+        and _is_param(bias, x.dtype)
+        and (bias is None or bias.shape == shape)
+        and _is_stat(mean, rows)
+        and _is_stat(rstd, rows)
+        and (norm != "layer" or (mean is None) == (rstd is None))
+    ):
+        return None
+    options = norm_options(norm, _FAST_EPS[x.dtype] if eps is None else eps)
+    matrix = (x.size // math.prod(shape), math.prod(shape))
+    dx = np.empty_like(x)
+    dw = None if weight is None else np.zeros(shape, x.dtype)
+    db = None if bias is None else np.zeros(shape, x.dtype)
+    w = None if weight is None else np.ascontiguousarray(weight).reshape(-1)
+    try:
+        _core.norm_backward(
+            options, dy.reshape(matrix), x.reshape(matrix), w, (mean, rstd), dx.reshape(matrix), (dw, db)
+        )
+    except ValueError:
+        if all(a is None or a.flags.aligned for a in (x, dy, w)):
+            raise
+        return None  # misaligned: the general path copies
+    return dx, dw, db
+
+
 def _backward(norm, dy, x, weight, bias, eps, axis, mean, rstd):
+    fast = _fast_backward(norm, dy, x, weight, bias, eps, axis, mean, rstd)
+    if fast is not None:
+        return fast if norm == "layer" else fast[:2]
     xa, x_dtype, dya, work_dtype, result_dtype = as_backward_inputs(x, "x", dy)
     axes = norm_axes(axis, xa.ndim)
     shape = xa.shape[axes[0] :]
-    e = check_eps(machine_eps(x_dtype) if eps is None else eps)
+    options = norm_options(norm, machine_eps(x_dtype) if eps is None else eps)
     w = param(weight, "weight", shape, work_dtype)
     param(bias, "bias", shape, work_dtype)  # only its shape matters: dbias = sum(dy)
     plan = Plan(xa.shape, axes)
@@ -118,7 +194,8 @@ def _backward(norm, dy, x, weight, bias, eps, axis, mean, rstd):
     dw = np.zeros(shape, work_dtype) if weight is not None else None
     db = np.zeros(shape, work_dtype) if bias is not None else None
     if wx.size:
-        _core.norm_backward(norm, wdy, wx, w, mean, rstd, dx, dw, db, plan.len, e)
+        rows = (wx.size // plan.len, plan.len)
+        _core.norm_backward(options, wdy.reshape(rows), wx.reshape(rows), w, (mean, rstd), dx.reshape(rows), (dw, db))
     dx = finish(dx, result_dtype, None)
     dw = None if dw is None else finish(dw, result_dtype, None)
     if norm == "layer":

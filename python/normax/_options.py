@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _core
 from ._arrays import (
     as_input,
     compute_dtype,
@@ -64,18 +65,14 @@ def count(v, name: str, minimum: int) -> int:
 REDUCTIONS = ("mean", "sum", "none")
 
 
-class CeOptions(NamedTuple):
-    """The checked loss options, in the order the `_core` cross-entropy functions take them."""
-
-    ignore_index: int
-    reduction: str
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
+# The checked loss options: one immutable object (fields ignore_index, reduction,
+# label_smoothing, z_loss, softcap; ``replace(**changes)``), the one form in which they reach
+# every backend's kernels.
+CeOptions = _core.CeOptions
 
 
 def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeOptions:
-    """The loss options checked and converted; errors name the argument."""
+    """The loss options checked and converted, as one :class:`CeOptions`; errors name the argument."""
     if isinstance(ignore_index, (bool, np.bool_)):
         raise TypeError("ignore_index: expected an int, got a bool")
     try:
@@ -101,6 +98,12 @@ def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeO
                 f"softcap: must be at least {_F64_TINY} (float64's smallest normal), got {softcap}"
             )
     return CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+
+def norm_options(kind: str, eps) -> _core.NormOptions:
+    """A normalization's checked options: `kind` ("rms", "layer" or "crms") and `eps` (see
+    :func:`check_eps`)."""
+    return _core.NormOptions(kind, check_eps(eps))
 
 
 def class_axis(axis, shape: tuple) -> int:
@@ -247,10 +250,11 @@ def index_error(t: np.ndarray, classes: int, ignore_index: int) -> IndexError:
 
 
 def grad_output_rows(grad_output, reduction: str, loss_shape: tuple, work: np.dtype):
-    """`grad_output` for the kernels: (per-row array or None, scalar)."""
+    """`grad_output` for the kernels: a float, or (reduction "none") one per row, contiguous in
+    `work`."""
     g = np.asarray(grad_output)
     if g.ndim == 0:
-        return None, number(g, "grad_output")
+        return number(g, "grad_output")
     if reduction != "none":
         raise ValueError(f"grad_output: must be a number for reduction={reduction!r}, got shape {g.shape}")
     compute_dtype(g.dtype, "grad_output")
@@ -260,7 +264,7 @@ def grad_output_rows(grad_output, reduction: str, loss_shape: tuple, work: np.dt
         raise ValueError(
             f"grad_output: shape {g.shape} does not broadcast to the per-row loss shape {loss_shape}"
         ) from None
-    return contiguous(g, work).reshape(-1), 0.0
+    return contiguous(g, work).reshape(-1)
 
 
 def ce_targets(target, shape: tuple, axis: int, work: np.dtype):

@@ -278,14 +278,12 @@ def power_norm(x, weight, bias, state, *, training=True, pad_mask=None, return_s
     shift = np.zeros(c, a.dtype) if b is None else b
     y = np.empty_like(work)
 
+    options = _core.PowerNormOptions(c, state.group_num, state.eps)
+
     def passes(zscale, stats):
         sumsq = np.empty(c) if stats else None
-        scale = None if zscale is None else (w64 * zscale).astype(a.dtype)
-        out = None if zscale is None else y
-        _core.power_norm_forward(
-            work, c, state.group_num, state.eps, pad if stats else None, sumsq, scale,
-            None if out is None else shift, out,
-        )  # fmt: skip
+        out = None if zscale is None else ((w64 * zscale).astype(a.dtype), shift, y)
+        _core.power_norm_forward(options, work, pad if stats else None, sumsq, out)
         return sumsq
 
     kept = tokens - (int(np.count_nonzero(pad)) if pad is not None else 0)
@@ -359,19 +357,13 @@ def power_norm_backward(dy, saved, state):
     dyw = np.ascontiguousarray(dya, dtype=work.dtype).reshape(work.shape)
     dx = np.empty_like(work)
     sums = np.empty(3 * c)
-    _core.power_norm_backward(
-        dyw,
-        work,
-        c,
-        saved.group_num,
-        saved.eps,
-        saved.weight,
+    options = _core.PowerNormOptions(c, saved.group_num, saved.eps)
+    factors = (
         saved.zscale.astype(work.dtype),
         backward_ema(state, saved.training, work.dtype),
         saved.dscale.astype(work.dtype),
-        dx,
-        sums,
     )
+    _core.power_norm_backward(options, dyw, work, saved.weight, factors, dx, sums)
     if saved.training:
         update_ema(state, sums[:c], tokens)
     result_dtype = np.result_type(saved.dtype, dy_dtype)

@@ -175,8 +175,9 @@ def _complex_logsumexp(a, b, axes, keepdims, return_sign, result_dtype):
         return scalar_0d(res.astype(result_dtype).reshape(shape))
 
 
-def _map(kernel, kernel_last, x, axis, out):
-    """Runs a row-to-row kernel (softmax, log_softmax) on `x` over `axis`."""
+def row_map(kernel, kernel_last, x, axis, out):
+    """Runs a row-to-row kernel (softmax, log_softmax; stablemax's too) on `x` over `axis`:
+    `kernel_last` is its one-call form for a fresh output over the last axis."""
     # The common call in one crossing into Rust: a contiguous float32/float64 array over its last
     # axis into a fresh array (None back for anything else).
     if axis == -1 and out is None:
@@ -208,7 +209,7 @@ def _map(kernel, kernel_last, x, axis, out):
         if not n:
             return out
         try:
-            kernel(x, out, x.size // n, n, 1)
+            kernel(x, out, (x.size // n, n, 1))
             return out
         except ValueError:
             if not _misaligned(x, out):
@@ -229,7 +230,7 @@ def _map(kernel, kernel_last, x, axis, out):
     if y is None:
         y = np.empty_like(work)
     if work.size:
-        kernel(work, y, plan.outer, plan.len, plan.inner)
+        kernel(work, y, (plan.outer, plan.len, plan.inner))
     return finish(plan.restore(y).reshape(plan.shape), result_dtype, out)
 
 
@@ -291,7 +292,7 @@ def softmax(x, axis=-1, *, out=None):
     >>> normax.softmax(np.array([0.0, np.log(3.0)]))
     array([0.25, 0.75])
     """
-    return _map(_core.softmax, _core.softmax_last, x, axis, out)
+    return row_map(_core.softmax, _core.softmax_last, x, axis, out)
 
 
 def log_softmax(x, axis=-1, *, out=None):
@@ -332,7 +333,7 @@ def log_softmax(x, axis=-1, *, out=None):
     >>> normax.log_softmax(np.array([0.0, 0.0]))
     array([-0.69314718, -0.69314718])
     """
-    return _map(_core.log_softmax, _core.log_softmax_last, x, axis, out)
+    return row_map(_core.log_softmax, _core.log_softmax_last, x, axis, out)
 
 
 _TINY64 = float(np.finfo(np.float64).tiny)
@@ -459,7 +460,7 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
         if not res.size:
             return res
         try:
-            _core.logsumexp(x, None, res, None, res.size, n, 1)
+            _core.logsumexp(x, None, res, None, (res.size, n, 1))
             return res
         except ValueError:
             if not _misaligned(x):
@@ -505,7 +506,7 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     res = np.empty(plan.reduced_shape, a.dtype)
     sign = np.empty(plan.reduced_shape, a.dtype) if (return_sign or b_arr is not None) else None
     if res.size:
-        _core.logsumexp(work, wb, res, sign, plan.outer, plan.len, plan.inner)
+        _core.logsumexp(work, wb, res, sign, (plan.outer, plan.len, plan.inner))
     if shift:
         res += shift
     if b_arr is not None and not return_sign:
@@ -517,14 +518,15 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     return (res, finish(sign, result_dtype, None)) if return_sign else res
 
 
-def _backward(kernel, y, dy, axis):
+def row_backward(kernel, y, dy, axis):
+    """Runs a backward kernel (softmax_backward, log_softmax_backward) on y, dy over `axis`."""
     if axis == -1 and _is_fast(y) and _is_fast(dy) and y.dtype == dy.dtype and y.shape == dy.shape:
         dx = np.empty_like(y)
         n = y.shape[-1]
         if not n:
             return dx
         try:
-            kernel(y, dy, dx, y.size // n, n, 1)
+            kernel(y, dy, dx, (y.size // n, n, 1))
             return dx
         except ValueError:
             if not _misaligned(y, dy):
@@ -538,7 +540,7 @@ def _backward(kernel, y, dy, axis):
     wdy = plan.arrange(dya.astype(work_dtype, copy=False))
     dx = np.empty_like(wy)
     if dx.size:
-        kernel(wy, wdy, dx, plan.outer, plan.len, plan.inner)
+        kernel(wy, wdy, dx, (plan.outer, plan.len, plan.inner))
     return finish(plan.restore(dx).reshape(plan.shape), result_dtype, None)
 
 
@@ -574,7 +576,7 @@ def softmax_backward(y, dy, axis=-1):
     >>> normax.softmax_backward(y, np.array([1.0, 1.0]))
     array([0., 0.])
     """
-    return _backward(_core.softmax_backward, y, dy, axis)
+    return row_backward(_core.softmax_backward, y, dy, axis)
 
 
 def log_softmax_backward(y, dy, axis=-1):
@@ -608,4 +610,4 @@ def log_softmax_backward(y, dy, axis=-1):
     >>> normax.log_softmax_backward(y, np.array([1.0, 0.0]))
     array([ 0.5, -0.5])
     """
-    return _backward(_core.log_softmax_backward, y, dy, axis)
+    return row_backward(_core.log_softmax_backward, y, dy, axis)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import as_backward_inputs, as_input, finish
-from ._softmax import _backward, _map
+from ._softmax import row_backward, row_map
 
 NORMALIZERS = ("softmax", "stablemax")
 
@@ -74,7 +74,7 @@ def stablemax(x, axis=-1, *, out=None):
     >>> normax.stablemax(np.array([-1.0, 0.0, 1.0]))
     array([0.14285714, 0.28571429, 0.57142857])
     """
-    return _map(_core.stablemax, _core.stablemax_last, _real(x), axis, out)
+    return row_map(_core.stablemax, _core.stablemax_last, _real(x), axis, out)
 
 
 def log_stablemax(x, axis=-1, *, out=None):
@@ -112,7 +112,7 @@ def log_stablemax(x, axis=-1, *, out=None):
     >>> normax.log_stablemax(np.array([0.0, 0.0]))
     array([-0.69314718, -0.69314718])
     """
-    return _map(_core.log_stablemax, _core.log_stablemax_last, _real(x), axis, out)
+    return row_map(_core.log_stablemax, _core.log_stablemax_last, _real(x), axis, out)
 
 
 def _scaled_backward(kernel, y, dy, x, axis):
@@ -121,7 +121,7 @@ def _scaled_backward(kernel, y, dy, x, axis):
     xa, _ = as_input(_real(x), "x")
     if xa.shape != ya.shape:
         raise ValueError(f"x: shape {xa.shape} does not match y shape {ya.shape}")
-    g = np.asarray(_backward(kernel, ya.astype(work, copy=False), dya.astype(work, copy=False), axis))
+    g = np.asarray(row_backward(kernel, ya.astype(work, copy=False), dya.astype(work, copy=False), axis))
     with np.errstate(invalid="ignore"):
         return finish(g / (1 + np.abs(xa.astype(work, copy=False))), result, None)
 

@@ -30,7 +30,7 @@ most 64 KiB, e.g. up to 5,000 float32 rows) exchange equal byte counts and read 
 headers. Ranks whose buffers fall in different classes still abort in gloo.
 
 The CPU kernels are called here and nowhere else; the CUDA kernels
-(``normax._backends.cuda.shard_stats`` and friends) write the same packed rows on the device.
+(``normax._backends.cuda.vocab_parallel_stats`` and friends) write the same packed rows on the device.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
+from ._options import CeOptions
 
 HEADER = ("error", "start", "length", "rows", "dtype", "fields", "target", "options")
 HEADER_BYTES = 8 * len(HEADER)
@@ -54,9 +55,9 @@ def stats_dtype(dtype) -> np.dtype:
     return _DTYPES[1] if np.dtype(dtype) == np.float64 else _DTYPES[0]
 
 
-def fields(opts) -> int:
+def fields(opts: CeOptions) -> int:
     """Values per packed row: 3, or 5 with label smoothing."""
-    return _core.shard_fields(opts.label_smoothing)
+    return _core.vocab_parallel_fields(opts)
 
 
 def size_class(nbytes: int) -> int:
@@ -103,10 +104,10 @@ def _as(a, dtype) -> np.ndarray | None:
 
 
 def _grad_output(grad_output, reduction: str, dtype):
-    """(per-row array or None, scalar): the kernels' two forms of the loss's gradient."""
+    """The loss's gradient as the kernels take it: one per row (reduction "none"), else a number."""
     if reduction == "none":
-        return _as(grad_output, dtype).reshape(-1), 0.0
-    return None, float(grad_output)
+        return _as(grad_output, dtype).reshape(-1)
+    return float(grad_output)
 
 
 # -- The CPU kernels (rust/normax-py/src/vocab_parallel.rs), one function per binding. Arrays are
@@ -124,10 +125,10 @@ def stats(logits, target, weight, start: int, opts, packed: np.ndarray | None = 
     if packed is None:
         packed = np.empty((rows, fields(opts)), stats_dtype(logits.dtype))
     dt = packed.dtype
-    _core.shard_stats(
-        _as(logits, dt), _as(target, np.int64), _as(weight, dt), packed, rows, int(start), length,
-        opts.ignore_index, opts.label_smoothing, opts.softcap,
-    )  # fmt: skip
+    # The vocabulary's size is known once the ranks' rows are gathered: only this shard here.
+    shard = _core.VocabShard(rows, int(start), length, int(start) + length)
+    labels = (_as(target, np.int64), _as(weight, dt))
+    _core.vocab_parallel_stats(_as(logits, dt), labels, shard, opts, packed)
     return packed
 
 
@@ -142,11 +143,10 @@ def combine(gathered: np.ndarray, shards, target, weight, opts):
     rows = t.size
     loss = np.empty(rows if opts.reduction == "none" else 1, gathered.dtype)
     lse = np.empty((rows, 2), np.float64)
-    denom = _core.shard_combine(
-        gathered, gathered.shape[1], [s for s, _ in shards], [n for _, n in shards], rows, t,
-        _as(weight, gathered.dtype), loss, lse, opts.ignore_index, opts.reduction, opts.label_smoothing,
-        opts.z_loss, opts.softcap,
-    )  # fmt: skip
+    classes = sum(n for _, n in shards)
+    layout = [_core.VocabShard(rows, s, n, classes) for s, n in shards]
+    labels = (t, _as(weight, gathered.dtype))
+    denom = _core.vocab_parallel_combine(gathered, layout, labels, opts, (loss, lse))
     return loss, lse, denom
 
 
@@ -157,12 +157,10 @@ def backward(logits, target, weight, lse, denom: float, grad_output, start: int,
     dt = stats_dtype(logits.dtype)
     rows, length = logits.shape
     grad = np.empty((rows, length), dt)
-    go_rows, go = _grad_output(grad_output, opts.reduction, dt)
-    _core.shard_backward(
-        _as(logits, dt), _as(target, np.int64), _as(weight, dt), _as(lse, np.float64), denom, grad,
-        go_rows, go, rows, int(start), length, classes, opts.ignore_index, opts.reduction,
-        opts.label_smoothing, opts.z_loss, opts.softcap,
-    )  # fmt: skip
+    shard = _core.VocabShard(rows, int(start), length, classes)
+    labels = (_as(target, np.int64), _as(weight, dt))
+    saved = (_as(lse, np.float64), denom, _grad_output(grad_output, opts.reduction, dt))
+    _core.vocab_parallel_backward(_as(logits, dt), labels, shard, opts, saved, grad)
     return grad
 
 
@@ -171,12 +169,12 @@ def linear_stats(hidden, weight_shard, bias_shard, target, weight, packed, start
     (V_local,) or None) into ``packed``, one block of at most ``chunk_size`` logits (whole rows)
     at a time."""
     dt = packed.dtype
-    rows, h = hidden.shape
-    _core.shard_linear_stats(
-        _as(hidden, dt), _as(weight_shard, dt), _as(bias_shard, dt), _as(target, np.int64), _as(weight, dt),
-        packed, rows, h, int(start), weight_shard.shape[0], opts.ignore_index, opts.label_smoothing,
-        opts.softcap, chunk_size,
-    )  # fmt: skip
+    rows = hidden.shape[0]
+    length = weight_shard.shape[0]
+    shard = _core.VocabShard(rows, int(start), length, int(start) + length)
+    inputs = (_as(hidden, dt), _as(weight_shard, dt), _as(bias_shard, dt))
+    labels = (_as(target, np.int64), _as(weight, dt))
+    _core.vocab_parallel_linear_stats(inputs, labels, shard, opts, chunk_size, packed)
 
 
 def linear_backward(
@@ -192,12 +190,11 @@ def linear_backward(
     dh = np.empty((rows, h), dt)
     dw = np.empty((length, h), dt)
     db = None if bias_shard is None else np.empty(length, dt)
-    go_rows, go = _grad_output(grad_output, opts.reduction, dt)
-    _core.shard_linear_backward(
-        _as(hidden, dt), _as(weight_shard, dt), _as(bias_shard, dt), _as(target, np.int64), _as(weight, dt),
-        _as(lse, np.float64), denom, dh, dw, db, go_rows, go, rows, h, int(start), length, classes,
-        opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap, chunk_size,
-    )  # fmt: skip
+    shard = _core.VocabShard(rows, int(start), length, classes)
+    inputs = (_as(hidden, dt), _as(weight_shard, dt), _as(bias_shard, dt))
+    labels = (_as(target, np.int64), _as(weight, dt))
+    saved = (_as(lse, np.float64), denom, _grad_output(grad_output, opts.reduction, dt))
+    _core.vocab_parallel_linear_backward(inputs, labels, shard, opts, chunk_size, saved, (dh, dw, db))
     return dh, dw, db
 
 

@@ -258,7 +258,7 @@ def _opcheck_cases():
     return {
         "softmax": (_softmax._softmax_op, (x, 1)),
         "softmax_backward": (_softmax._softmax_backward_op, (y, dy, 1)),
-        "log_softmax": (_softmax._log_softmax_op, (x, 0)),
+        "log_softmax": (_softmax.log_softmax_op, (x, 0)),
         "log_softmax_backward": (_softmax._log_softmax_backward_op, (y.log(), dy, 1)),
         "logsumexp": (_softmax._logsumexp_op, (x, [1], False)),
         "cross_entropy": (_cross_entropy._cross_entropy_op, (x.detach(), t, None, 1, -100, "mean", *ce[1:])),
@@ -270,7 +270,7 @@ def _opcheck_cases():
             _cross_entropy._cross_entropy_backward_op,
             (x.detach(), t, w.detach(), rand(4, seed=9), 1, -100, "none", *ce[1:]),
         ),
-        "scale_grad": (_cross_entropy._scale_grad_op, (dy, rand(4, seed=7), 1, x.detach())),
+        "scale_grad": (_cross_entropy.scale_grad_op, (dy, rand(4, seed=7), 1, x.detach())),
         "linear_cross_entropy": (
             _linear_cross_entropy._linear_ce_op,
             (h, wl, t, b, None, -100, "none", 0.1, 0.0, None, None),

@@ -135,7 +135,7 @@ def test_direct_route_picks_the_kernel_the_dispatcher_would():
     assert both._kernel(OnCuda()) == "cuda" and both._kernel(OnCpu()) == "decorated"
     assert decorated_only._kernel(OnCuda()) == "decorated"
     assert decorated_only._kernel(OnCpu()) == "decorated"
-    assert "cuda" not in _cross_entropy._scale_grad_op._kernels  # the case that failed on the GPU
+    assert "cuda" not in _cross_entropy.scale_grad_op._kernels  # the case that failed on the GPU
 
 
 def test_dispatcher_route_still_serves_meta_and_fake_tensors():

@@ -1,7 +1,7 @@
 """The one emulation of the CUDA kernels for every test of the CUDA path's Python side (no GPU here).
 
-The fixture `cuda_kernels` (conftest.py) makes CPU torch tensors count as CUDA arrays and replaces `_core.cuda_*` (where
-normax._backends.cuda.device calls them, the one place that does) by what each kernel computes
+The fixture `cuda_kernels` (conftest.py) makes CPU torch tensors count as CUDA arrays and replaces the `_core.cuda_*`
+functions (which normax._backends.cuda calls through `device.run`) by what each kernel computes
 from the contiguous row-major buffers its DLPack capsules describe, in float64 torch ops. The
 CUDA path's functions must then give the CPU functions' results: this checks argument handling,
 layouts, reductions, gradient scales, PowerNorm's state bookkeeping and result shapes. The
@@ -28,7 +28,9 @@ STREAM = 0x5EED  # the caller's "current stream": every kernel must run on it
 
 
 def _t(capsule):
-    return None if capsule is None else torch.from_dlpack(capsule)
+    if capsule is None or isinstance(capsule, torch.Tensor):  # a capsule is read once
+        return capsule
+    return torch.from_dlpack(capsule)
 
 
 def _rows(capsule, rows, cols):
@@ -55,15 +57,14 @@ class EmulatedKernels:
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
-    def __getattr__(self, name):
-        if not name.startswith("cuda_"):
-            raise AttributeError(name)
-        kernel = getattr(type(self), "_" + name[len("cuda_") :])
-        assert hasattr(_core, name) or not hasattr(_core, "cuda_softmax"), f"no such kernel: {name}"
+    def kernel(self, name: str):
+        """The emulation of ``_core.<name>``, recording each call; the stream comes last."""
+        emulated = getattr(type(self), "_" + name[len("cuda_") :])
 
         def call(*args):
-            self.calls.append((name, args[-2], args[-1]))
-            return kernel(*args[:-2])
+            stream = args[-1]
+            self.calls.append((name, stream.device, stream.handle))
+            return emulated(*args[:-1])
 
         return call
 
@@ -72,23 +73,27 @@ class EmulatedKernels:
         return []
 
     @staticmethod
-    def _softmax(x, out, rows, cols, log):
+    def _softmax(x, out, shape, log):
+        rows, cols = shape
         v = _rows(x, rows, cols).double()
         _rows(out, rows, cols).copy_(torch.log_softmax(v, -1) if log else torch.softmax(v, -1))
 
     @staticmethod
-    def _stablemax(x, out, rows, cols, log):
+    def _stablemax(x, out, shape, log):
+        rows, cols = shape
         v = _rows(x, rows, cols).double()
         s = torch.where(v >= 0, v + 1, 1 / (1 - v.clamp(max=0)))
         y = s / s.sum(-1, keepdim=True)
         _rows(out, rows, cols).copy_(torch.log(y) if log else y)
 
     @staticmethod
-    def _logsumexp(x, out, rows, cols):
+    def _logsumexp(x, out, shape):
+        rows, cols = shape
         _vec(out, rows).copy_(torch.logsumexp(_rows(x, rows, cols).double(), -1))
 
     @staticmethod
-    def _softmax_backward(y, dy, dx, rows, cols, log):
+    def _softmax_backward(y, dy, dx, shape, log):
+        rows, cols = shape
         yv, dyv = _rows(y, rows, cols).double(), _rows(dy, rows, cols).double()
         if log:
             r = dyv - yv.exp() * dyv.sum(-1, keepdim=True)
@@ -97,9 +102,10 @@ class EmulatedKernels:
         _rows(dx, rows, cols).copy_(r)
 
     @staticmethod
-    def _cross_entropy(
-        logits, target, weight, loss_rows, grad, scale, stride, rows, cols, ignore, eps, z, cap
-    ):
+    def _cross_entropy(inputs, options, shape, loss_rows, scaled):
+        (logits, target, weight), (rows, cols) = inputs, shape
+        grad, scale, stride = (None, None, 0) if scaled is None else scaled
+        ignore, eps, z, cap = options.ignore_index, options.label_smoothing, options.z_loss, options.softcap
         x = _rows(logits, rows, cols).double().clone()  # grad may be the logits themselves
         if cap:
             x = cap * torch.tanh(x / cap)
@@ -144,7 +150,9 @@ class EmulatedKernels:
     # row: lse hi, lo; the target logit; with label smoothing sum_c w_c (lse - x_c) as hi, lo).
 
     @staticmethod
-    def _shard_stats(logits, target, weight, packed, rows, start, length, ignore, eps, cap):
+    def _vocab_parallel_stats(logits, labels, shard, options, packed):
+        (target, weight), rows, start, length = labels, shard.rows, shard.start, shard.length
+        ignore, eps, cap = options.ignore_index, options.label_smoothing, options.softcap
         x = _rows(logits, rows, length).double()
         if cap:
             x = cap * torch.tanh(x / cap)
@@ -181,24 +189,10 @@ class EmulatedKernels:
         _rows(packed, rows, fields).copy_(out)
 
     @staticmethod
-    def _shard_backward(
-        logits,
-        target,
-        weight,
-        lse,
-        grad,
-        scale,
-        stride,
-        rows,
-        start,
-        length,
-        classes,
-        w_sum,
-        ignore,
-        eps,
-        z,
-        cap,
-    ):
+    def _vocab_parallel_backward(logits, labels, shard, options, saved, scaled):
+        (target, weight), (lse, w_sum), (grad, scale, stride) = labels, saved, scaled
+        rows, start, length, classes = shard.rows, shard.start, shard.length, shard.classes
+        ignore, eps, z, cap = options.ignore_index, options.label_smoothing, options.z_loss, options.softcap
         x = _rows(logits, rows, length).double()
         if cap:
             x = cap * torch.tanh(x / cap)
@@ -241,7 +235,9 @@ class EmulatedKernels:
         return torch.zeros(x.shape[0], dtype=x.dtype), 1 / torch.sqrt(ms / d + eps)
 
     @staticmethod
-    def _norm_forward(kind, x, weight, bias, out, mean, rstd, rows, cols, eps):
+    def _norm_forward(options, x, params, out, stats, shape):
+        (weight, bias), (mean, rstd), (rows, cols) = params, stats, shape
+        kind, eps = options.kind, options.eps
         xv = _rows(x, rows, cols).double()
         mu, rs = EmulatedKernels._stats(kind, xv, eps)
         if mean is not None:
@@ -257,7 +253,9 @@ class EmulatedKernels:
             _rows(out, rows, cols).copy_(y)
 
     @staticmethod
-    def _norm_backward(kind, dy, x, weight, mean, rstd, dx, dweight, dbias, rows, cols):
+    def _norm_backward(options, inputs, saved, dx, dparams, shape):
+        (dy, x, weight), (mean, rstd), (dweight, dbias), (rows, cols) = inputs, saved, dparams, shape
+        kind = options.kind
         xv, dyv = _rows(x, rows, cols).double(), _rows(dy, rows, cols).double()
         mu = _vec(mean, rows).double() if mean is not None else torch.zeros(rows, dtype=torch.float64)
         rs = _vec(rstd, rows).double()[:, None]
@@ -283,8 +281,11 @@ class EmulatedKernels:
         return (xs * s).reshape(tokens, c), s
 
     @staticmethod
-    def _power_norm_forward(x, tokens, c, groups, eps, pad, sumsq, scale, shift, y):
-        assert (scale is None) == (shift is None) == (y is None)
+    def _power_norm_forward(options, x, pad, sumsq, out):
+        c, groups, eps = options.channels, options.groups, options.eps
+        x = _t(x)
+        tokens = x.numel() // c
+        scale, shift, y = (None, None, None) if out is None else out
         u, _ = EmulatedKernels._group_scaled(x, tokens, c, groups, eps)
         if sumsq is not None:
             keep = torch.ones(tokens, dtype=torch.bool) if pad is None else _vec(pad, tokens) == 0
@@ -293,7 +294,11 @@ class EmulatedKernels:
             _rows(y, tokens, c).copy_(u * _vec(scale, c).double() + _vec(shift, c).double())
 
     @staticmethod
-    def _power_norm_backward(dy, x, tokens, c, groups, eps, weight, zscale, ema, dscale, dx, sums):
+    def _power_norm_backward(options, inputs, saved, outs):
+        (dy, x, weight), (zscale, ema, dscale), (dx, sums) = inputs, saved, outs
+        c, groups, eps = options.channels, options.groups, options.eps
+        x = _t(x)
+        tokens = x.numel() // c
         cg = c // groups
         u, s = EmulatedKernels._group_scaled(x, tokens, c, groups, eps)
         d = _rows(dy, tokens, c).double()
@@ -307,10 +312,23 @@ class EmulatedKernels:
         _vec(sums, 3 * c).copy_(torch.cat([(gh * z).sum(0), (d * z).sum(0), d.sum(0)]))
 
 
+# The kernels' entry points (each takes the caller's CudaStream last).
+_KERNELS = [
+    "cuda_" + n
+    for n in (
+        "softmax", "stablemax", "logsumexp", "softmax_backward", "cross_entropy", "vocab_parallel_stats",
+        "vocab_parallel_backward", "norm_forward", "norm_backward", "power_norm_forward", "power_norm_backward",
+    )
+]  # fmt: skip
+
+
 def emulate(monkeypatch, is_cuda) -> EmulatedKernels:
     """Arrays for which `is_cuda` holds count as CUDA arrays; the kernels are emulated."""
     kernels = EmulatedKernels()
-    monkeypatch.setattr(device, "_core", kernels)
+    monkeypatch.setattr(_core, "cuda_compile_all", EmulatedKernels._compile_all, raising=False)
+    for name in _KERNELS:
+        assert hasattr(_core, name) or not hasattr(_core, "cuda_softmax"), f"no such kernel: {name}"
+        monkeypatch.setattr(_core, name, kernels.kernel(name), raising=False)
     for module in (device, cuda):
         monkeypatch.setattr(module, "is_cuda_array", is_cuda)
     monkeypatch.setattr(device.Lib, "current_stream", lambda self: STREAM)

@@ -215,14 +215,14 @@ def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(cuda_kernels, 
     t = torch.randint(0, 13, (9,), generator=rng)
     t[3] = -100
     for reduction, go in (("mean", None), ("sum", None), ("none", torch.rand(9, generator=rng))):
-        opts = (-100, reduction, 0.1, 1e-3, None, 26)
+        args = (-100, reduction, 0.1, 1e-3, None, 26)  # the options, chunk_size
         same_tensors(
-            [nt._linear_ce_cuda(h, w, t, bias, None, *opts)], [nt._linear_ce_op(h, w, t, bias, None, *opts)]
+            [nt._linear_ce_cuda(h, w, t, bias, None, *args)], [nt._linear_ce_op(h, w, t, bias, None, *args)]
         )
-        got = nt._linear_ce_with_grad_cuda(h, w, t, bias, None, *opts, go)
-        same_tensors(got, nt._linear_ce_with_grad_op(h, w, t, bias, None, *opts, go))
+        got = nt._linear_ce_with_grad_cuda(h, w, t, bias, None, *args, go)
+        same_tensors(got, nt._linear_ce_with_grad_op(h, w, t, bias, None, *args, go))
     with pytest.raises(NotImplementedError, match="no CUDA kernel for class weights"):
-        nt._linear_ce_cuda(h, w, t, bias, torch.ones(13), *opts)
+        nt._linear_ce_cuda(h, w, t, bias, torch.ones(13), *args)
     assert cuda_kernels.names().count("cuda_cross_entropy") > 3  # several blocks (26 elements: 2 rows)
 
 

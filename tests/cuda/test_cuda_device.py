@@ -76,36 +76,40 @@ def capsule(shape, *, device_type=2, device_id=0, code=2, bits=32, strides=None,
     return new(ctypes.addressof(m), b"dltensor", None)
 
 
+S = _core.CudaStream(0, 0)  # device 0, the legacy default stream
+
+
 def test_capsules_are_checked_before_any_cuda_call():
     x, y = capsule((2, 3)), capsule((2, 3))
     with pytest.raises(ValueError, match="out: expected 6 elements"):
-        _core.cuda_softmax(x, capsule((2, 2)), 2, 3, False, 0, 0)
+        _core.cuda_softmax(x, capsule((2, 2)), (2, 3), False, S)
     with pytest.raises(ValueError, match="x: not a CUDA array"):
-        _core.cuda_softmax(capsule((2, 3), device_type=1), y, 2, 3, False, 0, 0)
+        _core.cuda_softmax(capsule((2, 3), device_type=1), y, (2, 3), False, S)
     with pytest.raises(ValueError, match="out: is on cuda:1"):
-        _core.cuda_softmax(x, capsule((2, 3), device_id=1), 2, 3, False, 0, 0)
+        _core.cuda_softmax(x, capsule((2, 3), device_id=1), (2, 3), False, S)
     with pytest.raises(ValueError, match="x: must be C-contiguous"):
-        _core.cuda_softmax(capsule((2, 3), strides=(1, 2)), y, 2, 3, False, 0, 0)
+        _core.cuda_softmax(capsule((2, 3), strides=(1, 2)), y, (2, 3), False, S)
     with pytest.raises(TypeError, match="x: unsupported element type"):
-        _core.cuda_softmax(capsule((2, 3), bits=64), y, 2, 3, False, 0, 0)
+        _core.cuda_softmax(capsule((2, 3), bits=64), y, (2, 3), False, S)
     with pytest.raises(ValueError, match="out: expected F32 elements, got F16"):
-        _core.cuda_softmax(x, capsule((2, 3), bits=16), 2, 3, False, 0, 0)
+        _core.cuda_softmax(x, capsule((2, 3), bits=16), (2, 3), False, S)
     with pytest.raises(TypeError, match="x: expected a DLPack capsule"):
-        _core.cuda_softmax(np.zeros((2, 3), np.float32), y, 2, 3, False, 0, 0)
+        _core.cuda_softmax(np.zeros((2, 3), np.float32), y, (2, 3), False, S)
     with pytest.raises(ValueError, match="target: expected 2 class indices"):
         _core.cuda_cross_entropy(
-            x, capsule((3,), code=0, bits=64), None, capsule((2,)), None, None, 0, 2, 3, -100, 0.0, 0.0, 0.0, 0, 0
-        )  # fmt: skip
+            (x, capsule((3,), code=0, bits=64), None), _core.CeOptions(), (2, 3), capsule((2,)), None, S
+        )
     with pytest.raises(ValueError, match="rstd: expected 2 elements"):
-        _core.cuda_norm_backward("rms", x, x, None, None, capsule((3,)), y, None, None, 2, 3, 0, 0)
+        rms = _core.NormOptions("rms", 1e-6)
+        _core.cuda_norm_backward(rms, (x, x, None), (None, capsule((3,))), y, (None, None), (2, 3), S)
     # Size-1 axes may carry any stride (as torch exports them).
     with pytest.raises((RuntimeError, ValueError)) as info:
-        _core.cuda_softmax(capsule((1, 3), strides=(7, 1)), capsule((1, 3)), 1, 3, False, 0, 0)
+        _core.cuda_softmax(capsule((1, 3), strides=(7, 1)), capsule((1, 3)), (1, 3), False, S)
     assert "contiguous" not in str(info.value)
     # So may every axis of an empty array: torch's x[:, 0:0].contiguous() keeps x's strides.
     # (Nothing to compute, so the call may return without reaching the driver.)
     try:
-        _core.cuda_softmax(capsule((5, 0), strides=(16, 1)), capsule((5, 0)), 5, 0, False, 0, 0)
+        _core.cuda_softmax(capsule((5, 0), strides=(16, 1)), capsule((5, 0)), (5, 0), False, S)
     except (RuntimeError, ValueError) as e:
         assert "contiguous" not in str(e)
 
@@ -113,7 +117,7 @@ def test_capsules_are_checked_before_any_cuda_call():
 @pytest.mark.skipif(cuda.available(), reason="checks the error of a machine without a CUDA driver")
 def test_without_a_driver_the_error_says_why():
     with pytest.raises(RuntimeError, match="CUDA driver library"):
-        _core.cuda_softmax(capsule((2, 3)), capsule((2, 3)), 2, 3, False, 0, 0)
+        _core.cuda_softmax(capsule((2, 3)), capsule((2, 3)), (2, 3), False, S)
 
 
 class FakeCudaArray:
@@ -159,27 +163,26 @@ def test_backend_and_device_arguments_are_validated():
 def test_power_norm_capsules_are_checked_before_any_cuda_call():
     x = capsule((4, 6))
     c6 = capsule((6,))
-    with pytest.raises(ValueError, match="group_num: 4 does not divide the 6 channels"):
-        _core.cuda_power_norm_forward(x, 4, 6, 4, 1e-5, None, c6, None, None, None, 0, 0)
-    with pytest.raises(ValueError, match="pad_mask: expected 4 elements"):
-        _core.cuda_power_norm_forward(x, 4, 6, 1, 1e-5, capsule((3,)), c6, None, None, None, 0, 0)
-    with pytest.raises(ValueError, match="sumsq: expected F32 elements, got F16"):
-        _core.cuda_power_norm_forward(x, 4, 6, 1, 1e-5, None, capsule((6,), bits=16), None, None, None, 0, 0)
-    with pytest.raises(ValueError, match="y: scale, shift and y are given together"):
-        _core.cuda_power_norm_forward(x, 4, 6, 1, 1e-5, None, None, c6, None, capsule((4, 6)), 0, 0)
+    options = _core.PowerNormOptions(6, 1, 1e-5)
+    with pytest.raises(ValueError, match="group_num 4 does not divide the 6 channels"):
+        _core.PowerNormOptions(6, 4, 1e-5)
     with pytest.raises(ValueError, match="eps: must be finite and >= 0"):
-        _core.cuda_power_norm_forward(x, 4, 6, 1, float("nan"), None, c6, None, None, None, 0, 0)
-    with pytest.raises(ValueError, match="x: expected 30 elements"):
-        _core.cuda_power_norm_forward(x, 5, 6, 1, 1e-5, None, c6, None, None, None, 0, 0)
-    # backward: dy, x, tokens, channels, groups, eps, weight, zscale, ema, dscale, dx, sums
+        _core.PowerNormOptions(6, 1, float("nan"))
+    with pytest.raises(ValueError, match="pad_mask: expected 4 elements"):
+        _core.cuda_power_norm_forward(options, x, capsule((3,)), c6, None, S)
+    with pytest.raises(ValueError, match="sumsq: expected F32 elements, got F16"):
+        _core.cuda_power_norm_forward(options, x, None, capsule((6,), bits=16), None, S)
+    with pytest.raises(ValueError, match="y: expected 24 elements"):
+        _core.cuda_power_norm_forward(options, x, None, None, (c6, c6, capsule((5, 6))), S)
+    # backward: options, (dy, x, weight), (zscale, ema, dscale), (dx, sums), stream
     ok = {"weight": c6, "zscale": c6, "ema": c6, "dscale": c6, "dx": capsule((4, 6)), "sums": capsule((18,))}
+    grouped = _core.PowerNormOptions(6, 2, 1e-5)
 
     def backward(**changed):
         a = {**ok, **changed}
         _core.cuda_power_norm_backward(
-            capsule((4, 6)), x, 4, 6, 2, 1e-5, a["weight"], a["zscale"], a["ema"], a["dscale"], a["dx"],
-            a["sums"], 0, 0,
-        )  # fmt: skip
+            grouped, (capsule((4, 6)), x, a["weight"]), (a["zscale"], a["ema"], a["dscale"]), (a["dx"], a["sums"]), S
+        )
 
     for name in ("weight", "zscale", "ema", "dscale"):
         with pytest.raises(ValueError, match=f"{name}: expected 6 elements"):
@@ -197,9 +200,7 @@ def test_power_norm_capsules_are_checked_before_any_cuda_call():
 @pytest.mark.skipif(cuda.available(), reason="checks the error of a machine without a CUDA driver")
 def test_power_norm_without_a_driver_the_error_says_why():
     with pytest.raises(RuntimeError, match="CUDA driver library"):
-        _core.cuda_power_norm_forward(
-            capsule((4, 6)), 4, 6, 1, 1e-5, None, capsule((6,)), None, None, None, 0, 0
-        )
+        _core.cuda_power_norm_forward(_core.PowerNormOptions(6, 1, 1e-5), capsule((4, 6)), None, capsule((6,)), None, S)
 
 
 def test_the_stub_file_lists_every_extension_function():
@@ -207,7 +208,7 @@ def test_the_stub_file_lists_every_extension_function():
     import re
 
     stub = (pathlib.Path(_core.__file__).parent / "_core.pyi").read_text()
-    listed = set(re.findall(r"^def (\w+)\(", stub, flags=re.MULTILINE))
+    listed = set(re.findall(r"^(?:def|class) (\w+)[(:]", stub, flags=re.MULTILINE))
     built = {name for name in dir(_core) if not name.startswith("_") and callable(getattr(_core, name))}
     assert built <= listed, f"missing from _core.pyi: {sorted(built - listed)}"
 

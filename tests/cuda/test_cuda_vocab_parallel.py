@@ -151,8 +151,8 @@ def run_case(group, world, opts, uneven, n=9, all_ignored=False):
 def test_matches_the_cpu_cross_entropy(cuda_kernels, group, world, opts, uneven):
     run_case(group, world, opts, uneven)
     names = cuda_kernels.names()
-    assert names.count("cuda_shard_stats") == world and names.count("cuda_shard_backward") == world
-    assert set(names) == {"cuda_shard_stats", "cuda_shard_backward"}  # nothing on the CPU kernels
+    assert names.count("cuda_vocab_parallel_stats") == world and names.count("cuda_vocab_parallel_backward") == world
+    assert set(names) == {"cuda_vocab_parallel_stats", "cuda_vocab_parallel_backward"}  # nothing on the CPU kernels
     assert all(c[2] == STREAM for c in cuda_kernels.calls)  # on the caller's current stream
 
 
@@ -179,7 +179,7 @@ def test_16_bit_logits_keep_their_dtype(cuda_kernels, group):
     for loss, grad in fg.run(rank):
         assert loss.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
         np.testing.assert_allclose(float(loss.detach()), float(ref), rtol=1e-2)
-    logits_calls = [c for c in cuda_kernels.calls if c[0] == "cuda_shard_stats"]
+    logits_calls = [c for c in cuda_kernels.calls if c[0] == "cuda_vocab_parallel_stats"]
     assert len(logits_calls) == 2
 
 
@@ -284,8 +284,8 @@ def test_linear_matches_the_cpu(cuda_kernels, group, world, opts, uneven):
         if b is not None:
             np.testing.assert_allclose(grads[2].numpy(), grefs[2][mine].numpy(), rtol=1e-5, atol=1e-6)
     names = cuda_kernels.names()
-    blocks = names.count("cuda_shard_stats")
-    assert blocks >= world and names.count("cuda_shard_backward") == blocks
+    blocks = names.count("cuda_vocab_parallel_stats")
+    assert blocks >= world and names.count("cuda_vocab_parallel_backward") == blocks
     if chunk == 1:
         assert blocks == world * n  # one row per block
 

@@ -47,7 +47,7 @@ def cpu_stats(x, t, w, start, opts):
 
 def gpu_stats(x, t, w, start, opts):
     packed = torch.full((x.shape[0], vocab_parallel.fields(opts)), 7.0, device=DEV)
-    cuda.shard_stats(Lib(x, "test"), x, t, w, packed, start, opts)
+    cuda.vocab_parallel_stats(Lib(x, "test"), x, t, w, packed, start, opts)
     return packed.cpu().numpy()
 
 
@@ -116,7 +116,7 @@ def test_shard_kernels_match_the_cpu(dtype, rows, v, split, opts):
     gout = torch.tensor(0.75, device=DEV)
     for start, length in shards:
         xs = x[:, start : start + length].contiguous()
-        got = cuda.shard_backward(Lib(xs, "test"), xs, t, w, lse32, gout, denom, start, v, w_sum, o)
+        got = cuda.vocab_parallel_backward(Lib(xs, "test"), xs, t, w, lse32, gout, denom, start, v, w_sum, o)
         assert got.dtype == dtype and got.shape == xs.shape
         want = vocab_parallel.backward(xs.float().cpu().numpy(), tn, wn, lse, denom, 0.75, start, v, o)
         # float32 exp of x - lse (the kernel's hi/lo in float32); 16-bit outputs rounded once more.

@@ -28,11 +28,11 @@ from .._options import (
     ce_inputs,
     ce_options,
     ce_results,
-    check_eps,
     grad_output_rows,
     index_error,
     machine_eps,
     norm_axes,
+    norm_options,
     param,
 )
 from .._stablemax import check_normalizer
@@ -42,14 +42,14 @@ _F32 = np.dtype(np.float32)
 _CPU_HINT = "use the CPU (default) backend"
 
 
-def _native(name: str):
-    f = getattr(_core, "wgpu_" + name, None)
-    if f is None:
+def _built():
+    """The extension module, once it is known to have the wgpu kernels."""
+    if not hasattr(_core, "wgpu_softmax"):
         raise RuntimeError(
             "normax was built without the wgpu feature: rebuild with `maturin build --features wgpu` "
             f"(the released wheels have it), or {_CPU_HINT}"
         )
-    return f
+    return _core
 
 
 def adapter() -> str:
@@ -61,7 +61,7 @@ def adapter() -> str:
         When there is no adapter (no GPU driver; on Linux, Mesa's ``mesa-vulkan-drivers`` provides
         the lavapipe software device) or normax was built without the wgpu feature.
     """
-    return _native("adapter")()
+    return _built().wgpu_adapter()
 
 
 def available() -> bool:
@@ -96,12 +96,12 @@ def _restore(y: np.ndarray, plan: Plan) -> np.ndarray:
     return plan.restore(y.reshape(plan.arranged_shape))
 
 
-def _map(name: str, x, axis, out):
+def _map(kernel, x, axis, out):
     a, result_dtype = _input(x)
     if out is not None:
         check_out(out, a.shape, result_dtype)
     plan = Plan(a.shape, normalize_axes(axis, a.ndim), last=True)
-    y = _native(name)(_rows(a, plan))
+    y = kernel(_rows(a, plan))
     return finish(_restore(y, plan), result_dtype, out)
 
 
@@ -126,7 +126,7 @@ def softmax(x, axis=-1, *, out=None):
     One workgroup per row: the row's max, the sum of ``exp(x - max)`` (compensated), then the
     output. Within about 2e-5 relative of the CPU result for |x| up to ~30.
     """
-    return _map("softmax", x, axis, out)
+    return _map(_built().wgpu_softmax, x, axis, out)
 
 
 def log_softmax(x, axis=-1, *, out=None):
@@ -135,7 +135,7 @@ def log_softmax(x, axis=-1, *, out=None):
     As :func:`softmax` for parameters, errors and special values; -inf entries of other rows
     give -inf. Absolute errors are about 2e-5 (1 + |result|) against the CPU backend.
     """
-    return _map("log_softmax", x, axis, out)
+    return _map(_built().wgpu_log_softmax, x, axis, out)
 
 
 def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
@@ -159,7 +159,7 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
         raise missing("wgpu", "logsumexp", "return_sign=True")
     a, result_dtype = _input(x)
     plan = Plan(a.shape, normalize_axes(axis, a.ndim), last=True)
-    res = _native("logsumexp")(_rows(a, plan))
+    res = _built().wgpu_logsumexp(_rows(a, plan))
     res = res.reshape(plan.keepdims_shape if keepdims else plan.reduced_shape)
     res = finish(res, result_dtype, None)
     return res[()] if res.ndim == 0 else res
@@ -171,15 +171,13 @@ def _norm(kind: str, x, weight, bias, eps, axis, out, return_stats):
     a, result_dtype = _input(x)
     axes = norm_axes(axis, a.ndim)
     shape = a.shape[axes[0] :]
-    e = check_eps(machine_eps(result_dtype) if eps is None else eps)
+    options = norm_options(kind, machine_eps(result_dtype) if eps is None else eps)
     w = param(weight, "weight", shape, _F32)
+    b = param(bias, "bias", shape, _F32)
     if out is not None:
         check_out(out, a.shape, result_dtype)
     plan = Plan(a.shape, axes, last=True)
-    if kind == "rms":
-        y = _native("rms_norm")(_rows(a, plan), w, e)
-    else:
-        y = _native("layer_norm")(_rows(a, plan), w, param(bias, "bias", shape, _F32), e)
+    y = _built().wgpu_norm(options, _rows(a, plan), w, b)
     return finish(_restore(y, plan), result_dtype, out)
 
 
@@ -243,11 +241,10 @@ def _cross_entropy(
     row_shape = shape[:ax] + shape[ax + 1 :]
     plan = Plan(shape, (ax,), last=True)
     tk = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
-    grad_rows, grad_scalar = None, 0.0
-    if with_grad:
-        grad_rows, grad_scalar = grad_output_rows(grad_output, reduction, row_shape, _F32)
+    go = grad_output_rows(grad_output, reduction, row_shape, _F32) if with_grad else None
+    kernels = _built()
     try:
-        loss, grad = _native("cross_entropy")(_rows(x, plan), tk, w, *opts, with_grad, grad_rows, grad_scalar)
+        loss, grad = kernels.wgpu_cross_entropy(_rows(x, plan), tk, w, opts, go)
     except IndexError:
         raise index_error(t, classes, ignore_index) from None
     grad = _restore(grad, plan) if with_grad else None

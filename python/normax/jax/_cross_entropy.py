@@ -20,11 +20,9 @@ def _ce_rows(logits, labels, weight, opts):
 
 
 def _ce_impl(x, t, w=None, *, opts, with_grad):
-    axis, options, normalizer = opts
-    kw = {"axis": axis, "weight": w, "normalizer": normalizer, **options._asdict()}
-    if with_grad:
-        return cpu.cross_entropy_with_grad(x, t, **kw)
-    return (cpu.cross_entropy(x, t, **kw),)
+    axis, options, stable = opts
+    r = cpu.checked_cross_entropy(x, t, axis, w, options, stable, with_grad)
+    return r if with_grad else (r,)
 
 
 def _ce_forward(logits, labels, weight, opts, with_grad):
@@ -104,7 +102,7 @@ def cross_entropy(
     """
     fname = "normax.jax.cross_entropy"
     options = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    check_normalizer(normalizer)
+    stable = check_normalizer(normalizer)
     logits = floating(logits, fname)
     labels = jnp.asarray(labels)
     if is_complex(labels) or is_complex(weight):
@@ -118,7 +116,7 @@ def cross_entropy(
     if weight is not None:
         weight = jnp.asarray(weight).astype(logits.dtype)
     # The kernel returns per-example losses; the reduction is jnp code (it batches under vmap).
-    rows = _ce_rows(logits, labels, weight, (ax, options._replace(reduction="none"), normalizer))
+    rows = _ce_rows(logits, labels, weight, (ax, options.replace(reduction="none"), stable))
     if options.reduction == "none":
         return rows
     total = jnp.sum(rows)

@@ -1,25 +1,24 @@
 """cross_entropy: custom ops, fake kernels, autograd, CUDA kernels, the public function.
 
-Every op takes the loss options as the fields of :class:`normax._options.CeOptions`, in its order,
-checked once by ``ce_options`` (the NumPy API's checks and messages).
+Every op takes the loss options as the fields of :class:`normax._options.CeOptions` (Python
+scalars, as custom-op schemas want), checked once by ``ce_options`` at the public function (the
+NumPy API's checks and messages); the ops rebuild the options object from them.
 """
 
 from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _core
 from .. import _cross_entropy as cpu
 from .._backends import cuda
-from .._options import CeOptions, ce_options, index_error, softcap_dtype
+from .._options import CeOptions, ce_options
 from .._stablemax import check_normalizer
-from ._convert import absent, check_float, dense, host, host_opt, kernel_views, needs_grad, to_tensor
+from ._convert import absent, check_float, dense, host, host_opt, needs_grad, to_tensor
 from ._op import op
-from ._softmax import _log_softmax_op
+from ._softmax import log_softmax_op
 from ._stablemax import stablemax_logits
 from ._vocab_parallel import maybe_vocab_parallel
 
@@ -32,53 +31,28 @@ def _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -
 
 
 @torch.compiler.assume_constant_result
-def _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> tuple:
+def checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> tuple:
     # Python scalars in, a constant out: torch.compile runs the NumPy API's checks once while
     # tracing instead of tracing into them, and an eager training loop checks its (unchanging)
-    # options once. A plain tuple, not the CeOptions NamedTuple: torch 2.11's dynamo cannot
-    # unpack a NamedTuple constant (it guards on a constant source and fails the fullgraph
-    # compile), while a tuple of literals is a constant it unpacks natively.
+    # options once. A plain tuple of literals, not the CeOptions object: the custom ops' schemas
+    # take Python scalars, and torch 2.11's dynamo cannot unpack a NamedTuple constant (it guards
+    # on a constant source and fails the fullgraph compile) while it unpacks a tuple natively.
     try:
         opts = _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     except TypeError:  # unhashable arguments: checked uncached (and most likely refused)
         opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return tuple(opts)
+    return opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap
 
 
-def _cpu_rows(input, target, weight, axis, opts: CeOptions, with_grad: bool):
-    """The common CPU call straight to the kernel: (loss, dlogits or None) as tensors, or None.
-
-    Rows of float32/float64 logits with the classes last and contiguous, int64 class indices,
-    no or a matching class weight: exactly the kernel call the NumPy API makes for them, without
-    its conversions and checks (about 10 µs, as much as the kernel at training-step sizes).
-    Anything else (None) takes :func:`normax.cross_entropy` itself.
-    """
-    if not (
-        input.ndim == 2
-        and axis == 1
-        and target.dtype == torch.int64
-        and target.ndim == 1
-        and target.shape[0] == input.shape[0]
-        and target.is_contiguous()
-        and (weight is None or weight.shape == input.shape[1:])
-    ):
-        return None
-    views = kernel_views(input, weight)
-    if views is None:
-        return None
-    x, w = views
-    if opts.softcap is not None and softcap_dtype(opts.softcap, x.dtype) != x.dtype:
-        return None  # a cap the logits' dtype cannot hold: the NumPy API computes in float64
-    t = target.numpy()
-    rows, classes = x.shape
-    loss = np.empty(rows if opts.reduction == "none" else 1, x.dtype)
-    grad = np.empty_like(x) if with_grad else None
-    try:
-        _core.cross_entropy(x, t, w, loss, grad, None, 1.0, rows, classes, *opts)
-    except IndexError:
-        raise index_error(t, classes, opts.ignore_index) from None
-    loss = torch.from_numpy(loss if opts.reduction == "none" else loss.reshape(()))
-    return loss, None if grad is None else torch.from_numpy(grad)
+def _cpu(input, target, weight, axis, opts: CeOptions, with_grad: bool, grad_loss=None):
+    """The NumPy-first op on the tensors' memory: (loss, dlogits or None) as tensors of the input's
+    dtype (its common call goes straight to the kernel, see ``normax._cross_entropy``)."""
+    grad_output = 1.0 if grad_loss is None else host(grad_loss)
+    r = cpu.checked_cross_entropy(
+        host(input), host(target), axis, host_opt(weight), opts, False, with_grad, grad_output
+    )
+    loss, grad = r if with_grad else (r, None)
+    return to_tensor(loss, input.dtype), None if grad is None else to_tensor(grad, input.dtype)
 
 
 def _loss_shape(input: Tensor, axis: int, reduction: str) -> list[int]:
@@ -104,11 +78,7 @@ def _cross_entropy_op(
     softcap: float | None,
 ) -> Tensor:
     opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    direct = _cpu_rows(input, target, weight, axis, opts, False)
-    if direct is not None:
-        return direct[0]
-    loss = cpu.cross_entropy(host(input), host(target), axis=axis, weight=host_opt(weight), **opts._asdict())
-    return to_tensor(loss, input.dtype)
+    return _cpu(input, target, weight, axis, opts, False)[0]
 
 
 @_cross_entropy_op.register_fake
@@ -131,13 +101,7 @@ def _cross_entropy_with_grad_op(
     softcap: float | None,
 ) -> tuple[Tensor, Tensor]:
     opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    direct = _cpu_rows(input, target, weight, axis, opts, True)
-    if direct is not None:
-        return direct
-    loss, dlogits = cpu.cross_entropy_with_grad(
-        host(input), host(target), axis=axis, weight=host_opt(weight), **opts._asdict()
-    )
-    return to_tensor(loss, input.dtype), to_tensor(dlogits, input.dtype)
+    return _cpu(input, target, weight, axis, opts, True)
 
 
 @_cross_entropy_with_grad_op.register_fake
@@ -148,7 +112,7 @@ def _cross_entropy_with_grad_fake(
 
 
 @op("normax::scale_grad")
-def _scale_grad_op(g: Tensor, scale: Tensor, dim: int, anchor: Tensor) -> Tensor:
+def scale_grad_op(g: Tensor, scale: Tensor, dim: int, anchor: Tensor) -> Tensor:
     """``g * scale``, `scale` 0-d or shaped like `g` without `dim` (a per-row loss's gradient).
 
     `g` is a gradient the forward formed (saved, so no longer connected to the forward's input).
@@ -161,7 +125,7 @@ def _scale_grad_op(g: Tensor, scale: Tensor, dim: int, anchor: Tensor) -> Tensor
     return (g * scale).to(g.dtype)
 
 
-@_scale_grad_op.register_fake
+@scale_grad_op.register_fake
 def _scale_grad_fake(g, scale, dim, anchor):
     return g.new_empty(g.shape)
 
@@ -175,7 +139,7 @@ def _with_grad_setup(ctx, inputs, output) -> None:
 def _with_grad_grad(ctx, grad_loss: Tensor, _grad_dlogits):
     dlogits, input = ctx.saved_tensors
     # The per-row gradient is linear in the row's loss gradient: scale the one formed in the forward.
-    return (_scale_grad_op(dlogits, grad_loss, ctx.axis, input),) + (None,) * 8
+    return (scale_grad_op(dlogits, grad_loss, ctx.axis, input),) + (None,) * 8
 
 
 _cross_entropy_with_grad_op.register_autograd(_with_grad_grad, setup_context=_with_grad_setup)
@@ -194,11 +158,8 @@ def _cross_entropy_backward_op(
     z_loss: float,
     softcap: float | None,
 ) -> Tensor:
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)._asdict()
-    _, dlogits = cpu.cross_entropy_with_grad(
-        host(input), host(target), axis=axis, weight=host_opt(weight), grad_output=host(grad_loss), **opts
-    )
-    return to_tensor(dlogits, input.dtype)
+    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _cpu(input, target, weight, axis, opts, True, grad_loss)[1]
 
 
 @_cross_entropy_backward_op.register_fake
@@ -224,7 +185,7 @@ def _target_grad(input, weight, grad_loss, axis, reduction, label_smoothing, sof
     on the target. Torch ops and normax's log_softmax: differentiable again.
     """
     x = input if softcap is None else softcap * torch.tanh(input / softcap)
-    g = _log_softmax_op(x, axis) * -(1.0 - label_smoothing)
+    g = log_softmax_op(x, axis) * -(1.0 - label_smoothing)
     if weight is not None:
         g = g * weight.reshape([-1 if i == axis else 1 for i in range(input.ndim)])
     if reduction == "none":
@@ -257,22 +218,29 @@ _cross_entropy_op.register_autograd(_loss_grad, setup_context=_loss_setup)
 
 
 @_cross_entropy_op.register_kernel("cuda")
-def _cross_entropy_cuda(input, target, weight, axis, *opts):
-    loss = cuda.cross_entropy_rows(_FNAME, input, target, axis, weight, *opts, False, sync_check=False)
+def _cross_entropy_cuda(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss = cuda.cross_entropy_rows(_FNAME, input, target, axis, weight, opts, False, False, sync_check=False)
     return dense(loss)
 
 
 @_cross_entropy_with_grad_op.register_kernel("cuda")
-def _cross_entropy_with_grad_cuda(input, target, weight, axis, *opts):
-    loss, grad = cuda.cross_entropy_rows(_FNAME, input, target, axis, weight, *opts, True, sync_check=False)
+def _cross_entropy_with_grad_cuda(
+    input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
+):
+    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss, grad = cuda.cross_entropy_rows(_FNAME, input, target, axis, weight, opts, False, True, sync_check=False)
     return dense(loss), dense(grad)
 
 
 @_cross_entropy_backward_op.register_kernel("cuda")
-def _cross_entropy_backward_cuda(input, target, weight, grad_loss, axis, *opts):
+def _cross_entropy_backward_cuda(
+    input, target, weight, grad_loss, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
+):
     # grad_loss stays on the device: the kernel reads its scale from there (no sync).
+    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
     _, grad = cuda.cross_entropy_rows(
-        _FNAME, input, target, axis, weight, *opts, True, grad_loss, sync_check=False
+        _FNAME, input, target, axis, weight, opts, False, True, grad_loss, sync_check=False
     )
     return dense(grad)
 
@@ -353,9 +321,9 @@ def cross_entropy(
     )  # fmt: skip
     if vocab_parallel is not None:
         return vocab_parallel
-    opts = _checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    checked = checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, reduction, label_smoothing, z_loss, softcap = checked
     if stablemax:
-        ignore_index, reduction, label_smoothing, z_loss, softcap = opts
         phi = stablemax_logits(input, softcap)
         loss = cross_entropy(
             phi,
@@ -372,8 +340,10 @@ def cross_entropy(
         # CPU: loss and gradient in one pass over the logits; the backward only scales it. (A
         # target that requires grad takes the other op: its backward differentiates both, and a
         # second derivative through the target then raises instead of missing that term.)
-        loss, _ = _cross_entropy_with_grad_op(input, target, weight, axis, *opts)
+        loss, _ = _cross_entropy_with_grad_op(
+            input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
         return loss
     # CUDA (or no gradient): the loss alone; its backward writes the scaled gradient in one
     # kernel, which is fewer passes over the logits than forming it here and scaling it later.
-    return _cross_entropy_op(input, target, weight, axis, *opts)
+    return _cross_entropy_op(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap)

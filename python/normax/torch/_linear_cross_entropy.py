@@ -13,9 +13,9 @@ from torch import Tensor
 
 from .. import _cross_entropy as cpu
 from .._backends import cuda
-from .._options import ce_options, check_chunk_size, linear_logits_shape, target_kind
+from .._options import CeOptions, check_chunk_size, linear_logits_shape, target_kind
 from ._convert import absent, check_float, host, host_opt, needs_grad, to_tensor
-from ._cross_entropy import _scale_grad_op, cross_entropy
+from ._cross_entropy import checked_options, cross_entropy, scale_grad_op
 from ._op import op
 
 _FNAME = "normax.torch.linear_cross_entropy"
@@ -119,9 +119,9 @@ def _with_grad_setup(ctx, inputs, output) -> None:
 
 def _with_grad_grad(ctx, grad_loss, *_):
     dh, dw, db, input, linear_weight = ctx.saved_tensors
-    dh = _scale_grad_op(dh, grad_loss, 0, linear_weight)
-    dw = _scale_grad_op(dw, grad_loss, 0, input)
-    db = _scale_grad_op(db, grad_loss, 0, input) if ctx.has_bias else None
+    dh = scale_grad_op(dh, grad_loss, 0, linear_weight)
+    dw = scale_grad_op(dw, grad_loss, 0, input)
+    db = scale_grad_op(db, grad_loss, 0, input) if ctx.has_bias else None
     return (dh, dw, None, db) + (None,) * 8
 
 
@@ -177,34 +177,40 @@ _linear_ce_op.register_autograd(_grad, setup_context=_setup)
 # assertion, as in torch: no host sync. The kernels take class indices and a (C, H) weight only.
 
 
-def _cuda_args(linear_weight, target, weight, ignore_index):
+def _cuda_options(linear_weight, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The checked options object of the CUDA kernels (which take class indices, a (C, H) weight
+    and no class weights only)."""
     if weight is not None or target.is_floating_point() or linear_weight.ndim != 2:
         raise NotImplementedError(
             f"{_FNAME}: no CUDA kernel for class weights, probability targets or a K-dimensional "
             "linear_weight (CPU tensors take them)"
         )
-    return -100 if ignore_index is None else ignore_index
+    ignore_index = -100 if ignore_index is None else ignore_index
+    return CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
 @_linear_ce_op.register_kernel("cuda")
-def _linear_ce_cuda(input, linear_weight, target, linear_bias, weight, ignore_index, *opts_and_chunk):
-    ignore_index = _cuda_args(linear_weight, target, weight, ignore_index)
+def _linear_ce_cuda(
+    input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
+    softcap, chunk_size,
+):  # fmt: skip
+    opts = _cuda_options(linear_weight, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss = cuda.linear_blocks(
-        _FNAME, input, linear_weight, target, linear_bias, ignore_index, *opts_and_chunk, False,
-        sync_check=False,
-    )  # fmt: skip
+        _FNAME, input, linear_weight, target, linear_bias, opts, chunk_size, False, sync_check=False
+    )
     return loss.to(input.dtype)
 
 
 @_linear_ce_with_grad_op.register_kernel("cuda")
-def _linear_ce_with_grad_cuda(input, linear_weight, target, linear_bias, weight, ignore_index, *rest):
-    ignore_index = _cuda_args(linear_weight, target, weight, ignore_index)
-    *opts_and_chunk, grad_output = rest
+def _linear_ce_with_grad_cuda(
+    input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
+    softcap, chunk_size, grad_output,
+):  # fmt: skip
+    opts = _cuda_options(linear_weight, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     g = 1.0 if grad_output is None else grad_output
     loss, dh, dw, db = cuda.linear_blocks(
-        _FNAME, input, linear_weight, target, linear_bias, ignore_index, *opts_and_chunk, True, g,
-        sync_check=False,
-    )  # fmt: skip
+        _FNAME, input, linear_weight, target, linear_bias, opts, chunk_size, True, g, sync_check=False
+    )
     db = absent(input) if db is None else db.to(linear_bias.dtype)
     return loss.to(input.dtype), dh.to(input.dtype), dw.to(linear_weight.dtype), db
 
@@ -328,24 +334,24 @@ def linear_cross_entropy(
     soft = target_kind(tuple(target.shape), kind, target.dtype, logits_shape, input.ndim - 1)
     if soft and ignore_index is not None:
         raise ValueError(f"{_FNAME}: ignore_index cannot be given with probability targets (as in torch)")
-    opts = ce_options(
+    checked = checked_options(
         -100 if ignore_index is None else ignore_index, reduction, label_smoothing, z_loss, softcap
     )
-    opts = opts._replace(ignore_index=None if ignore_index is None else opts.ignore_index)
+    reduction, label_smoothing, z_loss, softcap = checked[1:]
     chunk_size = check_chunk_size(chunk_size)
     if options is not None:
-        chunk = _options_chunk(
-            options, input, linear_weight, target, opts.reduction, opts.label_smoothing, soft
-        )
+        chunk = _options_chunk(options, input, linear_weight, target, reduction, label_smoothing, soft)
         chunk_size = chunk if chunk_size is None else chunk_size
     unbatched = input.ndim == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-    args = (linear_bias, weight, *opts, chunk_size)
-    if opts.reduction != "none" and needs_grad(input, linear_weight, linear_bias) and not needs_grad(target):
+    # The ops take torch's ignore_index (None: -100 for class indices) and the checked fields.
+    ignore = None if ignore_index is None else checked[0]
+    args = (linear_bias, weight, ignore, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    if reduction != "none" and needs_grad(input, linear_weight, linear_bias) and not needs_grad(target):
         loss = _linear_ce_with_grad_op(input, linear_weight, target, *args, None)[0]
     else:
         loss = _linear_ce_op(input, linear_weight, target, *args)
-    if opts.reduction != "none":
+    if reduction != "none":
         return loss
     return loss.reshape(() if unbatched else lead + tuple(logits_shape[2:]))

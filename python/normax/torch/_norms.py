@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _core
 from .. import _norms as cpu
 from .._backends import cuda
-from ._convert import absent, check_float, dense, host, host_dense, host_opt, kernel_views, to_tensor
+from ._convert import absent, check_float, dense, host, host_dense, host_opt, to_tensor
 from ._op import op
 
 
@@ -23,44 +21,10 @@ def _norm_axes(ndim: int) -> tuple[int, ...]:
     return tuple(range(-ndim, 0))
 
 
-def _direct_forward(norm: str, x: Tensor, ndim: int, weight, bias, eps: float):
-    """(y, mean or None, rstd) from one kernel call, or None (see :func:`kernel_views`)."""
-    views = kernel_views(x, weight, bias)
-    if views is None:
-        return None
-    xa, w, b = views
-    rows = x.shape[: x.ndim - ndim]
-    y = np.empty_like(xa)
-    rstd = np.empty(rows, np.float64)
-    mean = np.empty(rows, np.float64) if norm == "layer" else None
-    _core.norm_forward(norm, xa, w, b, y, mean, rstd, xa.size // rstd.size, eps)
-    return torch.from_numpy(y), None if mean is None else torch.from_numpy(mean), torch.from_numpy(rstd)
-
-
-def _direct_backward(norm: str, dy: Tensor, x: Tensor, weight, has_bias: bool, mean, rstd, eps: float):
-    """(dx, dweight or None, dbias or None) from one kernel call, or None."""
-    if dy.dtype != x.dtype:
-        return None
-    views = kernel_views(x, weight)
-    if views is None:
-        return None
-    xa, w = views
-    dya = host_dense(dy)
-    dx = np.empty_like(xa)
-    dw = None if w is None else np.zeros_like(w)
-    db = np.zeros(xa.shape[rstd.ndim :], xa.dtype) if has_bias else None
-    stats = (None if mean is None else mean.numpy(), rstd.numpy())
-    _core.norm_backward(norm, dya, xa, w, *stats, dx, dw, db, xa.size // rstd.numel(), eps)
-    return tuple(None if a is None else torch.from_numpy(a) for a in (dx, dw, db))
-
-
 @op("normax::layer_norm")
 def _layer_norm_op(
     x: Tensor, ndim: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    direct = _direct_forward("layer", x, ndim, weight, bias, eps)
-    if direct is not None:
-        return direct
     y, mean, rstd = cpu.layer_norm(
         host(x), host_opt(weight), host_opt(bias), eps=eps, axis=_norm_axes(ndim), return_stats=True
     )
@@ -88,10 +52,6 @@ def _layer_norm_backward_op(
     rstd: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    direct = _direct_backward("layer", dy, x, weight, bias is not None, mean, rstd, eps)
-    if direct is not None:
-        dx, dw, db = direct
-        return dx, absent(x) if dw is None else dw, absent(x) if db is None else db
     dx, dw, db = cpu.layer_norm_backward(
         host_dense(dy),
         host(x),
@@ -159,9 +119,6 @@ def _layer_norm_backward_cuda(dy, x, ndim, weight, bias, mean, rstd, eps):
 
 @op("normax::rms_norm")
 def _rms_norm_op(x: Tensor, ndim: int, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-    direct = _direct_forward("rms", x, ndim, weight, None, eps)
-    if direct is not None:
-        return direct[0], direct[2]
     y, rstd = cpu.rms_norm(host(x), host_opt(weight), eps=eps, axis=_norm_axes(ndim), return_stats=True)
     return to_tensor(y, x.dtype), to_tensor(rstd, torch.float64)
 
@@ -175,9 +132,6 @@ def _rms_norm_fake(x, ndim, weight, eps):
 def _rms_norm_backward_op(
     dy: Tensor, x: Tensor, ndim: int, weight: Tensor | None, rstd: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    direct = _direct_backward("rms", dy, x, weight, False, None, rstd, eps)
-    if direct is not None:
-        return direct[0], absent(x) if direct[1] is None else direct[1]
     dx, dw = cpu.rms_norm_backward(
         host_dense(dy), host(x), host_opt(weight), eps=eps, axis=_norm_axes(ndim), rstd=host(rstd)
     )

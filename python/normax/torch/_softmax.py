@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _core
 from .. import _softmax as cpu
 from .._backends import cuda
-from ._convert import check_float, dense, host, host_dense, kernel_views, to_tensor
+from ._convert import check_float, dense, host, host_dense, to_tensor
 from ._op import op
 
 # ---------------------------------------------------------------------------------------------
@@ -21,47 +19,36 @@ def _axis(dim: int, ndim: int) -> int:
     return -1 if dim == ndim - 1 else dim
 
 
-def _map(kernel_last, numpy_function, x: Tensor, dim: int) -> Tensor:
-    views = kernel_views(x) if dim == x.ndim - 1 else None
-    if views is not None:
-        y = kernel_last(views[0])  # None where the kernel wants the general path
-        if y is not None:
-            return torch.from_numpy(y)
+def _map(numpy_function, x: Tensor, dim: int) -> Tensor:
     return to_tensor(numpy_function(host(x), axis=_axis(dim, x.ndim)), x.dtype)
 
 
-def _map_backward(kernel, numpy_function, y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    views = kernel_views(y) if dim == y.ndim - 1 and dy.dtype == y.dtype else None
-    if views is not None:
-        ya, dya = views[0], host_dense(dy)
-        dx = np.empty_like(ya)
-        kernel(ya, dya, dx, ya.size // ya.shape[-1], ya.shape[-1], 1)
-        return torch.from_numpy(dx)
+def _map_backward(numpy_function, y: Tensor, dy: Tensor, dim: int) -> Tensor:
     return to_tensor(numpy_function(host(y), host_dense(dy), axis=_axis(dim, y.ndim)), y.dtype)
 
 
 @op("normax::softmax")
 def _softmax_op(x: Tensor, dim: int) -> Tensor:
-    return _map(_core.softmax_last, cpu.softmax, x, dim)
+    return _map(cpu.softmax, x, dim)
 
 
 @op("normax::softmax_backward")
 def _softmax_backward_op(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    return _map_backward(_core.softmax_backward, cpu.softmax_backward, y, dy, dim)
+    return _map_backward(cpu.softmax_backward, y, dy, dim)
 
 
 @op("normax::log_softmax")
-def _log_softmax_op(x: Tensor, dim: int) -> Tensor:
-    return _map(_core.log_softmax_last, cpu.log_softmax, x, dim)
+def log_softmax_op(x: Tensor, dim: int) -> Tensor:
+    return _map(cpu.log_softmax, x, dim)
 
 
 @op("normax::log_softmax_backward")
 def _log_softmax_backward_op(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    return _map_backward(_core.log_softmax_backward, cpu.log_softmax_backward, y, dy, dim)
+    return _map_backward(cpu.log_softmax_backward, y, dy, dim)
 
 
 @_softmax_op.register_fake
-@_log_softmax_op.register_fake
+@log_softmax_op.register_fake
 def _row_map_fake(x: Tensor, dim: int) -> Tensor:
     return x.new_empty(x.shape)
 
@@ -88,7 +75,7 @@ def _log_softmax_grad(ctx, grad: Tensor):
 
 
 _softmax_op.register_autograd(_softmax_grad, setup_context=_save_output)
-_log_softmax_op.register_autograd(_log_softmax_grad, setup_context=_save_output)
+log_softmax_op.register_autograd(_log_softmax_grad, setup_context=_save_output)
 
 
 @_softmax_op.register_kernel("cuda")
@@ -96,7 +83,7 @@ def _softmax_cuda(x, dim):
     return dense(cuda.softmax(x, axis=dim))
 
 
-@_log_softmax_op.register_kernel("cuda")
+@log_softmax_op.register_kernel("cuda")
 def _log_softmax_cuda(x, dim):
     return dense(cuda.log_softmax(x, axis=dim))
 
@@ -111,7 +98,7 @@ def _log_softmax_backward_cuda(y, dy, dim):
     return dense(cuda.log_softmax_backward(y, dy, axis=dim))
 
 
-def _dim(dim, ndim: int, fname: str) -> int:
+def check_dim(dim, ndim: int, fname: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{fname}: dim must be an int, got {dim!r}")
     n = max(ndim, 1)
@@ -159,7 +146,7 @@ def softmax(
     if dtype is not None:
         input = input.to(dtype)
     check_float(input, "normax.torch.softmax")
-    return _softmax_op(input, _dim(dim, input.ndim, "normax.torch.softmax"))
+    return _softmax_op(input, check_dim(dim, input.ndim, "normax.torch.softmax"))
 
 
 def log_softmax(
@@ -199,7 +186,7 @@ def log_softmax(
     if dtype is not None:
         input = input.to(dtype)
     check_float(input, "normax.torch.log_softmax")
-    return _log_softmax_op(input, _dim(dim, input.ndim, "normax.torch.log_softmax"))
+    return log_softmax_op(input, check_dim(dim, input.ndim, "normax.torch.log_softmax"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +288,7 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False, *, out: Tensor | None =
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     if not dims:
         raise ValueError(f"{fname}: dim must name at least one dimension")
-    norm = sorted({_dim(d, input.ndim, fname) for d in dims})
+    norm = sorted({check_dim(d, input.ndim, fname) for d in dims})
     if len(norm) != len(dims):
         raise ValueError(f"{fname}: dim {dim!r} repeats a dimension")
     if input.ndim == 0:

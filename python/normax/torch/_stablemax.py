@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import _stablemax as cpu
 from .._backends import cuda
 from ._convert import check_float, dense, host, to_tensor
-from ._softmax import _dim
+from ._softmax import check_dim
 
 
 @torch.library.custom_op("normax::stablemax", mutates_args=())
@@ -59,7 +59,7 @@ def _public(input: Tensor, dim: int, dtype, log: bool, fname: str) -> Tensor:
     check_float(input, fname)
     if input.is_complex():
         raise TypeError(f"{fname}: complex input is not supported (StableMax is defined for real x)")
-    return _stablemax_op(input, _dim(dim, input.ndim, fname), log)
+    return _stablemax_op(input, check_dim(dim, input.ndim, fname), log)
 
 
 def stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor:

@@ -6,7 +6,7 @@ its docstring first); this module holds what is torch's: the byte buffer on the 
 Functions, the linear version's ``d hidden`` all-reduce and the DTensor entry.
 
 CUDA tensors (float32, float16 and bfloat16) take the same steps on the device: the shard-statistics
-kernel (normax._backends.cuda.shard_stats, kernels/cross_entropy.cu) writes the same float32 packed
+kernel (normax._backends.cuda.vocab_parallel_stats, kernels/cross_entropy.cu) writes the same float32 packed
 rows into the uint8 device buffer on the caller's stream, behind the header copied in; the
 gathered buffer is copied to the host for the CPU's combine, so the loss is bit-identical across
 ranks as on CPU; the backward is one kernel on the caller's stream that reads each row's global
@@ -155,7 +155,7 @@ class _VocabParallelCE(torch.autograd.Function):
             )
             if cuda:
                 lib = _CudaLib(x, fname)
-                _cuda.shard_stats(lib, x.reshape(rows, length), t, w, call.packed, call.start, opts)
+                _cuda.vocab_parallel_stats(lib, x.reshape(rows, length), t, w, call.packed, call.start, opts)
             else:
                 packed = call.packed.numpy()
                 vocab_parallel.stats(x.reshape(rows, length).numpy(), t.numpy(), _host(w), call.start, opts, packed)
@@ -179,7 +179,7 @@ class _VocabParallelCE(torch.autograd.Function):
         cuda, w_sum = ctx.cuda
         if cuda:
             lib = _CudaLib(x, _FNAME)
-            dx = _cuda.shard_backward(
+            dx = _cuda.vocab_parallel_backward(
                 lib, x.reshape(rows, length), t, w, lse, grad, denom, start, classes, w_sum, opts
             )
             return dx.reshape(shape), None, None, None, None, None, None
@@ -282,7 +282,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 None if bias_shard is None else tuple(bias_shard.shape),
             )  # fmt: skip
             if cuda:
-                _cuda.shard_linear_stats(
+                _cuda.vocab_parallel_linear_stats(
                     _CudaLib(hid, fname), hid.reshape(rows, h), ws, bs, t, w, call.packed, call.start, opts, chunk
                 )
             else:
@@ -310,7 +310,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         rows, h = t.numel(), hid.shape[-1]
         cuda, w_sum = ctx.cuda
         if cuda:
-            dh, dw, db = _cuda.shard_linear_backward(
+            dh, dw, db = _cuda.vocab_parallel_linear_backward(
                 _CudaLib(hid, _LINEAR_FNAME), hid.reshape(rows, h), ws, bs, t, w, lse, grad, denom, start,
                 classes, w_sum, opts, chunk,
             )  # fmt: skip

@@ -3,21 +3,21 @@
 //! python/normax/_cross_entropy.py validates the user's input and lays it out as contiguous rows
 //! (classes last); the core re-checks sizes and every target index before any kernel reads.
 
-use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt, same_memory};
-use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr};
-use crate::errors::to_py;
+use crate::arrays::{by_dtype, matrix_shape, readonly, readonly_opt, readwrite, readwrite_opt};
+use crate::arrays::{same_memory, slice, slice_mut, slice_mut_opt, slice_opt, Arr, Read};
 use crate::interrupt::detach;
+use crate::options::{CeOptions, GradOutput};
 use normax_core::cross_entropy::{self as k, LinearGrads};
-use normax_core::spec::{CeOptions, GradOutput, Reduction, Target};
+use normax_core::spec::Target;
 use normax_core::Float;
-use numpy::{Element, PyArrayDyn, PyReadonlyArrayDyn};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use numpy::{Element, PyArrayDyn};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
 /// Hard targets arrive as int64, soft ones in the logits' dtype.
 enum Targets<'py, T: Element> {
-    Classes(PyReadonlyArrayDyn<'py, i64>),
-    Probs(PyReadonlyArrayDyn<'py, T>),
+    Classes(Read<'py, i64>),
+    Probs(Read<'py, T>),
 }
 
 impl<'py, T: Element + Float> Targets<'py, T> {
@@ -41,61 +41,22 @@ impl<'py, T: Element + Float> Targets<'py, T> {
     }
 }
 
-/// The loss options shared by both ops (class weights added by the caller).
-#[derive(Clone, Copy)]
-struct Opts<'a> {
-    ignore_index: i64,
-    reduction: &'a str,
-    label_smoothing: f64,
-    z_loss: f64,
-    softcap: Option<f64>,
-}
-
-impl Opts<'_> {
-    fn options<'w, T>(&self, weight: Option<&'w [T]>) -> PyResult<CeOptions<&'w [T]>> {
-        Ok(CeOptions {
-            weight,
-            ignore_index: self.ignore_index,
-            reduction: Reduction::parse(self.reduction).map_err(to_py)?,
-            label_smoothing: self.label_smoothing,
-            z_loss: self.z_loss,
-            softcap: self.softcap,
-        })
-    }
-}
-
-fn grad_output<'a, T: Element>(
-    rows: &'a Option<PyReadonlyArrayDyn<'_, T>>,
-    scalar: f64,
-) -> PyResult<GradOutput<&'a [T]>> {
-    Ok(match rows {
-        Some(g) => GradOutput::Rows(slice(g, "grad_output")?),
-        None => GradOutput::Scalar(scalar),
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
 fn ce_typed<T: Float + Element>(
-    py: Python<'_>,
     logits: &Arr<'_>,
-    target: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
+    (target, weight): (&Arr<'_>, Option<&Arr<'_>>),
+    options: &CeOptions,
     loss: &Arr<'_>,
-    grad: Option<&Arr<'_>>,
-    grad_rows: Option<&Arr<'_>>,
-    grad_scalar: f64,
-    (rows, classes): (usize, usize),
-    opts: Opts<'_>,
+    grad: Option<(&Arr<'_>, &GradOutput<'_>)>,
 ) -> PyResult<()> {
+    let (rows, classes) = matrix_shape(logits, "logits")?;
     let targets = Targets::<T>::new(target)?;
     let weight = readonly_opt::<T>(weight, "weight")?;
-    let go = readonly_opt::<T>(grad_rows, "grad_output")?;
+    let go = grad.map(|(_, g)| g.read::<T>()).transpose()?.flatten();
     let mut loss = readwrite::<T>(loss, "loss")?;
-    let ws = slice_opt(&weight, "weight")?;
-    let o = opts.options(ws)?;
+    let o = options.with_weight(slice_opt(&weight, "weight")?);
     let t = targets.get()?;
-    let go = grad_output(&go, grad_scalar)?;
     let ls = slice_mut(&mut loss, "loss")?;
+    let py = logits.py();
     match grad {
         None => {
             let x = readonly::<T>(logits, "logits")?;
@@ -104,14 +65,15 @@ fn ce_typed<T: Float + Element>(
                 k::cross_entropy(xs, rows, classes, t, &o, ls)
             })
         }
-        Some(g) if same_memory(g, logits) => {
-            let mut x = readwrite::<T>(logits, "logits")?;
-            let xs = slice_mut(&mut x, "logits")?;
-            detach(py, xs.len(), || {
-                k::cross_entropy_with_grad_inplace(xs, rows, classes, t, &o, go, ls)
-            })
-        }
-        Some(g) => {
+        Some((g, grad_output)) => {
+            let go = grad_output.core(&go)?;
+            if same_memory(g, logits) {
+                let mut x = readwrite::<T>(logits, "logits")?;
+                let xs = slice_mut(&mut x, "logits")?;
+                return detach(py, xs.len(), || {
+                    k::cross_entropy_with_grad_inplace(xs, rows, classes, t, &o, go, ls)
+                });
+            }
             let x = readonly::<T>(logits, "logits")?;
             let mut g = readwrite::<T>(g, "grad")?;
             let xs = slice(&x, "logits")?;
@@ -125,156 +87,93 @@ fn ce_typed<T: Float + Element>(
 
 /// Cross-entropy of contiguous (rows, classes) logits into `loss` (rows values for reduction
 /// "none", else one). With `grad` (a fresh array, or `logits` itself for in place) also the
-/// gradient of grad_output * loss: `grad_rows` per row for "none", else `grad_scalar`.
+/// gradient of grad_output * loss: `grad_output` a number, or one per row for "none".
 #[pyfunction]
-#[pyo3(signature = (logits, target, weight, loss, grad, grad_rows, grad_scalar, rows, classes,
-                    ignore_index, reduction, label_smoothing, z_loss, softcap))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, target, weight, options, loss, grad=None, grad_output=GradOutput::Scalar(1.0)))]
 fn cross_entropy(
-    py: Python<'_>,
     logits: &Arr<'_>,
     target: &Arr<'_>,
     weight: Option<Arr<'_>>,
+    options: &CeOptions,
     loss: &Arr<'_>,
     grad: Option<Arr<'_>>,
-    grad_rows: Option<Arr<'_>>,
-    grad_scalar: f64,
-    rows: usize,
-    classes: usize,
-    ignore_index: i64,
-    reduction: &str,
-    label_smoothing: f64,
-    z_loss: f64,
-    softcap: Option<f64>,
+    grad_output: GradOutput<'_>,
 ) -> PyResult<()> {
-    let opts = Opts {
-        ignore_index,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-    };
-    let (w, g, go) = (weight.as_ref(), grad.as_ref(), grad_rows.as_ref());
-    let shape = (rows, classes);
-    by_dtype!(
-        logits,
-        ce_typed(py, logits, target, w, loss, g, go, grad_scalar, shape, opts)
-    )
+    let ins = (target, weight.as_ref());
+    let g = grad.as_ref().map(|g| (g, &grad_output));
+    by_dtype!(logits, ce_typed(logits, ins, options, loss, g))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The linear cross-entropy's inputs: hidden (N, H), linear weight (V, H), bias (V,) or None.
+type LinearInputs<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
+/// Its gradients' outputs: dhidden, dlinear_weight, dlinear_bias (with a bias).
+type LinearOutputs<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
+
 fn linear_typed<T: Float + Element>(
-    py: Python<'_>,
-    hidden: &Arr<'_>,
-    weight: &Arr<'_>,
-    bias: Option<&Arr<'_>>,
+    (hidden, weight, bias): &LinearInputs<'_>,
     target: &Arr<'_>,
+    (options, chunk_size): (&CeOptions, Option<usize>),
     loss: &Arr<'_>,
-    grads: Option<(&Arr<'_>, &Arr<'_>)>,
-    dbias: Option<&Arr<'_>>,
-    grad_rows: Option<&Arr<'_>>,
-    grad_scalar: f64,
-    nhv: (usize, usize, usize),
-    opts: Opts<'_>,
-    chunk_size: Option<usize>,
+    grads: Option<(&LinearOutputs<'_>, &GradOutput<'_>)>,
 ) -> PyResult<()> {
+    let (n, h) = matrix_shape(hidden, "hidden")?;
+    let (v, _) = matrix_shape(weight, "linear_weight")?;
     let hid = readonly::<T>(hidden, "hidden")?;
-    let w = readonly::<T>(weight, "weight")?;
-    let b = readonly_opt::<T>(bias, "bias")?;
+    let w = readonly::<T>(weight, "linear_weight")?;
+    let b = readonly_opt::<T>(bias.as_ref(), "linear_bias")?;
     let t = readonly::<i64>(target, "target")?;
-    let go = readonly_opt::<T>(grad_rows, "grad_output")?;
+    let go = grads.map(|(_, g)| g.read::<T>()).transpose()?.flatten();
     let mut loss = readwrite::<T>(loss, "loss")?;
-    let mut dh = grads.map(|g| readwrite::<T>(g.0, "dhidden")).transpose()?;
-    let mut dw = grads.map(|g| readwrite::<T>(g.1, "dweight")).transpose()?;
-    let mut db = readwrite_opt::<T>(dbias, "dbias")?;
+    let mut dh = grads
+        .map(|g| readwrite::<T>(&g.0 .0, "dhidden"))
+        .transpose()?;
+    let mut dw = grads
+        .map(|g| readwrite::<T>(&g.0 .1, "dlinear_weight"))
+        .transpose()?;
+    let mut db = readwrite_opt::<T>(grads.and_then(|g| g.0 .2.as_ref()), "dlinear_bias")?;
     let (hs, ws, ts) = (
         slice(&hid, "hidden")?,
-        slice(&w, "weight")?,
+        slice(&w, "linear_weight")?,
         slice(&t, "target")?,
     );
-    let bs = slice_opt(&b, "bias")?;
-    let o = opts.options::<T>(None)?;
-    let go = grad_output(&go, grad_scalar)?;
+    let bs = slice_opt(&b, "linear_bias")?;
+    let o = options.with_weight::<&[T]>(None);
     let ls = slice_mut(&mut loss, "loss")?;
-    let grads = match (dh.as_mut(), dw.as_mut()) {
-        (Some(dh), Some(dw)) => Some((
-            go,
+    let grads = match (grads, dh.as_mut(), dw.as_mut()) {
+        (Some((_, grad_output)), Some(dh), Some(dw)) => Some((
+            grad_output.core(&go)?,
             LinearGrads {
                 dhidden: slice_mut(dh, "dhidden")?,
-                dweight: slice_mut(dw, "dweight")?,
-                dbias: slice_mut_opt(&mut db, "dbias")?,
+                dweight: slice_mut(dw, "dlinear_weight")?,
+                dbias: slice_mut_opt(&mut db, "dlinear_bias")?,
             },
         )),
         _ => None,
     };
     // The logits are never held, but each is computed: rows x vocabulary values of work.
-    let work = nhv.0.saturating_mul(nhv.2);
-    detach(py, work, || {
-        k::linear_cross_entropy(hs, ws, bs, ts, nhv, &o, chunk_size, grads, ls)
+    let work = n.saturating_mul(v);
+    detach(hidden.py(), work, || {
+        k::linear_cross_entropy(hs, ws, bs, ts, (n, h, v), &o, chunk_size, grads, ls)
     })
 }
 
-/// Linear cross-entropy: logits = hidden @ weight.T + bias, never all held at once. With
-/// `dhidden`/`dweight` (fresh arrays; `dbias` too when there is a bias) also the gradients.
+/// Linear cross-entropy: logits = hidden @ linear_weight.T + linear_bias, never all held at
+/// once. With `grads` (fresh dhidden, dlinear_weight and, with a bias, dlinear_bias) also the
+/// gradients of grad_output * loss.
 #[pyfunction]
-#[pyo3(signature = (hidden, weight, bias, target, loss, dhidden, dweight, dbias, grad_rows,
-                    grad_scalar, n, h, v, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, chunk_size))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (inputs, target, options, chunk_size, loss, grads=None, grad_output=GradOutput::Scalar(1.0)))]
 fn linear_cross_entropy(
-    py: Python<'_>,
-    hidden: &Arr<'_>,
-    weight: &Arr<'_>,
-    bias: Option<Arr<'_>>,
+    inputs: LinearInputs<'_>,
     target: &Arr<'_>,
-    loss: &Arr<'_>,
-    dhidden: Option<Arr<'_>>,
-    dweight: Option<Arr<'_>>,
-    dbias: Option<Arr<'_>>,
-    grad_rows: Option<Arr<'_>>,
-    grad_scalar: f64,
-    n: usize,
-    h: usize,
-    v: usize,
-    ignore_index: i64,
-    reduction: &str,
-    label_smoothing: f64,
-    z_loss: f64,
-    softcap: Option<f64>,
+    options: &CeOptions,
     chunk_size: Option<usize>,
+    loss: &Arr<'_>,
+    grads: Option<LinearOutputs<'_>>,
+    grad_output: GradOutput<'_>,
 ) -> PyResult<()> {
-    let opts = Opts {
-        ignore_index,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-    };
-    let grads = match (&dhidden, &dweight) {
-        (Some(a), Some(b)) => Some((a, b)),
-        (None, None) => None,
-        _ => return Err(PyValueError::new_err("dhidden and dweight come together")),
-    };
-    let (b, db, go) = (bias.as_ref(), dbias.as_ref(), grad_rows.as_ref());
-    let nhv = (n, h, v);
-    by_dtype!(
-        hidden,
-        linear_typed(
-            py,
-            hidden,
-            weight,
-            b,
-            target,
-            loss,
-            grads,
-            db,
-            go,
-            grad_scalar,
-            nhv,
-            opts,
-            chunk_size,
-        )
-    )
+    let g = grads.as_ref().map(|g| (g, &grad_output));
+    let opts = (options, chunk_size);
+    by_dtype!(&inputs.0, linear_typed(&inputs, target, opts, loss, g))
 }
 
 /// Adds this module's functions to `normax._core`.

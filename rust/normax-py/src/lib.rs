@@ -4,9 +4,11 @@
 //! (outer, len, inner) layout of C-contiguous, native-endian float32/float64 arrays; the bindings
 //! re-check what memory safety depends on (dtype, contiguity, sizes, writeability).
 //!
-//! One file per op family (`softmax`, `stablemax`, `cross_entropy`, `norms`), one per GPU backend (`cuda`,
-//! `wgpu`), and the shared parts: `arrays` (array checks), `errors` (the one error mapping),
-//! `config` (threads, ISA), `interrupt` (Ctrl-C during a long call).
+//! One file per op family (`softmax`, `stablemax`, `cross_entropy`, `vocab_parallel`, `norms`), one
+//! per GPU backend (`cuda`, `wgpu`), and the shared parts: `options` (the checked options, the one
+//! form in which they cross: `CeOptions`, `NormOptions`, `PowerNormOptions`, `VocabShard`),
+//! `arrays` (array checks), `errors` (the one error mapping), `config` (threads, ISA),
+//! `interrupt` (Ctrl-C during a long call).
 
 use pyo3::prelude::*;
 
@@ -18,6 +20,7 @@ mod cuda;
 mod errors;
 mod interrupt;
 mod norms;
+mod options;
 mod softmax;
 mod stablemax;
 mod vocab_parallel;
@@ -27,6 +30,7 @@ mod wgpu;
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     config::register(m)?;
+    options::register(m)?;
     softmax::register(m)?;
     stablemax::register(m)?;
     norms::register(m)?;

@@ -6,27 +6,38 @@
 
 use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt, same_memory};
 use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr};
-use crate::errors::to_py;
 use crate::interrupt::detach;
+use crate::options::{NormOptions, PowerNormOptions};
 use normax_core::norms::{self as k, Params, PowerGrad, PowerLayout, PowerOutput};
-use normax_core::spec::NormKind;
 use normax_core::Float;
 use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-#[allow(clippy::too_many_arguments)]
-fn forward_typed<T: Float + Element>(
-    py: Python<'_>,
-    norm: NormKind,
+/// Rows of x (its last axis) in the core's terms, with the parameters `w` and `b`.
+fn params<'a, T>(
+    options: &NormOptions,
     x: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
-    bias: Option<&Arr<'_>>,
+    w: Option<&'a [T]>,
+    b: Option<&'a [T]>,
+) -> Params<'a, T> {
+    Params {
+        norm: options.kind,
+        len: x.shape().last().copied().unwrap_or(1),
+        eps: options.eps,
+        weight: w,
+        bias: b,
+    }
+}
+
+type Stats<'py> = (Option<Arr<'py>>, Option<Arr<'py>>);
+
+fn forward_typed<T: Float + Element>(
+    options: &NormOptions,
+    x: &Arr<'_>,
+    (weight, bias): (Option<&Arr<'_>>, Option<&Arr<'_>>),
     y: &Arr<'_>,
-    mean: Option<&Arr<'_>>,
-    rstd: Option<&Arr<'_>>,
-    len: usize,
-    eps: f64,
+    (mean, rstd): (Option<&Arr<'_>>, Option<&Arr<'_>>),
 ) -> PyResult<()> {
     let (w, b) = (
         readonly_opt::<T>(weight, "weight")?,
@@ -36,17 +47,12 @@ fn forward_typed<T: Float + Element>(
         readwrite_opt::<f64>(mean, "mean")?,
         readwrite_opt::<f64>(rstd, "rstd")?,
     );
-    let p = Params {
-        norm,
-        len,
-        eps,
-        weight: slice_opt(&w, "weight")?,
-        bias: slice_opt(&b, "bias")?,
-    };
+    let p = params(options, x, slice_opt(&w, "weight")?, slice_opt(&b, "bias")?);
     let (ms, rs) = (
         slice_mut_opt(&mut m, "mean")?,
         slice_mut_opt(&mut r, "rstd")?,
     );
+    let py = x.py();
     if same_memory(x, y) {
         let mut yw = readwrite::<T>(y, "out")?;
         let ys = slice_mut(&mut yw, "out")?;
@@ -58,41 +64,30 @@ fn forward_typed<T: Float + Element>(
     detach(py, xs.len(), || k::forward(&p, xs, ys, ms, rs))
 }
 
-/// Normalizes rows of `len` elements of x into y (which may be x); mean/rstd (float64) optional.
+/// Normalizes the rows (last axis) of x into y (which may be x); the statistics mean/rstd
+/// (float64, one per row) are written where given.
 #[pyfunction]
-#[pyo3(signature = (norm, x, weight, bias, y, mean, rstd, len, eps))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (options, x, weight, bias, y, mean=None, rstd=None))]
 fn norm_forward(
-    py: Python<'_>,
-    norm: &str,
+    options: &NormOptions,
     x: &Arr<'_>,
     weight: Option<Arr<'_>>,
     bias: Option<Arr<'_>>,
     y: &Arr<'_>,
     mean: Option<Arr<'_>>,
     rstd: Option<Arr<'_>>,
-    len: usize,
-    eps: f64,
 ) -> PyResult<()> {
-    let norm = NormKind::parse(norm).map_err(to_py)?;
-    let (w, b, m, r) = (weight.as_ref(), bias.as_ref(), mean.as_ref(), rstd.as_ref());
-    by_dtype!(x, forward_typed(py, norm, x, w, b, y, m, r, len, eps))
+    let wb = (weight.as_ref(), bias.as_ref());
+    let stats = (mean.as_ref(), rstd.as_ref());
+    by_dtype!(x, forward_typed(options, x, wb, y, stats))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_typed<T: Float + Element>(
-    py: Python<'_>,
-    norm: NormKind,
-    dy: &Arr<'_>,
-    x: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
-    mean: Option<&Arr<'_>>,
-    rstd: Option<&Arr<'_>>,
+    options: &NormOptions,
+    (dy, x, weight): (&Arr<'_>, &Arr<'_>, Option<&Arr<'_>>),
+    (mean, rstd): (Option<&Arr<'_>>, Option<&Arr<'_>>),
     dx: &Arr<'_>,
-    dweight: Option<&Arr<'_>>,
-    dbias: Option<&Arr<'_>>,
-    len: usize,
-    eps: f64,
+    (dweight, dbias): (Option<&Arr<'_>>, Option<&Arr<'_>>),
 ) -> PyResult<()> {
     let (dyr, xr, w) = (
         readonly::<T>(dy, "dy")?,
@@ -108,13 +103,7 @@ fn backward_typed<T: Float + Element>(
         readwrite_opt::<T>(dweight, "dweight")?,
         readwrite_opt::<T>(dbias, "dbias")?,
     );
-    let p = Params {
-        norm,
-        len,
-        eps,
-        weight: slice_opt(&w, "weight")?,
-        bias: None,
-    };
+    let p = params(options, x, slice_opt(&w, "weight")?, None);
     let (dys, xs, ms, rs) = (
         slice(&dyr, "dy")?,
         slice(&xr, "x")?,
@@ -126,124 +115,96 @@ fn backward_typed<T: Float + Element>(
         slice_mut_opt(&mut dw, "dweight")?,
         slice_mut_opt(&mut db, "dbias")?,
     );
-    detach(py, xs.len(), || {
+    detach(x.py(), xs.len(), || {
         k::backward(&p, dys, xs, ms, rs, dxs, dws, dbs)
     })
 }
 
-/// dx (and dweight, dbias where given) of rows of `len` elements; mean/rstd: saved statistics.
+/// dx (and dweight, dbias where given) of the rows (last axis) of x; `saved`: the forward's
+/// (mean, rstd) statistics, each optional.
 #[pyfunction]
-#[pyo3(signature = (norm, dy, x, weight, mean, rstd, dx, dweight, dbias, len, eps))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (options, dy, x, weight, saved, dx, dparams))]
 fn norm_backward(
-    py: Python<'_>,
-    norm: &str,
+    options: &NormOptions,
     dy: &Arr<'_>,
     x: &Arr<'_>,
     weight: Option<Arr<'_>>,
-    mean: Option<Arr<'_>>,
-    rstd: Option<Arr<'_>>,
+    saved: Stats<'_>,
     dx: &Arr<'_>,
-    dweight: Option<Arr<'_>>,
-    dbias: Option<Arr<'_>>,
-    len: usize,
-    eps: f64,
+    dparams: Stats<'_>,
 ) -> PyResult<()> {
-    let norm = NormKind::parse(norm).map_err(to_py)?;
-    let (w, m, r) = (weight.as_ref(), mean.as_ref(), rstd.as_ref());
-    let (dw, db) = (dweight.as_ref(), dbias.as_ref());
-    by_dtype!(
-        x,
-        backward_typed(py, norm, dy, x, w, m, r, dx, dw, db, len, eps)
-    )
+    let ins = (dy, x, weight.as_ref());
+    let stats = (saved.0.as_ref(), saved.1.as_ref());
+    let grads = (dparams.0.as_ref(), dparams.1.as_ref());
+    by_dtype!(x, backward_typed(options, ins, stats, dx, grads))
 }
 
 /// The token layout of x: as many tokens as whole rows of `channels` (the core checks the rest).
-fn power_layout(x: &Arr<'_>, channels: usize, groups: usize) -> PowerLayout {
+fn power_layout(x: &Arr<'_>, options: &PowerNormOptions) -> PowerLayout {
     PowerLayout {
-        tokens: x.len() / channels.max(1),
-        channels,
-        groups,
+        tokens: x.len() / options.channels.max(1),
+        channels: options.channels,
+        groups: options.groups,
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// PowerNorm's forward outputs: scale, shift (per channel) and y.
+type PowerOut<'py> = (Arr<'py>, Arr<'py>, Arr<'py>);
+
 fn power_forward_typed<T: Float + Element>(
-    py: Python<'_>,
+    options: &PowerNormOptions,
     x: &Arr<'_>,
-    l: PowerLayout,
-    eps: f64,
     pad: Option<&Arr<'_>>,
     sumsq: Option<&Arr<'_>>,
-    scale: Option<&Arr<'_>>,
-    shift: Option<&Arr<'_>>,
-    y: Option<&Arr<'_>>,
+    out: Option<&PowerOut<'_>>,
 ) -> PyResult<()> {
     let xr = readonly::<T>(x, "x")?;
     let padr = readonly_opt::<bool>(pad, "pad_mask")?;
     let mut ss = readwrite_opt::<f64>(sumsq, "sumsq")?;
-    let (sc, sh) = (
-        readonly_opt::<T>(scale, "scale")?,
-        readonly_opt::<T>(shift, "shift")?,
-    );
-    let mut yw = readwrite_opt::<T>(y, "y")?;
+    let sc = out.map(|o| readonly::<T>(&o.0, "scale")).transpose()?;
+    let sh = out.map(|o| readonly::<T>(&o.1, "shift")).transpose()?;
+    let mut yw = out.map(|o| readwrite::<T>(&o.2, "y")).transpose()?;
     let (xs, pads, sss) = (
         slice(&xr, "x")?,
         slice_opt(&padr, "pad_mask")?,
         slice_mut_opt(&mut ss, "sumsq")?,
     );
-    let out = match (
-        slice_opt(&sc, "scale")?,
-        slice_opt(&sh, "shift")?,
-        slice_mut_opt(&mut yw, "y")?,
-    ) {
-        (Some(scale), Some(shift), Some(y)) => Some(PowerOutput { scale, shift, y }),
-        (None, None, None) => None,
-        _ => return Err(PyValueError::new_err("scale, shift and y go together")),
+    let out = match (sc.as_ref(), sh.as_ref(), yw.as_mut()) {
+        (Some(sc), Some(sh), Some(y)) => Some(PowerOutput {
+            scale: slice(sc, "scale")?,
+            shift: slice(sh, "shift")?,
+            y: slice_mut(y, "y")?,
+        }),
+        _ => None,
     };
-    detach(py, xs.len(), || {
+    let (l, eps) = (power_layout(x, options), options.eps);
+    detach(x.py(), xs.len(), || {
         k::power_norm_forward(xs, l, eps, pads, sss, out)
     })
 }
 
-/// PowerNorm's forward pass over (tokens, channels): sums of u^2 and/or y = u * scale + shift.
+/// PowerNorm's forward pass over (tokens, channels): sums of u^2 into `sumsq` and/or, with
+/// `out` = (scale, shift, y), y = u * scale + shift.
 #[pyfunction]
-#[pyo3(signature = (x, channels, groups, eps, pad, sumsq, scale, shift, y))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (options, x, pad, sumsq, out))]
 fn power_norm_forward(
-    py: Python<'_>,
+    options: &PowerNormOptions,
     x: &Arr<'_>,
-    channels: usize,
-    groups: usize,
-    eps: f64,
     pad: Option<Arr<'_>>,
     sumsq: Option<Arr<'_>>,
-    scale: Option<Arr<'_>>,
-    shift: Option<Arr<'_>>,
-    y: Option<Arr<'_>>,
+    out: Option<PowerOut<'_>>,
 ) -> PyResult<()> {
-    let l = power_layout(x, channels, groups);
-    let (p, s, sc, sh, yy) = (
-        pad.as_ref(),
-        sumsq.as_ref(),
-        scale.as_ref(),
-        shift.as_ref(),
-        y.as_ref(),
-    );
-    by_dtype!(x, power_forward_typed(py, x, l, eps, p, s, sc, sh, yy))
+    let (p, s) = (pad.as_ref(), sumsq.as_ref());
+    by_dtype!(x, power_forward_typed(options, x, p, s, out.as_ref()))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// PowerNorm's backward inputs from the forward: zscale, ema, dscale (per channel).
+type PowerSaved<'py> = (Arr<'py>, Arr<'py>, Arr<'py>);
+
 fn power_backward_typed<T: Float + Element>(
-    py: Python<'_>,
-    dy: &Arr<'_>,
-    x: &Arr<'_>,
-    l: PowerLayout,
-    eps: f64,
-    weight: Option<&Arr<'_>>,
-    zscale: &Arr<'_>,
-    ema: &Arr<'_>,
-    dscale: &Arr<'_>,
+    options: &PowerNormOptions,
+    (dy, x, weight): (&Arr<'_>, &Arr<'_>, Option<&Arr<'_>>),
+    (zscale, ema, dscale): &PowerSaved<'_>,
     dx: &Arr<'_>,
     sums: &Arr<'_>,
 ) -> PyResult<()> {
@@ -271,10 +232,11 @@ fn power_backward_typed<T: Float + Element>(
         slice_mut(&mut dxw, "dx")?,
         slice_mut(&mut sw, "sums")?,
     );
+    let (l, eps) = (power_layout(x, options), options.eps);
     if ss.len() != 3 * l.channels {
         return Err(PyValueError::new_err("sums: expected 3 * channels values"));
     }
-    detach(py, xs.len(), || {
+    detach(x.py(), xs.len(), || {
         let s = k::power_norm_backward(dys, xs, l, eps, &c, dxs)?;
         ss.copy_from_slice(&s);
         Ok(())
@@ -283,28 +245,18 @@ fn power_backward_typed<T: Float + Element>(
 
 /// PowerNorm's backward pass: dx, and per channel the sums of g_hat * z, dy * z, dy into `sums`.
 #[pyfunction]
-#[pyo3(signature = (dy, x, channels, groups, eps, weight, zscale, ema, dscale, dx, sums))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (options, dy, x, weight, saved, dx, sums))]
 fn power_norm_backward(
-    py: Python<'_>,
+    options: &PowerNormOptions,
     dy: &Arr<'_>,
     x: &Arr<'_>,
-    channels: usize,
-    groups: usize,
-    eps: f64,
     weight: Option<Arr<'_>>,
-    zscale: &Arr<'_>,
-    ema: &Arr<'_>,
-    dscale: &Arr<'_>,
+    saved: PowerSaved<'_>,
     dx: &Arr<'_>,
     sums: &Arr<'_>,
 ) -> PyResult<()> {
-    let l = power_layout(x, channels, groups);
-    let w = weight.as_ref();
-    by_dtype!(
-        x,
-        power_backward_typed(py, dy, x, l, eps, w, zscale, ema, dscale, dx, sums)
-    )
+    let ins = (dy, x, weight.as_ref());
+    by_dtype!(x, power_backward_typed(options, ins, &saved, dx, sums))
 }
 
 /// Adds the normalization functions to the extension module.

@@ -1,7 +1,7 @@
 //! Bindings of the softmax family (`normax_core::softmax`): softmax, log_softmax, logsumexp,
 //! their backward passes and the exp used by the accuracy tests.
 
-use crate::arrays::{by_dtype, layout, readonly, readonly_opt, readwrite, readwrite_opt};
+use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt, rows_layout};
 use crate::arrays::{named, same_memory, slice, slice_mut, slice_mut_opt, slice_opt, typed, Arr};
 use crate::errors::to_py;
 use normax_core::{softmax as k, Error, Float, Layout};
@@ -59,11 +59,11 @@ fn last_axis_new<'py, T: Float + Element>(
     let len = x.shape()[x.ndim() - 1];
     let y = unsafe { PyArrayDyn::<T>::new(py, x.shape(), false) };
     if len > 0 {
-        let xr = x.try_readonly().map_err(|e| named("x", e))?;
-        let xs = xr.as_slice().map_err(|e| named("x", e))?;
+        let xr = readonly::<T>(x.as_untyped(), "x")?;
+        let xs = slice(&xr, "x")?;
         // SAFETY: `y` was just created here; no other reference to its memory exists.
         let ys = unsafe { y.as_slice_mut() }.map_err(|e| named("out", e))?;
-        let l = layout(xs.len() / len, len, 1);
+        let l = rows_layout((xs.len() / len, len, 1));
         run(py, xs.len(), || f(xs, ys, l))?;
     }
     Ok(Some(y.into_any().cast_into::<PyUntypedArray>()?))
@@ -96,31 +96,27 @@ fn log_softmax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Opt
     last_axis(py, x, k::log_softmax, k::log_softmax)
 }
 
-/// softmax(x) into out (which may be x) over the middle axis of (outer, len, inner).
+/// softmax(x) into out (which may be x) over the middle axis of `layout` = (outer, len, inner).
 #[pyfunction]
 fn softmax(
     py: Python<'_>,
     x: &Arr<'_>,
     out: &Arr<'_>,
-    outer: usize,
-    len: usize,
-    inner: usize,
+    layout: (usize, usize, usize),
 ) -> PyResult<()> {
-    let l = layout(outer, len, inner);
+    let l = rows_layout(layout);
     by_dtype!(x, map_typed(py, x, out, l, k::softmax, k::softmax_inplace))
 }
 
-/// log_softmax(x) into out (which may be x) over the middle axis of (outer, len, inner).
+/// log_softmax(x) into out (which may be x) over the middle axis of `layout` = (outer, len, inner).
 #[pyfunction]
 fn log_softmax(
     py: Python<'_>,
     x: &Arr<'_>,
     out: &Arr<'_>,
-    outer: usize,
-    len: usize,
-    inner: usize,
+    layout: (usize, usize, usize),
 ) -> PyResult<()> {
-    let l = layout(outer, len, inner);
+    let l = rows_layout(layout);
     by_dtype!(
         x,
         map_typed(py, x, out, l, k::log_softmax, k::log_softmax_inplace)
@@ -146,19 +142,16 @@ fn lse_typed<T: Float + Element>(
 
 /// log|sum(b * exp(x))| over the middle axis into out (outer * inner values), sign optional.
 #[pyfunction]
-#[pyo3(signature = (x, b, out, sign, outer, len, inner))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (x, b, out, sign, layout))]
 fn logsumexp(
     py: Python<'_>,
     x: &Arr<'_>,
     b: Option<Arr<'_>>,
     out: &Arr<'_>,
     sign: Option<Arr<'_>>,
-    outer: usize,
-    len: usize,
-    inner: usize,
+    layout: (usize, usize, usize),
 ) -> PyResult<()> {
-    let l = layout(outer, len, inner);
+    let l = rows_layout(layout);
     by_dtype!(x, lse_typed(py, x, b.as_ref(), out, sign.as_ref(), l))
 }
 
@@ -187,11 +180,9 @@ fn softmax_backward(
     y: &Arr<'_>,
     dy: &Arr<'_>,
     dx: &Arr<'_>,
-    outer: usize,
-    len: usize,
-    inner: usize,
+    layout: (usize, usize, usize),
 ) -> PyResult<()> {
-    let l = layout(outer, len, inner);
+    let l = rows_layout(layout);
     by_dtype!(y, backward_typed(py, y, dy, dx, l, k::softmax_backward))
 }
 
@@ -202,11 +193,9 @@ fn log_softmax_backward(
     y: &Arr<'_>,
     dy: &Arr<'_>,
     dx: &Arr<'_>,
-    outer: usize,
-    len: usize,
-    inner: usize,
+    layout: (usize, usize, usize),
 ) -> PyResult<()> {
-    let l = layout(outer, len, inner);
+    let l = rows_layout(layout);
     by_dtype!(y, backward_typed(py, y, dy, dx, l, k::log_softmax_backward))
 }
 
@@ -221,7 +210,7 @@ fn exp_inplace<T: Float>(_: &mut [T], _: Layout) -> Result<(), Error> {
 /// exp(x) into out with the kernels' polynomial (for accuracy tests).
 #[pyfunction]
 fn exp(py: Python<'_>, x: &Arr<'_>, out: &Arr<'_>) -> PyResult<()> {
-    let l = layout(1, x.len(), 1);
+    let l = rows_layout((1, x.len(), 1));
     by_dtype!(x, map_typed(py, x, out, l, exp_slice, exp_inplace))
 }
 

@@ -1,7 +1,7 @@
 //! Bindings of `normax_core::stablemax`: stablemax and log_stablemax (the backwards are
 //! softmax's, scaled in the Python layer).
 
-use crate::arrays::{by_dtype, layout, Arr};
+use crate::arrays::{by_dtype, rows_layout, Arr};
 use crate::softmax::{last_axis, map_typed};
 use normax_core::stablemax as k;
 use pyo3::prelude::*;
@@ -18,34 +18,30 @@ fn log_stablemax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<O
     last_axis(py, x, k::log_stablemax, k::log_stablemax)
 }
 
-/// stablemax(x) into out (which may be x) over the middle axis of (outer, len, inner).
+/// stablemax(x) into out (which may be x) over the middle axis of `layout` = (outer, len, inner).
 #[pyfunction]
 fn stablemax(
     py: Python<'_>,
     x: &Arr<'_>,
     out: &Arr<'_>,
-    outer: usize,
-    len: usize,
-    inner: usize,
+    layout: (usize, usize, usize),
 ) -> PyResult<()> {
-    let l = layout(outer, len, inner);
+    let l = rows_layout(layout);
     by_dtype!(
         x,
         map_typed(py, x, out, l, k::stablemax, k::stablemax_inplace)
     )
 }
 
-/// log_stablemax(x) into out (which may be x) over the middle axis of (outer, len, inner).
+/// log_stablemax(x) into out (which may be x) over the middle axis of `layout` = (outer, len, inner).
 #[pyfunction]
 fn log_stablemax(
     py: Python<'_>,
     x: &Arr<'_>,
     out: &Arr<'_>,
-    outer: usize,
-    len: usize,
-    inner: usize,
+    layout: (usize, usize, usize),
 ) -> PyResult<()> {
-    let l = layout(outer, len, inner);
+    let l = rows_layout(layout);
     by_dtype!(
         x,
         map_typed(py, x, out, l, k::log_stablemax, k::log_stablemax_inplace)

@@ -1,421 +1,291 @@
 //! Bindings of the vocabulary-parallel cross-entropy kernels (normax_core::cross_entropy::shard_*):
-//! array conversion, the GIL released, errors mapped. The collective itself is the caller's
-//! (python/normax/torch/_vocab_parallel.py, python/normax/_jax_vocab_parallel.py).
+//! array conversion, the GIL released, errors mapped. The packed-row protocol around them is
+//! python/normax/_vocab_parallel.py's, the collectives the torch and JAX adapters'.
+//!
+//! Every function takes the rank's [`VocabShard`], the checked [`CeOptions`] and `labels`, the
+//! pair (target class indices, class weights or None) the rows are scored against.
 
-use crate::arrays::{by_dtype, readonly, readonly_opt, readwrite, readwrite_opt};
-use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr};
-use crate::errors::to_py;
+use crate::arrays::{by_dtype, matrix_shape, readonly, readonly_opt, readwrite, readwrite_opt};
+use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr, Read};
+use crate::interrupt::detach;
+use crate::options::{CeOptions, GradOutput, VocabShard};
 use normax_core::cross_entropy::{self as k, Shard, ShardLinear};
-use normax_core::spec::{CeOptions, GradOutput, Reduction};
+use normax_core::spec::Reduction;
 use normax_core::Float;
 use numpy::Element;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-/// (ignore_index, reduction, label_smoothing, z_loss, softcap), as the other bindings take them.
-type Opts<'a> = (i64, &'a str, f64, f64, Option<f64>);
+/// (target class indices, class weights or None).
+type Labels<'py> = (Arr<'py>, Option<Arr<'py>>);
+/// The linear op's inputs on this rank: hidden (rows, H), its linear weight shard (length, H), its
+/// bias shard or None.
+type LinearInputs<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
+/// What a backward takes from the forward: each row's log-sum-exp (rows x 2 float64), the mean's
+/// denominator, and d(loss)/d(output).
+type Saved<'py> = (Arr<'py>, f64, GradOutput<'py>);
 
-fn options<'w, T>(weight: Option<&'w [T]>, o: Opts<'_>) -> PyResult<CeOptions<&'w [T]>> {
-    Ok(CeOptions {
-        weight,
-        ignore_index: o.0,
-        reduction: Reduction::parse(o.1).map_err(to_py)?,
-        label_smoothing: o.2,
-        z_loss: o.3,
-        softcap: o.4,
-    })
-}
-
-fn grad_output<'a, T: Element>(
-    rows: &'a Option<numpy::PyReadonlyArrayDyn<'_, T>>,
-    scalar: f64,
-) -> PyResult<GradOutput<&'a [T]>> {
-    Ok(match rows {
-        Some(g) => GradOutput::Rows(slice(g, "grad_output")?),
-        None => GradOutput::Scalar(scalar),
-    })
+/// The statistics pass sums the loss terms of its shard's classes; z-loss and the reduction
+/// apply once the shards are combined.
+fn stats_options(options: &CeOptions) -> CeOptions {
+    CeOptions {
+        reduction: Reduction::Sum,
+        z_loss: 0.0,
+        ..*options
+    }
 }
 
 fn stats_typed<T: Float + Element>(
-    py: Python<'_>,
     logits: &Arr<'_>,
-    target: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
+    (target, weight): &Labels<'_>,
+    shard: &VocabShard,
+    options: &CeOptions,
     packed: &Arr<'_>,
-    (rows, shard): (usize, Shard),
-    opts: Opts<'_>,
 ) -> PyResult<()> {
     let x = readonly::<T>(logits, "logits")?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight, "weight")?;
+    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
     let mut p = readwrite::<T>(packed, "packed")?;
-    let (xs, ts, ws) = (
-        slice(&x, "logits")?,
-        slice(&t, "target")?,
-        slice_opt(&w, "weight")?,
-    );
-    let o = options(ws, opts)?;
+    let (xs, ts) = (slice(&x, "logits")?, slice(&t, "target")?);
+    let o = stats_options(options).with_weight(slice_opt(&w, "weight")?);
     let ps = slice_mut(&mut p, "packed")?;
-    py.detach(|| k::shard_stats(xs, rows, shard, ts, &o, ps))
-        .map_err(to_py)
+    let (rows, sh) = (shard.rows, shard.core());
+    detach(logits.py(), xs.len(), || {
+        k::shard_stats(xs, rows, sh, ts, &o, ps)
+    })
 }
 
-/// A shard's per-row statistics of (rows, length) logits into `packed` (rows, FIELDS).
+/// A shard's per-row statistics of its (rows, length) logits into `packed` (rows, fields).
 #[pyfunction]
-#[pyo3(signature = (logits, target, weight, packed, rows, start, length, ignore_index,
-                    label_smoothing, softcap))]
-#[allow(clippy::too_many_arguments)]
-fn shard_stats(
-    py: Python<'_>,
+fn vocab_parallel_stats(
     logits: &Arr<'_>,
-    target: &Arr<'_>,
-    weight: Option<Arr<'_>>,
+    labels: Labels<'_>,
+    shard: &VocabShard,
+    options: &CeOptions,
     packed: &Arr<'_>,
-    rows: usize,
-    start: usize,
-    length: usize,
-    ignore_index: i64,
-    label_smoothing: f64,
-    softcap: Option<f64>,
 ) -> PyResult<()> {
-    let shard = Shard { start, len: length };
-    let opts = (ignore_index, "sum", label_smoothing, 0.0, softcap);
-    let w = weight.as_ref();
-    by_dtype!(
-        logits,
-        stats_typed(py, logits, target, w, packed, (rows, shard), opts)
-    )
+    by_dtype!(logits, stats_typed(logits, &labels, shard, options, packed))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn combine_typed<T: Float + Element>(
-    py: Python<'_>,
     gathered: &Arr<'_>,
-    stride: usize,
     shards: &[Shard],
-    rows: usize,
-    target: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
-    loss: &Arr<'_>,
-    lse: &Arr<'_>,
-    opts: Opts<'_>,
+    (target, weight): &Labels<'_>,
+    options: &CeOptions,
+    (loss, lse): (&Arr<'_>, &Arr<'_>),
 ) -> PyResult<f64> {
+    let (_, stride) = matrix_shape(gathered, "gathered")?;
     let g = readonly::<T>(gathered, "gathered")?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight, "weight")?;
+    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
     let mut l = readwrite::<T>(loss, "loss")?;
     let mut s = readwrite::<f64>(lse, "lse")?;
-    let (gs, ts, ws) = (
-        slice(&g, "gathered")?,
-        slice(&t, "target")?,
-        slice_opt(&w, "weight")?,
-    );
-    let o = options(ws, opts)?;
+    let (gs, ts) = (slice(&g, "gathered")?, slice(&t, "target")?);
+    let o = options.with_weight(slice_opt(&w, "weight")?);
     let (ls, ss) = (slice_mut(&mut l, "loss")?, slice_mut(&mut s, "lse")?);
-    py.detach(|| k::shard_combine(gs, stride, shards, rows, ts, &o, ls, ss))
-        .map_err(to_py)
+    let rows = ts.len();
+    detach(gathered.py(), gs.len(), || {
+        k::shard_combine(gs, stride, shards, rows, ts, &o, ls, ss)
+    })
 }
 
-/// The loss from every rank's statistics (`gathered`: ranks x stride); writes `loss` and each
-/// row's log-sum-exp (`lse`: rows x 2 float64); returns the mean's denominator.
+/// The loss from every rank's statistics (`gathered`: ranks x stride, in the order of
+/// `shards`); writes `out` = (loss, lse: each row's log-sum-exp, rows x 2 float64) and returns
+/// the mean's denominator.
 #[pyfunction]
-#[pyo3(signature = (gathered, stride, starts, lengths, rows, target, weight, loss, lse,
-                    ignore_index, reduction, label_smoothing, z_loss, softcap))]
-#[allow(clippy::too_many_arguments)]
-fn shard_combine(
-    py: Python<'_>,
+fn vocab_parallel_combine(
     gathered: &Arr<'_>,
-    stride: usize,
-    starts: Vec<usize>,
-    lengths: Vec<usize>,
-    rows: usize,
-    target: &Arr<'_>,
-    weight: Option<Arr<'_>>,
-    loss: &Arr<'_>,
-    lse: &Arr<'_>,
-    ignore_index: i64,
-    reduction: &str,
-    label_smoothing: f64,
-    z_loss: f64,
-    softcap: Option<f64>,
+    shards: Vec<VocabShard>,
+    labels: Labels<'_>,
+    options: &CeOptions,
+    out: (Arr<'_>, Arr<'_>),
 ) -> PyResult<f64> {
-    if starts.len() != lengths.len() {
-        return Err(PyValueError::new_err("starts and lengths differ in length"));
-    }
-    let shards: Vec<Shard> = starts
-        .iter()
-        .zip(&lengths)
-        .map(|(&start, &len)| Shard { start, len })
-        .collect();
-    let opts = (ignore_index, reduction, label_smoothing, z_loss, softcap);
-    let w = weight.as_ref();
+    let shards: Vec<Shard> = shards.iter().map(VocabShard::core).collect();
+    let out = (&out.0, &out.1);
     by_dtype!(
         gathered,
-        combine_typed(py, gathered, stride, &shards, rows, target, w, loss, lse, opts)
+        combine_typed(gathered, &shards, &labels, options, out)
     )
 }
 
-/// The statistics the backward passes take from the forward.
-struct Saved<'a> {
-    lse: &'a Arr<'a>,
-    denom: f64,
-    classes: usize,
-    grad_rows: Option<&'a Arr<'a>>,
-    grad_scalar: f64,
-}
-
-#[allow(clippy::too_many_arguments)]
 fn backward_typed<T: Float + Element>(
-    py: Python<'_>,
     logits: &Arr<'_>,
-    target: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
+    (target, weight): &Labels<'_>,
+    shard: &VocabShard,
+    options: &CeOptions,
+    (lse, denom, grad_output): &Saved<'_>,
     grad: &Arr<'_>,
-    saved: &Saved<'_>,
-    (rows, shard): (usize, Shard),
-    opts: Opts<'_>,
 ) -> PyResult<()> {
     let x = readonly::<T>(logits, "logits")?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight, "weight")?;
-    let s = readonly::<f64>(saved.lse, "lse")?;
-    let go = readonly_opt::<T>(saved.grad_rows, "grad_output")?;
+    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let s = readonly::<f64>(lse, "lse")?;
+    let go = grad_output.read::<T>()?;
     let mut g = readwrite::<T>(grad, "grad")?;
-    let (xs, ts, ws) = (
+    let (xs, ts, ss) = (
         slice(&x, "logits")?,
         slice(&t, "target")?,
-        slice_opt(&w, "weight")?,
+        slice(&s, "lse")?,
     );
-    let o = options(ws, opts)?;
-    let ss = slice(&s, "lse")?;
-    let go = grad_output(&go, saved.grad_scalar)?;
+    let o = options.with_weight(slice_opt(&w, "weight")?);
+    let go = grad_output.core(&go)?;
     let gs = slice_mut(&mut g, "grad")?;
-    let (c, d) = (saved.classes, saved.denom);
-    py.detach(|| k::shard_backward(xs, rows, shard, c, ts, &o, ss, d, go, gs))
-        .map_err(to_py)
+    let (rows, sh, classes, d) = (shard.rows, shard.core(), shard.classes, *denom);
+    detach(logits.py(), xs.len(), || {
+        k::shard_backward(xs, rows, sh, classes, ts, &o, ss, d, go, gs)
+    })
 }
 
-/// The shard's gradient of grad_output * loss into `grad`, from the forward's `lse` and `denom`.
+/// The shard's gradient of grad_output * loss into `grad`, from the forward's `saved`
+/// (lse, denom, grad_output).
 #[pyfunction]
-#[pyo3(signature = (logits, target, weight, lse, denom, grad, grad_rows, grad_scalar, rows,
-                    start, length, classes, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap))]
-#[allow(clippy::too_many_arguments)]
-fn shard_backward(
-    py: Python<'_>,
+fn vocab_parallel_backward(
     logits: &Arr<'_>,
-    target: &Arr<'_>,
-    weight: Option<Arr<'_>>,
-    lse: &Arr<'_>,
-    denom: f64,
+    labels: Labels<'_>,
+    shard: &VocabShard,
+    options: &CeOptions,
+    saved: Saved<'_>,
     grad: &Arr<'_>,
-    grad_rows: Option<Arr<'_>>,
-    grad_scalar: f64,
-    rows: usize,
-    start: usize,
-    length: usize,
-    classes: usize,
-    ignore_index: i64,
-    reduction: &str,
-    label_smoothing: f64,
-    z_loss: f64,
-    softcap: Option<f64>,
 ) -> PyResult<()> {
-    let saved = Saved {
-        lse,
-        denom,
-        classes,
-        grad_rows: grad_rows.as_ref(),
-        grad_scalar,
-    };
-    let shard = Shard { start, len: length };
-    let opts = (ignore_index, reduction, label_smoothing, z_loss, softcap);
-    let w = weight.as_ref();
     by_dtype!(
         logits,
-        backward_typed(py, logits, target, w, grad, &saved, (rows, shard), opts)
+        backward_typed(logits, &labels, shard, options, &saved, grad)
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn linear_stats_typed<T: Float + Element>(
-    py: Python<'_>,
-    (hidden, weight_shard, bias): (&Arr<'_>, &Arr<'_>, Option<&Arr<'_>>),
-    target: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
-    packed: &Arr<'_>,
-    (rows, h, shard): (usize, usize, Shard),
-    opts: Opts<'_>,
-    chunk_size: Option<usize>,
-) -> PyResult<()> {
-    let hid = readonly::<T>(hidden, "hidden")?;
-    let ws = readonly::<T>(weight_shard, "weight_shard")?;
-    let b = readonly_opt::<T>(bias, "bias_shard")?;
-    let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight, "weight")?;
-    let mut p = readwrite::<T>(packed, "packed")?;
-    let lin = ShardLinear {
-        hidden: slice(&hid, "hidden")?,
-        weight: slice(&ws, "weight_shard")?,
-        bias: slice_opt(&b, "bias_shard")?,
-        h,
-    };
-    let ts = slice(&t, "target")?;
-    let o = options(slice_opt(&w, "weight")?, opts)?;
-    let ps = slice_mut(&mut p, "packed")?;
-    py.detach(|| k::shard_linear_stats(lin, rows, shard, ts, &o, chunk_size, ps))
-        .map_err(to_py)
-}
-
-/// [`shard_stats`] of logits = hidden @ weight_shard.T + bias_shard, block by block.
-#[pyfunction]
-#[pyo3(signature = (hidden, weight_shard, bias_shard, target, weight, packed, rows, h, start,
-                    length, ignore_index, label_smoothing, softcap, chunk_size))]
-#[allow(clippy::too_many_arguments)]
-fn shard_linear_stats(
-    py: Python<'_>,
-    hidden: &Arr<'_>,
-    weight_shard: &Arr<'_>,
-    bias_shard: Option<Arr<'_>>,
-    target: &Arr<'_>,
-    weight: Option<Arr<'_>>,
-    packed: &Arr<'_>,
-    rows: usize,
+/// The core's view of the linear inputs, borrowed for reading.
+struct LinearRead<'py, T: Element> {
+    hidden: Read<'py, T>,
+    weight: Read<'py, T>,
+    bias: Option<Read<'py, T>>,
     h: usize,
-    start: usize,
-    length: usize,
-    ignore_index: i64,
-    label_smoothing: f64,
-    softcap: Option<f64>,
-    chunk_size: Option<usize>,
+}
+
+impl<'py, T: Float + Element> LinearRead<'py, T> {
+    fn new((hidden, weight, bias): &LinearInputs<'py>) -> PyResult<Self> {
+        Ok(LinearRead {
+            h: matrix_shape(hidden, "hidden")?.1,
+            hidden: readonly::<T>(hidden, "hidden")?,
+            weight: readonly::<T>(weight, "weight_shard")?,
+            bias: readonly_opt::<T>(bias.as_ref(), "bias_shard")?,
+        })
+    }
+
+    fn core(&self) -> PyResult<ShardLinear<'_, T>> {
+        Ok(ShardLinear {
+            hidden: slice(&self.hidden, "hidden")?,
+            weight: slice(&self.weight, "weight_shard")?,
+            bias: slice_opt(&self.bias, "bias_shard")?,
+            h: self.h,
+        })
+    }
+}
+
+fn linear_stats_typed<T: Float + Element>(
+    inputs: &LinearInputs<'_>,
+    (target, weight): &Labels<'_>,
+    shard: &VocabShard,
+    (options, chunk_size): (&CeOptions, Option<usize>),
+    packed: &Arr<'_>,
 ) -> PyResult<()> {
-    let shard = Shard { start, len: length };
-    let opts = (ignore_index, "sum", label_smoothing, 0.0, softcap);
-    let ins = (hidden, weight_shard, bias_shard.as_ref());
-    let w = weight.as_ref();
+    let read = LinearRead::<T>::new(inputs)?;
+    let t = readonly::<i64>(target, "target")?;
+    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let mut p = readwrite::<T>(packed, "packed")?;
+    let lin = read.core()?;
+    let ts = slice(&t, "target")?;
+    let o = stats_options(options).with_weight(slice_opt(&w, "weight")?);
+    let ps = slice_mut(&mut p, "packed")?;
+    let (rows, sh) = (shard.rows, shard.core());
+    let work = rows.saturating_mul(shard.length);
+    detach(packed.py(), work, || {
+        k::shard_linear_stats(lin, rows, sh, ts, &o, chunk_size, ps)
+    })
+}
+
+/// [`vocab_parallel_stats`] of logits = hidden @ weight_shard.T + bias_shard, block by block
+/// (`chunk_size` logits per block, None: the kernel's choice).
+#[pyfunction]
+fn vocab_parallel_linear_stats(
+    inputs: LinearInputs<'_>,
+    labels: Labels<'_>,
+    shard: &VocabShard,
+    options: &CeOptions,
+    chunk_size: Option<usize>,
+    packed: &Arr<'_>,
+) -> PyResult<()> {
+    let opts = (options, chunk_size);
     by_dtype!(
-        hidden,
-        linear_stats_typed(
-            py,
-            ins,
-            target,
-            w,
-            packed,
-            (rows, h, shard),
-            opts,
-            chunk_size
-        )
+        &inputs.0,
+        linear_stats_typed(&inputs, &labels, shard, opts, packed)
     )
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The linear op's gradient outputs on this rank: dhidden, dweight_shard, dbias_shard or None.
+type LinearGrads<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
+
 fn linear_backward_typed<T: Float + Element>(
-    py: Python<'_>,
-    (hidden, weight_shard, bias): (&Arr<'_>, &Arr<'_>, Option<&Arr<'_>>),
-    target: &Arr<'_>,
-    weight: Option<&Arr<'_>>,
-    saved: &Saved<'_>,
-    (dhidden, dweight, dbias): (&Arr<'_>, &Arr<'_>, Option<&Arr<'_>>),
-    (rows, h, shard): (usize, usize, Shard),
-    opts: Opts<'_>,
-    chunk_size: Option<usize>,
+    inputs: &LinearInputs<'_>,
+    (target, weight): &Labels<'_>,
+    (shard, options, chunk_size): (&VocabShard, &CeOptions, Option<usize>),
+    (lse, denom, grad_output): &Saved<'_>,
+    (dhidden, dweight, dbias): &LinearGrads<'_>,
 ) -> PyResult<()> {
-    let hid = readonly::<T>(hidden, "hidden")?;
-    let ws = readonly::<T>(weight_shard, "weight_shard")?;
-    let b = readonly_opt::<T>(bias, "bias_shard")?;
+    let read = LinearRead::<T>::new(inputs)?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight, "weight")?;
-    let s = readonly::<f64>(saved.lse, "lse")?;
-    let go = readonly_opt::<T>(saved.grad_rows, "grad_output")?;
+    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let s = readonly::<f64>(lse, "lse")?;
+    let go = grad_output.read::<T>()?;
     let mut dh = readwrite::<T>(dhidden, "dhidden")?;
     let mut dw = readwrite::<T>(dweight, "dweight")?;
-    let mut db = readwrite_opt::<T>(dbias, "dbias")?;
-    let lin = ShardLinear {
-        hidden: slice(&hid, "hidden")?,
-        weight: slice(&ws, "weight_shard")?,
-        bias: slice_opt(&b, "bias_shard")?,
-        h,
-    };
+    let mut db = readwrite_opt::<T>(dbias.as_ref(), "dbias")?;
+    let lin = read.core()?;
     let (ts, ss) = (slice(&t, "target")?, slice(&s, "lse")?);
-    let o = options(slice_opt(&w, "weight")?, opts)?;
-    let go = grad_output(&go, saved.grad_scalar)?;
+    let o = options.with_weight(slice_opt(&w, "weight")?);
+    let go = grad_output.core(&go)?;
     let dhs = slice_mut(&mut dh, "dhidden")?;
     let dws = slice_mut(&mut dw, "dweight")?;
     let dbs = slice_mut_opt(&mut db, "dbias")?;
-    let (c, d) = (saved.classes, saved.denom);
-    py.detach(|| {
+    let (rows, sh, c, d) = (shard.rows, shard.core(), shard.classes, *denom);
+    let work = rows.saturating_mul(shard.length);
+    detach(dhidden.py(), work, || {
         k::shard_linear_backward(
-            lin, rows, shard, c, ts, &o, chunk_size, ss, d, go, dhs, dws, dbs,
+            lin, rows, sh, c, ts, &o, chunk_size, ss, d, go, dhs, dws, dbs,
         )
     })
-    .map_err(to_py)
 }
 
-/// The linear op's gradients on this rank: this shard's part of dhidden (to be summed over the
-/// ranks), and its dweight_shard / dbias_shard.
+/// The linear op's gradients on this rank into `grads` = (dhidden: this shard's part, to be
+/// summed over the ranks; dweight_shard; dbias_shard or None), from the forward's `saved`.
 #[pyfunction]
-#[pyo3(signature = (hidden, weight_shard, bias_shard, target, weight, lse, denom, dhidden,
-                    dweight, dbias, grad_rows, grad_scalar, rows, h, start, length, classes,
-                    ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size))]
-#[allow(clippy::too_many_arguments)]
-fn shard_linear_backward(
-    py: Python<'_>,
-    hidden: &Arr<'_>,
-    weight_shard: &Arr<'_>,
-    bias_shard: Option<Arr<'_>>,
-    target: &Arr<'_>,
-    weight: Option<Arr<'_>>,
-    lse: &Arr<'_>,
-    denom: f64,
-    dhidden: &Arr<'_>,
-    dweight: &Arr<'_>,
-    dbias: Option<Arr<'_>>,
-    grad_rows: Option<Arr<'_>>,
-    grad_scalar: f64,
-    rows: usize,
-    h: usize,
-    start: usize,
-    length: usize,
-    classes: usize,
-    ignore_index: i64,
-    reduction: &str,
-    label_smoothing: f64,
-    z_loss: f64,
-    softcap: Option<f64>,
+fn vocab_parallel_linear_backward(
+    inputs: LinearInputs<'_>,
+    labels: Labels<'_>,
+    shard: &VocabShard,
+    options: &CeOptions,
     chunk_size: Option<usize>,
+    saved: Saved<'_>,
+    grads: LinearGrads<'_>,
 ) -> PyResult<()> {
-    let saved = Saved {
-        lse,
-        denom,
-        classes,
-        grad_rows: grad_rows.as_ref(),
-        grad_scalar,
-    };
-    let shard = Shard { start, len: length };
-    let opts = (ignore_index, reduction, label_smoothing, z_loss, softcap);
-    let ins = (hidden, weight_shard, bias_shard.as_ref());
-    let outs = (dhidden, dweight, dbias.as_ref());
-    let w = weight.as_ref();
-    let dims = (rows, h, shard);
+    let plan = (shard, options, chunk_size);
     by_dtype!(
-        hidden,
-        linear_backward_typed(py, ins, target, w, &saved, outs, dims, opts, chunk_size)
+        &inputs.0,
+        linear_backward_typed(&inputs, &labels, plan, &saved, &grads)
     )
 }
 
 /// Values per row each rank sends (see normax_core::cross_entropy::shard_fields).
 #[pyfunction]
-fn shard_fields(label_smoothing: f64) -> usize {
-    k::shard_fields(label_smoothing)
+fn vocab_parallel_fields(options: &CeOptions) -> usize {
+    k::shard_fields(options.label_smoothing)
 }
 
 /// Adds this module's functions to `normax._core`.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(shard_stats, m)?)?;
-    m.add_function(wrap_pyfunction!(shard_combine, m)?)?;
-    m.add_function(wrap_pyfunction!(shard_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(shard_linear_stats, m)?)?;
-    m.add_function(wrap_pyfunction!(shard_linear_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(shard_fields, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel_combine, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel_linear_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel_linear_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel_fields, m)?)?;
     Ok(())
 }

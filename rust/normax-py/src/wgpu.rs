@@ -6,23 +6,17 @@
 //! (`errors::to_py`): no adapter or a device failure RuntimeError, a bad argument ValueError, a
 //! class index IndexError.
 
-use crate::arrays::{readonly, slice, slice_opt, Arr};
+use crate::arrays::{readonly, slice, slice_opt, Arr, Read};
 use crate::errors::to_py;
-use normax_core::spec::{CeOptions, GradOutput, Reduction};
+use crate::options::{CeOptions, GradOutput, NormOptions};
+use normax_core::spec::NormKind;
 use normax_wgpu as g;
-use numpy::{
-    Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn,
-    PyUntypedArrayMethods,
-};
+use numpy::{Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 /// The array checked to have `ndim` dimensions, then read-only (`arrays::readonly`).
-fn read<'py, T: Element>(
-    a: &Arr<'py>,
-    name: &str,
-    ndim: usize,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+fn read<'py, T: Element>(a: &Arr<'py>, name: &str, ndim: usize) -> PyResult<Read<'py, T>> {
     if a.ndim() != ndim {
         return Err(PyValueError::new_err(format!(
             "{name}: expected a {ndim}-d array, got {} dimensions",
@@ -33,10 +27,7 @@ fn read<'py, T: Element>(
 }
 
 /// A 1-d float32 array that may be absent (weight, bias, per-row grad_output).
-fn read_vec<'py>(
-    a: Option<&Arr<'py>>,
-    name: &str,
-) -> PyResult<Option<PyReadonlyArrayDyn<'py, f32>>> {
+fn read_vec<'py>(a: Option<&Arr<'py>>, name: &str) -> PyResult<Option<Read<'py, f32>>> {
     a.map(|a| read::<f32>(a, name, 1)).transpose()
 }
 
@@ -90,53 +81,29 @@ fn wgpu_logsumexp<'py>(py: Python<'py>, x: &Arr<'py>) -> PyResult<Bound<'py, PyA
     Ok(y.into_pyarray(py))
 }
 
-/// rms_norm of each row (weight None: ones).
+/// rms_norm or layer_norm (by `options.kind`) of each row of a 2-d float32 array (weight None:
+/// ones, bias None: zeros).
 #[pyfunction]
-#[pyo3(signature = (x, weight, eps))]
-fn wgpu_rms_norm<'py>(
-    py: Python<'py>,
-    x: &Arr<'py>,
-    weight: Option<&Arr<'py>>,
-    eps: f32,
-) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    norm(py, x, weight, None, eps, false)
-}
-
-/// layer_norm of each row (weight None: ones, bias None: zeros).
-#[pyfunction]
-#[pyo3(signature = (x, weight, bias, eps))]
-fn wgpu_layer_norm<'py>(
-    py: Python<'py>,
+#[pyo3(signature = (options, x, weight, bias))]
+fn wgpu_norm<'py>(
+    options: &NormOptions,
     x: &Arr<'py>,
     weight: Option<&Arr<'py>>,
     bias: Option<&Arr<'py>>,
-    eps: f32,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    norm(py, x, weight, bias, eps, true)
-}
-
-/// layer_norm (`layer`) or rms_norm (no bias) of each row.
-fn norm<'py>(
-    py: Python<'py>,
-    x: &Arr<'py>,
-    weight: Option<&Arr<'py>>,
-    bias: Option<&Arr<'py>>,
-    eps: f32,
-    layer: bool,
-) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let py = x.py();
     let xr = read::<f32>(x, "x", 2)?;
     let (rows, cols) = (xr.shape()[0], xr.shape()[1]);
     let wr = read_vec(weight, "weight")?;
     let br = read_vec(bias, "bias")?;
     let xs = slice(&xr, "x")?;
     let (ws, bs) = (slice_opt(&wr, "weight")?, slice_opt(&br, "bias")?);
+    let eps = options.eps as f32;
     let y = py
-        .detach(|| {
-            if layer {
-                g::layer_norm(xs, rows, cols, ws, bs, eps)
-            } else {
-                g::rms_norm(xs, rows, cols, ws, eps)
-            }
+        .detach(|| match options.kind {
+            NormKind::Layer => g::layer_norm(xs, rows, cols, ws, bs, eps),
+            NormKind::Rms => g::rms_norm(xs, rows, cols, ws, eps),
+            NormKind::Crms => Err(g::Error::Value("no wgpu kernel for crms_norm".into())),
         })
         .map_err(to_py)?;
     matrix(py, y, rows, cols)
@@ -145,46 +112,30 @@ fn norm<'py>(
 type LossGrad<'py> = (Bound<'py, PyArray1<f32>>, Option<Bound<'py, PyArray2<f32>>>);
 
 /// Cross-entropy of 2-d float32 logits against int64 class indices: (loss, gradient or None).
-/// The loss has one value per row for reduction "none", else one value. With `with_grad`, the
-/// gradient is that of grad_output * loss, grad_output being `grad_rows` (one per row, reduction
-/// "none" only) or `grad_scalar`.
+/// The loss has one value per row for reduction "none", else one value. With `grad_output` (a
+/// number, or one per row for reduction "none"), also the gradient of grad_output * loss.
 #[pyfunction]
-#[pyo3(signature = (
-    logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, with_grad,
-    grad_rows, grad_scalar
-))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, target, weight, options, grad_output=None))]
 fn wgpu_cross_entropy<'py>(
-    py: Python<'py>,
     logits: &Arr<'py>,
     target: &Arr<'py>,
     weight: Option<&Arr<'py>>,
-    ignore_index: i64,
-    reduction: &str,
-    label_smoothing: f64,
-    z_loss: f64,
-    softcap: Option<f64>,
-    with_grad: bool,
-    grad_rows: Option<&Arr<'py>>,
-    grad_scalar: f64,
+    options: &CeOptions,
+    grad_output: Option<GradOutput<'py>>,
 ) -> PyResult<LossGrad<'py>> {
+    let py = logits.py();
     let xr = read::<f32>(logits, "logits", 2)?;
     let (rows, classes) = (xr.shape()[0], xr.shape()[1]);
     let tr = read::<i64>(target, "target", 1)?;
     let wr = read_vec(weight, "weight")?;
-    let gr = read_vec(grad_rows, "grad_output")?;
-    let opts = CeOptions {
-        weight: slice_opt(&wr, "weight")?,
-        ignore_index,
-        reduction: Reduction::parse(reduction).map_err(to_py)?,
-        label_smoothing,
-        z_loss,
-        softcap,
+    let gr = match &grad_output {
+        Some(GradOutput::Rows(g)) => read_vec(Some(g), "grad_output")?,
+        _ => None,
     };
-    let grad = match (with_grad, slice_opt(&gr, "grad_output")?) {
-        (false, _) => None,
-        (true, Some(g)) => Some(GradOutput::Rows(g)),
-        (true, None) => Some(GradOutput::Scalar(grad_scalar)),
+    let opts = options.with_weight(slice_opt(&wr, "weight")?);
+    let grad = match &grad_output {
+        None => None,
+        Some(g) => Some(g.core(&gr)?),
     };
     let (xs, ts) = (slice(&xr, "logits")?, slice(&tr, "target")?);
     let (loss, grad) = py
@@ -199,8 +150,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(wgpu_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(wgpu_log_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(wgpu_logsumexp, m)?)?;
-    m.add_function(wrap_pyfunction!(wgpu_rms_norm, m)?)?;
-    m.add_function(wrap_pyfunction!(wgpu_layer_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(wgpu_norm, m)?)?;
     m.add_function(wrap_pyfunction!(wgpu_cross_entropy, m)?)?;
     Ok(())
 }

@@ -31,7 +31,7 @@ PyTorch) or a CUDA toolkit on the library path.
 Layout: one module per op family (``softmax``, ``stablemax``, ``cross_entropy``, ``norms``, ``power_norm``, as
 the CPU path and ``kernels/*.cu``) over ``device`` (the caller's library, DLPack, streams, the
 kernels' entry point). ``cross_entropy_rows``, ``linear_blocks`` and ``norm_backward`` are the
-families' cores, ``shard_stats`` / ``shard_backward`` the vocabulary-parallel cross-entropy's kernels, with the options ``normax.torch`` needs (no read-back check, float32 parameter
+families' cores, ``vocab_parallel_stats`` / ``vocab_parallel_backward`` the vocabulary-parallel cross-entropy's kernels, with the options ``normax.torch`` needs (no read-back check, float32 parameter
 gradients).
 """
 
@@ -42,10 +42,10 @@ from .cross_entropy import (
     linear_blocks,
     linear_cross_entropy,
     linear_cross_entropy_with_grad,
-    shard_backward,
-    shard_linear_backward,
-    shard_linear_stats,
-    shard_stats,
+    vocab_parallel_backward,
+    vocab_parallel_linear_backward,
+    vocab_parallel_linear_stats,
+    vocab_parallel_stats,
 )
 from .device import available, compile_check, is_cuda_array, load_nvrtc
 from .norms import (
@@ -88,14 +88,14 @@ __all__ = [
     "power_norm_saved",
     "rms_norm",
     "rms_norm_backward",
-    "shard_backward",
-    "shard_linear_backward",
-    "shard_linear_stats",
-    "shard_stats",
     "softmax",
     "softmax_backward",
     "stablemax",
     "stablemax_backward",
+    "vocab_parallel_backward",
+    "vocab_parallel_linear_backward",
+    "vocab_parallel_linear_stats",
+    "vocab_parallel_stats",
 ]
 
 # The public functions this backend runs (every array function of normax), for the registry.

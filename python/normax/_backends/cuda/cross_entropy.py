@@ -10,8 +10,10 @@ import math
 
 import numpy as np
 
+from ... import _core
 from ..._arrays import Plan
 from ..._options import (
+    CeOptions,
     ce_options,
     check_chunk_size,
     class_axis,
@@ -28,12 +30,12 @@ from .stablemax import ce_logits
 
 
 def cross_entropy_rows(
-    fname, logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-    with_grad, grad_output=1.0, inplace=False, sync_check=True, normalizer="softmax",
+    fname, logits, target, axis, weight, opts: CeOptions, stable: bool, with_grad: bool, grad_output=1.0,
+    inplace=False, sync_check=True,
 ):  # fmt: skip
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    ignore_index, reduction, label_smoothing, z_loss, softcap = opts
-    stable = check_normalizer(normalizer)
+    """The cross-entropy of CUDA arrays with checked options (`opts` from ``ce_options``,
+    `stable` from ``check_normalizer``)."""
+    ignore_index, reduction = opts.ignore_index, opts.reduction
     lib = lib_of((logits, target, weight, grad_output), fname)
     x = lib.input(logits, "logits")
     ax = class_axis(axis, tuple(x.shape))
@@ -44,8 +46,8 @@ def cross_entropy_rows(
     chain = None
     kdtype = x.dtype  # what the kernel reads and writes
     if stable:  # StableMax: the softmax cross-entropy of phi = log s(x), in float32
-        work, chain = ce_logits(lib, work, softcap)
-        softcap, kdtype = None, lib.float32()
+        work, chain = ce_logits(lib, work, opts.softcap)
+        opts, kdtype = opts.replace(softcap=None), lib.float32()
     t = lib.on_device(target, "target")
     tname = lib.dtype_name(t)
     kind = "f" if tname.startswith(("float", "bfloat")) else "i" if tname.startswith(("int", "uint")) else ""
@@ -82,11 +84,8 @@ def cross_entropy_rows(
         direct = inplace and not plan.moved and lib.same_memory(work, x)
         grad = work if direct else lib.empty(plan.arranged_shape, kdtype)
         scale, stride = _grad_scale(lib, grad_output, reduction, denom, row_shape, plan.outer)
-    run(
-        lib, "cross_entropy", work, tk, w, loss_rows, grad, scale, stride,
-        plan.outer, classes, ignore_index, label_smoothing, z_loss,
-        0.0 if softcap is None else softcap,
-    )  # fmt: skip
+    scaled = None if grad is None else (grad, scale, stride)
+    run(lib, _core.cuda_cross_entropy, (work, tk, w), opts, (plan.outer, classes), loss_rows, scaled)
 
     loss = _reduce(lib, loss_rows.reshape(row_shape), reduction, denom, x.dtype)
     if not with_grad:
@@ -157,20 +156,20 @@ def cross_entropy(
     logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, z_loss=0.0, softcap=None, normalizer="softmax",
 ):  # fmt: skip
-    return cross_entropy_rows(
-        "normax.cross_entropy", logits, target, axis, weight, ignore_index, reduction,
-        label_smoothing, z_loss, softcap, False, normalizer=normalizer,
-    )  # fmt: skip
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    stable = check_normalizer(normalizer)
+    return cross_entropy_rows("normax.cross_entropy", logits, target, axis, weight, opts, stable, False)
 
 
 def cross_entropy_with_grad(
     logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=1.0, inplace=False, normalizer="softmax",
 ):  # fmt: skip
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    stable = check_normalizer(normalizer)
     return cross_entropy_rows(
-        "normax.cross_entropy_with_grad", logits, target, axis, weight, ignore_index, reduction,
-        label_smoothing, z_loss, softcap, True, grad_output, inplace, normalizer=normalizer,
-    )  # fmt: skip
+        "normax.cross_entropy_with_grad", logits, target, axis, weight, opts, stable, True, grad_output, inplace
+    )
 
 
 # each block of logits (which becomes its gradient in place).
@@ -202,10 +201,10 @@ def _zeros(lib: Lib, shape, dtype):
 
 
 def linear_blocks(
-    fname, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-    chunk_size, with_grad, grad_output=1.0, sync_check=True,
+    fname, hidden, weight, target, bias, opts: CeOptions, chunk_size, with_grad: bool, grad_output=1.0,
+    sync_check=True,
 ):  # fmt: skip
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    """The fused linear cross-entropy of CUDA arrays with checked options (`opts`, `chunk_size`)."""
     lib = lib_of((hidden, weight, target, bias, grad_output), fname)
     with lib.current():
         return _linear_on(
@@ -214,7 +213,7 @@ def linear_blocks(
 
 
 def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check):
-    ignore_index, reduction, label_smoothing, z_loss, softcap = opts
+    ignore_index, reduction = opts.ignore_index, opts.reduction
     h = lib.input(hidden, "hidden")
     w = lib.input(weight, "weight")
     b = None if bias is None else lib.input(bias, "bias")
@@ -229,7 +228,6 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
     if b is not None:
         result = lib.promote(work, b.dtype)
         b = lib.contiguous(lib.astype(b, work))
-    chunk_size = check_chunk_size(chunk_size)
     h = lib.contiguous(lib.astype(h, work))
     w = lib.contiguous(lib.astype(w, work))
     tk = lib.contiguous(lib.int64(t))
@@ -252,7 +250,6 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
         # Several blocks add into dweight: in float32 (16-bit sums would round at every block).
         dw = lib.zeros((v, hd), f32) if several else None
         db = lib.zeros((v,), f32) if b is not None else None
-    cap = 0.0 if softcap is None else softcap
     for r0 in range(0, n, bn):
         rn = min(bn, n - r0)
         hb = h[r0 : r0 + rn]
@@ -262,10 +259,9 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
         sc = None
         if with_grad:
             sc = scale[r0 : r0 + rn] if stride else scale
-        run(
-            lib, "cross_entropy", lg, tk[r0 : r0 + rn], None, loss_rows[r0 : r0 + rn],
-            lg if with_grad else None, sc, stride, rn, v, ignore_index, label_smoothing, z_loss, cap,
-        )  # fmt: skip
+        scaled = (lg, sc, stride) if with_grad else None
+        rows_in = (lg, tk[r0 : r0 + rn], None)
+        run(lib, _core.cuda_cross_entropy, rows_in, opts, (rn, v), loss_rows[r0 : r0 + rn], scaled)
         if not with_grad:
             continue
         _gemm(lib, lg, w, dh[r0 : r0 + rn])  # dhidden = G @ W
@@ -288,7 +284,10 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
     return loss, dh, dw, (None if db is None else lib.astype(db, result))
 
 
-def _linear_public(fname, hidden, linear_weight, target, linear_bias, weight, ignore_index, *args):
+def _linear_public(
+    fname, hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
+    z_loss, softcap, chunk_size, with_grad, grad_output=1.0,
+):  # fmt: skip
     # The kernels take class indices, a (C, H) weight and (N, H) hidden, nothing else.
     op = fname.removeprefix("normax.")
     if weight is not None:
@@ -300,7 +299,9 @@ def _linear_public(fname, hidden, linear_weight, target, linear_bias, weight, ig
             "(the kernels take 2-d, 2-d and 1-d: class indices, no K-dimensional linear_weight)",
         )  # fmt: skip
     ignore_index = -100 if ignore_index is None else ignore_index
-    return linear_blocks(fname, hidden, linear_weight, target, linear_bias, ignore_index, *args)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    chunk_size = check_chunk_size(chunk_size)
+    return linear_blocks(fname, hidden, linear_weight, target, linear_bias, opts, chunk_size, with_grad, grad_output)
 
 
 def linear_cross_entropy(
@@ -327,20 +328,19 @@ def linear_cross_entropy_with_grad(
 # kernels' halves around the host combine. Arrays arrive checked and in the kernels' layout.
 
 
-def shard_stats(lib: Lib, x, target, weight, packed, start: int, opts) -> None:
+def vocab_parallel_stats(lib: Lib, x, target, weight, packed, start: int, opts) -> None:
     """The shard's row statistics into ``packed`` (float32, rows x fields; normax-core's layout).
 
     ``x``: (rows, V_local) contiguous logits of classes [start, start + V_local); ``target``: int64
     global class ids; ``weight``: None or the whole vocabulary's float32 weights.
     """
     rows, length = x.shape
-    run(
-        lib, "shard_stats", x, target, weight, packed, rows, start, length, opts.ignore_index,
-        opts.label_smoothing, 0.0 if opts.softcap is None else opts.softcap,
-    )  # fmt: skip
+    # The vocabulary's size is known once the ranks' statistics are gathered: only this shard here.
+    shard = _core.VocabShard(rows, start, length, start + length)
+    run(lib, _core.cuda_vocab_parallel_stats, x, (target, weight), shard, opts, packed)
 
 
-def _shard_scale(lib: Lib, grad_output, reduction: str, denom: float, rows: int):
+def _vocab_parallel_scale(lib: Lib, grad_output, reduction: str, denom: float, rows: int):
     """grad_output (a device tensor) as the shard kernels' float32 scale and its stride."""
     g = lib.astype(grad_output.detach(), lib.float32())
     if reduction == "none":
@@ -349,45 +349,42 @@ def _shard_scale(lib: Lib, grad_output, reduction: str, denom: float, rows: int)
     return lib.contiguous((g / denom if reduction == "mean" else g).reshape(1)), 0
 
 
-def _shard_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts) -> None:
+def _vocab_parallel_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts) -> None:
     rows, length = x.shape
-    run(
-        lib, "shard_backward", x, target, weight, lse, grad, scale, stride, rows, start, length, classes,
-        w_sum, opts.ignore_index, opts.label_smoothing, opts.z_loss,
-        0.0 if opts.softcap is None else opts.softcap,
-    )  # fmt: skip
+    shard = _core.VocabShard(rows, start, length, classes)
+    run(lib, _core.cuda_vocab_parallel_backward, x, (target, weight), shard, opts, (lse, w_sum), (grad, scale, stride))
 
 
-def shard_backward(lib: Lib, x, target, weight, lse, grad_output, denom: float, start: int, classes: int,
+def vocab_parallel_backward(lib: Lib, x, target, weight, lse, grad_output, denom: float, start: int, classes: int,
                    w_sum: float, opts):  # fmt: skip
     """The shard's gradient (x's dtype and shape) from each row's global log-sum-exp ``lse``
     (float32 (rows, 2) hi, lo on the device) and ``denom``, the mean's denominator."""
-    scale, stride = _shard_scale(lib, grad_output, opts.reduction, denom, x.shape[0])
+    scale, stride = _vocab_parallel_scale(lib, grad_output, opts.reduction, denom, x.shape[0])
     grad = lib.empty(tuple(x.shape), x.dtype)
-    _shard_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts)
+    _vocab_parallel_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts)
     return grad
 
 
-def _shard_blocks(n: int, v: int, chunk_size):
+def _vocab_parallel_blocks(n: int, v: int, chunk_size):
     """(first row, rows) of each logits block of the linear shard kernels."""
     bn = _linear_rows(n, v, chunk_size) if v else max(n, 1)
     return [(r0, min(bn, n - r0)) for r0 in range(0, n, bn)]
 
 
-def shard_linear_stats(lib: Lib, h, w, b, target, weight, packed, start: int, opts, chunk_size) -> None:
-    """:func:`shard_stats` of ``h @ w.T + b`` (h (n, H), w (V_local, H), b (V_local,) or None, one
+def vocab_parallel_linear_stats(lib: Lib, h, w, b, target, weight, packed, start: int, opts, chunk_size) -> None:
+    """:func:`vocab_parallel_stats` of ``h @ w.T + b`` (h (n, H), w (V_local, H), b (V_local,) or None, one
     dtype, contiguous), one block of logits rows at a time (at most ``chunk_size`` elements)."""
     n, v = h.shape[0], w.shape[0]
-    blocks = _shard_blocks(n, v, chunk_size)
+    blocks = _vocab_parallel_blocks(n, v, chunk_size)
     blk = lib.empty((blocks[0][1] if blocks else 0, v), h.dtype)
     for r0, rn in blocks:
         lg = _gemm(lib, h[r0 : r0 + rn], w.T, blk[:rn])
         if b is not None:
             lg += b
-        shard_stats(lib, lg, target[r0 : r0 + rn], weight, packed[r0 : r0 + rn], start, opts)
+        vocab_parallel_stats(lib, lg, target[r0 : r0 + rn], weight, packed[r0 : r0 + rn], start, opts)
 
 
-def shard_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_output, denom: float, start: int,
+def vocab_parallel_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_output, denom: float, start: int,
                           classes: int, w_sum: float, opts, chunk_size):  # fmt: skip
     """This rank's (d hidden, d weight_shard, d bias_shard or None) of the linear shard, in h's
     dtype: each block's logits recomputed and turned into their gradient in place by the shard
@@ -396,8 +393,8 @@ def shard_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_output, d
     n, hd = h.shape
     v = w.shape[0]
     f32 = lib.float32()
-    scale, stride = _shard_scale(lib, grad_output, opts.reduction, denom, n)
-    blocks = _shard_blocks(n, v, chunk_size)
+    scale, stride = _vocab_parallel_scale(lib, grad_output, opts.reduction, denom, n)
+    blocks = _vocab_parallel_blocks(n, v, chunk_size)
     blk = lib.empty((blocks[0][1] if blocks else 0, v), h.dtype)
     dh = lib.zeros((n, hd), h.dtype)
     dw = lib.zeros((v, hd), f32)
@@ -408,7 +405,7 @@ def shard_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_output, d
         if b is not None:
             lg += b
         sc = scale[r0 : r0 + rn] if stride else scale
-        _shard_grad(lib, lg, target[r0 : r0 + rn], weight, lse[r0 : r0 + rn], lg, sc, stride, start, classes,
+        _vocab_parallel_grad(lib, lg, target[r0 : r0 + rn], weight, lse[r0 : r0 + rn], lg, sc, stride, start, classes,
                     w_sum, opts)  # fmt: skip
         _gemm(lib, lg, w, dh[r0 : r0 + rn])  # d hidden = G @ W
         if lib.dtype_name(lg) == "float32":

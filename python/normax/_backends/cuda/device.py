@@ -1,8 +1,8 @@
 """The CUDA path's host plumbing, shared by every op family: the caller's array library (torch or
 CuPy), DLPack capsules on the caller's stream, the kernels' entry points, and NVRTC loading.
 
-Every `_core.cuda_*` kernel is called through :func:`run` (by its name), so this module is the one
-place that reaches the compiled kernels (and the one the tests' kernel emulation replaces).
+Every `_core.cuda_*` kernel is called through :func:`run`, which adds the capsules and the
+caller's stream (the tests' kernel emulation replaces those `_core` functions).
 """
 
 from __future__ import annotations
@@ -314,12 +314,16 @@ def lib_of(args, fname) -> Lib:
     raise AssertionError("no CUDA array among the arguments")  # the dispatcher checked
 
 
-def run(lib: Lib, kernel: str, *args):
-    """Calls the `_core.cuda_<kernel>` kernel with capsules for every array argument."""
+def run(lib: Lib, kernel, *args):
+    """Calls `kernel`, a ``_core.cuda_*`` function, with a DLPack capsule for every array among
+    `args` (inside tuples too) and the caller's device and stream last."""
     _require_build()
     if not _NVRTC_LOADED:
         load_nvrtc()
-    caps = [
-        lib.capsule(a) if a is not None and not isinstance(a, (int, float, str, bool)) else a for a in args
-    ]
-    getattr(_core, "cuda_" + kernel)(*caps, lib.index, lib.stream)
+    kernel(*(_capsules(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
+
+
+def _capsules(lib: Lib, a):
+    if type(a) is tuple:
+        return tuple(_capsules(lib, x) for x in a)
+    return lib.capsule(a) if hasattr(a, "__dlpack__") else a

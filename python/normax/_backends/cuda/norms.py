@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
+from ... import _core
 from ..._arrays import Plan
-from ..._options import check_eps, norm_axes
+from ..._options import norm_axes, norm_options
 from .device import lib_of, run
 
 
@@ -18,7 +19,7 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
     x = lib.input(x, "x")
     axes = norm_axes(axis, x.ndim)
     shape = tuple(x.shape[axes[0] :])
-    e = check_eps(_dtype_eps(lib, x) if eps is None else eps)
+    options = norm_options(kind, _dtype_eps(lib, x) if eps is None else eps)
     plan = Plan(tuple(x.shape), axes, last=True)  # trailing axes: never moved
     f32 = lib.float32()
     params = []
@@ -39,20 +40,8 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
         for stat in (mean, rstd):
             if stat is not None:
                 stat[...] = math.nan
-    run(
-        lib,
-        "norm_forward",
-        kind,
-        lib.contiguous(x),
-        params[0],
-        params[1],
-        y,
-        mean,
-        rstd,
-        plan.outer,
-        plan.len,
-        e,
-    )
+    xc = lib.contiguous(x)
+    run(lib, _core.cuda_norm_forward, options, xc, tuple(params), y, (mean, rstd), (plan.outer, plan.len))
     y = lib.finish(y, out)
     if not return_stats:
         return y
@@ -71,6 +60,7 @@ def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, param
     shape = tuple(x.shape[axes[0] :])
     lead = tuple(x.shape[: axes[0]])
     rows, cols = math.prod(lead), math.prod(shape)
+    options = norm_options(kind, _dtype_eps(lib, x) if eps is None else eps)
     x, dy = lib.contiguous(x), lib.contiguous(dy)
     f32 = lib.float32()
     w = None
@@ -85,10 +75,9 @@ def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, param
         missing = "mean" if mean is None else "rstd"
         raise ValueError(f"{missing}: give both saved statistics (mean and rstd) or neither")
     if rstd is None:
-        e = check_eps(_dtype_eps(lib, x) if eps is None else eps)
         mean = lib.empty((rows,), f32) if kind == "layer" else None
         rstd = lib.empty((rows,), f32)
-        run(lib, "norm_forward", kind, x, None, None, None, mean, rstd, rows, cols, e)
+        run(lib, _core.cuda_norm_forward, options, x, (None, None), None, (mean, rstd), (rows, cols))
     else:
         stats = []
         for s, name in ((mean, "mean"), (rstd, "rstd")):
@@ -103,7 +92,7 @@ def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, param
     dx = lib.empty(tuple(x.shape), x.dtype)
     dw = lib.empty(shape, f32) if weight is not None else None
     db = lib.empty(shape, f32) if bias is not None else None
-    run(lib, "norm_backward", kind, dy, x, w, mean, rstd, dx, dw, db, rows, cols)
+    run(lib, _core.cuda_norm_backward, options, (dy, x, w), (mean, rstd), dx, (dw, db), (rows, cols))
     if params_dtype is not None:
         dw = None if dw is None else lib.astype(dw, x.dtype)
         db = None if db is None else lib.astype(db, x.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ... import _core
 from ..._power_norm import (
     PowerNormSaved,
     backward_ema,
@@ -74,6 +75,7 @@ def _power_norm(lib: Lib, x, weight, bias, state, training, pad_mask, return_sav
     f32, f64 = lib.float32(), lib.mod.float64
     shift = b if b is not None else lib.dev32(np.zeros(c), "bias")
     y = lib.empty((tokens, c), x.dtype)
+    options = _core.PowerNormOptions(c, state.group_num, state.eps)
 
     def passes(zscale, stats):
         sumsq = lib.empty((c,), f32) if stats else None
@@ -82,11 +84,8 @@ def _power_norm(lib: Lib, x, weight, bias, state, training, pad_mask, return_sav
             # weight * zscale in float64, rounded once to float32: the CPU path's (w64 * zscale).astype
             z = lib.on_device(np.asarray(zscale, np.float64), "zscale")
             scale = lib.astype(z if w is None else lib.astype(w, f64) * z, f32)
-        writes = zscale is not None
-        run(
-            lib, "power_norm_forward", work, tokens, c, state.group_num, state.eps,
-            pad if stats else None, sumsq, scale, shift if writes else None, y if writes else None,
-        )  # fmt: skip
+        out = None if zscale is None else (scale, shift, y)
+        run(lib, _core.cuda_power_norm_forward, options, work, pad if stats else None, sumsq, out)
         return None if sumsq is None else lib.host64(sumsq)
 
     kept = tokens - (int((pad != 0).sum()) if pad is not None and training else 0)
@@ -163,11 +162,10 @@ def _power_norm_backward(lib: Lib, dy, saved, state, param_dtype):
     dyw = lib.contiguous(dy).reshape(tokens, c)
     dx = lib.empty((tokens, c), work.dtype)
     sums = lib.empty((3 * c,), lib.float32())
-    run(
-        lib, "power_norm_backward", dyw, work, tokens, c, saved.group_num, saved.eps, saved.weight,
-        lib.dev32(saved.zscale, "zscale"), lib.dev32(backward_ema(state, saved.training, np.float64), "ema_gz"),
-        lib.dev32(saved.dscale, "dscale"), dx, sums,
-    )  # fmt: skip
+    options = _core.PowerNormOptions(c, saved.group_num, saved.eps)
+    ema = lib.dev32(backward_ema(state, saved.training, np.float64), "ema_gz")
+    factors = (lib.dev32(saved.zscale, "zscale"), ema, lib.dev32(saved.dscale, "dscale"))
+    run(lib, _core.cuda_power_norm_backward, options, (dyw, work, saved.weight), factors, (dx, sums))
     if saved.training:  # the read back only where the state changes
         update_ema(state, lib.host64(sums[:c]), tokens)
     dx = lib.astype(dx.reshape(saved.shape), result)

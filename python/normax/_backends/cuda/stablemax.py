@@ -3,16 +3,17 @@ backwards are softmax's kernels scaled by 1 / (1 + |x|), as on the CPU)."""
 
 from __future__ import annotations
 
+from ... import _core
 from .device import lib_of
-from .softmax import _backward, _softmax_like
+from .softmax import backward_rows, softmax_like
 
 
 def stablemax(x, axis=-1, *, out=None):
-    return _softmax_like(x, axis, out, False, "normax.stablemax", kernel="stablemax")
+    return softmax_like(x, axis, out, False, "normax.stablemax", _core.cuda_stablemax)
 
 
 def log_stablemax(x, axis=-1, *, out=None):
-    return _softmax_like(x, axis, out, True, "normax.log_stablemax", kernel="stablemax")
+    return softmax_like(x, axis, out, True, "normax.log_stablemax", _core.cuda_stablemax)
 
 
 def _scaled(y, dy, x, axis, log: bool, fname: str):
@@ -20,7 +21,7 @@ def _scaled(y, dy, x, axis, log: bool, fname: str):
     x = lib.input(x, "x")
     if tuple(x.shape) != tuple(y.shape):
         raise ValueError(f"x: shape {tuple(x.shape)} does not match y shape {tuple(y.shape)}")
-    g = _backward(y, dy, axis, log, fname)
+    g = backward_rows(y, dy, axis, log, fname)
     return lib.astype(g / (1 + abs(lib.astype(x, g.dtype))), g.dtype)
 
 

@@ -133,6 +133,32 @@ fn dlpack(obj: &Bound<'_, PyAny>, name: &str, device: i32) -> PyResult<Capsule> 
     })
 }
 
+/// The caller's device and current stream (a raw CUstream handle): where every capsule of a
+/// call must live and where its kernels are enqueued.
+#[pyclass(frozen, eq, module = "normax._core", name = "CudaStream")]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CudaStream {
+    #[pyo3(get)]
+    device: i32,
+    #[pyo3(get)]
+    handle: u64,
+}
+
+#[pymethods]
+impl CudaStream {
+    #[new]
+    fn new(device: i32, handle: u64) -> Self {
+        CudaStream { device, handle }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "CudaStream(device={}, handle={:#x})",
+            self.device, self.handle
+        )
+    }
+}
+
 /// One binding call: the device every capsule must be on and the stream the kernels go to.
 #[derive(Clone, Copy)]
 struct Call {
@@ -140,11 +166,11 @@ struct Call {
 }
 
 impl Call {
-    fn new(device: i32, stream_handle: u64) -> Call {
+    fn new(on: &CudaStream) -> Call {
         Call {
             stream: Stream {
-                device,
-                handle: stream_handle,
+                device: on.device,
+                handle: on.handle,
             },
         }
     }
@@ -193,6 +219,7 @@ fn cuda_device_name(py: Python<'_>, device: i32) -> PyResult<String> {
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<CudaStream>()?;
     m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_name, m)?)?;

@@ -1,73 +1,63 @@
-//! cuda_norm_forward and cuda_norm_backward: rms_norm, crms_norm and layer_norm by `kind`.
+//! cuda_norm_forward and cuda_norm_backward: rms_norm, crms_norm and layer_norm by
+//! `options.kind`, over the (rows, cols) contiguous rows.
 
-use super::Call;
-use crate::errors::to_py;
-use normax_cuda::{self as cu, NormKind};
+use super::{Call, CudaStream};
+use crate::options::NormOptions;
+use normax_cuda as cu;
 use pyo3::prelude::*;
 
+type Pair<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+
+/// y (into `out`, where given) of x, with `params` = (weight, bias); the float32 statistics
+/// `stats` = (mean, rstd) are written where given.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (kind, x, weight, bias, out, mean, rstd, rows, cols, eps, device, stream_handle))]
 fn cuda_norm_forward(
-    py: Python<'_>,
-    kind: &str,
+    options: &NormOptions,
     x: &Bound<'_, PyAny>,
-    weight: Option<&Bound<'_, PyAny>>,
-    bias: Option<&Bound<'_, PyAny>>,
-    out: Option<&Bound<'_, PyAny>>,
-    mean: Option<&Bound<'_, PyAny>>,
-    rstd: Option<&Bound<'_, PyAny>>,
-    rows: usize,
-    cols: usize,
-    eps: f32,
-    device: i32,
-    stream_handle: u64,
+    params: Pair<'_>,
+    out: Option<Bound<'_, PyAny>>,
+    stats: Pair<'_>,
+    shape: (usize, usize),
+    stream: &CudaStream,
 ) -> PyResult<()> {
-    let kind = NormKind::parse(kind).map_err(to_py)?;
-    let c = Call::new(device, stream_handle);
-    let x = c.buf(x, "x")?;
-    let weight = c.opt(weight, "weight")?;
-    let bias = c.opt(bias, "bias")?;
-    let out = c.opt(out, "out")?;
-    let mean = c.opt(mean, "mean")?;
-    let rstd = c.opt(rstd, "rstd")?;
-    c.run(py, |s| {
-        cu::norm_forward(s, kind, x, weight, bias, out, mean, rstd, rows, cols, eps)
+    let (c, (rows, cols)) = (Call::new(stream), shape);
+    let xb = c.buf(x, "x")?;
+    let weight = c.opt(params.0.as_ref(), "weight")?;
+    let bias = c.opt(params.1.as_ref(), "bias")?;
+    let out = c.opt(out.as_ref(), "out")?;
+    let mean = c.opt(stats.0.as_ref(), "mean")?;
+    let rstd = c.opt(stats.1.as_ref(), "rstd")?;
+    let (kind, eps) = (options.kind, options.eps as f32);
+    c.run(x.py(), |s| {
+        cu::norm_forward(s, kind, xb, weight, bias, out, mean, rstd, rows, cols, eps)
     })
 }
 
+/// dx of `inputs` = (dy, x, weight or None) from the forward's `saved` = (mean or None, rstd);
+/// `dparams` = (dweight, dbias) where wanted.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (kind, dy, x, weight, mean, rstd, dx, dweight, dbias, rows, cols, device, stream_handle))]
 fn cuda_norm_backward(
-    py: Python<'_>,
-    kind: &str,
-    dy: &Bound<'_, PyAny>,
-    x: &Bound<'_, PyAny>,
-    weight: Option<&Bound<'_, PyAny>>,
-    mean: Option<&Bound<'_, PyAny>>,
-    rstd: &Bound<'_, PyAny>,
+    options: &NormOptions,
+    inputs: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
+    saved: (Option<Bound<'_, PyAny>>, Bound<'_, PyAny>),
     dx: &Bound<'_, PyAny>,
-    dweight: Option<&Bound<'_, PyAny>>,
-    dbias: Option<&Bound<'_, PyAny>>,
-    rows: usize,
-    cols: usize,
-    device: i32,
-    stream_handle: u64,
+    dparams: Pair<'_>,
+    shape: (usize, usize),
+    stream: &CudaStream,
 ) -> PyResult<()> {
-    let kind = NormKind::parse(kind).map_err(to_py)?;
-    let c = Call::new(device, stream_handle);
-    let dy = c.buf(dy, "dy")?;
-    let x = c.buf(x, "x")?;
-    let weight = c.opt(weight, "weight")?;
-    let mean = c.opt(mean, "mean")?;
-    let rstd = c.buf(rstd, "rstd")?;
-    let dx = c.buf(dx, "dx")?;
-    let dweight = c.opt(dweight, "dweight")?;
-    let dbias = c.opt(dbias, "dbias")?;
-    c.run(py, |s| {
+    let (c, (rows, cols)) = (Call::new(stream), shape);
+    let dy = c.buf(&inputs.0, "dy")?;
+    let x = c.buf(&inputs.1, "x")?;
+    let weight = c.opt(inputs.2.as_ref(), "weight")?;
+    let mean = c.opt(saved.0.as_ref(), "mean")?;
+    let rstd = c.buf(&saved.1, "rstd")?;
+    let dxb = c.buf(dx, "dx")?;
+    let dweight = c.opt(dparams.0.as_ref(), "dweight")?;
+    let dbias = c.opt(dparams.1.as_ref(), "dbias")?;
+    let kind = options.kind;
+    c.run(dx.py(), |s| {
         cu::norm_backward(
-            s, kind, dy, x, weight, mean, rstd, dx, dweight, dbias, rows, cols,
+            s, kind, dy, x, weight, mean, rstd, dxb, dweight, dbias, rows, cols,
         )
     })
 }

@@ -1,94 +1,72 @@
 //! cuda_power_norm_forward and cuda_power_norm_backward: PowerNorm's passes over the tokens.
 //! x is (tokens, channels); the per-channel factors and sums are float32 device arrays.
 
-use super::Call;
-use normax_cuda::{self as cu, PowerGradIn, PowerOut, PowerShape};
-use pyo3::exceptions::PyValueError;
+use super::{Call, CudaStream};
+use crate::options::PowerNormOptions;
+use normax_cuda::{self as cu, Buf, PowerGradIn, PowerOut, PowerShape};
 use pyo3::prelude::*;
 
+type Any<'py> = Bound<'py, PyAny>;
+
+fn shape(options: &PowerNormOptions, x: &Buf) -> PowerShape {
+    PowerShape {
+        tokens: x.len / options.channels.max(1),
+        channels: options.channels,
+        groups: options.groups,
+    }
+}
+
+/// Sums of u^2 into `sumsq` and/or, with `out` = (scale, shift, y), y = u * scale + shift.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (x, tokens, channels, groups, eps, pad, sumsq, scale, shift, y, device, stream_handle))]
 fn cuda_power_norm_forward(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    tokens: usize,
-    channels: usize,
-    groups: usize,
-    eps: f32,
-    pad: Option<&Bound<'_, PyAny>>,
-    sumsq: Option<&Bound<'_, PyAny>>,
-    scale: Option<&Bound<'_, PyAny>>,
-    shift: Option<&Bound<'_, PyAny>>,
-    y: Option<&Bound<'_, PyAny>>,
-    device: i32,
-    stream_handle: u64,
+    options: &PowerNormOptions,
+    x: &Any<'_>,
+    pad: Option<Any<'_>>,
+    sumsq: Option<Any<'_>>,
+    out: Option<(Any<'_>, Any<'_>, Any<'_>)>,
+    stream: &CudaStream,
 ) -> PyResult<()> {
-    let c = Call::new(device, stream_handle);
-    let x = c.buf(x, "x")?;
-    let pad = c.opt(pad, "pad_mask")?;
-    let sumsq = c.opt(sumsq, "sumsq")?;
-    let out = match (
-        c.opt(scale, "scale")?,
-        c.opt(shift, "shift")?,
-        c.opt(y, "y")?,
-    ) {
-        (Some(scale), Some(shift), Some(y)) => Some(PowerOut { scale, shift, y }),
-        (None, None, None) => None,
-        _ => {
-            return Err(PyValueError::new_err(
-                "y: scale, shift and y are given together or not at all",
-            ))
-        }
+    let c = Call::new(stream);
+    let xb = c.buf(x, "x")?;
+    let pad = c.opt(pad.as_ref(), "pad_mask")?;
+    let sumsq = c.opt(sumsq.as_ref(), "sumsq")?;
+    let out = match &out {
+        Some((scale, shift, y)) => Some(PowerOut {
+            scale: c.buf(scale, "scale")?,
+            shift: c.buf(shift, "shift")?,
+            y: c.buf(y, "y")?,
+        }),
+        None => None,
     };
-    let shape = PowerShape {
-        tokens,
-        channels,
-        groups,
-    };
-    c.run(py, |s| {
-        cu::power_norm_forward(s, x, shape, eps, pad, sumsq, out)
+    let (sh, eps) = (shape(options, &xb), options.eps as f32);
+    c.run(x.py(), |s| {
+        cu::power_norm_forward(s, xb, sh, eps, pad, sumsq, out)
     })
 }
 
+/// dx and the per-channel sums (`outs` = (dx, sums)) from `saved` = (zscale, ema, dscale).
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dy, x, tokens, channels, groups, eps, weight, zscale, ema, dscale, dx, sums, device, stream_handle))]
 fn cuda_power_norm_backward(
-    py: Python<'_>,
-    dy: &Bound<'_, PyAny>,
-    x: &Bound<'_, PyAny>,
-    tokens: usize,
-    channels: usize,
-    groups: usize,
-    eps: f32,
-    weight: Option<&Bound<'_, PyAny>>,
-    zscale: &Bound<'_, PyAny>,
-    ema: &Bound<'_, PyAny>,
-    dscale: &Bound<'_, PyAny>,
-    dx: &Bound<'_, PyAny>,
-    sums: &Bound<'_, PyAny>,
-    device: i32,
-    stream_handle: u64,
+    options: &PowerNormOptions,
+    inputs: (Any<'_>, Any<'_>, Option<Any<'_>>),
+    saved: (Any<'_>, Any<'_>, Any<'_>),
+    outs: (Any<'_>, Any<'_>),
+    stream: &CudaStream,
 ) -> PyResult<()> {
-    let c = Call::new(device, stream_handle);
-    let dy = c.buf(dy, "dy")?;
-    let x = c.buf(x, "x")?;
+    let c = Call::new(stream);
+    let dy = c.buf(&inputs.0, "dy")?;
+    let x = c.buf(&inputs.1, "x")?;
     let grad = PowerGradIn {
-        weight: c.opt(weight, "weight")?,
-        zscale: c.buf(zscale, "zscale")?,
-        ema: c.buf(ema, "ema")?,
-        dscale: c.buf(dscale, "dscale")?,
+        weight: c.opt(inputs.2.as_ref(), "weight")?,
+        zscale: c.buf(&saved.0, "zscale")?,
+        ema: c.buf(&saved.1, "ema")?,
+        dscale: c.buf(&saved.2, "dscale")?,
     };
-    let dx = c.buf(dx, "dx")?;
-    let sums = c.buf(sums, "sums")?;
-    let shape = PowerShape {
-        tokens,
-        channels,
-        groups,
-    };
-    c.run(py, |s| {
-        cu::power_norm_backward(s, dy, x, shape, eps, grad, dx, sums)
+    let dx = c.buf(&outs.0, "dx")?;
+    let sums = c.buf(&outs.1, "sums")?;
+    let (sh, eps) = (shape(options, &x), options.eps as f32);
+    c.run(outs.0.py(), |s| {
+        cu::power_norm_backward(s, dy, x, sh, eps, grad, dx, sums)
     })
 }
 

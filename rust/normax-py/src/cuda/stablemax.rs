@@ -1,22 +1,19 @@
-//! cuda_stablemax (and log_stablemax).
+//! cuda_stablemax (and log_stablemax) of the (rows, cols) contiguous rows.
 
-use super::Call;
+use super::{Call, CudaStream};
 use normax_cuda as cu;
 use pyo3::prelude::*;
 
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
 fn cuda_stablemax(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
-    rows: usize,
-    cols: usize,
+    shape: (usize, usize),
     log: bool,
-    device: i32,
-    stream_handle: u64,
+    stream: &CudaStream,
 ) -> PyResult<()> {
-    let c = Call::new(device, stream_handle);
+    let (c, (rows, cols)) = (Call::new(stream), shape);
     let (x, y) = (c.buf(x, "x")?, c.buf(out, "out")?);
     c.run(py, |s| cu::stablemax(s, x, y, rows, cols, log))
 }
