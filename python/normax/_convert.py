@@ -98,8 +98,17 @@ def device_name(a) -> str:
             return "a device NumPy cannot read"
 
 
+# (type of the dtype, dtype) -> whether it is a real or complex floating dtype. The type comes
+# first: dtypes of different libraries may hash alike, and are not compared with each other.
+_FLOATING: dict = {}
+
+
 def _is_floating(xp, dtype) -> bool:
-    return xp.isdtype(dtype, ("real floating", "complex floating"))
+    key = (type(dtype), dtype)
+    floating = _FLOATING.get(key)
+    if floating is None:
+        floating = _FLOATING[key] = xp.isdtype(dtype, ("real floating", "complex floating"))
+    return floating
 
 
 def promote(xp, arrays: list) -> list:

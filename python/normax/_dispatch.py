@@ -38,10 +38,10 @@ _NOTE = """
     vmap). torch CUDA tensors and CuPy arrays run on their GPU with the CUDA kernels, on the
     caller's current stream, and come back on it (float32, float16 and bfloat16; see the README's
     GPU section). Arrays on any other device (array_api_strict's second device, a torch MPS or
-    meta tensor) are never copied to the host: softmax, log_softmax, logsumexp and
-    their backwards compute them with their own library's functions on their device (SciPy's
-    max-shifted formulas, not normax's kernels); the other functions raise NotImplementedError
-    naming the function and the device. ``device="wgpu"`` runs NumPy input on the portable wgpu
+    meta tensor) are never copied to the host: softmax, log_softmax, logsumexp, stablemax,
+    log_stablemax and their backwards compute them with their own library's functions on their
+    device (SciPy's max-shifted formulas, not normax's kernels); cross-entropy and the norms
+    raise NotImplementedError naming the function and the device. ``device="wgpu"`` runs NumPy input on the portable wgpu
     backend.
 """
 
@@ -149,9 +149,8 @@ def array_api(fn):
             raise NotImplementedError(
                 f"{fname}: {name} (a {library(a)} array) is on {where}, which normax "
                 f"reads only on the CPU (and CUDA arrays of torch and CuPy), and {fname} has no "
-                "version in the array's own namespace (softmax, log_softmax, logsumexp and their "
-                "backwards have one); it never copies device data silently: move the arrays to "
-                "the CPU first"
+                "version in the array's own namespace (the softmax and stablemax families have one); "
+                "it never copies device data silently: move the arrays to the CPU first"
             )
         bound = signature.bind(*args, **kwargs)
         # NumPy-backed namespaces (array_api_strict) would warn where the kernels do not.
@@ -162,23 +161,29 @@ def array_api(fn):
         args, kwargs = list(args), dict(kwargs)
         slots = [(args, i, names[i] if i < len(names) else "argument") for i in range(len(args))]
         slots += [(kwargs, k, k) for k in kwargs]
-        arrays = [(h, k, n) for h, k, n in slots if type(h[k]) not in PLAIN and library(h[k])]
-        first = arrays[0][0][arrays[0][1]]
-        lib = library(first)
-        for holder, key, name in arrays:
-            if library(holder[key]) != lib:
-                raise TypeError(
-                    f"{fname}: {name} is a {library(holder[key])} array but another argument is a "
-                    f"{lib} array; pass arrays of one library per call"
-                )
-        xp = namespace(first)
-        # The arguments whose dtypes make the result's, cast to their namespace's promoted dtype
-        # (Python numbers stay weak; with a NumPy array or a list among them, NumPy's rules).
-        group = [
-            (h, k) for h, k, n in slots if n in promoted and not isinstance(h[k], (int, float, complex, type(None)))
-        ]
-        if group and all(type(h[k]) not in PLAIN and library(h[k]) for h, k in group):
-            for (holder, key), a in zip(group, promote(xp, [h[k] for h, k in group])):
+        arrays = []  # (holder, key, name) of each foreign array
+        group = []  # the arrays among the `promoted` arguments, or None for NumPy's rules
+        lib = None
+        for slot in slots:
+            holder, key, name = slot
+            a = holder[key]
+            other = "" if type(a) in PLAIN else library(a)
+            if other:
+                if lib is None:
+                    lib = other
+                elif other != lib:
+                    raise TypeError(
+                        f"{fname}: {name} is a {other} array but another argument is a {lib} "
+                        "array; pass arrays of one library per call"
+                    )
+                arrays.append(slot)
+                if group is not None and name in promoted:
+                    group.append(slot)
+            elif name in promoted and not isinstance(a, (int, float, complex, type(None))):
+                group = None  # a NumPy array or a list takes part (Python numbers stay weak)
+        xp = namespace(arrays[0][0][arrays[0][1]])
+        if group:
+            for (holder, key, _), a in zip(group, promote(xp, [h[k] for h, k, _ in group])):
                 holder[key] = a
         views = []
         for holder, key, name in arrays:

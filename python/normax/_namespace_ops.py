@@ -1,13 +1,15 @@
-"""The softmax family in any array-API namespace, for arrays normax cannot read on the CPU.
+"""The softmax and StableMax families in any array-API namespace, for arrays normax cannot read
+on the CPU.
 
 An array on another device (array_api_strict's ``Device("device1")``, a torch tensor on MPS or
-``meta``, a JAX array on a GPU) is computed here with its own namespace's functions (through
-array-api-compat), on its device: never refused, never copied to the host. These are the
-max-shifted formulas SciPy uses, not normax's kernels, with normax's conventions (default axis,
-``out=``, special values). :data:`OPS` lists the functions that have such a version; the
-others raise NotImplementedError for such arrays (:func:`normax._dispatch.array_api`).
+``meta``) is computed here with its own namespace's functions (through array-api-compat), on its
+device: never refused, never copied to the host. These are the max-shifted formulas SciPy uses
+(and StableMax's definition), not normax's kernels, with normax's conventions (default axis,
+``out=``, special values). :data:`OPS` lists the functions that have such a version; the others
+(cross-entropy and the norms, whose options and magnitude handling do not reduce to a few
+namespace calls) raise NotImplementedError for such arrays (:func:`normax._dispatch.array_api`).
 
-The arguments arrive checked for their namespace's dtype (:func:`normax._convert.promote`).
+The arguments arrive in their namespace's promoted dtype (:func:`normax._convert.promote`).
 """
 
 from __future__ import annotations
@@ -150,6 +152,52 @@ def log_softmax_backward(xp, y, dy, axis=-1):
     return xp.reshape(dy - xp.exp(y) * xp.sum(dy, axis=axes, keepdims=True), shape)
 
 
+def _stablemax_parts(xp, x, axis):
+    """`x` as rows, its axes, s(x) (x + 1 from 0 up, 1 / (1 - x) below) and where a row holds NaN
+    or +inf (all NaN there, as the kernels)."""
+    if xp.isdtype(x.dtype, "complex floating"):
+        raise TypeError(f"x: unsupported dtype {x.dtype}; StableMax is defined for real input only")
+    a, axes = _rows(xp, x, axis)
+    s = xp.where(a >= 0, a + 1, 1 / (1 - a))
+    bad = xp.any(xp.isnan(a) | (a == math.inf), axis=axes, keepdims=True)
+    return a, axes, s, bad
+
+
+def stablemax(xp, x, axis=-1, *, out=None):
+    a, axes, s, bad = _stablemax_parts(xp, x, axis)
+    if math.prod(a.shape) == 0:
+        return _finished(xp, xp.zeros_like(a), x.shape, out)
+    y = s / xp.sum(s, axis=axes, keepdims=True)
+    return _finished(xp, xp.where(bad, xp.full_like(y, math.nan), y), x.shape, out)
+
+
+def log_stablemax(xp, x, axis=-1, *, out=None):
+    a, axes, s, bad = _stablemax_parts(xp, x, axis)
+    if math.prod(a.shape) == 0:
+        return _finished(xp, xp.zeros_like(a), x.shape, out)
+    phi = xp.sign(a) * xp.log1p(xp.abs(a))  # log s(x), accurate near 0
+    y = phi - xp.log(xp.sum(s, axis=axes, keepdims=True))
+    return _finished(xp, xp.where(bad, xp.full_like(y, math.nan), y), x.shape, out)
+
+
+def _scaled(xp, backward, y, dy, x, axis):
+    """softmax's `backward` of (y, dy), times s'(x) / s(x) = 1 / (1 + |x|)."""
+    if tuple(x.shape) != tuple(y.shape):
+        raise ValueError(f"x: shape {tuple(x.shape)} does not match y shape {tuple(y.shape)}")
+    if xp.isdtype(x.dtype, "complex floating"):
+        raise TypeError(f"x: unsupported dtype {x.dtype}; StableMax is defined for real input only")
+    dx = backward(xp, y, dy, axis)
+    return dx / (1 + xp.abs(xp.astype(x, dx.dtype)))
+
+
+def stablemax_backward(xp, y, dy, x, axis=-1):
+    return _scaled(xp, softmax_backward, y, dy, x, axis)
+
+
+def log_stablemax_backward(xp, y, dy, x, axis=-1):
+    return _scaled(xp, log_softmax_backward, y, dy, x, axis)
+
+
 # The public functions computed here for arrays on a device normax cannot read.
 OPS = {
     "softmax": softmax,
@@ -157,4 +205,8 @@ OPS = {
     "logsumexp": logsumexp,
     "softmax_backward": softmax_backward,
     "log_softmax_backward": log_softmax_backward,
+    "stablemax": stablemax,
+    "log_stablemax": log_stablemax,
+    "stablemax_backward": stablemax_backward,
+    "log_stablemax_backward": log_stablemax_backward,
 }

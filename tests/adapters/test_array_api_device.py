@@ -1,10 +1,10 @@
 """Arrays on a device normax cannot read on the CPU, and result dtypes by the caller's namespace.
 
 ``array_api_strict``'s ``Device("device1")`` stands for such a device: its arrays refuse to be
-read by NumPy. softmax, log_softmax, logsumexp and their backwards (and ``normax.scipy.special``)
-compute them with array_api_strict's own functions on that device, never copying them to the
-CPU; their values match the NumPy-first functions' on the same data to a few ULP (different
-formulas: the max-shifted ones against normax's kernels). Every other function raises
+read by NumPy. The softmax and stablemax families (and ``normax.scipy.special``) compute them
+with array_api_strict's own functions on that device, never copying them to the CPU; their
+values match the NumPy-first functions' on the same data to a few ULP (different formulas: the
+max-shifted ones against normax's kernels). Cross-entropy and the norms raise
 NotImplementedError naming the function, the argument and the device.
 
 Then the result dtypes: each library's own promotion (torch: float32 with int32 weights stays
@@ -50,6 +50,10 @@ COMPUTED = {
     "logsumexp_b_sign": lambda c: normax.logsumexp(c(X), b=c(W - 1.0), return_sign=True, keepdims=True),
     "softmax_backward": lambda c: normax.softmax_backward(c(np.abs(X)), c(X)),
     "log_softmax_backward": lambda c: normax.log_softmax_backward(c(X), c(X), axis=(0, 1)),
+    "stablemax": lambda c: normax.stablemax(c(X)),
+    "log_stablemax": lambda c: normax.log_stablemax(c(X), axis=None),
+    "stablemax_backward": lambda c: normax.stablemax_backward(c(np.abs(X)), c(X), c(X[::-1])),
+    "log_stablemax_backward": lambda c: normax.log_stablemax_backward(c(X), c(X[::-1]), c(X), axis=0),
     "scipy.special.softmax": lambda c: nss.softmax(c(X)),
     "scipy.special.log_softmax": lambda c: nss.log_softmax(c(X)),
     "scipy.special.logsumexp": lambda c: nss.logsumexp(c(X), b=c(W)),
@@ -58,10 +62,6 @@ COMPUTED = {
 # Every other public array function of normax; `c` converts its array arguments (the first one
 # is the argument the error names).
 REFUSED = {
-    "stablemax": (lambda c: normax.stablemax(c(X)), "x"),
-    "log_stablemax": (lambda c: normax.log_stablemax(c(X)), "x"),
-    "stablemax_backward": (lambda c: normax.stablemax_backward(c(X), c(X), c(X)), "y"),
-    "log_stablemax_backward": (lambda c: normax.log_stablemax_backward(c(X), c(X), c(X)), "y"),
     "cross_entropy": (lambda c: normax.cross_entropy(c(X), c(T)), "logits"),
     "cross_entropy_with_grad": (lambda c: normax.cross_entropy_with_grad(c(X), c(T)), "logits"),
     "linear_cross_entropy": (lambda c: normax.linear_cross_entropy(c(X), c(X[:3]), c(T % 3)), "hidden"),
@@ -91,6 +91,17 @@ def test_every_array_function_is_covered():
     # power_norm_backward takes the saved state of a power_norm call, which cannot be made from
     # device1 arrays (power_norm refuses them, checked below).
     assert set(normax.__all__) - _NOT_ARRAY_FUNCTIONS <= set(COMPUTED) | set(REFUSED)
+
+
+def test_every_array_function_names_its_promoted_arguments():
+    import inspect
+
+    from normax._convert import PROMOTED
+
+    array_functions = set(normax.__all__) - _NOT_ARRAY_FUNCTIONS | {"power_norm_backward"}
+    assert set(PROMOTED) == array_functions
+    for name, promoted in PROMOTED.items():
+        assert set(promoted) <= set(inspect.signature(getattr(normax, name)).parameters), name
 
 
 def flatten(result):
@@ -134,6 +145,7 @@ def test_mixed_devices_are_an_error():
 # Special values, shapes and options, against the NumPy-first function on the same data.
 INF = np.inf
 SPECIAL = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, -INF], [-INF, -INF, -INF], [INF, 1.0, 0.0], [np.nan, 0, 1]])
+ROWS = np.array([[0.5, -2.0, 3.0], [0.0, 0.0, -INF]])
 CASES = {
     "softmax_special": lambda c: normax.softmax(c(SPECIAL)),
     "log_softmax_special": lambda c: normax.log_softmax(c(SPECIAL)),
@@ -155,6 +167,11 @@ CASES = {
     "log_softmax_complex": lambda c: normax.log_softmax(c(X + 1j * X[::-1])),
     "logsumexp_complex_sign": lambda c: normax.logsumexp(c(X + 1j * X[::-1]), return_sign=True),
     "logsumexp_int": lambda c: normax.logsumexp(c(np.array([[1, 2], [3, 4]]))),
+    "stablemax_special": lambda c: normax.stablemax(c(SPECIAL)),
+    "log_stablemax_special": lambda c: normax.log_stablemax(c(SPECIAL)),
+    "log_stablemax_backward_inf": lambda c: normax.log_stablemax_backward(
+        c(normax.log_stablemax(ROWS)), c(np.array([[1.0, 2, 3], [3, 1, 2]])), c(ROWS)
+    ),
 }
 
 
