@@ -69,9 +69,22 @@ def log_softmax(xp, x, axis=-1, *, out=None):
     return _finished(xp, y, shape, out)
 
 
+def _nonzero_finite(b) -> bool:
+    try:
+        return b != 0 and math.isfinite(b)
+    except OverflowError:  # an int beyond float64
+        return True
+
+
 def logsumexp(xp, x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     device = _device(x)
     a = x
+    if isinstance(b, (int, float)) and _nonzero_finite(b) and not xp.isdtype(a.dtype, "complex floating"):
+        # A real Python number: log|b| added, never rounded to x's dtype (b=1e300 is no inf in float32).
+        res, sgn = logsumexp(xp, x, axis, keepdims=keepdims, return_sign=True)
+        res = res + math.log(abs(b))
+        sgn = -sgn if b < 0 else sgn
+        return (res, sgn) if return_sign else xp.where(sgn < 0, xp.full_like(res, math.nan), res)
     if b is not None:
         if isinstance(b, (int, float, complex)):  # weak, as in the NumPy-first function
             dtype = a.dtype
