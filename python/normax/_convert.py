@@ -117,8 +117,12 @@ def promote(xp, arrays: list) -> list:
     Where `xp` refuses to promote a pair across kinds (array_api_strict: float32 with int64), the
     integers count as the default float. Casts happen in `xp`, on the arrays' own device."""
     first = arrays[0].dtype
-    if all(a.dtype == first for a in arrays) and _is_floating(xp, first):
-        return arrays  # the common case: nothing to cast
+    for a in arrays[1:]:
+        if a.dtype != first:
+            break
+    else:
+        if _is_floating(xp, first):
+            return arrays  # the common case: nothing to cast
     try:
         dtype = xp.result_type(*arrays)
     except TypeError:

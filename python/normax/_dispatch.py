@@ -159,28 +159,27 @@ def array_api(fn):
 
     def dispatch(args, kwargs):
         args, kwargs = list(args), dict(kwargs)
-        slots = [(args, i, names[i] if i < len(names) else "argument") for i in range(len(args))]
-        slots += [(kwargs, k, k) for k in kwargs]
         arrays = []  # (holder, key, name) of each foreign array
         group = []  # the arrays among the `promoted` arguments, or None for NumPy's rules
         lib = None
-        for slot in slots:
-            holder, key, name = slot
-            a = holder[key]
-            other = "" if type(a) in PLAIN else library(a)
-            if other:
-                if lib is None:
-                    lib = other
-                elif other != lib:
-                    raise TypeError(
-                        f"{fname}: {name} is a {other} array but another argument is a {lib} "
-                        "array; pass arrays of one library per call"
-                    )
-                arrays.append(slot)
-                if group is not None and name in promoted:
-                    group.append(slot)
-            elif name in promoted and not isinstance(a, (int, float, complex, type(None))):
-                group = None  # a NumPy array or a list takes part (Python numbers stay weak)
+        for holder, keys in ((args, range(len(args))), (kwargs, tuple(kwargs))):
+            for key in keys:
+                a = holder[key]
+                name = key if holder is kwargs else names[key] if key < len(names) else "argument"
+                other = "" if type(a) in PLAIN else library(a)
+                if other:
+                    if lib is None:
+                        lib = other
+                    elif other != lib:
+                        raise TypeError(
+                            f"{fname}: {name} is a {other} array but another argument is a {lib} "
+                            "array; pass arrays of one library per call"
+                        )
+                    arrays.append((holder, key, name))
+                    if group is not None and name in promoted:
+                        group.append((holder, key, name))
+                elif name in promoted and not isinstance(a, (int, float, complex, type(None))):
+                    group = None  # a NumPy array or a list takes part (Python numbers stay weak)
         xp = namespace(arrays[0][0][arrays[0][1]])
         if group:
             for (holder, key, _), a in zip(group, promote(xp, [h[k] for h, k, _ in group])):
