@@ -199,7 +199,7 @@ def array_api(fn):
         return convert_result(fn(*args, **kwargs), lib, xp, originals)
 
     def foreign(args, kwargs, device):
-        # CUDA arrays run on their GPU whatever the backend; other foreign arrays on the CPU.
+        # CUDA arrays run on their GPU whatever the backend; other foreign arrays where they are.
         if on_cuda(args, kwargs):
             return kernel("cuda", op)(*args, **kwargs)
         if device == "wgpu":
