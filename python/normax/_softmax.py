@@ -372,15 +372,16 @@ def _weighted_dtype(x, a: np.ndarray, b, b_arr: np.ndarray) -> np.dtype:
     """
     weak = (int, float, complex)
     if a.dtype.kind == "V" or b_arr.dtype.kind == "V":
-        # ml_dtypes floats (bfloat16, float8_*): NumPy promotes them with Python scalars to float64
-        # and not at all with integers; they stay as they are there, as in torch and JAX.
-        floats = [
-            arr.dtype for v, arr in ((x, a), (b, b_arr)) if type(v) not in weak and arr.dtype.kind in "fcV"
-        ]
-        try:
-            return np.result_type(*floats)
-        except TypeError:  # two different small floats: both are exact in float32
+        # ml_dtypes floats (bfloat16, float8_*), which NumPy cannot promote with its own types
+        # (and promotes with Python scalars to float64): promoted as float16 is (int8 keeps
+        # bfloat16, int16 gives float32, int32 and int64 float64), two different small floats
+        # to float32, in which both are exact.
+        dtypes = [arr.dtype for v, arr in ((x, a), (b, b_arr)) if type(v) not in weak]
+        small = {d for d in dtypes if d.kind == "V" or d == np.float16}
+        if len(small) > 1:
             return np.dtype(np.float32)
+        r = np.result_type(*(np.float16 if d.kind == "V" else d for d in dtypes))
+        return small.pop() if r == np.float16 else r
     r = np.result_type(x if type(x) in weak else a.dtype, b if type(b) in weak else b_arr.dtype)
     return r if r.kind in "fc" else np.dtype(np.float64)
 
@@ -433,8 +434,9 @@ def logsumexp(x, axis=-1, *, b=None, keepdims=False, return_sign=False):
     (1,)). The result dtype is SciPy's: the input's (float32 stays float32) and, with `b`,
     ``numpy.result_type(x, b)`` made floating, Python scalars weak (NEP 50): float32 `x` with
     ``b=2.0`` is float32, with int32 or float64 weights float64, float16 with float32 weights
-    float32. bfloat16 (ml_dtypes, which NumPy cannot promote) keeps its dtype with integer
-    weights, as in torch and JAX; ml_dtypes integers (``int4``, ...) promote as NumPy's integer
+    float32. bfloat16 and the other ml_dtypes floats (which NumPy cannot promote) promote as
+    float16 does: with int8 weights they stay bfloat16, with int16 float32, with int32 or int64
+    float64; ml_dtypes integers (``int4``, ...) promote as NumPy's integer
     of their size (``int8``). A real Python-number `b` is computed in float64 (real input in
     float64, the log of the weighted sum rounded once to the result dtype); where the weight is
     subnormal or beyond float64 (a huge int) the result is ``logsumexp(x) + log(abs(b))`` with

@@ -276,8 +276,13 @@ def test_logsumexp_weights_bfloat16():
     bf16 = np.dtype(ml_dtypes.bfloat16)
     a = np.array([2, 1], bf16)
     # NumPy cannot promote bfloat16 with integers (and makes float64 of it with a Python float):
-    # it stays bfloat16 there, as in torch and JAX; with a float array the usual rule.
-    assert normax.logsumexp(a, b=np.int64([1, 2])).dtype == bf16
+    # it promotes as float16 does there (issue 21: int64 weights give float64, computed so), a
+    # Python float is weak; with a float array the usual rule.
+    got = normax.logsumexp(a, b=np.int64([1, 2]))
+    assert got.dtype == np.float64 and got == pytest.approx(np.log(np.exp(2.0) + 2 * np.exp(1.0)), rel=4 * U)
+    assert normax.logsumexp(np.int32([2, 1]), b=np.array([1, 2], bf16)).dtype == np.float64
+    assert normax.logsumexp(a, b=np.int16([1, 2])).dtype == np.float32
+    assert normax.logsumexp(a, b=np.int8([1, 2])).dtype == bf16
     assert normax.logsumexp(a, b=2.0).dtype == bf16
     assert normax.logsumexp(a, b=np.float32([1, 2])).dtype == np.float32
     assert normax.logsumexp(a, b=np.float16([1, 2])).dtype == np.float32

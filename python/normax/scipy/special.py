@@ -10,8 +10,6 @@ default ``axis=-1``; only this module follows SciPy's ``axis=None``.
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace, is_array_api_obj, is_numpy_array
-
 from .. import log_softmax as _log_softmax
 from .. import logsumexp as _logsumexp
 from .. import softmax as _softmax
@@ -82,9 +80,9 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
         Axes to reduce; None (SciPy's default) reduces all of them.
     b : array_like, optional
         Scaling factors for ``exp(a)``, broadcast against `a`; the result is
-        ``log|sum(b * exp(a))|``. With `a` and `b` of one array library other than NumPy,
-        they are promoted by that library's rules first, as SciPy does (torch: float32 with
-        int32 weights stays float32); NumPy input promotes as NumPy.
+        ``log|sum(b * exp(a))|``. Arrays of a library other than NumPy promote by that
+        library's rules, as SciPy's (torch: float32 with int32 weights stays float32); NumPy
+        input promotes as NumPy.
     keepdims : bool, default False
         Keep the reduced axes with size one.
     return_sign : bool, default False
@@ -104,24 +102,5 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
     >>> float(logsumexp(np.zeros((2, 2))))
     1.3862943611198906
     """
-    a, b = _promoted(a, b)
     return _logsumexp(a, axis=axis, b=b, keepdims=keepdims, return_sign=return_sign)
 
-
-def _promoted(a, b):
-    """`a` and `b` in the dtype SciPy computes them in: their own library's promotion (torch
-    keeps float32 with int32 weights, NumPy makes it float64), integers becoming the library's
-    default float. NumPy input, mixed libraries and pairs the library cannot promote (strict
-    libraries) are left to normax.logsumexp, which promotes as NumPy."""
-    if b is None or not (is_array_api_obj(a) and is_array_api_obj(b)):
-        return a, b
-    if is_numpy_array(a) or is_numpy_array(b):
-        return a, b
-    try:
-        xp = array_namespace(a, b)
-        dtype = xp.result_type(a, b)
-    except (TypeError, ValueError):
-        return a, b
-    if not xp.isdtype(dtype, ("real floating", "complex floating")):
-        dtype = xp.asarray(1.0).dtype  # the library's default float
-    return xp.astype(a, dtype, copy=False), xp.astype(b, dtype, copy=False)
