@@ -143,12 +143,6 @@ def test_concurrent_python_threads_match_serial(num_threads):
 
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 21 item 8: the bindings' overlap check is rust-numpy's process-wide borrow "
-    "tracker (rust/normax-py/src/arrays.rs), which sees other threads' calls; to be fixed there",
-)
 def test_overlap_check_sees_only_its_own_call(monkeypatch):
     """Two threads each calling ``softmax(a, out=a)`` on one array: the second is not refused as
     if its own arguments overlapped ("shares memory with another argument of this call").
