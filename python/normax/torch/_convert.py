@@ -6,9 +6,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# The dtypes the CPU kernels take as they are: the direct kernel calls (kernel_views) are for these.
-KERNEL_DTYPES = (torch.float32, torch.float64)
-
 
 def host(t: Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (bfloat16: a float32 copy)."""
@@ -23,27 +20,6 @@ def host(t: Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.detach().numpy()
-
-
-def kernel_views(x: Tensor, *params: Tensor | None) -> list | None:
-    """NumPy views of `x` and its (optional) parameters for a direct kernel call, or None.
-
-    The common CPU call: float32/float64 `x`, contiguous and not empty, parameters of its dtype,
-    contiguous. It is exactly the kernel call the NumPy API makes for such arrays, without its
-    conversions and checks (5-10 µs, as much as the kernel at training-step sizes); anything else
-    (None) takes the NumPy API itself.
-    """
-    if not (x.dtype in KERNEL_DTYPES and x.numel() and x.is_contiguous() and not x.is_neg()):
-        return None
-    views = [x.detach().numpy()]
-    for p in params:
-        if p is None:
-            views.append(None)
-        elif p.dtype == x.dtype and p.is_contiguous() and not p.is_neg():
-            views.append(p.detach().numpy())
-        else:
-            return None
-    return views
 
 
 def host_dense(t: Tensor) -> np.ndarray:
