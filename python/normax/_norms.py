@@ -45,6 +45,17 @@ def _is_stat(s, rows: tuple) -> bool:
     return s is None or (type(s) is np.ndarray and s.dtype == np.float64 and s.shape == rows and s.flags.c_contiguous)
 
 
+def _flat(p: np.ndarray) -> np.ndarray:
+    """A parameter as the kernels' contiguous vector (itself where it already is one)."""
+    return p if p.ndim == 1 and p.flags.c_contiguous else np.ascontiguousarray(p).reshape(-1)
+
+
+def _matrix(a: np.ndarray, shape: tuple) -> np.ndarray:
+    """A contiguous array as (rows, normalized elements): the kernels' rows are its last axis."""
+    n = math.prod(shape)
+    return a.reshape(a.size // n, n)
+
+
 def _trailing(axis, ndim: int) -> int:
     """How many trailing axes `axis` names in its common forms (-1, or (-k, ..., -1) as the torch
     adapter passes them); 0 for any other form, which the general path checks."""
@@ -78,16 +89,16 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
                 raise ValueError(
                     f"{name}: shape {p.shape} does not match the normalized shape {shape} (x.shape[axis])"
                 )
-        w = None if weight is None else np.ascontiguousarray(weight).reshape(-1)
-        b = None if bias is None else np.ascontiguousarray(bias).reshape(-1)
+        w = None if weight is None else _flat(weight)
+        b = None if bias is None else _flat(bias)
         options = norm_options(norm, _FAST_EPS[x.dtype] if eps is None else eps)
         rows = x.shape[: x.ndim - k]
         rstd = np.empty(rows, np.float64) if return_stats else None
         mean = np.empty(rows, np.float64) if return_stats and norm == "layer" else None
         y = np.empty_like(x)
-        matrix = (x.size // math.prod(shape), math.prod(shape))
+        xm, ym = (x, y) if k == 1 else (_matrix(x, shape), _matrix(y, shape))
         try:
-            _core.norm_forward(options, x.reshape(matrix), w, b, y.reshape(matrix), mean, rstd)
+            _core.norm_forward(options, xm, w, b, ym, mean, rstd)
         except ValueError:
             # The kernel refuses a misaligned array before writing: the general path copies it.
             if all(a is None or a.flags.aligned for a in (x, w, b)):
@@ -156,15 +167,13 @@ def _fast_backward(norm, dy, x, weight, bias, eps, axis, mean, rstd):
     ):
         return None
     options = norm_options(norm, _FAST_EPS[x.dtype] if eps is None else eps)
-    matrix = (x.size // math.prod(shape), math.prod(shape))
     dx = np.empty_like(x)
     dw = None if weight is None else np.zeros(shape, x.dtype)
     db = None if bias is None else np.zeros(shape, x.dtype)
-    w = None if weight is None else np.ascontiguousarray(weight).reshape(-1)
+    w = None if weight is None else _flat(weight)
+    rows = (dy, x, dx) if k == 1 else tuple(_matrix(a, shape) for a in (dy, x, dx))
     try:
-        _core.norm_backward(
-            options, dy.reshape(matrix), x.reshape(matrix), w, (mean, rstd), dx.reshape(matrix), (dw, db)
-        )
+        _core.norm_backward(options, rows[0], rows[1], w, (mean, rstd), rows[2], (dw, db))
     except ValueError:
         if all(a is None or a.flags.aligned for a in (x, dy, w)):
             raise

@@ -6,6 +6,7 @@ normalized and rejected (same exception, same message) the same way whatever run
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import NamedTuple
@@ -103,7 +104,11 @@ def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeO
 def norm_options(kind: str, eps) -> _core.NormOptions:
     """A normalization's checked options: `kind` ("rms", "layer" or "crms") and `eps` (see
     :func:`check_eps`)."""
-    return _core.NormOptions(kind, check_eps(eps))
+    return _norm_options(kind, check_eps(eps))
+
+
+# A training loop asks for the same few (kind, eps) on every call: one object each.
+_norm_options = functools.lru_cache(maxsize=64)(_core.NormOptions)
 
 
 def class_axis(axis, shape: tuple) -> int:
