@@ -6,11 +6,11 @@ use crate::driver::{Ptr, GRAIN};
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
 use crate::lse::{
-    refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, ScaledExp, FOLD,
-    IN_CACHE_MAX_LEN,
+    refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, ScaledExp, IN_CACHE_MAX_LEN,
 };
 use crate::rows::{dot, fill, load_n, map_elements, store_n};
 use crate::simd::{tanh, Vector, MAX_LANES};
+use crate::sum::SHORT_FOLD;
 use crate::threads;
 
 /// softmax(x) = exp(x) * 2^-n / m for x of a fast-path row whose sum of exponentials is m * 2^n.
@@ -35,7 +35,8 @@ impl<V: Vector> Probs<V> {
     }
 }
 
-/// A running sum of vectors, folded into f64 every FOLD additions so f32 partials stay short.
+/// A running sum of vectors, folded into f64 every `SHORT_FOLD` additions so f32 partials stay
+/// short.
 struct Acc<V: Vector> {
     v: V,
     steps: usize,
@@ -56,7 +57,7 @@ impl<V: Vector> Acc<V> {
     fn add(&mut self, x: V) {
         self.v = self.v.add(x);
         self.steps += 1;
-        if self.steps == FOLD {
+        if self.steps == SHORT_FOLD {
             self.total += self.v.reduce_add().to_f64();
             self.v = V::splat(V::Elem::ZERO);
             self.steps = 0;
