@@ -1,9 +1,20 @@
-//! The one driver every row op runs through: rows, axes, threads, and splitting very long rows.
+//! Rows, axes and threads: how every op family's row kernels are run over an array.
 //!
-//! An array is viewed as (outer, len, inner) with the reduced axis of length `len` in the middle.
-//! inner == 1 is the fast path (rows contiguous). Otherwise the ops' column kernels run on blocks
-//! of adjacent columns, one column per SIMD lane, so every load is a contiguous vector; a column
-//! the column kernel leaves to the exact path is gathered and run through the row kernel.
+//! - [`map`] and [`reduce`] (ops implementing [`RowMap`] / [`RowReduce`]) serve softmax,
+//!   log_softmax, logsumexp, their backwards and stablemax, over any axis. An array is viewed as
+//!   (outer, len, inner) with the reduced axis of length `len` in the middle. inner == 1 is the
+//!   fast path (rows contiguous). Otherwise the ops' column kernels run on blocks of adjacent
+//!   columns, one column per SIMD lane, so every load is a contiguous vector; a column the column
+//!   kernel leaves to the exact path is gathered and run through the row kernel. Very long rows
+//!   are split across threads in fixed chunks.
+//! - [`for_each_fixed_row_block`] and [`sum_fixed_row_blocks`] serve the cross-entropy family
+//!   (plain, linear, vocabulary-parallel); [`for_each_row_block`] and [`column_sums`] the norms.
+//!
+//! The cross-entropy and norm kernels are not [`RowMap`]s: a row needs its index (its target and
+//! class weight, its loss; its saved mean and rstd) and adds to outputs shared by all rows (the
+//! loss total, dweight and dbias), which a row-to-row map does not carry. Their Python doors move
+//! the class or normalized axes last, so these ops take contiguous rows only: no column kernels,
+//! and a long row is not split across threads.
 
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
@@ -718,6 +729,40 @@ pub(crate) fn for_each_row_block(
     threads::for_each(rows.div_ceil(per_task), |t| {
         f(t * per_task..((t + 1) * per_task).min(rows))
     });
+}
+
+/// Rows per block of [`for_each_fixed_row_block`] and [`sum_fixed_row_blocks`]: about `GRAIN`
+/// elements, one row if longer.
+fn fixed_block_rows(len: usize) -> usize {
+    (GRAIN / len.max(1)).max(1)
+}
+
+/// Runs `f` over blocks of consecutive contiguous rows of `len` elements in parallel, the blocks
+/// cut by size alone (about `GRAIN` elements, whatever the thread count): the cross-entropy
+/// family's passes over rows of logits.
+pub(crate) fn for_each_fixed_row_block(
+    rows: usize,
+    len: usize,
+    f: impl Fn(std::ops::Range<usize>) + Sync + Send,
+) {
+    let per_task = fixed_block_rows(len);
+    threads::for_each(rows.div_ceil(per_task), |t| {
+        f(t * per_task..((t + 1) * per_task).min(rows))
+    });
+}
+
+/// The sum of `f` over the blocks of [`for_each_fixed_row_block`], added in block order: the same
+/// bits for any thread count (the cross-entropy loss totals).
+pub(crate) fn sum_fixed_row_blocks(
+    rows: usize,
+    len: usize,
+    f: impl Fn(std::ops::Range<usize>) -> f64 + Sync + Send,
+) -> f64 {
+    let per_task = fixed_block_rows(len);
+    let sums = threads::map(rows.div_ceil(per_task), |t| {
+        f(t * per_task..((t + 1) * per_task).min(rows))
+    });
+    sums.into_iter().sum()
 }
 
 /// Rows summed in `Elem` before the partial sums are folded into f64.

@@ -56,7 +56,7 @@ fn stats_typed<T: Float + Element>(
     );
     let o = options(ws, opts)?;
     let ps = slice_mut(&mut p, "packed")?;
-    py.detach(|| k::shard_stats(xs, rows, shard, ts, &o, ps))
+    py.detach(|| k::vocab_parallel_stats(xs, rows, shard, ts, &o, ps))
         .map_err(to_py)
 }
 
@@ -112,7 +112,7 @@ fn combine_typed<T: Float + Element>(
     );
     let o = options(ws, opts)?;
     let (ls, ss) = (slice_mut(&mut l, "loss")?, slice_mut(&mut s, "lse")?);
-    py.detach(|| k::shard_combine(gs, stride, shards, rows, ts, &o, ls, ss))
+    py.detach(|| k::vocab_parallel_combine(gs, stride, shards, rows, ts, &o, ls, ss))
         .map_err(to_py)
 }
 
@@ -191,7 +191,7 @@ fn backward_typed<T: Float + Element>(
     let go = grad_output(&go, saved.grad_scalar)?;
     let gs = slice_mut(&mut g, "grad")?;
     let (c, d) = (saved.classes, saved.denom);
-    py.detach(|| k::shard_backward(xs, rows, shard, c, ts, &o, ss, d, go, gs))
+    py.detach(|| k::vocab_parallel_backward(xs, rows, shard, c, ts, &o, ss, d, go, gs))
         .map_err(to_py)
 }
 
@@ -263,7 +263,7 @@ fn linear_stats_typed<T: Float + Element>(
     let ts = slice(&t, "target")?;
     let o = options(slice_opt(&w, "weight")?, opts)?;
     let ps = slice_mut(&mut p, "packed")?;
-    py.detach(|| k::shard_linear_stats(lin, rows, shard, ts, &o, chunk_size, ps))
+    py.detach(|| k::vocab_parallel_linear_stats(lin, rows, shard, ts, &o, chunk_size, ps))
         .map_err(to_py)
 }
 
@@ -344,7 +344,7 @@ fn linear_backward_typed<T: Float + Element>(
     let dbs = slice_mut_opt(&mut db, "dbias")?;
     let (c, d) = (saved.classes, saved.denom);
     py.detach(|| {
-        k::shard_linear_backward(
+        k::vocab_parallel_linear_backward(
             lin, rows, shard, c, ts, &o, chunk_size, ss, d, go, dhs, dws, dbs,
         )
     })
@@ -406,7 +406,7 @@ fn shard_linear_backward(
 /// Values per row each rank sends (see normax_core::cross_entropy::shard_fields).
 #[pyfunction]
 fn shard_fields(label_smoothing: f64) -> usize {
-    k::shard_fields(label_smoothing)
+    k::vocab_parallel_fields(label_smoothing)
 }
 
 /// Adds this module's functions to `normax._core`.

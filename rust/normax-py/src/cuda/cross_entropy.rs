@@ -131,7 +131,7 @@ fn cuda_shard_stats(
         softcap,
     );
     let packed = c.buf(packed, "packed")?;
-    c.run(py, |s| cu::shard_stats(s, sh, &opts, packed))
+    c.run(py, |s| cu::vocab_parallel_stats(s, sh, &opts, packed))
 }
 
 /// The shard's gradient into `grad` from each row's global log-sum-exp (`lse`: float32 hi, lo per
@@ -176,7 +176,7 @@ fn cuda_shard_backward(
         c.buf(scale, "grad_output")?,
     );
     c.run(py, |s| {
-        cu::shard_backward(s, sh, classes, w_sum, &opts, lse, grad, scale, scale_stride)
+        cu::vocab_parallel_backward(s, sh, classes, w_sum, &opts, lse, grad, scale, scale_stride)
     })
 }
 
