@@ -3,8 +3,9 @@
 //!
 //! Layout: `spec` (the option types, checks and error every backend shares), `float` (element
 //! types), `simd` (one vector trait, one file per ISA), `isa` (run-time dispatch), `rows` (loops
-//! over one row), `lse` (the sum-of-exponentials machinery), `driver` (rows, axes, threads),
-//! `gemm` (matrix products) and one module per op family: `softmax`, `cross_entropy`, `norms`, `stablemax`.
+//! over one row), `sum` (short sums folded into f64), `lse` (the sum-of-exponentials machinery),
+//! `driver` (rows, axes, threads), `gemm` (matrix products) and one module per op family:
+//! `softmax`, `cross_entropy`, `norms`, `stablemax`.
 
 pub mod cross_entropy;
 pub mod driver;
@@ -18,6 +19,7 @@ pub mod simd;
 pub mod softmax;
 pub mod spec;
 pub mod stablemax;
+mod sum;
 pub mod threads;
 
 pub use driver::Layout;

@@ -21,6 +21,7 @@
 use crate::float::Float;
 use crate::rows::{column_max, load_n};
 use crate::simd::{exp_reduced_low, load_partial, store_partial, Vector, MAX_LANES};
+use crate::sum::{CompensatedSum, SHORT_FOLD};
 use std::f64::consts::LN_2;
 
 /// A sum of exponentials held as m * 2^n, combined exactly (in f64) across blocks and threads,
@@ -155,56 +156,6 @@ impl RowSum {
         }
     }
 }
-
-/// A sum with Neumaier's compensation: the folded partial sums of a long row add up without the
-/// error growing with their count (it matters for f64 rows, whose partials are already f64).
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct CompensatedSum {
-    sum: f64,
-    compensation: f64,
-}
-
-impl CompensatedSum {
-    #[inline(always)]
-    pub(crate) fn add(&mut self, v: f64) {
-        let t = self.sum + v;
-        self.compensation += if self.sum.abs() >= v.abs() {
-            (self.sum - t) + v
-        } else {
-            (v - t) + self.sum
-        };
-        self.sum = t;
-    }
-
-    /// Adds every lane of the four unrolled accumulators.
-    #[inline(always)]
-    pub(crate) fn add_lanes<V: Vector>(&mut self, acc: &[V; 4]) {
-        self.add(
-            acc[0]
-                .add(acc[1])
-                .add(acc[2].add(acc[3]))
-                .reduce_add()
-                .to_f64(),
-        );
-    }
-
-    #[inline(always)]
-    pub(crate) fn value(self) -> f64 {
-        self.sum + self.compensation
-    }
-
-    /// Times `k`, a power of two (exact unless it underflows).
-    #[inline(always)]
-    pub(crate) fn scale(&mut self, k: f64) {
-        self.sum *= k;
-        self.compensation *= k;
-    }
-}
-
-/// The f32 partial sums (4 vectors, unrolled) fold into f64 every FOLD steps, so each element
-/// passes through at most FOLD f32 roundings: the row sum stays within a few ULP without summing
-/// in f64 per element.
-pub(crate) const FOLD: usize = 16;
 
 /// Elements per two-pass block: small enough to stay in L1 between its max and its sum.
 const BLOCK: usize = 2048;
@@ -364,7 +315,7 @@ unsafe fn sum_given_max<V: Vector>(
         }
         i += 4 * w;
         steps += 1;
-        if steps == FOLD {
+        if steps == SHORT_FOLD {
             total.add_lanes(&acc);
             acc = [zero; 4];
             steps = 0;
@@ -481,8 +432,8 @@ pub(crate) fn refined_lse_known<T: Float>(s: ExpSum) -> Lse {
 /// Small, because the columns' rows are `stride` apart and a stride that is a multiple of 4 KiB
 /// maps every row to the same few cache sets: 64 rows of 64-byte lines stay in an 8-way L2 at any
 /// stride (a whole column would not, and each pass over it went to memory). Also the fold
-/// interval: 16 steps of 4 rows, each accumulator adding at most `FOLD` vectors.
-const COLUMN_BLOCK: usize = 4 * FOLD;
+/// interval: 16 steps of 4 rows, each accumulator adding at most `SHORT_FOLD` vectors.
+const COLUMN_BLOCK: usize = 4 * SHORT_FOLD;
 
 /// One group of LANES columns in [`column_exp_sums`]: the running max and its exponent, and the
 /// sums so far, per lane.
@@ -661,7 +612,7 @@ unsafe fn with_rest_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, term
         });
         i += w;
         steps += 1;
-        if steps == FOLD {
+        if steps == SHORT_FOLD {
             rest.add(acc.reduce_add().to_f64());
             (acc, steps) = (zero, 0);
         }

@@ -6,11 +6,12 @@
 //! math.
 
 use crate::float::Float;
-use crate::lse::{self, CompensatedSum};
 use crate::simd::{load_partial, store_partial, Vector, MAX_LANES};
+use crate::sum::{CompensatedSum, SHORT_FOLD};
 
-/// Vectors each level-1 accumulator adds before its sum is folded into f64.
-const FOLD: usize = 64;
+/// Steps each of [`row_sums`]' four accumulators takes (one vector per step) before their sums are
+/// folded into f64: longer than the accurate sums' [`SHORT_FOLD`].
+const ROW_SUMS_FOLD: usize = 64;
 
 /// Calls `f(i, n)` for consecutive pieces of `0..len`: full vectors (n == LANES), then one partial
 /// tail (0 < n < LANES) if `len` is not a multiple of LANES.
@@ -159,8 +160,8 @@ fn fold<V: Vector, const K: usize>(total: &mut [f64; K], acc: &mut [[V; K]; 4]) 
 /// The sums over `0..len` of `K` per-element terms: `term(i, n)` gives the terms of elements
 /// `i..i + n` (n <= LANES; lanes past `n` are discarded, so the terms may be anything there).
 ///
-/// Four accumulators per term hide the add latency; each adds at most `FOLD` vectors in `Elem`
-/// before its sum is folded into f64, so f32 partial sums stay short.
+/// Four accumulators per term hide the add latency; each adds at most `ROW_SUMS_FOLD` vectors in
+/// `Elem` before its sum is folded into f64, so f32 partial sums stay short.
 ///
 /// Mark `term` `#[inline(always)]` at the call (as every closure passed to these loops): a closure
 /// that is not inlined is compiled without the ISA's target features, and each vector operation in
@@ -185,7 +186,7 @@ pub(crate) fn row_sums<V: Vector, const K: usize>(
         }
         i += 4 * w;
         steps += 1;
-        if steps == FOLD {
+        if steps == ROW_SUMS_FOLD {
             fold(&mut total, &mut acc);
             steps = 0;
         }
@@ -236,7 +237,7 @@ pub(crate) unsafe fn column_max<V: Vector>(
 
 /// Lane-wise sums over `0..len` of `K` terms per row: `term(i)` gives row i's terms for every
 /// lane (the column kernels: one column per lane). As [`row_sums`] by lanes: four accumulators
-/// (rows i mod 4), each adding at most `lse::FOLD` vectors in `Elem` before the four are folded
+/// (rows i mod 4), each adding at most `SHORT_FOLD` vectors in `Elem` before the four are folded
 /// into a compensated f64 sum per lane, so each term passes through as few `Elem` roundings as on
 /// the row path.
 #[inline(always)]
@@ -273,7 +274,7 @@ pub(crate) fn lane_sums<V: Vector, const K: usize>(
         }
         i += 4;
         steps += 1;
-        if steps == lse::FOLD {
+        if steps == SHORT_FOLD {
             fold::<V, K>(&mut total, &mut acc);
             steps = 0;
         }
@@ -290,7 +291,7 @@ pub(crate) fn lane_sums<V: Vector, const K: usize>(
 }
 
 /// [`lane_sums`] of `cols` adjacent columns at once: `term(i, c, n)` gives row i's terms for
-/// the `n <= LANES` columns from c (a group). Blocks of `4 * lse::FOLD` rows, each read for every
+/// the `n <= LANES` columns from c (a group). Blocks of `4 * SHORT_FOLD` rows, each read for every
 /// group in turn, so each row's lines of the columns are read together (64 bytes per row visit
 /// cost a TLB entry and a DRAM page each). The sums of column c go to `out[c]`.
 #[inline(always)]
@@ -304,7 +305,7 @@ pub(crate) fn columns_lane_sums<V: Vector, const K: usize>(
     let mut totals = vec![[[CompensatedSum::default(); MAX_LANES]; K]; cols.div_ceil(V::LANES)];
     let mut i = 0;
     while i < len {
-        let rows = (4 * lse::FOLD).min(len - i);
+        let rows = (4 * SHORT_FOLD).min(len - i);
         for (g, total) in totals.iter_mut().enumerate() {
             let (c, mut acc) = (g * V::LANES, [[zero; K]; 4]);
             let n = V::LANES.min(cols - c);
@@ -509,7 +510,7 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const V::Elem, b: *const V::Elem, len: u
         }
         i += 4 * w;
         steps += 1;
-        if steps == lse::FOLD {
+        if steps == SHORT_FOLD {
             total.add_lanes(&acc);
             acc = [zero; 4];
             steps = 0;

@@ -322,15 +322,16 @@ NX_TYPES(NX_CE_TYPE)
 NX_CE_CACHED(f32, float, 4, 16)
 
 // ---------------------------------------------------------------------------------------------
-// Vocabulary-parallel shards (normax-core's cross_entropy/shard.rs holds the format and the math):
+// Vocabulary-parallel cross-entropy (normax-core's cross_entropy/vocab_parallel.rs holds the format
+// and the math):
 // a rank holds classes [start, start + cols) of every row. The statistics kernel packs per row
 // `fields` floats (3, or 5 with label smoothing): the shard's log-sum-exp as hi + lo (TwoSum of
 // max and log of the scaled sum: exact, combinable in any order), the capped target logit if the
 // target lives here (else 0), and the smoothing sum sum_c w_c (lse_k - x_c) as hi + lo. The host
-// gathers every rank's rows and combines them (normax-core's shard_combine); the backward kernel
-// writes the shard's gradient from each row's global log-sum-exp with no communication.
+// gathers every rank's rows and combines them (normax-core's vocab_parallel_combine); the backward
+// kernel writes the shard's gradient from each row's global log-sum-exp with no communication.
 
-struct ShardArgs {
+struct VocabParallelArgs {
     const i64* target;    // global class ids
     const float* weight;  // the whole vocabulary's class weights (indexed by global class), or null
     i64 ignore_index;
@@ -382,7 +383,8 @@ __device__ __forceinline__ float2 two_sum(float a, float b) {
 }
 
 template <class T, int V>
-__device__ void shard_stats_rows(const T* x, i64 rows, i64 cols, ShardArgs a, float* packed) {
+__device__ void vocab_parallel_stats_rows(const T* x, i64 rows, i64 cols, VocabParallelArgs a,
+                                          float* packed) {
     __shared__ ShardStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
     RowSlot s = row_slot(rows, cols, cols, 1);
     ShardStats st = {-NX_INF, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -457,8 +459,9 @@ __device__ void shard_stats_rows(const T* x, i64 rows, i64 cols, ShardArgs a, fl
 // A * expm1(-(lse - x_y)) + B (W - w_y) + Z (the cancelling terms left out, as the CPU's
 // target_grad). Rows may be split across blocks (no reduction here).
 template <class T, int V>
-__device__ void shard_backward_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, ShardArgs a,
-                                    const float* lse, T* grad, const float* gscale, i64 gscale_stride) {
+__device__ void vocab_parallel_backward_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks,
+                                             VocabParallelArgs a, const float* lse, T* grad,
+                                             const float* gscale, i64 gscale_stride) {
     RowSlot s = row_slot(rows, cols, chunk, chunks);
     if (!s.active) return;
     i64 y = a.target[s.row];
@@ -508,17 +511,18 @@ __device__ void shard_backward_rows(const T* x, i64 rows, i64 cols, i64 chunk, i
     }
 }
 
-#define NX_SHARD(name, T, V)                                                                              \
-    extern "C" __global__ void __launch_bounds__(512) ce_shard_stats_##name##_v##V(                      \
-        const T* x, i64 rows, i64 cols, ShardArgs a, float* packed) {                                     \
-        shard_stats_rows<T, V>(x, rows, cols, a, packed);                                                 \
+#define NX_VOCAB_PARALLEL(name, T, V)                                                                     \
+    extern "C" __global__ void __launch_bounds__(512) ce_vocab_parallel_stats_##name##_v##V(              \
+        const T* x, i64 rows, i64 cols, VocabParallelArgs a, float* packed) {                             \
+        vocab_parallel_stats_rows<T, V>(x, rows, cols, a, packed);                                        \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(512) ce_shard_backward_##name##_v##V(                   \
-        const T* x, i64 rows, i64 cols, i64 chunk, int chunks, ShardArgs a, const float* lse, T* grad,   \
-        const float* gscale, i64 gscale_stride) {                                                         \
-        shard_backward_rows<T, V>(x, rows, cols, chunk, chunks, a, lse, grad, gscale, gscale_stride);    \
+    extern "C" __global__ void __launch_bounds__(512) ce_vocab_parallel_backward_##name##_v##V(           \
+        const T* x, i64 rows, i64 cols, i64 chunk, int chunks, VocabParallelArgs a, const float* lse,     \
+        T* grad, const float* gscale, i64 gscale_stride) {                                                \
+        vocab_parallel_backward_rows<T, V>(x, rows, cols, chunk, chunks, a, lse, grad, gscale,            \
+                                           gscale_stride);                                                \
     }
 
-#define NX_SHARD_TYPE(name, T, V) NX_SHARD(name, T, 1) NX_SHARD(name, T, V)
+#define NX_VOCAB_PARALLEL_TYPE(name, T, V) NX_VOCAB_PARALLEL(name, T, 1) NX_VOCAB_PARALLEL(name, T, V)
 
-NX_TYPES(NX_SHARD_TYPE)
+NX_TYPES(NX_VOCAB_PARALLEL_TYPE)

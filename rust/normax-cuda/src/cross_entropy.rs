@@ -154,10 +154,11 @@ pub fn cross_entropy(
     })
 }
 
-/// The shard kernels' argument block (`ShardArgs` in cross_entropy.cu: same fields, same order).
+/// The vocabulary-parallel kernels' argument block (`VocabParallelArgs` in cross_entropy.cu: same
+/// fields, same order).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ShardArgs {
+struct VocabParallelArgs {
     target: u64,
     weight: u64,
     ignore_index: i64,
@@ -219,8 +220,8 @@ impl ShardRows {
             .ok_or_else(|| Error::Value("vocab_start: too large".into()))
     }
 
-    fn args(&self, opts: &CeOptions<Buf>, classes: usize, w_sum: f64) -> ShardArgs {
-        ShardArgs {
+    fn args(&self, opts: &CeOptions<Buf>, classes: usize, w_sum: f64) -> VocabParallelArgs {
+        VocabParallelArgs {
             target: self.target.ptr,
             weight: opts.weight.map_or(0, |w| w.ptr),
             ignore_index: opts.ignore_index,
@@ -240,18 +241,24 @@ impl ShardRows {
     }
 }
 
-/// Floats per row of [`shard_stats`]: normax-core's `shard::fields`.
-pub fn shard_fields(label_smoothing: f64) -> usize {
-    normax_core::cross_entropy::shard_fields(label_smoothing)
+/// Floats per row of [`vocab_parallel_stats`]: normax-core's `vocab_parallel_fields`.
+pub fn vocab_parallel_fields(label_smoothing: f64) -> usize {
+    normax_core::cross_entropy::vocab_parallel_fields(label_smoothing)
 }
 
-/// The shard's row statistics into `packed` (float32, rows x [`shard_fields`]) in normax-core's
-/// `shard_stats` layout, which its `shard_combine` reads once every rank's rows are gathered.
-/// Targets are not range-checked here (the vocabulary is known after the gather); one outside
-/// the shard adds nothing. `opts.reduction` and `opts.z_loss` are the combine's.
-pub fn shard_stats(s: Stream, sh: ShardRows, opts: &CeOptions<Buf>, packed: Buf) -> Result<()> {
+/// The shard's row statistics into `packed` (float32, rows x [`vocab_parallel_fields`]) in
+/// normax-core's `vocab_parallel_stats` layout, which its `vocab_parallel_combine` reads once every
+/// rank's rows are gathered. Targets are not range-checked here (the vocabulary is known after the
+/// gather); one outside the shard adds nothing. `opts.reduction` and `opts.z_loss` are the
+/// combine's.
+pub fn vocab_parallel_stats(
+    s: Stream,
+    sh: ShardRows,
+    opts: &CeOptions<Buf>,
+    packed: Buf,
+) -> Result<()> {
     sh.check(opts)?;
-    let fields = shard_fields(opts.label_smoothing);
+    let fields = vocab_parallel_fields(opts.label_smoothing);
     check("packed", &packed, DType::F32, size(sh.rows, fields)?)?;
     if sh.rows == 0 {
         return Ok(());
@@ -273,7 +280,7 @@ pub fn shard_stats(s: Stream, sh: ShardRows, opts: &CeOptions<Buf>, packed: Buf)
         // Safety: buffers checked above; packed holds rows * fields floats.
         unsafe {
             r.run_vec(
-                "ce_shard_stats",
+                "ce_vocab_parallel_stats",
                 &mut params![sh.x.ptr, rows_i, cols_i, args, packed.ptr],
             )
         }
@@ -288,7 +295,7 @@ pub fn shard_stats(s: Stream, sh: ShardRows, opts: &CeOptions<Buf>, packed: Buf)
 /// Class ids must already be checked against `classes` (the combine raises IndexError); any other
 /// is treated as ignored, never read out of bounds.
 #[allow(clippy::too_many_arguments)]
-pub fn shard_backward(
+pub fn vocab_parallel_backward(
     s: Stream,
     sh: ShardRows,
     classes: usize,
@@ -349,7 +356,7 @@ pub fn shard_backward(
         // Safety: buffers checked above.
         unsafe {
             r.run_vec(
-                "ce_shard_backward",
+                "ce_vocab_parallel_backward",
                 &mut params![
                     sh.x.ptr, rows_i, cols_i, chunk_i, chunks_i, args, lse.ptr, grad.ptr,
                     scale.ptr, stride_i
@@ -389,37 +396,42 @@ mod tests {
         let opts = CeOptions::<Buf>::default();
         let value = |r: Result<()>| matches!(r, Err(Error::Value(_)));
         // packed: 3 floats per row without label smoothing, 5 with.
-        assert!(value(shard_stats(s, sh, &opts, f32s(128, 5))));
+        assert!(value(vocab_parallel_stats(s, sh, &opts, f32s(128, 5))));
         let smooth = CeOptions {
             label_smoothing: 0.1,
             ..opts
         };
-        assert!(value(shard_stats(s, sh, &smooth, f32s(128, 6))));
+        assert!(value(vocab_parallel_stats(s, sh, &smooth, f32s(128, 6))));
         // Logits, target, options and the whole vocabulary's weights.
         let short = ShardRows {
             x: f32s(16, 5),
             ..sh
         };
-        assert!(value(shard_stats(s, short, &opts, f32s(128, 6))));
+        assert!(value(vocab_parallel_stats(s, short, &opts, f32s(128, 6))));
         let targets = ShardRows {
             target: Indices { ptr: 64, len: 3 },
             ..sh
         };
-        assert!(value(shard_stats(s, targets, &opts, f32s(128, 6))));
+        assert!(value(vocab_parallel_stats(s, targets, &opts, f32s(128, 6))));
         let bad_eps = CeOptions {
             label_smoothing: 1.5,
             ..opts
         };
-        assert!(value(shard_stats(s, sh, &bad_eps, f32s(128, 10))));
+        assert!(value(vocab_parallel_stats(s, sh, &bad_eps, f32s(128, 10))));
         let few_weights = CeOptions {
             weight: Some(f32s(256, 6)),
             ..opts
         };
-        assert!(value(shard_stats(s, sh, &few_weights, f32s(128, 6))));
+        assert!(value(vocab_parallel_stats(
+            s,
+            sh,
+            &few_weights,
+            f32s(128, 6)
+        )));
         // Backward: the shard inside the vocabulary, one weight per class, lse and grad sizes.
         let one = f32s(512, 1);
         let back = |classes, o: &CeOptions<Buf>, lse, grad| {
-            shard_backward(s, sh, classes, 7.0, o, lse, grad, one, 0)
+            vocab_parallel_backward(s, sh, classes, 7.0, o, lse, grad, one, 0)
         };
         assert!(value(back(6, &opts, f32s(128, 4), f32s(256, 6))));
         assert!(value(back(7, &opts, f32s(128, 3), f32s(256, 6))));
@@ -429,7 +441,8 @@ mod tests {
             ..opts
         };
         assert!(value(back(7, &weights, f32s(128, 4), f32s(256, 6))));
-        let per_row = shard_backward(s, sh, 7, 7.0, &opts, f32s(128, 4), f32s(256, 6), one, 1);
+        let per_row =
+            vocab_parallel_backward(s, sh, 7, 7.0, &opts, f32s(128, 4), f32s(256, 6), one, 1);
         assert!(value(per_row));
     }
 }

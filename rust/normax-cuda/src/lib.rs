@@ -9,8 +9,9 @@
 //! buffers for the partial results of rows split across blocks.
 //!
 //! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs` (with the vocabulary-parallel
-//! shards' statistics and gradient), `norms.rs`, `power_norm.rs`,
-//! `stablemax.rs` host each family's checks and kernel sequence; `launch.rs` the launch shapes they share.
+//! cross-entropy's statistics and gradient, `vocab_parallel_*`), `norms.rs`, `power_norm.rs`,
+//! `stablemax.rs` host each family's checks and kernel sequence; `launch.rs` the launch shapes
+//! they share.
 //! Options, checks and errors are normax-core's [`spec`](normax_core::spec), as on every backend.
 
 mod compile;
@@ -24,7 +25,8 @@ mod stablemax;
 
 pub use compile::{compile_all, nvrtc_version, MODULES};
 pub use cross_entropy::{
-    cross_entropy, shard_backward, shard_fields, shard_stats, CeTarget, ShardRows,
+    cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeTarget,
+    ShardRows,
 };
 pub use device::device_name;
 pub use launch::{column_plan, plan, ColumnPlan, Plan};

@@ -1,4 +1,4 @@
-//! Bindings of the vocabulary-parallel cross-entropy kernels (normax_core::cross_entropy::shard_*):
+//! Bindings of the vocabulary-parallel cross-entropy kernels (normax_core::cross_entropy::vocab_parallel_*):
 //! array conversion, the GIL released, errors mapped. The packed-row protocol around them is
 //! python/normax/_vocab_parallel.py's, the collectives the torch and JAX adapters'.
 //!
@@ -50,7 +50,7 @@ fn stats_typed<T: Float + Element>(
     let ps = slice_mut(&mut p, "packed")?;
     let (rows, sh) = (shard.rows, shard.core());
     detach(logits.py(), xs.len(), || {
-        k::shard_stats(xs, rows, sh, ts, &o, ps)
+        k::vocab_parallel_stats(xs, rows, sh, ts, &o, ps)
     })
 }
 
@@ -84,7 +84,7 @@ fn combine_typed<T: Float + Element>(
     let (ls, ss) = (slice_mut(&mut l, "loss")?, slice_mut(&mut s, "lse")?);
     let rows = ts.len();
     detach(gathered.py(), gs.len(), || {
-        k::shard_combine(gs, stride, shards, rows, ts, &o, ls, ss)
+        k::vocab_parallel_combine(gs, stride, shards, rows, ts, &o, ls, ss)
     })
 }
 
@@ -131,7 +131,7 @@ fn backward_typed<T: Float + Element>(
     let gs = slice_mut(&mut g, "grad")?;
     let (rows, sh, classes, d) = (shard.rows, shard.core(), shard.classes, *denom);
     detach(logits.py(), xs.len(), || {
-        k::shard_backward(xs, rows, sh, classes, ts, &o, ss, d, go, gs)
+        k::vocab_parallel_backward(xs, rows, sh, classes, ts, &o, ss, d, go, gs)
     })
 }
 
@@ -198,7 +198,7 @@ fn linear_stats_typed<T: Float + Element>(
     let (rows, sh) = (shard.rows, shard.core());
     let work = rows.saturating_mul(shard.length);
     detach(packed.py(), work, || {
-        k::shard_linear_stats(lin, rows, sh, ts, &o, chunk_size, ps)
+        k::vocab_parallel_linear_stats(lin, rows, sh, ts, &o, chunk_size, ps)
     })
 }
 
@@ -248,7 +248,7 @@ fn linear_backward_typed<T: Float + Element>(
     let (rows, sh, c, d) = (shard.rows, shard.core(), shard.classes, *denom);
     let work = rows.saturating_mul(shard.length);
     detach(dhidden.py(), work, || {
-        k::shard_linear_backward(
+        k::vocab_parallel_linear_backward(
             lin, rows, sh, c, ts, &o, chunk_size, ss, d, go, dhs, dws, dbs,
         )
     })
@@ -273,10 +273,10 @@ fn vocab_parallel_linear_backward(
     )
 }
 
-/// Values per row each rank sends (see normax_core::cross_entropy::shard_fields).
+/// Values per row each rank sends (see normax_core::cross_entropy::vocab_parallel_fields).
 #[pyfunction]
 fn vocab_parallel_fields(options: &CeOptions) -> usize {
-    k::shard_fields(options.label_smoothing)
+    k::vocab_parallel_fields(options.label_smoothing)
 }
 
 /// Adds this module's functions to `normax._core`.

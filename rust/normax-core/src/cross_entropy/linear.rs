@@ -4,7 +4,7 @@
 use super::rows::{cap_into, pass2, pass2_exact, run_rows, Probs, Targets};
 use super::rule::{minus, scale_for, Coef, RowLse, Rule, Scale};
 use super::{finish_loss, prepare};
-use crate::driver::{Ptr, GRAIN};
+use crate::driver::{self, Ptr};
 use crate::float::Float;
 use crate::gemm::{matmul, release_free_memory};
 use crate::isa::{dispatch, Kernel};
@@ -283,12 +283,6 @@ impl<T: Float> Kernel<T> for GradBlock<'_, T> {
     }
 }
 
-/// Rows of a block per task: about GRAIN elements each.
-fn row_tasks(rows: usize, len: usize) -> (usize, usize) {
-    let per_task = (GRAIN / len.max(1)).max(1);
-    (rows.div_ceil(per_task), per_task)
-}
-
 /// Linear cross-entropy: the loss of logits = hidden @ weight^T + bias (hidden n x h, weight v x h,
 /// target n) without holding the n x v logits; with `grads`, also the gradients of
 /// grad_output * loss. `opts.weight` (class weights) is not supported here.
@@ -400,8 +394,7 @@ pub fn linear_cross_entropy<T: Float>(
         for v0 in (0..v).step_by(bv) {
             let vn = bv.min(v - v0);
             unsafe { lin.logits(blk.at(0), r0, rn, v0, vn) };
-            let (tasks, per_task) = row_tasks(rn, vn);
-            threads::for_each(tasks, |t| {
+            driver::for_each_fixed_row_block(rn, vn, |rows| {
                 dispatch(StatsBlock {
                     rule: &rule,
                     logits: blk,
@@ -411,7 +404,7 @@ pub fn linear_cross_entropy<T: Float>(
                     row0: r0,
                     v0,
                     vn,
-                    rows: t * per_task..((t + 1) * per_task).min(rn),
+                    rows,
                 })
             });
         }
@@ -434,8 +427,7 @@ pub fn linear_cross_entropy<T: Float>(
         for v0 in (0..v).step_by(bv) {
             let vn = bv.min(v - v0);
             unsafe { lin.logits(blk.at(0), r0, rn, v0, vn) };
-            let (tasks, per_task) = row_tasks(rn, vn);
-            threads::for_each(tasks, |t| {
+            driver::for_each_fixed_row_block(rn, vn, |rows| {
                 dispatch(GradBlock {
                     rule: &rule,
                     logits: blk,
@@ -446,7 +438,7 @@ pub fn linear_cross_entropy<T: Float>(
                     row0: r0,
                     v0,
                     vn,
-                    rows: t * per_task..((t + 1) * per_task).min(rn),
+                    rows,
                 })
             });
             let sums = g.dbias.as_ref().map(|_| &mut bias_sums[..]);

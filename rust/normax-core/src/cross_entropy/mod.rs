@@ -21,12 +21,13 @@
 //! fixed blocks whose loss sums add up in f64 in block order: the same result for any thread count.
 //!
 //! Here: the public functions and their checks; `rule`: the loss algebra above; `rows`: the SIMD
-//! passes and the row driver; `linear`: the linear cross-entropy.
+//! passes and `run_rows`; `linear`: the linear cross-entropy; `vocab_parallel`: both with the
+//! classes split across ranks.
 
 mod linear;
 mod rows;
 mod rule;
-mod shard;
+mod vocab_parallel;
 
 use crate::driver::Ptr;
 use crate::float::Float;
@@ -36,9 +37,10 @@ use rows::{run_rows, Targets};
 use rule::{scale_for, Rule};
 
 pub use linear::{linear_block, linear_cross_entropy, LinearGrads, DEFAULT_CHUNK};
-pub use shard::{
-    fields as shard_fields, shard_backward, shard_combine, shard_linear_backward,
-    shard_linear_stats, shard_stats, Shard, ShardLinear,
+pub use vocab_parallel::{
+    fields as vocab_parallel_fields, vocab_parallel_backward, vocab_parallel_combine,
+    vocab_parallel_linear_backward, vocab_parallel_linear_stats, vocab_parallel_stats, Shard,
+    ShardLinear,
 };
 
 /// Checks every class index; returns the mean's denominator, the summed weight of the rows kept.

@@ -1,17 +1,16 @@
-//! The row kernels: the SIMD passes over one row (or one vocabulary block of it) and the driver
-//! that runs blocks of rows on the thread pool.
+//! The row kernels: the SIMD passes over one row (or one vocabulary block of it), and
+//! [`run_rows`], which runs them over the driver's fixed blocks of rows.
 
 use super::rule::{minus, Coef, RowLse, Rule, Scale};
-use crate::driver::{Ptr, GRAIN};
+use crate::driver::{self, Ptr};
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
 use crate::lse::{
-    refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, ScaledExp, FOLD,
-    IN_CACHE_MAX_LEN,
+    refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, ScaledExp, IN_CACHE_MAX_LEN,
 };
 use crate::rows::{dot, fill, load_n, map_elements, store_n};
 use crate::simd::{tanh, Vector, MAX_LANES};
-use crate::threads;
+use crate::sum::SHORT_FOLD;
 
 /// softmax(x) = exp(x) * 2^-n / m for x of a fast-path row whose sum of exponentials is m * 2^n.
 #[derive(Clone, Copy)]
@@ -35,7 +34,8 @@ impl<V: Vector> Probs<V> {
     }
 }
 
-/// A running sum of vectors, folded into f64 every FOLD additions so f32 partials stay short.
+/// A running sum of vectors, folded into f64 every `SHORT_FOLD` additions so f32 partials stay
+/// short.
 struct Acc<V: Vector> {
     v: V,
     steps: usize,
@@ -56,7 +56,7 @@ impl<V: Vector> Acc<V> {
     fn add(&mut self, x: V) {
         self.v = self.v.add(x);
         self.steps += 1;
-        if self.steps == FOLD {
+        if self.steps == SHORT_FOLD {
             self.total += self.v.reduce_add().to_f64();
             self.v = V::splat(V::Elem::ZERO);
             self.steps = 0;
@@ -413,7 +413,8 @@ impl<T: Float> Kernel<T> for RowBlock<'_, T> {
     }
 }
 
-/// Runs every row of `x` (rows x len, contiguous) in fixed blocks; the block sums added in order.
+/// Runs every row of `x` (rows x len, contiguous) in the driver's fixed blocks; returns the loss
+/// total, the block sums added in order.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run_rows<T: Float>(
     rule: &Rule<T>,
@@ -426,8 +427,7 @@ pub(super) fn run_rows<T: Float>(
     len: usize,
     row0: usize,
 ) -> f64 {
-    let per_task = (GRAIN / len.max(1)).max(1);
-    let sums = threads::map(rows.div_ceil(per_task), |t| {
+    driver::sum_fixed_row_blocks(rows, len, |rows| {
         dispatch(RowBlock {
             rule,
             x,
@@ -436,9 +436,8 @@ pub(super) fn run_rows<T: Float>(
             scale,
             losses,
             len,
-            rows: t * per_task..((t + 1) * per_task).min(rows),
+            rows,
             row0,
         })
-    });
-    sums.into_iter().sum()
+    })
 }

@@ -94,7 +94,7 @@ fn cuda_vocab_parallel_stats(
     }
     .with_weight(c.opt(labels.1.as_ref(), "weight")?);
     let packed = c.buf(packed, "packed")?;
-    c.run(logits.py(), |s| cu::shard_stats(s, sh, &opts, packed))
+    c.run(logits.py(), |s| cu::vocab_parallel_stats(s, sh, &opts, packed))
 }
 
 /// The shard's gradient into `grad` = (grad, scale, stride) from `saved` = (each row's global
@@ -117,7 +117,7 @@ fn cuda_vocab_parallel_backward(
     let (g, scale) = (c.buf(&grad.0, "grad")?, c.buf(&grad.1, "grad_output")?);
     let (classes, stride) = (shard.classes, grad.2);
     c.run(logits.py(), |s| {
-        cu::shard_backward(s, sh, classes, w_sum, &opts, lse, g, scale, stride)
+        cu::vocab_parallel_backward(s, sh, classes, w_sum, &opts, lse, g, scale, stride)
     })
 }
 

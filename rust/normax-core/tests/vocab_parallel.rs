@@ -1,13 +1,15 @@
-//! The vocabulary-parallel kernels (shard_stats, shard_combine, shard_backward and the linear
-//! pair) against the single-process cross-entropy: the shards' statistics, gathered by hand in
-//! rank order, give the same loss, and each shard's gradient is its slice of the whole one.
+//! The vocabulary-parallel kernels (vocab_parallel_stats, vocab_parallel_combine,
+//! vocab_parallel_backward and the linear pair) against the single-process cross-entropy: the
+//! shards' statistics, gathered by hand in rank order, give the same loss, and each shard's
+//! gradient is its slice of the whole one.
 
 mod common;
 
 use common::Rng;
 use normax_core::cross_entropy::{
-    cross_entropy_with_grad, linear_cross_entropy, shard_backward, shard_combine, shard_fields,
-    shard_linear_backward, shard_linear_stats, shard_stats, LinearGrads, Shard, ShardLinear,
+    cross_entropy_with_grad, linear_cross_entropy, vocab_parallel_backward, vocab_parallel_combine,
+    vocab_parallel_fields, vocab_parallel_linear_backward, vocab_parallel_linear_stats,
+    vocab_parallel_stats, LinearGrads, Shard, ShardLinear,
 };
 use normax_core::spec::{CeOptions, GradOutput, Reduction, Target};
 use normax_core::Error;
@@ -47,14 +49,14 @@ fn gather(
     t: &[i64],
     o: &CeOptions<&[f32]>,
 ) -> Vec<f32> {
-    let f = shard_fields(o.label_smoothing);
+    let f = vocab_parallel_fields(o.label_smoothing);
     let mut out = vec![];
     for s in shards {
         let local: Vec<f32> = (0..rows)
             .flat_map(|r| x[r * v + s.start..r * v + s.start + s.len].to_vec())
             .collect();
         let mut packed = vec![0f32; rows * f];
-        shard_stats(&local, rows, *s, t, o, &mut packed).unwrap();
+        vocab_parallel_stats(&local, rows, *s, t, o, &mut packed).unwrap();
         out.extend(packed);
     }
     out
@@ -96,9 +98,10 @@ fn shards_match_the_whole_vocabulary() {
         .unwrap();
 
         let g = gather(&x, rows, v, &shards, &t, &o);
-        let stride = rows * shard_fields(eps);
+        let stride = rows * vocab_parallel_fields(eps);
         let (mut l2, mut lse) = (vec![0f32; n_loss], vec![0f64; rows * 2]);
-        let denom = shard_combine(&g, stride, &shards, rows, &t, &o, &mut l2, &mut lse).unwrap();
+        let denom =
+            vocab_parallel_combine(&g, stride, &shards, rows, &t, &o, &mut l2, &mut lse).unwrap();
         assert!(max_rel(&l2, &loss) < 1e-6, "{l2:?} vs {loss:?}");
         for s in &shards {
             let local: Vec<f32> = (0..rows)
@@ -108,7 +111,7 @@ fn shards_match_the_whole_vocabulary() {
                 .flat_map(|r| grad[r * v + s.start..r * v + s.start + s.len].to_vec())
                 .collect();
             let mut gs = vec![0f32; local.len()];
-            shard_backward(&local, rows, *s, v, &t, &o, &lse, denom, go, &mut gs).unwrap();
+            vocab_parallel_backward(&local, rows, *s, v, &t, &o, &lse, denom, go, &mut gs).unwrap();
             assert!(max_rel(&gs, &want) < 1e-6, "shard {s:?}");
         }
     }
@@ -145,7 +148,7 @@ fn linear_shards_match_the_linear_cross_entropy() {
     .unwrap();
 
     let shards = [Shard { start: 0, len: 16 }, Shard { start: 16, len: 15 }];
-    let f = shard_fields(0.1);
+    let f = vocab_parallel_fields(0.1);
     let mut g = vec![];
     for s in &shards {
         let lin = ShardLinear {
@@ -155,11 +158,11 @@ fn linear_shards_match_the_linear_cross_entropy() {
             h,
         };
         let mut packed = vec![0f32; n * f];
-        shard_linear_stats(lin, n, *s, &t, &o, Some(20), &mut packed).unwrap();
+        vocab_parallel_linear_stats(lin, n, *s, &t, &o, Some(20), &mut packed).unwrap();
         g.extend(packed);
     }
     let (mut l2, mut lse) = (vec![0f32; 1], vec![0f64; n * 2]);
-    let denom = shard_combine(&g, n * f, &shards, n, &t, &o, &mut l2, &mut lse).unwrap();
+    let denom = vocab_parallel_combine(&g, n * f, &shards, n, &t, &o, &mut l2, &mut lse).unwrap();
     assert!(max_rel(&l2, &loss) < 1e-6);
     let mut dh_sum = vec![0f32; n * h];
     for s in &shards {
@@ -171,7 +174,7 @@ fn linear_shards_match_the_linear_cross_entropy() {
             h,
         };
         let (mut dhs, mut dws) = (vec![0f32; n * h], vec![0f32; ws.len()]);
-        shard_linear_backward(
+        vocab_parallel_linear_backward(
             lin,
             n,
             *s,
@@ -204,15 +207,15 @@ fn combine_rejects_bad_layouts_and_classes() {
     let t = [1i64, 9];
     let g = gather(&x, rows, v, &shards, &t, &o);
     let (mut l, mut lse) = (vec![0f32; 1], vec![0f64; rows * 2]);
-    let f = shard_fields(0.0);
-    match shard_combine(&g, rows * f, &shards, rows, &t, &o, &mut l, &mut lse) {
+    let f = vocab_parallel_fields(0.0);
+    match vocab_parallel_combine(&g, rows * f, &shards, rows, &t, &o, &mut l, &mut lse) {
         Err(Error::Index(m)) => assert!(m.contains('9'), "{m}"),
         other => panic!("{other:?}"),
     }
     let gap = [Shard { start: 0, len: 4 }, Shard { start: 5, len: 3 }];
     let t = [1i64, 2];
     assert!(matches!(
-        shard_combine(&g, rows * f, &gap, rows, &t, &o, &mut l, &mut lse),
+        vocab_parallel_combine(&g, rows * f, &gap, rows, &t, &o, &mut l, &mut lse),
         Err(Error::Value(_))
     ));
 }

@@ -1,15 +1,31 @@
-//! The one driver every row op runs through: rows, axes, threads, and splitting very long rows.
+//! Rows, axes and threads: how every op family's row kernels are run over an array.
 //!
-//! An array is viewed as (outer, len, inner) with the reduced axis of length `len` in the middle.
-//! inner == 1 is the fast path (rows contiguous). Otherwise the ops' column kernels run on blocks
-//! of adjacent columns, one column per SIMD lane, so every load is a contiguous vector; a column
-//! the column kernel leaves to the exact path is gathered and run through the row kernel.
+//! - [`map`] and [`reduce`] (ops implementing [`RowMap`] / [`RowReduce`]) serve softmax,
+//!   log_softmax, logsumexp, their backwards and stablemax, over any axis. An array is viewed as
+//!   (outer, len, inner) with the reduced axis of length `len` in the middle. inner == 1 is the
+//!   fast path (rows contiguous). Otherwise the ops' column kernels run on blocks of adjacent
+//!   columns, one column per SIMD lane, so every load is a contiguous vector; a column the column
+//!   kernel leaves to the exact path is gathered and run through the row kernel. Very long rows
+//!   are split across threads in fixed chunks.
+//! - [`for_each_fixed_row_block`] and [`sum_fixed_row_blocks`] serve the cross-entropy family
+//!   (plain, linear, vocabulary-parallel); [`for_each_row_block`] and [`column_sums`] the norms.
+//!
+//! The cross-entropy and norm kernels are not [`RowMap`]s: a row needs its index (its target and
+//! class weight, its loss; its saved mean and rstd) and adds to outputs shared by all rows (the
+//! loss total, dweight and dbias), which a row-to-row map does not carry. Their Python doors move
+//! the class or normalized axes last, so these ops take contiguous rows only: no column kernels,
+//! and a long row is not split across threads.
 
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
 use crate::simd::Vector;
 use crate::threads;
 use crate::Error;
+
+mod blocks;
+pub(crate) use blocks::{
+    column_sums, for_each_fixed_row_block, for_each_row_block, sum_fixed_row_blocks,
+};
 
 /// Shape of the work: `outer` independent groups of `inner` rows of `len` elements, element (o, i, j)
 /// at o * len * inner + i * inner + j.
@@ -697,75 +713,4 @@ impl<T: Float, Op: RowReduce<T>> Kernel<T> for ReduceOne<'_, T, Op> {
     fn run<V: Vector<Elem = T>>(self) -> (T, T) {
         unsafe { self.op.row::<V>(self.a, self.b, self.len) }
     }
-}
-
-/// Runs `f` over blocks of consecutive contiguous rows of `len` elements in parallel: at least
-/// `GRAIN` elements a block (small arrays stay on the calling thread), and no more than
-/// `ROW_TASKS_PER_THREAD` blocks per thread (large arrays are not cut into needless tasks) unless
-/// blocks would pass `TASK_MAX` elements (an interrupt waits for the running blocks).
-pub(crate) fn for_each_row_block(
-    rows: usize,
-    len: usize,
-    f: impl Fn(std::ops::Range<usize>) + Sync + Send,
-) {
-    const ROW_TASKS_PER_THREAD: usize = 8;
-    const TASK_MAX: usize = 1 << 22;
-    let most_tasks = ROW_TASKS_PER_THREAD * threads::num_threads();
-    let per_task = (GRAIN / len.max(1))
-        .max(rows.div_ceil(most_tasks))
-        .min(TASK_MAX / len.max(1))
-        .max(1);
-    threads::for_each(rows.div_ceil(per_task), |t| {
-        f(t * per_task..((t + 1) * per_task).min(rows))
-    });
-}
-
-/// Rows summed in `Elem` before the partial sums are folded into f64.
-const COLUMN_FOLD_ROWS: usize = 16;
-/// At most this many blocks of rows keep partial column sums (enough to share among threads).
-const COLUMN_MAX_BLOCKS: usize = 128;
-/// Bound on the f64 partial sums all blocks hold together.
-const COLUMN_MAX_PARTIAL: usize = 1 << 22;
-
-/// Column sums over `rows` rows: `width` sums (for example `k` quantities of `cols` columns each).
-///
-/// `add_rows(range, acc)` adds the terms of the rows in `range` (at most `COLUMN_FOLD_ROWS` of
-/// them) into `acc` (`width` zeroed values in `T`). The rows are cut into blocks that depend only on
-/// `rows` and `width`, never on the thread count; each block folds its `T` sums into f64 every
-/// `COLUMN_FOLD_ROWS` rows, and the blocks' f64 sums are added in block order. So the result is the
-/// same bits whatever the number of threads, and every `T` partial sum is short.
-pub(crate) fn column_sums<T: Float>(
-    rows: usize,
-    width: usize,
-    add_rows: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync + Send,
-) -> Vec<f64> {
-    let mut total = vec![0.0f64; width];
-    if rows == 0 || width == 0 {
-        return total;
-    }
-    let min_rows = (GRAIN / width).max(1);
-    let max_blocks = (COLUMN_MAX_PARTIAL / width).clamp(1, COLUMN_MAX_BLOCKS);
-    let per_block = rows.div_ceil(rows.div_ceil(min_rows).min(max_blocks));
-    let partials = threads::map(rows.div_ceil(per_block), |b| {
-        let end = ((b + 1) * per_block).min(rows);
-        let mut acc = vec![0.0f64; width];
-        let mut part = vec![T::ZERO; width];
-        let mut r = b * per_block;
-        while r < end {
-            let next = (r + COLUMN_FOLD_ROWS).min(end);
-            add_rows(r..next, &mut part);
-            for (a, p) in acc.iter_mut().zip(part.iter_mut()) {
-                *a += p.to_f64();
-                *p = T::ZERO;
-            }
-            r = next;
-        }
-        acc
-    });
-    for p in partials {
-        for (t, v) in total.iter_mut().zip(p) {
-            *t += v;
-        }
-    }
-    total
 }

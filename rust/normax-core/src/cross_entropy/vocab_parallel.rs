@@ -1,21 +1,23 @@
-//! Vocabulary-parallel cross-entropy: each rank holds the logits of a slice of the classes
-//! ("shard"), computes a few numbers per row, and one all-gather of them gives every rank the loss.
+//! Vocabulary-parallel cross-entropy: each rank holds the logits of a slice of the classes (its
+//! [`Shard`]), computes a few numbers per row, and one all-gather of them gives every rank the
+//! loss. The op is `vocab_parallel` in every layer (core, CUDA, bindings, Python); "shard" names
+//! only one rank's slice of the vocabulary and its data.
 //!
 //! Per row, shard k sends [`fields`] values: its log-sum-exp lse_k as hi + lo (hi rounded to T,
 //! lo the remainder: a (max, scaled sum) pair that combines exactly in any order), the target's
 //! logit if the target lives in the shard (else 0) and, with label smoothing, the smoothing sum
-//! sum_c w_c (lse_k - x_c) as hi + lo. Logits are capped first (softcap). [`shard_combine`] folds
-//! the ranks' rows in rank order, so every rank computes bit-identical losses, and keeps each
-//! row's global log-sum-exp for [`shard_backward`], which writes the shard's gradient with no
-//! communication: dL/dx_c needs only lse and the row's target, which every rank has. The linear
-//! variants compute the shard's logits block by block from the hidden states (`super::linear`'s
-//! GEMMs) and never hold more than one block.
+//! sum_c w_c (lse_k - x_c) as hi + lo. Logits are capped first (softcap).
+//! [`vocab_parallel_combine`] folds the ranks' rows in rank order, so every rank computes
+//! bit-identical losses, and keeps each row's global log-sum-exp for [`vocab_parallel_backward`],
+//! which writes the shard's gradient with no communication: dL/dx_c needs only lse and the row's
+//! target, which every rank has. The linear variants compute the shard's logits block by block
+//! from the hidden states (`super::linear`'s GEMMs) and never hold more than one block.
 
 use super::linear::{linear_block, Linear};
 use super::rows::{cap_into, pass2, pass2_exact, Probs};
 use super::rule::{minus, scale_for, Coef, RowLse, Rule, Scale};
 use super::{check_classes, finish_loss};
-use crate::driver::{Ptr, GRAIN};
+use crate::driver::{self, Ptr};
 use crate::float::Float;
 use crate::gemm::release_free_memory;
 use crate::isa::{dispatch, Kernel};
@@ -23,7 +25,6 @@ use crate::lse::{refined_lse, ExpSum, Lse};
 use crate::rows::fill;
 use crate::simd::Vector;
 use crate::spec::{check_len, size, CeOptions, GradOutput, Reduction};
-use crate::threads;
 use crate::Error;
 use std::f64::consts::{LN_2, LOG2_E};
 
@@ -92,12 +93,6 @@ fn check_shard<T>(opts: &CeOptions<&[T]>, shard: Shard) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-/// Rows per task: about GRAIN elements each.
-fn tasks(rows: usize, len: usize) -> (usize, usize) {
-    let per_task = (GRAIN / len.max(1)).max(1);
-    (rows.div_ceil(per_task), per_task)
 }
 
 /// The shard statistics of a block of rows (see the module notes), into `packed` ([`fields`] a row).
@@ -272,9 +267,10 @@ impl<T: Float> Kernel<T> for GradRows<'_, T> {
 }
 
 /// The shard's statistics of `logits` (rows x shard.len, contiguous) into `packed` (rows x
-/// [`fields`]). `opts.weight` is the whole vocabulary's class weights. Targets are not range-checked
-/// here (the vocabulary size is known after the gather): one outside the shard adds nothing.
-pub fn shard_stats<T: Float>(
+/// [`fields`]). `opts.weight` is the whole vocabulary's class weights. Targets are not
+/// range-checked here (the vocabulary size is known after the gather): one outside the shard adds
+/// nothing.
+pub fn vocab_parallel_stats<T: Float>(
     logits: &[T],
     rows: usize,
     shard: Shard,
@@ -315,8 +311,7 @@ fn run_stats<T: Float>(
 ) {
     let rows = target.len();
     let packed = Ptr(packed.as_mut_ptr());
-    let (n, per_task) = tasks(rows, shard.len);
-    threads::for_each(n, |t| {
+    driver::for_each_fixed_row_block(rows, shard.len, |rows| {
         dispatch(StatsRows {
             rule,
             x,
@@ -325,18 +320,18 @@ fn run_stats<T: Float>(
             ignore: opts.ignore_index,
             shard,
             packed,
-            rows: t * per_task..((t + 1) * per_task).min(rows),
+            rows,
         })
     });
 }
 
 /// The loss from every rank's statistics: `gathered` holds, per rank in order, `stride` values of
-/// which the first rows x [`fields`] are its [`shard_stats`]; `shards` the ranks' classes, which must
-/// tile [0, classes). Writes the loss (rows values for reduction None, else one) and each row's
-/// log-sum-exp (hi, lo; NaN for NaN rows) into `lse`; returns the mean's denominator.
+/// which the first rows x [`fields`] are its [`vocab_parallel_stats`]; `shards` the ranks' classes,
+/// which must tile [0, classes). Writes the loss (rows values for reduction None, else one) and
+/// each row's log-sum-exp (hi, lo; NaN for NaN rows) into `lse`; returns the mean's denominator.
 /// Checks every class index (IndexError naming it).
 #[allow(clippy::too_many_arguments)]
-pub fn shard_combine<T: Float>(
+pub fn vocab_parallel_combine<T: Float>(
     gathered: &[T],
     stride: usize,
     shards: &[Shard],
@@ -436,10 +431,10 @@ pub fn shard_combine<T: Float>(
     Ok(denom)
 }
 
-/// d(grad_output * loss)/d(logits) of this shard into `grad` (which may be `logits`), from the
-/// row statistics [`shard_combine`] returned (`lse`, `denom`) and the whole vocabulary's size.
+/// d(grad_output * loss)/d(logits) of this shard into `grad` (which may be `logits`), from the row
+/// statistics [`vocab_parallel_combine`] returned (`lse`, `denom`) and the whole vocabulary's size.
 #[allow(clippy::too_many_arguments)]
-pub fn shard_backward<T: Float>(
+pub fn vocab_parallel_backward<T: Float>(
     logits: &[T],
     rows: usize,
     shard: Shard,
@@ -509,8 +504,7 @@ fn run_grad<T: Float>(
     rows: usize,
 ) {
     let weight = Ptr::from_const(opts.weight.map_or(std::ptr::null(), |w| w.as_ptr()));
-    let (n, per_task) = tasks(rows, shard.len);
-    threads::for_each(n, |t| {
+    driver::for_each_fixed_row_block(rows, shard.len, |rows| {
         dispatch(GradRows {
             rule,
             x,
@@ -522,7 +516,7 @@ fn run_grad<T: Float>(
             lse,
             scale,
             row0,
-            rows: t * per_task..((t + 1) * per_task).min(rows),
+            rows,
         })
     });
 }
@@ -561,8 +555,9 @@ fn block_rows(rows: usize, len: usize, chunk: Option<usize>) -> usize {
     }
 }
 
-/// [`shard_stats`] of logits = hidden @ weight^T + bias, computed `chunk_size` elements at a time.
-pub fn shard_linear_stats<T: Float>(
+/// [`vocab_parallel_stats`] of logits = hidden @ weight^T + bias, computed `chunk_size` elements at
+/// a time.
+pub fn vocab_parallel_linear_stats<T: Float>(
     lin: ShardLinear<T>,
     rows: usize,
     shard: Shard,
@@ -600,7 +595,7 @@ pub fn shard_linear_stats<T: Float>(
 /// The linear op's gradients on this rank: `dhidden` is this shard's part (the caller sums it over
 /// the ranks), `dweight` and `dbias` the shard's own.
 #[allow(clippy::too_many_arguments)]
-pub fn shard_linear_backward<T: Float>(
+pub fn vocab_parallel_linear_backward<T: Float>(
     lin: ShardLinear<T>,
     rows: usize,
     shard: Shard,

@@ -1,0 +1,363 @@
+//! The backward of the row norms (RMSNorm, LayerNorm, CRMSNorm): dx, and the dweight / dbias
+//! column sums. The statistics and the forward are in the parent module.
+
+use super::{
+    grad, opt_ptr, saved_or_stats, scale_row, scaled_stats, Affine, Centering, Params, Stats,
+};
+use crate::driver::{self, Ptr};
+use crate::float::Float;
+use crate::isa::{dispatch, Kernel};
+use crate::rows::{add_n, for_each_vector_from, load_n, put, row_sums, Store};
+use crate::simd::Vector;
+use crate::spec::{check_len, NormKind};
+use crate::Error;
+use std::ops::Range;
+
+struct Backward<'a, T> {
+    p: &'a Params<'a, T>,
+    dy: Ptr<T>,
+    x: Ptr<T>,
+    dx: Ptr<T>,
+    /// Never null (ones without a weight).
+    w: Ptr<T>,
+    mean: Ptr<f64>,
+    rstd: Ptr<f64>,
+    /// Column sums of dy * xhat and of dy (null when not wanted), `len` each.
+    dweight: Ptr<T>,
+    dbias: Ptr<T>,
+    store: Store,
+    rows: Range<usize>,
+}
+
+/// One row's backward write pass: dx = g * gr + xhat * b + a (gr: rstd, times the row's scale
+/// if it was scaled), and the row's dweight (dy * xhat) and dbias (dy) terms added to the column
+/// sums where ACC_W / ACC_B.
+struct RowGrad<V: Vector> {
+    dy: *const V::Elem,
+    x: *const V::Elem,
+    dx: *mut V::Elem,
+    w: Ptr<V::Elem>,
+    dw: Ptr<V::Elem>,
+    db: Ptr<V::Elem>,
+    cen: Centering<V>,
+    gr: V,
+    a: V,
+    b: V,
+}
+
+#[inline(always)]
+unsafe fn grad_row<V: Vector, const STREAM: bool, const ACC_W: bool, const ACC_B: bool>(
+    g: &RowGrad<V>,
+    len: usize,
+    head: usize,
+) {
+    for_each_vector_from::<V>(
+        head,
+        len,
+        #[inline(always)]
+        |i, k| {
+            let dyi = load_n::<V>(g.dy.add(i), k);
+            let xh = g.cen.xhat(load_n::<V>(g.x.add(i), k));
+            let gi = dyi.mul(load_n::<V>(g.w.at(i), k));
+            put::<V, STREAM>(gi.mul_add(g.gr, xh.mul_add(g.b, g.a)), g.dx.add(i), k);
+            if ACC_W {
+                add_n(dyi.mul(xh), g.dw.at(i), k);
+            }
+            if ACC_B {
+                add_n(dyi, g.db.at(i), k);
+            }
+        },
+    );
+}
+
+/// The row coefficients of dx = r * g + xhat * b + a, from the row sums of g = dy * w and x.
+#[inline(always)]
+unsafe fn grad_coefficients<V: Vector>(
+    norm: NormKind,
+    dy: *const V::Elem,
+    w: Ptr<V::Elem>,
+    x: *const V::Elem,
+    len: usize,
+    s: Stats,
+    cen: Centering<V>,
+) -> (f64, f64) {
+    let n = len as f64;
+    match norm {
+        NormKind::Layer => {
+            // dx = r * (g - mean(g) - xhat * mean(g * xhat))
+            let [sg, sgx] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let gv = grad::<V>(dy, w, i, k);
+                    [gv, gv.mul(cen.xhat(load_n::<V>(x.add(i), k)))]
+                },
+            );
+            (-s.rstd * sg / n, -s.rstd * sgx / n)
+        }
+        NormKind::Rms => {
+            // dx = r * g - x * r^3 * mean(g * x), with x = xhat / r
+            let [sgx] = row_sums::<V, 1>(
+                len,
+                #[inline(always)]
+                |i, k| [grad::<V>(dy, w, i, k).mul(load_n::<V>(x.add(i), k))],
+            );
+            // r * (r * sgx): r^2 alone underflows f64 for rows past ~1e154 (a saved rstd).
+            (0.0, -s.rstd * (s.rstd * sgx) / n)
+        }
+        NormKind::Crms => {
+            // dx = r * g - (x + sum(x)) * r^3 * sum(g * x) / (len + 1)
+            let [sgx, sx] = row_sums::<V, 2>(
+                len,
+                #[inline(always)]
+                |i, k| {
+                    let v = load_n::<V>(x.add(i), k);
+                    [grad::<V>(dy, w, i, k).mul(v), v]
+                },
+            );
+            // With t ~ 1, never r^3 (underflows f64 for rows past ~1e100).
+            let t = s.rstd * sgx / (n + 1.0);
+            (-(s.rstd * t) * (s.rstd * sx), -s.rstd * t)
+        }
+    }
+}
+
+impl<T: Float> Kernel<T> for Backward<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) {
+        let p = self.p;
+        let (len, norm) = (p.len, p.norm);
+        let w = self.w;
+        let mut scaled = Vec::new();
+        for r in self.rows {
+            unsafe {
+                let (dy, dx) = (self.dy.at(r * len) as *const T, self.dx.at(r * len));
+                let mut x = self.x.at(r * len) as *const T;
+                let mut s = saved_or_stats::<V>(norm, x, len, p.eps, self.mean, self.rstd, r);
+                let mut cen = Centering::<V>::new(s);
+                let (mut a, mut b) = grad_coefficients::<V>(norm, dy, w, x, len, s, cen);
+                // dx is homogeneous of degree -1 in x: with x scaled by k (and eps by k^2), dx
+                // is k times the scaled row's.
+                let mut k = 1.0;
+                if s.extreme::<T>() || !(a.is_finite() && b.is_finite()) {
+                    if let Some(scale) = scale_row(x, len, &mut scaled) {
+                        let sk = if self.rstd.0.is_null() {
+                            scaled_stats::<V>(norm, scaled.as_ptr(), len, p.eps, scale)
+                        } else {
+                            Stats {
+                                mean: s.mean * scale,
+                                rstd: s.rstd / scale,
+                            }
+                        };
+                        // Not finite: a constant LayerNorm row, as well off unscaled.
+                        if sk.rstd.is_finite() {
+                            (k, x, s) = (scale, scaled.as_ptr(), sk);
+                            cen = Centering::<V>::new(s);
+                            (a, b) = grad_coefficients::<V>(norm, dy, w, x, len, s, cen);
+                        }
+                    }
+                }
+                let g = RowGrad {
+                    dy,
+                    x,
+                    dx,
+                    w,
+                    dw: self.dweight,
+                    db: self.dbias,
+                    cen,
+                    gr: V::splat(T::from_f64(k * s.rstd)),
+                    a: V::splat(T::from_f64(k * a)),
+                    b: V::splat(T::from_f64(k * b)),
+                };
+                let (head, store) = self.store.row::<V>(dx);
+                let stream = store == Store::Stream;
+                match (stream, !g.dw.0.is_null(), !g.db.0.is_null()) {
+                    (false, false, false) => grad_row::<V, false, false, false>(&g, len, head),
+                    (false, true, false) => grad_row::<V, false, true, false>(&g, len, head),
+                    (false, false, true) => grad_row::<V, false, false, true>(&g, len, head),
+                    (false, true, true) => grad_row::<V, false, true, true>(&g, len, head),
+                    (true, false, false) => grad_row::<V, true, false, false>(&g, len, head),
+                    (true, true, false) => grad_row::<V, true, true, false>(&g, len, head),
+                    (true, false, true) => grad_row::<V, true, false, true>(&g, len, head),
+                    (true, true, true) => grad_row::<V, true, true, true>(&g, len, head),
+                }
+            }
+        }
+        self.store.finish::<V>();
+    }
+}
+
+/// Gradient of [`forward`]: dx from dy and x, and the column sums dweight = sum(dy * xhat) and
+/// dbias = sum(dy) over rows where wanted. `mean`/`rstd` are the forward's statistics if saved
+/// (LayerNorm needs both; the RMS norms only `rstd`), else they are recomputed.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    p: &Params<T>,
+    dy: &[T],
+    x: &[T],
+    mean: Option<&[f64]>,
+    rstd: Option<&[f64]>,
+    dx: &mut [T],
+    dweight: Option<&mut [T]>,
+    dbias: Option<&mut [T]>,
+) -> Result<(), Error> {
+    let rows = p.rows("x", x.len())?;
+    check_len("dy", dy.len(), x.len())?;
+    check_len("dx", dx.len(), x.len())?;
+    match (p.norm, mean, rstd) {
+        (_, None, None)
+        | (NormKind::Layer, Some(_), Some(_))
+        | (NormKind::Rms | NormKind::Crms, None, Some(_)) => {}
+        (NormKind::Layer, ..) => {
+            return Err(Error::Value(
+                "mean and rstd: give both saved statistics or neither".into(),
+            ))
+        }
+        _ => return Err(Error::Value("mean: the RMS norms save only rstd".into())),
+    }
+    for (s, name) in [(mean, "mean"), (rstd, "rstd")] {
+        if let Some(s) = s {
+            check_len(name, s.len(), rows)?;
+        }
+    }
+    for (s, name) in [(&dweight, "dweight"), (&dbias, "dbias")] {
+        if let Some(s) = s {
+            check_len(name, s.len(), p.len)?;
+        }
+    }
+    let (dy, x, dx) = (
+        Ptr::from_const(dy.as_ptr()),
+        Ptr::from_const(x.as_ptr()),
+        Ptr(dx.as_mut_ptr()),
+    );
+    let (mean, rstd) = (opt_ptr(mean), opt_ptr(rstd));
+    let len = p.len;
+    let store = Store::for_output::<T>(rows * len);
+    let affine = Affine::new(p);
+    let w = affine.w;
+    let run = |rows: Range<usize>, dweight: Ptr<T>, dbias: Ptr<T>| {
+        dispatch(Backward {
+            p,
+            dy,
+            x,
+            dx,
+            w,
+            mean,
+            rstd,
+            dweight,
+            dbias,
+            store,
+            rows,
+        })
+    };
+    let null = Ptr(std::ptr::null_mut());
+    if dweight.is_none() && dbias.is_none() {
+        driver::for_each_row_block(rows, len, |r| run(r, null, null));
+        return Ok(());
+    }
+    let (want_w, want_b) = (dweight.is_some(), dbias.is_some());
+    let width = len * (want_w as usize + want_b as usize);
+    let sums = driver::column_sums::<T>(rows, width, |r, acc| {
+        let acc = Ptr(acc.as_mut_ptr());
+        let dw = if want_w { acc } else { null };
+        let db = if want_b {
+            Ptr(acc.at(if want_w { len } else { 0 }))
+        } else {
+            null
+        };
+        run(r, dw, db)
+    });
+    let mut parts = sums.chunks_exact(len);
+    for out in [dweight, dbias].into_iter().flatten() {
+        for (o, &s) in out
+            .iter_mut()
+            .zip(parts.next().expect("one part per output"))
+        {
+            *o = T::from_f64(s);
+        }
+    }
+    Ok(())
+}
+
+// The public functions are tested in tests/norms.rs; this one needs the private row kernels.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isa::{self, TEST_LOCK};
+    use crate::norms::Forward;
+
+    /// Deterministic values in [-1, 1) that differ from row to row.
+    fn values(n: usize, step: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 * step) % 2.0) - 1.0).collect()
+    }
+
+    #[test]
+    fn streaming_stores_write_the_same_bits() {
+        // Outputs past Store's size threshold are written with streaming stores, aligned per row
+        // by a head piece; force that path on small rows of odd lengths (misaligned row starts).
+        let _guard = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = isa::active();
+        for isa in isa::supported() {
+            isa::set_active(isa).unwrap();
+            for len in [1, 7, 17, 33, 100] {
+                let rows = 9;
+                let x = values(rows * len, 0.37);
+                let dy = values(rows * len, 0.61);
+                let w = values(len, 0.83);
+                for norm in [NormKind::Rms, NormKind::Layer, NormKind::Crms] {
+                    let p = Params {
+                        norm,
+                        len,
+                        eps: 1e-5,
+                        weight: Some(&w[..]),
+                        bias: None,
+                    };
+                    let run = |store: Store| {
+                        let (mut y, mut dx) = (vec![0.0f32; rows * len], vec![0.0f32; rows * len]);
+                        let (null, nul) = (Ptr(std::ptr::null_mut()), Ptr(std::ptr::null_mut()));
+                        let (xp, dyp) = (Ptr::from_const(x.as_ptr()), Ptr::from_const(dy.as_ptr()));
+                        let affine = Affine::new(&p);
+                        let (w, b, yp) = (affine.w, affine.b, Ptr(y.as_mut_ptr()));
+                        let (p, rows) = (&p, 0..rows);
+                        let fwd = Forward {
+                            p,
+                            x: xp,
+                            y: yp,
+                            w,
+                            b,
+                            mean: null,
+                            rstd: null,
+                            store,
+                            rows: rows.clone(),
+                        };
+                        dispatch(fwd);
+                        let dxp = Ptr(dx.as_mut_ptr());
+                        let (dweight, dbias) = (nul, nul);
+                        let (mean, rstd) = (null, null);
+                        dispatch(Backward {
+                            p,
+                            dy: dyp,
+                            x: xp,
+                            dx: dxp,
+                            w,
+                            mean,
+                            rstd,
+                            dweight,
+                            dbias,
+                            store,
+                            rows,
+                        });
+                        (y, dx)
+                    };
+                    assert_eq!(
+                        run(Store::Stream),
+                        run(Store::Plain),
+                        "{isa:?} {norm:?} {len}"
+                    );
+                }
+            }
+        }
+        isa::set_active(previous).unwrap();
+    }
+}
