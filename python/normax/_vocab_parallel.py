@@ -5,7 +5,7 @@ Each rank holds the logits (or the LM-head weight rows) of a contiguous slice of
 ``normax.torch._vocab_parallel``, ``jax.lax.all_gather`` in normax's JAX adapter):
 
 1. :func:`stats` (or :func:`linear_stats`) reduces every row of the shard to a few numbers, its
-   *packed row* (normax-core's layout, ``rust/normax-core/src/cross_entropy/shard.rs``): the
+   *packed row* (normax-core's layout, ``rust/normax-core/src/cross_entropy/vocab_parallel.rs``): the
    row's log-sum-exp as a hi/lo pair (a (max, scaled sum) pair that combines exactly in any
    order), the target's logit (0 unless the target lives in the shard) and, with label smoothing,
    its smoothing sum (hi/lo): :func:`fields` values per row.

@@ -146,7 +146,7 @@ class EmulatedKernels:
                 g = g * (1 - (x / cap) ** 2)
             _rows(grad, rows, cols).copy_(g)
 
-    # Vocabulary-parallel shards: written from normax-core's cross_entropy/shard.rs (the packed
+    # Vocabulary-parallel shards: written from normax-core's cross_entropy/vocab_parallel.rs (the packed
     # row: lse hi, lo; the target logit; with label smoothing sum_c w_c (lse - x_c) as hi, lo).
 
     @staticmethod
