@@ -38,8 +38,7 @@ def _fast_rows(logits, target, axis, weight, opts, grad_output, inplace: bool):
         and type(axis) is int
         and axis in (-1, 1)
         and logits.dtype in _FAST_DTYPES
-        and logits.flags.c_contiguous
-        and logits.flags.aligned
+        and logits.flags.carray  # C-contiguous, aligned, writeable (read-only input: the general path)
         and logits.dtype.isnative
         and logits.shape[1]
         and type(target) is np.ndarray
@@ -49,7 +48,6 @@ def _fast_rows(logits, target, axis, weight, opts, grad_output, inplace: bool):
             weight is None
             or (type(weight) is np.ndarray and weight.dtype == logits.dtype and weight.shape == logits.shape[1:])
         )
-        and (not inplace or logits.flags.writeable)
         and (opts.softcap is None or softcap_dtype(opts.softcap, logits.dtype) == logits.dtype)
     ):
         return None

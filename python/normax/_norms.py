@@ -47,7 +47,7 @@ def _is_stat(s, rows: tuple) -> bool:
 
 def _flat(p: np.ndarray) -> np.ndarray:
     """A parameter as the kernels' contiguous vector (itself where it already is one)."""
-    return p if p.ndim == 1 and p.flags.c_contiguous else np.ascontiguousarray(p).reshape(-1)
+    return np.ascontiguousarray(p) if p.ndim == 1 else np.ascontiguousarray(p).reshape(-1)
 
 
 def _matrix(a: np.ndarray, shape: tuple) -> np.ndarray:
@@ -61,16 +61,16 @@ def _trailing(axis, ndim: int) -> int:
     adapter passes them); 0 for any other form, which the general path checks."""
     if type(axis) is int:
         return 1 if axis == -1 else 0
-    if type(axis) is tuple and 0 < len(axis) <= ndim and axis == tuple(range(-len(axis), 0)):
-        return len(axis)
-    return 0
+    if type(axis) is not tuple or not 0 < len(axis) <= ndim:
+        return 0
+    return len(axis) if axis == (-1,) or axis == tuple(range(-len(axis), 0)) else 0
 
 
 def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
     # The common call straight to the kernel: contiguous float32/float64 over trailing axes, fresh
     # output (the torch adapter's calls included).
     k = (
-        _trailing(axis, x.ndim)
+        (1 if axis == -1 else _trailing(axis, x.ndim))
         if out is None
         and type(x) is np.ndarray
         and x.dtype in _FAST_DTYPES
@@ -78,8 +78,8 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
         and x.flags.c_contiguous
         and x.dtype.isnative
         and x.size
-        and _is_param(weight, x.dtype)
-        and _is_param(bias, x.dtype)
+        and (weight is None or (type(weight) is np.ndarray and weight.dtype == x.dtype))
+        and (bias is None or (type(bias) is np.ndarray and bias.dtype == x.dtype))
         else 0
     )
     if k:
@@ -92,9 +92,10 @@ def _forward(norm, x, weight, bias, eps, axis, out, return_stats):
         w = None if weight is None else _flat(weight)
         b = None if bias is None else _flat(bias)
         options = norm_options(norm, _FAST_EPS[x.dtype] if eps is None else eps)
-        rows = x.shape[: x.ndim - k]
-        rstd = np.empty(rows, np.float64) if return_stats else None
-        mean = np.empty(rows, np.float64) if return_stats and norm == "layer" else None
+        mean = rstd = None
+        if return_stats:
+            rstd = np.empty(x.shape[: x.ndim - k], np.float64)
+            mean = np.empty_like(rstd) if norm == "layer" else None
         y = np.empty_like(x)
         xm, ym = (x, y) if k == 1 else (_matrix(x, shape), _matrix(y, shape))
         try:

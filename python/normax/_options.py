@@ -6,7 +6,6 @@ normalized and rejected (same exception, same message) the same way whatever run
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 from typing import NamedTuple
@@ -104,11 +103,17 @@ def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeO
 def norm_options(kind: str, eps) -> _core.NormOptions:
     """A normalization's checked options: `kind` ("rms", "layer" or "crms") and `eps` (see
     :func:`check_eps`)."""
-    return _norm_options(kind, check_eps(eps))
+    e = eps if type(eps) is float and 0.0 <= eps < math.inf else check_eps(eps)
+    options = _NORM_OPTIONS.get((kind, e))
+    if options is None:
+        if len(_NORM_OPTIONS) >= 256:  # a program sweeping eps: start over rather than grow
+            _NORM_OPTIONS.clear()
+        options = _NORM_OPTIONS[kind, e] = _core.NormOptions(kind, e)
+    return options
 
 
 # A training loop asks for the same few (kind, eps) on every call: one object each.
-_norm_options = functools.lru_cache(maxsize=64)(_core.NormOptions)
+_NORM_OPTIONS: dict = {}
 
 
 def class_axis(axis, shape: tuple) -> int:

@@ -41,7 +41,7 @@ def host64(t: Tensor) -> np.ndarray:
 def to_tensor(a, dtype: torch.dtype) -> Tensor:
     """A fresh C-contiguous tensor of `dtype` holding the NumPy result `a` (no copy when it fits)."""
     a = np.asarray(a)
-    if not (a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative):
+    if not (a.flags.carray and a.dtype.isnative):  # carray: C-contiguous, aligned, writeable
         a = a.copy(order="C")
     t = torch.from_numpy(a)
     return t if t.dtype == dtype else t.to(dtype)

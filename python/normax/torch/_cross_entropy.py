@@ -30,6 +30,10 @@ def _cached_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -
     return ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
+# The ops' options object from the scalars their schemas carry: one object per set of options.
+options_of = functools.lru_cache(maxsize=256)(CeOptions)
+
+
 @torch.compiler.assume_constant_result
 def checked_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> tuple:
     # Python scalars in, a constant out: torch.compile runs the NumPy API's checks once while
@@ -77,7 +81,7 @@ def _cross_entropy_op(
     z_loss: float,
     softcap: float | None,
 ) -> Tensor:
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _cpu(input, target, weight, axis, opts, False)[0]
 
 
@@ -100,7 +104,7 @@ def _cross_entropy_with_grad_op(
     z_loss: float,
     softcap: float | None,
 ) -> tuple[Tensor, Tensor]:
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _cpu(input, target, weight, axis, opts, True)
 
 
@@ -158,7 +162,7 @@ def _cross_entropy_backward_op(
     z_loss: float,
     softcap: float | None,
 ) -> Tensor:
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _cpu(input, target, weight, axis, opts, True, grad_loss)[1]
 
 
@@ -219,7 +223,7 @@ _cross_entropy_op.register_autograd(_loss_grad, setup_context=_loss_setup)
 
 @_cross_entropy_op.register_kernel("cuda")
 def _cross_entropy_cuda(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss = cuda.cross_entropy_rows(_FNAME, input, target, axis, weight, opts, False, False, sync_check=False)
     return dense(loss)
 
@@ -228,7 +232,7 @@ def _cross_entropy_cuda(input, target, weight, axis, ignore_index, reduction, la
 def _cross_entropy_with_grad_cuda(
     input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
 ):
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss, grad = cuda.cross_entropy_rows(_FNAME, input, target, axis, weight, opts, False, True, sync_check=False)
     return dense(loss), dense(grad)
 
@@ -238,7 +242,7 @@ def _cross_entropy_backward_cuda(
     input, target, weight, grad_loss, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
 ):
     # grad_loss stays on the device: the kernel reads its scale from there (no sync).
-    opts = CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     _, grad = cuda.cross_entropy_rows(
         _FNAME, input, target, axis, weight, opts, False, True, grad_loss, sync_check=False
     )

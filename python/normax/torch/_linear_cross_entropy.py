@@ -13,9 +13,9 @@ from torch import Tensor
 
 from .. import _cross_entropy as cpu
 from .._backends import cuda
-from .._options import CeOptions, check_chunk_size, linear_logits_shape, target_kind
+from .._options import check_chunk_size, linear_logits_shape, target_kind
 from ._convert import absent, check_float, host, host_opt, needs_grad, to_tensor
-from ._cross_entropy import checked_options, cross_entropy, scale_grad_op
+from ._cross_entropy import checked_options, cross_entropy, options_of, scale_grad_op
 from ._op import op
 
 _FNAME = "normax.torch.linear_cross_entropy"
@@ -186,7 +186,7 @@ def _cuda_options(linear_weight, target, weight, ignore_index, reduction, label_
             "linear_weight (CPU tensors take them)"
         )
     ignore_index = -100 if ignore_index is None else ignore_index
-    return CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
 @_linear_ce_op.register_kernel("cuda")
