@@ -2,7 +2,8 @@
 # float32/float64 ndarrays (a misaligned one is a ValueError); the Python layer (normax._arrays:
 # as_input, contiguous, direct_output) prepares them. The checked options cross as one object
 # (normax._options builds them from the user's arguments): CeOptions, NormOptions,
-# PowerNormOptions, VocabShard; `layout` is (outer, len, inner), the reduced axis in the middle.
+# PowerNormOptions, VocabParallelLayout; `layout` is (outer, len, inner), the reduced axis in the
+# middle.
 
 from typing import Any
 
@@ -54,7 +55,7 @@ class PowerNormOptions:
     @property
     def eps(self) -> float: ...
 
-class VocabShard:
+class VocabParallelLayout:
     """One rank's rows x classes [start, start + length) of a vocabulary of `classes`."""
 
     def __init__(self, rows: int, start: int, length: int, classes: int) -> None: ...
@@ -160,11 +161,11 @@ LinearInputs: TypeAlias = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 def vocab_parallel_fields(options: CeOptions) -> int: ...
 def vocab_parallel_stats(
-    logits: np.ndarray, labels: Labels, shard: VocabShard, options: CeOptions, packed: np.ndarray
+    logits: np.ndarray, labels: Labels, shard: VocabParallelLayout, options: CeOptions, packed: np.ndarray
 ) -> None: ...
 def vocab_parallel_combine(
     gathered: np.ndarray,
-    shards: list[VocabShard],
+    shards: list[VocabParallelLayout],
     labels: Labels,
     options: CeOptions,
     out: tuple[np.ndarray, np.ndarray],
@@ -172,7 +173,7 @@ def vocab_parallel_combine(
 def vocab_parallel_backward(
     logits: np.ndarray,
     labels: Labels,
-    shard: VocabShard,
+    shard: VocabParallelLayout,
     options: CeOptions,
     saved: tuple[np.ndarray, float, GradOutput],
     grad: np.ndarray,
@@ -180,7 +181,7 @@ def vocab_parallel_backward(
 def vocab_parallel_linear_stats(
     inputs: LinearInputs,
     labels: Labels,
-    shard: VocabShard,
+    shard: VocabParallelLayout,
     options: CeOptions,
     chunk_size: int | None,
     packed: np.ndarray,
@@ -188,7 +189,7 @@ def vocab_parallel_linear_stats(
 def vocab_parallel_linear_backward(
     inputs: LinearInputs,
     labels: Labels,
-    shard: VocabShard,
+    shard: VocabParallelLayout,
     options: CeOptions,
     chunk_size: int | None,
     saved: tuple[np.ndarray, float, GradOutput],
@@ -250,7 +251,7 @@ def cuda_cross_entropy(
 def cuda_vocab_parallel_stats(
     logits: Capsule,
     labels: tuple[Capsule, Capsule | None],
-    shard: VocabShard,
+    shard: VocabParallelLayout,
     options: CeOptions,
     packed: Capsule,
     stream: CudaStream,
@@ -258,7 +259,7 @@ def cuda_vocab_parallel_stats(
 def cuda_vocab_parallel_backward(
     logits: Capsule,
     labels: tuple[Capsule, Capsule | None],
-    shard: VocabShard,
+    shard: VocabParallelLayout,
     options: CeOptions,
     saved: tuple[Capsule, float],
     grad: ScaledGrad,

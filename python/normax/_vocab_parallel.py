@@ -126,7 +126,7 @@ def stats(logits, target, weight, start: int, opts, packed: np.ndarray | None = 
         packed = np.empty((rows, fields(opts)), stats_dtype(logits.dtype))
     dt = packed.dtype
     # The vocabulary's size is known once the ranks' rows are gathered: only this shard here.
-    shard = _core.VocabShard(rows, int(start), length, int(start) + length)
+    shard = _core.VocabParallelLayout(rows, int(start), length, int(start) + length)
     labels = (_as(target, np.int64), _as(weight, dt))
     _core.vocab_parallel_stats(_as(logits, dt), labels, shard, opts, packed)
     return packed
@@ -144,7 +144,7 @@ def combine(gathered: np.ndarray, shards, target, weight, opts):
     loss = np.empty(rows if opts.reduction == "none" else 1, gathered.dtype)
     lse = np.empty((rows, 2), np.float64)
     classes = sum(n for _, n in shards)
-    layout = [_core.VocabShard(rows, s, n, classes) for s, n in shards]
+    layout = [_core.VocabParallelLayout(rows, s, n, classes) for s, n in shards]
     labels = (t, _as(weight, gathered.dtype))
     denom = _core.vocab_parallel_combine(gathered, layout, labels, opts, (loss, lse))
     return loss, lse, denom
@@ -157,7 +157,7 @@ def backward(logits, target, weight, lse, denom: float, grad_output, start: int,
     dt = stats_dtype(logits.dtype)
     rows, length = logits.shape
     grad = np.empty((rows, length), dt)
-    shard = _core.VocabShard(rows, int(start), length, classes)
+    shard = _core.VocabParallelLayout(rows, int(start), length, classes)
     labels = (_as(target, np.int64), _as(weight, dt))
     saved = (_as(lse, np.float64), denom, _grad_output(grad_output, opts.reduction, dt))
     _core.vocab_parallel_backward(_as(logits, dt), labels, shard, opts, saved, grad)
@@ -171,7 +171,7 @@ def linear_stats(hidden, weight_shard, bias_shard, target, weight, packed, start
     dt = packed.dtype
     rows = hidden.shape[0]
     length = weight_shard.shape[0]
-    shard = _core.VocabShard(rows, int(start), length, int(start) + length)
+    shard = _core.VocabParallelLayout(rows, int(start), length, int(start) + length)
     inputs = (_as(hidden, dt), _as(weight_shard, dt), _as(bias_shard, dt))
     labels = (_as(target, np.int64), _as(weight, dt))
     _core.vocab_parallel_linear_stats(inputs, labels, shard, opts, chunk_size, packed)
@@ -190,7 +190,7 @@ def linear_backward(
     dh = np.empty((rows, h), dt)
     dw = np.empty((length, h), dt)
     db = None if bias_shard is None else np.empty(length, dt)
-    shard = _core.VocabShard(rows, int(start), length, classes)
+    shard = _core.VocabParallelLayout(rows, int(start), length, classes)
     inputs = (_as(hidden, dt), _as(weight_shard, dt), _as(bias_shard, dt))
     labels = (_as(target, np.int64), _as(weight, dt))
     saved = (_as(lse, np.float64), denom, _grad_output(grad_output, opts.reduction, dt))

@@ -6,7 +6,7 @@
 //!
 //! One file per op family (`softmax`, `stablemax`, `cross_entropy`, `vocab_parallel`, `norms`), one
 //! per GPU backend (`cuda`, `wgpu`), and the shared parts: `options` (the checked options, the one
-//! form in which they cross: `CeOptions`, `NormOptions`, `PowerNormOptions`, `VocabShard`),
+//! form in which they cross: `CeOptions`, `NormOptions`, `PowerNormOptions`, `VocabParallelLayout`),
 //! `arrays` (array checks), `errors` (the one error mapping), `config` (threads, ISA),
 //! `interrupt` (Ctrl-C during a long call).
 

@@ -261,10 +261,10 @@ impl PowerNormOptions {
     eq,
     from_py_object,
     module = "normax._core",
-    name = "VocabShard"
+    name = "VocabParallelLayout"
 )]
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct VocabShard {
+pub(crate) struct VocabParallelLayout {
     #[pyo3(get)]
     pub rows: usize,
     #[pyo3(get)]
@@ -276,7 +276,7 @@ pub(crate) struct VocabShard {
 }
 
 #[pymethods]
-impl VocabShard {
+impl VocabParallelLayout {
     #[new]
     fn new(rows: usize, start: usize, length: usize, classes: usize) -> PyResult<Self> {
         if start.checked_add(length).is_none_or(|end| end > classes) {
@@ -284,7 +284,7 @@ impl VocabShard {
                 "the shard [{start}, {start} + {length}) is not within the {classes} classes"
             )));
         }
-        Ok(VocabShard {
+        Ok(VocabParallelLayout {
             rows,
             start,
             length,
@@ -306,13 +306,13 @@ impl VocabShard {
 
     fn __repr__(&self) -> String {
         format!(
-            "VocabShard(rows={}, start={}, length={}, classes={})",
+            "VocabParallelLayout(rows={}, start={}, length={}, classes={})",
             self.rows, self.start, self.length, self.classes
         )
     }
 }
 
-impl VocabShard {
+impl VocabParallelLayout {
     pub(crate) fn core(&self) -> normax_core::cross_entropy::Shard {
         normax_core::cross_entropy::Shard {
             start: self.start,
@@ -356,6 +356,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CeOptions>()?;
     m.add_class::<NormOptions>()?;
     m.add_class::<PowerNormOptions>()?;
-    m.add_class::<VocabShard>()?;
+    m.add_class::<VocabParallelLayout>()?;
     Ok(())
 }

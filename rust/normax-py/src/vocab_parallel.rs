@@ -2,13 +2,13 @@
 //! array conversion, the GIL released, errors mapped. The packed-row protocol around them is
 //! python/normax/_vocab_parallel.py's, the collectives the torch and JAX adapters'.
 //!
-//! Every function takes the rank's [`VocabShard`], the checked [`CeOptions`] and `labels`, the
+//! Every function takes the rank's [`VocabParallelLayout`], the checked [`CeOptions`] and `labels`, the
 //! pair (target class indices, class weights or None) the rows are scored against.
 
 use crate::arrays::{by_dtype, matrix_shape, readonly, readonly_opt, readwrite, readwrite_opt};
 use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr, Read};
 use crate::interrupt::detach;
-use crate::options::{CeOptions, GradOutput, VocabShard};
+use crate::options::{CeOptions, GradOutput, VocabParallelLayout};
 use normax_core::cross_entropy::{self as k, Shard, ShardLinear};
 use normax_core::spec::Reduction;
 use normax_core::Float;
@@ -37,7 +37,7 @@ fn stats_options(options: &CeOptions) -> CeOptions {
 fn stats_typed<T: Float + Element>(
     logits: &Arr<'_>,
     (target, weight): &Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     packed: &Arr<'_>,
 ) -> PyResult<()> {
@@ -59,7 +59,7 @@ fn stats_typed<T: Float + Element>(
 fn vocab_parallel_stats(
     logits: &Arr<'_>,
     labels: Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     packed: &Arr<'_>,
 ) -> PyResult<()> {
@@ -94,12 +94,12 @@ fn combine_typed<T: Float + Element>(
 #[pyfunction]
 fn vocab_parallel_combine(
     gathered: &Arr<'_>,
-    shards: Vec<VocabShard>,
+    shards: Vec<VocabParallelLayout>,
     labels: Labels<'_>,
     options: &CeOptions,
     out: (Arr<'_>, Arr<'_>),
 ) -> PyResult<f64> {
-    let shards: Vec<Shard> = shards.iter().map(VocabShard::core).collect();
+    let shards: Vec<Shard> = shards.iter().map(VocabParallelLayout::core).collect();
     let out = (&out.0, &out.1);
     by_dtype!(
         gathered,
@@ -110,7 +110,7 @@ fn vocab_parallel_combine(
 fn backward_typed<T: Float + Element>(
     logits: &Arr<'_>,
     (target, weight): &Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     (lse, denom, grad_output): &Saved<'_>,
     grad: &Arr<'_>,
@@ -141,7 +141,7 @@ fn backward_typed<T: Float + Element>(
 fn vocab_parallel_backward(
     logits: &Arr<'_>,
     labels: Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     saved: Saved<'_>,
     grad: &Arr<'_>,
@@ -183,7 +183,7 @@ impl<'py, T: Float + Element> LinearRead<'py, T> {
 fn linear_stats_typed<T: Float + Element>(
     inputs: &LinearInputs<'_>,
     (target, weight): &Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     (options, chunk_size): (&CeOptions, Option<usize>),
     packed: &Arr<'_>,
 ) -> PyResult<()> {
@@ -208,7 +208,7 @@ fn linear_stats_typed<T: Float + Element>(
 fn vocab_parallel_linear_stats(
     inputs: LinearInputs<'_>,
     labels: Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     chunk_size: Option<usize>,
     packed: &Arr<'_>,
@@ -226,7 +226,7 @@ type LinearGrads<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
 fn linear_backward_typed<T: Float + Element>(
     inputs: &LinearInputs<'_>,
     (target, weight): &Labels<'_>,
-    (shard, options, chunk_size): (&VocabShard, &CeOptions, Option<usize>),
+    (shard, options, chunk_size): (&VocabParallelLayout, &CeOptions, Option<usize>),
     (lse, denom, grad_output): &Saved<'_>,
     (dhidden, dweight, dbias): &LinearGrads<'_>,
 ) -> PyResult<()> {
@@ -260,7 +260,7 @@ fn linear_backward_typed<T: Float + Element>(
 fn vocab_parallel_linear_backward(
     inputs: LinearInputs<'_>,
     labels: Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     chunk_size: Option<usize>,
     saved: Saved<'_>,

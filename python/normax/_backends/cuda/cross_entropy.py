@@ -336,7 +336,7 @@ def vocab_parallel_stats(lib: Lib, x, target, weight, packed, start: int, opts) 
     """
     rows, length = x.shape
     # The vocabulary's size is known once the ranks' statistics are gathered: only this shard here.
-    shard = _core.VocabShard(rows, start, length, start + length)
+    shard = _core.VocabParallelLayout(rows, start, length, start + length)
     run(lib, _core.cuda_vocab_parallel_stats, x, (target, weight), shard, opts, packed)
 
 
@@ -351,7 +351,7 @@ def _vocab_parallel_scale(lib: Lib, grad_output, reduction: str, denom: float, r
 
 def _vocab_parallel_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts) -> None:
     rows, length = x.shape
-    shard = _core.VocabShard(rows, start, length, classes)
+    shard = _core.VocabParallelLayout(rows, start, length, classes)
     run(lib, _core.cuda_vocab_parallel_backward, x, (target, weight), shard, opts, (lse, w_sum), (grad, scale, stride))
 
 

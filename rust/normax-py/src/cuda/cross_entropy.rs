@@ -4,7 +4,7 @@
 //! `vocab_parallel_combine`).
 
 use super::{Call, Capsule, CudaStream};
-use crate::options::{CeOptions, VocabShard};
+use crate::options::{CeOptions, VocabParallelLayout};
 use normax_cuda::{self as cu, Indices, ShardRows, Target};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -60,7 +60,7 @@ impl Call {
         &self,
         logits: &Bound<'_, PyAny>,
         target: &Bound<'_, PyAny>,
-        shard: &VocabShard,
+        shard: &VocabParallelLayout,
     ) -> PyResult<ShardRows> {
         Ok(ShardRows {
             x: self.buf(logits, "logits")?,
@@ -80,7 +80,7 @@ type Labels<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
 fn cuda_vocab_parallel_stats(
     logits: &Bound<'_, PyAny>,
     labels: Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     packed: &Bound<'_, PyAny>,
     stream: &CudaStream,
@@ -94,7 +94,9 @@ fn cuda_vocab_parallel_stats(
     }
     .with_weight(c.opt(labels.1.as_ref(), "weight")?);
     let packed = c.buf(packed, "packed")?;
-    c.run(logits.py(), |s| cu::vocab_parallel_stats(s, sh, &opts, packed))
+    c.run(logits.py(), |s| {
+        cu::vocab_parallel_stats(s, sh, &opts, packed)
+    })
 }
 
 /// The shard's gradient into `grad` = (grad, scale, stride) from `saved` = (each row's global
@@ -104,7 +106,7 @@ fn cuda_vocab_parallel_stats(
 fn cuda_vocab_parallel_backward(
     logits: &Bound<'_, PyAny>,
     labels: Labels<'_>,
-    shard: &VocabShard,
+    shard: &VocabParallelLayout,
     options: &CeOptions,
     saved: (Bound<'_, PyAny>, f64),
     grad: ScaledGrad<'_>,
