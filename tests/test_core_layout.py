@@ -24,7 +24,7 @@ def _imports() -> dict[str, set[str]]:
     """Top-level module -> the other top-level modules its files name."""
     root = _code(SRC / "lib.rs")
     modules = set(re.findall(r"^\s*(?:pub )?mod (\w+);", root, flags=re.MULTILINE))
-    reexports = dict((name, mod) for mod, name in re.findall(r"pub use (\w+)::(\w+);", root))
+    reexports = {name: mod for mod, name in re.findall(r"pub use (\w+)::(\w+);", root)}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for path in SRC.rglob("*.rs"):
         if path.name == "lib.rs":
