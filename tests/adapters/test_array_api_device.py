@@ -345,6 +345,9 @@ PLAIN_FORMULAS = {
     "cross_entropy_with_grad: stablemax": lambda c: normax.cross_entropy_with_grad(
         c(LOGITS), c(TARGET), normalizer="stablemax", z_loss=1e-2, softcap=5.0
     ),
+    "cross_entropy_with_grad: a cap float32 cannot hold": lambda c: normax.cross_entropy_with_grad(
+        c(LOGITS), c(TARGET), softcap=1e39
+    ),
     "cross_entropy_with_grad: stablemax probabilities": lambda c: normax.cross_entropy_with_grad(
         c(LOGITS), c(PROBS), normalizer="stablemax", reduction="none"
     ),
