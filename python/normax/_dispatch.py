@@ -38,11 +38,11 @@ _NOTE = """
     vmap). torch CUDA tensors and CuPy arrays run on their GPU with the CUDA kernels, on the
     caller's current stream, and come back on it (float32, float16 and bfloat16; see the README's
     GPU section). Arrays on any other device (array_api_strict's second device, a torch MPS or
-    meta tensor) are never copied to the host: softmax, log_softmax, logsumexp, stablemax,
-    log_stablemax and their backwards compute them with their own library's functions on their
-    device (SciPy's max-shifted formulas, not normax's kernels); cross-entropy and the norms
-    raise NotImplementedError naming the function and the device. ``device="wgpu"`` runs NumPy input on the portable wgpu
-    backend.
+    meta tensor) are never copied to the host: every function but power_norm computes them with
+    their own library's functions on their device (plain formulas in the arrays' dtype, SciPy's
+    max-shifted ones for the softmax family, not normax's kernels; norm statistics in that dtype
+    too); power_norm, whose state lives in host buffers, raises NotImplementedError naming the
+    function and the device. ``device="wgpu"`` runs NumPy input on the portable wgpu backend.
 """
 
 
@@ -153,7 +153,7 @@ def array_api(fn):
             raise NotImplementedError(
                 f"{fname}: {name} (a {library(a)} array) is on {where}, which normax "
                 f"reads only on the CPU (and CUDA arrays of torch and CuPy), and {fname} has no "
-                "version in the array's own namespace (the softmax and stablemax families have one); "
+                "version in the array's own namespace (every function but power_norm has one); "
                 "it never copies device data silently: move the arrays to the CPU first"
             )
         bound = signature.bind(*args, **kwargs)

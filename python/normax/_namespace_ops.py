@@ -1,13 +1,15 @@
-"""The softmax and StableMax families in any array-API namespace, for arrays normax cannot read
-on the CPU.
+"""normax's functions in any array-API namespace, for arrays normax cannot read on the CPU.
 
 An array on another device (array_api_strict's ``Device("device1")``, a torch tensor on MPS or
-``meta``) is computed here with its own namespace's functions (through array-api-compat), on its
-device: never refused, never copied to the host. These are the max-shifted formulas SciPy uses
-(and StableMax's definition), not normax's kernels, with normax's conventions (default axis,
-``out=``, special values). :data:`OPS` lists the functions that have such a version; the others
-(cross-entropy and the norms, whose options and magnitude handling do not reduce to a few
-namespace calls) raise NotImplementedError for such arrays (:func:`normax._dispatch.array_api`).
+``meta``) is computed with its own namespace's functions (through array-api-compat), on its
+device: never refused, never copied to the host. :data:`OPS` lists the functions that have such a
+version, the one table :func:`normax._dispatch.array_api` reads. This module holds the softmax
+and StableMax families: the max-shifted formulas SciPy uses (and StableMax's definition), not
+normax's kernels, with normax's conventions (default axis, ``out=``, special values).
+:mod:`normax._namespace_norms` holds the norms and :mod:`normax._namespace_ce` the
+cross-entropies. ``power_norm`` (and its backward) has none: its running statistics live in the
+host float64 buffers of a :class:`normax.PowerNormState`, updated by every call, so a device
+version would have to copy them to and from the host each call; it raises NotImplementedError.
 
 The arguments arrive in their namespace's promoted dtype (:func:`normax._convert.promote`).
 """
@@ -18,6 +20,7 @@ import math
 
 from array_api_compat import device as _device
 
+from . import _namespace_ce, _namespace_norms
 from ._arrays import normalize_axes
 
 
@@ -211,7 +214,8 @@ def log_stablemax_backward(xp, y, dy, x, axis=-1):
     return _scaled(xp, log_softmax_backward, y, dy, x, axis)
 
 
-# The public functions computed here for arrays on a device normax cannot read.
+# Every public function with a version in the array's own namespace, for arrays on a device normax
+# cannot read (the norms and cross-entropies from their modules).
 OPS = {
     "softmax": softmax,
     "log_softmax": log_softmax,
@@ -222,4 +226,6 @@ OPS = {
     "log_stablemax": log_stablemax,
     "stablemax_backward": stablemax_backward,
     "log_stablemax_backward": log_stablemax_backward,
+    **_namespace_norms.OPS,
+    **_namespace_ce.OPS,
 }

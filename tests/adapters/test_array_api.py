@@ -151,11 +151,12 @@ def test_device_arrays_are_never_copied():
         def __dlpack_device__(self):
             return (10, 0)  # kDLROCM
 
-    # Another device: its own namespace would compute it, but rms_norm has no such version.
+    # Another device: its own namespace would compute it, but power_norm has no such version.
+    state = normax.PowerNormState(X.shape[-1], warmup_iters=0)
     with pytest.raises(
-        NotImplementedError, match=r"rms_norm: weight \(a .* array\) is on DLPack device 10.* no version"
+        NotImplementedError, match=r"power_norm: weight \(a .* array\) is on DLPack device 10.* no version"
     ):
-        normax.rms_norm(X, weight=FakeRocmArray())
+        normax.power_norm(X, FakeRocmArray(), None, state)
 
 
 def test_traced_jax_values_point_to_normax_jax():
