@@ -4,6 +4,7 @@
 use crate::{Error, Result};
 use cudarc::nvrtc::{result as nvrtc, sys};
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
@@ -16,9 +17,24 @@ pub const MODULES: [(&str, &str); 5] = [
     ("stablemax", include_str!("../kernels/stablemax.cu")),
 ];
 
+/// Whether NVRTC was found: probed until found once, then never again (a probe dlopens up to
+/// 17 candidate names, ~200 µs; a failed probe is retried, as the caller may load NVRTC later).
+static NVRTC_FOUND: AtomicBool = AtomicBool::new(false);
+static NVRTC_PROBES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times this process has looked for the NVRTC library.
+pub fn nvrtc_probes() -> usize {
+    NVRTC_PROBES.load(Ordering::Relaxed)
+}
+
 pub(crate) fn ensure_nvrtc() -> Result<()> {
+    if NVRTC_FOUND.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    NVRTC_PROBES.fetch_add(1, Ordering::Relaxed);
     // Safety: only tries to dlopen the candidate library names.
     if unsafe { sys::is_culib_present() } {
+        NVRTC_FOUND.store(true, Ordering::Release);
         Ok(())
     } else {
         Err(Error::Unavailable(

@@ -1,7 +1,8 @@
 //! Cross-entropy over rows of logits, with its gradient (kernels/cross_entropy.cu).
 
 use crate::device::{params, with_device};
-use crate::launch::{check, size, RowLaunch, Variant};
+use crate::launch::{check, size, RowLaunch};
+use crate::table::{Op, Variant};
 use crate::{Buf, CeOptions, DType, Error, Indices, Result, Stream, Target};
 
 /// What the rows are scored against: int64 class indices (one per row) or probabilities (the
@@ -100,7 +101,7 @@ pub fn cross_entropy(
         if let Some((g, _, _)) = &grad {
             bufs.push(g.ptr);
         }
-        let mut r = RowLaunch::new(d, s, "cross_entropy", x.dtype, rows, cols, &bufs, true)?;
+        let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &bufs, true)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let (g_ptr, scale_ptr, stride) =
             grad.map_or((0, 0, 0i64), |(g, sc, st)| (g.ptr, sc.ptr, st as i64));
@@ -108,7 +109,7 @@ pub fn cross_entropy(
             // Safety: buffers checked above; class-index targets, 16-byte aligned rows (vec > 1).
             return unsafe {
                 r.run(
-                    "ce_cached",
+                    Op::CeCached,
                     Variant::Packs(packs),
                     &mut params![
                         x.ptr,
@@ -126,7 +127,7 @@ pub fn cross_entropy(
         // Safety: buffers checked above; the scratch holds rows*chunks CeStats.
         let part = unsafe {
             r.split_stats(
-                "ce_part",
+                Op::CePart,
                 CE_STATS_BYTES,
                 &params![x.ptr, rows_i, cols_i, chunk_i, chunks_i, args],
             )?
@@ -135,7 +136,7 @@ pub fn cross_entropy(
         // Safety: buffers checked above.
         unsafe {
             r.run_vec(
-                "cross_entropy",
+                Op::CrossEntropy,
                 &mut params![
                     x.ptr,
                     rows_i,
@@ -266,21 +267,12 @@ pub fn vocab_parallel_stats(
     let args = sh.args(opts, 0, 0.0);
     with_device(s.device, |d| {
         // Whole rows per block: the statistics are one reduction per row.
-        let mut r = RowLaunch::new(
-            d,
-            s,
-            "cross_entropy",
-            sh.x.dtype,
-            sh.rows,
-            sh.len,
-            &[sh.x.ptr],
-            false,
-        )?;
+        let mut r = RowLaunch::new(d, s, sh.x.dtype, sh.rows, sh.len, &[sh.x.ptr], false)?;
         let (rows_i, cols_i, _, _) = r.dims();
         // Safety: buffers checked above; packed holds rows * fields floats.
         unsafe {
             r.run_vec(
-                "ce_vocab_parallel_stats",
+                Op::CeVocabParallelStats,
                 &mut params![sh.x.ptr, rows_i, cols_i, args, packed.ptr],
             )
         }
@@ -341,22 +333,13 @@ pub fn vocab_parallel_backward(
     let args = sh.args(opts, classes, w_sum);
     with_device(s.device, |d| {
         let bufs = [sh.x.ptr, grad.ptr];
-        let mut r = RowLaunch::new(
-            d,
-            s,
-            "cross_entropy",
-            sh.x.dtype,
-            sh.rows,
-            sh.len,
-            &bufs,
-            true,
-        )?;
+        let mut r = RowLaunch::new(d, s, sh.x.dtype, sh.rows, sh.len, &bufs, true)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let stride_i = stride as i64;
         // Safety: buffers checked above.
         unsafe {
             r.run_vec(
-                "ce_vocab_parallel_backward",
+                Op::CeVocabParallelBackward,
                 &mut params![
                     sh.x.ptr, rows_i, cols_i, chunk_i, chunks_i, args, lse.ptr, grad.ptr,
                     scale.ptr, stride_i

@@ -1,11 +1,20 @@
-//! Devices, their compiled modules, kernel launches and stream-ordered scratch memory.
+//! Devices, their compiled modules, kernel launches and stream-ordered scratch memory, and the
+//! dry-run recorder.
 //!
 //! The primary context of each device is retained once (the one PyTorch and CuPy use too) and
-//! made current around each call, restoring whatever the calling thread had current before.
+//! made current around each call unless it already is, restoring whatever the calling thread
+//! had current before.
+//!
+//! The recorder ([`record`]) is a per-thread mode in which the entry points run their host code
+//! with a stand-in device and, instead of calling the driver, list the launches, memsets and
+//! scratch allocations and frees they would enqueue: no driver and no NVRTC needed. The host
+//! code enqueues only (it never synchronizes with the device), so the list has no "sync" event.
 
 use crate::compile::{compile, ensure_nvrtc};
+use crate::table::{KernelKey, Table};
 use crate::{Error, Result, Stream};
 use cudarc::driver::sys::{self, CUdevice_attribute as Attr, CUresult};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Mutex, OnceLock};
@@ -15,7 +24,67 @@ pub(crate) struct Device {
     arch: String,
     pub(crate) sms: u32,
     modules: HashMap<&'static str, sys::CUmodule>,
-    functions: HashMap<String, sys::CUfunction>,
+    functions: Table<sys::CUfunction>,
+    /// The recorder's stand-in: no context, no modules, kernels resolve to their names.
+    dry_run: bool,
+}
+
+/// A kernel ready to launch: its function handle (null on the recorder's stand-in device) and
+/// which kernel it is (the recorder lists its name).
+#[derive(Clone, Copy)]
+pub(crate) struct Kernel {
+    f: sys::CUfunction,
+    key: KernelKey,
+}
+
+/// One call the host code would make of the driver, as the recorder lists it: `event` is
+/// "launch", "memset", "alloc" or "free"; a launch names its kernel and gives its grid and
+/// block; the others name the driver call and give their size in `grid.0` (32-bit words for a
+/// memset, bytes for alloc and free), the rest of `grid` and `block` 1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub event: &'static str,
+    pub name: String,
+    pub grid: (u64, u64, u64),
+    pub block: (u32, u32, u32),
+}
+
+impl Event {
+    fn sized(event: &'static str, name: &str, size: usize) -> Event {
+        Event {
+            event,
+            name: name.to_string(),
+            grid: (size as u64, 1, 1),
+            block: (1, 1, 1),
+        }
+    }
+}
+
+thread_local! {
+    static RECORD: RefCell<Option<Vec<Event>>> = const { RefCell::new(None) };
+}
+
+/// Turns the calling thread's dry-run recorder on (`on`) or off, returning what it recorded
+/// since the previous call (None where it was off). While it is on, the entry points touch no
+/// driver: see the module docs.
+pub fn record(on: bool) -> Option<Vec<Event>> {
+    RECORD.with(|r| std::mem::replace(&mut *r.borrow_mut(), on.then(Vec::new)))
+}
+
+fn recording() -> bool {
+    RECORD.with(|r| r.borrow().is_some())
+}
+
+/// Appends `event()` to the record where the recorder is on; whether it did (the caller then
+/// skips the driver call).
+fn recorded(event: impl FnOnce() -> Event) -> bool {
+    RECORD.with(|r| match r.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push(event());
+            true
+        }
+        None => false,
+    })
 }
 
 // The handles are process-wide driver objects, usable from any thread.
@@ -84,14 +153,31 @@ fn open(ordinal: i32) -> Result<Device> {
         arch: format!("sm_{major}{minor}"),
         sms: sms.max(1) as u32,
         modules: HashMap::new(),
-        functions: HashMap::new(),
+        functions: Table::new(),
+        dry_run: false,
     })
+}
+
+/// The recorder's device: an H100 (sm_90, 132 SMs), the plans' reference.
+fn stand_in() -> Device {
+    Device {
+        ctx: std::ptr::null_mut(),
+        arch: "sm_90".into(),
+        sms: 132,
+        modules: HashMap::new(),
+        functions: Table::new(),
+        dry_run: true,
+    }
 }
 
 static DEVICES: Mutex<Vec<(i32, Device)>> = Mutex::new(Vec::new());
 
-/// Runs `f` with device `ordinal`'s primary context current on this thread.
+/// Runs `f` with device `ordinal`'s primary context current on this thread (with the stand-in
+/// device where the recorder is on).
 pub(crate) fn with_device<R>(ordinal: i32, f: impl FnOnce(&mut Device) -> Result<R>) -> Result<R> {
+    if recording() {
+        return f(&mut stand_in());
+    }
     driver()?;
     ensure_nvrtc()?;
     let mut devices = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
@@ -104,6 +190,17 @@ pub(crate) fn with_device<R>(ordinal: i32, f: impl FnOnce(&mut Device) -> Result
         }
     };
     let device = &mut devices[at].1;
+    let mut current = std::ptr::null_mut();
+    // Safety: an out-pointer to a local.
+    ok(
+        unsafe { sys::cuCtxGetCurrent(&mut current) },
+        "cuCtxGetCurrent",
+    )?;
+    if current == device.ctx {
+        // The caller's framework made it current already (torch and CuPy use the primary
+        // context): nothing to push or restore.
+        return f(device);
+    }
     // Safety: a context retained above; popped again below on every path.
     ok(
         unsafe { sys::cuCtxPushCurrent_v2(device.ctx) },
@@ -140,6 +237,9 @@ fn version_hint() -> String {
 /// The device's name and architecture, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
 pub fn device_name(ordinal: i32) -> Result<String> {
     with_device(ordinal, |d| {
+        if d.dry_run {
+            return Ok(format!("the dry-run recorder's stand-in ({})", d.arch));
+        }
         let mut dev = 0;
         let mut name = [0 as std::ffi::c_char; 256];
         // Safety: out-pointers to locals of the stated sizes.
@@ -156,11 +256,18 @@ pub fn device_name(ordinal: i32) -> Result<String> {
 }
 
 impl Device {
-    /// The kernel `name` of `module`, compiling and loading the module on first use.
-    pub(crate) fn function(&mut self, module: &'static str, name: &str) -> Result<sys::CUfunction> {
-        if let Some(&f) = self.functions.get(name) {
-            return Ok(f);
+    /// The kernel `key`, compiling and loading its module on first use.
+    pub(crate) fn kernel(&mut self, key: KernelKey) -> Result<Kernel> {
+        if self.dry_run {
+            return Ok(Kernel {
+                f: std::ptr::null_mut(),
+                key,
+            });
         }
+        if let Some(f) = self.functions.get(key) {
+            return Ok(Kernel { f, key });
+        }
+        let module = key.op.module();
         let m = match self.modules.get(module) {
             Some(&m) => m,
             None => {
@@ -176,15 +283,16 @@ impl Device {
                 m
             }
         };
-        let cname = CString::new(name).expect("kernel names have no NUL");
+        let name = key.name();
+        let cname = CString::new(name.as_str()).expect("kernel names have no NUL");
         let mut f = std::ptr::null_mut();
         // Safety: a loaded module and a NUL-terminated name.
         ok(
             unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) },
-            name,
+            &name,
         )?;
-        self.functions.insert(name.to_string(), f);
-        Ok(f)
+        self.functions.insert(key, f);
+        Ok(Kernel { f, key })
     }
 }
 
@@ -194,7 +302,7 @@ impl Device {
 /// Safety: the arguments must match the kernel's signature and every address in them must be
 /// valid device memory of the sizes the kernel reads and writes.
 pub(crate) unsafe fn launch(
-    f: sys::CUfunction,
+    f: Kernel,
     grid: u32,
     block: (u32, u32),
     stream: Stream,
@@ -203,26 +311,69 @@ pub(crate) unsafe fn launch(
     launch_2d(f, (grid, 1), block, stream, params)
 }
 
+/// Sets `count` 32-bit words at `ptr` to `value`, enqueued on `stream` (cuMemsetD32Async: no
+/// kernel, no host synchronization). The device's context must be current (within
+/// [`with_device`]).
+///
+/// Safety: `ptr` must be valid device memory of `count` 4-byte-aligned words.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "for the cross-entropy forward's counter (issue 22)"
+    )
+)]
+pub(crate) unsafe fn memset_u32(ptr: u64, value: u32, count: usize, stream: Stream) -> Result<()> {
+    if recorded(|| Event::sized("memset", "cuMemsetD32Async", count)) {
+        return Ok(());
+    }
+    ok(
+        sys::cuMemsetD32Async(ptr, value, count, stream.handle as sys::CUstream),
+        "cuMemsetD32Async",
+    )
+}
+
 /// Stream-ordered device scratch, freed (also stream-ordered) when dropped.
 pub(crate) struct Scratch {
     pub(crate) ptr: u64,
+    bytes: usize,
     stream: Stream,
+    /// Recorded, not allocated (the dry-run recorder; `ptr` is 0).
+    dry_run: bool,
 }
 
 impl Scratch {
     pub(crate) fn new(bytes: usize, stream: Stream) -> Result<Scratch> {
+        let bytes = bytes.max(1);
+        if recorded(|| Event::sized("alloc", "cuMemAllocAsync", bytes)) {
+            return Ok(Scratch {
+                ptr: 0,
+                bytes,
+                stream,
+                dry_run: true,
+            });
+        }
         let mut ptr = 0;
         // Safety: out-pointer; the stream belongs to the current context's device.
         ok(
-            unsafe { sys::cuMemAllocAsync(&mut ptr, bytes.max(1), stream.handle as sys::CUstream) },
+            unsafe { sys::cuMemAllocAsync(&mut ptr, bytes, stream.handle as sys::CUstream) },
             "cuMemAllocAsync",
         )?;
-        Ok(Scratch { ptr, stream })
+        Ok(Scratch {
+            ptr,
+            bytes,
+            stream,
+            dry_run: false,
+        })
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if self.dry_run {
+            recorded(|| Event::sized("free", "cuMemFreeAsync", self.bytes));
+            return;
+        }
         // Safety: allocated by cuMemAllocAsync on this stream; the kernels using it were enqueued
         // before, so the free is ordered after them.
         unsafe {
@@ -241,15 +392,24 @@ pub(crate) use params;
 
 /// [`launch`] with a 2-D grid. Safety: as [`launch`].
 pub(crate) unsafe fn launch_2d(
-    f: sys::CUfunction,
+    f: Kernel,
     grid: (u32, u32),
     block: (u32, u32),
     stream: Stream,
     params: &mut [*mut c_void],
 ) -> Result<()> {
+    let event = || Event {
+        event: "launch",
+        name: f.key.name(),
+        grid: (grid.0.into(), grid.1.into(), 1),
+        block: (block.0, block.1, 1),
+    };
+    if recorded(event) {
+        return Ok(());
+    }
     ok(
         sys::cuLaunchKernel(
-            f,
+            f.f,
             grid.0,
             grid.1,
             1,

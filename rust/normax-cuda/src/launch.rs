@@ -2,9 +2,9 @@
 //! to 2-D grids ([`ColumnPlan`]), which kernel instantiation runs, the buffer checks, and the one
 //! sequence for rows split across blocks (partial statistics into scratch, then the row pass).
 
-use crate::device::{launch, launch_2d, params, Device, Scratch};
+use crate::device::{launch, launch_2d, params, Device, Kernel, Scratch};
+use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, DType, Error, Result, Stream};
-use cudarc::driver::sys::CUfunction;
 use std::ffi::c_void;
 
 /// How rows map to blocks: `block.0` threads per row, `block.1` rows per block, and each row
@@ -94,7 +94,7 @@ pub(crate) fn check(name: &str, b: &Buf, dtype: DType, len: usize) -> Result<()>
         )));
     }
     // "{name}: expected N elements" (not spec's check_len wording): the messages the Python
-    // tests and users see for a capsule of the wrong size.
+    // tests and users see for an array of the wrong size.
     if b.len != len {
         return Err(Error::Value(format!(
             "{name}: expected {len} elements, got {}",
@@ -126,40 +126,12 @@ pub(crate) fn ptr(b: Option<Buf>) -> u64 {
     b.map_or(0, |b| b.ptr)
 }
 
-/// Which instantiation of a kernel template: `<op>_<dtype>`, `<op>_<dtype>_v<V>` (V elements
-/// per load) or `<op>_<dtype>_p<P>` (a cached kernel holding P packs per thread).
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Variant {
-    Plain,
-    Vec(usize),
-    Packs(usize),
-}
-
-pub(crate) fn kernel_name(op: &str, dtype: DType, variant: Variant) -> String {
-    let t = dtype.kernel_name();
-    match variant {
-        Variant::Plain => format!("{op}_{t}"),
-        Variant::Vec(v) => format!("{op}_{t}_v{v}"),
-        Variant::Packs(p) => format!("{op}_{t}_p{p}"),
-    }
-}
-
-pub(crate) fn kernel(
-    d: &mut Device,
-    module: &'static str,
-    op: &str,
-    dtype: DType,
-    variant: Variant,
-) -> Result<CUfunction> {
-    d.function(module, &kernel_name(op, dtype, variant))
-}
-
 /// Threads per block of the one-thread-per-element kernels (`logsumexp`, `sum_parts`).
 const FLAT_BLOCK: u32 = 256;
 
 /// Launches `f` with one thread per element of `n`. Safety: as [`launch`].
 pub(crate) unsafe fn launch_flat(
-    f: CUfunction,
+    f: Kernel,
     n: usize,
     s: Stream,
     args: &mut [*mut c_void],
@@ -170,11 +142,10 @@ pub(crate) unsafe fn launch_flat(
 }
 
 /// One op's launches over `rows` rows of `cols` elements: the plan, and the kernels of one
-/// module for one dtype.
+/// dtype.
 pub(crate) struct RowLaunch<'d> {
     d: &'d mut Device,
     s: Stream,
-    module: &'static str,
     dtype: DType,
     rows: usize,
     cols: usize,
@@ -183,11 +154,9 @@ pub(crate) struct RowLaunch<'d> {
 
 impl<'d> RowLaunch<'d> {
     /// `bufs`: the addresses of the row buffers, which must all be aligned for vector loads.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         d: &'d mut Device,
         s: Stream,
-        module: &'static str,
         dtype: DType,
         rows: usize,
         cols: usize,
@@ -199,7 +168,6 @@ impl<'d> RowLaunch<'d> {
         Ok(RowLaunch {
             d,
             s,
-            module,
             dtype,
             rows,
             cols,
@@ -226,19 +194,19 @@ impl<'d> RowLaunch<'d> {
         self.d
     }
 
-    /// Launches `<op>` (of the variant) on the plan's grid. Safety: as [`launch`].
+    /// Launches `op` (of the variant) on the plan's grid. Safety: as [`launch`].
     pub(crate) unsafe fn run(
         &mut self,
-        op: &str,
+        op: Op,
         variant: Variant,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        let f = kernel(self.d, self.module, op, self.dtype, variant)?;
+        let f = self.d.kernel(KernelKey::new(op, self.dtype, variant))?;
         launch(f, self.p.grid, self.p.block, self.s, args)
     }
 
     /// [`run`](Self::run) of the vectorized variant the plan picked.
-    pub(crate) unsafe fn run_vec(&mut self, op: &str, args: &mut [*mut c_void]) -> Result<()> {
+    pub(crate) unsafe fn run_vec(&mut self, op: Op, args: &mut [*mut c_void]) -> Result<()> {
         self.run(op, Variant::Vec(self.p.vec), args)
     }
 
@@ -247,7 +215,7 @@ impl<'d> RowLaunch<'d> {
     /// Safety: as [`launch`].
     pub(crate) unsafe fn stats(
         &mut self,
-        op: &str,
+        op: Op,
         bytes: usize,
         args: &[*mut c_void],
     ) -> Result<Scratch> {
@@ -262,7 +230,7 @@ impl<'d> RowLaunch<'d> {
     /// pieces up); None where each block holds whole rows. Safety: as [`launch`].
     pub(crate) unsafe fn split_stats(
         &mut self,
-        op: &str,
+        op: Op,
         bytes: usize,
         args: &[*mut c_void],
     ) -> Result<Option<Scratch>> {
@@ -308,28 +276,23 @@ pub fn column_plan(rows: usize, cols: usize, sms: u32) -> Result<ColumnPlan> {
 
 impl ColumnPlan {
     /// Launches the column pass `f` on this grid. Safety: as [`launch`].
-    pub(crate) unsafe fn run(
-        &self,
-        f: CUfunction,
-        s: Stream,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
+    pub(crate) unsafe fn run(&self, f: Kernel, s: Stream, args: &mut [*mut c_void]) -> Result<()> {
         launch_2d(f, (self.tiles, self.parts), COLUMN_BLOCK, s, args)
     }
 }
 
 /// out[c] = sum of the `parts` partial rows of `cols` floats at `part`, in part order, by the
-/// `sum` kernel (`sum_parts` of norms.cu, `power_sum_parts` of power_norm.cu).
+/// `sum` kernel ([`Op::SumParts`] of norms.cu, [`Op::PowerSumParts`] of power_norm.cu).
 pub(crate) fn sum_parts(
     d: &mut Device,
     s: Stream,
-    sum: (&'static str, &str),
+    sum: Op,
     part: u64,
     parts: u32,
     cols: usize,
     out: u64,
 ) -> Result<()> {
-    let f = d.function(sum.0, sum.1)?;
+    let f = d.kernel(KernelKey::untyped(sum))?;
     let (parts_i, cols_i) = (parts as i32, cols as i64);
     // Safety: parts*cols partials in, cols floats out.
     unsafe { launch_flat(f, cols, s, &mut params![part, parts_i, cols_i, out]) }
@@ -338,6 +301,7 @@ pub(crate) fn sum_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::Forms;
 
     #[test]
     fn plans_cover_every_element_once() {
@@ -372,52 +336,28 @@ mod tests {
         }
     }
 
-    /// Every kernel name the ops can ask for, by module.
+    /// Every kernel name the table can ask for, by module.
     fn names_asked_for() -> Vec<(&'static str, String)> {
-        let mut names = vec![
-            ("norms", "sum_parts".to_string()),
-            ("power_norm", "power_sum_parts".to_string()),
-        ];
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let vecs = [1, 16 / dtype.size()];
-            let packs = (0..)
-                .map(|k| 1usize << k)
-                .take_while(|p| p * vecs[1] <= MAX_CACHED_FLOATS);
-            for (module, op) in [
-                ("softmax", "max_sum_part"),
-                ("softmax", "softmax"),
-                ("softmax", "dot_part"),
-                ("softmax", "softmax_backward"),
-                ("cross_entropy", "ce_part"),
-                ("cross_entropy", "cross_entropy"),
-                ("cross_entropy", "ce_vocab_parallel_stats"),
-                ("cross_entropy", "ce_vocab_parallel_backward"),
-                ("norms", "norm_forward"),
-                ("norms", "norm_backward"),
-                ("power_norm", "power_scale"),
-                ("power_norm", "power_backward"),
-            ] {
-                for v in vecs {
-                    names.push((module, kernel_name(op, dtype, Variant::Vec(v))));
-                }
+        let mut names = vec![];
+        for &op in Op::ALL {
+            let mut keys = vec![];
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let wide = 16 / dtype.size();
+                let packs = (0..)
+                    .map(|k| 1usize << k)
+                    .take_while(|p| p * wide <= MAX_CACHED_FLOATS);
+                let variants: Vec<_> = match op.forms() {
+                    Forms::Untyped => vec![],
+                    Forms::Plain => vec![Variant::Plain],
+                    Forms::Vec => vec![Variant::Vec(1), Variant::Vec(wide)],
+                    Forms::Packs => packs.map(Variant::Packs).collect(),
+                };
+                keys.extend(variants.into_iter().map(|v| KernelKey::new(op, dtype, v)));
             }
-            for (module, op) in [
-                ("softmax", "logsumexp"),
-                ("norms", "norm_param_part"),
-                ("power_norm", "power_forward"),
-                ("power_norm", "power_param_part"),
-            ] {
-                names.push((module, kernel_name(op, dtype, Variant::Plain)));
+            if op.forms() == Forms::Untyped {
+                keys.push(KernelKey::untyped(op));
             }
-            for p in packs {
-                for (module, op) in [
-                    ("softmax", "softmax_cached"),
-                    ("cross_entropy", "ce_cached"),
-                    ("norms", "norm_forward_cached"),
-                ] {
-                    names.push((module, kernel_name(op, dtype, Variant::Packs(p))));
-                }
-            }
+            names.extend(keys.iter().map(|k| (op.module(), k.name())));
         }
         names
     }
@@ -439,7 +379,7 @@ mod tests {
                 );
             }
             // And the search can fail: a name that is never instantiated is not found.
-            let absent = kernel_name(module, DType::BF16, Variant::Packs(64));
+            let absent = KernelKey::new(Op::Softmax, DType::BF16, Variant::Packs(64)).name();
             let absent = [absent.as_bytes(), b"\0"].concat();
             assert!(!image.windows(absent.len()).any(|w| w == absent));
         }

@@ -4,14 +4,15 @@
 //! and its users run on machines with no CUDA at all; every entry point then returns
 //! [`Error::Unavailable`].
 //!
-//! The caller owns all memory: inputs and outputs arrive as device addresses ([`Buf`], from
-//! DLPack in the Python bindings). The only allocations here are small stream-ordered scratch
-//! buffers for the partial results of rows split across blocks.
+//! The caller owns all memory: inputs and outputs arrive as device addresses ([`Buf`]; the
+//! Python bindings take them as raw `(ptr, dtype, len)` tuples). The only allocations here are
+//! small stream-ordered scratch buffers for the partial results of rows split across blocks.
 //!
 //! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs` (with the vocabulary-parallel
 //! cross-entropy's statistics and gradient, `vocab_parallel_*`), `norms.rs`, `power_norm.rs`,
 //! `stablemax.rs` host each family's checks and kernel sequence; `launch.rs` the launch shapes
-//! they share.
+//! they share; `table.rs` the kernel table (every kernel by op, dtype and variant); `device.rs`
+//! the driver calls and the dry-run recorder ([`record`]).
 //! Options, checks and errors are normax-core's [`spec`](normax_core::spec), as on every backend.
 
 mod compile;
@@ -22,13 +23,14 @@ mod norms;
 mod power_norm;
 mod softmax;
 mod stablemax;
+mod table;
 
-pub use compile::{compile_all, nvrtc_version, MODULES};
+pub use compile::{compile_all, nvrtc_probes, nvrtc_version, MODULES};
 pub use cross_entropy::{
     cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeTarget,
     ShardRows,
 };
-pub use device::device_name;
+pub use device::{device_name, record, Event};
 pub use launch::{column_plan, plan, ColumnPlan, Plan};
 pub use norms::{norm_backward, norm_forward};
 pub use power_norm::{power_norm_backward, power_norm_forward, PowerGradIn, PowerOut, PowerShape};

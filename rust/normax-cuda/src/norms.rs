@@ -2,9 +2,8 @@
 //! never split across blocks here: one block (or warp) per row.
 
 use crate::device::{params, with_device, Scratch};
-use crate::launch::{
-    check, check_opt, column_plan, kernel, ptr, size, sum_parts, RowLaunch, Variant,
-};
+use crate::launch::{check, check_opt, column_plan, ptr, size, sum_parts, RowLaunch};
+use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, DType, Error, NormKind, Result, Stream};
 
 /// y = (x - mean) * rstd * weight + bias per row (mean 0 for the RMS kinds); `y` None computes
@@ -35,12 +34,12 @@ pub fn norm_forward(
     }
     with_device(s.device, |d| {
         let bufs = [x.ptr, ptr(y)];
-        let mut r = RowLaunch::new(d, s, "norms", x.dtype, rows, cols, &bufs, false)?;
+        let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &bufs, false)?;
         let (rows_i, cols_i, _, _) = r.dims();
         let kind_i = kind as i32;
         let (op, variant) = match r.cached_packs() {
-            Some(packs) => ("norm_forward_cached", Variant::Packs(packs)),
-            None => ("norm_forward", Variant::Vec(r.p.vec)),
+            Some(packs) => (Op::NormForwardCached, Variant::Packs(packs)),
+            None => (Op::NormForward, Variant::Vec(r.p.vec)),
         };
         // Safety: every buffer checked above (null where absent).
         unsafe {
@@ -102,11 +101,11 @@ pub fn norm_backward(
         let (rows_i, cols_i, kind_i) = (rows as i64, cols as i64, kind as i32);
         if rows > 0 {
             let bufs = [x.ptr, dy.ptr, dx.ptr];
-            let mut r = RowLaunch::new(d, s, "norms", x.dtype, rows, cols, &bufs, false)?;
+            let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &bufs, false)?;
             // Safety: every buffer checked above.
             unsafe {
                 r.run_vec(
-                    "norm_backward",
+                    Op::NormBackward,
                     &mut params![
                         dy.ptr,
                         x.ptr,
@@ -127,7 +126,7 @@ pub fn norm_backward(
         let cp = column_plan(rows, cols, d.sms)?;
         let part_w = Scratch::new(cp.parts as usize * cols * 4, s)?;
         let part_b = Scratch::new(cp.parts as usize * cols * 4, s)?;
-        let f = kernel(d, "norms", "norm_param_part", x.dtype, Variant::Plain)?;
+        let f = d.kernel(KernelKey::new(Op::NormParamPart, x.dtype, Variant::Plain))?;
         let per_part_i = cp.per_part as i64;
         // Safety: the scratch holds parts*cols floats each, on the plan's (tiles, parts) grid.
         unsafe {
@@ -149,7 +148,7 @@ pub fn norm_backward(
         };
         for (part, out) in [(part_w.ptr, dweight), (part_b.ptr, dbias)] {
             if let Some(out) = out {
-                sum_parts(d, s, ("norms", "sum_parts"), part, cp.parts, cols, out.ptr)?;
+                sum_parts(d, s, Op::SumParts, part, cp.parts, cols, out.ptr)?;
             }
         }
         Ok(())

@@ -5,13 +5,12 @@
 //! arrays, which the caller reads back (one host synchronization per training call).
 
 use crate::device::{params, with_device, Device, Scratch};
-use crate::launch::{
-    check, check_opt, column_plan, kernel, ptr, size, sum_parts, RowLaunch, Variant,
-};
+use crate::launch::{check, check_opt, column_plan, ptr, size, sum_parts, RowLaunch};
+use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, DType, Error, Result, Stream};
 
-/// The kernel adding the partial column sums (`power_sum_parts`).
-const SUM: (&str, &str) = ("power_norm", "power_sum_parts");
+/// The kernel adding the partial column sums.
+const SUM: Op = Op::PowerSumParts;
 
 /// `tokens` rows of `channels` (channels last), each row's channels in `groups` equal groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,19 +74,10 @@ fn group_scales(
     if rows == 0 {
         return Ok(());
     }
-    let mut r = RowLaunch::new(
-        d,
-        s,
-        "power_norm",
-        x.dtype,
-        rows,
-        shape.group_len(),
-        &[x.ptr],
-        false,
-    )?;
+    let mut r = RowLaunch::new(d, s, x.dtype, rows, shape.group_len(), &[x.ptr], false)?;
     let (rows_i, cg_i, _, _) = r.dims();
     // Safety: x has tokens*channels = rows*cg elements (checked by the caller); `out` rows floats.
-    unsafe { r.run_vec("power_scale", &mut params![x.ptr, out, rows_i, cg_i, eps]) }
+    unsafe { r.run_vec(Op::PowerScale, &mut params![x.ptr, out, rows_i, cg_i, eps]) }
 }
 
 /// PowerNorm's forward passes over the tokens of `x` (tokens x channels, f32/f16/bf16). With u the
@@ -131,7 +121,7 @@ pub fn power_norm_forward(
         let pad_ptr = ptr(pad);
         let (scale, shift, y) =
             out.map_or((0u64, 0u64, 0u64), |o| (o.scale.ptr, o.shift.ptr, o.y.ptr));
-        let f = kernel(d, "power_norm", "power_forward", x.dtype, Variant::Plain)?;
+        let f = d.kernel(KernelKey::new(Op::PowerForward, x.dtype, Variant::Plain))?;
         let (tokens_i, channels_i, cg_i, per_part_i) = (
             shape.tokens as i64,
             shape.channels as i64,
@@ -184,7 +174,7 @@ pub fn power_norm_backward(
         let scales = Scratch::new(rows * 4, s)?;
         if rows > 0 {
             let bufs = [x.ptr, dy.ptr, dx.ptr];
-            let mut r = RowLaunch::new(d, s, "power_norm", x.dtype, rows, cg, &bufs, false)?;
+            let mut r = RowLaunch::new(d, s, x.dtype, rows, cg, &bufs, false)?;
             let (rows_i, cg_i, groups_i) = (rows as i64, cg as i64, shape.groups as i32);
             let mut a = params![
                 dy.ptr,
@@ -201,11 +191,11 @@ pub fn power_norm_backward(
                 eps
             ];
             // Safety: every buffer checked above; the scratch holds one scale per row.
-            unsafe { r.run_vec("power_backward", &mut a)? };
+            unsafe { r.run_vec(Op::PowerBackward, &mut a)? };
         }
         let cp = column_plan(shape.tokens, ch, d.sms)?;
         let part = Scratch::new(cp.parts as usize * 3 * ch * 4, s)?;
-        let f = kernel(d, "power_norm", "power_param_part", x.dtype, Variant::Plain)?;
+        let f = d.kernel(KernelKey::new(Op::PowerParamPart, x.dtype, Variant::Plain))?;
         let (tokens_i, channels_i, cg_i, per_part_i) = (
             shape.tokens as i64,
             ch as i64,

@@ -1,7 +1,8 @@
 //! softmax, log_softmax, logsumexp and their backward (kernels/softmax.cu).
 
 use crate::device::{params, with_device};
-use crate::launch::{check, kernel, launch_flat, size, RowLaunch, Variant};
+use crate::launch::{check, launch_flat, size, RowLaunch};
+use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, Error, Result, Stream};
 
 /// Bytes of one piece of a split row's statistics: the (max, sum) float pair.
@@ -16,14 +17,14 @@ pub fn softmax(s: Stream, x: Buf, y: Buf, rows: usize, cols: usize, log: bool) -
         return Ok(());
     }
     with_device(s.device, |d| {
-        let mut r = RowLaunch::new(d, s, "softmax", x.dtype, rows, cols, &[x.ptr, y.ptr], true)?;
+        let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &[x.ptr, y.ptr], true)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let mode = log as i32;
         if let Some(packs) = r.cached_packs() {
             // Safety: x and y have rows*cols elements (checked), 16-byte aligned rows (vec > 1).
             return unsafe {
                 r.run(
-                    "softmax_cached",
+                    Op::SoftmaxCached,
                     Variant::Packs(packs),
                     &mut params![x.ptr, y.ptr, rows_i, cols_i, mode],
                 )
@@ -32,7 +33,7 @@ pub fn softmax(s: Stream, x: Buf, y: Buf, rows: usize, cols: usize, log: bool) -
         // Safety: x has rows*cols elements (checked), the scratch rows*chunks (max, sum) pairs.
         let part = unsafe {
             r.split_stats(
-                "max_sum_part",
+                Op::MaxSumPart,
                 MAX_SUM_BYTES,
                 &params![x.ptr, rows_i, cols_i, chunk_i, chunks_i],
             )?
@@ -41,7 +42,7 @@ pub fn softmax(s: Stream, x: Buf, y: Buf, rows: usize, cols: usize, log: bool) -
         // Safety: x and y have rows*cols elements; part is null or the partials written above.
         unsafe {
             r.run_vec(
-                "softmax",
+                Op::Softmax,
                 &mut params![x.ptr, y.ptr, rows_i, cols_i, chunk_i, chunks_i, part_ptr, mode],
             )
         }
@@ -60,17 +61,19 @@ pub fn logsumexp(s: Stream, x: Buf, out: Buf, rows: usize, cols: usize) -> Resul
         return Err(Error::Value("x: logsumexp of an empty row".into()));
     }
     with_device(s.device, |d| {
-        let mut r = RowLaunch::new(d, s, "softmax", x.dtype, rows, cols, &[x.ptr], true)?;
+        let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &[x.ptr], true)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         // Safety: as in softmax.
         let part = unsafe {
             r.stats(
-                "max_sum_part",
+                Op::MaxSumPart,
                 MAX_SUM_BYTES,
                 &params![x.ptr, rows_i, cols_i, chunk_i, chunks_i],
             )?
         };
-        let f = kernel(r.device(), "softmax", "logsumexp", x.dtype, Variant::Plain)?;
+        let f = r
+            .device()
+            .kernel(KernelKey::new(Op::Logsumexp, x.dtype, Variant::Plain))?;
         // Safety: the partials written above and `out` of `rows` elements.
         unsafe {
             launch_flat(
@@ -103,13 +106,13 @@ pub fn softmax_backward(
     }
     with_device(s.device, |d| {
         let bufs = [y.ptr, dy.ptr, dx.ptr];
-        let mut r = RowLaunch::new(d, s, "softmax", y.dtype, rows, cols, &bufs, true)?;
+        let mut r = RowLaunch::new(d, s, y.dtype, rows, cols, &bufs, true)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let mode = log as i32;
         // Safety: y, dy of rows*cols elements; rows*chunks floats of scratch.
         let part = unsafe {
             r.split_stats(
-                "dot_part",
+                Op::DotPart,
                 4,
                 &params![y.ptr, dy.ptr, rows_i, cols_i, chunk_i, chunks_i, mode],
             )?
@@ -118,7 +121,7 @@ pub fn softmax_backward(
         // Safety: as above; dx of rows*cols elements.
         unsafe {
             r.run_vec(
-                "softmax_backward",
+                Op::SoftmaxBackward,
                 &mut params![
                     y.ptr, dy.ptr, dx.ptr, rows_i, cols_i, chunk_i, chunks_i, part_ptr, mode
                 ],
@@ -130,6 +133,7 @@ pub fn softmax_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::{memset_u32, record, Event};
     use crate::DType;
 
     #[test]
@@ -161,5 +165,77 @@ mod tests {
             softmax(s, x, y16, 2, 3, false),
             Err(Error::Value(_))
         ));
+    }
+
+    fn f32s(ptr: u64, len: usize) -> Buf {
+        let dtype = DType::F32;
+        Buf { ptr, dtype, len }
+    }
+
+    fn launch(name: &str, grid: u64, threads: u32) -> Event {
+        let (event, name) = ("launch", name.to_string());
+        let (grid, block) = ((grid, 1, 1), (threads, 1, 1));
+        Event {
+            event,
+            name,
+            grid,
+            block,
+        }
+    }
+
+    fn sized(event: &'static str, name: &str, size: u64) -> Event {
+        let (name, grid, block) = (name.to_string(), (size, 1, 1), (1, 1, 1));
+        Event {
+            event,
+            name,
+            grid,
+            block,
+        }
+    }
+
+    /// The dry-run recorder runs the real host sequence with no driver (none on this machine):
+    /// whole rows held in registers are one launch; rows split across blocks are two, around
+    /// their statistics' scratch.
+    #[test]
+    fn the_recorder_lists_the_launch_sequence() {
+        let s = Stream {
+            device: 3,
+            handle: 0x5eed,
+        };
+        assert_eq!(record(true), None);
+        let (rows, cols) = (4096, 4096);
+        let x = f32s(1 << 20, rows * cols);
+        let y = f32s(1 << 30, rows * cols);
+        softmax(s, x, y, rows, cols, false).unwrap();
+        // 1024 vectors of 4 per row: 256 threads hold 4 packs each.
+        let cached = vec![launch("softmax_cached_f32_p4", 4096, 256)];
+        assert_eq!(record(true), Some(cached));
+
+        let (rows, cols) = (4, 65536);
+        let x = f32s(1 << 20, rows * cols);
+        let y = f32s(1 << 30, rows * cols);
+        softmax(s, x, y, rows, cols, true).unwrap();
+        // 4 rows on 132 SMs: each cut in 16 pieces of 4096, one (max, sum) pair per piece.
+        let split = vec![
+            sized("alloc", "cuMemAllocAsync", 4 * 16 * 8),
+            launch("max_sum_part_f32_v4", 64, 512),
+            launch("softmax_f32_v4", 64, 512),
+            sized("free", "cuMemFreeAsync", 4 * 16 * 8),
+        ];
+        assert_eq!(record(false), Some(split));
+        assert_eq!(record(false), None);
+    }
+
+    #[test]
+    fn the_recorder_lists_memsets() {
+        record(true);
+        let s = Stream {
+            device: 0,
+            handle: 0,
+        };
+        // Safety: recorded, never run.
+        with_device(0, |_| unsafe { memset_u32(1 << 20, 0, 3, s) }).unwrap();
+        let memset = sized("memset", "cuMemsetD32Async", 3);
+        assert_eq!(record(false), Some(vec![memset]));
     }
 }

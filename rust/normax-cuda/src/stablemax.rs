@@ -3,6 +3,7 @@
 
 use crate::device::{params, with_device};
 use crate::launch::{check, size, RowLaunch};
+use crate::table::Op;
 use crate::{Buf, Result, Stream};
 
 /// stablemax (`log = false`) or log_stablemax of `rows` contiguous rows of `cols` elements.
@@ -15,22 +16,13 @@ pub fn stablemax(s: Stream, x: Buf, y: Buf, rows: usize, cols: usize, log: bool)
     }
     with_device(s.device, |d| {
         // Whole rows per block: the kernel reads each row from its start.
-        let mut r = RowLaunch::new(
-            d,
-            s,
-            "stablemax",
-            x.dtype,
-            rows,
-            cols,
-            &[x.ptr, y.ptr],
-            false,
-        )?;
+        let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &[x.ptr, y.ptr], false)?;
         let (rows_i, cols_i, _, _) = r.dims();
         let mode = log as i32;
         // Safety: x and y have rows*cols elements (checked), aligned for the plan's vector width.
         unsafe {
             r.run_vec(
-                "stablemax",
+                Op::Stablemax,
                 &mut params![x.ptr, y.ptr, rows_i, cols_i, mode],
             )
         }
