@@ -214,8 +214,9 @@ def wgpu_cross_entropy(
 ) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 # Only in builds with the Cargo feature "cuda" (the released wheel has it). Array arguments are
-# DLPack capsules of C-contiguous CUDA arrays (normax._backends.cuda.device makes them), grouped
-# in tuples where they go together; `shape` is (rows, cols); the kernels are enqueued on
+# raw arrays (ptr, dtype code, len) of C-contiguous CUDA arrays: the device address of element 0,
+# 0 float32 / 1 float16 / 2 bfloat16 / 3 int64, the element count (normax._backends.cuda.device
+# makes them), grouped in tuples where they go together; `shape` is (rows, cols); the kernels are enqueued on
 # `stream` and nothing is returned.
 class CudaStream:
     """The caller's CUDA device and current stream (a raw CUstream handle)."""
@@ -226,13 +227,19 @@ class CudaStream:
     @property
     def handle(self) -> int: ...
 
-Capsule = object
+Capsule: TypeAlias = tuple[int, int, int]  # a raw array: (ptr, dtype code, len)
 Shape: TypeAlias = tuple[int, int]
 # (grad, grad_output as float32 on the device, stride: 0 for one value, 1 for one per row)
 ScaledGrad: TypeAlias = tuple[Capsule, Capsule, int]
 
 def cuda_compile_all(arch: str) -> list[tuple[str, int]]: ...
 def cuda_nvrtc_version() -> tuple[int, int]: ...
+def cuda_nvrtc_probes() -> int: ...
+
+# (event: "launch" | "memset" | "alloc" | "free", kernel or driver call, grid, block)
+Recorded: TypeAlias = tuple[str, str, tuple[int, int, int], tuple[int, int, int]]
+
+def cuda_record(on: bool) -> list[Recorded] | None: ...
 def cuda_device_name(device: int) -> str: ...
 def cuda_softmax(x: Capsule, out: Capsule, shape: Shape, log: bool, stream: CudaStream) -> None: ...
 def cuda_logsumexp(x: Capsule, out: Capsule, shape: Shape, stream: CudaStream) -> None: ...

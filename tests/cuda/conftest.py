@@ -22,13 +22,14 @@ def cupy_kernels(monkeypatch):
     """FakeCupyArray treated as CuPy CUDA arrays; the kernels emulated (and recorded)."""
     monkeypatch.setitem(sys.modules, "cupy", cupy_module())
     kernels = emulate(monkeypatch, lambda a: isinstance(a, FakeCupyArray))
-    # Full reductions of the stand-in give NumPy scalars (CuPy gives 0-d device arrays).
-    original = device.Lib.capsule
-    monkeypatch.setattr(
-        device.Lib,
-        "capsule",
-        lambda self, a: original(
-            self, a if isinstance(a, FakeCupyArray) else np.asarray(a).view(FakeCupyArray)
-        ),
-    )
+    # Full reductions of the stand-in give NumPy scalars (CuPy gives 0-d device arrays): as
+    # arrays, kept alive until the test ends (the kernels read them by address).
+    original, kept = device.Lib.raw, []
+
+    def raw(self, a):
+        if not isinstance(a, FakeCupyArray):
+            kept.append(a := np.asarray(a).view(FakeCupyArray))
+        return original(self, a)
+
+    monkeypatch.setattr(device.Lib, "raw", raw)
     return kernels

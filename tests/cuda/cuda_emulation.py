@@ -2,7 +2,8 @@
 
 The fixture `cuda_kernels` (conftest.py) makes CPU torch tensors count as CUDA arrays and replaces the `_core.cuda_*`
 functions (which normax._backends.cuda calls through `device.run`) by what each kernel computes
-from the contiguous row-major buffers its DLPack capsules describe, in float64 torch ops. The
+from the contiguous row-major buffers its raw arrays `(ptr, dtype, len)` describe, in float64
+torch ops over the same memory (so the emulated kernels write the real outputs). The
 CUDA path's functions must then give the CPU functions' results: this checks argument handling,
 layouts, reductions, gradient scales, PowerNorm's state bookkeeping and result shapes. The
 kernels themselves are checked on a GPU by the `gpu`-marked tests.
@@ -12,6 +13,7 @@ kernels themselves are checked on a GPU by the `gpu`-marked tests.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import types
 
@@ -27,21 +29,30 @@ from normax._backends.cuda import device
 STREAM = 0x5EED  # the caller's "current stream": every kernel must run on it
 
 
-def _t(capsule):
-    if capsule is None or isinstance(capsule, torch.Tensor):  # a capsule is read once
-        return capsule
-    return torch.from_dlpack(capsule)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)  # by dtype code
 
 
-def _rows(capsule, rows, cols):
-    t = _t(capsule)
-    assert t.is_contiguous() and t.numel() == rows * cols
+def _t(raw):
+    """The raw array `raw` = (ptr, dtype code, len) as a 1-d CPU tensor over its memory."""
+    if raw is None or isinstance(raw, torch.Tensor):
+        return raw
+    ptr, code, n = raw
+    dtype = _DTYPES[code]
+    if n == 0:
+        return torch.empty(0, dtype=dtype)
+    memory = (ctypes.c_char * (n * dtype.itemsize)).from_address(ptr)
+    return torch.frombuffer(memory, dtype=dtype, count=n)
+
+
+def _rows(raw, rows, cols):
+    t = _t(raw)
+    assert t.numel() == rows * cols
     return t.reshape(rows, cols)
 
 
-def _vec(capsule, n):
-    t = _t(capsule)
-    assert t.is_contiguous() and t.numel() == n
+def _vec(raw, n):
+    t = _t(raw)
+    assert t.numel() == n
     return t.reshape(n)
 
 
@@ -157,7 +168,7 @@ class EmulatedKernels:
         if cap:
             x = cap * torch.tanh(x / cap)
         t = _vec(target, rows)
-        wall = None if weight is None else _t(weight)  # a capsule is read once
+        wall = _t(weight)
         if wall is not None and wall.numel() < start + length:  # the host code's check
             raise ValueError(f"weight: expected the whole vocabulary's weights, got {wall.numel()}")
         w = torch.ones(length, dtype=torch.float64) if wall is None else wall.double()[start : start + length]
@@ -352,11 +363,6 @@ class FakeCupyArray(np.ndarray):
 
     def __dlpack_device__(self):
         return (2, 0)
-
-    def __dlpack__(self, stream=None, **kwargs):
-        assert stream == STREAM  # asked for the caller's current stream
-        a = np.asarray(self)
-        return (a if a.flags.writeable else a.copy()).__dlpack__()  # NumPy exports no read-only views
 
 
 FakeCupyArray.__module__ = "cupy"

@@ -1,6 +1,6 @@
 """The CUDA path of the public functions: torch CUDA tensors and CuPy arrays in, the same out.
 
-The arrays are read and written where they are, through DLPack capsules (no host round trip);
+The arrays are read and written where they are, passed by device address (no host round trip);
 the kernels run on the caller's current stream (``torch.cuda.current_stream()``,
 ``cupy.cuda.get_current_stream()``), so they are ordered with the caller's own work and nothing
 here synchronizes, except that class indices are checked before a cross-entropy (one device-to-
@@ -29,8 +29,8 @@ then cached for the process. NVRTC comes from the ``nvidia-cuda-nvrtc`` wheel (i
 PyTorch) or a CUDA toolkit on the library path.
 
 Layout: one module per op family (``softmax``, ``stablemax``, ``cross_entropy``, ``norms``, ``power_norm``, as
-the CPU path and ``kernels/*.cu``) over ``device`` (the caller's library, DLPack, streams, the
-kernels' entry point). ``cross_entropy_rows``, ``linear_blocks`` and ``norm_backward`` are the
+the CPU path and ``kernels/*.cu``) over ``device`` (the caller's library, raw arrays, streams,
+the kernels' entry point). ``cross_entropy_rows``, ``linear_blocks`` and ``norm_backward`` are the
 families' cores, ``vocab_parallel_stats`` / ``vocab_parallel_backward`` the vocabulary-parallel cross-entropy's kernels, with the options ``normax.torch`` needs (no read-back check, float32 parameter
 gradients).
 """

@@ -1,8 +1,9 @@
 """The CUDA path's host plumbing, shared by every op family: the caller's array library (torch or
-CuPy), DLPack capsules on the caller's stream, the kernels' entry points, and NVRTC loading.
+CuPy), raw device arrays on the caller's stream, the kernels' entry points, and NVRTC loading.
 
-Every `_core.cuda_*` kernel is called through :func:`run`, which adds the capsules and the
-caller's stream (the tests' kernel emulation replaces those `_core` functions).
+Every `_core.cuda_*` kernel is called through :func:`run`, which passes each array as its raw
+tuple ``(ptr, dtype code, len)`` (:meth:`Lib.raw`) and adds the caller's stream (the tests'
+kernel emulation replaces those `_core` functions).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from ..._arrays import Plan
 
 _DL_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _DTYPES = ("float32", "float16", "bfloat16")
+# The raw arrays' dtype codes (normax-cuda's DType order, then int64 for class indices).
+_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int64": 3}
+_CODES_OF = {}  # per library: its dtype objects to codes
 
 
 def is_cuda_array(a) -> bool:
@@ -137,8 +141,7 @@ class Lib:
         self.mod = sys.modules[mod]
         self.device = a.device
         self.index = self._index_of(a)
-        if mod == "torch":
-            self._to_dlpack = self.mod.utils.dlpack.to_dlpack
+        self._codes = _CODES_OF.get(mod) or _CODES_OF.setdefault(mod, self._dtype_codes())
         self.stream = self.current_stream()
 
     def current_stream(self) -> int:
@@ -215,14 +218,26 @@ class Lib:
         with self.device:
             return bool(self.mod.cuda.get_current_stream().is_capturing())
 
-    def capsule(self, a):
-        # The kernels run on the caller's current stream, the one its own work is ordered on, so
-        # the capsule needs no stream synchronization: torch's to_dlpack skips it (and costs a
-        # tenth of __dlpack__'s Python-level checks); CuPy is asked for that stream (a no-op).
-        # DLPack spells the legacy default stream 1, never 0.
+    def _dtype_codes(self) -> dict:
         if self.name == "torch":
-            return self._to_dlpack(a)
-        return a.__dlpack__(stream=self.stream or 1)
+            return {getattr(self.mod, n): c for n, c in _CODES.items()}
+        return {np.dtype(n): c for n, c in _CODES.items() if n != "bfloat16"}  # CuPy: NumPy dtypes
+
+    def raw(self, a) -> tuple[int, int, int]:
+        """`a` as the kernels take it: (device address of element 0, dtype code, element count).
+
+        The kernels run on the caller's current stream, the one its own work is ordered on, so
+        nothing is synchronized. `a` must be C-contiguous on this device (the op modules make it
+        so: checked here only by an assert).
+        """
+        assert self.is_contiguous(a), "the CUDA kernels take C-contiguous arrays"
+        try:
+            code = self._codes[a.dtype]
+        except KeyError:
+            raise TypeError(f"{self.fname}: no CUDA kernel takes {self.dtype_name(a)} arrays") from None
+        if self.name == "torch":
+            return (a.data_ptr(), code, a.numel())
+        return (a.data.ptr, code, a.size)
 
     def same_memory(self, a, b) -> bool:
         if self.name == "torch":
@@ -315,15 +330,15 @@ def lib_of(args, fname) -> Lib:
 
 
 def run(lib: Lib, kernel, *args):
-    """Calls `kernel`, a ``_core.cuda_*`` function, with a DLPack capsule for every array among
-    `args` (inside tuples too) and the caller's device and stream last."""
+    """Calls `kernel`, a ``_core.cuda_*`` function, with the raw tuple (:meth:`Lib.raw`) of every
+    array among `args` (inside tuples too) and the caller's device and stream last."""
     _require_build()
     if not _NVRTC_LOADED:
         load_nvrtc()
-    kernel(*(_capsules(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
+    kernel(*(_raw(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
 
 
-def _capsules(lib: Lib, a):
+def _raw(lib: Lib, a):
     if type(a) is tuple:
-        return tuple(_capsules(lib, x) for x in a)
-    return lib.capsule(a) if hasattr(a, "__dlpack__") else a
+        return tuple(_raw(lib, x) for x in a)
+    return lib.raw(a) if hasattr(a, "__dlpack__") else a  # arrays of both libraries have __dlpack__

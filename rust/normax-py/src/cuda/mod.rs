@@ -1,10 +1,15 @@
-//! The CUDA entry points: DLPack capsules in, kernels enqueued on the caller's stream, nothing
-//! returned (outputs are caller-allocated capsules too). Every capsule is checked here (device,
-//! dtype, element count, contiguity) before its address reaches a kernel, so a Python-side
-//! mistake is a ValueError, never an out-of-bounds access on the device.
+//! The CUDA entry points: raw device arrays in, kernels enqueued on the caller's stream, nothing
+//! returned (outputs are caller-allocated raw arrays too). A raw array is the tuple
+//! `(ptr, dtype, len)`: the device address of element 0 of a C-contiguous array, its dtype code
+//! (0 float32, 1 float16, 2 bfloat16, 3 int64) and its element count. The Python side
+//! (`normax._backends.cuda.device.run`) guarantees contiguity and the device; here each tuple's
+//! form, dtype code and alignment are checked, and normax-cuda checks each length against the
+//! shape, so a Python-side mistake is a TypeError or ValueError, never an out-of-bounds access on
+//! the device.
 //!
-//! One file per op family, as in normax-cuda; this one holds what they share: the capsule
-//! checks, the call's device and stream ([`Call`]), and the module-wide functions.
+//! One file per op family, as in normax-cuda; this one holds what they share: the raw-array
+//! checks, the call's device and stream ([`Call`]), the dry-run recorder and the module-wide
+//! functions.
 
 mod cross_entropy;
 mod norms;
@@ -15,126 +20,56 @@ mod stablemax;
 use crate::errors::to_py;
 use normax_cuda::{self as cu, Buf, DType, Indices, Stream};
 use pyo3::exceptions::{PyTypeError, PyValueError};
-use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::PyInt;
 
-// DLPack's C structs (dlpack.h, the unversioned `dltensor` capsule).
-#[repr(C)]
-struct DlDevice {
-    device_type: i32,
-    device_id: i32,
-}
-#[repr(C)]
-struct DlDataType {
-    code: u8,
-    bits: u8,
-    lanes: u16,
-}
-#[repr(C)]
-struct DlTensor {
-    data: *mut std::ffi::c_void,
-    device: DlDevice,
-    ndim: i32,
-    dtype: DlDataType,
-    shape: *const i64,
-    strides: *const i64,
-    byte_offset: u64,
-}
-
-const DL_CUDA: i32 = 2;
-const DL_CUDA_MANAGED: i32 = 13;
-
-/// What a capsule holds: floats for the kernels, or int64 class indices.
+/// What a raw array holds: floats for the kernels, or int64 class indices.
 enum Capsule {
     Floats(Buf),
     Indices(Indices),
 }
 
-/// The contiguous DLPack tensor `obj` on CUDA device `device`.
-fn dlpack(obj: &Bound<'_, PyAny>, name: &str, device: i32) -> PyResult<Capsule> {
-    let capsule_name = c"dltensor";
-    // Safety: PyCapsule_IsValid/GetPointer only inspect the object; the tensor it points at is
-    // owned by the capsule, which `obj` keeps alive for this call.
-    let t = unsafe {
-        if ffi::PyCapsule_IsValid(obj.as_ptr(), capsule_name.as_ptr()) != 1 {
-            return Err(PyTypeError::new_err(format!(
-                "{name}: expected a DLPack capsule (from __dlpack__())"
-            )));
-        }
-        let managed = ffi::PyCapsule_GetPointer(obj.as_ptr(), capsule_name.as_ptr());
-        if managed.is_null() {
-            return Err(PyErr::fetch(obj.py()));
-        }
-        // DLManagedTensor starts with its DLTensor.
-        &*(managed as *const DlTensor)
+/// The raw array `obj` = (ptr, dtype code, len).
+fn raw(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Capsule> {
+    let Ok((ptr, code, len)) = obj.extract::<(u64, i64, usize)>() else {
+        type Ints<'py> = (Bound<'py, PyInt>, Bound<'py, PyInt>, Bound<'py, PyInt>);
+        return Err(if obj.extract::<Ints<'_>>().is_ok() {
+            PyValueError::new_err(format!(
+                "{name}: a raw array's address and length are at least 0, got {obj}"
+            ))
+        } else {
+            PyTypeError::new_err(format!(
+                "{name}: expected a raw device array (ptr, dtype, len) of ints, got {}",
+                obj.get_type().name()?
+            ))
+        });
     };
-    if t.device.device_type != DL_CUDA && t.device.device_type != DL_CUDA_MANAGED {
-        return Err(PyValueError::new_err(format!(
-            "{name}: not a CUDA array (DLPack device type {})",
-            t.device.device_type
-        )));
-    }
-    if t.device.device_id != device {
-        return Err(PyValueError::new_err(format!(
-            "{name}: is on cuda:{}, the other arrays on cuda:{device}",
-            t.device.device_id
-        )));
-    }
-    let dtype = match (t.dtype.code, t.dtype.bits, t.dtype.lanes) {
-        (2, 32, 1) => Some(DType::F32),
-        (2, 16, 1) => Some(DType::F16),
-        (4, 16, 1) => Some(DType::BF16),
-        (0, 64, 1) => None,
-        (c, b, l) => {
+    let dtype = match code {
+        0 => Some(DType::F32),
+        1 => Some(DType::F16),
+        2 => Some(DType::BF16),
+        3 => None,
+        c => {
             return Err(PyTypeError::new_err(format!(
-                "{name}: unsupported element type (DLPack code {c}, {b} bits, {l} lanes); the CUDA \
-                 kernels take float32, float16 and bfloat16 (and int64 class indices)"
+                "{name}: unknown dtype code {c}; the CUDA kernels take 0 (float32), 1 (float16), \
+                 2 (bfloat16) and 3 (int64 class indices)"
             )))
         }
     };
-    let ndim =
-        usize::try_from(t.ndim).map_err(|_| PyValueError::new_err(format!("{name}: bad ndim")))?;
-    let (shape, strides) = if ndim == 0 {
-        (&[][..], None)
-    } else {
-        // Safety: DLPack guarantees `shape` (and `strides` when not null) hold ndim entries.
-        unsafe {
-            (
-                std::slice::from_raw_parts(t.shape, ndim),
-                (!t.strides.is_null()).then(|| std::slice::from_raw_parts(t.strides, ndim)),
-            )
-        }
-    };
-    let mut len = 1usize;
-    for &d in shape {
-        let d = usize::try_from(d)
-            .map_err(|_| PyValueError::new_err(format!("{name}: negative shape")))?;
-        len = len
-            .checked_mul(d)
-            .ok_or_else(|| PyValueError::new_err(format!("{name}: too many elements")))?;
+    let size = dtype.map_or(8, DType::size) as u64;
+    if ptr % size != 0 {
+        return Err(PyValueError::new_err(format!(
+            "{name}: address {ptr:#x} is not aligned to its {size}-byte elements"
+        )));
     }
-    if let (Some(strides), true) = (strides, len > 0) {
-        // C-contiguous: each stride is the product of the later extents (size-1 axes are free,
-        // and so is every stride of an empty array, as torch and NumPy treat them).
-        let mut expect = 1i64;
-        for (&d, &s) in shape.iter().zip(strides).rev() {
-            if d != 1 && s != expect {
-                return Err(PyValueError::new_err(format!(
-                    "{name}: must be C-contiguous (strides {strides:?} for shape {shape:?})"
-                )));
-            }
-            expect = expect.saturating_mul(d);
-        }
-    }
-    let ptr = (t.data as u64).wrapping_add(t.byte_offset);
     Ok(match dtype {
         Some(dtype) => Capsule::Floats(Buf { ptr, dtype, len }),
         None => Capsule::Indices(Indices { ptr, len }),
     })
 }
 
-/// The caller's device and current stream (a raw CUstream handle): where every capsule of a
-/// call must live and where its kernels are enqueued.
+/// The caller's device and current stream (a raw CUstream handle): where every array of a call
+/// lives and where its kernels are enqueued.
 #[pyclass(frozen, eq, module = "normax._core", name = "CudaStream")]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct CudaStream {
@@ -159,7 +94,7 @@ impl CudaStream {
     }
 }
 
-/// One binding call: the device every capsule must be on and the stream the kernels go to.
+/// One binding call: the stream (and its device) the kernels go to.
 #[derive(Clone, Copy)]
 struct Call {
     stream: Stream,
@@ -175,11 +110,12 @@ impl Call {
         }
     }
 
+    /// The raw array `obj` (argument `name`), floats or class indices.
     fn capsule(&self, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Capsule> {
-        dlpack(obj, name, self.stream.device)
+        raw(obj, name)
     }
 
-    /// A floating-point capsule's buffer.
+    /// A floating-point raw array's buffer.
     fn buf(&self, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Buf> {
         match self.capsule(obj, name)? {
             Capsule::Floats(b) => Ok(b),
@@ -213,6 +149,27 @@ fn cuda_nvrtc_version() -> PyResult<(i32, i32)> {
     cu::nvrtc_version().map_err(to_py)
 }
 
+/// How many times this process has looked for the NVRTC library (it stops once found).
+#[pyfunction]
+fn cuda_nvrtc_probes() -> usize {
+    cu::nvrtc_probes()
+}
+
+/// One recorded driver call: (event, kernel or driver call, grid, block).
+type Recorded = (&'static str, String, (u64, u64, u64), (u32, u32, u32));
+
+/// Turns this thread's dry-run recorder on or off; what it recorded since the previous call
+/// (None where it was off). See normax-cuda's `record`.
+#[pyfunction]
+fn cuda_record(on: bool) -> Option<Vec<Recorded>> {
+    cu::record(on).map(|events| {
+        events
+            .into_iter()
+            .map(|e| (e.event, e.name, e.grid, e.block))
+            .collect()
+    })
+}
+
 #[pyfunction]
 fn cuda_device_name(py: Python<'_>, device: i32) -> PyResult<String> {
     py.detach(move || cu::device_name(device)).map_err(to_py)
@@ -222,6 +179,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CudaStream>()?;
     m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_nvrtc_probes, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_record, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_name, m)?)?;
     softmax::register(m)?;
     stablemax::register(m)?;
