@@ -35,7 +35,8 @@ fn raw(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Capsule> {
         type Ints<'py> = (Bound<'py, PyInt>, Bound<'py, PyInt>, Bound<'py, PyInt>);
         return Err(if obj.extract::<Ints<'_>>().is_ok() {
             PyValueError::new_err(format!(
-                "{name}: a raw array's address and length are at least 0, got {obj}"
+                "{name}: a raw array's address and length are non-negative and its dtype \
+                 code 0 to 3, got {obj}"
             ))
         } else {
             PyTypeError::new_err(format!(
