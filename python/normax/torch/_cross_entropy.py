@@ -16,6 +16,7 @@ from .. import _cross_entropy as cpu
 from .._backends import cuda
 from .._options import CeOptions, ce_options
 from .._stablemax import check_normalizer
+from . import _cuda
 from ._convert import absent, check_float, dense, host, host_opt, needs_grad, to_tensor
 from ._op import op
 from ._softmax import log_softmax_op
@@ -249,6 +250,105 @@ def _cross_entropy_backward_cuda(
     return dense(grad)
 
 
+# ---------------------------------------------------------------------------------------------
+# The CUDA thin path, for class-index targets: a forward kernel that reduces the loss on the device
+# and saves each row's float32 log-sum-exp, and a backward kernel that streams the gradient from
+# it. One `_core` call each; the ops exist on CUDA only (the public function routes them there).
+
+
+@op("normax::cross_entropy_cuda")
+def _ce_cuda_op(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, workspace) of contiguous (N, C) or (C,) CUDA logits and int64 class indices.
+
+    `lse` holds each row's float32 log-sum-exp, `workspace` the mean's denominator (float32, empty
+    for reduction="none"): both are saved for the backward.
+    """
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _cuda.ce_forward(input, target, weight, opts)
+
+
+@_ce_cuda_op.register_fake
+def _ce_cuda_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    return _cuda.ce_forward_shapes(input, target, reduction)
+
+
+@op("normax::cross_entropy_cuda_backward")
+def _ce_cuda_backward_op(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    workspace: Tensor,
+    grad_loss: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> Tensor:
+    """d loss / d input from the forward's saved `lse` and `workspace`, scaled by `grad_loss`."""
+    opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _cuda.ce_backward(input, target, weight, lse, workspace, grad_loss, opts)
+
+
+@_ce_cuda_backward_op.register_fake
+def _ce_cuda_backward_fake(
+    input,
+    target,
+    weight,
+    lse,
+    workspace,
+    grad_loss,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+):
+    return input.new_empty(input.shape)
+
+
+def _ce_cuda_setup(ctx, inputs, output) -> None:
+    input, target, weight = inputs[:3]
+    ctx.options = inputs[3:]
+    ctx.has_weight = weight is not None
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(input, target, output[1], output[2], *(() if weight is None else (weight,)))
+
+
+def _ce_cuda_grad(ctx, grad_loss, _grad_lse, _grad_workspace):
+    if grad_loss is None:  # the loss was not used (gradients are not materialized)
+        return (None,) * 8
+    input, target, lse, workspace, *weight = ctx.saved_tensors
+    weight = weight[0] if ctx.has_weight else None
+    dlogits = _ce_cuda_backward_op(input, target, weight, lse, workspace, grad_loss, *ctx.options)
+    return (dlogits,) + (None,) * 7
+
+
+_ce_cuda_op.register_autograd(_ce_cuda_grad, setup_context=_ce_cuda_setup)
+
+
+def _thin_cuda_route(input: Tensor, target: Tensor) -> bool:
+    """Whether a call takes the CUDA thin path: contiguous-able (N, C) or (C,) logits of a kernel
+    dtype, int64 class indices that need no gradient."""
+    return (
+        _cuda.on_cuda(input)
+        and input.ndim <= 2
+        and input.dtype in _cuda.KERNEL_DTYPES
+        and target.dtype == torch.int64
+        and not needs_grad(target)
+    )
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -339,8 +439,13 @@ def cross_entropy(
             z_loss=z_loss,
         )
         return loss.to(input.dtype)
+    if _thin_cuda_route(input, target):
+        input, target = input.contiguous(), target.contiguous()
+        return _ce_cuda_op(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)[
+            0
+        ]
     axis = 1 if input.ndim >= 2 else 0
-    if needs_grad(input) and not input.is_cuda and not needs_grad(target):
+    if needs_grad(input) and not _cuda.on_cuda(input) and not needs_grad(target):
         # CPU: loss and gradient in one pass over the logits; the backward only scales it. (A
         # target that requires grad takes the other op: its backward differentiates both, and a
         # second derivative through the target then raises instead of missing that term.)
@@ -348,6 +453,8 @@ def cross_entropy(
             input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
         )
         return loss
-    # CUDA (or no gradient): the loss alone; its backward writes the scaled gradient in one
-    # kernel, which is fewer passes over the logits than forming it here and scaling it later.
-    return _cross_entropy_op(input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    # CUDA's general path (probabilities, more dimensions) or no gradient: the loss alone; its
+    # backward writes the scaled gradient in one kernel.
+    return _cross_entropy_op(
+        input, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss, softcap
+    )

@@ -1,7 +1,7 @@
 """layer_norm and rms_norm: custom ops, fake kernels, autograd, CUDA kernels, public functions.
 
-The ops normalize the trailing `ndim` dimensions; the forward returns the row statistics (float64
-on every device) that the backward takes.
+The ops normalize the trailing `ndim` dimensions; the forward returns the row statistics that the
+backward takes: float64 on the CPU, float32 on CUDA (the CUDA thin path, ``_cuda.norm_forward``).
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import torch
 from torch import Tensor
 
 from .. import _norms as cpu
-from .._backends import cuda
-from ._convert import absent, check_float, dense, host, host_dense, host_opt, to_tensor
+from . import _cuda
+from ._convert import absent, check_float, host, host_dense, host_opt, to_tensor
 from ._op import op
 
 
 def _norm_axes(ndim: int) -> tuple[int, ...]:
     return tuple(range(-ndim, 0))
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == "cuda" else torch.float64
 
 
 @op("normax::layer_norm")
@@ -36,8 +40,8 @@ def _layer_norm_fake(x, ndim, weight, bias, eps):
     rows = x.shape[: x.ndim - ndim]
     return (
         x.new_empty(x.shape),
-        x.new_empty(rows, dtype=torch.float64),
-        x.new_empty(rows, dtype=torch.float64),
+        x.new_empty(rows, dtype=_stats_dtype(x)),
+        x.new_empty(rows, dtype=_stats_dtype(x)),
     )
 
 
@@ -90,6 +94,8 @@ def _layer_norm_setup(ctx, inputs, output) -> None:
 
 
 def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    if dy is None:  # y was not used (gradients are not materialized)
+        return (None,) * 5
     x, weight, bias, mean, rstd = ctx.saved_tensors
     weight = weight if ctx.has_weight else None
     bias = bias if ctx.has_bias else None
@@ -102,19 +108,13 @@ _layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_set
 
 @_layer_norm_op.register_kernel("cuda")
 def _layer_norm_cuda(x, ndim, weight, bias, eps):
-    y, mean, rstd = cuda.layer_norm(x, weight, bias, eps=eps, axis=_norm_axes(ndim), return_stats=True)
-    return dense(y), mean.double(), rstd.double()  # float64, as the CPU op saves them
+    return _cuda.norm_forward("layer", x, ndim, weight, bias, eps)
 
 
 @_layer_norm_backward_op.register_kernel("cuda")
 def _layer_norm_backward_cuda(dy, x, ndim, weight, bias, mean, rstd, eps):
-    # float32 parameter gradients, rounded once to the parameters' dtype
-    dx, dw, db = cuda.norm_backward(
-        "layer", "normax.torch.layer_norm", dy, x, weight, bias, eps, _norm_axes(ndim), mean, rstd, None
-    )
-    dw = absent(x) if dw is None else dw.to(weight.dtype)
-    db = absent(x) if db is None else db.to(bias.dtype)
-    return dense(dx), dw, db
+    dx, dw, db = _cuda.norm_backward("layer", dy, x, ndim, weight, bias, mean, rstd, eps)
+    return dx, absent(x) if dw is None else dw, absent(x) if db is None else db
 
 
 @op("normax::rms_norm")
@@ -125,7 +125,7 @@ def _rms_norm_op(x: Tensor, ndim: int, weight: Tensor | None, eps: float) -> tup
 
 @_rms_norm_op.register_fake
 def _rms_norm_fake(x, ndim, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[: x.ndim - ndim], dtype=torch.float64)
+    return x.new_empty(x.shape), x.new_empty(x.shape[: x.ndim - ndim], dtype=_stats_dtype(x))
 
 
 @op("normax::rms_norm_backward")
@@ -151,6 +151,8 @@ def _rms_norm_setup(ctx, inputs, output) -> None:
 
 
 def _rms_norm_grad(ctx, dy, _drstd):
+    if dy is None:
+        return (None,) * 4
     x, weight, rstd = ctx.saved_tensors
     dx, dw = _rms_norm_backward_op(dy, x, ctx.ndim, weight if ctx.has_weight else None, rstd, ctx.eps)
     return dx, None, (dw if ctx.has_weight else None), None
@@ -161,16 +163,13 @@ _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 @_rms_norm_op.register_kernel("cuda")
 def _rms_norm_cuda(x, ndim, weight, eps):
-    y, rstd = cuda.rms_norm(x, weight, eps=eps, axis=_norm_axes(ndim), return_stats=True)
-    return dense(y), rstd.double()
+    return _cuda.norm_forward("rms", x, ndim, weight, None, eps)
 
 
 @_rms_norm_backward_op.register_kernel("cuda")
 def _rms_norm_backward_cuda(dy, x, ndim, weight, rstd, eps):
-    dx, dw = cuda.norm_backward(
-        "rms", "normax.torch.rms_norm", dy, x, weight, None, eps, _norm_axes(ndim), None, rstd, None
-    )
-    return dense(dx), (absent(x) if dw is None else dw.to(weight.dtype))
+    dx, dw, _ = _cuda.norm_backward("rms", dy, x, ndim, weight, None, None, rstd, eps)
+    return dx, absent(x) if dw is None else dw
 
 
 def _normalized(fname: str, input: Tensor, normalized_shape, params) -> int:
@@ -221,7 +220,8 @@ def layer_norm(
     Notes
     -----
     One fused normax pass per row with a stable variance; the forward keeps each row's mean and
-    rstd (float64) for the backward, which is one more normax pass (dx, and dweight/dbias reduced
+    rstd (float64 on the CPU,
+    float32 on CUDA) for the backward, which is one more normax pass (dx, and dweight/dbias reduced
     deterministically).
 
     Examples

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _cuda
+
 
 def route(args) -> int:
     """How a call with `args` may run: DISPATCHER, KERNEL (no gradient to record) or FUNCTION.
@@ -103,7 +105,7 @@ class Op:
 
     def _kernel(self, *args):
         # Every op's first argument is a tensor on the device it runs on.
-        return self._kernels.get("cuda" if args[0].is_cuda else "cpu", self._default)(*args)
+        return self._kernels.get("cuda" if _cuda.on_cuda(args[0]) else "cpu", self._default)(*args)
 
     def __call__(self, *args):
         how = route(args)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import _softmax as cpu
 from .._backends import cuda
+from . import _cuda
 from ._convert import check_float, dense, host, host_dense, to_tensor
 from ._op import op
 
@@ -65,11 +66,15 @@ def _save_output(ctx, inputs, output) -> None:
 
 
 def _softmax_grad(ctx, grad: Tensor):
+    if grad is None:  # y was not used (gradients are not materialized)
+        return None, None
     (y,) = ctx.saved_tensors
     return _softmax_backward_op(y, grad, ctx.dim), None
 
 
 def _log_softmax_grad(ctx, grad: Tensor):
+    if grad is None:
+        return None, None
     (y,) = ctx.saved_tensors
     return _log_softmax_backward_op(y, grad, ctx.dim), None
 
@@ -78,23 +83,35 @@ _softmax_op.register_autograd(_softmax_grad, setup_context=_save_output)
 log_softmax_op.register_autograd(_log_softmax_grad, setup_context=_save_output)
 
 
+# CUDA: rows along the last dimension take the thin path (one `_core` call); other dimensions and
+# dtypes the NumPy-first CUDA path, which arranges the rows (or raises its TypeError).
+
+
+def _thin(x: Tensor, dim: int) -> bool:
+    return x.ndim > 0 and dim in (-1, x.ndim - 1) and x.dtype in _cuda.KERNEL_DTYPES
+
+
 @_softmax_op.register_kernel("cuda")
 def _softmax_cuda(x, dim):
-    return dense(cuda.softmax(x, axis=dim))
+    return _cuda.softmax(x, False) if _thin(x, dim) else dense(cuda.softmax(x, axis=dim))
 
 
 @log_softmax_op.register_kernel("cuda")
 def _log_softmax_cuda(x, dim):
-    return dense(cuda.log_softmax(x, axis=dim))
+    return _cuda.softmax(x, True) if _thin(x, dim) else dense(cuda.log_softmax(x, axis=dim))
 
 
 @_softmax_backward_op.register_kernel("cuda")
 def _softmax_backward_cuda(y, dy, dim):
+    if _thin(y, dim) and dy.dtype == y.dtype:
+        return _cuda.softmax_backward(y, dy, False)
     return dense(cuda.softmax_backward(y, dy, axis=dim))
 
 
 @_log_softmax_backward_op.register_kernel("cuda")
 def _log_softmax_backward_cuda(y, dy, dim):
+    if _thin(y, dim) and dy.dtype == y.dtype:
+        return _cuda.softmax_backward(y, dy, True)
     return dense(cuda.log_softmax_backward(y, dy, axis=dim))
 
 
