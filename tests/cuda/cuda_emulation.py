@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 from normax import _core
 from normax._backends import cuda
 from normax._backends.cuda import device
+from normax.torch import _cuda as torch_cuda
 
 STREAM = 0x5EED  # the caller's "current stream": every kernel must run on it
 
@@ -344,6 +345,8 @@ def emulate(monkeypatch, is_cuda) -> EmulatedKernels:
         monkeypatch.setattr(module, "is_cuda_array", is_cuda)
     monkeypatch.setattr(device.Lib, "current_stream", lambda self: STREAM)
     monkeypatch.setattr(device.Lib, "capturing", lambda self: False)
+    # normax.torch's thin path asks torch for the stream itself (a CUDA call on a CPU tensor).
+    monkeypatch.setattr(torch_cuda, "stream", lambda t: _core.CudaStream(t.get_device(), STREAM))
     return kernels
 
 

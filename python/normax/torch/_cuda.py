@@ -49,8 +49,7 @@ def _raw_stream(index: int) -> int:
 
 def stream(t: Tensor):
     """The current stream of `t`'s device, where the kernels are enqueued."""
-    if not device.NVRTC_READY:
-        device.prepare()
+    device.prepare()
     index = t.get_device()
     return _core.CudaStream(index, _raw_stream(index))
 

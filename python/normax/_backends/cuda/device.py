@@ -54,9 +54,6 @@ def _driver_error() -> str | None:
     return "the CUDA driver library (libcuda.so.1) was not found: this machine has no NVIDIA driver"
 
 
-_NVRTC_LOADED = False
-
-
 def load_nvrtc() -> str | None:
     """Loads NVRTC from the nvidia-cuda-nvrtc wheel if one is installed; returns its path.
 
@@ -65,7 +62,6 @@ def load_nvrtc() -> str | None:
     runtime of the caller's framework is known, the NVRTC of the same major version comes first
     (its cubins load on the driver that framework runs on).
     """
-    global _NVRTC_LOADED
     paths = []
     for base in sys.path:
         for pattern in ("nvidia/cu*/lib/libnvrtc.so.*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.*"):
@@ -82,7 +78,6 @@ def load_nvrtc() -> str | None:
     for path in paths:
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            _NVRTC_LOADED = True
             return path
         except OSError:
             continue
@@ -108,10 +103,22 @@ def compile_check(arch: str) -> list[tuple[str, int]]:
     Returns (module, cubin size in bytes) pairs; a kernel that does not compile raises
     RuntimeError with NVRTC's log.
     """
-    _require_build()
-    if not _NVRTC_LOADED:
-        load_nvrtc()
+    prepare()
     return _core.cuda_compile_all(arch)
+
+
+_NVRTC_SEARCHED = False
+
+
+def prepare() -> None:
+    """What a kernel call needs first: a build with the CUDA backend, and the NVRTC wheel's library
+    loaded where there is one (searched for once per process: a toolkit's NVRTC on the library path
+    is found by the Rust side)."""
+    global _NVRTC_SEARCHED
+    _require_build()
+    if not _NVRTC_SEARCHED:
+        load_nvrtc()
+        _NVRTC_SEARCHED = True
 
 
 def _require_build() -> None:
@@ -332,9 +339,7 @@ def lib_of(args, fname) -> Lib:
 def run(lib: Lib, kernel, *args):
     """Calls `kernel`, a ``_core.cuda_*`` function, with the raw tuple (:meth:`Lib.raw`) of every
     array among `args` (inside tuples too) and the caller's device and stream last."""
-    _require_build()
-    if not _NVRTC_LOADED:
-        load_nvrtc()
+    prepare()
     kernel(*(_raw(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
 
 
