@@ -145,11 +145,14 @@ def test_options_are_torchs():
     with pytest.warns(UserWarning, match="ignored"):
         F.linear_cross_entropy(h, w, t, label_smoothing=0.1, options=bad)
     nt.linear_cross_entropy(h, w, t, label_smoothing=0.1, options=bad)
-    # allow_retain_graph is always granted: a second backward works.
+    # allow_retain_graph is always granted: the backward hands over the gradients the forward
+    # formed (scaled in place), and a second one recomputes them (torch raises there).
     hh = h.clone().requires_grad_()
-    loss = nt.linear_cross_entropy(hh, w, t, options=options())
+    loss = nt.linear_cross_entropy(hh, w, t, options=options()) * 3.0
     loss.backward(retain_graph=True)
+    first = hh.grad.clone()
     loss.backward()
+    torch.testing.assert_close(hh.grad, 2 * first, rtol=1e-6, atol=0)
 
 
 def test_normax_keywords_after_torchs():

@@ -217,7 +217,7 @@ def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(cuda_kernels, 
     t = torch.randint(0, 13, (9,), generator=rng)
     t[3] = -100
     for reduction, go in (("mean", None), ("sum", None), ("none", torch.rand(9, generator=rng))):
-        args = (-100, reduction, 0.1, 1e-3, None, 26)  # the options, chunk_size
+        args = (-100, reduction, 0.1, 1e-3, None, 26, "float32")  # the options, chunk_size, accumulation
         same_tensors(
             [nt._linear_ce_cuda(h, w, t, bias, None, *args)], [nt._linear_ce_op(h, w, t, bias, None, *args)]
         )

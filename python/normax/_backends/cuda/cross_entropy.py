@@ -178,7 +178,6 @@ def cross_entropy_with_grad(
 # The memory budget of one logits block (whole rows), see linear_block_rows.
 LINEAR_BLOCK_BYTES = 256 << 20
 _GEMM_TILE_ROWS = 128
-ACCUMULATIONS = ("float32", "input")
 
 
 def linear_block_rows(n: int, v: int, itemsize: int, chunk_size=None, accumulation: str = "float32") -> int:
@@ -205,13 +204,6 @@ def linear_block_rows(n: int, v: int, itemsize: int, chunk_size=None, accumulati
     if rows >= _GEMM_TILE_ROWS:
         rows -= rows % _GEMM_TILE_ROWS
     return max(1, min(n, rows))
-
-
-def check_accumulation(value) -> str:
-    """The linear cross-entropy's `accumulation` checked: "float32" or "input"."""
-    if value not in ACCUMULATIONS:
-        raise ValueError(f'accumulation: expected "float32" or "input", got {value!r}')
-    return value
 
 
 def _gemm(lib: Lib, a, b, out):
