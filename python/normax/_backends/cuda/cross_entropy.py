@@ -6,6 +6,7 @@ IndexError after one device-to-host read of a flag (see :func:`_check_classes`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -211,18 +212,26 @@ def _gemm(lib: Lib, a, b, out):
     return out
 
 
+@functools.cache
+def _mixed_gemm(torch) -> bool:
+    """Whether torch has cuBLAS's GEMM of 16-bit factors into a float32 output (mm and addmm
+    with ``out_dtype``, torch >= 2.8)."""
+    return "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
 def _add_product(lib: Lib, a, b, out, first: bool) -> None:
     """``out = a @ b`` (`first`) or ``out += a @ b``, summed in `out`'s dtype with no temporary
     of its shape and no zero fill: torch's mm/addmm write into `out` (cuBLAS's mixed-precision
-    GEMM when `out` is float32 and the factors 16-bit). CuPy adds a temporary product."""
-    if lib.name != "torch":
+    GEMM when `out` is float32 and the factors 16-bit). CuPy, and torch before 2.8 for 16-bit
+    factors into float32, add a temporary product."""
+    mixed = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
+    if lib.name != "torch" or (mixed and not _mixed_gemm(lib.mod)):
         if first:
             out[...] = a @ b
         else:
             out += a @ b
         return
     torch = lib.mod
-    mixed = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
     if first:
         torch.mm(a, b, out=out, **mixed)
     else:
