@@ -169,6 +169,12 @@ def test_normax_keywords_after_torchs():
     )
     with pytest.raises(TypeError):
         nt.linear_cross_entropy(h, w, t, b)  # linear_bias is keyword-only, as in torch
+    # accumulation: the CUDA kernels' dweight sums; checked everywhere, the same result here.
+    kw = {"linear_bias": b, "z_loss": 1e-3, "softcap": 3.0, "chunk_size": 2 * C}
+    assert torch.equal(nt.linear_cross_entropy(h, w, t, accumulation="input", **kw), got)
+    for bad in ("bfloat16", None):
+        with pytest.raises(ValueError, match='accumulation: expected "float32" or "input"'):
+            nt.linear_cross_entropy(h, w, t, accumulation=bad)
 
 
 @pytest.mark.parametrize(
