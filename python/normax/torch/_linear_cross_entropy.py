@@ -333,8 +333,9 @@ def linear_cross_entropy(
         its ``batch_chunk_size`` (resolved as torch resolves ``chunking_method`` and
         ``acc_policy``, with torch's ValueError when the two disagree) sets the rows per block,
         and an ``acc_dtype`` torch does not support raises RuntimeError, as in torch.
-        float16/bfloat16 logits are always computed with float32 sums (see `accumulation` for
-        dlinear_weight's); ``allow_retain_graph`` is always granted (see Notes).
+        float16/bfloat16 GEMMs and rows always sum in float32 (`accumulation` sets what
+        dlinear_weight is summed in across the blocks); ``allow_retain_graph`` is always granted
+        (see Notes).
     z_loss : float, default 0.0
         PaLM's auxiliary term ``z_loss * lse**2``, per counted row (normax only).
     softcap : float, optional
@@ -342,13 +343,16 @@ def linear_cross_entropy(
     chunk_size : int, optional
         Most logits held at once, in elements; see :func:`normax.linear_cross_entropy`. Takes
         precedence over `options`. None on CUDA: blocks of at most 256 MiB of logits (128 MiB
-        with ``accumulation="input"``), see ``normax._backends.cuda.linear_block_rows``.
+        with ``accumulation="input"``), see
+        ``normax._backends.cuda.cross_entropy.linear_block_rows``.
     accumulation : {"float32", "input"}, default "float32"
-        What the CUDA kernels sum dlinear_weight and dlinear_bias over the blocks of rows in:
-        a float32 buffer (4 x C x H bytes more, cast to the weight's dtype at the end), or
-        ``"input"``, the inputs' dtype (no float32 (C, H) buffer: the low-memory mode for
-        float16/bfloat16, rounding to 16 bits once per block). The same for float32 inputs.
-        CPU tensors ignore it (the CPU kernels' own sums).
+        On CUDA, what dlinear_weight is summed in across the blocks of rows: a float32 buffer
+        (4 x C x H bytes more while it runs, cast to the weight's dtype at the end), or
+        ``"input"``, the inputs' dtype, added to in place (the low-memory mode for
+        float16/bfloat16: no float32 (C, H) buffer, one 16-bit rounding per block). One block
+        (all rows fit) needs neither: its GEMM writes dlinear_weight. The same for float32
+        inputs; dlinear_bias is always summed in float32 (C values). CPU tensors ignore it
+        (the CPU kernels' own sums).
 
     Returns
     -------

@@ -247,8 +247,9 @@ def linear_blocks(
 
     The loss is float32 for float16/bfloat16 inputs (the kernels' float32 rows and sums, not
     rounded to 16 bits), else the inputs' dtype; the gradients are in the inputs' dtype.
-    dweight and dbias are summed over the row blocks in float32 (``accumulation="float32"``) or
-    in the inputs' dtype (``"input"``: no float32 (V, H) buffer, one rounding per block).
+    dweight is summed over the row blocks in float32 (``accumulation="float32"``) or in the
+    inputs' dtype (``"input"``: no float32 (V, H) buffer, one rounding per block); dbias always
+    in float32.
     """
     lib = lib_of((hidden, weight, target, bias, grad_output), fname)
     with lib.current():
