@@ -443,16 +443,19 @@ def vocab_parallel_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_
     """This rank's (d hidden, d weight_shard, d bias_shard or None) of the linear shard, in h's
     dtype: each block's logits recomputed and turned into their gradient in place by the shard
     backward kernel, then the GEMMs. d hidden is this shard's part (the caller sums it over the
-    ranks); d weight and d bias are summed over the blocks in float32."""
+    ranks); d weight and d bias are summed over the blocks in float32 (d weight into a float32
+    buffer in place, see _add_product; one block's GEMM writes it whole)."""
     n, hd = h.shape
     v = w.shape[0]
     f32 = lib.float32()
     scale, stride = _vocab_parallel_scale(lib, grad_output, opts.reduction, denom, n)
     blocks = _vocab_parallel_blocks(n, v, h.element_size(), chunk_size)
-    blk = lib.empty((blocks[0][1] if blocks else 0, v), h.dtype)
-    dh = lib.zeros((n, hd), h.dtype)
-    dw = lib.zeros((v, hd), f32)
-    db = None if b is None else lib.zeros((v,), f32)
+    if not blocks:  # no rows
+        return lib.empty((0, hd), h.dtype), lib.zeros((v, hd), h.dtype), None if b is None else lib.zeros((v,), h.dtype)
+    blk = lib.empty((blocks[0][1], v), h.dtype)
+    dh = lib.empty((n, hd), h.dtype)  # every block writes its rows
+    dw = lib.empty((v, hd), f32 if len(blocks) > 1 else h.dtype)
+    db = None
     for r0, rn in blocks:
         hb = h[r0 : r0 + rn]
         lg = _gemm(lib, hb, w.T, blk[:rn])
@@ -462,10 +465,11 @@ def vocab_parallel_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_
         _vocab_parallel_grad(lib, lg, target[r0 : r0 + rn], weight, lse[r0 : r0 + rn], lg, sc, stride, start, classes,
                     w_sum, opts)  # fmt: skip
         _gemm(lib, lg, w, dh[r0 : r0 + rn])  # d hidden = G @ W
-        if lib.dtype_name(lg) == "float32":
-            dw.addmm_(lg.T, hb)
-        else:
-            dw += (lg.T @ hb).float()
-        if db is not None:
-            db += lg.sum(0, dtype=f32)
+        _add_product(lib, lg.T, hb, dw, r0 == 0)  # d weight (+)= G^T @ hidden
+        if b is not None:
+            col = lg.sum(0, dtype=f32)
+            if r0 == 0:
+                db = col
+            else:
+                db += col
     return dh, lib.astype(dw, h.dtype), None if db is None else lib.astype(db, h.dtype)
