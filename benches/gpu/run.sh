@@ -3,7 +3,8 @@
 # installs the wheels from dist/ without dependencies, runs the gpu tests (every CUDA op against
 # torch CUDA and the CPU path, forward and gradient; the training-step checks of
 # tests/cuda/test_gpu_training.py), then the benchmark against torch eager, torch.compile and
-# Liger-Kernel, with issue 11's targets.
+# Liger-Kernel (and torch's own F.linear_cross_entropy, chunked or not, for the linear
+# cross-entropy), with issue 11's targets and issue 22's for the linear cross-entropy.
 #
 # Prepare where there is a registry (the GPU machine has torch with CUDA already):
 #   maturin build --release --out dist                   # the normax wheel

@@ -475,13 +475,14 @@ def linear_cross_entropy(
     chunk_size : int, optional
         Most logits held at once, in elements (rows x classes). None picks 2**24 (64 MiB of
         float32), or all of them when there are fewer. On CUDA arrays blocks are whole rows
-        (a `chunk_size` below the vocabulary still holds one row) and None picks about an eighth
-        of the rows (at least 2**20 elements): GEMMs of few rows would leave a GPU idle.
+        (a `chunk_size` below the vocabulary still holds one row) and None picks blocks of at
+        most 256 MiB of logits, whole multiples of 128 rows where they allow.
 
     Returns
     -------
     loss : numpy scalar or ndarray
-        As :func:`cross_entropy`: a scalar, or one loss per row for ``reduction="none"``.
+        As :func:`cross_entropy`: a scalar, or one loss per row for ``reduction="none"``. On
+        CUDA arrays float32 for float16/bfloat16 inputs (the kernels' float32 loss, unrounded).
 
     Raises
     ------

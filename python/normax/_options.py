@@ -205,6 +205,14 @@ def check_chunk_size(value) -> int | None:
     return int(value)
 
 
+def check_accumulation(value) -> str:
+    """The CUDA linear cross-entropy's `accumulation` (of dweight, dbias over the row blocks)
+    checked: "float32" or "input" (the inputs' dtype)."""
+    if not isinstance(value, str) or value not in ("float32", "input"):
+        raise ValueError(f'accumulation: expected "float32" or "input", got {value!r}')
+    return value
+
+
 _INT64_MAX = 2**63 - 1
 
 

@@ -145,11 +145,14 @@ def test_options_are_torchs():
     with pytest.warns(UserWarning, match="ignored"):
         F.linear_cross_entropy(h, w, t, label_smoothing=0.1, options=bad)
     nt.linear_cross_entropy(h, w, t, label_smoothing=0.1, options=bad)
-    # allow_retain_graph is always granted: a second backward works.
+    # allow_retain_graph is always granted: the backward hands over the gradients the forward
+    # formed (scaled in place), and a second one recomputes them (torch raises there).
     hh = h.clone().requires_grad_()
-    loss = nt.linear_cross_entropy(hh, w, t, options=options())
+    loss = nt.linear_cross_entropy(hh, w, t, options=options()) * 3.0
     loss.backward(retain_graph=True)
+    first = hh.grad.clone()
     loss.backward()
+    torch.testing.assert_close(hh.grad, 2 * first, rtol=1e-6, atol=0)
 
 
 def test_normax_keywords_after_torchs():
@@ -166,6 +169,12 @@ def test_normax_keywords_after_torchs():
     )
     with pytest.raises(TypeError):
         nt.linear_cross_entropy(h, w, t, b)  # linear_bias is keyword-only, as in torch
+    # accumulation: the CUDA kernels' dweight sums; checked everywhere, the same result here.
+    kw = {"linear_bias": b, "z_loss": 1e-3, "softcap": 3.0, "chunk_size": 2 * C}
+    assert torch.equal(nt.linear_cross_entropy(h, w, t, accumulation="input", **kw), got)
+    for bad in ("bfloat16", None):
+        with pytest.raises(ValueError, match='accumulation: expected "float32" or "input"'):
+            nt.linear_cross_entropy(h, w, t, accumulation=bad)
 
 
 @pytest.mark.parametrize(

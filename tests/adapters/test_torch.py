@@ -273,11 +273,11 @@ def _opcheck_cases():
         "scale_grad": (_cross_entropy.scale_grad_op, (dy, rand(4, seed=7), 1, x.detach())),
         "linear_cross_entropy": (
             _linear_cross_entropy._linear_ce_op,
-            (h, wl, t, b, None, -100, "none", 0.1, 0.0, None, None),
+            (h, wl, t, b, None, -100, "none", 0.1, 0.0, None, None, "float32"),
         ),
         "linear_cross_entropy_with_grad": (
             _linear_cross_entropy._linear_ce_with_grad_op,
-            (h, wl, t, b, None, None, "mean", 0.0, 1e-3, 5.0, 7, None),
+            (h, wl, t, b, None, None, "mean", 0.0, 1e-3, 5.0, 7, "input", None),
         ),
         # Class weights and probability targets (which then get a gradient too).
         "linear_cross_entropy_soft": (
@@ -294,6 +294,7 @@ def _opcheck_cases():
                 0.0,
                 None,
                 7,
+                "float32",
             ),
         ),
         "layer_norm": (_norms._layer_norm_op, (x, 1, w, b, 1e-5)),

@@ -175,3 +175,43 @@ def test_negative_bit_views_are_read_correctly(name):
     got = CASES[name](torch._neg_view(x))
     expected = CASES[name](-x)
     assert torch.equal(got, expected), name
+
+
+def _twice_and_thrice(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x * 2, x * 3
+
+
+def test_the_direct_route_does_not_materialise_gradients():
+    """A non-differentiable output's gradient reaches the backward as None (no zeros of its shape),
+    and a backward with nothing flowing into its first output does not run (no gradient)."""
+    split = _op.op("normax_test::twice_and_thrice")(_twice_and_thrice)
+    split.register_fake(lambda x: (torch.empty_like(x), torch.empty_like(x)))
+    seen = []
+
+    def setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad, grad_thrice):
+        seen.append(grad_thrice)
+        return 2 * grad
+
+    split.register_autograd(backward, setup_context=setup)
+    x = _rand(3)
+    twice, _ = split(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        twice.sum().backward()
+    assert seen == [None] and torch.equal(x.grad, torch.full((3,), 2.0))
+    assert not [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::zeros_like")]
+
+    class NoGradient(torch.autograd.Function):  # passes nothing back to its input
+        @staticmethod
+        def forward(ctx, a):
+            return a.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    x = _rand(3)
+    NoGradient.apply(split(x)[0]).sum().backward()
+    assert seen == [None] and x.grad is None

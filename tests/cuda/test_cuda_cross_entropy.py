@@ -7,12 +7,14 @@ Tolerances: the emulated kernels compute in float64 and round to float32 once, t
 float32 with float64 sums, so results agree to a few float32 roundings of the values' magnitude.
 """
 
+import itertools
+
 import normax
 import numpy as np
 import pytest
 from cuda_emulation import close, cp, same_as_the_cpu_op, same_tensors, torch
 from normax._backends import cuda
-from normax._backends.cuda.cross_entropy import _linear_rows
+from normax._backends.cuda.cross_entropy import LINEAR_BLOCK_BYTES, linear_block_rows
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(scale=3.0, size=(3, 4, 50)).astype(np.float32)
@@ -215,7 +217,7 @@ def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(cuda_kernels, 
     t = torch.randint(0, 13, (9,), generator=rng)
     t[3] = -100
     for reduction, go in (("mean", None), ("sum", None), ("none", torch.rand(9, generator=rng))):
-        args = (-100, reduction, 0.1, 1e-3, None, 26)  # the options, chunk_size
+        args = (-100, reduction, 0.1, 1e-3, None, 26, "float32")  # the options, chunk_size, accumulation
         same_tensors(
             [nt._linear_ce_cuda(h, w, t, bias, None, *args)], [nt._linear_ce_op(h, w, t, bias, None, *args)]
         )
@@ -226,18 +228,29 @@ def test_torch_cuda_linear_kernels_return_what_the_cpu_kernels_do(cuda_kernels, 
     assert cuda_kernels.names().count("cuda_cross_entropy") > 3  # several blocks (26 elements: 2 rows)
 
 
-def test_linear_blocks_hold_about_an_eighth_of_the_logits():
-    rows = _linear_rows
-    # Large problems: about 1/8 of the rows per block, never all of them.
-    for n, v in ((65536, 128256), (8192, 32000), (4096, 50304)):
-        bn = rows(n, v, None)
-        assert bn == -(-n // 8)
-        assert bn * v <= n * v / 8 + v  # within one row of an eighth
-    # Small ones: one block of at most 2**20 elements rather than many tiny GEMMs.
-    assert rows(64, 1000, None) == 64
-    assert rows(4096, 1024, None) == 1024
-    # chunk_size: whole vocabulary rows, at least one.
-    assert rows(100, 1000, 10_000) == 10
-    assert rows(100, 1000, 999) == 1
-    assert rows(100, 1000, 10**9) == 100
-    assert rows(0, 1000, None) == 1
+def test_linear_blocks_are_sized_from_the_memory_budget():
+    rows = linear_block_rows
+    # The issue's case, 8192 x 4096 x 128256 bfloat16: 1024 rows (250.5 MiB, 8 blocks); summing
+    # dweight in bfloat16, half of them; float32 logits, half as many rows as bfloat16's.
+    assert rows(8192, 128256, 2) == 1024
+    assert rows(8192, 128256, 2, accumulation="input") == 512
+    assert rows(8192, 128256, 4) == 512
+    for n, v, size, acc in itertools.product(
+        (100, 8192, 65536), (1000, 32000, 50304, 128256, 256000), (2, 4), ("float32", "input")
+    ):
+        budget = LINEAR_BLOCK_BYTES if acc == "float32" else LINEAR_BLOCK_BYTES // 2
+        bn = rows(n, v, size, accumulation=acc)
+        assert 1 <= bn <= n and bn * v * size <= budget
+        if bn < n:  # as many rows as the budget holds, to a multiple of 128 rows
+            assert bn % 128 == 0 and (bn + 128) * v * size > budget, (n, v, size, acc, bn)
+    # Few rows: all of them; one row beyond the budget: one row; no rows: one (no block runs).
+    assert rows(64, 1000, 4) == 64
+    assert rows(1000, 100_000_000, 4) == 1
+    assert rows(1000, 300_000, 4) == 128
+    assert rows(1000, 3_000_000, 4) == 22  # fewer than 128 rows: not rounded
+    assert rows(0, 1000, 4) == 1
+    # chunk_size replaces the budget: whole vocabulary rows, at least one.
+    assert rows(100, 1000, 4, 10_000) == 10
+    assert rows(100, 1000, 4, 999) == 1
+    assert rows(100, 1000, 4, 10**9) == 100
+    assert rows(8192, 128256, 2, 128256 * 64, "input") == 64

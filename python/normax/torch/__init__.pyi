@@ -51,6 +51,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    accumulation: str = "float32",
 ) -> Tensor: ...
 def layer_norm(
     input: Tensor,

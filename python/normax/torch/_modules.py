@@ -110,7 +110,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         For the classifier's parameters.
     reduction, weight, ignore_index, label_smoothing, options
         As torch's (``ignore_index=None``: -100 for class indices).
-    z_loss, softcap, chunk_size
+    z_loss, softcap, chunk_size, accumulation
         normax's, as in :func:`linear_cross_entropy`.
 
     Examples
@@ -138,6 +138,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
+        accumulation: str = "float32",
     ):
         # torch's own checks and messages.
         if weight is not None and weight.shape != (num_classes,):
@@ -153,6 +154,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.accumulation = accumulation
         self.linear = torch.nn.Linear(
             in_features, math.prod(out_features, start=num_classes), bias=bias, device=device, dtype=dtype
         )
@@ -182,4 +184,5 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
             z_loss=self.z_loss,
             softcap=self.softcap,
             chunk_size=self.chunk_size,
+            accumulation=self.accumulation,
         )

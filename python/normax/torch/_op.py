@@ -80,7 +80,7 @@ class Op:
 
         return register
 
-    def register_autograd(self, backward, *, setup_context) -> None:
+    def register_autograd(self, backward, *, setup_context, direct=None) -> None:
         """The custom op's autograd, and the same functions as a ``torch.autograd.Function`` for
         the direct route.
 
@@ -88,19 +88,35 @@ class Op:
         ``create_graph=True`` their inputs require grad, so they go through their custom ops,
         which have no autograd formula, and a second derivative raises instead of coming out
         silently wrong.
+
+        The direct route does not materialise gradients: a non-differentiable output's gradient
+        arrives as None, never as zeros of its shape (the linear cross-entropy's (N, H) and (V, H)
+        gradients), and a backward whose first output's gradient is None (nothing flows back)
+        gives None for every input without running. `direct`, a (setup_context, backward) pair,
+        replaces both functions on the direct route only (the linear cross-entropy hands its
+        saved gradients over there; the custom op keeps them, as torch.compile needs).
         """
         self.custom_op.register_autograd(backward, setup_context=setup_context)
+        if direct is not None:
+            setup_context, backward = direct
         kernel = self._kernel
 
         def forward(ctx, *args):
+            ctx.set_materialize_grads(False)
+            ctx.num_inputs = len(args)
             output = kernel(*args)
             setup_context(ctx, args, output)
             return output
 
+        def backward_or_none(ctx, *grads):
+            if grads[0] is None:
+                return (None,) * ctx.num_inputs
+            return backward(ctx, *grads)
+
         self._function = type(
             self.name.replace("::", "_"),
             (torch.autograd.Function,),
-            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+            {"forward": staticmethod(forward), "backward": staticmethod(backward_or_none)},
         )
 
     def _kernel(self, *args):

@@ -21,7 +21,9 @@ Differences from the CPU functions, stated once:
 - PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
   per-channel sums back from the device, a host synchronization (see the PowerNorm section).
 - The linear cross-entropy holds whole rows of logits (the vocabulary is never split), so a
-  ``chunk_size`` below V still holds one row.
+  ``chunk_size`` below V still holds one row; by default blocks of at most 256 MiB of logits
+  (``cross_entropy.linear_block_rows``). Its loss is float32 for float16/bfloat16 inputs (the
+  CPU rounds it to the inputs' dtype).
 - Results are the caller's library arrays; a reduced loss is a 0-d array (as torch returns).
 
 The kernels are compiled by NVRTC for the device at first use (about a second per op family),

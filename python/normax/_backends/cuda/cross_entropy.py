@@ -6,6 +6,7 @@ IndexError after one device-to-host read of a flag (see :func:`_check_classes`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -172,21 +173,38 @@ def cross_entropy_with_grad(
     )
 
 
-# each block of logits (which becomes its gradient in place).
+# -- The linear cross-entropy: blocks of rows, their logits from the array library's GEMMs, the
+# cross-entropy kernel on each block of logits (which becomes its gradient in place).
 
-# Logits blocks below this many elements cost more in launches than they save in memory.
-_LINEAR_MIN_BLOCK = 1 << 20
+# The memory budget of one logits block (whole rows), see linear_block_rows.
+LINEAR_BLOCK_BYTES = 256 << 20
+_GEMM_TILE_ROWS = 128
 
 
-def _linear_rows(n: int, v: int, chunk_size: int | None) -> int:
-    """Rows of hidden per logits block. Rows are never split (the kernel takes whole vocabulary
-    rows), so a `chunk_size` below V still holds one row. By default a block is about 1/8 of the
-    N x V logits (at least _LINEAR_MIN_BLOCK elements, or all rows when there are fewer)."""
+def linear_block_rows(n: int, v: int, itemsize: int, chunk_size=None, accumulation: str = "float32") -> int:
+    """Rows of hidden per logits block of the CUDA linear cross-entropy (the memory budget rule).
+
+    A block holds whole rows of `v` logits of `itemsize` bytes (the GEMMs' dtype), at most
+    ``LINEAR_BLOCK_BYTES`` (256 MiB), or half of it with ``accumulation="input"``, rounded down to
+    a multiple of 128 rows (the GEMM tile) when that leaves at least 128; at least one row, and
+    all `n` rows when they fit. With it the extra memory of a forward+backward (beyond the inputs
+    and the results) is at most the float32 dweight accumulator (several blocks and
+    ``accumulation="float32"`` only), one logits block and O(N + V) float32/int64 vectors, far
+    under 256 MiB. Summing dweight in the input's dtype moves half the bytes per block, so half
+    the rows still keep its GEMM compute bound (a GEMM depth of about 400 rows on an H100 for a
+    2-byte accumulator, 800 for float32); the block, then the one large buffer left, halves with it.
+    A `chunk_size` (elements) replaces the budget: ``chunk_size // v`` rows, at least one (rows are
+    never split: the kernel takes whole vocabulary rows).
+    """
     if n == 0:
         return 1
     if chunk_size is not None:
         return max(1, min(n, chunk_size // v))
-    return max(1, min(n, max(-(-n // 8), _LINEAR_MIN_BLOCK // v)))
+    budget = LINEAR_BLOCK_BYTES if accumulation == "float32" else LINEAR_BLOCK_BYTES // 2
+    rows = budget // (v * itemsize)
+    if rows >= _GEMM_TILE_ROWS:
+        rows -= rows % _GEMM_TILE_ROWS
+    return max(1, min(n, rows))
 
 
 def _gemm(lib: Lib, a, b, out):
@@ -194,25 +212,53 @@ def _gemm(lib: Lib, a, b, out):
     return out
 
 
-def _zeros(lib: Lib, shape, dtype):
-    if lib.name == "torch":
-        return lib.mod.zeros(shape, dtype=dtype, device=lib.device)
-    return lib.mod.zeros(shape, dtype=dtype)  # on the current device: the caller's
+@functools.cache
+def _mixed_gemm(torch) -> bool:
+    """Whether torch has cuBLAS's GEMM of 16-bit factors into a float32 output (mm and addmm
+    with ``out_dtype``, torch >= 2.8)."""
+    return "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def _add_product(lib: Lib, a, b, out, first: bool) -> None:
+    """``out = a @ b`` (`first`) or ``out += a @ b``, summed in `out`'s dtype with no temporary
+    of its shape and no zero fill: torch's mm/addmm write into `out` (cuBLAS's mixed-precision
+    GEMM when `out` is float32 and the factors 16-bit). CuPy, and torch before 2.8 for 16-bit
+    factors into float32, add a temporary product."""
+    mixed = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
+    if lib.name != "torch" or (mixed and not _mixed_gemm(lib.mod)):
+        if first:
+            out[...] = a @ b
+        else:
+            out += a @ b
+        return
+    torch = lib.mod
+    if first:
+        torch.mm(a, b, out=out, **mixed)
+    else:
+        torch.addmm(out, a, b, out=out, **mixed)
 
 
 def linear_blocks(
     fname, hidden, weight, target, bias, opts: CeOptions, chunk_size, with_grad: bool, grad_output=1.0,
-    sync_check=True,
+    sync_check=True, accumulation="float32",
 ):  # fmt: skip
-    """The fused linear cross-entropy of CUDA arrays with checked options (`opts`, `chunk_size`)."""
+    """The fused linear cross-entropy of CUDA arrays with checked options (`opts`, `chunk_size`,
+    `accumulation`): (loss, dhidden, dweight, dbias or None) with `with_grad`, else the loss.
+
+    The loss is float32 for float16/bfloat16 inputs (the kernels' float32 rows and sums, not
+    rounded to 16 bits), else the inputs' dtype; the gradients are in the inputs' dtype.
+    dweight is summed over the row blocks in float32 (``accumulation="float32"``) or in the
+    inputs' dtype (``"input"``: no float32 (V, H) buffer, one rounding per block); dbias always
+    in float32.
+    """
     lib = lib_of((hidden, weight, target, bias, grad_output), fname)
     with lib.current():
         return _linear_on(
-            lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check
+            lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check, accumulation
         )
 
 
-def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check):
+def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check, accumulation):
     ignore_index, reduction = opts.ignore_index, opts.reduction
     h = lib.input(hidden, "hidden")
     w = lib.input(weight, "weight")
@@ -241,15 +287,33 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
     scale, stride = (None, 0)
     if with_grad:
         scale, stride = _grad_scale(lib, grad_output, reduction, denom, (n,), n)
-    bn = _linear_rows(n, v, chunk_size)
-    several = n > bn
-    blk = lib.empty((min(bn, n), v), work)
+    bn = linear_block_rows(n, v, work.itemsize, chunk_size, accumulation)
+    dh, dw, db = _linear_loop(lib, h, w, b, tk, opts, (n, v, bn), loss_rows, (scale, stride), with_grad, accumulation)
+    loss = _reduce(lib, loss_rows, reduction, denom, lib.promote(result, f32))
+    if not with_grad:
+        return loss
+    if n == 0:  # no rows: no block wrote them
+        dw, db = lib.zeros((v, hd), work), None if b is None else lib.zeros((v,), f32)
+    dh, dw = lib.astype(dh, result), lib.astype(dw, result)
+    return loss, dh, dw, (None if db is None else lib.astype(db, result))
+
+
+def _linear_loop(lib, h, w, b, tk, opts, sizes, loss_rows, scaled_by, with_grad, accumulation):
+    """Each block's logits (a GEMM), its rows (the kernel: losses into `loss_rows`, the logits
+    turned into their gradient in place), then dhidden = G @ W and dweight (+)= G^T @ hidden into
+    the accumulator: (dhidden, dweight, dbias), None without `with_grad`. The logits block lives
+    only here, so it is freed before the caller casts dweight."""
+    n, v, bn = sizes
+    scale, stride = scaled_by
+    f32 = lib.float32()
+    blk = lib.empty((min(bn, n), v), h.dtype)
     dh = dw = db = None
     if with_grad:
-        dh = lib.empty((n, hd), work)
-        # Several blocks add into dweight: in float32 (16-bit sums would round at every block).
-        dw = lib.zeros((v, hd), f32) if several else None
-        db = lib.zeros((v,), f32) if b is not None else None
+        dh = lib.empty((n, h.shape[1]), h.dtype)
+        # One block: its GEMM writes dweight whole (summed in float32 inside the GEMM). Several:
+        # a float32 accumulator, or the inputs' dtype with accumulation="input".
+        several = n > bn
+        dw = lib.empty((v, h.shape[1]), f32 if several and accumulation == "float32" else h.dtype)
     for r0 in range(0, n, bn):
         rn = min(bn, n - r0)
         hb = h[r0 : r0 + rn]
@@ -259,29 +323,19 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
         sc = None
         if with_grad:
             sc = scale[r0 : r0 + rn] if stride else scale
-        scaled = (lg, sc, stride) if with_grad else None
-        rows_in = (lg, tk[r0 : r0 + rn], None)
-        run(lib, _core.cuda_cross_entropy, rows_in, opts, (rn, v), loss_rows[r0 : r0 + rn], scaled)
+        grad = (lg, sc, stride) if with_grad else None
+        run(lib, _core.cuda_cross_entropy, (lg, tk[r0 : r0 + rn], None), opts, (rn, v), loss_rows[r0 : r0 + rn], grad)
         if not with_grad:
             continue
         _gemm(lib, lg, w, dh[r0 : r0 + rn])  # dhidden = G @ W
-        if not several:
-            dw = lib.empty((v, hd), work)
-            _gemm(lib, lg.T, hb, dw)  # dweight = G^T @ hidden
-        elif lib.name == "torch" and lib.dtype_name(lg) == "float32":
-            dw.addmm_(lg.T, hb)
-        else:
-            dw += lg.T @ hb
-        if db is not None:
-            db += lg.sum(0, dtype=f32) if lib.name == "torch" else lg.sum(axis=0, dtype=f32)
-
-    loss = _reduce(lib, loss_rows, reduction, denom, result)
-    if not with_grad:
-        return loss
-    if dw is None:  # no rows
-        dw = lib.zeros((v, hd), work)
-    dh, dw = lib.astype(dh, result), lib.astype(dw, result)
-    return loss, dh, dw, (None if db is None else lib.astype(db, result))
+        _add_product(lib, lg.T, hb, dw, r0 == 0)  # dweight (+)= G^T @ hidden
+        if b is not None:
+            col = lg.sum(0, dtype=f32) if lib.name == "torch" else lg.sum(axis=0, dtype=f32)
+            if r0 == 0:
+                db = col
+            else:
+                db += col
+    return dh, dw, db
 
 
 def _linear_public(
@@ -365,9 +419,9 @@ def vocab_parallel_backward(lib: Lib, x, target, weight, lse, grad_output, denom
     return grad
 
 
-def _vocab_parallel_blocks(n: int, v: int, chunk_size):
+def _vocab_parallel_blocks(n: int, v: int, itemsize: int, chunk_size):
     """(first row, rows) of each logits block of the linear shard kernels."""
-    bn = _linear_rows(n, v, chunk_size) if v else max(n, 1)
+    bn = linear_block_rows(n, v, itemsize, chunk_size) if v else max(n, 1)
     return [(r0, min(bn, n - r0)) for r0 in range(0, n, bn)]
 
 
@@ -375,7 +429,7 @@ def vocab_parallel_linear_stats(lib: Lib, h, w, b, target, weight, packed, start
     """:func:`vocab_parallel_stats` of ``h @ w.T + b`` (h (n, H), w (V_local, H), b (V_local,) or None, one
     dtype, contiguous), one block of logits rows at a time (at most ``chunk_size`` elements)."""
     n, v = h.shape[0], w.shape[0]
-    blocks = _vocab_parallel_blocks(n, v, chunk_size)
+    blocks = _vocab_parallel_blocks(n, v, h.element_size(), chunk_size)
     blk = lib.empty((blocks[0][1] if blocks else 0, v), h.dtype)
     for r0, rn in blocks:
         lg = _gemm(lib, h[r0 : r0 + rn], w.T, blk[:rn])
@@ -389,16 +443,19 @@ def vocab_parallel_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_
     """This rank's (d hidden, d weight_shard, d bias_shard or None) of the linear shard, in h's
     dtype: each block's logits recomputed and turned into their gradient in place by the shard
     backward kernel, then the GEMMs. d hidden is this shard's part (the caller sums it over the
-    ranks); d weight and d bias are summed over the blocks in float32."""
+    ranks); d weight and d bias are summed over the blocks in float32 (d weight into a float32
+    buffer in place, see _add_product; one block's GEMM writes it whole)."""
     n, hd = h.shape
     v = w.shape[0]
     f32 = lib.float32()
     scale, stride = _vocab_parallel_scale(lib, grad_output, opts.reduction, denom, n)
-    blocks = _vocab_parallel_blocks(n, v, chunk_size)
-    blk = lib.empty((blocks[0][1] if blocks else 0, v), h.dtype)
-    dh = lib.zeros((n, hd), h.dtype)
-    dw = lib.zeros((v, hd), f32)
-    db = None if b is None else lib.zeros((v,), f32)
+    blocks = _vocab_parallel_blocks(n, v, h.element_size(), chunk_size)
+    if not blocks:  # no rows
+        return lib.empty((0, hd), h.dtype), lib.zeros((v, hd), h.dtype), None if b is None else lib.zeros((v,), h.dtype)
+    blk = lib.empty((blocks[0][1], v), h.dtype)
+    dh = lib.empty((n, hd), h.dtype)  # every block writes its rows
+    dw = lib.empty((v, hd), f32 if len(blocks) > 1 else h.dtype)
+    db = None
     for r0, rn in blocks:
         hb = h[r0 : r0 + rn]
         lg = _gemm(lib, hb, w.T, blk[:rn])
@@ -408,10 +465,11 @@ def vocab_parallel_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_
         _vocab_parallel_grad(lib, lg, target[r0 : r0 + rn], weight, lse[r0 : r0 + rn], lg, sc, stride, start, classes,
                     w_sum, opts)  # fmt: skip
         _gemm(lib, lg, w, dh[r0 : r0 + rn])  # d hidden = G @ W
-        if lib.dtype_name(lg) == "float32":
-            dw.addmm_(lg.T, hb)
-        else:
-            dw += (lg.T @ hb).float()
-        if db is not None:
-            db += lg.sum(0, dtype=f32)
+        _add_product(lib, lg.T, hb, dw, r0 == 0)  # d weight (+)= G^T @ hidden
+        if b is not None:
+            col = lg.sum(0, dtype=f32)
+            if r0 == 0:
+                db = col
+            else:
+                db += col
     return dh, lib.astype(dw, h.dtype), None if db is None else lib.astype(db, h.dtype)
