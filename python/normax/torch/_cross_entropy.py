@@ -326,8 +326,6 @@ def _ce_cuda_setup(ctx, inputs, output) -> None:
 
 
 def _ce_cuda_grad(ctx, grad_loss, _grad_lse, _grad_workspace):
-    if grad_loss is None:  # the loss was not used (gradients are not materialized)
-        return (None,) * 8
     input, target, lse, workspace, *weight = ctx.saved_tensors
     weight = weight[0] if ctx.has_weight else None
     dlogits = _ce_cuda_backward_op(input, target, weight, lse, workspace, grad_loss, *ctx.options)

@@ -94,8 +94,6 @@ def _layer_norm_setup(ctx, inputs, output) -> None:
 
 
 def _layer_norm_grad(ctx, dy, _dmean, _drstd):
-    if dy is None:  # y was not used (gradients are not materialized)
-        return (None,) * 5
     x, weight, bias, mean, rstd = ctx.saved_tensors
     weight = weight if ctx.has_weight else None
     bias = bias if ctx.has_bias else None
@@ -151,8 +149,6 @@ def _rms_norm_setup(ctx, inputs, output) -> None:
 
 
 def _rms_norm_grad(ctx, dy, _drstd):
-    if dy is None:
-        return (None,) * 4
     x, weight, rstd = ctx.saved_tensors
     dx, dw = _rms_norm_backward_op(dy, x, ctx.ndim, weight if ctx.has_weight else None, rstd, ctx.eps)
     return dx, None, (dw if ctx.has_weight else None), None

@@ -66,15 +66,11 @@ def _save_output(ctx, inputs, output) -> None:
 
 
 def _softmax_grad(ctx, grad: Tensor):
-    if grad is None:  # y was not used (gradients are not materialized)
-        return None, None
     (y,) = ctx.saved_tensors
     return _softmax_backward_op(y, grad, ctx.dim), None
 
 
 def _log_softmax_grad(ctx, grad: Tensor):
-    if grad is None:
-        return None, None
     (y,) = ctx.saved_tensors
     return _log_softmax_backward_op(y, grad, ctx.dim), None
 
