@@ -264,3 +264,14 @@ pub(crate) unsafe fn launch_2d(
         "cuLaunchKernel",
     )
 }
+
+// Cross-entropy's forward zeroes its last-block counter with this (helper A's device.rs brings
+// the shared `memset_u32` and the dry-run recorder; on merge, keep that one).
+/// Fills `count` 32-bit words at `ptr` with `value`, ordered on `stream` (cuMemsetD32Async: no
+/// kernel). Safety: `count` words at `ptr` must be device memory of the current context.
+pub(crate) unsafe fn memset_u32(ptr: u64, value: u32, count: usize, stream: Stream) -> Result<()> {
+    ok(
+        sys::cuMemsetD32Async(ptr, value, count, stream.handle as sys::CUstream),
+        "cuMemsetD32Async",
+    )
+}

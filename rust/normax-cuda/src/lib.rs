@@ -25,8 +25,9 @@ mod stablemax;
 
 pub use compile::{compile_all, nvrtc_version, MODULES};
 pub use cross_entropy::{
-    cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeTarget,
-    ShardRows,
+    ce_workspace_len, cross_entropy, cross_entropy_backward, cross_entropy_forward,
+    vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeGrad, CeRows, CeSaved,
+    CeTarget, ShardRows,
 };
 pub use device::device_name;
 pub use launch::{column_plan, plan, ColumnPlan, Plan};
