@@ -1,6 +1,6 @@
 // Class-index targets in two kernels (the entries cross_entropy_forward / _backward of
-// cross_entropy_classes.rs). Compiled as part of the cross_entropy module, after cross_entropy.cu
-// (CeArgs, NX_MAX_ROWS_PER_BLOCK). The forward reads each row once: it checks the class id on the device,
+// cross_entropy_classes.rs), compiled in the cross_entropy module after cross_entropy.cu (CeArgs,
+// NX_MAX_ROWS_PER_BLOCK). The forward reads each row once: it checks the class id on the device,
 // writes the row's float32 lse (saved for the backward) and either the per-row loss ("none") or
 // its block's partial sums, which the last block to finish adds in block order into the loss and
 // the mean's denominator (deterministic: the grid depends on the shape only). The backward
@@ -8,18 +8,18 @@
 //
 // Layout: blockDim.x threads per row, ~16 values each (CE_VALUES: the row's length decides the
 // threads, whatever the dtype), blockDim.y rows per block. Each thread reads a tile of
-// CE_VALUES / V packs of V values (16 bytes for V > 1), all its loads issued before any is used.
-// Rows longer than 16 * 1024 keep one row per block of 1024 threads and loop over tiles: a row is
-// never split across blocks, so the forward needs no second pass and the backward's
-// collapse-safe target entry (below) only its own block's sum; with 32 rows of 128256 that is 32
-// blocks of 1024 threads (64 KiB of float32 loads in flight per SM). Columns are int: the host
-// refuses rows of 2^31 classes or more.
+// CE_VALUES / V packs of V values (16 bytes; 4 scalar loads where V = 1), all its loads issued
+// before any is used. Rows longer than 16 * 1024 keep one row per block of 1024 threads and loop
+// over tiles: a row is never split across blocks, so the forward needs no second pass and the
+// backward's collapse-safe target entry (below) only its own block's sum; with 32 rows of 128256
+// that is 32 blocks of 1024 threads (64 KiB of float32 loads in flight per SM, 32 KiB of 16-bit
+// ones). Columns are int: the host refuses rows within one tile of 2^31 classes.
 //
 // Statistics: per thread the running max m, o = sum of exp(x - m) over the classes other than
 // the target, and x_y (the capped target logit, 0 elsewhere: it adds); with label smoothing also
 // sum w_c x_c and W = sum w_c. lse = m + log(o + e_y), e_y = exp(x_y - m); where the target is
-// within ln 2 of the max, lse - x_y = log1p(o / e_y) (Softmax Collapse: see the top). Without
-// smoothing a class weight needs no per-element work (w_y is read once per row).
+// within ln 2 of the max, lse - x_y = log1p(o / e_y) (Softmax Collapse: see cross_entropy.cu).
+// Without smoothing a class weight needs no per-element work (w_y is read once per row).
 //
 // Gradient: with A = s ((1 - eps) w_y + eps W / C + 2 z lse), b = s eps / C and s the row's
 // grad_loss (divided by the saved denominator for "mean"):
@@ -196,7 +196,9 @@ __device__ __forceinline__ CeAcc<true> shfl_xor(CeAcc<true> v, int o) {
 }
 
 // The softcap cap * tanh(x / cap), with 1 / cap computed once per kernel (cap > 0).
-__device__ __forceinline__ float ce_capped(float x, float cap, float inv_cap) { return cap * tanhf(x * inv_cap); }
+__device__ __forceinline__ float ce_capped(float x, float cap, float inv_cap) {
+    return cap * tanhf(x * inv_cap);
+}
 
 // Folds one tile (values capped, packs outside the row skipped) into the thread's statistics;
 // `y` the target's column (-1 for an ignored row): its value is kept apart, not summed.

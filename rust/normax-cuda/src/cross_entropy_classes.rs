@@ -89,9 +89,11 @@ impl CeRows {
         if self.rows > 0 && self.cols == 0 {
             return Err(Error::Value("logits: the class axis is empty".into()));
         }
-        if i32::try_from(self.cols).is_err() {
+        // Column indices are int in the kernels, up to one tile past the row's end.
+        let most = i32::MAX as usize - CE_VALUES * CE_MAX_THREADS;
+        if self.cols > most {
             return Err(Error::Value(format!(
-                "logits: {} classes; the kernels index a row with 32-bit integers",
+                "logits: {} classes; the kernels take at most {most} (32-bit column indices)",
                 self.cols
             )));
         }
