@@ -255,6 +255,21 @@ def cuda_cross_entropy(
     grad: ScaledGrad | None,
     stream: CudaStream,
 ) -> None: ...
+def cuda_ce_forward(
+    options: CeOptions,
+    inputs: tuple[Capsule, Capsule, Capsule | None],
+    shape: Shape,
+    outputs: tuple[Capsule, Capsule, Capsule | None],
+    stream: CudaStream,
+) -> None: ...
+def cuda_ce_backward(
+    options: CeOptions,
+    inputs: tuple[Capsule, Capsule, Capsule | None],
+    shape: Shape,
+    saved: tuple[Capsule, Capsule | None],
+    grad: tuple[Capsule, Capsule, int],
+    stream: CudaStream,
+) -> None: ...
 def cuda_vocab_parallel_stats(
     logits: Capsule,
     labels: tuple[Capsule, Capsule | None],

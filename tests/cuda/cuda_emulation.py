@@ -158,6 +158,90 @@ class EmulatedKernels:
                 g = g * (1 - (x / cap) ** 2)
             _rows(grad, rows, cols).copy_(g)
 
+    # Class-index targets in two kernels (cross_entropy_classes.cu): the forward saves each row's lse (float32)
+    # and, for "mean"/"sum", the denominator at workspace[2 * rows]; the backward reads them back as saved.
+
+    @staticmethod
+    def _ce_forward(options, inputs, shape, outputs):
+        (logits, target, weight), (rows, cols), (loss, lse, workspace) = inputs, shape, outputs
+        ignore, eps, z, cap, reduction = (
+            options.ignore_index, options.label_smoothing, options.z_loss, options.softcap, options.reduction,
+        )  # fmt: skip
+        xt, loss = _t(logits), _t(loss)
+        assert loss.dtype == xt.dtype and loss.numel() == (rows if reduction == "none" else 1)
+        x = _rows(xt, rows, cols).double()
+        if cap:
+            x = cap * torch.tanh(x / cap)
+        t = _vec(target, rows)
+        kept = t != ignore
+        bad = (kept & ((t < 0) | (t >= cols))).nonzero()
+        if len(bad):  # the kernel's printf, then its trap (the stream fails)
+            r = int(bad[0, 0])
+            raise RuntimeError(
+                f"normax cross_entropy: target class index {int(t[r])} at row {r} is out of range [0, {cols}) "
+                f"and is not ignore_index ({ignore})"
+            )
+        row_lse = torch.logsumexp(x, -1)
+        lse_out = _vec(lse, rows)
+        assert lse_out.dtype == torch.float32
+        lse_out.copy_(row_lse)
+        w = torch.ones(cols, dtype=torch.float64) if weight is None else _vec(weight, cols).double()
+        y = torch.where(kept, t, 0)
+        # lse - x_y = log1p(the other classes' exp(x - x_y)): the kernel's collapse-safe form.
+        xy = x.gather(1, y[:, None])[:, 0]
+        oth = torch.exp(x - xy[:, None]).scatter(1, y[:, None], 0.0).sum(-1)
+        d = torch.where(torch.isfinite(oth) & torch.isfinite(row_lse), torch.log1p(oth), row_lse - xy)
+        smooth = (w * (row_lse[:, None] - x)).sum(-1) if eps > 0 else 0.0
+        per_row = torch.where(kept, (1 - eps) * w[y] * d + eps / cols * smooth + z * row_lse**2, 0.0)
+        if reduction == "none":
+            assert workspace is None
+            loss.reshape(rows).copy_(per_row)
+            return
+        ws = _vec(workspace, 2 * rows + 2)
+        assert ws.dtype == torch.float32
+        denom = torch.where(kept, w[y], 0.0).sum()
+        ws[2 * rows] = denom
+        total = per_row.sum()
+        loss.reshape(1).fill_(float(total / denom if reduction == "mean" else total))
+
+    @staticmethod
+    def _ce_backward(options, inputs, shape, saved, grad):
+        (logits, target, weight), (rows, cols), (lse, workspace), (dlogits, grad_loss, stride) = (
+            inputs, shape, saved, grad,
+        )  # fmt: skip
+        ignore, eps, z, cap = options.ignore_index, options.label_smoothing, options.z_loss, options.softcap
+        xt, gl = _t(logits), _t(grad_loss)
+        assert gl.dtype == xt.dtype and gl.numel() == (1 if stride == 0 else rows)
+        x = _rows(xt, rows, cols).double().clone()  # dlogits may be the logits themselves
+        if cap:
+            x = cap * torch.tanh(x / cap)
+        t = _vec(target, rows)
+        ignored = (t == ignore) | (t < 0) | (t >= cols)
+        lse_saved = _vec(lse, rows)
+        assert lse_saved.dtype == torch.float32
+        l = lse_saved.double()  # as the forward left it: rounded to float32
+        s = gl.double().reshape(-1)
+        s = s[0].expand(rows) if stride == 0 else s[:rows]
+        if options.reduction == "mean":
+            s = s / _vec(workspace, 2 * rows + 2).double()[2 * rows]
+        w = torch.ones(cols, dtype=torch.float64) if weight is None else _vec(weight, cols).double()
+        y = torch.where(ignored, 0, t)
+        zl = 2 * z * l
+        a = s * ((1 - eps) * w[y] + eps * w.sum() / cols + zl)
+        p = torch.exp(x - l[:, None])
+        g = p * a[:, None] - w * (s * eps / cols)[:, None]
+        # 1 - p_y: -expm1(x_y - lse), or past p_y = 1/2 the sum of the other classes' p_c.
+        xy = x.gather(1, y[:, None])[:, 0]
+        others = p.scatter(1, y[:, None], 0.0).sum(-1)
+        q = torch.where((xy - l >= -math.log(2)) & torch.isfinite(l), others, -torch.expm1(xy - l))
+        res = s * (eps / cols * (w.sum() - w[y]) + zl)
+        g = g.scatter(1, y[:, None], (res - a * q)[:, None])
+        if cap:
+            g = g * (1 - (x / cap) ** 2)
+        out = _rows(dlogits, rows, cols)
+        assert out.dtype == xt.dtype
+        out.copy_(torch.where(ignored[:, None], 0.0, g))
+
     # Vocabulary-parallel shards: written from normax-core's cross_entropy/vocab_parallel.rs (the packed
     # row: lse hi, lo; the target logit; with label smoothing sum_c w_c (lse - x_c) as hi, lo).
 
@@ -328,8 +412,9 @@ class EmulatedKernels:
 _KERNELS = [
     "cuda_" + n
     for n in (
-        "softmax", "stablemax", "logsumexp", "softmax_backward", "cross_entropy", "vocab_parallel_stats",
-        "vocab_parallel_backward", "norm_forward", "norm_backward", "power_norm_forward", "power_norm_backward",
+        "softmax", "stablemax", "logsumexp", "softmax_backward", "cross_entropy", "ce_forward", "ce_backward",
+        "vocab_parallel_stats", "vocab_parallel_backward", "norm_forward", "norm_backward", "power_norm_forward",
+        "power_norm_backward",
     )
 ]  # fmt: skip
 

@@ -85,9 +85,11 @@ def test_bad_class_indices(cuda_kernels):
     target[1, 3] = 7
     with pytest.raises(IndexError, match=r"class index 7 at position \(1, 3\)"):
         normax.cross_entropy(logits, target, axis=1)
-    # The torch op asserts on the device instead of reading back (torch's behaviour).
-    with pytest.raises(RuntimeError, match="class index is out of range"):
+    # The torch op leaves the check to the forward kernel (a message naming the kernel's row, then a trap: torch's
+    # device assertions), never reading back; row 53 is position (1, 3) once the class axis is last.
+    with pytest.raises(RuntimeError, match=r"class index 7 at row 53 is out of range \[0, 4\)"):
         nt._cross_entropy_cuda(logits, target, None, 1, -100, "mean", 0.0, 0.0, None)
+    assert cuda_kernels.names() == ["cuda_ce_forward"]
 
 
 def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(cuda_kernels):
@@ -116,6 +118,94 @@ def test_torch_ops_cuda_kernels_return_what_the_cpu_ops_do(cuda_kernels):
             (x, t, w[:4].contiguous(), torch.randn(3, 50), 1, 2, "none", 0.0, 1e-3, 3.0),
         ),
     ])  # fmt: skip
+
+
+# -- Class-index targets: the two-kernel entries (cuda_ce_forward, cuda_ce_backward).
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.2, "z_loss": 1e-3}, {"softcap": 4.0}])
+def test_class_targets_take_one_forward_and_one_backward(cuda_kernels, reduction, kw):
+    logits = X  # classes on axis 1: rows are moved, the loss and gradient moved back
+    target = RNG.integers(0, 4, size=(3, 50))
+    target[:, ::3] = -100  # ignored rows: out of the mean's denominator, gradient 0
+    weight = RNG.uniform(0.5, 2.0, size=4).astype(np.float32)
+    args = (torch.from_numpy(logits), torch.from_numpy(target))
+    opts = {"axis": 1, "weight": torch.from_numpy(weight), "reduction": reduction, **kw}
+    want = normax.cross_entropy_with_grad(logits, target, **{**opts, "weight": weight})
+    got = normax.cross_entropy_with_grad(*args, **opts)
+    assert got[0].dtype == torch.float32 and got[0].shape == np.shape(want[0])
+    close(got[0], want[0])
+    close(got[1], want[1], atol=1e-6)
+    assert cuda_kernels.names() == ["cuda_ce_forward", "cuda_ce_backward"]
+    close(normax.cross_entropy(*args, **opts), want[0])
+    assert cuda_kernels.names()[2:] == ["cuda_ce_forward"]
+
+
+def test_class_targets_per_row_grad_loss_in_place_and_edge_rows(cuda_kernels):
+    logits = X.reshape(12, 50)
+    target = RNG.integers(0, 50, size=12)
+    target[[1, 6]] = 7  # ignore_index=7 below: classes inside the row can be ignored too
+    g_rows = RNG.normal(size=(12, 1)).astype(np.float32)
+    kw = {"reduction": "none", "ignore_index": 7, "label_smoothing": 0.1}
+    want = normax.cross_entropy_with_grad(logits, target, grad_output=g_rows[:, 0], **kw)
+    buf = torch.from_numpy(logits.copy())
+    loss, g = normax.cross_entropy_with_grad(
+        buf, torch.from_numpy(target), grad_output=torch.from_numpy(g_rows[:, 0].copy()), inplace=True, **kw
+    )
+    assert g is buf  # the backward wrote over the logits (one buffer: the kernel's dlogits is the logits)
+    close(loss, want[0])
+    close(buf, want[1], atol=1e-6)
+    assert (buf[[1, 6]] == 0).all()
+    with pytest.raises(ValueError, match="grad_output: must be a number for reduction='mean'"):
+        normax.cross_entropy_with_grad(torch.from_numpy(logits), torch.from_numpy(target), grad_output=g_rows)
+    # Every row ignored: the mean is 0 / 0 (NaN, as the CPU) and the gradient 0; no rows at all: NaN and 0.
+    ignored = torch.full((12,), -100)
+    loss, grad = normax.cross_entropy_with_grad(torch.from_numpy(logits), ignored)
+    assert np.isnan(float(loss)) and (grad == 0).all()
+    empty = (torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64))
+    assert (
+        np.isnan(float(normax.cross_entropy(*empty)))
+        and float(normax.cross_entropy(*empty, reduction="sum")) == 0
+    )
+
+
+def test_class_targets_keep_the_logits_dtype(cuda_kernels):
+    # bfloat16 logits: the loss and the gradient in bfloat16 (grad_output too), as torch's cross_entropy.
+    logits = torch.from_numpy(X.reshape(12, 50)).bfloat16()
+    target = torch.from_numpy(RNG.integers(0, 50, size=12))
+    want = normax.cross_entropy_with_grad(logits.float().numpy(), target.numpy(), grad_output=0.5)
+    loss, grad = normax.cross_entropy_with_grad(logits, target, grad_output=0.5)
+    assert loss.dtype == grad.dtype == torch.bfloat16 and loss.shape == ()
+    close(loss.float(), want[0], rtol=1e-2)
+    close(grad.float(), want[1], rtol=1e-2, atol=1e-3)
+
+
+def test_the_forward_saves_lse_and_the_mean_denominator(cuda_kernels):
+    """The entries' contract as the torch thin path calls them: the forward's lse (float32, per row) and
+    workspace[2 * rows] (the summed weight of the rows kept) are what the backward reads."""
+    from normax._backends.cuda.device import Lib, run
+
+    x = torch.from_numpy(X.reshape(12, 50)).clone()
+    t = torch.from_numpy(RNG.integers(0, 50, size=12))
+    t[[0, 5]] = -100
+    w = torch.rand(50) + 0.5
+    lib = Lib(x, "test")
+    opts = normax._core.CeOptions(-100, "mean", 0.1, 0.0, None)
+    loss, lse, ws = torch.empty(1), torch.empty(12), torch.full((26,), 7.0)
+    run(lib, normax._core.cuda_ce_forward, opts, (x, t, w), (12, 50), (loss, lse, ws))
+    kept = t != -100
+    assert torch.allclose(lse, torch.logsumexp(x.double(), -1).float())
+    assert float(ws[24]) == pytest.approx(float(w[t[kept]].double().sum()), rel=1e-6)
+    want = normax.cross_entropy_with_grad(
+        x.numpy(), t.numpy(), weight=w.numpy(), label_smoothing=0.1, grad_output=2.0
+    )
+    close(loss[0], want[0])
+    # The backward divides by the saved denominator: a changed one shows in the gradient.
+    ws[24] *= 2
+    run(lib, normax._core.cuda_ce_backward, opts, (x, t, w), (12, 50), (lse, ws), (x, torch.tensor([4.0]), 0))
+    close(x, want[1], atol=1e-6)  # in place: 4 / (2 * denominator) = 2 / denominator
+    assert cuda_kernels.names() == ["cuda_ce_forward", "cuda_ce_backward"]
 
 
 def test_cupy_branch(cupy_kernels):

@@ -11,7 +11,14 @@ const COMMON: &str = include_str!("../kernels/common.cuh");
 /// The modules: (name, source without the common prelude).
 pub const MODULES: [(&str, &str); 5] = [
     ("softmax", include_str!("../kernels/softmax.cu")),
-    ("cross_entropy", include_str!("../kernels/cross_entropy.cu")),
+    // Class-index targets' two kernels use the general kernels' CeArgs: one module.
+    (
+        "cross_entropy",
+        concat!(
+            include_str!("../kernels/cross_entropy.cu"),
+            include_str!("../kernels/cross_entropy_classes.cu")
+        ),
+    ),
     ("norms", include_str!("../kernels/norms.cu")),
     ("power_norm", include_str!("../kernels/power_norm.cu")),
     ("stablemax", include_str!("../kernels/stablemax.cu")),

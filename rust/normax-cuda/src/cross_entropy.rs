@@ -1,4 +1,6 @@
-//! Cross-entropy over rows of logits, with its gradient (kernels/cross_entropy.cu).
+//! Cross-entropy over rows of logits, with its gradient (kernels/cross_entropy.cu): the general
+//! kernels ([`cross_entropy`]: probability targets too) and the vocabulary-parallel shards. The
+//! two-kernel path of class-index targets is cross_entropy_classes.rs.
 
 use crate::device::{params, with_device};
 use crate::launch::{check, size, RowLaunch};
@@ -12,15 +14,15 @@ pub type CeTarget = Target<Indices, Buf>;
 /// The kernels' argument block (`CeArgs` in cross_entropy.cu: same fields, same order).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct CeArgs {
-    target: u64,
-    probs: u64,
-    weight: u64,
-    ignore_index: i64,
-    eps: f32,
-    z: f32,
+pub(crate) struct CeArgs {
+    pub(crate) target: u64,
+    pub(crate) probs: u64,
+    pub(crate) weight: u64,
+    pub(crate) ignore_index: i64,
+    pub(crate) eps: f32,
+    pub(crate) z: f32,
     /// 0: no softcap.
-    cap: f32,
+    pub(crate) cap: f32,
 }
 
 /// sizeof(CeStats) in cross_entropy.cu: a float2 and six floats.

@@ -316,13 +316,6 @@ pub(crate) unsafe fn launch(
 /// [`with_device`]).
 ///
 /// Safety: `ptr` must be valid device memory of `count` 4-byte-aligned words.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "for the cross-entropy forward's counter (issue 22)"
-    )
-)]
 pub(crate) unsafe fn memset_u32(ptr: u64, value: u32, count: usize, stream: Stream) -> Result<()> {
     if recorded(|| Event::sized("memset", "cuMemsetD32Async", count)) {
         return Ok(());

@@ -9,7 +9,8 @@
 //! small stream-ordered scratch buffers for the partial results of rows split across blocks.
 //!
 //! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs` (with the vocabulary-parallel
-//! cross-entropy's statistics and gradient, `vocab_parallel_*`), `norms.rs`, `power_norm.rs`,
+//! cross-entropy's statistics and gradient, `vocab_parallel_*`), `cross_entropy_classes.rs` (the
+//! two kernels of class-index targets), `norms.rs`, `power_norm.rs`,
 //! `stablemax.rs` host each family's checks and kernel sequence; `launch.rs` the launch shapes
 //! they share; `table.rs` the kernel table (every kernel by op, dtype and variant); `device.rs`
 //! the driver calls and the dry-run recorder ([`record`]).
@@ -17,6 +18,7 @@
 
 mod compile;
 mod cross_entropy;
+mod cross_entropy_classes;
 mod device;
 mod launch;
 mod norms;
@@ -29,6 +31,9 @@ pub use compile::{compile_all, nvrtc_probes, nvrtc_version, MODULES};
 pub use cross_entropy::{
     cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeTarget,
     ShardRows,
+};
+pub use cross_entropy_classes::{
+    ce_workspace_len, cross_entropy_backward, cross_entropy_forward, CeGrad, CeRows, CeSaved,
 };
 pub use device::{device_name, record, Event};
 pub use launch::{column_plan, plan, ColumnPlan, Plan};

@@ -1,7 +1,10 @@
-"""cross_entropy, its gradient and the linear cross-entropy on CUDA arrays (kernels/cross_entropy.cu).
+"""cross_entropy, its gradient and the linear cross-entropy on CUDA arrays (kernels/cross_entropy.cu,
+kernels/cross_entropy_classes.cu).
 
-The argument checks are the CPU path's (normax._options); a bad class index raises the CPU path's
-IndexError after one device-to-host read of a flag (see :func:`_check_classes`).
+The argument checks are the CPU path's (normax._options). Class-index targets run the two-kernel entries
+(``_core.cuda_ce_forward`` / ``cuda_ce_backward``): the loss is reduced and the mean's denominator kept on the
+device, and a bad class index stops the kernel; with ``sync_check`` (the NumPy-style API) it raises the CPU
+path's IndexError first, after one device-to-host read of a flag (see :func:`_check_classes`).
 """
 
 from __future__ import annotations
@@ -44,20 +47,10 @@ def cross_entropy_rows(
     row_shape = tuple(x.shape[:ax]) + tuple(x.shape[ax + 1 :])
     plan = Plan(tuple(x.shape), (ax,), last=True)
     work = lib.arrange(x, plan)
-    chain = None
-    kdtype = x.dtype  # what the kernel reads and writes
-    if stable:  # StableMax: the softmax cross-entropy of phi = log s(x), in float32
-        work, chain = ce_logits(lib, work, opts.softcap)
-        opts, kdtype = opts.replace(softcap=None), lib.float32()
     t = lib.on_device(target, "target")
     tname = lib.dtype_name(t)
     kind = "f" if tname.startswith(("float", "bfloat")) else "i" if tname.startswith(("int", "uint")) else ""
     soft = target_kind(tuple(t.shape), kind, tname, tuple(x.shape), ax)
-    if soft:
-        tk = lib.arrange(lib.astype(t, kdtype), plan)
-    else:
-        tk = lib.contiguous(lib.int64(t))  # row order = the logits rows' order
-        _check_classes(lib, tk, classes, ignore_index, row_shape, sync_check)
     f32 = lib.float32()
     w = None
     if weight is not None:
@@ -65,6 +58,22 @@ def cross_entropy_rows(
         if tuple(w.shape) != (classes,):
             raise ValueError(f"weight: expected shape ({classes},), one per class; got {tuple(w.shape)}")
         w = lib.contiguous(lib.astype(w, f32))
+    if not soft and not stable:
+        tk = lib.contiguous(lib.int64(t))  # row order = the logits rows' order
+        if sync_check and not lib.capturing():  # else the forward kernel checks them on the device
+            _check_classes(lib, tk, classes, ignore_index, row_shape, True)
+        rows = _ClassRows(lib, x, work, (tk, w), plan, row_shape, classes)
+        return rows.run(opts, with_grad, grad_output, logits if inplace else None)
+    chain = None
+    kdtype = x.dtype  # what the kernel reads and writes
+    if stable:  # StableMax: the softmax cross-entropy of phi = log s(x), in float32
+        work, chain = ce_logits(lib, work, opts.softcap)
+        opts, kdtype = opts.replace(softcap=None), lib.float32()
+    if soft:
+        tk = lib.arrange(lib.astype(t, kdtype), plan)
+    else:
+        tk = lib.contiguous(lib.int64(t))
+        _check_classes(lib, tk, classes, ignore_index, row_shape, sync_check)
     loss_rows = lib.empty((plan.outer,), f32)
 
     # The mean's denominator: the summed weight of the rows kept (hard targets), else the row count.
@@ -101,6 +110,65 @@ def cross_entropy_rows(
     return loss, g
 
 
+class _ClassRows:
+    """Class-index targets on the two-kernel entries: the forward (loss, each row's float32 lse and, for
+    "mean"/"sum", the workspace holding the mean's denominator) and, for a gradient, the backward from what it
+    saved. No device op besides the kernels and their output allocations."""
+
+    def __init__(self, lib: Lib, x, work, labels, plan: Plan, row_shape, classes: int):
+        self.lib, self.x, self.work, self.plan, self.row_shape = lib, x, work, plan, row_shape
+        self.inputs = (work, *labels)  # (logits rows, int64 targets, float32 weights or None)
+        self.shape = (plan.outer, classes)
+
+    def run(self, opts: CeOptions, with_grad: bool, grad_output, inplace_into):
+        lib, x, rows = self.lib, self.x, self.plan.outer
+        reduced = opts.reduction != "none"
+        loss = lib.empty((1,) if reduced else (rows,), x.dtype)
+        f32 = lib.float32()
+        saved = (lib.empty((rows,), f32), lib.empty((2 * rows + 2,), f32) if reduced else None)
+        run(lib, _core.cuda_ce_forward, opts, self.inputs, self.shape, (loss, *saved))
+        loss = loss.reshape(() if reduced else self.row_shape)
+        if not with_grad:
+            return loss
+        # In place: straight into the logits when they already are the kernel's rows.
+        direct = inplace_into is not None and not self.plan.moved and lib.same_memory(self.work, x)
+        grad = self.work if direct else lib.empty(self.plan.arranged_shape, x.dtype)
+        grad_loss, stride = _grad_loss(lib, grad_output, opts.reduction, self.row_shape, rows, x.dtype)
+        run(lib, _core.cuda_ce_backward, opts, self.inputs, self.shape, saved, (grad, grad_loss, stride))
+        g = lib.restore(grad, self.plan)
+        if inplace_into is None:
+            return loss, g
+        if not direct:
+            x[...] = g  # `x` is the caller's memory (a detached alias for torch)
+        return loss, inplace_into
+
+
+def _grad_loss(lib: Lib, grad_output, reduction: str, row_shape, rows: int, dtype):
+    """grad_output as the backward kernel reads it: a device array of `dtype` and its stride (0: one value, 1:
+    one per row, reduction='none')."""
+    if np.ndim(grad_output) != 0:
+        return _grad_rows(lib, grad_output, reduction, row_shape, dtype).reshape(rows), 1
+    if device.is_cuda_array(grad_output):
+        return lib.contiguous(lib.astype(lib.on_device(grad_output, "grad_output"), dtype).reshape(1)), 0
+    return lib.scalar(number(grad_output, "grad_output"), dtype), 0
+
+
+def _grad_rows(lib: Lib, grad_output, reduction: str, row_shape, dtype):
+    """A per-row grad_output (reduction='none' only), broadcast to the loss's shape, contiguous, in `dtype`."""
+    if reduction != "none":
+        raise ValueError(
+            f"grad_output: must be a number for reduction={reduction!r}, got shape {np.shape(grad_output)}"
+        )
+    g = lib.on_device(grad_output, "grad_output")
+    try:
+        g = lib.mod.broadcast_to(g, row_shape)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"grad_output: shape {tuple(g.shape)} does not broadcast to the per-row loss shape {row_shape}"
+        ) from None
+    return lib.contiguous(lib.astype(g, dtype))
+
+
 def _reduce(lib: Lib, loss_rows, reduction: str, denom, dtype):
     """The per-row float32 losses reduced ('mean' divides by `denom`), in `dtype`."""
     if reduction == "none":
@@ -130,18 +198,7 @@ def _grad_scale(lib, grad_output, reduction, denom, row_shape, rows):
     """(float32 device array of scales, stride): one scale, or one per row (reduction='none')."""
     f32 = lib.float32()
     if np.ndim(grad_output) != 0:
-        if reduction != "none":
-            raise ValueError(
-                f"grad_output: must be a number for reduction={reduction!r}, got shape {np.shape(grad_output)}"
-            )
-        g = lib.on_device(grad_output, "grad_output")
-        try:
-            g = lib.mod.broadcast_to(g, row_shape)
-        except (RuntimeError, ValueError):
-            raise ValueError(
-                f"grad_output: shape {tuple(g.shape)} does not broadcast to the per-row loss shape {row_shape}"
-            ) from None
-        return lib.contiguous(lib.astype(g, f32)).reshape(rows), 1
+        return _grad_rows(lib, grad_output, reduction, row_shape, f32).reshape(rows), 1
     if device.is_cuda_array(grad_output):
         g = lib.astype(lib.on_device(grad_output, "grad_output"), f32)
     else:

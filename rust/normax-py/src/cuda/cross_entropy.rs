@@ -1,11 +1,13 @@
 //! cuda_cross_entropy: per-row losses and, optionally, the gradient scaled on the device.
+//! cuda_ce_forward / cuda_ce_backward: class-index targets in two kernels (the loss reduced on
+//! the device, the lse and the mean's denominator saved for the backward).
 //! cuda_vocab_parallel_stats / cuda_vocab_parallel_backward: a vocabulary shard's row statistics
 //! and gradient (the vocabulary-parallel cross-entropy; the combine between them is the CPU's
 //! `vocab_parallel_combine`).
 
 use super::{Call, Capsule, CudaStream};
 use crate::options::{CeOptions, VocabParallelLayout};
-use normax_cuda::{self as cu, Indices, ShardRows, Target};
+use normax_cuda::{self as cu, CeGrad, CeRows, CeSaved, Indices, ShardRows, Target};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
@@ -43,6 +45,94 @@ fn cuda_cross_entropy(
     };
     c.run(py, |s| {
         cu::cross_entropy(s, x, target, &opts, loss, grad, rows, cols)
+    })
+}
+
+/// (logits, int64 class ids, float32 class weights or None).
+type CeInputs<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+);
+
+impl Call {
+    /// The rows of `inputs` and the options with their weight.
+    fn ce_rows(
+        &self,
+        inputs: &CeInputs<'_>,
+        options: &CeOptions,
+        shape: (usize, usize),
+    ) -> PyResult<(CeRows, cu::CeOptions<cu::Buf>)> {
+        let (logits, target, weight) = inputs;
+        let rows = CeRows {
+            logits: self.buf(logits, "logits")?,
+            target: self.indices(target, "target")?,
+            rows: shape.0,
+            cols: shape.1,
+        };
+        Ok((
+            rows,
+            options.with_weight(self.opt(weight.as_ref(), "weight")?),
+        ))
+    }
+
+    fn ce_saved(
+        &self,
+        lse: &Bound<'_, PyAny>,
+        workspace: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<CeSaved> {
+        Ok(CeSaved {
+            lse: self.buf(lse, "lse")?,
+            workspace: self.opt(workspace, "workspace")?,
+        })
+    }
+}
+
+/// The forward of class-index targets: `outputs` = (loss: per row for "none", else the reduced
+/// loss, in the logits' dtype; lse: float32 per row; workspace: float32 of 2 * rows + 2 for
+/// "mean"/"sum", else None).
+#[pyfunction]
+fn cuda_ce_forward(
+    py: Python<'_>,
+    options: &CeOptions,
+    inputs: CeInputs<'_>,
+    shape: (usize, usize),
+    outputs: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
+    stream: &CudaStream,
+) -> PyResult<()> {
+    let c = Call::new(stream);
+    let (rows, opts) = c.ce_rows(&inputs, options, shape)?;
+    let (loss, lse, workspace) = &outputs;
+    let loss = c.buf(loss, "loss")?;
+    let saved = c.ce_saved(lse, workspace.as_ref())?;
+    c.run(py, |s| {
+        cu::cross_entropy_forward(s, rows, &opts, loss, saved)
+    })
+}
+
+/// The gradient of [`cuda_ce_forward`]'s loss: `saved` = (lse, workspace or None) as it left
+/// them, `grad` = (dlogits, may be the logits; grad_loss in the logits' dtype; its stride, 0
+/// for one value, 1 for one per row).
+#[pyfunction]
+fn cuda_ce_backward(
+    py: Python<'_>,
+    options: &CeOptions,
+    inputs: CeInputs<'_>,
+    shape: (usize, usize),
+    saved: (Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
+    grad: (Bound<'_, PyAny>, Bound<'_, PyAny>, usize),
+    stream: &CudaStream,
+) -> PyResult<()> {
+    let c = Call::new(stream);
+    let (rows, opts) = c.ce_rows(&inputs, options, shape)?;
+    let saved = c.ce_saved(&saved.0, saved.1.as_ref())?;
+    let grad = CeGrad {
+        dlogits: c.buf(&grad.0, "dlogits")?,
+        grad_loss: c.buf(&grad.1, "grad_loss")?,
+        stride: grad.2,
+    };
+    c.run(py, |s| {
+        cu::cross_entropy_backward(s, rows, &opts, saved, grad)
     })
 }
 
@@ -125,6 +215,8 @@ fn cuda_vocab_parallel_backward(
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_ce_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_ce_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_vocab_parallel_stats, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_vocab_parallel_backward, m)?)
 }
