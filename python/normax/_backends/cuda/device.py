@@ -316,11 +316,11 @@ def lib_of(args, fname) -> Lib:
 
 def run(lib: Lib, kernel, *args):
     """Calls `kernel`, a ``_core.cuda_*`` function, with a DLPack capsule for every array among
-    `args` (inside tuples too) and the caller's device and stream last."""
+    `args` (inside tuples too) and the caller's device and stream last; returns what it returns."""
     _require_build()
     if not _NVRTC_LOADED:
         load_nvrtc()
-    kernel(*(_capsules(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
+    return kernel(*(_capsules(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
 
 
 def _capsules(lib: Lib, a):
