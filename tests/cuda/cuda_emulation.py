@@ -33,6 +33,20 @@ def _t(capsule):
     return torch.from_dlpack(capsule)
 
 
+def _arrays(a):
+    """`a` with every DLPack capsule in it (inside tuples too) read as a tensor."""
+    if type(a) is tuple:
+        return tuple(_arrays(v) for v in a)
+    return _t(a) if type(a).__name__ == "PyCapsule" else a
+
+
+def _dtypes(a):
+    """`a` with every tensor in it (inside tuples too) replaced by its dtype."""
+    if type(a) is tuple:
+        return tuple(_dtypes(v) for v in a)
+    return a.dtype if isinstance(a, torch.Tensor) else a
+
+
 def _rows(capsule, rows, cols):
     t = _t(capsule)
     assert t.is_contiguous() and t.numel() == rows * cols
@@ -48,11 +62,13 @@ def _vec(capsule, n):
 class EmulatedKernels:
     """The contract of `_core.cuda_*`: contiguous row-major buffers, float32 statistics.
 
-    Every call is recorded in `calls` as (kernel name, device index, stream).
+    Every call is recorded in `calls` as (kernel name, device index, stream), and in `arguments`
+    as (kernel name, its arguments with each array replaced by its dtype).
     """
 
     def __init__(self):
         self.calls = []
+        self.arguments = []
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -64,7 +80,9 @@ class EmulatedKernels:
         def call(*args):
             stream = args[-1]
             self.calls.append((name, stream.device, stream.handle))
-            return emulated(*args[:-1])
+            args = tuple(_arrays(a) for a in args[:-1])
+            self.arguments.append((name, tuple(_dtypes(a) for a in args)))
+            return emulated(*args)
 
         return call
 
@@ -257,7 +275,7 @@ class EmulatedKernels:
         mean, rstd = EmulatedKernels._stats32(kind, x, eps, shift)
         k = torch.ldexp(torch.ones(rows, dtype=torch.float64), shift.double())
         root_k = torch.tensor(math.sqrt(eps), dtype=torch.float32).double() * k
-        only_eps = ~((root_k.float() ** 2).isfinite() & rstd.isfinite())
+        only_eps = scalable & ~((root_k.float() ** 2).isfinite() & rstd.isfinite())
         rstd = torch.where(only_eps, (1 / root_k).float(), rstd).double()
         own_rstd = (rstd * k).float()
         own_rstd = torch.where(own_rstd.isinf() & rstd.isfinite(), torch.finfo(torch.float32).max, own_rstd)
@@ -297,12 +315,13 @@ class EmulatedKernels:
     def _norm_backward(options, inputs, saved, dx, dparams, workspace, shape):
         (dy, x, weight), (mean, rstd), (dweight, dbias), (rows, cols) = inputs, saved, dparams, shape
         kind = options.kind
-        xv, dyv = _rows(x, rows, cols).double(), _rows(dy, rows, cols).double()
+        x = _rows(x, rows, cols)
+        xv, dyv = x.double(), _rows(dy, rows, cols).double()
         w = _t(weight)
-        assert w is None or w.dtype in (torch.float32, xv.dtype)
+        assert w is None or w.dtype in (torch.float32, x.dtype)
         dw, db = _t(dweight), _t(dbias)
         dtypes = {g.dtype for g in (dw, db) if g is not None}
-        assert len(dtypes) <= 1 and dtypes <= {torch.float32, xv.dtype}, dtypes
+        assert len(dtypes) <= 1 and dtypes <= {torch.float32, x.dtype}, dtypes
         need = EmulatedKernels._norm_workspace(options, shape, bool(dtypes))
         ws = _t(workspace)
         assert (ws is None) if need == 0 else (ws.dtype == torch.float32 and ws.numel() >= need)
