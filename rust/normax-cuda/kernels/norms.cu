@@ -243,7 +243,7 @@ __device__ void norm_forward_packs(const T* x, const W* weight, const W* bias, T
 #pragma unroll
             for (int j = 0; j < V; ++j) v[p][j] = norm_ldexp(v[p][j], shift);
         st = packs_stats<V, P>(v, cols, base, stride, kind, norm_scaled_eps(root_eps, shift), raw);
-        st.rstd = norm_scaled_rstd(st.rstd, root_eps, shift);
+        if (shift != 0) st.rstd = norm_scaled_rstd(st.rstd, root_eps, shift);
     }
     if (!active) return;
     if (threadIdx.x == 0) {
@@ -315,7 +315,7 @@ __device__ void norm_forward_loop(const T* x, const W* weight, const W* bias, T*
         most = row_reduce(most, reinterpret_cast<float*>(raw), NormMaxAbs());
         shift = extreme ? norm_shift(most) : 0;
         st = loop_stats<T, V>(row, cols, active, kind, norm_scaled_eps(root_eps, shift), shift, raw);
-        st.rstd = norm_scaled_rstd(st.rstd, root_eps, shift);
+        if (shift != 0) st.rstd = norm_scaled_rstd(st.rstd, root_eps, shift);
     }
     if (!active) return;
     if (threadIdx.x == 0) {
