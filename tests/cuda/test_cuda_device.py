@@ -101,7 +101,9 @@ def test_capsules_are_checked_before_any_cuda_call():
         )
     with pytest.raises(ValueError, match="rstd: expected 2 elements"):
         rms = _core.NormOptions("rms", 1e-6)
-        _core.cuda_norm_backward(rms, (x, x, None), (None, capsule((3,))), y, (None, None), (2, 3), S)
+        _core.cuda_norm_backward(rms, (x, x, None), (None, capsule((3,))), y, (None, None), None, (2, 3), S)
+    with pytest.raises(ValueError, match="weight: expected F32 or x's F32 elements"):
+        _core.cuda_norm_forward(rms, x, (capsule((3,), bits=16), None), y, (None, None), (2, 3), S)
     # Size-1 axes may carry any stride (as torch exports them).
     with pytest.raises((RuntimeError, ValueError)) as info:
         _core.cuda_softmax(capsule((1, 3), strides=(7, 1)), capsule((1, 3)), (1, 3), False, S)
