@@ -220,6 +220,6 @@ def test_the_emulated_kernels_are_the_real_ones():
 
     for family in (
         "softmax", "logsumexp", "softmax_backward", "cross_entropy", "norm_forward", "norm_backward",
-        "power_norm_forward", "power_norm_backward", "compile_all",
+        "norm_workspace", "power_norm_forward", "power_norm_backward", "compile_all",
     ):  # fmt: skip
         assert hasattr(_core, "cuda_" + family) and hasattr(EmulatedKernels, "_" + family), family
