@@ -334,7 +334,9 @@ __device__ void norm_forward_loop(const T* x, const W* weight, const W* bias, T*
 }
 
 // ---- Backward: a persistent grid; each block takes every gridDim.x-th group of blockDim.y rows.
-// dx from the saved float32 statistics. With g = dy * weight and xhat = (x - mean) * rstd:
+// dx from the saved float32 statistics, at any magnitude of x (xhat = (x - mean) * rstd stays
+// about 1) but rows whose rstd the forward clamped to FLT_MAX (|x| ~1e-38 with eps ~0): their dx
+// follows from that rstd. With g = dy * weight and xhat = (x - mean) * rstd:
 //   rms:   dx = rstd * (g - xhat * sum(g xhat) / d)                       (d = cols)
 //   crms:  dx = rstd * g - (x + sum(x)) * rstd^3 * sum(g x) / d           (d = cols + 1)
 //   layer: dx = rstd * (g - sum(g) / d - xhat * sum(g xhat) / d)
@@ -418,37 +420,60 @@ __device__ void norm_backward_packs(const T* dy, const T* x, const W* weight, co
     }
 }
 
-// dweight[c] (dbias[c]) = the sum of the `slots` partial rows at part_w (part_b), added in slot
-// order whatever the launch: deterministic. Blocks of 32 columns by 8 slot strides, the 8 sums
-// added in order; then 16-byte stores of the block's 32 results (V = 16 / sizeof(O)) or scalars.
+// dweight[c] (dbias[c]) = the sum of the `slots` partial rows at part_w (part_b), added in a fixed
+// order whatever the launch: deterministic. A block takes 32 columns: each thread 4 of them (one
+// 16-byte load per partial row where V > 1) over every 32nd slot, the 32 sums of a column then
+// added in order; then 16-byte stores of the block's results (V = 16 / sizeof(O)) or scalars.
 template <class O, int V>
 __device__ void norm_param_reduce(const float* part_w, const float* part_b, int slots, i64 cols,
                                   O* dweight, O* dbias) {
-    __shared__ float2 acc_s[8][33];
+    __shared__ float4 acc_s[2][32][8];
     __shared__ float2 total[32];
-    i64 c0 = (i64)blockIdx.x * 32;
-    i64 c = c0 + threadIdx.x;
-    float2 acc = make_float2(0.0f, 0.0f);
-    if (c < cols)
-        for (int p = threadIdx.y; p < slots; p += 8) {
-            if (part_w) acc.x += part_w[p * cols + c];
-            if (part_b) acc.y += part_b[p * cols + c];
+    int quad = threadIdx.x & 7, k = (threadIdx.x >> 3) + 4 * threadIdx.y;
+    i64 c0 = (i64)blockIdx.x * 32, c = c0 + 4 * quad;
+    float w[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int p = k; p < slots; p += 32) {
+        float v[4];
+        if (V > 1) {  // cols % 4 == 0: the quad is whole or past the end
+            if (c < cols) {
+                if (part_w) norm_load<float, 4>(part_w + p * cols + c, v);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) w[j] += part_w ? v[j] : 0.0f;
+                if (part_b) norm_load<float, 4>(part_b + p * cols + c, v);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) b[j] += part_b ? v[j] : 0.0f;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (c + j < cols) {
+                    if (part_w) w[j] += part_w[p * cols + c + j];
+                    if (part_b) b[j] += part_b[p * cols + c + j];
+                }
         }
-    acc_s[threadIdx.y][threadIdx.x] = acc;
+    }
+    acc_s[0][k][quad] = make_float4(w[0], w[1], w[2], w[3]);
+    acc_s[1][k][quad] = make_float4(b[0], b[1], b[2], b[3]);
     __syncthreads();
-    if (threadIdx.y == 0) {
-        for (int k = 1; k < 8; ++k) acc = Add()(acc, acc_s[k][threadIdx.x]);
-        total[threadIdx.x] = acc;
+    if (threadIdx.y == 0) {  // column c0 + tx: the 32 sums of its quad's lane, in order
+        int q = threadIdx.x >> 2, lane = threadIdx.x & 3;
+        float2 t = make_float2(0.0f, 0.0f);
+        for (int j = 0; j < 32; ++j) {
+            float4 a = acc_s[0][j][q], e = acc_s[1][j][q];
+            t.x += lane == 0 ? a.x : lane == 1 ? a.y : lane == 2 ? a.z : a.w;
+            t.y += lane == 0 ? e.x : lane == 1 ? e.y : lane == 2 ? e.z : e.w;
+        }
+        total[threadIdx.x] = t;
     }
     __syncthreads();
     if (threadIdx.y != 0 || threadIdx.x * V >= 32) return;
     i64 i = c0 + threadIdx.x * V;
     if (i >= cols) return;
-    float w[V], b[V];
+    float ow[V], ob[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) w[j] = total[threadIdx.x * V + j].x, b[j] = total[threadIdx.x * V + j].y;
-    if (dweight) norm_store<O, V>(dweight + i, w);
-    if (dbias) norm_store<O, V>(dbias + i, b);
+    for (int j = 0; j < V; ++j) ow[j] = total[threadIdx.x * V + j].x, ob[j] = total[threadIdx.x * V + j].y;
+    if (dweight) norm_store<O, V>(dweight + i, ow);
+    if (dbias) norm_store<O, V>(dbias + i, ob);
 }
 
 // ---- The instantiations: `tag` is empty (float32 parameters) or _wx (parameters of x's dtype).

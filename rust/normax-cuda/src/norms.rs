@@ -281,7 +281,8 @@ pub fn norm_backward(
         };
         let mut slots = 0;
         if rows > 0 {
-            let vec = vector_width(x.dtype, cols, &[x.ptr, dy.ptr, dx.ptr, ptr(weight)]);
+            let bufs = [x.ptr, dy.ptr, dx.ptr, ptr(weight), ws];
+            let vec = vector_width(x.dtype, cols, &bufs);
             let plan = backward_plan(rows, cols, vec, d.sms)?;
             slots = plan.slots;
             let pdtype = weight.map_or(DType::F32, |w| w.dtype);
@@ -342,7 +343,8 @@ fn reduce_partials(
     dbias: Option<Buf>,
     dtype: DType,
 ) -> Result<()> {
-    let vec = vector_width(dtype, cols, &[ptr(dweight), ptr(dbias)]);
+    // 16-byte loads of the partial rows and stores of the results.
+    let vec = vector_width(dtype, cols, &[ptr(dweight), ptr(dbias), ws]);
     let f = kernel(d, "norms", "norm_param_reduce", dtype, Variant::Vec(vec))?;
     let grid = u32::try_from(cols.div_ceil(32))
         .map_err(|_| Error::Value(format!("too many columns for one launch: {cols}")))?;
