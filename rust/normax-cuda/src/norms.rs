@@ -24,6 +24,8 @@ const MAX_THREADS: usize = 1024;
 const MAX_ROWS_PER_BLOCK: u32 = 4;
 /// Resident backward blocks per SM at most: a few, so that the partial rows stay few.
 const BACKWARD_BLOCKS_PER_SM: usize = 4;
+/// Threads an SM holds at up to 64 registers each (its 65536 registers).
+const RESIDENT_THREADS: usize = 1024;
 
 /// Threads per row: a power of two from 32 to 1024, about `values` values each.
 fn threads_per_row(cols: usize, values: usize) -> u32 {
@@ -155,7 +157,7 @@ fn backward_plan(rows: usize, cols: usize, vec: usize, sms: u32) -> Result<Backw
     let threads = threads_per_row(cols, BACKWARD_VALUES);
     let rows_per_block = rows_per_block(threads);
     let per_block = (threads * rows_per_block) as usize;
-    let blocks_per_sm = (2048 / per_block).clamp(1, BACKWARD_BLOCKS_PER_SM);
+    let blocks_per_sm = (RESIDENT_THREADS / per_block).clamp(1, BACKWARD_BLOCKS_PER_SM);
     let grid = rows
         .div_ceil(rows_per_block as usize)
         .min(sms.max(1) as usize * blocks_per_sm)
