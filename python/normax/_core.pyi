@@ -302,9 +302,11 @@ def cuda_norm_backward(
     saved: tuple[Capsule | None, Capsule],
     dx: Capsule,
     dparams: tuple[Capsule | None, Capsule | None],
+    workspace: Capsule | None,
     shape: Shape,
     stream: CudaStream,
 ) -> None: ...
+def cuda_norm_workspace(options: NormOptions, shape: Shape, has_params: bool, stream: CudaStream) -> int: ...
 def cuda_power_norm_forward(
     options: PowerNormOptions,
     x: Capsule,

@@ -48,6 +48,22 @@ def _t(raw):
 def _rows(raw, rows, cols):
     t = _t(raw)
     assert t.numel() == rows * cols
+
+
+def _arrays(a):
+    """`a` with every raw array in it (inside tuples too) read as a tensor."""
+    if type(a) is tuple:
+        if len(a) == 3 and all(type(v) is int for v in a):
+            return _t(a)
+        return tuple(_arrays(v) for v in a)
+    return a
+
+
+def _dtypes(a):
+    """`a` with every tensor in it (inside tuples too) replaced by its dtype."""
+    if type(a) is tuple:
+        return tuple(_dtypes(v) for v in a)
+    return a.dtype if isinstance(a, torch.Tensor) else a
     return t.reshape(rows, cols)
 
 
@@ -60,11 +76,13 @@ def _vec(raw, n):
 class EmulatedKernels:
     """The contract of `_core.cuda_*`: contiguous row-major buffers, float32 statistics.
 
-    Every call is recorded in `calls` as (kernel name, device index, stream).
+    Every call is recorded in `calls` as (kernel name, device index, stream), and in `arguments`
+    as (kernel name, its arguments with each array replaced by its dtype).
     """
 
     def __init__(self):
         self.calls = []
+        self.arguments = []
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -76,7 +94,9 @@ class EmulatedKernels:
         def call(*args):
             stream = args[-1]
             self.calls.append((name, stream.device, stream.handle))
-            return emulated(*args[:-1])
+            args = tuple(_arrays(a) for a in args[:-1])
+            self.arguments.append((name, tuple(_dtypes(a) for a in args)))
+            return emulated(*args)
 
         return call
 
@@ -318,54 +338,106 @@ class EmulatedKernels:
                 g[r] = g[r] * (1 - (x[r] / cap) ** 2)
         _rows(grad, rows, length).copy_(g)
 
+    # Norms: the kernels' float32 statistics, rows whose squares leave float32 redone scaled by a
+    # power of two (as norms.cu and normax-core's norms); the rest in float64.
+
     @staticmethod
-    def _stats(kind, x, eps):
+    def _stats32(kind, x, eps, shift):
+        """float32 (mean, rstd) of the rows of x (float64 values of float32 numbers) scaled by
+        2^shift, eps by 4^shift (from float32 sqrt(eps), as the kernels)."""
+        v = torch.ldexp(x, shift[:, None].double())
+        n = x.shape[1]
+        k = torch.ldexp(torch.ones_like(shift, dtype=torch.float64), shift.double())
+        ek = (torch.tensor(math.sqrt(eps), dtype=torch.float32).double() * k).float() ** 2
         if kind == "layer":
-            mean = x.mean(-1)
-            var = ((x - mean[:, None]) ** 2).mean(-1)
-            return mean, 1 / torch.sqrt(var + eps)
-        ms = (x * x).sum(-1)
-        d = x.shape[1]
-        if kind == "crms":
-            ms, d = ms + x.sum(-1) ** 2, d + 1
-        return torch.zeros(x.shape[0], dtype=x.dtype), 1 / torch.sqrt(ms / d + eps)
+            mean = (v.sum(-1) / n).float()
+            ms = (((v - mean.double()[:, None]) ** 2).sum(-1) / n).float()
+        else:
+            s, ss = v.sum(-1), (v * v).sum(-1)
+            mean = torch.zeros(x.shape[0], dtype=torch.float32)
+            ms = ((ss + s * s) / (n + 1) if kind == "crms" else ss / n).float()
+        return mean, 1 / torch.sqrt(ms + ek)
+
+    @staticmethod
+    def _norm_stats(kind, x, eps):
+        """(mean, rstd) of each row as float64 values of the kernels' float32 ones (the row's own
+        statistics), and (mean', rstd', x') those of the row scaled by 2^shift, which y takes."""
+        rows = x.shape[0]
+        x = x.float().double()
+        shift = torch.zeros(rows, dtype=torch.int32)
+        mean, rstd = EmulatedKernels._stats32(kind, x, eps, shift)
+        extreme = ~(mean.isfinite() & (rstd > 0) & (rstd <= 2.0**51))
+        most = x.abs().amax(-1) if x.shape[1] else torch.zeros(rows, dtype=torch.float64)
+        scalable = extreme & (most > 0) & most.isfinite()  # NaN: not scalable
+        shift = torch.where(scalable, -torch.floor(torch.log2(most)), 0.0).to(torch.int32)
+        mean, rstd = EmulatedKernels._stats32(kind, x, eps, shift)
+        k = torch.ldexp(torch.ones(rows, dtype=torch.float64), shift.double())
+        root_k = torch.tensor(math.sqrt(eps), dtype=torch.float32).double() * k
+        only_eps = scalable & ~((root_k.float() ** 2).isfinite() & rstd.isfinite())
+        rstd = torch.where(only_eps, (1 / root_k).float(), rstd).double()
+        own_rstd = (rstd * k).float()
+        own_rstd = torch.where(own_rstd.isinf() & rstd.isfinite(), torch.finfo(torch.float32).max, own_rstd)
+        scaled = torch.ldexp(x, shift[:, None].double())
+        return (mean.double() / k, own_rstd.double()), (mean.double(), rstd, scaled)
 
     @staticmethod
     def _norm_forward(options, x, params, out, stats, shape):
         (weight, bias), (mean, rstd), (rows, cols) = params, stats, shape
-        kind, eps = options.kind, options.eps
-        xv = _rows(x, rows, cols).double()
-        mu, rs = EmulatedKernels._stats(kind, xv, eps)
+        if rows * cols == 0:  # nothing launched
+            return
+        xv = _rows(x, rows, cols)
+        w, b = _t(weight), _t(bias)
+        dtypes = {p.dtype for p in (w, b) if p is not None}
+        assert len(dtypes) <= 1 and dtypes <= {torch.float32, xv.dtype}, dtypes  # the kernels' rule
+        (mu, rs), (mu_s, rs_s, xs) = EmulatedKernels._norm_stats(options.kind, xv, options.eps)
         if mean is not None:
             _vec(mean, rows).copy_(mu)
         if rstd is not None:
             _vec(rstd, rows).copy_(rs)
         if out is not None:
-            y = (xv - mu[:, None]) * rs[:, None]
-            if weight is not None:
-                y = y * _vec(weight, cols).double()
-            if bias is not None:
-                y = y + _vec(bias, cols).double()
+            y = (xs - mu_s[:, None]) * rs_s[:, None]
+            if w is not None:
+                y = y * _vec(w, cols).double()
+            if b is not None:
+                y = y + _vec(b, cols).double()
             _rows(out, rows, cols).copy_(y)
 
+    # The workspace of an emulated device with 8 row slots: a partial row per slot and parameter.
     @staticmethod
-    def _norm_backward(options, inputs, saved, dx, dparams, shape):
+    def _norm_workspace(options, shape, has_params):
+        rows, cols = shape
+        slots = min(rows, 8)
+        return slots * cols * (2 if options.kind == "layer" else 1) if has_params else 0
+
+    @staticmethod
+    def _norm_backward(options, inputs, saved, dx, dparams, workspace, shape):
         (dy, x, weight), (mean, rstd), (dweight, dbias), (rows, cols) = inputs, saved, dparams, shape
         kind = options.kind
-        xv, dyv = _rows(x, rows, cols).double(), _rows(dy, rows, cols).double()
+        x = _rows(x, rows, cols)
+        xv, dyv = x.double(), _rows(dy, rows, cols).double()
+        w = _t(weight)
+        assert w is None or w.dtype in (torch.float32, x.dtype)
+        dw, db = _t(dweight), _t(dbias)
+        dtypes = {g.dtype for g in (dw, db) if g is not None}
+        assert len(dtypes) <= 1 and dtypes <= {torch.float32, x.dtype}, dtypes
+        need = EmulatedKernels._norm_workspace(options, shape, bool(dtypes))
+        ws = _t(workspace)
+        assert (ws is None) if need == 0 else (ws.dtype == torch.float32 and ws.numel() >= need)
         mu = _vec(mean, rows).double() if mean is not None else torch.zeros(rows, dtype=torch.float64)
         rs = _vec(rstd, rows).double()[:, None]
         xhat = (xv - mu[:, None]) * rs
-        g = dyv * _vec(weight, cols).double() if weight is not None else dyv
+        g = dyv * _vec(w, cols).double() if w is not None else dyv
         d = cols + 1 if kind == "crms" else cols
         proj = (g * xhat).sum(-1, keepdim=True) / d
         along = (xv + xv.sum(-1, keepdim=True)) * rs if kind == "crms" else xhat
         mean_g = g.sum(-1, keepdim=True) / d if kind == "layer" else 0.0
         _rows(dx, rows, cols).copy_(rs * (g - mean_g - along * proj))
-        if dweight is not None:
-            _vec(dweight, cols).copy_((dyv * xhat).sum(0))
-        if dbias is not None:
-            _vec(dbias, cols).copy_(dyv.sum(0))
+        if dw is not None:
+            _vec(dw, cols).copy_((dyv * xhat).sum(0))
+        if db is not None:
+            _vec(db, cols).copy_(dyv.sum(0))
+        if ws is not None:
+            ws.fill_(math.nan)  # scratch: nothing may read it as a result
 
     # PowerNorm: written from the CPU equations (normax.power_norm's Notes), not from the CUDA code.
 
@@ -413,7 +485,8 @@ _KERNELS = [
     "cuda_" + n
     for n in (
         "softmax", "stablemax", "logsumexp", "softmax_backward", "cross_entropy", "ce_forward", "ce_backward",
-        "vocab_parallel_stats", "vocab_parallel_backward", "norm_forward", "norm_backward", "power_norm_forward",
+        "vocab_parallel_stats", "vocab_parallel_backward", "norm_forward", "norm_backward", "norm_workspace",
+        "power_norm_forward",
         "power_norm_backward",
     )
 ]  # fmt: skip

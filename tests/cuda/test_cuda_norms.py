@@ -92,3 +92,85 @@ def test_cupy_branch(cupy_kernels):
     got = cuda.layer_norm_backward(cp(dy), x, cp(w), cp(b), mean=mean, rstd=rstd)
     for g, wnt in zip(got, normax.layer_norm_backward(dy, X, w, b)):
         close(np.asarray(g), wnt, rtol=1e-4, atol=1e-4)
+
+
+def _last(kernels, name):
+    """The arguments (arrays as dtypes) of the last call of ``_core.<name>``."""
+    return next(args for n, args in reversed(kernels.arguments) if n == name)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_parameters_are_read_and_their_gradients_written_in_their_own_dtype(cuda_kernels, wdtype):
+    from normax.torch import _norms as nt
+
+    xb = torch.from_numpy(X).to(torch.bfloat16)
+    w = (torch.rand(50) + 0.5).to(wdtype)
+    b = torch.randn(50).to(wdtype)
+    # The kernels take float32 or x's dtype; float16 parameters of bfloat16 rows become float32.
+    read = wdtype if wdtype in (torch.float32, torch.bfloat16) else torch.float32
+    y, mean, rstd = nt._layer_norm_cuda(xb, 1, w, b, 1e-5)
+    assert _last(cuda_kernels, "cuda_norm_forward")[2] == (read, read)
+    want = normax.layer_norm(xb.float().numpy(), w.float().numpy(), b.float().numpy(), eps=1e-5)
+    close(y.float(), want, rtol=1e-2, atol=2e-2)  # bf16 rounding of y
+    dy = torch.randn(X.shape).to(torch.bfloat16)
+    dx, dw, db = nt._layer_norm_backward_cuda(dy, xb, 1, w, b, mean, rstd, 1e-5)
+    # (options, inputs, saved, dx, dparams, workspace, shape): the gradients in the parameters'
+    # own dtype where the kernels write it, a float32 workspace.
+    call = _last(cuda_kernels, "cuda_norm_backward")
+    assert call[1][2] == read and call[4] == (read, read) and call[5] == torch.float32
+    assert dx.dtype == torch.bfloat16 and dw.dtype == db.dtype == wdtype
+    xhat = (xb.double() - mean[..., None]) * rstd[..., None]
+    close(dw.float(), (dy.double() * xhat).sum((0, 1)).numpy(), rtol=1e-2, atol=5e-2)
+    close(db.float(), dy.double().sum((0, 1)).numpy(), rtol=1e-2, atol=5e-2)
+    # The NumPy-first API returns them in x's dtype, written so by the kernel.
+    got = cuda.layer_norm_backward(dy, xb, w, b, mean=mean.float(), rstd=rstd.float())
+    assert _last(cuda_kernels, "cuda_norm_backward")[4] == (torch.bfloat16, torch.bfloat16)
+    assert [g.dtype for g in got] == [torch.bfloat16] * 3
+
+
+def test_without_parameters_no_workspace(cuda_kernels):
+    def bwd():
+        return _last(cuda_kernels, "cuda_norm_backward")
+
+    x = torch.from_numpy(X)
+    dy = torch.randn(X.shape)
+    for name in ("rms_norm", "crms_norm"):
+        dx, dw = getattr(cuda, name + "_backward")(dy, x)
+        assert dw is None and bwd()[4] == (None, None) and bwd()[5] is None
+        close(dx, getattr(normax, name + "_backward")(dy.numpy(), X)[0], rtol=1e-4, atol=1e-4)
+    dx, dw, db = cuda.layer_norm_backward(dy, x, bias=torch.randn(50))
+    assert dw is None and bwd()[4] == (None, torch.float32) and bwd()[5] == torch.float32
+    close(db, dy.numpy().sum((0, 1)), rtol=1e-5, atol=1e-4)
+    # No rows: zero gradients (the reduction of no partial rows), no workspace.
+    dx, dw = cuda.rms_norm_backward(torch.zeros(0, 50), torch.zeros(0, 50), torch.ones(50))
+    assert dx.shape == (0, 50) and (dw == 0).all() and bwd()[5] is None
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "crms_norm"])
+def test_rows_whose_squares_leave_float32_are_normalized_scaled(cuda_kernels, name):
+    """Rows of 1e30 (squares overflow float32) and 1e-30 (underflow, with eps below them), with
+    ordinary rows, a row of zeros and one holding NaN in the same blocks: as float64 NumPy."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 64)) + 2.0
+    x = (base * np.array([1.0, 1e30, 1e-30, 3e-39, 0.0, 1.0])[:, None]).astype(np.float32)
+    x[5, 7] = np.nan
+    w = rng.uniform(0.5, 2.0, size=64).astype(np.float32)
+    fn, bwd = getattr(normax, name), getattr(normax, name + "_backward")
+    for eps in (0.0, 1e-80):
+        got = fn(torch.from_numpy(x), torch.from_numpy(w), eps=eps, return_stats=True)
+        want = fn(x.astype(np.float64), w.astype(np.float64), eps=eps, return_stats=True)
+        rows = slice(0, 4)  # the zero row: NaN (0 * inf) or 0 as float64; the NaN row: NaN
+        most = np.finfo(np.float32).max  # a larger rstd is clamped (3e-39: 3.6e38 for layer_norm)
+        for g, wnt in zip(got, want):
+            assert np.isfinite(g.numpy()[rows]).all(), (name, eps, g)
+            close(g[rows], np.clip(wnt[rows], -most, most), rtol=2e-5, atol=0)
+        assert np.isnan(got[0].numpy()[5]).all()
+        dy = rng.normal(size=x.shape).astype(np.float32)
+        stats = {"mean": got[1], "rstd": got[2]} if name == "layer_norm" else {"rstd": got[1]}
+        want_b = bwd(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), eps=eps)
+        for kw in (stats, {}):  # from the saved statistics, and recomputed
+            got_b = bwd(torch.from_numpy(dy), torch.from_numpy(x), torch.from_numpy(w), eps=eps, **kw)
+            # Not the 3e-39 row: the float32 rstd it saves may be clamped (dx then from that).
+            dx = got_b[0].numpy()[:3]
+            assert np.isfinite(dx).all(), (name, eps, kw)
+            close(dx, want_b[0][:3], rtol=1e-4, atol=0)

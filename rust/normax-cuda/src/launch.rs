@@ -282,7 +282,7 @@ impl ColumnPlan {
 }
 
 /// out[c] = sum of the `parts` partial rows of `cols` floats at `part`, in part order, by the
-/// `sum` kernel ([`Op::SumParts`] of norms.cu, [`Op::PowerSumParts`] of power_norm.cu).
+/// `sum` kernel ([`Op::PowerSumParts`] of power_norm.cu).
 pub(crate) fn sum_parts(
     d: &mut Device,
     s: Stream,
@@ -351,6 +351,7 @@ mod tests {
                     Forms::Plain => vec![Variant::Plain],
                     Forms::Vec => vec![Variant::Vec(1), Variant::Vec(wide)],
                     Forms::Packs => packs.map(Variant::Packs).collect(),
+                    Forms::Listed => vec![],
                 };
                 keys.extend(variants.into_iter().map(|v| KernelKey::new(op, dtype, v)));
             }
@@ -359,6 +360,11 @@ mod tests {
             }
             names.extend(keys.iter().map(|k| (op.module(), k.name())));
         }
+        names.extend(
+            crate::norms::kernel_names()
+                .into_iter()
+                .map(|n| ("norms", n)),
+        );
         names
     }
 

@@ -31,6 +31,9 @@ pub(crate) enum Forms {
     Vec,
     /// `<op>_<dtype>_p<P>` for every power of two P the cached plans can ask for.
     Packs,
+    /// Those its family's host code lists (`norms::kernel_names`: the norms pick `_p<P>` or
+    /// `_v<V>` from the row length).
+    Listed,
 }
 
 macro_rules! kernels {
@@ -87,11 +90,11 @@ kernels! {
     CeForwardSmooth: "cross_entropy" "ce_forward_smooth" Vec,
     CeBackward: "cross_entropy" "ce_backward" Vec,
     CeBackwardSmooth: "cross_entropy" "ce_backward_smooth" Vec,
-    NormForward: "norms" "norm_forward" Vec,
-    NormForwardCached: "norms" "norm_forward_cached" Packs,
-    NormBackward: "norms" "norm_backward" Vec,
-    NormParamPart: "norms" "norm_param_part" Plain,
-    SumParts: "norms" "sum_parts" Untyped,
+    NormForward: "norms" "norm_forward" Listed,
+    NormForwardWx: "norms" "norm_forward_wx" Listed,
+    NormBackward: "norms" "norm_backward" Listed,
+    NormBackwardWx: "norms" "norm_backward_wx" Listed,
+    NormParamReduce: "norms" "norm_param_reduce" Listed,
     PowerScale: "power_norm" "power_scale" Vec,
     PowerForward: "power_norm" "power_forward" Plain,
     PowerBackward: "power_norm" "power_backward" Vec,
@@ -117,7 +120,7 @@ impl KernelKey {
         }
     }
 
-    /// A kernel with no dtype in its name (`sum_parts`).
+    /// A kernel with no dtype in its name (`power_sum_parts`).
     pub(crate) fn untyped(op: Op) -> KernelKey {
         KernelKey {
             op,
@@ -186,7 +189,10 @@ mod tests {
         assert_eq!(key.name(), "ce_cached_f32_p4");
         let key = KernelKey::new(Op::Logsumexp, DType::F16, Variant::Plain);
         assert_eq!(key.name(), "logsumexp_f16");
-        assert_eq!(KernelKey::untyped(Op::SumParts).name(), "sum_parts");
+        assert_eq!(
+            KernelKey::untyped(Op::PowerSumParts).name(),
+            "power_sum_parts"
+        );
     }
 
     #[test]

@@ -13,7 +13,8 @@ Differences from the CPU functions, stated once:
 - float32, float16 and bfloat16 only (float32 arithmetic inside); float64 and integer arrays
   raise TypeError rather than silently losing precision.
 - Saved statistics (``return_stats=True``) are float32; ``dweight``/``dbias`` are summed in
-  float32 and returned in `x`'s dtype.
+  float32 and returned in `x`'s dtype. Norm parameters are read in their own dtype where it is
+  float32 or `x`'s (others are cast to float32 first).
 - Not on the GPU: ``logsumexp``'s ``b=`` and ``return_sign=True``, and the linear
   cross-entropy's class weights and shapes other than 2-d hidden and linear_weight with 1-d class
   indices; those raise the registry's NotImplementedError (normax._backends.missing), naming the
@@ -33,8 +34,8 @@ PyTorch) or a CUDA toolkit on the library path.
 Layout: one module per op family (``softmax``, ``stablemax``, ``cross_entropy``, ``norms``, ``power_norm``, as
 the CPU path and ``kernels/*.cu``) over ``device`` (the caller's library, raw arrays, streams,
 the kernels' entry point). ``cross_entropy_rows``, ``linear_blocks`` and ``norm_backward`` are the
-families' cores, ``vocab_parallel_stats`` / ``vocab_parallel_backward`` the vocabulary-parallel cross-entropy's kernels, with the options ``normax.torch`` needs (no read-back check, float32 parameter
-gradients).
+families' cores, ``vocab_parallel_stats`` / ``vocab_parallel_backward`` the vocabulary-parallel cross-entropy's kernels, with the options ``normax.torch`` needs (no read-back check, parameter
+gradients in the parameters' own dtype where the kernels write it: float32 or `x`'s).
 """
 
 from .cross_entropy import (

@@ -338,9 +338,10 @@ def lib_of(args, fname) -> Lib:
 
 def run(lib: Lib, kernel, *args):
     """Calls `kernel`, a ``_core.cuda_*`` function, with the raw tuple (:meth:`Lib.raw`) of every
-    array among `args` (inside tuples too) and the caller's device and stream last."""
+    array among `args` (inside tuples too) and the caller's device and stream last; returns what it
+    returns."""
     prepare()
-    kernel(*(_raw(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
+    return kernel(*(_raw(lib, a) for a in args), _core.CudaStream(lib.index, lib.stream))
 
 
 def _raw(lib: Lib, a):

@@ -14,6 +14,30 @@ def _dtype_eps(lib, x) -> float:
     return {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}[lib.dtype_name(x)]
 
 
+def _params(lib, x, params, shape):
+    """The parameters on the device, contiguous, in the dtype the kernels read them in: their own
+    where that is float32 or x's dtype (weight and bias alike), else float32."""
+    checked = []
+    for p, name in zip(params, ("weight", "bias")):
+        if p is not None:
+            p = lib.on_device(p, name)
+            if tuple(p.shape) != shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(p.shape)} does not match the normalized shape {shape} (x.shape[axis:])"
+                )
+        checked.append(p)
+    dtype = _params_dtype(lib, x, checked)
+    return [None if p is None else lib.contiguous(lib.astype(p, dtype)) for p in checked]
+
+
+def _params_dtype(lib, x, params):
+    """The dtype of `params` where the kernels take it (float32 or x's, all alike), else float32."""
+    names = {lib.dtype_name(p) for p in params if p is not None}
+    if len(names) == 1 and names <= {"float32", lib.dtype_name(x)}:
+        return next(p for p in params if p is not None).dtype
+    return lib.float32()
+
+
 def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
     lib = lib_of((x, weight, bias, out), fname)
     x = lib.input(x, "x")
@@ -22,16 +46,7 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
     options = norm_options(kind, _dtype_eps(lib, x) if eps is None else eps)
     plan = Plan(tuple(x.shape), axes, last=True)  # trailing axes: never moved
     f32 = lib.float32()
-    params = []
-    for p, name in ((weight, "weight"), (bias, "bias")):
-        if p is not None:
-            p = lib.on_device(p, name)
-            if tuple(p.shape) != shape:
-                raise ValueError(
-                    f"{name}: shape {tuple(p.shape)} does not match the normalized shape {shape} (x.shape[axis:])"
-                )
-            p = lib.contiguous(lib.astype(p, f32))
-        params.append(p)
+    params = _params(lib, x, (weight, bias), shape)
     y = lib.output(plan, x.dtype, out)
     lead = tuple(x.shape[: axes[0]])
     mean = lib.empty(lead, f32) if return_stats and kind == "layer" else None
@@ -49,7 +64,8 @@ def _norm_forward(kind, fname, x, weight, bias, eps, axis, out, return_stats):
 
 
 def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, params_dtype="x"):
-    """dx and the parameter gradients, those in `x`'s dtype, or float32 for params_dtype=None."""
+    """dx and the parameter gradients, those in `x`'s dtype, or for params_dtype=None in the
+    parameters' own dtype where the kernels write it (float32 or x's dtype), else float32."""
     lib = lib_of((dy, x, weight, bias, mean, rstd), fname)
     x = lib.input(x, "x")
     dy = lib.input(dy, "dy")
@@ -63,14 +79,7 @@ def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, param
     options = norm_options(kind, _dtype_eps(lib, x) if eps is None else eps)
     x, dy = lib.contiguous(x), lib.contiguous(dy)
     f32 = lib.float32()
-    w = None
-    if weight is not None:
-        w = lib.on_device(weight, "weight")
-        if tuple(w.shape) != shape:
-            raise ValueError(f"weight: shape {tuple(w.shape)} does not match the normalized shape {shape}")
-        w = lib.contiguous(lib.astype(w, f32))
-    if bias is not None and tuple(bias.shape) != shape:
-        raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the normalized shape {shape}")
+    w, b = _params(lib, x, (weight, bias), shape)
     if kind == "layer" and (mean is None) != (rstd is None):
         missing = "mean" if mean is None else "rstd"
         raise ValueError(f"{missing}: give both saved statistics (mean and rstd) or neither")
@@ -90,12 +99,13 @@ def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, param
             stats.append(lib.contiguous(lib.astype(s, f32)))
         mean, rstd = stats
     dx = lib.empty(tuple(x.shape), x.dtype)
-    dw = lib.empty(shape, f32) if weight is not None else None
-    db = lib.empty(shape, f32) if bias is not None else None
-    run(lib, _core.cuda_norm_backward, options, (dy, x, w), (mean, rstd), dx, (dw, db), (rows, cols))
-    if params_dtype is not None:
-        dw = None if dw is None else lib.astype(dw, x.dtype)
-        db = None if db is None else lib.astype(db, x.dtype)
+    gdtype = x.dtype if params_dtype is not None else _params_dtype(lib, x, (w, b))
+    dw = lib.empty(shape, gdtype) if w is not None else None
+    db = lib.empty(shape, gdtype) if b is not None else None
+    has_params = dw is not None or db is not None
+    need = run(lib, _core.cuda_norm_workspace, options, (rows, cols), has_params)
+    workspace = lib.empty((need,), f32) if need else None
+    run(lib, _core.cuda_norm_backward, options, (dy, x, w), (mean, rstd), dx, (dw, db), workspace, (rows, cols))
     if kind == "layer":
         return dx, dw, db
     return dx, dw

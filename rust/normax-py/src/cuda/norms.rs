@@ -1,10 +1,13 @@
-//! cuda_norm_forward and cuda_norm_backward: rms_norm, crms_norm and layer_norm by
-//! `options.kind`, over the (rows, cols) contiguous rows.
+//! cuda_norm_forward, cuda_norm_backward and cuda_norm_workspace: rms_norm, crms_norm and
+//! layer_norm by `options.kind`, over the (rows, cols) contiguous rows.
 
 use super::{Call, CudaStream};
+use crate::errors::to_py;
 use crate::options::NormOptions;
 use normax_cuda as cu;
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 type Pair<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
@@ -27,42 +30,71 @@ fn cuda_norm_forward(
     let out = c.opt(out.as_ref(), "out")?;
     let mean = c.opt(stats.0.as_ref(), "mean")?;
     let rstd = c.opt(stats.1.as_ref(), "rstd")?;
-    let (kind, eps) = (options.kind, options.eps as f32);
+    let (kind, eps) = (options.kind, options.eps);
     c.run(x.py(), |s| {
         cu::norm_forward(s, kind, xb, weight, bias, out, mean, rstd, rows, cols, eps)
     })
 }
 
-/// dx of `inputs` = (dy, x, weight or None) from the forward's `saved` = (mean or None, rstd);
-/// `dparams` = (dweight, dbias) where wanted.
+/// float32 elements of the workspace `cuda_norm_backward` needs for `shape` on the stream's
+/// device (0: none, as without parameters).
 #[pyfunction]
+fn cuda_norm_workspace(
+    py: Python<'_>,
+    options: &NormOptions,
+    shape: (usize, usize),
+    has_params: bool,
+    stream: &CudaStream,
+) -> PyResult<usize> {
+    let (s, kind, (rows, cols)) = (Call::new(stream).stream, options.kind, shape);
+    py.detach(|| cu::norm_workspace(s, kind, rows, cols, has_params))
+        .map_err(to_py)
+}
+
+/// dx of `inputs` = (dy, x, weight or None) from the forward's `saved` = (mean or None, rstd);
+/// `dparams` = (dweight, dbias) where wanted, through `workspace` (float32, at least
+/// `cuda_norm_workspace` elements; None without dparams). Called as
+/// `cuda_norm_backward(options, inputs, saved, dx, dparams, workspace, shape, stream)`: the last
+/// three arrive in `tail`.
+#[pyfunction]
+#[pyo3(signature = (options, inputs, saved, dx, dparams, *tail))]
 fn cuda_norm_backward(
     options: &NormOptions,
     inputs: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
     saved: (Option<Bound<'_, PyAny>>, Bound<'_, PyAny>),
     dx: &Bound<'_, PyAny>,
     dparams: Pair<'_>,
-    shape: (usize, usize),
-    stream: &CudaStream,
+    tail: &Bound<'_, PyTuple>,
 ) -> PyResult<()> {
-    let (c, (rows, cols)) = (Call::new(stream), shape);
+    let (workspace, (rows, cols), stream): (
+        Option<Bound<'_, PyAny>>,
+        (usize, usize),
+        PyRef<'_, CudaStream>,
+    ) = tail.extract().map_err(|_| {
+        PyTypeError::new_err(
+            "cuda_norm_backward(options, inputs, saved, dx, dparams, workspace, shape, stream)",
+        )
+    })?;
+    let c = Call::new(&stream);
     let dy = c.buf(&inputs.0, "dy")?;
     let x = c.buf(&inputs.1, "x")?;
     let weight = c.opt(inputs.2.as_ref(), "weight")?;
     let mean = c.opt(saved.0.as_ref(), "mean")?;
     let rstd = c.buf(&saved.1, "rstd")?;
     let dxb = c.buf(dx, "dx")?;
-    let dweight = c.opt(dparams.0.as_ref(), "dweight")?;
-    let dbias = c.opt(dparams.1.as_ref(), "dbias")?;
+    let grads = cu::NormParamGrads {
+        dweight: c.opt(dparams.0.as_ref(), "dweight")?,
+        dbias: c.opt(dparams.1.as_ref(), "dbias")?,
+        workspace: c.opt(workspace.as_ref(), "workspace")?,
+    };
     let kind = options.kind;
     c.run(dx.py(), |s| {
-        cu::norm_backward(
-            s, kind, dy, x, weight, mean, rstd, dxb, dweight, dbias, rows, cols,
-        )
+        cu::norm_backward(s, kind, dy, x, weight, mean, rstd, dxb, grads, rows, cols)
     })
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_norm_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_norm_backward, m)?)
+    m.add_function(wrap_pyfunction!(cuda_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_norm_workspace, m)?)
 }
