@@ -300,9 +300,7 @@ def cuda_norm_backward(
     options: NormOptions,
     inputs: tuple[Capsule, Capsule, Capsule | None],
     saved: tuple[Capsule | None, Capsule],
-    dx: Capsule,
-    dparams: tuple[Capsule | None, Capsule | None],
-    workspace: Capsule | None,
+    outputs: tuple[Capsule, tuple[Capsule | None, Capsule | None], Capsule | None],
     shape: Shape,
     stream: CudaStream,
 ) -> None: ...

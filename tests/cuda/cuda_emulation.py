@@ -410,8 +410,9 @@ class EmulatedKernels:
         return slots * cols * (2 if options.kind == "layer" else 1) if has_params else 0
 
     @staticmethod
-    def _norm_backward(options, inputs, saved, dx, dparams, workspace, shape):
-        (dy, x, weight), (mean, rstd), (dweight, dbias), (rows, cols) = inputs, saved, dparams, shape
+    def _norm_backward(options, inputs, saved, outputs, shape):
+        (dy, x, weight), (mean, rstd), (dx, (dweight, dbias), workspace) = inputs, saved, outputs
+        rows, cols = shape
         kind = options.kind
         x = _rows(x, rows, cols)
         xv, dyv = x.double(), _rows(dy, rows, cols).double()

@@ -87,7 +87,7 @@ def test_raw_arrays_are_checked_before_any_cuda_call():
         _core.cuda_vocab_parallel_stats(x, (raw(2), None), shard, _core.CeOptions(), raw(2, 3), S)
     with pytest.raises(ValueError, match="rstd: expected 2 elements"):
         rms = _core.NormOptions("rms", 1e-6)
-        _core.cuda_norm_backward(rms, (x, x, None), (None, raw(3)), y, (None, None), None, (2, 3), S)
+        _core.cuda_norm_backward(rms, (x, x, None), (None, raw(3)), (y, (None, None), None), (2, 3), S)
     with pytest.raises(ValueError, match="weight: expected F32 or x's F32 elements"):
         _core.cuda_norm_forward(rms, x, (raw(3, code=F16), None), y, (None, None), (2, 3), S)
     # An empty array may have any address (torch's empty tensors have 0): nothing to compute,

@@ -114,17 +114,17 @@ def test_parameters_are_read_and_their_gradients_written_in_their_own_dtype(cuda
     close(y.float(), want, rtol=1e-2, atol=2e-2)  # bf16 rounding of y
     dy = torch.randn(X.shape).to(torch.bfloat16)
     dx, dw, db = nt._layer_norm_backward_cuda(dy, xb, 1, w, b, mean, rstd, 1e-5)
-    # (options, inputs, saved, dx, dparams, workspace, shape): the gradients in the parameters'
+    # (options, inputs, saved, (dx, dparams, workspace), shape): the gradients in the parameters'
     # own dtype where the kernels write it, a float32 workspace.
     call = _last(cuda_kernels, "cuda_norm_backward")
-    assert call[1][2] == read and call[4] == (read, read) and call[5] == torch.float32
+    assert call[1][2] == read and call[3][1] == (read, read) and call[3][2] == torch.float32
     assert dx.dtype == torch.bfloat16 and dw.dtype == db.dtype == wdtype
     xhat = (xb.double() - mean[..., None]) * rstd[..., None]
     close(dw.float(), (dy.double() * xhat).sum((0, 1)).numpy(), rtol=1e-2, atol=5e-2)
     close(db.float(), dy.double().sum((0, 1)).numpy(), rtol=1e-2, atol=5e-2)
     # The NumPy-first API returns them in x's dtype, written so by the kernel.
     got = cuda.layer_norm_backward(dy, xb, w, b, mean=mean.float(), rstd=rstd.float())
-    assert _last(cuda_kernels, "cuda_norm_backward")[4] == (torch.bfloat16, torch.bfloat16)
+    assert _last(cuda_kernels, "cuda_norm_backward")[3][1] == (torch.bfloat16, torch.bfloat16)
     assert [g.dtype for g in got] == [torch.bfloat16] * 3
 
 
@@ -136,14 +136,14 @@ def test_without_parameters_no_workspace(cuda_kernels):
     dy = torch.randn(X.shape)
     for name in ("rms_norm", "crms_norm"):
         dx, dw = getattr(cuda, name + "_backward")(dy, x)
-        assert dw is None and bwd()[4] == (None, None) and bwd()[5] is None
+        assert dw is None and bwd()[3][1] == (None, None) and bwd()[3][2] is None
         close(dx, getattr(normax, name + "_backward")(dy.numpy(), X)[0], rtol=1e-4, atol=1e-4)
     dx, dw, db = cuda.layer_norm_backward(dy, x, bias=torch.randn(50))
-    assert dw is None and bwd()[4] == (None, torch.float32) and bwd()[5] == torch.float32
+    assert dw is None and bwd()[3][1] == (None, torch.float32) and bwd()[3][2] == torch.float32
     close(db, dy.numpy().sum((0, 1)), rtol=1e-5, atol=1e-4)
     # No rows: zero gradients (the reduction of no partial rows), no workspace.
     dx, dw = cuda.rms_norm_backward(torch.zeros(0, 50), torch.zeros(0, 50), torch.ones(50))
-    assert dx.shape == (0, 50) and (dw == 0).all() and bwd()[5] is None
+    assert dx.shape == (0, 50) and (dw == 0).all() and bwd()[3][2] is None
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "crms_norm"])

@@ -183,9 +183,7 @@ def norm_backward(kind: str, dy: Tensor, x: Tensor, ndim: int, weight, bias, mea
         options,
         (raw(dy), raw(x), raw_opt(w)),
         (raw_opt(mean), raw(rstd)),
-        raw(dx),
-        (raw_opt(dw), raw_opt(db)),
-        raw_opt(workspace),
+        (raw(dx), (raw_opt(dw), raw_opt(db)), raw_opt(workspace)),
         shape,
         on,
     )

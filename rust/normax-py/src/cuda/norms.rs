@@ -5,9 +5,7 @@ use super::{Call, CudaStream};
 use crate::errors::to_py;
 use crate::options::NormOptions;
 use normax_cuda as cu;
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
 type Pair<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
@@ -51,31 +49,20 @@ fn cuda_norm_workspace(
         .map_err(to_py)
 }
 
-/// dx of `inputs` = (dy, x, weight or None) from the forward's `saved` = (mean or None, rstd);
-/// `dparams` = (dweight, dbias) where wanted, through `workspace` (float32, at least
-/// `cuda_norm_workspace` elements; None without dparams). Called as
-/// `cuda_norm_backward(options, inputs, saved, dx, dparams, workspace, shape, stream)`: the last
-/// three arrive in `tail`.
+/// dx of `inputs` = (dy, x, weight or None) from the forward's `saved` = (mean or None, rstd)
+/// into `outputs` = (dx, (dweight, dbias) where wanted, workspace): float32, at least
+/// `cuda_norm_workspace` elements; None without parameter gradients.
 #[pyfunction]
-#[pyo3(signature = (options, inputs, saved, dx, dparams, *tail))]
 fn cuda_norm_backward(
     options: &NormOptions,
     inputs: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
     saved: (Option<Bound<'_, PyAny>>, Bound<'_, PyAny>),
-    dx: &Bound<'_, PyAny>,
-    dparams: Pair<'_>,
-    tail: &Bound<'_, PyTuple>,
+    outputs: (Bound<'_, PyAny>, Pair<'_>, Option<Bound<'_, PyAny>>),
+    shape: (usize, usize),
+    stream: &CudaStream,
 ) -> PyResult<()> {
-    let (workspace, (rows, cols), stream): (
-        Option<Bound<'_, PyAny>>,
-        (usize, usize),
-        PyRef<'_, CudaStream>,
-    ) = tail.extract().map_err(|_| {
-        PyTypeError::new_err(
-            "cuda_norm_backward(options, inputs, saved, dx, dparams, workspace, shape, stream)",
-        )
-    })?;
-    let c = Call::new(&stream);
+    let (c, (rows, cols)) = (Call::new(stream), shape);
+    let (dx, dparams, workspace) = &outputs;
     let dy = c.buf(&inputs.0, "dy")?;
     let x = c.buf(&inputs.1, "x")?;
     let weight = c.opt(inputs.2.as_ref(), "weight")?;
