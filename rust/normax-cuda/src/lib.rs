@@ -23,7 +23,7 @@ mod power_norm;
 mod softmax;
 mod stablemax;
 
-pub use compile::{compile_all, nvrtc_version, MODULES};
+pub use compile::{compile_all, compile_cubin, nvrtc_version, MODULES};
 pub use cross_entropy::{
     cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeTarget,
     ShardRows,
