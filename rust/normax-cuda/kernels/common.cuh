@@ -80,7 +80,8 @@ __device__ __forceinline__ unsigned pack2(bf16, float lo, float hi) {
 
 // N 32-bit words moved in the widest accesses their alignment allows: 16 bytes (LDG/STG.E.128)
 // when N is a multiple of 4 (p is then 16-byte aligned), else 8 or 4. The stores are spelled in
-// PTX: NVVM splits a uint4 assignment into 4-byte stores. Every row buffer is global memory.
+// PTX (st.global: p must be global memory, as every row buffer is; not shared memory): NVVM
+// splits a uint4 assignment into 4-byte stores.
 template <int N> __device__ __forceinline__ void load_words(const void* p, unsigned (&w)[N]) {
     if constexpr (N % 4 == 0) {
 #pragma unroll
@@ -121,9 +122,9 @@ template <int N> __device__ __forceinline__ void store_words(void* p, const unsi
     }
 }
 
-// V elements loaded or stored at once: 16 bytes when the host saw aligned rows (p then aligned
-// to V elements), else 1. Whole words move as one vector access and 16-bit pairs convert
-// together: a struct copy would be split into 2-byte stores.
+// V elements of a row in global memory loaded or stored at once: 16 bytes when the host saw
+// aligned rows (p then aligned to V elements), else 1. Whole words move as one vector access and
+// 16-bit pairs convert together: a struct copy would be split into 2-byte stores.
 template <class T, int V>
 __device__ __forceinline__ void load(const T* p, float (&out)[V]) {
     constexpr int bytes = (int)sizeof(T) * V;
