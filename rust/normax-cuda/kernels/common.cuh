@@ -46,23 +46,126 @@ __device__ __forceinline__ float fast_exp(float d) {
     return r;
 }
 
-// V elements loaded or stored at once: 16 bytes when the host saw aligned rows, else 1.
-template <class T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+// Two 16-bit values in one 32-bit word, element 0 in the low half (its lower address).
+// Packing converts both at once (`cvt.rn.{f16,bf16}x2.f32` takes the high half first); before
+// Ampere there is no packed form, so each half is converted alone.
+__device__ __forceinline__ float2 unpack2(f16, unsigned w) {
+    float lo, hi;
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi)
+        : "r"(w));
+    return make_float2(lo, hi);
+}
+__device__ __forceinline__ float2 unpack2(bf16, unsigned w) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+__device__ __forceinline__ unsigned pack2(f16, float lo, float hi) {
+    unsigned w;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+#else
+    w = (unsigned)from_f32<f16>(lo).bits | ((unsigned)from_f32<f16>(hi).bits << 16);
+#endif
+    return w;
+}
+__device__ __forceinline__ unsigned pack2(bf16, float lo, float hi) {
+    unsigned w;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+#else
+    w = (unsigned)from_f32<bf16>(lo).bits | ((unsigned)from_f32<bf16>(hi).bits << 16);
+#endif
+    return w;
+}
 
+// N 32-bit words moved in the widest accesses their alignment allows: 16 bytes (LDG/STG.E.128)
+// when N is a multiple of 4 (p is then 16-byte aligned), else 8 or 4. The stores are spelled in
+// PTX (st.global: p must be global memory, as every row buffer is; not shared memory): NVVM
+// splits a uint4 assignment into 4-byte stores.
+template <int N> __device__ __forceinline__ void load_words(const void* p, unsigned (&w)[N]) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int c = 0; c < N; c += 4) {
+            uint4 u = reinterpret_cast<const uint4*>(p)[c / 4];
+            w[c] = u.x, w[c + 1] = u.y, w[c + 2] = u.z, w[c + 3] = u.w;
+        }
+    } else if constexpr (N % 2 == 0) {
+#pragma unroll
+        for (int c = 0; c < N; c += 2) {
+            uint2 u = reinterpret_cast<const uint2*>(p)[c / 2];
+            w[c] = u.x, w[c + 1] = u.y;
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < N; ++c) w[c] = reinterpret_cast<const unsigned*>(p)[c];
+    }
+}
+template <int N> __device__ __forceinline__ void store_words(void* p, const unsigned (&w)[N]) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int c = 0; c < N; c += 4)
+            asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
+                         :
+                         : "l"(reinterpret_cast<uint4*>(p) + c / 4), "r"(w[c]), "r"(w[c + 1]), "r"(w[c + 2]),
+                           "r"(w[c + 3])
+                         : "memory");
+    } else if constexpr (N % 2 == 0) {
+#pragma unroll
+        for (int c = 0; c < N; c += 2)
+            asm volatile("st.global.v2.b32 [%0], {%1, %2};"
+                         :
+                         : "l"(reinterpret_cast<uint2*>(p) + c / 2), "r"(w[c]), "r"(w[c + 1])
+                         : "memory");
+    } else {
+#pragma unroll
+        for (int c = 0; c < N; ++c) reinterpret_cast<unsigned*>(p)[c] = w[c];
+    }
+}
+
+// V elements of a row in global memory loaded or stored at once: 16 bytes when the host saw
+// aligned rows (p then aligned to V elements), else 1. Whole words move as one vector access and
+// 16-bit pairs convert together: a struct copy would be split into 2-byte stores.
 template <class T, int V>
 __device__ __forceinline__ void load(const T* p, float (&out)[V]) {
-    Pack<T, V> k = *reinterpret_cast<const Pack<T, V>*>(p);
+    constexpr int bytes = (int)sizeof(T) * V;
+    if constexpr (bytes % 4 != 0) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = to_f32(k.v[j]);
+        for (int j = 0; j < V; ++j) out[j] = to_f32(p[j]);
+    } else {
+        unsigned w[bytes / 4];
+        load_words<bytes / 4>(p, w);
+#pragma unroll
+        for (int k = 0; k < bytes / 4; ++k) {
+            if constexpr (sizeof(T) == 4) {
+                out[k] = __uint_as_float(w[k]);
+            } else {
+                float2 f = unpack2(T{}, w[k]);
+                out[2 * k] = f.x, out[2 * k + 1] = f.y;
+            }
+        }
+    }
 }
 
 template <class T, int V>
 __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
-    Pack<T, V> k;
+    constexpr int bytes = (int)sizeof(T) * V;
+    if constexpr (bytes % 4 != 0) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) k.v[j] = from_f32<T>(in[j]);
-    *reinterpret_cast<Pack<T, V>*>(p) = k;
+        for (int j = 0; j < V; ++j) p[j] = from_f32<T>(in[j]);
+    } else {
+        unsigned w[bytes / 4];
+#pragma unroll
+        for (int k = 0; k < bytes / 4; ++k) {
+            if constexpr (sizeof(T) == 4) w[k] = __float_as_uint(in[k]);
+            else w[k] = pack2(T{}, in[2 * k], in[2 * k + 1]);
+        }
+        store_words<bytes / 4>(p, w);
+    }
 }
+
+// The bounds of a row kernel: up to 512 threads per block (launch.rs's MAX_THREADS) and two such
+// blocks resident per SM, which caps a thread at 64 registers (a spill shows in the SASS test).
+#define NX_ROW_BOUNDS __launch_bounds__(512, 2)
 
 // The thread layout of every row kernel: blockDim.x threads share a row (a warp or the whole
 // block), blockDim.y rows per block; a row may be split in `chunks` pieces, one block each.

@@ -10,6 +10,7 @@ __device__ __forceinline__ float2 chunk_max_sum(const T* x, i64 cols, const RowS
     float2 st = make_float2(-NX_INF, 0.0f);
     if (s.active) {
         const T* row = x + s.row * cols;
+#pragma unroll 2
         for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
             float v[V];
             load<T, V>(row + i, v);
@@ -51,6 +52,7 @@ __device__ void softmax_rows(const T* x, T* y, i64 rows, i64 cols, i64 chunk, in
     float scale = isinf(m) ? nan : (mode == 0 ? 1.0f / st.y : logf(st.y));
     const T* xr = x + s.row * cols;
     T* yr = y + s.row * cols;
+#pragma unroll 2
     for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
         float v[V];
         load<T, V>(xr + i, v);
@@ -77,6 +79,7 @@ __device__ __forceinline__ float chunk_dot(const T* y, const T* dy, i64 cols, co
     if (s.active) {
         const T* yr = y + s.row * cols;
         const T* dr = dy + s.row * cols;
+#pragma unroll 2
         for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
             float a[V], d[V];
             load<T, V>(dr + i, d);
@@ -119,6 +122,7 @@ __device__ void softmax_backward_rows(const T* y, const T* dy, T* dx, i64 rows, 
     const T* yr = y + s.row * cols;
     const T* dr = dy + s.row * cols;
     T* xr = dx + s.row * cols;
+#pragma unroll 2
     for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
         float a[V], d[V];
         load<T, V>(yr + i, a);
@@ -130,19 +134,19 @@ __device__ void softmax_backward_rows(const T* y, const T* dy, T* dx, i64 rows, 
 }
 
 #define NX_SOFTMAX(name, T, V)                                                                              \
-    extern "C" __global__ void __launch_bounds__(512) max_sum_part_##name##_v##V(                          \
+    extern "C" __global__ void NX_ROW_BOUNDS max_sum_part_##name##_v##V(                                    \
         const T* x, i64 rows, i64 cols, i64 chunk, int chunks, float2* part) {                              \
         max_sum_part<T, V>(x, rows, cols, chunk, chunks, part);                                             \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(512) softmax_##name##_v##V(                               \
+    extern "C" __global__ void NX_ROW_BOUNDS softmax_##name##_v##V(                                         \
         const T* x, T* y, i64 rows, i64 cols, i64 chunk, int chunks, const float2* part, int mode) {        \
         softmax_rows<T, V>(x, y, rows, cols, chunk, chunks, part, mode);                                    \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(512) dot_part_##name##_v##V(                              \
+    extern "C" __global__ void NX_ROW_BOUNDS dot_part_##name##_v##V(                                        \
         const T* y, const T* dy, i64 rows, i64 cols, i64 chunk, int chunks, int mode, float* part) {        \
         dot_part<T, V>(y, dy, rows, cols, chunk, chunks, mode, part);                                       \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(512) softmax_backward_##name##_v##V(                      \
+    extern "C" __global__ void NX_ROW_BOUNDS softmax_backward_##name##_v##V(                                \
         const T* y, const T* dy, T* dx, i64 rows, i64 cols, i64 chunk, int chunks, const float* part,       \
         int mode) {                                                                                         \
         softmax_backward_rows<T, V>(y, dy, dx, rows, cols, chunk, chunks, part, mode);                      \
@@ -197,8 +201,50 @@ __device__ void softmax_cached_rows(const T* x, T* y, i64 rows, i64 cols, int mo
     }
 }
 
+// The backward of rows that fit in registers twice (y and dy: at most P packs of V each per
+// thread, aligned): y and dy are read once, their dot product reduced, dx written from the
+// registers. Each thread reads its elements before writing them, so dx may alias y or dy.
+template <class T, int V, int P>
+__device__ void softmax_backward_cached_rows(const T* y, const T* dy, T* dx, i64 rows, i64 cols, int mode) {
+    __shared__ float4 raw[NX_MAX_ROWS_PER_BLOCK * 32];
+    RowSlot s = row_slot(rows, cols, cols, 1);
+    const T* yr = y + s.row * cols;
+    const T* dr = dy + s.row * cols;
+    float a[P][V], d[P][V];
+    float acc = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (s.active && i < cols) {
+            load<T, V>(yr + i, a[p]);
+            load<T, V>(dr + i, d[p]);
+#pragma unroll
+            for (int j = 0; j < V; ++j) acc = mode == 0 ? fmaf(a[p][j], d[p][j], acc) : acc + d[p][j];
+        }
+    }
+    float dot = row_reduce(acc, reinterpret_cast<float*>(raw), Add());
+    if (!s.active) return;
+    T* xr = dx + s.row * cols;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
+        if (i < cols) {
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                a[p][j] = mode == 0 ? a[p][j] * (d[p][j] - dot) : d[p][j] - fast_exp(a[p][j]) * dot;
+            store<T, V>(xr + i, a[p]);
+        }
+    }
+}
+
+#define NX_SOFTMAX_BACKWARD_CACHED(name, T, V, P)                                                           \
+    extern "C" __global__ void NX_ROW_BOUNDS softmax_backward_cached_##name##_p##P(                         \
+        const T* y, const T* dy, T* dx, i64 rows, i64 cols, int mode) {                                     \
+        softmax_backward_cached_rows<T, V, P>(y, dy, dx, rows, cols, mode);                                 \
+    }
+
 #define NX_SOFTMAX_CACHED(name, T, V, P)                                                                    \
-    extern "C" __global__ void __launch_bounds__(512) softmax_cached_##name##_p##P(                        \
+    extern "C" __global__ void NX_ROW_BOUNDS softmax_cached_##name##_p##P(                                  \
         const T* x, T* y, i64 rows, i64 cols, int mode) {                                                   \
         softmax_cached_rows<T, V, P>(x, y, rows, cols, mode);                                               \
     }
@@ -212,9 +258,12 @@ __device__ void softmax_cached_rows(const T* x, T* y, i64 rows, i64 cols, int mo
     NX_SOFTMAX_CACHED(name, T, V, 1)                                                                    \
     NX_SOFTMAX_CACHED(name, T, V, 2)                                                                    \
     NX_SOFTMAX_CACHED(name, T, V, 4)                                                                    \
-    NX_SOFTMAX_CACHED(name, T, V, 8)
+    NX_SOFTMAX_BACKWARD_CACHED(name, T, V, 1)                                                           \
+    NX_SOFTMAX_BACKWARD_CACHED(name, T, V, 2)
 
 
 NX_TYPES(NX_SOFTMAX_TYPE)
-// 16 packs of 4 floats: 64 registers of row per thread, the most without spilling.
-NX_SOFTMAX_CACHED(f32, float, 4, 16)
+// 8 packs of 4 floats: 32 floats of row per thread, as 4 packs of 8 16-bit values (launch.rs's
+// MAX_CACHED_FLOATS: more would not fit 64 registers); the backward holds two such rows.
+NX_SOFTMAX_CACHED(f32, float, 4, 8)
+NX_SOFTMAX_BACKWARD_CACHED(f32, float, 4, 4)

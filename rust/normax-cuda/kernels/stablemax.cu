@@ -19,6 +19,7 @@ __device__ void stablemax_rows(const T* x, T* y, i64 rows, i64 cols, int mode) {
     float m = -NX_INF;
     if (mode == 1) {
         if (s.active)
+#pragma unroll 2
             for (i64 i = (i64)threadIdx.x * V; i < cols; i += (i64)blockDim.x * V) {
                 float v[V];
                 load<T, V>(xr + i, v);
@@ -29,6 +30,7 @@ __device__ void stablemax_rows(const T* x, T* y, i64 rows, i64 cols, int mode) {
     }
     float2 acc = make_float2(0.0f, 0.0f);  // (sum of s, sum of s below the max)
     if (s.active)
+#pragma unroll 2
         for (i64 i = (i64)threadIdx.x * V; i < cols; i += (i64)blockDim.x * V) {
             float v[V];
             load<T, V>(xr + i, v);
@@ -49,6 +51,7 @@ __device__ void stablemax_rows(const T* x, T* y, i64 rows, i64 cols, int mode) {
     float ties = fmaxf(rintf((acc.x - acc.y) / s_max), 1.0f);
     float top = 0.0f - log1pf((acc.y + (ties - 1.0f) * s_max) / s_max);  // +0 for a lone element
     T* yr = y + s.row * cols;
+#pragma unroll 2
     for (i64 i = (i64)threadIdx.x * V; i < cols; i += (i64)blockDim.x * V) {
         float v[V];
         load<T, V>(xr + i, v);
@@ -62,7 +65,7 @@ __device__ void stablemax_rows(const T* x, T* y, i64 rows, i64 cols, int mode) {
 }
 
 #define NX_STABLEMAX(name, T, V)                                                                          \
-    extern "C" __global__ void __launch_bounds__(512) stablemax_##name##_v##V(                            \
+    extern "C" __global__ void NX_ROW_BOUNDS stablemax_##name##_v##V(                                     \
         const T* x, T* y, i64 rows, i64 cols, int mode) {                                                 \
         stablemax_rows<T, V>(x, y, rows, cols, mode);                                                     \
     }

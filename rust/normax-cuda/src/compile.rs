@@ -5,6 +5,7 @@ use crate::{Error, Result};
 use cudarc::nvrtc::{result as nvrtc, sys};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
@@ -115,15 +116,54 @@ unsafe fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
     Ok(image)
 }
 
-/// Compiles every module for `arch` (no GPU needed): (module, cubin bytes) or the first error.
-pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, usize)>> {
+fn check_arch(arch: &str) -> Result<()> {
     if !arch.starts_with("sm_") || !arch[3..].bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(Error::Value(format!(
             "arch: expected an sm_XY architecture such as 'sm_90', got {arch:?}"
         )));
     }
+    Ok(())
+}
+
+/// The cubins [`compile_all`] and [`compile_cubin`] made, by (module, arch): the checks that
+/// compile every module (tests/cuda) pay NVRTC (about a minute for all) once per process.
+static CHECKED: Mutex<Vec<CheckedImage>> = Mutex::new(Vec::new());
+
+/// (module, arch, cubin).
+type CheckedImage = (String, String, Arc<[u8]>);
+
+fn compile_checked(module: &str, arch: &str) -> Result<Arc<[u8]>> {
+    let found = |images: &Vec<CheckedImage>| {
+        images
+            .iter()
+            .find(|(m, a, _)| m == module && a == arch)
+            .map(|(_, _, image)| image.clone())
+    };
+    if let Some(image) = found(&CHECKED.lock().unwrap_or_else(|e| e.into_inner())) {
+        return Ok(image);
+    }
+    // Compiled without the lock held: a thread asking for the same module meanwhile compiles
+    // it too, and the images are the same.
+    let image: Arc<[u8]> = compile(module, arch)?.into();
+    let mut images = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if found(&images).is_none() {
+        images.push((module.to_string(), arch.to_string(), image.clone()));
+    }
+    Ok(image)
+}
+
+/// Compiles every module for `arch` (no GPU needed): (module, cubin bytes) or the first error.
+pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, usize)>> {
+    check_arch(arch)?;
     MODULES
         .iter()
-        .map(|(name, _)| compile(name, arch).map(|image| (*name, image.len())))
+        .map(|(name, _)| compile_checked(name, arch).map(|image| (*name, image.len())))
         .collect()
+}
+
+/// The cubin of one module for `arch` (no GPU needed), as the device would load it: what the
+/// SASS checks disassemble.
+pub fn compile_cubin(module: &str, arch: &str) -> Result<Arc<[u8]>> {
+    check_arch(arch)?;
+    compile_checked(module, arch)
 }

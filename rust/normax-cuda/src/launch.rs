@@ -27,15 +27,18 @@ const MAX_THREADS: u32 = 512;
 /// piece keeps at least this many elements.
 const MIN_CHUNK: usize = 4096;
 
+/// Elements of a row per thread the plan aims at (the least where rows are long): few enough
+/// to hold in registers, enough to keep several 16-byte loads in flight per thread.
+const VALUES_PER_THREAD: usize = 16;
+
 /// The launch shape for `rows` rows of `cols` elements; `split` allows cutting rows in chunks.
+/// Threads per row follow the element count, not the vector count, so 16-bit rows get as many
+/// threads as float32 rows of the same length (and each thread half the bytes).
 pub fn plan(rows: usize, cols: usize, vec: usize, sms: u32, split: bool) -> Result<Plan> {
-    let vectors = cols.div_ceil(vec);
-    let threads: u32 = match vectors {
-        0..=128 => 32,
-        129..=512 => 128,
-        513..=2048 => 256,
-        _ => MAX_THREADS,
-    };
+    let threads = cols
+        .div_ceil(VALUES_PER_THREAD)
+        .next_power_of_two()
+        .clamp(32, MAX_THREADS as usize) as u32;
     let rows_per_block = (256 / threads).clamp(1, MAX_ROWS_PER_BLOCK);
     let groups = rows.div_ceil(rows_per_block as usize);
     let mut chunks = 1usize;
@@ -59,12 +62,15 @@ pub fn plan(rows: usize, cols: usize, vec: usize, sms: u32, split: bool) -> Resu
     })
 }
 
-/// Registers of row per thread the cached kernels may hold (their `P * V` floats; more spills).
-const MAX_CACHED_FLOATS: usize = 64;
+/// Floats of row per thread the cached kernels may hold (their `P * V`): with the rest of the
+/// kernel they fit the 64 registers that keep two 512-thread blocks per SM resident. Rows up to
+/// 16384 elements (32 per thread of 512) are read once.
+const MAX_CACHED_FLOATS: usize = 32;
 
 /// The packs per thread of a cached kernel (`<op>_cached_<dtype>_p<P>`: the row held in
-/// registers, one read of memory), or None where the row does not fit or is not vectorized.
-fn cached_packs(p: &Plan, cols: usize) -> Option<usize> {
+/// registers, one read of memory) holding at most `floats` per thread, or None where the row
+/// does not fit or is not vectorized.
+fn cached_packs(p: &Plan, cols: usize, floats: usize) -> Option<usize> {
     if p.chunks != 1 || p.vec == 1 {
         return None;
     }
@@ -72,7 +78,7 @@ fn cached_packs(p: &Plan, cols: usize) -> Option<usize> {
         .div_ceil(p.vec)
         .div_ceil(p.block.0 as usize)
         .next_power_of_two();
-    (packs * p.vec <= MAX_CACHED_FLOATS).then_some(packs)
+    (packs * p.vec <= floats).then_some(packs)
 }
 
 /// 16 bytes' worth of elements when the rows and every buffer are 16-byte aligned, else 1.
@@ -187,7 +193,13 @@ impl<'d> RowLaunch<'d> {
 
     /// The packs per thread of the op's cached kernel, where the whole row fits in registers.
     pub(crate) fn cached_packs(&self) -> Option<usize> {
-        cached_packs(&self.p, self.cols)
+        self.cached_packs_of(1)
+    }
+
+    /// [`cached_packs`](Self::cached_packs) of a kernel that holds `arrays` rows (the softmax
+    /// backward holds y and dy) in the same registers.
+    pub(crate) fn cached_packs_of(&self, arrays: usize) -> Option<usize> {
+        cached_packs(&self.p, self.cols, MAX_CACHED_FLOATS / arrays)
     }
 
     pub(crate) fn device(&mut self) -> &mut Device {
@@ -365,6 +377,17 @@ mod tests {
                 .into_iter()
                 .map(|n| ("norms", n)),
         );
+        // The softmax backward holds y and dy: half the packs of the forward.
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let wide = 16 / dtype.size();
+            for p in (0..)
+                .map(|k| 1usize << k)
+                .take_while(|p| 2 * p * wide <= MAX_CACHED_FLOATS)
+            {
+                let key = KernelKey::new(Op::SoftmaxBackwardCached, dtype, Variant::Packs(p));
+                names.push(("softmax", key.name()));
+            }
+        }
         names
     }
 
@@ -399,7 +422,7 @@ mod tests {
                     continue;
                 }
                 let p = plan(1000, cols, vec, 132, true).unwrap();
-                if let Some(packs) = cached_packs(&p, cols) {
+                if let Some(packs) = cached_packs(&p, cols, MAX_CACHED_FLOATS) {
                     assert!(packs.is_power_of_two() && packs * vec <= MAX_CACHED_FLOATS);
                     assert!(
                         packs * vec * p.block.0 as usize >= cols,
@@ -408,11 +431,31 @@ mod tests {
                 }
             }
         }
-        // The shapes of the issue: rows of 4096 and 32768 are read once.
-        assert!(cached_packs(&plan(16384, 4096, 4, 132, true).unwrap(), 4096).is_some());
-        assert!(cached_packs(&plan(4096, 32768, 4, 132, true).unwrap(), 32768).is_some());
-        assert!(cached_packs(&plan(4096, 32768, 8, 132, true).unwrap(), 32768).is_some());
-        assert!(cached_packs(&plan(32, 128256, 4, 132, true).unwrap(), 128256).is_none());
+        let fits = |rows, cols, vec, floats| {
+            cached_packs(&plan(rows, cols, vec, 132, true).unwrap(), cols, floats).is_some()
+        };
+        // Rows of 4096 and 16384 are read once; 32768 (64 floats per thread) would spill.
+        assert!(fits(16384, 4096, 4, MAX_CACHED_FLOATS));
+        assert!(fits(4096, 16384, 4, MAX_CACHED_FLOATS));
+        assert!(fits(4096, 16384, 8, MAX_CACHED_FLOATS));
+        assert!(!fits(4096, 32768, 8, MAX_CACHED_FLOATS));
+        assert!(!fits(32, 128256, 4, MAX_CACHED_FLOATS));
+        // The softmax backward holds y and dy: rows of 4096 fit twice, rows of 16384 do not.
+        assert!(fits(16384, 4096, 8, MAX_CACHED_FLOATS / 2));
+        assert!(!fits(4096, 16384, 8, MAX_CACHED_FLOATS / 2));
+    }
+
+    #[test]
+    fn threads_follow_elements_not_vectors() {
+        for cols in [64, 1000, 4096, 8192, 32768] {
+            let f32_plan = plan(4096, cols, 4, 132, true).unwrap();
+            let bf16_plan = plan(4096, cols, 8, 132, true).unwrap();
+            assert_eq!(f32_plan.block, bf16_plan.block, "{cols}");
+            let per_thread = cols.div_ceil(f32_plan.block.0 as usize);
+            assert!(per_thread <= VALUES_PER_THREAD || f32_plan.block.0 == MAX_THREADS);
+            assert!(per_thread > VALUES_PER_THREAD / 2 || f32_plan.block.0 == 32);
+        }
+        assert_eq!(plan(16384, 4096, 8, 132, true).unwrap().block, (256, 1));
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod softmax;
 mod stablemax;
 mod table;
 
-pub use compile::{compile_all, nvrtc_probes, nvrtc_version, MODULES};
+pub use compile::{compile_all, compile_cubin, nvrtc_probes, nvrtc_version, MODULES};
 pub use cross_entropy::{
     cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeTarget,
     ShardRows,

@@ -109,6 +109,16 @@ pub fn softmax_backward(
         let mut r = RowLaunch::new(d, s, y.dtype, rows, cols, &bufs, true)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let mode = log as i32;
+        if let Some(packs) = r.cached_packs_of(2) {
+            // Safety: y, dy, dx have rows*cols elements (checked), 16-byte aligned rows.
+            return unsafe {
+                r.run(
+                    Op::SoftmaxBackwardCached,
+                    Variant::Packs(packs),
+                    &mut params![y.ptr, dy.ptr, dx.ptr, rows_i, cols_i, mode],
+                )
+            };
+        }
         // Safety: y, dy of rows*cols elements; rows*chunks floats of scratch.
         let part = unsafe {
             r.split_stats(

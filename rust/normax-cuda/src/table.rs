@@ -31,8 +31,8 @@ pub(crate) enum Forms {
     Vec,
     /// `<op>_<dtype>_p<P>` for every power of two P the cached plans can ask for.
     Packs,
-    /// Those its family's host code lists (`norms::kernel_names`: the norms pick `_p<P>` or
-    /// `_v<V>` from the row length).
+    /// Those listed by the cubin test of launch.rs (the norms' `norms::kernel_names`, which pick
+    /// `_p<P>` or `_v<V>` from the row length; the softmax backward's half as many packs).
     Listed,
 }
 
@@ -79,6 +79,7 @@ kernels! {
     SoftmaxCached: "softmax" "softmax_cached" Packs,
     DotPart: "softmax" "dot_part" Vec,
     SoftmaxBackward: "softmax" "softmax_backward" Vec,
+    SoftmaxBackwardCached: "softmax" "softmax_backward_cached" Listed,
     Logsumexp: "softmax" "logsumexp" Plain,
     Stablemax: "stablemax" "stablemax" Vec,
     CePart: "cross_entropy" "ce_part" Vec,

@@ -3,7 +3,8 @@
 //! NORMAX_REQUIRE_NVRTC=1 and puts the nvidia-cuda-nvrtc wheel's library on the loader path, so
 //! there a missing NVRTC fails instead of skipping.
 
-use normax_cuda::{compile_all, nvrtc_version, Error, MODULES};
+use normax_cuda::{compile_all, compile_cubin, nvrtc_version, Error, MODULES};
+use std::sync::Arc;
 
 fn nvrtc_or_skip() -> bool {
     match nvrtc_version() {
@@ -28,7 +29,13 @@ fn every_module_compiles_for_sm75() {
         assert_eq!(built.len(), MODULES.len());
         for (module, size) in built {
             assert!(size > 10_000, "{module} for {arch}: a {size}-byte cubin");
+            // The same image again, compiled once per process.
+            let image = compile_cubin(module, arch).unwrap();
+            assert_eq!(image.len(), size);
+            assert!(Arc::ptr_eq(&image, &compile_cubin(module, arch).unwrap()));
         }
+        let unknown = compile_cubin("softmax; x", arch);
+        assert!(matches!(unknown, Err(Error::Value(_))));
     }
 }
 
@@ -36,4 +43,8 @@ fn every_module_compiles_for_sm75() {
 fn a_bad_architecture_is_a_value_error() {
     assert!(matches!(compile_all("sm_9; x"), Err(Error::Value(_))));
     assert!(matches!(compile_all("compute_90"), Err(Error::Value(_))));
+    assert!(matches!(
+        compile_cubin("softmax", "sm_9; x"),
+        Err(Error::Value(_))
+    ));
 }

@@ -21,7 +21,7 @@ use crate::errors::to_py;
 use normax_cuda::{self as cu, Buf, DType, Indices, Stream};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyInt;
+use pyo3::types::{PyBytes, PyInt};
 
 /// What a raw array holds: floats for the kernels, or int64 class indices.
 enum Capsule {
@@ -145,6 +145,20 @@ fn cuda_compile_all(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usize)>
         .map_err(to_py)
 }
 
+/// The cubin of one CUDA module (`"softmax"`, `"norms"`, ...) compiled by NVRTC for `arch`.
+#[pyfunction]
+fn cuda_compile_cubin<'py>(
+    py: Python<'py>,
+    module: &str,
+    arch: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let (module, arch) = (module.to_string(), arch.to_string());
+    let image = py
+        .detach(move || cu::compile_cubin(&module, &arch))
+        .map_err(to_py)?;
+    Ok(PyBytes::new(py, &image))
+}
+
 #[pyfunction]
 fn cuda_nvrtc_version() -> PyResult<(i32, i32)> {
     cu::nvrtc_version().map_err(to_py)
@@ -179,6 +193,7 @@ fn cuda_device_name(py: Python<'_>, device: i32) -> PyResult<String> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CudaStream>()?;
     m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile_cubin, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nvrtc_probes, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_record, m)?)?;

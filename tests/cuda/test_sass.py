@@ -1,0 +1,167 @@
+"""What every CUDA kernel compiles to, for sm_80 and sm_90, read without a GPU: NVRTC compiles each
+module as the device would load it and triton's ``cuobjdump`` disassembles it (benches/gpu/sass.py).
+
+Checked for every kernel found in the cubins (so kernels added later are checked too):
+- the 16-bit kernels move row data in 16-byte global loads and stores (``LDG.E.128``/``STG.E.128``),
+  except the unaligned fallbacks (``_v1``) and the per-row scalars listed in ``PER_ROW_SCALARS``;
+- no kernel keeps anything in local memory (a spill): no ``LDL``/``STL``, stack 0 (a kernel that
+  calls printf may store its arguments there, never load them back);
+- at most 64 registers per thread (two 512-thread blocks per SM).
+
+``pytest -s tests/cuda/test_sass.py`` prints the registers of every kernel per architecture.
+"""
+
+import os
+import re
+import sys
+
+import pytest
+from normax import _core
+from normax._backends import cuda
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benches", "gpu"))
+import sass
+
+ARCHS = ("sm_80", "sm_90")
+MAX_REGISTERS = 64
+
+# Global accesses narrower than 16 bytes that a 16-bit kernel may make, by kernel name: (pattern,
+# {"loads"/"stores": allowed widths in bits}, why). Only values that are one per row (or per piece
+# of a split row) belong here, never row data. A kernel that reads no row at all says rows=False.
+PER_ROW_SCALARS = [
+    (r"^max_sum_part_", {"stores": {64}}, "the (max, sum) float pair of its piece of a split row"),
+    (r"^softmax_(f16|bf16)_v", {"loads": {64}}, "the (max, sum) pairs of a split row's pieces"),
+    (r"^dot_part_", {"stores": {32}}, "the float dot product of its piece of a split row"),
+    (r"^softmax_backward_", {"loads": {32}}, "the dot products of a split row's pieces"),
+    (
+        r"^logsumexp_",
+        {"loads": {64}, "stores": {16}, "rows": False},
+        "combines the pieces' (max, sum) pairs into one value per row: reads no row",
+    ),
+]
+
+
+def _tools():
+    """The reason the SASS cannot be read here, or None."""
+    if not hasattr(_core, "cuda_compile_cubin"):
+        return "normax was built without the CUDA backend (Cargo feature 'cuda')"
+    if sass.cuobjdump() is None:
+        return "triton's cuobjdump is absent (CI installs triton, torch's dependency on Linux)"
+    if cuda.load_nvrtc() is None:
+        return "NVRTC is absent (CI installs nvidia-cuda-nvrtc, a test dependency)"
+    return None
+
+
+_KERNELS = []
+
+
+def _kernels():
+    """Every kernel of every module for sm_80 and sm_90 (compiled once per session)."""
+    if not _KERNELS and _tools() is None:
+        _KERNELS.extend(sass.read_all(ARCHS))
+    return _KERNELS
+
+
+def _selected(config):
+    """Whether ``-m`` selects these unmarked tests: a ``-m gpu`` run (benches/gpu/run.sh, on its
+    time budget) then compiles nothing for them."""
+    expr = config.getoption("markexpr")
+    if not expr:
+        return True
+    try:
+        from _pytest.mark.expression import Expression
+    except ImportError:  # another pytest: compile, and let -m deselect the tests
+        return True
+    return Expression.compile(expr).evaluate(lambda name, **kwargs: False)
+
+
+def pytest_generate_tests(metafunc):
+    if "kernel" in metafunc.fixturenames:
+        found = _kernels() if _selected(metafunc.config) else []
+        ids = [f"{k.arch}-{k.name}" for k in found]
+        if not found:  # one test that says why, rather than none
+            found, ids = [None], ["no-sass"]
+        metafunc.parametrize("kernel", found, ids=ids)
+
+
+@pytest.fixture
+def k(kernel):
+    """The kernel under test, or a skip saying why none could be read."""
+    if kernel is None:
+        pytest.skip(_tools() or "no kernel found")
+    return kernel
+
+
+def _dtype(name):
+    m = re.search(r"_(f32|f16|bf16)(_|$)", name)
+    return m.group(1) if m else None
+
+
+def _allowance(name):
+    for pattern, allowed, why in PER_ROW_SCALARS:
+        if re.search(pattern, name):
+            return allowed, why
+    return {}, None
+
+
+def test_sixteen_bit_rows_move_sixteen_bytes(k):
+    if _dtype(k.name) not in ("f16", "bf16"):
+        pytest.skip("float32 or untyped kernel: its per-row scalars are as wide as its elements")
+    if k.name.endswith("_v1"):
+        pytest.skip("the unaligned fallback: one element per access by design")
+    allowed, why = _allowance(k.name)
+    narrow = {
+        kind: sorted(bits for bits in counts if bits != 128 and bits not in allowed.get(kind, ()))
+        for kind, counts in (("loads", k.loads), ("stores", k.stores))
+    }
+    assert not narrow["loads"] and not narrow["stores"], (
+        f"{k.module}.{k.name} ({k.arch}) makes global accesses narrower than 16 bytes: "
+        f"loads {dict(k.loads)}, stores {dict(k.stores)} (bits: count); allowed besides 128: "
+        f"{allowed or 'none'}{f' ({why})' if why else ''}"
+    )
+    if allowed.get("rows", True):
+        assert k.loads[128] > 0, f"{k.module}.{k.name} ({k.arch}) has no 16-byte load"
+
+
+def test_no_local_memory(k):
+    assert k.local["LDL"] == 0, f"{k.module}.{k.name} ({k.arch}) reloads spilled values: {dict(k.local)}"
+    if not k.calls_printf:
+        assert k.local["STL"] == 0 and k.stack == 0 and k.local_bytes == 0, (
+            f"{k.module}.{k.name} ({k.arch}) uses local memory: stack {k.stack} bytes, {dict(k.local)}"
+        )
+
+
+def test_at_most_64_registers(k):
+    assert k.registers <= MAX_REGISTERS, f"{k.module}.{k.name} ({k.arch}): {k.registers} registers"
+
+
+def test_register_table():
+    reason = _tools()
+    if reason:
+        pytest.skip(reason)
+    kernels = _kernels()
+    assert {k.module for k in kernels} == set(sass.MODULES)
+    assert all(k.registers > 0 for k in kernels), "cuobjdump -res-usage gave no REG for some kernel"
+    print()
+    print(sass.register_table(kernels))
+
+
+def test_a_bad_architecture_is_a_value_error():
+    if not hasattr(_core, "cuda_compile_cubin"):
+        pytest.skip("normax was built without the CUDA backend (Cargo feature 'cuda')")
+    with pytest.raises(ValueError, match="arch"):
+        _core.cuda_compile_cubin("softmax", "sm_9; x")
+
+
+def test_the_reader_sees_narrow_stores():
+    """The check can fail: a 16-bit pack written element by element shows as 2-byte stores."""
+    text = """
+        Function : demo_bf16_v8
+        /*0100*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0110*/              @!P0 STG.E.U16 desc[UR6][R2.64], R5 ;
+        /*0120*/                   STL.64 [R1], R6 ;
+        /*0130*/                   LDL R8, [R1] ;
+    """
+    k = sass._parse_sass(text, "demo", "sm_90")["demo_bf16_v8"]
+    assert k.loads == {128: 1} and k.stores == {16: 1}
+    assert k.local == {"STL": 1, "LDL": 1}
