@@ -7,7 +7,9 @@ launch, memset, scratch allocation or synchronisation is recorded instead of sen
 each op and direction this prints the kernel launches, the torch ops the path ran (only output
 allocations are expected), and the median time of the call (Python, autograd, the binding, the
 Rust sequence; not the driver's own cuLaunchKernel, about 2-4 µs a launch on a GPU machine), next
-to torch's own op on the same CPU tensors, in the same process.
+to torch's own op on the same CPU tensors and to the floor of any autograd Function (an identity
+Function: ``apply`` alone forward, the autograd engine's ``grad`` through it backward), in the same
+process.
 
     python benches/gpu/host_cost.py [--rows 8] [--cols 64] [--rounds 300]
 
@@ -100,6 +102,18 @@ def census(case) -> tuple[Direction, Direction]:
     return fwd, bwd
 
 
+class _Identity(torch.autograd.Function):
+    """The least an op with an autograd Function costs: no allocation, no kernel."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
 def _median_us(f, rounds: int) -> float:
     times = []
     for _ in range(rounds):
@@ -120,6 +134,10 @@ def timings(case, rounds: int) -> dict:
     out = torch_op()
     r["torch fwd"] = _median_us(torch_op, rounds)
     r["torch bwd"] = _median_us(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True), rounds)
+    x = inputs[0]
+    r["floor fwd"] = _median_us(lambda: _Identity.apply(x), rounds)
+    out = _Identity.apply(x)
+    r["floor bwd"] = _median_us(lambda: torch.autograd.grad(out, x, x, retain_graph=True), rounds)
     return r
 
 
@@ -132,14 +150,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     print(f"normax.torch CUDA path on the host, {a.rows}x{a.cols} bfloat16, recorded (no driver); "
           f"median µs of {a.rounds} calls; torch = torch's own op on these CPU tensors")  # fmt: skip
-    print(f"{'op':14} {'dir':4} {'launches':>8} {'other':>6} {'torch ops':>9} {'µs':>7} {'torch µs':>9}")
+    print(
+        f"{'op':14} {'dir':4} {'launches':>8} {'other':>6} {'torch ops':>9} {'µs':>7} {'torch µs':>9} "
+        f"{'floor µs':>9}"
+    )
     for name, case in cases(a.rows, a.cols).items():
         fwd, bwd = census(case)
         t = timings(case, a.rounds)
         for direction, d in (("fwd", fwd), ("bwd", bwd)):
             print(
                 f"{name:14} {direction:4} {len(d.launches):8d} {len(d.other_events):6d} {len(d.torch_ops):9d} "
-                f"{t[direction]:7.1f} {t['torch ' + direction]:9.1f}"
+                f"{t[direction]:7.1f} {t['torch ' + direction]:9.1f} {t['floor ' + direction]:9.1f}"
             )
 
 

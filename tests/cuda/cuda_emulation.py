@@ -48,6 +48,7 @@ def _t(raw):
 def _rows(raw, rows, cols):
     t = _t(raw)
     assert t.numel() == rows * cols
+    return t.reshape(rows, cols)
 
 
 def _arrays(a):
@@ -64,7 +65,6 @@ def _dtypes(a):
     if type(a) is tuple:
         return tuple(_dtypes(v) for v in a)
     return a.dtype if isinstance(a, torch.Tensor) else a
-    return t.reshape(rows, cols)
 
 
 def _vec(raw, n):

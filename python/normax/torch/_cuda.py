@@ -34,7 +34,8 @@ def on_cuda(t: Tensor) -> bool:
 
 
 def raw(t: Tensor) -> tuple[int, int, int]:
-    """`t` as the Rust entry points read it; `t` must be contiguous (the callers make it so)."""
+    """`t` as the Rust entry points read it; `t` must be contiguous (the callers make it so) and
+    referenced until the call returns (a temporary's memory may go back to the allocator at once)."""
     return t.data_ptr(), _CODES[t.dtype], t.numel()
 
 
@@ -98,9 +99,10 @@ def ce_forward(
     input: Tensor, target: Tensor, weight: Tensor | None, options
 ) -> tuple[Tensor, Tensor, Tensor]:
     loss, lse, workspace = ce_forward_shapes(input, target, options.reduction)
+    weight = _f32(weight)
     _core.cuda_ce_forward(
         options,
-        (raw(input), raw(target), raw_opt(_f32(weight))),
+        (raw(input), raw(target), raw_opt(weight)),
         _rows_classes(input),
         (raw(loss), raw(lse), raw(workspace) if workspace.numel() else None),
         stream(input),
@@ -111,10 +113,10 @@ def ce_forward(
 def ce_backward(input, target, weight, lse, workspace, grad_loss, options) -> Tensor:
     per_row = options.reduction == "none"
     dlogits = torch.empty_like(input)
-    grad_loss = grad_loss.contiguous()
+    grad_loss, weight = grad_loss.contiguous(), _f32(weight)
     _core.cuda_ce_backward(
         options,
-        (raw(input), raw(target), raw_opt(_f32(weight))),
+        (raw(input), raw(target), raw_opt(weight)),
         _rows_classes(input),
         (raw(lse), None if per_row else raw(workspace)),
         (raw(dlogits), raw(grad_loss), 1 if per_row else 0),
@@ -129,10 +131,11 @@ def ce_backward(input, target, weight, lse, workspace, grad_loss, options) -> Te
 
 
 def _param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """`p` as the kernels read it: float32 or `dtype` (x's) as it is, another dtype as float32."""
     if p is None:
         return None
     if p.dtype != dtype and p.dtype != torch.float32:
-        p = p.to(dtype)
+        p = p.float()
     return p.contiguous()
 
 
@@ -149,10 +152,11 @@ def norm_forward(kind: str, x: Tensor, ndim: int, weight, bias, eps: float) -> t
     y = torch.empty_like(x)
     rstd = x.new_empty(lead, dtype=torch.float32)
     mean = x.new_empty(lead, dtype=torch.float32) if kind == "layer" else None
+    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _core.cuda_norm_forward(
         norm_options(kind, eps),
         raw(x),
-        (raw_opt(_param(weight, x.dtype)), raw_opt(_param(bias, x.dtype))),
+        (raw_opt(w), raw_opt(b)),
         raw(y),
         (raw_opt(mean), raw(rstd)),
         _rows_cols(x, ndim),

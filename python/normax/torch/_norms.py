@@ -83,20 +83,11 @@ def _layer_norm_setup(ctx, inputs, output) -> None:
     ctx.ndim, ctx.eps = ndim, eps
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.mark_non_differentiable(output[1], output[2])
-    missing = absent(x)
-    ctx.save_for_backward(
-        x,
-        weight if weight is not None else missing,
-        bias if bias is not None else missing,
-        output[1],
-        output[2],
-    )
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])  # None where absent
 
 
 def _layer_norm_grad(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    weight = weight if ctx.has_weight else None
-    bias = bias if ctx.has_bias else None
     dx, dw, db = _layer_norm_backward_op(dy, x, ctx.ndim, weight, bias, mean, rstd, ctx.eps)
     return dx, None, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None
 
@@ -145,12 +136,12 @@ def _rms_norm_setup(ctx, inputs, output) -> None:
     x, ndim, weight, eps = inputs
     ctx.ndim, ctx.eps, ctx.has_weight = ndim, eps, weight is not None
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, weight if weight is not None else absent(x), output[1])
+    ctx.save_for_backward(x, weight, output[1])  # None where absent
 
 
 def _rms_norm_grad(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_norm_backward_op(dy, x, ctx.ndim, weight if ctx.has_weight else None, rstd, ctx.eps)
+    dx, dw = _rms_norm_backward_op(dy, x, ctx.ndim, weight, rstd, ctx.eps)
     return dx, None, (dw if ctx.has_weight else None), None
 
 
