@@ -54,3 +54,9 @@ def test_census_sees_what_it_should():
     twice = (lambda: (nt.softmax(nt.softmax(x, -1), -1), (x,)), torch.ones(8, 64), None)
     fwd, bwd = host_cost.census(twice)
     assert len(fwd.launches) == 2 and len(bwd.launches) == 2
+
+
+def test_the_cuda_only_ops_refuse_host_tensors():
+    x, t = torch.randn(4, 8), torch.randint(0, 8, (4,))
+    with pytest.raises(NotImplementedError, match="takes CUDA tensors"):
+        torch.ops.normax.cross_entropy_cuda(x, t, None, -100, "mean", 0.0, 0.0, None)

@@ -272,8 +272,15 @@ def _ce_cuda_op(
     `lse` holds each row's float32 log-sum-exp, `workspace` the mean's denominator (float32, empty
     for reduction="none"): both are saved for the backward.
     """
+    _cuda_only(input, "cross_entropy_cuda")
     opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _cuda.ce_forward(input, target, weight, opts)
+
+
+def _cuda_only(input: Tensor, name: str) -> None:
+    # The kernels read device addresses: a host tensor's would be an illegal address there.
+    if not _cuda.on_cuda(input):
+        raise NotImplementedError(f"normax::{name} takes CUDA tensors, got one on {input.device}")
 
 
 @_ce_cuda_op.register_fake
@@ -296,6 +303,7 @@ def _ce_cuda_backward_op(
     softcap: float | None,
 ) -> Tensor:
     """d loss / d input from the forward's saved `lse` and `workspace`, scaled by `grad_loss`."""
+    _cuda_only(input, "cross_entropy_cuda_backward")
     opts = options_of(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _cuda.ce_backward(input, target, weight, lse, workspace, grad_loss, opts)
 
