@@ -75,8 +75,6 @@ def _parse_sass(text: str, module: str, arch: str) -> dict[str, Kernel]:
             continue
         if current is None:
             continue
-        if "vprintf" in line:
-            current.calls_printf = True
         m = _MEMORY.match(line)
         if not m:
             continue
@@ -108,6 +106,19 @@ def _parse_resources(text: str, kernels: dict[str, Kernel]) -> None:
             current.local_bytes = int(fields.get("LOCAL", 0))
 
 
+def _parse_externs(text: str, kernels: dict[str, Kernel]) -> None:
+    """Marks the kernels that call printf. SASS does not name the callee (``CALL.ABS.NOINC R2``
+    through an address in constant bank 4, relocated to ``vprintf``), so this reads each kernel's
+    ``EIATTR_EXTERNS`` attribute in its ``.nv.info.<kernel>`` section (``cuobjdump -elf``)."""
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"\.nv\.info\.(\S+)$", line.strip())
+        if head:
+            current = kernels.get(head.group(1))
+        elif current is not None and "externs:" in line and re.search(r"\bvprintf\b", line):
+            current.calls_printf = True
+
+
 def read_module(module: str, arch: str, tool: str | None = None) -> dict[str, Kernel]:
     """Every kernel of one module compiled by NVRTC for ``arch``, read from its SASS.
 
@@ -128,8 +139,10 @@ def read_module(module: str, arch: str, tool: str | None = None) -> dict[str, Ke
             f.write(image)
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True)
+        elf = subprocess.run([tool, "-elf", path], capture_output=True, text=True, check=True).stdout
     kernels = _parse_sass(sass, module, arch)
     _parse_resources(usage.stdout, kernels)
+    _parse_externs(elf, kernels)
     return kernels
 
 

@@ -56,6 +56,26 @@ __device__ __forceinline__ CeStats shfl_xor(CeStats v, int o) {
 
 __device__ __forceinline__ float capped(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
 
+// Class weights at [i, i + V) (ones for null): float4 loads where V > 1, beside the logits' 16-byte
+// packs (the host then saw the weights aligned as the rows are).
+template <int V>
+__device__ __forceinline__ void ce_weights(const float* w, i64 i, float (&out)[V]) {
+    if (w == nullptr) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[j] = 1.0f;
+        return;
+    }
+    if constexpr (V == 1) {
+        out[0] = w[i];
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k += 4) {
+            float4 f = *reinterpret_cast<const float4*>(w + i + k);
+            out[k] = f.x, out[k + 1] = f.y, out[k + 2] = f.z, out[k + 3] = f.w;
+        }
+    }
+}
+
 // max_sum_add that also keeps `oth`, the sum without element y (i the index of v[0]): the same
 // exponentials, one more add each.
 template <int V>
@@ -94,18 +114,18 @@ __device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const Ce
             for (int j = 0; j < V; ++j)
                 if (i + j == y) st.xy = v[j];
             if (smooth || prow) {
-                float t[V];
+                float t[V], w[V];
                 if (prow) load<T, V>(prow + i, t);
+                ce_weights<V>(a.weight, i, w);
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
-                    float w = a.weight ? a.weight[i + j] : 1.0f;
                     if (smooth) {
-                        st.wx = fmaf(w, v[j], st.wx);
-                        st.w += w;
+                        st.wx = fmaf(w[j], v[j], st.wx);
+                        st.w += w[j];
                     }
                     if (prow) {
-                        st.wt = fmaf(w, t[j], st.wt);
-                        st.wtx = fmaf(w * t[j], v[j], st.wtx);
+                        st.wt = fmaf(w[j], t[j], st.wt);
+                        st.wtx = fmaf(w[j] * t[j], v[j], st.wtx);
                     }
                 }
             }
@@ -211,22 +231,26 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
     const T* row = x + s.row * cols;
     T* grow = grad + s.row * cols;
     const T* prow = a.probs ? static_cast<const T*>(a.probs) + s.row * cols : nullptr;
+    // A class's own weight enters its gradient only through smoothing or a probability target.
+    const float* weight = a.eps > 0.0f || prow ? a.weight : nullptr;
     for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
-        float v[V], t[V];
+        float v[V], t[V], w[V];
         load<T, V>(row + i, v);
         if (prow) load<T, V>(prow + i, t);
+        ce_weights<V>(weight, i, w);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
             bool is_y = i + j == r.y;
             float tc = prow ? t[j] : (is_y ? 1.0f : 0.0f);
-            v[j] = ce_grad(a, r, k, capped(v[j], a.cap), tc, a.weight ? a.weight[i + j] : 1.0f, is_y);
+            v[j] = ce_grad(a, r, k, capped(v[j], a.cap), tc, w[j], is_y);
         }
         store<T, V>(grow + i, v);
     }
 }
 
-// Class-index targets whose rows fit in registers (at most P packs of V per thread, aligned):
-// one read of the logits. The max first, then one exp per element for the sum; the gradient
+// Class-index targets whose rows fit in registers (at most P packs of V per thread, aligned; the
+// host keeps P * V <= 16, room for a pack of weights beside them within 64 registers): one read
+// of the logits. The max first, then one exp per element for the sum; the gradient
 // from the registers.
 template <class T, int V, int P>
 __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad,
@@ -257,15 +281,16 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
     for (int p = 0; p < P; ++p) {
         i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
         if (s.active && i < cols) {
+            float w[V];
+            if (smooth) ce_weights<V>(a.weight, i, w);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 float e = fast_exp(v[p][j] - m);
                 st.ms.y += e;
                 if (i + j != y) st.oth += e;
                 if (smooth) {
-                    float w = a.weight ? a.weight[i + j] : 1.0f;
-                    st.wx = fmaf(w, v[p][j], st.wx);
-                    st.w += w;
+                    st.wx = fmaf(w[j], v[p][j], st.wx);
+                    st.w += w[j];
                 }
                 if (i + j == y) st.xy = v[p][j];
             }
@@ -278,21 +303,24 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
     if (grad == nullptr) return;
     CeCoef k = ce_coef(a, st, r, r.ignored ? 0.0f : gscale[s.row * gscale_stride], cols);
     T* grow = grad + s.row * cols;
+    // A class's own weight enters its gradient only through smoothing.
+    const float* weight = smooth ? a.weight : nullptr;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
         i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
         if (i < cols) {
+            float w[V];
+            ce_weights<V>(weight, i, w);
 #pragma unroll
             for (int j = 0; j < V; ++j)
-                v[p][j] = ce_grad(a, r, k, v[p][j], i + j == r.y ? 1.0f : 0.0f, a.weight ? a.weight[i + j] : 1.0f,
-                                  i + j == r.y);
+                v[p][j] = ce_grad(a, r, k, v[p][j], i + j == r.y ? 1.0f : 0.0f, w[j], i + j == r.y);
             store<T, V>(grow + i, v[p]);
         }
     }
 }
 
 #define NX_CE_CACHED(name, T, V, P)                                                                       \
-    extern "C" __global__ void __launch_bounds__(512) ce_cached_##name##_p##P(                            \
+    extern "C" __global__ void NX_ROW_BOUNDS ce_cached_##name##_p##P(                                     \
         const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad, const float* gscale,        \
         i64 gscale_stride) {                                                                              \
         ce_cached_rows<T, V, P>(x, rows, cols, a, loss_rows, grad, gscale, gscale_stride);                \
@@ -309,17 +337,15 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
         ce_rows<T, V>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride);     \
     }
 
+// The packs the host asks for: at most 16 floats of row per thread.
 #define NX_CE_TYPE(name, T, V)                                                                            \
     NX_CE(name, T, 1)                                                                                     \
     NX_CE(name, T, V)                                                                                     \
     NX_CE_CACHED(name, T, V, 1)                                                                           \
-    NX_CE_CACHED(name, T, V, 2)                                                                           \
-    NX_CE_CACHED(name, T, V, 4)                                                                           \
-    NX_CE_CACHED(name, T, V, 8)
+    NX_CE_CACHED(name, T, V, 2)
 
 NX_TYPES(NX_CE_TYPE)
-// 16 packs of 4 floats: 64 registers of row per thread, the most without spilling.
-NX_CE_CACHED(f32, float, 4, 16)
+NX_CE_CACHED(f32, float, 4, 4)
 
 // ---------------------------------------------------------------------------------------------
 // Vocabulary-parallel cross-entropy (normax-core's cross_entropy/vocab_parallel.rs holds the format
@@ -404,10 +430,12 @@ __device__ void vocab_parallel_stats_rows(const T* x, i64 rows, i64 cols, VocabP
                 m = fmaxf(m, v[j]);
             }
             shard_rescale(st, m);
+            float ws[V];
+            if (smooth) ce_weights<V>(a.weight ? a.weight + a.start : nullptr, i, ws);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 if (i + j == local) st.xy = v[j];
-                float w = smooth ? (a.weight ? a.weight[a.start + i + j] : 1.0f) : 0.0f;
+                float w = smooth ? ws[j] : 0.0f;
                 if (v[j] == -NX_INF) {
                     // exp adds nothing; its smoothing term w (lse - x) is +inf, NaN for w = 0, as
                     // on the CPU, whatever the running max (a tie with a max of -inf included).
@@ -492,13 +520,16 @@ __device__ void vocab_parallel_backward_rows(const T* x, i64 rows, i64 cols, i64
     float coef_b = sc * c_over;
     float res = (a.eps > 0.0f ? coef_b * (a.w_sum - w_y) : 0.0f) + sc * zl;
     i64 local = y - a.start;
+    // A class's own weight enters its gradient only through smoothing (coef_b is 0 without).
+    const float* weight = a.eps > 0.0f && a.weight ? a.weight + a.start : nullptr;
     for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
-        float v[V];
+        float v[V], ws[V];
         load<T, V>(row + i, v);
+        ce_weights<V>(weight, i, ws);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
             float xc = capped(v[j], a.cap);
-            float w = a.weight ? a.weight[a.start + i + j] : 1.0f;
+            float w = ws[j];
             float g = i + j == local ? coef_a * expm1f(-((hi - xc) + lo)) + res
                                      : fast_exp((xc - hi) - lo) * coef_a - w * coef_b;
             if (a.cap > 0.0f) {

@@ -116,28 +116,6 @@ __device__ __forceinline__ void ce_store(T* p, const float (&v)[V]) {
     }
 }
 
-// Class weights at [i, i + V): float4 loads where V > 1 (the host aligned the weights then).
-template <int V>
-__device__ __forceinline__ void ce_weights(const float* w, i64 i, float (&out)[V]) {
-    if (w == nullptr) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) out[j] = 1.0f;
-        return;
-    }
-    if constexpr (V == 1) {
-        out[0] = w[i];
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; k += 4) {
-            float4 f = *reinterpret_cast<const float4*>(w + i + k);
-            out[k] = f.x;
-            out[k + 1] = f.y;
-            out[k + 2] = f.z;
-            out[k + 3] = f.w;
-        }
-    }
-}
-
 // One thread's tile: CE_VALUES / V packs; pack p of tile t of thread x starts at column
 // ((t * P + p) * blockDim.x + x) * V (each pack load of a warp covers 32 consecutive packs).
 template <class T, int V>
@@ -366,7 +344,12 @@ __device__ void ce_backward_rows(const T* x, i64 rows, int cols, CeArgs a, const
     float w_sum = (float)cols;
     if (SMOOTH && a.weight) {
         float s = 0.0f;
-        for (int i = threadIdx.x; i < cols; i += blockDim.x) s += a.weight[i];
+        for (int i = threadIdx.x * V; i < cols; i += blockDim.x * V) {
+            float w[V];
+            ce_weights<V>(a.weight, i, w);
+#pragma unroll
+            for (int j = 0; j < V; ++j) s += w[j];
+        }
         w_sum = row_reduce(s, scratch, Add());
     }
     float c_over = a.eps / (float)cols;

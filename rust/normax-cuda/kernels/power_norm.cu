@@ -64,6 +64,41 @@ __device__ void power_forward(const T* x, const float* s, const float* pad, i64 
     }
 }
 
+// V per-channel floats from channel c (ones for null): float4 loads where V > 1, beside the rows'
+// 16-byte packs (the host then saw every per-channel array aligned, and cg a multiple of V).
+template <int V>
+__device__ __forceinline__ void pn_channels(const float* p, i64 c, float (&out)[V]) {
+    if (p == nullptr) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[j] = 1.0f;
+    } else if constexpr (V == 1) {
+        out[0] = p[c];
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k += 4) {
+            float4 f = *reinterpret_cast<const float4*>(p + c + k);
+            out[k] = f.x, out[k + 1] = f.y, out[k + 2] = f.z, out[k + 3] = f.w;
+        }
+    }
+}
+
+// du = (dy * weight - ema * u * zscale) * dscale of V channels from c, with u = x * s.
+template <int V>
+__device__ __forceinline__ void pn_du(const float (&v)[V], const float (&d)[V], float s, i64 c, const float* weight,
+                                      const float* zscale, const float* ema, const float* dscale, float (&u)[V],
+                                      float (&du)[V]) {
+    float w[V], zs[V], e[V], ds[V];
+    pn_channels<V>(weight, c, w);
+    pn_channels<V>(zscale, c, zs);
+    pn_channels<V>(ema, c, e);
+    pn_channels<V>(dscale, c, ds);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        u[j] = v[j] * s;
+        du[j] = (d[j] * w[j] - e[j] * (u[j] * zs[j])) * ds[j];
+    }
+}
+
 // dx of every (token, group) row, and its s (for power_param_part). With g = dy * weight,
 // z = u * zscale, g_hat = g - ema * z, du = g_hat * dscale:
 //   dx = s * (du - u * mean over the group of du * u)
@@ -82,17 +117,12 @@ __device__ void power_backward(const T* dy, const T* x, const float* weight, con
     float sdu = 0.0f;
     if (active)
         for (i64 i = (i64)threadIdx.x * V; i < cg; i += (i64)blockDim.x * V) {
-            float v[V], d[V];
+            float v[V], d[V], u[V], du[V];
             load<T, V>(xr + i, v);
             load<T, V>(dr + i, d);
+            pn_du<V>(v, d, s, c0 + i, weight, zscale, ema, dscale, u, du);
 #pragma unroll
-            for (int j = 0; j < V; ++j) {
-                i64 c = c0 + i + j;
-                float u = v[j] * s;
-                float g = weight ? d[j] * weight[c] : d[j];
-                float du = (g - ema[c] * (u * zscale[c])) * dscale[c];
-                sdu = fmaf(du, u, sdu);
-            }
+            for (int j = 0; j < V; ++j) sdu = fmaf(du[j], u[j], sdu);
         }
     sdu = row_reduce(sdu, raw, Add());
     if (!active) return;
@@ -100,17 +130,12 @@ __device__ void power_backward(const T* dy, const T* x, const float* weight, con
     float su = -sdu / (float)cg * s;
     T* out = dx + r * cg;
     for (i64 i = (i64)threadIdx.x * V; i < cg; i += (i64)blockDim.x * V) {
-        float v[V], d[V];
+        float v[V], d[V], u[V], du[V];
         load<T, V>(xr + i, v);
         load<T, V>(dr + i, d);
+        pn_du<V>(v, d, s, c0 + i, weight, zscale, ema, dscale, u, du);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-            i64 c = c0 + i + j;
-            float u = v[j] * s;
-            float g = weight ? d[j] * weight[c] : d[j];
-            float du = (g - ema[c] * (u * zscale[c])) * dscale[c];
-            v[j] = fmaf(u, su, du * s);
-        }
+        for (int j = 0; j < V; ++j) v[j] = fmaf(u[j], su, du[j] * s);
         store<T, V>(out + i, v);
     }
 }

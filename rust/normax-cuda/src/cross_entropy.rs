@@ -99,7 +99,10 @@ pub fn cross_entropy(
         cap: opts.softcap.unwrap_or(0.0) as f32,
     };
     with_device(s.device, |d| {
-        let mut bufs = vec![x.ptr, probs_ptr];
+        // The class weights too where the kernels read them per class (label smoothing or
+        // probability targets): 16 bytes at a time beside the logits.
+        let per_class = args.eps > 0.0 || probs_ptr != 0;
+        let mut bufs = vec![x.ptr, probs_ptr, if per_class { args.weight } else { 0 }];
         if let Some((g, _, _)) = &grad {
             bufs.push(g.ptr);
         }
@@ -107,7 +110,9 @@ pub fn cross_entropy(
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let (g_ptr, scale_ptr, stride) =
             grad.map_or((0, 0, 0i64), |(g, sc, st)| (g.ptr, sc.ptr, st as i64));
-        if let Some(packs) = r.cached_packs().filter(|_| probs_ptr == 0) {
+        // The cached kernel holds at most 16 floats of row per thread (a softmax's half): with
+        // its statistics and a pack of weights beside them, 32 spilled past 64 registers.
+        if let Some(packs) = r.cached_packs_of(2).filter(|_| probs_ptr == 0) {
             // Safety: buffers checked above; class-index targets, 16-byte aligned rows (vec > 1).
             return unsafe {
                 r.run(
@@ -223,6 +228,16 @@ impl ShardRows {
             .ok_or_else(|| Error::Value("vocab_start: too large".into()))
     }
 
+    /// The address of the shard's first class weight where the kernels read the weights per
+    /// class (label smoothing; else 0): 16 bytes at a time beside the logits, so aligned as the
+    /// rows are.
+    fn weight_at_start(&self, opts: &CeOptions<Buf>) -> u64 {
+        match opts.weight {
+            Some(w) if opts.label_smoothing > 0.0 => w.ptr + 4 * self.start as u64,
+            _ => 0,
+        }
+    }
+
     fn args(&self, opts: &CeOptions<Buf>, classes: usize, w_sum: f64) -> VocabParallelArgs {
         VocabParallelArgs {
             target: self.target.ptr,
@@ -269,7 +284,8 @@ pub fn vocab_parallel_stats(
     let args = sh.args(opts, 0, 0.0);
     with_device(s.device, |d| {
         // Whole rows per block: the statistics are one reduction per row.
-        let mut r = RowLaunch::new(d, s, sh.x.dtype, sh.rows, sh.len, &[sh.x.ptr], false)?;
+        let bufs = [sh.x.ptr, sh.weight_at_start(opts)];
+        let mut r = RowLaunch::new(d, s, sh.x.dtype, sh.rows, sh.len, &bufs, false)?;
         let (rows_i, cols_i, _, _) = r.dims();
         // Safety: buffers checked above; packed holds rows * fields floats.
         unsafe {
@@ -334,7 +350,7 @@ pub fn vocab_parallel_backward(
     }
     let args = sh.args(opts, classes, w_sum);
     with_device(s.device, |d| {
-        let bufs = [sh.x.ptr, grad.ptr];
+        let bufs = [sh.x.ptr, grad.ptr, sh.weight_at_start(opts)];
         let mut r = RowLaunch::new(d, s, sh.x.dtype, sh.rows, sh.len, &bufs, true)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let stride_i = stride as i64;

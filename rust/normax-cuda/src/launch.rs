@@ -377,15 +377,18 @@ mod tests {
                 .into_iter()
                 .map(|n| ("norms", n)),
         );
-        // The softmax backward holds y and dy: half the packs of the forward.
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let wide = 16 / dtype.size();
-            for p in (0..)
-                .map(|k| 1usize << k)
-                .take_while(|p| 2 * p * wide <= MAX_CACHED_FLOATS)
-            {
-                let key = KernelKey::new(Op::SoftmaxBackwardCached, dtype, Variant::Packs(p));
-                names.push(("softmax", key.name()));
+        // The softmax backward holds y and dy, the cross-entropy its statistics and weights
+        // beside the logits: half the packs of the softmax forward.
+        for op in [Op::SoftmaxBackwardCached, Op::CeCached] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let wide = 16 / dtype.size();
+                for p in (0..)
+                    .map(|k| 1usize << k)
+                    .take_while(|p| 2 * p * wide <= MAX_CACHED_FLOATS)
+                {
+                    let key = KernelKey::new(op, dtype, Variant::Packs(p));
+                    names.push((op.module(), key.name()));
+                }
             }
         }
         names

@@ -173,7 +173,16 @@ pub fn power_norm_backward(
         let cg = shape.group_len();
         let scales = Scratch::new(rows * 4, s)?;
         if rows > 0 {
-            let bufs = [x.ptr, dy.ptr, dx.ptr];
+            // The per-channel floats too: read 16 bytes at a time beside the rows.
+            let bufs = [
+                x.ptr,
+                dy.ptr,
+                dx.ptr,
+                weight,
+                c.zscale.ptr,
+                c.ema.ptr,
+                c.dscale.ptr,
+            ];
             let mut r = RowLaunch::new(d, s, x.dtype, rows, cg, &bufs, false)?;
             let (rows_i, cg_i, groups_i) = (rows as i64, cg as i64, shape.groups as i32);
             let mut a = params![

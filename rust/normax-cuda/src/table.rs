@@ -32,7 +32,8 @@ pub(crate) enum Forms {
     /// `<op>_<dtype>_p<P>` for every power of two P the cached plans can ask for.
     Packs,
     /// Those listed by the cubin test of launch.rs (the norms' `norms::kernel_names`, which pick
-    /// `_p<P>` or `_v<V>` from the row length; the softmax backward's half as many packs).
+    /// `_p<P>` or `_v<V>` from the row length; the softmax backward's and the cross-entropy's
+    /// cached kernels, half as many packs).
     Listed,
 }
 
@@ -84,7 +85,7 @@ kernels! {
     Stablemax: "stablemax" "stablemax" Vec,
     CePart: "cross_entropy" "ce_part" Vec,
     CrossEntropy: "cross_entropy" "cross_entropy" Vec,
-    CeCached: "cross_entropy" "ce_cached" Packs,
+    CeCached: "cross_entropy" "ce_cached" Listed,
     CeVocabParallelStats: "cross_entropy" "ce_vocab_parallel_stats" Vec,
     CeVocabParallelBackward: "cross_entropy" "ce_vocab_parallel_backward" Vec,
     CeForward: "cross_entropy" "ce_forward" Vec,
