@@ -44,36 +44,6 @@ __device__ __forceinline__ CeRaw<T, V> ce_fetch(const T* p) {
     }
 }
 
-// Two 16-bit values of a 32-bit word (element 2k in the low half) to float32 and back.
-__device__ __forceinline__ float2 ce_unpack2(unsigned w, bf16) {
-    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-}
-__device__ __forceinline__ float2 ce_unpack2(unsigned w, f16) {
-    float lo, hi;
-    asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
-        : "=f"(lo), "=f"(hi)
-        : "r"(w));
-    return make_float2(lo, hi);
-}
-__device__ __forceinline__ unsigned ce_pack2(float lo, float hi, bf16) {
-    unsigned w;
-#if __CUDA_ARCH__ >= 800
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));  // a -> high half
-#else
-    w = (unsigned)from_f32<bf16>(lo).bits | ((unsigned)from_f32<bf16>(hi).bits << 16);
-#endif
-    return w;
-}
-__device__ __forceinline__ unsigned ce_pack2(float lo, float hi, f16) {
-    unsigned w;
-#if __CUDA_ARCH__ >= 800
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-#else
-    w = (unsigned)from_f32<f16>(lo).bits | ((unsigned)from_f32<f16>(hi).bits << 16);
-#endif
-    return w;
-}
-
 template <class T, int V>
 __device__ __forceinline__ void ce_unpack(const CeRaw<T, V>& r, float (&v)[V]) {
     if constexpr (V == 1) {
@@ -85,34 +55,11 @@ __device__ __forceinline__ void ce_unpack(const CeRaw<T, V>& r, float (&v)[V]) {
             if constexpr (sizeof(T) == 4) {
                 v[k] = __uint_as_float(w[k]);
             } else {
-                float2 f = ce_unpack2(w[k], T{});
+                float2 f = unpack2(T{}, w[k]);  // common.cuh
                 v[2 * k] = f.x;
                 v[2 * k + 1] = f.y;
             }
         }
-    }
-}
-
-// V float32 values stored as one 16-byte access for V > 1 (packed cvt for the 16-bit types).
-template <class T, int V>
-__device__ __forceinline__ void ce_store(T* p, const float (&v)[V]) {
-    if constexpr (V == 1) {
-        *p = from_f32<T>(v[0]);
-    } else {
-        unsigned w[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            if constexpr (sizeof(T) == 4) {
-                w[k] = __float_as_uint(v[k]);
-            } else {
-                w[k] = ce_pack2(v[2 * k], v[2 * k + 1], T{});
-            }
-        }
-        // PTX, not a uint4 assignment: NVRTC splits that into four 4-byte stores. "memory": ordered
-        // with the row's other accesses (a target entry may be rewritten after it).
-        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
-                     "r"(w[3])
-                     : "memory");
     }
 }
 
@@ -374,7 +321,7 @@ __device__ void ce_backward_rows(const T* x, i64 rows, int cols, CeArgs a, const
             for (int t = 0; t < tiles; ++t)
 #pragma unroll
                 for (int p = 0; p < P; ++p)
-                    if (CeTile<T, V>::at(t, p) < cols) ce_store<T, V>(dr + CeTile<T, V>::at(t, p), zero);
+                    if (CeTile<T, V>::at(t, p) < cols) store<T, V>(dr + CeTile<T, V>::at(t, p), zero);
         } else {
             float l = lse[row];
             float s = to_f32(grad_loss[row * grad_stride]);
@@ -422,7 +369,7 @@ __device__ void ce_backward_rows(const T* x, i64 rows, int cols, CeArgs a, const
                         }
                         v[j] = g;
                     }
-                    ce_store<T, V>(dr + i, v);
+                    store<T, V>(dr + i, v);
                 }
             }
             // p_y > 1/2: 1 - p_y is the other classes' probability (rewritten below).

@@ -8,87 +8,23 @@
 #define NORM_MAX_ROWS 4  // rows per block at most: the shared scratch holds 32 slots for each
 #define NORM_FLT_MAX __int_as_float(0x7f7fffff)
 
-// ---- 16-byte loads and stores: 4 floats or 8 16-bit values per uint4, packed conversions.
+// ---- N values at p: common.cuh's 16-byte loads and stores (packed conversions) where N fills
+// whole 16-byte vectors (p then 16-byte aligned), else one element at a time.
 
-__device__ __forceinline__ float2 norm_unpack2(unsigned u, bf16*) {
-    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-}
-__device__ __forceinline__ float2 norm_unpack2(unsigned u, f16*) {
-    float lo, hi;
-    asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}"
-        : "=f"(lo), "=f"(hi)
-        : "r"(u));
-    return make_float2(lo, hi);
-}
-__device__ __forceinline__ unsigned norm_pack2(float lo, float hi, bf16*) {
-    unsigned u;
-#if __CUDA_ARCH__ >= 800
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo));
-#else
-    u = (unsigned)from_f32<bf16>(lo).bits | ((unsigned)from_f32<bf16>(hi).bits << 16);
-#endif
-    return u;
-}
-__device__ __forceinline__ unsigned norm_pack2(float lo, float hi, f16*) {
-    unsigned u;
-#if __CUDA_ARCH__ >= 800
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo));
-#else
-    u = (unsigned)from_f32<f16>(lo).bits | ((unsigned)from_f32<f16>(hi).bits << 16);
-#endif
-    return u;
-}
-
-template <class T>
-__device__ __forceinline__ void norm_unpack16(uint4 u, float* out) {
-    if constexpr (sizeof(T) == 4) {
-        out[0] = __uint_as_float(u.x), out[1] = __uint_as_float(u.y);
-        out[2] = __uint_as_float(u.z), out[3] = __uint_as_float(u.w);
-    } else {
-        unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            float2 f = norm_unpack2(w[k], (T*)nullptr);
-            out[2 * k] = f.x, out[2 * k + 1] = f.y;
-        }
-    }
-}
-
-template <class T>
-__device__ __forceinline__ uint4 norm_pack16(const float* in) {
-    if constexpr (sizeof(T) == 4) {
-        return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]),
-                          __float_as_uint(in[3]));
-    } else {
-        return make_uint4(norm_pack2(in[0], in[1], (T*)nullptr), norm_pack2(in[2], in[3], (T*)nullptr),
-                          norm_pack2(in[4], in[5], (T*)nullptr), norm_pack2(in[6], in[7], (T*)nullptr));
-    }
-}
-
-// N values at p: whole 16-byte vectors where N fills them (p then 16-byte aligned), else scalars.
 template <class T, int N>
 __device__ __forceinline__ void norm_load(const T* p, float (&out)[N]) {
-    constexpr int per = 16 / sizeof(T);
-    if constexpr (N % per == 0) {
-#pragma unroll
-        for (int k = 0; k < N / per; ++k) norm_unpack16<T>(reinterpret_cast<const uint4*>(p)[k], out + k * per);
+    if constexpr (N % (16 / sizeof(T)) == 0) {
+        load<T, N>(p, out);
     } else {
 #pragma unroll
         for (int j = 0; j < N; ++j) out[j] = to_f32(p[j]);
     }
 }
 
-// One 16-byte store: a plain uint4 store of floats can be split in four by the compiler.
-__device__ __forceinline__ void norm_store16(void* p, uint4 u) {
-    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w));
-}
-
 template <class T, int N>
 __device__ __forceinline__ void norm_store(T* p, const float (&in)[N]) {
-    constexpr int per = 16 / sizeof(T);
-    if constexpr (N % per == 0) {
-#pragma unroll
-        for (int k = 0; k < N / per; ++k) norm_store16(p + k * per, norm_pack16<T>(in + k * per));
+    if constexpr (N % (16 / sizeof(T)) == 0) {
+        store<T, N>(p, in);
     } else {
 #pragma unroll
         for (int j = 0; j < N; ++j) p[j] = from_f32<T>(in[j]);
