@@ -24,8 +24,9 @@ from .. import _core
 from .._backends.cuda import device
 from .._options import norm_options
 
-_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int64: 3}
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The raw arrays' dtype codes and the kernels' element types: the CUDA backend's, as torch dtypes.
+_CODES = {getattr(torch, name): code for name, code in device.DTYPE_CODES.items()}
+KERNEL_DTYPES = tuple(getattr(torch, name) for name in device.KERNEL_DTYPES)
 
 
 def on_cuda(t: Tensor) -> bool:

@@ -19,9 +19,9 @@ from ... import _core
 from ..._arrays import Plan
 
 _DL_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
-_DTYPES = ("float32", "float16", "bfloat16")
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 # The raw arrays' dtype codes (normax-cuda's DType order, then int64 for class indices).
-_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int64": 3}
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int64": 3}
 _CODES_OF = {}  # per library: its dtype objects to codes
 
 
@@ -165,7 +165,7 @@ class Lib:
         return self.dtype_name_of(a.dtype)
 
     def check_dtype(self, a, name: str) -> None:
-        if self.dtype_name(a) not in _DTYPES:
+        if self.dtype_name(a) not in KERNEL_DTYPES:
             raise TypeError(
                 f"{self.fname}: {name} has dtype {self.dtype_name(a)}; the CUDA kernels take float32, "
                 "float16 and bfloat16 (cast first, e.g. x.float())"
@@ -227,8 +227,8 @@ class Lib:
 
     def _dtype_codes(self) -> dict:
         if self.name == "torch":
-            return {getattr(self.mod, n): c for n, c in _CODES.items()}
-        return {np.dtype(n): c for n, c in _CODES.items() if n != "bfloat16"}  # CuPy: NumPy dtypes
+            return {getattr(self.mod, n): c for n, c in DTYPE_CODES.items()}
+        return {np.dtype(n): c for n, c in DTYPE_CODES.items() if n != "bfloat16"}  # CuPy: NumPy dtypes
 
     def raw(self, a) -> tuple[int, int, int]:
         """`a` as the kernels take it: (device address of element 0, dtype code, element count).
