@@ -91,15 +91,22 @@ SETTLE_SLICE_S = 2e-3
 SETTLE_MAX_S = 0.05
 
 
-def settle() -> None:
+def settle(cpu_time=time.process_time, sleep=time.sleep, clock=time.perf_counter) -> int:
     """Sleep until no thread of this process used more than a tenth of a slice of CPU during one
-    ``SETTLE_SLICE_S`` sleep (at most ``SETTLE_MAX_S``): every contender starts from idle pools."""
-    deadline = time.perf_counter() + SETTLE_MAX_S
-    while time.perf_counter() < deadline:
-        used = time.process_time()
-        time.sleep(SETTLE_SLICE_S)
-        if time.process_time() - used < 0.1 * SETTLE_SLICE_S:
-            return
+    ``SETTLE_SLICE_S`` sleep (at most ``SETTLE_MAX_S``): every contender starts from idle pools.
+
+    Returns the number of slices slept. `cpu_time` (the process's CPU seconds), `sleep` and `clock`
+    are injectable so the logic is tested with a scripted meter, not with the machine's scheduler.
+    """
+    deadline = clock() + SETTLE_MAX_S
+    slices = 0
+    while clock() < deadline:
+        used = cpu_time()
+        sleep(SETTLE_SLICE_S)
+        slices += 1
+        if cpu_time() - used < 0.1 * SETTLE_SLICE_S:
+            break
+    return slices
 
 
 def compare(fns: dict, budget_s=0.5, min_runs=5, max_runs=50, *, warmup=1, setup=None) -> dict:

@@ -4,6 +4,7 @@ checked, only what the user reads."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benches" / "python"
 sys.path.insert(0, str(BENCH))
 bench = pytest.importorskip("bench")  # imports the suites (torch and JAX where installed)
 from report import Case, Table, plot
-from timer import SETTLE_MAX_S, Timing, compare, settle
+from timer import SETTLE_MAX_S, SETTLE_SLICE_S, Timing, compare, settle
 
 
 def _line_ok(line):
@@ -31,28 +32,51 @@ def test_compare_interleaves_and_reports_spread():
     assert "a" in tail[tail.index("b") :]
 
 
+class _ScriptedMachine:
+    """A clock and a CPU meter for settle(): each sleep advances the clock by its length and, while
+    `spinning_slices` remain, the CPU meter by the same (one thread spinning through the sleep)."""
+
+    def __init__(self, spinning_slices):
+        self.now = self.cpu = 0.0
+        self.spinning_slices = spinning_slices
+        self.sleeps = 0
+
+    def clock(self):
+        return self.now
+
+    def cpu_time(self):
+        return self.cpu
+
+    def sleep(self, seconds):
+        self.sleeps += 1
+        self.now += seconds
+        if self.spinning_slices > 0:
+            self.spinning_slices -= 1
+            self.cpu += seconds
+
+
+def _settle(machine):
+    return settle(cpu_time=machine.cpu_time, sleep=machine.sleep, clock=machine.clock)
+
+
 def test_settle_waits_for_a_spinning_thread_to_stop():
     """A contender's pool that spins on after its call (torch's OpenMP workers do, for about 10 ms)
     must not run into the next contender's timed run: settle() returns only once it stopped."""
-    import threading
-    import time
+    machine = _ScriptedMachine(spinning_slices=5)
+    assert _settle(machine) == 6  # five busy slices, then the first idle one
+    assert machine.spinning_slices == 0
 
-    done = threading.Event()
 
-    def spin(seconds):
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
-        done.set()
+def test_settle_returns_after_one_slice_when_nothing_spins():
+    machine = _ScriptedMachine(spinning_slices=0)
+    assert _settle(machine) == 1 and machine.now == SETTLE_SLICE_S
 
-    worker = threading.Thread(target=spin, args=(0.6 * SETTLE_MAX_S,))
-    worker.start()
-    settle()
-    assert done.is_set()
-    worker.join()
-    start = time.perf_counter()
-    settle()  # nothing spinning: one slice
-    assert time.perf_counter() - start < 0.5 * SETTLE_MAX_S
+
+def test_settle_gives_up_at_its_limit_when_a_thread_never_stops():
+    machine = _ScriptedMachine(spinning_slices=10**6)
+    slices = _settle(machine)
+    assert slices == math.ceil(SETTLE_MAX_S / SETTLE_SLICE_S - 1e-9)
+    assert SETTLE_MAX_S <= machine.now < SETTLE_MAX_S + SETTLE_SLICE_S
 
 
 @pytest.mark.parametrize("module", list(bench.SUITES.values()), ids=list(bench.SUITES))
