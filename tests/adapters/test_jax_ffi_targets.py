@@ -5,6 +5,8 @@ handlers see the same rows; only the statistics' dtype differs, float32 here aga
 there). Wrong calls must raise jax errors carrying normax's message, never crash.
 """
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -431,3 +433,83 @@ def test_linear_cross_entropy_vmap_runs_each_batch_element():
         close(loss[b], rl, f32)
         close(dh[b], rdh, f32)
         close(dw[b], rdw, f32)
+
+
+class _ExtensionBase(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.c_void_p)]
+
+
+class _ApiVersion(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("major_version", ctypes.c_int),
+        ("minor_version", ctypes.c_int),
+    ]
+
+
+class _Metadata(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("api_version", _ApiVersion),
+        ("traits", ctypes.c_uint32),
+        ("state_type_id", ctypes.c_int64),
+    ]
+
+
+class _MetadataExtension(ctypes.Structure):
+    _fields_ = [("extension_base", _ExtensionBase), ("metadata", ctypes.POINTER(_Metadata))]
+
+
+class _List(ctypes.Structure):  # XLA_FFI_Args / XLA_FFI_Rets
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("size", ctypes.c_int64),
+        ("types", ctypes.c_void_p),
+        ("items", ctypes.c_void_p),
+    ]
+
+
+class _Attrs(ctypes.Structure):
+    _fields_ = [*_List._fields_[:4], ("names", ctypes.c_void_p), ("attrs", ctypes.c_void_p)]
+
+
+class _CallFrame(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("api", ctypes.c_void_p),
+        ("ctx", ctypes.c_void_p),
+        ("stage", ctypes.c_int),
+        ("args", _List),
+        ("rets", _List),
+        ("attrs", _Attrs),
+        ("future", ctypes.c_void_p),
+    ]
+
+
+def test_handlers_answer_xlas_metadata_query_without_reading_operands():
+    """XLA first calls a handler with the metadata extension and no operands: the handler must
+    fill in the FFI version (0.3), its traits (none) and state type (none) and return null."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    handler_type = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_CallFrame))
+    api = ctypes.create_string_buffer(256)  # never read on this path
+    for name, capsule in _core.ffi_targets("cpu").items():
+        metadata = _Metadata(struct_size=ctypes.sizeof(_Metadata), traits=99, state_type_id=7)
+        ext = _MetadataExtension(
+            _ExtensionBase(ctypes.sizeof(_MetadataExtension), 1, None), ctypes.pointer(metadata)
+        )
+        frame = _CallFrame(
+            struct_size=ctypes.sizeof(_CallFrame) - 8,  # XLA_FFI_CallFrame_STRUCT_SIZE: up to attrs
+            extension_start=ctypes.addressof(ext),
+            api=ctypes.addressof(api),
+            stage=3,
+        )
+        error = handler_type(get(capsule, None))(ctypes.byref(frame))
+        assert error is None, name
+        v = metadata.api_version
+        assert (v.major_version, v.minor_version, metadata.traits, metadata.state_type_id) == (0, 3, 0, 0), (
+            name
+        )

@@ -580,6 +580,10 @@ unsafe fn populate_metadata(
         minor_version: XLA_FFI_API_MINOR,
     };
     m.traits = traits;
+    // No state (XLA_FFI_UNKNOWN_TYPE_ID), where the caller's struct has the field.
+    if m.struct_size >= size_of::<XLA_FFI_Metadata>() {
+        m.state_type_id = XLA_FFI_TypeId { type_id: 0 };
+    }
     std::ptr::null_mut()
 }
 
