@@ -35,16 +35,19 @@ file only names the public API.
 from __future__ import annotations
 
 from ._cross_entropy import cross_entropy
+from ._linear import linear_cross_entropy
 from ._norms import layer_norm, rms_norm
 from ._power_norm import PowerNormState, power_norm, power_norm_init
 from ._softmax import log_softmax, logsumexp, softmax
 from ._stablemax import log_stablemax, stablemax
 from ._vocab_parallel import vocab_parallel_cross_entropy
+from ._vocab_parallel_linear import vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "PowerNormState",
     "cross_entropy",
     "layer_norm",
+    "linear_cross_entropy",
     "log_softmax",
     "log_stablemax",
     "logsumexp",
@@ -54,6 +57,7 @@ __all__ = [
     "softmax",
     "stablemax",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 
 # The public names keep the module they were defined in before the split: a pickled PowerNormState

@@ -1,0 +1,363 @@
+"""linear_cross_entropy and vocab_parallel_linear_cross_entropy: the cross-entropy of
+``hidden @ linear_weight.T + linear_bias`` without the (N, V) logits ever existing in XLA.
+
+Both are ``jax.custom_vjp`` functions, not ``custom_jvp``: a tangent rule would have to
+contract the logits' softmax with the tangents of the hidden states and the weight, i.e. form the
+(N, V) logits the op exists to avoid. Reverse mode (grad, value_and_grad, vjp) works; forward
+mode (jvp, jacfwd, hessian) raises JAX's custom_vjp error.
+
+Targets (see normax/jax/_ffi.py; each also has its NumPy host implementation here, the fallback):
+
+- ``normax_linear_cross_entropy``: the whole loss, and with ``with_grad`` its gradients with
+  respect to the hidden states, the weight and the bias, in one pass over blocks of the logits
+  (``normax.linear_cross_entropy_with_grad``). For the mean and sum the forward of
+  ``value_and_grad`` makes this one call and the backward scales its gradients by the cotangent.
+- ``normax_vocab_parallel_linear_stats`` / ``_backward``: a shard of the vocabulary's packed row
+  statistics and that shard's gradients given each row's log-sum-exp
+  (``normax._vocab_parallel.linear_stats`` / ``linear_backward``). The vocabulary-parallel op
+  uses them around one ``all_gather``; ``linear_cross_entropy`` with ``reduction="none"`` uses
+  them with the whole vocabulary as one shard, since a per-row cotangent cannot scale a
+  weight gradient that is already summed over the rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _cross_entropy as cpu
+from .. import _vocab_parallel as vocab_parallel
+from .._options import ce_options, check_chunk_size
+from . import _ffi
+
+_FNAME = "normax.jax.linear_cross_entropy"
+
+
+# -- Host implementations of the targets (the pure_callback route): NumPy arrays with the same
+# operands, attributes and results as the FFI handlers. Absent operands are (0,)-shaped; every
+# operand may carry the same leading batch dimensions (vmap), which loop here.
+
+
+def present(a):
+    return None if a.shape[-1] == 0 else a
+
+
+def _softcap(value: float):
+    return None if value == 0.0 else value
+
+
+def _chunk(value: int):
+    return None if value == 0 else int(value)
+
+
+def _batched(base_ndim: int, fn, results, *arrays):
+    """Run ``fn`` on each element of the leading batch dimensions of ``arrays`` (the first one's
+    beyond its `base_ndim`), stacking the results: ``results`` gives each result's base ndim."""
+    batch = arrays[0].shape[: arrays[0].ndim - base_ndim]
+    if not batch:
+        return fn(*arrays)
+    arrays = [np.broadcast_to(a, batch + a.shape[len(batch) :]) for a in arrays]
+    outs = [fn(*(a[idx] for a in arrays)) for idx in np.ndindex(*batch)]
+    return tuple(np.stack([o[k] for o in outs]).reshape(batch + outs[0][k].shape) for k in range(results))
+
+
+@_ffi.host_impl("normax_linear_cross_entropy")
+def _linear_host(hidden, weight, bias, target, class_weight, *, ignore_index, label_smoothing, z_loss,
+                 softcap, stablemax, reduction, chunk_size, with_grad):  # fmt: skip
+    del stablemax  # always False: the linear loss is a softmax cross-entropy
+    kwargs = {
+        "reduction": str(reduction),
+        "ignore_index": int(ignore_index),
+        "label_smoothing": float(label_smoothing),
+        "z_loss": float(z_loss),
+        "softcap": _softcap(float(softcap)),
+        "chunk_size": _chunk(chunk_size),
+    }
+
+    def one(h, w, b, t, cw):
+        b, cw = present(b), present(cw)
+        if not with_grad:
+            return (np.asarray(cpu.linear_cross_entropy(h, w, t, linear_bias=b, weight=cw, **kwargs)),)
+        loss, dh, dw, db = cpu.linear_cross_entropy_with_grad(h, w, t, linear_bias=b, weight=cw, **kwargs)
+        return np.asarray(loss), dh, dw, np.empty(0, dh.dtype) if db is None else db
+
+    return _batched(2, one, 4 if with_grad else 1, hidden, weight, bias, target, class_weight)
+
+
+def _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
+    return ce_options(int(ignore_index), str(reduction), float(label_smoothing), float(z_loss),
+                      _softcap(float(softcap)))  # fmt: skip
+
+
+@_ffi.host_impl("normax_vocab_parallel_linear_stats")
+def _vp_stats_host(hidden, weight_shard, bias_shard, target, class_weight, vocab_start, *, ignore_index,
+                   reduction, label_smoothing, z_loss, softcap, chunk_size):  # fmt: skip
+    opts = _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+    def one(h, w, b, t, cw, start):
+        packed = np.empty((h.shape[0], vocab_parallel.fields(opts)), vocab_parallel.stats_dtype(h.dtype))
+        vocab_parallel.linear_stats(h, w, present(b), t, present(cw), packed, int(start[0]), opts,
+                                    _chunk(chunk_size))  # fmt: skip
+        return (packed,)
+
+    return _batched(2, one, 1, hidden, weight_shard, bias_shard, target, class_weight, vocab_start)
+
+
+@_ffi.host_impl("normax_vocab_parallel_linear_backward")
+def _vp_backward_host(hidden, weight_shard, bias_shard, target, class_weight, vocab_start, lse, grad_output,
+                      *, classes, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
+                      denom):  # fmt: skip
+    opts = _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+    def one(h, w, b, t, cw, start, lse, go):
+        dh, dw, db = vocab_parallel.linear_backward(
+            h, w, present(b), t, present(cw), lse, float(denom), go, int(start[0]), int(classes), opts,
+            _chunk(chunk_size),
+        )  # fmt: skip
+        return dh, dw, np.empty(0, dh.dtype) if db is None else db
+
+    args = (hidden, weight_shard, bias_shard, target, class_weight, vocab_start, lse, grad_output)
+    return _batched(2, one, 3, *args)
+
+
+# -- The traced side.
+
+
+def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _absent(dtype):
+    return jnp.zeros((0,), dtype)
+
+
+def _inexact(x, name: str, fname: str):
+    """`x` as a real floating array: integers and booleans become jax's default float type, as in
+    jax.nn (no mixing with a float in jnp.result_type, which strict promotion refuses)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{fname}: {name} is complex ({x.dtype}); normax's kernels are real")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jax.dtypes.canonicalize_dtype(np.float64))
+    return x
+
+
+def _compute_dtype(dtype):
+    """float64 stays; float32, float16 and bfloat16 are computed in float32."""
+    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _labels(labels, shape, fname: str):
+    t = jnp.asarray(labels)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise TypeError(f"{fname}: labels must be integer class ids, got {t.dtype}")
+    if t.shape != tuple(shape):
+        raise ValueError(
+            f"{fname}: labels have shape {t.shape}; expected {tuple(shape)} (hidden without its last axis)"
+        )
+    return t.reshape(-1) if t.dtype in (jnp.int32, jnp.int64) else t.reshape(-1).astype(jnp.int32)
+
+
+def class_weight_operand(weight, classes: int, dtype, fname: str):
+    if weight is None:
+        return _absent(dtype)
+    w = jnp.asarray(weight)
+    if jnp.issubdtype(w.dtype, jnp.complexfloating):
+        raise TypeError(f"{fname}: weight is complex ({w.dtype})")
+    if w.shape != (classes,):
+        raise ValueError(f"{fname}: weight has shape {w.shape}; expected ({classes},), one per class")
+    return w.astype(dtype)
+
+
+def _ce_attrs(opts):
+    """The loss options as the targets' attributes (softcap 0.0: none)."""
+    return {
+        "ignore_index": np.int64(opts.ignore_index),
+        "label_smoothing": np.float64(opts.label_smoothing),
+        "z_loss": np.float64(opts.z_loss),
+        "softcap": np.float64(opts.softcap or 0.0),
+    }
+
+
+def _linear_call(h, w, b, t, cw, config, with_grad):
+    opts, chunk = config
+    n, dt = h.shape[0], h.dtype
+    results = [spec((n,) if opts.reduction == "none" else (), dt)]
+    if with_grad:
+        results += [spec(h.shape, dt), spec(w.shape, dt), spec(b.shape, dt)]
+    return _ffi.call(
+        "normax_linear_cross_entropy", results, h, w, b, t, cw, **_ce_attrs(opts), stablemax=False,
+        reduction=opts.reduction, chunk_size=np.int64(chunk), with_grad=with_grad,
+    )  # fmt: skip
+
+
+def vp_stats(h, w, b, t, cw, start, opts, chunk):
+    dt = h.dtype
+    (packed,) = _ffi.call(
+        "normax_vocab_parallel_linear_stats", [spec((h.shape[0], vocab_parallel.fields(opts)), dt)],
+        h, w, b, t, cw, start, **_ce_attrs(opts), reduction="none", chunk_size=np.int64(chunk),
+    )  # fmt: skip
+    return packed
+
+
+def vp_backward(h, w, b, t, cw, start, lse, g, classes, opts, chunk):
+    # Reduction "none" with one cotangent per row: the mean's denominator is already in `g`.
+    return _ffi.call(
+        "normax_vocab_parallel_linear_backward",
+        [spec(h.shape, h.dtype), spec(w.shape, w.dtype), spec(b.shape, b.dtype)],
+        h, w, b, t, cw, start, lse, g.astype(h.dtype), classes=np.int64(classes), **_ce_attrs(opts),
+        reduction="none", chunk_size=np.int64(chunk), denom=np.float64(1.0),
+    )  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _linear_ce(h, w, b, t, cw, config):
+    return _linear_call(h, w, b, t, cw, config, False)[0]
+
+
+def _linear_ce_fwd(h, w, b, t, cw, config):
+    if config[0].reduction == "none":
+        return _linear_call(h, w, b, t, cw, config, False)[0], (h, w, b, t, cw)
+    loss, dh, dw, db = _linear_call(h, w, b, t, cw, config, True)
+    return loss, (dh, dw, db)
+
+
+def _linear_ce_bwd(config, res, g):
+    opts, chunk = config
+    if opts.reduction == "none":
+        # The whole vocabulary as one shard: its statistics give each row's log-sum-exp (hi, lo),
+        # and the shard backward takes one cotangent per row.
+        h, w, b, t, cw = res
+        start = jnp.zeros((1,), jnp.int32)
+        lse = vp_stats(h, w, b, t, cw, start, opts, chunk)[:, :2]
+        dh, dw, db = vp_backward(h, w, b, t, cw, start, lse, g, w.shape[0], opts, chunk)
+    else:
+        dh, dw, db = (d * g.astype(d.dtype) for d in res)
+    return dh, dw, db, None, None
+
+
+_linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)
+
+
+def _check_linear(hidden, linear_weight, linear_bias, fname, weight_name, bias_name):
+    if hidden.ndim < 1:
+        raise ValueError(f"{fname}: hidden must have a feature axis, got shape {hidden.shape}")
+    if linear_weight.ndim != 2 or linear_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{fname}: {weight_name} must have shape (V, {hidden.shape[-1]}) for hidden of shape "
+            f"{hidden.shape}, got {linear_weight.shape}"
+        )
+    if linear_weight.shape[0] == 0:
+        raise ValueError(f"{fname}: {weight_name} has no classes")
+    if linear_bias is not None and linear_bias.shape != linear_weight.shape[:1]:
+        raise ValueError(
+            f"{fname}: {bias_name} must have shape ({linear_weight.shape[0]},), got {linear_bias.shape}"
+        )
+
+
+def linear_inputs(hidden, linear_weight, linear_bias, labels, fname, weight_name, bias_name):
+    """The arrays as the targets take them: (rows, H) hidden, weight and bias (or the absent
+    (0,)) in the compute dtype, flat labels; and the result dtype."""
+    h = _inexact(hidden, "hidden", fname)
+    w = _inexact(linear_weight, weight_name, fname)
+    b = None if linear_bias is None else _inexact(linear_bias, bias_name, fname)
+    _check_linear(h, w, b, fname, weight_name, bias_name)
+    # Mixed float dtypes promote as jnp's matmul would (and are refused where it refuses them).
+    dtype = jnp.result_type(h, w, *([] if b is None else [b]))
+    dt = _compute_dtype(dtype)
+    t = _labels(labels, h.shape[:-1], fname)
+    h2 = h.reshape(-1, h.shape[-1]).astype(dt)
+    b2 = _absent(dt) if b is None else b.astype(dt)
+    return h2, w.astype(dt), b2, t, dtype
+
+
+def linear_cross_entropy(
+    hidden,
+    linear_weight,
+    labels,
+    *,
+    linear_bias=None,
+    weight=None,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    chunk_size=None,
+):
+    """Cross-entropy of ``hidden @ linear_weight.T + linear_bias`` without forming the logits.
+
+    Parameters
+    ----------
+    hidden : array_like
+        (..., H) hidden states (the LM head's input).
+    linear_weight : array_like
+        (V, H) classifier weight, as ``flax.linen.Dense``'s kernel transposed (torch's layout).
+    labels : array_like
+        Integer class ids shaped like `hidden` without its last axis.
+    linear_bias : array_like, optional
+        (V,) bias of the logits.
+    weight : array_like, optional
+        (V,) class weights, as torch's (no gradient flows to them).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" is torch's: the summed loss over the summed class weight of the counted rows;
+        "none" gives one loss per row, shaped like `labels`.
+    ignore_index : int, default -100
+        Label whose rows get loss 0 and are left out of the mean.
+    label_smoothing, z_loss, softcap
+        As in :func:`normax.jax.cross_entropy`.
+    chunk_size : int, optional
+        Most logits held at once, in elements; None lets the kernels choose (at most 2**24).
+
+    Returns
+    -------
+    jax.Array
+        A scalar, or the per-row losses; in the promoted dtype of `hidden`, `linear_weight` and
+        `linear_bias` (float16 and bfloat16 are computed in float32).
+
+    Raises
+    ------
+    ValueError, TypeError
+        For shapes that do not fit, or options as in :func:`normax.jax.cross_entropy`.
+    jax.errors.JaxRuntimeError
+        For a class id outside [0, V) other than `ignore_index` (the message names it), when
+        the computation runs.
+
+    Notes
+    -----
+    One kernel call (``normax.linear_cross_entropy_with_grad``'s: GEMMs over blocks of rows and,
+    for large vocabularies, of classes, each block's log-sum-exps combined exactly) gives the
+    loss and, under ``jax.grad`` / ``jax.value_and_grad``, the gradients with respect to
+    `hidden`, `linear_weight` and `linear_bias` in the same pass; the backward only scales them
+    by the cotangent. With ``reduction="none"`` the backward recomputes the logits block by block
+    to weigh each row by its own cotangent. The compiled program holds no (N, V) buffer
+    (``jax.jit(...).lower(...).compile().memory_analysis()`` shows it).
+
+    A ``jax.custom_vjp``: forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``)
+    is not available, since its tangent rule would need the logits. Under ``jax.vmap`` the
+    batch goes to the kernel call as leading dimensions.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, normax.jax as nj
+    >>> hidden, linear_weight = jnp.eye(2), jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> round(float(nj.linear_cross_entropy(hidden, linear_weight, jnp.array([0, 1]))), 6)
+    0.551445
+    >>> dh, dw = jax.grad(nj.linear_cross_entropy, argnums=(0, 1))(hidden, linear_weight, jnp.array([0, 1]))
+    >>> dw.shape
+    (3, 2)
+    """
+    fname = _FNAME
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    chunk = check_chunk_size(chunk_size) or 0
+    h, w, b, t, dtype = linear_inputs(
+        hidden, linear_weight, linear_bias, labels, fname, "linear_weight", "linear_bias"
+    )
+    cw = class_weight_operand(weight, w.shape[0], h.dtype, fname)
+    loss = _linear_ce(h, w, b, t, cw, (opts, chunk))
+    if opts.reduction == "none":
+        loss = loss.reshape(jnp.shape(hidden)[:-1])
+    return loss.astype(dtype)
