@@ -1,23 +1,34 @@
-"""linear_cross_entropy and vocab_parallel_linear_cross_entropy: the cross-entropy of
-``hidden @ linear_weight.T + linear_bias`` without the (N, V) logits ever existing in XLA.
+"""linear_cross_entropy (and the targets vocab_parallel_linear_cross_entropy shares): the
+cross-entropy of ``hidden @ linear_weight.T + linear_bias`` without the (N, V) logits ever
+existing in XLA.
 
-Both are ``jax.custom_vjp`` functions, not ``custom_jvp``: a tangent rule would have to
-contract the logits' softmax with the tangents of the hidden states and the weight, i.e. form the
-(N, V) logits the op exists to avoid. Reverse mode (grad, value_and_grad, vjp) works; forward
-mode (jvp, jacfwd, hessian) raises JAX's custom_vjp error.
+A ``jax.custom_vjp``, not a ``custom_jvp``: a tangent rule would have to contract the logits'
+softmax with the tangents of the hidden states and the weight, i.e. form the (N, V) logits the op
+exists to avoid. Reverse mode (grad, value_and_grad, vjp) works; forward mode (jvp, jacfwd,
+hessian) raises JAX's custom_vjp error.
 
-Targets (see normax/jax/_ffi.py; each also has its NumPy host implementation here, the fallback):
+Targets (normax/jax/_ffi.py; each also has its NumPy host implementation here, the fallback).
+Absent operands are (0,); every operand may carry the same leading batch dims (vmap).
 
-- ``normax_linear_cross_entropy``: the whole loss, and with ``with_grad`` its gradients with
-  respect to the hidden states, the weight and the bias, in one pass over blocks of the logits
-  (``normax.linear_cross_entropy_with_grad``). For the mean and sum the forward of
-  ``value_and_grad`` makes this one call and the backward scales its gradients by the cotangent.
-- ``normax_vocab_parallel_linear_stats`` / ``_backward``: a shard of the vocabulary's packed row
-  statistics and that shard's gradients given each row's log-sum-exp
-  (``normax._vocab_parallel.linear_stats`` / ``linear_backward``). The vocabulary-parallel op
-  uses them around one ``all_gather``; ``linear_cross_entropy`` with ``reduction="none"`` uses
-  them with the whole vocabulary as one shard, since a per-row cotangent cannot scale a
-  weight gradient that is already summed over the rows.
+- ``normax_linear_cross_entropy``: hidden (N, H), weight (V, H), bias (V,), target (N,) int32 or
+  int64, class weight (V,); attributes ignore_index, label_smoothing, z_loss, softcap (0.0: none),
+  stablemax (False), reduction, chunk_size (0: the kernels' choice), with_grad; results the loss
+  ((N,) for "none", else ()) and with ``with_grad`` d hidden, d weight, d bias ((0,) without a
+  bias), in one pass over blocks of the logits (``normax.linear_cross_entropy_with_grad``). For
+  the mean and sum, ``value_and_grad``'s forward makes this one call and the backward scales its
+  gradients by the cotangent.
+- ``normax_vocab_parallel_linear_stats``: hidden, weight shard (V_local, H), bias shard, target,
+  class weight (all V), vocab_start (() int32: traced under shard_map, so an operand, not an
+  attribute); attributes as above without reduction/with_grad; result the packed row statistics
+  (N, fields) (``normax._vocab_parallel.linear_stats``).
+- ``normax_vocab_parallel_linear_backward``: hidden, weight shard, bias shard, target, class
+  weight, lse (N, 2), denom (), grad_output (() or (N,)), vocab_start; attributes as above plus
+  classes (V) and reduction; results d hidden (this shard's part), d weight shard, d bias shard
+  (``normax._vocab_parallel.linear_backward``).
+
+``linear_cross_entropy`` with ``reduction="none"`` backpropagates through the last two with the
+whole vocabulary as one shard: a per-row cotangent cannot scale weight gradients already summed
+over the rows, and their backward takes one cotangent per row.
 """
 
 from __future__ import annotations
@@ -94,12 +105,12 @@ def _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
 
 @_ffi.host_impl("normax_vocab_parallel_linear_stats")
 def _vp_stats_host(hidden, weight_shard, bias_shard, target, class_weight, vocab_start, *, ignore_index,
-                   reduction, label_smoothing, z_loss, softcap, chunk_size):  # fmt: skip
-    opts = _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+                   label_smoothing, z_loss, softcap, chunk_size):  # fmt: skip
+    opts = _vp_options(ignore_index, "none", label_smoothing, z_loss, softcap)
 
     def one(h, w, b, t, cw, start):
         packed = np.empty((h.shape[0], vocab_parallel.fields(opts)), vocab_parallel.stats_dtype(h.dtype))
-        vocab_parallel.linear_stats(h, w, present(b), t, present(cw), packed, int(start[0]), opts,
+        vocab_parallel.linear_stats(h, w, present(b), t, present(cw), packed, int(start), opts,
                                     _chunk(chunk_size))  # fmt: skip
         return (packed,)
 
@@ -107,19 +118,19 @@ def _vp_stats_host(hidden, weight_shard, bias_shard, target, class_weight, vocab
 
 
 @_ffi.host_impl("normax_vocab_parallel_linear_backward")
-def _vp_backward_host(hidden, weight_shard, bias_shard, target, class_weight, vocab_start, lse, grad_output,
-                      *, classes, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
-                      denom):  # fmt: skip
+def _vp_backward_host(hidden, weight_shard, bias_shard, target, class_weight, lse, denom, grad_output,
+                      vocab_start, *, classes, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                      chunk_size):  # fmt: skip
     opts = _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
-    def one(h, w, b, t, cw, start, lse, go):
+    def one(h, w, b, t, cw, lse, denom, go, start):
         dh, dw, db = vocab_parallel.linear_backward(
-            h, w, present(b), t, present(cw), lse, float(denom), go, int(start[0]), int(classes), opts,
-            _chunk(chunk_size),
+            h, w, present(b), t, present(cw), lse, float(denom), go if go.ndim else float(go), int(start),
+            int(classes), opts, _chunk(chunk_size),
         )  # fmt: skip
         return dh, dw, np.empty(0, dh.dtype) if db is None else db
 
-    args = (hidden, weight_shard, bias_shard, target, class_weight, vocab_start, lse, grad_output)
+    args = (hidden, weight_shard, bias_shard, target, class_weight, lse, denom, grad_output, vocab_start)
     return _batched(2, one, 3, *args)
 
 
@@ -195,22 +206,35 @@ def _linear_call(h, w, b, t, cw, config, with_grad):
 
 
 def vp_stats(h, w, b, t, cw, start, opts, chunk):
+    """The packed row statistics of the shard [start, start + V_local) (`start`: () int32)."""
     dt = h.dtype
     (packed,) = _ffi.call(
         "normax_vocab_parallel_linear_stats", [spec((h.shape[0], vocab_parallel.fields(opts)), dt)],
-        h, w, b, t, cw, start, **_ce_attrs(opts), reduction="none", chunk_size=np.int64(chunk),
+        h, w, b, t, cw, start, **_ce_attrs(opts), chunk_size=np.int64(chunk),
     )  # fmt: skip
     return packed
 
 
-def vp_backward(h, w, b, t, cw, start, lse, g, classes, opts, chunk):
-    # Reduction "none" with one cotangent per row: the mean's denominator is already in `g`.
+def vp_backward(h, w, b, t, cw, lse, g, start, classes, opts, chunk):
+    """(d hidden: this shard's part, d weight shard, d bias shard) of sum(g * per-row losses)."""
+    dt = h.dtype
     return _ffi.call(
-        "normax_vocab_parallel_linear_backward",
-        [spec(h.shape, h.dtype), spec(w.shape, w.dtype), spec(b.shape, b.dtype)],
-        h, w, b, t, cw, start, lse, g.astype(h.dtype), classes=np.int64(classes), **_ce_attrs(opts),
-        reduction="none", chunk_size=np.int64(chunk), denom=np.float64(1.0),
+        "normax_vocab_parallel_linear_backward", [spec(h.shape, dt), spec(w.shape, dt), spec(b.shape, dt)],
+        h, w, b, t, cw, lse, jnp.ones((), dt), g.astype(dt), start, classes=np.int64(classes),
+        reduction="none", **_ce_attrs(opts), chunk_size=np.int64(chunk),
     )  # fmt: skip
+
+
+def reduce_rows(rows, t, cw, reduction, ignore_index):
+    """The reduction of per-row losses: torch's mean divides by the kept rows' summed class weight."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    kept = t != ignore_index
+    counted = kept if cw.shape[0] == 0 else jnp.where(kept, cw[jnp.where(kept, t, 0)], 0)
+    return total / counted.sum().astype(total.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -227,16 +251,16 @@ def _linear_ce_fwd(h, w, b, t, cw, config):
 
 def _linear_ce_bwd(config, res, g):
     opts, chunk = config
-    if opts.reduction == "none":
-        # The whole vocabulary as one shard: its statistics give each row's log-sum-exp (hi, lo),
-        # and the shard backward takes one cotangent per row.
-        h, w, b, t, cw = res
-        start = jnp.zeros((1,), jnp.int32)
-        lse = vp_stats(h, w, b, t, cw, start, opts, chunk)[:, :2]
-        dh, dw, db = vp_backward(h, w, b, t, cw, start, lse, g, w.shape[0], opts, chunk)
-    else:
-        dh, dw, db = (d * g.astype(d.dtype) for d in res)
-    return dh, dw, db, None, None
+    if opts.reduction != "none":
+        # A scalar loss: its gradients, formed by the forward's call, scale by the cotangent.
+        return (*(d * g.astype(d.dtype) for d in res), None, None)
+    # One cotangent per row cannot scale weight gradients already summed over the rows: the
+    # vocabulary as one shard, whose statistics give each row's log-sum-exp (hi, lo) and whose
+    # backward kernel takes per-row cotangents.
+    h, w, b, t, cw = res
+    start = jnp.zeros((), jnp.int32)
+    lse = vp_stats(h, w, b, t, cw, start, opts, chunk)[:, :2]
+    return (*vp_backward(h, w, b, t, cw, lse, g, start, w.shape[0], opts, chunk), None, None)
 
 
 _linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _vocab_parallel as vocab_parallel
 from .._options import ce_options, check_chunk_size
-from ._linear import class_weight_operand, linear_inputs, present, spec, vp_backward, vp_stats
+from ._linear import class_weight_operand, linear_inputs, present, reduce_rows, spec, vp_backward, vp_stats
 
 _FNAME = "normax.jax.vocab_parallel_linear_cross_entropy"
 
@@ -44,7 +44,7 @@ def _vp_rows(h, w, b, t, cw, axis_name, config):
 def _vp_rows_fwd(h, w, b, t, cw, axis_name, config):
     opts, chunk = config
     rows, length = h.shape[0], w.shape[0]
-    start = (jax.lax.axis_index(axis_name) * length).astype(jnp.int32).reshape(1)
+    start = (jax.lax.axis_index(axis_name) * length).astype(jnp.int32)
     packed = vp_stats(h, w, b, t, cw, start, opts, chunk)
     gathered = jax.lax.all_gather(packed, axis_name)  # the forward's one collective
     world = gathered.shape[0]
@@ -67,7 +67,7 @@ def _combine_host(gathered, t, cw, *, opts, length):
 def _vp_rows_bwd(axis_name, config, res, g):
     opts, chunk = config
     h, w, b, t, cw, start, lse, classes = res
-    dh, dw, db = vp_backward(h, w, b, t, cw, start, lse, g, classes, opts, chunk)
+    dh, dw, db = vp_backward(h, w, b, t, cw, lse, g, start, classes, opts, chunk)
     # Each device holds its shard's part of d hidden: the sum is the gradient of the replicated
     # hidden states (the one collective of the backward, as a column-parallel layer's).
     dh = jax.lax.psum(_varying(dh, axis_name), axis_name)
@@ -159,11 +159,7 @@ def vocab_parallel_linear_cross_entropy(
     classes = jax.lax.axis_size(axis_name) * w.shape[0]
     cw = class_weight_operand(weight, classes, h.dtype, fname)
     losses = _vp_rows(h, w, b, t, cw, axis_name, (opts.replace(reduction="none"), chunk))
+    loss = reduce_rows(losses, t, cw, opts.reduction, opts.ignore_index)
     if opts.reduction == "none":
-        return losses.reshape(jnp.shape(hidden)[:-1]).astype(dtype)
-    total = losses.sum()
-    if opts.reduction == "mean":
-        kept = t != opts.ignore_index
-        counted = kept if weight is None else jnp.where(kept, cw[jnp.where(kept, t, 0)], 0)
-        total = total / counted.sum().astype(total.dtype)
-    return total.astype(dtype)
+        loss = loss.reshape(jnp.shape(hidden)[:-1])
+    return loss.astype(dtype)
