@@ -265,3 +265,32 @@ def test_compiled_program_holds_no_logits():
     temp, out = memory(lambda hid, w: nj.linear_cross_entropy(hid, w, t))
     assert ref_temp >= logits_bytes  # the check can tell: the reference does form the logits
     assert temp < logits_bytes // 8 and out < logits_bytes // 8, (temp, out)
+
+
+def _custom_calls(fn, *args):
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line for line in text.splitlines() if "stablehlo.custom_call @normax_" in line]
+
+
+def test_ffi_route_value_and_grad_is_one_call_with_grad(monkeypatch):
+    """The program the FFI route builds (lowered only: no handler is needed to lower, so this runs
+    whether or not the extension exports them): value_and_grad of a mean is ONE call of the target
+    with with_grad, a primal-only call has with_grad false, and "none" adds the one-shard pair."""
+    monkeypatch.setattr(_ffi, "_ffi_ready", lambda: True)
+    h, w, b, t, _ = _case(np.float32)
+
+    def loss(reduction):
+        return lambda h, w: nj.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction).sum()
+
+    (call,) = _custom_calls(jax.value_and_grad(loss("mean"), (0, 1)), h, w)
+    assert (
+        "@normax_linear_cross_entropy" in call and "with_grad = true" in call and 'reduction = "mean"' in call
+    )
+    (call,) = _custom_calls(loss("sum"), h, w)
+    assert "with_grad = false" in call and 'reduction = "sum"' in call
+    calls = _custom_calls(jax.value_and_grad(loss("none"), (0, 1)), h, w)
+    assert [c.split("@")[1].split("(")[0] for c in calls] == [
+        "normax_linear_cross_entropy",
+        "normax_vocab_parallel_linear_stats",
+        "normax_vocab_parallel_linear_backward",
+    ]

@@ -15,6 +15,7 @@ import normax.jax as nj
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from normax.jax import _ffi
 
 assert len(jax.devices()) == 4, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ("v",))
@@ -101,4 +102,19 @@ except (jax.errors.JaxRuntimeError, ValueError) as e:  # by route; the message i
     assert f"target {v + 3} at position 4 is out of range" in str(e), str(e)[-500:]
 else:
     raise AssertionError("a class id out of range was accepted")
+
+# The FFI route's program under shard_map, lowered (lowering needs no handler): its operands and
+# results typed varying over the mesh axis as ffi_call requires, one all-gather forward.
+_ffi._ffi_ready = lambda: True
+for kw in CASES[:2]:
+
+    def sharded_ffi(hd, w, b, kw=kw):
+        return nj.vocab_parallel_linear_cross_entropy(hd, w, labels, "v", linear_bias_shard=b, **kw).sum()
+
+    f = jax.shard_map(sharded_ffi, mesh=mesh, in_specs=(P(), P("v", None), P("v")), out_specs=P())
+    assert count(f, hidden, weight, bias) == {"all_gather": 1, "all_reduce": 0, "all_to_all": 0}, kw
+    grad_fn = jax.grad(f, (0, 1, 2))
+    assert count(grad_fn, hidden, weight, bias) == {"all_gather": 1, "all_reduce": 1, "all_to_all": 0}, kw
+    text = jax.jit(grad_fn).lower(hidden, weight, bias).as_text()
+    assert "@normax_vocab_parallel_linear_stats" in text and "@normax_vocab_parallel_linear_backward" in text
 print("ok")

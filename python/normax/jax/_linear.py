@@ -38,6 +38,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import _cross_entropy as cpu
 from .. import _vocab_parallel as vocab_parallel
@@ -205,12 +206,37 @@ def _linear_call(h, w, b, t, cw, config, with_grad):
     )  # fmt: skip
 
 
+def _varying(a, axes):
+    """`a` typed varying over `axes` too (a no-op at run time)."""
+    missing = axes - jax.typeof(a).manual_axis_type.varying
+    return jax.lax.pcast(a, tuple(sorted(missing, key=str)), to="varying") if missing else a
+
+
+def _manual_call(target, shapes, operands, **attrs):
+    """:func:`_ffi.call` inside or outside ``shard_map``. Inside, an FFI call needs its operands
+    typed varying over the same mesh axes (the replicated hidden states meet the weight shard)
+    and its results typed so; the pure_callback route returns them invariant: cast back."""
+    mats = [getattr(jax.typeof(a), "manual_axis_type", None) for a in operands]
+    axes = frozenset().union(*(m.varying for m in mats if m is not None))
+    if not axes:
+        return _ffi.call(
+            target, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes], *operands, **attrs
+        )
+    operands = [_varying(a, axes) for a in operands]
+    aval = jax.typeof(operands[0])
+    typed = {
+        "sharding": NamedSharding(aval.sharding.mesh, PartitionSpec()),
+        "manual_axis_type": aval.manual_axis_type,
+    }
+    results = [jax.ShapeDtypeStruct(shape, dtype, **typed) for shape, dtype in shapes]
+    return tuple(_varying(r, axes) for r in _ffi.call(target, results, *operands, **attrs))
+
+
 def vp_stats(h, w, b, t, cw, start, opts, chunk):
     """The packed row statistics of the shard [start, start + V_local) (`start`: () int32)."""
-    dt = h.dtype
-    (packed,) = _ffi.call(
-        "normax_vocab_parallel_linear_stats", [spec((h.shape[0], vocab_parallel.fields(opts)), dt)],
-        h, w, b, t, cw, start, **_ce_attrs(opts), chunk_size=np.int64(chunk),
+    (packed,) = _manual_call(
+        "normax_vocab_parallel_linear_stats", [((h.shape[0], vocab_parallel.fields(opts)), h.dtype)],
+        [h, w, b, t, cw, start], **_ce_attrs(opts), chunk_size=np.int64(chunk),
     )  # fmt: skip
     return packed
 
@@ -218,9 +244,9 @@ def vp_stats(h, w, b, t, cw, start, opts, chunk):
 def vp_backward(h, w, b, t, cw, lse, g, start, classes, opts, chunk):
     """(d hidden: this shard's part, d weight shard, d bias shard) of sum(g * per-row losses)."""
     dt = h.dtype
-    return _ffi.call(
-        "normax_vocab_parallel_linear_backward", [spec(h.shape, dt), spec(w.shape, dt), spec(b.shape, dt)],
-        h, w, b, t, cw, lse, jnp.ones((), dt), g.astype(dt), start, classes=np.int64(classes),
+    return _manual_call(
+        "normax_vocab_parallel_linear_backward", [(a.shape, dt) for a in (h, w, b)],
+        [h, w, b, t, cw, lse.astype(dt), jnp.ones((), dt), g.astype(dt), start], classes=np.int64(classes),
         reduction="none", **_ce_attrs(opts), chunk_size=np.int64(chunk),
     )  # fmt: skip
 

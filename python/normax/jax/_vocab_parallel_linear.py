@@ -25,17 +25,6 @@ from ._linear import class_weight_operand, linear_inputs, present, reduce_rows, 
 _FNAME = "normax.jax.vocab_parallel_linear_cross_entropy"
 
 
-def _varying(y, axis_name):
-    """`y` typed as varying over `axis_name` (as the shard it is the gradient of): results that
-    come back typed invariant inside shard_map would be refused for a varying input."""
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    mat = getattr(jax.typeof(y), "manual_axis_type", None)
-    if mat is None or not hasattr(jax.lax, "pcast"):
-        return y
-    missing = tuple(n for n in names if n not in mat.varying)
-    return jax.lax.pcast(y, missing, to="varying") if missing else y
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _vp_rows(h, w, b, t, cw, axis_name, config):
     return _vp_rows_fwd(h, w, b, t, cw, axis_name, config)[0]
@@ -70,8 +59,7 @@ def _vp_rows_bwd(axis_name, config, res, g):
     dh, dw, db = vp_backward(h, w, b, t, cw, lse, g, start, classes, opts, chunk)
     # Each device holds its shard's part of d hidden: the sum is the gradient of the replicated
     # hidden states (the one collective of the backward, as a column-parallel layer's).
-    dh = jax.lax.psum(_varying(dh, axis_name), axis_name)
-    return dh, _varying(dw, axis_name), _varying(db, axis_name), None, None
+    return jax.lax.psum(dh, axis_name), dw, db, None, None
 
 
 _vp_rows.defvjp(_vp_rows_fwd, _vp_rows_bwd)
