@@ -197,11 +197,14 @@ def targets(cases, copy_gbps):
 
 
 def format_targets(found):
+    """One line per target. `unit`: "x" or "%" (the goal is a minimum), "<=" (a ratio), "%<=" (a
+    percentage) or "us" (microseconds), whose goal is a maximum."""
     lines = []
     for desc, value, goal, unit in found:
-        met = value <= goal if unit == "<=" else value >= goal
-        sign = "<=" if unit == "<=" else ">="
-        suffix = "%" if unit == "%" else "x"
+        at_most = unit in ("<=", "%<=", "us")
+        met = value <= goal if at_most else value >= goal
+        sign = "<=" if at_most else ">="
+        suffix = {"%": "%", "%<=": "%", "us": " us"}.get(unit, "x")
         lines.append(
             f"  {'met ' if met else 'miss'}  {desc}: {value:.2f}{suffix} (goal {sign} {goal}{suffix})"
         )

@@ -28,23 +28,28 @@ This package imports jax; ``import normax`` alone does not. Layout: one file per
 as the NumPy-first module it calls (``_softmax`` with logsumexp, ``_stablemax``, ``_cross_entropy``,
 ``_norms``, ``_power_norm``), each holding the family's ``custom_vjp`` and public functions;
 ``_callback`` (``pure_callback`` with its vmap batching, and the argument checks every family
-shares); ``_vocab_parallel`` (cross-entropy over a sharded class axis, inside ``shard_map``). This
+shares); ``_vocab_parallel`` (cross-entropy over a sharded class axis, inside ``shard_map``);
+``_linear`` (``linear_cross_entropy``: a ``custom_vjp`` over its FFI targets, no (N, V) logits) and
+``_vocab_parallel_linear`` (its form with the weight sharded over the vocabulary). This
 file only names the public API.
 """
 
 from __future__ import annotations
 
 from ._cross_entropy import cross_entropy
+from ._linear import linear_cross_entropy
 from ._norms import layer_norm, rms_norm
 from ._power_norm import PowerNormState, power_norm, power_norm_init
 from ._softmax import log_softmax, logsumexp, softmax
 from ._stablemax import log_stablemax, stablemax
 from ._vocab_parallel import vocab_parallel_cross_entropy
+from ._vocab_parallel_linear import vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "PowerNormState",
     "cross_entropy",
     "layer_norm",
+    "linear_cross_entropy",
     "log_softmax",
     "log_stablemax",
     "logsumexp",
@@ -54,6 +59,7 @@ __all__ = [
     "softmax",
     "stablemax",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 
 # The public names keep the module they were defined in before the split: a pickled PowerNormState

@@ -56,6 +56,20 @@ def cross_entropy(
     softcap: float | None = None,
     normalizer: str = "softmax",
 ) -> jax.Array: ...
+def linear_cross_entropy(
+    hidden: _Like,
+    linear_weight: _Like,
+    labels: _Like,
+    *,
+    linear_bias: _Like | None = None,
+    weight: _Like | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array: ...
 def stablemax(x: _Like, axis: _Axis = -1) -> jax.Array: ...
 def log_stablemax(x: _Like, axis: _Axis = -1) -> jax.Array: ...
 def rms_norm(
@@ -96,11 +110,27 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
 ) -> jax.Array: ...
+def vocab_parallel_linear_cross_entropy(
+    hidden: _Like,
+    linear_weight_shard: _Like,
+    labels: _Like,
+    axis_name: Any,
+    *,
+    linear_bias_shard: _Like | None = None,
+    weight: _Like | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array: ...
 
 __all__ = [
     "PowerNormState",
     "cross_entropy",
     "layer_norm",
+    "linear_cross_entropy",
     "log_softmax",
     "log_stablemax",
     "logsumexp",
@@ -110,4 +140,5 @@ __all__ = [
     "softmax",
     "stablemax",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
