@@ -35,7 +35,7 @@ file only names the public API.
 from __future__ import annotations
 
 from ._cross_entropy import cross_entropy
-from ._norms import layer_norm, rms_norm
+from ._norms import crms_norm, layer_norm, rms_norm
 from ._power_norm import PowerNormState, power_norm, power_norm_init
 from ._softmax import log_softmax, logsumexp, softmax
 from ._stablemax import log_stablemax, stablemax
@@ -43,6 +43,7 @@ from ._vocab_parallel import vocab_parallel_cross_entropy
 
 __all__ = [
     "PowerNormState",
+    "crms_norm",
     "cross_entropy",
     "layer_norm",
     "log_softmax",
