@@ -50,13 +50,17 @@ def _host(logits, target, weight, *, ignore_index, label_smoothing, z_loss, soft
     """The target on NumPy arrays: (N, C) logits, (N,) class ids or (N, C) probabilities, (C,) or
     (0,) class weights; extra leading batch dimensions on all of them (a batched weight applies
     to its own batch element)."""
-    opts = ce_options(int(ignore_index), "none", float(label_smoothing), float(z_loss), float(softcap) or None)
+    opts = ce_options(
+        int(ignore_index), "none", float(label_smoothing), float(z_loss), float(softcap) or None
+    )
     batch = logits.shape[:-2]
     rows = (logits.shape[-1],) if target.dtype.kind == "f" else ()
 
     def one(x, t, w):
         x2 = x.reshape(-1, x.shape[-1])
-        r = cpu.checked_cross_entropy(x2, t.reshape((-1,) + rows), -1, w, opts, bool(stablemax), bool(with_grad))
+        r = cpu.checked_cross_entropy(
+            x2, t.reshape((-1,) + rows), -1, w, opts, bool(stablemax), bool(with_grad)
+        )
         return r if with_grad else (r,)
 
     if weight.shape[-1] == 0 or weight.ndim == 1:
@@ -245,7 +249,9 @@ def cross_entropy(
         w = jax.lax.stop_gradient(jnp.asarray(weight).astype(work))
         if w.shape != (classes,):
             raise ValueError(f"{fname}: weight has shape {w.shape}; expected ({classes},), one per class")
-    cfg = _Config(options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0, stable)
+    cfg = _Config(
+        options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0, stable
+    )
     rows = _loss_rows(x, t, w, cfg).reshape(row_shape)
     if options.reduction == "none":
         return rows.astype(out_dtype)
