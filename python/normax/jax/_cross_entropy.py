@@ -21,6 +21,7 @@ from .._options import ce_options, target_kind
 from .._stablemax import check_normalizer
 from . import _ffi
 from ._callback import is_complex, neg_axes
+from ._norms import inexact_dtypes
 
 _TARGET = "normax_cross_entropy"
 
@@ -133,16 +134,6 @@ def _reference_grad(x, target, weight, cfg):
     return jax.grad(lambda a: jnp.sum(_reference_rows(a, target, weight, cfg)))(x)
 
 
-def _dtypes(dtype) -> tuple[np.dtype, np.dtype]:
-    """(result dtype, compute dtype) of logits of `dtype`, as jax.nn: integers and bool become
-    the default float type (no int/float mixing, which strict promotion refuses); float16 and
-    bfloat16 are computed in float32."""
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        dtype = jnp.result_type(float)
-    dtype = jnp.dtype(dtype)
-    return dtype, (jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype)
-
-
 def _class_ids(labels):
     """Integer labels as int32 or int64, the target's class-id types."""
     if labels.dtype in (jnp.int32, jnp.int64):
@@ -169,8 +160,9 @@ def cross_entropy(
     Parameters
     ----------
     logits : array_like
-        Scores; `axis` holds the classes. Integer and boolean logits become the default float
-        type (as jax.nn); float16 and bfloat16 are computed in float32.
+        Scores; `axis` holds the classes. Integer and boolean logits become floating as in
+        jax.nn (float32, or float64 for 64-bit integers with x64); float16 and bfloat16 are
+        computed in float32.
     labels : array_like
         Integer class indices shaped like `logits` without `axis`, or class probabilities (floating,
         shaped like `logits`).
@@ -234,7 +226,7 @@ def cross_entropy(
     soft = target_kind(labels.shape, kind, labels.dtype, logits.shape, logits.ndim + ax)
     if soft and options.ignore_index >= 0:
         raise ValueError(f"{fname}: ignore_index is not supported with class-probability targets")
-    out_dtype, work = _dtypes(logits.dtype)
+    out_dtype, work = inexact_dtypes(logits.dtype)
     x = jnp.moveaxis(logits.astype(work), ax, -1)
     row_shape = x.shape[:-1]
     x = x.reshape(-1, classes)

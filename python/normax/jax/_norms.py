@@ -90,6 +90,17 @@ def _normalize_jvp(kind, eps, primals, tangents):
     return (y, mean, rstd), (dy, dmean, drstd)
 
 
+def inexact_dtypes(dtype) -> tuple[np.dtype, np.dtype]:
+    """(result dtype, compute dtype) of input of `dtype`, as jax.nn and jax.scipy.special: bool and
+    integers of up to 32 bits become float32, 64-bit integers float64 (float32 without x64; no
+    int/float mixing, which strict promotion refuses); float16 and bfloat16 compute in float32.
+    The compute dtype is the targets' operand dtype, float32 or float64."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype.itemsize == 8 else jnp.float32)
+    return dtype, (jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype)
+
+
 def _trailing(axis, ndim: int, fname: str) -> tuple[int, ...]:
     axes = neg_axes(axis, ndim, fname)
     if axes != tuple(range(-len(axes), 0)):
@@ -101,10 +112,7 @@ def _norm(kind, fname, x, weight, bias, eps, axis):
     x = jnp.asarray(x)
     if is_complex(x):
         raise TypeError(f"{fname}: complex input ({x.dtype}) is not supported; normax's kernels are real")
-    # dtypes as jax.nn: integers and bool become the default float type, float16 and bfloat16
-    # are computed in float32.
-    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.dtype(jnp.result_type(float))
-    work = jnp.float32 if jnp.dtype(out_dtype).itemsize < 4 else out_dtype
+    out_dtype, work = inexact_dtypes(x.dtype)
     axes = _trailing(axis, x.ndim, fname)
     shape = x.shape[x.ndim - len(axes) :]
     length = math.prod(shape)
@@ -130,8 +138,8 @@ def rms_norm(x, weight=None, *, eps=1e-6, axis=-1):
     Parameters
     ----------
     x : array_like
-        Input. Integers and bool become the default float type; float16 and bfloat16 are
-        computed in float32.
+        Input. Integers and bool become floating as in jax.nn (float32, or float64 for
+        64-bit integers with x64); float16 and bfloat16 are computed in float32.
     weight : array_like, optional
         Of the normalized shape ``x.shape[axis]``.
     eps : float, default 1e-6

@@ -21,6 +21,7 @@ import numpy as np
 from .. import _core
 from .. import _power_norm as cpu
 from . import _ffi
+from ._norms import inexact_dtypes
 
 _FORWARD = "normax_power_norm_forward"
 _BACKWARD = "normax_power_norm_backward"
@@ -193,7 +194,7 @@ def power_norm(
     Parameters
     ----------
     x : array_like
-        (T, B, C) or (N, C), channels last. Integers and bool become the default float type;
+        (T, B, C) or (N, C), channels last. Integers and bool become floating as in jax.nn;
         float16 and bfloat16 are computed in float32.
     weight, bias : array_like
         (C,) affine parameters.
@@ -247,8 +248,7 @@ def power_norm(
     cpu.PowerNormState(
         c, eps=eps, alpha_fwd=alpha_fwd, alpha_bkw=alpha_bkw, warmup_iters=warmup_iters, group_num=group_num
     )
-    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.dtype(jnp.result_type(float))
-    work = jnp.float32 if jnp.dtype(out_dtype).itemsize < 4 else out_dtype
+    out_dtype, work = inexact_dtypes(x.dtype)
     params = []
     for name, p in (("weight", weight), ("bias", bias)):
         p = jnp.asarray(p)
