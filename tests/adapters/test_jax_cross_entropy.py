@@ -250,3 +250,26 @@ def test_ffi_route_equals_the_fallback(x64):
                 results.append((f(x), jax.grad(lambda x, f=f: jnp.sum(f(x)))(x)))
         for a, b in zip(*results):
             np.testing.assert_allclose(a, b, rtol=0, atol=0, err_msg=str(kw))
+
+
+def test_ffi_route_traces_every_transformation(monkeypatch):
+    """With the FFI route taken (forced here: tracing needs no handler), value, grad, jvp,
+    hessian and vmap trace to ``normax_cross_entropy`` FFI calls and no callback."""
+    monkeypatch.setattr(_ffi, "_ffi_ready", lambda: True)
+    x = logits(6, 5, dtype=np.float32)
+    labels = jnp.asarray(LABELS)
+    ws = jnp.ones((2, 5))
+
+    def loss(x, w):
+        return nj.cross_entropy(x, labels, weight=w, reduction="mean", z_loss=1e-3)
+
+    traced = {
+        "value": (loss, (x, ws[0])),
+        "grad": (jax.grad(loss), (x, ws[0])),
+        "jvp": (lambda x, w: jax.jvp(lambda x: loss(x, w), (x,), (x,)), (x, ws[0])),
+        "hessian": (jax.hessian(loss), (x, ws[0])),
+        "vmap": (jax.vmap(jax.grad(loss)), (jnp.stack([x, x]), ws)),
+    }
+    for name, (fn, args) in traced.items():
+        text = str(jax.make_jaxpr(fn)(*args))
+        assert "normax_cross_entropy" in text and "pure_callback" not in text, name

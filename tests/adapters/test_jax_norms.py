@@ -196,3 +196,35 @@ def test_ffi_route_equals_the_fallback(x64):
                 )
         for a, e in zip(*results):
             np.testing.assert_allclose(a, e, rtol=0, atol=0, err_msg=name)
+
+
+def test_ffi_route_traces_every_transformation(monkeypatch):
+    """With the FFI route taken (forced here: tracing needs no handler), the norms' value, grad,
+    jvp, hessian and vmap, and PowerNorm's training step, trace to FFI calls and no callback."""
+    monkeypatch.setattr(_ffi, "_ffi_ready", lambda: True)
+    x = rand(5, 6, dtype=np.float32)
+    w = jnp.ones(6)
+    b = jnp.zeros(6)
+    state = nj.power_norm_init(6)
+    for name, (ours, _) in norms(1).items():
+
+        def objective(x, w, op=ours):
+            return jnp.sum(op(x, w, b) ** 3)
+
+        for fn, args in (
+            (objective, (x, w)),
+            (jax.grad(objective, (0, 1)), (x, w)),
+            (lambda x, w, f=objective: jax.jvp(f, (x, w), (x, w)), (x, w)),
+            (jax.hessian(objective), (x, w)),
+            (jax.vmap(jax.grad(objective, 1)), (jnp.stack([x, x]), jnp.stack([w, w]))),
+        ):
+            text = str(jax.make_jaxpr(fn)(*args))
+            assert "normax_norm_forward" in text and "pure_callback" not in text, name
+
+    def step(x, w, ema):
+        y, new_state = nj.power_norm(x, w, b, state._replace(ema_gz=ema), warmup_iters=3)
+        return jnp.sum(y**2), new_state
+
+    text = str(jax.make_jaxpr(jax.grad(step, (1, 2), has_aux=True))(x, w, state.ema_gz))
+    assert "normax_power_norm_forward" in text and "normax_power_norm_backward" in text
+    assert "pure_callback" not in text

@@ -98,6 +98,30 @@ for kw in CASES:
         for a, b in zip(*routes):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(kw))
 
+# The FFI route traces (forced: tracing needs no handler), shard_map's checks of varying values
+# included: stats and combine in the forward, the backward target in grad and jvp, no callback.
+traced = jax.shard_map(
+    lambda x, t: nj.vocab_parallel_cross_entropy(x, t, "v", weight=w, label_smoothing=0.1),
+    mesh=mesh,
+    in_specs=(P(None, "v"), P()),
+    out_specs=P(),
+)
+ready = _ffi._ffi_ready
+_ffi._ffi_ready = lambda: True
+try:
+    for name, fn in {
+        "value": lambda x: traced(x, labels),
+        "grad": jax.grad(lambda x: traced(x, labels).sum()),
+        "jvp": lambda x: jax.jvp(lambda x: traced(x, labels), (x,), (x,)),
+    }.items():
+        text = str(jax.make_jaxpr(fn)(x))
+        targets = ("stats", "combine") + (("backward",) if name != "value" else ())
+        assert "pure_callback" not in text and all(f"normax_vocab_parallel_{t}" in text for t in targets), (
+            name
+        )
+finally:
+    _ffi._ffi_ready = ready
+
 # bfloat16 shards in and out, computed in float32.
 half = x.astype(jnp.bfloat16)
 f = jax.shard_map(

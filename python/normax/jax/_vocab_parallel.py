@@ -96,13 +96,11 @@ def _forward(x, t, w, axis_name, cfg: _Config):
     (packed,) = _ffi.call(
         _STATS,
         [jax.ShapeDtypeStruct((rows, fields), x.dtype)],
-        x,
-        t,
-        w,
-        start,
+        *_varying((x, t, w, start), axis_name),
         vmap_method="sequential",
         **cfg.attrs(),
     )
+    (packed,) = _varying((packed,), axis_name)
     gathered = jax.lax.all_gather(packed, axis_name)
     results = [jax.ShapeDtypeStruct((rows,), x.dtype), jax.ShapeDtypeStruct((rows, 2), x.dtype)]
     loss, lse = _ffi.call(
@@ -116,6 +114,20 @@ def _forward(x, t, w, axis_name, cfg: _Config):
         **cfg.attrs(),
     )
     return loss, lse, start, gathered.shape[0] * length
+
+
+def _varying(arrays, axis_name):
+    """`arrays` typed as varying over `axis_name` under shard_map's checks: an FFI call needs its
+    operands to agree (the shard's logits and first class vary, labels and weights do not), and
+    its results are typed invariant, which the shard's statistics and gradient are not. Without
+    those checks (pmap, check_vma=False) the arrays are returned as they are."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    out = []
+    for a in arrays:
+        mat = getattr(jax.typeof(a), "manual_axis_type", None)
+        missing = () if mat is None else tuple(n for n in names if n not in mat.varying)
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return out
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -132,16 +144,12 @@ def _rows_jvp(axis_name, cfg, primals, tangents):
     (grad,) = _ffi.call(
         _BACKWARD,
         [jax.ShapeDtypeStruct(x.shape, x.dtype)],
-        x,
-        t,
-        w,
-        lse,
-        ones,
-        start,
+        *_varying((x, t, w, lse, ones, start), axis_name),
         vmap_method="sequential",
         classes=np.int64(classes),
         **cfg.attrs(),
     )
+    (grad,) = _varying((grad,), axis_name)
     return loss, jax.lax.psum(jnp.sum(grad * tangents[0], axis=-1), axis_name)
 
 
