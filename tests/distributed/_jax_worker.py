@@ -122,6 +122,17 @@ try:
 finally:
     _ffi._ffi_ready = ready
 
+# pmap: the same losses; gradients by pmap's convention for collectives (every device's copy of
+# the loss counts), as for the loss written with jnp collectives: 4 x the shard's gradient.
+shards = x.reshape(n, 4, v // 4).transpose(1, 0, 2)
+per_device = jax.pmap(lambda s: nj.vocab_parallel_cross_entropy(s, labels, "v"), axis_name="v")(shards)
+np.testing.assert_allclose(np.asarray(per_device[2]), np.asarray(nj.cross_entropy(x, labels)), rtol=1e-6)
+g = jax.pmap(jax.grad(lambda s: nj.vocab_parallel_cross_entropy(s, labels, "v").sum()), axis_name="v")(shards)
+gw = jax.grad(lambda x: nj.cross_entropy(x, labels).sum())(x)
+np.testing.assert_allclose(
+    np.asarray(g.transpose(1, 0, 2).reshape(n, v)), 4 * np.asarray(gw), rtol=1e-5, atol=1e-6
+)
+
 # bfloat16 shards in and out, computed in float32.
 half = x.astype(jnp.bfloat16)
 f = jax.shard_map(

@@ -8,9 +8,12 @@ device order: the same per-example losses everywhere, and each row's global log-
 
 The op is a ``jax.custom_jvp``: the ``normax_vocab_parallel_backward`` target gives the shard's
 gradient of each row's loss from that log-sum-exp alone, and the tangent is ``psum`` over the
-axis of ``sum(local_grad * dlogits_shard)``. Reverse mode transposes that ``psum`` into no
-collective at all (under shard_map's varying-value typing), so ``jax.grad`` costs the forward's
-one all-gather and nothing more; ``jax.jvp`` pays one ``psum`` of a value per row.
+axis of ``sum(local_grad * dlogits_shard)``. Under shard_map (its varying-value typing) reverse
+mode transposes that ``psum`` into no collective at all, so ``jax.grad`` costs the forward's one
+all-gather and nothing more; ``jax.jvp`` pays one ``psum`` of a value per row. Under ``pmap``,
+whose ``psum`` transposes to a ``psum``, gradients follow pmap's convention for collectives, as
+the same loss written with jnp collectives would: every device's copy of the loss counts, so each
+shard's gradient is the axis size times its gradient under shard_map.
 
 The shard's first class, ``axis_index * V_local``, is a run-time value (shard_map traces one
 program for every device), so the targets take it as a 0-d int32 operand, not an attribute.
@@ -176,8 +179,10 @@ def vocab_parallel_cross_entropy(
     Options (`weight`: all V class weights, the same on every device) are
     :func:`normax.jax.cross_entropy`'s; float16 and bfloat16 shards are computed in float32.
     One ``jax.lax.all_gather`` of 3 values per row (5 with label smoothing) per forward; none in
-    the backward. The op is a ``jax.custom_jvp`` (``jax.jvp`` adds one ``psum`` of a value per
-    row); second derivatives are not available. No gradient flows to `labels` or `weight`.
+    the backward under shard_map. The op is a ``jax.custom_jvp`` (``jax.jvp`` adds one ``psum``
+    of a value per row; under ``pmap`` the gradient is the axis size times the shard's, pmap's
+    convention for a loss computed with collectives); second derivatives are not available. No
+    gradient flows to `labels` or `weight`.
     """
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     cfg = _Config(opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap or 0.0)
