@@ -55,12 +55,12 @@ def _host(logits, target, weight, *, ignore_index, label_smoothing, z_loss, soft
         int(ignore_index), "none", float(label_smoothing), float(z_loss), float(softcap) or None
     )
     batch = logits.shape[:-2]
-    rows = (logits.shape[-1],) if target.dtype.kind == "f" else ()
+    probs = (logits.shape[-1],) if target.dtype.kind == "f" else ()  # a probability row's shape
 
     def one(x, t, w):
         x2 = x.reshape(-1, x.shape[-1])
         r = cpu.checked_cross_entropy(
-            x2, t.reshape((-1,) + rows), -1, w, opts, bool(stablemax), bool(with_grad)
+            x2, t.reshape((-1,) + probs), -1, w, opts, bool(stablemax), bool(with_grad)
         )
         return r if with_grad else (r,)
 
