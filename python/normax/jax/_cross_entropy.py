@@ -64,13 +64,15 @@ def _host(logits, target, weight, *, ignore_index, label_smoothing, z_loss, soft
         )
         return r if with_grad else (r,)
 
+    shapes = (logits.shape[:-1], logits.shape)[: 1 + bool(with_grad)]
     if weight.shape[-1] == 0 or weight.ndim == 1:
         out = one(logits, target, weight if weight.shape[-1] else None)
-    else:
-        per = [one(logits[i], target[i], weight[i]) for i in np.ndindex(*batch)]
-        out = tuple(np.stack([p[k] for p in per]) for k in range(len(per[0])))
-    shapes = (logits.shape[:-1], logits.shape)
-    return tuple(np.asarray(a, logits.dtype).reshape(s) for a, s in zip(out, shapes))
+        return tuple(np.asarray(a, logits.dtype).reshape(s) for a, s in zip(out, shapes))
+    out = tuple(np.empty(s, logits.dtype) for s in shapes)
+    for i in np.ndindex(*batch):
+        for o, r in zip(out, one(logits[i], target[i], weight[i])):
+            o[i] = r.reshape(o[i].shape)
+    return out
 
 
 def _call(logits, target, weight, cfg: _Config, with_grad: bool):

@@ -37,16 +37,17 @@ def _host(x, weight, bias, *, kind, eps):
         return y, mean, stats[-1]
 
     batch = x.shape[:-2]
-    if weight.ndim == 1 and bias.ndim == 1:
-        rows = x.reshape(-1, x.shape[-1])
-        out = one(rows, weight, bias)
-    else:
-        w = np.broadcast_to(weight, batch + weight.shape[-1:])
-        b = np.broadcast_to(bias, batch + bias.shape[-1:])
-        per = [one(x[i], w[i], b[i]) for i in np.ndindex(*batch)]
-        out = tuple(np.stack([p[k] for p in per]) for k in range(3))
     shapes = (x.shape, x.shape[:-1], x.shape[:-1])
-    return tuple(np.asarray(a, x.dtype).reshape(s) for a, s in zip(out, shapes))
+    if weight.ndim == 1 and bias.ndim == 1:
+        out = one(x.reshape(-1, x.shape[-1]), weight, bias)
+        return tuple(np.asarray(a, x.dtype).reshape(s) for a, s in zip(out, shapes))
+    w = np.broadcast_to(weight, batch + weight.shape[-1:])
+    b = np.broadcast_to(bias, batch + bias.shape[-1:])
+    out = tuple(np.empty(s, x.dtype) for s in shapes)
+    for i in np.ndindex(*batch):
+        for o, r in zip(out, one(x[i], w[i], b[i])):
+            o[i] = r
+    return out
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
