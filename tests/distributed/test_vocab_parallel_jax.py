@@ -1,6 +1,8 @@
-"""normax.jax.vocab_parallel_cross_entropy under shard_map on a 4-device CPU mesh: loss and jax.grad
-equal to the unsharded normax.jax.cross_entropy. XLA_FLAGS must be set before jax is imported, so
-the check runs in a fresh process (_jax_worker.py), with a timeout."""
+"""normax.jax.vocab_parallel_cross_entropy under shard_map on a 4-device CPU mesh: loss, jax.grad
+and jax.jvp equal to the unsharded normax.jax.cross_entropy's, the collectives counted, the FFI
+route against the fallback where the extension has it, pmap, bfloat16 shards. XLA_FLAGS must be
+set before jax is imported, so the check runs in a fresh process (_jax_worker.py), with a
+timeout."""
 
 from __future__ import annotations
 

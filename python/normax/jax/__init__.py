@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from ._cross_entropy import cross_entropy
 from ._linear import linear_cross_entropy
-from ._norms import layer_norm, rms_norm
+from ._norms import crms_norm, layer_norm, rms_norm
 from ._power_norm import PowerNormState, power_norm, power_norm_init
 from ._softmax import log_softmax, logsumexp, softmax
 from ._stablemax import log_stablemax, stablemax
@@ -47,6 +47,7 @@ from ._vocab_parallel_linear import vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "PowerNormState",
+    "crms_norm",
     "cross_entropy",
     "layer_norm",
     "linear_cross_entropy",

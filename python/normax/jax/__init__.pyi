@@ -75,6 +75,9 @@ def log_stablemax(x: _Like, axis: _Axis = -1) -> jax.Array: ...
 def rms_norm(
     x: _Like, weight: _Like | None = None, *, eps: float = 1e-6, axis: int | tuple[int, ...] = -1
 ) -> jax.Array: ...
+def crms_norm(
+    x: _Like, weight: _Like | None = None, *, eps: float = 1e-6, axis: int | tuple[int, ...] = -1
+) -> jax.Array: ...
 def layer_norm(
     x: _Like,
     weight: _Like | None = None,
@@ -128,6 +131,7 @@ def vocab_parallel_linear_cross_entropy(
 
 __all__ = [
     "PowerNormState",
+    "crms_norm",
     "cross_entropy",
     "layer_norm",
     "linear_cross_entropy",
