@@ -80,8 +80,13 @@ def map_rows(op, x, axis, fname: str):
     if x.size == 0:
         return x
     layout = rows(x.shape, neg_axes(axis, x.ndim, fname) if x.ndim else ())
-    work = jnp.promote_types(x.dtype, jnp.float32)
-    return from_rows(op(to_rows(x, layout).astype(work)), layout).astype(x.dtype)
+    return from_rows(op(to_rows(x, layout).astype(kernel_dtype(x.dtype))), layout).astype(x.dtype)
+
+
+def kernel_dtype(dtype) -> np.dtype:
+    """The targets take float32 and float64: float16 and bfloat16 are computed in float32 (a
+    dtype-level rule: ``promote_types`` would refuse bfloat16 with float32 under strict promotion)."""
+    return np.dtype(np.float32) if jnp.finfo(dtype).bits < 32 else np.dtype(dtype)
 
 
 def like(x) -> jax.ShapeDtypeStruct:
@@ -323,7 +328,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, where=Non
     if a.size == 0:  # an empty sum: log(0), sign 0, as jax
         res, sign = jnp.full(out_shape, -jnp.inf, a.dtype), jnp.zeros(out_shape, a.dtype)
     else:
-        work = jnp.promote_types(a.dtype, jnp.float32)
+        work = kernel_dtype(a.dtype)
         a3 = to_rows(a, layout).astype(work)
         if b is None:
             res, sign = _logsumexp_rows(a3)
