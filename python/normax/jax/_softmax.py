@@ -2,10 +2,13 @@
 
 An array reaches its target in the targets' layout (outer, L, inner), L the reduced length: a
 reshape where the reduced axes are adjacent, a transpose moving them last otherwise. The
-``custom_jvp`` functions take that 3-d array and reduce over its axis -2, which stays axis -2 under
-``vmap`` (the batch dimensions lead), so their tangent rules are plain jnp code of the FFI outputs,
-linear in the tangent: reverse mode is JAX's transpose of it, and second derivatives differentiate
-the rule (whose primal is the FFI call again). Without the FFI the targets run as
+``custom_jvp`` functions take rows: (outer, L) reduced over axis -1 where inner is 1 (XLA's CPU
+reductions over a non-minor axis of an (outer, L, 1) array are ~5x slower: the tangent rules
+run in this shape; the target gets it with a unit inner axis, a bitcast), else (outer, L, inner)
+reduced over axis -2. Under ``vmap`` the batch dimensions lead, so these axes hold, and the
+tangent rules are plain jnp code of the FFI outputs, linear in the tangent: reverse mode is JAX's
+transpose of it, and second derivatives differentiate the rule (whose primal is the FFI call
+again). Without the FFI the targets run as
 ``jax.pure_callback`` of the host implementations registered here (see :mod:`normax.jax._ffi`).
 """
 
@@ -32,17 +35,17 @@ from ._callback import floating, inexact_dtype, is_complex, neg_axes
 # The (outer, L, inner) layout
 
 
-class Rows(NamedTuple):
-    """How an array of `shape` reduced over some axes maps to the targets' (outer, L, inner)."""
+class Layout(NamedTuple):
+    """How an array of `shape` reduced over some axes maps to rows (see the module docstring)."""
 
     shape: tuple[int, ...]
     perm: tuple[int, ...] | None  # moves the reduced axes last; None where they are adjacent
-    rows: tuple[int, int, int]  # (outer, L, inner)
+    dims: tuple[int, ...]  # (outer, L), or (outer, L, inner) where inner > 1
     reduced_shape: tuple[int, ...]  # the kept axes, in order
     keepdims_shape: tuple[int, ...]  # the same with the reduced axes as ones
 
 
-def rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> Rows:
+def layout_of(shape: tuple[int, ...], axes: tuple[int, ...]) -> Layout:
     """The layout of an array of `shape` reduced over `axes` (negative, sorted, no repeats)."""
     ndim = len(shape)
     reduced = [a + ndim for a in axes]
@@ -51,20 +54,21 @@ def rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> Rows:
     length = math.prod(shape[i] for i in reduced)
     first, last = (reduced[0], reduced[-1] + 1) if reduced else (ndim, ndim)
     if last - first == len(reduced):
-        perm, layout = None, (math.prod(shape[:first]), length, math.prod(shape[last:]))
+        perm, inner = None, math.prod(shape[last:])
+        dims = (math.prod(shape[:first]), length) + ((inner,) if inner > 1 else ())
     else:
-        perm, layout = tuple(kept + reduced), (outer, length, 1)
+        perm, dims = tuple(kept + reduced), (outer, length)
     keepdims = tuple(1 if i in reduced else s for i, s in enumerate(shape))
-    return Rows(tuple(shape), perm, layout, tuple(shape[i] for i in kept), keepdims)
+    return Layout(tuple(shape), perm, dims, tuple(shape[i] for i in kept), keepdims)
 
 
-def to_rows(x: jax.Array, layout: Rows) -> jax.Array:
+def to_rows(x: jax.Array, layout: Layout) -> jax.Array:
     if layout.perm is not None:
         x = jnp.transpose(x, layout.perm)
-    return x.reshape(layout.rows)
+    return x.reshape(layout.dims)
 
 
-def from_rows(y: jax.Array, layout: Rows) -> jax.Array:
+def from_rows(y: jax.Array, layout: Layout) -> jax.Array:
     """The inverse of :func:`to_rows` for a row map's result."""
     if layout.perm is None:
         return y.reshape(layout.shape)
@@ -73,13 +77,12 @@ def from_rows(y: jax.Array, layout: Rows) -> jax.Array:
 
 
 def map_rows(op, x, axis, fname: str):
-    """``op`` (a ``custom_jvp`` of an (outer, L, inner) array into one of its shape, reducing over
-    axis -2) applied to `x` over `axis`; float16 and bfloat16 are computed in float32. A 0-d `x`
-    is one row of one element."""
+    """``op`` (a ``custom_jvp`` of rows into rows of their shape) applied to `x` over `axis`;
+    float16 and bfloat16 are computed in float32. A 0-d `x` is one row of one element."""
     x = floating(x, fname)
     if x.size == 0:
         return x
-    layout = rows(x.shape, neg_axes(axis, x.ndim, fname) if x.ndim else ())
+    layout = layout_of(x.shape, neg_axes(axis, x.ndim, fname) if x.ndim else ())
     return from_rows(op(to_rows(x, layout).astype(kernel_dtype(x.dtype))), layout).astype(x.dtype)
 
 
@@ -89,16 +92,29 @@ def kernel_dtype(dtype) -> np.dtype:
     return np.dtype(np.float32) if jnp.finfo(dtype).bits < 32 else np.dtype(dtype)
 
 
-def like(x) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+def reduced_axis(rows) -> int:
+    """The axis `rows` are reduced over: -1 of (outer, L), -2 of (outer, L, inner)."""
+    return -1 if rows.ndim == 2 else -2
 
 
-def over_rows(fn, x: np.ndarray, **kwargs) -> np.ndarray:
+def operand(rows):
+    """The targets' (outer, L, inner) operand of `rows`."""
+    return rows[..., None] if rows.ndim == 2 else rows
+
+
+def call_rows(target: str, rows):
+    """`target` (a row map: one operand, one result like it) on `rows`."""
+    x = operand(rows)
+    y = _ffi.call(target, [jax.ShapeDtypeStruct(x.shape, x.dtype)], x)[0]
+    return y[..., 0] if rows.ndim == 2 else y
+
+
+def over_rows(fn, x: np.ndarray) -> np.ndarray:
     """Host side: ``fn(x, axis=...)`` over axis -2 of (..., outer, L, inner) rows; where inner is
     1 (a reduction over the last axes) as the last axis, the kernels' fastest call."""
     if x.shape[-1] == 1:
-        return fn(x[..., 0], axis=-1, **kwargs)[..., None]
-    return fn(x, axis=-2, **kwargs)
+        return fn(x[..., 0], axis=-1)[..., None]
+    return fn(x, axis=-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,26 +123,26 @@ def over_rows(fn, x: np.ndarray, **kwargs) -> np.ndarray:
 
 @jax.custom_jvp
 def _softmax_rows(x):
-    return _ffi.call("normax_softmax", [like(x)], x)[0]
+    return call_rows("normax_softmax", x)
 
 
 @_softmax_rows.defjvp
 def _softmax_rows_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
     y = _softmax_rows(x)
-    return y, y * (dx - jnp.sum(y * dx, axis=-2, keepdims=True))
+    return y, y * (dx - jnp.sum(y * dx, axis=reduced_axis(x), keepdims=True))
 
 
 @jax.custom_jvp
 def _log_softmax_rows(x):
-    return _ffi.call("normax_log_softmax", [like(x)], x)[0]
+    return call_rows("normax_log_softmax", x)
 
 
 @_log_softmax_rows.defjvp
 def _log_softmax_rows_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
     y = _log_softmax_rows(x)
-    return y, dx - jnp.sum(jnp.exp(y) * dx, axis=-2, keepdims=True)
+    return y, dx - jnp.sum(jnp.exp(y) * dx, axis=reduced_axis(x), keepdims=True)
 
 
 @_ffi.host_impl("normax_softmax")
@@ -217,9 +233,12 @@ def log_softmax(x, axis=-1, where=None):
 
 
 def _logsumexp_call(a, b):
-    """The target on (outer, L, inner) `a` with weights `b` of the same shape, or (0,) for none."""
-    out = jax.ShapeDtypeStruct(a.shape[:-2] + a.shape[-1:], a.dtype)
-    return _ffi.call("normax_logsumexp", [out, out], a, b)
+    """The target on rows `a` with weights `b` of the same shape, or (0,) for none."""
+    a3 = operand(a)
+    b3 = b if b.ndim == 1 else operand(b)  # an absent b stays (0,)
+    out = jax.ShapeDtypeStruct(a3.shape[:-2] + a3.shape[-1:], a.dtype)
+    lse, sign = _ffi.call("normax_logsumexp", [out, out], a3, b3)
+    return (lse[..., 0], sign[..., 0]) if a.ndim == 2 else (lse, sign)
 
 
 @jax.custom_jvp
@@ -231,8 +250,9 @@ def _logsumexp_rows(a):
 def _logsumexp_rows_jvp(primals, tangents):
     (a,), (da,) = primals, tangents
     lse, sign = _logsumexp_rows(a)
+    axis = reduced_axis(a)
     # d log(sum exp(a)) = sum(exp(a - lse) * da); the sign is piecewise constant.
-    dlse = jnp.sum(jnp.exp(a - lse[..., None, :]) * da, axis=-2)
+    dlse = jnp.sum(jnp.exp(a - jnp.expand_dims(lse, axis)) * da, axis=axis)
     return (lse, sign), (dlse, jnp.zeros_like(sign))
 
 
@@ -247,7 +267,8 @@ def _weighted_logsumexp_rows_jvp(primals, tangents):
     lse, sign = _weighted_logsumexp_rows(a, b)
     # With s = sum(b * exp(a)) and lse = log|s|: d lse = ds / s, ds = sum(exp(a) * (b * da + db))
     # and 1 / s = sign / exp(lse).
-    dlse = sign * jnp.sum(jnp.exp(a - lse[..., None, :]) * (b * da + db), axis=-2)
+    axis = reduced_axis(a)
+    dlse = sign * jnp.sum(jnp.exp(a - jnp.expand_dims(lse, axis)) * (b * da + db), axis=axis)
     return (lse, sign), (dlse, jnp.zeros_like(sign))
 
 
@@ -323,7 +344,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, where=Non
         # As jax: both broadcast (the result may be larger than `a`); broadcast_to's transpose
         # sums each gradient back to its argument's shape.
         a, b = jnp.broadcast_to(a.astype(dtype), shape), jnp.broadcast_to(b.astype(dtype), shape)
-    layout = rows(a.shape, neg_axes(axis, a.ndim, fname) if a.ndim else ())
+    layout = layout_of(a.shape, neg_axes(axis, a.ndim, fname) if a.ndim else ())
     out_shape = layout.keepdims_shape if keepdims else layout.reduced_shape
     if a.size == 0:  # an empty sum: log(0), sign 0, as jax
         res, sign = jnp.full(out_shape, -jnp.inf, a.dtype), jnp.zeros(out_shape, a.dtype)

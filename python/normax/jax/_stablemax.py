@@ -1,5 +1,5 @@
 """stablemax and log_stablemax: XLA FFI calls of normax's StableMax kernels, each a
-``jax.custom_jvp``, in :mod:`._softmax`'s (outer, L, inner) layout.
+``jax.custom_jvp``, on :mod:`._softmax`'s rows.
 
 StableMax is softmax of ``phi(x) = log s(x)`` with ``phi'(x) = 1 / (1 + |x|)``, so the tangent
 rules are softmax's and log_softmax's of ``dx / (1 + |x|)``.
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from .. import _stablemax as cpu
 from . import _ffi
-from ._softmax import like, map_rows, over_rows
+from ._softmax import call_rows, map_rows, over_rows, reduced_axis
 
 
 def _phi_tangent(x, dx):
@@ -21,7 +21,7 @@ def _phi_tangent(x, dx):
 
 @jax.custom_jvp
 def _stablemax_rows(x):
-    return _ffi.call("normax_stablemax", [like(x)], x)[0]
+    return call_rows("normax_stablemax", x)
 
 
 @_stablemax_rows.defjvp
@@ -29,12 +29,12 @@ def _stablemax_rows_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
     y = _stablemax_rows(x)
     g = _phi_tangent(x, dx)
-    return y, y * (g - jnp.sum(y * g, axis=-2, keepdims=True))
+    return y, y * (g - jnp.sum(y * g, axis=reduced_axis(x), keepdims=True))
 
 
 @jax.custom_jvp
 def _log_stablemax_rows(x):
-    return _ffi.call("normax_log_stablemax", [like(x)], x)[0]
+    return call_rows("normax_log_stablemax", x)
 
 
 @_log_stablemax_rows.defjvp
@@ -42,7 +42,7 @@ def _log_stablemax_rows_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
     y = _log_stablemax_rows(x)
     g = _phi_tangent(x, dx)
-    return y, g - jnp.sum(jnp.exp(y) * g, axis=-2, keepdims=True)
+    return y, g - jnp.sum(jnp.exp(y) * g, axis=reduced_axis(x), keepdims=True)
 
 
 @_ffi.host_impl("normax_stablemax")
