@@ -17,8 +17,8 @@ Three cases are deselected, each for a reason outside normax's results:
   with ``jax.softmax_custom_jvp(False)``): normax's softmax is always a custom_jvp (1 residual,
   which the flag's other half and testSoftmaxGradResiduals check and pass).
 - ``testLogSumExp81`` (float32, b= with cancellation): normax's result is the correctly rounded
-  one, SciPy's float32 reference is 3e-6 off (tests/adapters/test_jax_softmax.py checks both
-  against a 50-digit reference); jax passes only by being as far off as SciPy.
+  one (tests/adapters/test_jax_softmax.py checks it on these inputs), SciPy's float32 reference
+  is 3e-6 relative off (beyond the test's 1e-6); jax passes only by being as far off as SciPy.
 - ``testLogSumExp776`` (int32 a and b whose weighted sum is exactly 0): normax gives -inf, as jax
   itself does; the reference (float64 SciPy) gives log of a rounding residue. It fails on jax too.
 
