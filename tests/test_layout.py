@@ -1,6 +1,7 @@
-"""The layout a maintainer can read: no tracked source file over 800 lines, the framework adapters
-(normax.torch, normax.jax: one thin file per op family) under 500 lines a file, and the typed pyo3
-seam (options cross as one object: no positional option lists, no kernel looked up by name)."""
+"""The layout a maintainer can read: no tracked source file over 800 lines (vendored copies of other
+projects' files aside), the framework adapters (normax.torch, normax.jax: one thin file per op
+family) under 500 lines a file, and the typed pyo3 seam (options cross as one object: no positional
+option lists, no kernel looked up by name)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_SUFFIXES = {".py", ".rs", ".cu", ".wgsl"}
 ADAPTER_PACKAGES = ["python/normax/jax", "python/normax/torch"]
+# Other projects' files, copied unmodified (their README says from where): not ours to split.
+VENDORED = ("tests/conformance/jax_upstream/",)
 
 
 def _tracked_files() -> list[str]:
@@ -28,7 +31,9 @@ def _lines(path: str) -> int:
 
 
 def test_no_source_file_over_800_lines():
-    sources = [p for p in _tracked_files() if Path(p).suffix in SOURCE_SUFFIXES]
+    sources = [
+        p for p in _tracked_files() if Path(p).suffix in SOURCE_SUFFIXES and not p.startswith(VENDORED)
+    ]
     assert sources, "no tracked source files found"
     too_long = {p: n for p in sources if (n := _lines(p)) > 800}
     assert not too_long, f"split these by topic: {too_long}"

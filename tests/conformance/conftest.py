@@ -22,6 +22,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 import pytest
 import torch
 
+# JAX's own test files, run only through test_jax_suite.py (with normax's functions swapped in).
+collect_ignore = ["jax_upstream"]
+
 
 @pytest.fixture(autouse=True, scope="package")
 def _one_torch_thread():

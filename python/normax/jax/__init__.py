@@ -5,33 +5,37 @@
     losses = nj.cross_entropy(logits, labels)            # per example, as optax's integer-label loss
     y = jax.jit(lambda x, w: nj.rms_norm(x, w))(x, w)
 
-Each op is a ``jax.custom_vjp`` whose forward and backward are ``jax.pure_callback`` calls into the
-NumPy-first functions (inputs read in place through NumPy views of JAX's CPU buffers). The
-callbacks batch with ``vmap_method="expand_dims"``: under ``vmap`` one call sees the whole batch as
-extra leading dimensions. Row-wise work (softmax rows, per-example losses, normalized rows) then
-runs as one kernel call over all rows; work that reduces over rows into a per-example result
-(weight gradients, PowerNorm statistics) loops over the batch inside the callback.
+The softmax family (``softmax``, ``log_softmax``, ``logsumexp``, ``stablemax``,
+``log_stablemax``) runs on XLA's typed FFI: each op is one ``jax.ffi.ffi_call`` of a handler
+exported by normax's extension (``_ffi``: registered once per platform), which reads XLA's buffers
+in place inside the compiled program, and a ``jax.custom_jvp`` whose tangent rule is linear jnp
+code of the call's outputs: ``jax.jvp``, ``jacfwd``, ``hessian``, ``grad`` and ``vmap`` (one call
+over the whole batch, ``vmap_method="broadcast_all"``) all apply. Where the FFI is unavailable
+(a jaxlib without ``jax.ffi``, an extension without handlers, or ``NORMAX_JAX_FFI=0``) the same
+targets run as ``jax.pure_callback`` of their NumPy host implementations: same results, host
+arrays.
 
-Notes
------
-- Host kernels only: every op runs normax's CPU kernels. Arrays on a GPU work, but
-  ``pure_callback`` copies each callback's operands to host memory and its results back to the
-  device (a round trip per forward and per backward); ``normax.jax`` does not use normax's CUDA or
-  wgpu backends.
-- The callbacks are opaque to XLA: no fusion across them, and ``jax.jvp`` (forward mode) is not
-  available (``custom_vjp`` defines reverse mode only), nor are second derivatives (differentiating
-  a backward reaches a callback: JAX raises "Pure callbacks do not support JVP").
-- dtypes: float32, float64 (with ``jax_enable_x64``), float16 and bfloat16 (computed in float32
-  inside the kernels).
+The other families are each a ``jax.custom_vjp`` whose forward and backward are
+``jax.pure_callback`` calls into the NumPy-first functions (inputs read in place through NumPy
+views of JAX's CPU buffers), batched with ``vmap_method="expand_dims"``: under ``vmap`` one
+call sees the whole batch as extra leading dimensions; work that reduces over rows into a
+per-example result (weight gradients, PowerNorm statistics) loops over the batch inside the
+callback. Their callbacks are opaque to XLA, copy GPU arrays to the host and back, and have no
+forward mode (``custom_vjp``) nor second derivatives ("Pure callbacks do not support JVP").
+
+dtypes: float32, float64 (with ``jax_enable_x64``), float16 and bfloat16 (computed in float32);
+the softmax family promotes bool and integers as ``jax.scipy.special.logsumexp`` does, under
+every ``jax_numpy_dtype_promotion`` mode.
 
 This package imports jax; ``import normax`` alone does not. Layout: one file per op family, named
 as the NumPy-first module it calls (``_softmax`` with logsumexp, ``_stablemax``, ``_cross_entropy``,
-``_norms``, ``_power_norm``), each holding the family's ``custom_vjp`` and public functions;
-``_callback`` (``pure_callback`` with its vmap batching, and the argument checks every family
+``_norms``, ``_power_norm``), each holding the family's differentiation rules, host
+implementations and public functions; ``_ffi`` (handler registration and the one call every FFI
+op makes, with its pure_callback fallback); ``_callback`` (the argument checks every family
 shares); ``_vocab_parallel`` (cross-entropy over a sharded class axis, inside ``shard_map``);
 ``_linear`` (``linear_cross_entropy``: a ``custom_vjp`` over its FFI targets, no (N, V) logits) and
-``_vocab_parallel_linear`` (its form with the weight sharded over the vocabulary). This
-file only names the public API.
+``_vocab_parallel_linear`` (its form with the weight sharded over the vocabulary). This file only
+names the public API.
 """
 
 from __future__ import annotations

@@ -106,20 +106,20 @@ def is_complex(x) -> bool:
     return x is not None and jnp.iscomplexobj(x)
 
 
+def inexact_dtype(dtype) -> np.dtype:
+    """jax's promotion of a non-inexact dtype (``promote_args_inexact``, as in
+    ``jax.scipy.special.logsumexp``): bool and integers up to 32 bits become float32, 64-bit
+    integers float64 (float32 without x64). A dtype-level rule: no ``result_type(int, float)``
+    mixing, which ``jax_numpy_dtype_promotion="strict"`` refuses."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return dtype
+    return jax.dtypes.canonicalize_dtype(np.float64 if dtype.itemsize == 8 else np.float32)
+
+
 def floating(x, fname):
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         # Casting would drop the imaginary part: a silent wrong answer.
         raise TypeError(f"{fname}: complex input ({x.dtype}) is not supported; normax's kernels are real")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
-
-
-def map_axes(op, x, axis, fname):
-    """``op(x, axes)`` of a row-to-row ``custom_vjp`` (softmax, stablemax and their logs): 0-d `x`
-    is one row of one element."""
-    x = floating(x, fname)
-    if x.ndim == 0:
-        return op(x.reshape(1), (-1,)).reshape(())
-    return op(x, neg_axes(axis, x.ndim, fname))
+    return x.astype(inexact_dtype(x.dtype))
