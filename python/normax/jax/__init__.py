@@ -5,27 +5,27 @@
     losses = nj.cross_entropy(logits, labels)            # per example, as optax's integer-label loss
     y = jax.jit(lambda x, w: nj.rms_norm(x, w))(x, w)
 
-The softmax family (``softmax``, ``log_softmax``, ``logsumexp``, ``stablemax``,
-``log_stablemax``) runs on XLA's typed FFI: each op is one ``jax.ffi.ffi_call`` of a handler
-exported by normax's extension (``_ffi``: registered once per platform), which reads XLA's buffers
-in place inside the compiled program, and a ``jax.custom_jvp`` whose tangent rule is linear jnp
-code of the call's outputs: ``jax.jvp``, ``jacfwd``, ``hessian``, ``grad`` and ``vmap`` (one call
-over the whole batch, ``vmap_method="broadcast_all"``) all apply. Where the FFI is unavailable
-(a jaxlib without ``jax.ffi``, an extension without handlers, or ``NORMAX_JAX_FFI=0``) the same
-targets run as ``jax.pure_callback`` of their NumPy host implementations: same results, host
-arrays.
+Every op runs on XLA's typed FFI: one ``jax.ffi.ffi_call`` per kernel, of a handler exported by
+normax's extension (``_core.ffi_targets``, registered once per platform by ``_ffi``), which reads
+XLA's buffers in place inside the compiled program: the CPU kernels on XLA:CPU, the CUDA kernels on
+XLA's stream where jax has a GPU and the extension was built with CUDA. Each op is a
+``jax.custom_jvp`` whose tangent rule is linear jnp code of the call's outputs (the cross-entropy's
+tangent uses the gradient its call formed in the same pass), so ``jax.jvp``, ``jacfwd``,
+``hessian``, ``grad``, ``vmap`` and ``jit`` all apply; reverse mode is JAX's transpose of that
+tangent (jnp code XLA fuses). Three are a ``jax.custom_vjp`` instead, where no jvp can be written:
+``linear_cross_entropy`` and ``vocab_parallel_linear_cross_entropy`` (a tangent would need the
+(N, V) logits they never form) and ``power_norm`` (its backward updates the running state).
+Under ``vmap`` a call sees the batch as leading dimensions (``vmap_method="broadcast_all"``; the
+vocabulary-parallel and PowerNorm targets run ``"sequential"``): no Python loop.
 
-The other families are each a ``jax.custom_vjp`` whose forward and backward are
-``jax.pure_callback`` calls into the NumPy-first functions (inputs read in place through NumPy
-views of JAX's CPU buffers), batched with ``vmap_method="expand_dims"``: under ``vmap`` one
-call sees the whole batch as extra leading dimensions; work that reduces over rows into a
-per-example result (weight gradients, PowerNorm statistics) loops over the batch inside the
-callback. Their callbacks are opaque to XLA, copy GPU arrays to the host and back, and have no
-forward mode (``custom_vjp``) nor second derivatives ("Pure callbacks do not support JVP").
+Where the FFI is unavailable (a jaxlib without ``jax.ffi``, an extension without handlers, or
+``NORMAX_JAX_FFI=0``) the same targets run as ``jax.pure_callback`` of their NumPy host
+implementations: same results, but host arrays, no fusion around the call, and reverse mode only
+through the same jnp rules.
 
 dtypes: float32, float64 (with ``jax_enable_x64``), float16 and bfloat16 (computed in float32);
-the softmax family promotes bool and integers as ``jax.scipy.special.logsumexp`` does, under
-every ``jax_numpy_dtype_promotion`` mode.
+bool and integers promote as ``jax.nn.softmax`` / ``jax.scipy.special.logsumexp`` do, under every
+``jax_numpy_dtype_promotion`` mode.
 
 This package imports jax; ``import normax`` alone does not. Layout: one file per op family, named
 as the NumPy-first module it calls (``_softmax`` with logsumexp, ``_stablemax``, ``_cross_entropy``,
