@@ -31,8 +31,8 @@ This package imports jax; ``import normax`` alone does not. Layout: one file per
 as the NumPy-first module it calls (``_softmax`` with logsumexp, ``_stablemax``, ``_cross_entropy``,
 ``_norms``, ``_power_norm``), each holding the family's differentiation rules, host
 implementations and public functions; ``_ffi`` (handler registration and the one call every FFI
-op makes, with its pure_callback fallback); ``_callback`` (the argument checks every family
-shares); ``_vocab_parallel`` (cross-entropy over a sharded class axis, inside ``shard_map``);
+op makes, with its pure_callback fallback); ``_args`` (the argument checks and dtype rules every
+family shares); ``_vocab_parallel`` (cross-entropy over a sharded class axis, inside ``shard_map``);
 ``_linear`` (``linear_cross_entropy``: a ``custom_vjp`` over its FFI targets, no (N, V) logits) and
 ``_vocab_parallel_linear`` (its form with the weight sharded over the vocabulary). This file only
 names the public API.

@@ -20,7 +20,7 @@ from .. import _cross_entropy as cpu
 from .._options import ce_options, target_kind
 from .._stablemax import check_normalizer
 from . import _ffi
-from ._callback import is_complex, neg_axes
+from ._args import is_complex, neg_axes
 from ._norms import inexact_dtypes
 
 _TARGET = "normax_cross_entropy"

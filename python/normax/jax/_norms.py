@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _norms as cpu
 from . import _ffi
-from ._callback import is_complex, neg_axes
+from ._args import is_complex, neg_axes
 
 _TARGET = "normax_norm_forward"
 _NUMPY = {"rms": cpu.rms_norm, "layer": cpu.layer_norm, "crms": cpu.crms_norm}

@@ -29,7 +29,7 @@ from jax.nn import softmax as jax_softmax
 
 from .. import _softmax as cpu
 from . import _ffi
-from ._callback import floating, inexact_dtype, is_complex, neg_axes
+from ._args import floating, inexact_dtype, is_complex, neg_axes
 
 # ---------------------------------------------------------------------------------------------
 # The (outer, L, inner) layout
