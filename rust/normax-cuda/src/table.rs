@@ -92,6 +92,7 @@ kernels! {
     CeForwardSmooth: "cross_entropy" "ce_forward_smooth" Vec,
     CeBackward: "cross_entropy" "ce_backward" Vec,
     CeBackwardSmooth: "cross_entropy" "ce_backward_smooth" Vec,
+    WidenIds: "cross_entropy" "widen_ids" Untyped,
     NormForward: "norms" "norm_forward" Listed,
     NormForwardWx: "norms" "norm_forward_wx" Listed,
     NormBackward: "norms" "norm_backward" Listed,
