@@ -18,6 +18,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod errors;
+mod ffi;
 mod interrupt;
 mod norms;
 mod options;
@@ -36,6 +37,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     norms::register(m)?;
     cross_entropy::register(m)?;
     vocab_parallel::register(m)?;
+    ffi::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
     #[cfg(feature = "wgpu")]
