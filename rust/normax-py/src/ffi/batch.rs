@@ -79,11 +79,18 @@ fn per_element(name: &str, len: usize, count: usize) -> Result<usize, Error> {
 
 /// An operand viewed per batch element: the same slice for each (shared) or the b-th of
 /// `count` equal parts.
-#[derive(Clone, Copy)]
 pub(crate) struct PerBatch<'a, T> {
     data: &'a [T],
     step: usize,
 }
+
+// Copy for any T: only a slice reference is copied (derive would ask T: Copy).
+impl<T> Clone for PerBatch<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for PerBatch<'_, T> {}
 
 impl<'a, T> PerBatch<'a, T> {
     /// Whether every batch element sees the same slice.
@@ -133,6 +140,11 @@ impl<'a> Buffer<'a> {
 }
 
 impl<'a, T> PerBatch<'a, T> {
+    /// `data` for every batch element.
+    pub(crate) fn shared(data: &'a [T]) -> Self {
+        PerBatch { data, step: 0 }
+    }
+
     /// `data` cut into `parts` equal slices (one part: the whole slice).
     pub(crate) fn parts(name: &str, data: &'a [T], parts: usize) -> Result<Self, Error> {
         let step = per_element(name, data.len(), parts)?;

@@ -74,7 +74,7 @@ fn run<T: Float>(
     }
 }
 
-fn widen<T: Float>(s: &[T]) -> Vec<f64> {
+pub(super) fn widen<T: Float>(s: &[T]) -> Vec<f64> {
     s.iter().map(|v| v.to_f64()).collect()
 }
 

@@ -11,7 +11,10 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub(crate) mod frame;
+mod linear;
+mod norms;
 mod softmax;
+mod vocab_parallel;
 
 use api::XLA_FFI_Handler;
 use pyo3::prelude::*;
@@ -22,7 +25,14 @@ pub(crate) type Target = (&'static str, XLA_FFI_Handler);
 
 /// The CPU handlers of every family.
 fn cpu_targets() -> Vec<Target> {
-    [softmax::TARGETS, cross_entropy::TARGETS].concat()
+    [
+        softmax::TARGETS,
+        cross_entropy::TARGETS,
+        norms::TARGETS,
+        linear::TARGETS,
+        vocab_parallel::TARGETS,
+    ]
+    .concat()
 }
 
 /// A capsule whose pointer is the handler itself (as `jax.ffi.pycapsule` makes one): PyO3's
