@@ -57,14 +57,10 @@ def on_xla_stream(events):
     assert events and all(e[4] == fx.STREAM for e in events), events
 
 
-def test_the_cuda_targets():
-    assert sorted(HANDLERS) == sorted(
-        "normax_" + n
-        for n in (
-            "softmax", "log_softmax", "stablemax", "log_stablemax", "logsumexp", "cross_entropy",
-            "norm_forward", "norm_backward",
-        )
-    )  # fmt: skip
+def test_the_cuda_targets_are_the_cpu_ones_but_the_vocabulary_parallel_and_linear():
+    cpu = set(_core.ffi_targets("cpu"))
+    without = {t for t in cpu if "vocab_parallel" in t or "linear" in t}
+    assert without and set(HANDLERS) == cpu - without
 
 
 MAPS = {
@@ -341,3 +337,109 @@ def test_the_metadata_query_is_answered_without_running():
     assert events == []
     assert (metadata.api_version.major, metadata.api_version.minor) == (0, 3)
     assert metadata.traits == 0  # not declared safe for XLA's command buffers (see ffi/cuda.rs)
+
+
+def test_norm_backward_recomputes_statistics_the_forward_did_not_save():
+    xla = fx.FakeXla()
+    x, w, b = norm_case(xla, "layer", rows=16, cols=512)
+    dy, dx, dw, db = xla.array(x.shape), xla.array(x.shape), xla.array(w.shape), xla.array(b.shape)
+    none = xla.array((0,))
+    error, events = call(
+        xla, "normax_norm_backward", [dy, x, w, b, none, none], [dx, dw, db], kind="layer", eps=1e-5
+    )
+    assert error is None
+    (stats, size, _), (ws, _, _) = xla.allocations
+    assert size == 2 * 16 * 4 and sorted(a[:2] for a in xla.allocations) == sorted(xla.frees)
+    forward, backward = launches(events)[:2]
+    assert forward[1].startswith("norm_forward") and forward[5][:2] == [x.ptr, 0]  # no y
+    assert {stats, stats + 16 * 4} <= set(forward[5]) and {stats, stats + 16 * 4, ws} <= set(backward[5])
+
+
+def test_a_gradient_summed_over_the_batch_with_weights_per_element_is_refused():
+    xla = fx.FakeXla()
+    x, w, none = xla.array((2, 4, 64)), xla.array((2, 64)), xla.array((0,))
+    stats = xla.array((2, 4))
+    operands = [xla.array(x.shape), x, w, none, stats, stats]
+    results = [xla.array(x.shape), xla.array((64,)), none]
+    error, events = call(xla, "normax_norm_backward", operands, results, kind="rms", eps=1e-5)
+    assert error[0] == fx.INVALID_ARGUMENT and error[1].startswith("dweight: the CUDA handler sums")
+    assert events == []
+
+
+def power_case(xla, tokens=96, channels=64, batch=()):
+    x = xla.array((*batch, tokens, channels))
+    per_channel = [xla.array((*batch, channels)) for _ in range(3)]
+    return x, per_channel
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_power_norm_forward_launches_what_the_binding_launches(pad):
+    xla = fx.FakeXla()
+    x, (scale, shift, _) = power_case(xla)
+    mask = xla.array((96,), np.bool_) if pad else xla.array((0,), np.bool_)
+    sumsq, y = xla.array((64,)), xla.array(x.shape)
+    attrs = {"channels": 64, "groups": 4, "eps": 1e-5}
+    error, events = call(xla, "normax_power_norm_forward", [x, mask, scale, shift], [sumsq, y], **attrs)
+    assert error is None
+    on_xla_stream(events)
+    pad_raw = None
+    if pad:
+        # The bool mask widened to the kernels' float32 mask, in XLA's scratch.
+        ((m, size, _),) = xla.allocations
+        assert size == 96 * 4 and xla.frees == [(m, size)]
+        widen, *events = events
+        assert widen[1] == "power_widen_mask" and widen[5] == [mask.ptr, 96, m]
+        pad_raw = (m, 0, 96)
+    options = _core.PowerNormOptions(64, 4, 1e-5)
+    out = (raw(scale), raw(shift), raw(y))
+    _, direct = recorded(
+        lambda: _core.cuda_power_norm_forward(options, raw(x), pad_raw, raw(sumsq), out, STREAM)
+    )
+    assert events == direct and launches(events)
+
+
+def test_power_norm_backward_per_batch_element():
+    xla = fx.FakeXla()
+    x, (zscale, ema, dscale) = power_case(xla, tokens=32, batch=(2,))
+    dy, dx, sums, none = xla.array(x.shape), xla.array(x.shape), xla.array((2, 3 * 64)), xla.array((0,))
+    attrs = {"channels": 64, "groups": 2, "eps": 1e-5}
+    error, events = call(
+        xla, "normax_power_norm_backward", [dy, x, none, zscale, ema, dscale], [dx, sums], **attrs
+    )
+    assert error is None
+    options = _core.PowerNormOptions(64, 2, 1e-5)
+
+    def element(a, b, n):
+        return (a.ptr + b * n * 4, 0, n)
+
+    direct = []
+    for b in range(2):
+        per_channel = tuple(element(a, b, 64) for a in (zscale, ema, dscale))
+        rows = (element(dy, b, 32 * 64), element(x, b, 32 * 64), None)
+        outs = (element(dx, b, 32 * 64), element(sums, b, 3 * 64))
+        args = (options, rows, per_channel, outs, STREAM)
+        direct += recorded(lambda args=args: _core.cuda_power_norm_backward(*args))[1]
+    assert events == direct
+    on_xla_stream(events)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"channels": 32}, "x: 64 channels, the channels attribute says 32"),
+        ({"groups": 5}, "group_num: 5 does not divide the 64 channels"),
+        ({"mask": np.float32}, "pad_mask: expected bool, got F32"),
+        ({"sumsq": 63}, "sumsq: expected 64 values per batch element, got shape [63]"),
+    ],
+)
+def test_power_norm_forward_refuses_bad_inputs(change, message):
+    xla = fx.FakeXla()
+    x, (scale, shift, _) = power_case(xla)
+    mask = xla.array((96,), change.pop("mask", np.bool_))
+    sumsq = xla.array((change.pop("sumsq", 64),))
+    attrs = {"channels": 64, "groups": 4, "eps": 1e-5, **change}
+    error, events = call(
+        xla, "normax_power_norm_forward", [x, mask, scale, shift], [sumsq, xla.array(x.shape)], **attrs
+    )
+    assert error == (fx.INVALID_ARGUMENT, message) and events == []
+    assert sorted(a[:2] for a in xla.allocations) == sorted(xla.frees)

@@ -103,6 +103,7 @@ kernels! {
     PowerBackward: "power_norm" "power_backward" Vec,
     PowerParamPart: "power_norm" "power_param_part" Plain,
     PowerSumParts: "power_norm" "power_sum_parts" Untyped,
+    PowerWidenMask: "power_norm" "power_widen_mask" Untyped,
 }
 
 /// One kernel instantiation: the op, its element type (None for the untyped kernels) and the

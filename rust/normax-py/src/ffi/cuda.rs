@@ -5,11 +5,14 @@
 //! memory), launches on the call's `CUstream` (`XLA_FFI_Stream_Get`) and device
 //! (`XLA_FFI_DeviceOrdinal_Get`), and only enqueues: nothing synchronizes the stream, so the
 //! kernels run in XLA's order inside the compiled program. Scratch memory (the norm backward's
-//! workspace, int32 class ids widened to int64, the gradient's unit scale) comes from XLA's
-//! allocator (`XLA_FFI_DeviceMemory_Allocate`) and is given back when the handler returns, as
-//! XLA's own scratch allocator does: XLA reuses that memory in its stream's order, after the
-//! kernels enqueued here. (normax-cuda's split-row statistics use stream-ordered
-//! `cuMemAllocAsync`, as on every CUDA path.)
+//! workspace and recomputed statistics, int32 class ids widened to int64, the gradient's unit
+//! scale, PowerNorm's float32 pad mask) comes from XLA's allocator
+//! (`XLA_FFI_DeviceMemory_Allocate`) and is given back when the handler returns, as XLA's own
+//! scratch allocator does: XLA reuses that memory in its stream's order, after the kernels
+//! enqueued here. (normax-cuda's split-row statistics use stream-ordered `cuMemAllocAsync`, as on
+//! every CUDA path.) The handlers declare no traits: the first call on a device compiles and loads
+//! the kernels, which must not happen inside a CUDA-graph capture, so XLA does not put them in
+//! its command buffers.
 //!
 //! What differs from the CPU targets, stated once:
 //! - float32, float16 and bfloat16 (float32 arithmetic); float64 is an error naming the dtype
@@ -20,9 +23,12 @@
 //! - cross_entropy: no stablemax variant; a class id out of range that is not `ignore_index`
 //!   scores as an ignored row (loss 0, gradient 0): the device cannot raise without the host
 //!   synchronizing, which these handlers never do.
-//! - No handlers for PowerNorm, the vocabulary-parallel and the linear cross-entropies: their
-//!   CUDA paths keep state or matmuls in the caller's library (PowerNorm's float64 state on the
-//!   host, the linear CE's matmul in torch or CuPy), which a handler on XLA's stream has not got.
+//! - PowerNorm: the per-channel factors and sums are float32; the pad mask (bool) is widened to
+//!   the kernels' float32 mask in XLA's scratch.
+//! - No handlers for the vocabulary-parallel cross-entropy (its CUDA backward takes the sum of
+//!   the class weights and the mean's scale as values the host computed, which a handler cannot
+//!   read from XLA's device buffers without synchronizing) nor for the linear cross-entropies
+//!   (normax-cuda has no matmul: the CUDA path's linear CE runs its matmuls in torch or CuPy).
 
 use super::api::{XLA_FFI_DATA_TYPE_BF16, XLA_FFI_DATA_TYPE_F16};
 use super::batch::Batch;
@@ -86,9 +92,18 @@ fn part(buf: Buf, b: usize, count: usize) -> Buf {
     }
 }
 
-/// As [`part`], for a buffer that is either per batch element or `shared` by all.
+/// Batch element `b`'s view of `buf`: all of it where `shared` by every element, else its part.
+fn element(buf: Buf, shared: bool, b: usize, count: usize) -> Buf {
+    if shared {
+        buf
+    } else {
+        part(buf, b, count)
+    }
+}
+
+/// [`element`] of an optional buffer.
 fn part_of(buf: Option<Buf>, shared: bool, b: usize, count: usize) -> Option<Buf> {
-    buf.map(|w| if shared { w } else { part(w, b, count) })
+    buf.map(|w| element(w, shared, b, count))
 }
 
 /// (rows, cols) of an operand of base shape (outer, L, inner) reduced over L: the kernels reduce
@@ -341,80 +356,141 @@ fn norm_forward(frame: &Frame) -> Result<(), Error> {
     Ok(())
 }
 
-/// The results of a norm backward: dx and, where the parameter is given, its gradient.
-struct NormGrads {
-    dx: Buf,
-    dweight: Option<Buf>,
-    dbias: Option<Buf>,
+/// Whether a parameter gradient result (base shape (L,)) sums over every row of the batch (or is
+/// not asked for: 0 elements) rather than per batch element.
+fn shared_grad(batch: &Batch<'_>, g: &BufferMut<'_>) -> Result<bool, Error> {
+    Ok(g.len() == 0 || !batch.is_batched(g.name(), g.leading(1)?)?)
 }
 
-fn norm_grads(frame: &Frame, x: &Buffer<'_>, params: [&Buffer<'_>; 2]) -> Result<NormGrads, Error> {
-    let dx = frame.result(0, "dx")?;
-    dx.expect_same(x.dims())?;
-    let mut grads = [None, None];
-    for (i, (p, name)) in params.iter().zip(["dweight", "dbias"]).enumerate() {
-        let g = frame.result(1 + i, name)?;
-        g.expect_same(p.dims())?;
-        grads[i] = (p.len() > 0).then(|| floats_out(&g)).transpose()?;
+/// The saved (mean, rstd) of the rows of `x`, float32; where the forward saved none (empty
+/// operands), recomputed into `stats` (XLA's scratch) by the forward kernel, statistics only.
+#[allow(clippy::too_many_arguments)]
+fn saved_stats<'f>(
+    frame: &'f Frame,
+    s: Stream,
+    (kind, eps): (NormKind, f64),
+    (mean, rstd): (&Buffer<'_>, &Buffer<'_>),
+    x: Buf,
+    (rows, cols): (usize, usize),
+    row_dims: &[i64],
+    stats: &mut Option<Scratch<'f>>,
+) -> Result<(Option<Buf>, Buf), Error> {
+    let layer = kind == NormKind::Layer;
+    if rstd.len() > 0 && (mean.len() > 0 || !layer) {
+        rstd.expect_same(row_dims)?;
+        // The mean is read by layer_norm only (the RMS kinds' is 0).
+        let m = if layer {
+            mean.expect_same(row_dims)?;
+            Some(floats(mean)?)
+        } else {
+            None
+        };
+        return Ok((m, floats(rstd)?));
     }
-    Ok(NormGrads {
-        dx: floats_out(&dx)?,
-        dweight: grads[0],
-        dbias: grads[1],
-    })
+    let memory = stats.insert(scratch(frame, 2 * rows, 4)?);
+    let f32s = |ptr| Buf {
+        ptr,
+        dtype: cu::DType::F32,
+        len: rows,
+    };
+    let (m, r) = (f32s(memory.ptr), f32s(memory.ptr + 4 * rows as u64));
+    cu::norm_forward(
+        s,
+        kind,
+        x,
+        None,
+        None,
+        None,
+        Some(m),
+        Some(r),
+        rows,
+        cols,
+        eps,
+    )?;
+    Ok((layer.then_some(m), r))
 }
 
 fn norm_backward(frame: &Frame) -> Result<(), Error> {
     frame.expect_arity(6, 3)?;
-    let (kind, _) = norm_attrs(frame)?;
+    let (kind, eps) = norm_attrs(frame)?;
     let (dy, x) = (frame.operand(0, "dy")?, frame.operand(1, "x")?);
-    let (weight, bias) = (frame.operand(2, "weight")?, frame.operand(3, "bias")?);
+    // Operand 3, the bias, does not enter the gradients; it keeps the forward's operand order.
+    let weight = frame.operand(2, "weight")?;
     let (mean, rstd) = (frame.operand(4, "mean")?, frame.operand(5, "rstd")?);
     let batch = Batch::of(&x, 2)?;
     let dims = x.dims();
+    let row_dims = &dims[..dims.len() - 1];
     dy.expect_same(dims)?;
-    mean.expect_same(&dims[..dims.len() - 1])?;
-    rstd.expect_same(&dims[..dims.len() - 1])?;
-    let g = norm_grads(frame, &x, [&weight, &bias])?;
-    let (dyb, xb, w) = (floats(&dy)?, floats(&x)?, floats_opt(&weight)?);
-    // The mean is read by layer_norm only (the RMS kinds' is 0).
-    let m = (kind == NormKind::Layer)
-        .then(|| floats(&mean))
+    let dx = frame.result(0, "dx")?;
+    dx.expect_same(dims)?;
+    let (dweight, dbias) = (frame.result(1, "dweight")?, frame.result(2, "dbias")?);
+    let shared = [
+        shared_param(&batch, &weight)?,
+        shared_grad(&batch, &dweight)?,
+        shared_grad(&batch, &dbias)?,
+    ];
+    let (dyb, xb, dxb, w) = (
+        floats(&dy)?,
+        floats(&x)?,
+        floats_out(&dx)?,
+        floats_opt(&weight)?,
+    );
+    let dw = (dweight.len() > 0)
+        .then(|| floats_out(&dweight))
         .transpose()?;
-    let r = floats(&rstd)?;
+    let db = (dbias.len() > 0).then(|| floats_out(&dbias)).transpose()?;
     let cols = x.dim_from_end(0)?;
+    let rows = row_dims.iter().map(|&d| d as usize).product();
     let s = stream(frame)?;
-    let (w_shared, b_shared) = (shared_param(&batch, &weight)?, shared_param(&batch, &bias)?);
-    let wanted = g.dweight.is_some() || g.dbias.is_some();
-    if w_shared && b_shared {
-        let rows = r.len;
+    let mut stats = None;
+    let saved = (&mean, &rstd);
+    let shape = (rows, cols);
+    let (m, r) = saved_stats(
+        frame,
+        s,
+        (kind, eps),
+        saved,
+        xb,
+        shape,
+        row_dims,
+        &mut stats,
+    )?;
+    let wanted = dw.is_some() || db.is_some();
+    if shared.iter().all(|&sh| sh) {
         let need = cu::norm_workspace(s, kind, rows, cols, wanted)?;
         let ws = scratch(frame, need, 4)?;
-        let grads = param_grads(g.dweight, g.dbias, &ws, need);
-        return cu::norm_backward(s, kind, dyb, xb, w, m, r, g.dx, grads, rows, cols);
+        let grads = param_grads(dw, db, &ws, need);
+        return cu::norm_backward(s, kind, dyb, xb, w, m, r, dxb, grads, rows, cols);
     }
-    // Parameters per batch element: each element's gradient sums its own rows only.
+    // A parameter or its gradient per batch element: one call per element over its own rows,
+    // each writing (not adding to) its parameter gradients.
     let count = batch.count;
     if count == 0 {
         return Ok(());
     }
-    let rows = r.len / count;
+    let summed = [(dw, shared[1], "dweight"), (db, shared[2], "dbias")];
+    if let Some((_, _, name)) = summed
+        .iter()
+        .find(|(g, sh, _)| g.is_some() && *sh && count > 1)
+    {
+        return Err(Error::Value(format!(
+            "{name}: the CUDA handler sums a parameter gradient over the whole batch only where \
+             the weight is shared too"
+        )));
+    }
+    let rows = rows / count;
     let need = cu::norm_workspace(s, kind, rows, cols, wanted)?;
     let ws = scratch(frame, need, 4)?;
     for b in 0..count {
         let grads = param_grads(
-            part_of(g.dweight, w_shared, b, count),
-            part_of(g.dbias, b_shared, b, count),
+            part_of(dw, shared[1], b, count),
+            part_of(db, shared[2], b, count),
             &ws,
             need,
         );
-        let (dyp, xp, dxp) = (
-            part(dyb, b, count),
-            part(xb, b, count),
-            part(g.dx, b, count),
-        );
+        let (dyp, xp, dxp) = (part(dyb, b, count), part(xb, b, count), part(dxb, b, count));
         let (mp, rp) = (m.map(|m| part(m, b, count)), part(r, b, count));
-        let wb = part_of(w, w_shared, b, count);
+        let wb = part_of(w, shared[0], b, count);
         cu::norm_backward(s, kind, dyp, xp, wb, mp, rp, dxp, grads, rows, cols)?;
     }
     Ok(())
@@ -439,6 +515,141 @@ fn param_grads(
     }
 }
 
+/// PowerNorm's layout of one batch element (channels checked against x's last axis) and eps.
+fn power_shape(frame: &Frame, x: &Buffer<'_>) -> Result<(cu::PowerShape, f32), Error> {
+    let (tokens, channels) = (x.dim_from_end(1)?, x.dim_from_end(0)?);
+    let attr = frame.attr_usize("channels")?;
+    if attr != channels {
+        return Err(Error::Value(format!(
+            "x: {channels} channels, the channels attribute says {attr}"
+        )));
+    }
+    let shape = cu::PowerShape {
+        tokens,
+        channels,
+        groups: frame.attr_usize("groups")?,
+    };
+    let eps = frame.attr_f64("eps")? as f32;
+    // Checked before anything (the pad mask's widening) is enqueued.
+    shape.check(eps)?;
+    Ok((shape, eps))
+}
+
+/// An error unless a per-channel result holds `per_element` values per batch element.
+fn expect_per_element(b: &BufferMut<'_>, count: usize, per_element: usize) -> Result<(), Error> {
+    if b.len() != count * per_element {
+        return Err(Error::Value(format!(
+            "{}: expected {per_element} values per batch element, got shape {:?}",
+            b.name(),
+            b.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// A per-channel operand per batch element: (buffer or None, shared by every element).
+fn per_channel(batch: &Batch<'_>, b: &Buffer<'_>) -> Result<(Option<Buf>, bool), Error> {
+    Ok((floats_opt(b)?, shared_param(batch, b)?))
+}
+
+fn power_norm_forward(frame: &Frame) -> Result<(), Error> {
+    frame.expect_arity(4, 2)?;
+    let x = frame.operand(0, "x")?;
+    let pad = frame.operand(1, "pad_mask")?;
+    let (scale, shift) = (frame.operand(2, "scale")?, frame.operand(3, "shift")?);
+    let (sumsq, y) = (frame.result(0, "sumsq")?, frame.result(1, "y")?);
+    let batch = Batch::of(&x, 2)?;
+    let (shape, eps) = power_shape(frame, &x)?;
+    let count = batch.count;
+    let want_y = y.len() > 0;
+    if want_y {
+        y.expect_same(x.dims())?;
+        if scale.len() == 0 || shift.len() == 0 {
+            return Err(Error::Value("y: needs both scale and shift".into()));
+        }
+    }
+    let ss = (sumsq.len() > 0).then(|| floats_out(&sumsq)).transpose()?;
+    if ss.is_some() {
+        expect_per_element(&sumsq, count, shape.channels)?;
+    }
+    let (sc, sh) = (per_channel(&batch, &scale)?, per_channel(&batch, &shift)?);
+    let (xb, yb) = (floats(&x)?, want_y.then(|| floats_out(&y)).transpose()?);
+    let pad_shared = pad.len() == 0 || !batch.is_batched("pad_mask", pad.leading(1)?)?;
+    if pad.len() > 0 && pad.dtype() != DType::Pred {
+        return Err(Error::Value(format!(
+            "pad_mask: expected bool, got {:?}",
+            pad.dtype()
+        )));
+    }
+    let s = stream(frame)?;
+    // The mask as the float32 per token the kernels read, in XLA's scratch.
+    let mut mask_memory = None;
+    let mask = if pad.len() > 0 {
+        let memory = mask_memory.insert(scratch(frame, pad.len(), 4)?);
+        let out = Buf {
+            ptr: memory.ptr,
+            dtype: cu::DType::F32,
+            len: pad.len(),
+        };
+        cu::widen_pad_mask(s, pad.address(), out)?;
+        Some(out)
+    } else {
+        None
+    };
+    for b in 0..count {
+        let out = match (yb, sc.0, sh.0) {
+            (Some(y), Some(scale), Some(shift)) => Some(cu::PowerOut {
+                scale: element(scale, sc.1, b, count),
+                shift: element(shift, sh.1, b, count),
+                y: part(y, b, count),
+            }),
+            _ => None,
+        };
+        let (xp, padp) = (part(xb, b, count), part_of(mask, pad_shared, b, count));
+        let ssp = ss.map(|q| part(q, b, count));
+        cu::power_norm_forward(s, xp, shape, eps, padp, ssp, out)?;
+    }
+    Ok(())
+}
+
+fn power_norm_backward(frame: &Frame) -> Result<(), Error> {
+    frame.expect_arity(6, 2)?;
+    let (dy, x) = (frame.operand(0, "dy")?, frame.operand(1, "x")?);
+    let weight = frame.operand(2, "weight")?;
+    let zscale = frame.operand(3, "zscale")?;
+    let (ema, dscale) = (frame.operand(4, "ema")?, frame.operand(5, "dscale")?);
+    let (dx, sums) = (frame.result(0, "dx")?, frame.result(1, "sums")?);
+    dy.expect_same(x.dims())?;
+    dx.expect_same(x.dims())?;
+    let batch = Batch::of(&x, 2)?;
+    let (shape, eps) = power_shape(frame, &x)?;
+    let count = batch.count;
+    expect_per_element(&sums, count, 3 * shape.channels)?;
+    let (dyb, xb) = (floats(&dy)?, floats(&x)?);
+    let (dxb, sumsb) = (floats_out(&dx)?, floats_out(&sums)?);
+    let w = per_channel(&batch, &weight)?;
+    let (z, e) = (per_channel(&batch, &zscale)?, per_channel(&batch, &ema)?);
+    let d = per_channel(&batch, &dscale)?;
+    let required = |(f, shared): (Option<Buf>, bool), name: &str, b| {
+        part_of(f, shared, b, count).ok_or_else(|| {
+            Error::Value(format!("{name}: expected one value per channel, got none"))
+        })
+    };
+    let s = stream(frame)?;
+    for b in 0..count {
+        let grad = cu::PowerGradIn {
+            weight: part_of(w.0, w.1, b, count),
+            zscale: required(z, "zscale", b)?,
+            ema: required(e, "ema", b)?,
+            dscale: required(d, "dscale", b)?,
+        };
+        let (dyp, xp) = (part(dyb, b, count), part(xb, b, count));
+        let (dxp, sp) = (part(dxb, b, count), part(sumsb, b, count));
+        cu::power_norm_backward(s, dyp, xp, shape, eps, grad, dxp, sp)?;
+    }
+    Ok(())
+}
+
 ffi_handler!(softmax_handler, softmax);
 ffi_handler!(log_softmax_handler, log_softmax);
 ffi_handler!(stablemax_handler, stablemax);
@@ -447,6 +658,8 @@ ffi_handler!(logsumexp_handler, logsumexp);
 ffi_handler!(cross_entropy_handler, cross_entropy);
 ffi_handler!(norm_forward_handler, norm_forward);
 ffi_handler!(norm_backward_handler, norm_backward);
+ffi_handler!(power_norm_forward_handler, power_norm_forward);
+ffi_handler!(power_norm_backward_handler, power_norm_backward);
 
 /// The CUDA targets.
 pub(crate) const TARGETS: &[Target] = &[
@@ -458,4 +671,6 @@ pub(crate) const TARGETS: &[Target] = &[
     ("normax_cross_entropy", cross_entropy_handler),
     ("normax_norm_forward", norm_forward_handler),
     ("normax_norm_backward", norm_backward_handler),
+    ("normax_power_norm_forward", power_norm_forward_handler),
+    ("normax_power_norm_backward", power_norm_backward_handler),
 ];
