@@ -364,17 +364,15 @@ fn shared_grad(batch: &Batch<'_>, g: &BufferMut<'_>) -> Result<bool, Error> {
 
 /// The saved (mean, rstd) of the rows of `x`, float32; where the forward saved none (empty
 /// operands), recomputed into `stats` (XLA's scratch) by the forward kernel, statistics only.
-#[allow(clippy::too_many_arguments)]
 fn saved_stats<'f>(
     frame: &'f Frame,
     s: Stream,
     (kind, eps): (NormKind, f64),
     (mean, rstd): (&Buffer<'_>, &Buffer<'_>),
-    x: Buf,
-    (rows, cols): (usize, usize),
-    row_dims: &[i64],
+    x: &Buffer<'_>,
     stats: &mut Option<Scratch<'f>>,
 ) -> Result<(Option<Buf>, Buf), Error> {
+    let row_dims = &x.dims()[..x.rank() - 1];
     let layer = kind == NormKind::Layer;
     if rstd.len() > 0 && (mean.len() > 0 || !layer) {
         rstd.expect_same(row_dims)?;
@@ -387,6 +385,10 @@ fn saved_stats<'f>(
         };
         return Ok((m, floats(rstd)?));
     }
+    let (rows, cols) = (
+        row_dims.iter().map(|&d| d as usize).product(),
+        x.dim_from_end(0)?,
+    );
     let memory = stats.insert(scratch(frame, 2 * rows, 4)?);
     let f32s = |ptr| Buf {
         ptr,
@@ -394,10 +396,11 @@ fn saved_stats<'f>(
         len: rows,
     };
     let (m, r) = (f32s(memory.ptr), f32s(memory.ptr + 4 * rows as u64));
+    let xb = floats(x)?;
     cu::norm_forward(
         s,
         kind,
-        x,
+        xb,
         None,
         None,
         None,
@@ -444,17 +447,7 @@ fn norm_backward(frame: &Frame) -> Result<(), Error> {
     let s = stream(frame)?;
     let mut stats = None;
     let saved = (&mean, &rstd);
-    let shape = (rows, cols);
-    let (m, r) = saved_stats(
-        frame,
-        s,
-        (kind, eps),
-        saved,
-        xb,
-        shape,
-        row_dims,
-        &mut stats,
-    )?;
+    let (m, r) = saved_stats(frame, s, (kind, eps), saved, &x, &mut stats)?;
     let wanted = dw.is_some() || db.is_some();
     if shared.iter().all(|&sh| sh) {
         let need = cu::norm_workspace(s, kind, rows, cols, wanted)?;
