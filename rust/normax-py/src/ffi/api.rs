@@ -42,10 +42,6 @@ pub(crate) const XLA_FFI_ATTR_TYPE_STRING: i32 = 4;
 /// `XLA_FFI_ExecutionStage_EXECUTE`: the only stage a plain capsule handler is registered for.
 pub(crate) const XLA_FFI_EXECUTION_STAGE_EXECUTE: i32 = 3;
 
-/// `XLA_FFI_Handler_Traits` bit: the handler may be captured in a CUDA graph.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) const XLA_FFI_HANDLER_TRAITS_COMMAND_BUFFER_COMPATIBLE: u32 = 1;
-
 /// Opaque types only XLA looks inside.
 #[repr(C)]
 pub(crate) struct XLA_FFI_Error {
