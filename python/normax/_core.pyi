@@ -197,6 +197,11 @@ def vocab_parallel_linear_backward(
     grads: tuple[np.ndarray, np.ndarray, np.ndarray | None],
 ) -> None: ...
 
+# XLA typed-FFI handlers (rust/normax-py/src/ffi) for jax.ffi.register_ffi_target: target name ->
+# PyCapsule whose pointer is the handler function; platform "cpu" or "CUDA" ({} for a platform
+# this build has no handlers for).
+def ffi_targets(platform: str) -> dict[str, Any]: ...
+
 # Only in builds with the Cargo feature "wgpu" (the released wheel has it). 2-d C-contiguous
 # float32 rows in, new float32 arrays out (normax._backends.wgpu prepares them).
 def wgpu_adapter() -> str: ...

@@ -5,14 +5,16 @@ handlers see the same rows; only the statistics' dtype differs, float32 here aga
 there). Wrong calls must raise jax errors carrying normax's message, never crash.
 """
 
+import ctypes
+
 import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
-import normax  # noqa: E402
-from normax import _core, _vocab_parallel  # noqa: E402
+import normax
+from normax import _core, _vocab_parallel
 
 pytestmark = pytest.mark.skipif(not hasattr(jax, "ffi"), reason="jax.ffi is missing")
 
@@ -24,7 +26,7 @@ TARGETS = {
 }  # fmt: skip
 # float32 agreement: the same kernels, but float32 statistics and a different row grouping can
 # move the last bits; float64 to rounding.
-TOL = {np.float32: dict(rtol=2e-6, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+TOL = {np.float32: {"rtol": 2e-6, "atol": 2e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-12}}
 ABSENT = {np.float32: np.zeros(0, np.float32), np.float64: np.zeros(0, np.float64)}
 
 
@@ -45,7 +47,10 @@ def call(target, results, *operands, vmap=False, **attrs):
     single = not isinstance(results, list)  # one (shape, dtype) pair, or a list of them
     shapes = [results] if single else list(results)
     structs = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
-    attrs = {k: (np.int64(v) if type(v) is int else np.float64(v) if type(v) is float else v) for k, v in attrs.items()}
+    attrs = {
+        k: (np.int64(v) if type(v) is int else np.float64(v) if type(v) is float else v)
+        for k, v in attrs.items()
+    }
 
     def f(*ops):
         return jax.ffi.ffi_call(target, structs, vmap_method="broadcast_all")(*ops, **attrs)
@@ -105,7 +110,7 @@ def test_logsumexp_with_and_without_b(dtype):
     assert (sign == -1).any()
 
 
-CE_ATTRS = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, stablemax=False)
+CE_ATTRS = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "stablemax": False}
 
 
 def ce_call(logits, target, weight, with_grad, vmap=False, **attrs):
@@ -121,10 +126,10 @@ def ce_call(logits, target, weight, with_grad, vmap=False, **attrs):
     "options",
     [
         {},
-        dict(label_smoothing=0.1, z_loss=1e-3),
-        dict(softcap=5.0, ignore_index=2),
-        dict(stablemax=True),
-        dict(stablemax=True, softcap=3.0, label_smoothing=0.2),
+        {"label_smoothing": 0.1, "z_loss": 1e-3},
+        {"softcap": 5.0, "ignore_index": 2},
+        {"stablemax": True},
+        {"stablemax": True, "softcap": 3.0, "label_smoothing": 0.2},
     ],
 )
 def test_cross_entropy_hard_targets(options, id_dtype, dtype):
@@ -162,7 +167,9 @@ def test_cross_entropy_vmap_applies_each_batch_elements_weight():
     weight = rng.uniform(0.5, 2, (3, 6)).astype(np.float32)
     loss, grad = ce_call(logits, target, weight, True, vmap=True)
     for b in range(3):
-        rl, rg = normax.cross_entropy_with_grad(logits[b], target[b].astype(np.int64), weight=weight[b], reduction="none")
+        rl, rg = normax.cross_entropy_with_grad(
+            logits[b], target[b].astype(np.int64), weight=weight[b], reduction="none"
+        )
         close(loss[b], rl, np.float32)
         close(grad[b], rg, np.float32)
 
@@ -183,11 +190,22 @@ def test_wrong_dtypes_and_shapes_are_errors_not_crashes():
     with pytest.raises(Exception, match=r"y: expected shape \[2, 3, 1\], got \[2, 3\]"):
         call("normax_softmax", ((2, 3), np.float32), x)
     with pytest.raises(Exception, match="expected float64, got F32"):
-        call("normax_logsumexp", [((2, 1), np.float64)] * 2, x.astype(np.float64), np.ones((2, 3, 1), np.float32))
+        call(
+            "normax_logsumexp",
+            [((2, 1), np.float64)] * 2,
+            x.astype(np.float64),
+            np.ones((2, 3, 1), np.float32),
+        )
+    # An output aliased to its input would be read and written through two views: refused.
+    aliased = jax.ffi.ffi_call(
+        "normax_softmax", jax.ShapeDtypeStruct(x.shape, x.dtype), input_output_aliases={0: 0}
+    )
+    with pytest.raises(Exception, match="y: result 0 overlaps operand 0"):
+        jax.jit(lambda x: aliased(x * 2))(x).block_until_ready()
     logits = np.zeros((3, 5), np.float32)
     with pytest.raises(Exception, match="expected int32 or int64 class ids"):
         ce_call(logits, np.zeros(3, np.uint8), ABSENT[np.float32], False)
-    with pytest.raises(Exception, match="missing attribute \"z_loss\""):
+    with pytest.raises(Exception, match='missing attribute "z_loss"'):
         call("normax_cross_entropy", [((3,), np.float32)], logits, np.zeros(3, np.int32), ABSENT[np.float32],
              ignore_index=-100, label_smoothing=0.0, softcap=0.0, stablemax=False, with_grad=False)  # fmt: skip
 
@@ -209,7 +227,7 @@ def test_norm_forward_and_backward(kind, dtype):
     b = rng.standard_normal(12).astype(dtype) if kind == "layer" else ABSENT[dtype]
     eps = 1e-5
     fwd, bwd = NORMS[kind]
-    pkw = dict(bias=b) if kind == "layer" else {}
+    pkw = {"bias": b} if kind == "layer" else {}
     y, mean, rstd = call(
         "normax_norm_forward", [(x.shape, dtype), ((5,), dtype), ((5,), dtype)], x, w, b, kind=kind, eps=eps
     )
@@ -259,7 +277,7 @@ def test_power_norm_passes_match_core(dtype):
     x = rng.standard_normal((tokens, c)).astype(dtype)
     pad = rng.random(tokens) < 0.3
     scale, shift = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
-    attrs = dict(channels=c, groups=groups, eps=eps)
+    attrs = {"channels": c, "groups": groups, "eps": eps}
     sumsq, y = call(
         "normax_power_norm_forward", [((c,), dtype), (x.shape, dtype)], x, pad, scale, shift, **attrs
     )
@@ -270,7 +288,9 @@ def test_power_norm_passes_match_core(dtype):
     close(y, ref_y, dtype)
     dy = rng.standard_normal((tokens, c)).astype(dtype)
     w, z, ema, d = (rng.uniform(0.5, 2, c).astype(dtype) for _ in range(4))
-    dx, sums = call("normax_power_norm_backward", [(x.shape, dtype), ((3 * c,), dtype)], dy, x, w, z, ema, d, **attrs)
+    dx, sums = call(
+        "normax_power_norm_backward", [(x.shape, dtype), ((3 * c,), dtype)], dy, x, w, z, ema, d, **attrs
+    )
     ref_dx, ref_sums = np.empty_like(x), np.empty(3 * c)
     _core.power_norm_backward(options, dy, x, w, (z, ema, d), ref_dx, ref_sums)
     close(dx, ref_dx, dtype)
@@ -290,10 +310,16 @@ def test_vocab_parallel_stats_and_backward(reduction):
     target = np.array([0, 5, 8, 11, 6], np.int32)
     weight = rng.uniform(0.5, 2, classes)
     opts = vp_options(reduction, label_smoothing=0.1)
-    ce = dict(ignore_index=-100, label_smoothing=0.1, z_loss=0.0, softcap=0.0)
+    ce = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 0.0, "softcap": 0.0}
     ref_packed = _vocab_parallel.stats(logits, target, weight, start, opts)
     packed = call(
-        "normax_vocab_parallel_stats", (ref_packed.shape, dtype), logits, target, weight, vocab_start=start, **ce
+        "normax_vocab_parallel_stats",
+        (ref_packed.shape, dtype),
+        logits,
+        target,
+        weight,
+        vocab_start=start,
+        **ce,
     )
     close(packed, ref_packed, dtype)
     lse = rng.standard_normal((rows, 2)) * [1, 1e-9]
@@ -316,7 +342,7 @@ def test_linear_cross_entropy(reduction, dtype):
     w = (rng.standard_normal((v, h)) / 3).astype(dtype)
     b = rng.standard_normal(v).astype(dtype)
     target = np.array([0, 3, 10, -100, 5, 5, 1], np.int64)
-    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3)
+    kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3}
     attrs = dict(softcap=0.0, reduction=reduction, chunk_size=16, **kw)
     loss_shape = (n,) if reduction == "none" else ()
     ref_loss, rdh, rdw, rdb = normax.linear_cross_entropy_with_grad(
@@ -340,12 +366,21 @@ def test_linear_cross_entropy_grad_output_operand_scales_rows():
     hidden, w = rng.standard_normal((n, h)), rng.standard_normal((v, h))
     target = np.array([1, 0, 4, 2])
     go = rng.standard_normal(n)
-    attrs = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, reduction="none", chunk_size=0)
+    attrs = {
+        "ignore_index": -100,
+        "label_smoothing": 0.0,
+        "z_loss": 0.0,
+        "softcap": 0.0,
+        "reduction": "none",
+        "chunk_size": 0,
+    }
     f64 = np.float64
     results = [((n,), f64), ((n, h), f64), ((v, h), f64), ((0,), f64)]
     _, dh, dw, _ = call("normax_linear_cross_entropy", results, hidden, w, ABSENT[f64], target, ABSENT[f64], go,
                         with_grad=True, **attrs)  # fmt: skip
-    _, rdh, rdw, _ = normax.linear_cross_entropy_with_grad(hidden, w, target, reduction="none", grad_output=go)
+    _, rdh, rdw, _ = normax.linear_cross_entropy_with_grad(
+        hidden, w, target, reduction="none", grad_output=go
+    )
     close(dh, rdh, f64)
     close(dw, rdw, f64)
 
@@ -358,7 +393,7 @@ def test_vocab_parallel_linear_stats_and_backward():
     ws, bs = rng.standard_normal((length, h)), rng.standard_normal(length)
     target = np.array([3, 0, 9, 6], np.int64)
     opts = vp_options("sum", z_loss=1e-3)
-    ce = dict(ignore_index=-100, label_smoothing=0.0, z_loss=1e-3, softcap=0.0, chunk_size=8)
+    ce = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 1e-3, "softcap": 0.0, "chunk_size": 8}
     ref_packed = np.empty((rows, _vocab_parallel.fields(opts)))
     _vocab_parallel.linear_stats(hidden, ws, bs, target, None, ref_packed, start, opts, 8)
     packed = call(
@@ -367,7 +402,9 @@ def test_vocab_parallel_linear_stats_and_backward():
     )  # fmt: skip
     close(packed, ref_packed, dtype)
     lse = rng.standard_normal((rows, 2)) * [1, 1e-9]
-    ref = _vocab_parallel.linear_backward(hidden, ws, bs, target, None, lse, 4.0, 1.5, start, classes, opts, 8)
+    ref = _vocab_parallel.linear_backward(
+        hidden, ws, bs, target, None, lse, 4.0, 1.5, start, classes, opts, 8
+    )
     results = [((rows, h), dtype), ((length, h), dtype), ((length,), dtype)]
     got = call(
         "normax_vocab_parallel_linear_backward", results, hidden, ws, bs, target, ABSENT[dtype], lse,
@@ -375,3 +412,104 @@ def test_vocab_parallel_linear_stats_and_backward():
     )  # fmt: skip
     for g, r in zip(got, ref):
         close(g, r, dtype)
+
+
+def test_linear_cross_entropy_vmap_runs_each_batch_element():
+    rng = np.random.default_rng(12)
+    n, h, v = 3, 4, 6
+    hidden = rng.standard_normal((2, n, h)).astype(np.float32)
+    w = rng.standard_normal((2, v, h)).astype(np.float32)
+    target = rng.integers(0, v, (2, n)).astype(np.int32)
+    absent = np.zeros((2, 0), np.float32)
+    attrs = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "chunk_size": 0}
+    f32 = np.float32
+    results = [((), f32), ((n, h), f32), ((v, h), f32), ((0,), f32)]
+    loss, dh, dw, _ = call(
+        "normax_linear_cross_entropy", results, hidden, w, absent, target, absent,
+        vmap=True, reduction="mean", with_grad=True, **attrs,
+    )  # fmt: skip
+    for b in range(2):
+        rl, rdh, rdw, _ = normax.linear_cross_entropy_with_grad(hidden[b], w[b], target[b], reduction="mean")
+        close(loss[b], rl, f32)
+        close(dh[b], rdh, f32)
+        close(dw[b], rdw, f32)
+
+
+class _ExtensionBase(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.c_void_p)]
+
+
+class _ApiVersion(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("major_version", ctypes.c_int),
+        ("minor_version", ctypes.c_int),
+    ]
+
+
+class _Metadata(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("api_version", _ApiVersion),
+        ("traits", ctypes.c_uint32),
+        ("state_type_id", ctypes.c_int64),
+    ]
+
+
+class _MetadataExtension(ctypes.Structure):
+    _fields_ = [("extension_base", _ExtensionBase), ("metadata", ctypes.POINTER(_Metadata))]
+
+
+class _List(ctypes.Structure):  # XLA_FFI_Args / XLA_FFI_Rets
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("size", ctypes.c_int64),
+        ("types", ctypes.c_void_p),
+        ("items", ctypes.c_void_p),
+    ]
+
+
+class _Attrs(ctypes.Structure):
+    _fields_ = [*_List._fields_[:4], ("names", ctypes.c_void_p), ("attrs", ctypes.c_void_p)]
+
+
+class _CallFrame(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("api", ctypes.c_void_p),
+        ("ctx", ctypes.c_void_p),
+        ("stage", ctypes.c_int),
+        ("args", _List),
+        ("rets", _List),
+        ("attrs", _Attrs),
+        ("future", ctypes.c_void_p),
+    ]
+
+
+def test_handlers_answer_xlas_metadata_query_without_reading_operands():
+    """XLA first calls a handler with the metadata extension and no operands: the handler must
+    fill in the FFI version (0.3), its traits (none) and state type (none) and return null."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    handler_type = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_CallFrame))
+    api = ctypes.create_string_buffer(256)  # never read on this path
+    for name, capsule in _core.ffi_targets("cpu").items():
+        metadata = _Metadata(struct_size=ctypes.sizeof(_Metadata), traits=99, state_type_id=7)
+        ext = _MetadataExtension(
+            _ExtensionBase(ctypes.sizeof(_MetadataExtension), 1, None), ctypes.pointer(metadata)
+        )
+        frame = _CallFrame(
+            struct_size=ctypes.sizeof(_CallFrame) - 8,  # XLA_FFI_CallFrame_STRUCT_SIZE: up to attrs
+            extension_start=ctypes.addressof(ext),
+            api=ctypes.addressof(api),
+            stage=3,
+        )
+        error = handler_type(get(capsule, None))(ctypes.byref(frame))
+        assert error is None, name
+        v = metadata.api_version
+        assert (v.major_version, v.minor_version, metadata.traits, metadata.state_type_id) == (0, 3, 0, 0), (
+            name
+        )

@@ -8,7 +8,8 @@
 //! per GPU backend (`cuda`, `wgpu`), and the shared parts: `options` (the checked options, the one
 //! form in which they cross: `CeOptions`, `NormOptions`, `PowerNormOptions`, `VocabParallelLayout`),
 //! `arrays` (array checks), `errors` (the one error mapping), `config` (threads, ISA),
-//! `interrupt` (Ctrl-C during a long call).
+//! `interrupt` (Ctrl-C during a long call). `ffi` holds the XLA typed-FFI handlers that
+//! `normax.jax` registers with `jax.ffi` (plain `extern "C"` functions, exported as capsules).
 
 use pyo3::prelude::*;
 

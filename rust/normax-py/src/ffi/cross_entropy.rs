@@ -4,8 +4,8 @@
 //! weight has them too: then each batch element is its own call.
 //!
 //! `stablemax` scores rows by StableMax as `normax.cross_entropy(normalizer="stablemax")`
-//! does: the softmax cross-entropy of phi = sign(x) log1p(|x|) in float64, its gradient times
-//! dphi/dx.
+//! does: the softmax cross-entropy of phi = sign(x) log1p(|x|) of the (softcapped) logits, in
+//! float64, its gradient times dphi/dx.
 
 use super::batch::{opt_parts_mut, parts_mut, Batch, PerBatch};
 use super::frame::{by_float, ffi_handler, Buffer, DType, Element, Frame};
@@ -42,7 +42,7 @@ pub(super) fn class_ids<'a>(target: &Buffer<'a>, dims: &[i64]) -> Result<Cow<'a,
     }
 }
 
-/// One batch element's call: its rows of logits, targets, weights and outputs.
+/// One call's inputs: its rows of logits, their targets and the class weights.
 struct Rows<'a, T> {
     logits: &'a [T],
     rows: usize,

@@ -60,7 +60,7 @@ fn value_error(message: String) -> Error {
 
 /// One buffer of the call, operand or result: its dims checked non-negative and its element
 /// count computed without overflow.
-struct Raw<'a> {
+pub(crate) struct Raw<'a> {
     name: &'static str,
     dtype: XLA_FFI_DataType,
     dims: &'a [i64],
@@ -170,100 +170,107 @@ pub(crate) struct Buffer<'a>(Raw<'a>);
 /// A result: written once, by the one handler that took it.
 pub(crate) struct BufferMut<'a>(Raw<'a>);
 
-macro_rules! shape_methods {
-    () => {
-        /// The argument's name, for error messages.
-        pub(crate) fn name(&self) -> &'static str {
-            self.0.name
-        }
+/// The shape of a buffer, operand or result (both dereference to it).
+impl<'a> Raw<'a> {
+    /// The argument's name, for error messages.
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
 
-        pub(crate) fn dtype(&self) -> DType {
-            DType::of(self.0.dtype)
-        }
+    pub(crate) fn dtype(&self) -> DType {
+        DType::of(self.dtype)
+    }
 
-        pub(crate) fn dims(&self) -> &'a [i64] {
-            self.0.dims
-        }
+    pub(crate) fn dims(&self) -> &'a [i64] {
+        self.dims
+    }
 
-        pub(crate) fn rank(&self) -> usize {
-            self.0.dims.len()
-        }
+    pub(crate) fn rank(&self) -> usize {
+        self.dims.len()
+    }
 
-        /// The number of elements.
-        pub(crate) fn len(&self) -> usize {
-            self.0.len
-        }
+    /// The number of elements.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
 
-        /// The data's address, never dereferenced here: on CUDA it is device memory, which
-        /// the kernels read and write.
-        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-        pub(crate) fn address(&self) -> u64 {
-            self.0.data as u64
-        }
+    /// The data's address, never dereferenced here: on CUDA it is device memory, which the
+    /// kernels read and write.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn address(&self) -> u64 {
+        self.data as u64
+    }
 
-        /// Dimension `i` counted from the end (0: the last), or an error naming the buffer.
-        pub(crate) fn dim_from_end(&self, i: usize) -> Result<usize, Error> {
-            let r = self.rank();
-            if i >= r {
-                return Err(value_error(format!(
-                    "{}: expected at least {} dims, got shape {:?}",
-                    self.0.name,
-                    i + 1,
-                    self.0.dims
-                )));
-            }
-            Ok(self.0.dims[r - 1 - i] as usize)
+    /// Dimension `i` counted from the end (0: the last), or an error naming the buffer.
+    pub(crate) fn dim_from_end(&self, i: usize) -> Result<usize, Error> {
+        let r = self.rank();
+        if i >= r {
+            return Err(value_error(format!(
+                "{}: expected at least {} dims, got shape {:?}",
+                self.name,
+                i + 1,
+                self.dims
+            )));
         }
+        Ok(self.dims[r - 1 - i] as usize)
+    }
 
-        /// The dims before the last `base_rank` (the batch dims), or an error when there are
-        /// fewer than `base_rank`.
-        pub(crate) fn leading(&self, base_rank: usize) -> Result<&'a [i64], Error> {
-            let r = self.rank();
-            if r < base_rank {
-                return Err(value_error(format!(
-                    "{}: expected at least {base_rank} dims, got shape {:?}",
-                    self.0.name, self.0.dims
-                )));
-            }
-            Ok(&self.0.dims[..r - base_rank])
+    /// The dims before the last `base_rank` (the batch dims), or an error when there are
+    /// fewer than `base_rank`.
+    pub(crate) fn leading(&self, base_rank: usize) -> Result<&'a [i64], Error> {
+        let r = self.rank();
+        if r < base_rank {
+            return Err(value_error(format!(
+                "{}: expected at least {base_rank} dims, got shape {:?}",
+                self.name, self.dims
+            )));
         }
+        Ok(&self.dims[..r - base_rank])
+    }
 
-        /// The last `base_rank` dims as sizes.
-        pub(crate) fn base(&self, base_rank: usize) -> Result<Vec<usize>, Error> {
-            let n = self.leading(base_rank)?.len();
-            Ok(self.0.dims[n..].iter().map(|&d| d as usize).collect())
+    /// An error unless the buffer has the dims `dims` (another buffer's).
+    pub(crate) fn expect_same(&self, dims: &[i64]) -> Result<(), Error> {
+        if self.dims == dims {
+            return Ok(());
         }
+        Err(value_error(format!(
+            "{}: expected shape {dims:?}, got {:?}",
+            self.name, self.dims
+        )))
+    }
 
-        /// An error unless the buffer has the dims `dims` (another buffer's).
-        pub(crate) fn expect_same(&self, dims: &[i64]) -> Result<(), Error> {
-            if self.0.dims == dims {
-                return Ok(());
-            }
+    /// An error unless the buffer has exactly `dims`.
+    pub(crate) fn expect_dims(&self, dims: &[usize]) -> Result<(), Error> {
+        let same = self.dims.len() == dims.len()
+            && self.dims.iter().zip(dims).all(|(&a, &b)| a as usize == b);
+        if same {
+            Ok(())
+        } else {
             Err(value_error(format!(
                 "{}: expected shape {dims:?}, got {:?}",
-                self.0.name, self.0.dims
+                self.name, self.dims
             )))
         }
+    }
+}
 
-        /// An error unless the buffer has exactly `dims`.
-        pub(crate) fn expect_dims(&self, dims: &[usize]) -> Result<(), Error> {
-            let same = self.0.dims.len() == dims.len()
-                && self.0.dims.iter().zip(dims).all(|(&a, &b)| a as usize == b);
-            if same {
-                Ok(())
-            } else {
-                Err(value_error(format!(
-                    "{}: expected shape {dims:?}, got {:?}",
-                    self.0.name, self.0.dims
-                )))
-            }
-        }
-    };
+impl<'a> std::ops::Deref for Buffer<'a> {
+    type Target = Raw<'a>;
+
+    fn deref(&self) -> &Raw<'a> {
+        &self.0
+    }
+}
+
+impl<'a> std::ops::Deref for BufferMut<'a> {
+    type Target = Raw<'a>;
+
+    fn deref(&self) -> &Raw<'a> {
+        &self.0
+    }
 }
 
 impl<'a> Buffer<'a> {
-    shape_methods!();
-
     /// The elements as a slice of T, or an error when the dtype is not T.
     pub(crate) fn slice<T: Element>(&self) -> Result<&'a [T], Error> {
         self.0.check::<T>()?;
@@ -315,8 +322,6 @@ impl<'a> Buffer<'a> {
 }
 
 impl<'a> BufferMut<'a> {
-    shape_methods!();
-
     /// The elements as a mutable slice of T, or an error when the dtype is not T.
     pub(crate) fn slice_mut<T: Element>(self) -> Result<&'a mut [T], Error> {
         self.0.check::<T>()?;
@@ -675,6 +680,10 @@ unsafe fn populate_metadata(
         minor_version: XLA_FFI_API_MINOR,
     };
     m.traits = traits;
+    // No state (XLA_FFI_UNKNOWN_TYPE_ID), where the caller's struct has the field.
+    if m.struct_size >= size_of::<XLA_FFI_Metadata>() {
+        m.state_type_id = XLA_FFI_TypeId { type_id: 0 };
+    }
     std::ptr::null_mut()
 }
 

@@ -1,6 +1,6 @@
-//! CPU handler of `normax_linear_cross_entropy`: the cross-entropy of logits = hidden @ weight.T
-//! + bias computed block by block (never all held), via
-//! `normax_core::cross_entropy::linear_cross_entropy`.
+//! CPU handler of `normax_linear_cross_entropy`: the cross-entropy of the logits
+//! `hidden @ weight.T + bias`, computed block by block and never all held
+//! (`normax_core::cross_entropy::linear_cross_entropy`).
 //!
 //! Operands (absent = empty): hidden (N, H), weight (V, H), bias (V,), target (N,) int32/int64,
 //! class_weight (V,) (the kernel refuses class weights; the operand keeps the contract's
