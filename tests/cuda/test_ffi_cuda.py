@@ -443,3 +443,16 @@ def test_power_norm_forward_refuses_bad_inputs(change, message):
     )
     assert error == (fx.INVALID_ARGUMENT, message) and events == []
     assert sorted(a[:2] for a in xla.allocations) == sorted(xla.frees)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_adjacent_16_bit_buffers_are_not_taken_for_overlapping(dtype):
+    """XLA packs buffers back to back: a 16-bit result right after its operand is no alias."""
+    xla = fx.FakeXla()
+    x = xla.array((8, 1024, 1), dtype)
+    y = fx.Array(x.ptr + x.size * 2, dtype, x.shape)
+    error, events = call(xla, "normax_softmax", [x], [y])
+    assert error is None and launches(events)
+    overlapping = fx.Array(x.ptr + x.size * 2 - 2, dtype, x.shape)
+    error, events = call(xla, "normax_softmax", [x], [overlapping])
+    assert error[0] == fx.INVALID_ARGUMENT and "overlaps operand 0" in error[1] and events == []
