@@ -32,7 +32,7 @@
 
 use super::api::{XLA_FFI_DATA_TYPE_BF16, XLA_FFI_DATA_TYPE_F16};
 use super::batch::Batch;
-use super::frame::{ffi_handler, Buffer, BufferMut, DType, Frame};
+use super::frame::{ffi_handler, Buffer, DType, Frame, Raw};
 use super::Target;
 use normax_core::spec::{check_eps, CeOptions, NormKind, Reduction};
 use normax_core::Error;
@@ -58,8 +58,8 @@ fn kernel_dtype(name: &str, dtype: DType) -> Result<cu::DType, Error> {
     }
 }
 
-/// A floating-point operand as the kernels take it: XLA's device address.
-fn floats(b: &Buffer<'_>) -> Result<Buf, Error> {
+/// A floating-point operand or result as the kernels take it: XLA's device address.
+fn floats(b: &Raw<'_>) -> Result<Buf, Error> {
     Ok(Buf {
         ptr: b.address(),
         dtype: kernel_dtype(b.name(), b.dtype())?,
@@ -67,18 +67,9 @@ fn floats(b: &Buffer<'_>) -> Result<Buf, Error> {
     })
 }
 
-/// An optional floating-point operand: None where absent (0 elements).
-fn floats_opt(b: &Buffer<'_>) -> Result<Option<Buf>, Error> {
+/// An optional floating-point operand or result: None where absent (0 elements).
+fn floats_opt(b: &Raw<'_>) -> Result<Option<Buf>, Error> {
     (b.len() > 0).then(|| floats(b)).transpose()
-}
-
-/// A floating-point result as the kernels take it.
-fn floats_out(b: &BufferMut<'_>) -> Result<Buf, Error> {
-    Ok(Buf {
-        ptr: b.address(),
-        dtype: kernel_dtype(b.name(), b.dtype())?,
-        len: b.len(),
-    })
 }
 
 /// The `b`-th of `count` equal parts of `buf`: one batch element's rows or parameters.
@@ -130,14 +121,7 @@ fn map(frame: &Frame, f: RowMap, log: bool) -> Result<(), Error> {
     let y = frame.result(0, "y")?;
     y.expect_same(x.dims())?;
     let (rows, cols) = rows_of(&x)?;
-    f(
-        stream(frame)?,
-        floats(&x)?,
-        floats_out(&y)?,
-        rows,
-        cols,
-        log,
-    )
+    f(stream(frame)?, floats(&x)?, floats(&y)?, rows, cols, log)
 }
 
 fn softmax(frame: &Frame) -> Result<(), Error> {
@@ -170,7 +154,7 @@ fn logsumexp(frame: &Frame) -> Result<(), Error> {
     reduced.push(1);
     lse.expect_same(&reduced)?;
     sign.expect_same(&reduced)?;
-    let (x, lse, sign) = (floats(&a)?, floats_out(&lse)?, floats_out(&sign)?);
+    let (x, lse, sign) = (floats(&a)?, floats(&lse)?, floats(&sign)?);
     let s = stream(frame)?;
     if cols == 0 && rows > 0 && lse.dtype == cu::DType::F32 && sign.dtype == cu::DType::F32 {
         // An empty sum: lse -inf, sign 0, as on the CPU (no kernel reduces an empty row).
@@ -249,12 +233,12 @@ fn cross_entropy(frame: &Frame) -> Result<(), Error> {
     let grad = if with_grad {
         let g = frame.result(1, "grad")?;
         g.expect_same(dims)?;
-        Some(floats_out(&g)?)
+        Some(floats(&g)?)
     } else {
         None
     };
     let x = floats(&logits)?;
-    let (loss, weight_buf) = (floats_out(&loss)?, floats_opt(&weight)?);
+    let (loss, weight_buf) = (floats(&loss)?, floats_opt(&weight)?);
     let shared = weight_buf.is_none() || !batch.is_batched("weight", weight.leading(1)?)?;
     // Every option checked before anything is allocated or enqueued (with one batch element's
     // weights where they are per element).
@@ -314,8 +298,9 @@ fn norm_attrs(frame: &Frame) -> Result<(NormKind, f64), Error> {
     Ok((kind, eps))
 }
 
-/// Whether a norm parameter (base shape (L,)) is shared by the batch (or absent).
-fn shared_param(batch: &Batch<'_>, p: &Buffer<'_>) -> Result<bool, Error> {
+/// Whether a parameter or its gradient (base shape (L,) or (C,)) is one for the whole batch (or
+/// absent: 0 elements) rather than one per batch element.
+fn shared(batch: &Batch<'_>, p: &Raw<'_>) -> Result<bool, Error> {
     Ok(p.len() == 0 || !batch.is_batched(p.name(), p.leading(1)?)?)
 }
 
@@ -332,12 +317,12 @@ fn norm_forward(frame: &Frame) -> Result<(), Error> {
     let (mean, rstd) = (frame.result(1, "mean")?, frame.result(2, "rstd")?);
     mean.expect_same(stats_dims)?;
     rstd.expect_same(stats_dims)?;
-    let (xb, yb) = (floats(&x)?, floats_out(&y)?);
-    let (mb, rb) = (floats_out(&mean)?, floats_out(&rstd)?);
+    let (xb, yb) = (floats(&x)?, floats(&y)?);
+    let (mb, rb) = (floats(&mean)?, floats(&rstd)?);
     let (w, bi) = (floats_opt(&weight)?, floats_opt(&bias)?);
     let cols = x.dim_from_end(0)?;
     let s = stream(frame)?;
-    let (w_shared, b_shared) = (shared_param(&batch, &weight)?, shared_param(&batch, &bias)?);
+    let (w_shared, b_shared) = (shared(&batch, &weight)?, shared(&batch, &bias)?);
     if w_shared && b_shared {
         let rows = mb.len;
         let (y, m, r) = (Some(yb), Some(mb), Some(rb));
@@ -354,12 +339,6 @@ fn norm_forward(frame: &Frame) -> Result<(), Error> {
         cu::norm_forward(s, kind, xp, wb, bb, yp, Some(m), Some(r), m.len, cols, eps)?;
     }
     Ok(())
-}
-
-/// Whether a parameter gradient result (base shape (L,)) sums over every row of the batch (or is
-/// not asked for: 0 elements) rather than per batch element.
-fn shared_grad(batch: &Batch<'_>, g: &BufferMut<'_>) -> Result<bool, Error> {
-    Ok(g.len() == 0 || !batch.is_batched(g.name(), g.leading(1)?)?)
 }
 
 /// The saved (mean, rstd) of the rows of `x`, float32; where the forward saved none (empty
@@ -428,20 +407,18 @@ fn norm_backward(frame: &Frame) -> Result<(), Error> {
     dx.expect_same(dims)?;
     let (dweight, dbias) = (frame.result(1, "dweight")?, frame.result(2, "dbias")?);
     let shared = [
-        shared_param(&batch, &weight)?,
-        shared_grad(&batch, &dweight)?,
-        shared_grad(&batch, &dbias)?,
+        shared(&batch, &weight)?,
+        shared(&batch, &dweight)?,
+        shared(&batch, &dbias)?,
     ];
     let (dyb, xb, dxb, w) = (
         floats(&dy)?,
         floats(&x)?,
-        floats_out(&dx)?,
+        floats(&dx)?,
         floats_opt(&weight)?,
     );
-    let dw = (dweight.len() > 0)
-        .then(|| floats_out(&dweight))
-        .transpose()?;
-    let db = (dbias.len() > 0).then(|| floats_out(&dbias)).transpose()?;
+    let dw = floats_opt(&dweight)?;
+    let db = floats_opt(&dbias)?;
     let cols = x.dim_from_end(0)?;
     let rows = row_dims.iter().map(|&d| d as usize).product();
     let s = stream(frame)?;
@@ -529,7 +506,7 @@ fn power_shape(frame: &Frame, x: &Buffer<'_>) -> Result<(cu::PowerShape, f32), E
 }
 
 /// An error unless a per-channel result holds `per_element` values per batch element.
-fn expect_per_element(b: &BufferMut<'_>, count: usize, per_element: usize) -> Result<(), Error> {
+fn expect_per_element(b: &Raw<'_>, count: usize, per_element: usize) -> Result<(), Error> {
     if b.len() != count * per_element {
         return Err(Error::Value(format!(
             "{}: expected {per_element} values per batch element, got shape {:?}",
@@ -542,7 +519,7 @@ fn expect_per_element(b: &BufferMut<'_>, count: usize, per_element: usize) -> Re
 
 /// A per-channel operand per batch element: (buffer or None, shared by every element).
 fn per_channel(batch: &Batch<'_>, b: &Buffer<'_>) -> Result<(Option<Buf>, bool), Error> {
-    Ok((floats_opt(b)?, shared_param(batch, b)?))
+    Ok((floats_opt(b)?, shared(batch, b)?))
 }
 
 fn power_norm_forward(frame: &Frame) -> Result<(), Error> {
@@ -561,12 +538,12 @@ fn power_norm_forward(frame: &Frame) -> Result<(), Error> {
             return Err(Error::Value("y: needs both scale and shift".into()));
         }
     }
-    let ss = (sumsq.len() > 0).then(|| floats_out(&sumsq)).transpose()?;
+    let ss = floats_opt(&sumsq)?;
     if ss.is_some() {
         expect_per_element(&sumsq, count, shape.channels)?;
     }
     let (sc, sh) = (per_channel(&batch, &scale)?, per_channel(&batch, &shift)?);
-    let (xb, yb) = (floats(&x)?, want_y.then(|| floats_out(&y)).transpose()?);
+    let (xb, yb) = (floats(&x)?, want_y.then(|| floats(&y)).transpose()?);
     let pad_shared = pad.len() == 0 || !batch.is_batched("pad_mask", pad.leading(1)?)?;
     if pad.len() > 0 && pad.dtype() != DType::Pred {
         return Err(Error::Value(format!(
@@ -619,7 +596,7 @@ fn power_norm_backward(frame: &Frame) -> Result<(), Error> {
     let count = batch.count;
     expect_per_element(&sums, count, 3 * shape.channels)?;
     let (dyb, xb) = (floats(&dy)?, floats(&x)?);
-    let (dxb, sumsb) = (floats_out(&dx)?, floats_out(&sums)?);
+    let (dxb, sumsb) = (floats(&dx)?, floats(&sums)?);
     let w = per_channel(&batch, &weight)?;
     let (z, e) = (per_channel(&batch, &zscale)?, per_channel(&batch, &ema)?);
     let d = per_channel(&batch, &dscale)?;
