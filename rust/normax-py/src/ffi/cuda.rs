@@ -192,12 +192,24 @@ fn scratch<'f>(frame: &'f Frame, count: usize, size: usize) -> Result<Scratch<'f
 
 type Scratch<'f> = super::frame::DeviceMemory<'f>;
 
-/// The class ids (int64, or int32 widened into `widened`) or probabilities of `target`, whose
-/// shape must be `rows_dims` (ids) or `logits_dims` (probabilities).
+/// An error unless `b` holds elements of `dtype` (normax-cuda's check, made before anything is
+/// enqueued).
+fn expect_dtype(name: &str, b: Buf, dtype: cu::DType) -> Result<(), Error> {
+    if b.dtype != dtype {
+        return Err(Error::Value(format!(
+            "{name}: expected {dtype:?} elements, got {:?}",
+            b.dtype
+        )));
+    }
+    Ok(())
+}
+
+/// The class ids (int64, or int32 widened into `widened`) or probabilities (the logits' dtype)
+/// of `target`, whose shape must be `rows_dims` (ids) or `logits_dims` (probabilities).
 fn ce_target<'f>(
     frame: &'f Frame,
     s: Stream,
-    target: &Buffer<'_>,
+    (target, logits): (&Buffer<'_>, Buf),
     (rows_dims, logits_dims): (&[i64], &[i64]),
     widened: &mut Option<Scratch<'f>>,
 ) -> Result<cu::CeTarget, Error> {
@@ -205,7 +217,9 @@ fn ce_target<'f>(
         DType::S64 | DType::S32 => target.expect_same(rows_dims)?,
         _ => {
             target.expect_same(logits_dims)?;
-            return Ok(cu::Target::Probs(floats(target)?));
+            let probs = floats(target)?;
+            expect_dtype("target", probs, logits.dtype)?;
+            return Ok(cu::Target::Probs(probs));
         }
     }
     let len = target.len();
@@ -248,9 +262,16 @@ fn cross_entropy(frame: &Frame) -> Result<(), Error> {
         ..opts
     }
     .check(cols)?;
+    expect_dtype("loss", loss, cu::DType::F32)?;
+    if let Some(g) = grad {
+        expect_dtype("grad", g, x.dtype)?;
+    }
+    if cols == 0 && loss.len > 0 {
+        return Err(Error::Value("logits: the class axis is empty".into()));
+    }
     let s = stream(frame)?;
     let mut widened = None;
-    let t = ce_target(frame, s, &target, (rows_dims, dims), &mut widened)?;
+    let t = ce_target(frame, s, (&target, x), (rows_dims, dims), &mut widened)?;
     // The per-row gradient, d(loss_row)/d(logits_row): a scale of 1 for every row.
     let unit = match grad {
         Some(_) => {
