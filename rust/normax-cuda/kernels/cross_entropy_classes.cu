@@ -405,3 +405,9 @@ __device__ void ce_backward_rows(const T* x, i64 rows, int cols, CeArgs a, const
     NX_CE_TWO(name, T, V, true, _smooth)
 
 NX_TYPES(NX_CE_TWO_TYPE)
+
+// int32 class ids (JAX's integers without x64) widened to the int64 ids the kernels read.
+extern "C" __global__ void widen_ids(const int* ids, i64 n, i64* out) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = ids[i];
+}

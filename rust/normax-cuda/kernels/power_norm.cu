@@ -190,6 +190,13 @@ extern "C" __global__ void power_sum_parts(const float* part, int parts, i64 col
     out[c] = s;
 }
 
+// A boolean pad mask (one byte per token, nonzero = padding: XLA's PRED) as the float32 mask the
+// passes read.
+extern "C" __global__ void power_widen_mask(const unsigned char* mask, i64 n, float* out) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = mask[i] ? 1.0f : 0.0f;
+}
+
 #define NX_POWER_ROWS(name, T, V)                                                                         \
     extern "C" __global__ void __launch_bounds__(1024) power_scale_##name##_v##V(                         \
         const T* x, float* s, i64 rows, i64 cg, float eps) {                                              \

@@ -62,13 +62,17 @@ __device__ void softmax_rows(const T* x, T* y, i64 rows, i64 cols, i64 chunk, in
     }
 }
 
+// The row's lse into out and, where `sign` is not null, the sign of its sum of exponentials: 1, or
+// 0 for an all -inf row (lse -inf), NaN for NaN (the CPU's logsumexp without b).
 template <class T>
-__device__ void logsumexp_rows(const float2* part, int chunks, i64 rows, T* out) {
+__device__ void logsumexp_rows(const float2* part, int chunks, i64 rows, T* out, T* sign) {
     i64 r = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     float2 st = make_float2(-NX_INF, 0.0f);
     for (int c = 0; c < chunks; ++c) st = MaxSum()(st, part[r * chunks + c]);
-    out[r] = from_f32<T>(st.x + logf(st.y));
+    float lse = st.x + logf(st.y);
+    out[r] = from_f32<T>(lse);
+    if (sign) sign[r] = from_f32<T>(lse != lse ? lse : lse == -NX_INF ? 0.0f : 1.0f);
 }
 
 // Backward. mode 0 (softmax): dx = y (dy - sum(dy y)); mode 1 (log_softmax): dx = dy - exp(y) sum(dy).
@@ -252,8 +256,9 @@ __device__ void softmax_backward_cached_rows(const T* y, const T* dy, T* dx, i64
 #define NX_SOFTMAX_TYPE(name, T, V)                                                                     \
     NX_SOFTMAX(name, T, 1)                                                                              \
     NX_SOFTMAX(name, T, V)                                                                              \
-    extern "C" __global__ void logsumexp_##name(const float2* part, int chunks, i64 rows, T* out) {     \
-        logsumexp_rows<T>(part, chunks, rows, out);                                                     \
+    extern "C" __global__ void logsumexp_##name(const float2* part, int chunks, i64 rows, T* out,       \
+                                                T* sign) {                                              \
+        logsumexp_rows<T>(part, chunks, rows, out, sign);                                               \
     }                                                                                                   \
     NX_SOFTMAX_CACHED(name, T, V, 1)                                                                    \
     NX_SOFTMAX_CACHED(name, T, V, 2)                                                                    \

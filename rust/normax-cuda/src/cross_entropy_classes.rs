@@ -5,7 +5,7 @@
 
 use crate::cross_entropy::CeArgs;
 use crate::device::{launch, memset_u32, params, with_device, Device, Kernel};
-use crate::launch::{check, ptr, size, vector_width};
+use crate::launch::{check, launch_flat, ptr, size, vector_width};
 use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, CeOptions, DType, Error, Indices, Result, Stream};
 use normax_core::spec::Reduction;
@@ -296,6 +296,23 @@ pub fn cross_entropy_backward(
                 ],
             )
         }
+    })
+}
+
+/// int32 class ids at `ids` (`out.len` of them, device memory) widened into `out`, the int64 ids
+/// the kernels read (JAX's integers are int32 without x64).
+pub fn widen_class_ids(s: Stream, ids: u64, out: Indices) -> Result<()> {
+    if out.len == 0 {
+        return Ok(());
+    }
+    if ids == 0 || out.ptr == 0 {
+        return Err(Error::Value("target: null device address".into()));
+    }
+    with_device(s.device, |d| {
+        let f = d.kernel(KernelKey::untyped(Op::WidenIds))?;
+        let n = out.len as i64;
+        // Safety: `ids` holds n int32 values and `out` n int64 ones (the caller's buffers).
+        unsafe { launch_flat(f, out.len, s, &mut params![ids, n, out.ptr]) }
     })
 }
 

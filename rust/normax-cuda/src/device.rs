@@ -12,7 +12,7 @@
 
 use crate::compile::{compile, ensure_nvrtc};
 use crate::table::{KernelKey, Table};
-use crate::{Error, Result, Stream};
+use crate::{Buf, DType, Error, Result, Stream};
 use cudarc::driver::sys::{self, CUdevice_attribute as Attr, CUresult};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -40,25 +40,64 @@ pub(crate) struct Kernel {
 /// One call the host code would make of the driver, as the recorder lists it: `event` is
 /// "launch", "memset", "alloc" or "free"; a launch names its kernel and gives its grid and
 /// block; the others name the driver call and give their size in `grid.0` (32-bit words for a
-/// memset, bytes for alloc and free), the rest of `grid` and `block` 1.
+/// memset, bytes for alloc and free), the rest of `grid` and `block` 1. `stream` is the
+/// `CUstream` it was enqueued on; `args` a launch's kernel arguments (see [`Arg::value`]; the
+/// memset's address; empty for the others), so a caller's test can check which buffers a kernel
+/// was given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub event: &'static str,
     pub name: String,
     pub grid: (u64, u64, u64),
     pub block: (u32, u32, u32),
+    pub stream: u64,
+    pub args: Vec<Option<u64>>,
 }
 
 impl Event {
-    fn sized(event: &'static str, name: &str, size: usize) -> Event {
+    fn sized(event: &'static str, name: &str, size: usize, stream: Stream) -> Event {
         Event {
             event,
             name: name.to_string(),
             grid: (size as u64, 1, 1),
             block: (1, 1, 1),
+            stream: stream.handle,
+            args: Vec::new(),
         }
     }
 }
+
+/// One kernel argument: its address (what `cuLaunchKernel` takes) and its size (what the
+/// recorder reads back). Made by [`params!`] from a local that must outlive the launch.
+#[derive(Clone, Copy)]
+pub(crate) struct Arg {
+    ptr: *mut c_void,
+    size: usize,
+}
+
+impl Arg {
+    pub(crate) fn of<T: Copy>(value: &T) -> Arg {
+        Arg {
+            ptr: value as *const T as *mut c_void,
+            size: std::mem::size_of::<T>(),
+        }
+    }
+
+    /// The argument as an integer where it is one of 4 or 8 bytes (a device address, an
+    /// integer, a float's bits); None for the argument blocks (structs, which may hold padding).
+    ///
+    /// Safety: the value `of` was made from is still alive.
+    unsafe fn value(self) -> Option<u64> {
+        match self.size {
+            4 => Some(u64::from(self.ptr.cast::<u32>().read_unaligned())),
+            8 => Some(self.ptr.cast::<u64>().read_unaligned()),
+            _ => None,
+        }
+    }
+}
+
+/// The most arguments a kernel takes (the launch copies their addresses to the stack).
+const MAX_ARGS: usize = 16;
 
 thread_local! {
     static RECORD: RefCell<Option<Vec<Event>>> = const { RefCell::new(None) };
@@ -296,8 +335,8 @@ impl Device {
     }
 }
 
-/// Launches `f` with `grid` blocks of `block` threads on `stream`. `params` point at the
-/// kernel's arguments, in order and of exactly the kernel's parameter types.
+/// Launches `f` with `grid` blocks of `block` threads on `stream`. `params` are the kernel's
+/// arguments, in order and of exactly the kernel's parameter types.
 ///
 /// Safety: the arguments must match the kernel's signature and every address in them must be
 /// valid device memory of the sizes the kernel reads and writes.
@@ -306,7 +345,7 @@ pub(crate) unsafe fn launch(
     grid: u32,
     block: (u32, u32),
     stream: Stream,
-    params: &mut [*mut c_void],
+    params: &mut [Arg],
 ) -> Result<()> {
     launch_2d(f, (grid, 1), block, stream, params)
 }
@@ -317,13 +356,29 @@ pub(crate) unsafe fn launch(
 ///
 /// Safety: `ptr` must be valid device memory of `count` 4-byte-aligned words.
 pub(crate) unsafe fn memset_u32(ptr: u64, value: u32, count: usize, stream: Stream) -> Result<()> {
-    if recorded(|| Event::sized("memset", "cuMemsetD32Async", count)) {
+    let event = || Event {
+        args: vec![Some(ptr)],
+        ..Event::sized("memset", "cuMemsetD32Async", count, stream)
+    };
+    if recorded(event) {
         return Ok(());
     }
     ok(
         sys::cuMemsetD32Async(ptr, value, count, stream.handle as sys::CUstream),
         "cuMemsetD32Async",
     )
+}
+
+/// Sets the `b.len` float32 elements of `b` to `value`, enqueued on `s` (a memset: no kernel).
+pub fn fill_f32(s: Stream, b: Buf, value: f32) -> Result<()> {
+    crate::launch::check("fill", &b, DType::F32, b.len)?;
+    if b.len == 0 {
+        return Ok(());
+    }
+    // Safety: b holds b.len float32 elements (4-byte words) of device memory.
+    with_device(s.device, |_| unsafe {
+        memset_u32(b.ptr, value.to_bits(), b.len, s)
+    })
 }
 
 /// Stream-ordered device scratch, freed (also stream-ordered) when dropped.
@@ -338,7 +393,7 @@ pub(crate) struct Scratch {
 impl Scratch {
     pub(crate) fn new(bytes: usize, stream: Stream) -> Result<Scratch> {
         let bytes = bytes.max(1);
-        if recorded(|| Event::sized("alloc", "cuMemAllocAsync", bytes)) {
+        if recorded(|| Event::sized("alloc", "cuMemAllocAsync", bytes, stream)) {
             return Ok(Scratch {
                 ptr: 0,
                 bytes,
@@ -364,7 +419,7 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if self.dry_run {
-            recorded(|| Event::sized("free", "cuMemFreeAsync", self.bytes));
+            recorded(|| Event::sized("free", "cuMemFreeAsync", self.bytes, self.stream));
             return;
         }
         // Safety: allocated by cuMemAllocAsync on this stream; the kernels using it were enqueued
@@ -375,10 +430,10 @@ impl Drop for Scratch {
     }
 }
 
-/// Pointers to the kernel arguments, for [`launch`]; the arguments must outlive the call.
+/// The kernel arguments ([`Arg`]s), for [`launch`]; the arguments must outlive the call.
 macro_rules! params {
     ($($a:expr),* $(,)?) => {
-        [$(&$a as *const _ as *mut std::ffi::c_void),*]
+        [$($crate::device::Arg::of(&$a)),*]
     };
 }
 pub(crate) use params;
@@ -389,16 +444,30 @@ pub(crate) unsafe fn launch_2d(
     grid: (u32, u32),
     block: (u32, u32),
     stream: Stream,
-    params: &mut [*mut c_void],
+    params: &mut [Arg],
 ) -> Result<()> {
     let event = || Event {
         event: "launch",
         name: f.key.name(),
         grid: (grid.0.into(), grid.1.into(), 1),
         block: (block.0, block.1, 1),
+        stream: stream.handle,
+        // Safety: the caller keeps the arguments alive for the call.
+        args: params.iter().map(|a| unsafe { a.value() }).collect(),
     };
+    if params.len() > MAX_ARGS {
+        return Err(Error::Device(format!(
+            "{}: {} kernel arguments, at most {MAX_ARGS}",
+            f.key.name(),
+            params.len()
+        )));
+    }
     if recorded(event) {
         return Ok(());
+    }
+    let mut pointers = [std::ptr::null_mut(); MAX_ARGS];
+    for (p, a) in pointers.iter_mut().zip(params.iter()) {
+        *p = a.ptr;
     }
     ok(
         sys::cuLaunchKernel(
@@ -411,7 +480,7 @@ pub(crate) unsafe fn launch_2d(
             1,
             0,
             stream.handle as sys::CUstream,
-            params.as_mut_ptr(),
+            pointers.as_mut_ptr(),
             std::ptr::null_mut(),
         ),
         "cuLaunchKernel",

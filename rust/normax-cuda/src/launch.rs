@@ -2,10 +2,9 @@
 //! to 2-D grids ([`ColumnPlan`]), which kernel instantiation runs, the buffer checks, and the one
 //! sequence for rows split across blocks (partial statistics into scratch, then the row pass).
 
-use crate::device::{launch, launch_2d, params, Device, Kernel, Scratch};
+use crate::device::{launch, launch_2d, params, Arg, Device, Kernel, Scratch};
 use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, DType, Error, Result, Stream};
-use std::ffi::c_void;
 
 /// How rows map to blocks: `block.0` threads per row, `block.1` rows per block, and each row
 /// cut in `chunks` pieces of `chunk` elements (one block each).
@@ -136,12 +135,7 @@ pub(crate) fn ptr(b: Option<Buf>) -> u64 {
 const FLAT_BLOCK: u32 = 256;
 
 /// Launches `f` with one thread per element of `n`. Safety: as [`launch`].
-pub(crate) unsafe fn launch_flat(
-    f: Kernel,
-    n: usize,
-    s: Stream,
-    args: &mut [*mut c_void],
-) -> Result<()> {
+pub(crate) unsafe fn launch_flat(f: Kernel, n: usize, s: Stream, args: &mut [Arg]) -> Result<()> {
     let grid = u32::try_from(n.div_ceil(FLAT_BLOCK as usize))
         .map_err(|_| Error::Value(format!("too many elements for one launch: {n}")))?;
     launch(f, grid, (FLAT_BLOCK, 1), s, args)
@@ -207,33 +201,23 @@ impl<'d> RowLaunch<'d> {
     }
 
     /// Launches `op` (of the variant) on the plan's grid. Safety: as [`launch`].
-    pub(crate) unsafe fn run(
-        &mut self,
-        op: Op,
-        variant: Variant,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
+    pub(crate) unsafe fn run(&mut self, op: Op, variant: Variant, args: &mut [Arg]) -> Result<()> {
         let f = self.d.kernel(KernelKey::new(op, self.dtype, variant))?;
         launch(f, self.p.grid, self.p.block, self.s, args)
     }
 
     /// [`run`](Self::run) of the vectorized variant the plan picked.
-    pub(crate) unsafe fn run_vec(&mut self, op: Op, args: &mut [*mut c_void]) -> Result<()> {
+    pub(crate) unsafe fn run_vec(&mut self, op: Op, args: &mut [Arg]) -> Result<()> {
         self.run(op, Variant::Vec(self.p.vec), args)
     }
 
     /// The partial row statistics of `<op>` (vectorized): `bytes` per piece of row in
     /// stream-ordered scratch, whose address the kernel takes after `args`, its last parameter.
     /// Safety: as [`launch`].
-    pub(crate) unsafe fn stats(
-        &mut self,
-        op: Op,
-        bytes: usize,
-        args: &[*mut c_void],
-    ) -> Result<Scratch> {
+    pub(crate) unsafe fn stats(&mut self, op: Op, bytes: usize, args: &[Arg]) -> Result<Scratch> {
         let sc = Scratch::new(self.rows * self.p.chunks as usize * bytes, self.s)?;
         let mut all = args.to_vec();
-        all.push(&sc.ptr as *const u64 as *mut c_void);
+        all.push(Arg::of(&sc.ptr));
         self.run_vec(op, &mut all)?;
         Ok(sc)
     }
@@ -244,7 +228,7 @@ impl<'d> RowLaunch<'d> {
         &mut self,
         op: Op,
         bytes: usize,
-        args: &[*mut c_void],
+        args: &[Arg],
     ) -> Result<Option<Scratch>> {
         if self.p.chunks == 1 {
             return Ok(None);
@@ -288,7 +272,7 @@ pub fn column_plan(rows: usize, cols: usize, sms: u32) -> Result<ColumnPlan> {
 
 impl ColumnPlan {
     /// Launches the column pass `f` on this grid. Safety: as [`launch`].
-    pub(crate) unsafe fn run(&self, f: Kernel, s: Stream, args: &mut [*mut c_void]) -> Result<()> {
+    pub(crate) unsafe fn run(&self, f: Kernel, s: Stream, args: &mut [Arg]) -> Result<()> {
         launch_2d(f, (self.tiles, self.parts), COLUMN_BLOCK, s, args)
     }
 }

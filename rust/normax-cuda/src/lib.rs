@@ -33,12 +33,15 @@ pub use cross_entropy::{
     ShardRows,
 };
 pub use cross_entropy_classes::{
-    ce_workspace_len, cross_entropy_backward, cross_entropy_forward, CeGrad, CeRows, CeSaved,
+    ce_workspace_len, cross_entropy_backward, cross_entropy_forward, widen_class_ids, CeGrad,
+    CeRows, CeSaved,
 };
-pub use device::{device_name, record, Event};
+pub use device::{device_name, fill_f32, record, Event};
 pub use launch::{column_plan, plan, ColumnPlan, Plan};
 pub use norms::{norm_backward, norm_forward, norm_workspace, NormParamGrads};
-pub use power_norm::{power_norm_backward, power_norm_forward, PowerGradIn, PowerOut, PowerShape};
+pub use power_norm::{
+    power_norm_backward, power_norm_forward, widen_pad_mask, PowerGradIn, PowerOut, PowerShape,
+};
 pub use softmax::{logsumexp, softmax, softmax_backward};
 pub use stablemax::stablemax;
 

@@ -5,7 +5,7 @@
 //! arrays, which the caller reads back (one host synchronization per training call).
 
 use crate::device::{params, with_device, Device, Scratch};
-use crate::launch::{check, check_opt, column_plan, ptr, size, sum_parts, RowLaunch};
+use crate::launch::{check, check_opt, column_plan, launch_flat, ptr, size, sum_parts, RowLaunch};
 use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, DType, Error, Result, Stream};
 
@@ -22,7 +22,7 @@ pub struct PowerShape {
 
 impl PowerShape {
     /// The element count, after checking the grouping and `eps`.
-    fn check(&self, eps: f32) -> Result<usize> {
+    pub fn check(&self, eps: f32) -> Result<usize> {
         if self.channels == 0 {
             return Err(Error::Value("x: the channel axis is empty".into()));
         }
@@ -228,6 +228,24 @@ pub fn power_norm_backward(
         // are read when there are no tokens).
         unsafe { cp.run(f, s, &mut a)? };
         sum_parts(d, s, SUM, part.ptr, cp.parts, 3 * ch, sums.ptr)
+    })
+}
+
+/// A boolean pad mask at `mask` (`out.len` bytes of device memory, nonzero = padding) as the
+/// float32 mask of [`power_norm_forward`], into `out`.
+pub fn widen_pad_mask(s: Stream, mask: u64, out: Buf) -> Result<()> {
+    check("pad_mask", &out, DType::F32, out.len)?;
+    if out.len == 0 {
+        return Ok(());
+    }
+    if mask == 0 {
+        return Err(Error::Value("pad_mask: null device address".into()));
+    }
+    with_device(s.device, |d| {
+        let f = d.kernel(KernelKey::untyped(Op::PowerWidenMask))?;
+        let n = out.len as i64;
+        // Safety: `mask` holds n bytes and `out` n floats (the caller's buffers).
+        unsafe { launch_flat(f, out.len, s, &mut params![mask, n, out.ptr]) }
     })
 }
 

@@ -1,7 +1,7 @@
 //! softmax, log_softmax, logsumexp and their backward (kernels/softmax.cu).
 
 use crate::device::{params, with_device};
-use crate::launch::{check, launch_flat, size, RowLaunch};
+use crate::launch::{check, check_opt, launch_flat, ptr, size, RowLaunch};
 use crate::table::{KernelKey, Op, Variant};
 use crate::{Buf, Error, Result, Stream};
 
@@ -49,11 +49,20 @@ pub fn softmax(s: Stream, x: Buf, y: Buf, rows: usize, cols: usize, log: bool) -
     })
 }
 
-/// log-sum-exp of each row into `out` (`rows` elements of x's dtype).
-pub fn logsumexp(s: Stream, x: Buf, out: Buf, rows: usize, cols: usize) -> Result<()> {
+/// log-sum-exp of each row into `out` (`rows` elements of x's dtype) and, where given, the sign of
+/// each row's sum of exponentials into `sign` (like `out`): 1, 0 for an all -inf row, NaN for NaN.
+pub fn logsumexp(
+    s: Stream,
+    x: Buf,
+    out: Buf,
+    sign: Option<Buf>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     let n = size(rows, cols)?;
     check("x", &x, x.dtype, n)?;
     check("out", &out, x.dtype, rows)?;
+    check_opt("sign", sign, x.dtype, rows)?;
     if rows == 0 {
         return Ok(());
     }
@@ -74,13 +83,14 @@ pub fn logsumexp(s: Stream, x: Buf, out: Buf, rows: usize, cols: usize) -> Resul
         let f = r
             .device()
             .kernel(KernelKey::new(Op::Logsumexp, x.dtype, Variant::Plain))?;
-        // Safety: the partials written above and `out` of `rows` elements.
+        let sign_ptr = ptr(sign);
+        // Safety: the partials written above, `out` and `sign` (or null) of `rows` elements.
         unsafe {
             launch_flat(
                 f,
                 rows,
                 s,
-                &mut params![part.ptr, chunks_i, rows_i, out.ptr],
+                &mut params![part.ptr, chunks_i, rows_i, out.ptr, sign_ptr],
             )
         }
     })
@@ -182,24 +192,33 @@ mod tests {
         Buf { ptr, dtype, len }
     }
 
-    fn launch(name: &str, grid: u64, threads: u32) -> Event {
+    const STREAM: u64 = 0x5eed;
+
+    /// A recorded launch on `STREAM` with the kernel arguments `args` (all 4 or 8 bytes here).
+    fn launch(name: &str, grid: u64, threads: u32, args: &[u64]) -> Event {
         let (event, name) = ("launch", name.to_string());
         let (grid, block) = ((grid, 1, 1), (threads, 1, 1));
+        let args = args.iter().copied().map(Some).collect();
         Event {
             event,
             name,
             grid,
             block,
+            stream: STREAM,
+            args,
         }
     }
 
-    fn sized(event: &'static str, name: &str, size: u64) -> Event {
+    fn sized(event: &'static str, name: &str, size: u64, stream: u64) -> Event {
         let (name, grid, block) = (name.to_string(), (size, 1, 1), (1, 1, 1));
+        let args = Vec::new();
         Event {
             event,
             name,
             grid,
             block,
+            stream,
+            args,
         }
     }
 
@@ -210,27 +229,33 @@ mod tests {
     fn the_recorder_lists_the_launch_sequence() {
         let s = Stream {
             device: 3,
-            handle: 0x5eed,
+            handle: STREAM,
         };
         assert_eq!(record(true), None);
         let (rows, cols) = (4096, 4096);
         let x = f32s(1 << 20, rows * cols);
         let y = f32s(1 << 30, rows * cols);
         softmax(s, x, y, rows, cols, false).unwrap();
-        // 1024 vectors of 4 per row: 256 threads hold 4 packs each.
-        let cached = vec![launch("softmax_cached_f32_p4", 4096, 256)];
+        // 1024 vectors of 4 per row: 256 threads hold 4 packs each. The arguments: x, y, rows,
+        // cols, log = 0.
+        let args = [1 << 20, 1 << 30, 4096, 4096, 0];
+        let cached = vec![launch("softmax_cached_f32_p4", 4096, 256, &args)];
         assert_eq!(record(true), Some(cached));
 
         let (rows, cols) = (4, 65536);
         let x = f32s(1 << 20, rows * cols);
         let y = f32s(1 << 30, rows * cols);
         softmax(s, x, y, rows, cols, true).unwrap();
-        // 4 rows on 132 SMs: each cut in 16 pieces of 4096, one (max, sum) pair per piece.
+        // 4 rows on 132 SMs: each cut in 16 pieces of 4096, one (max, sum) pair per piece, in
+        // scratch (address 0 in the recorder).
+        let (dims, part) = ([4, 65536, 4096, 16], 0);
+        let stats = [&[1 << 20][..], &dims, &[part]].concat();
+        let rows = [&[1 << 20, 1 << 30][..], &dims, &[part, 1]].concat();
         let split = vec![
-            sized("alloc", "cuMemAllocAsync", 4 * 16 * 8),
-            launch("max_sum_part_f32_v4", 64, 512),
-            launch("softmax_f32_v4", 64, 512),
-            sized("free", "cuMemFreeAsync", 4 * 16 * 8),
+            sized("alloc", "cuMemAllocAsync", 4 * 16 * 8, STREAM),
+            launch("max_sum_part_f32_v4", 64, 512, &stats),
+            launch("softmax_f32_v4", 64, 512, &rows),
+            sized("free", "cuMemFreeAsync", 4 * 16 * 8, STREAM),
         ];
         assert_eq!(record(false), Some(split));
         assert_eq!(record(false), None);
@@ -245,7 +270,10 @@ mod tests {
         };
         // Safety: recorded, never run.
         with_device(0, |_| unsafe { memset_u32(1 << 20, 0, 3, s) }).unwrap();
-        let memset = sized("memset", "cuMemsetD32Async", 3);
+        let memset = Event {
+            args: vec![Some(1 << 20)],
+            ..sized("memset", "cuMemsetD32Async", 3, 0)
+        };
         assert_eq!(record(false), Some(vec![memset]));
     }
 }

@@ -92,6 +92,7 @@ kernels! {
     CeForwardSmooth: "cross_entropy" "ce_forward_smooth" Vec,
     CeBackward: "cross_entropy" "ce_backward" Vec,
     CeBackwardSmooth: "cross_entropy" "ce_backward_smooth" Vec,
+    WidenIds: "cross_entropy" "widen_ids" Untyped,
     NormForward: "norms" "norm_forward" Listed,
     NormForwardWx: "norms" "norm_forward_wx" Listed,
     NormBackward: "norms" "norm_backward" Listed,
@@ -102,6 +103,7 @@ kernels! {
     PowerBackward: "power_norm" "power_backward" Vec,
     PowerParamPart: "power_norm" "power_param_part" Plain,
     PowerSumParts: "power_norm" "power_sum_parts" Untyped,
+    PowerWidenMask: "power_norm" "power_widen_mask" Untyped,
 }
 
 /// One kernel instantiation: the op, its element type (None for the untyped kernels) and the

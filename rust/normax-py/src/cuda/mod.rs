@@ -172,17 +172,40 @@ fn cuda_nvrtc_probes() -> usize {
 
 /// One recorded driver call: (event, kernel or driver call, grid, block).
 type Recorded = (&'static str, String, (u64, u64, u64), (u32, u32, u32));
+/// A recorded driver call with its stream and arguments: [`Recorded`], the CUstream, the kernel
+/// arguments (None for argument blocks; a memset's address).
+type RecordedCall = (
+    &'static str,
+    String,
+    (u64, u64, u64),
+    (u32, u32, u32),
+    u64,
+    Vec<Option<u64>>,
+);
 
 /// Turns this thread's dry-run recorder on or off; what it recorded since the previous call
-/// (None where it was off). See normax-cuda's `record`.
+/// (None where it was off), as [`Recorded`] tuples or, with `arguments`, [`RecordedCall`]s. See
+/// normax-cuda's `record`.
 #[pyfunction]
-fn cuda_record(on: bool) -> Option<Vec<Recorded>> {
-    cu::record(on).map(|events| {
-        events
+#[pyo3(signature = (on, arguments = false))]
+fn cuda_record(py: Python<'_>, on: bool, arguments: bool) -> PyResult<Option<Py<PyAny>>> {
+    let Some(events) = cu::record(on) else {
+        return Ok(None);
+    };
+    let list = if arguments {
+        let calls: Vec<RecordedCall> = events
+            .into_iter()
+            .map(|e| (e.event, e.name, e.grid, e.block, e.stream, e.args))
+            .collect();
+        calls.into_pyobject(py)?.into_any().unbind()
+    } else {
+        let calls: Vec<Recorded> = events
             .into_iter()
             .map(|e| (e.event, e.name, e.grid, e.block))
-            .collect()
-    })
+            .collect();
+        calls.into_pyobject(py)?.into_any().unbind()
+    };
+    Ok(Some(list))
 }
 
 #[pyfunction]

@@ -29,7 +29,7 @@ fn cuda_logsumexp(
 ) -> PyResult<()> {
     let (c, (rows, cols)) = (Call::new(stream), shape);
     let (x, o) = (c.buf(x, "x")?, c.buf(out, "out")?);
-    c.run(py, |s| cu::logsumexp(s, x, o, rows, cols))
+    c.run(py, |s| cu::logsumexp(s, x, o, None, rows, cols))
 }
 
 #[pyfunction]

@@ -28,6 +28,8 @@ pub(crate) const XLA_FFI_DATA_TYPE_S32: XLA_FFI_DataType = 4;
 pub(crate) const XLA_FFI_DATA_TYPE_S64: XLA_FFI_DataType = 5;
 pub(crate) const XLA_FFI_DATA_TYPE_F32: XLA_FFI_DataType = 11;
 pub(crate) const XLA_FFI_DATA_TYPE_F64: XLA_FFI_DataType = 12;
+pub(crate) const XLA_FFI_DATA_TYPE_F16: XLA_FFI_DataType = 10;
+pub(crate) const XLA_FFI_DATA_TYPE_BF16: XLA_FFI_DataType = 16;
 
 /// `XLA_FFI_ArgType` / `XLA_FFI_RetType`: buffers are the only kind.
 pub(crate) const XLA_FFI_ARG_TYPE_BUFFER: i32 = 1;
@@ -39,10 +41,6 @@ pub(crate) const XLA_FFI_ATTR_TYPE_STRING: i32 = 4;
 
 /// `XLA_FFI_ExecutionStage_EXECUTE`: the only stage a plain capsule handler is registered for.
 pub(crate) const XLA_FFI_EXECUTION_STAGE_EXECUTE: i32 = 3;
-
-/// `XLA_FFI_Handler_Traits` bit: the handler may be captured in a CUDA graph.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) const XLA_FFI_HANDLER_TRAITS_COMMAND_BUFFER_COMPATIBLE: u32 = 1;
 
 /// Opaque types only XLA looks inside.
 #[repr(C)]
@@ -153,6 +151,33 @@ pub(crate) struct XLA_FFI_Stream_Get_Args {
 }
 
 #[repr(C)]
+pub(crate) struct XLA_FFI_DeviceMemory_Allocate_Args {
+    pub struct_size: usize,
+    pub extension_start: *mut XLA_FFI_Extension_Base,
+    pub ctx: *mut XLA_FFI_ExecutionContext,
+    pub size: usize,
+    pub alignment: usize,
+    pub data: *mut c_void,
+}
+
+#[repr(C)]
+pub(crate) struct XLA_FFI_DeviceMemory_Free_Args {
+    pub struct_size: usize,
+    pub extension_start: *mut XLA_FFI_Extension_Base,
+    pub ctx: *mut XLA_FFI_ExecutionContext,
+    pub size: usize,
+    pub data: *mut c_void,
+}
+
+#[repr(C)]
+pub(crate) struct XLA_FFI_DeviceOrdinal_Get_Args {
+    pub struct_size: usize,
+    pub extension_start: *mut XLA_FFI_Extension_Base,
+    pub ctx: *mut XLA_FFI_ExecutionContext,
+    pub device_ordinal: i32,
+}
+
+#[repr(C)]
 pub(crate) struct XLA_FFI_TypeId {
     pub type_id: i64,
 }
@@ -182,6 +207,12 @@ pub(crate) type XLA_FFI_Error_Create =
     unsafe extern "C" fn(args: *mut XLA_FFI_Error_Create_Args) -> *mut XLA_FFI_Error;
 pub(crate) type XLA_FFI_Stream_Get =
     unsafe extern "C" fn(args: *mut XLA_FFI_Stream_Get_Args) -> *mut XLA_FFI_Error;
+pub(crate) type XLA_FFI_DeviceMemory_Allocate =
+    unsafe extern "C" fn(args: *mut XLA_FFI_DeviceMemory_Allocate_Args) -> *mut XLA_FFI_Error;
+pub(crate) type XLA_FFI_DeviceMemory_Free =
+    unsafe extern "C" fn(args: *mut XLA_FFI_DeviceMemory_Free_Args) -> *mut XLA_FFI_Error;
+pub(crate) type XLA_FFI_DeviceOrdinal_Get =
+    unsafe extern "C" fn(args: *mut XLA_FFI_DeviceOrdinal_Get_Args) -> *mut XLA_FFI_Error;
 
 /// A function slot of `XLA_FFI_Api` this subset does not call.
 type Unused = Option<unsafe extern "C" fn()>;
@@ -201,15 +232,15 @@ pub(crate) struct XLA_FFI_Api {
     execution_context_get: Unused,
     state_set: Unused,
     state_get: Unused,
-    device_memory_allocate: Unused,
-    device_memory_free: Unused,
+    pub device_memory_allocate: Option<XLA_FFI_DeviceMemory_Allocate>,
+    pub device_memory_free: Option<XLA_FFI_DeviceMemory_Free>,
     thread_pool_schedule: Unused,
     thread_pool_num_threads: Unused,
     future_create: Unused,
     future_set_available: Unused,
     future_set_error: Unused,
     run_id_get: Unused,
-    device_ordinal_get: Unused,
+    pub device_ordinal_get: Option<XLA_FFI_DeviceOrdinal_Get>,
 }
 
 /// A handler as XLA calls it: `XLA_FFI_Handler`.
@@ -230,6 +261,10 @@ const _: () = {
     assert!(XLA_FFI_CALL_FRAME_STRUCT_SIZE == 168);
     assert!(offset_of!(XLA_FFI_Api, error_create) == 48);
     assert!(offset_of!(XLA_FFI_Api, stream_get) == 80);
+    assert!(offset_of!(XLA_FFI_Api, device_memory_allocate) == 120);
+    assert!(offset_of!(XLA_FFI_Api, device_ordinal_get) == 184);
+    assert!(size_of::<XLA_FFI_DeviceMemory_Allocate_Args>() == 48);
+    assert!(offset_of!(XLA_FFI_DeviceOrdinal_Get_Args, device_ordinal) == 24);
     assert!(size_of::<XLA_FFI_Api>() == 48 + 18 * 8);
     assert!(offset_of!(XLA_FFI_Metadata, traits) == 32);
     assert!(XLA_FFI_METADATA_EXTENSION_STRUCT_SIZE == 32);

@@ -133,6 +133,9 @@ impl<'a> Raw<'a> {
             DType::F64 | DType::S64 => 8,
             DType::F32 | DType::S32 => 4,
             DType::Pred => 1,
+            // The CUDA handlers' 16-bit floats: their true size, or adjacent buffers would seem
+            // to overlap.
+            DType::Other(XLA_FFI_DATA_TYPE_F16 | XLA_FFI_DATA_TYPE_BF16) => 2,
             // Unknown dtypes are never viewed; up to 16 bytes an element covers every XLA type.
             DType::Other(_) => 16,
         };
@@ -189,6 +192,13 @@ impl<'a> Raw<'a> {
     /// The number of elements.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// The data's address, never dereferenced here: on CUDA it is device memory, which the
+    /// kernels read and write.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn address(&self) -> u64 {
+        self.data as u64
     }
 
     /// Dimension `i` counted from the end (0: the last), or an error naming the buffer.
@@ -520,6 +530,96 @@ impl<'a> Frame<'a> {
             return Err(Error::Device("XLA could not give the call's stream".into()));
         }
         Ok(args.stream)
+    }
+
+    /// The call's device ordinal (XLA's, the CUDA ordinal on CUDA).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_ordinal(&self) -> Result<i32, Error> {
+        // SAFETY: as in `stream`.
+        let api = unsafe { &*self.call.api };
+        let get = api
+            .device_ordinal_get
+            .ok_or_else(|| Error::Device("the FFI API has no device ordinal".into()))?;
+        let mut args = XLA_FFI_DeviceOrdinal_Get_Args {
+            struct_size: size_of::<XLA_FFI_DeviceOrdinal_Get_Args>(),
+            extension_start: std::ptr::null_mut(),
+            ctx: self.call.ctx,
+            device_ordinal: 0,
+        };
+        // SAFETY: as in `stream`.
+        if !unsafe { get(&mut args) }.is_null() {
+            return Err(Error::Device("XLA could not give the call's device".into()));
+        }
+        Ok(args.device_ordinal)
+    }
+
+    /// `size` bytes of device memory from XLA's allocator (null for 0 bytes), given back when
+    /// the result is dropped: before the handler returns, as XLA's own scratch allocator does
+    /// (XLA reuses it in its stream's order, after the work enqueued on that stream).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn allocate(
+        &self,
+        size: usize,
+        alignment: usize,
+    ) -> Result<DeviceMemory<'_>, Error> {
+        // SAFETY: as in `stream`.
+        let api = unsafe { &*self.call.api };
+        let mut memory = DeviceMemory {
+            api,
+            ctx: self.call.ctx,
+            ptr: 0,
+            size,
+        };
+        if size == 0 {
+            return Ok(memory);
+        }
+        let allocate = api
+            .device_memory_allocate
+            .ok_or_else(|| Error::Device("the FFI API has no allocator".into()))?;
+        let mut args = XLA_FFI_DeviceMemory_Allocate_Args {
+            struct_size: size_of::<XLA_FFI_DeviceMemory_Allocate_Args>(),
+            extension_start: std::ptr::null_mut(),
+            ctx: self.call.ctx,
+            size,
+            alignment,
+            data: std::ptr::null_mut(),
+        };
+        // SAFETY: as in `stream`.
+        if !unsafe { allocate(&mut args) }.is_null() || args.data.is_null() {
+            return Err(Error::Device(format!(
+                "XLA could not allocate {size} bytes of scratch"
+            )));
+        }
+        memory.ptr = args.data as u64;
+        Ok(memory)
+    }
+}
+
+/// Device memory of one call from XLA's allocator ([`Frame::allocate`]).
+#[cfg(feature = "cuda")]
+pub(crate) struct DeviceMemory<'a> {
+    api: &'a XLA_FFI_Api,
+    ctx: *mut XLA_FFI_ExecutionContext,
+    pub(crate) ptr: u64,
+    size: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for DeviceMemory<'_> {
+    fn drop(&mut self) {
+        let Some(free) = self.api.device_memory_free.filter(|_| self.ptr != 0) else {
+            return;
+        };
+        let mut args = XLA_FFI_DeviceMemory_Free_Args {
+            struct_size: size_of::<XLA_FFI_DeviceMemory_Free_Args>(),
+            extension_start: std::ptr::null_mut(),
+            ctx: self.ctx,
+            size: self.size,
+            data: self.ptr as *mut c_void,
+        };
+        // SAFETY: memory this call's allocator gave, returned once; a failed free leaves it to
+        // XLA (the error object is leaked, as in `Frame::stream`).
+        unsafe { free(&mut args) };
     }
 }
 

@@ -8,6 +8,8 @@
 pub(crate) mod api;
 pub(crate) mod batch;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub(crate) mod frame;
 mod linear;
 mod norms;
@@ -51,6 +53,8 @@ fn capsule(py: Python<'_>, handler: XLA_FFI_Handler) -> PyResult<Bound<'_, PyCap
 fn ffi_targets<'py>(py: Python<'py>, platform: &str) -> PyResult<Bound<'py, PyDict>> {
     let targets = match platform {
         "cpu" => cpu_targets(),
+        #[cfg(feature = "cuda")]
+        "CUDA" => cuda::TARGETS.to_vec(),
         _ => Vec::new(),
     };
     let dict = PyDict::new(py);
