@@ -146,7 +146,8 @@ class EmulatedKernels:
         t = _t(target)
         if t.dtype == torch.int64:
             t = t.reshape(rows)
-            ignored = (t == ignore) | (t < 0) | (t >= cols)
+            bad = (t != ignore) & ((t < 0) | (t >= cols))  # NaN rows, as jnp's fill
+            ignored = (t == ignore) | bad
             y = torch.where(ignored, 0, t)
             tvec = torch.nn.functional.one_hot(y, cols).double()
             # The kernels' Softmax-Collapse forms: lse - x_y = log1p(oth) and 1 - p_y =
@@ -158,13 +159,13 @@ class EmulatedKernels:
             q = torch.where(near, oth / (1 + oth), 1 - torch.exp(xy - lse))
             sum_wt = w[y]
         else:
-            ignored = torch.zeros(rows, dtype=torch.bool)
+            ignored = bad = torch.zeros(rows, dtype=torch.bool)
             tvec = t.reshape(rows, cols).double()
             target_term = (w * tvec * (lse[:, None] - x)).sum(-1)
             sum_wt = (w * tvec).sum(-1)
         smooth = (w * (lse[:, None] - x)).sum(-1)
         loss = (1 - eps) * target_term + eps / cols * smooth + z * lse**2
-        _vec(loss_rows, rows).copy_(torch.where(ignored, 0.0, loss))
+        _vec(loss_rows, rows).copy_(torch.where(bad, torch.nan, torch.where(ignored, 0.0, loss)))
         if grad is not None:
             s = _t(scale).double()
             s = s[0].expand(rows) if stride == 0 else s[:rows]
@@ -176,7 +177,7 @@ class EmulatedKernels:
                 g = g.scatter(1, y[:, None], ((res - a * q) * s)[:, None])
             if cap:
                 g = g * (1 - (x / cap) ** 2)
-            _rows(grad, rows, cols).copy_(g)
+            _rows(grad, rows, cols).copy_(torch.where(bad[:, None], torch.nan, g))
 
     # Class-index targets in two kernels (cross_entropy_classes.cu): the forward saves each row's lse (float32)
     # and, for "mean"/"sum", the denominator at workspace[2 * rows]; the backward reads them back as saved.

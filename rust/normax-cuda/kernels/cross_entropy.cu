@@ -145,7 +145,8 @@ __device__ void ce_part(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
 // What a row's loss and gradient need besides its statistics.
 struct CeRow {
     i64 y;         // the class index, -1 for probability targets
-    bool ignored;  // ignore_index (or out of range: refused by the caller, never read here)
+    bool ignored;  // ignore_index, or out of range (never read)
+    bool bad;      // out of range and not ignore_index: a NaN loss and gradient, as jnp's fill
     float lse, x_y, w_y;
     float d, q;    // a hard target's lse - x_y and 1 - p_y, relatively accurate (see the top)
 };
@@ -153,7 +154,8 @@ struct CeRow {
 __device__ __forceinline__ CeRow ce_row(const CeArgs& a, const CeStats& st, i64 row, i64 cols) {
     CeRow r;
     r.y = a.target ? a.target[row] : -1;
-    r.ignored = a.target && (r.y == a.ignore_index || r.y < 0 || r.y >= cols);
+    r.bad = a.target && r.y != a.ignore_index && (r.y < 0 || r.y >= cols);
+    r.ignored = a.target && (r.y == a.ignore_index || r.bad);
     r.lse = st.ms.x + logf(st.ms.y);
     bool hard = a.target && !r.ignored;
     r.x_y = hard ? st.xy : 0.0f;
@@ -168,7 +170,7 @@ __device__ __forceinline__ CeRow ce_row(const CeArgs& a, const CeStats& st, i64 
 }
 
 __device__ __forceinline__ float ce_loss(const CeArgs& a, const CeStats& st, const CeRow& r, i64 cols) {
-    if (r.ignored) return 0.0f;
+    if (r.ignored) return r.bad ? __int_as_float(0x7fc00000) : 0.0f;
     float target_term = a.target ? r.w_y * r.d : st.wt * r.lse - st.wtx;
     float loss = (1.0f - a.eps) * target_term;
     if (a.eps > 0.0f) loss += a.eps / (float)cols * (st.w * r.lse - st.wx);
@@ -199,7 +201,7 @@ __device__ __forceinline__ CeCoef ce_coef(const CeArgs& a, const CeStats& st, co
 // for a hard target's own class.
 __device__ __forceinline__ float ce_grad(const CeArgs& a, const CeRow& r, const CeCoef& k, float xc, float tc,
                                          float w, bool is_y) {
-    if (r.ignored) return 0.0f;
+    if (r.ignored) return r.bad ? __int_as_float(0x7fc00000) : 0.0f;
     float g = is_y ? k.res - k.a * r.q : fast_exp(xc - r.lse) * k.a - w * (k.b + k.t * tc);
     if (a.cap > 0.0f) {
         float u = xc / a.cap;

@@ -21,8 +21,8 @@
 //! - The reduced axis is the last one (`inner` 1): another axis is an error, moved last in jnp.
 //! - logsumexp without `b` (its sign is 1, 0 for an all -inf row, NaN for NaN).
 //! - cross_entropy: no stablemax variant; a class id out of range that is not `ignore_index`
-//!   scores as an ignored row (loss 0, gradient 0): the device cannot raise without the host
-//!   synchronizing, which these handlers never do.
+//!   gives that row a NaN loss and gradient (as `jnp.take_along_axis`'s fill): the device cannot
+//!   raise without the host synchronizing, which these handlers never do.
 //! - PowerNorm: the per-channel factors and sums are float32; the pad mask (bool) is widened to
 //!   the kernels' float32 mask in XLA's scratch.
 //! - No handlers for the vocabulary-parallel cross-entropy (its CUDA backward takes the sum of
