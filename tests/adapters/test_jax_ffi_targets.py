@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not hasattr(jax, "ffi"), reason="jax.ffi is miss
 TARGETS = {
     "normax_softmax", "normax_log_softmax", "normax_stablemax", "normax_log_stablemax", "normax_logsumexp",
     "normax_cross_entropy", "normax_norm_forward", "normax_norm_backward", "normax_power_norm_forward",
-    "normax_power_norm_backward", "normax_vocab_parallel_stats", "normax_vocab_parallel_backward",
+    "normax_power_norm_backward", "normax_vocab_parallel_stats", "normax_vocab_parallel_combine",
+    "normax_vocab_parallel_backward",
     "normax_linear_cross_entropy", "normax_vocab_parallel_linear_stats", "normax_vocab_parallel_linear_backward",
 }  # fmt: skip
 # float32 agreement: the same kernels, but float32 statistics and a different row grouping can
@@ -177,7 +178,7 @@ def test_cross_entropy_vmap_applies_each_batch_elements_weight():
 def test_bad_class_id_raises_normax_message():
     logits = np.zeros((3, 5), np.float32)
     target = np.array([0, 7, 1], np.int32)
-    with pytest.raises(Exception, match=r"target 7 at position 1 is out of range for 5 classes") as e:
+    with pytest.raises(Exception, match=r"target: class index 7 at position 1 is out of range \[0, 5\)") as e:
         ce_call(logits, target, ABSENT[np.float32], True)
     assert "INVALID_ARGUMENT" in str(e.value)
 
@@ -277,14 +278,20 @@ def test_power_norm_passes_match_core(dtype):
     x = rng.standard_normal((tokens, c)).astype(dtype)
     pad = rng.random(tokens) < 0.3
     scale, shift = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
-    attrs = {"channels": c, "groups": groups, "eps": eps}
+    attrs = {"groups": groups, "eps": eps}
     sumsq, y = call(
-        "normax_power_norm_forward", [((c,), dtype), (x.shape, dtype)], x, pad, scale, shift, **attrs
+        "normax_power_norm_forward", [((c,), dtype), (x.shape, dtype)], x, pad, scale, shift, stats=True, **attrs
     )
     options = _core.PowerNormOptions(c, groups, eps)
     ref_sumsq, ref_y = np.empty(c), np.empty_like(x)
     _core.power_norm_forward(options, x, pad, ref_sumsq, (scale, shift, ref_y))
     close(sumsq, ref_sumsq, dtype)
+    close(y, ref_y, dtype)
+    # Without stats the mask is not read: every token is normalized.
+    _, y = call(
+        "normax_power_norm_forward", [((0,), dtype), (x.shape, dtype)], x, pad, scale, shift, stats=False, **attrs
+    )
+    _core.power_norm_forward(options, x, None, None, (scale, shift, ref_y))
     close(y, ref_y, dtype)
     dy = rng.standard_normal((tokens, c)).astype(dtype)
     w, z, ema, d = (rng.uniform(0.5, 2, c).astype(dtype) for _ in range(4))
@@ -301,36 +308,51 @@ def vp_options(reduction="mean", **kw):
     return _core.CeOptions(reduction=reduction, **kw)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_vocab_parallel_stats_and_backward(reduction):
+def test_vocab_parallel_stats_combine_and_backward():
     dtype = np.float64
     rng = np.random.default_rng(8)
-    rows, classes, start, length = 5, 12, 4, 5
-    logits = rng.standard_normal((rows, length))
+    rows, classes, length = 5, 12, 4
+    logits = rng.standard_normal((rows, classes))
     target = np.array([0, 5, 8, 11, 6], np.int32)
     weight = rng.uniform(0.5, 2, classes)
-    opts = vp_options(reduction, label_smoothing=0.1)
-    ce = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 0.0, "softcap": 0.0}
-    ref_packed = _vocab_parallel.stats(logits, target, weight, start, opts)
-    packed = call(
-        "normax_vocab_parallel_stats",
-        (ref_packed.shape, dtype),
-        logits,
-        target,
-        weight,
-        vocab_start=start,
-        **ce,
-    )
-    close(packed, ref_packed, dtype)
-    lse = rng.standard_normal((rows, 2)) * [1, 1e-9]
-    denom = 3.5
-    go = rng.standard_normal(rows) if reduction == "none" else np.float64(0.7)
-    ref = _vocab_parallel.backward(logits, target, weight, lse, denom, go, start, classes, opts)
+    opts = vp_options("none", label_smoothing=0.1, z_loss=1e-3)
+    ce = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 0.0}
+    packed = []
+    for start in range(0, classes, length):
+        shard = logits[:, start : start + length]
+        ref_packed = _vocab_parallel.stats(shard, target, weight, start, opts)
+        got = call(
+            "normax_vocab_parallel_stats", (ref_packed.shape, dtype), shard, target, weight, np.int32(start), **ce
+        )
+        close(got, ref_packed, dtype)
+        packed.append(got)
+    gathered = np.stack(packed)
+    shards = [(start, length) for start in range(0, classes, length)]
+    ref_loss, ref_lse, _ = _vocab_parallel.combine(gathered.reshape(len(shards), -1), shards, target, weight, opts)
+    loss, lse = call(
+        "normax_vocab_parallel_combine", [((rows,), dtype), ((rows, 2), dtype)], gathered, target, weight,
+        shard_length=length, **ce,
+    )  # fmt: skip
+    close(loss, ref_loss, dtype)
+    close(lse, ref_lse, dtype)
+    ref_rows = normax.cross_entropy(logits, target, weight=weight, reduction="none", label_smoothing=0.1, z_loss=1e-3)
+    close(loss, ref_rows, dtype)
+    go = rng.standard_normal(rows)
+    start = 4
+    shard = logits[:, start : start + length]
+    ref = _vocab_parallel.backward(shard, target, weight, lse, 1.0, go, start, classes, opts)
     grad = call(
-        "normax_vocab_parallel_backward", (logits.shape, dtype), logits, target, weight, lse, np.float64(denom), go,
-        vocab_start=start, classes=classes, reduction=reduction, **ce,
+        "normax_vocab_parallel_backward", (shard.shape, dtype), shard, target, weight, lse, go, np.int64(start),
+        classes=classes, **ce,
     )  # fmt: skip
     close(grad, ref, dtype)
+    bad = target.copy()
+    bad[1] = 12
+    with pytest.raises(Exception, match=r"class index 12 at position 1 is out of range \[0, 12\)"):
+        call(
+            "normax_vocab_parallel_combine", [((rows,), dtype), ((rows, 2), dtype)], gathered, bad, weight,
+            shard_length=length, **ce,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -360,29 +382,30 @@ def test_linear_cross_entropy(reduction, dtype):
         close(got, ref, dtype)
 
 
-def test_linear_cross_entropy_grad_output_operand_scales_rows():
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_with_class_weights(reduction):
+    """The linear kernel takes no class weights: the handler runs the vocabulary-parallel ones."""
     rng = np.random.default_rng(10)
-    n, h, v = 4, 3, 5
-    hidden, w = rng.standard_normal((n, h)), rng.standard_normal((v, h))
-    target = np.array([1, 0, 4, 2])
-    go = rng.standard_normal(n)
-    attrs = {
-        "ignore_index": -100,
-        "label_smoothing": 0.0,
-        "z_loss": 0.0,
-        "softcap": 0.0,
-        "reduction": "none",
-        "chunk_size": 0,
-    }
+    n, h, v = 6, 3, 5
+    hidden, w, b = rng.standard_normal((n, h)), rng.standard_normal((v, h)), rng.standard_normal(v)
+    target = np.array([1, 0, 4, 2, -100, 4])
+    cw = rng.uniform(0.5, 2, v)
+    kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3}
+    attrs = dict(softcap=0.0, reduction=reduction, chunk_size=4, **kw)
     f64 = np.float64
-    results = [((n,), f64), ((n, h), f64), ((v, h), f64), ((0,), f64)]
-    _, dh, dw, _ = call("normax_linear_cross_entropy", results, hidden, w, ABSENT[f64], target, ABSENT[f64], go,
-                        with_grad=True, **attrs)  # fmt: skip
-    _, rdh, rdw, _ = normax.linear_cross_entropy_with_grad(
-        hidden, w, target, reduction="none", grad_output=go
+    loss_shape = (n,) if reduction == "none" else ()
+    results = [(loss_shape, f64), ((n, h), f64), ((v, h), f64), ((v,), f64)]
+    loss, dh, dw, db = call(
+        "normax_linear_cross_entropy", results, hidden, w, b, target, cw, with_grad=True, **attrs
     )
-    close(dh, rdh, f64)
-    close(dw, rdw, f64)
+    ref = normax.linear_cross_entropy_with_grad(
+        hidden, w, target, linear_bias=b, weight=cw, reduction=reduction, chunk_size=4, **kw
+    )
+    for got, r in zip((loss, dh, dw, db), ref):
+        close(got, r, f64)
+    only_loss = call("normax_linear_cross_entropy", (loss_shape, f64), hidden, w, b, target, cw,
+                     with_grad=False, **attrs)  # fmt: skip
+    close(only_loss, ref[0], f64)
 
 
 def test_vocab_parallel_linear_stats_and_backward():
@@ -398,7 +421,7 @@ def test_vocab_parallel_linear_stats_and_backward():
     _vocab_parallel.linear_stats(hidden, ws, bs, target, None, ref_packed, start, opts, 8)
     packed = call(
         "normax_vocab_parallel_linear_stats", (ref_packed.shape, dtype), hidden, ws, bs, target, ABSENT[dtype],
-        vocab_start=start, **ce,
+        np.int32(start), **ce,
     )  # fmt: skip
     close(packed, ref_packed, dtype)
     lse = rng.standard_normal((rows, 2)) * [1, 1e-9]
@@ -408,7 +431,7 @@ def test_vocab_parallel_linear_stats_and_backward():
     results = [((rows, h), dtype), ((length, h), dtype), ((length,), dtype)]
     got = call(
         "normax_vocab_parallel_linear_backward", results, hidden, ws, bs, target, ABSENT[dtype], lse,
-        np.float64(4.0), np.float64(1.5), vocab_start=start, classes=classes, reduction="sum", **ce,
+        np.float64(4.0), np.float64(1.5), np.int32(start), classes=classes, reduction="sum", **ce,
     )  # fmt: skip
     for g, r in zip(got, ref):
         close(g, r, dtype)

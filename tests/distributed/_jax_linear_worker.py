@@ -99,7 +99,7 @@ try:
     )
     jax.block_until_ready(f_bad(hidden, weight))
 except (jax.errors.JaxRuntimeError, ValueError) as e:  # by route; the message is normax's
-    assert f"target {v + 3} at position 4 is out of range" in str(e), str(e)[-500:]
+    assert f"class index {v + 3} at position 4 is out of range" in str(e), str(e)[-500:]
 else:
     raise AssertionError("a class id out of range was accepted")
 

@@ -79,24 +79,25 @@ for kw in CASES:
     jvp_fn = lambda x, s=sharded_loss, dx=dx: jax.jvp(s, (x,), (dx,))[1]
     assert collectives(jvp_fn) == {"all_gather": 1, "all_reduce": 1, "all_to_all": 0}, kw
 
-    # The FFI route and the pure_callback fallback agree exactly (where this extension has the FFI).
-    if _ffi.uses_ffi():
-        routes = []
-        for enabled in (True, False):
-            with _ffi.use_ffi(enabled):
-                fn = jax.jit(
-                    lambda x, kw=kw, wt=wt: jax.shard_map(
-                        lambda x, t: nj.vocab_parallel_cross_entropy(
-                            x, t, "v", weight=wt, **{k: val for k, val in kw.items() if k != "weight"}
-                        ),
-                        mesh=mesh,
-                        in_specs=(P(None, "v"), P()),
-                        out_specs=P(),
-                    )(x, labels)
-                )
-                routes.append((fn(x), jax.grad(lambda x, fn=fn: jnp.sum(fn(x)))(x)))
-        for a, b in zip(*routes):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(kw))
+    # The default route is the FFI (the extension is always built with its handlers); it and the
+    # pure_callback fallback agree exactly.
+    assert _ffi.uses_ffi()
+    routes = []
+    for enabled in (True, False):
+        with _ffi.use_ffi(enabled):
+            fn = jax.jit(
+                lambda x, kw=kw, wt=wt: jax.shard_map(
+                    lambda x, t: nj.vocab_parallel_cross_entropy(
+                        x, t, "v", weight=wt, **{k: val for k, val in kw.items() if k != "weight"}
+                    ),
+                    mesh=mesh,
+                    in_specs=(P(None, "v"), P()),
+                    out_specs=P(),
+                )(x, labels)
+            )
+            routes.append((fn(x), jax.grad(lambda x, fn=fn: jnp.sum(fn(x)))(x)))
+    for a, b in zip(*routes):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(kw))
 
 # The FFI route traces (forced: tracing needs no handler), shard_map's checks of varying values
 # included: stats and combine in the forward, the backward target in grad and jvp, no callback.

@@ -184,7 +184,7 @@ def class_weight_operand(weight, classes: int, dtype, fname: str):
     return w.astype(dtype)
 
 
-def _ce_attrs(opts):
+def ce_attrs(opts):
     """The loss options as the targets' attributes (softcap 0.0: none)."""
     return {
         "ignore_index": np.int64(opts.ignore_index),
@@ -201,7 +201,7 @@ def _linear_call(h, w, b, t, cw, config, with_grad):
     if with_grad:
         results += [spec(h.shape, dt), spec(w.shape, dt), spec(b.shape, dt)]
     return _ffi.call(
-        "normax_linear_cross_entropy", results, h, w, b, t, cw, **_ce_attrs(opts), stablemax=False,
+        "normax_linear_cross_entropy", results, h, w, b, t, cw, **ce_attrs(opts), stablemax=False,
         reduction=opts.reduction, chunk_size=np.int64(chunk), with_grad=with_grad,
     )  # fmt: skip
 
@@ -236,7 +236,7 @@ def vp_stats(h, w, b, t, cw, start, opts, chunk):
     """The packed row statistics of the shard [start, start + V_local) (`start`: () int32)."""
     (packed,) = _manual_call(
         "normax_vocab_parallel_linear_stats", [((h.shape[0], vocab_parallel.fields(opts)), h.dtype)],
-        [h, w, b, t, cw, start], **_ce_attrs(opts), chunk_size=np.int64(chunk),
+        [h, w, b, t, cw, start], **ce_attrs(opts), chunk_size=np.int64(chunk),
     )  # fmt: skip
     return packed
 
@@ -247,7 +247,7 @@ def vp_backward(h, w, b, t, cw, lse, g, start, classes, opts, chunk):
     return _manual_call(
         "normax_vocab_parallel_linear_backward", [(a.shape, dt) for a in (h, w, b)],
         [h, w, b, t, cw, lse.astype(dt), jnp.ones((), dt), g.astype(dt), start], classes=np.int64(classes),
-        reduction="none", **_ce_attrs(opts), chunk_size=np.int64(chunk),
+        reduction="none", **ce_attrs(opts), chunk_size=np.int64(chunk),
     )  # fmt: skip
 
 

@@ -3,9 +3,8 @@
 
 The forward runs the target ``normax_vocab_parallel_linear_stats`` on the local shard (see
 normax/jax/_linear.py, which holds the targets' calls and host implementations), ONE
-``jax.lax.all_gather`` of its packed rows, and the fold of every device's rows in device order
-(``normax._vocab_parallel.combine``, a ``jax.pure_callback``: the contract has no target for it;
-it reads rows x 3 numbers per device). The backward (``jax.custom_vjp``: a tangent rule would
+``jax.lax.all_gather`` of its packed rows, and the target ``normax_vocab_parallel_combine``
+(shared with vocab_parallel_cross_entropy), which folds every device's rows in device order. The backward (``jax.custom_vjp``: a tangent rule would
 need the logits) runs ``normax_vocab_parallel_linear_backward`` from each row's global
 log-sum-exp and sums the shards' parts of the hidden states' gradient with one ``psum``.
 """
@@ -18,9 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _vocab_parallel as vocab_parallel
 from .._options import ce_options, check_chunk_size
-from ._linear import class_weight_operand, linear_inputs, present, reduce_rows, spec, vp_backward, vp_stats
+from . import _ffi
+from ._linear import (
+    ce_attrs,
+    class_weight_operand,
+    linear_inputs,
+    reduce_rows,
+    spec,
+    vp_backward,
+    vp_stats,
+)
 
 _FNAME = "normax.jax.vocab_parallel_linear_cross_entropy"
 
@@ -36,21 +43,15 @@ def _vp_rows_fwd(h, w, b, t, cw, axis_name, config):
     start = (jax.lax.axis_index(axis_name) * length).astype(jnp.int32)
     packed = vp_stats(h, w, b, t, cw, start, opts, chunk)
     gathered = jax.lax.all_gather(packed, axis_name)  # the forward's one collective
-    world = gathered.shape[0]
-    host = functools.partial(_combine_host, opts=opts, length=length)
-    loss, lse = jax.pure_callback(
-        host, (spec((rows,), h.dtype), spec((rows, 2), h.dtype)), gathered, t, cw, vmap_method="sequential"
-    )
-    return loss, (h, w, b, t, cw, start, lse, world * length)
-
-
-def _combine_host(gathered, t, cw, *, opts, length):
-    world = gathered.shape[0]
-    packed = np.ascontiguousarray(gathered).reshape(world, -1)
-    shards = [(k * length, length) for k in range(world)]
-    loss, lse, _ = vocab_parallel.combine(packed, shards, t, present(cw), opts)
-    # hi is exact in the packed dtype and lo small beside it: both keep their value there.
-    return loss, lse.astype(packed.dtype)
+    results = [spec((rows,), h.dtype), spec((rows, 2), h.dtype)]
+    # Folds the gathered rows in device order and checks the class ids: the same losses on every
+    # device, typed so (invariant results). Its batch under vmap is not a leading dimension: one
+    # call per batch element.
+    loss, lse = _ffi.call(
+        "normax_vocab_parallel_combine", results, gathered, t, cw, vmap_method="sequential",
+        shard_length=np.int64(length), **ce_attrs(opts),
+    )  # fmt: skip
+    return loss, (h, w, b, t, cw, start, lse, gathered.shape[0] * length)
 
 
 def _vp_rows_bwd(axis_name, config, res, g):
@@ -59,6 +60,9 @@ def _vp_rows_bwd(axis_name, config, res, g):
     dh, dw, db = vp_backward(h, w, b, t, cw, lse, g, start, classes, opts, chunk)
     # Each device holds its shard's part of d hidden: the sum is the gradient of the replicated
     # hidden states (the one collective of the backward, as a column-parallel layer's).
+    # An absent bias (0,) is typed invariant under shard_map, its empty gradient varying: the
+    # gradient must have the input's type.
+    db = db if b.shape[0] else jnp.zeros_like(b)
     return jax.lax.psum(dh, axis_name), dw, db, None, None
 
 
@@ -113,7 +117,7 @@ def vocab_parallel_linear_cross_entropy(
     -----
     The forward computes the local shard's statistics block by block (3 numbers per row, 5 with
     label smoothing), gathers them with ONE ``jax.lax.all_gather`` and folds them in device
-    order on the host (exactly, so every device gets the same loss), keeping each row's global
+    order (exactly, so every device gets the same loss), keeping each row's global
     log-sum-exp. The backward recomputes the shard's logits block by block from that
     log-sum-exp; it gives the weight and bias shards their own gradients and sums the shards'
     parts of the hidden states' gradient with one ``jax.lax.psum`` (the collective a

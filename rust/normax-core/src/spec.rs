@@ -121,8 +121,8 @@ pub fn check_class(
     }
     if y < 0 || y as u64 >= classes as u64 {
         return Err(Error::Index(format!(
-            "target {y} at position {position} is out of range for {classes} classes \
-             (and is not ignore_index = {ignore_index})"
+            "target: class index {y} at position {position} is out of range [0, {classes}) \
+             and is not ignore_index ({ignore_index})"
         )));
     }
     Ok(Some(y as usize))

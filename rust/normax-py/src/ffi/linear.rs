@@ -3,20 +3,22 @@
 //! (`normax_core::cross_entropy::linear_cross_entropy`).
 //!
 //! Operands (absent = empty): hidden (N, H), weight (V, H), bias (V,), target (N,) int32/int64,
-//! class_weight (V,) (the kernel refuses class weights; the operand keeps the contract's
-//! layout), and optionally a sixth, grad_output (() or (N,) for reduction "none"; absent: 1),
-//! which scales the gradients. Attributes: the CE attributes, reduction, chunk_size (0: the
-//! kernel's choice), with_grad. Results: loss ((N,) for "none", else ()), and with_grad
-//! dhidden (N, H), dweight (V, H), dbias (V,) or empty. Leading batch dims: one call per batch
-//! element.
+//! class_weight (V,). Attributes: the CE attributes, reduction, chunk_size (0: the kernel's
+//! choice), with_grad. Results: loss ((N,) for "none", else ()), and with_grad dhidden (N, H),
+//! dweight (V, H), dbias (V,) or empty: the gradients of the loss (of the sum of the losses
+//! for "none"). Leading batch dims: one call per batch element.
+//!
+//! The linear kernel takes no class weights; with them the handler runs the vocabulary-parallel
+//! kernels on the whole vocabulary as one shard (statistics, combine, and for the gradients a
+//! second pass over the logits blocks from each row's log-sum-exp).
 
 use super::batch::{opt_parts_mut, parts_mut, Batch, PerBatch};
 use super::cross_entropy::{ce_options, class_ids};
 use super::frame::{by_float, ffi_handler, Element, Frame};
-use super::vocab_parallel::{chunk_size, grad_output_of, per_batch_grad_output};
+use super::vocab_parallel::chunk_size;
 use super::Target;
-use normax_core::cross_entropy::{self as k, LinearGrads};
-use normax_core::spec::{GradOutput, Reduction};
+use normax_core::cross_entropy::{self as k, LinearGrads, Shard, ShardLinear};
+use normax_core::spec::{CeOptions, GradOutput, Reduction};
 use normax_core::{Error, Float};
 
 fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<(), Error> {
@@ -41,14 +43,6 @@ fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<()
     } else {
         PerBatch::shared(&ids[..])
     };
-    let go = match frame.operand_count() {
-        6 => Some(frame.operand(5, "grad_output")?),
-        _ => None,
-    };
-    let go = match go.filter(|g| g.len() > 0) {
-        Some(g) => Some(per_batch_grad_output::<T>(&g, &batch)?),
-        None => None,
-    };
     let reduction = Reduction::parse(frame.attr_str("reduction")?)?;
     let opts = ce_options::<&[T]>(frame, reduction)?;
     let chunk = chunk_size(frame)?;
@@ -72,33 +66,74 @@ fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<()
     }
     let mut grads = dhs.into_iter().zip(dws).zip(dbs);
     for (g, l) in losses.into_iter().enumerate() {
-        let o = normax_core::spec::CeOptions {
+        let o = CeOptions {
             weight: cw.map(|w| w.at(g)),
             ..opts
         };
-        let grad_output = go.map_or(GradOutput::Scalar(1.0), |p| grad_output_of(p.at(g)));
-        let grads = grads.next().map(|((dhidden, dweight), dbias)| {
-            let g = LinearGrads {
-                dhidden,
-                dweight,
-                dbias,
-            };
-            (grad_output, g)
+        let grads = grads.next().map(|((dhidden, dweight), dbias)| LinearGrads {
+            dhidden,
+            dweight,
+            dbias,
         });
-        let (hs, ws, bs) = (hs.at(g), ws.at(g), bs.map(|b| b.at(g)));
-        k::linear_cross_entropy(hs, ws, bs, ts.at(g), (n, h, v), &o, chunk, grads, l)?;
+        let (hs, ws, bs, t) = (hs.at(g), ws.at(g), bs.map(|b| b.at(g)), ts.at(g));
+        if o.weight.is_some() {
+            let lin = ShardLinear {
+                hidden: hs,
+                weight: ws,
+                bias: bs,
+                h,
+            };
+            weighted(lin, (n, v), t, &o, chunk, grads, l)?;
+        } else {
+            let grads = grads.map(|g| (GradOutput::Scalar(1.0), g));
+            k::linear_cross_entropy(hs, ws, bs, t, (n, h, v), &o, chunk, grads, l)?;
+        }
+    }
+    Ok(())
+}
+
+/// The loss (and gradients) with class weights: the vocabulary as one shard of the
+/// vocabulary-parallel kernels.
+fn weighted<T: Float>(
+    lin: ShardLinear<T>,
+    (rows, classes): (usize, usize),
+    target: &[i64],
+    opts: &CeOptions<&[T]>,
+    chunk: Option<usize>,
+    grads: Option<LinearGrads<T>>,
+    loss: &mut [T],
+) -> Result<(), Error> {
+    let shard = Shard {
+        start: 0,
+        len: classes,
+    };
+    let fields = k::vocab_parallel_fields(opts.label_smoothing);
+    let mut packed = vec![T::ZERO; rows * fields];
+    // The statistics sum the shard's terms; z-loss and the reduction apply in the combine.
+    let stats = CeOptions {
+        z_loss: 0.0,
+        reduction: Reduction::Sum,
+        ..*opts
+    };
+    k::vocab_parallel_linear_stats(lin, rows, shard, target, &stats, chunk, &mut packed)?;
+    let mut lse = vec![0.0; 2 * rows];
+    let shards = [shard];
+    let stride = rows * fields;
+    let denom =
+        k::vocab_parallel_combine(&packed, stride, &shards, rows, target, opts, loss, &mut lse)?;
+    if let Some(g) = grads {
+        let go = GradOutput::Scalar(1.0);
+        k::vocab_parallel_linear_backward(
+            lin, rows, shard, classes, target, opts, chunk, &lse, denom, go, g.dhidden, g.dweight,
+            g.dbias,
+        )?;
     }
     Ok(())
 }
 
 fn linear_cross_entropy(frame: &Frame) -> Result<(), Error> {
     let with_grad = frame.attr_bool("with_grad")?;
-    let results = if with_grad { 4 } else { 1 };
-    if frame.operand_count() != 6 {
-        frame.expect_arity(5, results)?;
-    } else {
-        frame.expect_arity(6, results)?;
-    }
+    frame.expect_arity(5, if with_grad { 4 } else { 1 })?;
     let hidden = frame.operand(0, "hidden")?;
     by_float!(hidden, linear_typed(frame, with_grad))
 }

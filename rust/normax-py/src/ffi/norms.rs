@@ -1,6 +1,7 @@
 //! CPU handlers of the normalizations: `normax_norm_forward` / `_backward` (RMSNorm, LayerNorm,
 //! CRMSNorm over the last axis; attributes kind and eps) and `normax_power_norm_forward` /
-//! `_backward` (PowerNorm's passes, as `_core.power_norm_forward` / `_backward`).
+//! `_backward` (PowerNorm's passes, as `_core.power_norm_forward` / `_backward`; attributes
+//! groups and eps, the forward's stats; the channels are x's last dim).
 //!
 //! The statistics (mean, rstd, PowerNorm's sums) are computed in float64 by the kernels and
 //! returned in the input dtype, since XLA without x64 has no float64 arrays.
@@ -152,18 +153,12 @@ fn norm_backward(frame: &Frame) -> Result<(), Error> {
     by_float!(x, backward_typed(frame))
 }
 
-/// PowerNorm's layout attributes (channels, groups, eps), channels checked against x.
+/// PowerNorm's layout: the tokens and channels of x, the groups and eps attributes.
 fn power_layout(
     frame: &Frame,
     tokens: usize,
-    x_channels: usize,
+    channels: usize,
 ) -> Result<(PowerLayout, f64), Error> {
-    let channels = frame.attr_usize("channels")?;
-    if channels != x_channels {
-        return Err(Error::Value(format!(
-            "x: {x_channels} channels, the channels attribute says {channels}"
-        )));
-    }
     let l = PowerLayout {
         tokens,
         channels,
@@ -173,8 +168,10 @@ fn power_layout(
 }
 
 /// Operands: x (tokens, C), pad_mask (tokens,) bool or empty, scale (C,) or empty, shift (C,)
-/// or empty. Results: sumsq (C,) or empty (the statistics pass), y like x or empty (the
-/// normalization, which needs scale and shift). Leading batch dims: one call per element.
+/// or empty. Attribute stats: whether to sum the batch statistics, over the tokens the pad mask
+/// keeps (without stats the mask is not read: every token is normalized). Results: sumsq (C,)
+/// with stats, else empty; y like x or empty (the normalization, which needs scale and shift).
+/// Leading batch dims: one call per element.
 fn power_forward_typed<T: Float + Element>(frame: &Frame) -> Result<(), Error> {
     let x = frame.operand(0, "x")?;
     let pad = frame.operand(1, "pad_mask")?;
@@ -183,9 +180,17 @@ fn power_forward_typed<T: Float + Element>(frame: &Frame) -> Result<(), Error> {
     let batch = Batch::of(&x, 2)?;
     let (tokens, c) = (x.dim_from_end(1)?, x.dim_from_end(0)?);
     let (l, eps) = power_layout(frame, tokens, c)?;
+    let stats = frame.attr_bool("stats")?;
+    if stats != (sumsq.len() > 0) {
+        return Err(Error::Value(format!(
+            "sumsq: expected {} values (stats = {stats}), got {}",
+            if stats { c * batch.count } else { 0 },
+            sumsq.len()
+        )));
+    }
     let n = batch.count;
     let xs = PerBatch::parts("x", x.slice::<T>()?, n)?;
-    let pads = pad.bools()?;
+    let pads = if stats { pad.bools()? } else { Vec::new() };
     let pads = match pads.is_empty() {
         true => None,
         false if batch.is_batched("pad_mask", pad.leading(1)?)? => {
