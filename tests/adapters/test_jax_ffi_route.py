@@ -34,6 +34,12 @@ def _power_norm(x):
 
 # Each op as a function of one float array, which the gradient is taken with respect to.
 OPS = {
+    "softmax": lambda x: nj.softmax(x),
+    "log_softmax": lambda x: nj.log_softmax(x, axis=0),
+    "logsumexp": lambda x: nj.logsumexp(x, axis=-1),
+    "logsumexp_b": lambda x: nj.logsumexp(x, axis=-1, b=jnp.abs(X) + 0.5),
+    "stablemax": lambda x: nj.stablemax(x),
+    "log_stablemax": lambda x: nj.log_stablemax(x),
     "cross_entropy": lambda x: nj.cross_entropy(x, LABELS, weight=ONES, label_smoothing=0.1),
     "rms_norm": lambda x: nj.rms_norm(x, ONES),
     "layer_norm": lambda x: nj.layer_norm(x, ONES, ONES),

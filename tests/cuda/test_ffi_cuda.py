@@ -386,7 +386,7 @@ def test_power_norm_forward_launches_what_the_binding_launches(pad):
     x, (scale, shift, _) = power_case(xla)
     mask = xla.array((96,), np.bool_) if pad else xla.array((0,), np.bool_)
     sumsq, y = xla.array((64,)), xla.array(x.shape)
-    attrs = {"channels": 64, "groups": 4, "eps": 1e-5}
+    attrs = {"groups": 4, "eps": 1e-5, "stats": True}
     error, events = call(xla, "normax_power_norm_forward", [x, mask, scale, shift], [sumsq, y], **attrs)
     assert error is None
     on_xla_stream(events)
@@ -410,7 +410,7 @@ def test_power_norm_backward_per_batch_element():
     xla = fx.FakeXla()
     x, (zscale, ema, dscale) = power_case(xla, tokens=32, batch=(2,))
     dy, dx, sums, none = xla.array(x.shape), xla.array(x.shape), xla.array((2, 3 * 64)), xla.array((0,))
-    attrs = {"channels": 64, "groups": 2, "eps": 1e-5}
+    attrs = {"groups": 2, "eps": 1e-5}
     error, events = call(
         xla, "normax_power_norm_backward", [dy, x, none, zscale, ema, dscale], [dx, sums], **attrs
     )
@@ -434,7 +434,7 @@ def test_power_norm_backward_per_batch_element():
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"channels": 32}, "x: 64 channels, the channels attribute says 32"),
+        ({"stats": False}, "sumsq: 64 values with stats = false"),
         ({"groups": 5}, "group_num: 5 does not divide the 64 channels"),
         ({"mask": np.float32}, "pad_mask: expected bool, got F32"),
         ({"sumsq": 63}, "sumsq: expected 64 values per batch element, got shape [63]"),
@@ -445,7 +445,7 @@ def test_power_norm_forward_refuses_bad_inputs(change, message):
     x, (scale, shift, _) = power_case(xla)
     mask = xla.array((96,), change.pop("mask", np.bool_))
     sumsq = xla.array((change.pop("sumsq", 64),))
-    attrs = {"channels": 64, "groups": 4, "eps": 1e-5, **change}
+    attrs = {"groups": 4, "eps": 1e-5, "stats": True, **change}
     error, events = call(
         xla, "normax_power_norm_forward", [x, mask, scale, shift], [sumsq, xla.array(x.shape)], **attrs
     )

@@ -506,15 +506,9 @@ fn param_grads(
     }
 }
 
-/// PowerNorm's layout of one batch element (channels checked against x's last axis) and eps.
+/// PowerNorm's layout of one batch element (x's last two axes) and eps.
 fn power_shape(frame: &Frame, x: &Buffer<'_>) -> Result<(cu::PowerShape, f32), Error> {
     let (tokens, channels) = (x.dim_from_end(1)?, x.dim_from_end(0)?);
-    let attr = frame.attr_usize("channels")?;
-    if attr != channels {
-        return Err(Error::Value(format!(
-            "x: {channels} channels, the channels attribute says {attr}"
-        )));
-    }
     let shape = cu::PowerShape {
         tokens,
         channels,
@@ -559,14 +553,23 @@ fn power_norm_forward(frame: &Frame) -> Result<(), Error> {
             return Err(Error::Value("y: needs both scale and shift".into()));
         }
     }
+    // As the CPU target: the statistics (and the pad mask, read only for them) where `stats`.
+    let stats = frame.attr_bool("stats")?;
     let ss = floats_opt(&sumsq)?;
-    if ss.is_some() {
+    if stats != ss.is_some() {
+        return Err(Error::Value(format!(
+            "sumsq: {} values with stats = {stats}",
+            sumsq.len()
+        )));
+    }
+    if stats {
         expect_per_element(&sumsq, count, shape.channels)?;
     }
+    let use_pad = stats && pad.len() > 0;
     let (sc, sh) = (per_channel(&batch, &scale)?, per_channel(&batch, &shift)?);
     let (xb, yb) = (floats(&x)?, want_y.then(|| floats(&y)).transpose()?);
-    let pad_shared = pad.len() == 0 || !batch.is_batched("pad_mask", pad.leading(1)?)?;
-    if pad.len() > 0 && pad.dtype() != DType::Pred {
+    let pad_shared = !use_pad || !batch.is_batched("pad_mask", pad.leading(1)?)?;
+    if use_pad && pad.dtype() != DType::Pred {
         return Err(Error::Value(format!(
             "pad_mask: expected bool, got {:?}",
             pad.dtype()
@@ -575,7 +578,7 @@ fn power_norm_forward(frame: &Frame) -> Result<(), Error> {
     let s = stream(frame)?;
     // The mask as the float32 per token the kernels read, in XLA's scratch.
     let mut mask_memory = None;
-    let mask = if pad.len() > 0 {
+    let mask = if use_pad {
         let memory = mask_memory.insert(scratch(frame, pad.len(), 4)?);
         let out = Buf {
             ptr: memory.ptr,
