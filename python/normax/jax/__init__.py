@@ -15,8 +15,9 @@ tangent uses the gradient its call formed in the same pass), so ``jax.jvp``, ``j
 tangent (jnp code XLA fuses). Three are a ``jax.custom_vjp`` instead, where no jvp can be written:
 ``linear_cross_entropy`` and ``vocab_parallel_linear_cross_entropy`` (a tangent would need the
 (N, V) logits they never form) and ``power_norm`` (its backward updates the running state).
-Under ``vmap`` a call sees the batch as leading dimensions (``vmap_method="broadcast_all"``; the
-vocabulary-parallel and PowerNorm targets run ``"sequential"``): no Python loop.
+Under ``vmap`` a call sees the batch as leading dimensions (``vmap_method="broadcast_all"``: one
+call over the whole batch); PowerNorm's and the vocabulary-parallel statistics' targets run
+``"sequential"`` (a ``lax.map`` inside the compiled program). No Python loop either way.
 
 Where the FFI is unavailable (a jaxlib without ``jax.ffi``, an extension without handlers, or
 ``NORMAX_JAX_FFI=0``) the same targets run as ``jax.pure_callback`` of their NumPy host
