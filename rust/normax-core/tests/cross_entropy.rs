@@ -487,7 +487,7 @@ fn bad_input_is_an_error() {
     let o = CeOptions::default();
     let e = cross_entropy(&x, 2, 3, Target::Classes(&[0, 3]), &o, &mut loss).unwrap_err();
     assert!(
-        matches!(&e, Error::Index(m) if m.contains("target 3 at position 1")),
+        matches!(&e, Error::Index(m) if m.contains("class index 3 at position 1")),
         "{e}"
     );
     let e = cross_entropy(&x, 2, 3, Target::Classes(&[-1, 0]), &o, &mut loss).unwrap_err();

@@ -211,7 +211,7 @@ fn bad_arguments_are_errors() {
     ));
     let e = gpu::cross_entropy(&[0.0; 6], 2, 3, &[0, 3], &Default::default(), None);
     match e {
-        Err(gpu::Error::Index(m)) => assert!(m.contains("target 3 at position 1"), "{m}"),
+        Err(gpu::Error::Index(m)) => assert!(m.contains("class index 3 at position 1"), "{m}"),
         other => panic!("expected an index error, got {other:?}"),
     }
 }
