@@ -33,8 +33,9 @@
 use super::api::{XLA_FFI_DATA_TYPE_BF16, XLA_FFI_DATA_TYPE_F16};
 use super::batch::Batch;
 use super::frame::{ffi_handler, Buffer, DType, Frame, Raw};
+use super::norms::norm_attrs;
 use super::Target;
-use normax_core::spec::{check_eps, CeOptions, NormKind, Reduction};
+use normax_core::spec::{CeOptions, NormKind, Reduction};
 use normax_core::Error;
 use normax_cuda::{self as cu, Buf, Indices, Stream};
 
@@ -171,15 +172,7 @@ fn ce_options(frame: &Frame) -> Result<CeOptions<Buf>, Error> {
             "stablemax: the CUDA kernels have no stablemax cross-entropy".into(),
         ));
     }
-    let softcap = frame.attr_f64("softcap")?;
-    Ok(CeOptions {
-        weight: None,
-        ignore_index: frame.attr_i64("ignore_index")?,
-        reduction: Reduction::None,
-        label_smoothing: frame.attr_f64("label_smoothing")?,
-        z_loss: frame.attr_f64("z_loss")?,
-        softcap: (softcap != 0.0).then_some(softcap),
-    })
+    super::cross_entropy::ce_options(frame, Reduction::None)
 }
 
 /// Device memory for `count` elements of `size` bytes from XLA, given back when dropped.
@@ -309,14 +302,6 @@ fn cross_entropy(frame: &Frame) -> Result<(), Error> {
         cu::cross_entropy(s, part(x, b, count), tb, &opts, lb, gb, lb.len, cols)?;
     }
     Ok(())
-}
-
-/// The norm attributes: the kind and a checked eps.
-fn norm_attrs(frame: &Frame) -> Result<(NormKind, f64), Error> {
-    let kind = NormKind::parse(frame.attr_str("kind")?)?;
-    let eps = frame.attr_f64("eps")?;
-    check_eps(eps)?;
-    Ok((kind, eps))
 }
 
 /// Whether a parameter or its gradient (base shape (L,) or (C,)) is one for the whole batch (or

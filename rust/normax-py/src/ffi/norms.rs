@@ -23,8 +23,8 @@ fn widen<T: Float>(s: &[T]) -> Vec<f64> {
     s.iter().map(|v| v.to_f64()).collect()
 }
 
-/// The norm's kind and eps attributes.
-fn norm_attrs(frame: &Frame) -> Result<(NormKind, f64), Error> {
+/// The norm's kind and eps attributes (the CPU and CUDA targets').
+pub(super) fn norm_attrs(frame: &Frame) -> Result<(NormKind, f64), Error> {
     let eps = frame.attr_f64("eps")?;
     check_eps(eps)?;
     Ok((NormKind::parse(frame.attr_str("kind")?)?, eps))
