@@ -380,3 +380,25 @@ def test_every_combination_of_the_new_options_runs_the_same_on_every_isa():
         for (l1, g1, s1), (l2, g2, s2) in zip(res, base):
             assert close(l1, l2, np.float32) and close(g1, g2, np.float32), name
             assert np.array_equal(s1.correct, s2.correct) and close(s1.entropy, s2.entropy, np.float32), name
+
+
+def test_correct_matches_argmax_at_every_position_and_tie(isa):
+    # Rows long enough for whole vectors before and after the target, ties placed around it.
+    rng = np.random.default_rng(23)
+    c = 70
+    x = rng.standard_normal((4 * c, c)).astype(np.float32)
+    t = np.tile(np.arange(c), 4)
+    for r in range(c, 2 * c):  # the target ties a later maximum: still correct
+        x[r, t[r]] = x[r, (t[r] + 7) % c] = 9.0
+    for r in range(2 * c, 3 * c):  # the target is the maximum
+        x[r, t[r]] = 9.0
+    for r in range(3 * c, 4 * c):  # an earlier equal maximum wins
+        x[r, t[r]] = x[r, (t[r] - 5) % c] = 9.0
+    want = x.argmax(1) == t
+    for temperature in (1.0, 0.25):
+        _, _, stats = normax.cross_entropy_with_grad(x, t, temperature=temperature, return_stats=True)
+        assert np.array_equal(stats.correct, want)
+        _, stats = normax.cross_entropy(x, t, temperature=temperature, return_stats=True)
+        assert np.array_equal(stats.correct, want)
+        _, _, stats = normax.cross_entropy_with_grad(x.copy(), t, inplace=True, return_stats=True)
+        assert np.array_equal(stats.correct, want)

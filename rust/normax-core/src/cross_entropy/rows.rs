@@ -314,16 +314,18 @@ pub(super) unsafe fn pass2_exact<T: Float, const GRAD: bool>(
 
 /// The plain path's pass 2 with statistics: returns sum_c e_c (lse - z_c) over the terms
 /// e_c = exp(z_c) * 2^-N that pass 1 left in `terms`, z = x * `inv_t` recomputed from the logits
-/// as given (as `transform_into` computes it); with GRAD, scales the terms by `k` into gradients.
+/// as given (as `transform_into` computes it), and whether their argmax is `y` (a fast row holds
+/// no NaN: the largest logit before `y` below x_y, none after it above); with GRAD, scales the
+/// terms by `k` into gradients.
 #[inline(always)]
 unsafe fn scale_terms<V: Vector, const GRAD: bool>(
     terms: *mut V::Elem,
     x: *const V::Elem,
-    len: usize,
+    (len, y): (usize, usize),
     lse: Lse,
     inv_t: Option<V::Elem>,
     k: V::Elem,
-) -> f64 {
+) -> (f64, Option<bool>) {
     let hi = V::Elem::from_f64(lse.hi);
     let lo = V::splat(V::Elem::from_f64((lse.hi - hi.to_f64()) + lse.lo));
     let (hi, k, big) = (
@@ -332,23 +334,47 @@ unsafe fn scale_terms<V: Vector, const GRAD: bool>(
         V::splat(V::Elem::from_f64(f32::MAX as f64)),
     );
     let inv_t = inv_t.map(V::splat);
+    let x_y = *x.add(y);
+    let mut before = V::splat(V::Elem::NEG_INFINITY);
+    let mut after = before;
+    let (mut before_s, mut after_s) = (V::Elem::NEG_INFINITY, V::Elem::NEG_INFINITY);
     let mut acc = Acc::<V>::new();
     let mut i = 0;
     while i < len {
         let n = (len - i).min(V::LANES);
         let e = load_n::<V>(terms.add(i), n);
-        let mut z = load_n::<V>(x.add(i), n);
-        if let Some(s) = inv_t {
-            z = z.mul(s);
+        // Padding lanes: -inf, below every maximum, and a term of 0.
+        let xv = load_or::<V>(x.add(i), n, V::Elem::NEG_INFINITY);
+        if i + n <= y {
+            before = before.max(xv);
+        } else if i > y {
+            after = after.max(xv);
+        } else {
+            for c in i..i + n {
+                let v = *x.add(c);
+                if c < y && v > before_s {
+                    before_s = v;
+                } else if c > y && v > after_s {
+                    after_s = v;
+                }
+            }
         }
-        // A term of 0 (z = -inf included) adds 0; padding lanes have e = 0.
+        let z = match inv_t {
+            Some(s) => xv.mul(s),
+            None => xv,
+        };
+        // A term of 0 (z = -inf included) adds 0.
         acc.add(e.mul(hi.sub(z).add(lo).min(big)));
         if GRAD {
             store_n(e.mul(k), terms.add(i), n);
         }
         i += V::LANES;
     }
-    acc.value()
+    let before = before.reduce_max().to_f64().max(before_s.to_f64());
+    let after = after.reduce_max().to_f64().max(after_s.to_f64());
+    let x_y = x_y.to_f64();
+    let correct = (y == 0 || before < x_y) && after <= x_y;
+    (acc.value(), Some(correct))
 }
 
 /// What one row is scored against.
@@ -405,6 +431,16 @@ impl<T: Float> StatsOut<T> {
     }
 }
 
+/// `n <= LANES` elements from `p`, the lanes past `n` set to `fill` (a plain load when whole).
+#[inline(always)]
+unsafe fn load_or<V: Vector>(p: *const V::Elem, n: usize, fill: V::Elem) -> V {
+    if n == V::LANES {
+        V::load(p)
+    } else {
+        load_partial::<V>(p, n, fill)
+    }
+}
+
 /// (max, any NaN) of x[..len]; max -inf when empty.
 #[inline(always)]
 unsafe fn max_and_nan<V: Vector>(x: *const V::Elem, len: usize) -> (V::Elem, bool) {
@@ -414,7 +450,7 @@ unsafe fn max_and_nan<V: Vector>(x: *const V::Elem, len: usize) -> (V::Elem, boo
     let mut i = 0;
     while i < len {
         let n = (len - i).min(V::LANES);
-        let v = load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY);
+        let v = load_or::<V>(x.add(i), n, V::Elem::NEG_INFINITY);
         // Nothing is greater than +inf: the lanes set are the NaN ones.
         nan = V::mask_or(nan, v.gt_or_nan(inf));
         mx = mx.max(v);
@@ -561,14 +597,25 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
         RowTarget::Probs(t) => (0, t),
     };
     let hard = t.is_null();
-    // On the logits as given, before anything may overwrite them (in place).
+    let raw = x;
+    // The plain path's pass 2 (below) reads the logits as given and checks the argmax there.
+    let terms = if GRAD { grad } else { buf };
+    let plain = (GRAD || STATS)
+        && hard
+        && rule.eps == 0.0
+        && rule.cap.is_none()
+        && len <= IN_CACHE_MAX_LEN
+        && !(STATS && terms as *const T == raw);
+    // Elsewhere on the logits as given, before anything may overwrite them (in place).
     let correct = STATS
+        && !plain
         && if hard {
             argmax_is::<V>(x, len, y)
         } else {
             argmax::<V>(x, len) == argmax::<V>(t, len)
         };
-    let raw = x;
+    // The plain path's rows that turn out exact: the logits as given are still there.
+    let late_correct = || STATS && (correct || (plain && argmax_is::<V>(raw, len, y)));
     let x = transform_into::<V>(rule, x, buf, len);
     let w = rule.weight.0 as *const T;
     // Read before pass 2 may overwrite it (in place).
@@ -578,13 +625,6 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
     // The common case: pass 1 leaves exp(z) * 2^-N in `terms` (the gradient, or the scratch row
     // for the statistics alone), pass 2 only scales them. With STATS pass 2 also reads the logits
     // as given for the entropy (z recomputed from them), so they must not be `terms` (in place).
-    let terms = if GRAD { grad } else { buf };
-    let plain = (GRAD || STATS)
-        && hard
-        && rule.eps == 0.0
-        && rule.cap.is_none()
-        && len <= IN_CACHE_MAX_LEN
-        && !(STATS && terms as *const T == raw);
     let row = if plain {
         RowLse::from_sum(sum_in_cache::<V>(x, len, Some(terms)), x, len)
     } else {
@@ -596,15 +636,17 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
         RowLse::Fast(e) => refined_lse::<V>(x, len, e),
         other => match other.lse() {
             Some(l) => l,
-            None => return nan_row(other.ln_sum(), correct),
+            None => return nan_row(other.ln_sum(), late_correct()),
         },
     };
     let sum_wt = if hard { w_y } else { dot::<V>(t, w, len) };
     let coef = rule.coef(lse.value(), sum_wt, s);
+    let mut fused_correct = None;
     let sums = match row {
         RowLse::Fast(e) if plain && STATS => {
             let k = T::from_f64(coef.a / e.m);
-            let h = scale_terms::<V, GRAD>(terms, raw, len, lse, rule.inv_t, k);
+            let (h, top) = scale_terms::<V, GRAD>(terms, raw, (len, y), lse, rule.inv_t, k);
+            fused_correct = top;
             Sums {
                 entropy: h / e.m,
                 ..Sums::default()
@@ -640,7 +682,7 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
     let stats = RowStats {
         lse: lse.value(),
         entropy: sums.entropy,
-        correct,
+        correct: fused_correct.unwrap_or_else(late_correct),
     };
     (rule.loss(lse.value(), target_term, sums.smooth), stats)
 }
