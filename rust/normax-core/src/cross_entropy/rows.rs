@@ -6,7 +6,8 @@ use crate::driver::{self, Ptr};
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
 use crate::lse::{
-    refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, ScaledExp, IN_CACHE_MAX_LEN,
+    refined_lse, refined_lse_from_terms, sum_in_cache, sum_in_cache_scaled, ExpSum, Lse, ScaledExp,
+    IN_CACHE_MAX_LEN,
 };
 use crate::rows::{dot, fill, keep_lanes, load_n, map_elements, store_n};
 use crate::simd::{load_partial, tanh, Vector, MAX_LANES};
@@ -616,17 +617,35 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
         };
     // The plain path's rows that turn out exact: the logits as given are still there.
     let late_correct = || STATS && (correct || (plain && argmax_is::<V>(raw, len, y)));
-    let x = transform_into::<V>(rule, x, buf, len);
+    // The plain path folds 1 / T into its passes: the divided logits are never written (but for
+    // a row that turns out exact).
+    let fold_t = if plain { rule.inv_t } else { None };
+    let mut x = match fold_t {
+        Some(_) => x,
+        None => transform_into::<V>(rule, x, buf, len),
+    };
     let w = rule.weight.0 as *const T;
     // Read before pass 2 may overwrite it (in place).
-    let x_y = if hard { (*x.add(y)).to_f64() } else { 0.0 };
+    let x_y = match fold_t {
+        _ if !hard => 0.0,
+        Some(k) => (*x.add(y) * k).to_f64(),
+        None => (*x.add(y)).to_f64(),
+    };
     let w_y = if hard { rule.weight_of(y) } else { 0.0 };
 
     // The common case: pass 1 leaves exp(z) * 2^-N in `terms` (the gradient, or the scratch row
     // for the statistics alone), pass 2 only scales them. With STATS pass 2 also reads the logits
     // as given for the entropy (z recomputed from them), so they must not be `terms` (in place).
     let row = if plain {
-        RowLse::from_sum(sum_in_cache::<V>(x, len, Some(terms)), x, len)
+        let sum = match fold_t {
+            Some(k) => sum_in_cache_scaled::<V>(x, len, k, Some(terms)),
+            None => sum_in_cache::<V>(x, len, Some(terms)),
+        };
+        if fold_t.is_some() && sum.usable::<T>().is_none() {
+            // The exact path reads the divided logits (a NaN row in place: NaN either way).
+            x = transform_into::<V>(rule, raw, buf, len);
+        }
+        RowLse::from_sum(sum, x, len)
     } else {
         RowLse::of::<V>(x, len)
     };
