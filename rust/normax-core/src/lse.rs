@@ -195,7 +195,7 @@ pub unsafe fn sum_two_pass<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
             continue;
         }
         let s = ExpSum::new(0.0, mx);
-        let m = sum_given_max::<V>(block, n, V::Elem::from_f64(s.n), None);
+        let m = sum_given_max::<V>(block, n, V::Elem::from_f64(s.n), None, None);
         if m.is_nan() {
             return RowSum::Exact;
         }
@@ -286,17 +286,23 @@ impl<V: Vector> ScaledExp<V> {
     }
 }
 
-/// In-cache pass 2: sum of exp(x) * 2^-top, optionally storing each term. NaN if x holds NaN.
-/// Prefetches the next row (the next `len` elements) so the following row's reads overlap this
-/// row's arithmetic; prefetches never fault, past the end of the array included.
+/// In-cache pass 2: sum of exp(x) * 2^-top (x times `scale` where given), optionally storing each
+/// term. NaN if x holds NaN. Prefetches the next row (the next `len` elements) so the following
+/// row's reads overlap this row's arithmetic; prefetches never fault, past the end of the array
+/// included.
 #[inline(always)]
 unsafe fn sum_given_max<V: Vector>(
     x: *const V::Elem,
     len: usize,
     top: V::Elem,
     store: Option<*mut V::Elem>,
+    scale: Option<V::Elem>,
 ) -> f64 {
-    let scaled = ScaledExp::<V>::new(top);
+    let (k, exp) = (scale.map(V::splat), ScaledExp::<V>::new(top));
+    #[inline(always)]
+    fn term<V: Vector>(exp: ScaledExp<V>, k: Option<V>, v: V) -> V {
+        exp.apply(k.map_or(v, |k| v.mul(k)))
+    }
     let zero = V::splat(V::Elem::ZERO);
     let mut acc = [zero; 4];
     let mut total = CompensatedSum::default();
@@ -307,7 +313,7 @@ unsafe fn sum_given_max<V: Vector>(
         V::prefetch(x.wrapping_add(len + i));
         V::prefetch(x.wrapping_add(len + i + 2 * w));
         for (j, a) in acc.iter_mut().enumerate() {
-            let t = scaled.apply(V::load(x.add(i + j * w)));
+            let t = term(exp, k, V::load(x.add(i + j * w)));
             if let Some(y) = store {
                 t.store(y.add(i + j * w));
             }
@@ -324,9 +330,13 @@ unsafe fn sum_given_max<V: Vector>(
     while i < len {
         let n = (len - i).min(w);
         let t = if n == w {
-            scaled.apply(V::load(x.add(i)))
+            term(exp, k, V::load(x.add(i)))
         } else {
-            scaled.apply(load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY))
+            term(
+                exp,
+                k,
+                load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY),
+            )
         };
         if let Some(y) = store {
             if n == w {
@@ -635,13 +645,42 @@ pub unsafe fn sum_in_cache<V: Vector>(
     len: usize,
     store: Option<*mut V::Elem>,
 ) -> RowSum {
-    let mx = max_pass::<V>(x, len);
+    sum_in_cache_of::<V>(x, len, None, store)
+}
+
+/// [`sum_in_cache`] of the row x * `scale` (`scale` > 0: a cross-entropy's 1 / temperature),
+/// the products never written: the terms are exp(x * scale) * 2^-N.
+///
+/// # Safety
+/// As [`sum_in_cache`].
+#[inline(always)]
+pub unsafe fn sum_in_cache_scaled<V: Vector>(
+    x: *const V::Elem,
+    len: usize,
+    scale: V::Elem,
+    store: Option<*mut V::Elem>,
+) -> RowSum {
+    sum_in_cache_of::<V>(x, len, Some(scale), store)
+}
+
+#[inline(always)]
+unsafe fn sum_in_cache_of<V: Vector>(
+    x: *const V::Elem,
+    len: usize,
+    scale: Option<V::Elem>,
+    store: Option<*mut V::Elem>,
+) -> RowSum {
+    // max(x * k) = max(x) * k for k > 0: rounding is monotone.
+    let mx = match scale {
+        Some(k) => max_pass::<V>(x, len) * k,
+        None => max_pass::<V>(x, len),
+    };
     if !(mx <= V::Elem::SPLIT_LIMIT) || mx < -V::Elem::SPLIT_LIMIT {
         // Beyond the limit, all -inf and empty rows included: the exact path.
         return RowSum::Exact;
     }
     let s = ExpSum::new(0.0, mx);
-    let m = sum_given_max::<V>(x, len, V::Elem::from_f64(s.n), store);
+    let m = sum_given_max::<V>(x, len, V::Elem::from_f64(s.n), store, scale);
     if m.is_nan() {
         return RowSum::Exact;
     }

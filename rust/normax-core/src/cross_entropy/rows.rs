@@ -6,7 +6,8 @@ use crate::driver::{self, Ptr};
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
 use crate::lse::{
-    refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, ScaledExp, IN_CACHE_MAX_LEN,
+    refined_lse, refined_lse_from_terms, sum_in_cache, sum_in_cache_scaled, ExpSum, Lse, ScaledExp,
+    IN_CACHE_MAX_LEN,
 };
 use crate::rows::{dot, fill, keep_lanes, load_n, map_elements, store_n};
 use crate::simd::{load_partial, tanh, Vector, MAX_LANES};
@@ -143,7 +144,8 @@ struct Pass2<V: Vector> {
     probs: Probs<V>,
     /// `Rule::unit`: the scale of the weighted sums' terms.
     unit: V,
-    /// The largest finite value: r - x = inf (x = -inf) times p = 0 adds 0 to the entropy.
+    /// float32's largest finite value (a bound on any r - x the fast path sees where p > 0):
+    /// r - x = inf (x = -inf) times p = 0 adds 0 to the entropy.
     big: V,
 }
 
@@ -247,7 +249,7 @@ pub(super) unsafe fn pass2<V: Vector, const GRAD: bool, const STATS: bool>(
         },
         probs: *probs,
         unit: V::splat(V::Elem::from_f64(unit)),
-        big: V::splat(V::Elem::from_f64(f64::MAX)),
+        big: V::splat(V::Elem::from_f64(f32::MAX as f64)),
     };
     let mut acc = [Acc::<V>::new(), Acc::<V>::new(), Acc::<V>::new()];
     let mut i = 0;
@@ -311,6 +313,71 @@ pub(super) unsafe fn pass2_exact<T: Float, const GRAD: bool>(
     sums
 }
 
+/// The plain path's pass 2 with statistics: returns sum_c e_c (lse - z_c) over the terms
+/// e_c = exp(z_c) * 2^-N that pass 1 left in `terms`, z = x * `inv_t` recomputed from the logits
+/// as given (as `transform_into` computes it), and whether their argmax is `y` (a fast row holds
+/// no NaN: the largest logit before `y` below x_y, none after it above); with GRAD, scales the
+/// terms by `k` into gradients.
+#[inline(always)]
+unsafe fn scale_terms<V: Vector, const GRAD: bool>(
+    terms: *mut V::Elem,
+    x: *const V::Elem,
+    (len, y): (usize, usize),
+    lse: Lse,
+    inv_t: Option<V::Elem>,
+    k: V::Elem,
+) -> (f64, Option<bool>) {
+    let hi = V::Elem::from_f64(lse.hi);
+    let lo = V::splat(V::Elem::from_f64((lse.hi - hi.to_f64()) + lse.lo));
+    let (hi, k, big) = (
+        V::splat(hi),
+        V::splat(k),
+        V::splat(V::Elem::from_f64(f32::MAX as f64)),
+    );
+    let inv_t = inv_t.map(V::splat);
+    let x_y = *x.add(y);
+    let mut before = V::splat(V::Elem::NEG_INFINITY);
+    let mut after = before;
+    let (mut before_s, mut after_s) = (V::Elem::NEG_INFINITY, V::Elem::NEG_INFINITY);
+    let mut acc = Acc::<V>::new();
+    let mut i = 0;
+    while i < len {
+        let n = (len - i).min(V::LANES);
+        let e = load_n::<V>(terms.add(i), n);
+        // Padding lanes: -inf, below every maximum, and a term of 0.
+        let xv = load_or::<V>(x.add(i), n, V::Elem::NEG_INFINITY);
+        if i + n <= y {
+            before = before.max(xv);
+        } else if i > y {
+            after = after.max(xv);
+        } else {
+            for c in i..i + n {
+                let v = *x.add(c);
+                if c < y && v > before_s {
+                    before_s = v;
+                } else if c > y && v > after_s {
+                    after_s = v;
+                }
+            }
+        }
+        let z = match inv_t {
+            Some(s) => xv.mul(s),
+            None => xv,
+        };
+        // A term of 0 (z = -inf included) adds 0.
+        acc.add(e.mul(hi.sub(z).add(lo).min(big)));
+        if GRAD {
+            store_n(e.mul(k), terms.add(i), n);
+        }
+        i += V::LANES;
+    }
+    let before = before.reduce_max().to_f64().max(before_s.to_f64());
+    let after = after.reduce_max().to_f64().max(after_s.to_f64());
+    let x_y = x_y.to_f64();
+    let correct = (y == 0 || before < x_y) && after <= x_y;
+    (acc.value(), Some(correct))
+}
+
 /// What one row is scored against.
 #[derive(Clone, Copy)]
 enum RowTarget<T> {
@@ -365,6 +432,16 @@ impl<T: Float> StatsOut<T> {
     }
 }
 
+/// `n <= LANES` elements from `p`, the lanes past `n` set to `fill` (a plain load when whole).
+#[inline(always)]
+unsafe fn load_or<V: Vector>(p: *const V::Elem, n: usize, fill: V::Elem) -> V {
+    if n == V::LANES {
+        V::load(p)
+    } else {
+        load_partial::<V>(p, n, fill)
+    }
+}
+
 /// (max, any NaN) of x[..len]; max -inf when empty.
 #[inline(always)]
 unsafe fn max_and_nan<V: Vector>(x: *const V::Elem, len: usize) -> (V::Elem, bool) {
@@ -374,7 +451,7 @@ unsafe fn max_and_nan<V: Vector>(x: *const V::Elem, len: usize) -> (V::Elem, boo
     let mut i = 0;
     while i < len {
         let n = (len - i).min(V::LANES);
-        let v = load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY);
+        let v = load_or::<V>(x.add(i), n, V::Elem::NEG_INFINITY);
         // Nothing is greater than +inf: the lanes set are the NaN ones.
         nan = V::mask_or(nan, v.gt_or_nan(inf));
         mx = mx.max(v);
@@ -480,11 +557,12 @@ pub(super) unsafe fn argmax<V: Vector>(x: *const V::Elem, len: usize) -> usize {
 
 /// One whole row: returns its loss (unweighted by its token weight) and, with STATS, its
 /// statistics; with GRAD, writes its gradient (scaled by `s`) to `grad`. With a temperature or a
-/// softcap the transformed logits go to `buf` first (it may be `x` or `grad`).
+/// softcap the transformed logits go to `buf` first (it may be `x` or `grad`); without GRAD,
+/// STATS uses `buf` for the exp terms.
 ///
 /// # Safety
-/// `x` readable, `grad` (with GRAD) and `buf` (with a temperature or softcap) writable for `len`
-/// elements; a `Probs` target readable for `len`.
+/// `x` readable, `grad` (with GRAD) and `buf` (with a temperature or softcap, or STATS without
+/// GRAD) writable for `len` elements; a `Probs` target readable for `len`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS: bool>(
@@ -520,39 +598,79 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
         RowTarget::Probs(t) => (0, t),
     };
     let hard = t.is_null();
-    // On the logits as given, before anything may overwrite them (in place).
+    let raw = x;
+    // The plain path's pass 2 (below) reads the logits as given and checks the argmax there.
+    let terms = if GRAD { grad } else { buf };
+    let plain = (GRAD || STATS)
+        && hard
+        && rule.eps == 0.0
+        && rule.cap.is_none()
+        && len <= IN_CACHE_MAX_LEN
+        && !(STATS && terms as *const T == raw);
+    // Elsewhere on the logits as given, before anything may overwrite them (in place).
     let correct = STATS
+        && !plain
         && if hard {
             argmax_is::<V>(x, len, y)
         } else {
             argmax::<V>(x, len) == argmax::<V>(t, len)
         };
-    let x = transform_into::<V>(rule, x, buf, len);
+    // The plain path's rows that turn out exact: the logits as given are still there.
+    let late_correct = || STATS && (correct || (plain && argmax_is::<V>(raw, len, y)));
+    // The plain path folds 1 / T into its passes: the divided logits are never written (but for
+    // a row that turns out exact).
+    let fold_t = if plain { rule.inv_t } else { None };
+    let mut x = match fold_t {
+        Some(_) => x,
+        None => transform_into::<V>(rule, x, buf, len),
+    };
     let w = rule.weight.0 as *const T;
     // Read before pass 2 may overwrite it (in place).
-    let x_y = if hard { (*x.add(y)).to_f64() } else { 0.0 };
+    let x_y = match fold_t {
+        _ if !hard => 0.0,
+        Some(k) => (*x.add(y) * k).to_f64(),
+        None => (*x.add(y)).to_f64(),
+    };
     let w_y = if hard { rule.weight_of(y) } else { 0.0 };
 
-    // The common case: pass 1 leaves exp(x) * 2^-N in grad, pass 2 only scales it.
-    let plain =
-        GRAD && !STATS && hard && rule.eps == 0.0 && rule.cap.is_none() && len <= IN_CACHE_MAX_LEN;
+    // The common case: pass 1 leaves exp(z) * 2^-N in `terms` (the gradient, or the scratch row
+    // for the statistics alone), pass 2 only scales them. With STATS pass 2 also reads the logits
+    // as given for the entropy (z recomputed from them), so they must not be `terms` (in place).
     let row = if plain {
-        RowLse::from_sum(sum_in_cache::<V>(x, len, Some(grad)), x, len)
+        let sum = match fold_t {
+            Some(k) => sum_in_cache_scaled::<V>(x, len, k, Some(terms)),
+            None => sum_in_cache::<V>(x, len, Some(terms)),
+        };
+        if fold_t.is_some() && sum.usable::<T>().is_none() {
+            // The exact path reads the divided logits (a NaN row in place: NaN either way).
+            x = transform_into::<V>(rule, raw, buf, len);
+        }
+        RowLse::from_sum(sum, x, len)
     } else {
         RowLse::of::<V>(x, len)
     };
     // Fast rows: the log-sum-exp made accurate where the target dominates (a loss near 0).
     let lse = match row {
-        RowLse::Fast(e) if plain => refined_lse_from_terms::<V>(grad, len, e),
+        RowLse::Fast(e) if plain => refined_lse_from_terms::<V>(terms, len, e),
         RowLse::Fast(e) => refined_lse::<V>(x, len, e),
         other => match other.lse() {
             Some(l) => l,
-            None => return nan_row(other.ln_sum(), correct),
+            None => return nan_row(other.ln_sum(), late_correct()),
         },
     };
     let sum_wt = if hard { w_y } else { dot::<V>(t, w, len) };
     let coef = rule.coef(lse.value(), sum_wt, s);
+    let mut fused_correct = None;
     let sums = match row {
+        RowLse::Fast(e) if plain && STATS => {
+            let k = T::from_f64(coef.a / e.m);
+            let (h, top) = scale_terms::<V, GRAD>(terms, raw, (len, y), lse, rule.inv_t, k);
+            fused_correct = top;
+            Sums {
+                entropy: h / e.m,
+                ..Sums::default()
+            }
+        }
         RowLse::Fast(e) if plain => {
             let k = V::splat(T::from_f64(coef.a / e.m));
             map_elements::<V>(
@@ -583,7 +701,7 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
     let stats = RowStats {
         lse: lse.value(),
         entropy: sums.entropy,
-        correct,
+        correct: fused_correct.unwrap_or_else(late_correct),
     };
     (rule.loss(lse.value(), target_term, sums.smooth), stats)
 }
@@ -634,8 +752,9 @@ impl<T: Float> RowBlock<'_, T> {
         let len = self.len;
         let rule = self.rule;
         let with_grad = !self.grad.0.is_null();
-        // The transformed logits need somewhere to live when there is no gradient buffer.
-        let mut scratch = if (rule.cap.is_some() || rule.inv_t.is_some()) && !with_grad {
+        // The transformed logits (or the statistics' exp terms) need somewhere to live when there
+        // is no gradient buffer.
+        let mut scratch = if (STATS || rule.cap.is_some() || rule.inv_t.is_some()) && !with_grad {
             vec![T::ZERO; len]
         } else {
             Vec::new()
