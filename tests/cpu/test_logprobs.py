@@ -146,7 +146,7 @@ def test_linear_large_margins_keep_the_gradient(chunk_size):
     lp, h = normax.linear_logprobs(hid, w, np.array([123]), chunk_size=chunk_size)
     np.testing.assert_allclose(lp, [exact], rtol=1e-5)
     np.testing.assert_allclose(h, [(v - 1) * np.exp(-margin) * (margin + 1 - exact)], rtol=1e-4)
-    dh, dw, _ = _logprobs.linear_logprobs_backward(
+    _, dw, _ = _logprobs.linear_logprobs_backward(
         hid, w, np.array([123]), np.ones(1), None, chunk_size=chunk_size
     )
     np.testing.assert_allclose(dw[123, 0], -np.expm1(exact), rtol=1e-5)
