@@ -83,7 +83,7 @@ def logprobs(logits, target, *, axis=-1, temperature=1.0, ignore_index=-100, ret
     """Log-probability of each target and entropy of each row of ``softmax(logits / temperature)``.
 
     What a reinforcement-learning trainer asks of a policy's logits (PPO's probability ratio,
-    its entropy bonus), in one pass over the logits.
+    its entropy bonus), reading each row of logits from memory once.
 
     Parameters
     ----------
