@@ -3,8 +3,6 @@ them) and their backward functions: the NumPy-first API and the adapters' route.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _core
@@ -12,11 +10,11 @@ from ._arrays import as_input, compute_dtype, contiguous, is_int_dtype, scalar_0
 from ._options import (
     ce_options,
     check_chunk_size,
+    check_temperature,
     class_axis,
     class_indices,
     index_error,
     linear_shapes,
-    number,
 )
 
 # The checked options of the log-probabilities (fields ignore_index, temperature): one immutable
@@ -24,18 +22,10 @@ from ._options import (
 LogprobOptions = _core.LogprobOptions
 
 
-def _check_temperature(temperature) -> float:
-    """The temperature as a float: a finite number > 0 (TypeError / ValueError naming it)."""
-    t = number(temperature, "temperature")
-    if not (math.isfinite(t) and t > 0.0):
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature}")
-    return t
-
-
 def logprob_options(ignore_index, temperature) -> LogprobOptions:
     """The options checked (ignore_index as the cross-entropy checks it) as one object."""
     ignore_index = ce_options(ignore_index, "none", 0.0, 0.0, None).ignore_index
-    return LogprobOptions(ignore_index, _check_temperature(temperature))
+    return LogprobOptions(ignore_index, check_temperature(temperature))
 
 
 def _class_targets(target, row_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +83,7 @@ def logprobs(logits, target, *, axis=-1, temperature=1.0, ignore_index=-100, ret
     """Log-probability of each target and entropy of each row of ``softmax(logits / temperature)``.
 
     What a reinforcement-learning trainer asks of a policy's logits (PPO's probability ratio,
-    its entropy bonus), in one pass over the logits.
+    its entropy bonus), reading each row of logits from memory once.
 
     Parameters
     ----------

@@ -134,6 +134,24 @@ def test_large_margins_keep_the_gradient(isa, margin):
     assert g[0, 7] > 0
 
 
+@pytest.mark.parametrize("chunk_size", [None, 100, 7])
+def test_linear_large_margins_keep_the_gradient(chunk_size):
+    # Vocabulary blocks too: the blocks' log-sum-exps combine without losing the dominant target's
+    # tiny logprob (a one-hot hidden state picks a row of the weight as its logits).
+    v, margin = 300, 30.0
+    w = np.zeros((v, 2), np.float32)
+    w[123, 0] = margin
+    hid = np.array([[1.0, 0.0]], np.float32)
+    exact = -np.log1p((v - 1) * np.exp(-margin))
+    lp, h = normax.linear_logprobs(hid, w, np.array([123]), chunk_size=chunk_size)
+    np.testing.assert_allclose(lp, [exact], rtol=1e-5)
+    np.testing.assert_allclose(h, [(v - 1) * np.exp(-margin) * (margin + 1 - exact)], rtol=1e-4)
+    _, dw, _ = _logprobs.linear_logprobs_backward(
+        hid, w, np.array([123]), np.ones(1), None, chunk_size=chunk_size
+    )
+    np.testing.assert_allclose(dw[123, 0], -np.expm1(exact), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
 def test_small_floats_in_and_out(dtype):
     import ml_dtypes

@@ -53,6 +53,16 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     accumulation: str = "float32",
 ) -> Tensor: ...
+def layer_norm(
+    input: Tensor,
+    normalized_shape: _Shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor: ...
+def rms_norm(
+    input: Tensor, normalized_shape: _Shape, weight: Tensor | None = None, eps: float | None = None
+) -> Tensor: ...
 def logprobs(
     logits: Tensor,
     target: Tensor,
@@ -73,16 +83,6 @@ def linear_logprobs(
     chunk_size: int | None = None,
     return_entropy: bool = True,
 ) -> tuple[Tensor, Tensor] | Tensor: ...
-def layer_norm(
-    input: Tensor,
-    normalized_shape: _Shape,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> Tensor: ...
-def rms_norm(
-    input: Tensor, normalized_shape: _Shape, weight: Tensor | None = None, eps: float | None = None
-) -> Tensor: ...
 def stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor: ...
 def log_stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor: ...
 def patch(model: torch.nn.Module) -> int: ...

@@ -11,6 +11,7 @@ use normax_core::logprobs::{
     linear_logprobs, linear_logprobs_backward, logprobs, logprobs_backward, LogprobGrads,
     LogprobOptions,
 };
+use normax_core::lse::IN_CACHE_MAX_LEN;
 use normax_core::{Error, Float};
 
 /// (logprob, entropy, gradient row) of one row in f64; zero terms where p = 0. The log-sum-exp
@@ -117,6 +118,18 @@ fn rows_match_the_f64_definition() {
                 let _ = isa;
             }
         }
+    });
+}
+
+#[test]
+fn rows_past_the_in_cache_length_take_the_two_pass_sums() {
+    let mut rng = Lcg(5);
+    let c = IN_CACHE_MAX_LEN + 37;
+    let x = rng.vec(2 * c, 8.0);
+    let target = [c as i64 - 1, 5];
+    each_isa(|_| {
+        check_rows::<f64>(&x, c, &target, 1.0, 1e-11);
+        check_rows::<f32>(&x, c, &target, 0.9, 2e-5);
     });
 }
 
