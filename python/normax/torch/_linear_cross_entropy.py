@@ -133,7 +133,7 @@ def _linear_ce_stats_op(
 @_linear_ce_stats_op.register_fake
 def _linear_ce_stats_fake(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, *args):
     loss = input.new_empty(_loss_shape(target, reduction), dtype=_loss_dtype(input))
-    grads = _grads_fake(input, linear_weight, linear_bias) if args[-1] else (absent(input),) * 3
+    grads = _grads_fake(input, linear_weight, linear_bias) if args[-1] else tuple(absent(input) for _ in range(3))
     stats = stats_fake(input, _loss_shape(target, "none"), stat_dtype(input, linear_weight))
     return (loss, *grads, *stats)
 
@@ -172,17 +172,19 @@ def _with_grad_direct_setup(ctx, inputs, output, tail: int = _LEAD + 1) -> None:
     ctx.mark_non_differentiable(*output[1:])
     ctx.grads = output[1:4]
     ctx.inputs = inputs[:_LEAD], inputs[tail : tail + 2]
+    ctx.stats = tail == _LEAD
 
 
 def _with_grad_direct_grad(ctx, grad_loss, *_):
     lead, tail = ctx.inputs
-    if ctx.grads is None:  # handed over already: recomputed for this grad_loss
+    grads, ctx.grads = ctx.grads, None
+    if grads is None and not ctx.stats:  # handed over already: recomputed for this grad_loss
         grads = _linear_ce_with_grad_op(*lead, grad_loss, *tail)[1:]
-    elif torch.is_grad_enabled():  # create_graph=True: the custom op, which raises when differentiated
-        grads, ctx.grads = ctx.grads, None
-        return _scaled(grads, grad_loss, *lead[:2], ctx.has_bias, ctx.num_inputs)
     else:
-        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # recomputed as the forward formed them: the same bits as the first backward
+            grads = _linear_ce_stats_op(*lead, *tail, True)[1:4]
+        if torch.is_grad_enabled():  # create_graph=True: the custom op, which raises when differentiated
+            return _scaled(grads, grad_loss, *lead[:2], ctx.has_bias, ctx.num_inputs)
         for g in grads[: 3 if ctx.has_bias else 2]:
             g.mul_(grad_loss)
     dh, dw, db = grads
