@@ -133,7 +133,9 @@ def _linear_ce_stats_op(
 @_linear_ce_stats_op.register_fake
 def _linear_ce_stats_fake(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, *args):
     loss = input.new_empty(_loss_shape(target, reduction), dtype=_loss_dtype(input))
-    grads = _grads_fake(input, linear_weight, linear_bias) if args[-1] else tuple(absent(input) for _ in range(3))
+    grads = (
+        _grads_fake(input, linear_weight, linear_bias) if args[-1] else tuple(absent(input) for _ in range(3))
+    )
     stats = stats_fake(input, _loss_shape(target, "none"), stat_dtype(input, linear_weight))
     return (loss, *grads, *stats)
 
