@@ -195,6 +195,13 @@ def test_low_precision_inputs(dtype):
     check_stats(stats, want_stats, dtype)
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.dtype == dtype
+    h, w = rand(6, 4, dtype=dtype, grad=True), rand(5, 4, dtype=dtype, seed=1, grad=True)
+    loss, stats = nt.linear_cross_entropy(h, w, TARGET, **kw, return_stats=True)
+    want, want_stats = reference(h.detach().double() @ w.detach().double().T, TARGET, **kw)
+    assert loss.dtype == dtype
+    close(loss, want, dtype)
+    check_stats(stats, want_stats, dtype)
+    assert [g.dtype for g in torch.autograd.grad(loss, (h, w))] == [dtype, dtype]
 
 
 def test_ignored_rows_zero_weights_and_special_logits():
