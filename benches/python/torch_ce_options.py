@@ -56,7 +56,7 @@ def main() -> None:
         label = "fwd+bwd" if backward else "fwd    "
         for name, timing in timings.items():
             print(
-                f"  {label} {name:26s} {timing.median * 1e3:8.1f} ms  x{timing.median / plain:5.3f}  "
+                f"  {label} {name:26s} {timing.median * 1e3:9.3f} ms  x{timing.median / plain:5.3f}  "
                 f"(spread {timing.spread:.0%}, {timing.runs} runs)"
             )
 
