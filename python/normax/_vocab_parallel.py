@@ -92,6 +92,7 @@ def options_hash(opts, weight: np.ndarray | None, linear: bool) -> int:
         _float_key(opts.label_smoothing),
         _float_key(opts.z_loss),
         _float_key(opts.softcap),
+        _float_key(opts.temperature),
         -1 if weight is None else weight.size,
         _float_key(None if weight is None else float(weight.astype(np.float64).sum())),
         int(linear),
@@ -132,12 +133,19 @@ def stats(logits, target, weight, start: int, opts, packed: np.ndarray | None = 
     return packed
 
 
-def combine(gathered: np.ndarray, shards, target, weight, opts):
+def _labels(target, weight, token_weight, dt):
+    """The kernels' labels: (target, class weights[, token weights]) in their dtypes."""
+    labels = (_as(target, np.int64).reshape(-1), _as(weight, dt))
+    return labels if token_weight is None else (*labels, _as(token_weight, dt).reshape(-1))
+
+
+def combine(gathered: np.ndarray, shards, target, weight, opts, token_weight=None):
     """(loss, lse, denom) from every rank's packed rows, folded in rank order.
 
     ``gathered``: (ranks, rows * fields) packed rows in rank order; ``shards``: each rank's
     (start, length). ``loss`` is one value per row for reduction "none", else one; ``lse`` each
-    row's global log-sum-exp as (rows, 2) float64 hi, lo; ``denom`` the mean's denominator.
+    row's global log-sum-exp as (rows, 2) float64 hi, lo; ``denom`` the mean's denominator
+    (with ``token_weight``, one per row, the summed token weight x class weight of the kept rows).
     """
     t = _as(target, np.int64).reshape(-1)
     rows = t.size
@@ -145,20 +153,23 @@ def combine(gathered: np.ndarray, shards, target, weight, opts):
     lse = np.empty((rows, 2), np.float64)
     classes = sum(n for _, n in shards)
     layout = [_core.VocabParallelLayout(rows, s, n, classes) for s, n in shards]
-    labels = (t, _as(weight, gathered.dtype))
+    labels = _labels(t, weight, token_weight, gathered.dtype)
     denom = _core.vocab_parallel_combine(gathered, layout, labels, opts, (loss, lse))
     return loss, lse, denom
 
 
-def backward(logits, target, weight, lse, denom: float, grad_output, start: int, classes: int, opts):
+def backward(
+    logits, target, weight, lse, denom: float, grad_output, start: int, classes: int, opts, token_weight=None
+):
     """The shard's gradient of ``grad_output * loss`` (in :func:`stats_dtype`) from the forward's
     ``lse`` and ``denom`` (:func:`combine`); ``classes`` is V. ``grad_output`` has one value per
-    row for reduction "none", else one."""
+    row for reduction "none", else one; ``token_weight`` the rows' weights given to
+    :func:`combine`, or None."""
     dt = stats_dtype(logits.dtype)
     rows, length = logits.shape
     grad = np.empty((rows, length), dt)
     shard = _core.VocabParallelLayout(rows, int(start), length, classes)
-    labels = (_as(target, np.int64), _as(weight, dt))
+    labels = _labels(target, weight, token_weight, dt)
     saved = (_as(lse, np.float64), denom, _grad_output(grad_output, opts.reduction, dt))
     _core.vocab_parallel_backward(_as(logits, dt), labels, shard, opts, saved, grad)
     return grad
@@ -179,11 +190,11 @@ def linear_stats(hidden, weight_shard, bias_shard, target, weight, packed, start
 
 def linear_backward(
     hidden, weight_shard, bias_shard, target, weight, lse, denom: float, grad_output, start: int,
-    classes: int, opts, chunk_size,
+    classes: int, opts, chunk_size, token_weight=None,
 ):  # fmt: skip
     """(d hidden, d weight_shard, d bias_shard or None) of the linear shard, in
     :func:`stats_dtype`, from the forward's ``lse`` and ``denom``: d hidden is this shard's part
-    (the caller sums it over the ranks)."""
+    (the caller sums it over the ranks); ``token_weight`` as for :func:`backward`."""
     dt = stats_dtype(hidden.dtype)
     rows, h = hidden.shape
     length = weight_shard.shape[0]
@@ -192,7 +203,7 @@ def linear_backward(
     db = None if bias_shard is None else np.empty(length, dt)
     shard = _core.VocabParallelLayout(rows, int(start), length, classes)
     inputs = (_as(hidden, dt), _as(weight_shard, dt), _as(bias_shard, dt))
-    labels = (_as(target, np.int64), _as(weight, dt))
+    labels = _labels(target, weight, token_weight, dt)
     saved = (_as(lse, np.float64), denom, _grad_output(grad_output, opts.reduction, dt))
     _core.vocab_parallel_linear_backward(inputs, labels, shard, opts, chunk_size, saved, (dh, dw, db))
     return dh, dw, db
@@ -251,10 +262,12 @@ class Exchange:
         All V class weights in ``dtype``.
     linear : bool
         Whether this is the linear op (its options hash differs from the logits op's).
+    token_weight : numpy.ndarray or None
+        The (rows,) token weights in ``dtype`` (the same on every rank), or None.
     """
 
     def __init__(self, fname, opts, *, rank, rows, length, vocab_start, dtype, target, target_shape,
-                 weight, linear):  # fmt: skip
+                 weight, linear, token_weight=None):  # fmt: skip
         self.fname = fname
         self.opts = opts
         self.rows = rows
@@ -263,6 +276,7 @@ class Exchange:
         self.start = rank * length if vocab_start is None else vocab_start
         self.target = target
         self.weight = weight
+        self.token_weight = token_weight
         self.error: Exception | None = None
         self.header = [
             0,
@@ -300,7 +314,7 @@ class Exchange:
         classes = sum(n for _, n in shards)
         w = self.weight
         self.w_sum = float(classes) if w is None else float(w.astype(np.float64).sum())
-        loss, lse, denom = combine(packed, shards, self.target, w, self.opts)
+        loss, lse, denom = combine(packed, shards, self.target, w, self.opts, self.token_weight)
         return loss, lse, denom, classes
 
     def _check(self, heads: list[list[int]]) -> None:

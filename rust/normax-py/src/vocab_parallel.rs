@@ -3,7 +3,8 @@
 //! python/normax/_vocab_parallel.py's, the collectives the torch and JAX adapters'.
 //!
 //! Every function takes the rank's [`VocabParallelLayout`], the checked [`CeOptions`] and `labels`, the
-//! pair (target class indices, class weights or None) the rows are scored against.
+//! pair (target class indices, class weights or None) the rows are scored against, or the triple
+//! with the rows' token weights (or None) last (the statistics passes do not use them).
 
 use crate::arrays::{by_dtype, matrix_shape, readonly, readonly_opt, readwrite, readwrite_opt};
 use crate::arrays::{slice, slice_mut, slice_mut_opt, slice_opt, Arr, Read};
@@ -15,8 +16,22 @@ use normax_core::Float;
 use numpy::Element;
 use pyo3::prelude::*;
 
-/// (target class indices, class weights or None).
-type Labels<'py> = (Arr<'py>, Option<Arr<'py>>);
+/// (target class indices, class weights or None[, token weights or None]).
+#[derive(FromPyObject)]
+enum Labels<'py> {
+    Weighted((Arr<'py>, Option<Arr<'py>>, Option<Arr<'py>>)),
+    Plain((Arr<'py>, Option<Arr<'py>>)),
+}
+
+impl<'py> Labels<'py> {
+    /// (target, class weights, token weights).
+    fn parts(&self) -> (&Arr<'py>, Option<&Arr<'py>>, Option<&Arr<'py>>) {
+        match self {
+            Labels::Plain((t, w)) => (t, w.as_ref(), None),
+            Labels::Weighted((t, w, tw)) => (t, w.as_ref(), tw.as_ref()),
+        }
+    }
+}
 /// The linear op's inputs on this rank: hidden (rows, H), its linear weight shard (length, H), its
 /// bias shard or None.
 type LinearInputs<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
@@ -36,14 +51,15 @@ fn stats_options(options: &CeOptions) -> CeOptions {
 
 fn stats_typed<T: Float + Element>(
     logits: &Arr<'_>,
-    (target, weight): &Labels<'_>,
+    labels: &Labels<'_>,
     shard: &VocabParallelLayout,
     options: &CeOptions,
     packed: &Arr<'_>,
 ) -> PyResult<()> {
+    let (target, weight, _) = labels.parts();
     let x = readonly::<T>(logits, "logits")?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let w = readonly_opt::<T>(weight, "weight")?;
     let mut p = readwrite::<T>(packed, "packed")?;
     let (xs, ts) = (slice(&x, "logits")?, slice(&t, "target")?);
     let o = stats_options(options).with_weight(slice_opt(&w, "weight")?);
@@ -69,18 +85,20 @@ fn vocab_parallel_stats(
 fn combine_typed<T: Float + Element>(
     gathered: &Arr<'_>,
     shards: &[Shard],
-    (target, weight): &Labels<'_>,
+    labels: &Labels<'_>,
     options: &CeOptions,
     (loss, lse): (&Arr<'_>, &Arr<'_>),
 ) -> PyResult<f64> {
+    let (target, weight, token_weight) = labels.parts();
+    let tw = readonly_opt::<T>(token_weight, "token_weight")?;
     let (_, stride) = matrix_shape(gathered, "gathered")?;
     let g = readonly::<T>(gathered, "gathered")?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let w = readonly_opt::<T>(weight, "weight")?;
     let mut l = readwrite::<T>(loss, "loss")?;
     let mut s = readwrite::<f64>(lse, "lse")?;
     let (gs, ts) = (slice(&g, "gathered")?, slice(&t, "target")?);
-    let o = options.with_weight(slice_opt(&w, "weight")?);
+    let o = options.with_weights(slice_opt(&w, "weight")?, slice_opt(&tw, "token_weight")?);
     let (ls, ss) = (slice_mut(&mut l, "loss")?, slice_mut(&mut s, "lse")?);
     let rows = ts.len();
     detach(gathered.py(), gs.len(), || {
@@ -109,15 +127,17 @@ fn vocab_parallel_combine(
 
 fn backward_typed<T: Float + Element>(
     logits: &Arr<'_>,
-    (target, weight): &Labels<'_>,
+    labels: &Labels<'_>,
     shard: &VocabParallelLayout,
     options: &CeOptions,
     (lse, denom, grad_output): &Saved<'_>,
     grad: &Arr<'_>,
 ) -> PyResult<()> {
+    let (target, weight, token_weight) = labels.parts();
+    let tw = readonly_opt::<T>(token_weight, "token_weight")?;
     let x = readonly::<T>(logits, "logits")?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let w = readonly_opt::<T>(weight, "weight")?;
     let s = readonly::<f64>(lse, "lse")?;
     let go = grad_output.read::<T>()?;
     let mut g = readwrite::<T>(grad, "grad")?;
@@ -126,7 +146,7 @@ fn backward_typed<T: Float + Element>(
         slice(&t, "target")?,
         slice(&s, "lse")?,
     );
-    let o = options.with_weight(slice_opt(&w, "weight")?);
+    let o = options.with_weights(slice_opt(&w, "weight")?, slice_opt(&tw, "token_weight")?);
     let go = grad_output.core(&go)?;
     let gs = slice_mut(&mut g, "grad")?;
     let (rows, sh, classes, d) = (shard.rows, shard.core(), shard.classes, *denom);
@@ -182,14 +202,15 @@ impl<'py, T: Float + Element> LinearRead<'py, T> {
 
 fn linear_stats_typed<T: Float + Element>(
     inputs: &LinearInputs<'_>,
-    (target, weight): &Labels<'_>,
+    labels: &Labels<'_>,
     shard: &VocabParallelLayout,
     (options, chunk_size): (&CeOptions, Option<usize>),
     packed: &Arr<'_>,
 ) -> PyResult<()> {
+    let (target, weight, _) = labels.parts();
     let read = LinearRead::<T>::new(inputs)?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let w = readonly_opt::<T>(weight, "weight")?;
     let mut p = readwrite::<T>(packed, "packed")?;
     let lin = read.core()?;
     let ts = slice(&t, "target")?;
@@ -225,14 +246,16 @@ type LinearGrads<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
 
 fn linear_backward_typed<T: Float + Element>(
     inputs: &LinearInputs<'_>,
-    (target, weight): &Labels<'_>,
+    labels: &Labels<'_>,
     (shard, options, chunk_size): (&VocabParallelLayout, &CeOptions, Option<usize>),
     (lse, denom, grad_output): &Saved<'_>,
     (dhidden, dweight, dbias): &LinearGrads<'_>,
 ) -> PyResult<()> {
+    let (target, weight, token_weight) = labels.parts();
+    let tw = readonly_opt::<T>(token_weight, "token_weight")?;
     let read = LinearRead::<T>::new(inputs)?;
     let t = readonly::<i64>(target, "target")?;
-    let w = readonly_opt::<T>(weight.as_ref(), "weight")?;
+    let w = readonly_opt::<T>(weight, "weight")?;
     let s = readonly::<f64>(lse, "lse")?;
     let go = grad_output.read::<T>()?;
     let mut dh = readwrite::<T>(dhidden, "dhidden")?;
@@ -240,7 +263,7 @@ fn linear_backward_typed<T: Float + Element>(
     let mut db = readwrite_opt::<T>(dbias.as_ref(), "dbias")?;
     let lin = read.core()?;
     let (ts, ss) = (slice(&t, "target")?, slice(&s, "lse")?);
-    let o = options.with_weight(slice_opt(&w, "weight")?);
+    let o = options.with_weights(slice_opt(&w, "weight")?, slice_opt(&tw, "token_weight")?);
     let go = grad_output.core(&go)?;
     let dhs = slice_mut(&mut dh, "dhidden")?;
     let dws = slice_mut(&mut dw, "dweight")?;

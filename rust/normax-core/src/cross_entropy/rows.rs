@@ -143,7 +143,8 @@ struct Pass2<V: Vector> {
     probs: Probs<V>,
     /// `Rule::unit`: the scale of the weighted sums' terms.
     unit: V,
-    /// The largest finite value: r - x = inf (x = -inf) times p = 0 adds 0 to the entropy.
+    /// float32's largest finite value (a bound on any r - x the fast path sees where p > 0):
+    /// r - x = inf (x = -inf) times p = 0 adds 0 to the entropy.
     big: V,
 }
 
@@ -247,7 +248,7 @@ pub(super) unsafe fn pass2<V: Vector, const GRAD: bool, const STATS: bool>(
         },
         probs: *probs,
         unit: V::splat(V::Elem::from_f64(unit)),
-        big: V::splat(V::Elem::from_f64(f64::MAX)),
+        big: V::splat(V::Elem::from_f64(f32::MAX as f64)),
     };
     let mut acc = [Acc::<V>::new(), Acc::<V>::new(), Acc::<V>::new()];
     let mut i = 0;
@@ -309,6 +310,45 @@ pub(super) unsafe fn pass2_exact<T: Float, const GRAD: bool>(
         }
     }
     sums
+}
+
+/// The plain path's pass 2 with statistics: returns sum_c e_c (lse - z_c) over the terms
+/// e_c = exp(z_c) * 2^-N that pass 1 left in `terms`, z = x * `inv_t` recomputed from the logits
+/// as given (as `transform_into` computes it); with GRAD, scales the terms by `k` into gradients.
+#[inline(always)]
+unsafe fn scale_terms<V: Vector, const GRAD: bool>(
+    terms: *mut V::Elem,
+    x: *const V::Elem,
+    len: usize,
+    lse: Lse,
+    inv_t: Option<V::Elem>,
+    k: V::Elem,
+) -> f64 {
+    let hi = V::Elem::from_f64(lse.hi);
+    let lo = V::splat(V::Elem::from_f64((lse.hi - hi.to_f64()) + lse.lo));
+    let (hi, k, big) = (
+        V::splat(hi),
+        V::splat(k),
+        V::splat(V::Elem::from_f64(f32::MAX as f64)),
+    );
+    let inv_t = inv_t.map(V::splat);
+    let mut acc = Acc::<V>::new();
+    let mut i = 0;
+    while i < len {
+        let n = (len - i).min(V::LANES);
+        let e = load_n::<V>(terms.add(i), n);
+        let mut z = load_n::<V>(x.add(i), n);
+        if let Some(s) = inv_t {
+            z = z.mul(s);
+        }
+        // A term of 0 (z = -inf included) adds 0; padding lanes have e = 0.
+        acc.add(e.mul(hi.sub(z).add(lo).min(big)));
+        if GRAD {
+            store_n(e.mul(k), terms.add(i), n);
+        }
+        i += V::LANES;
+    }
+    acc.value()
 }
 
 /// What one row is scored against.
@@ -480,11 +520,12 @@ pub(super) unsafe fn argmax<V: Vector>(x: *const V::Elem, len: usize) -> usize {
 
 /// One whole row: returns its loss (unweighted by its token weight) and, with STATS, its
 /// statistics; with GRAD, writes its gradient (scaled by `s`) to `grad`. With a temperature or a
-/// softcap the transformed logits go to `buf` first (it may be `x` or `grad`).
+/// softcap the transformed logits go to `buf` first (it may be `x` or `grad`); without GRAD,
+/// STATS uses `buf` for the exp terms.
 ///
 /// # Safety
-/// `x` readable, `grad` (with GRAD) and `buf` (with a temperature or softcap) writable for `len`
-/// elements; a `Probs` target readable for `len`.
+/// `x` readable, `grad` (with GRAD) and `buf` (with a temperature or softcap, or STATS without
+/// GRAD) writable for `len` elements; a `Probs` target readable for `len`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS: bool>(
@@ -527,23 +568,31 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
         } else {
             argmax::<V>(x, len) == argmax::<V>(t, len)
         };
+    let raw = x;
     let x = transform_into::<V>(rule, x, buf, len);
     let w = rule.weight.0 as *const T;
     // Read before pass 2 may overwrite it (in place).
     let x_y = if hard { (*x.add(y)).to_f64() } else { 0.0 };
     let w_y = if hard { rule.weight_of(y) } else { 0.0 };
 
-    // The common case: pass 1 leaves exp(x) * 2^-N in grad, pass 2 only scales it.
-    let plain =
-        GRAD && !STATS && hard && rule.eps == 0.0 && rule.cap.is_none() && len <= IN_CACHE_MAX_LEN;
+    // The common case: pass 1 leaves exp(z) * 2^-N in `terms` (the gradient, or the scratch row
+    // for the statistics alone), pass 2 only scales them. With STATS pass 2 also reads the logits
+    // as given for the entropy (z recomputed from them), so they must not be `terms` (in place).
+    let terms = if GRAD { grad } else { buf };
+    let plain = (GRAD || STATS)
+        && hard
+        && rule.eps == 0.0
+        && rule.cap.is_none()
+        && len <= IN_CACHE_MAX_LEN
+        && !(STATS && terms as *const T == raw);
     let row = if plain {
-        RowLse::from_sum(sum_in_cache::<V>(x, len, Some(grad)), x, len)
+        RowLse::from_sum(sum_in_cache::<V>(x, len, Some(terms)), x, len)
     } else {
         RowLse::of::<V>(x, len)
     };
     // Fast rows: the log-sum-exp made accurate where the target dominates (a loss near 0).
     let lse = match row {
-        RowLse::Fast(e) if plain => refined_lse_from_terms::<V>(grad, len, e),
+        RowLse::Fast(e) if plain => refined_lse_from_terms::<V>(terms, len, e),
         RowLse::Fast(e) => refined_lse::<V>(x, len, e),
         other => match other.lse() {
             Some(l) => l,
@@ -553,6 +602,14 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
     let sum_wt = if hard { w_y } else { dot::<V>(t, w, len) };
     let coef = rule.coef(lse.value(), sum_wt, s);
     let sums = match row {
+        RowLse::Fast(e) if plain && STATS => {
+            let k = T::from_f64(coef.a / e.m);
+            let h = scale_terms::<V, GRAD>(terms, raw, len, lse, rule.inv_t, k);
+            Sums {
+                entropy: h / e.m,
+                ..Sums::default()
+            }
+        }
         RowLse::Fast(e) if plain => {
             let k = V::splat(T::from_f64(coef.a / e.m));
             map_elements::<V>(
@@ -634,8 +691,9 @@ impl<T: Float> RowBlock<'_, T> {
         let len = self.len;
         let rule = self.rule;
         let with_grad = !self.grad.0.is_null();
-        // The transformed logits need somewhere to live when there is no gradient buffer.
-        let mut scratch = if (rule.cap.is_some() || rule.inv_t.is_some()) && !with_grad {
+        // The transformed logits (or the statistics' exp terms) need somewhere to live when there
+        // is no gradient buffer.
+        let mut scratch = if (STATS || rule.cap.is_some() || rule.inv_t.is_some()) && !with_grad {
             vec![T::ZERO; len]
         } else {
             Vec::new()
