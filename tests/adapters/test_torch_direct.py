@@ -53,6 +53,29 @@ CASES = {
         torch.tensor([0, 3, 2, 1, 3]),
         reduction="none",
     ),
+    # issue 24's options: the statistics ops (with and without the gradient formed in the forward).
+    "cross_entropy_stats": lambda x: nt.cross_entropy(
+        x, torch.tensor([0, 6, 3, -100, 2]), temperature=0.8, token_weight=_W[:5], return_stats=True
+    )[0],
+    "cross_entropy_soft_stats": lambda x: nt.cross_entropy(
+        x, torch.softmax(_rand(5, 7, seed=4, grad=False), 1), token_weight=_W[:5], return_stats=True
+    )[0],
+    "linear_cross_entropy_stats": lambda x: nt.linear_cross_entropy(
+        x,
+        torch.linspace(-1, 1, 28).reshape(4, 7).to(x.dtype),
+        torch.tensor([0, 3, 2, 1, 3]),
+        temperature=1.5,
+        token_weight=_W[:5],
+        return_stats=True,
+    )[0],
+    "linear_cross_entropy_none_stats": lambda x: nt.linear_cross_entropy(
+        x,
+        torch.linspace(-1, 1, 28).reshape(4, 7).to(x.dtype),
+        torch.tensor([0, 3, 2, 1, 3]),
+        reduction="none",
+        token_weight=_W[:5],
+        return_stats=True,
+    )[0],
 }
 
 

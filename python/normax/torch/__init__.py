@@ -23,10 +23,15 @@ Differences from torch, stated once:
   never a silently wrong second derivative. :func:`logsumexp` is the exception (its backward is
   plain torch ops, differentiable again).
 - No gradient flows to class ``weight`` tensors (torch differentiates them with probability
-  targets); a probability (float) ``target`` of :func:`cross_entropy` gets torch's gradient.
+  targets); a probability (float) ``target`` of :func:`cross_entropy` gets torch's gradient. A
+  ``token_weight`` that requires grad is refused (RuntimeError, torch's wording for nll_loss's
+  weight).
 - Signatures are the installed torch's (``softmax(input, dim=None, _stacklevel=3, dtype=None)``,
   ``logsumexp(..., *, out=None)``, ``cross_entropy``'s deprecated ``size_average``/``reduce``);
-  ``cross_entropy`` adds keyword-only ``z_loss`` and ``softcap``.
+  ``cross_entropy`` adds keyword-only ``z_loss``, ``softcap``, ``normalizer``, ``temperature``,
+  ``token_weight`` and ``return_stats`` (then also a :class:`CrossEntropyStats`, the class of
+  ``normax.CrossEntropyStats`` with tensors in its fields; no gradient flows through them), and
+  ``linear_cross_entropy`` the same beside torch's ``options``.
 
 This package imports torch; ``import normax`` alone does not. Layout: one file per op family,
 named as the NumPy-first module it calls (``_softmax``, ``_cross_entropy``, ``_logprobs``,
@@ -37,6 +42,7 @@ kernels and public functions (PowerNorm: its module) together; ``_convert`` (ten
 
 from __future__ import annotations
 
+from .._cross_entropy import CrossEntropyStats
 from ._cross_entropy import cross_entropy
 from ._linear_cross_entropy import linear_cross_entropy
 from ._logprobs import linear_logprobs, logprobs
@@ -50,6 +56,7 @@ from ._vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear
 
 __all__ = [
     "CrossEntropyLoss",
+    "CrossEntropyStats",
     "LayerNorm",
     "LinearCrossEntropyLoss",
     "PowerNorm",
@@ -73,5 +80,6 @@ __all__ = [
 # The public names keep the module they were defined in before the split: pickled modules (a
 # torch.save of a whole model) and reprs name normax.torch, whatever file holds the code.
 for _name in __all__:
-    globals()[_name].__module__ = __name__
+    if _name != "CrossEntropyStats":  # normax's own class, re-exported: it stays normax's
+        globals()[_name].__module__ = __name__
 del _name

@@ -6,6 +6,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
+from .._cross_entropy import CrossEntropyStats as CrossEntropyStats
 from ._modules import CrossEntropyLoss as CrossEntropyLoss
 from ._modules import LayerNorm as LayerNorm
 from ._modules import LinearCrossEntropyLoss as LinearCrossEntropyLoss
@@ -36,7 +37,10 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     normalizer: str = "softmax",
-) -> Tensor: ...
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]: ...
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -52,7 +56,10 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     accumulation: str = "float32",
-) -> Tensor: ...
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]: ...
 def layer_norm(
     input: Tensor,
     normalized_shape: _Shape,
@@ -118,6 +125,7 @@ def vocab_parallel_linear_cross_entropy(
 
 __all__ = [
     "CrossEntropyLoss",
+    "CrossEntropyStats",
     "LayerNorm",
     "LinearCrossEntropyLoss",
     "PowerNorm",

@@ -44,11 +44,13 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`, plus `z_loss` and `softcap`.
+    """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`, plus `z_loss`, `softcap`,
+    `normalizer` and `temperature`.
 
     Same constructor arguments (``weight, size_average, ignore_index, reduce, reduction,
     label_smoothing``) and state_dict (the ``weight`` buffer), then keyword-only ``z_loss=0.0``,
-    ``softcap=None`` and ``normalizer="softmax"`` (or "stablemax", see :func:`cross_entropy`).
+    ``softcap=None``, ``normalizer="softmax"`` (or "stablemax") and ``temperature=1.0``, as in
+    :func:`cross_entropy` (checked at the first call, as torch checks ``label_smoothing``).
 
     Examples
     --------
@@ -69,11 +71,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         z_loss: float = 0.0,
         softcap: float | None = None,
         normalizer: str = "softmax",
+        temperature: float = 1.0,
     ):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.normalizer = normalizer
+        self.temperature = temperature
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(
@@ -86,6 +90,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             z_loss=self.z_loss,
             softcap=self.softcap,
             normalizer=self.normalizer,
+            temperature=self.temperature,
         )
 
 
@@ -110,7 +115,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         For the classifier's parameters.
     reduction, weight, ignore_index, label_smoothing, options
         As torch's (``ignore_index=None``: -100 for class indices).
-    z_loss, softcap, chunk_size, accumulation
+    z_loss, softcap, chunk_size, accumulation, temperature
         normax's, as in :func:`linear_cross_entropy`.
 
     Examples
@@ -139,6 +144,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         softcap: float | None = None,
         chunk_size: int | None = None,
         accumulation: str = "float32",
+        temperature: float = 1.0,
     ):
         # torch's own checks and messages.
         if weight is not None and weight.shape != (num_classes,):
@@ -155,6 +161,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.accumulation = accumulation
+        self.temperature = temperature
         self.linear = torch.nn.Linear(
             in_features, math.prod(out_features, start=num_classes), bias=bias, device=device, dtype=dtype
         )
@@ -165,7 +172,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
             f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, options={self.options}, z_loss={self.z_loss}, "
-            f"softcap={self.softcap}"
+            f"softcap={self.softcap}, temperature={self.temperature}"
         )
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -185,4 +192,5 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
             softcap=self.softcap,
             chunk_size=self.chunk_size,
             accumulation=self.accumulation,
+            temperature=self.temperature,
         )

@@ -124,14 +124,17 @@ def log_stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = N
     return _public(input, dim, dtype, True, "normax.torch.log_stablemax")
 
 
-def stablemax_logits(input: Tensor, softcap: float | None) -> Tensor:
-    """phi = log s(x') (x' the softcapped logits) in torch ops: the softmax cross-entropy of phi
-    is the StableMax one, and autograd chains its gradient through phi' = 1 / (1 + |x'|).
+def stablemax_logits(input: Tensor, softcap: float | None, temperature: float = 1.0) -> Tensor:
+    """phi = log s(x') (x' the logits divided by `temperature`, then softcapped) in torch ops: the
+    softmax cross-entropy of phi is the StableMax one, and autograd chains its gradient through
+    phi' = 1 / (1 + |x'|).
 
     CPU tensors are taken to float64 first (as the NumPy path does: phi's rounding must not reach
     the loss of a dominant target); CUDA tensors to float32 (the CUDA kernels' arithmetic).
     """
     x = input.to(torch.float32 if input.is_cuda else torch.float64)
+    if temperature != 1.0:
+        x = x / temperature
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     # where() picks the branch whose derivative is right at 0 (1, not sign(0) = 0); the clamps keep
