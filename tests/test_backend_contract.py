@@ -19,12 +19,12 @@ import sys
 import normax
 import numpy as np
 import pytest
-from normax import _backends, _cross_entropy, _norms, _power_norm, _softmax, _stablemax
+from normax import _backends, _cross_entropy, _logprobs, _norms, _power_norm, _softmax, _stablemax
 from normax._backends import backend, kernel, missing, public_ops
 
 BACKENDS = sorted(_backends._REGISTRY)
 CONTRACTS = public_ops()
-FAMILIES = (_softmax, _stablemax, _cross_entropy, _norms, _power_norm)
+FAMILIES = (_softmax, _stablemax, _cross_entropy, _logprobs, _norms, _power_norm)
 LABEL = {name: _backends._REGISTRY[name].label for name in BACKENDS}
 
 

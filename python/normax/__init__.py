@@ -6,7 +6,7 @@ the caller's kind. ``normax.torch`` and ``normax.jax`` (imported on demand) are 
 adapters with autograd. See the README for the benchmark and the API overview.
 """
 
-from . import _cross_entropy, _norms, _power_norm, _softmax, _stablemax
+from . import _cross_entropy, _logprobs, _norms, _power_norm, _softmax, _stablemax
 from ._core import get_isa, get_num_threads, set_isa, set_num_threads, supported_isas
 from ._cross_entropy import CrossEntropyStats
 from ._dispatch import array_api, get_backend, set_backend
@@ -27,6 +27,8 @@ cross_entropy = array_api(_cross_entropy.cross_entropy)
 cross_entropy_with_grad = array_api(_cross_entropy.cross_entropy_with_grad)
 linear_cross_entropy = array_api(_cross_entropy.linear_cross_entropy)
 linear_cross_entropy_with_grad = array_api(_cross_entropy.linear_cross_entropy_with_grad)
+logprobs = array_api(_logprobs.logprobs)
+linear_logprobs = array_api(_logprobs.linear_logprobs)
 rms_norm = array_api(_norms.rms_norm)
 rms_norm_backward = array_api(_norms.rms_norm_backward)
 layer_norm = array_api(_norms.layer_norm)
@@ -53,10 +55,12 @@ __all__ = [
     "layer_norm_backward",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    "linear_logprobs",
     "log_softmax",
     "log_softmax_backward",
     "log_stablemax",
     "log_stablemax_backward",
+    "logprobs",
     "logsumexp",
     "power_norm",
     "power_norm_backward",

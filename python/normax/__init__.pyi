@@ -321,6 +321,104 @@ def linear_cross_entropy_with_grad(
     device: _Device = None,
 ) -> tuple[_NDArray, _NDArray, _NDArray, _NDArray | None]: ...
 
+# Log-probabilities of targets and entropies of softmax(logits / T) (return_entropy=False: logprob only).
+@overload
+def logprobs(
+    logits: _A,
+    target: _Array | npt.ArrayLike,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: Literal[True] = True,
+    device: _Device = None,
+) -> tuple[_A, _A]: ...
+@overload
+def logprobs(
+    logits: npt.ArrayLike,
+    target: _Array | npt.ArrayLike,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: Literal[True] = True,
+    device: _Device = None,
+) -> tuple[_NDArray, _NDArray]: ...
+@overload
+def logprobs(
+    logits: _A,
+    target: _Array | npt.ArrayLike,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: Literal[False],
+    device: _Device = None,
+) -> _A: ...
+@overload
+def logprobs(
+    logits: npt.ArrayLike,
+    target: _Array | npt.ArrayLike,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: Literal[False],
+    device: _Device = None,
+) -> _NDArray: ...
+@overload
+def linear_logprobs(
+    hidden: _A,
+    linear_weight: _Array | npt.ArrayLike,
+    target: _Array | npt.ArrayLike,
+    *,
+    linear_bias: _Array | npt.ArrayLike | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[True] = True,
+    device: _Device = None,
+) -> tuple[_A, _A]: ...
+@overload
+def linear_logprobs(
+    hidden: npt.ArrayLike,
+    linear_weight: _Array | npt.ArrayLike,
+    target: _Array | npt.ArrayLike,
+    *,
+    linear_bias: _Array | npt.ArrayLike | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[True] = True,
+    device: _Device = None,
+) -> tuple[_NDArray, _NDArray]: ...
+@overload
+def linear_logprobs(
+    hidden: _A,
+    linear_weight: _Array | npt.ArrayLike,
+    target: _Array | npt.ArrayLike,
+    *,
+    linear_bias: _Array | npt.ArrayLike | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[False],
+    device: _Device = None,
+) -> _A: ...
+@overload
+def linear_logprobs(
+    hidden: npt.ArrayLike,
+    linear_weight: _Array | npt.ArrayLike,
+    target: _Array | npt.ArrayLike,
+    *,
+    linear_bias: _Array | npt.ArrayLike | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[False],
+    device: _Device = None,
+) -> _NDArray: ...
+
 # Normalization. return_stats=True adds the saved statistics (float64 rstd; mean for layer_norm).
 @overload
 def rms_norm(
@@ -602,8 +700,10 @@ __all__ = [
     "layer_norm_backward",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    "linear_logprobs",
     "log_softmax",
     "log_softmax_backward",
+    "logprobs",
     "logsumexp",
     "power_norm",
     "power_norm_backward",

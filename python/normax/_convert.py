@@ -37,6 +37,8 @@ PROMOTED = {
     "cross_entropy_with_grad": ("logits",),
     "linear_cross_entropy": ("hidden", "linear_weight", "linear_bias"),
     "linear_cross_entropy_with_grad": ("hidden", "linear_weight", "linear_bias"),
+    "logprobs": ("logits",),
+    "linear_logprobs": ("hidden", "linear_weight", "linear_bias"),
     "rms_norm": ("x",),
     "rms_norm_backward": ("dy", "x"),
     "layer_norm": ("x",),

@@ -2,8 +2,8 @@
 # float32/float64 ndarrays (a misaligned one is a ValueError); the Python layer (normax._arrays:
 # as_input, contiguous, direct_output) prepares them. The checked options cross as one object
 # (normax._options builds them from the user's arguments): CeOptions, NormOptions,
-# PowerNormOptions, VocabParallelLayout; `layout` is (outer, len, inner), the reduced axis in the
-# middle.
+# PowerNormOptions, VocabParallelLayout, LogprobOptions; `layout` is (outer, len, inner), the
+# reduced axis in the middle.
 
 from typing import Any
 
@@ -113,6 +113,44 @@ def linear_cross_entropy(
     loss: np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     grads: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
     grad_output: GradOutput = 1.0,
+) -> None: ...
+
+class LogprobOptions:
+    """The log-probabilities' options: the ignored target and the temperature (finite, > 0)."""
+
+    def __init__(self, ignore_index: int = -100, temperature: float = 1.0) -> None: ...
+    @property
+    def ignore_index(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+
+# (rows, classes) logits, (rows,) int64 targets; outputs (rows,) in the logits' dtype. The
+# backward's grads are (grad_logprob, grad_entropy), each (rows,) or None.
+def logprobs(
+    logits: np.ndarray, target: np.ndarray, options: LogprobOptions, logprob: np.ndarray, entropy: np.ndarray | None = None
+) -> None: ...
+def logprobs_backward(
+    logits: np.ndarray,
+    target: np.ndarray,
+    options: LogprobOptions,
+    grads: tuple[np.ndarray | None, np.ndarray | None],
+    grad: np.ndarray,
+) -> None: ...
+def linear_logprobs(
+    inputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    target: np.ndarray,
+    options: LogprobOptions,
+    chunk_size: int | None,
+    logprob: np.ndarray,
+    entropy: np.ndarray | None = None,
+) -> None: ...
+def linear_logprobs_backward(
+    inputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    target: np.ndarray,
+    options: LogprobOptions,
+    chunk_size: int | None,
+    grads: tuple[np.ndarray | None, np.ndarray | None],
+    outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
 ) -> None: ...
 
 # Rows are x's last axis; statistics float64, one per row.

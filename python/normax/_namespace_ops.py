@@ -6,8 +6,8 @@ device: never refused, never copied to the host. :data:`OPS` lists the functions
 version, the one table :func:`normax._dispatch.array_api` reads. This module holds the softmax
 and StableMax families: the max-shifted formulas SciPy uses (and StableMax's definition), not
 normax's kernels, with normax's conventions (default axis, ``out=``, special values).
-:mod:`normax._namespace_norms` holds the norms and :mod:`normax._namespace_ce` the
-cross-entropies. ``power_norm`` (and its backward) has none: its running statistics live in the
+:mod:`normax._namespace_norms` holds the norms, :mod:`normax._namespace_ce` the
+cross-entropies and :mod:`normax._namespace_logprobs` the log-probabilities. ``power_norm`` (and its backward) has none: its running statistics live in the
 host float64 buffers of a :class:`normax.PowerNormState`, updated by every call, so a device
 version would have to copy them to and from the host each call; it raises NotImplementedError.
 
@@ -20,7 +20,7 @@ import math
 
 from array_api_compat import device as _device
 
-from . import _namespace_ce, _namespace_norms
+from . import _namespace_ce, _namespace_logprobs, _namespace_norms
 from ._arrays import normalize_axes
 
 
@@ -215,7 +215,7 @@ def log_stablemax_backward(xp, y, dy, x, axis=-1):
 
 
 # Every public function with a version in the array's own namespace, for arrays on a device normax
-# cannot read (the norms and cross-entropies from their modules).
+# cannot read (the norms, cross-entropies and log-probabilities from their modules).
 OPS = {
     "softmax": softmax,
     "log_softmax": log_softmax,
@@ -228,4 +228,5 @@ OPS = {
     "log_stablemax_backward": log_stablemax_backward,
     **_namespace_norms.OPS,
     **_namespace_ce.OPS,
+    **_namespace_logprobs.OPS,
 }

@@ -366,6 +366,14 @@ PLAIN_FORMULAS = {
     "linear_cross_entropy_with_grad: one sample": lambda c: normax.linear_cross_entropy_with_grad(
         c(HIDDEN[1]), c(LIN_W), c(np.array(2)), linear_bias=c(LIN_B)
     ),
+    "logprobs: plain": lambda c: normax.logprobs(c(LOGITS), c(TARGET)),
+    "logprobs: class axis 0, temperature, ignored": lambda c: normax.logprobs(
+        c(LOGITS.T), c(np.where(TARGET < 0, -1, TARGET)), axis=0, temperature=0.7, ignore_index=-1
+    ),
+    "logprobs: no entropy": lambda c: normax.logprobs(c(LOGITS), c(TARGET), return_entropy=False),
+    "linear_logprobs: bias, temperature": lambda c: normax.linear_logprobs(
+        c(HIDDEN), c(LIN_W), c(TARGET), linear_bias=c(LIN_B), temperature=2.0, chunk_size=3
+    ),
 }
 
 

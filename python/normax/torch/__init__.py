@@ -29,16 +29,17 @@ Differences from torch, stated once:
   ``cross_entropy`` adds keyword-only ``z_loss`` and ``softcap``.
 
 This package imports torch; ``import normax`` alone does not. Layout: one file per op family,
-named as the NumPy-first module it calls (``_softmax``, ``_cross_entropy``, ``_norms``,
-``_power_norm``), each holding the family's custom ops, fake kernels, autograd, CUDA kernels and
-public functions (PowerNorm: its module) together; ``_convert`` (tensors <-> NumPy), ``_modules``
-(the ``torch.nn`` mirrors), ``_patch``. This file only names the public API.
+named as the NumPy-first module it calls (``_softmax``, ``_cross_entropy``, ``_logprobs``,
+``_norms``, ``_power_norm``), each holding the family's custom ops, fake kernels, autograd, CUDA
+kernels and public functions (PowerNorm: its module) together; ``_convert`` (tensors <-> NumPy),
+``_modules`` (the ``torch.nn`` mirrors), ``_patch``. This file only names the public API.
 """
 
 from __future__ import annotations
 
 from ._cross_entropy import cross_entropy
 from ._linear_cross_entropy import linear_cross_entropy
+from ._logprobs import linear_logprobs, logprobs
 from ._modules import CrossEntropyLoss, LayerNorm, LinearCrossEntropyLoss, RMSNorm
 from ._norms import layer_norm, rms_norm
 from ._patch import patch
@@ -56,8 +57,10 @@ __all__ = [
     "cross_entropy",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_logprobs",
     "log_softmax",
     "log_stablemax",
+    "logprobs",
     "logsumexp",
     "patch",
     "rms_norm",

@@ -53,6 +53,26 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     accumulation: str = "float32",
 ) -> Tensor: ...
+def logprobs(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+) -> tuple[Tensor, Tensor] | Tensor: ...
+def linear_logprobs(
+    hidden: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: bool = True,
+) -> tuple[Tensor, Tensor] | Tensor: ...
 def layer_norm(
     input: Tensor,
     normalized_shape: _Shape,
@@ -105,8 +125,10 @@ __all__ = [
     "cross_entropy",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_logprobs",
     "log_softmax",
     "log_stablemax",
+    "logprobs",
     "logsumexp",
     "patch",
     "rms_norm",

@@ -91,8 +91,9 @@ class Op:
 
         The direct route does not materialise gradients: a non-differentiable output's gradient
         arrives as None, never as zeros of its shape (the linear cross-entropy's (N, H) and (V, H)
-        gradients), and a backward whose first output's gradient is None (nothing flows back)
-        gives None for every input without running. `direct`, a (setup_context, backward) pair,
+        gradients), and a backward whose outputs' gradients are all None (nothing flows back)
+        gives None for every input without running (logprobs: either of its two outputs may be
+        the one that flows). `direct`, a (setup_context, backward) pair,
         replaces both functions on the direct route only (the linear cross-entropy hands its
         saved gradients over there; the custom op keeps them, as torch.compile needs).
         """
@@ -109,7 +110,7 @@ class Op:
             return output
 
         def backward_or_none(ctx, *grads):
-            if grads[0] is None:
+            if all(g is None for g in grads):
                 return (None,) * ctx.num_inputs
             return backward(ctx, *grads)
 

@@ -5,13 +5,14 @@
 //! types), `simd` (one vector trait, one file per ISA), `isa` (run-time dispatch), `rows` (loops
 //! over one row), `sum` (short sums folded into f64), `lse` (the sum-of-exponentials machinery),
 //! `driver` (rows, axes, threads), `gemm` (matrix products) and one module per op family:
-//! `softmax`, `cross_entropy`, `norms`, `stablemax`.
+//! `softmax`, `cross_entropy`, `logprobs`, `norms`, `stablemax`.
 
 pub mod cross_entropy;
 pub mod driver;
 pub mod float;
 mod gemm;
 pub mod isa;
+pub mod logprobs;
 pub mod lse;
 pub mod norms;
 mod rows;

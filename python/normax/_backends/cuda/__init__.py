@@ -15,10 +15,10 @@ Differences from the CPU functions, stated once:
 - Saved statistics (``return_stats=True``) are float32; ``dweight``/``dbias`` are summed in
   float32 and returned in `x`'s dtype. Norm parameters are read in their own dtype where it is
   float32 or `x`'s (others are cast to float32 first).
-- Not on the GPU: ``logsumexp``'s ``b=`` and ``return_sign=True``, and the linear
-  cross-entropy's class weights and shapes other than 2-d hidden and linear_weight with 1-d class
-  indices; those raise the registry's NotImplementedError (normax._backends.missing), naming the
-  op and the option.
+- Not on the GPU: ``logsumexp``'s ``b=`` and ``return_sign=True``, the linear cross-entropy's
+  class weights and shapes other than 2-d hidden and linear_weight with 1-d class indices, and
+  (no kernel yet) ``logprobs`` and ``linear_logprobs``; those raise the registry's
+  NotImplementedError (normax._backends.missing), naming the op and the option.
 - PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
   per-channel sums back from the device, a host synchronization (see the PowerNorm section).
 - The linear cross-entropy holds whole rows of logits (the vocabulary is never split), so a
@@ -51,6 +51,7 @@ from .cross_entropy import (
     vocab_parallel_stats,
 )
 from .device import available, compile_check, is_cuda_array, load_nvrtc
+from .logprobs import linear_logprobs, logprobs
 from .norms import (
     crms_norm,
     crms_norm_backward,
@@ -78,11 +79,13 @@ __all__ = [
     "linear_blocks",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    "linear_logprobs",
     "load_nvrtc",
     "log_softmax",
     "log_softmax_backward",
     "log_stablemax",
     "log_stablemax_backward",
+    "logprobs",
     "logsumexp",
     "norm_backward",
     "power_norm",
@@ -118,6 +121,8 @@ OPS = {
         cross_entropy_with_grad,
         linear_cross_entropy,
         linear_cross_entropy_with_grad,
+        logprobs,
+        linear_logprobs,
         rms_norm,
         rms_norm_backward,
         layer_norm,
