@@ -254,7 +254,8 @@ def cross_entropy(
     same target called with the gradient, so ``jax.grad`` costs one fused call; that gradient's own
     tangent is the jvp of a jnp reference, so ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` work.
     The reduction is jnp code. Under ``jax.vmap`` the batch is extra rows of one call (a batched
-    `weight` applies per batch element). No gradient flows to `labels` or `weight`.
+    `weight` applies per batch element). No gradient flows to `labels`, `weight` or
+    `token_weight`; the statistics come from the same call as the loss (and its gradient).
 
     Examples
     --------

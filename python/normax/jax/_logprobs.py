@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _logprobs as cpu
-from .._options import ce_options, check_chunk_size
+from .._options import check_chunk_size
 from . import _ffi
 from ._args import inexact_dtype, neg_axes
 from ._linear import _batched, linear_inputs, present, spec
@@ -61,8 +61,8 @@ class _Config(NamedTuple):
 
 
 def _options(temperature, ignore_index):
-    """temperature and ignore_index checked as the cross-entropy checks them."""
-    opts = ce_options(ignore_index, "none", 0.0, 0.0, None, temperature=temperature)
+    """temperature and ignore_index checked as the NumPy-first functions check them."""
+    opts = cpu.logprob_options(ignore_index, temperature)
     return opts.temperature, opts.ignore_index
 
 
