@@ -155,6 +155,7 @@ def test_mypy_strict_catches_a_wrong_call(tmp_path):
 def test_mypy_strict_passes_on_a_torch_and_jax_user_script(tmp_path):
     done = _mypy(
         """
+        import jax
         import numpy as np
         import torch
 
@@ -170,7 +171,11 @@ def test_mypy_strict_passes_on_a_torch_and_jax_user_script(tmp_path):
         j = nj.log_softmax(np.ones((2, 3), np.float32))
         state = nj.power_norm_init(3)
         y, state = nj.power_norm(j, None, None, state)
-        print(loss, same, h, count, j, y, state)
+        ce, stats = nj.cross_entropy(j, np.arange(2), temperature=0.5, return_stats=True)
+        lse: jax.Array = stats.lse
+        logp, entropy = nj.logprobs(j, np.arange(2))
+        only: jax.Array = nj.logprobs(j, np.arange(2), return_entropy=False)
+        print(loss, same, h, count, j, y, state, ce, lse, logp, entropy, only)
         """,
         tmp_path,
     )

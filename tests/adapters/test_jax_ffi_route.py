@@ -1,7 +1,7 @@
 """Every public op of normax.jax on XLA's FFI: the extension is always built with its handlers,
 so the default route is the FFI, and the compiled program of each op (under jit, and of its
 gradient) holds normax_* custom calls and no host callback (``jax.pure_callback`` lowers to a
-``*_callback`` custom call)."""
+``*_callback`` custom call); issue 24's options, statistics and log-probabilities included."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ LABELS = jnp.asarray([0, 3, 5, 1], jnp.int32)
 HIDDEN = jnp.asarray(np.random.default_rng(1).standard_normal((N, H)), jnp.float32)
 WEIGHT = jnp.asarray(np.random.default_rng(2).standard_normal((C, H)), jnp.float32)
 ONES = jnp.ones(C, jnp.float32)
+TOKEN_WEIGHT = jnp.asarray([0.5, 1.0, 2.0, 0.0], jnp.float32)
 
 
 def _sharded(fn, in_specs):
@@ -30,6 +31,12 @@ def _sharded(fn, in_specs):
 def _power_norm(x):
     y, _ = nj.power_norm(x, ONES, jnp.zeros(C), nj.power_norm_init(C), warmup_iters=1)
     return y
+
+
+def _with_stats(result):
+    """The loss plus the statistics (whose gradient is zero): all of them in the program."""
+    loss, stats = result
+    return loss + stats.lse.sum() + stats.entropy.sum() + stats.z_loss + stats.correct.sum()
 
 
 # Each op as a function of one float array, which the gradient is taken with respect to.
@@ -47,6 +54,14 @@ OPS = {
     "power_norm": _power_norm,
     "linear_cross_entropy": lambda h: nj.linear_cross_entropy(h, WEIGHT, LABELS, weight=ONES),
     "linear_cross_entropy_none": lambda h: nj.linear_cross_entropy(h, WEIGHT, LABELS, reduction="none"),
+    "cross_entropy_options": lambda x: _with_stats(
+        nj.cross_entropy(x, LABELS, temperature=0.7, token_weight=TOKEN_WEIGHT, reduction="mean", return_stats=True)
+    ),
+    "logprobs": lambda x: sum(nj.logprobs(x, LABELS, temperature=1.5)),
+    "linear_cross_entropy_options": lambda h: _with_stats(
+        nj.linear_cross_entropy(h, WEIGHT, LABELS, temperature=0.7, token_weight=TOKEN_WEIGHT, return_stats=True)
+    ),
+    "linear_logprobs": lambda h: sum(nj.linear_logprobs(h, WEIGHT, LABELS, temperature=1.5)),
     "vocab_parallel_cross_entropy": lambda x: _sharded(
         lambda x: nj.vocab_parallel_cross_entropy(x, LABELS, "v", weight=ONES), (P(None, "v"),)
     )(x),
@@ -54,8 +69,19 @@ OPS = {
         lambda h, w: nj.vocab_parallel_linear_cross_entropy(h, w, LABELS, "v", weight=ONES),
         (P(), P("v", None)),
     )(h, WEIGHT),
+    "vocab_parallel_options": lambda x: _sharded(
+        lambda x: nj.vocab_parallel_cross_entropy(x, LABELS, "v", temperature=0.7, token_weight=TOKEN_WEIGHT),
+        (P(None, "v"),),
+    )(x),
+    "vocab_parallel_linear_options": lambda h: _sharded(
+        lambda h, w: nj.vocab_parallel_linear_cross_entropy(h, w, LABELS, "v", temperature=0.7, token_weight=TOKEN_WEIGHT),
+        (P(), P("v", None)),
+    )(h, WEIGHT),
 }
-LINEAR = {"linear_cross_entropy", "linear_cross_entropy_none", "vocab_parallel_linear_cross_entropy"}
+LINEAR = {
+    "linear_cross_entropy", "linear_cross_entropy_none", "vocab_parallel_linear_cross_entropy",
+    "linear_cross_entropy_options", "linear_logprobs", "vocab_parallel_linear_options",
+}  # fmt: skip
 
 
 def _custom_call_targets(fn, x) -> list[str]:

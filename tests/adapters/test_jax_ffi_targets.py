@@ -24,6 +24,7 @@ TARGETS = {
     "normax_power_norm_backward", "normax_vocab_parallel_stats", "normax_vocab_parallel_combine",
     "normax_vocab_parallel_backward",
     "normax_linear_cross_entropy", "normax_vocab_parallel_linear_stats", "normax_vocab_parallel_linear_backward",
+    "normax_logprobs", "normax_linear_logprobs", "normax_linear_logprobs_backward",
 }  # fmt: skip
 # float32 agreement: the same kernels, but float32 statistics and a different row grouping can
 # move the last bits; float64 to rounding.
@@ -111,14 +112,20 @@ def test_logsumexp_with_and_without_b(dtype):
     assert (sign == -1).any()
 
 
-CE_ATTRS = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "stablemax": False}
+CE_ATTRS = {
+    "ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "temperature": 1.0,
+    "stablemax": False, "with_stats": False,
+}  # fmt: skip
 
 
-def ce_call(logits, target, weight, with_grad, vmap=False, **attrs):
+def ce_call(logits, target, weight, with_grad, vmap=False, token_weight=None, **attrs):
     shape, dt = (logits.shape[1:] if vmap else logits.shape), logits.dtype.type
     results = [(shape[:-1], dt), (shape, dt)] if with_grad else (shape[:-1], dt)
     a = {**CE_ATTRS, **attrs, "with_grad": with_grad}
-    return call("normax_cross_entropy", results, logits, target, weight, vmap=vmap, **a)
+    if a["with_stats"]:
+        results = (results if with_grad else [results]) + [(shape[:-1], dt)] * 2 + [(shape[:-1], np.bool_)]
+    tw = np.zeros(logits.shape[:-2] + (0,), dt) if token_weight is None else token_weight
+    return call("normax_cross_entropy", results, logits, target, weight, tw, vmap=vmap, **a)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -208,7 +215,8 @@ def test_wrong_dtypes_and_shapes_are_errors_not_crashes():
         ce_call(logits, np.zeros(3, np.uint8), ABSENT[np.float32], False)
     with pytest.raises(Exception, match='missing attribute "z_loss"'):
         call("normax_cross_entropy", [((3,), np.float32)], logits, np.zeros(3, np.int32), ABSENT[np.float32],
-             ignore_index=-100, label_smoothing=0.0, softcap=0.0, stablemax=False, with_grad=False)  # fmt: skip
+             ABSENT[np.float32], ignore_index=-100, label_smoothing=0.0, softcap=0.0, temperature=1.0,
+             stablemax=False, with_grad=False, with_stats=False)  # fmt: skip
 
 
 NORMS = {
@@ -316,7 +324,7 @@ def test_vocab_parallel_stats_combine_and_backward():
     target = np.array([0, 5, 8, 11, 6], np.int32)
     weight = rng.uniform(0.5, 2, classes)
     opts = vp_options("none", label_smoothing=0.1, z_loss=1e-3)
-    ce = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 0.0}
+    ce = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 0.0, "temperature": 1.0}
     packed = []
     for start in range(0, classes, length):
         shard = logits[:, start : start + length]
@@ -355,6 +363,9 @@ def test_vocab_parallel_stats_combine_and_backward():
         )  # fmt: skip
 
 
+LINEAR_ATTRS = {"temperature": 1.0, "stablemax": False, "with_stats": False}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy(reduction, dtype):
@@ -365,18 +376,19 @@ def test_linear_cross_entropy(reduction, dtype):
     b = rng.standard_normal(v).astype(dtype)
     target = np.array([0, 3, 10, -100, 5, 5, 1], np.int64)
     kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3}
-    attrs = dict(softcap=0.0, reduction=reduction, chunk_size=16, **kw)
+    attrs = dict(softcap=0.0, reduction=reduction, chunk_size=16, **LINEAR_ATTRS, **kw)
     loss_shape = (n,) if reduction == "none" else ()
     ref_loss, rdh, rdw, rdb = normax.linear_cross_entropy_with_grad(
         hidden, w, target, linear_bias=b, reduction=reduction, chunk_size=16, **kw
     )
     loss = call("normax_linear_cross_entropy", (loss_shape, dtype), hidden, w, b, target, ABSENT[dtype],
-                with_grad=False, **attrs)  # fmt: skip
+                ABSENT[dtype], with_grad=False, **attrs)  # fmt: skip
     close(loss, ref_loss, dtype)
     results = [(loss_shape, dtype), ((n, h), dtype), ((v, h), dtype), ((v,), dtype)]
     loss, dh, dw, db = call(
-        "normax_linear_cross_entropy", results, hidden, w, b, target, ABSENT[dtype], with_grad=True, **attrs
-    )
+        "normax_linear_cross_entropy", results, hidden, w, b, target, ABSENT[dtype], ABSENT[dtype], with_grad=True,
+        **attrs,
+    )  # fmt: skip
     close(loss, ref_loss, dtype)
     for got, ref in ((dh, rdh), (dw, rdw), (db, rdb)):
         close(got, ref, dtype)
@@ -391,19 +403,19 @@ def test_linear_cross_entropy_with_class_weights(reduction):
     target = np.array([1, 0, 4, 2, -100, 4])
     cw = rng.uniform(0.5, 2, v)
     kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3}
-    attrs = dict(softcap=0.0, reduction=reduction, chunk_size=4, **kw)
+    attrs = dict(softcap=0.0, reduction=reduction, chunk_size=4, **LINEAR_ATTRS, **kw)
     f64 = np.float64
     loss_shape = (n,) if reduction == "none" else ()
     results = [(loss_shape, f64), ((n, h), f64), ((v, h), f64), ((v,), f64)]
     loss, dh, dw, db = call(
-        "normax_linear_cross_entropy", results, hidden, w, b, target, cw, with_grad=True, **attrs
+        "normax_linear_cross_entropy", results, hidden, w, b, target, cw, ABSENT[f64], with_grad=True, **attrs
     )
     ref = normax.linear_cross_entropy_with_grad(
         hidden, w, target, linear_bias=b, weight=cw, reduction=reduction, chunk_size=4, **kw
     )
     for got, r in zip((loss, dh, dw, db), ref):
         close(got, r, f64)
-    only_loss = call("normax_linear_cross_entropy", (loss_shape, f64), hidden, w, b, target, cw,
+    only_loss = call("normax_linear_cross_entropy", (loss_shape, f64), hidden, w, b, target, cw, ABSENT[f64],
                      with_grad=False, **attrs)  # fmt: skip
     close(only_loss, ref[0], f64)
 
@@ -416,7 +428,8 @@ def test_vocab_parallel_linear_stats_and_backward():
     ws, bs = rng.standard_normal((length, h)), rng.standard_normal(length)
     target = np.array([3, 0, 9, 6], np.int64)
     opts = vp_options("sum", z_loss=1e-3)
-    ce = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 1e-3, "softcap": 0.0, "chunk_size": 8}
+    ce = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 1e-3, "softcap": 0.0, "temperature": 1.0,
+          "chunk_size": 8}  # fmt: skip
     ref_packed = np.empty((rows, _vocab_parallel.fields(opts)))
     _vocab_parallel.linear_stats(hidden, ws, bs, target, None, ref_packed, start, opts, 8)
     packed = call(
@@ -448,8 +461,8 @@ def test_linear_cross_entropy_vmap_runs_each_batch_element():
     f32 = np.float32
     results = [((), f32), ((n, h), f32), ((v, h), f32), ((0,), f32)]
     loss, dh, dw, _ = call(
-        "normax_linear_cross_entropy", results, hidden, w, absent, target, absent,
-        vmap=True, reduction="mean", with_grad=True, **attrs,
+        "normax_linear_cross_entropy", results, hidden, w, absent, target, absent, absent,
+        vmap=True, reduction="mean", with_grad=True, **LINEAR_ATTRS, **attrs,
     )  # fmt: skip
     for b in range(2):
         rl, rdh, rdw, _ = normax.linear_cross_entropy_with_grad(hidden[b], w[b], target[b], reduction="mean")

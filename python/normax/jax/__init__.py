@@ -12,9 +12,11 @@ XLA's stream where jax has a GPU and the extension was built with CUDA. Each op 
 ``jax.custom_jvp`` whose tangent rule is linear jnp code of the call's outputs (the cross-entropy's
 tangent uses the gradient its call formed in the same pass), so ``jax.jvp``, ``jacfwd``,
 ``hessian``, ``grad``, ``vmap`` and ``jit`` all apply; reverse mode is JAX's transpose of that
-tangent (jnp code XLA fuses). Three are a ``jax.custom_vjp`` instead, where no jvp can be written:
-``linear_cross_entropy`` and ``vocab_parallel_linear_cross_entropy`` (a tangent would need the
-(N, V) logits they never form) and ``power_norm`` (its backward updates the running state).
+tangent (jnp code XLA fuses). Four are a ``jax.custom_vjp`` instead, where no jvp can be written:
+``linear_cross_entropy``, ``vocab_parallel_linear_cross_entropy`` and ``linear_logprobs`` (a
+tangent would need the (N, V) logits they never form) and ``power_norm`` (its backward updates
+the running state). ``CrossEntropyStats`` (``return_stats=True``) is normax's class, holding jax
+arrays; statistics get zero tangents.
 Under ``vmap`` a call sees the batch as leading dimensions (``vmap_method="broadcast_all"``: one
 call over the whole batch); PowerNorm's and the vocabulary-parallel statistics' targets run
 ``"sequential"`` (a ``lax.map`` inside the compiled program). No Python loop either way.
@@ -30,7 +32,7 @@ bool and integers promote as ``jax.nn.softmax`` / ``jax.scipy.special.logsumexp`
 
 This package imports jax; ``import normax`` alone does not. Layout: one file per op family, named
 as the NumPy-first module it calls (``_softmax`` with logsumexp, ``_stablemax``, ``_cross_entropy``,
-``_norms``, ``_power_norm``), each holding the family's differentiation rules, host
+``_norms``, ``_power_norm``, ``_logprobs``), each holding the family's differentiation rules, host
 implementations and public functions; ``_ffi`` (handler registration and the one call every FFI
 op makes, with its pure_callback fallback); ``_args`` (the argument checks and dtype rules every
 family shares); ``_vocab_parallel`` (cross-entropy over a sharded class axis, inside ``shard_map``);
@@ -41,8 +43,10 @@ names the public API.
 
 from __future__ import annotations
 
+from .._cross_entropy import CrossEntropyStats
 from ._cross_entropy import cross_entropy
 from ._linear import linear_cross_entropy
+from ._logprobs import linear_logprobs, logprobs
 from ._norms import crms_norm, layer_norm, rms_norm
 from ._power_norm import PowerNormState, power_norm, power_norm_init
 from ._softmax import log_softmax, logsumexp, softmax
@@ -51,13 +55,16 @@ from ._vocab_parallel import vocab_parallel_cross_entropy
 from ._vocab_parallel_linear import vocab_parallel_linear_cross_entropy
 
 __all__ = [
+    "CrossEntropyStats",
     "PowerNormState",
     "crms_norm",
     "cross_entropy",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_logprobs",
     "log_softmax",
     "log_stablemax",
+    "logprobs",
     "logsumexp",
     "power_norm",
     "power_norm_init",
@@ -69,7 +76,9 @@ __all__ = [
 ]
 
 # The public names keep the module they were defined in before the split: a pickled PowerNormState
-# and reprs name normax.jax, whatever file holds the code.
+# and reprs name normax.jax, whatever file holds the code. CrossEntropyStats is normax's own class,
+# re-exported.
 for _name in __all__:
-    globals()[_name].__module__ = __name__
+    if _name != "CrossEntropyStats":
+        globals()[_name].__module__ = __name__
 del _name

@@ -5,6 +5,8 @@ from typing import Any, Literal, NamedTuple, TypeAlias, overload
 import jax
 import numpy.typing as npt
 
+from normax import CrossEntropyStats as CrossEntropyStats
+
 _Axis: TypeAlias = int | tuple[int, ...] | None
 _Like: TypeAlias = jax.Array | npt.ArrayLike
 
@@ -43,6 +45,7 @@ def logsumexp(
     return_sign: Literal[True],
     where: _Like | None = None,
 ) -> tuple[jax.Array, jax.Array]: ...
+@overload
 def cross_entropy(
     logits: _Like,
     labels: _Like,
@@ -55,7 +58,28 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     normalizer: str = "softmax",
+    temperature: float = 1.0,
+    token_weight: _Like | None = None,
+    return_stats: Literal[False] = False,
 ) -> jax.Array: ...
+@overload
+def cross_entropy(
+    logits: _Like,
+    labels: _Like,
+    *,
+    axis: int = -1,
+    weight: _Like | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum", "none"] = "none",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: str = "softmax",
+    temperature: float = 1.0,
+    token_weight: _Like | None = None,
+    return_stats: Literal[True],
+) -> tuple[jax.Array, CrossEntropyStats]: ...
+@overload
 def linear_cross_entropy(
     hidden: _Like,
     linear_weight: _Like,
@@ -69,6 +93,71 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    temperature: float = 1.0,
+    token_weight: _Like | None = None,
+    return_stats: Literal[False] = False,
+) -> jax.Array: ...
+@overload
+def linear_cross_entropy(
+    hidden: _Like,
+    linear_weight: _Like,
+    labels: _Like,
+    *,
+    linear_bias: _Like | None = None,
+    weight: _Like | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    token_weight: _Like | None = None,
+    return_stats: Literal[True],
+) -> tuple[jax.Array, CrossEntropyStats]: ...
+@overload
+def logprobs(
+    logits: _Like,
+    target: _Like,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: Literal[True] = True,
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def logprobs(
+    logits: _Like,
+    target: _Like,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: Literal[False],
+) -> jax.Array: ...
+@overload
+def linear_logprobs(
+    hidden: _Like,
+    linear_weight: _Like,
+    target: _Like,
+    *,
+    linear_bias: _Like | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[True] = True,
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def linear_logprobs(
+    hidden: _Like,
+    linear_weight: _Like,
+    target: _Like,
+    *,
+    linear_bias: _Like | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[False],
 ) -> jax.Array: ...
 def stablemax(x: _Like, axis: _Axis = -1) -> jax.Array: ...
 def log_stablemax(x: _Like, axis: _Axis = -1) -> jax.Array: ...
@@ -112,6 +201,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
+    token_weight: _Like | None = None,
 ) -> jax.Array: ...
 def vocab_parallel_linear_cross_entropy(
     hidden: _Like,
@@ -127,16 +218,21 @@ def vocab_parallel_linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    temperature: float = 1.0,
+    token_weight: _Like | None = None,
 ) -> jax.Array: ...
 
 __all__ = [
+    "CrossEntropyStats",
     "PowerNormState",
     "crms_norm",
     "cross_entropy",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_logprobs",
     "log_softmax",
     "log_stablemax",
+    "logprobs",
     "logsumexp",
     "power_norm",
     "power_norm_init",

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._cross_entropy import CrossEntropyStats
+
 
 def neg_axes(axis, ndim: int, fname: str) -> tuple[int, ...]:
     """Axes as sorted negative ints (so a vmapped call's leading batch dimensions don't move them)."""
@@ -43,3 +45,33 @@ def floating(x, fname):
         # Casting would drop the imaginary part: a silent wrong answer.
         raise TypeError(f"{fname}: complex input ({x.dtype}) is not supported; normax's kernels are real")
     return x.astype(inexact_dtype(x.dtype))
+
+
+def token_weight_operand(token_weight, row_shape: tuple, dtype, fname: str):
+    """The targets' token-weight operand: `token_weight` (shaped like the per-row loss, any real
+    dtype) flat in the compute `dtype`, or the absent (0,). It gets no derivative (documented):
+    ``stop_gradient``."""
+    if token_weight is None:
+        return jnp.zeros((0,), dtype)
+    tw = jnp.asarray(token_weight)
+    if jnp.issubdtype(tw.dtype, jnp.complexfloating):
+        raise TypeError(f"{fname}: token_weight is complex ({tw.dtype}); expected real weights")
+    if tw.shape != tuple(row_shape):
+        raise ValueError(
+            f"{fname}: token_weight has shape {tw.shape}; expected {tuple(row_shape)}, one per row"
+        )
+    return jax.lax.stop_gradient(tw.astype(dtype).reshape(-1))
+
+
+def stats_of(lse, entropy, correct, token_weight, z_loss: float, denom):
+    """:class:`normax.CrossEntropyStats` of per-row lse / entropy / correct (ignored rows 0, 0,
+    False): the z-loss term is ``z_loss * sum(token_weight * lse**2)``, over `denom` for the mean
+    (None: the sum). Metrics: no derivative flows through them."""
+    lse, entropy = jax.lax.stop_gradient(lse), jax.lax.stop_gradient(entropy)
+    squares = lse * lse
+    if token_weight.shape[-1]:
+        squares = squares * token_weight.reshape(squares.shape)
+    z = z_loss * jnp.sum(squares)
+    if denom is not None:
+        z = z / denom
+    return CrossEntropyStats(lse, entropy, correct, z)

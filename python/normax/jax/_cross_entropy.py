@@ -20,7 +20,7 @@ from .. import _cross_entropy as cpu
 from .._options import ce_options, target_kind
 from .._stablemax import check_normalizer
 from . import _ffi
-from ._args import is_complex, neg_axes
+from ._args import is_complex, neg_axes, stats_of, token_weight_operand
 from ._norms import inexact_dtypes
 
 _TARGET = "normax_cross_entropy"
@@ -34,6 +34,8 @@ class _Config(NamedTuple):
     z_loss: float
     softcap: float  # 0.0: none
     stablemax: bool
+    temperature: float
+    stats: bool  # the call also gives each row's lse, entropy and correct
 
     def attrs(self, with_grad: bool) -> dict:
         return {
@@ -42,75 +44,105 @@ class _Config(NamedTuple):
             "z_loss": np.float64(self.z_loss),
             "softcap": np.float64(self.softcap),
             "stablemax": self.stablemax,
+            "temperature": np.float64(self.temperature),
             "with_grad": with_grad,
+            "with_stats": self.stats,
         }
 
 
 @_ffi.host_impl(_TARGET)
-def _host(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, stablemax, with_grad):
+def _host(logits, target, weight, token_weight, *, ignore_index, label_smoothing, z_loss, softcap,
+          stablemax, temperature, with_grad, with_stats):  # fmt: skip
     """The target on NumPy arrays: (N, C) logits, (N,) class ids or (N, C) probabilities, (C,) or
-    (0,) class weights; extra leading batch dimensions on all of them (a batched weight applies
-    to its own batch element)."""
-    opts = ce_options(
-        int(ignore_index), "none", float(label_smoothing), float(z_loss), float(softcap) or None
-    )
+    (0,) class weights, (N,) or (0,) token weights; extra leading batch dimensions on all of them
+    (a batched class weight applies to its own batch element). Results: the losses, with
+    `with_grad` their gradient, with `with_stats` each row's lse, entropy and correct."""
+    opts = ce_options(int(ignore_index), "none", float(label_smoothing), float(z_loss),
+                      float(softcap) or None, temperature=float(temperature))  # fmt: skip
     batch = logits.shape[:-2]
     probs = (logits.shape[-1],) if target.dtype.kind == "f" else ()  # a probability row's shape
+    rows = logits.shape[:-1]
 
-    def one(x, t, w):
+    def one(x, t, w, tw):
         x2 = x.reshape(-1, x.shape[-1])
         r = cpu.checked_cross_entropy(
-            x2, t.reshape((-1,) + probs), -1, w, opts, bool(stablemax), bool(with_grad)
-        )
-        return r if with_grad else (r,)
+            x2, t.reshape((-1,) + probs), -1, w, opts, bool(stablemax), bool(with_grad),
+            token_weight=None if tw.shape[-1] == 0 else tw.reshape(-1), return_stats=bool(with_stats),
+        )  # fmt: skip
+        r = r if isinstance(r, tuple) else (r,)
+        if not with_stats:
+            return r
+        *main, stats = r
+        return (*main, stats.lse, stats.entropy, stats.correct)
 
-    shapes = (logits.shape[:-1], logits.shape)[: 1 + bool(with_grad)]
+    shapes = [(rows, logits.dtype)] + [(logits.shape, logits.dtype)] * bool(with_grad)
+    shapes += [(rows, logits.dtype), (rows, logits.dtype), (rows, np.bool_)] * bool(with_stats)
     if weight.shape[-1] == 0 or weight.ndim == 1:
-        out = one(logits, target, weight if weight.shape[-1] else None)
-        return tuple(np.asarray(a, logits.dtype).reshape(s) for a, s in zip(out, shapes))
-    out = tuple(np.empty(s, logits.dtype) for s in shapes)
+        out = one(logits, target, weight if weight.shape[-1] else None, token_weight)
+        return tuple(np.asarray(a, d).reshape(s) for a, (s, d) in zip(out, shapes))
+    out = tuple(np.empty(s, d) for s, d in shapes)
+    tws = np.broadcast_to(token_weight, batch + token_weight.shape[-1:])
     for i in np.ndindex(*batch):
-        for o, r in zip(out, one(logits[i], target[i], weight[i])):
+        for o, r in zip(out, one(logits[i], target[i], weight[i], tws[i])):
             o[i] = r.reshape(o[i].shape)
     return out
 
 
-def _call(logits, target, weight, cfg: _Config, with_grad: bool):
-    results = [jax.ShapeDtypeStruct(logits.shape[:-1], logits.dtype)]
+def _call(logits, target, weight, token_weight, cfg: _Config, with_grad: bool):
+    """The target's results: the losses, with `with_grad` their gradient, then with ``cfg.stats``
+    each row's lse, entropy and correct."""
+    rows, dt = logits.shape[:-1], logits.dtype
+    results = [jax.ShapeDtypeStruct(rows, dt)]
     if with_grad:
-        results.append(jax.ShapeDtypeStruct(logits.shape, logits.dtype))
-    return _ffi.call(_TARGET, results, logits, target, weight, **cfg.attrs(with_grad))
+        results.append(jax.ShapeDtypeStruct(logits.shape, dt))
+    if cfg.stats:
+        results += [jax.ShapeDtypeStruct(rows, dt)] * 2 + [jax.ShapeDtypeStruct(rows, jnp.bool_)]
+    return _ffi.call(_TARGET, results, logits, target, weight, token_weight, **cfg.attrs(with_grad))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _loss_rows(logits, target, weight, cfg):
-    return _call(logits, target, weight, cfg, False)[0]
+def _stats_tangents(stats):
+    """No derivative flows through the statistics (documented): zero tangents, float0 for bools."""
+    lse, entropy, correct = stats
+    return jnp.zeros_like(lse), jnp.zeros_like(entropy), np.zeros(correct.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _loss_rows(logits, target, weight, token_weight, cfg):
+    """(losses,) or (losses, lse, entropy, correct) with ``cfg.stats``."""
+    return _call(logits, target, weight, token_weight, cfg, False)
 
 
 @_loss_rows.defjvp
 def _loss_rows_jvp(cfg, primals, tangents):
-    # Labels and class weights get no derivative (documented): their tangents are not read.
-    loss, grad = _loss_and_grad(*primals, cfg)
-    return loss, jnp.sum(grad * tangents[0], axis=-1)
+    # Labels, class and token weights get no derivative (documented): their tangents are not read.
+    loss, grad, *stats = _loss_and_grad(*primals, cfg)
+    dloss = jnp.sum(grad * tangents[0], axis=-1)
+    return (loss, *stats), (dloss, *(_stats_tangents(stats) if stats else ()))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _loss_and_grad(logits, target, weight, cfg):
-    return _call(logits, target, weight, cfg, True)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _loss_and_grad(logits, target, weight, token_weight, cfg):
+    return _call(logits, target, weight, token_weight, cfg, True)
 
 
 @_loss_and_grad.defjvp
 def _loss_and_grad_jvp(cfg, primals, tangents):
-    logits, target, weight = primals
+    logits, target, weight, token_weight = primals
     dlogits = tangents[0]
-    loss, grad = _loss_and_grad(logits, target, weight, cfg)
-    _, dgrad = jax.jvp(lambda x: _reference_grad(x, target, weight, cfg), (logits,), (dlogits,))
-    return (loss, grad), (jnp.sum(grad * dlogits, axis=-1), dgrad)
+    loss, grad, *stats = _loss_and_grad(logits, target, weight, token_weight, cfg)
+
+    def reference(x):
+        return _reference_grad(x, target, weight, token_weight, cfg)
+
+    _, dgrad = jax.jvp(reference, (logits,), (dlogits,))
+    out = (loss, grad, *stats)
+    return out, (jnp.sum(grad * dlogits, axis=-1), dgrad, *(_stats_tangents(stats) if stats else ()))
 
 
-def _reference_rows(x, target, weight, cfg: _Config):
+def _reference_rows(x, target, weight, token_weight, cfg: _Config):
     """The per-row losses in jnp, (N, C) logits: the formula the kernels compute, differentiated
     only for the gradient's own tangent."""
+    x = x / cfg.temperature
     if cfg.softcap:
         x = cfg.softcap * jnp.tanh(x / cfg.softcap)
     if cfg.stablemax:
@@ -129,11 +161,12 @@ def _reference_rows(x, target, weight, cfg: _Config):
         safe = jnp.where(counted, target, 0)
         nll = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0] * w[safe]
         rows = (1 - eps) * nll + eps * smooth
-    return jnp.where(counted, rows + cfg.z_loss * lse * lse, 0)
+    rows = jnp.where(counted, rows + cfg.z_loss * lse * lse, 0)
+    return rows * token_weight if token_weight.shape[-1] else rows
 
 
-def _reference_grad(x, target, weight, cfg):
-    return jax.grad(lambda a: jnp.sum(_reference_rows(a, target, weight, cfg)))(x)
+def _reference_grad(x, target, weight, token_weight, cfg):
+    return jax.grad(lambda a: jnp.sum(_reference_rows(a, target, weight, token_weight, cfg)))(x)
 
 
 def _class_ids(labels):
@@ -156,6 +189,9 @@ def cross_entropy(
     z_loss=0.0,
     softcap=None,
     normalizer="softmax",
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """Softmax cross-entropy, per example by default (``optax.softmax_cross_entropy_with_integer_labels``).
 
@@ -179,12 +215,29 @@ def cross_entropy(
     label_smoothing, z_loss, softcap, normalizer
         As in :func:`normax.cross_entropy` (``normalizer="stablemax"``: the loss of
         ``log_stablemax``).
+    temperature : float, default 1.0
+        The logits are divided by it before everything else (before `softcap`); the gradient
+        carries the 1/T. Finite and > 0.
+    token_weight : array_like, optional
+        One weight per example (shaped like `logits` without `axis`, any real dtype) multiplying
+        its loss and gradient. The mean divides by the sum over counted examples of token weight
+        times the class weight of the label (class probabilities: the sum of the token weights);
+        a zero sum gives NaN. No derivative flows to it (as ``jax.lax.stop_gradient``).
+    return_stats : bool, default False
+        Also return :class:`normax.jax.CrossEntropyStats` from the same pass over the logits.
 
     Returns
     -------
     jax.Array
         Per-example losses (shaped like `logits` without `axis`), or a scalar; in the logits'
         (promoted) dtype.
+    CrossEntropyStats
+        With ``return_stats=True``: per example ``lse`` (the log-sum-exp of the tempered,
+        capped logits) and ``entropy`` of their softmax (float32, float64 for float64 logits),
+        ``correct`` (bool: the argmax of `logits` is the label; class probabilities: the
+        argmax of the label row), each 0 / False where the label is `ignore_index`, and the
+        scalar ``z_loss`` term (``z_loss * sum(token_weight * lse**2)``, over the mean's
+        divisor for ``reduction="mean"``). Metrics: their tangents are zero.
 
     Raises
     ------
@@ -201,7 +254,8 @@ def cross_entropy(
     same target called with the gradient, so ``jax.grad`` costs one fused call; that gradient's own
     tangent is the jvp of a jnp reference, so ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` work.
     The reduction is jnp code. Under ``jax.vmap`` the batch is extra rows of one call (a batched
-    `weight` applies per batch element). No gradient flows to `labels` or `weight`.
+    `weight` applies per batch element). No gradient flows to `labels`, `weight` or
+    `token_weight`; the statistics come from the same call as the loss (and its gradient).
 
     Examples
     --------
@@ -210,7 +264,7 @@ def cross_entropy(
     Array([1.3862944, 1.3862944], dtype=float32)
     """
     fname = "normax.jax.cross_entropy"
-    options = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    options = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature=temperature)
     stable = check_normalizer(normalizer)
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -243,24 +297,41 @@ def cross_entropy(
         w = jax.lax.stop_gradient(jnp.asarray(weight).astype(work))
         if w.shape != (classes,):
             raise ValueError(f"{fname}: weight has shape {w.shape}; expected ({classes},), one per class")
+    tw = token_weight_operand(token_weight, row_shape, work, fname)
     cfg = _Config(
-        options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0, stable
-    )
-    rows = _loss_rows(x, t, w, cfg).reshape(row_shape)
+        options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0, stable,
+        options.temperature, bool(return_stats),
+    )  # fmt: skip
+    rows, *stats = _loss_rows(x, t, w, tw, cfg)
+    rows = rows.reshape(row_shape)
     if options.reduction == "none":
-        return rows.astype(out_dtype)
-    total = jnp.sum(rows)
-    if options.reduction == "sum":
-        return total.astype(out_dtype)
-    if soft:
-        return (total / rows.size).astype(out_dtype)
-    info = jnp.iinfo(labels.dtype)
-    if info.min <= options.ignore_index <= info.max:
-        counted = labels != options.ignore_index
-    else:  # no label can equal it
-        counted = jnp.ones(labels.shape, bool)
-    if weight is None:
-        denom = jnp.sum(counted).astype(work)
+        loss, denom = rows, None
+    elif options.reduction == "sum":
+        loss, denom = jnp.sum(rows), None
     else:
-        denom = jnp.sum(jnp.where(counted, w[jnp.where(counted, labels, 0)], 0))
-    return (total / denom).astype(out_dtype)
+        denom = _mean_divisor(labels, w, tw, soft, options.ignore_index, rows.size, work)
+        loss = jnp.sum(rows) / denom
+    loss = loss.astype(out_dtype)
+    if not return_stats:
+        return loss
+    lse, entropy, correct = (s.reshape(row_shape) for s in stats)
+    return loss, stats_of(lse, entropy, correct, tw, options.z_loss, denom)
+
+
+def _mean_divisor(labels, w, tw, soft: bool, ignore_index: int, rows: int, dtype):
+    """torch's weighted mean's divisor: over counted rows, the sum of token weight times the class
+    weight of the label (probability targets: the token weights' sum, or the row count)."""
+    if soft:
+        return jnp.sum(tw) if tw.shape[-1] else jnp.asarray(rows, dtype)
+    flat = labels.reshape(-1)
+    info = jnp.iinfo(flat.dtype)
+    if info.min <= ignore_index <= info.max:
+        counted = flat != ignore_index
+    else:  # no label can equal it
+        counted = jnp.ones(flat.shape, bool)
+    per_row = counted.astype(dtype)
+    if w.shape[-1]:
+        per_row = jnp.where(counted, w[jnp.where(counted, flat, 0)], 0)
+    if tw.shape[-1]:
+        per_row = per_row * tw
+    return jnp.sum(per_row)

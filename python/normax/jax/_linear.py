@@ -11,16 +11,17 @@ Targets (normax/jax/_ffi.py; each also has its NumPy host implementation here, t
 Absent operands are (0,); every operand may carry the same leading batch dims (vmap).
 
 - ``normax_linear_cross_entropy``: hidden (N, H), weight (V, H), bias (V,), target (N,) int32 or
-  int64, class weight (V,); attributes ignore_index, label_smoothing, z_loss, softcap (0.0: none),
-  stablemax (False), reduction, chunk_size (0: the kernels' choice), with_grad; results the loss
-  ((N,) for "none", else ()) and with ``with_grad`` d hidden, d weight, d bias ((0,) without a
-  bias), in one pass over blocks of the logits (``normax.linear_cross_entropy_with_grad``). For
-  the mean and sum, ``value_and_grad``'s forward makes this one call and the backward scales its
-  gradients by the cotangent.
+  int64, class weight (V,), token weight (N,); attributes ignore_index, label_smoothing, z_loss,
+  softcap (0.0: none), temperature, stablemax (False), reduction, chunk_size (0: the kernels'
+  choice), with_grad, with_stats; results the loss ((N,) for "none", else ()), with
+  ``with_grad`` d hidden, d weight, d bias ((0,) without a bias), with ``with_stats`` each row's
+  lse, entropy and correct (bool), in one pass over blocks of the logits
+  (``normax.linear_cross_entropy_with_grad``). For the mean and sum, ``value_and_grad``'s forward
+  makes this one call and the backward scales its gradients by the cotangent.
 - ``normax_vocab_parallel_linear_stats``: hidden, weight shard (V_local, H), bias shard, target,
   class weight (all V), vocab_start (() int32: traced under shard_map, so an operand, not an
-  attribute); attributes as above without reduction/with_grad; result the packed row statistics
-  (N, fields) (``normax._vocab_parallel.linear_stats``).
+  attribute); attributes as above without reduction/with_grad/with_stats; result the packed row
+  statistics (N, fields) (``normax._vocab_parallel.linear_stats``).
 - ``normax_vocab_parallel_linear_backward``: hidden, weight shard, bias shard, target, class
   weight, lse (N, 2), denom (), grad_output (() or (N,)), vocab_start; attributes as above plus
   classes (V) and reduction; results d hidden (this shard's part), d weight shard, d bias shard
@@ -28,7 +29,8 @@ Absent operands are (0,); every operand may carry the same leading batch dims (v
 
 ``linear_cross_entropy`` with ``reduction="none"`` backpropagates through the last two with the
 whole vocabulary as one shard: a per-row cotangent cannot scale weight gradients already summed
-over the rows, and their backward takes one cotangent per row.
+over the rows, and their backward takes one cotangent per row (times the row's token weight: the
+vocabulary-parallel targets take no token weights, which scale each row's loss and gradient).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .. import _cross_entropy as cpu
 from .. import _vocab_parallel as vocab_parallel
 from .._options import ce_options, check_chunk_size
 from . import _ffi
+from ._args import stats_of, token_weight_operand
 
 _FNAME = "normax.jax.linear_cross_entropy"
 
@@ -77,8 +80,8 @@ def _batched(base_ndim: int, fn, results, *arrays):
 
 
 @_ffi.host_impl("normax_linear_cross_entropy")
-def _linear_host(hidden, weight, bias, target, class_weight, *, ignore_index, label_smoothing, z_loss,
-                 softcap, stablemax, reduction, chunk_size, with_grad):  # fmt: skip
+def _linear_host(hidden, weight, bias, target, class_weight, token_weight, *, ignore_index, label_smoothing,
+                 z_loss, softcap, temperature, stablemax, reduction, chunk_size, with_grad, with_stats):  # fmt: skip
     del stablemax  # always False: the linear loss is a softmax cross-entropy
     kwargs = {
         "reduction": str(reduction),
@@ -86,28 +89,36 @@ def _linear_host(hidden, weight, bias, target, class_weight, *, ignore_index, la
         "label_smoothing": float(label_smoothing),
         "z_loss": float(z_loss),
         "softcap": _softcap(float(softcap)),
+        "temperature": float(temperature),
         "chunk_size": _chunk(chunk_size),
+        "return_stats": bool(with_stats),
     }
 
-    def one(h, w, b, t, cw):
-        b, cw = present(b), present(cw)
-        if not with_grad:
-            return (np.asarray(cpu.linear_cross_entropy(h, w, t, linear_bias=b, weight=cw, **kwargs)),)
-        loss, dh, dw, db = cpu.linear_cross_entropy_with_grad(h, w, t, linear_bias=b, weight=cw, **kwargs)
-        return np.asarray(loss), dh, dw, np.empty(0, dh.dtype) if db is None else db
+    def one(h, w, b, t, cw, tw):
+        b, cw, tw = present(b), present(cw), present(tw)
+        fn = cpu.linear_cross_entropy_with_grad if with_grad else cpu.linear_cross_entropy
+        out = fn(h, w, t, linear_bias=b, weight=cw, token_weight=tw, **kwargs)
+        out = list(out) if isinstance(out, tuple) else [out]
+        if with_stats:
+            stats = out.pop()
+            out += [stats.lse, stats.entropy, stats.correct]
+        if with_grad and out[3] is None:
+            out[3] = np.empty(0, out[1].dtype)
+        return [np.asarray(out[0]), *out[1:]]
 
-    return _batched(2, one, 4 if with_grad else 1, hidden, weight, bias, target, class_weight)
+    results = 1 + 3 * bool(with_grad) + 3 * bool(with_stats)
+    return _batched(2, one, results, hidden, weight, bias, target, class_weight, token_weight)
 
 
-def _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
     return ce_options(int(ignore_index), str(reduction), float(label_smoothing), float(z_loss),
-                      _softcap(float(softcap)))  # fmt: skip
+                      _softcap(float(softcap)), temperature=float(temperature))  # fmt: skip
 
 
 @_ffi.host_impl("normax_vocab_parallel_linear_stats")
 def _vp_stats_host(hidden, weight_shard, bias_shard, target, class_weight, vocab_start, *, ignore_index,
-                   label_smoothing, z_loss, softcap, chunk_size):  # fmt: skip
-    opts = _vp_options(ignore_index, "none", label_smoothing, z_loss, softcap)
+                   label_smoothing, z_loss, softcap, temperature, chunk_size):  # fmt: skip
+    opts = _vp_options(ignore_index, "none", label_smoothing, z_loss, softcap, temperature)
 
     def one(h, w, b, t, cw, start):
         packed = np.empty((h.shape[0], vocab_parallel.fields(opts)), vocab_parallel.stats_dtype(h.dtype))
@@ -121,8 +132,8 @@ def _vp_stats_host(hidden, weight_shard, bias_shard, target, class_weight, vocab
 @_ffi.host_impl("normax_vocab_parallel_linear_backward")
 def _vp_backward_host(hidden, weight_shard, bias_shard, target, class_weight, lse, denom, grad_output,
                       vocab_start, *, classes, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                      chunk_size):  # fmt: skip
-    opts = _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+                      temperature, chunk_size):  # fmt: skip
+    opts = _vp_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
 
     def one(h, w, b, t, cw, lse, denom, go, start):
         dh, dw, db = vocab_parallel.linear_backward(
@@ -191,18 +202,23 @@ def ce_attrs(opts):
         "label_smoothing": np.float64(opts.label_smoothing),
         "z_loss": np.float64(opts.z_loss),
         "softcap": np.float64(opts.softcap or 0.0),
+        "temperature": np.float64(opts.temperature),
     }
 
 
-def _linear_call(h, w, b, t, cw, config, with_grad):
-    opts, chunk = config
+def _linear_call(h, w, b, t, cw, tw, config, with_grad):
+    """The loss, with `with_grad` d hidden, d weight, d bias, with stats each row's lse, entropy
+    and correct."""
+    opts, chunk, stats = config
     n, dt = h.shape[0], h.dtype
     results = [spec((n,) if opts.reduction == "none" else (), dt)]
     if with_grad:
         results += [spec(h.shape, dt), spec(w.shape, dt), spec(b.shape, dt)]
+    if stats:
+        results += [spec((n,), dt), spec((n,), dt), spec((n,), jnp.bool_)]
     return _ffi.call(
-        "normax_linear_cross_entropy", results, h, w, b, t, cw, **ce_attrs(opts), stablemax=False,
-        reduction=opts.reduction, chunk_size=np.int64(chunk), with_grad=with_grad,
+        "normax_linear_cross_entropy", results, h, w, b, t, cw, tw, **ce_attrs(opts), stablemax=False,
+        reduction=opts.reduction, chunk_size=np.int64(chunk), with_grad=with_grad, with_stats=stats,
     )  # fmt: skip
 
 
@@ -251,42 +267,53 @@ def vp_backward(h, w, b, t, cw, lse, g, start, classes, opts, chunk):
     )  # fmt: skip
 
 
-def reduce_rows(rows, t, cw, reduction, ignore_index):
-    """The reduction of per-row losses: torch's mean divides by the kept rows' summed class weight."""
+def mean_divisor(t, cw, tw, ignore_index):
+    """torch's weighted mean's divisor: over the kept rows, token weight times the class weight
+    of the label (absent weights: 1)."""
+    kept = t != ignore_index
+    counted = kept if cw.shape[0] == 0 else jnp.where(kept, cw[jnp.where(kept, t, 0)], 0)
+    counted = counted.astype(tw.dtype)
+    return jnp.sum(counted * tw if tw.shape[0] else counted)
+
+
+def reduce_rows(rows, t, cw, tw, reduction, ignore_index):
+    """The reduction of per-row losses (token weights already applied): torch's mean divides by
+    :func:`mean_divisor`."""
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    kept = t != ignore_index
-    counted = kept if cw.shape[0] == 0 else jnp.where(kept, cw[jnp.where(kept, t, 0)], 0)
-    return total / counted.sum().astype(total.dtype)
+    return total / mean_divisor(t, cw, tw, ignore_index).astype(total.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _linear_ce(h, w, b, t, cw, config):
-    return _linear_call(h, w, b, t, cw, config, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_ce(h, w, b, t, cw, tw, config):
+    """(loss,) or (loss, lse, entropy, correct) with stats (config: options, chunk, stats)."""
+    return _linear_call(h, w, b, t, cw, tw, config, False)
 
 
-def _linear_ce_fwd(h, w, b, t, cw, config):
+def _linear_ce_fwd(h, w, b, t, cw, tw, config):
     if config[0].reduction == "none":
-        return _linear_call(h, w, b, t, cw, config, False)[0], (h, w, b, t, cw)
-    loss, dh, dw, db = _linear_call(h, w, b, t, cw, config, True)
-    return loss, (dh, dw, db)
+        return _linear_call(h, w, b, t, cw, tw, config, False), (h, w, b, t, cw, tw)
+    loss, dh, dw, db, *stats = _linear_call(h, w, b, t, cw, tw, config, True)
+    return (loss, *stats), (dh, dw, db)
 
 
 def _linear_ce_bwd(config, res, g):
-    opts, chunk = config
+    opts, chunk, _ = config
+    g = g[0]  # the statistics are metrics: their cotangents are not read (documented)
     if opts.reduction != "none":
         # A scalar loss: its gradients, formed by the forward's call, scale by the cotangent.
-        return (*(d * g.astype(d.dtype) for d in res), None, None)
+        return (*(d * g.astype(d.dtype) for d in res), None, None, None)
     # One cotangent per row cannot scale weight gradients already summed over the rows: the
     # vocabulary as one shard, whose statistics give each row's log-sum-exp (hi, lo) and whose
-    # backward kernel takes per-row cotangents.
-    h, w, b, t, cw = res
+    # backward kernel takes per-row cotangents (times the row's token weight).
+    h, w, b, t, cw, tw = res
     start = jnp.zeros((), jnp.int32)
     lse = vp_stats(h, w, b, t, cw, start, opts, chunk)[:, :2]
-    return (*vp_backward(h, w, b, t, cw, lse, g, start, w.shape[0], opts, chunk), None, None)
+    g = g * tw if tw.shape[0] else g
+    return (*vp_backward(h, w, b, t, cw, lse, g, start, w.shape[0], opts, chunk), None, None, None)
 
 
 _linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)
@@ -337,6 +364,9 @@ def linear_cross_entropy(
     z_loss=0.0,
     softcap=None,
     chunk_size=None,
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """Cross-entropy of ``hidden @ linear_weight.T + linear_bias`` without forming the logits.
 
@@ -361,12 +391,18 @@ def linear_cross_entropy(
         As in :func:`normax.jax.cross_entropy`.
     chunk_size : int, optional
         Most logits held at once, in elements; None lets the kernels choose (at most 2**24).
+    temperature, token_weight, return_stats
+        As in :func:`normax.jax.cross_entropy` (the bias is divided by `temperature` too;
+        `token_weight` is shaped like `labels`).
 
     Returns
     -------
     jax.Array
         A scalar, or the per-row losses; in the promoted dtype of `hidden`, `linear_weight` and
         `linear_bias` (float16 and bfloat16 are computed in float32).
+    CrossEntropyStats
+        With ``return_stats=True``, as :func:`normax.jax.cross_entropy`'s (per row: shaped like
+        `labels`), from the same pass over the logits blocks.
 
     Raises
     ------
@@ -401,13 +437,20 @@ def linear_cross_entropy(
     (3, 2)
     """
     fname = _FNAME
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature=temperature)
     chunk = check_chunk_size(chunk_size) or 0
     h, w, b, t, dtype = linear_inputs(
         hidden, linear_weight, linear_bias, labels, fname, "linear_weight", "linear_bias"
     )
     cw = class_weight_operand(weight, w.shape[0], h.dtype, fname)
-    loss = _linear_ce(h, w, b, t, cw, (opts, chunk))
+    row_shape = jnp.shape(hidden)[:-1]
+    tw = token_weight_operand(token_weight, row_shape, h.dtype, fname)
+    loss, *stats = _linear_ce(h, w, b, t, cw, tw, (opts, chunk, bool(return_stats)))
     if opts.reduction == "none":
-        loss = loss.reshape(jnp.shape(hidden)[:-1])
-    return loss.astype(dtype)
+        loss = loss.reshape(row_shape)
+    loss = loss.astype(dtype)
+    if not return_stats:
+        return loss
+    denom = mean_divisor(t, cw, tw, opts.ignore_index) if opts.reduction == "mean" else None
+    lse, entropy, correct = (s.reshape(row_shape) for s in stats)
+    return loss, stats_of(lse, entropy, correct, tw, opts.z_loss, denom)

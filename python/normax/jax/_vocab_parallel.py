@@ -31,6 +31,8 @@ import numpy as np
 from .. import _vocab_parallel as vocab_parallel
 from .._options import ce_options
 from . import _ffi
+from ._args import token_weight_operand
+from ._linear import reduce_rows
 
 _STATS = "normax_vocab_parallel_stats"
 _COMBINE = "normax_vocab_parallel_combine"
@@ -44,6 +46,7 @@ class _Config(NamedTuple):
     label_smoothing: float
     z_loss: float
     softcap: float  # 0.0: none
+    temperature: float
 
     def attrs(self) -> dict:
         return {
@@ -51,13 +54,13 @@ class _Config(NamedTuple):
             "label_smoothing": np.float64(self.label_smoothing),
             "z_loss": np.float64(self.z_loss),
             "softcap": np.float64(self.softcap),
+            "temperature": np.float64(self.temperature),
         }
 
 
-def _options(ignore_index, label_smoothing, z_loss, softcap):
-    return ce_options(
-        int(ignore_index), "none", float(label_smoothing), float(z_loss), float(softcap) or None
-    )
+def _options(ignore_index, label_smoothing, z_loss, softcap, temperature):
+    return ce_options(int(ignore_index), "none", float(label_smoothing), float(z_loss), float(softcap) or None,
+                      temperature=float(temperature))  # fmt: skip
 
 
 def _weight(w):
@@ -167,6 +170,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing=0.0,
     z_loss=0.0,
     softcap=None,
+    temperature=1.0,
+    token_weight=None,
 ):
     """Cross-entropy of logits whose class axis is split over the mapped axis `axis_name`.
 
@@ -176,16 +181,19 @@ def vocab_parallel_cross_entropy(
     :func:`normax.jax.cross_entropy` returns on the whole logits (per example by default), the same
     on every device; ``jax.grad`` gives each device the gradient of its own shard.
 
-    Options (`weight`: all V class weights, the same on every device) are
-    :func:`normax.jax.cross_entropy`'s; float16 and bfloat16 shards are computed in float32.
+    Options (`weight`: all V class weights, `token_weight`: one per example, both the same on
+    every device) are :func:`normax.jax.cross_entropy`'s; float16 and bfloat16 shards are
+    computed in float32. The targets apply `temperature`; the token weights scale each
+    example's loss (and so its gradient) in jnp, and the mean divides by the sum over counted
+    examples of token weight times class weight.
     One ``jax.lax.all_gather`` of 3 values per row (5 with label smoothing) per forward; none in
     the backward under shard_map. The op is a ``jax.custom_jvp`` (``jax.jvp`` adds one ``psum``
     of a value per row; under ``pmap`` the gradient is the axis size times the shard's, pmap's
     convention for a loss computed with collectives); second derivatives are not available. No
-    gradient flows to `labels` or `weight`.
+    gradient flows to `labels`, `weight` or `token_weight`.
     """
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    cfg = _Config(opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap or 0.0)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature=temperature)
+    cfg = _Config(opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap or 0.0, opts.temperature)
     x = jnp.asarray(logits_shard)
     if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"logits_shard: expected a floating array with a class axis, got {x.dtype}{x.shape}")
@@ -201,13 +209,9 @@ def vocab_parallel_cross_entropy(
     if t.dtype not in (jnp.int32, jnp.int64):
         t = t.astype(jnp.int32)
     w = jnp.zeros((0,), work) if weight is None else jax.lax.stop_gradient(jnp.asarray(weight).astype(work))
+    tw = token_weight_operand(token_weight, t.shape, work, "normax.jax.vocab_parallel_cross_entropy")
     rows = x.astype(work).reshape(-1, x.shape[-1])
-    losses = _rows(rows, t.reshape(-1), w, axis_name, cfg).reshape(t.shape)
-    if opts.reduction == "none":
-        return losses.astype(out_dtype)
-    total = losses.sum()
-    if opts.reduction == "sum":
-        return total.astype(out_dtype)
-    kept = t != ignore_index
-    counted = jnp.where(kept, 1 if weight is None else w[jnp.where(kept, t, 0)], 0).astype(work)
-    return (total / counted.sum()).astype(out_dtype)
+    losses = _rows(rows, t.reshape(-1), w, axis_name, cfg)
+    losses = losses * tw if tw.shape[0] else losses
+    loss = reduce_rows(losses, t.reshape(-1), w, tw, opts.reduction, opts.ignore_index)
+    return (loss.reshape(t.shape) if opts.reduction == "none" else loss).astype(out_dtype)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .._options import ce_options, check_chunk_size
 from . import _ffi
+from ._args import token_weight_operand
 from ._linear import (
     ce_attrs,
     class_weight_operand,
@@ -83,6 +84,8 @@ def vocab_parallel_linear_cross_entropy(
     z_loss=0.0,
     softcap=None,
     chunk_size=None,
+    temperature=1.0,
+    token_weight=None,
 ):
     """:func:`linear_cross_entropy` with the vocabulary split over the mapped axis `axis_name`.
 
@@ -104,9 +107,13 @@ def vocab_parallel_linear_cross_entropy(
         (V_local,): this device's part of the bias.
     weight : array_like, optional
         All (V,) class weights, the same on every device.
-    reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size
+    reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size, temperature
         As in :func:`linear_cross_entropy` (`chunk_size` bounds the logits of the local shard
         held at once).
+    token_weight : array_like, optional
+        One weight per row, shaped like `labels`, the same on every device: it scales the row's
+        loss and gradient (in jnp, after the kernels) and the mean divides by the sum over
+        counted rows of token weight times class weight. No gradient flows to it.
 
     Returns
     -------
@@ -135,7 +142,7 @@ def vocab_parallel_linear_cross_entropy(
     0.551445
     """
     fname = _FNAME
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature=temperature)
     chunk = check_chunk_size(chunk_size) or 0
     h, w, b, t, dtype = linear_inputs(
         hidden,
@@ -150,8 +157,10 @@ def vocab_parallel_linear_cross_entropy(
     # the others waiting in it (XLA then aborts the process).
     classes = jax.lax.axis_size(axis_name) * w.shape[0]
     cw = class_weight_operand(weight, classes, h.dtype, fname)
+    tw = token_weight_operand(token_weight, jnp.shape(hidden)[:-1], h.dtype, fname)
     losses = _vp_rows(h, w, b, t, cw, axis_name, (opts.replace(reduction="none"), chunk))
-    loss = reduce_rows(losses, t, cw, opts.reduction, opts.ignore_index)
+    losses = losses * tw if tw.shape[0] else losses
+    loss = reduce_rows(losses, t, cw, tw, opts.reduction, opts.ignore_index)
     if opts.reduction == "none":
         loss = loss.reshape(jnp.shape(hidden)[:-1])
     return loss.astype(dtype)

@@ -20,9 +20,11 @@
 //!   Class weights and the norms' statistics are float32.
 //! - The reduced axis is the last one (`inner` 1): another axis is an error, moved last in jnp.
 //! - logsumexp without `b` (its sign is 1, 0 for an all -inf row, NaN for NaN).
-//! - cross_entropy: no stablemax variant; a class id out of range that is not `ignore_index`
-//!   gives that row a NaN loss and gradient (as `jnp.take_along_axis`'s fill): the device cannot
-//!   raise without the host synchronizing, which these handlers never do.
+//! - cross_entropy: no stablemax variant, and (until normax-cuda's kernels take them) no
+//!   temperature other than 1, token weights or statistics: each an error naming it; a class id
+//!   out of range that is not `ignore_index` gives that row a NaN loss and gradient (as
+//!   `jnp.take_along_axis`'s fill): the device cannot raise without the host synchronizing,
+//!   which these handlers never do.
 //! - PowerNorm: the per-channel factors and sums are float32; the pad mask (bool) is widened to
 //!   the kernels' float32 mask in XLA's scratch.
 //! - No handlers for the vocabulary-parallel cross-entropy (its CUDA backward takes the sum of
@@ -167,10 +169,26 @@ fn logsumexp(frame: &Frame) -> Result<(), Error> {
 
 /// The cross-entropy attributes as normax-cuda's options (per-row losses: no reduction).
 fn ce_options(frame: &Frame) -> Result<CeOptions<Buf>, Error> {
-    if frame.attr_bool("stablemax")? {
-        return Err(Error::Value(
-            "stablemax: the CUDA kernels have no stablemax cross-entropy".into(),
-        ));
+    let refused = [
+        (
+            frame.attr_bool("stablemax")?,
+            "stablemax: the CUDA kernels have no stablemax cross-entropy",
+        ),
+        (
+            frame.attr_f64("temperature")? != 1.0,
+            "temperature: the CUDA handler takes only 1.0",
+        ),
+        (
+            frame.attr_bool("with_stats")?,
+            "return_stats: the CUDA handler gives no statistics",
+        ),
+        (
+            frame.operand(3, "token_weight")?.len() > 0,
+            "token_weight: the CUDA handler takes none",
+        ),
+    ];
+    if let Some((_, message)) = refused.iter().find(|(refuse, _)| *refuse) {
+        return Err(Error::Value((*message).into()));
     }
     super::cross_entropy::ce_options(frame, Reduction::None)
 }
@@ -228,8 +246,9 @@ fn ce_target<'f>(
 
 fn cross_entropy(frame: &Frame) -> Result<(), Error> {
     let with_grad = frame.attr_bool("with_grad")?;
-    frame.expect_arity(3, 1 + usize::from(with_grad))?;
+    // The refusals first: a call with statistics has more results.
     let mut opts = ce_options(frame)?;
+    frame.expect_arity(4, 1 + usize::from(with_grad))?;
     let logits = frame.operand(0, "logits")?;
     let (target, weight) = (frame.operand(1, "target")?, frame.operand(2, "weight")?);
     let batch = Batch::of(&logits, 2)?;

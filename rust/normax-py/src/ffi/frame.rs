@@ -332,6 +332,33 @@ impl<'a> BufferMut<'a> {
         // that overlaps an operand, so this is the only reference to this memory.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.0.data as *mut T, self.0.len) })
     }
+
+    /// A boolean result (XLA's PRED: one byte per element) as `bool`s, all set to false first.
+    pub(crate) fn bools_mut(self) -> Result<&'a mut [bool], Error> {
+        if self.0.dtype != XLA_FFI_DATA_TYPE_PRED {
+            return Err(value_error(format!(
+                "{}: expected bool, got {:?}",
+                self.0.name,
+                DType::of(self.0.dtype)
+            )));
+        }
+        if self.0.len == 0 {
+            return Ok(&mut []);
+        }
+        if self.0.data.is_null() {
+            return Err(value_error(format!("{}: null data", self.0.name)));
+        }
+        let data = self.0.data as *mut u8;
+        // SAFETY: a PRED buffer holds `len` bytes, handed out once (as `slice_mut`). They are
+        // zeroed as bytes before being viewed as bool, so every element is a valid `false`.
+        unsafe {
+            std::ptr::write_bytes(data, 0, self.0.len);
+            Ok(std::slice::from_raw_parts_mut(
+                data as *mut bool,
+                self.0.len,
+            ))
+        }
+    }
 }
 
 /// The call as a handler body sees it.

@@ -3,17 +3,19 @@
 //! (`normax_core::cross_entropy::linear_cross_entropy`).
 //!
 //! Operands (absent = empty): hidden (N, H), weight (V, H), bias (V,), target (N,) int32/int64,
-//! class_weight (V,). Attributes: the CE attributes, reduction, chunk_size (0: the kernel's
-//! choice), with_grad. Results: loss ((N,) for "none", else ()), and with_grad dhidden (N, H),
-//! dweight (V, H), dbias (V,) or empty: the gradients of the loss (of the sum of the losses
-//! for "none"). Leading batch dims: one call per batch element.
+//! class_weight (V,), token_weight (N,). Attributes: the CE attributes (temperature included),
+//! reduction, chunk_size (0: the kernel's choice), with_grad, with_stats. Results: loss ((N,)
+//! for "none", else ()), with_grad dhidden (N, H), dweight (V, H), dbias (V,) or empty: the
+//! gradients of the loss (of the sum of the losses for "none"), with_stats each row's lse,
+//! entropy (N,) and correct (N,) bool. Leading batch dims: one call per batch element.
 //!
 //! The linear kernel takes no class weights; with them the handler runs the vocabulary-parallel
 //! kernels on the whole vocabulary as one shard (statistics, combine, and for the gradients a
-//! second pass over the logits blocks from each row's log-sum-exp).
+//! second pass over the logits blocks from each row's log-sum-exp), and the statistics, which
+//! those kernels do not form, come from one more pass of the linear kernel without them.
 
 use super::batch::{opt_parts_mut, parts_mut, Batch, PerBatch};
-use super::cross_entropy::{ce_options, class_ids};
+use super::cross_entropy::{ce_options, class_ids, stats_parts};
 use super::frame::{by_float, ffi_handler, Element, Frame};
 use super::vocab_parallel::chunk_size;
 use super::Target;
@@ -21,12 +23,17 @@ use normax_core::cross_entropy::{self as k, LinearGrads, Shard, ShardLinear};
 use normax_core::spec::{CeOptions, GradOutput, Reduction};
 use normax_core::{Error, Float};
 
-fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<(), Error> {
+fn linear_typed<T: Float + Element>(
+    frame: &Frame,
+    with_grad: bool,
+    with_stats: bool,
+) -> Result<(), Error> {
     let hidden = frame.operand(0, "hidden")?;
     let weight = frame.operand(1, "linear_weight")?;
     let bias = frame.operand(2, "linear_bias")?;
     let target = frame.operand(3, "target")?;
     let class_weight = frame.operand(4, "weight")?;
+    let token_weight = frame.operand(5, "token_weight")?;
     let batch = Batch::of(&hidden, 2)?;
     let (n, h, v) = (
         hidden.dim_from_end(1)?,
@@ -37,6 +44,7 @@ fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<()
     let ws = weight.per_batch::<T>(&batch, 2)?;
     let bs = bias.per_batch_opt::<T>(&batch, 1)?;
     let cw = class_weight.per_batch_opt::<T>(&batch, 1)?;
+    let tw = token_weight.per_batch_opt::<T>(&batch, 1)?;
     let ids = class_ids(&target, target.dims())?;
     let ts = if batch.is_batched("target", target.leading(1)?)? {
         PerBatch::parts("target", &ids[..], batch.count)?
@@ -64,10 +72,19 @@ fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<()
         let db = bs.is_some().then_some(db.slice_mut::<T>()?);
         dbs = opt_parts_mut("dlinear_bias", db, batch.count)?;
     }
+    let mut stats = if with_stats {
+        let first = if with_grad { 4 } else { 1 };
+        let rows = &hidden.dims()[..hidden.rank() - 1];
+        stats_parts::<T>(frame, first, rows, batch.count)?
+    } else {
+        Vec::new()
+    }
+    .into_iter();
     let mut grads = dhs.into_iter().zip(dws).zip(dbs);
     for (g, l) in losses.into_iter().enumerate() {
         let o = CeOptions {
             weight: cw.map(|w| w.at(g)),
+            token_weight: tw.map(|w| w.at(g)),
             ..opts
         };
         let grads = grads.next().map(|((dhidden, dweight), dbias)| LinearGrads {
@@ -76,6 +93,7 @@ fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<()
             dbias,
         });
         let (hs, ws, bs, t) = (hs.at(g), ws.at(g), bs.map(|b| b.at(g)), ts.at(g));
+        let stats = stats.next();
         if o.weight.is_some() {
             let lin = ShardLinear {
                 hidden: hs,
@@ -84,9 +102,26 @@ fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<()
                 h,
             };
             weighted(lin, (n, v), t, &o, chunk, grads, l)?;
+            if let Some(s) = stats {
+                // The statistics do not depend on the class weights.
+                let plain = CeOptions { weight: None, ..o };
+                let mut unused = vec![T::ZERO; l.len()];
+                k::linear_cross_entropy(
+                    hs,
+                    ws,
+                    bs,
+                    t,
+                    (n, h, v),
+                    &plain,
+                    chunk,
+                    None,
+                    &mut unused,
+                    Some(s),
+                )?;
+            }
         } else {
             let grads = grads.map(|g| (GradOutput::Scalar(1.0), g));
-            k::linear_cross_entropy(hs, ws, bs, t, (n, h, v), &o, chunk, grads, l, None)?;
+            k::linear_cross_entropy(hs, ws, bs, t, (n, h, v), &o, chunk, grads, l, stats)?;
         }
     }
     Ok(())
@@ -133,9 +168,11 @@ fn weighted<T: Float>(
 
 fn linear_cross_entropy(frame: &Frame) -> Result<(), Error> {
     let with_grad = frame.attr_bool("with_grad")?;
-    frame.expect_arity(5, if with_grad { 4 } else { 1 })?;
+    let with_stats = frame.attr_bool("with_stats")?;
+    let results = 1 + 3 * usize::from(with_grad) + 3 * usize::from(with_stats);
+    frame.expect_arity(6, results)?;
     let hidden = frame.operand(0, "hidden")?;
-    by_float!(hidden, linear_typed(frame, with_grad))
+    by_float!(hidden, linear_typed(frame, with_grad, with_stats))
 }
 
 ffi_handler!(linear_cross_entropy_handler, linear_cross_entropy);

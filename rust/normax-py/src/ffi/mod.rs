@@ -12,6 +12,7 @@ mod cross_entropy;
 mod cuda;
 pub(crate) mod frame;
 mod linear;
+mod logprobs;
 mod norms;
 mod softmax;
 mod vocab_parallel;
@@ -30,6 +31,7 @@ fn cpu_targets() -> Vec<Target> {
         cross_entropy::TARGETS,
         norms::TARGETS,
         linear::TARGETS,
+        logprobs::TARGETS,
         vocab_parallel::TARGETS,
     ]
     .concat()
