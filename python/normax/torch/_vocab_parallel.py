@@ -36,25 +36,24 @@ try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # a torch built without distributed support
     DTensor = Shard = None
-from .._options import ce_options, check_chunk_size
+from .._options import ce_options
 from ._convert import check_float
 
 _FNAME = "normax.torch.vocab_parallel_cross_entropy"
-_LINEAR_FNAME = "normax.torch.vocab_parallel_linear_cross_entropy"
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _host(t: Tensor | None) -> np.ndarray | None:
+def host(t: Tensor | None) -> np.ndarray | None:
     """``t`` as a NumPy array (a CPU tensor's own memory; a CUDA tensor copied, which waits for
     the stream)."""
     return None if t is None else t.detach().cpu().contiguous().numpy()
 
 
-def _flat_target(target: Tensor, rows: int) -> Tensor:
+def flat_target(target: Tensor, rows: int) -> Tensor:
     """The (rows,) int64 class ids; zeros when ``target`` has another size (the local check
     reports it, and the header's hash of the target's shape tells the other ranks)."""
     if target.numel() == rows:
@@ -62,17 +61,18 @@ def _flat_target(target: Tensor, rows: int) -> Tensor:
     return torch.zeros(rows, dtype=torch.int64, device=target.device)
 
 
-class _Call:
+class Call:
     """The torch side of one forward's :class:`normax._vocab_parallel.Exchange`: the byte buffer
     every rank sends (on the target's device, the inputs' own), its packed rows as a tensor the
     kernels write, and the all-gather."""
 
-    def __init__(self, fname, group, rows, length, target, shape, weight, vocab_start, opts, dtype, linear):
+    def __init__(self, fname, group, rows, length, target, shape, weight, vocab_start, opts, dtype, linear,
+                 row_fields=None):  # fmt: skip
         self.group = group
         self.exchange = vocab_parallel.Exchange(
             fname, opts, rank=dist.get_rank(group), rows=rows, length=length, vocab_start=vocab_start,
-            dtype=_NUMPY_DTYPES[dtype], target=_host(target), target_shape=shape, weight=_host(weight),
-            linear=linear,
+            dtype=_NUMPY_DTYPES[dtype], target=host(target), target_shape=shape, weight=host(weight),
+            linear=linear, row_fields=row_fields,
         )  # fmt: skip
         self.start = self.exchange.start
         self.buffer = torch.zeros(self.exchange.nbytes, dtype=torch.uint8, device=target.device)
@@ -82,18 +82,44 @@ class _Call:
         self.exchange.fail(e)
         self.packed.zero_()
 
-    def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
-        """The one collective of the forward, then the combine on the host: (loss, lse, denom, V)."""
+    def gather(self) -> np.ndarray:
+        """The one collective of the forward: every rank's buffer, (ranks, nbytes) uint8 on the host."""
         header = torch.from_numpy(self.exchange.header_bytes())
         self.buffer[: vocab_parallel.HEADER_BYTES].copy_(header)
         world = dist.get_world_size(self.group)
         out = self.buffer.new_empty(world * self.buffer.numel())
         dist.all_gather_into_tensor(out, self.buffer, group=self.group)
-        loss, lse, denom, classes = self.exchange.combine(out.cpu().numpy().reshape(world, -1))
+        return out.cpu().numpy().reshape(world, -1)
+
+    def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
+        """:meth:`gather`, then the combine on the host: (loss, lse, denom, V)."""
+        loss, lse, denom, classes = self.exchange.combine(self.gather())
         return torch.from_numpy(loss), lse, denom, classes
 
 
-def _check_common(fname, target, weight, vocab_start) -> None:
+def shard_stats(fname, x, t, w, call: Call, opts, cuda: bool) -> None:
+    """The packed rows of the (rows, V_local) shard logits ``x`` into ``call.packed``: the CUDA
+    kernel on the device, else normax's CPU kernel."""
+    if cuda:
+        _cuda.vocab_parallel_stats(_CudaLib(x, fname), x, t, w, call.packed, call.start, opts)
+    else:
+        vocab_parallel.stats(x.numpy(), t.numpy(), host(w), call.start, opts, call.packed.numpy())
+
+
+def shard_grad(fname, x, t, w, saved, grad, cuda) -> Tensor:
+    """The gradient of ``grad * loss`` for the (rows, V_local) shard logits ``x`` (a new tensor
+    of ``x``'s shape, in the statistics' dtype), from ``saved`` = (lse, denom, V, start, opts) of
+    the forward; ``cuda`` = (whether on CUDA, the combine's sum of class weights)."""
+    lse, denom, classes, start, opts = saved
+    on_cuda, w_sum = cuda
+    if on_cuda:
+        lib = _CudaLib(x, fname)
+        return _cuda.vocab_parallel_backward(lib, x, t, w, lse, grad, denom, start, classes, w_sum, opts)
+    go = host(grad.to(x.dtype))
+    return torch.from_numpy(vocab_parallel.backward(x.numpy(), t.numpy(), host(w), lse, denom, go, start, classes, opts))
+
+
+def check_common(fname, target, weight, vocab_start) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{fname}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -110,7 +136,7 @@ def _check_common(fname, target, weight, vocab_start) -> None:
         raise ValueError(f"{fname}: vocab_start must be a non-negative int, got {vocab_start!r}")
 
 
-def _check_device(fname, inputs) -> bool:
+def check_device(fname, inputs) -> bool:
     """Whether the call takes the CUDA path: every tensor of ``inputs`` ((name, tensor) pairs, the
     first the logits or hidden states) on the first one's device, CPU or CUDA; on CUDA the inputs
     other than ``target`` and ``weight`` of a dtype the kernels take."""
@@ -133,7 +159,7 @@ def _check_device(fname, inputs) -> bool:
     return cuda
 
 
-def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
@@ -142,23 +168,18 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, weight, vocab_start, group, opts, cuda):
         fname = _FNAME
         # CUDA: the kernels read float32/16-bit logits as they are; statistics are float32.
-        dtype = torch.float32 if cuda else _compute_dtype(logits.dtype)
+        dtype = torch.float32 if cuda else compute_dtype(logits.dtype)
         length = logits.shape[-1] if logits.dim() else 0
         rows = math.prod(logits.shape[:-1])
-        t = _flat_target(target, rows)
-        w = _as(weight, dtype)
-        call = _Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, False)
-        x = logits.detach().contiguous() if cuda else _as(logits, dtype)
+        t = flat_target(target, rows)
+        w = as_dtype(weight, dtype)
+        call = Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, False)
+        x = logits.detach().contiguous() if cuda else as_dtype(logits, dtype)
         try:
             vocab_parallel.check_target_shape(
                 fname, tuple(target.shape), tuple(logits.shape[:-1]), "logits_shard's shape without the class axis"
             )
-            if cuda:
-                lib = _CudaLib(x, fname)
-                _cuda.vocab_parallel_stats(lib, x.reshape(rows, length), t, w, call.packed, call.start, opts)
-            else:
-                packed = call.packed.numpy()
-                vocab_parallel.stats(x.reshape(rows, length).numpy(), t.numpy(), _host(w), call.start, opts, packed)
+            shard_stats(fname, x.reshape(rows, length), t, w, call, opts, cuda)
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
@@ -177,17 +198,9 @@ class _VocabParallelCE(torch.autograd.Function):
         lse, denom, classes, start, opts, in_dtype, shape = ctx.stats
         rows, length = t.numel(), shape[-1]
         cuda, w_sum = ctx.cuda
-        if cuda:
-            lib = _CudaLib(x, _FNAME)
-            dx = _cuda.vocab_parallel_backward(
-                lib, x.reshape(rows, length), t, w, lse, grad, denom, start, classes, w_sum, opts
-            )
-            return dx.reshape(shape), None, None, None, None, None, None
-        dx = vocab_parallel.backward(
-            x.reshape(rows, length).numpy(), t.numpy(), _host(w), lse, denom, _host(grad.to(x.dtype)), start,
-            classes, opts,
-        )  # fmt: skip
-        return torch.from_numpy(dx).reshape(shape).to(in_dtype), None, None, None, None, None, None
+        saved = (lse, denom, classes, start, opts)
+        dx = shard_grad(_FNAME, x.reshape(rows, length), t, w, saved, grad, (cuda, w_sum))
+        return dx.reshape(shape).to(in_dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -250,134 +263,10 @@ def vocab_parallel_cross_entropy(
     check_float(logits_shard, fname, "logits_shard")
     if logits_shard.dim() < 1:
         raise ValueError(f"{fname}: logits_shard must have a class axis")
-    _check_common(fname, target, weight, vocab_start)
-    cuda = _check_device(fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)])
+    check_common(fname, target, weight, vocab_start)
+    cuda = check_device(fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)])
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts, cuda)
-
-
-class _VocabParallelLinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda):
-        fname = _LINEAR_FNAME
-        dtype = torch.float32 if cuda else _compute_dtype(hidden.dtype)
-        h = hidden.shape[-1]
-        length = weight_shard.shape[0] if weight_shard.dim() else 0
-        rows = math.prod(hidden.shape[:-1])
-        t = _flat_target(target, rows)
-        w = _as(weight, dtype)
-        call = _Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, True)
-        # CUDA: the GEMMs and kernels in the inputs' promoted dtype (16-bit stays 16-bit).
-        work = dtype
-        if cuda:
-            work = torch.promote_types(hidden.dtype, weight_shard.dtype)
-            work = work if bias_shard is None else torch.promote_types(work, bias_shard.dtype)
-        hid, ws, bs = _as(hidden, work), _as(weight_shard, work), _as(bias_shard, work)
-        try:
-            vocab_parallel.check_target_shape(
-                fname, tuple(target.shape), tuple(hidden.shape[:-1]), "hidden's shape without its last axis"
-            )
-            vocab_parallel.check_linear_shapes(
-                fname, tuple(hidden.shape), tuple(weight_shard.shape),
-                None if bias_shard is None else tuple(bias_shard.shape),
-            )  # fmt: skip
-            if cuda:
-                _cuda.vocab_parallel_linear_stats(
-                    _CudaLib(hid, fname), hid.reshape(rows, h), ws, bs, t, w, call.packed, call.start, opts, chunk
-                )
-            else:
-                vocab_parallel.linear_stats(
-                    hid.reshape(rows, h).numpy(), ws.numpy(), _host(bs), t.numpy(), _host(w),
-                    call.packed.numpy(), call.start, opts, chunk,
-                )  # fmt: skip
-        except (ValueError, TypeError, IndexError) as e:
-            call.fail(e)
-        loss, lse, denom, classes = call.gather_and_combine()
-        if cuda:
-            lse = torch.from_numpy(lse.astype(np.float32)).to(hidden.device)
-        ctx.save_for_backward(hid, ws, bs, t, w)
-        ctx.stats = (lse, denom, classes, call.start, opts, chunk, group)
-        ctx.cuda = (cuda, call.exchange.w_sum)
-        ctx.dtypes = (hidden.dtype, weight_shard.dtype, None if bias_shard is None else bias_shard.dtype)
-        ctx.hidden_shape = tuple(hidden.shape)
-        shape = tuple(target.shape) if opts.reduction == "none" else ()
-        return loss.reshape(shape).to(device=hidden.device, dtype=hidden.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hid, ws, bs, t, w = ctx.saved_tensors
-        lse, denom, classes, start, opts, chunk, group = ctx.stats
-        rows, h = t.numel(), hid.shape[-1]
-        cuda, w_sum = ctx.cuda
-        if cuda:
-            dh, dw, db = _cuda.vocab_parallel_linear_backward(
-                _CudaLib(hid, _LINEAR_FNAME), hid.reshape(rows, h), ws, bs, t, w, lse, grad, denom, start,
-                classes, w_sum, opts, chunk,
-            )  # fmt: skip
-        else:
-            dh, dw, db = (
-                None if g is None else torch.from_numpy(g)
-                for g in vocab_parallel.linear_backward(
-                    hid.reshape(rows, h).numpy(), ws.numpy(), _host(bs), t.numpy(), _host(w), lse, denom,
-                    _host(grad.to(hid.dtype)), start, classes, opts, chunk,
-                )
-            )  # fmt: skip
-        if ctx.needs_input_grad[0]:
-            # The one collective of the backward: d hidden is the sum of every shard's part.
-            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
-        hd, wd, bd = ctx.dtypes
-        dbias = None if db is None else db.to(bd)
-        return dh.reshape(ctx.hidden_shape).to(hd), dw.to(wd), dbias, None, None, None, None, None, None, None
-
-
-def vocab_parallel_linear_cross_entropy(
-    hidden: Tensor,
-    weight_shard: Tensor,
-    target: Tensor,
-    *,
-    group=None,
-    bias_shard: Tensor | None = None,
-    vocab_start: int | None = None,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """:func:`vocab_parallel_cross_entropy` of ``hidden @ weight_shard.T + bias_shard`` without
-    building more of the local logits than one block of ``chunk_size`` elements (whole shard rows,
-    at least one).
-
-    ``hidden`` (..., H) is the same on every rank (the input of a column-parallel LM head);
-    ``weight_shard`` (V_local, H) and ``bias_shard`` (V_local,) are this rank's rows of the head.
-    The forward all-gathers once; the backward recomputes each block, all-reduces ``d hidden``
-    once (summing the shards' parts, the collective a column-parallel layer needs anyway) and
-    gives ``weight_shard`` / ``bias_shard`` their own gradients. ``weight`` (all V class weights),
-    ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss`` and ``softcap`` are as in
-    :func:`normax.torch.cross_entropy`. CPU tensors (gloo) and CUDA tensors (NCCL; float32, float16
-    or bfloat16, computed in their promoted dtype with float32 statistics) as
-    :func:`vocab_parallel_cross_entropy`.
-    """
-    fname = _LINEAR_FNAME
-    check_float(hidden, fname, "hidden")
-    check_float(weight_shard, fname, "weight_shard")
-    if bias_shard is not None:
-        check_float(bias_shard, fname, "bias_shard")
-    if hidden.dim() < 1:
-        raise ValueError(f"{fname}: hidden must have a feature axis")
-    _check_common(fname, target, weight, vocab_start)
-    cuda = _check_device(
-        fname,
-        [("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard), ("target", target),
-         ("weight", weight)],
-    )  # fmt: skip
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    chunk = check_chunk_size(chunk_size)
-    return _VocabParallelLinearCE.apply(
-        hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda
-    )
 
 
 def maybe_vocab_parallel(input, target, **kwargs) -> Tensor | None:
