@@ -3,10 +3,15 @@
 ``F.cross_entropy`` on a DTensor sharded on the classes.
 
     python benches/python/bench_distributed.py [--worlds 2 4] [--rows 4096] [--linear-rows 4096]
+        [--repeats 5] [--rounds 1] [--linear-only]
 
 For each world size, WORLD processes on localhost (gloo) each hold V / WORLD classes of
 V = 128256 (the logits, or the LM-head rows with H = 1024 for the linear case) and time a
 training step, forward + backward, as the median of `--repeats` steps after one warm-up step.
+The linear case runs normax with its default logits budget (the local logits kept for the
+backward when they fit) and with ``logits_budget=0`` (recomputed), against a Megatron-style LM
+head (torch GEMM + the same torch-ops cross-entropy), in `--rounds` alternating rounds whose steps
+are pooled into one median per case.
 Printed per case: median step time (rank 0's, every rank steps in lockstep), collectives per step
 (counted by wrapping torch.distributed's functions; DTensor's functional collectives by
 ``CommDebugMode``), payload bytes each rank sends per step (ring algorithms: an all-reduce of B
@@ -260,13 +265,13 @@ def main() -> None:
         base = {}
         print(f"\nworld {world}")
         print(
-            f"{'case':45s} {'median ms':>10s} {'vs normax':>9s} {'collectives':>11s} {'KiB sent/rank':>13s} {'peak MiB':>9s}"
+            f"{'case':56s} {'median ms':>10s} {'vs normax':>9s} {'collectives':>11s} {'KiB sent/rank':>13s} {'peak MiB':>9s}"
         )
         for r in data["results"]:
             kind = r["case"].split(":")[0]
             base.setdefault(kind, r["median_s"])
             print(
-                f"{r['case']:45s} {r['median_s'] * 1e3:10.1f} {r['median_s'] / base[kind]:8.2f}x "
+                f"{r['case']:56s} {r['median_s'] * 1e3:10.1f} {r['median_s'] / base[kind]:8.2f}x "
                 f"{r['collectives']:11d} {r['bytes_sent'] / 1024:13.1f} {r['peak_mib']:9.1f}"
             )
 
