@@ -92,6 +92,7 @@ def options_hash(opts, weight: np.ndarray | None, linear: bool) -> int:
         _float_key(opts.label_smoothing),
         _float_key(opts.z_loss),
         _float_key(opts.softcap),
+        _float_key(opts.temperature),
         -1 if weight is None else weight.size,
         _float_key(None if weight is None else float(weight.astype(np.float64).sum())),
         int(linear),

@@ -160,6 +160,114 @@ def injected_free_memory_case():
         vpl.free_memory = real
 
 
+# -- Temperature and token weights on both cross-entropies.
+
+WEIGHTED_OPTIONS = [
+    {"temperature": 0.7},
+    {"token_weight": True},
+    {"temperature": 1.6, "token_weight": True, "reduction": "sum", "label_smoothing": 0.1},
+    {"temperature": 0.5, "token_weight": True, "reduction": "none", "use_weight": True, "z_loss": 1e-3},
+    {"token_weight": True, "use_weight": True, "softcap": 3.0, "temperature": 2.0},
+    {"token_weight": "zero"},  # every weight 0: the mean is 0 / 0, NaN
+]
+
+
+def reference_weighted(logits, t, temperature, tw, cw, opts):
+    """float64: the rows' losses of logits / T (as nt.cross_entropy takes them) times the token
+    weights, reduced; "mean" over the sum of token weight x class weight of the rows kept."""
+    opts = dict(opts)
+    reduction = opts.pop("reduction", "mean")
+    if tw is None:
+        return nt.cross_entropy(logits / temperature, t, weight=cw, reduction=reduction, **opts)
+    rows = nt.cross_entropy(logits / temperature, t, weight=cw, reduction="none", **opts)
+    weighted = rows * tw
+    if reduction == "none":
+        return weighted
+    kept = t != -100
+    wy = torch.ones_like(tw) if cw is None else cw[t.clamp(min=0)]
+    denom = (tw * wy * kept).sum()
+    return weighted.sum() / denom if reduction == "mean" else weighted.sum()
+
+
+def run_weighted_case(i, kind, dtype, uneven):
+    opts = dict(WEIGHTED_OPTIONS[i])
+    n, h, v = 10, 8, 37 if uneven else 36
+    hid, w, b, t = problem(200 + i, n, h, v, dtype, kind != "logits")
+    g = torch.Generator().manual_seed(300 + i)
+    cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.5 if opts.pop("use_weight", False) else None
+    tw = opts.pop("token_weight", None)
+    if tw is not None:
+        tw = torch.zeros(n, dtype=torch.float64) if tw == "zero" else torch.rand(n, generator=g, dtype=torch.float64) * 2
+    temperature = opts.pop("temperature", 1.0)
+    start, length = shard(v, uneven)
+    name = f"weighted-{kind}-{i}-{dtype}-{'uneven' if uneven else 'even'}"
+    rtol = 1e-12 if dtype == torch.float64 else 3e-6
+    grtol = 1e-11 if dtype == torch.float64 else 2e-5
+    common = {"vocab_start": start if uneven else None, "temperature": temperature, **opts}
+    common["weight"] = None if cw is None else cw.to(dtype)
+    common["token_weight"] = None if tw is None else tw.to(dtype)
+    if kind == "logits":
+        xf = F.linear(hid.double(), w.double(), b).detach().requires_grad_(True)
+        ref = reference_weighted(xf, t, temperature, tw, cw, opts)
+        xs = xf.detach()[:, start : start + length].to(dtype).requires_grad_(True)
+        loss = nt.vocab_parallel_cross_entropy(xs, t, **common)
+        ref_inputs, inputs, parts = [xf], [xs], [slice(start, start + length)]
+    else:
+        hf, wf, bf = (a.clone().double().requires_grad_(True) for a in (hid, w, b))
+        ref = reference_weighted(F.linear(hf, wf, bf), t, temperature, tw, cw, opts)
+        hs = hid.clone().requires_grad_(True)
+        ws = w[start : start + length].clone().requires_grad_(True)
+        bs = b[start : start + length].clone().requires_grad_(True)
+        budget = 0 if kind == "linear-recompute" else None
+        loss = nt.vocab_parallel_linear_cross_entropy(hs, ws, t, bias_shard=bs, logits_budget=budget, **common)
+        check(bool(loss.grad_fn.kept) == (budget is None), f"{name}: kept {bool(loss.grad_fn.kept)}")
+        ref_inputs, inputs = [hf, wf, bf], [hs, ws, bs]
+        parts = [slice(None), slice(start, start + length), slice(start, start + length)]
+    close(loss, ref, rtol, f"{name}: loss")
+    record(name, loss)
+    if torch.isnan(ref).all():
+        return
+    gout = torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5
+    grefs = torch.autograd.grad(ref, ref_inputs, gout)
+    grads = torch.autograd.grad(loss, inputs, gout.to(dtype))
+    for k, (gs, gr, part) in enumerate(zip(grads, grefs, parts)):
+        close(gs, gr[:, part] if kind == "logits" else gr[part], grtol, f"{name}: grad {k}")
+
+
+def weighted_errors():
+    n, v = 6, 4 * WORLD
+    g = torch.Generator().manual_seed(17)  # the same problem on every rank
+    x = torch.randn(n, v, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    xs = x[:, RANK * 4 : RANK * 4 + 4]
+    vpce = nt.vocab_parallel_cross_entropy
+    expect_error(
+        "token_weight requires grad",
+        lambda: vpce(xs, t, token_weight=torch.ones(n, requires_grad=True)),
+        "RuntimeError",
+        ["the derivative for 'token_weight' is not implemented."],
+    )
+    with torch.no_grad():
+        vpce(xs, t, token_weight=torch.ones(n, requires_grad=True))  # no grad mode: taken as a constant
+    tw = torch.ones(n - 1 if RANK == 0 else n)
+    words = ["token_weight", "shape"] if RANK == 0 else ["rank(s)", "rejected"]
+    expect_error("token_weight shape", lambda: vpce(xs, t, token_weight=tw), "ValueError", words)
+    if WORLD > 1:
+        tw2 = torch.ones(n)
+        tw2[2] += RANK
+        expect_error("token_weight values", lambda: vpce(xs, t, token_weight=tw2), "ValueError", ["disagree"])
+        temp = 1.0 + RANK
+        expect_error("temperatures", lambda: vpce(xs, t, temperature=temp), "ValueError", ["disagree"])
+        expect_error(
+            "lp temperatures",
+            lambda: nt.vocab_parallel_linear_logprobs(torch.randn(n, 3), torch.randn(4, 3), t, temperature=temp),
+            "ValueError",
+            ["disagree"],
+        )
+    for bad in (0.0, -2.0, math.nan):
+        expect_error(f"temperature {bad}", lambda bad=bad: vpce(xs, t, temperature=bad), "ValueError", ["temperature"])
+
+
 # -- The log-probs and entropy.
 
 
@@ -291,8 +399,13 @@ def main():
                     run_budget_case(dtype, uneven, budget_name, budget, kept, opts)
             for i, case in enumerate(LOGPROB_CASES):
                 run_logprob_case(i, case, dtype, uneven)
+    for kind in ("logits", "linear-kept", "linear-recompute"):
+        for dtype in (torch.float32, torch.float64):
+            for i in range(len(WEIGHTED_OPTIONS)):
+                run_weighted_case(i, kind, dtype, i % 2 == 1)
     injected_free_memory_case()
     bad_inputs()
+    weighted_errors()
     with open(os.path.join(OUTDIR, f"rank{RANK}.json"), "w") as f:
         json.dump({"failures": FAILURES, "losses": RESULTS}, f)
     dist.barrier()

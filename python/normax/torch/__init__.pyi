@@ -78,6 +78,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor: ...
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
@@ -95,6 +97,8 @@ def vocab_parallel_linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     logits_budget: int | None = None,
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor: ...
 def vocab_parallel_linear_logprobs(
     hidden: Tensor,

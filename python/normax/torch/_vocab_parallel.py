@@ -41,6 +41,7 @@ from ._convert import check_float
 
 _FNAME = "normax.torch.vocab_parallel_cross_entropy"
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+HEADER_OPTIONS = vocab_parallel.HEADER.index("options")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,13 +68,20 @@ class Call:
     kernels write, and the all-gather."""
 
     def __init__(self, fname, group, rows, length, target, shape, weight, vocab_start, opts, dtype, linear,
-                 row_fields=None):  # fmt: skip
+                 row_fields=None, token_weight=None):  # fmt: skip
         self.group = group
         self.exchange = vocab_parallel.Exchange(
             fname, opts, rank=dist.get_rank(group), rows=rows, length=length, vocab_start=vocab_start,
             dtype=_NUMPY_DTYPES[dtype], target=host(target), target_shape=shape, weight=host(weight),
             linear=linear, row_fields=row_fields,
         )  # fmt: skip
+        #: The (rows,) float64 token weights or None; the header's options hash covers their values.
+        self.token_weight = None
+        if token_weight is not None:
+            self.token_weight = host(token_weight).astype(np.float64).reshape(-1)
+            if self.token_weight.size == rows:
+                bits = vocab_parallel.target_hash(self.token_weight.view(np.int64), ())
+                self.exchange.header[HEADER_OPTIONS] ^= bits
         self.start = self.exchange.start
         self.buffer = torch.zeros(self.exchange.nbytes, dtype=torch.uint8, device=target.device)
         self.packed = self.buffer[self.exchange.payload].view(dtype).reshape(rows, self.exchange.fields)
@@ -92,9 +100,78 @@ class Call:
         return out.cpu().numpy().reshape(world, -1)
 
     def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
-        """:meth:`gather`, then the combine on the host: (loss, lse, denom, V)."""
-        loss, lse, denom, classes = self.exchange.combine(self.gather())
+        """:meth:`gather`, then the combine on the host: (loss, lse, denom, V). With token weights
+        the combine gives the rows' losses, which :func:`weigh_rows` reduces; ``denom`` is then
+        the sum of token weight x class weight over the rows kept."""
+        ex = self.exchange
+        gathered = self.gather()
+        if self.token_weight is None:
+            loss, lse, denom, classes = ex.combine(gathered)
+            return torch.from_numpy(loss), lse, denom, classes
+        reduction = ex.opts.reduction
+        ex.opts = ex.opts.replace(reduction="none")  # the header was built with the caller's options
+        rows_loss, lse, _, classes = ex.combine(gathered)
+        loss, denom = weigh_rows(rows_loss, self.token_weight, ex.target, ex.weight, reduction, ex.opts.ignore_index)
         return torch.from_numpy(loss), lse, denom, classes
+
+
+def weigh_rows(rows_loss, token_weight, target, weight, reduction: str, ignore_index: int):
+    """(loss, denom): the rows' losses times their token weights, reduced by ``reduction``
+    ("mean": over D = sum of token weight x class weight of the target over the rows kept; D = 0
+    gives NaN, as torch's weighted mean), in float64, the same bits on every rank."""
+    weighted = rows_loss.astype(np.float64) * token_weight
+    if reduction == "none":
+        return weighted.astype(rows_loss.dtype), 1.0
+    kept = target != ignore_index
+    wy = 1.0 if weight is None else weight.astype(np.float64)[np.where(kept, target, 0)]
+    denom = float(np.sum(np.where(kept, token_weight * wy, 0.0)))
+    total = np.sum(weighted)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = np.divide(total, denom) if reduction == "mean" else total
+    return np.array([value], dtype=rows_loss.dtype), denom
+
+
+def row_grad(grad: Tensor, token_weight: Tensor, denom: float, reduction: str) -> Tensor:
+    """The gradient of the token-weighted loss per row's loss: the kernels' grad_output for
+    reduction "none" (the forward's ``denom`` from :func:`weigh_rows`)."""
+    g = token_weight.reshape(-1) * grad.reshape(-1 if reduction == "none" else 1).to(token_weight.dtype)
+    return g / denom if reduction == "mean" else g
+
+
+def check_token_weight(fname: str, token_weight: Tensor | None) -> None:
+    """The token weights' type and autograd checks (their shape is checked with the other local
+    checks, through the header)."""
+    if token_weight is None:
+        return
+    check_float(token_weight, fname, "token_weight")
+    if token_weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("the derivative for 'token_weight' is not implemented.")
+
+
+def check_token_shape(fname: str, token_weight: Tensor | None, target_shape: tuple) -> None:
+    """ValueError unless ``token_weight`` is None or of the target's shape (one weight per row)."""
+    if token_weight is not None and tuple(token_weight.shape) != tuple(target_shape):
+        raise ValueError(
+            f"{fname}: token_weight must have target's shape {tuple(target_shape)} (one weight per row), "
+            f"got {tuple(token_weight.shape)}"
+        )
+
+
+def kernel_grad(opts, grad: Tensor, token_weight: Tensor | None, denom: float):
+    """(options, grad_output) for the shard backward kernels: the caller's, or with token weights
+    the options of reduction "none" and :func:`row_grad`."""
+    if token_weight is None:
+        return opts, grad
+    return opts.replace(reduction="none"), row_grad(grad, token_weight, denom, opts.reduction)
+
+
+def check_temperature_device(fname: str, opts, cuda: bool) -> None:
+    """The CUDA shard kernels have no temperature: refused there (CPU tensors have it)."""
+    if cuda and opts.temperature != 1.0:
+        raise NotImplementedError(
+            f"{fname}: temperature={opts.temperature!r} on CUDA tensors: the CUDA vocabulary-parallel "
+            "kernels have no temperature yet (CPU tensors take it)"
+        )
 
 
 def shard_stats(fname, x, t, w, call: Call, opts, cuda: bool) -> None:
@@ -151,7 +228,7 @@ def check_device(fname, inputs) -> bool:
             )
     kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for name, t in inputs:
-        if cuda and t is not None and name not in ("target", "weight") and t.dtype not in kernel_dtypes:
+        if cuda and t is not None and name not in ("target", "weight", "token_weight") and t.dtype not in kernel_dtypes:
             raise TypeError(
                 f"{fname}: {name} has dtype {t.dtype}; the CUDA kernels take float32, float16 and "
                 "bfloat16 (float64 runs on CPU tensors)"
@@ -165,20 +242,23 @@ def as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, vocab_start, group, opts, cuda):
+    def forward(ctx, logits, target, weight, token_weight, vocab_start, group, opts, cuda):
         fname = _FNAME
         # CUDA: the kernels read float32/16-bit logits as they are; statistics are float32.
         dtype = torch.float32 if cuda else compute_dtype(logits.dtype)
         length = logits.shape[-1] if logits.dim() else 0
         rows = math.prod(logits.shape[:-1])
         t = flat_target(target, rows)
-        w = as_dtype(weight, dtype)
-        call = Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, False)
+        w, tw = as_dtype(weight, dtype), as_dtype(token_weight, dtype)
+        call = Call(
+            fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, False, token_weight=tw
+        )
         x = logits.detach().contiguous() if cuda else as_dtype(logits, dtype)
         try:
             vocab_parallel.check_target_shape(
                 fname, tuple(target.shape), tuple(logits.shape[:-1]), "logits_shard's shape without the class axis"
             )
+            check_token_shape(fname, token_weight, tuple(target.shape))
             shard_stats(fname, x.reshape(rows, length), t, w, call, opts, cuda)
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
@@ -186,7 +266,7 @@ class _VocabParallelCE(torch.autograd.Function):
         if cuda:
             # The backward kernel reads each row's lse as float32 hi, lo (hi is float32 already).
             lse = torch.from_numpy(lse.astype(np.float32)).to(logits.device)
-        ctx.save_for_backward(x, t, w)
+        ctx.save_for_backward(x, t, w, tw)
         ctx.stats = (lse, denom, classes, call.start, opts, logits.dtype, tuple(logits.shape))
         ctx.cuda = (cuda, call.exchange.w_sum)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
@@ -194,13 +274,14 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, t, w = ctx.saved_tensors
+        x, t, w, tw = ctx.saved_tensors
         lse, denom, classes, start, opts, in_dtype, shape = ctx.stats
         rows, length = t.numel(), shape[-1]
         cuda, w_sum = ctx.cuda
+        opts, grad = kernel_grad(opts, grad, tw, denom)
         saved = (lse, denom, classes, start, opts)
         dx = shard_grad(_FNAME, x.reshape(rows, length), t, w, saved, grad, (cuda, w_sum))
-        return dx.reshape(shape).to(in_dtype), None, None, None, None, None, None
+        return dx.reshape(shape).to(in_dtype), None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -215,6 +296,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy of logits split over the ranks of ``group`` by class (tensor parallelism).
 
@@ -232,6 +315,15 @@ def vocab_parallel_cross_entropy(
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap
         As :func:`normax.torch.cross_entropy`; ``weight`` holds all V class weights (the same on
         every rank).
+    temperature : float
+        The logits are divided by it first (before the softcap); the gradient carries the 1/T.
+        Finite and > 0; CPU tensors only (the CUDA shard kernels have none yet:
+        NotImplementedError).
+    token_weight : Tensor, optional
+        One weight per row (``target``'s shape, the same on every rank) multiplying each row's
+        loss and gradient; with reduction "mean" the divisor is the sum over the rows not ignored
+        of token weight x class weight of the target (0 gives NaN, as torch's weighted mean). Not
+        differentiable: a tensor that requires grad is refused (RuntimeError) while grad mode is on.
 
     Returns
     -------
@@ -243,12 +335,17 @@ def vocab_parallel_cross_entropy(
     Raises
     ------
     ValueError
-        On every rank, when the ranks disagree on ``target``, the options or the shard layout, or
-        one rank's input fails its checks (that rank raises its own error).
+        On every rank, when the ranks disagree on ``target``, the options (temperature and token
+        weights included) or the shard layout, or one rank's input fails its checks (that rank
+        raises its own error).
     IndexError
         A class id outside ``[0, V)`` that is not ``ignore_index`` (every rank, naming it).
     TypeError
         CUDA logits of dtype float64 (the CUDA kernels take float32, float16 and bfloat16).
+    RuntimeError
+        ``token_weight`` requires grad while grad mode is on.
+    NotImplementedError
+        A temperature other than 1 on CUDA tensors.
 
     Notes
     -----
@@ -264,9 +361,14 @@ def vocab_parallel_cross_entropy(
     if logits_shard.dim() < 1:
         raise ValueError(f"{fname}: logits_shard must have a class axis")
     check_common(fname, target, weight, vocab_start)
-    cuda = check_device(fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)])
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts, cuda)
+    check_token_weight(fname, token_weight)
+    cuda = check_device(
+        fname,
+        [("logits_shard", logits_shard), ("target", target), ("weight", weight), ("token_weight", token_weight)],
+    )
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
+    check_temperature_device(fname, opts, cuda)
+    return _VocabParallelCE.apply(logits_shard, target, weight, token_weight, vocab_start, group, opts, cuda)
 
 
 def maybe_vocab_parallel(input, target, **kwargs) -> Tensor | None:

@@ -38,9 +38,13 @@ from ._vocab_parallel import (
     as_dtype,
     check_common,
     check_device,
+    check_temperature_device,
+    check_token_shape,
+    check_token_weight,
     compute_dtype,
     flat_target,
     host,
+    kernel_grad,
     shard_grad,
     shard_stats,
 )
@@ -107,16 +111,19 @@ def block_rows(rows: int, length: int, chunk: int | None) -> int:
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, plan, cuda):
+    def forward(ctx, hidden, weight_shard, bias_shard, target, weights, vocab_start, group, opts, plan, cuda):
         fname = _LINEAR_FNAME
         chunk, budget = plan
+        weight, token_weight = weights
         dtype = torch.float32 if cuda else compute_dtype(hidden.dtype)
         h = hidden.shape[-1]
         length = weight_shard.shape[0] if weight_shard.dim() else 0
         rows = math.prod(hidden.shape[:-1])
         t = flat_target(target, rows)
-        w = as_dtype(weight, dtype)
-        call = Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, True)
+        w, tw = as_dtype(weight, dtype), as_dtype(token_weight, dtype)
+        call = Call(
+            fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, True, token_weight=tw
+        )
         # CUDA: the GEMMs and kernels in the inputs' promoted dtype (16-bit stays 16-bit).
         work = dtype
         if cuda:
@@ -132,6 +139,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 fname, tuple(hidden.shape), tuple(weight_shard.shape),
                 None if bias_shard is None else tuple(bias_shard.shape),
             )  # fmt: skip
+            check_token_shape(fname, token_weight, tuple(target.shape))
             if keeps_logits(budget, rows, length, ws.element_size(), hidden.device):
                 kept = logits(hid.reshape(rows, h), ws, bs)
                 shard_stats(fname, kept, t, w, call, opts, cuda)
@@ -149,7 +157,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         loss, lse, denom, classes = call.gather_and_combine()
         if cuda:
             lse = torch.from_numpy(lse.astype(np.float32)).to(hidden.device)
-        ctx.save_for_backward(hid, ws, bs, t, w)
+        ctx.save_for_backward(hid, ws, bs, t, w, tw)
         # Not a saved tensor: the backward takes it out and drops it before its GEMMs (a second
         # backward, with retain_graph, recomputes instead).
         ctx.kept = [] if kept is None else [kept]
@@ -162,10 +170,11 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        hid, ws, bs, t, w = ctx.saved_tensors
+        hid, ws, bs, t, w, tw = ctx.saved_tensors
         lse, denom, classes, start, opts, chunk, group = ctx.stats
         rows, h = t.numel(), hid.shape[-1]
         cuda, w_sum = ctx.cuda
+        opts, grad = kernel_grad(opts, grad, tw, denom)
         if ctx.kept:
             # The kept logits: their gradient, then the two GEMMs (no recompute).
             saved = (lse, denom, classes, start, opts)
@@ -219,6 +228,8 @@ def vocab_parallel_linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     logits_budget: int | None = None,
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
     """:func:`vocab_parallel_cross_entropy` of ``hidden @ weight_shard.T + bias_shard``, keeping
     this rank's logits for the backward when they fit ``logits_budget``, else never building more
@@ -230,7 +241,9 @@ def vocab_parallel_linear_cross_entropy(
     parts, the collective a column-parallel layer needs anyway) and gives ``weight_shard`` /
     ``bias_shard`` their own gradients. ``weight`` (all V class weights), ``ignore_index``,
     ``reduction``, ``label_smoothing``, ``z_loss`` and ``softcap`` are as in
-    :func:`normax.torch.cross_entropy`. CPU tensors (gloo) and CUDA tensors (NCCL; float32, float16
+    :func:`normax.torch.cross_entropy`; ``temperature`` (the logits, bias included, divided by it;
+    CPU tensors only) and ``token_weight`` (one weight per row, not differentiable) as in
+    :func:`vocab_parallel_cross_entropy`. CPU tensors (gloo) and CUDA tensors (NCCL; float32, float16
     or bfloat16, computed in their promoted dtype with float32 statistics) as
     :func:`vocab_parallel_cross_entropy`.
 
@@ -248,13 +261,15 @@ def vocab_parallel_linear_cross_entropy(
     fname = _LINEAR_FNAME
     check_linear_inputs(fname, hidden, weight_shard, bias_shard)
     check_common(fname, target, weight, vocab_start)
+    check_token_weight(fname, token_weight)
     cuda = check_device(
         fname,
         [("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard), ("target", target),
-         ("weight", weight)],
+         ("weight", weight), ("token_weight", token_weight)],
     )  # fmt: skip
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
+    check_temperature_device(fname, opts, cuda)
     plan = (check_chunk_size(chunk_size), check_logits_budget(fname, logits_budget))
     return _VocabParallelLinearCE.apply(
-        hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, plan, cuda
+        hidden, weight_shard, bias_shard, target, (weight, token_weight), vocab_start, group, opts, plan, cuda
     )

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _vocab_parallel as vocab_parallel
-from .._options import ce_options, check_chunk_size, number
+from .._options import ce_options, check_chunk_size
 from ._vocab_parallel import Call, as_dtype, check_common, compute_dtype, flat_target, host
 from ._vocab_parallel_linear import block_rows, check_linear_inputs, check_logits_budget, keeps_logits, logits
 
@@ -200,13 +200,6 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         return dh.reshape(ctx.hidden_shape).to(hd), dw.to(wd), dbias, None, None, None, None, None, None
 
 
-def _check_temperature(temperature) -> float:
-    value = number(temperature, "temperature")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature}")
-    return value
-
-
 def vocab_parallel_linear_logprobs(
     hidden: Tensor,
     weight_shard: Tensor,
@@ -287,8 +280,9 @@ def vocab_parallel_linear_logprobs(
             raise ValueError(
                 f"{fname}: {name} is on {tensor.device}, hidden on {hidden.device}: put them on one device"
             )
-    temperature = _check_temperature(temperature)
-    opts = ce_options(ignore_index, "none", 0.0, 0.0, None)
+    # The options travel in the header's hash: ranks that disagree on the temperature raise.
+    opts = ce_options(ignore_index, "none", 0.0, 0.0, None, temperature)
+    temperature = opts.temperature
     plan = (check_chunk_size(chunk_size), check_logits_budget(fname, logits_budget))
     logprob, entropy = _VocabParallelLinearLogprobs.apply(
         hidden, weight_shard, bias_shard, target, vocab_start, group, opts, temperature, plan
