@@ -12,7 +12,9 @@ The linear case runs normax with its default logits budget (the local logits kep
 backward when they fit) and with ``logits_budget=0`` (recomputed), against a Megatron-style LM
 head (torch GEMM + the same torch-ops cross-entropy), in `--rounds` alternating rounds whose steps
 are pooled into one median per case.
-Printed per case: median step time (rank 0's, every rank steps in lockstep), collectives per step
+Printed per case: median step time (rank 0's, every rank steps in lockstep), rank 0's median CPU
+time per step (its own work, less sensitive than the wall time to other jobs on a shared
+machine), collectives per step
 (counted by wrapping torch.distributed's functions; DTensor's functional collectives by
 ``CommDebugMode``), payload bytes each rank sends per step (ring algorithms: an all-reduce of B
 bytes sends 2 (P-1)/P B, an all-gather of B bytes per rank (P-1) B), and the peak extra resident
@@ -130,7 +132,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
         step(*inputs)  # warm-up
         for t in inputs:
             t.grad = None
-        times = []
+        times, cpu = [], []
         calls = nbytes = 0
         for _ in range(args.repeats):
             for t in inputs:
@@ -143,23 +145,27 @@ def worker(rank: int, world: int, port: int, args) -> None:
                 from torch.distributed.tensor.debug import CommDebugMode
 
                 mode = CommDebugMode()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with mode:
                     step(*inputs)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 calls = mode.get_total_counts()
                 nbytes = calls * 2 * (world - 1) / world * inputs[1].numel() * 4  # all-reduces of N floats
             else:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step(*inputs)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 calls, nbytes = sent["calls"], sent["bytes"]
             peak = _status("VmHWM") - before
         # A case measured in several rounds: the median of all its steps, the largest peak.
-        r = results.setdefault(name, {"case": name, "world": world, "times": [], "peak_mib": 0.0})
+        r = results.setdefault(name, {"case": name, "world": world, "times": [], "cpu": [], "peak_mib": 0.0})
         r["times"] += times
+        r["cpu"] += cpu
         r.update(
             median_s=statistics.median(r["times"]),
+            cpu_s=statistics.median(r["cpu"]),
             collectives=calls,
             bytes_sent=nbytes,
             peak_mib=max(r["peak_mib"], peak / 2**20),
@@ -223,7 +229,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
         measure(f"linear H={h}: normax, logits_budget=0 (recompute)", normax_linear_recompute, linear)
         measure(f"linear H={h}: Megatron-style torch ops", megatron_linear, linear)
     if rank == 0:
-        rows = [{k: v for k, v in r.items() if k != "times"} for r in results.values()]
+        rows = [{k: v for k, v in r.items() if k not in ("times", "cpu")} for r in results.values()]
         print(json.dumps({"rows": n, "linear_rows": nl, "results": rows}), flush=True)
     dist.destroy_process_group()
 
@@ -265,13 +271,15 @@ def main() -> None:
         base = {}
         print(f"\nworld {world}")
         print(
-            f"{'case':56s} {'median ms':>10s} {'vs normax':>9s} {'collectives':>11s} {'KiB sent/rank':>13s} {'peak MiB':>9s}"
+            f"{'case':56s} {'median ms':>10s} {'vs normax':>9s} {'CPU ms':>8s} {'vs normax':>9s} "
+            f"{'collectives':>11s} {'KiB sent/rank':>13s} {'peak MiB':>9s}"
         )
         for r in data["results"]:
             kind = r["case"].split(":")[0]
-            base.setdefault(kind, r["median_s"])
+            base.setdefault(kind, (r["median_s"], r["cpu_s"]))
             print(
-                f"{r['case']:56s} {r['median_s'] * 1e3:10.1f} {r['median_s'] / base[kind]:8.2f}x "
+                f"{r['case']:56s} {r['median_s'] * 1e3:10.1f} {r['median_s'] / base[kind][0]:8.2f}x "
+                f"{r['cpu_s'] * 1e3:8.1f} {r['cpu_s'] / base[kind][1]:8.2f}x "
                 f"{r['collectives']:11d} {r['bytes_sent'] / 1024:13.1f} {r['peak_mib']:9.1f}"
             )
 
