@@ -3,11 +3,18 @@
 ``F.cross_entropy`` on a DTensor sharded on the classes.
 
     python benches/python/bench_distributed.py [--worlds 2 4] [--rows 4096] [--linear-rows 4096]
+        [--repeats 5] [--rounds 1] [--linear-only]
 
 For each world size, WORLD processes on localhost (gloo) each hold V / WORLD classes of
 V = 128256 (the logits, or the LM-head rows with H = 1024 for the linear case) and time a
 training step, forward + backward, as the median of `--repeats` steps after one warm-up step.
-Printed per case: median step time (rank 0's, every rank steps in lockstep), collectives per step
+The linear case runs normax with its default logits budget (the local logits kept for the
+backward when they fit) and with ``logits_budget=0`` (recomputed), against a Megatron-style LM
+head (torch GEMM + the same torch-ops cross-entropy), in `--rounds` alternating rounds whose steps
+are pooled into one median per case.
+Printed per case: median step time (rank 0's, every rank steps in lockstep), rank 0's median CPU
+time per step (its own work, less sensitive than the wall time to other jobs on a shared
+machine), collectives per step
 (counted by wrapping torch.distributed's functions; DTensor's functional collectives by
 ``CommDebugMode``), payload bytes each rank sends per step (ring algorithms: an all-reduce of B
 bytes sends 2 (P-1)/P B, an all-gather of B bytes per rank (P-1) B), and the peak extra resident
@@ -118,14 +125,14 @@ def worker(rank: int, world: int, port: int, args) -> None:
     start = rank * vl
     gen = torch.Generator().manual_seed(rank)  # each rank draws only its own shard
     tgen = torch.Generator().manual_seed(12345)  # the targets: the same on every rank
-    results = []
+    results = {}
 
     def measure(name, step, make_inputs, comm_mode=False):
         inputs = make_inputs()
         step(*inputs)  # warm-up
         for t in inputs:
             t.grad = None
-        times = []
+        times, cpu = [], []
         calls = nbytes = 0
         for _ in range(args.repeats):
             for t in inputs:
@@ -138,27 +145,30 @@ def worker(rank: int, world: int, port: int, args) -> None:
                 from torch.distributed.tensor.debug import CommDebugMode
 
                 mode = CommDebugMode()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with mode:
                     step(*inputs)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 calls = mode.get_total_counts()
                 nbytes = calls * 2 * (world - 1) / world * inputs[1].numel() * 4  # all-reduces of N floats
             else:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step(*inputs)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 calls, nbytes = sent["calls"], sent["bytes"]
             peak = _status("VmHWM") - before
-        results.append(
-            {
-                "case": name,
-                "world": world,
-                "median_s": statistics.median(times),
-                "collectives": calls,
-                "bytes_sent": nbytes,
-                "peak_mib": peak / 2**20,
-            }
+        # A case measured in several rounds: the median of all its steps, the largest peak.
+        r = results.setdefault(name, {"case": name, "world": world, "times": [], "cpu": [], "peak_mib": 0.0})
+        r["times"] += times
+        r["cpu"] += cpu
+        r.update(
+            median_s=statistics.median(r["times"]),
+            cpu_s=statistics.median(r["cpu"]),
+            collectives=calls,
+            bytes_sent=nbytes,
+            peak_mib=max(r["peak_mib"], peak / 2**20),
         )
 
     n = args.rows
@@ -174,8 +184,9 @@ def worker(rank: int, world: int, port: int, args) -> None:
     def megatron_step(x, t):
         MegatronCE.apply(x, t, start).backward()
 
-    measure("logits: normax", normax_step, logits)
-    measure("logits: Megatron-style torch ops", megatron_step, logits)
+    if not args.linear_only:
+        measure("logits: normax", normax_step, logits)
+        measure("logits: Megatron-style torch ops", megatron_step, logits)
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -192,7 +203,8 @@ def worker(rank: int, world: int, port: int, args) -> None:
         with loss_parallel():
             F.cross_entropy(dx, t).backward()
 
-    measure("logits: loss_parallel() + F.cross_entropy", dtensor_step, dlogits, comm_mode=True)
+    if not args.linear_only:
+        measure("logits: loss_parallel() + F.cross_entropy", dtensor_step, dlogits, comm_mode=True)
 
     nl = args.linear_rows
     tl = torch.randint(0, v, (nl,), generator=tgen)
@@ -205,13 +217,20 @@ def worker(rank: int, world: int, port: int, args) -> None:
     def normax_linear(hid, w):
         nt.vocab_parallel_linear_cross_entropy(hid, w, tl).backward()
 
+    def normax_linear_recompute(hid, w):
+        nt.vocab_parallel_linear_cross_entropy(hid, w, tl, logits_budget=0).backward()
+
     def megatron_linear(hid, w):
         MegatronCE.apply(MegatronLinear.apply(hid) @ w.T, tl, start).backward()
 
-    measure(f"linear H={h}: normax", normax_linear, linear)
-    measure(f"linear H={h}: Megatron-style torch ops", megatron_linear, linear)
+    # Alternating rounds, so the machine's drift reaches every case alike.
+    for _ in range(args.rounds):
+        measure(f"linear H={h}: normax, logits kept (default budget)", normax_linear, linear)
+        measure(f"linear H={h}: normax, logits_budget=0 (recompute)", normax_linear_recompute, linear)
+        measure(f"linear H={h}: Megatron-style torch ops", megatron_linear, linear)
     if rank == 0:
-        print(json.dumps({"rows": n, "linear_rows": nl, "results": results}), flush=True)
+        rows = [{k: v for k, v in r.items() if k not in ("times", "cpu")} for r in results.values()]
+        print(json.dumps({"rows": n, "linear_rows": nl, "results": rows}), flush=True)
     dist.destroy_process_group()
 
 
@@ -222,7 +241,9 @@ def main() -> None:
     p.add_argument("--linear-rows", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="steps per case and round")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of the linear cases")
+    p.add_argument("--linear-only", action="store_true", help="only the linear (LM head) cases")
     p.add_argument("--threads", type=int, default=1, help="threads per rank (torch's and normax's)")
     p.add_argument("--worker", type=int, nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -231,7 +252,8 @@ def main() -> None:
         return
     print(
         f"V={args.vocab}, rows={args.rows} (linear: {args.linear_rows} rows, H={args.hidden}), "
-        f"{args.threads} thread(s) per rank, median of {args.repeats} steps (forward + backward)"
+        f"{args.threads} thread(s) per rank, median of {args.repeats} steps (forward + backward; "
+        f"linear: {args.rounds} alternating round(s) of them)"
     )
     for world in args.worlds:
         with socket.socket() as s:
@@ -249,13 +271,15 @@ def main() -> None:
         base = {}
         print(f"\nworld {world}")
         print(
-            f"{'case':45s} {'median ms':>10s} {'vs normax':>9s} {'collectives':>11s} {'KiB sent/rank':>13s} {'peak MiB':>9s}"
+            f"{'case':56s} {'median ms':>10s} {'vs normax':>9s} {'CPU ms':>8s} {'vs normax':>9s} "
+            f"{'collectives':>11s} {'KiB sent/rank':>13s} {'peak MiB':>9s}"
         )
         for r in data["results"]:
             kind = r["case"].split(":")[0]
-            base.setdefault(kind, r["median_s"])
+            base.setdefault(kind, (r["median_s"], r["cpu_s"]))
             print(
-                f"{r['case']:45s} {r['median_s'] * 1e3:10.1f} {r['median_s'] / base[kind]:8.2f}x "
+                f"{r['case']:56s} {r['median_s'] * 1e3:10.1f} {r['median_s'] / base[kind][0]:8.2f}x "
+                f"{r['cpu_s'] * 1e3:8.1f} {r['cpu_s'] / base[kind][1]:8.2f}x "
                 f"{r['collectives']:11d} {r['bytes_sent'] / 1024:13.1f} {r['peak_mib']:9.1f}"
             )
 

@@ -264,15 +264,18 @@ class Exchange:
         Whether this is the linear op (its options hash differs from the logits op's).
     token_weight : numpy.ndarray or None
         The (rows,) token weights in ``dtype`` (the same on every rank), or None.
+    row_fields : int, optional
+        Values per packed row when they are not the cross-entropy's (:func:`fields`): another
+        op's statistics behind the same header (``normax.torch.vocab_parallel_linear_logprobs``).
     """
 
     def __init__(self, fname, opts, *, rank, rows, length, vocab_start, dtype, target, target_shape,
-                 weight, linear, token_weight=None):  # fmt: skip
+                 weight, linear, token_weight=None, row_fields=None):  # fmt: skip
         self.fname = fname
         self.opts = opts
         self.rows = rows
         self.dtype = np.dtype(dtype)
-        self.fields = fields(opts)
+        self.fields = fields(opts) if row_fields is None else row_fields
         self.start = rank * length if vocab_start is None else vocab_start
         self.target = target
         self.weight = weight
@@ -307,15 +310,20 @@ class Exchange:
     def combine(self, gathered: np.ndarray):
         """(loss, lse, denom, V) from every rank's buffer (``gathered``: (ranks, nbytes) uint8, in
         rank order) once the headers agree; see :func:`combine`."""
-        heads = [[int(v) for v in row] for row in gathered[:, :HEADER_BYTES].copy().view(np.uint64)]
-        self._check(heads)
-        packed = np.ascontiguousarray(gathered[:, self.payload]).view(self.dtype)
-        shards = [(h[1], h[2]) for h in heads]
+        packed, shards = self.unpack(gathered)
         classes = sum(n for _, n in shards)
         w = self.weight
         self.w_sum = float(classes) if w is None else float(w.astype(np.float64).sum())
         loss, lse, denom = combine(packed, shards, self.target, w, self.opts, self.token_weight)
         return loss, lse, denom, classes
+
+    def unpack(self, gathered: np.ndarray):
+        """(every rank's packed rows, (ranks, rows * fields) in rank order; each rank's (start,
+        length)) from the gathered buffers, once the headers agree (else the ValueError)."""
+        heads = [[int(v) for v in row] for row in gathered[:, :HEADER_BYTES].copy().view(np.uint64)]
+        self._check(heads)
+        packed = np.ascontiguousarray(gathered[:, self.payload]).view(self.dtype)
+        return packed, [(h[1], h[2]) for h in heads]
 
     def _check(self, heads: list[list[int]]) -> None:
         fname = self.fname

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from cuda_emulation import STREAM, torch
 from normax.torch import _vocab_parallel as vp
+from normax.torch import _vocab_parallel_linear as vpl
 
 
 class FakeGroup:
@@ -83,6 +84,7 @@ def group(monkeypatch):
             ReduceOp=types.SimpleNamespace(SUM="sum"),
         )
         monkeypatch.setattr(vp, "dist", fake)
+        monkeypatch.setattr(vpl, "dist", fake)
         return g
 
     return make
@@ -240,8 +242,9 @@ LINEAR_OPTIONS = [
 @pytest.mark.parametrize("opts", LINEAR_OPTIONS)
 @pytest.mark.parametrize("world", [1, 3])
 def test_linear_matches_the_cpu(cuda_kernels, group, world, opts, uneven):
-    """The linear version's CUDA path: the logits recomputed block by block (GEMMs) into the shard
-    kernels, one all-gather forward, one all-reduce of d hidden backward."""
+    """The linear version's CUDA path: the logits kept from the forward (the default budget) or,
+    with ``chunk_size`` and ``logits_budget=0``, recomputed block by block (GEMMs) into the shard
+    kernels; one all-gather forward, one all-reduce of d hidden backward."""
     n, h = 11, 8
     v = 29 if uneven else 24
     g = torch.Generator().manual_seed(world * 10 + len(opts))
@@ -268,7 +271,7 @@ def test_linear_matches_the_cpu(cuda_kernels, group, world, opts, uneven):
         bs = None if b is None else b[start : start + sizes[r]].clone().requires_grad_(True)
         loss = nt.vocab_parallel_linear_cross_entropy(
             hs, Ws, t, group=fg, bias_shard=bs, vocab_start=start if uneven else None, weight=cw,
-            chunk_size=chunk, **opts,
+            chunk_size=chunk, logits_budget=None if chunk is None else 0, **opts,
         )  # fmt: skip
         grads = torch.autograd.grad(loss, [hs, Ws] + ([bs] if bs is not None else []), gout)
         return loss.detach(), grads, start
@@ -286,6 +289,8 @@ def test_linear_matches_the_cpu(cuda_kernels, group, world, opts, uneven):
     names = cuda_kernels.names()
     blocks = names.count("cuda_vocab_parallel_stats")
     assert blocks >= world and names.count("cuda_vocab_parallel_backward") == blocks
+    if chunk is None:
+        assert blocks == world  # kept: one block of every row per rank
     if chunk == 1:
         assert blocks == world * n  # one row per block
 

@@ -52,7 +52,9 @@ from ._patch import patch
 from ._power_norm import PowerNorm
 from ._softmax import log_softmax, logsumexp, softmax
 from ._stablemax import log_stablemax, stablemax
-from ._vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from ._vocab_parallel import vocab_parallel_cross_entropy
+from ._vocab_parallel_linear import vocab_parallel_linear_cross_entropy
+from ._vocab_parallel_logprobs import vocab_parallel_linear_logprobs
 
 __all__ = [
     "CrossEntropyLoss",
@@ -75,6 +77,7 @@ __all__ = [
     "stablemax",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_logprobs",
 ]
 
 # The public names keep the module they were defined in before the split: pickled modules (a

@@ -105,6 +105,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor: ...
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
@@ -121,7 +123,24 @@ def vocab_parallel_linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    logits_budget: int | None = None,
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor: ...
+def vocab_parallel_linear_logprobs(
+    hidden: Tensor,
+    weight_shard: Tensor,
+    target: Tensor,
+    *,
+    group: Any = None,
+    bias_shard: Tensor | None = None,
+    vocab_start: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: bool = True,
+    logits_budget: int | None = None,
+) -> tuple[Tensor, Tensor] | Tensor: ...
 
 __all__ = [
     "CrossEntropyLoss",
@@ -144,4 +163,5 @@ __all__ = [
     "stablemax",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_logprobs",
 ]

@@ -36,25 +36,25 @@ try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # a torch built without distributed support
     DTensor = Shard = None
-from .._options import ce_options, check_chunk_size
+from .._options import ce_options
 from ._convert import check_float
 
 _FNAME = "normax.torch.vocab_parallel_cross_entropy"
-_LINEAR_FNAME = "normax.torch.vocab_parallel_linear_cross_entropy"
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+HEADER_OPTIONS = vocab_parallel.HEADER.index("options")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _host(t: Tensor | None) -> np.ndarray | None:
+def host(t: Tensor | None) -> np.ndarray | None:
     """``t`` as a NumPy array (a CPU tensor's own memory; a CUDA tensor copied, which waits for
     the stream)."""
     return None if t is None else t.detach().cpu().contiguous().numpy()
 
 
-def _flat_target(target: Tensor, rows: int) -> Tensor:
+def flat_target(target: Tensor, rows: int) -> Tensor:
     """The (rows,) int64 class ids; zeros when ``target`` has another size (the local check
     reports it, and the header's hash of the target's shape tells the other ranks)."""
     if target.numel() == rows:
@@ -62,18 +62,26 @@ def _flat_target(target: Tensor, rows: int) -> Tensor:
     return torch.zeros(rows, dtype=torch.int64, device=target.device)
 
 
-class _Call:
+class Call:
     """The torch side of one forward's :class:`normax._vocab_parallel.Exchange`: the byte buffer
     every rank sends (on the target's device, the inputs' own), its packed rows as a tensor the
     kernels write, and the all-gather."""
 
-    def __init__(self, fname, group, rows, length, target, shape, weight, vocab_start, opts, dtype, linear):
+    def __init__(self, fname, group, rows, length, target, shape, weight, vocab_start, opts, dtype, linear,
+                 row_fields=None, token_weight=None):  # fmt: skip
         self.group = group
         self.exchange = vocab_parallel.Exchange(
             fname, opts, rank=dist.get_rank(group), rows=rows, length=length, vocab_start=vocab_start,
-            dtype=_NUMPY_DTYPES[dtype], target=_host(target), target_shape=shape, weight=_host(weight),
-            linear=linear,
+            dtype=_NUMPY_DTYPES[dtype], target=host(target), target_shape=shape, weight=host(weight),
+            linear=linear, row_fields=row_fields,
         )  # fmt: skip
+        #: The (rows,) float64 token weights or None; the header's options hash covers their values.
+        self.token_weight = None
+        if token_weight is not None:
+            self.token_weight = host(token_weight).astype(np.float64).reshape(-1)
+            if self.token_weight.size == rows:
+                bits = vocab_parallel.target_hash(self.token_weight.view(np.int64), ())
+                self.exchange.header[HEADER_OPTIONS] ^= bits
         self.start = self.exchange.start
         self.buffer = torch.zeros(self.exchange.nbytes, dtype=torch.uint8, device=target.device)
         self.packed = self.buffer[self.exchange.payload].view(dtype).reshape(rows, self.exchange.fields)
@@ -82,18 +90,113 @@ class _Call:
         self.exchange.fail(e)
         self.packed.zero_()
 
-    def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
-        """The one collective of the forward, then the combine on the host: (loss, lse, denom, V)."""
+    def gather(self) -> np.ndarray:
+        """The one collective of the forward: every rank's buffer, (ranks, nbytes) uint8 on the host."""
         header = torch.from_numpy(self.exchange.header_bytes())
         self.buffer[: vocab_parallel.HEADER_BYTES].copy_(header)
         world = dist.get_world_size(self.group)
         out = self.buffer.new_empty(world * self.buffer.numel())
         dist.all_gather_into_tensor(out, self.buffer, group=self.group)
-        loss, lse, denom, classes = self.exchange.combine(out.cpu().numpy().reshape(world, -1))
+        return out.cpu().numpy().reshape(world, -1)
+
+    def gather_and_combine(self) -> tuple[Tensor, np.ndarray, float, int]:
+        """:meth:`gather`, then the combine on the host: (loss, lse, denom, V). With token weights
+        the combine gives the rows' losses, which :func:`weigh_rows` reduces; ``denom`` is then
+        the sum of token weight x class weight over the rows kept."""
+        ex = self.exchange
+        gathered = self.gather()
+        if self.token_weight is None:
+            loss, lse, denom, classes = ex.combine(gathered)
+            return torch.from_numpy(loss), lse, denom, classes
+        reduction = ex.opts.reduction
+        ex.opts = ex.opts.replace(reduction="none")  # the header was built with the caller's options
+        rows_loss, lse, _, classes = ex.combine(gathered)
+        loss, denom = weigh_rows(rows_loss, self.token_weight, ex.target, ex.weight, reduction, ex.opts.ignore_index)
         return torch.from_numpy(loss), lse, denom, classes
 
 
-def _check_common(fname, target, weight, vocab_start) -> None:
+def weigh_rows(rows_loss, token_weight, target, weight, reduction: str, ignore_index: int):
+    """(loss, denom): the rows' losses times their token weights, reduced by ``reduction``
+    ("mean": over D = sum of token weight x class weight of the target over the rows kept; D = 0
+    gives NaN, as torch's weighted mean), in float64, the same bits on every rank."""
+    weighted = rows_loss.astype(np.float64) * token_weight
+    if reduction == "none":
+        return weighted.astype(rows_loss.dtype), 1.0
+    kept = target != ignore_index
+    wy = 1.0 if weight is None else weight.astype(np.float64)[np.where(kept, target, 0)]
+    denom = float(np.sum(np.where(kept, token_weight * wy, 0.0)))
+    total = np.sum(weighted)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = np.divide(total, denom) if reduction == "mean" else total
+    return np.array([value], dtype=rows_loss.dtype), denom
+
+
+def row_grad(grad: Tensor, token_weight: Tensor, denom: float, reduction: str) -> Tensor:
+    """The gradient of the token-weighted loss per row's loss: the kernels' grad_output for
+    reduction "none" (the forward's ``denom`` from :func:`weigh_rows`)."""
+    g = token_weight.reshape(-1) * grad.reshape(-1 if reduction == "none" else 1).to(token_weight.dtype)
+    return g / denom if reduction == "mean" else g
+
+
+def check_token_weight(fname: str, token_weight: Tensor | None) -> None:
+    """The token weights' type and autograd checks (their shape is checked with the other local
+    checks, through the header)."""
+    if token_weight is None:
+        return
+    check_float(token_weight, fname, "token_weight")
+    if token_weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("the derivative for 'token_weight' is not implemented.")
+
+
+def check_token_shape(fname: str, token_weight: Tensor | None, target_shape: tuple) -> None:
+    """ValueError unless ``token_weight`` is None or of the target's shape (one weight per row)."""
+    if token_weight is not None and tuple(token_weight.shape) != tuple(target_shape):
+        raise ValueError(
+            f"{fname}: token_weight must have target's shape {tuple(target_shape)} (one weight per row), "
+            f"got {tuple(token_weight.shape)}"
+        )
+
+
+def kernel_grad(opts, grad: Tensor, token_weight: Tensor | None, denom: float):
+    """(options, grad_output) for the shard backward kernels: the caller's, or with token weights
+    the options of reduction "none" and :func:`row_grad`."""
+    if token_weight is None:
+        return opts, grad
+    return opts.replace(reduction="none"), row_grad(grad, token_weight, denom, opts.reduction)
+
+
+def check_temperature_device(fname: str, opts, cuda: bool) -> None:
+    """The CUDA shard kernels have no temperature: refused there (CPU tensors have it)."""
+    if cuda and opts.temperature != 1.0:
+        raise NotImplementedError(
+            f"{fname}: temperature={opts.temperature!r} on CUDA tensors: the CUDA vocabulary-parallel "
+            "kernels have no temperature yet (CPU tensors take it)"
+        )
+
+
+def shard_stats(fname, x, t, w, call: Call, opts, cuda: bool) -> None:
+    """The packed rows of the (rows, V_local) shard logits ``x`` into ``call.packed``: the CUDA
+    kernel on the device, else normax's CPU kernel."""
+    if cuda:
+        _cuda.vocab_parallel_stats(_CudaLib(x, fname), x, t, w, call.packed, call.start, opts)
+    else:
+        vocab_parallel.stats(x.numpy(), t.numpy(), host(w), call.start, opts, call.packed.numpy())
+
+
+def shard_grad(fname, x, t, w, saved, grad, cuda) -> Tensor:
+    """The gradient of ``grad * loss`` for the (rows, V_local) shard logits ``x`` (a new tensor
+    of ``x``'s shape, in the statistics' dtype), from ``saved`` = (lse, denom, V, start, opts) of
+    the forward; ``cuda`` = (whether on CUDA, the combine's sum of class weights)."""
+    lse, denom, classes, start, opts = saved
+    on_cuda, w_sum = cuda
+    if on_cuda:
+        lib = _CudaLib(x, fname)
+        return _cuda.vocab_parallel_backward(lib, x, t, w, lse, grad, denom, start, classes, w_sum, opts)
+    go = host(grad.to(x.dtype))
+    return torch.from_numpy(vocab_parallel.backward(x.numpy(), t.numpy(), host(w), lse, denom, go, start, classes, opts))
+
+
+def check_common(fname, target, weight, vocab_start) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{fname}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -110,7 +213,7 @@ def _check_common(fname, target, weight, vocab_start) -> None:
         raise ValueError(f"{fname}: vocab_start must be a non-negative int, got {vocab_start!r}")
 
 
-def _check_device(fname, inputs) -> bool:
+def check_device(fname, inputs) -> bool:
     """Whether the call takes the CUDA path: every tensor of ``inputs`` ((name, tensor) pairs, the
     first the logits or hidden states) on the first one's device, CPU or CUDA; on CUDA the inputs
     other than ``target`` and ``weight`` of a dtype the kernels take."""
@@ -125,7 +228,7 @@ def _check_device(fname, inputs) -> bool:
             )
     kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for name, t in inputs:
-        if cuda and t is not None and name not in ("target", "weight") and t.dtype not in kernel_dtypes:
+        if cuda and t is not None and name not in ("target", "weight", "token_weight") and t.dtype not in kernel_dtypes:
             raise TypeError(
                 f"{fname}: {name} has dtype {t.dtype}; the CUDA kernels take float32, float16 and "
                 "bfloat16 (float64 runs on CPU tensors)"
@@ -133,39 +236,37 @@ def _check_device(fname, inputs) -> bool:
     return cuda
 
 
-def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, vocab_start, group, opts, cuda):
+    def forward(ctx, logits, target, weight, token_weight, vocab_start, group, opts, cuda):
         fname = _FNAME
         # CUDA: the kernels read float32/16-bit logits as they are; statistics are float32.
-        dtype = torch.float32 if cuda else _compute_dtype(logits.dtype)
+        dtype = torch.float32 if cuda else compute_dtype(logits.dtype)
         length = logits.shape[-1] if logits.dim() else 0
         rows = math.prod(logits.shape[:-1])
-        t = _flat_target(target, rows)
-        w = _as(weight, dtype)
-        call = _Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, False)
-        x = logits.detach().contiguous() if cuda else _as(logits, dtype)
+        t = flat_target(target, rows)
+        w, tw = as_dtype(weight, dtype), as_dtype(token_weight, dtype)
+        call = Call(
+            fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, False, token_weight=tw
+        )
+        x = logits.detach().contiguous() if cuda else as_dtype(logits, dtype)
         try:
             vocab_parallel.check_target_shape(
                 fname, tuple(target.shape), tuple(logits.shape[:-1]), "logits_shard's shape without the class axis"
             )
-            if cuda:
-                lib = _CudaLib(x, fname)
-                _cuda.vocab_parallel_stats(lib, x.reshape(rows, length), t, w, call.packed, call.start, opts)
-            else:
-                packed = call.packed.numpy()
-                vocab_parallel.stats(x.reshape(rows, length).numpy(), t.numpy(), _host(w), call.start, opts, packed)
+            check_token_shape(fname, token_weight, tuple(target.shape))
+            shard_stats(fname, x.reshape(rows, length), t, w, call, opts, cuda)
         except (ValueError, TypeError, IndexError) as e:
             call.fail(e)
         loss, lse, denom, classes = call.gather_and_combine()
         if cuda:
             # The backward kernel reads each row's lse as float32 hi, lo (hi is float32 already).
             lse = torch.from_numpy(lse.astype(np.float32)).to(logits.device)
-        ctx.save_for_backward(x, t, w)
+        ctx.save_for_backward(x, t, w, tw)
         ctx.stats = (lse, denom, classes, call.start, opts, logits.dtype, tuple(logits.shape))
         ctx.cuda = (cuda, call.exchange.w_sum)
         shape = tuple(target.shape) if opts.reduction == "none" else ()
@@ -173,21 +274,14 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, t, w = ctx.saved_tensors
+        x, t, w, tw = ctx.saved_tensors
         lse, denom, classes, start, opts, in_dtype, shape = ctx.stats
         rows, length = t.numel(), shape[-1]
         cuda, w_sum = ctx.cuda
-        if cuda:
-            lib = _CudaLib(x, _FNAME)
-            dx = _cuda.vocab_parallel_backward(
-                lib, x.reshape(rows, length), t, w, lse, grad, denom, start, classes, w_sum, opts
-            )
-            return dx.reshape(shape), None, None, None, None, None, None
-        dx = vocab_parallel.backward(
-            x.reshape(rows, length).numpy(), t.numpy(), _host(w), lse, denom, _host(grad.to(x.dtype)), start,
-            classes, opts,
-        )  # fmt: skip
-        return torch.from_numpy(dx).reshape(shape).to(in_dtype), None, None, None, None, None, None
+        opts, grad = kernel_grad(opts, grad, tw, denom)
+        saved = (lse, denom, classes, start, opts)
+        dx = shard_grad(_FNAME, x.reshape(rows, length), t, w, saved, grad, (cuda, w_sum))
+        return dx.reshape(shape).to(in_dtype), None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -202,6 +296,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy of logits split over the ranks of ``group`` by class (tensor parallelism).
 
@@ -219,6 +315,15 @@ def vocab_parallel_cross_entropy(
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap
         As :func:`normax.torch.cross_entropy`; ``weight`` holds all V class weights (the same on
         every rank).
+    temperature : float
+        The logits are divided by it first (before the softcap); the gradient carries the 1/T.
+        Finite and > 0; CPU tensors only (the CUDA shard kernels have none yet:
+        NotImplementedError).
+    token_weight : Tensor, optional
+        One weight per row (``target``'s shape, the same on every rank) multiplying each row's
+        loss and gradient; with reduction "mean" the divisor is the sum over the rows not ignored
+        of token weight x class weight of the target (0 gives NaN, as torch's weighted mean). Not
+        differentiable: a tensor that requires grad is refused (RuntimeError) while grad mode is on.
 
     Returns
     -------
@@ -230,12 +335,17 @@ def vocab_parallel_cross_entropy(
     Raises
     ------
     ValueError
-        On every rank, when the ranks disagree on ``target``, the options or the shard layout, or
-        one rank's input fails its checks (that rank raises its own error).
+        On every rank, when the ranks disagree on ``target``, the options (temperature and token
+        weights included) or the shard layout, or one rank's input fails its checks (that rank
+        raises its own error).
     IndexError
         A class id outside ``[0, V)`` that is not ``ignore_index`` (every rank, naming it).
     TypeError
         CUDA logits of dtype float64 (the CUDA kernels take float32, float16 and bfloat16).
+    RuntimeError
+        ``token_weight`` requires grad while grad mode is on.
+    NotImplementedError
+        A temperature other than 1 on CUDA tensors.
 
     Notes
     -----
@@ -250,134 +360,15 @@ def vocab_parallel_cross_entropy(
     check_float(logits_shard, fname, "logits_shard")
     if logits_shard.dim() < 1:
         raise ValueError(f"{fname}: logits_shard must have a class axis")
-    _check_common(fname, target, weight, vocab_start)
-    cuda = _check_device(fname, [("logits_shard", logits_shard), ("target", target), ("weight", weight)])
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _VocabParallelCE.apply(logits_shard, target, weight, vocab_start, group, opts, cuda)
-
-
-class _VocabParallelLinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda):
-        fname = _LINEAR_FNAME
-        dtype = torch.float32 if cuda else _compute_dtype(hidden.dtype)
-        h = hidden.shape[-1]
-        length = weight_shard.shape[0] if weight_shard.dim() else 0
-        rows = math.prod(hidden.shape[:-1])
-        t = _flat_target(target, rows)
-        w = _as(weight, dtype)
-        call = _Call(fname, group, rows, length, t, tuple(target.shape), w, vocab_start, opts, dtype, True)
-        # CUDA: the GEMMs and kernels in the inputs' promoted dtype (16-bit stays 16-bit).
-        work = dtype
-        if cuda:
-            work = torch.promote_types(hidden.dtype, weight_shard.dtype)
-            work = work if bias_shard is None else torch.promote_types(work, bias_shard.dtype)
-        hid, ws, bs = _as(hidden, work), _as(weight_shard, work), _as(bias_shard, work)
-        try:
-            vocab_parallel.check_target_shape(
-                fname, tuple(target.shape), tuple(hidden.shape[:-1]), "hidden's shape without its last axis"
-            )
-            vocab_parallel.check_linear_shapes(
-                fname, tuple(hidden.shape), tuple(weight_shard.shape),
-                None if bias_shard is None else tuple(bias_shard.shape),
-            )  # fmt: skip
-            if cuda:
-                _cuda.vocab_parallel_linear_stats(
-                    _CudaLib(hid, fname), hid.reshape(rows, h), ws, bs, t, w, call.packed, call.start, opts, chunk
-                )
-            else:
-                vocab_parallel.linear_stats(
-                    hid.reshape(rows, h).numpy(), ws.numpy(), _host(bs), t.numpy(), _host(w),
-                    call.packed.numpy(), call.start, opts, chunk,
-                )  # fmt: skip
-        except (ValueError, TypeError, IndexError) as e:
-            call.fail(e)
-        loss, lse, denom, classes = call.gather_and_combine()
-        if cuda:
-            lse = torch.from_numpy(lse.astype(np.float32)).to(hidden.device)
-        ctx.save_for_backward(hid, ws, bs, t, w)
-        ctx.stats = (lse, denom, classes, call.start, opts, chunk, group)
-        ctx.cuda = (cuda, call.exchange.w_sum)
-        ctx.dtypes = (hidden.dtype, weight_shard.dtype, None if bias_shard is None else bias_shard.dtype)
-        ctx.hidden_shape = tuple(hidden.shape)
-        shape = tuple(target.shape) if opts.reduction == "none" else ()
-        return loss.reshape(shape).to(device=hidden.device, dtype=hidden.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hid, ws, bs, t, w = ctx.saved_tensors
-        lse, denom, classes, start, opts, chunk, group = ctx.stats
-        rows, h = t.numel(), hid.shape[-1]
-        cuda, w_sum = ctx.cuda
-        if cuda:
-            dh, dw, db = _cuda.vocab_parallel_linear_backward(
-                _CudaLib(hid, _LINEAR_FNAME), hid.reshape(rows, h), ws, bs, t, w, lse, grad, denom, start,
-                classes, w_sum, opts, chunk,
-            )  # fmt: skip
-        else:
-            dh, dw, db = (
-                None if g is None else torch.from_numpy(g)
-                for g in vocab_parallel.linear_backward(
-                    hid.reshape(rows, h).numpy(), ws.numpy(), _host(bs), t.numpy(), _host(w), lse, denom,
-                    _host(grad.to(hid.dtype)), start, classes, opts, chunk,
-                )
-            )  # fmt: skip
-        if ctx.needs_input_grad[0]:
-            # The one collective of the backward: d hidden is the sum of every shard's part.
-            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
-        hd, wd, bd = ctx.dtypes
-        dbias = None if db is None else db.to(bd)
-        return dh.reshape(ctx.hidden_shape).to(hd), dw.to(wd), dbias, None, None, None, None, None, None, None
-
-
-def vocab_parallel_linear_cross_entropy(
-    hidden: Tensor,
-    weight_shard: Tensor,
-    target: Tensor,
-    *,
-    group=None,
-    bias_shard: Tensor | None = None,
-    vocab_start: int | None = None,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """:func:`vocab_parallel_cross_entropy` of ``hidden @ weight_shard.T + bias_shard`` without
-    building more of the local logits than one block of ``chunk_size`` elements (whole shard rows,
-    at least one).
-
-    ``hidden`` (..., H) is the same on every rank (the input of a column-parallel LM head);
-    ``weight_shard`` (V_local, H) and ``bias_shard`` (V_local,) are this rank's rows of the head.
-    The forward all-gathers once; the backward recomputes each block, all-reduces ``d hidden``
-    once (summing the shards' parts, the collective a column-parallel layer needs anyway) and
-    gives ``weight_shard`` / ``bias_shard`` their own gradients. ``weight`` (all V class weights),
-    ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss`` and ``softcap`` are as in
-    :func:`normax.torch.cross_entropy`. CPU tensors (gloo) and CUDA tensors (NCCL; float32, float16
-    or bfloat16, computed in their promoted dtype with float32 statistics) as
-    :func:`vocab_parallel_cross_entropy`.
-    """
-    fname = _LINEAR_FNAME
-    check_float(hidden, fname, "hidden")
-    check_float(weight_shard, fname, "weight_shard")
-    if bias_shard is not None:
-        check_float(bias_shard, fname, "bias_shard")
-    if hidden.dim() < 1:
-        raise ValueError(f"{fname}: hidden must have a feature axis")
-    _check_common(fname, target, weight, vocab_start)
-    cuda = _check_device(
+    check_common(fname, target, weight, vocab_start)
+    check_token_weight(fname, token_weight)
+    cuda = check_device(
         fname,
-        [("hidden", hidden), ("weight_shard", weight_shard), ("bias_shard", bias_shard), ("target", target),
-         ("weight", weight)],
-    )  # fmt: skip
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    chunk = check_chunk_size(chunk_size)
-    return _VocabParallelLinearCE.apply(
-        hidden, weight_shard, bias_shard, target, weight, vocab_start, group, opts, chunk, cuda
+        [("logits_shard", logits_shard), ("target", target), ("weight", weight), ("token_weight", token_weight)],
     )
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
+    check_temperature_device(fname, opts, cuda)
+    return _VocabParallelCE.apply(logits_shard, target, weight, token_weight, vocab_start, group, opts, cuda)
 
 
 def maybe_vocab_parallel(input, target, **kwargs) -> Tensor | None:
