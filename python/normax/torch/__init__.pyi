@@ -1,7 +1,7 @@
 # Type stub of normax.torch: torch.nn.functional's signatures; the modules are torch.nn.Modules.
 
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias, overload
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ def log_softmax(
 def logsumexp(
     input: Tensor, dim: int | Sequence[int], keepdim: bool = False, *, out: Tensor | None = None
 ) -> Tensor: ...
+@overload
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -39,8 +40,27 @@ def cross_entropy(
     normalizer: str = "softmax",
     temperature: float = 1.0,
     token_weight: Tensor | None = None,
-    return_stats: bool = False,
-) -> Tensor | tuple[Tensor, CrossEntropyStats]: ...
+    return_stats: Literal[False] = False,
+) -> Tensor: ...
+@overload
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: str = "softmax",
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
+    return_stats: Literal[True],
+) -> tuple[Tensor, CrossEntropyStats]: ...
+@overload
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -58,8 +78,28 @@ def linear_cross_entropy(
     accumulation: str = "float32",
     temperature: float = 1.0,
     token_weight: Tensor | None = None,
-    return_stats: bool = False,
-) -> Tensor | tuple[Tensor, CrossEntropyStats]: ...
+    return_stats: Literal[False] = False,
+) -> Tensor: ...
+@overload
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: torch.nn.LinearCrossEntropyOptions | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    accumulation: str = "float32",
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
+    return_stats: Literal[True],
+) -> tuple[Tensor, CrossEntropyStats]: ...
 def layer_norm(
     input: Tensor,
     normalized_shape: _Shape,
@@ -70,6 +110,7 @@ def layer_norm(
 def rms_norm(
     input: Tensor, normalized_shape: _Shape, weight: Tensor | None = None, eps: float | None = None
 ) -> Tensor: ...
+@overload
 def logprobs(
     logits: Tensor,
     target: Tensor,
@@ -77,8 +118,19 @@ def logprobs(
     axis: int = -1,
     temperature: float = 1.0,
     ignore_index: int = -100,
-    return_entropy: bool = True,
-) -> tuple[Tensor, Tensor] | Tensor: ...
+    return_entropy: Literal[True] = True,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def logprobs(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: Literal[False],
+) -> Tensor: ...
+@overload
 def linear_logprobs(
     hidden: Tensor,
     linear_weight: Tensor,
@@ -88,8 +140,20 @@ def linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
-    return_entropy: bool = True,
-) -> tuple[Tensor, Tensor] | Tensor: ...
+    return_entropy: Literal[True] = True,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_logprobs(
+    hidden: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[False],
+) -> Tensor: ...
 def stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor: ...
 def log_stablemax(input: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor: ...
 def patch(model: torch.nn.Module) -> int: ...
@@ -127,6 +191,7 @@ def vocab_parallel_linear_cross_entropy(
     temperature: float = 1.0,
     token_weight: Tensor | None = None,
 ) -> Tensor: ...
+@overload
 def vocab_parallel_linear_logprobs(
     hidden: Tensor,
     weight_shard: Tensor,
@@ -138,9 +203,24 @@ def vocab_parallel_linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
-    return_entropy: bool = True,
+    return_entropy: Literal[True] = True,
     logits_budget: int | None = None,
-) -> tuple[Tensor, Tensor] | Tensor: ...
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def vocab_parallel_linear_logprobs(
+    hidden: Tensor,
+    weight_shard: Tensor,
+    target: Tensor,
+    *,
+    group: Any = None,
+    bias_shard: Tensor | None = None,
+    vocab_start: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_entropy: Literal[False],
+    logits_budget: int | None = None,
+) -> Tensor: ...
 
 __all__ = [
     "CrossEntropyLoss",
