@@ -363,7 +363,7 @@ mod tests {
         );
         // The softmax backward holds y and dy, the cross-entropy its statistics and weights
         // beside the logits: half the packs of the softmax forward.
-        for op in [Op::SoftmaxBackwardCached, Op::CeCached] {
+        for op in [Op::SoftmaxBackwardCached, Op::CeCached, Op::CeCachedStats] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let wide = 16 / dtype.size();
                 for p in (0..)
