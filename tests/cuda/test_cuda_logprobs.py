@@ -160,8 +160,6 @@ def test_cross_entropy_temperature_token_weight_stats_match_float64(cuda_kernels
     assert stats.correct.tolist() == correct.tolist()
     assert stats.correct[0] and not stats.correct[2]  # the tie's first index is the target; ignored row
     assert stats.z_loss.shape == () and stats.z_loss.dtype == torch.float32
-    if reduction == "none":  # the sum, as for "sum"
-        zterm = zterm * 1.0
     torch.testing.assert_close(
         stats.z_loss.double(), (zterm * scale if reduction == "mean" else zterm).detach()
     )

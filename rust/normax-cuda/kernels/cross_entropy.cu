@@ -70,14 +70,15 @@ __device__ __forceinline__ float ce_z(float x, const CeArgs& a) { return capped(
 // The statistics of return_stats, gathered beside CeStats by the *_stats kernels only: their own
 // (max, sum) pair m, s and d = sum_c e_c (m - z_c) with e_c = exp(z_c - m), so the entropy
 // sum_c p_c (lse - z_c) = log s + d / s adds only terms >= 0; the first maximum of the raw logits
-// (xm at xi) and, for probability targets, of the target row (tm at ti).
+// (xm at xi) and, for probability targets, of the target row (tm at ti). Class indices are int
+// here (the host refuses stats past 2^31 - 1 classes): 2 registers fewer, no spill at 64.
 struct CeExtra {
     float m, s, d, xm, tm;
-    i64 xi, ti;
+    int xi, ti;
 };
 // Whether (a at ia) comes before (b at ib) as np.argmax picks: the first NaN, else the largest,
 // ties to the lower index.
-__device__ __forceinline__ bool ce_first_max(float a, i64 ia, float b, i64 ib) {
+__device__ __forceinline__ bool ce_first_max(float a, int ia, float b, int ib) {
     bool an = a != a, bn = b != b;
     if (an || bn) return an && (!bn || ia < ib);
     return a > b || (a == b && ia < ib);
@@ -103,31 +104,20 @@ struct CeExtraMerge {
         return r;
     }
 };
-__device__ __forceinline__ i64 shfl_xor(i64 v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ int shfl_xor(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 __device__ __forceinline__ CeExtra shfl_xor(CeExtra v, int o) {
     return {shfl_xor(v.m, o),  shfl_xor(v.s, o),  shfl_xor(v.d, o), shfl_xor(v.xm, o),
             shfl_xor(v.tm, o), shfl_xor(v.xi, o), shfl_xor(v.ti, o)};
 }
 __device__ __forceinline__ CeExtra ce_extra_empty() {
-    return {-NX_INF, 0.0f, 0.0f, -NX_INF, -NX_INF, (i64)0x7fffffffffffffffLL, (i64)0x7fffffffffffffffLL};
+    return {-NX_INF, 0.0f, 0.0f, -NX_INF, -NX_INF, 0x7fffffff, 0x7fffffff};
 }
-// Folds a pack: `raw` the logits as given, `z` as the loss sees them, `t` the target
-// probabilities (null for class indices), i the index of element 0. `m` is the max to sum at:
-// the pack's running max (streaming) or the row's (the cached kernel, which passes it in).
+// Folds a pack of target probabilities into their first argmax (tm at ti); i the index of t[0].
 template <int V>
-__device__ __forceinline__ void ce_extra_add(CeExtra& e, const float (&raw)[V], const float (&z)[V],
-                                             const float* t, i64 i, float m) {
-    e.d = ce_ent_rescale(e.m, e.s, e.d, m);
-    e.s *= rescale(e.m, m);
-    e.m = m;
+__device__ __forceinline__ void ce_target_argmax(CeExtra& e, const float (&t)[V], int i) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-        float p = z[j] == m ? 1.0f : fast_exp(z[j] - m);
-        e.s += p;
-        if (p > 0.0f && z[j] != m) e.d = fmaf(p, m - z[j], e.d);  // p = 0: 0, also for z = -inf
-        if (ce_first_max(raw[j], i + j, e.xm, e.xi)) e.xm = raw[j], e.xi = i + j;
-        if (t != nullptr && ce_first_max(t[j], i + j, e.tm, e.ti)) e.tm = t[j], e.ti = i + j;
-    }
+    for (int j = 0; j < V; ++j)
+        if (ce_first_max(t[j], i + j, e.tm, e.ti)) e.tm = t[j], e.ti = i + j;
 }
 
 // Class weights at [i, i + V) (ones for null): float4 loads where V > 1, beside the logits' 16-byte
@@ -150,51 +140,62 @@ __device__ __forceinline__ void ce_weights(const float* w, i64 i, float (&out)[V
     }
 }
 
-// max_sum_add that also keeps `oth`, the sum without element y (i the index of v[0]): the same
-// exponentials, one more add each.
-template <int V>
-__device__ __forceinline__ void max_sum_oth_add(float2& st, float& oth, const float (&v)[V], i64 i, i64 y) {
+// max_sum_add that also keeps `oth`, the sum without element y (i the index of v[0]), and with
+// ENT the entropy sum d = sum e (m - v) (CeExtra): the same exponentials, one more add each.
+template <int V, bool ENT = false>
+__device__ __forceinline__ void max_sum_oth_add(float2& st, float& oth, const float (&v)[V], i64 i, i64 y,
+                                                float& d) {
     float m = st.x;
 #pragma unroll
     for (int j = 0; j < V; ++j) m = fmaxf(m, v[j]);
     float k = rescale(st.x, m);
+    if constexpr (ENT) d = ce_ent_rescale(st.x, st.y, d, m);
     float s = st.y * k, o = oth * k;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
         float e = v[j] == m ? 1.0f : fast_exp(v[j] - m);
         s += e;
         if (i + j != y) o += e;
+        if (ENT && e > 0.0f && v[j] != m) d = fmaf(e, m - v[j], d);  // e = 0: 0, also for v = -inf
     }
     st = make_float2(m, s);
     oth = o;
 }
 
+// The column index type of the statistics pass: int for the stats kernels (whole rows below 2^31
+// classes: a register pair fewer, which keeps their 16-bit forms within 64 registers), else i64.
+template <bool NARROW> struct CeCol { typedef i64 type; };
+template <> struct CeCol<true> { typedef int type; };
+
 template <class T, int V, bool STATS = false>
 __device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const CeArgs& a, const RowSlot& s,
-                                                  CeStats* scratch, CeExtra* ex = nullptr) {
+                                                  CeStats* scratch, CeExtra& ex) {
     CeStats st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     bool smooth = a.eps > 0.0f;
     if (s.active) {
         const T* row = x + s.row * cols;
         const T* prow = a.probs ? static_cast<const T*>(a.probs) + s.row * cols : nullptr;
-        i64 y = a.target ? a.target[s.row] : -1;
-        for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
-            float v[V], raw[V];
+        typedef typename CeCol<STATS>::type Col;
+        Col y = a.target ? (Col)a.target[s.row] : -1;
+        if (STATS && a.target && (y < 0 || y != a.target[s.row])) y = -1;  // outside int: no class here
+        for (Col i = (Col)s.begin + (Col)threadIdx.x * V; i < (Col)s.end; i += (Col)blockDim.x * V) {
+            float v[V];
             load<T, V>(row + i, v);
 #pragma unroll
-            for (int j = 0; j < V; ++j) raw[j] = v[j], v[j] = ce_z(v[j], a);
-            max_sum_oth_add<V>(st.ms, st.oth, v, i, y);
-            if constexpr (STATS) {
-                float t[V];
-                if (prow) load<T, V>(prow + i, t);
-                ce_extra_add<V>(*ex, raw, v, prow ? t : nullptr, i, st.ms.x);
+            for (int j = 0; j < V; ++j) {
+                if (STATS && ce_first_max(v[j], (int)i + j, ex.xm, ex.xi)) ex.xm = v[j], ex.xi = (int)i + j;
+                v[j] = ce_z(v[j], a);
             }
+            // The entropy sum rides on the (max, sum) fold (the same exponentials); CeExtra's m and
+            // s are the row's ms, copied in before the merge.
+            max_sum_oth_add<V, STATS>(st.ms, st.oth, v, i, y, ex.d);
 #pragma unroll
             for (int j = 0; j < V; ++j)
                 if (i + j == y) st.xy = v[j];
             if (smooth || prow) {
                 float t[V], w[V];
                 if (prow) load<T, V>(prow + i, t);
+                if (STATS && prow) ce_target_argmax<V>(ex, t, (int)i);
                 ce_weights<V>(a.weight, i, w);
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
@@ -212,7 +213,8 @@ __device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const Ce
     }
     if constexpr (STATS) {
         __shared__ CeExtra ex_scratch[NX_MAX_ROWS_PER_BLOCK * 32];
-        *ex = row_reduce(*ex, ex_scratch, CeExtraMerge());
+        ex.m = st.ms.x, ex.s = st.ms.y;
+        ex = row_reduce(ex, ex_scratch, CeExtraMerge());
     }
     return row_reduce(st, scratch, CeMerge());
 }
@@ -221,7 +223,8 @@ template <class T, int V>
 __device__ void ce_part(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, CeStats* part) {
     __shared__ CeStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
     RowSlot s = row_slot(rows, cols, chunk, chunks);
-    CeStats st = ce_chunk_stats<T, V>(x, cols, a, s, scratch);
+    CeExtra unused;
+    CeStats st = ce_chunk_stats<T, V>(x, cols, a, s, scratch, unused);
     if (s.active && threadIdx.x == 0) part[s.row * chunks + s.piece] = st;
 }
 
@@ -300,7 +303,7 @@ __device__ __forceinline__ void ce_write_stats(const CeArgs& a, const CeRow& r, 
     bool kept = !r.ignored;  // probability targets: every row
     a.stat_lse[row] = kept ? r.lse : 0.0f;
     a.stat_entropy[row] = kept ? logf(e.s) + e.d / e.s : 0.0f;
-    a.stat_correct[row] = kept && e.xi == (r.y >= 0 ? r.y : e.ti) ? 1.0f : 0.0f;
+    a.stat_correct[row] = kept && e.xi == (r.y >= 0 ? r.y : (i64)e.ti) ? 1.0f : 0.0f;
 }
 
 // The row's loss times its token weight (ignored rows keep their 0 or NaN).
@@ -317,7 +320,7 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
     CeStats st;
     CeExtra ex = ce_extra_empty();
     if (part == nullptr) {
-        st = ce_chunk_stats<T, V, STATS>(x, cols, a, s, scratch, &ex);
+        st = ce_chunk_stats<T, V, STATS>(x, cols, a, s, scratch, ex);
     } else {
         st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (s.active)
@@ -375,7 +378,7 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 // The raw logits' first argmax as they are read (in index order per thread).
-                if (STATS && ce_first_max(v[p][j], i + j, ex.xm, ex.xi)) ex.xm = v[p][j], ex.xi = i + j;
+                if (STATS && ce_first_max(v[p][j], (int)i + j, ex.xm, ex.xi)) ex.xm = v[p][j], ex.xi = (int)i + j;
                 v[p][j] = ce_z(v[p][j], a);
                 m = fmaxf(m, v[p][j]);
             }
@@ -444,7 +447,11 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
         const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad, const float* gscale,        \
         i64 gscale_stride) {                                                                              \
         ce_cached_rows<T, V, P>(x, rows, cols, a, loss_rows, grad, gscale, gscale_stride);                \
-    }                                                                                                     \
+    }
+
+// The stats variant holds half the row of the plain one (at most 8 floats per thread) beside its
+// extra statistics: 16 spilled past 64 registers.
+#define NX_CE_CACHED_STATS(name, T, V, P)                                                                 \
     extern "C" __global__ void NX_ROW_BOUNDS ce_cached_stats_##name##_p##P(                               \
         const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad, const float* gscale,        \
         i64 gscale_stride) {                                                                              \
@@ -461,7 +468,7 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
         float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {                              \
         ce_rows<T, V>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride);     \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(512) cross_entropy_stats_##name##_v##V(                 \
+    extern "C" __global__ void NX_ROW_BOUNDS cross_entropy_stats_##name##_v##V(                          \
         const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, const CeStats* part,             \
         float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {                              \
         ce_rows<T, V, true>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride); \
@@ -472,10 +479,12 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
     NX_CE(name, T, 1)                                                                                     \
     NX_CE(name, T, V)                                                                                     \
     NX_CE_CACHED(name, T, V, 1)                                                                           \
-    NX_CE_CACHED(name, T, V, 2)
+    NX_CE_CACHED(name, T, V, 2)                                                                           \
+    NX_CE_CACHED_STATS(name, T, V, 1)
 
 NX_TYPES(NX_CE_TYPE)
 NX_CE_CACHED(f32, float, 4, 4)
+NX_CE_CACHED_STATS(f32, float, 4, 2)
 
 // ---------------------------------------------------------------------------------------------
 // Vocabulary-parallel cross-entropy (normax-core's cross_entropy/vocab_parallel.rs holds the format

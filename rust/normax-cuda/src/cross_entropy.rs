@@ -168,6 +168,13 @@ pub fn cross_entropy(
         stat_correct: extras.stats.map_or(0, |st| st.correct.ptr),
     };
     let stats = extras.stats.is_some();
+    // The stats kernels keep the argmax's class index as an int.
+    if stats && cols > i32::MAX as usize {
+        return Err(Error::Value(format!(
+            "logits: {cols} classes; return_stats takes at most {} (32-bit argmax indices)",
+            i32::MAX
+        )));
+    }
     let (cached_op, row_op) = if stats {
         (Op::CeCachedStats, Op::CrossEntropyStats)
     } else {
@@ -186,8 +193,10 @@ pub fn cross_entropy(
         let (g_ptr, scale_ptr, stride) =
             grad.map_or((0, 0, 0i64), |(g, sc, st)| (g.ptr, sc.ptr, st as i64));
         // The cached kernel holds at most 16 floats of row per thread (a softmax's half): with
-        // its statistics and a pack of weights beside them, 32 spilled past 64 registers.
-        if let Some(packs) = r.cached_packs_of(2).filter(|_| probs_ptr == 0) {
+        // its statistics and a pack of weights beside them, 32 spilled past 64 registers. The
+        // stats variant 8 (16 spilled beside its extra statistics).
+        let share = if stats { 4 } else { 2 };
+        if let Some(packs) = r.cached_packs_of(share).filter(|_| probs_ptr == 0) {
             // Safety: buffers checked above; class-index targets, 16-byte aligned rows (vec > 1).
             return unsafe {
                 r.run(
