@@ -148,7 +148,8 @@ BROKEN = {
     "lacks_normalizer": (
         (
             "def cross_entropy(logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction='mean',\n"
-            "                  label_smoothing=0.0, z_loss=0.0, softcap=None): pass\n"
+            "                  label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0,\n"
+            "                  token_weight=None, return_stats=False): pass\n"
             "OPS = {'cross_entropy': cross_entropy}\n"
         ),
         r"breaks the contract of normax\.cross_entropy: its cross_entropy lacks parameter normalizer='softmax'",

@@ -8,6 +8,7 @@ adapters with autograd. See the README for the benchmark and the API overview.
 
 from . import _cross_entropy, _norms, _power_norm, _softmax, _stablemax
 from ._core import get_isa, get_num_threads, set_isa, set_num_threads, supported_isas
+from ._cross_entropy import CrossEntropyStats
 from ._dispatch import array_api, get_backend, set_backend
 from ._power_norm import PowerNormSaved, PowerNormState
 
@@ -38,6 +39,7 @@ power_norm_backward = array_api(_power_norm.power_norm_backward)
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossEntropyStats",
     "PowerNormSaved",
     "PowerNormState",
     "crms_norm",

@@ -3,7 +3,7 @@
 # in gives the same kind out (the first overload); lists, scalars and other array-likes give a
 # NumPy array (the second). A 0-d result of NumPy input is a NumPy scalar (typed as an array).
 
-from typing import Any, Literal, Protocol, TypeAlias, TypeVar, overload
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,14 @@ class PowerNormState:
         group_num: int = 1,
     ) -> None: ...
     def copy(self) -> PowerNormState: ...
+
+class CrossEntropyStats(NamedTuple):
+    """Per-row metrics of a cross-entropy (return_stats=True); no gradient flows through them."""
+
+    lse: Any
+    entropy: Any
+    correct: Any
+    z_loss: Any
 
 class PowerNormSaved:
     """What power_norm_backward needs from one power_norm(..., return_saved=True) call."""
@@ -156,7 +164,8 @@ def log_stablemax_backward(
 ) -> _NDArray: ...
 
 # Cross-entropy. The loss is a 0-d result for reduction "mean"/"sum" (a NumPy scalar for NumPy
-# input), per row for "none": typed as the input's kind.
+# input), per row for "none": typed as the input's kind. return_stats=True appends a
+# CrossEntropyStats to the result (typed here without it).
 @overload
 def cross_entropy(
     logits: _A,
@@ -170,6 +179,9 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     normalizer: str = "softmax",
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> _A: ...
 @overload
@@ -185,6 +197,9 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     normalizer: str = "softmax",
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> _NDArray: ...
 @overload
@@ -202,6 +217,9 @@ def cross_entropy_with_grad(
     grad_output: float | _Array | npt.ArrayLike = 1.0,
     inplace: bool = False,
     normalizer: str = "softmax",
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> tuple[_A, _A]: ...
 @overload
@@ -219,6 +237,9 @@ def cross_entropy_with_grad(
     grad_output: float | _Array | npt.ArrayLike = 1.0,
     inplace: bool = False,
     normalizer: str = "softmax",
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> tuple[_NDArray, _NDArray]: ...
 @overload
@@ -235,6 +256,9 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> _A: ...
 @overload
@@ -251,6 +275,9 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> _NDArray: ...
 @overload
@@ -268,6 +295,9 @@ def linear_cross_entropy_with_grad(
     softcap: float | None = None,
     chunk_size: int | None = None,
     grad_output: float | _Array | npt.ArrayLike = 1.0,
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> tuple[_A, _A, _A, _A | None]: ...
 @overload
@@ -285,6 +315,9 @@ def linear_cross_entropy_with_grad(
     softcap: float | None = None,
     chunk_size: int | None = None,
     grad_output: float | _Array | npt.ArrayLike = 1.0,
+    temperature: float = 1.0,
+    token_weight: _Array | npt.ArrayLike | None = None,
+    return_stats: bool = False,
     device: _Device = None,
 ) -> tuple[_NDArray, _NDArray, _NDArray, _NDArray | None]: ...
 
@@ -555,6 +588,7 @@ def power_norm_backward(
 ) -> tuple[_NDArray, _NDArray | None, _NDArray | None]: ...
 
 __all__ = [
+    "CrossEntropyStats",
     "PowerNormSaved",
     "PowerNormState",
     "crms_norm",

@@ -220,9 +220,11 @@ def _from_numpy(r: np.ndarray, lib: str, xp):
 
 def convert_result(value, lib: str, xp, originals: dict):
     """A NumPy-first function's result in `lib`'s arrays: an array that is one of the arguments'
-    views (``out=``, in place) is the caller's own array again; tuples are converted item by item."""
+    views (``out=``, in place) is the caller's own array again; tuples are converted item by item
+    (a NamedTuple such as ``CrossEntropyStats`` stays one)."""
     if isinstance(value, tuple):
-        return tuple(convert_result(v, lib, xp, originals) for v in value)
+        items = (convert_result(v, lib, xp, originals) for v in value)
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, np.ndarray):
         original = originals.get(id(value))
         if original is not None and original[0] is value:

@@ -22,6 +22,7 @@ class CeOptions:
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        temperature: float = 1.0,
     ) -> None: ...
     @property
     def ignore_index(self) -> int: ...
@@ -33,6 +34,8 @@ class CeOptions:
     def z_loss(self) -> float: ...
     @property
     def softcap(self) -> float | None: ...
+    @property
+    def temperature(self) -> float: ...
     def replace(self, **changes: Any) -> CeOptions: ...
 
 class NormOptions:
@@ -87,24 +90,27 @@ def log_softmax_backward(y: np.ndarray, dy: np.ndarray, dx: np.ndarray, layout: 
 def exp(x: np.ndarray, out: np.ndarray) -> None: ...
 
 # Cross-entropy of (rows, classes) logits; `grad` a fresh array or `logits` itself (in place).
+# `weight`: class weights, or (class weights, token weights), either None; `loss`: the loss, or
+# (loss, lse, entropy, correct) for the per-row statistics too.
 def cross_entropy(
     logits: np.ndarray,
     target: np.ndarray,
-    weight: np.ndarray | None,
+    weight: np.ndarray | tuple[np.ndarray | None, np.ndarray | None] | None,
     options: CeOptions,
-    loss: np.ndarray,
+    loss: np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     grad: np.ndarray | None = None,
     grad_output: GradOutput = 1.0,
 ) -> None: ...
 
 # inputs = (hidden (N, H), linear weight (V, H), bias (V,) or None); grads = (dhidden,
-# dlinear_weight, dlinear_bias or None).
+# dlinear_weight, dlinear_bias or None); target: class indices or (class indices, token weights
+# or None); loss as for cross_entropy.
 def linear_cross_entropy(
     inputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
-    target: np.ndarray,
+    target: np.ndarray | tuple[np.ndarray, np.ndarray | None],
     options: CeOptions,
     chunk_size: int | None,
-    loss: np.ndarray,
+    loss: np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     grads: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
     grad_output: GradOutput = 1.0,
 ) -> None: ...

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _core, _stablemax
 from ._arrays import as_input, contiguous, scalar_0d
+from ._ce_stats import mean_denominator, stats_buffers, stats_fields, z_loss_term
 from ._options import (
     CeOptions,
     ce_inputs,
@@ -21,10 +23,45 @@ from ._options import (
     index_error,
     linear_logits_shape,
     softcap_dtype,
+    token_weights,
 )
 from ._stablemax import check_normalizer
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class CrossEntropyStats(NamedTuple):
+    """Per-row metrics of a cross-entropy, from the same pass over the logits as the loss
+    (``return_stats=True``). Metrics only: no gradient flows through them.
+
+    Attributes
+    ----------
+    lse : array
+        Per row (the per-row loss's shape): the log-sum-exp of the logits the loss uses (divided
+        by the temperature, then softcapped; StableMax: of ``log s(x / T)``). float32 for
+        float16, bfloat16 and float32 inputs, float64 for float64. 0 for ignored rows.
+    entropy : array
+        Per row: ``-sum p log p`` of that distribution, computed as ``sum_c p_c (lse - z_c)``
+        (every term >= 0; a class of probability 0 adds 0, also at a logit of -inf). Dtype as
+        `lse`. 0 for ignored rows.
+    correct : array of bool
+        Per row: the argmax over the class axis of the logits as given equals the target
+        (``np.argmax`` ties: the first maximum, or the first NaN); for probability targets,
+        the argmax of the target row. False for ignored rows.
+    z_loss : scalar
+        ``z_loss * sum_r token_weight[r] * lse_r**2`` over the rows not ignored, reduced as the
+        loss (divided by the mean's denominator for "mean"); 0 when ``z_loss=0``.
+    """
+
+    lse: object
+    entropy: object
+    correct: object
+    z_loss: object
+
+
+def make_stats(lse, entropy, correct, row_shape, dtype, z_loss) -> CrossEntropyStats:
+    """The public :class:`CrossEntropyStats` from the kernel's per-row buffers."""
+    return CrossEntropyStats(*stats_fields(lse, entropy, correct, row_shape, dtype, z_loss))
 
 
 def _fast_rows(logits, target, axis, weight, opts, grad_output, inplace: bool):
@@ -65,11 +102,23 @@ def _fast_rows(logits, target, axis, weight, opts, grad_output, inplace: bool):
 
 
 def checked_cross_entropy(
-    logits, target, axis, weight, opts: CeOptions, stable: bool, with_grad: bool, grad_output=1.0, inplace=False
+    logits,
+    target,
+    axis,
+    weight,
+    opts: CeOptions,
+    stable: bool,
+    with_grad: bool,
+    grad_output=1.0,
+    inplace=False,
+    token_weight=None,
+    return_stats=False,
 ):
     """The cross-entropy of options already checked (`opts` from ``ce_options``, `stable` from
-    ``check_normalizer``): the route of the public functions and of the framework adapters."""
-    if not stable and (not with_grad or type(grad_output) is float or type(grad_output) is int):
+    ``check_normalizer``): the route of the public functions and of the framework adapters.
+    Returns as the public functions, with a :class:`CrossEntropyStats` last when `return_stats`."""
+    plain = token_weight is None and not return_stats
+    if plain and not stable and (not with_grad or type(grad_output) is float or type(grad_output) is int):
         fast = _fast_rows(logits, target, axis, weight, opts, float(grad_output) if with_grad else None, inplace)
         if fast is not None:
             return fast
@@ -91,14 +140,20 @@ def checked_cross_entropy(
     if not soft:
         tk = tk.astype(np.int64, copy=False)
     chain = None
+    tw = token_weights(token_weight, row_shape, work.dtype)
+    raw = work
     if stable:
-        # StableMax: the softmax cross-entropy of phi = log s(x), in float64 (see _stablemax).
-        work, chain = _stablemax.ce_logits(work, opts.softcap)
-        opts = opts.replace(softcap=None)
+        # StableMax: the softmax cross-entropy of phi = log s(x / T), in float64 (see _stablemax).
+        t_inv = 1.0 / opts.temperature
+        work, chain = _stablemax.ce_logits(work.astype(np.float64) * t_inv if t_inv != 1.0 else work, opts.softcap)
+        chain = chain * t_inv if t_inv != 1.0 else chain
+        opts = opts.replace(softcap=None, temperature=1.0)
         tk = tk.astype(np.float64) if soft else tk
         w = None if w is None else w.astype(np.float64)
+        tw = None if tw is None else tw.astype(np.float64)
     rows = work.size // classes
     loss = np.empty(rows if reduction == "none" else 1, work.dtype)
+    stats = stats_buffers(rows, work.dtype) if return_stats else None
 
     grad = None
     go = 1.0
@@ -107,9 +162,11 @@ def checked_cross_entropy(
         # In place: `work` is either the caller's array itself (float32/float64, classes last,
         # contiguous) or already a private copy, written in place and copied back below.
         grad = work if inplace else np.empty_like(work)
+    weights = w if tw is None else (w, tw)
+    out = loss if stats is None else (loss, *stats)
     try:
         _core.cross_entropy(
-            work.reshape(rows, classes), tk, w, opts, loss, None if grad is None else grad.reshape(rows, classes), go
+            work.reshape(rows, classes), tk, weights, opts, out, None if grad is None else grad.reshape(rows, classes), go
         )
     except IndexError:
         raise index_error(t, classes, opts.ignore_index) from None
@@ -118,7 +175,19 @@ def checked_cross_entropy(
 
     if grad is not None and not last:
         grad = np.moveaxis(grad, -1, ax)
-    return ce_results(loss, grad, logits, inplace, reduction, row_shape, result_dtype)
+    results = ce_results(loss, grad, logits, inplace, reduction, row_shape, result_dtype)
+    if stats is None:
+        return results
+    denom = 1.0
+    if reduction == "mean" and opts.z_loss != 0.0:
+        denom = mean_denominator(tk, soft, w, tw, opts.ignore_index, rows)
+    if stable:  # phi's rounding may tie logits that differ: the argmax of the logits as given
+        best = raw.reshape(rows, classes).argmax(axis=1)
+        want = tk.reshape(rows, classes).argmax(axis=1) if soft else tk.reshape(-1)
+        stats[2][:] = (best == want) & (want != opts.ignore_index if not soft else True)
+    z = z_loss_term(stats[0], tw, opts, denom)
+    st = make_stats(*stats, row_shape, result_dtype, z)
+    return (*results, st) if grad is not None else (results, st)
 
 
 def cross_entropy(
@@ -133,6 +202,9 @@ def cross_entropy(
     z_loss=0.0,
     softcap=None,
     normalizer="softmax",
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """Cross-entropy loss between `logits` and `target`, as ``torch.nn.functional.cross_entropy``.
 
@@ -175,6 +247,20 @@ def cross_entropy(
         al. 2025; :func:`normax.stablemax`), whose loss is ``-log_stablemax(x)[y]`` with every
         other option (weights, smoothing, probability targets, reductions) as for softmax and
         ``z_loss`` applied to ``log(sum(s(x)))``. Anything else raises ValueError.
+    temperature : float, default 1.0
+        The logits are divided by it before everything else (before `softcap`; StableMax:
+        ``s(x / T)``); the gradient carries the ``1 / T``. Must be finite and > 0.
+    token_weight : array_like, optional
+        One weight per row, shaped like the per-row loss (the logits without the class axis),
+        any real dtype: multiplies each row's loss (z-loss included) and its gradient. With
+        ``reduction="mean"`` the divisor becomes the sum over the rows not ignored of
+        ``token_weight * weight[target]`` (``sum(token_weight)`` for probability targets); a
+        zero divisor gives NaN, as torch's weighted mean. Not differentiated (no gradient is
+        computed for it).
+    return_stats : bool, default False
+        Also return a :class:`CrossEntropyStats` (per-row lse, entropy and argmax correctness,
+        and the z-loss term), from the same pass over the logits. Metrics: no gradient flows
+        through them.
 
     Returns
     -------
@@ -182,6 +268,8 @@ def cross_entropy(
         A scalar of the logits' dtype for "mean" and "sum"; for "none", an array shaped like the
         logits without the class axis (a NumPy scalar for 1-d logits: one row, as every
         NumPy-first normax function returns 0-d results).
+    stats : CrossEntropyStats
+        Only with ``return_stats=True``: ``(loss, stats)`` is returned.
 
     Raises
     ------
@@ -190,13 +278,14 @@ def cross_entropy(
         2**63 - 1 included (it does not fit in int64: cast, ``2**64 - 100`` would wrap around onto
         ignore_index -100); the message names the value and its position.
     ValueError
-        For a `target` or `weight` of the wrong shape, an empty class axis, `label_smoothing`
-        outside [0, 1], a negative `z_loss`, a `softcap` that is not positive, an unknown
-        `reduction` or `normalizer`, or `ignore_index` >= 0 with probability targets.
+        For a `target`, `weight` or `token_weight` of the wrong shape, an empty class axis,
+        `label_smoothing` outside [0, 1], a negative `z_loss`, a `softcap` or `temperature` that
+        is not positive and finite, an unknown `reduction` or `normalizer`, or `ignore_index` >= 0
+        with probability targets.
     TypeError
         For complex, string, object or bool targets or logits, a non-integer `axis`, or a
-        `label_smoothing`, `z_loss` or `softcap` that is not a real number (a string such as
-        ``'0.1'`` or a bool included).
+        `label_smoothing`, `z_loss`, `softcap` or `temperature` that is not a real number (a
+        string such as ``'0.1'`` or a bool included).
     numpy.exceptions.AxisError
         If `axis` is out of range.
 
@@ -227,9 +316,15 @@ def cross_entropy(
     0.669079
     >>> normax.cross_entropy(logits, np.array([0, -100]), reduction="none")
     array([0.23954477, 0.        ])
+    >>> loss, stats = normax.cross_entropy(logits, np.array([0, 2]), return_stats=True)
+    >>> stats.correct
+    array([ True, False])
     """
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return checked_cross_entropy(logits, target, axis, weight, opts, check_normalizer(normalizer), False)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
+    stable = check_normalizer(normalizer)
+    return checked_cross_entropy(
+        logits, target, axis, weight, opts, stable, False, token_weight=token_weight, return_stats=bool(return_stats)
+    )
 
 
 def cross_entropy_with_grad(
@@ -246,12 +341,17 @@ def cross_entropy_with_grad(
     grad_output=1.0,
     inplace=False,
     normalizer="softmax",
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """:func:`cross_entropy` and its gradient with respect to `logits`, fused.
 
     Parameters
     ----------
     logits, target, axis, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer
+        As in :func:`cross_entropy`.
+    temperature, token_weight, return_stats
         As in :func:`cross_entropy`.
     grad_output : float or array_like, default 1.0
         The gradient is that of ``grad_output * loss``. With ``reduction="none"`` it may be an
@@ -268,6 +368,8 @@ def cross_entropy_with_grad(
     dlogits : ndarray
         d(grad_output * loss)/d(logits), shaped like `logits` (`logits` itself with
         ``inplace=True``).
+    stats : CrossEntropyStats
+        Only with ``return_stats=True``: ``(loss, dlogits, stats)`` is returned.
 
     Raises
     ------
@@ -282,8 +384,9 @@ def cross_entropy_with_grad(
     One read of each row builds its log-sum-exp, a second writes the gradient
     ``softmax(x) * A - w * (label_smoothing / C + (1 - label_smoothing) * t)`` (A collects the
     target weight, smoothing and ``2 * z_loss * lse``; t is the one-hot or probability target),
-    times ``1 - (x / softcap)**2`` with a softcap. Rows left out by `ignore_index` get a zero
-    gradient without being read (torch gives NaN there when such a row holds NaN or inf).
+    times ``1 - (x / softcap)**2`` with a softcap, times ``token_weight / temperature`` (x being
+    the logits divided by the temperature). Rows left out by `ignore_index` get a zero gradient
+    without being read (torch gives NaN there when such a row holds NaN or inf).
 
     Examples
     --------
@@ -292,9 +395,11 @@ def cross_entropy_with_grad(
     >>> dlogits
     array([[ 0.25, -0.75,  0.25,  0.25]])
     """
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
     stable = check_normalizer(normalizer)
-    return checked_cross_entropy(logits, target, axis, weight, opts, stable, True, grad_output, bool(inplace))
+    return checked_cross_entropy(
+        logits, target, axis, weight, opts, stable, True, grad_output, bool(inplace), token_weight, bool(return_stats)
+    )
 
 
 _DEFAULT_CHUNK = 2**24  # logits held at once by default: 64 MiB of float32
@@ -314,6 +419,9 @@ def _linear(
     chunk_size,
     with_grad,
     grad_output=1.0,
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     h, h_dtype = as_input(hidden, "hidden")
     w, w_dtype = as_input(linear_weight, "linear_weight")
@@ -328,7 +436,7 @@ def _linear(
         raise ValueError("ignore_index: cannot be given with probability targets (as in torch)")
     # None: -100 for class indices, as torch's linear_cross_entropy.
     opts = ce_options(
-        -100 if ignore_index is None else ignore_index, reduction, label_smoothing, z_loss, softcap
+        -100 if ignore_index is None else ignore_index, reduction, label_smoothing, z_loss, softcap, temperature
     )
     work = softcap_dtype(opts.softcap, np.result_type(h.dtype, w.dtype))
     result_dtype = np.result_type(h_dtype, w_dtype, b_dtype)
@@ -338,30 +446,41 @@ def _linear(
     h = contiguous(h.reshape(n, h.shape[-1]), work)
     w = contiguous(w.reshape(math.prod(w.shape[:-1]), w.shape[-1]), work)
     b = None if b is None else contiguous(b.reshape(-1), work)
+    tw = token_weights(token_weight, row_shape, work)
     t = t if batched else t[None]
     if soft:
         t = t.astype(work, copy=False)
     fused = not soft and cw is None and not out_features
     run = _linear_fused if fused else _linear_blocks
-    loss, dh, dw, db = run(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work)
+    extra = (tw, bool(return_stats))
+    loss, dh, dw, db, stats = run(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work, extra)
     if opts.reduction == "none":
         out = scalar_0d(loss.reshape(row_shape).astype(result_dtype, copy=False))
     else:
         out = loss.astype(result_dtype)[()]
+    if stats is not None:
+        lse, ent, correct = stats
+        denom = 1.0
+        if opts.reduction == "mean" and opts.z_loss != 0.0:
+            denom = mean_denominator(t, soft, cw, tw, opts.ignore_index, len(lse))
+        stats = make_stats(lse, ent, correct, row_shape, result_dtype, z_loss_term(lse, tw, opts, denom))
     if not with_grad:
-        return out
+        return out if stats is None else (out, stats)
 
     def cast(a, shape):
         return None if a is None else a.astype(result_dtype, copy=False).reshape(shape)
 
-    return out, cast(dh, np.shape(hidden)), cast(dw, np.shape(linear_weight)), cast(db, np.shape(linear_bias))
+    grads = cast(dh, np.shape(hidden)), cast(dw, np.shape(linear_weight)), cast(db, np.shape(linear_bias))
+    return (out, *grads) if stats is None else (out, *grads, stats)
 
 
-def _linear_fused(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work):
+def _linear_fused(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work, extra):
     # Class indices, (C, H) weight, no class weights: the Rust kernels (GEMMs and fused rows).
+    tw, return_stats = extra
     n = h.shape[0]
     tk = contiguous(class_indices(t))
     loss = np.empty(n if opts.reduction == "none" else 1, work)
+    stats = stats_buffers(n, work) if return_stats else None
     dh = dw = db = grads = None
     go = 1.0
     if with_grad:
@@ -370,16 +489,19 @@ def _linear_fused(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_out
         dw = np.empty_like(w)
         db = np.empty(classes, work) if b is not None else None
         grads = (dh, dw, db)
+    labels = tk if tw is None else (tk, tw)
+    out = loss if stats is None else (loss, *stats)
     try:
-        _core.linear_cross_entropy((h, w, b), tk, opts, chunk_size, loss, grads, go)
+        _core.linear_cross_entropy((h, w, b), labels, opts, chunk_size, out, grads, go)
     except IndexError:
         raise index_error(t, classes, opts.ignore_index) from None
-    return (loss if opts.reduction == "none" else loss[0]), dh, dw, db
+    return (loss if opts.reduction == "none" else loss[0]), dh, dw, db, stats
 
 
-def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work):
+def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_output, row_shape, work, extra):
     # Class weights, probability targets or a K-dimensional loss: blocks of rows, each block's
     # logits from one GEMM and its loss (and gradient, in place) from the cross-entropy kernel.
+    tw, return_stats = extra
     ignore_index, reduction = opts.ignore_index, opts.reduction
     n, v = h.shape[0], w.shape[0]
     soft = t.dtype.kind == "f"
@@ -391,13 +513,15 @@ def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_ou
             raise index_error(t if row_shape else t[0], classes, ignore_index)
     # The mean's denominator is over all blocks, so it comes first: the summed class weight of
     # the kept targets (their number without weights), or the number of rows for probabilities.
+    rows_total = t.size // classes if soft else t.size
     if reduction != "mean":
         denom = np.float64(1.0)
-    elif soft:
-        denom = np.float64(t.size // classes)
     else:
-        kept = t[t != ignore_index]
-        denom = np.float64(kept.size if cw is None else cw[kept].sum(dtype=np.float64))
+        denom = np.float64(mean_denominator(t, soft, cw, tw, ignore_index, rows_total))
+    # Per-row token weights and statistics in the blocks' row layout (N, d1, ..., dK).
+    tw_rows = None if tw is None else tw.reshape(losses_shape)
+    stats = stats_buffers(rows_total, work) if return_stats else None
+    stat_rows = None if stats is None else tuple(a.reshape(losses_shape) for a in stats)
     grad_rows = None
     if with_grad:
         go = grad_output_rows(grad_output, reduction, row_shape, work)
@@ -415,11 +539,19 @@ def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_ou
         if b is not None:
             lg += b
         lg = lg.reshape((len(hb), classes) + losses.shape[1:])
+        twb = None if tw_rows is None else tw_rows[r0 : r0 + rows]
+        go = 1.0
+        if with_grad:
+            go = grad_rows if np.ndim(grad_rows) == 0 else grad_rows[r0 : r0 + rows]
+        res = checked_cross_entropy(lg, tb, 1, cw, per_row, False, with_grad, go, with_grad, twb, return_stats)
+        if return_stats:
+            *res, st = res
+            for dst, src in zip(stat_rows, st[:3]):
+                dst[r0 : r0 + rows] = src
         if not with_grad:
-            losses[r0 : r0 + rows] = checked_cross_entropy(lg, tb, 1, cw, per_row, False, False)
+            losses[r0 : r0 + rows] = res[0] if return_stats else res
             continue
-        go = grad_rows if np.ndim(grad_rows) == 0 else grad_rows[r0 : r0 + rows]
-        losses[r0 : r0 + rows], g = checked_cross_entropy(lg, tb, 1, cw, per_row, False, True, go, True)
+        losses[r0 : r0 + rows], g = res
         g = g.reshape(len(hb), v)
         dh[r0 : r0 + rows] = g @ w
         dw += g.T @ hb
@@ -428,8 +560,8 @@ def _linear_blocks(h, w, b, t, cw, classes, opts, chunk_size, with_grad, grad_ou
     with np.errstate(invalid="ignore", divide="ignore"):
         loss = losses if reduction == "none" else losses.sum(dtype=np.float64) / denom
     if not with_grad:
-        return loss, None, None, None
-    return loss, dh, dw, db
+        return loss, None, None, None, stats
+    return loss, dh, dw, db, stats
 
 
 def linear_cross_entropy(
@@ -445,6 +577,9 @@ def linear_cross_entropy(
     z_loss=0.0,
     softcap=None,
     chunk_size=None,
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """Cross-entropy of ``hidden @ linear_weight.T + linear_bias`` without ever holding the logits.
 
@@ -477,12 +612,22 @@ def linear_cross_entropy(
         float32), or all of them when there are fewer. On CUDA arrays blocks are whole rows
         (a `chunk_size` below the vocabulary still holds one row) and None picks blocks of at
         most 256 MiB of logits, whole multiples of 128 rows where they allow.
+    temperature : float, default 1.0
+        The logits (bias included) are divided by it first, as in :func:`cross_entropy`; on the
+        CPU the division is folded into the GEMM's output scaling.
+    token_weight : array_like, optional
+        One weight per row (shaped like the per-row loss), as in :func:`cross_entropy`.
+    return_stats : bool, default False
+        Also return a :class:`CrossEntropyStats`, as in :func:`cross_entropy` (`correct`
+        compares the argmax of the logits as the GEMM computes them).
 
     Returns
     -------
     loss : numpy scalar or ndarray
         As :func:`cross_entropy`: a scalar, or one loss per row for ``reduction="none"``. On
         CUDA arrays float32 for float16/bfloat16 inputs (the kernels' float32 loss, unrounded).
+    stats : CrossEntropyStats
+        Only with ``return_stats=True``: ``(loss, stats)`` is returned.
 
     Raises
     ------
@@ -527,6 +672,9 @@ def linear_cross_entropy(
         softcap,
         chunk_size,
         False,
+        temperature=temperature,
+        token_weight=token_weight,
+        return_stats=return_stats,
     )
 
 
@@ -544,12 +692,17 @@ def linear_cross_entropy_with_grad(
     softcap=None,
     chunk_size=None,
     grad_output=1.0,
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """:func:`linear_cross_entropy` and its gradients, still without the N x C logits.
 
     Parameters
     ----------
     hidden, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size
+        As in :func:`linear_cross_entropy`.
+    temperature, token_weight, return_stats
         As in :func:`linear_cross_entropy`.
     grad_output : float or array_like, default 1.0
         The gradients are those of ``grad_output * loss``; with ``reduction="none"`` an array
@@ -565,6 +718,9 @@ def linear_cross_entropy_with_grad(
         Shaped like `linear_weight`.
     dlinear_bias : ndarray or None
         Shaped like `linear_bias`, or None when `linear_bias` is None.
+    stats : CrossEntropyStats
+        Only with ``return_stats=True``: ``(loss, dhidden, dlinear_weight, dlinear_bias,
+        stats)`` is returned.
 
     Raises
     ------
@@ -603,4 +759,7 @@ def linear_cross_entropy_with_grad(
         chunk_size,
         True,
         grad_output,
+        temperature,
+        token_weight,
+        return_stats,
     )

@@ -7,7 +7,8 @@ on their device: the log-probabilities ``z - logsumexp(z)`` (max-shifted) of the
 logits z, or for ``normalizer="stablemax"`` of ``phi = sign(z) * log1p(|z|)`` with the gradient
 chained by ``1 / (1 + |z|)``. Options are checked by the same helpers as the NumPy-first
 functions, so argument errors are the same. Sums run in the logits' dtype (the kernels add up in
-float64), and there is none of the kernels' care for Softmax Collapse. The linear forms compute
+float64), and there is none of the kernels' care for Softmax Collapse. `temperature` and
+`token_weight` as the kernels; ``return_stats=True`` raises NotImplementedError. The linear forms compute
 all logits at once with the namespace's matmul (`chunk_size` is checked, not used).
 """
 
@@ -102,7 +103,31 @@ def _grad_scale(xp, grad_output, reduction: str, row_shape: tuple, like):
     return xp.astype(g, like.dtype)
 
 
-def _cross_entropy(xp, logits, target, axis, weight, opts, stable: bool, with_grad: bool, grad_output=1.0):
+def _refuse_stats(fname: str, return_stats) -> None:
+    if return_stats:
+        raise NotImplementedError(
+            f"{fname}: return_stats=True has no version in the array's own namespace; move the "
+            "arrays to the CPU first"
+        )
+
+
+def _token_weights(xp, token_weight, row_shape: tuple, like, work):
+    """(N,)-shaped token weights as `like`'s namespace holds them, in `work`, or None."""
+    if token_weight is None:
+        return None
+    tw = _as_array(xp, token_weight, like)
+    if not xp.isdtype(tw.dtype, ("real floating", "integral", "bool")):
+        raise TypeError(f"token_weight: unsupported dtype {tw.dtype}")
+    if tuple(tw.shape) != row_shape:
+        raise ValueError(
+            f"token_weight: expected shape {row_shape}, one per row (the per-row loss's shape); got {tuple(tw.shape)}"
+        )
+    return xp.astype(tw, work)
+
+
+def _cross_entropy(
+    xp, logits, target, axis, weight, opts, stable: bool, with_grad: bool, grad_output=1.0, token_weight=None
+):
     """(loss, gradient shaped like `logits` or None), both in the logits' dtype."""
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"logits: unsupported dtype {logits.dtype}")
@@ -128,11 +153,15 @@ def _cross_entropy(xp, logits, target, axis, weight, opts, stable: bool, with_gr
         work = xp.float64
 
     z = xp.moveaxis(xp.astype(logits, work), ax, -1)  # classes last
+    tw = _token_weights(xp, token_weight, row_shape, logits, work)
     chain = None
+    if opts.temperature != 1.0:
+        z = z / opts.temperature
+        chain = xp.full_like(z[..., :1], 1 / opts.temperature)
     if opts.softcap is not None:
         u = xp.tanh(z / opts.softcap)
         z = opts.softcap * u
-        chain = 1 - u * u
+        chain = 1 - u * u if chain is None else chain * (1 - u * u)
     if stable:
         r = 1 / (1 + xp.abs(z))
         z = xp.sign(z) * xp.log1p(xp.abs(z))
@@ -148,7 +177,8 @@ def _cross_entropy(xp, logits, target, axis, weight, opts, stable: bool, with_gr
     if soft:
         q = (1 - s) * xp.moveaxis(xp.astype(t, work), ax, -1) + s / classes
         kept = None
-        denom = math.prod(row_shape)  # the mean is over rows for probabilities
+        # The mean is over rows for probabilities (their token weights with them).
+        denom = math.prod(row_shape) if tw is None else xp.sum(tw)
     else:
         t, kept = _class_indices(xp, t, classes, opts.ignore_index)
         onehot = xp.astype(
@@ -161,12 +191,15 @@ def _cross_entropy(xp, logits, target, axis, weight, opts, stable: bool, with_gr
         q = xp.where(kept[..., None], q, xp.zeros_like(q))
         # The mean divides by the summed weight of the counted targets (their number unweighted).
         row_weight = xp.sum(onehot if cw is None else onehot * cw, axis=-1)
+        row_weight = row_weight if tw is None else row_weight * tw
         denom = xp.sum(xp.where(kept, row_weight, xp.zeros_like(row_weight)))
     # A class with no target mass adds nothing, even where its log-probability is -inf.
     loss = -xp.sum(xp.where(q == 0, xp.zeros_like(q), q * logp), axis=-1)
     lse = lse[..., 0]
     if opts.z_loss:
         loss = loss + opts.z_loss * lse * lse
+    if tw is not None:
+        loss = loss * tw
     if kept is not None:
         loss = xp.where(kept, loss, xp.zeros_like(loss))
     if opts.reduction == "none":
@@ -183,6 +216,8 @@ def _cross_entropy(xp, logits, target, axis, weight, opts, stable: bool, with_gr
     if opts.z_loss:
         total = total + 2 * opts.z_loss * lse[..., None]
     grad = xp.exp(logp) * total - q
+    if tw is not None:
+        grad = grad * tw[..., None]
     if opts.reduction == "none":
         grad = grad * (go[..., None] if hasattr(go, "shape") else go)
     elif opts.reduction == "mean":
@@ -209,9 +244,14 @@ def cross_entropy(
     z_loss=0.0,
     softcap=None,
     normalizer="softmax",
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _cross_entropy(xp, logits, target, axis, weight, opts, check_normalizer(normalizer), False)[0]
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
+    stable = check_normalizer(normalizer)
+    _refuse_stats("normax.cross_entropy", return_stats)
+    return _cross_entropy(xp, logits, target, axis, weight, opts, stable, False, token_weight=token_weight)[0]
 
 
 def cross_entropy_with_grad(
@@ -229,12 +269,16 @@ def cross_entropy_with_grad(
     grad_output=1.0,
     inplace=False,
     normalizer="softmax",
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
     stable = check_normalizer(normalizer)
+    _refuse_stats("normax.cross_entropy_with_grad", return_stats)
     if inplace and not xp.isdtype(logits.dtype, "real floating"):
         raise ValueError("logits: inplace=True needs writeable floating-point logits")
-    loss, grad = _cross_entropy(xp, logits, target, axis, weight, opts, stable, True, grad_output)
+    loss, grad = _cross_entropy(xp, logits, target, axis, weight, opts, stable, True, grad_output, token_weight)
     if not inplace:
         return loss, grad
     try:
@@ -248,7 +292,10 @@ def cross_entropy_with_grad(
 
 
 def _linear(xp, hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-            label_smoothing, z_loss, softcap, chunk_size, with_grad, grad_output=1.0):  # fmt: skip
+            label_smoothing, z_loss, softcap, chunk_size, with_grad, grad_output=1.0,
+            extra=(1.0, None, False)):  # fmt: skip
+    temperature, token_weight, return_stats = extra
+    _refuse_stats("normax.linear_cross_entropy" + ("_with_grad" if with_grad else ""), return_stats)
     h, lw = hidden, _as_array(xp, linear_weight, hidden)
     b = None if linear_bias is None else _as_array(xp, linear_bias, hidden)
     for a, name in ((h, "hidden"), (lw, "linear_weight"), (b, "linear_bias")):
@@ -268,7 +315,7 @@ def _linear(xp, hidden, linear_weight, target, linear_bias, weight, ignore_index
         raise ValueError("ignore_index: cannot be given with probability targets (as in torch)")
     # None: -100 for class indices, as torch's linear_cross_entropy.
     opts = ce_options(
-        -100 if ignore_index is None else ignore_index, reduction, label_smoothing, z_loss, softcap
+        -100 if ignore_index is None else ignore_index, reduction, label_smoothing, z_loss, softcap, temperature
     )
     check_chunk_size(chunk_size)
     work = xp.result_type(h.dtype, lw.dtype) if b is None else xp.result_type(h.dtype, lw.dtype, b.dtype)
@@ -276,7 +323,7 @@ def _linear(xp, hidden, linear_weight, target, linear_bias, weight, ignore_index
     logits = xp.matmul(h, xp.matrix_transpose(lw))
     if b is not None:
         logits = logits + xp.astype(b, work)
-    loss, g = _cross_entropy(xp, logits, t, -1, weight, opts, False, with_grad, grad_output)
+    loss, g = _cross_entropy(xp, logits, t, -1, weight, opts, False, with_grad, grad_output, token_weight)
     if not with_grad:
         return loss
     dh = xp.matmul(g, lw)
@@ -303,9 +350,13 @@ def linear_cross_entropy(
     z_loss=0.0,
     softcap=None,
     chunk_size=None,
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     return _linear(xp, hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-                   label_smoothing, z_loss, softcap, chunk_size, False)  # fmt: skip
+                   label_smoothing, z_loss, softcap, chunk_size, False,
+                   extra=(temperature, token_weight, return_stats))  # fmt: skip
 
 
 def linear_cross_entropy_with_grad(
@@ -323,9 +374,13 @@ def linear_cross_entropy_with_grad(
     softcap=None,
     chunk_size=None,
     grad_output=1.0,
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     return _linear(xp, hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-                   label_smoothing, z_loss, softcap, chunk_size, True, grad_output)  # fmt: skip
+                   label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
+                   (temperature, token_weight, return_stats))  # fmt: skip
 
 
 OPS = {

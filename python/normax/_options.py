@@ -66,12 +66,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 # The checked loss options: one immutable object (fields ignore_index, reduction,
-# label_smoothing, z_loss, softcap; ``replace(**changes)``), the one form in which they reach
-# every backend's kernels.
+# label_smoothing, z_loss, softcap, temperature; ``replace(**changes)``), the one form in which
+# they reach every backend's kernels.
 CeOptions = _core.CeOptions
 
 
-def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeOptions:
+def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature=1.0) -> CeOptions:
     """The loss options checked and converted, as one :class:`CeOptions`; errors name the argument."""
     if isinstance(ignore_index, (bool, np.bool_)):
         raise TypeError("ignore_index: expected an int, got a bool")
@@ -97,7 +97,30 @@ def ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CeO
             raise ValueError(
                 f"softcap: must be at least {_F64_TINY} (float64's smallest normal), got {softcap}"
             )
-    return CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return CeOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, check_temperature(temperature))
+
+
+def check_temperature(temperature) -> float:
+    """A cross-entropy's temperature: a finite number > 0 (TypeError / ValueError naming it)."""
+    temperature = number(temperature, "temperature")
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def token_weights(token_weight, row_shape: tuple, work: np.dtype) -> np.ndarray | None:
+    """A cross-entropy's token weights, one per row (the per-row loss's shape), flat and
+    contiguous in `work`, or None."""
+    if token_weight is None:
+        return None
+    w = np.asarray(token_weight)
+    compute_dtype(w.dtype, "token_weight")
+    if w.shape != tuple(row_shape):
+        raise ValueError(
+            f"token_weight: expected shape {tuple(row_shape)}, one per row (the per-row loss's shape); "
+            f"got {w.shape}"
+        )
+    return contiguous(w, work).reshape(-1)
 
 
 def norm_options(kind: str, eps) -> _core.NormOptions:

@@ -79,6 +79,22 @@ def missing(name: str, op: str, option: str | None = None) -> NotImplementedErro
     return NotImplementedError(f"no {entry.label} kernel for {what} ({entry.route}); {entry.fallback}")
 
 
+def ce_option_without_kernel(temperature=1.0, token_weight=None, return_stats=False) -> str | None:
+    """The first of the cross-entropy's temperature, token_weight and return_stats a backend
+    without kernels for them was given other than their defaults (as :func:`missing` names it),
+    or None: pass only those the backend lacks. A temperature that is no finite number > 0 is
+    refused as the CPU refuses it (TypeError / ValueError naming it)."""
+    from .._options import check_temperature
+
+    if return_stats:
+        return "return_stats=True"
+    if token_weight is not None:
+        return "token_weight="
+    if check_temperature(temperature) != 1.0:
+        return f"temperature={temperature!r}"
+    return None
+
+
 def public_ops() -> dict[str, inspect.Signature]:
     """The public array functions of normax (those taking ``device=``) and their contracts: their
     signatures without ``device=``, which every backend's implementation must have."""

@@ -36,7 +36,7 @@ from .._options import (
     param,
 )
 from .._stablemax import check_normalizer
-from . import missing
+from . import ce_option_without_kernel, missing
 
 _F32 = np.dtype(np.float32)
 _CPU_HINT = "use the CPU (default) backend"
@@ -226,9 +226,15 @@ def _cross_entropy(
     normalizer,
     grad_output=1.0,
     inplace=False,
+    extra=(1.0, None, False),
 ):
     op = "cross_entropy_with_grad" if with_grad else "cross_entropy"
-    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    temperature, token_weight, return_stats = extra
+    # The temperature divides the logits on the host (and the gradient after); no kernel has
+    # token weights or the statistics.
+    if option := ce_option_without_kernel(1.0, token_weight, return_stats):
+        raise missing("wgpu", op, option)
+    opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, temperature)
     if check_normalizer(normalizer):
         raise missing("wgpu", op, f"normalizer={normalizer!r}")
     ignore_index, reduction = opts.ignore_index, opts.reduction
@@ -243,11 +249,17 @@ def _cross_entropy(
     tk = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
     go = grad_output_rows(grad_output, reduction, row_shape, _F32) if with_grad else None
     kernels = _built()
+    t_inv = 1.0 / opts.temperature
+    if t_inv != 1.0:
+        x = np.divide(x, opts.temperature, dtype=x.dtype)
+        opts = opts.replace(temperature=1.0)
     try:
         loss, grad = kernels.wgpu_cross_entropy(_rows(x, plan), tk, w, opts, go)
     except IndexError:
         raise index_error(t, classes, ignore_index) from None
     grad = _restore(grad, plan) if with_grad else None
+    if grad is not None and t_inv != 1.0:
+        grad *= grad.dtype.type(t_inv)
     return ce_results(loss, grad, logits, inplace, reduction, row_shape, result_dtype)
 
 
@@ -263,13 +275,17 @@ def cross_entropy(
     z_loss=0.0,
     softcap=None,
     normalizer="softmax",
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """:func:`normax.cross_entropy` on the GPU, for integer class targets, in float32.
 
     Raises
     ------
     NotImplementedError
-        For class-probability (float) targets and ``normalizer="stablemax"``.
+        For class-probability (float) targets, ``normalizer="stablemax"``, `token_weight` and
+        ``return_stats=True``. (`temperature` divides the logits on the host before the upload.)
     IndexError, ValueError, TypeError, numpy.exceptions.AxisError
         As :func:`normax.cross_entropy`, and TypeError for logits computed in float64 on the CPU.
     RuntimeError
@@ -295,6 +311,7 @@ def cross_entropy(
         softcap,
         False,
         normalizer,
+        extra=(temperature, token_weight, return_stats),
     )
 
 
@@ -312,6 +329,9 @@ def cross_entropy_with_grad(
     grad_output=1.0,
     inplace=False,
     normalizer="softmax",
+    temperature=1.0,
+    token_weight=None,
+    return_stats=False,
 ):
     """:func:`normax.cross_entropy_with_grad` on the GPU: the loss and d(grad_output * loss)/d(logits).
 
@@ -332,6 +352,7 @@ def cross_entropy_with_grad(
         normalizer,
         grad_output,
         bool(inplace),
+        (temperature, token_weight, return_stats),
     )
 
 

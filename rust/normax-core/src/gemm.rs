@@ -10,23 +10,41 @@ use crate::threads;
 /// (row, column) strides; on this crate's thread pool.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul<T: Float>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
     accumulate: bool,
     lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_strides: (usize, usize),
+) {
+    let (l, r) = ((lhs, lhs_strides), (rhs, rhs_strides));
+    matmul_scaled(dims, (dst, dst_rs), accumulate, l, r, T::ONE);
+}
+
+/// dst = scale * ([dst +] lhs @ rhs): [`matmul`] with the result scaled in the GEMM's own
+/// output step (the linear cross-entropy's temperature, at no extra pass).
+pub(crate) unsafe fn matmul_scaled<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut T, usize),
+    accumulate: bool,
+    (lhs, (lhs_rs, lhs_cs)): (*const T, (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (*const T, (usize, usize)),
+    scale: T,
 ) {
     // An interrupted call skips its remaining products (its results are discarded).
     if m == 0 || n == 0 || threads::Stop::current().hit() {
         return;
     }
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                fill(dst.add(i * dst_rs), n, T::ZERO);
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n);
+            if accumulate {
+                row.iter_mut()
+                    .for_each(|v| *v = T::from_f64(v.to_f64() * scale.to_f64()));
+            } else {
+                fill(row.as_mut_ptr(), n, T::ZERO);
             }
         }
         return;
@@ -51,8 +69,9 @@ pub(crate) unsafe fn matmul<T: Float>(
             rhs.at(0),
             rhs_cs as isize,
             rhs_rs as isize,
-            T::ONE,
-            T::ONE,
+            // dst = alpha * dst + beta * lhs @ rhs
+            scale,
+            scale,
             false,
             false,
             false,

@@ -152,6 +152,12 @@ pub struct CeOptions<W> {
     pub z_loss: f64,
     /// Gemma 2's logit cap: logits become softcap * tanh(logits / softcap).
     pub softcap: Option<f64>,
+    /// The logits are divided by it before everything else (before the softcap); the gradient
+    /// carries the 1 / temperature.
+    pub temperature: f64,
+    /// One factor per row on its loss, z-loss and gradient; the mean divides by the summed
+    /// token_weight * class weight of the rows kept. Not differentiated.
+    pub token_weight: Option<W>,
 }
 
 impl<W> Default for CeOptions<W> {
@@ -163,12 +169,16 @@ impl<W> Default for CeOptions<W> {
             label_smoothing: 0.0,
             z_loss: 0.0,
             softcap: None,
+            temperature: 1.0,
+            token_weight: None,
         }
     }
 }
 
 impl<W: Elements> CeOptions<W> {
-    /// Every option in range and one weight per class: the same check on every backend.
+    /// Every option in range and one weight per class: the same check on every backend (the
+    /// token weights' length, one per row, is checked where the rows are known:
+    /// [`CeOptions::check_rows`]).
     pub fn check(&self, classes: usize) -> Result<(), Error> {
         if !(0.0..=1.0).contains(&self.label_smoothing) {
             return Err(Error::Value(format!(
@@ -189,6 +199,12 @@ impl<W: Elements> CeOptions<W> {
                 )));
             }
         }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Value(format!(
+                "temperature: must be a finite number > 0, got {}",
+                self.temperature
+            )));
+        }
         if let Some(w) = &self.weight {
             if w.elements() != classes {
                 return Err(Error::Value(format!(
@@ -198,6 +214,17 @@ impl<W: Elements> CeOptions<W> {
             }
         }
         Ok(())
+    }
+
+    /// One token weight per row (the per-row loss's length).
+    pub fn check_rows(&self, rows: usize) -> Result<(), Error> {
+        match &self.token_weight {
+            Some(t) if t.elements() != rows => Err(Error::Value(format!(
+                "token_weight has {} elements; expected one per row ({rows})",
+                t.elements()
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 

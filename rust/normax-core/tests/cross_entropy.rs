@@ -87,6 +87,7 @@ fn options<'a>(case: &'a Case, w: &'a Option<Vec<f64>>) -> CeOptions<&'a [f64]> 
         label_smoothing,
         z_loss,
         softcap,
+        ..CeOptions::default()
     }
 }
 
@@ -271,6 +272,7 @@ fn f32_matches_f64() {
                     label_smoothing: eps,
                     z_loss: z,
                     softcap: cap,
+                    ..CeOptions::default()
                 };
                 let mut loss = vec![0f32; case.rows];
                 let mut grad = vec![0f32; x32.len()];
@@ -626,6 +628,7 @@ fn linear_matches_logits_then_cross_entropy() {
                 z_loss: z,
                 softcap: cap,
                 weight: None,
+                ..CeOptions::default()
             };
             let go: Vec<f64> = (0..n).map(|i| 1.0 + 0.1 * i as f64).collect();
             let gout = if red == Reduction::None {
@@ -686,6 +689,7 @@ fn linear_matches_logits_then_cross_entropy() {
                         chunk,
                         Some((gout, grads)),
                         &mut loss,
+                        None,
                     )
                     .unwrap();
                     let ok =
@@ -710,6 +714,7 @@ fn linear_matches_logits_then_cross_entropy() {
                         chunk,
                         None,
                         &mut loss_only,
+                        None,
                     )
                     .unwrap();
                     assert!(ok(&loss_only, &want_loss), "{chunk:?} loss only");

@@ -28,6 +28,7 @@ fn opts(
         label_smoothing: eps,
         z_loss: z,
         softcap: cap,
+        ..CeOptions::default()
     }
 }
 
@@ -144,6 +145,7 @@ fn linear_shards_match_the_linear_cross_entropy() {
         None,
         Some((go, grads)),
         &mut loss,
+        None,
     )
     .unwrap();
 

@@ -4,10 +4,10 @@
 //! (classes last); the core re-checks sizes and every target index before any kernel reads.
 
 use crate::arrays::{by_dtype, matrix_shape, readonly, readonly_opt, readwrite, readwrite_opt};
-use crate::arrays::{same_memory, slice, slice_mut, slice_mut_opt, slice_opt, Arr, Read};
+use crate::arrays::{same_memory, slice, slice_mut, slice_mut_opt, slice_opt, Arr, Read, Write};
 use crate::interrupt::detach;
 use crate::options::{CeOptions, GradOutput};
-use normax_core::cross_entropy::{self as k, LinearGrads};
+use normax_core::cross_entropy::{self as k, CeLogits, CeStats, LinearGrads};
 use normax_core::spec::Target;
 use normax_core::Float;
 use numpy::{Element, PyArrayDyn};
@@ -41,28 +41,99 @@ impl<'py, T: Element + Float> Targets<'py, T> {
     }
 }
 
+/// Class weights alone, or (class weights, token weights): either may be None.
+#[derive(FromPyObject)]
+enum Weights<'py> {
+    Both((Option<Arr<'py>>, Option<Arr<'py>>)),
+    Class(Arr<'py>),
+}
+
+impl<'py> Weights<'py> {
+    fn split(w: Option<&Self>) -> (Option<&Arr<'py>>, Option<&Arr<'py>>) {
+        match w {
+            None => (None, None),
+            Some(Weights::Class(c)) => (Some(c), None),
+            Some(Weights::Both((c, t))) => (c.as_ref(), t.as_ref()),
+        }
+    }
+}
+
+/// Where the loss goes: the loss array, or (loss, lse, entropy, correct) for the statistics too
+/// (lse and entropy in the loss's dtype, correct bool, one per row each).
+#[derive(FromPyObject)]
+enum Outputs<'py> {
+    WithStats((Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>)),
+    Loss(Arr<'py>),
+}
+
+/// The writable views of [`Outputs`].
+struct OutputViews<'py, T: Element> {
+    loss: Write<'py, T>,
+    stats: Option<(Write<'py, T>, Write<'py, T>, Write<'py, bool>)>,
+}
+
+impl<'py> Outputs<'py> {
+    fn views<T: Element>(&self) -> PyResult<OutputViews<'py, T>> {
+        Ok(match self {
+            Outputs::Loss(l) => OutputViews {
+                loss: readwrite::<T>(l, "loss")?,
+                stats: None,
+            },
+            Outputs::WithStats((l, lse, ent, c)) => OutputViews {
+                loss: readwrite::<T>(l, "loss")?,
+                stats: Some((
+                    readwrite::<T>(lse, "lse")?,
+                    readwrite::<T>(ent, "entropy")?,
+                    readwrite::<bool>(c, "correct")?,
+                )),
+            },
+        })
+    }
+}
+
+impl<T: Element> OutputViews<'_, T> {
+    fn slices(&mut self) -> PyResult<(&mut [T], Option<CeStats<'_, T>>)> {
+        let stats = match &mut self.stats {
+            None => None,
+            Some((lse, ent, c)) => Some(CeStats {
+                lse: slice_mut(lse, "lse")?,
+                entropy: slice_mut(ent, "entropy")?,
+                correct: slice_mut(c, "correct")?,
+            }),
+        };
+        Ok((slice_mut(&mut self.loss, "loss")?, stats))
+    }
+}
+
 fn ce_typed<T: Float + Element>(
     logits: &Arr<'_>,
-    (target, weight): (&Arr<'_>, Option<&Arr<'_>>),
+    (target, weights): (&Arr<'_>, Option<&Weights<'_>>),
     options: &CeOptions,
-    loss: &Arr<'_>,
+    out: &Outputs<'_>,
     grad: Option<(&Arr<'_>, &GradOutput<'_>)>,
 ) -> PyResult<()> {
     let (rows, classes) = matrix_shape(logits, "logits")?;
     let targets = Targets::<T>::new(target)?;
+    let (weight, token_weight) = Weights::split(weights);
     let weight = readonly_opt::<T>(weight, "weight")?;
+    let token_weight = readonly_opt::<T>(token_weight, "token_weight")?;
     let go = grad.map(|(_, g)| g.read::<T>()).transpose()?.flatten();
-    let mut loss = readwrite::<T>(loss, "loss")?;
-    let o = options.with_weight(slice_opt(&weight, "weight")?);
+    let mut views = out.views::<T>()?;
+    let o = options.with_weights(
+        slice_opt(&weight, "weight")?,
+        slice_opt(&token_weight, "token_weight")?,
+    );
     let t = targets.get()?;
-    let ls = slice_mut(&mut loss, "loss")?;
+    let (ls, stats) = views.slices()?;
     let py = logits.py();
+    let shape = (rows, classes);
     match grad {
         None => {
             let x = readonly::<T>(logits, "logits")?;
             let xs = slice(&x, "logits")?;
+            let go = normax_core::spec::GradOutput::Scalar(0.0);
             detach(py, xs.len(), || {
-                k::cross_entropy(xs, rows, classes, t, &o, ls)
+                k::cross_entropy_into(CeLogits::Loss(xs), shape, t, &o, go, ls, stats)
             })
         }
         Some((g, grad_output)) => {
@@ -70,8 +141,10 @@ fn ce_typed<T: Float + Element>(
             if same_memory(g, logits) {
                 let mut x = readwrite::<T>(logits, "logits")?;
                 let xs = slice_mut(&mut x, "logits")?;
-                return detach(py, xs.len(), || {
-                    k::cross_entropy_with_grad_inplace(xs, rows, classes, t, &o, go, ls)
+                let n = xs.len();
+                return detach(py, n, || {
+                    let x = CeLogits::GradInPlace(xs);
+                    k::cross_entropy_into(x, shape, t, &o, go, ls, stats)
                 });
             }
             let x = readonly::<T>(logits, "logits")?;
@@ -79,7 +152,7 @@ fn ce_typed<T: Float + Element>(
             let xs = slice(&x, "logits")?;
             let gs = slice_mut(&mut g, "grad")?;
             detach(py, xs.len(), || {
-                k::cross_entropy_with_grad(xs, gs, rows, classes, t, &o, go, ls)
+                k::cross_entropy_into(CeLogits::Grad(xs, gs), shape, t, &o, go, ls, stats)
             })
         }
     }
@@ -88,20 +161,22 @@ fn ce_typed<T: Float + Element>(
 /// Cross-entropy of contiguous (rows, classes) logits into `loss` (rows values for reduction
 /// "none", else one). With `grad` (a fresh array, or `logits` itself for in place) also the
 /// gradient of grad_output * loss: `grad_output` a number, or one per row for "none".
+/// `weight` is the class weights or (class weights, token weights); `loss` the loss array or
+/// (loss, lse, entropy, correct) for the per-row statistics too.
 #[pyfunction]
 #[pyo3(signature = (logits, target, weight, options, loss, grad=None, grad_output=GradOutput::Scalar(1.0)))]
 fn cross_entropy(
     logits: &Arr<'_>,
     target: &Arr<'_>,
-    weight: Option<Arr<'_>>,
+    weight: Option<Weights<'_>>,
     options: &CeOptions,
-    loss: &Arr<'_>,
+    loss: Outputs<'_>,
     grad: Option<Arr<'_>>,
     grad_output: GradOutput<'_>,
 ) -> PyResult<()> {
     let ins = (target, weight.as_ref());
     let g = grad.as_ref().map(|g| (g, &grad_output));
-    by_dtype!(logits, ce_typed(logits, ins, options, loss, g))
+    by_dtype!(logits, ce_typed(logits, ins, options, &loss, g))
 }
 
 /// The linear cross-entropy's inputs: hidden (N, H), linear weight (V, H), bias (V,) or None.
@@ -109,21 +184,33 @@ type LinearInputs<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
 /// Its gradients' outputs: dhidden, dlinear_weight, dlinear_bias (with a bias).
 type LinearOutputs<'py> = (Arr<'py>, Arr<'py>, Option<Arr<'py>>);
 
+/// Class indices alone, or (class indices, token weights or None).
+#[derive(FromPyObject)]
+enum Labels<'py> {
+    Weighted((Arr<'py>, Option<Arr<'py>>)),
+    Plain(Arr<'py>),
+}
+
 fn linear_typed<T: Float + Element>(
     (hidden, weight, bias): &LinearInputs<'_>,
-    target: &Arr<'_>,
+    labels: &Labels<'_>,
     (options, chunk_size): (&CeOptions, Option<usize>),
-    loss: &Arr<'_>,
+    out: &Outputs<'_>,
     grads: Option<(&LinearOutputs<'_>, &GradOutput<'_>)>,
 ) -> PyResult<()> {
+    let (target, token_weight) = match labels {
+        Labels::Plain(t) => (t, None),
+        Labels::Weighted((t, w)) => (t, w.as_ref()),
+    };
     let (n, h) = matrix_shape(hidden, "hidden")?;
     let (v, _) = matrix_shape(weight, "linear_weight")?;
     let hid = readonly::<T>(hidden, "hidden")?;
     let w = readonly::<T>(weight, "linear_weight")?;
     let b = readonly_opt::<T>(bias.as_ref(), "linear_bias")?;
     let t = readonly::<i64>(target, "target")?;
+    let tw = readonly_opt::<T>(token_weight, "token_weight")?;
     let go = grads.map(|(_, g)| g.read::<T>()).transpose()?.flatten();
-    let mut loss = readwrite::<T>(loss, "loss")?;
+    let mut views = out.views::<T>()?;
     let mut dh = grads
         .map(|g| readwrite::<T>(&g.0 .0, "dhidden"))
         .transpose()?;
@@ -137,8 +224,8 @@ fn linear_typed<T: Float + Element>(
         slice(&t, "target")?,
     );
     let bs = slice_opt(&b, "linear_bias")?;
-    let o = options.with_weight::<&[T]>(None);
-    let ls = slice_mut(&mut loss, "loss")?;
+    let o = options.with_weights::<&[T]>(None, slice_opt(&tw, "token_weight")?);
+    let (ls, stats) = views.slices()?;
     let grads = match (grads, dh.as_mut(), dw.as_mut()) {
         (Some((_, grad_output)), Some(dh), Some(dw)) => Some((
             grad_output.core(&go)?,
@@ -153,27 +240,28 @@ fn linear_typed<T: Float + Element>(
     // The logits are never held, but each is computed: rows x vocabulary values of work.
     let work = n.saturating_mul(v);
     detach(hidden.py(), work, || {
-        k::linear_cross_entropy(hs, ws, bs, ts, (n, h, v), &o, chunk_size, grads, ls)
+        k::linear_cross_entropy(hs, ws, bs, ts, (n, h, v), &o, chunk_size, grads, ls, stats)
     })
 }
 
 /// Linear cross-entropy: logits = hidden @ linear_weight.T + linear_bias, never all held at
 /// once. With `grads` (fresh dhidden, dlinear_weight and, with a bias, dlinear_bias) also the
-/// gradients of grad_output * loss.
+/// gradients of grad_output * loss. `target` is the class indices or (class indices, token
+/// weights); `loss` as for `cross_entropy`.
 #[pyfunction]
 #[pyo3(signature = (inputs, target, options, chunk_size, loss, grads=None, grad_output=GradOutput::Scalar(1.0)))]
 fn linear_cross_entropy(
     inputs: LinearInputs<'_>,
-    target: &Arr<'_>,
+    target: Labels<'_>,
     options: &CeOptions,
     chunk_size: Option<usize>,
-    loss: &Arr<'_>,
+    loss: Outputs<'_>,
     grads: Option<LinearOutputs<'_>>,
     grad_output: GradOutput<'_>,
 ) -> PyResult<()> {
     let g = grads.as_ref().map(|g| (g, &grad_output));
     let opts = (options, chunk_size);
-    by_dtype!(&inputs.0, linear_typed(&inputs, target, opts, loss, g))
+    by_dtype!(&inputs.0, linear_typed(&inputs, &target, opts, &loss, g))
 }
 
 /// Adds this module's functions to `normax._core`.

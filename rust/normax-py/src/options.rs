@@ -50,11 +50,23 @@ pub(crate) struct CeOptions {
     pub z_loss: f64,
     #[pyo3(get)]
     pub softcap: Option<f64>,
+    #[pyo3(get)]
+    pub temperature: f64,
 }
 
 impl CeOptions {
-    /// The core's options with the class weights `weight` (as the backend holds them).
+    /// The core's options with the class weights `weight` (as the backend holds them) and no
+    /// token weights.
     pub(crate) fn with_weight<W>(&self, weight: Option<W>) -> spec::CeOptions<W> {
+        self.with_weights(weight, None)
+    }
+
+    /// The core's options with class and token weights.
+    pub(crate) fn with_weights<W>(
+        &self,
+        weight: Option<W>,
+        token_weight: Option<W>,
+    ) -> spec::CeOptions<W> {
         spec::CeOptions {
             weight,
             ignore_index: self.ignore_index,
@@ -62,6 +74,8 @@ impl CeOptions {
             label_smoothing: self.label_smoothing,
             z_loss: self.z_loss,
             softcap: self.softcap,
+            temperature: self.temperature,
+            token_weight,
         }
     }
 
@@ -74,13 +88,14 @@ impl CeOptions {
 #[pymethods]
 impl CeOptions {
     #[new]
-    #[pyo3(signature = (ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None))]
+    #[pyo3(signature = (ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0))]
     fn new(
         ignore_index: i64,
         reduction: &str,
         label_smoothing: f64,
         z_loss: f64,
         softcap: Option<f64>,
+        temperature: f64,
     ) -> PyResult<Self> {
         CeOptions {
             ignore_index,
@@ -88,6 +103,7 @@ impl CeOptions {
             label_smoothing,
             z_loss,
             softcap,
+            temperature,
         }
         .checked()
     }
@@ -110,6 +126,7 @@ impl CeOptions {
                 "label_smoothing" => o.label_smoothing = value.extract()?,
                 "z_loss" => o.z_loss = value.extract()?,
                 "softcap" => o.softcap = value.extract()?,
+                "temperature" => o.temperature = value.extract()?,
                 other => {
                     return Err(PyTypeError::new_err(format!(
                         "CeOptions has no field {other:?}"
@@ -127,6 +144,7 @@ impl CeOptions {
             self.label_smoothing.to_bits(),
             self.z_loss.to_bits(),
             self.softcap.map(f64::to_bits),
+            self.temperature.to_bits(),
         ))
     }
 
@@ -140,6 +158,7 @@ impl CeOptions {
             o.label_smoothing,
             o.z_loss,
             o.softcap,
+            o.temperature,
         );
         Ok((slf.get_type().into_any(), args.into_pyobject(slf.py())?))
     }
@@ -149,11 +168,12 @@ impl CeOptions {
             .softcap
             .map_or("None".to_string(), |c| format!("{c:?}"));
         format!(
-            "CeOptions(ignore_index={}, reduction='{}', label_smoothing={:?}, z_loss={:?}, softcap={cap})",
+            "CeOptions(ignore_index={}, reduction='{}', label_smoothing={:?}, z_loss={:?}, softcap={cap}, temperature={:?})",
             self.ignore_index,
             reduction_name(self.reduction),
             self.label_smoothing,
             self.z_loss,
+            self.temperature,
         )
     }
 }

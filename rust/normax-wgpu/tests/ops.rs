@@ -364,6 +364,7 @@ fn check_ce(x: &[f32], rows: usize, cols: usize, t: &[i64], w: &[f32], case: &Ca
         label_smoothing: case.smoothing,
         z_loss: case.z,
         softcap: case.cap,
+        ..gpu::CeOptions::default()
     };
     let g_out = 0.75;
     let (loss, grad) = gpu::cross_entropy(

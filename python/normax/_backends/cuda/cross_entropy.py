@@ -27,7 +27,7 @@ from ..._options import (
     target_kind,
 )
 from ..._stablemax import check_normalizer
-from .. import missing
+from .. import ce_option_without_kernel, missing
 from . import device
 from .device import Lib, lib_of, run
 from .stablemax import ce_logits
@@ -261,8 +261,11 @@ def _grad_scale(lib, grad_output, reduction, denom, row_shape, rows):
 
 def cross_entropy(
     logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
-    label_smoothing=0.0, z_loss=0.0, softcap=None, normalizer="softmax",
+    label_smoothing=0.0, z_loss=0.0, softcap=None, normalizer="softmax", temperature=1.0,
+    token_weight=None, return_stats=False,
 ):  # fmt: skip
+    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
+        raise missing("cuda", "cross_entropy", option)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     stable = check_normalizer(normalizer)
     return cross_entropy_rows("normax.cross_entropy", logits, target, axis, weight, opts, stable, False)
@@ -271,7 +274,10 @@ def cross_entropy(
 def cross_entropy_with_grad(
     logits, target, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=1.0, inplace=False, normalizer="softmax",
+    temperature=1.0, token_weight=None, return_stats=False,
 ):  # fmt: skip
+    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
+        raise missing("cuda", "cross_entropy_with_grad", option)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     stable = check_normalizer(normalizer)
     return cross_entropy_rows(
@@ -502,8 +508,11 @@ def _linear_public(
 
 def linear_cross_entropy(
     hidden, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
-    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, temperature=1.0, token_weight=None,
+    return_stats=False,
 ):  # fmt: skip
+    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
+        raise missing("cuda", "linear_cross_entropy", option)
     return _linear_public(
         "normax.linear_cross_entropy", hidden, linear_weight, target, linear_bias, weight, ignore_index,
         reduction, label_smoothing, z_loss, softcap, chunk_size, False,
@@ -512,8 +521,11 @@ def linear_cross_entropy(
 
 def linear_cross_entropy_with_grad(
     hidden, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
-    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0, temperature=1.0,
+    token_weight=None, return_stats=False,
 ):  # fmt: skip
+    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
+        raise missing("cuda", "linear_cross_entropy_with_grad", option)
     return _linear_public(
         "normax.linear_cross_entropy_with_grad", hidden, linear_weight, target, linear_bias, weight,
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, True, grad_output,

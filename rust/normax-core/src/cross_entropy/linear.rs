@@ -1,14 +1,17 @@
 //! Linear cross-entropy: logits = hidden @ weight^T + bias, one block of rows x vocabulary at a
 //! time, never all held at once.
 
-use super::rows::{cap_into, pass2, pass2_exact, run_rows, Probs, Targets};
+use super::rows::{
+    cap_into, pass2, pass2_exact, run_rows, Probs, RowOutputs, RowStats, StatsOut, Sums, Targets,
+    Top,
+};
 use super::rule::{minus, scale_for, Coef, RowLse, Rule, Scale};
-use super::{finish_loss, prepare};
+use super::{finish_loss, prepare, CeStats};
 use crate::driver::{self, Ptr};
 use crate::float::Float;
-use crate::gemm::{matmul, release_free_memory};
+use crate::gemm::{matmul, matmul_scaled, release_free_memory};
 use crate::isa::{dispatch, Kernel};
-use crate::lse::{ExpSum, Lse};
+use crate::lse::Lse;
 use crate::rows::fill;
 use crate::simd::Vector;
 use crate::spec::{check_len, size, CeOptions, GradOutput, Reduction, Target};
@@ -49,10 +52,13 @@ pub(super) struct Linear<T> {
     pub(super) weight: Ptr<T>,
     pub(super) bias: Ptr<T>,
     pub(super) h: usize,
+    /// The logits come out multiplied by it: 1 / temperature.
+    pub(super) scale: T,
 }
 
 impl<T: Float> Linear<T> {
-    /// out (rn x vn, contiguous) = hidden[r0..r0+rn] @ weight[v0..v0+vn]^T + bias[v0..v0+vn].
+    /// out (rn x vn, contiguous) = (hidden[r0..r0+rn] @ weight[v0..v0+vn]^T + bias[v0..v0+vn])
+    /// * scale.
     pub(super) unsafe fn logits(&self, out: *mut T, r0: usize, rn: usize, v0: usize, vn: usize) {
         let has_bias = !self.bias.0.is_null();
         if has_bias {
@@ -60,15 +66,13 @@ impl<T: Float> Linear<T> {
                 std::ptr::copy_nonoverlapping(self.bias.at(v0), out.add(i * vn), vn);
             }
         }
-        matmul(
+        matmul_scaled(
             (rn, vn, self.h),
-            out,
-            vn,
+            (out, vn),
             has_bias,
-            self.hidden.at(r0 * self.h),
-            (self.h, 1),
-            self.weight.at(v0 * self.h),
-            (1, self.h),
+            (self.hidden.at(r0 * self.h), (self.h, 1)),
+            (self.weight.at(v0 * self.h), (1, self.h)),
+            self.scale,
         );
     }
 
@@ -138,6 +142,11 @@ struct BlockedRow {
     smooth: f64,
     run: f64,
     seen: usize,
+    /// With stats: the entropy of the classes seen so far (of their own softmax, whose
+    /// log-sum-exp is `ent_lse`), and the argmax check over them.
+    entropy: f64,
+    ent_lse: f64,
+    top: Top,
 }
 
 impl BlockedRow {
@@ -147,6 +156,9 @@ impl BlockedRow {
         smooth: 0.0,
         run: f64::NEG_INFINITY,
         seen: 0,
+        entropy: 0.0,
+        ent_lse: f64::NEG_INFINITY,
+        top: Top::NEW,
     };
 }
 
@@ -157,6 +169,7 @@ struct StatsBlock<'a, T> {
     state: Ptr<BlockedRow>,
     targets: &'a [i64],
     ignore: i64,
+    stats: bool,
     row0: usize,
     v0: usize,
     vn: usize,
@@ -168,13 +181,14 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
     #[inline(always)]
     fn run<V: Vector<Elem = T>>(self) {
         let vn = self.vn;
-        let no_probs = Probs::<V>::new(ExpSum::new(1.0, T::ZERO));
+        let rule = self.rule;
         let no_coef = Coef {
             a: 0.0,
             b: 0.0,
             ct: 0.0,
             zl: 0.0,
         };
+        let none = (std::ptr::null(), std::ptr::null());
         for i in self.rows {
             let y = self.targets[self.row0 + i];
             if y == self.ignore {
@@ -182,44 +196,77 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
             }
             unsafe {
                 let x = self.logits.at(i * vn);
-                if let Some(c) = self.rule.cap {
+                let row = &mut *self.state.at(i);
+                if self.stats {
+                    // Before the cap: the argmax of the logits themselves.
+                    row.top.add::<V>(x, self.v0, vn, y as usize);
+                }
+                if let Some(c) = rule.cap {
                     cap_into::<V>(x, x, vn, c);
                 }
                 let part = RowLse::of_block::<V>(x, vn);
-                let row = &mut *self.state.at(i);
                 let local = (y as u64).wrapping_sub(self.v0 as u64);
                 if y >= self.v0 as i64 && local < vn as u64 {
                     row.x_y = (*x.add(local as usize)).to_f64();
                 }
                 let lse = row.lse.combine(part);
-                if self.rule.eps > 0.0 {
+                let run = lse.ln_sum();
+                if rule.eps > 0.0 || self.stats {
+                    // The block's own softmax: sums relative to its log-sum-exp rb.
                     let rb = part.ln_sum();
-                    let inner = if rb == f64::NEG_INFINITY {
-                        f64::INFINITY
-                    } else {
-                        pass2::<V, false>(
-                            x,
-                            std::ptr::null(),
-                            std::ptr::null(),
-                            vn,
-                            Lse { hi: rb, lo: 0.0 },
-                            &no_probs,
-                            &no_coef,
-                            None,
-                            std::ptr::null_mut(),
-                        )
-                        .0
+                    let inner = match part {
+                        _ if rb == f64::NEG_INFINITY => Sums {
+                            smooth: f64::INFINITY,
+                            ..Sums::default()
+                        },
+                        RowLse::Fast(e) => {
+                            let (l, probs) = (Lse { hi: rb, lo: 0.0 }, Probs::<V>::new(e));
+                            let cu = (None, rule.unit);
+                            let g = std::ptr::null_mut();
+                            if self.stats {
+                                pass2::<V, false, true>(x, none, vn, l, &probs, &no_coef, cu, g)
+                            } else {
+                                pass2::<V, false, false>(x, none, vn, l, &probs, &no_coef, cu, g)
+                            }
+                        }
+                        RowLse::Exact { max, sum } => {
+                            let l = Lse {
+                                hi: max,
+                                lo: sum.ln(),
+                            };
+                            let g = std::ptr::null_mut();
+                            pass2_exact::<T, false>(x, none, vn, l, &no_coef, None, g)
+                        }
+                        RowLse::Nan => Sums {
+                            smooth: f64::NAN,
+                            soft: 0.0,
+                            entropy: f64::NAN,
+                        },
                     };
-                    let run = lse.ln_sum();
-                    let before = if row.seen > 0 {
-                        row.smooth + row.seen as f64 * (run - row.run)
-                    } else {
-                        0.0
-                    };
-                    row.smooth = before + inner + vn as f64 * (run - rb);
-                    row.run = run;
-                    row.seen += vn;
+                    if rule.eps > 0.0 {
+                        let before = if row.seen > 0 {
+                            row.smooth + row.seen as f64 * (run - row.run)
+                        } else {
+                            0.0
+                        };
+                        row.smooth = before + inner.smooth + vn as f64 * (run - rb);
+                    }
+                    if self.stats {
+                        // H = sum over blocks of (their share of the sum) * (H_b + lse - lse_b):
+                        // every term >= 0.
+                        let mut h = 0.0;
+                        if row.ent_lse > f64::NEG_INFINITY {
+                            h += (row.ent_lse - run).exp() * (row.entropy + (run - row.ent_lse));
+                        }
+                        if rb > f64::NEG_INFINITY {
+                            h += (rb - run).exp() * (inner.entropy + (run - rb));
+                        }
+                        row.entropy = h;
+                        row.ent_lse = run;
+                    }
                 }
+                row.run = run;
+                row.seen += vn;
                 row.lse = lse;
             }
         }
@@ -262,15 +309,18 @@ impl<T: Float> Kernel<T> for GradBlock<'_, T> {
                 if let Some(c) = self.rule.cap {
                     cap_into::<V>(x, x, vn, c);
                 }
-                let coef = self.rule.coef(lse.value(), 1.0, self.scale.of(g));
-                let (w, t) = (std::ptr::null(), std::ptr::null());
+                let rule = self.rule;
+                let s = self.scale.of(g) * rule.token_weight_of(g) * rule.grad_t;
+                let coef = rule.coef(lse.value(), 1.0, s);
+                let none = (std::ptr::null(), std::ptr::null());
                 match st.lse {
                     RowLse::Fast(e) => {
                         let probs = Probs::<V>::new(e);
-                        pass2::<V, true>(x, w, t, vn, lse, &probs, &coef, self.rule.cap, x);
+                        let cu = (rule.cap, rule.unit);
+                        pass2::<V, true, false>(x, none, vn, lse, &probs, &coef, cu, x);
                     }
                     _ => {
-                        pass2_exact::<T, true>(x, w, t, vn, lse, &coef, self.rule.cap, x);
+                        pass2_exact::<T, true>(x, none, vn, lse, &coef, rule.cap, x);
                     }
                 }
                 let local = (y as u64).wrapping_sub(self.v0 as u64);
@@ -285,7 +335,9 @@ impl<T: Float> Kernel<T> for GradBlock<'_, T> {
 
 /// Linear cross-entropy: the loss of logits = hidden @ weight^T + bias (hidden n x h, weight v x h,
 /// target n) without holding the n x v logits; with `grads`, also the gradients of
-/// grad_output * loss. `opts.weight` (class weights) is not supported here.
+/// grad_output * loss; with `stats`, the rows' statistics (as [`super::cross_entropy_into`]'s; the
+/// argmax is that of the logits as computed, divided by the temperature). `opts.weight` (class
+/// weights) is not supported here.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy<T: Float>(
     hidden: &[T],
@@ -297,6 +349,7 @@ pub fn linear_cross_entropy<T: Float>(
     chunk_size: Option<usize>,
     grads: Option<(GradOutput<&[T]>, LinearGrads<T>)>,
     loss: &mut [T],
+    mut stats: Option<CeStats<T>>,
 ) -> Result<(), Error> {
     if opts.weight.is_some() {
         return Err(Error::Value(
@@ -312,6 +365,10 @@ pub fn linear_cross_entropy<T: Float>(
         check_len("bias", b.len(), v)?;
     }
     let denom = prepare(n, v, &Target::<_, &[T]>::Classes(target), opts, loss)?;
+    let stats_out = match &mut stats {
+        Some(s) => s.check(n)?,
+        None => StatsOut::NONE,
+    };
     let (scale, mut grads) = match grads {
         Some((go, g)) => {
             check_len("dhidden", g.dhidden.len(), hidden.len())?;
@@ -329,12 +386,15 @@ pub fn linear_cross_entropy<T: Float>(
         }
         None => (Scale::All(0.0), None),
     };
-    let rule = Rule::new(opts, v);
+    let mut rule = Rule::new(opts, v);
+    // The GEMM divides by the temperature as it writes each block.
+    rule.inv_t = None;
     let lin = Linear {
         hidden: Ptr::from_const(hidden.as_ptr()),
         weight: Ptr::from_const(weight.as_ptr()),
         bias: Ptr::from_const(bias.map_or(std::ptr::null(), |b| b.as_ptr())),
         h,
+        scale: T::from_f64(rule.grad_t),
     };
     let losses = if opts.reduction == Reduction::None {
         Ptr(loss.as_mut_ptr())
@@ -370,7 +430,11 @@ pub fn linear_cross_entropy<T: Float>(
                 Ptr(std::ptr::null_mut())
             };
             let targets = Targets::Classes(target, ignore);
-            total += run_rows(&rule, blk, grad, targets, scale, losses, rn, v, r0);
+            let out = RowOutputs {
+                losses,
+                stats: stats_out,
+            };
+            total += run_rows(&rule, blk, grad, targets, scale, out, rn, v, r0);
             if let Some(g) = &mut grads {
                 let sums = g.dbias.as_ref().map(|_| &mut bias_sums[..]);
                 unsafe {
@@ -401,6 +465,7 @@ pub fn linear_cross_entropy<T: Float>(
                     state: st,
                     targets: target,
                     ignore,
+                    stats: stats_out.wanted(),
                     row0: r0,
                     v0,
                     vn,
@@ -410,16 +475,36 @@ pub fn linear_cross_entropy<T: Float>(
         }
         for (i, s) in state.iter().enumerate() {
             let g = r0 + i;
-            let l = if target[g] == ignore {
-                0.0
+            let (l, row_stats) = if target[g] == ignore {
+                (0.0, RowStats::IGNORED)
             } else {
+                let tw = rule.token_weight_of(g);
+                let correct = s.top.correct();
                 match s.lse.lse() {
-                    Some(lse) => rule.loss(lse.value(), minus(lse, s.x_y), s.smooth),
-                    None => f64::NAN,
+                    Some(lse) => {
+                        let l = rule.loss(lse.value(), minus(lse, s.x_y), s.smooth);
+                        let st = RowStats {
+                            lse: lse.value(),
+                            entropy: s.entropy,
+                            correct,
+                        };
+                        (l * tw, st)
+                    }
+                    None => {
+                        let st = RowStats {
+                            lse: s.lse.ln_sum(),
+                            entropy: f64::NAN,
+                            correct,
+                        };
+                        (f64::NAN, st)
+                    }
                 }
             };
             if !losses.0.is_null() {
                 unsafe { *losses.at(g) = T::from_f64(l) };
+            }
+            if stats_out.wanted() {
+                unsafe { stats_out.write(g, row_stats) };
             }
             total += l;
         }

@@ -33,7 +33,7 @@ use crate::driver::Ptr;
 use crate::float::Float;
 use crate::spec::{check_class, check_len, size, CeOptions, GradOutput, Reduction, Target};
 use crate::Error;
-use rows::{run_rows, Targets};
+use rows::{run_rows, RowOutputs, StatsOut, Targets};
 use rule::{scale_for, Rule};
 
 pub use linear::{linear_block, linear_cross_entropy, LinearGrads, DEFAULT_CHUNK};
@@ -43,20 +43,57 @@ pub use vocab_parallel::{
     ShardLinear,
 };
 
-/// Checks every class index; returns the mean's denominator, the summed weight of the rows kept.
+/// Checks every class index; returns the mean's denominator, the summed weight of the rows kept
+/// (class weight of the target times the row's token weight).
 fn check_classes<T: Float>(
     target: &[i64],
     classes: usize,
     ignore: i64,
     weight: Option<&[T]>,
+    token_weight: Option<&[T]>,
 ) -> Result<f64, Error> {
     let mut total = 0.0;
     for (i, &y) in target.iter().enumerate() {
         if let Some(c) = check_class(i, y, classes, ignore)? {
-            total += weight.map_or(1.0, |w| w[c].to_f64());
+            let w = weight.map_or(1.0, |w| w[c].to_f64());
+            total += token_weight.map_or(w, |t| w * t[i].to_f64());
         }
     }
     Ok(total)
+}
+
+/// The per-row statistics of `return_stats` (one value per row each): the log-sum-exp and the
+/// entropy of the distribution the loss uses (logits divided by the temperature, then capped),
+/// and whether the argmax of the logits as given is the target (the argmax of the target row for
+/// probability targets). Ignored rows: 0, 0, false. NaN rows: NaN (lse -inf where every logit is
+/// -inf), NaN.
+pub struct CeStats<'a, T> {
+    pub lse: &'a mut [T],
+    pub entropy: &'a mut [T],
+    pub correct: &'a mut [bool],
+}
+
+impl<T: Float> CeStats<'_, T> {
+    fn check(&mut self, rows: usize) -> Result<StatsOut<T>, Error> {
+        check_len("lse", self.lse.len(), rows)?;
+        check_len("entropy", self.entropy.len(), rows)?;
+        check_len("correct", self.correct.len(), rows)?;
+        Ok(StatsOut {
+            lse: Ptr(self.lse.as_mut_ptr()),
+            entropy: Ptr(self.entropy.as_mut_ptr()),
+            correct: Ptr(self.correct.as_mut_ptr()),
+        })
+    }
+}
+
+/// The logits of [`cross_entropy_into`] and where its gradient goes.
+pub enum CeLogits<'a, T> {
+    /// The loss alone.
+    Loss(&'a [T]),
+    /// The loss, and the gradient into the second slice.
+    Grad(&'a [T], &'a mut [T]),
+    /// The loss, and the gradient written over the logits.
+    GradInPlace(&'a mut [T]),
 }
 
 /// Writes the reduced loss (the per-row buffer is already written for reduction None).
@@ -75,11 +112,18 @@ pub(super) fn prepare<T: Float>(
     loss: &[T],
 ) -> Result<f64, Error> {
     opts.check(classes)?;
+    opts.check_rows(rows)?;
     check_len("loss", loss.len(), opts.reduction.loss_len(rows))?;
     match target {
         Target::Classes(t) => {
             check_len("target", t.len(), rows)?;
-            check_classes(t, classes, opts.ignore_index, opts.weight)
+            check_classes(
+                t,
+                classes,
+                opts.ignore_index,
+                opts.weight,
+                opts.token_weight,
+            )
         }
         Target::Probs(p) => {
             check_len("target", p.len(), size(rows, classes)?)?;
@@ -88,7 +132,9 @@ pub(super) fn prepare<T: Float>(
                     "ignore_index is not supported with class-probability targets".into(),
                 ));
             }
-            Ok(rows as f64)
+            Ok(opts
+                .token_weight
+                .map_or(rows as f64, |t| t.iter().map(|v| v.to_f64()).sum()))
         }
     }
 }
@@ -107,9 +153,13 @@ unsafe fn run<T: Float>(
     target: Target<&[i64], &[T]>,
     opts: &CeOptions<&[T]>,
     grad_output: GradOutput<&[T]>,
-    loss: &mut [T],
+    (loss, mut stats): (&mut [T], Option<CeStats<T>>),
 ) -> Result<(), Error> {
     check_len("logits", x_len, size(rows, classes)?)?;
+    let stats = match &mut stats {
+        Some(s) => s.check(rows)?,
+        None => StatsOut::NONE,
+    };
     if !grad.is_null() {
         check_len("grad", grad_len, x_len)?;
     }
@@ -125,13 +175,14 @@ unsafe fn run<T: Float>(
     } else {
         Ptr(std::ptr::null_mut())
     };
+    let out = RowOutputs { losses, stats };
     let total = run_rows(
         &rule,
         Ptr::from_const(x),
         Ptr(grad),
         targets,
         scale,
-        losses,
+        out,
         rows,
         classes,
         0,
@@ -150,10 +201,9 @@ pub fn cross_entropy<T: Float>(
     opts: &CeOptions<&[T]>,
     loss: &mut [T],
 ) -> Result<(), Error> {
-    let x = (logits.as_ptr(), logits.len());
-    let no_grad = (std::ptr::null_mut(), 0);
     let go = GradOutput::Scalar(0.0);
-    unsafe { run(x, no_grad, rows, classes, target, opts, go, loss) }
+    let x = CeLogits::Loss(logits);
+    cross_entropy_into(x, (rows, classes), target, opts, go, loss, None)
 }
 
 /// [`cross_entropy`] and d(grad_output * loss)/d(logits) into `grad`.
@@ -168,11 +218,8 @@ pub fn cross_entropy_with_grad<T: Float>(
     grad_output: GradOutput<&[T]>,
     loss: &mut [T],
 ) -> Result<(), Error> {
-    let (x, g) = (
-        (logits.as_ptr(), logits.len()),
-        (grad.as_mut_ptr(), grad.len()),
-    );
-    unsafe { run(x, g, rows, classes, target, opts, grad_output, loss) }
+    let x = CeLogits::Grad(logits, grad);
+    cross_entropy_into(x, (rows, classes), target, opts, grad_output, loss, None)
 }
 
 /// [`cross_entropy_with_grad`] writing the gradient over the logits.
@@ -185,17 +232,30 @@ pub fn cross_entropy_with_grad_inplace<T: Float>(
     grad_output: GradOutput<&[T]>,
     loss: &mut [T],
 ) -> Result<(), Error> {
-    let (p, n) = (logits.as_mut_ptr(), logits.len());
-    unsafe {
-        run(
-            (p, n),
-            (p, n),
-            rows,
-            classes,
-            target,
-            opts,
-            grad_output,
-            loss,
-        )
-    }
+    let x = CeLogits::GradInPlace(logits);
+    cross_entropy_into(x, (rows, classes), target, opts, grad_output, loss, None)
+}
+
+/// Every form of the cross-entropy in one: the loss of `logits` ((rows, classes), contiguous),
+/// the gradient where `logits` asks for it, and with `stats` the per-row statistics, all from
+/// the same passes over each row.
+pub fn cross_entropy_into<T: Float>(
+    logits: CeLogits<T>,
+    (rows, classes): (usize, usize),
+    target: Target<&[i64], &[T]>,
+    opts: &CeOptions<&[T]>,
+    grad_output: GradOutput<&[T]>,
+    loss: &mut [T],
+    stats: Option<CeStats<T>>,
+) -> Result<(), Error> {
+    let (x, g) = match logits {
+        CeLogits::Loss(x) => ((x.as_ptr(), x.len()), (std::ptr::null_mut(), 0)),
+        CeLogits::Grad(x, g) => ((x.as_ptr(), x.len()), (g.as_mut_ptr(), g.len())),
+        CeLogits::GradInPlace(x) => {
+            let (p, n) = (x.as_mut_ptr(), x.len());
+            ((p as *const T, n), (p, n))
+        }
+    };
+    let out = (loss, stats);
+    unsafe { run(x, g, rows, classes, target, opts, grad_output, out) }
 }

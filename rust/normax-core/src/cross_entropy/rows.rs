@@ -8,8 +8,8 @@ use crate::isa::{dispatch, Kernel};
 use crate::lse::{
     refined_lse, refined_lse_from_terms, sum_in_cache, ExpSum, Lse, ScaledExp, IN_CACHE_MAX_LEN,
 };
-use crate::rows::{dot, fill, load_n, map_elements, store_n};
-use crate::simd::{tanh, Vector, MAX_LANES};
+use crate::rows::{dot, fill, keep_lanes, load_n, map_elements, store_n};
+use crate::simd::{load_partial, tanh, Vector, MAX_LANES};
 use crate::sum::SHORT_FOLD;
 
 /// softmax(x) = exp(x) * 2^-n / m for x of a fast-path row whose sum of exponentials is m * 2^n.
@@ -87,6 +87,46 @@ pub(super) unsafe fn cap_into<V: Vector>(
     );
 }
 
+/// The logits the loss sees, z = cap(x / temperature), into `y` (which may be `x`); returns `y`,
+/// or `x` itself where the rule changes nothing.
+#[inline(always)]
+pub(super) unsafe fn transform_into<V: Vector>(
+    rule: &Rule<V::Elem>,
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+) -> *const V::Elem {
+    match (rule.inv_t, rule.cap) {
+        (None, None) => x,
+        (None, Some(c)) => {
+            cap_into::<V>(x, y, len, c);
+            y
+        }
+        (Some(k), None) => {
+            let k = V::splat(k);
+            map_elements::<V>(
+                x,
+                y,
+                len,
+                #[inline(always)]
+                |v| v.mul(k),
+            );
+            y
+        }
+        (Some(k), Some(c)) => {
+            let (k, s, inv_s) = (V::splat(k), V::splat(c), V::splat(V::Elem::ONE / c));
+            map_elements::<V>(
+                x,
+                y,
+                len,
+                #[inline(always)]
+                |v| tanh(v.mul(k).mul(inv_s)).mul(s),
+            );
+            y
+        }
+    }
+}
+
 /// The loop-invariant state of [`pass2`].
 struct Pass2<V: Vector> {
     x: *const V::Elem,
@@ -101,12 +141,21 @@ struct Pass2<V: Vector> {
     ct: V,
     inv_cap: Option<V>,
     probs: Probs<V>,
+    /// `Rule::unit`: the scale of the weighted sums' terms.
+    unit: V,
+    /// The largest finite value: r - x = inf (x = -inf) times p = 0 adds 0 to the entropy.
+    big: V,
 }
 
 impl<V: Vector> Pass2<V> {
     /// Elements [i, i + n), n <= LANES.
     #[inline(always)]
-    unsafe fn step<const GRAD: bool>(&self, i: usize, n: usize, s: &mut Acc<V>, st: &mut Acc<V>) {
+    unsafe fn step<const GRAD: bool, const STATS: bool>(
+        &self,
+        i: usize,
+        n: usize,
+        [s, st, h]: &mut [Acc<V>; 3],
+    ) {
         let one = V::splat(V::Elem::ONE);
         let xv = load_n::<V>(self.x.add(i), n);
         // Padding lanes get weight 0, so they add nothing.
@@ -118,7 +167,10 @@ impl<V: Vector> Pass2<V> {
             let ones = [V::Elem::ONE; MAX_LANES];
             load_n::<V>(ones.as_ptr(), n)
         };
-        let wd = wv.mul(self.hi.sub(xv).add(self.lo));
+        let d = self.hi.sub(xv).add(self.lo);
+        // Scaled before the weight: w_c (r - x_c) may exceed the largest float where the loss
+        // does not (x_c near -max, w_c > 1).
+        let wd = wv.mul(d.mul(self.unit));
         s.add(wd);
         let tv = if self.t.is_null() {
             None
@@ -128,12 +180,21 @@ impl<V: Vector> Pass2<V> {
         if let Some(tv) = tv {
             st.add(wd.mul(tv));
         }
+        let p = if GRAD || STATS {
+            self.probs.of(xv)
+        } else {
+            V::splat(V::Elem::ZERO)
+        };
+        if STATS {
+            // Padding lanes read as 0 (x = 0): their p is not 0, so keep them out.
+            h.add(keep_lanes::<V>(p, n).mul(d.min(self.big)));
+        }
         if GRAD {
             let off = match tv {
                 Some(tv) => tv.mul_add(self.ct, self.b),
                 None => self.b,
             };
-            let mut g = self.probs.of(xv).mul(self.a).sub(wv.mul(off));
+            let mut g = p.mul(self.a).sub(wv.mul(off));
             if let Some(ic) = self.inv_cap {
                 let u = xv.mul(ic);
                 g = g.mul(one.sub(u.mul(u)));
@@ -143,24 +204,32 @@ impl<V: Vector> Pass2<V> {
     }
 }
 
+/// The sums pass 2 returns: with r = lse, `smooth` = sum_c w_c (r - x_c), `soft` = sum_c w_c
+/// t_c (r - x_c) (0 without `t`), `entropy` = sum_c p_c (r - x_c) (with STATS, else 0).
+#[derive(Clone, Copy, Default)]
+pub(super) struct Sums {
+    pub(super) smooth: f64,
+    pub(super) soft: f64,
+    pub(super) entropy: f64,
+}
+
 /// Pass 2 over x[..len] (a row, or one vocabulary block of it), fast path.
 ///
-/// Returns (sum_c w_c (r - x_c), sum_c w_c t_c (r - x_c)) with r = `lse` (the second is 0 without
-/// `t`). With GRAD, also writes grad_c = (p_c * a - w_c * (b + ct * t_c)) * cap'(x_c), p_c from
-/// `probs`. Null `w` means all ones, null `t` all zeros. `grad` may be `x`.
+/// Returns its [`Sums`] (the smoothing terms accumulated at `unit`, see `Rule::unit`). With
+/// GRAD, also writes grad_c = (p_c * a - w_c * (b + ct * t_c)) * cap'(x_c), p_c from `probs`.
+/// Null `w` means all ones, null `t` all zeros. `grad` may be `x`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn pass2<V: Vector, const GRAD: bool>(
+pub(super) unsafe fn pass2<V: Vector, const GRAD: bool, const STATS: bool>(
     x: *const V::Elem,
-    w: *const V::Elem,
-    t: *const V::Elem,
+    (w, t): (*const V::Elem, *const V::Elem),
     len: usize,
     lse: Lse,
     probs: &Probs<V>,
     coef: &Coef,
-    cap: Option<V::Elem>,
+    (cap, unit): (Option<V::Elem>, f64),
     grad: *mut V::Elem,
-) -> (f64, f64) {
+) -> Sums {
     let hi = V::Elem::from_f64(lse.hi);
     let p = Pass2 {
         x,
@@ -177,32 +246,37 @@ pub(super) unsafe fn pass2<V: Vector, const GRAD: bool>(
             None => None,
         },
         probs: *probs,
+        unit: V::splat(V::Elem::from_f64(unit)),
+        big: V::splat(V::Elem::from_f64(f64::MAX)),
     };
-    let (mut acc_s, mut acc_t) = (Acc::<V>::new(), Acc::<V>::new());
+    let mut acc = [Acc::<V>::new(), Acc::<V>::new(), Acc::<V>::new()];
     let mut i = 0;
     while i + V::LANES <= len {
-        p.step::<GRAD>(i, V::LANES, &mut acc_s, &mut acc_t);
+        p.step::<GRAD, STATS>(i, V::LANES, &mut acc);
         i += V::LANES;
     }
     if i < len {
-        p.step::<GRAD>(i, len - i, &mut acc_s, &mut acc_t);
+        p.step::<GRAD, STATS>(i, len - i, &mut acc);
     }
-    (acc_s.value(), acc_t.value())
+    Sums {
+        smooth: acc[0].value() / unit,
+        soft: acc[1].value() / unit,
+        entropy: acc[2].value(),
+    }
 }
 
-/// [`pass2`] for rows on the exact path: scalar f64, p_c = exp(x_c - lse).
+/// [`pass2`] for rows on the exact path: scalar f64, p_c = exp(x_c - lse); every sum in f64.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn pass2_exact<T: Float, const GRAD: bool>(
     x: *const T,
-    w: *const T,
-    t: *const T,
+    (w, t): (*const T, *const T),
     len: usize,
     lse: Lse,
     coef: &Coef,
     cap: Option<T>,
     grad: *mut T,
-) -> (f64, f64) {
-    let (mut acc_s, mut acc_t) = (0.0, 0.0);
+) -> Sums {
+    let mut sums = Sums::default();
     for c in 0..len {
         let xv = (*x.add(c)).to_f64();
         let wv = if w.is_null() {
@@ -217,10 +291,16 @@ pub(super) unsafe fn pass2_exact<T: Float, const GRAD: bool>(
         };
         let d = minus(lse, xv);
         let wd = wv * d;
-        acc_s += wd;
-        acc_t += wd * tv;
+        sums.smooth += wd;
+        if !t.is_null() {
+            sums.soft += wd * tv;
+        }
+        let p = (-d).exp();
+        if p > 0.0 {
+            sums.entropy += p * d;
+        }
         if GRAD {
-            let mut g = (-d).exp() * coef.a - wv * (coef.b + coef.ct * tv);
+            let mut g = p * coef.a - wv * (coef.b + coef.ct * tv);
             if let Some(s) = cap {
                 let u = xv / s.to_f64();
                 g *= 1.0 - u * u;
@@ -228,7 +308,7 @@ pub(super) unsafe fn pass2_exact<T: Float, const GRAD: bool>(
             *grad.add(c) = T::from_f64(g);
         }
     }
-    (acc_s, if t.is_null() { 0.0 } else { acc_t })
+    sums
 }
 
 /// What one row is scored against.
@@ -239,14 +319,175 @@ enum RowTarget<T> {
     Probs(*const T),
 }
 
-/// One whole row: returns its loss and, with GRAD, writes its gradient (scaled by `s`) to `grad`.
-/// With a softcap the capped logits go to `buf` first (it may be `x` or `grad`).
+/// A row's statistics (`return_stats`): the log-sum-exp and entropy of the distribution the loss
+/// uses, and whether the argmax of the logits as given is the target.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct RowStats {
+    pub(super) lse: f64,
+    pub(super) entropy: f64,
+    pub(super) correct: bool,
+}
+
+impl RowStats {
+    /// An ignored row's.
+    pub(super) const IGNORED: RowStats = RowStats {
+        lse: 0.0,
+        entropy: 0.0,
+        correct: false,
+    };
+}
+
+/// Where the per-row statistics go, indexed by the row's global index; null: not asked for.
+#[derive(Clone, Copy)]
+pub(super) struct StatsOut<T> {
+    pub(super) lse: Ptr<T>,
+    pub(super) entropy: Ptr<T>,
+    pub(super) correct: Ptr<bool>,
+}
+
+impl<T: Float> StatsOut<T> {
+    pub(super) const NONE: StatsOut<T> = StatsOut {
+        lse: Ptr(std::ptr::null_mut()),
+        entropy: Ptr(std::ptr::null_mut()),
+        correct: Ptr(std::ptr::null_mut()),
+    };
+
+    pub(super) fn wanted(&self) -> bool {
+        !self.lse.0.is_null()
+    }
+
+    /// # Safety
+    /// Row `g` within every buffer.
+    pub(super) unsafe fn write(&self, g: usize, s: RowStats) {
+        *self.lse.at(g) = T::from_f64(s.lse);
+        *self.entropy.at(g) = T::from_f64(s.entropy);
+        *self.correct.at(g) = s.correct;
+    }
+}
+
+/// (max, any NaN) of x[..len]; max -inf when empty.
+#[inline(always)]
+unsafe fn max_and_nan<V: Vector>(x: *const V::Elem, len: usize) -> (V::Elem, bool) {
+    let inf = V::splat(V::Elem::INFINITY);
+    let mut mx = V::splat(V::Elem::NEG_INFINITY);
+    let mut nan = V::mask_none();
+    let mut i = 0;
+    while i < len {
+        let n = (len - i).min(V::LANES);
+        let v = load_partial::<V>(x.add(i), n, V::Elem::NEG_INFINITY);
+        // Nothing is greater than +inf: the lanes set are the NaN ones.
+        nan = V::mask_or(nan, v.gt_or_nan(inf));
+        mx = mx.max(v);
+        i += V::LANES;
+    }
+    (mx.reduce_max(), V::mask_any(nan))
+}
+
+/// What decides whether a row's argmax is its target, gathered over the row or over blocks of
+/// it: the largest logit before the target and after it, whether any of those is NaN, and the
+/// target's own.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Top {
+    before: V64,
+    after: V64,
+    x_y: f64,
+}
+
+/// The max and NaN flag of a set of logits (max -inf and `any` false when empty).
+#[derive(Clone, Copy, Debug)]
+struct V64 {
+    max: f64,
+    nan: bool,
+    any: bool,
+}
+
+impl V64 {
+    const EMPTY: V64 = V64 {
+        max: f64::NEG_INFINITY,
+        nan: false,
+        any: false,
+    };
+
+    #[inline(always)]
+    unsafe fn add<V: Vector>(&mut self, x: *const V::Elem, len: usize) {
+        if len > 0 {
+            let (m, nan) = max_and_nan::<V>(x, len);
+            self.max = self.max.max(m.to_f64());
+            self.nan |= nan;
+            self.any = true;
+        }
+    }
+}
+
+impl Top {
+    pub(super) const NEW: Top = Top {
+        before: V64::EMPTY,
+        after: V64::EMPTY,
+        x_y: f64::NAN,
+    };
+
+    /// Adds x[..len], the classes [v0, v0 + len) of a row whose target is `y`.
+    #[inline(always)]
+    pub(super) unsafe fn add<V: Vector>(
+        &mut self,
+        x: *const V::Elem,
+        v0: usize,
+        len: usize,
+        y: usize,
+    ) {
+        let local = y.wrapping_sub(v0);
+        if y < v0 {
+            self.after.add::<V>(x, len);
+        } else if local >= len {
+            self.before.add::<V>(x, len);
+        } else {
+            self.before.add::<V>(x, local);
+            self.x_y = (*x.add(local)).to_f64();
+            self.after.add::<V>(x.add(local + 1), len - local - 1);
+        }
+    }
+
+    /// `np.argmax == y`: no NaN before the target, and either the target NaN or nothing before
+    /// it as large and nothing after it larger (nor NaN).
+    pub(super) fn correct(&self) -> bool {
+        let (b, a, x_y) = (self.before, self.after, self.x_y);
+        !b.nan && (x_y.is_nan() || ((!b.any || b.max < x_y) && !a.nan && a.max <= x_y))
+    }
+}
+
+/// Whether `np.argmax(x[..len]) == y`: the first maximum, or the first NaN where there is one.
+#[inline(always)]
+pub(super) unsafe fn argmax_is<V: Vector>(x: *const V::Elem, len: usize, y: usize) -> bool {
+    let mut top = Top::NEW;
+    top.add::<V>(x, 0, len, y);
+    top.correct()
+}
+
+/// `np.argmax(x[..len])` (first maximum, or first NaN).
+pub(super) unsafe fn argmax<V: Vector>(x: *const V::Elem, len: usize) -> usize {
+    let (mx, nan) = max_and_nan::<V>(x, len);
+    (0..len)
+        .find(|&c| {
+            let v = *x.add(c);
+            if nan {
+                v.is_nan()
+            } else {
+                v == mx
+            }
+        })
+        .unwrap_or(0)
+}
+
+/// One whole row: returns its loss (unweighted by its token weight) and, with STATS, its
+/// statistics; with GRAD, writes its gradient (scaled by `s`) to `grad`. With a temperature or a
+/// softcap the transformed logits go to `buf` first (it may be `x` or `grad`).
 ///
 /// # Safety
-/// `x` readable, `grad` (with GRAD) and `buf` (with a softcap) writable for `len` elements; a
-/// `Probs` target readable for `len`.
+/// `x` readable, `grad` (with GRAD) and `buf` (with a temperature or softcap) writable for `len`
+/// elements; a `Probs` target readable for `len`.
 #[inline(always)]
-unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS: bool>(
     rule: &Rule<T>,
     x: *const T,
     len: usize,
@@ -254,57 +495,64 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool>(
     s: f64,
     grad: *mut T,
     buf: *mut T,
-) -> f64 {
-    let nan_row = || {
+) -> (f64, RowStats) {
+    let nan_row = |lse: f64, correct: bool| {
         if GRAD {
             fill(grad, len, T::NAN);
         }
-        f64::NAN
+        let stats = RowStats {
+            lse,
+            entropy: f64::NAN,
+            correct,
+        };
+        (f64::NAN, stats)
     };
     let (y, t) = match target {
         RowTarget::Ignored => {
             if GRAD {
                 fill(grad, len, T::ZERO);
             }
-            return 0.0;
+            return (0.0, RowStats::IGNORED);
         }
         // Checked before the kernels ran; checked again so memory safety never depends on it.
-        RowTarget::Class(y) if y < 0 || y as u64 >= len as u64 => return nan_row(),
+        RowTarget::Class(y) if y < 0 || y as u64 >= len as u64 => return nan_row(f64::NAN, false),
         RowTarget::Class(y) => (y as usize, std::ptr::null()),
         RowTarget::Probs(t) => (0, t),
     };
-    let x = match rule.cap {
-        Some(c) => {
-            cap_into::<V>(x, buf, len, c);
-            buf as *const T
-        }
-        None => x,
-    };
-    let w = rule.weight.0 as *const T;
     let hard = t.is_null();
+    // On the logits as given, before anything may overwrite them (in place).
+    let correct = STATS
+        && if hard {
+            argmax_is::<V>(x, len, y)
+        } else {
+            argmax::<V>(x, len) == argmax::<V>(t, len)
+        };
+    let x = transform_into::<V>(rule, x, buf, len);
+    let w = rule.weight.0 as *const T;
     // Read before pass 2 may overwrite it (in place).
     let x_y = if hard { (*x.add(y)).to_f64() } else { 0.0 };
     let w_y = if hard { rule.weight_of(y) } else { 0.0 };
 
     // The common case: pass 1 leaves exp(x) * 2^-N in grad, pass 2 only scales it.
-    let plain = GRAD && hard && rule.eps == 0.0 && rule.cap.is_none() && len <= IN_CACHE_MAX_LEN;
-    let stats = if plain {
+    let plain =
+        GRAD && !STATS && hard && rule.eps == 0.0 && rule.cap.is_none() && len <= IN_CACHE_MAX_LEN;
+    let row = if plain {
         RowLse::from_sum(sum_in_cache::<V>(x, len, Some(grad)), x, len)
     } else {
         RowLse::of::<V>(x, len)
     };
     // Fast rows: the log-sum-exp made accurate where the target dominates (a loss near 0).
-    let lse = match stats {
+    let lse = match row {
         RowLse::Fast(e) if plain => refined_lse_from_terms::<V>(grad, len, e),
         RowLse::Fast(e) => refined_lse::<V>(x, len, e),
         other => match other.lse() {
             Some(l) => l,
-            None => return nan_row(),
+            None => return nan_row(other.ln_sum(), correct),
         },
     };
     let sum_wt = if hard { w_y } else { dot::<V>(t, w, len) };
     let coef = rule.coef(lse.value(), sum_wt, s);
-    let (smooth, soft) = match stats {
+    let sums = match row {
         RowLse::Fast(e) if plain => {
             let k = V::splat(T::from_f64(coef.a / e.m));
             map_elements::<V>(
@@ -314,20 +562,30 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool>(
                 #[inline(always)]
                 |v| v.mul(k),
             );
-            (0.0, 0.0)
+            Sums::default()
         }
-        _ if !(GRAD || rule.eps > 0.0 || !hard) => (0.0, 0.0),
+        _ if !(GRAD || STATS || rule.eps > 0.0 || !hard) => Sums::default(),
         RowLse::Fast(e) => {
             let probs = Probs::<V>::new(e);
-            pass2::<V, GRAD>(x, w, t, len, lse, &probs, &coef, rule.cap, grad)
+            let (wt, cu) = ((w, t), (rule.cap, rule.unit));
+            pass2::<V, GRAD, STATS>(x, wt, len, lse, &probs, &coef, cu, grad)
         }
-        _ => pass2_exact::<T, GRAD>(x, w, t, len, lse, &coef, rule.cap, grad),
+        _ => pass2_exact::<T, GRAD>(x, (w, t), len, lse, &coef, rule.cap, grad),
     };
     if GRAD && hard {
         *grad.add(y) = T::from_f64(rule.target_grad(x_y, lse, &coef, w_y));
     }
-    let target_term = if hard { w_y * minus(lse, x_y) } else { soft };
-    rule.loss(lse.value(), target_term, smooth)
+    let target_term = if hard {
+        w_y * minus(lse, x_y)
+    } else {
+        sums.soft
+    };
+    let stats = RowStats {
+        lse: lse.value(),
+        entropy: sums.entropy,
+        correct,
+    };
+    (rule.loss(lse.value(), target_term, sums.smooth), stats)
 }
 
 #[derive(Clone, Copy)]
@@ -347,6 +605,14 @@ impl<T: Copy> Targets<'_, T> {
     }
 }
 
+/// The per-row outputs of [`run_rows`], indexed by the row's global index: losses (reduction
+/// None, else null) and statistics.
+#[derive(Clone, Copy)]
+pub(super) struct RowOutputs<T> {
+    pub(super) losses: Ptr<T>,
+    pub(super) stats: StatsOut<T>,
+}
+
 /// A block of consecutive rows on one thread; returns their summed loss.
 struct RowBlock<'a, T: Float> {
     rule: &'a Rule<T>,
@@ -355,22 +621,21 @@ struct RowBlock<'a, T: Float> {
     grad: Ptr<T>,
     targets: Targets<'a, T>,
     scale: Scale<'a, T>,
-    /// Per-row losses (reduction None), else null.
-    losses: Ptr<T>,
+    out: RowOutputs<T>,
     len: usize,
     rows: std::ops::Range<usize>,
-    /// Row index of the first row of `x` in `targets`, `scale` and `losses` (blocks of the linear op).
+    /// Row index of the first row of `x` in `targets`, `scale` and `out` (blocks of the linear op).
     row0: usize,
 }
 
-impl<T: Float> Kernel<T> for RowBlock<'_, T> {
-    type Output = f64;
+impl<T: Float> RowBlock<'_, T> {
     #[inline(always)]
-    fn run<V: Vector<Elem = T>>(self) -> f64 {
+    fn rows<V: Vector<Elem = T>, const STATS: bool>(self) -> f64 {
         let len = self.len;
+        let rule = self.rule;
         let with_grad = !self.grad.0.is_null();
-        // The capped logits need somewhere to live when there is no gradient buffer.
-        let mut scratch = if self.rule.cap.is_some() && !with_grad {
+        // The transformed logits need somewhere to live when there is no gradient buffer.
+        let mut scratch = if (rule.cap.is_some() || rule.inv_t.is_some()) && !with_grad {
             vec![T::ZERO; len]
         } else {
             Vec::new()
@@ -380,36 +645,41 @@ impl<T: Float> Kernel<T> for RowBlock<'_, T> {
             let o = r * len;
             let g = self.row0 + r;
             let target = self.targets.row(g, o);
-            let l = unsafe {
+            let tw = rule.token_weight_of(g);
+            let (l, stats) = unsafe {
                 if with_grad {
                     let grad = self.grad.at(o);
-                    full_row::<T, V, true>(
-                        self.rule,
-                        self.x.at(o),
-                        len,
-                        target,
-                        self.scale.of(g),
-                        grad,
-                        grad,
-                    )
+                    let s = self.scale.of(g) * tw * rule.grad_t;
+                    full_row::<T, V, true, STATS>(rule, self.x.at(o), len, target, s, grad, grad)
                 } else {
-                    full_row::<T, V, false>(
-                        self.rule,
-                        self.x.at(o),
-                        len,
-                        target,
-                        0.0,
-                        std::ptr::null_mut(),
-                        scratch.as_mut_ptr(),
-                    )
+                    let buf = scratch.as_mut_ptr();
+                    let null = std::ptr::null_mut();
+                    full_row::<T, V, false, STATS>(rule, self.x.at(o), len, target, 0.0, null, buf)
                 }
             };
-            if !self.losses.0.is_null() {
-                unsafe { *self.losses.at(g) = T::from_f64(l) };
+            // Ignored rows stay 0 whatever their token weight.
+            let l = if tw == 1.0 || l == 0.0 { l } else { l * tw };
+            if !self.out.losses.0.is_null() {
+                unsafe { *self.out.losses.at(g) = T::from_f64(l) };
+            }
+            if STATS {
+                unsafe { self.out.stats.write(g, stats) };
             }
             total += l;
         }
         total
+    }
+}
+
+impl<T: Float> Kernel<T> for RowBlock<'_, T> {
+    type Output = f64;
+    #[inline(always)]
+    fn run<V: Vector<Elem = T>>(self) -> f64 {
+        if self.out.stats.wanted() {
+            self.rows::<V, true>()
+        } else {
+            self.rows::<V, false>()
+        }
     }
 }
 
@@ -422,7 +692,7 @@ pub(super) fn run_rows<T: Float>(
     grad: Ptr<T>,
     targets: Targets<'_, T>,
     scale: Scale<'_, T>,
-    losses: Ptr<T>,
+    out: RowOutputs<T>,
     rows: usize,
     len: usize,
     row0: usize,
@@ -434,7 +704,7 @@ pub(super) fn run_rows<T: Float>(
             grad,
             targets,
             scale,
-            losses,
+            out,
             len,
             rows,
             row0,

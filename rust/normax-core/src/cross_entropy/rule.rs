@@ -56,6 +56,18 @@ pub(super) struct Rule<T> {
     pub(super) weight: Ptr<T>,
     /// sum_c w_c.
     pub(super) w_sum: f64,
+    /// 1 / temperature, applied to the logits before the softcap; None where the logits arrive
+    /// already divided (the linear op's GEMM) or the temperature is 1.
+    pub(super) inv_t: Option<T>,
+    /// 1 / temperature in every gradient (d z / d x).
+    pub(super) grad_t: f64,
+    /// One factor per row on its loss and gradient (indexed by the row's global index); null
+    /// for all ones.
+    pub(super) token_weight: Ptr<T>,
+    /// A power of two the fast path's sums of w_c (lse - x_c) are accumulated at: small enough
+    /// that a partial sum of terms up to the largest float times the largest weight stays
+    /// finite (the result is scaled back in f64).
+    pub(super) unit: f64,
 }
 
 /// Gradient coefficients of one row: grad_c = (p_c * a - w_c * (b + ct * t_c)) * cap'(x_c).
@@ -70,6 +82,17 @@ pub(super) struct Coef {
 
 impl<T: Float> Rule<T> {
     pub(super) fn new(o: &CeOptions<&[T]>, classes: usize) -> Rule<T> {
+        let w_max = o
+            .weight
+            .map_or(1.0, |w| w.iter().fold(1.0f64, |m, v| m.max(v.to_f64())));
+        // 16 vectors of up to 16 lanes are added in T before folding into f64 (`rows::Acc`);
+        // one more factor 2 for the rounding of the terms.
+        let unit = if w_max.is_finite() {
+            (-((w_max * 512.0).log2().ceil())).exp2()
+        } else {
+            1.0
+        };
+        let inv_t = 1.0 / o.temperature;
         Rule {
             eps: o.label_smoothing,
             z: o.z_loss,
@@ -79,6 +102,19 @@ impl<T: Float> Rule<T> {
             w_sum: o
                 .weight
                 .map_or(classes as f64, |w| w.iter().map(|v| v.to_f64()).sum()),
+            inv_t: (o.temperature != 1.0).then(|| T::from_f64(inv_t)),
+            grad_t: inv_t,
+            token_weight: Ptr::from_const(o.token_weight.map_or(std::ptr::null(), |t| t.as_ptr())),
+            unit,
+        }
+    }
+
+    /// Row `g`'s token weight (1 without).
+    pub(super) fn token_weight_of(&self, g: usize) -> f64 {
+        if self.token_weight.0.is_null() {
+            1.0
+        } else {
+            unsafe { (*self.token_weight.at(g)).to_f64() }
         }
     }
 

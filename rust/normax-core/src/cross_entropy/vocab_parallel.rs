@@ -14,7 +14,7 @@
 //! from the hidden states (`super::linear`'s GEMMs) and never hold more than one block.
 
 use super::linear::{linear_block, Linear};
-use super::rows::{cap_into, pass2, pass2_exact, Probs};
+use super::rows::{pass2, pass2_exact, transform_into, Probs};
 use super::rule::{minus, scale_for, Coef, RowLse, Rule, Scale};
 use super::{check_classes, finish_loss};
 use crate::driver::{self, Ptr};
@@ -114,7 +114,8 @@ impl<T: Float> Kernel<T> for StatsRows<'_, T> {
     fn run<V: Vector<Elem = T>>(self) {
         let len = self.shard.len;
         let rule = self.rule;
-        let mut scratch = if rule.cap.is_some() && self.capped.0.is_null() {
+        let transformed = rule.cap.is_some() || rule.inv_t.is_some();
+        let mut scratch = if transformed && self.capped.0.is_null() {
             vec![T::ZERO; len]
         } else {
             Vec::new()
@@ -136,16 +137,12 @@ impl<T: Float> Kernel<T> for StatsRows<'_, T> {
                 continue;
             }
             unsafe {
-                let mut x = self.x.at(r * len) as *const T;
-                if let Some(c) = rule.cap {
-                    let dst = if self.capped.0.is_null() {
-                        scratch.as_mut_ptr()
-                    } else {
-                        self.capped.at(r * len)
-                    };
-                    cap_into::<V>(x, dst, len, c);
-                    x = dst;
-                }
+                let dst = if self.capped.0.is_null() {
+                    scratch.as_mut_ptr()
+                } else {
+                    self.capped.at(r * len)
+                };
+                let x = transform_into::<V>(rule, self.x.at(r * len), dst, len);
                 if let Some(c) = self.shard.local(y) {
                     out[XY] = *x.add(c);
                 }
@@ -174,13 +171,15 @@ impl<T: Float> Kernel<T> for StatsRows<'_, T> {
                 };
                 (out[LSE], out[LSE + 1]) = split(lse.value());
                 if rule.eps > 0.0 {
-                    let (t, g) = (std::ptr::null(), std::ptr::null_mut());
+                    let (wt, g) = ((w, std::ptr::null()), std::ptr::null_mut());
+                    let cu = (None, rule.unit);
                     let smooth = if fast {
-                        pass2::<V, false>(x, w, t, len, lse, &no_probs, &no_coef, None, g).0
+                        pass2::<V, false, false>(x, wt, len, lse, &no_probs, &no_coef, cu, g)
                     } else {
-                        pass2_exact::<T, false>(x, w, t, len, lse, &no_coef, None, g).0
+                        pass2_exact::<T, false>(x, wt, len, lse, &no_coef, None, g)
                     };
-                    (out[SMOOTH], out[SMOOTH + 1]) = split(smooth);
+                    // At `unit`, as the fast path sums it: finite in T where the loss is.
+                    (out[SMOOTH], out[SMOOTH + 1]) = split(smooth.smooth * rule.unit);
                 }
             }
         }
@@ -228,11 +227,7 @@ impl<T: Float> Kernel<T> for GradRows<'_, T> {
                     fill(grad, len, T::NAN);
                     continue;
                 }
-                let mut x = self.x.at(r * len) as *const T;
-                if let Some(c) = rule.cap {
-                    cap_into::<V>(x, grad, len, c);
-                    x = grad;
-                }
+                let x = transform_into::<V>(rule, self.x.at(r * len), grad, len);
                 let local = self.shard.local(y);
                 // Read before pass 2 may overwrite it (in place).
                 let x_y = local.map_or(0.0, |c| (*x.add(c)).to_f64());
@@ -241,8 +236,9 @@ impl<T: Float> Kernel<T> for GradRows<'_, T> {
                 } else {
                     (*self.weight.at(y as usize)).to_f64()
                 };
-                let coef = rule.coef(lse.value(), w_y, self.scale.of(g_row));
-                let (w, t) = (rule.weight.0 as *const T, std::ptr::null());
+                let s = self.scale.of(g_row) * rule.token_weight_of(g_row) * rule.grad_t;
+                let coef = rule.coef(lse.value(), w_y, s);
+                let wt = (rule.weight.0 as *const T, std::ptr::null());
                 let l = lse.value();
                 if l.abs() <= limit {
                     // softmax = exp(x) * 2^-n / m with m 2^n = e^lse.
@@ -254,9 +250,10 @@ impl<T: Float> Kernel<T> for GradRows<'_, T> {
                         top: f64::NAN,
                         rest: f64::NAN,
                     });
-                    pass2::<V, true>(x, w, t, len, lse, &probs, &coef, rule.cap, grad);
+                    let cu = (rule.cap, rule.unit);
+                    pass2::<V, true, false>(x, wt, len, lse, &probs, &coef, cu, grad);
                 } else {
-                    pass2_exact::<T, true>(x, w, t, len, lse, &coef, rule.cap, grad);
+                    pass2_exact::<T, true>(x, wt, len, lse, &coef, rule.cap, grad);
                 }
                 if let Some(c) = local {
                     *grad.add(c) = T::from_f64(rule.target_grad(x_y, lse, &coef, w_y));
@@ -362,7 +359,14 @@ pub fn vocab_parallel_combine<T: Float>(
     check_len("loss", loss.len(), opts.reduction.loss_len(rows))?;
     check_len("lse", lse.len(), size(rows, 2)?)?;
     opts.check(classes)?;
-    let denom = check_classes(target, classes, opts.ignore_index, opts.weight)?;
+    opts.check_rows(rows)?;
+    let denom = check_classes(
+        target,
+        classes,
+        opts.ignore_index,
+        opts.weight,
+        opts.token_weight,
+    )?;
     let rule = Rule::new(opts, classes);
     let w_shard: Vec<f64> = shards
         .iter()
@@ -407,7 +411,7 @@ pub fn vocab_parallel_combine<T: Float>(
             let mut smooth = 0.0;
             if rule.eps > 0.0 {
                 for (k, s) in shards.iter().enumerate() {
-                    let part = field(k, SMOOTH) + field(k, SMOOTH + 1);
+                    let part = (field(k, SMOOTH) + field(k, SMOOTH + 1)) / rule.unit;
                     if s.len == 0 {
                         continue;
                     }
@@ -420,7 +424,8 @@ pub fn vocab_parallel_combine<T: Float>(
                     smooth += part + w_shard[k] * gap;
                 }
             }
-            rule.loss(l.value(), w_y * minus(l, x_y), smooth)
+            let tw = opts.token_weight.map_or(1.0, |t| t[r].to_f64());
+            tw * rule.loss(l.value(), w_y * minus(l, x_y), smooth)
         };
         if opts.reduction == Reduction::None {
             loss[r] = T::from_f64(l);
@@ -486,7 +491,14 @@ fn backward_rule<T: Float>(
         )));
     }
     // Indexes the weights: checked again so memory safety never depends on the caller.
-    check_classes(target, classes, opts.ignore_index, opts.weight)?;
+    opts.check_rows(rows)?;
+    check_classes(
+        target,
+        classes,
+        opts.ignore_index,
+        opts.weight,
+        opts.token_weight,
+    )?;
     Ok(shard_rule(opts, classes, shard))
 }
 
@@ -543,6 +555,7 @@ impl<T: Float> ShardLinear<'_, T> {
             weight: Ptr::from_const(self.weight.as_ptr()),
             bias: Ptr::from_const(self.bias.map_or(std::ptr::null(), |b| b.as_ptr())),
             h: self.h,
+            scale: T::ONE,
         })
     }
 }
@@ -569,7 +582,7 @@ pub fn vocab_parallel_linear_stats<T: Float>(
     if chunk_size == Some(0) {
         return Err(Error::Value("chunk_size must be at least 1".into()));
     }
-    let l = lin.check(rows, shard)?;
+    let mut l = lin.check(rows, shard)?;
     check_len("target", target.len(), rows)?;
     check_len(
         "packed",
@@ -577,7 +590,9 @@ pub fn vocab_parallel_linear_stats<T: Float>(
         size(rows, fields(opts.label_smoothing))?,
     )?;
     check_shard(opts, shard)?;
-    let rule = shard_rule(opts, shard.start + shard.len, shard);
+    let mut rule = shard_rule(opts, shard.start + shard.len, shard);
+    // The GEMM divides by the temperature as it writes each block.
+    (rule.inv_t, l.scale) = (None, T::from_f64(rule.grad_t));
     let bn = block_rows(rows, shard.len, chunk_size);
     let mut block = vec![T::ZERO; bn * shard.len];
     let blk = Ptr(block.as_mut_ptr());
@@ -613,7 +628,7 @@ pub fn vocab_parallel_linear_backward<T: Float>(
     if chunk_size == Some(0) {
         return Err(Error::Value("chunk_size must be at least 1".into()));
     }
-    let l = lin.check(rows, shard)?;
+    let mut l = lin.check(rows, shard)?;
     check_len("dhidden", dhidden.len(), lin.hidden.len())?;
     check_len("dweight", dweight.len(), lin.weight.len())?;
     match (&dbias, lin.bias) {
@@ -625,7 +640,8 @@ pub fn vocab_parallel_linear_backward<T: Float>(
             ))
         }
     }
-    let rule = backward_rule(rows, shard, classes, target, opts, lse)?;
+    let mut rule = backward_rule(rows, shard, classes, target, opts, lse)?;
+    (rule.inv_t, l.scale) = (None, T::from_f64(rule.grad_t));
     let scale = scale_for(opts.reduction, grad_output, denom, rows)?;
     let bn = block_rows(rows, shard.len, chunk_size);
     let mut block = vec![T::ZERO; bn * shard.len];

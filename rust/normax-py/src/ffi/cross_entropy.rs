@@ -27,6 +27,7 @@ pub(super) fn ce_options<W>(frame: &Frame, reduction: Reduction) -> Result<CeOpt
         label_smoothing: frame.attr_f64("label_smoothing")?,
         z_loss: frame.attr_f64("z_loss")?,
         softcap: (softcap != 0.0).then_some(softcap),
+        ..CeOptions::default()
     })
 }
 
@@ -120,6 +121,8 @@ fn run_stable<T: Float>(
         reduction: opts.reduction,
         label_smoothing: opts.label_smoothing,
         z_loss: opts.z_loss,
+        temperature: opts.temperature,
+        token_weight: None,
     };
     let mut loss64 = vec![0.0; loss.len()];
     let (n, c) = (r.rows, r.classes);

@@ -86,7 +86,7 @@ fn linear_typed<T: Float + Element>(frame: &Frame, with_grad: bool) -> Result<()
             weighted(lin, (n, v), t, &o, chunk, grads, l)?;
         } else {
             let grads = grads.map(|g| (GradOutput::Scalar(1.0), g));
-            k::linear_cross_entropy(hs, ws, bs, t, (n, h, v), &o, chunk, grads, l)?;
+            k::linear_cross_entropy(hs, ws, bs, t, (n, h, v), &o, chunk, grads, l, None)?;
         }
     }
     Ok(())
