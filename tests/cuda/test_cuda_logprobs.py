@@ -122,8 +122,10 @@ def _ref_ce(x, t, *, T=1.0, weight=None, tw=None, reduction="mean", eps=0.0, z=0
     denom = (w[y] * tw * kept).sum()
     loss = {"mean": rows.sum() / denom, "sum": rows.sum(), "none": rows}[reduction]
     ent = torch.where(kept, -(logp.exp() * logp).nan_to_num(0.0).sum(-1), 0.0)
-    correct = kept & (torch.from_numpy(np.argmax(x.numpy(), -1)) == t)
-    zterm = z * (tw * torch.where(kept, lse, 0.0) ** 2).sum()
+    correct = kept & (torch.from_numpy(np.argmax(x.detach().numpy(), -1)) == t)
+    zterm = (
+        z * (tw * torch.where(kept, lse, 0.0) ** 2).sum() if z else torch.zeros((), dtype=F64)
+    )  # 0: no term
     zterm = zterm / denom if reduction == "mean" else zterm
     return loss, (torch.where(kept, lse, 0.0), ent, correct, zterm)
 
@@ -161,7 +163,7 @@ def test_cross_entropy_temperature_token_weight_stats_match_float64(cuda_kernels
     assert stats.correct[0] and not stats.correct[2]  # the tie's first index is the target; ignored row
     assert stats.z_loss.shape == () and stats.z_loss.dtype == torch.float32
     torch.testing.assert_close(
-        stats.z_loss.double(), (zterm * scale if reduction == "mean" else zterm).detach()
+        stats.z_loss.double(), (zterm * scale if reduction == "mean" else zterm).detach(), equal_nan=True
     )
     assert cuda_kernels.names() == ["cuda_cross_entropy"]  # the general kernel, one launch
 
@@ -197,3 +199,105 @@ def test_cross_entropy_token_weight_shape_is_checked(cuda_kernels):
             token_weight=torch.ones(4),
         )  # fmt: skip
     assert cuda_kernels.names() == []
+
+
+def _raw32(t):
+    return (t.data_ptr(), {torch.float32: 0, torch.bfloat16: 2, torch.int64: 3}[t.dtype], t.numel())
+
+
+S = _core.CudaStream(0, 0x5EED)
+
+
+def _recorded(fn):
+    _core.cuda_record(True)
+    try:
+        fn()
+    finally:
+        events = _core.cuda_record(False)
+    return events
+
+
+def test_the_real_host_sequences_under_the_dry_run_recorder():
+    """What a GPU would be asked for, from the Rust host code itself (no driver needed)."""
+    x = torch.randn(4, 65536)
+    t = torch.zeros(4, dtype=torch.int64)
+    f32 = [torch.full((4,), math.nan) for _ in range(3)]
+    fwd = (_raw32(x), _raw32(t))
+    saved = tuple(_raw32(a) for a in f32)
+    # logprobs: the forward one launch of whole rows (512 threads each); the backward one launch,
+    # long rows split across blocks (no reduction), no scratch.
+    events = _recorded(lambda: _core.cuda_logprobs_forward(fwd, (-100, 0.5), (4, 65536), saved, S))
+    assert events == [("launch", "logprobs_forward_f32_v4", (4, 1, 1), (512, 1, 1))]
+    dx = torch.empty_like(x)
+    g = torch.ones(4)
+    events = _recorded(
+        lambda: _core.cuda_logprobs_backward(
+            fwd, (-100, 0.5), (4, 65536), saved, (None, _raw32(g), _raw32(dx)), S
+        )
+    )
+    assert [e[:2] for e in events] == [("launch", "logprobs_backward_f32_v4")] and events[0][2][0] > 4
+    assert all(torch.isnan(a).all() for a in f32)  # nothing ran
+    # The cross-entropy with stats: whole rows (no split, so no scratch alloc/free), the stats kernel;
+    # without: the split two-pass sequence, its scratch freed.
+    opts = _core.CeOptions(-100, "none", 0.0, 0.0, None)
+    loss = torch.empty(4)
+    inputs = (_raw32(x), _raw32(t), None)
+    plain = _recorded(lambda: _core.cuda_cross_entropy(inputs, opts, (4, 65536), _raw32(loss), None, S))
+    assert [e[0] for e in plain] == ["alloc", "launch", "launch", "free"]
+    extras = (2.0, _raw32(torch.ones(4)), saved)
+    stats = _recorded(
+        lambda: _core.cuda_cross_entropy(inputs, opts, (4, 65536), _raw32(loss), None, S, extras)
+    )
+    assert stats == [("launch", "cross_entropy_stats_f32_v4", (4, 1, 1), (512, 1, 1))]
+    small = torch.randn(16, 256)
+    st16 = tuple(_raw32(torch.empty(16)) for _ in range(3))
+    cached = _recorded(
+        lambda: _core.cuda_cross_entropy(
+            (_raw32(small), _raw32(torch.zeros(16, dtype=torch.int64)), None), opts, (16, 256),
+            _raw32(torch.empty(16)), None, S, (1.0, None, st16),
+        )
+    )  # fmt: skip
+    assert [e[1] for e in cached] == ["ce_cached_stats_f32_p2"]
+    # Bad inputs: a ValueError naming the argument, nothing launched.
+    for bad, match in [
+        (lambda: _core.cuda_logprobs_forward(fwd, (-100, 0.0), (4, 65536), saved, S), "temperature"),
+        (lambda: _core.cuda_logprobs_forward(fwd, (-100, 1.0), (4, 65535), saved, S), "logits"),
+        (
+            lambda: _core.cuda_cross_entropy(
+                inputs, opts, (4, 65536), _raw32(loss), None, S, (1.0, _raw32(torch.ones(3)), None)
+            ),
+            "token_weight",
+        ),
+        (
+            lambda: _core.cuda_cross_entropy(
+                inputs, opts, (4, 65536), _raw32(loss), None, S, (-1.0, None, None)
+            ),
+            "temperature",
+        ),
+    ]:
+        _core.cuda_record(True)
+        try:
+            with pytest.raises(ValueError, match=match):
+                bad()
+        finally:
+            assert _core.cuda_record(False) == []
+
+
+def test_public_cross_entropy_options_on_cuda_arrays_match_the_cpu(cuda_kernels):
+    import normax
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 7, generator=g)
+    t = torch.tensor([1, -100, 6, 0, 3])
+    tw = torch.rand(5, generator=g)
+    kw = dict(temperature=1.5, token_weight=tw, return_stats=True, z_loss=1e-3)
+    loss, grad, stats = normax.cross_entropy_with_grad(x, t, **kw)
+    want_loss, want_grad, want = normax.cross_entropy_with_grad(
+        x.numpy(), t.numpy(), **{**kw, "token_weight": tw.numpy()}
+    )
+    torch.testing.assert_close(loss.double(), torch.tensor(float(want_loss), dtype=F64), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, torch.from_numpy(want_grad), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.lse, torch.from_numpy(np.asarray(want.lse, np.float32)))
+    torch.testing.assert_close(stats.entropy, torch.from_numpy(np.asarray(want.entropy, np.float32)))
+    assert stats.correct.tolist() == np.asarray(want.correct).tolist()
+    torch.testing.assert_close(float(stats.z_loss), float(want.z_loss), rtol=1e-5, atol=1e-9)

@@ -20,6 +20,7 @@ from ..._options import (
     CeOptions,
     ce_options,
     check_chunk_size,
+    check_temperature,
     class_axis,
     index_error,
     linear_shapes,
@@ -27,7 +28,7 @@ from ..._options import (
     target_kind,
 )
 from ..._stablemax import check_normalizer
-from .. import ce_option_without_kernel, missing
+from .. import missing
 from . import device
 from .device import Lib, lib_of, run
 from .stablemax import ce_logits
@@ -264,11 +265,12 @@ def cross_entropy(
     label_smoothing=0.0, z_loss=0.0, softcap=None, normalizer="softmax", temperature=1.0,
     token_weight=None, return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "cross_entropy", option)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     stable = check_normalizer(normalizer)
-    return cross_entropy_rows("normax.cross_entropy", logits, target, axis, weight, opts, stable, False)
+    return cross_entropy_rows(
+        "normax.cross_entropy", logits, target, axis, weight, opts, stable, False,
+        temperature=check_temperature(temperature), token_weight=token_weight, return_stats=bool(return_stats),
+    )  # fmt: skip
 
 
 def cross_entropy_with_grad(
@@ -276,22 +278,12 @@ def cross_entropy_with_grad(
     label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=1.0, inplace=False, normalizer="softmax",
     temperature=1.0, token_weight=None, return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "cross_entropy_with_grad", option)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     stable = check_normalizer(normalizer)
     return cross_entropy_rows(
-        "normax.cross_entropy_with_grad",
-        logits,
-        target,
-        axis,
-        weight,
-        opts,
-        stable,
-        True,
-        grad_output,
-        inplace,
-    )
+        "normax.cross_entropy_with_grad", logits, target, axis, weight, opts, stable, True, grad_output, inplace,
+        temperature=check_temperature(temperature), token_weight=token_weight, return_stats=bool(return_stats),
+    )  # fmt: skip
 
 
 # -- The linear cross-entropy: blocks of rows, their logits from the array library's GEMMs, the
@@ -486,7 +478,7 @@ def _linear_loop(lib, h, w, b, tk, opts, sizes, rows_out, scaled_by, with_grad, 
 
 def _linear_public(
     fname, hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
-    z_loss, softcap, chunk_size, with_grad, grad_output=1.0,
+    z_loss, softcap, chunk_size, with_grad, grad_output=1.0, extras=(1.0, None, False),
 ):  # fmt: skip
     # The kernels take class indices, a (C, H) weight and (N, H) hidden, nothing else.
     op = fname.removeprefix("normax.")
@@ -501,9 +493,11 @@ def _linear_public(
     ignore_index = -100 if ignore_index is None else ignore_index
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk_size = check_chunk_size(chunk_size)
+    temperature, token_weight, return_stats = extras
     return linear_blocks(
-        fname, hidden, linear_weight, target, linear_bias, opts, chunk_size, with_grad, grad_output
-    )
+        fname, hidden, linear_weight, target, linear_bias, opts, chunk_size, with_grad, grad_output,
+        temperature=check_temperature(temperature), token_weight=token_weight, return_stats=bool(return_stats),
+    )  # fmt: skip
 
 
 def linear_cross_entropy(
@@ -511,11 +505,9 @@ def linear_cross_entropy(
     label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, temperature=1.0, token_weight=None,
     return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "linear_cross_entropy", option)
     return _linear_public(
         "normax.linear_cross_entropy", hidden, linear_weight, target, linear_bias, weight, ignore_index,
-        reduction, label_smoothing, z_loss, softcap, chunk_size, False,
+        reduction, label_smoothing, z_loss, softcap, chunk_size, False, 1.0, (temperature, token_weight, return_stats),
     )  # fmt: skip
 
 
@@ -524,11 +516,10 @@ def linear_cross_entropy_with_grad(
     label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0, temperature=1.0,
     token_weight=None, return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "linear_cross_entropy_with_grad", option)
     return _linear_public(
         "normax.linear_cross_entropy_with_grad", hidden, linear_weight, target, linear_bias, weight,
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
+        (temperature, token_weight, return_stats),
     )  # fmt: skip
 
 

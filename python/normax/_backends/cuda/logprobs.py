@@ -11,21 +11,11 @@ turns it into its gradient in place and accumulates dhidden, dweight and dbias.
 
 from __future__ import annotations
 
-import math
-
 from ... import _core
 from ..._arrays import Plan
-from ..._options import check_chunk_size, class_axis, linear_shapes, number
+from ..._options import check_chunk_size, check_temperature, class_axis, linear_shapes
 from .cross_entropy import _add_product, _check_classes, _gemm, linear_block_rows
 from .device import Lib, lib_of, run
-
-
-def check_temperature(temperature) -> float:
-    """`temperature` as a float: TypeError for a non-number, ValueError unless finite and > 0."""
-    t = number(temperature, "temperature")
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature: must be a finite number > 0, got {t}")
-    return t
 
 
 def logprobs_forward(lib: Lib, x, tk, ignore_index: int, temperature: float):
