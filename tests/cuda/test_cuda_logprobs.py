@@ -175,7 +175,7 @@ def test_linear_cross_entropy_options_match_float64(cuda_kernels):
     t = torch.tensor([1, 10, -100, 0, 5, 5, 9, 2, 3])
     tw = torch.rand(n, generator=g)
     opts = ce_options(-100, "mean", 0.0, 1e-2, None)
-    loss, dh, dw, db, stats = cuda.linear_blocks(
+    loss, dh, dw, no_bias, stats = cuda.linear_blocks(
         "normax.linear_cross_entropy_with_grad", hid, w, t, None, opts, 4 * v, True,
         temperature=2.0, token_weight=tw, return_stats=True,
     )  # fmt: skip
@@ -188,6 +188,7 @@ def test_linear_cross_entropy_options_match_float64(cuda_kernels):
     torch.testing.assert_close(stats.lse.double(), lse.detach())
     torch.testing.assert_close(stats.entropy.double(), ent.detach())
     torch.testing.assert_close(stats.z_loss.double(), zterm.detach())
+    assert no_bias is None and stats.correct.tolist() == correct.tolist()
     assert cuda_kernels.names() == ["cuda_cross_entropy"] * 3  # blocks of 4, 4 and 1 rows
 
 
@@ -290,7 +291,7 @@ def test_public_cross_entropy_options_on_cuda_arrays_match_the_cpu(cuda_kernels)
     x = torch.randn(5, 7, generator=g)
     t = torch.tensor([1, -100, 6, 0, 3])
     tw = torch.rand(5, generator=g)
-    kw = dict(temperature=1.5, token_weight=tw, return_stats=True, z_loss=1e-3)
+    kw = {"temperature": 1.5, "token_weight": tw, "return_stats": True, "z_loss": 1e-3}
     loss, grad, stats = normax.cross_entropy_with_grad(x, t, **kw)
     want_loss, want_grad, want = normax.cross_entropy_with_grad(
         x.numpy(), t.numpy(), **{**kw, "token_weight": tw.numpy()}
