@@ -18,7 +18,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-MODULES = ("softmax", "cross_entropy", "norms", "power_norm", "stablemax")
+MODULES = ("softmax", "cross_entropy", "norms", "power_norm", "stablemax", "logprobs")
 ARCHS = ("sm_80", "sm_90")
 
 

@@ -309,6 +309,22 @@ def cuda_cross_entropy(
     loss_rows: Capsule,
     grad: ScaledGrad | None,
     stream: CudaStream,
+    extras: tuple[float, Capsule | None, tuple[Capsule, Capsule, Capsule] | None] | None = None,
+) -> None: ...
+def cuda_logprobs_forward(
+    inputs: tuple[Capsule, Capsule],
+    options: tuple[int, float],
+    shape: Shape,
+    outputs: tuple[Capsule, Capsule, Capsule],
+    stream: CudaStream,
+) -> None: ...
+def cuda_logprobs_backward(
+    inputs: tuple[Capsule, Capsule],
+    options: tuple[int, float],
+    shape: Shape,
+    saved: tuple[Capsule, Capsule, Capsule],
+    grad: tuple[Capsule | None, Capsule | None, Capsule],
+    stream: CudaStream,
 ) -> None: ...
 def cuda_ce_forward(
     options: CeOptions,

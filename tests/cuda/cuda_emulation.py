@@ -134,11 +134,13 @@ class EmulatedKernels:
         _rows(dx, rows, cols).copy_(r)
 
     @staticmethod
-    def _cross_entropy(inputs, options, shape, loss_rows, scaled):
+    def _cross_entropy(inputs, options, shape, loss_rows, scaled, extras=None):
         (logits, target, weight), (rows, cols) = inputs, shape
         grad, scale, stride = (None, None, 0) if scaled is None else scaled
+        temperature, token_weight, stats = (1.0, None, None) if extras is None else extras
         ignore, eps, z, cap = options.ignore_index, options.label_smoothing, options.z_loss, options.softcap
-        x = _rows(logits, rows, cols).double().clone()  # grad may be the logits themselves
+        raw = _rows(logits, rows, cols).double().clone()  # grad may be the logits themselves
+        x = raw / temperature
         if cap:
             x = cap * torch.tanh(x / cap)
         lse = torch.logsumexp(x, -1)
@@ -165,11 +167,25 @@ class EmulatedKernels:
             sum_wt = (w * tvec).sum(-1)
         smooth = (w * (lse[:, None] - x)).sum(-1)
         loss = (1 - eps) * target_term + eps / cols * smooth + z * lse**2
-        _vec(loss_rows, rows).copy_(torch.where(bad, torch.nan, torch.where(ignored, 0.0, loss)))
+        tw = (
+            torch.ones(rows, dtype=torch.float64)
+            if token_weight is None
+            else _vec(token_weight, rows).double()
+        )
+        assert token_weight is None or _t(token_weight).dtype == torch.float32
+        _vec(loss_rows, rows).copy_(torch.where(bad, torch.nan, torch.where(ignored, 0.0, loss * tw)))
+        if stats is not None:  # lse, entropy, correct (1.0 / 0.0): float32 per row, 0 where ignored
+            p = torch.softmax(x, -1)
+            entropy = (p * (lse[:, None] - x)).nan_to_num(0.0).sum(-1)  # p = 0 terms add 0
+            want = y if t.dtype == torch.int64 else tvec.argmax(-1)
+            correct = torch.from_numpy(np.argmax(raw.numpy(), -1)) == want
+            for out, v in zip(stats, (lse, entropy, correct.double())):
+                assert _t(out).dtype == torch.float32
+                _vec(out, rows).copy_(torch.where(ignored, 0.0, v))
         if grad is not None:
             s = _t(scale).double()
             s = s[0].expand(rows) if stride == 0 else s[:rows]
-            s = torch.where(ignored, 0.0, s)
+            s = torch.where(ignored, 0.0, s * tw / temperature)
             a = (1 - eps) * sum_wt + eps * w.sum() / cols + 2 * z * lse
             g = (torch.exp(x - lse[:, None]) * a[:, None] - w * (eps / cols + (1 - eps) * tvec)) * s[:, None]
             if t.dtype == torch.int64:  # the target's own entry without the cancelling terms
@@ -178,6 +194,48 @@ class EmulatedKernels:
             if cap:
                 g = g * (1 - (x / cap) ** 2)
             _rows(grad, rows, cols).copy_(torch.where(bad[:, None], torch.nan, g))
+
+    # logprobs (logprobs.cu): float32 (logprob, entropy, lse) per row saved by the forward, read by the backward.
+
+    @staticmethod
+    def _logprobs_forward(inputs, options, shape, outputs):
+        (logits, target), (ignore, temperature), (rows, cols) = inputs, options, shape
+        z = _rows(logits, rows, cols).double() / temperature
+        t = _vec(target, rows)
+        kept = (t != ignore) & (t >= 0) & (t < cols)
+        y = torch.where(kept, t, 0)
+        lse = torch.logsumexp(z, -1)
+        logp = torch.log_softmax(z, -1)
+        entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+        fill = torch.where(t == ignore, 0.0, torch.nan)
+        for out, v in zip(outputs, (logp.gather(1, y[:, None])[:, 0], entropy, lse)):
+            assert _t(out).dtype == torch.float32
+            _vec(out, rows).copy_(torch.where(kept, v, fill))
+
+    @staticmethod
+    def _logprobs_backward(inputs, options, shape, saved, grad):
+        (logits, target), (ignore, temperature), (rows, cols) = inputs, options, shape
+        _, entropy, lse = (_vec(a, rows).double() for a in saved)  # as the forward left them
+        g_logp, g_ent, dx = grad
+        xt = _t(logits)
+        z = _rows(xt, rows, cols).double().clone() / temperature  # dx may be the logits
+        t = _vec(target, rows)
+        kept = (t != ignore) & (t >= 0) & (t < cols)
+        y = torch.where(kept, t, 0)
+        p = torch.exp(z - lse[:, None])
+        g = torch.zeros_like(z)
+        if g_logp is not None:
+            gl = _vec(g_logp, rows)
+            assert gl.dtype == xt.dtype
+            onehot = torch.nn.functional.one_hot(y, cols).double()
+            g = g + gl.double()[:, None] * (onehot - p)
+        if g_ent is not None:
+            gh = _vec(g_ent, rows)
+            assert gh.dtype == xt.dtype
+            g = g - gh.double()[:, None] * (p * (z - lse[:, None] + entropy[:, None])).nan_to_num(0.0)
+        out = _rows(dx, rows, cols)
+        assert out.dtype == xt.dtype
+        out.copy_(torch.where(kept[:, None], g / temperature, 0.0))
 
     # Class-index targets in two kernels (cross_entropy_classes.cu): the forward saves each row's lse (float32)
     # and, for "mean"/"sum", the denominator at workspace[2 * rows]; the backward reads them back as saved.
@@ -487,7 +545,7 @@ _KERNELS = [
     "cuda_" + n
     for n in (
         "softmax", "stablemax", "logsumexp", "softmax_backward", "cross_entropy", "ce_forward", "ce_backward",
-        "vocab_parallel_stats", "vocab_parallel_backward", "norm_forward", "norm_backward", "norm_workspace",
+        "vocab_parallel_stats", "vocab_parallel_backward", "logprobs_forward", "logprobs_backward", "norm_forward", "norm_backward", "norm_workspace",
         "power_norm_forward",
         "power_norm_backward",
     )

@@ -29,7 +29,7 @@ def test_nvrtc_comes_from_the_wheel():
 def test_every_kernel_compiles(arch):
     probes = _core.cuda_nvrtc_probes()
     modules = dict(cuda.compile_check(arch))
-    assert set(modules) == {"softmax", "cross_entropy", "norms", "power_norm", "stablemax"}
+    assert set(modules) == {"softmax", "cross_entropy", "norms", "power_norm", "stablemax", "logprobs"}
     assert all(size > 10_000 for size in modules.values())  # real cubins, not empty images
     # Five compiles, NVRTC looked for at most once (never again once found).
     assert _core.cuda_nvrtc_probes() - probes <= 1

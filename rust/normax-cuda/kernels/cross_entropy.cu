@@ -2,6 +2,8 @@
 // cross_entropy.rs for the formulas). With lse the row's log-sum-exp of the (softcapped) logits:
 //   loss = (1 - eps) * target_term + eps / C * (sum_c w_c * lse - sum_c w_c x_c) + z * lse^2
 //   grad_c = (p_c * A - w_c * (b + ct * t_c)) * (1 - (x_c / cap)^2 with a softcap)
+// where x is the logits times 1 / temperature (before the softcap; the gradient carries the 1 / T
+// in its row scale), and a token weight multiplies the row's loss and scale.
 // Pass 1 gathers per row (chunk): max and sum of exp, sum_c w_c x_c, and for probability targets
 // sum_c w_c t_c and sum_c w_c t_c x_c; pass 2 finishes the loss and writes the gradient.
 //
@@ -18,6 +20,13 @@ struct CeArgs {
     const float* weight; // class weights, or null for ones
     i64 ignore_index;
     float eps, z, cap;  // cap 0: no softcap
+    float inv_t;        // 1 / temperature
+    const float* token_weight;  // per row, or null for ones
+    // The *_stats kernels' per-row outputs (0 for ignored rows): the lse and the entropy of the
+    // distribution used, and 1 where the first argmax of the logits as given is the target.
+    float* stat_lse;
+    float* stat_entropy;
+    float* stat_correct;
 };
 
 // The row statistics of pass 1: the (max, sum) pair and sums that simply add: sum_c w_c x_c and
@@ -55,6 +64,61 @@ __device__ __forceinline__ CeStats shfl_xor(CeStats v, int o) {
 }
 
 __device__ __forceinline__ float capped(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
+// The logit the loss sees: tempered, then capped.
+__device__ __forceinline__ float ce_z(float x, const CeArgs& a) { return capped(x * a.inv_t, a.cap); }
+
+// The statistics of return_stats, gathered beside CeStats by the *_stats kernels only: their own
+// (max, sum) pair m, s and d = sum_c e_c (m - z_c) with e_c = exp(z_c - m), so the entropy
+// sum_c p_c (lse - z_c) = log s + d / s adds only terms >= 0; the first maximum of the raw logits
+// (xm at xi) and, for probability targets, of the target row (tm at ti). Class indices are int
+// here (the host refuses stats past 2^31 - 1 classes): 2 registers fewer, no spill at 64.
+struct CeExtra {
+    float m, s, d, xm, tm;
+    int xi, ti;
+};
+// Whether (a at ia) comes before (b at ib) as np.argmax picks: the first NaN, else the largest,
+// ties to the lower index.
+__device__ __forceinline__ bool ce_first_max(float a, int ia, float b, int ib) {
+    bool an = a != a, bn = b != b;
+    if (an || bn) return an && (!bn || ia < ib);
+    return a > b || (a == b && ia < ib);
+}
+// d of a sum at max m (s the sum) moved to the max m2 >= m: each term e (m - z) becomes
+// k e (m2 - z), k = exp(m - m2).
+__device__ __forceinline__ float ce_ent_rescale(float m, float s, float d, float m2) {
+    if (m == m2) return d;
+    float k = fast_exp(m - m2);
+    return k == 0.0f ? 0.0f : k * (d + s * (m2 - m));
+}
+struct CeExtraMerge {
+    __device__ CeExtra operator()(CeExtra a, CeExtra b) const {
+        CeExtra r;
+        r.m = fmaxf(a.m, b.m);
+        r.s = a.s * rescale(a.m, r.m) + b.s * rescale(b.m, r.m);
+        r.d = ce_ent_rescale(a.m, a.s, a.d, r.m) + ce_ent_rescale(b.m, b.s, b.d, r.m);
+        bool ax = ce_first_max(a.xm, a.xi, b.xm, b.xi), at = ce_first_max(a.tm, a.ti, b.tm, b.ti);
+        r.xm = ax ? a.xm : b.xm;
+        r.xi = ax ? a.xi : b.xi;
+        r.tm = at ? a.tm : b.tm;
+        r.ti = at ? a.ti : b.ti;
+        return r;
+    }
+};
+__device__ __forceinline__ int shfl_xor(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ CeExtra shfl_xor(CeExtra v, int o) {
+    return {shfl_xor(v.m, o),  shfl_xor(v.s, o),  shfl_xor(v.d, o), shfl_xor(v.xm, o),
+            shfl_xor(v.tm, o), shfl_xor(v.xi, o), shfl_xor(v.ti, o)};
+}
+__device__ __forceinline__ CeExtra ce_extra_empty() {
+    return {-NX_INF, 0.0f, 0.0f, -NX_INF, -NX_INF, 0x7fffffff, 0x7fffffff};
+}
+// Folds a pack of target probabilities into their first argmax (tm at ti); i the index of t[0].
+template <int V>
+__device__ __forceinline__ void ce_target_argmax(CeExtra& e, const float (&t)[V], int i) {
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+        if (ce_first_max(t[j], i + j, e.tm, e.ti)) e.tm = t[j], e.ti = i + j;
+}
 
 // Class weights at [i, i + V) (ones for null): float4 loads where V > 1, beside the logits' 16-byte
 // packs (the host then saw the weights aligned as the rows are).
@@ -76,46 +140,62 @@ __device__ __forceinline__ void ce_weights(const float* w, i64 i, float (&out)[V
     }
 }
 
-// max_sum_add that also keeps `oth`, the sum without element y (i the index of v[0]): the same
-// exponentials, one more add each.
-template <int V>
-__device__ __forceinline__ void max_sum_oth_add(float2& st, float& oth, const float (&v)[V], i64 i, i64 y) {
+// max_sum_add that also keeps `oth`, the sum without element y (i the index of v[0]), and with
+// ENT the entropy sum d = sum e (m - v) (CeExtra): the same exponentials, one more add each.
+template <int V, bool ENT = false>
+__device__ __forceinline__ void max_sum_oth_add(float2& st, float& oth, const float (&v)[V], i64 i, i64 y,
+                                                float& d) {
     float m = st.x;
 #pragma unroll
     for (int j = 0; j < V; ++j) m = fmaxf(m, v[j]);
     float k = rescale(st.x, m);
+    if constexpr (ENT) d = ce_ent_rescale(st.x, st.y, d, m);
     float s = st.y * k, o = oth * k;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
         float e = v[j] == m ? 1.0f : fast_exp(v[j] - m);
         s += e;
         if (i + j != y) o += e;
+        if (ENT && e > 0.0f && v[j] != m) d = fmaf(e, m - v[j], d);  // e = 0: 0, also for v = -inf
     }
     st = make_float2(m, s);
     oth = o;
 }
 
-template <class T, int V>
+// The column index type of the statistics pass: int for the stats kernels (whole rows below 2^31
+// classes: a register pair fewer, which keeps their 16-bit forms within 64 registers), else i64.
+template <bool NARROW> struct CeCol { typedef i64 type; };
+template <> struct CeCol<true> { typedef int type; };
+
+template <class T, int V, bool STATS = false>
 __device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const CeArgs& a, const RowSlot& s,
-                                                  CeStats* scratch) {
+                                                  CeStats* scratch, CeExtra& ex) {
     CeStats st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     bool smooth = a.eps > 0.0f;
     if (s.active) {
         const T* row = x + s.row * cols;
         const T* prow = a.probs ? static_cast<const T*>(a.probs) + s.row * cols : nullptr;
-        i64 y = a.target ? a.target[s.row] : -1;
-        for (i64 i = s.begin + (i64)threadIdx.x * V; i < s.end; i += (i64)blockDim.x * V) {
+        typedef typename CeCol<STATS>::type Col;
+        Col y = a.target ? (Col)a.target[s.row] : -1;
+        if (STATS && a.target && (y < 0 || y != a.target[s.row])) y = -1;  // outside int: no class here
+        for (Col i = (Col)s.begin + (Col)threadIdx.x * V; i < (Col)s.end; i += (Col)blockDim.x * V) {
             float v[V];
             load<T, V>(row + i, v);
 #pragma unroll
-            for (int j = 0; j < V; ++j) v[j] = capped(v[j], a.cap);
-            max_sum_oth_add<V>(st.ms, st.oth, v, i, y);
+            for (int j = 0; j < V; ++j) {
+                if (STATS && ce_first_max(v[j], (int)i + j, ex.xm, ex.xi)) ex.xm = v[j], ex.xi = (int)i + j;
+                v[j] = ce_z(v[j], a);
+            }
+            // The entropy sum rides on the (max, sum) fold (the same exponentials); CeExtra's m and
+            // s are the row's ms, copied in before the merge.
+            max_sum_oth_add<V, STATS>(st.ms, st.oth, v, i, y, ex.d);
 #pragma unroll
             for (int j = 0; j < V; ++j)
                 if (i + j == y) st.xy = v[j];
             if (smooth || prow) {
                 float t[V], w[V];
                 if (prow) load<T, V>(prow + i, t);
+                if (STATS && prow) ce_target_argmax<V>(ex, t, (int)i);
                 ce_weights<V>(a.weight, i, w);
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
@@ -131,6 +211,11 @@ __device__ __forceinline__ CeStats ce_chunk_stats(const T* x, i64 cols, const Ce
             }
         }
     }
+    if constexpr (STATS) {
+        __shared__ CeExtra ex_scratch[NX_MAX_ROWS_PER_BLOCK * 32];
+        ex.m = st.ms.x, ex.s = st.ms.y;
+        ex = row_reduce(ex, ex_scratch, CeExtraMerge());
+    }
     return row_reduce(st, scratch, CeMerge());
 }
 
@@ -138,7 +223,8 @@ template <class T, int V>
 __device__ void ce_part(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, CeStats* part) {
     __shared__ CeStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
     RowSlot s = row_slot(rows, cols, chunk, chunks);
-    CeStats st = ce_chunk_stats<T, V>(x, cols, a, s, scratch);
+    CeExtra unused;
+    CeStats st = ce_chunk_stats<T, V>(x, cols, a, s, scratch, unused);
     if (s.active && threadIdx.x == 0) part[s.row * chunks + s.piece] = st;
 }
 
@@ -212,14 +298,29 @@ __device__ __forceinline__ float ce_grad(const CeArgs& a, const CeRow& r, const 
 
 // Pass 2. Writes loss_rows[row] (from the first chunk's block) and, when grad is not null, the
 // gradient of this chunk scaled by gscale[row * gscale_stride]. Ignored rows: loss 0, gradient 0.
-template <class T, int V>
+// A row's stats outputs (the *_stats kernels), from its row and its extra statistics.
+__device__ __forceinline__ void ce_write_stats(const CeArgs& a, const CeRow& r, const CeExtra& e, i64 row) {
+    bool kept = !r.ignored;  // probability targets: every row
+    a.stat_lse[row] = kept ? r.lse : 0.0f;
+    a.stat_entropy[row] = kept ? logf(e.s) + e.d / e.s : 0.0f;
+    a.stat_correct[row] = kept && e.xi == (r.y >= 0 ? r.y : (i64)e.ti) ? 1.0f : 0.0f;
+}
+
+// The row's loss times its token weight (ignored rows keep their 0 or NaN).
+__device__ __forceinline__ float ce_token_weight(const CeArgs& a, i64 row) {
+    return a.token_weight ? a.token_weight[row] : 1.0f;
+}
+
+// Pass 2 (STATS: also the stats outputs; whole rows only, part is null).
+template <class T, int V, bool STATS = false>
 __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, const CeStats* part,
                         float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {
     __shared__ CeStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
     RowSlot s = row_slot(rows, cols, chunk, chunks);
     CeStats st;
+    CeExtra ex = ce_extra_empty();
     if (part == nullptr) {
-        st = ce_chunk_stats<T, V>(x, cols, a, s, scratch);
+        st = ce_chunk_stats<T, V, STATS>(x, cols, a, s, scratch, ex);
     } else {
         st = {make_float2(-NX_INF, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (s.active)
@@ -227,9 +328,13 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
     }
     if (!s.active) return;
     CeRow r = ce_row(a, st, s.row, cols);
-    if (s.piece == 0 && threadIdx.x == 0) loss_rows[s.row] = ce_loss(a, st, r, cols);
+    float tw = r.ignored ? 1.0f : ce_token_weight(a, s.row);
+    if (s.piece == 0 && threadIdx.x == 0) {
+        loss_rows[s.row] = ce_loss(a, st, r, cols) * tw;
+        if constexpr (STATS) ce_write_stats(a, r, ex, s.row);
+    }
     if (grad == nullptr) return;
-    CeCoef k = ce_coef(a, st, r, r.ignored ? 0.0f : gscale[s.row * gscale_stride], cols);
+    CeCoef k = ce_coef(a, st, r, r.ignored ? 0.0f : gscale[s.row * gscale_stride] * tw * a.inv_t, cols);
     const T* row = x + s.row * cols;
     T* grow = grad + s.row * cols;
     const T* prow = a.probs ? static_cast<const T*>(a.probs) + s.row * cols : nullptr;
@@ -244,7 +349,7 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
         for (int j = 0; j < V; ++j) {
             bool is_y = i + j == r.y;
             float tc = prow ? t[j] : (is_y ? 1.0f : 0.0f);
-            v[j] = ce_grad(a, r, k, capped(v[j], a.cap), tc, w[j], is_y);
+            v[j] = ce_grad(a, r, k, ce_z(v[j], a), tc, w[j], is_y);
         }
         store<T, V>(grow + i, v);
     }
@@ -254,7 +359,7 @@ __device__ void ce_rows(const T* x, i64 rows, i64 cols, i64 chunk, int chunks, C
 // host keeps P * V <= 16, room for a pack of weights beside them within 64 registers): one read
 // of the logits. The max first, then one exp per element for the sum; the gradient
 // from the registers.
-template <class T, int V, int P>
+template <class T, int V, int P, bool STATS = false>
 __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad,
                                const float* gscale, i64 gscale_stride) {
     __shared__ CeStats scratch[NX_MAX_ROWS_PER_BLOCK * 32];
@@ -264,6 +369,7 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
     bool smooth = a.eps > 0.0f;
     float v[P][V];
     float m = -NX_INF;
+    CeExtra ex = ce_extra_empty();
 #pragma unroll
     for (int p = 0; p < P; ++p) {
         i64 i = ((i64)p * blockDim.x + threadIdx.x) * V;
@@ -271,12 +377,15 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
             load<T, V>(row + i, v[p]);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                v[p][j] = capped(v[p][j], a.cap);
+                // The raw logits' first argmax as they are read (in index order per thread).
+                if (STATS && ce_first_max(v[p][j], (int)i + j, ex.xm, ex.xi)) ex.xm = v[p][j], ex.xi = (int)i + j;
+                v[p][j] = ce_z(v[p][j], a);
                 m = fmaxf(m, v[p][j]);
             }
         }
     }
     m = row_reduce(m, reinterpret_cast<float*>(scratch), Max());
+    if constexpr (STATS) ex.m = m;  // every thread sums at the row's max: the merges add
     // Every thread of the row holds the same max, so the (max, sum) pairs merge by adding.
     CeStats st = {make_float2(m, 0.0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -290,6 +399,10 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
                 float e = fast_exp(v[p][j] - m);
                 st.ms.y += e;
                 if (i + j != y) st.oth += e;
+                if constexpr (STATS) {
+                    ex.s += e;
+                    if (e > 0.0f && v[p][j] != m) ex.d = fmaf(e, m - v[p][j], ex.d);
+                }
                 if (smooth) {
                     st.wx = fmaf(w[j], v[p][j], st.wx);
                     st.w += w[j];
@@ -299,11 +412,19 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
         }
     }
     st = row_reduce(st, scratch, CeMerge());
+    if constexpr (STATS) {
+        __shared__ CeExtra ex_scratch[NX_MAX_ROWS_PER_BLOCK * 32];
+        ex = row_reduce(ex, ex_scratch, CeExtraMerge());
+    }
     if (!s.active) return;
     CeRow r = ce_row(a, st, s.row, cols);
-    if (threadIdx.x == 0) loss_rows[s.row] = ce_loss(a, st, r, cols);
+    float tw = r.ignored ? 1.0f : ce_token_weight(a, s.row);
+    if (threadIdx.x == 0) {
+        loss_rows[s.row] = ce_loss(a, st, r, cols) * tw;
+        if constexpr (STATS) ce_write_stats(a, r, ex, s.row);
+    }
     if (grad == nullptr) return;
-    CeCoef k = ce_coef(a, st, r, r.ignored ? 0.0f : gscale[s.row * gscale_stride], cols);
+    CeCoef k = ce_coef(a, st, r, r.ignored ? 0.0f : gscale[s.row * gscale_stride] * tw * a.inv_t, cols);
     T* grow = grad + s.row * cols;
     // A class's own weight enters its gradient only through smoothing.
     const float* weight = smooth ? a.weight : nullptr;
@@ -328,6 +449,15 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
         ce_cached_rows<T, V, P>(x, rows, cols, a, loss_rows, grad, gscale, gscale_stride);                \
     }
 
+// The stats variant holds half the row of the plain one (at most 8 floats per thread) beside its
+// extra statistics: 16 spilled past 64 registers.
+#define NX_CE_CACHED_STATS(name, T, V, P)                                                                 \
+    extern "C" __global__ void NX_ROW_BOUNDS ce_cached_stats_##name##_p##P(                               \
+        const T* x, i64 rows, i64 cols, CeArgs a, float* loss_rows, T* grad, const float* gscale,        \
+        i64 gscale_stride) {                                                                              \
+        ce_cached_rows<T, V, P, true>(x, rows, cols, a, loss_rows, grad, gscale, gscale_stride);          \
+    }
+
 #define NX_CE(name, T, V)                                                                                 \
     extern "C" __global__ void __launch_bounds__(512) ce_part_##name##_v##V(                             \
         const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, CeStats* part) {                 \
@@ -337,6 +467,11 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
         const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, const CeStats* part,             \
         float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {                              \
         ce_rows<T, V>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride);     \
+    }                                                                                                     \
+    extern "C" __global__ void NX_ROW_BOUNDS cross_entropy_stats_##name##_v##V(                          \
+        const T* x, i64 rows, i64 cols, i64 chunk, int chunks, CeArgs a, const CeStats* part,             \
+        float* loss_rows, T* grad, const float* gscale, i64 gscale_stride) {                              \
+        ce_rows<T, V, true>(x, rows, cols, chunk, chunks, a, part, loss_rows, grad, gscale, gscale_stride); \
     }
 
 // The packs the host asks for: at most 16 floats of row per thread.
@@ -344,10 +479,12 @@ __device__ void ce_cached_rows(const T* x, i64 rows, i64 cols, CeArgs a, float* 
     NX_CE(name, T, 1)                                                                                     \
     NX_CE(name, T, V)                                                                                     \
     NX_CE_CACHED(name, T, V, 1)                                                                           \
-    NX_CE_CACHED(name, T, V, 2)
+    NX_CE_CACHED(name, T, V, 2)                                                                           \
+    NX_CE_CACHED_STATS(name, T, V, 1)
 
 NX_TYPES(NX_CE_TYPE)
 NX_CE_CACHED(f32, float, 4, 4)
+NX_CE_CACHED_STATS(f32, float, 4, 2)
 
 // ---------------------------------------------------------------------------------------------
 // Vocabulary-parallel cross-entropy (normax-core's cross_entropy/vocab_parallel.rs holds the format

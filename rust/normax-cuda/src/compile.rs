@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// The modules: (name, source without the common prelude).
-pub const MODULES: [(&str, &str); 5] = [
+pub const MODULES: [(&str, &str); 6] = [
     ("softmax", include_str!("../kernels/softmax.cu")),
     // Class-index targets' two kernels use the general kernels' CeArgs: one module.
     (
@@ -23,6 +23,7 @@ pub const MODULES: [(&str, &str); 5] = [
     ("norms", include_str!("../kernels/norms.cu")),
     ("power_norm", include_str!("../kernels/power_norm.cu")),
     ("stablemax", include_str!("../kernels/stablemax.cu")),
+    ("logprobs", include_str!("../kernels/logprobs.cu")),
 ];
 
 /// Whether NVRTC was found: probed until found once, then never again (a probe dlopens up to

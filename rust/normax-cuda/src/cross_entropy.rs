@@ -23,6 +23,66 @@ pub(crate) struct CeArgs {
     pub(crate) z: f32,
     /// 0: no softcap.
     pub(crate) cap: f32,
+    /// 1 / temperature.
+    pub(crate) inv_t: f32,
+    /// Per-row float32 factors, 0: none.
+    pub(crate) token_weight: u64,
+    /// The stats kernels' outputs (float32 per row), 0 elsewhere.
+    pub(crate) stat_lse: u64,
+    pub(crate) stat_entropy: u64,
+    pub(crate) stat_correct: u64,
+}
+
+/// What the general kernels add to the options (issue 24's CE options; the class-index two-kernel
+/// path takes none of them): the temperature the logits are divided by (before the softcap; the
+/// gradient carries its 1 / T), float32 per-row token weights multiplying each row's loss and
+/// gradient, and where to write the per-row statistics.
+#[derive(Clone, Copy, Debug)]
+pub struct CeExtras {
+    pub temperature: f64,
+    pub token_weight: Option<Buf>,
+    pub stats: Option<CeStatsOut>,
+}
+
+impl Default for CeExtras {
+    fn default() -> Self {
+        CeExtras {
+            temperature: 1.0,
+            token_weight: None,
+            stats: None,
+        }
+    }
+}
+
+/// The per-row statistics of `return_stats` (float32, one per row; 0 for ignored rows): the
+/// log-sum-exp and the entropy of the distribution the loss uses, and 1.0 where the first argmax
+/// of the logits as given (NaN first, as `np.argmax`) is the target class (for probability
+/// targets: the target row's first argmax), else 0.0. Written by the same pass as the loss.
+#[derive(Clone, Copy, Debug)]
+pub struct CeStatsOut {
+    pub lse: Buf,
+    pub entropy: Buf,
+    pub correct: Buf,
+}
+
+impl CeExtras {
+    fn check(&self, rows: usize) -> Result<()> {
+        let t = self.temperature;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(Error::Value(format!(
+                "temperature: must be a finite number > 0, got {t}"
+            )));
+        }
+        if let Some(w) = &self.token_weight {
+            check("token_weight", w, DType::F32, rows)?;
+        }
+        if let Some(st) = &self.stats {
+            check("lse", &st.lse, DType::F32, rows)?;
+            check("entropy", &st.entropy, DType::F32, rows)?;
+            check("correct", &st.correct, DType::F32, rows)?;
+        }
+        Ok(())
+    }
 }
 
 /// sizeof(CeStats) in cross_entropy.cu: a float2 and six floats.
@@ -32,13 +92,16 @@ const CE_STATS_BYTES: usize = 32;
 /// `grad = Some((grad, scale, stride))`, the gradient scaled per row by `scale[row * stride]`
 /// (float32 on the device: stride 0 for one scale, 1 for one per row). The weight in `opts` is
 /// float32 per class. `opts.reduction` is the caller's to apply: it sums `loss_rows` and folds
-/// the mean's denominator into `scale`.
+/// the mean's denominator into `scale`. `extras`: temperature, token weights (`loss_rows` and the
+/// gradient are multiplied by them) and the stats outputs; with stats the rows are never split
+/// across blocks (the stats kernels gather whole rows in one pass).
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy(
     s: Stream,
     x: Buf,
     target: CeTarget,
     opts: &CeOptions<Buf>,
+    extras: &CeExtras,
     loss_rows: Buf,
     grad: Option<(Buf, Buf, usize)>,
     rows: usize,
@@ -48,6 +111,7 @@ pub fn cross_entropy(
     check("logits", &x, x.dtype, n)?;
     check("loss", &loss_rows, DType::F32, rows)?;
     opts.check(cols)?;
+    extras.check(rows)?;
     let (target_ptr, probs_ptr) = match target {
         Target::Classes(t) => {
             if t.len != rows {
@@ -97,6 +161,24 @@ pub fn cross_entropy(
         eps: opts.label_smoothing as f32,
         z: opts.z_loss as f32,
         cap: opts.softcap.unwrap_or(0.0) as f32,
+        inv_t: (1.0 / extras.temperature) as f32,
+        token_weight: extras.token_weight.map_or(0, |w| w.ptr),
+        stat_lse: extras.stats.map_or(0, |st| st.lse.ptr),
+        stat_entropy: extras.stats.map_or(0, |st| st.entropy.ptr),
+        stat_correct: extras.stats.map_or(0, |st| st.correct.ptr),
+    };
+    let stats = extras.stats.is_some();
+    // The stats kernels keep the argmax's class index as an int.
+    if stats && cols > i32::MAX as usize {
+        return Err(Error::Value(format!(
+            "logits: {cols} classes; return_stats takes at most {} (32-bit argmax indices)",
+            i32::MAX
+        )));
+    }
+    let (cached_op, row_op) = if stats {
+        (Op::CeCachedStats, Op::CrossEntropyStats)
+    } else {
+        (Op::CeCached, Op::CrossEntropy)
     };
     with_device(s.device, |d| {
         // The class weights too where the kernels read them per class (label smoothing or
@@ -106,17 +188,19 @@ pub fn cross_entropy(
         if let Some((g, _, _)) = &grad {
             bufs.push(g.ptr);
         }
-        let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &bufs, true)?;
+        let mut r = RowLaunch::new(d, s, x.dtype, rows, cols, &bufs, !stats)?;
         let (rows_i, cols_i, chunk_i, chunks_i) = r.dims();
         let (g_ptr, scale_ptr, stride) =
             grad.map_or((0, 0, 0i64), |(g, sc, st)| (g.ptr, sc.ptr, st as i64));
         // The cached kernel holds at most 16 floats of row per thread (a softmax's half): with
-        // its statistics and a pack of weights beside them, 32 spilled past 64 registers.
-        if let Some(packs) = r.cached_packs_of(2).filter(|_| probs_ptr == 0) {
+        // its statistics and a pack of weights beside them, 32 spilled past 64 registers. The
+        // stats variant 8 (16 spilled beside its extra statistics).
+        let share = if stats { 4 } else { 2 };
+        if let Some(packs) = r.cached_packs_of(share).filter(|_| probs_ptr == 0) {
             // Safety: buffers checked above; class-index targets, 16-byte aligned rows (vec > 1).
             return unsafe {
                 r.run(
-                    Op::CeCached,
+                    cached_op,
                     Variant::Packs(packs),
                     &mut params![
                         x.ptr,
@@ -143,7 +227,7 @@ pub fn cross_entropy(
         // Safety: buffers checked above.
         unsafe {
             r.run_vec(
-                Op::CrossEntropy,
+                row_op,
                 &mut params![
                     x.ptr,
                     rows_i,

@@ -121,6 +121,11 @@ impl CeRows {
             eps: opts.label_smoothing as f32,
             z: opts.z_loss as f32,
             cap: opts.softcap.unwrap_or(0.0) as f32,
+            inv_t: 1.0,
+            token_weight: 0,
+            stat_lse: 0,
+            stat_entropy: 0,
+            stat_correct: 0,
         }
     }
 

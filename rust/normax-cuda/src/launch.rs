@@ -363,12 +363,17 @@ mod tests {
         );
         // The softmax backward holds y and dy, the cross-entropy its statistics and weights
         // beside the logits: half the packs of the softmax forward.
-        for op in [Op::SoftmaxBackwardCached, Op::CeCached] {
+        // The cross-entropy's stats variant holds its extra statistics too: a quarter.
+        for (op, share) in [
+            (Op::SoftmaxBackwardCached, 2),
+            (Op::CeCached, 2),
+            (Op::CeCachedStats, 4),
+        ] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let wide = 16 / dtype.size();
                 for p in (0..)
                     .map(|k| 1usize << k)
-                    .take_while(|p| 2 * p * wide <= MAX_CACHED_FLOATS)
+                    .take_while(|p| share * p * wide <= MAX_CACHED_FLOATS)
                 {
                     let key = KernelKey::new(op, dtype, Variant::Packs(p));
                     names.push((op.module(), key.name()));

@@ -10,7 +10,8 @@
 //!
 //! The files mirror `kernels/`: `softmax.rs`, `cross_entropy.rs` (with the vocabulary-parallel
 //! cross-entropy's statistics and gradient, `vocab_parallel_*`), `cross_entropy_classes.rs` (the
-//! two kernels of class-index targets), `norms.rs`, `power_norm.rs`,
+//! two kernels of class-index targets), `logprobs.rs` (log-probabilities and entropy), `norms.rs`,
+//! `power_norm.rs`,
 //! `stablemax.rs` host each family's checks and kernel sequence; `launch.rs` the launch shapes
 //! they share; `table.rs` the kernel table (every kernel by op, dtype and variant); `device.rs`
 //! the driver calls and the dry-run recorder ([`record`]).
@@ -21,6 +22,7 @@ mod cross_entropy;
 mod cross_entropy_classes;
 mod device;
 mod launch;
+mod logprobs;
 mod norms;
 mod power_norm;
 mod softmax;
@@ -29,8 +31,8 @@ mod table;
 
 pub use compile::{compile_all, compile_cubin, nvrtc_probes, nvrtc_version, MODULES};
 pub use cross_entropy::{
-    cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeTarget,
-    ShardRows,
+    cross_entropy, vocab_parallel_backward, vocab_parallel_fields, vocab_parallel_stats, CeExtras,
+    CeStatsOut, CeTarget, ShardRows,
 };
 pub use cross_entropy_classes::{
     ce_workspace_len, cross_entropy_backward, cross_entropy_forward, widen_class_ids, CeGrad,
@@ -38,6 +40,7 @@ pub use cross_entropy_classes::{
 };
 pub use device::{device_name, fill_f32, record, Event};
 pub use launch::{column_plan, plan, ColumnPlan, Plan};
+pub use logprobs::{logprobs_backward, logprobs_forward, LpGrad, LpRows, LpSaved};
 pub use norms::{norm_backward, norm_forward, norm_workspace, NormParamGrads};
 pub use power_norm::{
     power_norm_backward, power_norm_forward, widen_pad_mask, PowerGradIn, PowerOut, PowerShape,

@@ -16,9 +16,9 @@ Differences from the CPU functions, stated once:
   float32 and returned in `x`'s dtype. Norm parameters are read in their own dtype where it is
   float32 or `x`'s (others are cast to float32 first).
 - Not on the GPU: ``logsumexp``'s ``b=`` and ``return_sign=True``, the linear cross-entropy's
-  class weights and shapes other than 2-d hidden and linear_weight with 1-d class indices, and
-  (no kernel yet) ``logprobs`` and ``linear_logprobs``; those raise the registry's
-  NotImplementedError (normax._backends.missing), naming the op and the option.
+  class weights and shapes other than 2-d hidden and linear_weight with 1-d class indices;
+  those raise the registry's NotImplementedError (normax._backends.missing), naming the op and
+  the option.
 - PowerNorm keeps its state (float64 NumPy buffers) on the host: a training call reads C
   per-channel sums back from the device, a host synchronization (see the PowerNorm section).
 - The linear cross-entropy holds whole rows of logits (the vocabulary is never split), so a

@@ -20,6 +20,7 @@ from ..._options import (
     CeOptions,
     ce_options,
     check_chunk_size,
+    check_temperature,
     class_axis,
     index_error,
     linear_shapes,
@@ -27,7 +28,7 @@ from ..._options import (
     target_kind,
 )
 from ..._stablemax import check_normalizer
-from .. import ce_option_without_kernel, missing
+from .. import missing
 from . import device
 from .device import Lib, lib_of, run
 from .stablemax import ce_logits
@@ -35,12 +36,20 @@ from .stablemax import ce_logits
 
 def cross_entropy_rows(
     fname, logits, target, axis, weight, opts: CeOptions, stable: bool, with_grad: bool, grad_output=1.0,
-    inplace=False, sync_check=True,
+    inplace=False, sync_check=True, temperature=1.0, token_weight=None, return_stats=False,
 ):  # fmt: skip
     """The cross-entropy of CUDA arrays with checked options (`opts` from ``ce_options``,
-    `stable` from ``check_normalizer``)."""
+    `stable` from ``check_normalizer``, `temperature` a finite float > 0).
+
+    `token_weight` (None or an array of the per-row loss's shape) multiplies each row's loss and
+    gradient; the mean divides by the sum over rows not ignored of token weight x class weight of
+    the target. With `return_stats` a :class:`~normax.CrossEntropyStats` of float32 device arrays
+    comes last (lse, entropy, correct per row, the z-loss term as a 0-d array), from the same pass
+    of the kernel as the loss. Calls with any of the three run the general kernels (the two-kernel
+    class-index path takes none of them).
+    """
     ignore_index, reduction = opts.ignore_index, opts.reduction
-    lib = lib_of((logits, target, weight, grad_output), fname)
+    lib = lib_of((logits, target, weight, grad_output, token_weight), fname)
     x = lib.input(logits, "logits")
     ax = class_axis(axis, tuple(x.shape))
     classes = x.shape[ax]
@@ -58,7 +67,8 @@ def cross_entropy_rows(
         if tuple(w.shape) != (classes,):
             raise ValueError(f"weight: expected shape ({classes},), one per class; got {tuple(w.shape)}")
         w = lib.contiguous(lib.astype(w, f32))
-    if not soft and not stable:
+    plain = temperature == 1.0 and token_weight is None and not return_stats
+    if not soft and not stable and plain:
         tk = lib.contiguous(lib.int64(t))  # row order = the logits rows' order
         if sync_check and not lib.capturing():  # else the forward kernel checks them on the device
             _check_classes(lib, tk, classes, ignore_index, row_shape, True)
@@ -66,9 +76,14 @@ def cross_entropy_rows(
         return rows.run(opts, with_grad, grad_output, logits if inplace else None)
     chain = None
     kdtype = x.dtype  # what the kernel reads and writes
-    if stable:  # StableMax: the softmax cross-entropy of phi = log s(x), in float32
+    tw = None if token_weight is None else _token_weight(lib, token_weight, row_shape)
+    if stable:  # StableMax: the softmax cross-entropy of phi = log s(x / T), in float32
+        if temperature != 1.0:
+            work = lib.contiguous(work * (1.0 / temperature))
         work, chain = ce_logits(lib, work, opts.softcap)
-        opts, kdtype = opts.replace(softcap=None), lib.float32()
+        if temperature != 1.0:
+            chain = chain * (1.0 / temperature)
+        opts, kdtype, temperature = opts.replace(softcap=None), lib.float32(), 1.0
     if soft:
         tk = lib.arrange(lib.astype(t, kdtype), plan)
     else:
@@ -80,12 +95,15 @@ def cross_entropy_rows(
     denom = None
     if reduction == "mean":
         if soft:
-            denom = float(plan.outer)
+            denom = float(plan.outer) if tw is None else tw.sum()
         else:
             kept = tk != ignore_index
             safe = tk * kept  # ignored rows read class 0, then count 0
             # counted in int64: a float32 sum of flags is exact only up to 2^24 rows
-            denom = (w[safe] * kept).sum() if w is not None else lib.astype(kept.sum(), f32)
+            if tw is not None:
+                denom = ((w[safe] if w is not None else 1.0) * tw * kept).sum()
+            else:
+                denom = (w[safe] * kept).sum() if w is not None else lib.astype(kept.sum(), f32)
 
     grad = scale = None
     stride = 0
@@ -95,19 +113,51 @@ def cross_entropy_rows(
         grad = work if direct else lib.empty(plan.arranged_shape, kdtype)
         scale, stride = _grad_scale(lib, grad_output, reduction, denom, row_shape, plan.outer)
     scaled = None if grad is None else (grad, scale, stride)
-    run(lib, _core.cuda_cross_entropy, (work, tk, w), opts, (plan.outer, classes), loss_rows, scaled)
+    stats = tuple(lib.empty((plan.outer,), f32) for _ in range(3)) if return_stats else None
+    extras = (float(temperature), tw, stats)
+    run(lib, _core.cuda_cross_entropy, (work, tk, w), opts, (plan.outer, classes), loss_rows, scaled, extras)
 
     loss = _reduce(lib, loss_rows.reshape(row_shape), reduction, denom, x.dtype)
-    if not with_grad:
-        return loss
-    if chain is not None:
-        grad = lib.astype(grad * chain, x.dtype)
-    g = lib.restore(grad, plan)
-    if inplace:
-        if not direct:
+    result = (loss,)
+    if with_grad:
+        if chain is not None:
+            grad = lib.astype(grad * chain, x.dtype)
+        g = lib.restore(grad, plan)
+        if inplace and not direct:
             x[...] = g  # `x` is the caller's memory (a detached alias for torch)
-        return loss, logits
-    return loss, g
+        result += (logits if inplace else g,)
+    if return_stats:
+        result += (_stats(lib, stats, row_shape, opts, tw, denom),)
+    return result[0] if len(result) == 1 else result
+
+
+def _token_weight(lib: Lib, token_weight, row_shape):
+    """The token weights as the kernels read them: float32, one per row, contiguous."""
+    tw = lib.on_device(token_weight, "token_weight")
+    if tuple(tw.shape) != tuple(row_shape):
+        raise ValueError(
+            f"token_weight: expected shape {tuple(row_shape)}, the per-row loss's; got {tuple(tw.shape)}"
+        )
+    return lib.contiguous(lib.astype(tw, lib.float32())).reshape(-1)
+
+
+def _stats(lib: Lib, stats, row_shape, opts: CeOptions, tw, denom):
+    """CrossEntropyStats of the kernels' float32 rows: `correct` from its 1.0 / 0.0 flags, the
+    z-loss term z_loss * sum_r token_weight_r * lse_r^2 (ignored rows' lse is 0), divided by
+    the mean's denominator for reduction="mean"."""
+    from ..._cross_entropy import CrossEntropyStats
+
+    lse, entropy, correct = stats
+    sq = lse * lse if tw is None else tw * lse * lse
+    f32 = lib.float32()
+    if opts.z_loss:
+        z = sq.sum() * opts.z_loss
+        z = lib.astype(z / denom if opts.reduction == "mean" else z, f32).reshape(())
+    else:
+        z = lib.zeros((), f32)
+    return CrossEntropyStats(
+        lse.reshape(row_shape), entropy.reshape(row_shape), (correct > 0).reshape(row_shape), z
+    )
 
 
 class _ClassRows:
@@ -215,11 +265,12 @@ def cross_entropy(
     label_smoothing=0.0, z_loss=0.0, softcap=None, normalizer="softmax", temperature=1.0,
     token_weight=None, return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "cross_entropy", option)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     stable = check_normalizer(normalizer)
-    return cross_entropy_rows("normax.cross_entropy", logits, target, axis, weight, opts, stable, False)
+    return cross_entropy_rows(
+        "normax.cross_entropy", logits, target, axis, weight, opts, stable, False,
+        temperature=check_temperature(temperature), token_weight=token_weight, return_stats=bool(return_stats),
+    )  # fmt: skip
 
 
 def cross_entropy_with_grad(
@@ -227,13 +278,12 @@ def cross_entropy_with_grad(
     label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=1.0, inplace=False, normalizer="softmax",
     temperature=1.0, token_weight=None, return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "cross_entropy_with_grad", option)
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     stable = check_normalizer(normalizer)
     return cross_entropy_rows(
-        "normax.cross_entropy_with_grad", logits, target, axis, weight, opts, stable, True, grad_output, inplace
-    )
+        "normax.cross_entropy_with_grad", logits, target, axis, weight, opts, stable, True, grad_output, inplace,
+        temperature=check_temperature(temperature), token_weight=token_weight, return_stats=bool(return_stats),
+    )  # fmt: skip
 
 
 # -- The linear cross-entropy: blocks of rows, their logits from the array library's GEMMs, the
@@ -303,10 +353,13 @@ def _add_product(lib: Lib, a, b, out, first: bool) -> None:
 
 def linear_blocks(
     fname, hidden, weight, target, bias, opts: CeOptions, chunk_size, with_grad: bool, grad_output=1.0,
-    sync_check=True, accumulation="float32",
+    sync_check=True, accumulation="float32", temperature=1.0, token_weight=None, return_stats=False,
 ):  # fmt: skip
     """The fused linear cross-entropy of CUDA arrays with checked options (`opts`, `chunk_size`,
-    `accumulation`): (loss, dhidden, dweight, dbias or None) with `with_grad`, else the loss.
+    `accumulation`, `temperature`): (loss, dhidden, dweight, dbias or None) with `with_grad`, else
+    the loss; with `return_stats` a CrossEntropyStats last (see :func:`cross_entropy_rows`, also
+    for `token_weight`: one per row of hidden). The logits (bias included) are divided by the
+    temperature in the kernels.
 
     The loss is float32 for float16/bfloat16 inputs (the kernels' float32 rows and sums, not
     rounded to 16 bits), else the inputs' dtype; the gradients are in the inputs' dtype.
@@ -314,14 +367,18 @@ def linear_blocks(
     inputs' dtype (``"input"``: no float32 (V, H) buffer, one rounding per block); dbias always
     in float32.
     """
-    lib = lib_of((hidden, weight, target, bias, grad_output), fname)
+    lib = lib_of((hidden, weight, target, bias, grad_output, token_weight), fname)
+    extras = (float(temperature), token_weight, return_stats)
     with lib.current():
         return _linear_on(
-            lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check, accumulation
-        )
+            lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check, accumulation,
+            extras,
+        )  # fmt: skip
 
 
-def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check, accumulation):
+def _linear_on(
+    lib, hidden, weight, target, bias, opts, chunk_size, with_grad, grad_output, sync_check, accumulation, extras
+):  # fmt: skip
     ignore_index, reduction = opts.ignore_index, opts.reduction
     h = lib.input(hidden, "hidden")
     w = lib.input(weight, "weight")
@@ -343,30 +400,42 @@ def _linear_on(lib, hidden, weight, target, bias, opts, chunk_size, with_grad, g
     _check_classes(lib, tk, v, ignore_index, (n,), sync_check)
     f32 = lib.float32()
     loss_rows = lib.empty((n,), f32)
+    temperature, token_weight, return_stats = extras
+    tw = None if token_weight is None else _token_weight(lib, token_weight, (n,))
+    stats = tuple(lib.empty((n,), f32) for _ in range(3)) if return_stats else None
 
     # The mean's denominator counts the kept rows of ALL blocks, so it comes first: the gradient
     # scale of every block depends on it.
-    denom = lib.astype((tk != ignore_index).sum(), f32) if reduction == "mean" else None  # exact count
+    denom = None
+    if reduction == "mean":
+        kept = tk != ignore_index
+        denom = lib.astype(kept.sum(), f32) if tw is None else (tw * kept).sum()  # exact count
     scale, stride = (None, 0)
     if with_grad:
         scale, stride = _grad_scale(lib, grad_output, reduction, denom, (n,), n)
     bn = linear_block_rows(n, v, work.itemsize, chunk_size, accumulation)
-    dh, dw, db = _linear_loop(lib, h, w, b, tk, opts, (n, v, bn), loss_rows, (scale, stride), with_grad, accumulation)
+    rows_out = (loss_rows, temperature, tw, stats)
+    dh, dw, db = _linear_loop(
+        lib, h, w, b, tk, opts, (n, v, bn), rows_out, (scale, stride), with_grad, accumulation
+    )
     loss = _reduce(lib, loss_rows, reduction, denom, lib.promote(result, f32))
+    tail = (_stats(lib, stats, (n,), opts, tw, denom),) if return_stats else ()
     if not with_grad:
-        return loss
+        return (loss, *tail) if tail else loss
     if n == 0:  # no rows: no block wrote them
         dw, db = lib.zeros((v, hd), work), None if b is None else lib.zeros((v,), f32)
     dh, dw = lib.astype(dh, result), lib.astype(dw, result)
-    return loss, dh, dw, (None if db is None else lib.astype(db, result))
+    return (loss, dh, dw, (None if db is None else lib.astype(db, result)), *tail)
 
 
-def _linear_loop(lib, h, w, b, tk, opts, sizes, loss_rows, scaled_by, with_grad, accumulation):
-    """Each block's logits (a GEMM), its rows (the kernel: losses into `loss_rows`, the logits
-    turned into their gradient in place), then dhidden = G @ W and dweight (+)= G^T @ hidden into
-    the accumulator: (dhidden, dweight, dbias), None without `with_grad`. The logits block lives
-    only here, so it is freed before the caller casts dweight."""
+def _linear_loop(lib, h, w, b, tk, opts, sizes, rows_out, scaled_by, with_grad, accumulation):
+    """Each block's logits (a GEMM), its rows (the kernel: losses into `loss_rows`, the statistics
+    into `stats`, the logits turned into their gradient in place), then dhidden = G @ W and
+    dweight (+)= G^T @ hidden into the accumulator: (dhidden, dweight, dbias), None without
+    `with_grad`. The logits block lives only here, so it is freed before the caller casts
+    dweight."""
     n, v, bn = sizes
+    loss_rows, temperature, tw, stats = rows_out
     scale, stride = scaled_by
     f32 = lib.float32()
     blk = lib.empty((min(bn, n), v), h.dtype)
@@ -387,7 +456,13 @@ def _linear_loop(lib, h, w, b, tk, opts, sizes, loss_rows, scaled_by, with_grad,
         if with_grad:
             sc = scale[r0 : r0 + rn] if stride else scale
         grad = (lg, sc, stride) if with_grad else None
-        run(lib, _core.cuda_cross_entropy, (lg, tk[r0 : r0 + rn], None), opts, (rn, v), loss_rows[r0 : r0 + rn], grad)
+        part = slice(r0, r0 + rn)
+        extras = (
+            temperature,
+            None if tw is None else tw[part],
+            None if stats is None else tuple(a[part] for a in stats),
+        )
+        run(lib, _core.cuda_cross_entropy, (lg, tk[part], None), opts, (rn, v), loss_rows[part], grad, extras)
         if not with_grad:
             continue
         _gemm(lib, lg, w, dh[r0 : r0 + rn])  # dhidden = G @ W
@@ -403,7 +478,7 @@ def _linear_loop(lib, h, w, b, tk, opts, sizes, loss_rows, scaled_by, with_grad,
 
 def _linear_public(
     fname, hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
-    z_loss, softcap, chunk_size, with_grad, grad_output=1.0,
+    z_loss, softcap, chunk_size, with_grad, grad_output=1.0, extras=(1.0, None, False),
 ):  # fmt: skip
     # The kernels take class indices, a (C, H) weight and (N, H) hidden, nothing else.
     op = fname.removeprefix("normax.")
@@ -418,7 +493,11 @@ def _linear_public(
     ignore_index = -100 if ignore_index is None else ignore_index
     opts = ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk_size = check_chunk_size(chunk_size)
-    return linear_blocks(fname, hidden, linear_weight, target, linear_bias, opts, chunk_size, with_grad, grad_output)
+    temperature, token_weight, return_stats = extras
+    return linear_blocks(
+        fname, hidden, linear_weight, target, linear_bias, opts, chunk_size, with_grad, grad_output,
+        temperature=check_temperature(temperature), token_weight=token_weight, return_stats=bool(return_stats),
+    )  # fmt: skip
 
 
 def linear_cross_entropy(
@@ -426,11 +505,9 @@ def linear_cross_entropy(
     label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, temperature=1.0, token_weight=None,
     return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "linear_cross_entropy", option)
     return _linear_public(
         "normax.linear_cross_entropy", hidden, linear_weight, target, linear_bias, weight, ignore_index,
-        reduction, label_smoothing, z_loss, softcap, chunk_size, False,
+        reduction, label_smoothing, z_loss, softcap, chunk_size, False, 1.0, (temperature, token_weight, return_stats),
     )  # fmt: skip
 
 
@@ -439,11 +516,10 @@ def linear_cross_entropy_with_grad(
     label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, grad_output=1.0, temperature=1.0,
     token_weight=None, return_stats=False,
 ):  # fmt: skip
-    if option := ce_option_without_kernel(temperature, token_weight, return_stats):
-        raise missing("cuda", "linear_cross_entropy_with_grad", option)
     return _linear_public(
         "normax.linear_cross_entropy_with_grad", hidden, linear_weight, target, linear_bias, weight,
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, True, grad_output,
+        (temperature, token_weight, return_stats),
     )  # fmt: skip
 
 
@@ -472,10 +548,21 @@ def _vocab_parallel_scale(lib: Lib, grad_output, reduction: str, denom: float, r
     return lib.contiguous((g / denom if reduction == "mean" else g).reshape(1)), 0
 
 
-def _vocab_parallel_grad(lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts) -> None:
+def _vocab_parallel_grad(
+    lib, x, target, weight, lse, grad, scale, stride, start, classes, w_sum, opts
+) -> None:
     rows, length = x.shape
     shard = _core.VocabParallelLayout(rows, start, length, classes)
-    run(lib, _core.cuda_vocab_parallel_backward, x, (target, weight), shard, opts, (lse, w_sum), (grad, scale, stride))
+    run(
+        lib,
+        _core.cuda_vocab_parallel_backward,
+        x,
+        (target, weight),
+        shard,
+        opts,
+        (lse, w_sum),
+        (grad, scale, stride),
+    )
 
 
 def vocab_parallel_backward(lib: Lib, x, target, weight, lse, grad_output, denom: float, start: int, classes: int,
@@ -494,7 +581,9 @@ def _vocab_parallel_blocks(n: int, v: int, itemsize: int, chunk_size):
     return [(r0, min(bn, n - r0)) for r0 in range(0, n, bn)]
 
 
-def vocab_parallel_linear_stats(lib: Lib, h, w, b, target, weight, packed, start: int, opts, chunk_size) -> None:
+def vocab_parallel_linear_stats(
+    lib: Lib, h, w, b, target, weight, packed, start: int, opts, chunk_size
+) -> None:
     """:func:`vocab_parallel_stats` of ``h @ w.T + b`` (h (n, H), w (V_local, H), b (V_local,) or None, one
     dtype, contiguous), one block of logits rows at a time (at most ``chunk_size`` elements)."""
     n, v = h.shape[0], w.shape[0]
@@ -520,7 +609,11 @@ def vocab_parallel_linear_backward(lib: Lib, h, w, b, target, weight, lse, grad_
     scale, stride = _vocab_parallel_scale(lib, grad_output, opts.reduction, denom, n)
     blocks = _vocab_parallel_blocks(n, v, h.element_size(), chunk_size)
     if not blocks:  # no rows
-        return lib.empty((0, hd), h.dtype), lib.zeros((v, hd), h.dtype), None if b is None else lib.zeros((v,), h.dtype)
+        return (
+            lib.empty((0, hd), h.dtype),
+            lib.zeros((v, hd), h.dtype),
+            None if b is None else lib.zeros((v,), h.dtype),
+        )
     blk = lib.empty((blocks[0][1], v), h.dtype)
     dh = lib.empty((n, hd), h.dtype)  # every block writes its rows
     dw = lib.empty((v, hd), f32 if len(blocks) > 1 else h.dtype)

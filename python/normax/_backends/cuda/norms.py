@@ -105,7 +105,15 @@ def norm_backward(kind, fname, dy, x, weight, bias, eps, axis, mean, rstd, param
     has_params = dw is not None or db is not None
     need = run(lib, _core.cuda_norm_workspace, options, (rows, cols), has_params)
     workspace = lib.empty((need,), f32) if need else None
-    run(lib, _core.cuda_norm_backward, options, (dy, x, w), (mean, rstd), (dx, (dw, db), workspace), (rows, cols))
+    run(
+        lib,
+        _core.cuda_norm_backward,
+        options,
+        (dy, x, w),
+        (mean, rstd),
+        (dx, (dw, db), workspace),
+        (rows, cols),
+    )
     if kind == "layer":
         return dx, dw, db
     return dx, dw

@@ -1,4 +1,5 @@
-//! cuda_cross_entropy: per-row losses and, optionally, the gradient scaled on the device.
+//! cuda_cross_entropy: per-row losses and, optionally, the gradient scaled on the device (with
+//! issue 24's temperature, token weights and per-row statistics).
 //! cuda_ce_forward / cuda_ce_backward: class-index targets in two kernels (the loss reduced on
 //! the device, the lse and the mean's denominator saved for the backward).
 //! cuda_vocab_parallel_stats / cuda_vocab_parallel_backward: a vocabulary shard's row statistics
@@ -7,7 +8,9 @@
 
 use super::{Call, Capsule, CudaStream};
 use crate::options::{CeOptions, VocabParallelLayout};
-use normax_cuda::{self as cu, CeGrad, CeRows, CeSaved, Indices, ShardRows, Target};
+use normax_cuda::{
+    self as cu, CeExtras, CeGrad, CeRows, CeSaved, CeStatsOut, Indices, ShardRows, Target,
+};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
@@ -15,19 +18,27 @@ use pyo3::prelude::*;
 /// one value, 1 for one per row.
 type ScaledGrad<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, usize);
 
+/// The float32 per-row statistics outputs (lse, entropy, correct as 1.0 / 0.0).
+type StatsOut<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+/// (temperature, float32 token weights per row or None, the statistics outputs or None).
+type Extras<'py> = (f64, Option<Bound<'py, PyAny>>, Option<StatsOut<'py>>);
+
 /// Per-row losses of `inputs` = (logits, target, class weights or None) into `loss_rows`; the
-/// reduction is the Python layer's. With `grad`, also the gradient scaled per row.
+/// reduction is the Python layer's. With `grad`, also the gradient scaled per row. `extras` =
+/// (temperature: divides the logits, the gradient carries its 1 / T; token weights: float32 per
+/// row multiplying each row's loss and gradient; the per-row statistics' outputs).
 #[pyfunction]
-#[pyo3(signature = (inputs, options, shape, loss_rows, grad, stream))]
+#[pyo3(signature = (inputs, options, shape, loss_rows, grad, stream, extras = None))]
 fn cuda_cross_entropy(
-    py: Python<'_>,
     inputs: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
     options: &CeOptions,
     shape: (usize, usize),
     loss_rows: &Bound<'_, PyAny>,
     grad: Option<ScaledGrad<'_>>,
     stream: &CudaStream,
+    extras: Option<Extras<'_>>,
 ) -> PyResult<()> {
+    let (temperature, token_weight, stats) = extras.unwrap_or((1.0, None, None));
     let (c, (rows, cols)) = (Call::new(stream), shape);
     let (logits, target, weight) = &inputs;
     let x = c.buf(logits, "logits")?;
@@ -36,6 +47,19 @@ fn cuda_cross_entropy(
         Capsule::Floats(p) => Target::Probs(p),
     };
     let opts = options.with_weight(c.opt(weight.as_ref(), "weight")?);
+    let stats = match &stats {
+        Some((lse, entropy, correct)) => Some(CeStatsOut {
+            lse: c.buf(lse, "lse")?,
+            entropy: c.buf(entropy, "entropy")?,
+            correct: c.buf(correct, "correct")?,
+        }),
+        None => None,
+    };
+    let extras = CeExtras {
+        temperature,
+        token_weight: c.opt(token_weight.as_ref(), "token_weight")?,
+        stats,
+    };
     let loss = c.buf(loss_rows, "loss")?;
     let grad = match &grad {
         Some((g, scale, stride)) => {
@@ -43,8 +67,8 @@ fn cuda_cross_entropy(
         }
         None => None,
     };
-    c.run(py, |s| {
-        cu::cross_entropy(s, x, target, &opts, loss, grad, rows, cols)
+    c.run(loss_rows.py(), |s| {
+        cu::cross_entropy(s, x, target, &opts, &extras, loss, grad, rows, cols)
     })
 }
 
@@ -137,7 +161,7 @@ fn cuda_ce_backward(
 }
 
 impl Call {
-    fn indices(&self, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Indices> {
+    pub(super) fn indices(&self, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Indices> {
         match self.capsule(obj, name)? {
             Capsule::Indices(t) => Ok(t),
             Capsule::Floats(_) => Err(PyTypeError::new_err(format!(

@@ -12,6 +12,7 @@
 //! functions.
 
 mod cross_entropy;
+mod logprobs;
 mod norms;
 mod power_norm;
 mod softmax;
@@ -224,6 +225,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     softmax::register(m)?;
     stablemax::register(m)?;
     cross_entropy::register(m)?;
+    logprobs::register(m)?;
     norms::register(m)?;
     power_norm::register(m)
 }

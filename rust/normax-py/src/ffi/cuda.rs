@@ -303,7 +303,17 @@ fn cross_entropy(frame: &Frame) -> Result<(), Error> {
     if shared {
         opts.weight = weight_buf;
         let rows = loss.len;
-        return cu::cross_entropy(s, x, t, &opts, loss, grad.and_then(scaled), rows, cols);
+        return cu::cross_entropy(
+            s,
+            x,
+            t,
+            &opts,
+            &Default::default(),
+            loss,
+            grad.and_then(scaled),
+            rows,
+            cols,
+        );
     }
     // Class weights per batch element: one launch sequence each, over that element's rows.
     for b in 0..count {
@@ -318,7 +328,17 @@ fn cross_entropy(frame: &Frame) -> Result<(), Error> {
         };
         let lb = part(loss, b, count);
         let gb = grad.map(|g| part(g, b, count)).and_then(scaled);
-        cu::cross_entropy(s, part(x, b, count), tb, &opts, lb, gb, lb.len, cols)?;
+        cu::cross_entropy(
+            s,
+            part(x, b, count),
+            tb,
+            &opts,
+            &Default::default(),
+            lb,
+            gb,
+            lb.len,
+            cols,
+        )?;
     }
     Ok(())
 }
