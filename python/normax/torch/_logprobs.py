@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import _logprobs as cpu
-from .._backends import missing
+from .._backends import cuda
+from .._backends.cuda.logprobs import linear_logprobs_grad, logprobs_grad
 from .._options import check_chunk_size, linear_shapes
 from ._convert import absent, check_float, host, host_opt, to_tensor
 from ._op import op
@@ -129,13 +130,18 @@ _logprobs_op.register_autograd(_grad, setup_context=_setup)
 
 
 @_logprobs_op.register_kernel("cuda")
-def _logprobs_cuda(logits, *_):
-    raise missing("cuda", "logprobs")
+def _logprobs_cuda(logits, target, temperature, ignore_index, entropy):
+    r = cuda.logprobs(
+        logits, target, temperature=temperature, ignore_index=ignore_index, return_entropy=entropy
+    )
+    return r if entropy else (r, absent(logits))
 
 
 @_logprobs_backward_op.register_kernel("cuda")
-def _logprobs_backward_cuda(logits, *_):
-    raise missing("cuda", "logprobs")
+def _logprobs_backward_cuda(logits, target, grad_logprob, grad_entropy, temperature, ignore_index):
+    return logprobs_grad(
+        logits, target, grad_logprob, grad_entropy, temperature=temperature, ignore_index=ignore_index
+    )
 
 
 def logprobs(
@@ -166,7 +172,8 @@ def logprobs(
     an output whose gradient is None (unused in the loss) costs nothing in the backward, and the
     backward recomputes the rows' statistics from the saved logits (nothing else is saved). A
     registered custom op with a fake kernel: ``torch.compile(fullgraph=True)`` traces it. CUDA
-    tensors raise NotImplementedError (no CUDA kernel yet). Double backward is not supported.
+    tensors run normax's CUDA kernels (the backward recomputes the rows' statistics there too).
+    Double backward is not supported.
 
     Examples
     --------
@@ -279,13 +286,33 @@ _linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 @_linear_op.register_kernel("cuda")
-def _linear_cuda(hidden, *_):
-    raise missing("cuda", "linear_logprobs")
+def _linear_cuda(hidden, linear_weight, target, linear_bias, temperature, ignore_index, chunk_size, entropy):
+    r = cuda.linear_logprobs(
+        hidden, linear_weight, target, linear_bias=linear_bias, temperature=temperature,
+        ignore_index=ignore_index, chunk_size=chunk_size, return_entropy=entropy,
+    )  # fmt: skip
+    lp, h = r if entropy else (r, None)
+    return lp.to(hidden.dtype), absent(hidden) if h is None else h.to(hidden.dtype)
 
 
 @_linear_backward_op.register_kernel("cuda")
-def _linear_backward_cuda(hidden, *_):
-    raise missing("cuda", "linear_logprobs")
+def _linear_backward_cuda(
+    hidden,
+    linear_weight,
+    target,
+    linear_bias,
+    grad_logprob,
+    grad_entropy,
+    temperature,
+    ignore_index,
+    chunk_size,
+):
+    dh, dw, db = linear_logprobs_grad(
+        hidden, linear_weight, target, linear_bias, grad_logprob, grad_entropy, temperature=temperature,
+        ignore_index=ignore_index, chunk_size=chunk_size,
+    )  # fmt: skip
+    db = absent(hidden) if db is None else db.to(linear_bias.dtype)
+    return dh.to(hidden.dtype), dw.to(linear_weight.dtype), db
 
 
 def linear_logprobs(
@@ -328,8 +355,9 @@ def linear_logprobs(
     The forward keeps nothing but its inputs; the backward recomputes each block of logits once
     (three GEMMs per block in all, with whole rows per block) and skips the terms of an output
     whose gradient is None. A registered custom op with a fake kernel
-    (``torch.compile(fullgraph=True)``). CUDA tensors raise NotImplementedError (no CUDA kernel
-    yet). Double backward is not supported.
+    (``torch.compile(fullgraph=True)``). CUDA tensors run torch GEMM blocks into normax's CUDA
+    kernels (the backward recomputes each block's statistics first: one more GEMM pass). Double
+    backward is not supported.
 
     Examples
     --------

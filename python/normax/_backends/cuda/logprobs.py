@@ -176,3 +176,26 @@ def linear_inputs(lib: Lib, hidden, weight, target, bias, ignore_index, sync_che
     tk = lib.contiguous(lib.int64(t))
     _check_classes(lib, tk, v, ignore_index, (n,), sync_check)
     return h, w, b, tk
+
+
+def logprobs_grad(logits, target, grad_logprob, grad_entropy, *, temperature, ignore_index):
+    """d(logits) of (rows, C) CUDA logits (normax.torch's backward op): the forward's per-row
+    statistics recomputed (one more read of the logits), then the backward kernel."""
+    lib = lib_of((logits, target), "normax.logprobs")
+    with lib.current():
+        x = lib.contiguous(lib.input(logits, "logits"))
+        tk = lib.contiguous(lib.int64(lib.on_device(target, "target")))
+        saved = logprobs_forward(lib, x, tk, ignore_index, temperature)
+        return logprobs_backward(lib, x, tk, saved, (grad_logprob, grad_entropy), ignore_index, temperature)
+
+
+def linear_logprobs_grad(hidden, linear_weight, target, linear_bias, grad_logprob, grad_entropy, *, temperature,
+                         ignore_index, chunk_size):  # fmt: skip
+    """(dhidden, dweight, dbias or None) of :func:`linear_logprobs` (normax.torch's backward op):
+    the forward's per-row statistics recomputed block by block first (one more GEMM pass)."""
+    lib = lib_of((hidden, linear_weight, target, linear_bias), "normax.linear_logprobs")
+    with lib.current():
+        h, w, b, tk = linear_inputs(lib, hidden, linear_weight, target, linear_bias, ignore_index, True)
+        saved = linear_logprobs_forward(lib, h, w, b, tk, ignore_index, temperature, chunk_size)
+        grads = (grad_logprob, grad_entropy)
+        return linear_logprobs_backward(lib, h, w, b, tk, saved, grads, ignore_index, temperature, chunk_size)
