@@ -3,9 +3,9 @@
 
 use super::rows::{
     cap_into, pass2, pass2_exact, run_rows, Probs, RowOutputs, RowStats, StatsOut, Sums, Targets,
-    Top,
 };
 use super::rule::{minus, scale_for, Coef, RowLse, Rule, Scale};
+use super::stats::Top;
 use super::{finish_loss, prepare, CeStats};
 use crate::driver::{self, Ptr};
 use crate::float::Float;

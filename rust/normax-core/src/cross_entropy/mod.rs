@@ -21,12 +21,14 @@
 //! fixed blocks whose loss sums add up in f64 in block order: the same result for any thread count.
 //!
 //! Here: the public functions and their checks; `rule`: the loss algebra above; `rows`: the SIMD
-//! passes and `run_rows`; `linear`: the linear cross-entropy; `vocab_parallel`: both with the
+//! passes and `run_rows`; `stats`: what `return_stats` adds to them (the argmax check, the plain
+//! path's entropy pass); `linear`: the linear cross-entropy; `vocab_parallel`: both with the
 //! classes split across ranks.
 
 mod linear;
 mod rows;
 mod rule;
+mod stats;
 mod vocab_parallel;
 
 use crate::driver::Ptr;

@@ -178,8 +178,8 @@ impl<T: Float> Kernel<T> for StatsRows<'_, T> {
                     } else {
                         pass2_exact::<T, false>(x, wt, len, lse, &no_coef, None, g)
                     };
-                    // At `unit`, as the fast path sums it: finite in T where the loss is.
-                    (out[SMOOTH], out[SMOOTH + 1]) = split(smooth.smooth * rule.unit);
+                    // Unscaled: the CUDA kernels write the same packed rows for the host's combine.
+                    (out[SMOOTH], out[SMOOTH + 1]) = split(smooth.smooth);
                 }
             }
         }
@@ -411,7 +411,7 @@ pub fn vocab_parallel_combine<T: Float>(
             let mut smooth = 0.0;
             if rule.eps > 0.0 {
                 for (k, s) in shards.iter().enumerate() {
-                    let part = (field(k, SMOOTH) + field(k, SMOOTH + 1)) / rule.unit;
+                    let part = field(k, SMOOTH) + field(k, SMOOTH + 1);
                     if s.len == 0 {
                         continue;
                     }
