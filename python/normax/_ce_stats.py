@@ -22,8 +22,14 @@ def z_loss_term(lse, token_weight, opts, denom):
     """The stats' z_loss scalar from the rows' lse (ignored rows hold 0)."""
     if opts.z_loss == 0.0:
         return 0.0
-    sq = lse.astype(np.float64) ** 2
-    total = float(np.dot(sq, token_weight.astype(np.float64)) if token_weight is not None else sq.sum())
+    sq = lse.astype(np.float64).reshape(-1) ** 2
+    if token_weight is None:
+        total = float(sq.sum())
+    else:
+        # Only the kept rows' weights (ignored rows hold lse 0): an ignored row's inf or NaN
+        # weight must not make the term NaN, as it does not make the loss NaN.
+        kept = sq != 0.0
+        total = float(np.dot(sq[kept], token_weight.astype(np.float64).reshape(-1)[kept]))
     total *= opts.z_loss
     if opts.reduction != "mean":
         return total

@@ -70,7 +70,7 @@ REFUSED = {
 }
 
 _NOT_ARRAY_FUNCTIONS = {
-    "PowerNormSaved", "PowerNormState", "get_backend", "get_isa", "get_num_threads", "set_backend",
+    "CrossEntropyStats", "PowerNormSaved", "PowerNormState", "get_backend", "get_isa", "get_num_threads", "set_backend",
     "set_isa", "set_num_threads", "supported_isas", "power_norm_backward",
 }  # fmt: skip
 

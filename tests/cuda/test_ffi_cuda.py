@@ -26,7 +26,10 @@ import fake_xla as fx
 HANDLERS = {name: fx.handler(capsule) for name, capsule in _core.ffi_targets("CUDA").items()}
 STREAM = _core.CudaStream(fx.DEVICE, fx.STREAM)
 CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, "bfloat16": 2, np.dtype(np.int64): 3}
-CE_ATTRS = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "stablemax": False}
+CE_ATTRS = {
+    "ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "stablemax": False,
+    "temperature": 1.0, "with_stats": False,
+}  # fmt: skip
 
 
 def raw(a: fx.Array):
@@ -57,9 +60,9 @@ def on_xla_stream(events):
     assert events and all(e[4] == fx.STREAM for e in events), events
 
 
-def test_the_cuda_targets_are_the_cpu_ones_but_the_vocabulary_parallel_and_linear():
+def test_the_cuda_targets_are_the_cpu_ones_but_the_vocabulary_parallel_linear_and_logprobs():
     cpu = set(_core.ffi_targets("cpu"))
-    without = {t for t in cpu if "vocab_parallel" in t or "linear" in t}
+    without = {t for t in cpu if "vocab_parallel" in t or "linear" in t or "logprobs" in t}
     assert without and set(HANDLERS) == cpu - without
 
 
@@ -121,16 +124,16 @@ def ce_case(xla, rows=32, cols=1000, target_dtype=np.int64, weight=0, with_grad=
     target = xla.array((*batch, rows), target_dtype)
     w = xla.array((*batch, cols) if weight == "batched" else (cols,) if weight else (0,))
     results = [xla.array((*batch, rows))] + ([xla.array((*batch, rows, cols))] if with_grad else [])
-    return [logits, target, w], results
+    return [logits, target, w, xla.array((0,))], results  # no token weights
 
 
 @pytest.mark.parametrize("weight", [False, True])
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_cross_entropy_launches_what_the_binding_launches(with_grad, weight):
     xla = fx.FakeXla()
-    (logits, target, w), results = ce_case(xla, with_grad=with_grad, weight=weight)
+    (logits, target, w, tw), results = ce_case(xla, with_grad=with_grad, weight=weight)
     error, events = call(
-        xla, "normax_cross_entropy", [logits, target, w], results, with_grad=with_grad, **CE_ATTRS
+        xla, "normax_cross_entropy", [logits, target, w, tw], results, with_grad=with_grad, **CE_ATTRS
     )
     assert error is None
     on_xla_stream(events)
@@ -166,9 +169,9 @@ def test_cross_entropy_widens_int32_class_ids_into_xlas_scratch():
 
 def test_cross_entropy_with_class_weights_per_batch_element_runs_each_element_on_its_rows():
     xla = fx.FakeXla()
-    (logits, target, w), (loss,) = ce_case(xla, rows=8, cols=128, weight="batched", batch=(3,))
+    (logits, target, w, tw), (loss,) = ce_case(xla, rows=8, cols=128, weight="batched", batch=(3,))
     error, events = call(
-        xla, "normax_cross_entropy", [logits, target, w], [loss], with_grad=False, **CE_ATTRS
+        xla, "normax_cross_entropy", [logits, target, w, tw], [loss], with_grad=False, **CE_ATTRS
     )
     assert error is None
     runs = launches(events)
@@ -290,20 +293,24 @@ def _errors():
         ("normax_cross_entropy", ce_args(label_smoothing=1.5), "label_smoothing: must be between 0.0 and 1.0, got 1.5"),
         ("normax_cross_entropy", ce_args(softcap=-2.0), "softcap: must be a finite number > 0, got -2"),
         ("normax_cross_entropy", ce_args(stablemax=True), "stablemax: the CUDA kernels have no stablemax"),
-        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((5,), np.int64), f32(xla, 0)],
+        ("normax_cross_entropy", ce_args(temperature=0.5), "temperature: the CUDA handler takes only 1.0"),
+        ("normax_cross_entropy", ce_args(with_stats=True), "return_stats: the CUDA handler gives no statistics"),
+        ("normax_cross_entropy", lambda xla: ([*ce_case(xla, rows=4, cols=100)[0][:3], f32(xla, 4)], [f32(xla, 4)], ce),
+         "token_weight: the CUDA handler takes none"),
+        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((5,), np.int64), f32(xla, 0), f32(xla, 0)],
                                               [f32(xla, 4)], ce), "target: expected shape [4], got [5]"),
-        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4,), np.int32), f32(xla, 7)],
+        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4,), np.int32), f32(xla, 7), f32(xla, 0)],
                                               [f32(xla, 4)], dict(ce, with_grad=True)),
-         "expected 3 operands and 2 results, got 3 and 1"),
-        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4,), np.int32), f32(xla, 7)],
+         "expected 4 operands and 2 results, got 4 and 1"),
+        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4,), np.int32), f32(xla, 7), f32(xla, 0)],
                                               [f32(xla, 4)], ce), "weight has 7 elements; expected one per class (100)"),
-        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4, 100), np.float16), f32(xla, 0)],
+        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4, 100), np.float16), f32(xla, 0), f32(xla, 0)],
                                               [f32(xla, 4), f32(xla, 4, 100)], dict(ce, with_grad=True)),
          "target: expected F32 elements, got F16"),
-        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4,), np.int32), f32(xla, 0)],
+        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 100), xla.array((4,), np.int32), f32(xla, 0), f32(xla, 0)],
                                               [f32(xla, 4), xla.array((4, 100), np.float16)], dict(ce, with_grad=True)),
          "grad: expected F32 elements, got F16"),
-        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 0), xla.array((4,), np.int32), f32(xla, 0)],
+        ("normax_cross_entropy", lambda xla: ([f32(xla, 4, 0), xla.array((4,), np.int32), f32(xla, 0), f32(xla, 0)],
                                               [f32(xla, 4)], ce), "logits: the class axis is empty"),
         ("normax_cross_entropy", lambda xla: (*ce_case(xla)[:2], {k: v for k, v in ce.items() if k != "z_loss"}),
          'missing attribute "z_loss"'),

@@ -1,9 +1,9 @@
-"""Review of issue 24 (h24-int): reproducers of bugs found in review; each fails until fixed."""
-
-import numpy as np
-import pytest
+"""CrossEntropyStats at the edges: -inf logits in float32 (a p = 0 term adds 0 to the entropy) and
+ignored rows whose token weight is inf (the z-loss term sums the kept rows only)."""
 
 import normax
+import numpy as np
+import pytest
 
 
 def _entropy_ref(x):
@@ -42,9 +42,11 @@ def test_stats_z_loss_ignores_token_weight_of_ignored_rows():
     # Spec: z_loss sums token_weight[r] * lse_r**2 over the rows NOT ignored.
     x = np.random.default_rng(0).normal(size=(3, 4))
     t = np.array([0, -100, 2])
-    _, st = normax.cross_entropy(x, t, token_weight=np.array([1.0, np.inf, 1.0]), z_loss=0.1,
-                                 reduction="sum", return_stats=True)
-    _, ref = normax.cross_entropy(x, t, token_weight=np.array([1.0, 0.0, 1.0]), z_loss=0.1,
-                                  reduction="sum", return_stats=True)
+    _, st = normax.cross_entropy(
+        x, t, token_weight=np.array([1.0, np.inf, 1.0]), z_loss=0.1, reduction="sum", return_stats=True
+    )
+    _, ref = normax.cross_entropy(
+        x, t, token_weight=np.array([1.0, 0.0, 1.0]), z_loss=0.1, reduction="sum", return_stats=True
+    )
     assert np.isfinite(st.z_loss)
     np.testing.assert_allclose(st.z_loss, ref.z_loss)
