@@ -3,7 +3,7 @@
 The packed rows, the header that leads them and the combine are normax._vocab_parallel's (read
 its docstring first); this module holds what is torch's: the byte buffer on the inputs' device,
 ``dist.all_gather_into_tensor`` (gloo for CPU tensors, NCCL for CUDA tensors), the autograd
-Functions, the linear version's ``d hidden`` all-reduce and the DTensor entry.
+Functions (the token weights applied after the combine) and the DTensor entry.
 
 CUDA tensors (float32, float16 and bfloat16) take the same steps on the device: the shard-statistics
 kernel (normax._backends.cuda.vocab_parallel_stats, kernels/cross_entropy.cu) writes the same float32 packed
@@ -11,9 +11,8 @@ rows into the uint8 device buffer on the caller's stream, behind the header copi
 gathered buffer is copied to the host for the CPU's combine, so the loss is bit-identical across
 ranks as on CPU; the backward is one kernel on the caller's stream that reads each row's global
 log-sum-exp (float32 hi, lo) from the forward: no collective, no synchronization. The linear
-version computes its logits block by block with torch GEMMs on the device into the same kernels,
-turns each recomputed block into its gradient in place in the backward (d weight and d bias summed
-over the blocks in float32) and all-reduces d hidden once.
+versions (``_vocab_parallel_linear``: the cross-entropy and the logits budget;
+``_vocab_parallel_logprobs``) build on this module's exchange and shard kernels.
 Tested here with emulated kernels (tests/cuda/test_cuda_vocab_parallel.py); the kernels and NCCL
 by the `gpu` tests (tests/cuda/test_gpu_vocab_parallel.py), which passed on one H200 (2026-11-27):
 NCCL with one rank only, a group of several GPUs has not been run.
