@@ -45,21 +45,22 @@ pub struct LinearGrads<'a, T> {
     pub dbias: Option<&'a mut [T]>,
 }
 
-/// The inputs of the linear op, as raw parts.
+/// The inputs of the linear op, as raw parts (also the linear logprobs', with scale 1: they
+/// divide by the temperature in their row kernels).
 #[derive(Clone, Copy)]
-pub(super) struct Linear<T> {
-    pub(super) hidden: Ptr<T>,
-    pub(super) weight: Ptr<T>,
-    pub(super) bias: Ptr<T>,
-    pub(super) h: usize,
+pub(crate) struct Linear<T> {
+    pub(crate) hidden: Ptr<T>,
+    pub(crate) weight: Ptr<T>,
+    pub(crate) bias: Ptr<T>,
+    pub(crate) h: usize,
     /// The logits come out multiplied by it: 1 / temperature.
-    pub(super) scale: T,
+    pub(crate) scale: T,
 }
 
 impl<T: Float> Linear<T> {
     /// out (rn x vn, contiguous) = (hidden[r0..r0+rn] @ weight[v0..v0+vn]^T + bias[v0..v0+vn])
     /// * scale.
-    pub(super) unsafe fn logits(&self, out: *mut T, r0: usize, rn: usize, v0: usize, vn: usize) {
+    pub(crate) unsafe fn logits(&self, out: *mut T, r0: usize, rn: usize, v0: usize, vn: usize) {
         let has_bias = !self.bias.0.is_null();
         if has_bias {
             for i in 0..rn {
@@ -78,7 +79,7 @@ impl<T: Float> Linear<T> {
 
     /// Feeds a gradient block g (rn x vn) into dhidden[r0..] and dweight[v0..] (and the bias sums).
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn backward(
+    pub(crate) unsafe fn backward(
         &self,
         g: *const T,
         (r0, rn): (usize, usize),

@@ -38,6 +38,7 @@ use crate::Error;
 use rows::{run_rows, RowOutputs, StatsOut, Targets};
 use rule::{scale_for, Rule};
 
+pub(crate) use linear::Linear;
 pub use linear::{linear_block, linear_cross_entropy, LinearGrads, DEFAULT_CHUNK};
 pub use vocab_parallel::{
     fields as vocab_parallel_fields, vocab_parallel_backward, vocab_parallel_combine,

@@ -10,107 +10,26 @@
 
 use super::rows::{Fold, Grad, Part};
 use super::{check_rows, finish, LogprobGrads, LogprobOptions};
-use crate::cross_entropy::{linear_block, LinearGrads};
+use crate::cross_entropy::{linear_block, Linear, LinearGrads};
 use crate::driver::{self, Ptr};
 use crate::float::Float;
-use crate::gemm::{matmul, release_free_memory};
+use crate::gemm::release_free_memory;
 use crate::isa::dispatch;
 use crate::spec::{check_len, size};
-use crate::threads;
 use crate::Error;
-
-/// The inputs of the linear form.
-struct Linear<'a, T> {
-    hidden: &'a [T],
-    weight: &'a [T],
-    bias: Option<&'a [T]>,
-    h: usize,
-}
-
-impl<T: Float> Linear<'_, T> {
-    /// out (rn x vn, contiguous) = hidden[r0..r0+rn] @ weight[v0..v0+vn]^T + bias[v0..v0+vn].
-    unsafe fn logits(&self, out: *mut T, (r0, rn): (usize, usize), (v0, vn): (usize, usize)) {
-        if let Some(b) = self.bias {
-            for i in 0..rn {
-                std::ptr::copy_nonoverlapping(b.as_ptr().add(v0), out.add(i * vn), vn);
-            }
-        }
-        matmul(
-            (rn, vn, self.h),
-            out,
-            vn,
-            self.bias.is_some(),
-            self.hidden.as_ptr().add(r0 * self.h),
-            (self.h, 1),
-            self.weight.as_ptr().add(v0 * self.h),
-            (1, self.h),
-        );
-    }
-
-    /// Feeds a gradient block g (rn x vn) into dhidden[r0..] and dweight[v0..] (the first block of
-    /// each overwrites) and the bias's column sums.
-    unsafe fn backward(
-        &self,
-        g: *const T,
-        (r0, rn): (usize, usize),
-        (v0, vn): (usize, usize),
-        grads: &mut LinearGrads<'_, T>,
-        bias_sums: &mut [f64],
-    ) {
-        let h = self.h;
-        matmul(
-            (rn, h, vn),
-            grads.dhidden.as_mut_ptr().add(r0 * h),
-            h,
-            v0 > 0,
-            g,
-            (vn, 1),
-            self.weight.as_ptr().add(v0 * h),
-            (h, 1),
-        );
-        matmul(
-            (vn, h, rn),
-            grads.dweight.as_mut_ptr().add(v0 * h),
-            h,
-            r0 > 0,
-            g,
-            (1, vn),
-            self.hidden.as_ptr().add(r0 * h),
-            (h, 1),
-        );
-        if grads.dbias.is_some() {
-            add_column_sums(&mut bias_sums[v0..v0 + vn], g, rn, vn);
-        }
-    }
-}
-
-/// acc[j] += sum_i g[i, j] in f64, rows in order (the same result for any thread count).
-unsafe fn add_column_sums<T: Float>(acc: &mut [f64], g: *const T, rn: usize, vn: usize) {
-    const COLS: usize = 1024;
-    let (acc, g) = (Ptr(acc.as_mut_ptr()), Ptr::from_const(g));
-    threads::for_each(vn.div_ceil(COLS), |c| {
-        let (j0, j1) = (c * COLS, ((c + 1) * COLS).min(vn));
-        for i in 0..rn {
-            let row = g.at(i * vn);
-            for j in j0..j1 {
-                *acc.at(j) += (*row.add(j)).to_f64();
-            }
-        }
-    });
-}
 
 /// Checks the shapes and options of the linear form; returns its inputs.
 #[allow(clippy::too_many_arguments)]
-fn checked<'a, T: Float>(
-    hidden: &'a [T],
-    weight: &'a [T],
-    bias: Option<&'a [T]>,
+fn checked<T: Float>(
+    hidden: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
     target: &[i64],
     (n, h, v): (usize, usize, usize),
     opts: &LogprobOptions,
     chunk_size: Option<usize>,
     grads: Option<&LogprobGrads<'_, T>>,
-) -> Result<Linear<'a, T>, Error> {
+) -> Result<Linear<T>, Error> {
     if chunk_size == Some(0) {
         return Err(Error::Value("chunk_size must be at least 1".into()));
     }
@@ -121,17 +40,18 @@ fn checked<'a, T: Float>(
     }
     check_rows(n, v, target, opts, grads)?;
     Ok(Linear {
-        hidden,
-        weight,
-        bias,
+        hidden: Ptr::from_const(hidden.as_ptr()),
+        weight: Ptr::from_const(weight.as_ptr()),
+        bias: Ptr::from_const(bias.map_or(std::ptr::null(), |b| b.as_ptr())),
         h,
+        scale: T::ONE,
     })
 }
 
 /// Folds every block of classes of rows [r0, r0 + rn) into `parts` (one per row of the block).
 #[allow(clippy::too_many_arguments)]
 fn fold_rows<T: Float>(
-    lin: &Linear<'_, T>,
+    lin: &Linear<T>,
     block: Ptr<T>,
     (r0, rn): (usize, usize),
     (v, bv): (usize, usize),
@@ -143,7 +63,7 @@ fn fold_rows<T: Float>(
     let state = Ptr(parts.as_mut_ptr());
     for v0 in (0..v).step_by(bv) {
         let vn = bv.min(v - v0);
-        unsafe { lin.logits(block.at(0), (r0, rn), (v0, vn)) };
+        unsafe { lin.logits(block.at(0), r0, rn, v0, vn) };
         driver::for_each_fixed_row_block(rn, vn, |rows| {
             dispatch(Fold {
                 x: block,
@@ -225,7 +145,7 @@ pub fn linear_logprobs_backward<T: Float>(
     opts: &LogprobOptions,
     chunk_size: Option<usize>,
     grads: LogprobGrads<'_, T>,
-    mut out: LinearGrads<'_, T>,
+    out: LinearGrads<'_, T>,
 ) -> Result<(), Error> {
     let lin = checked(
         hidden,
@@ -271,7 +191,7 @@ pub fn linear_logprobs_backward<T: Float>(
         }
         for v0 in (0..v).step_by(bv) {
             let vn = bv.min(v - v0);
-            unsafe { lin.logits(blk.at(0), (r0, rn), (v0, vn)) };
+            unsafe { lin.logits(blk.at(0), r0, rn, v0, vn) };
             let folded = (bv < v).then_some(&parts[..]);
             driver::for_each_fixed_row_block(rn, vn, |rows| {
                 dispatch(Grad {
@@ -288,7 +208,9 @@ pub fn linear_logprobs_backward<T: Float>(
                     rows,
                 })
             });
-            unsafe { lin.backward(blk.at(0), (r0, rn), (v0, vn), &mut out, &mut bias_sums) };
+            let sums = bias.is_some().then_some(&mut bias_sums[..]);
+            let (dh, dw) = (out.dhidden.as_mut_ptr(), out.dweight.as_mut_ptr());
+            unsafe { lin.backward(blk.at(0), (r0, rn), (v0, vn), dh, dw, sums) };
         }
         release_free_memory();
     }
