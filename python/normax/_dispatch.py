@@ -214,9 +214,13 @@ def array_api(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        # The plain-NumPy call: only a type lookup per argument before the function itself.
-        if not kwargs and len(args) == 1 and type(args[0]) is np.ndarray and _backend[0] == "cpu":
-            return fn(args[0])
+        # The plain-NumPy call: only a type lookup per argument before the function itself (an
+        # `out=` array included: it must not cost more than the call without it).
+        if len(args) == 1 and type(args[0]) is np.ndarray and _backend[0] == "cpu":
+            if not kwargs:
+                return fn(args[0])
+            if len(kwargs) == 1 and type(kwargs.get("out")) is np.ndarray:
+                return fn(args[0], out=kwargs["out"])
         device = _device_of(kwargs) if "device" in kwargs else _backend[0]
         for a in args:
             if type(a) not in PLAIN and library(a):

@@ -180,40 +180,30 @@ def row_map(kernel, kernel_last, x, axis, out):
     `kernel_last` is its one-call form for a fresh output over the last axis."""
     # The common call in one crossing into Rust: a contiguous float32/float64 array over its last
     # axis into a fresh array (None back for anything else).
-    if axis == -1 and out is None:
-        try:
-            y = kernel_last(x)
-        except ValueError:
-            if not _misaligned(x):
-                raise
-            y = None  # read from one aligned copy below
-        if y is not None:
-            return y
-    # Into itself, or a separate contiguous array of its dtype.
-    if (
-        axis == -1
-        and _is_fast(x)
-        and (
-            out is x
-            or (
-                type(out) is np.ndarray
-                and out.dtype == x.dtype
-                and out.shape == x.shape
-                and out.flags.c_contiguous
-                and out.flags.writeable
-                and not np.may_share_memory(out, x)
-            )
-        )
-    ):
-        n = x.shape[-1]
-        if not n:
-            return out
-        try:
-            kernel(x, out, (x.size // n, n, 1))
-            return out
-        except ValueError:
-            if not _misaligned(x, out):
-                raise
+    if out is None:
+        if axis == -1:
+            try:
+                y = kernel_last(x)
+            except ValueError:
+                if not _misaligned(x):
+                    raise
+                y = None  # read from one aligned copy below
+            if y is not None:
+                return y
+    # Into itself, or a separate array of its shape: straight to the kernel, whose binding checks
+    # in nanoseconds what this needs (dtypes, C-contiguity, writeability, and that `out` is `x` or
+    # does not overlap it) and refuses before writing anything; the general path below then gives
+    # any refusal its message, or computes through a buffer (a partial overlap, a misaligned or
+    # strided `out`).
+    elif axis == -1 and type(x) is np.ndarray and type(out) is np.ndarray:
+        shape = x.shape
+        n = shape[-1] if shape else 0
+        if n and out.shape == shape:
+            try:
+                kernel(x, out, (x.size // n, n, 1))
+                return out
+            except (TypeError, ValueError):
+                pass
 
     a = np.asarray(x)
     if a.dtype.kind == "c":

@@ -238,3 +238,55 @@ def test_the_direct_route_does_not_materialise_gradients():
     x = _rand(3)
     NoGradient.apply(split(x)[0]).sum().backward()
     assert seen == [None] and x.grad is None
+
+
+_THIN = {
+    "softmax": lambda x: nt.softmax(x, -1),
+    "log_softmax": lambda x: nt.log_softmax(x, 1),
+    "cross_entropy": lambda x: nt.cross_entropy(x, torch.tensor([0, 6, 3, -100, 2])),
+    "cross_entropy_weight_none": lambda x: nt.cross_entropy(
+        x, torch.tensor([0, 6, 3, 1, 2]), _W.to(x.dtype), reduction="none", label_smoothing=0.1
+    ),
+    "layer_norm": lambda x: nt.layer_norm(x, (7,), _W.to(x.dtype), _W.flip(0).to(x.dtype), 1e-5),
+    "layer_norm_no_params": lambda x: nt.layer_norm(x, (7,)),
+    "rms_norm": lambda x: nt.rms_norm(x, (7,), _W.to(x.dtype), 1e-6),
+    "rms_norm_2d_shape": lambda x: nt.rms_norm(x, (5, 7)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(_THIN))
+def test_cpu_thin_path_skips_the_numpy_layer_and_matches_it(monkeypatch, name, dtype):
+    """Contiguous float32/float64 tensors go straight to ``_core`` (normax/torch/_cpu.py), forward
+    and backward, with the NumPy functions' results to the bit; other layouts still take the NumPy
+    functions (a transposed view here)."""
+    from normax import _cross_entropy as np_ce
+    from normax import _norms as np_norms
+    from normax import _softmax as np_softmax
+
+    def through_numpy(x):
+        base = x.detach().t().contiguous().requires_grad_()  # x's values, in a transposed layout
+        y = _THIN[name](base.t())
+        dy = _rand(*y.shape, dtype=dtype, seed=1, grad=False)
+        (dx,) = torch.autograd.grad(y, base, dy)
+        return y.detach(), dx.t()
+
+    x = _rand(5, 7, dtype=dtype)
+    expect = through_numpy(x)
+    calls = []
+
+    def count(f):
+        return lambda *a, **k: (calls.append(f.__name__), f(*a, **k))[1]
+
+    layers = [(np_softmax, n) for n in ("softmax", "log_softmax", "softmax_backward", "log_softmax_backward")]
+    layers += [(np_norms, n) for n in ("layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward")]
+    layers += [(np_ce, "checked_cross_entropy")]
+    for module, n in layers:
+        monkeypatch.setattr(module, n, count(getattr(module, n)))
+    y = _THIN[name](x)
+    dy = _rand(*y.shape, dtype=dtype, seed=1, grad=False)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert calls == []
+    assert torch.equal(y, expect[0]) and torch.equal(dx, expect[1])
+    through_numpy(x)
+    assert calls, "a transposed input takes the NumPy functions"

@@ -178,6 +178,28 @@ def test_out_errors_leave_out_untouched(fname):
         f(x, out=[[0.0] * 4] * 3)
 
 
+@pytest.mark.parametrize("fname", list(FORWARD))
+def test_out_refusals_name_out(fname):
+    """A contiguous `out` goes straight to the kernel, whose binding refuses what it cannot write;
+    the messages are still the general path's, naming `out`."""
+    f = FORWARD[fname]
+    x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
+    ro = np.zeros_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out: array is read-only"):
+        f(x, out=ro)
+    with pytest.raises(TypeError, match="out: dtype float64 does not match"):
+        f(x, out=np.zeros(x.shape))
+    with pytest.raises(ValueError, match="out: shape"):
+        f(x, out=np.zeros((4, 3), np.float32))
+    # A partial overlap of two contiguous float32 arrays: computed as if x had been copied first.
+    buf = np.linspace(-2, 2, 13, dtype=np.float32)
+    x, out = buf[:-1].reshape(3, 4), buf[1:].reshape(3, 4)
+    expect = f(x.copy())
+    assert f(x, out=out) is out
+    np.testing.assert_array_equal(out, expect)
+
+
 # ---------------------------------------------------------------------------------------------
 # The caller's input is never modified
 

@@ -28,6 +28,7 @@ from ._ce_options import (
     stats_tensors,
 )
 from ._convert import absent, check_float, dense, host, host_opt, needs_grad, to_tensor
+from ._cpu import cross_entropy as thin_cross_entropy
 from ._cross_entropy_cuda import ce_cuda_op, thin_cuda_route
 from ._op import op
 from ._softmax import log_softmax_op
@@ -56,6 +57,10 @@ def _cpu(
     """The NumPy-first op on the tensors' memory: (loss, dlogits or None, stats or None), loss and
     dlogits in the input's dtype (its common call goes straight to the kernel, see
     ``normax._cross_entropy``), stats as :func:`stats_tensors`."""
+    if grad_loss is None and token_weight is None and not stats:
+        thin = thin_cross_entropy(input, target, weight, axis, opts, with_grad)
+        if thin is not None:
+            return thin + (None,)
     grad_output = 1.0 if grad_loss is None else host(grad_loss)
     r = cpu.checked_cross_entropy(
         host(input), host(target), axis, host_opt(weight), opts, False, with_grad, grad_output,

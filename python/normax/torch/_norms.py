@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _norms as cpu
-from . import _cuda
+from . import _cpu, _cuda
 from ._convert import absent, check_float, host, host_dense, host_opt, to_tensor
 from ._op import op
 
@@ -29,6 +29,9 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 def _layer_norm_op(
     x: Tensor, ndim: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    thin = _cpu.norm_forward("layer", x, ndim, weight, bias, eps)
+    if thin is not None:
+        return thin
     y, mean, rstd = cpu.layer_norm(
         host(x), host_opt(weight), host_opt(bias), eps=eps, axis=_norm_axes(ndim), return_stats=True
     )
@@ -56,6 +59,10 @@ def _layer_norm_backward_op(
     rstd: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    thin = _cpu.norm_backward("layer", dy, x, weight, bias, mean, rstd, eps)
+    if thin is not None:
+        dx, dw, db = thin
+        return dx, absent(x) if dw is None else dw, absent(x) if db is None else db
     dx, dw, db = cpu.layer_norm_backward(
         host_dense(dy),
         host(x),
@@ -108,6 +115,9 @@ def _layer_norm_backward_cuda(dy, x, ndim, weight, bias, mean, rstd, eps):
 
 @op("normax::rms_norm")
 def _rms_norm_op(x: Tensor, ndim: int, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    thin = _cpu.norm_forward("rms", x, ndim, weight, None, eps)
+    if thin is not None:
+        return thin[0], thin[2]
     y, rstd = cpu.rms_norm(host(x), host_opt(weight), eps=eps, axis=_norm_axes(ndim), return_stats=True)
     return to_tensor(y, x.dtype), to_tensor(rstd, torch.float64)
 
@@ -121,6 +131,9 @@ def _rms_norm_fake(x, ndim, weight, eps):
 def _rms_norm_backward_op(
     dy: Tensor, x: Tensor, ndim: int, weight: Tensor | None, rstd: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
+    thin = _cpu.norm_backward("rms", dy, x, weight, None, None, rstd, eps)
+    if thin is not None:
+        return thin[0], absent(x) if thin[1] is None else thin[1]
     dx, dw = cpu.rms_norm_backward(
         host_dense(dy), host(x), host_opt(weight), eps=eps, axis=_norm_axes(ndim), rstd=host(rstd)
     )

@@ -100,19 +100,22 @@ class Op:
         self.custom_op.register_autograd(backward, setup_context=setup_context)
         if direct is not None:
             setup_context, backward = direct
-        kernel = self._kernel
+        kernels = self._kernels
+        default = self._default
 
         def forward(ctx, *args):
             ctx.set_materialize_grads(False)
             ctx.num_inputs = len(args)
-            output = kernel(*args)
+            # As `_kernel`, inlined: this runs on every training step.
+            output = kernels.get("cuda" if _cuda.on_cuda(args[0]) else "cpu", default)(*args)
             setup_context(ctx, args, output)
             return output
 
         def backward_or_none(ctx, *grads):
-            if all(g is None for g in grads):
-                return (None,) * ctx.num_inputs
-            return backward(ctx, *grads)
+            for g in grads:
+                if g is not None:
+                    return backward(ctx, *grads)
+            return (None,) * ctx.num_inputs
 
         self._function = type(
             self.name.replace("::", "_"),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _core
 from .. import _softmax as cpu
 from .._backends import cuda
-from . import _cuda
+from . import _cpu, _cuda
 from ._convert import check_float, dense, host, host_dense, to_tensor
 from ._op import op
 
@@ -20,32 +21,38 @@ def _axis(dim: int, ndim: int) -> int:
     return -1 if dim == ndim - 1 else dim
 
 
-def _map(numpy_function, x: Tensor, dim: int) -> Tensor:
+def _map(numpy_function, kernel_last, x: Tensor, dim: int) -> Tensor:
+    y = _cpu.row_map(kernel_last, x, dim)
+    if y is not None:
+        return y
     return to_tensor(numpy_function(host(x), axis=_axis(dim, x.ndim)), x.dtype)
 
 
-def _map_backward(numpy_function, y: Tensor, dy: Tensor, dim: int) -> Tensor:
+def _map_backward(numpy_function, kernel, y: Tensor, dy: Tensor, dim: int) -> Tensor:
+    dx = _cpu.row_backward(kernel, y, dy, dim)
+    if dx is not None:
+        return dx
     return to_tensor(numpy_function(host(y), host_dense(dy), axis=_axis(dim, y.ndim)), y.dtype)
 
 
 @op("normax::softmax")
 def _softmax_op(x: Tensor, dim: int) -> Tensor:
-    return _map(cpu.softmax, x, dim)
+    return _map(cpu.softmax, _core.softmax_last, x, dim)
 
 
 @op("normax::softmax_backward")
 def _softmax_backward_op(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    return _map_backward(cpu.softmax_backward, y, dy, dim)
+    return _map_backward(cpu.softmax_backward, _core.softmax_backward, y, dy, dim)
 
 
 @op("normax::log_softmax")
 def log_softmax_op(x: Tensor, dim: int) -> Tensor:
-    return _map(cpu.log_softmax, x, dim)
+    return _map(cpu.log_softmax, _core.log_softmax_last, x, dim)
 
 
 @op("normax::log_softmax_backward")
 def _log_softmax_backward_op(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    return _map_backward(cpu.log_softmax_backward, y, dy, dim)
+    return _map_backward(cpu.log_softmax_backward, _core.log_softmax_backward, y, dy, dim)
 
 
 @_softmax_op.register_fake
