@@ -98,6 +98,36 @@ def test_direct_route_matches_dispatcher(name, dtype):
         assert torch.equal(a, b), name
 
 
+def test_modules_with_parameters_skip_the_dispatcher(monkeypatch):
+    """Patched norm modules and a linear cross-entropy of a Linear's weight: their Parameters do
+    not send the call through the custom op, and the results are the custom op's to the bit."""
+
+    def step():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.RMSNorm(7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 4))
+        nt.patch(model)
+        x = _rand(5, 7)
+        h = model[1](model[0](x))
+        loss = nt.linear_cross_entropy(h, model[2].weight, torch.tensor([0, 3, 2, 1, 3]))
+        loss.backward()
+        return [loss.detach(), x.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    with _Passthrough():
+        expect = step()
+
+    def refuse(*args):
+        raise AssertionError("the dispatcher was called in plain eager mode")
+
+    for m in (_linear_cross_entropy, _norms):
+        for o in vars(m).values():
+            if isinstance(o, _op.Op):
+                monkeypatch.setattr(o, "custom_op", refuse)
+    got = step()
+    assert len(got) == len(expect)
+    for a, b in zip(got, expect):
+        assert torch.equal(a, b)
+
+
 def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
     """Forward and backward of every family in plain eager mode never call a custom op."""
 
@@ -132,6 +162,8 @@ def test_route_choices():
         pass
 
     assert _op.route((x.detach().as_subclass(Sub), 1)) == _op.DISPATCHER
+    # A module's weights (Parameters) take the direct route, as plain tensors do.
+    assert _op.route((x.detach(), 1, torch.nn.Parameter(x.detach()))) == _op.FUNCTION
     seen = []
     torch.func.grad(lambda a: (seen.append(_op.route((a, 1))), a.sum())[1])(x.detach())
     assert seen == [_op.DISPATCHER]

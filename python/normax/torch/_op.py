@@ -20,9 +20,10 @@ from . import _cuda
 def route(args) -> int:
     """How a call with `args` may run: DISPATCHER, KERNEL (no gradient to record) or FUNCTION.
 
-    The direct routes need plain tensors (no subclass) on the CPU or a CUDA device, in eager
-    mode: not compiling or tracing, no functorch transform (vmap, grad) and no torch function or
-    dispatch mode active (a ``with torch.device(...)`` block or FakeTensorMode included).
+    The direct routes need plain tensors (no subclass but ``torch.nn.Parameter``, a module's
+    weights) on the CPU or a CUDA device, in eager mode: not compiling or tracing, no functorch
+    transform (vmap, grad) and no torch function or dispatch mode active (a ``with
+    torch.device(...)`` block or FakeTensorMode included).
     `is_compiling` comes first: under dynamo it is a constant True and the rest is not traced.
     """
     if (
@@ -36,13 +37,15 @@ def route(args) -> int:
     grad = False
     for a in args:
         if isinstance(a, Tensor):
-            if type(a) is not Tensor or not (a.is_cpu or a.is_cuda):
+            if type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda):
                 return DISPATCHER
             grad = grad or a.requires_grad
     return FUNCTION if grad and torch.is_grad_enabled() else KERNEL
 
 
 DISPATCHER, KERNEL, FUNCTION = 0, 1, 2
+# A module's weights are Parameters: a subclass that overrides nothing torch dispatches on.
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def op(name: str):
