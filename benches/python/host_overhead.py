@@ -11,7 +11,8 @@ Issue 25's target: normax within 1.3x of torch's own forward+backward at 8x64 fo
 rms_norm, layer_norm and cross_entropy. ``--clock cpu`` times with the calling thread's CPU time
 (``time.thread_time``) instead of the wall clock: with one thread each, that is the call's own
 cost however busy the machine is (a shared machine's other processes only stretch the wall clock).
-A last table times ``normax.softmax`` of a NumPy array with and without ``out=`` (issue 25: out=
+The "floor" row is no normax op: torch's softmax inside a Python ``torch.autograd.Function``, the
+least any op built that way costs. A last table times ``normax.softmax`` of a NumPy array with and without ``out=`` (issue 25: out=
 must not cost more than the call without it).
 """
 
@@ -29,6 +30,23 @@ import torch
 import torch.nn.functional as F
 
 
+class _TorchSoftmax(torch.autograd.Function):
+    """torch's own softmax and backward inside a Python autograd node: the floor of any op built
+    as a ``torch.autograd.Function`` (as normax.torch's direct route is)."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        y = torch.softmax(x, dim)
+        ctx.save_for_backward(y)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, y, ctx.dim, y.dtype), None
+
+
 def _cases(rows: int, cols: int):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, cols, generator=g, requires_grad=True)
@@ -37,6 +55,7 @@ def _cases(rows: int, cols: int):
     b = torch.zeros(cols, requires_grad=True)
     return {
         "softmax": (lambda: F.softmax(x, -1).sum(), lambda: nt.softmax(x, -1).sum()),
+        "floor": (lambda: F.softmax(x, -1).sum(), lambda: _TorchSoftmax.apply(x, -1).sum()),
         "log_softmax": (lambda: F.log_softmax(x, -1).sum(), lambda: nt.log_softmax(x, -1).sum()),
         "logsumexp": (lambda: torch.logsumexp(x, -1).sum(), lambda: nt.logsumexp(x, -1).sum()),
         "cross_entropy": (lambda: F.cross_entropy(x, t), lambda: nt.cross_entropy(x, t)),
