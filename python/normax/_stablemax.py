@@ -103,9 +103,11 @@ def log_stablemax(x, axis=-1, *, out=None):
     Notes
     -----
     The sums are the SIMD ones of :func:`stablemax`; each element is then ``sign(x) *
-    log1p(|x|) - log(sum)`` in float64, and the row's largest element (which may be close to 0)
-    ``-log1p(rest / s(max))`` with `rest` the sum of the other elements, so it keeps its
-    relative accuracy when one element dominates.
+    log1p(|x|) - log(sum)`` on a SIMD log1p (float32: within 1 ULP of the correctly rounded
+    log1p; float64: the C library's), the difference rounded once, and the row's largest
+    element (which may be close to 0) ``-log1p(rest / s(max))`` in float64 with `rest` the sum
+    of the other elements, so it keeps its relative accuracy when one element dominates.
+    Along an axis other than the last the elements are written in float64 one by one.
 
     Examples
     --------
