@@ -1,11 +1,12 @@
-"""stablemax, log_stablemax and their backwards, and the StableMax cross-entropy's logits: the
-NumPy-first API of Prieto et al. 2025, "Grokking at the Edge of Numerical Stability".
+"""stablemax, log_stablemax and their backwards: the NumPy-first API of Prieto et al. 2025,
+"Grokking at the Edge of Numerical Stability".
 
 StableMax replaces softmax's exp by s(x) = x + 1 for x >= 0, 1 / (1 - x) for x < 0, so
 ``stablemax(x) = s(x) / sum(s(x))``. Since ``s = exp(log s)``, StableMax is softmax of
 ``phi(x) = log s(x) = sign(x) * log1p(|x|)``: the cross-entropy with ``normalizer="stablemax"``
 is the softmax cross-entropy of phi(x) (every option carries over), with the gradient chained
-through ``phi'(x) = s'(x) / s(x) = 1 / (1 + |x|)``.
+through ``phi'(x) = s'(x) / s(x) = 1 / (1 + |x|)``; the Rust kernels form phi (the vector
+log1p) and the chain inside the cross-entropy's row passes.
 """
 
 from __future__ import annotations
@@ -102,9 +103,11 @@ def log_stablemax(x, axis=-1, *, out=None):
     Notes
     -----
     The sums are the SIMD ones of :func:`stablemax`; each element is then ``sign(x) *
-    log1p(|x|) - log(sum)`` in float64, and the row's largest element (which may be close to 0)
-    ``-log1p(rest / s(max))`` with `rest` the sum of the other elements, so it keeps its
-    relative accuracy when one element dominates.
+    log1p(|x|) - log(sum)`` on a SIMD log1p (float32: within 1 ULP of the correctly rounded
+    log1p; float64: the C library's), the difference rounded once, and the row's largest
+    element (which may be close to 0) ``-log1p(rest / s(max))`` in float64 with `rest` the sum
+    of the other elements, so it keeps its relative accuracy when one element dominates.
+    Along an axis other than the last the elements are written in float64 one by one.
 
     Examples
     --------
@@ -199,23 +202,3 @@ def log_stablemax_backward(y, dy, x, axis=-1):
     array([ 0.5, -0.5])
     """
     return _scaled_backward(_core.log_softmax_backward, y, dy, x, axis)
-
-
-def ce_logits(work: np.ndarray, softcap: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """The StableMax cross-entropy as a softmax one: (phi, dphi/dx) for rows of logits `work`.
-
-    phi = log s(x') = sign(x') log1p(|x'|) with x' the (softcapped) logits, in float64: the
-    softmax cross-entropy of phi is the StableMax one, and its gradient times dphi/dx =
-    (1 - (x'/cap)^2) / (1 + |x'|) is the StableMax gradient. float64 so that phi's rounding does
-    not reach the loss of a dominant target (phi near 16 for a margin of 1e7).
-    """
-    x = work.astype(np.float64)
-    chain = None
-    if softcap is not None:
-        u = np.tanh(x / softcap)
-        x = softcap * u
-        chain = 1.0 - u * u
-    a = np.abs(x)
-    phi = np.copysign(np.log1p(a), x)
-    r = 1.0 / (1.0 + a)
-    return phi, r if chain is None else r * chain

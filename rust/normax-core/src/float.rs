@@ -1,6 +1,7 @@
 //! The element types the kernels run on (f32, f64) and the constants of their exp.
 
-use crate::simd::Vector;
+use crate::simd::{Vector, F32_MANTISSA, F32_SPLIT_OFFSET, F32_SQRT_HALF};
+use crate::simd::{F64_MANTISSA, F64_SPLIT_OFFSET, F64_SQRT_HALF};
 use std::fmt::Debug;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -55,6 +56,12 @@ pub trait Float:
     fn round_even(self) -> Self;
     /// The representation shifted left by the mantissa width (see `Vector::exponent_bits`).
     fn exponent_bits(v: Self) -> Self;
+    /// `Vector::split_sqrt2` of one element.
+    fn split_sqrt2(v: Self) -> (Self, Self);
+    /// log1p lane-wise as hi + lo, hi a multiple of 2^-9 below 2^7 in magnitude (or +-inf, NaN):
+    /// the vector polynomial for f32 (`crate::simd::log1p_parts_f32`), std's `ln_1p` per lane
+    /// for f64 (hi 0).
+    fn log1p_parts<V: Vector<Elem = Self>>(x: V) -> (V, V);
 
     type Scalar: Vector<Elem = Self>;
     #[cfg(target_arch = "x86_64")]
@@ -110,6 +117,16 @@ impl Float for f32 {
     #[inline(always)]
     fn exponent_bits(v: f32) -> f32 {
         f32::from_bits(v.to_bits() << 23)
+    }
+    #[inline(always)]
+    fn split_sqrt2(v: f32) -> (f32, f32) {
+        let t = v.to_bits().wrapping_add(F32_SPLIT_OFFSET);
+        let m = f32::from_bits((t & F32_MANTISSA) + F32_SQRT_HALF);
+        (m, (t >> 23) as f32 - 127.0)
+    }
+    #[inline(always)]
+    fn log1p_parts<V: Vector<Elem = f32>>(x: V) -> (V, V) {
+        crate::simd::log1p_parts_f32(x)
     }
 
     type Scalar = crate::simd::scalar::Scalar<f32>;
@@ -173,6 +190,27 @@ impl Float for f64 {
     #[inline(always)]
     fn exponent_bits(v: f64) -> f64 {
         f64::from_bits(v.to_bits() << 52)
+    }
+    #[inline(always)]
+    fn split_sqrt2(v: f64) -> (f64, f64) {
+        let t = v.to_bits().wrapping_add(F64_SPLIT_OFFSET);
+        let m = f64::from_bits((t & F64_MANTISSA) + F64_SQRT_HALF);
+        (m, (t >> 52) as f64 - 1023.0)
+    }
+    /// f64 stays on std's `ln_1p` (within 1 ULP): the float64 results keep the accuracy of the
+    /// NumPy float64 references they are tested against, which a vector polynomial of f64
+    /// degree would have to be proven to match.
+    #[inline(always)]
+    fn log1p_parts<V: Vector<Elem = f64>>(x: V) -> (V, V) {
+        let mut buf = [0f64; crate::simd::MAX_LANES];
+        let lo = unsafe {
+            x.store(buf.as_mut_ptr());
+            for v in &mut buf[..V::LANES] {
+                *v = v.ln_1p();
+            }
+            V::load(buf.as_ptr())
+        };
+        (V::splat(0.0), lo)
     }
 
     type Scalar = crate::simd::scalar::Scalar<f64>;

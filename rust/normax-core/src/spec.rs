@@ -158,6 +158,11 @@ pub struct CeOptions<W> {
     /// One factor per row on its loss, z-loss and gradient; the mean divides by the summed
     /// token_weight * class weight of the rows kept. Not differentiated.
     pub token_weight: Option<W>,
+    /// StableMax (Prieto et al. 2025) instead of softmax: the loss is the softmax one of
+    /// phi(x) = log s(x) = sign(x) log1p(|x|) (x divided by the temperature and capped first),
+    /// the gradient chained through phi'(x) = 1 / (1 + |x|) = exp(-|phi|). Row kernels only
+    /// (`cross_entropy*`): the linear and vocabulary-parallel forms refuse it.
+    pub stablemax: bool,
 }
 
 impl<W> Default for CeOptions<W> {
@@ -171,11 +176,22 @@ impl<W> Default for CeOptions<W> {
             softcap: None,
             temperature: 1.0,
             token_weight: None,
+            stablemax: false,
         }
     }
 }
 
 impl<W: Elements> CeOptions<W> {
+    /// An error naming `op` where `stablemax` is set: for the forms that run softmax only.
+    pub fn softmax_only(&self, op: &str) -> Result<(), Error> {
+        if self.stablemax {
+            return Err(Error::Value(format!(
+                "stablemax: {op} supports the softmax normalizer only"
+            )));
+        }
+        Ok(())
+    }
+
     /// Every option in range and one weight per class: the same check on every backend (the
     /// token weights' length, one per row, is checked where the rows are known:
     /// [`CeOptions::check_rows`]).

@@ -11,10 +11,10 @@ use crate::driver::{self, Layout, RowMap};
 use crate::float::Float;
 use crate::lse::max_pass;
 use crate::rows::{
-    column_max, columns_lane_sums, lane_sums, lanes, load_n, map_columns, map_elements_to,
-    row_sums, Store,
+    column_max, columns_lane_sums, fill, lane_sums, lanes, load_n, map_columns, map_elements_to,
+    row_sums, store_n, Store,
 };
-use crate::simd::{Vector, MAX_LANES};
+use crate::simd::{log1p, Vector, MAX_LANES};
 use crate::softmax::{check_io, output_store};
 use crate::Error;
 
@@ -204,8 +204,72 @@ unsafe fn write_stablemax<V: Vector>(
     }
 }
 
-/// y = log s(x) - log(total), in f64 per element; the max's own entry (and its ties') as
-/// -log1p(rest / s(max)), rest the sum of the others. Elements `stride` apart (a column).
+/// log y_max = -log1p(rest / s(max)) for the max's own entries (and its ties'), rest the sum of
+/// the others: near 0 it keeps its relative accuracy where log s(max) - log(total) would not.
+fn log_of_max<T: Float>(s: &Sums) -> f64 {
+    // s(max) as the sums saw it (rounded to T), and how many elements equal the max.
+    let s_max = T::from_f64(s64(s.max)).to_f64();
+    let ties = ((s.total - s.below) / s_max).round().max(1.0);
+    // 0 - log1p: a lone element gives +0, as log_softmax does.
+    0.0 - ((s.below + (ties - 1.0) * s_max) / s_max).ln_1p()
+}
+
+/// y = log s(x) - log(total) for a row (contiguous): log s(x) = sign(x) log1p(|x|) on the vector
+/// log1p, kept as its two parts so that hi - log(total)'s multiple of 2^-9 is exact and the
+/// result is rounded once; the max's entries from [`log_of_max`].
+///
+/// # Safety
+/// `x` readable and `y` writable for `len` elements (`y` may be `x`).
+#[inline(always)]
+unsafe fn write_log_stablemax_row<V: Vector>(
+    x: *const V::Elem,
+    y: *mut V::Elem,
+    len: usize,
+    s: Sums,
+) {
+    if !s.usable() {
+        fill(y, len, V::Elem::NAN);
+        return;
+    }
+    let ln_total = s.total.ln();
+    let ln_hi = (ln_total * 512.0).round() / 512.0;
+    let (c_hi, c_lo) = (
+        V::splat(V::Elem::from_f64(ln_hi)),
+        V::splat(V::Elem::from_f64(ln_total - ln_hi)),
+    );
+    let top = V::Elem::from_f64(log_of_max::<V::Elem>(&s));
+    let max = V::Elem::from_f64(s.max);
+    let bound = V::splat(max);
+    let zero = V::splat(V::Elem::ZERO);
+    let one = V::splat(V::Elem::ONE);
+    let two = one.add(one);
+    let mut i = 0;
+    while i < len {
+        let n = (len - i).min(V::LANES);
+        let v = load_n::<V>(x.add(i), n);
+        let (hi, lo) = V::Elem::log1p_parts(v.max(zero.sub(v)));
+        let sign = one.sub(two.keep(v.lt(zero)));
+        let r = hi.mul(sign).sub(c_hi).add(lo.mul(sign).sub(c_lo));
+        // Lanes not below the max: the max itself (a row with a result has no NaN).
+        if V::mask_any(one.keep(v.lt(bound)).lt(one)) {
+            let (mut vs, mut rs) = ([V::Elem::ZERO; MAX_LANES], [V::Elem::ZERO; MAX_LANES]);
+            v.store(vs.as_mut_ptr());
+            r.store(rs.as_mut_ptr());
+            for j in 0..n {
+                if vs[j] == max {
+                    rs[j] = top;
+                }
+            }
+            store_n(V::load(rs.as_ptr()), y.add(i), n);
+        } else {
+            store_n(r, y.add(i), n);
+        }
+        i += n;
+    }
+}
+
+/// y = log s(x) - log(total), in f64 per element; the max's entries from [`log_of_max`].
+/// Elements `stride` apart (a column).
 unsafe fn write_log_stablemax<T: Float>(
     x: *const T,
     y: *mut T,
@@ -220,11 +284,7 @@ unsafe fn write_log_stablemax<T: Float>(
         return;
     }
     let ln_total = s.total.ln();
-    // s(max) as the sums saw it (rounded to T), and how many elements equal the max.
-    let s_max = T::from_f64(s64(s.max)).to_f64();
-    let ties = ((s.total - s.below) / s_max).round().max(1.0);
-    // 0 - log1p: a lone element gives +0, as log_softmax does.
-    let top = 0.0 - ((s.below + (ties - 1.0) * s_max) / s_max).ln_1p();
+    let top = log_of_max::<T>(&s);
     for i in 0..len {
         let v = (*x.add(i * stride)).to_f64();
         *y.add(i * stride) = T::from_f64(if v == s.max {
@@ -242,7 +302,7 @@ impl<const LOG: bool> StableMax<LOG> {
     #[inline(always)]
     unsafe fn write<V: Vector>(&self, x: *const V::Elem, y: *mut V::Elem, len: usize, s: Sums) {
         if LOG {
-            write_log_stablemax(x, y, len, 1, s)
+            write_log_stablemax_row::<V>(x, y, len, s)
         } else {
             write_stablemax::<V>(x, y, len, s, self.0)
         }
@@ -354,6 +414,29 @@ impl<T: Float, const LOG: bool> RowMap<T> for StableMax<LOG> {
             |inv, v, _| s_of(v).mul(inv),
         );
     }
+}
+
+/// log1p(x) element-wise with the active ISA (the log1p the kernels use; exposed for testing).
+pub fn log1p_slice<T: Float>(x: &[T], y: &mut [T]) -> Result<(), Error> {
+    Layout::rows(1, x.len()).check("out", y.len(), x.len())?;
+    struct Log1pKernel<'a, T>(&'a [T], &'a mut [T]);
+    impl<T: Float> crate::isa::Kernel<T> for Log1pKernel<'_, T> {
+        type Output = ();
+        #[inline(always)]
+        fn run<V: Vector<Elem = T>>(self) {
+            unsafe {
+                crate::rows::map_elements::<V>(
+                    self.0.as_ptr(),
+                    self.1.as_mut_ptr(),
+                    self.0.len(),
+                    #[inline(always)]
+                    |v| log1p(v),
+                )
+            }
+        }
+    }
+    crate::isa::dispatch(Log1pKernel(x, y));
+    Ok(())
 }
 
 /// # Safety

@@ -52,6 +52,10 @@ pub(crate) struct CeOptions {
     pub softcap: Option<f64>,
     #[pyo3(get)]
     pub temperature: f64,
+    /// StableMax's loss instead of softmax's (the core's `CeOptions::stablemax`: the CPU row
+    /// kernels only).
+    #[pyo3(get)]
+    pub stablemax: bool,
 }
 
 impl CeOptions {
@@ -76,6 +80,7 @@ impl CeOptions {
             softcap: self.softcap,
             temperature: self.temperature,
             token_weight,
+            stablemax: self.stablemax,
         }
     }
 
@@ -88,7 +93,7 @@ impl CeOptions {
 #[pymethods]
 impl CeOptions {
     #[new]
-    #[pyo3(signature = (ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0))]
+    #[pyo3(signature = (ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0, stablemax=false))]
     fn new(
         ignore_index: i64,
         reduction: &str,
@@ -96,6 +101,7 @@ impl CeOptions {
         z_loss: f64,
         softcap: Option<f64>,
         temperature: f64,
+        stablemax: bool,
     ) -> PyResult<Self> {
         CeOptions {
             ignore_index,
@@ -104,6 +110,7 @@ impl CeOptions {
             z_loss,
             softcap,
             temperature,
+            stablemax,
         }
         .checked()
     }
@@ -127,6 +134,7 @@ impl CeOptions {
                 "z_loss" => o.z_loss = value.extract()?,
                 "softcap" => o.softcap = value.extract()?,
                 "temperature" => o.temperature = value.extract()?,
+                "stablemax" => o.stablemax = value.extract()?,
                 other => {
                     return Err(PyTypeError::new_err(format!(
                         "CeOptions has no field {other:?}"
@@ -145,6 +153,7 @@ impl CeOptions {
             self.z_loss.to_bits(),
             self.softcap.map(f64::to_bits),
             self.temperature.to_bits(),
+            self.stablemax,
         ))
     }
 
@@ -159,6 +168,7 @@ impl CeOptions {
             o.z_loss,
             o.softcap,
             o.temperature,
+            o.stablemax,
         );
         Ok((slf.get_type().into_any(), args.into_pyobject(slf.py())?))
     }
@@ -168,12 +178,13 @@ impl CeOptions {
             .softcap
             .map_or("None".to_string(), |c| format!("{c:?}"));
         format!(
-            "CeOptions(ignore_index={}, reduction='{}', label_smoothing={:?}, z_loss={:?}, softcap={cap}, temperature={:?})",
+            "CeOptions(ignore_index={}, reduction='{}', label_smoothing={:?}, z_loss={:?}, softcap={cap}, temperature={:?}, stablemax={})",
             self.ignore_index,
             reduction_name(self.reduction),
             self.label_smoothing,
             self.z_loss,
             self.temperature,
+            if self.stablemax { "True" } else { "False" },
         )
     }
 }

@@ -35,7 +35,7 @@ def log_stablemax_backward(y, dy, x, axis=-1):
 
 def ce_logits(lib, work, softcap):
     """phi = log s(x') in float32 and dphi/dx (x' the softcapped logits): the StableMax
-    cross-entropy as the softmax one of phi (see normax._stablemax.ce_logits)."""
+    cross-entropy as the softmax one of phi (see the normax._stablemax module)."""
     x = lib.astype(work, lib.float32())
     chain = None
     if softcap is not None:

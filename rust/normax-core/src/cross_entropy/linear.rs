@@ -188,6 +188,7 @@ impl<T: Float> Kernel<T> for StatsBlock<'_, T> {
             b: 0.0,
             ct: 0.0,
             zl: 0.0,
+            stable: false,
         };
         let none = (std::ptr::null(), std::ptr::null());
         for i in self.rows {
@@ -365,6 +366,7 @@ pub fn linear_cross_entropy<T: Float>(
     if let Some(b) = bias {
         check_len("bias", b.len(), v)?;
     }
+    opts.softmax_only("linear_cross_entropy")?;
     let denom = prepare(n, v, &Target::<_, &[T]>::Classes(target), opts, loss)?;
     let stats_out = match &mut stats {
         Some(s) => s.check(n)?,

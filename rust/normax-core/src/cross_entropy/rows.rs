@@ -1,7 +1,7 @@
 //! The row kernels: the SIMD passes over one row (or one vocabulary block of it), and
 //! [`run_rows`], which runs them over the driver's fixed blocks of rows.
 
-use super::rule::{minus, Coef, RowLse, Rule, Scale};
+use super::rule::{chain, minus, Coef, RowLse, Rule, Scale};
 use super::stats::{argmax, argmax_is, scale_terms};
 pub(super) use super::stats::{RowStats, StatsOut};
 use crate::driver::{self, Ptr};
@@ -12,7 +12,7 @@ use crate::lse::{
     IN_CACHE_MAX_LEN,
 };
 use crate::rows::{dot, fill, keep_lanes, load_n, map_elements, store_n};
-use crate::simd::{tanh, Vector, MAX_LANES};
+use crate::simd::{exp, tanh, Vector, MAX_LANES};
 use crate::sum::SHORT_FOLD;
 
 /// softmax(x) = exp(x) * 2^-n / m for x of a fast-path row whose sum of exponentials is m * 2^n.
@@ -90,8 +90,18 @@ pub(super) unsafe fn cap_into<V: Vector>(
     );
 }
 
-/// The logits the loss sees, z = cap(x / temperature), into `y` (which may be `x`); returns `y`,
-/// or `x` itself where the rule changes nothing.
+/// StableMax's phi(x) = log s(x) = sign(x) log1p(|x|), on the vector log1p.
+#[inline(always)]
+fn phi<V: Vector>(x: V) -> V {
+    let zero = V::splat(V::Elem::ZERO);
+    let (hi, lo) = V::Elem::log1p_parts(x.max(zero.sub(x)));
+    let l = hi.add(lo);
+    // -l where x < 0 (exact; -inf stays -inf).
+    l.sub(l.add(l).keep(x.lt(zero)))
+}
+
+/// The logits the loss sees, z = cap(x / temperature) (StableMax: phi of it), into `y` (which
+/// may be `x`); returns `y`, or `x` itself where the rule changes nothing.
 #[inline(always)]
 pub(super) unsafe fn transform_into<V: Vector>(
     rule: &Rule<V::Elem>,
@@ -99,6 +109,24 @@ pub(super) unsafe fn transform_into<V: Vector>(
     y: *mut V::Elem,
     len: usize,
 ) -> *const V::Elem {
+    if rule.stable {
+        let k = V::splat(rule.inv_t.unwrap_or(V::Elem::ONE));
+        let cap = rule.cap.map(|c| (V::splat(c), V::splat(V::Elem::ONE / c)));
+        map_elements::<V>(
+            x,
+            y,
+            len,
+            #[inline(always)]
+            |v| {
+                let v = v.mul(k);
+                phi(match cap {
+                    Some((s, inv_s)) => tanh(v.mul(inv_s)).mul(s),
+                    None => v,
+                })
+            },
+        );
+        return y;
+    }
     match (rule.inv_t, rule.cap) {
         (None, None) => x,
         (None, Some(c)) => {
@@ -143,6 +171,8 @@ struct Pass2<V: Vector> {
     b: V,
     ct: V,
     inv_cap: Option<V>,
+    /// StableMax: x is phi, the gradient carries exp(-|phi|) (see `rule::chain`).
+    stable: bool,
     probs: Probs<V>,
     /// `Rule::unit`: the scale of the weighted sums' terms.
     unit: V,
@@ -199,7 +229,16 @@ impl<V: Vector> Pass2<V> {
                 None => self.b,
             };
             let mut g = p.mul(self.a).sub(wv.mul(off));
-            if let Some(ic) = self.inv_cap {
+            if self.stable {
+                let zero = V::splat(V::Elem::ZERO);
+                let e = exp(zero.sub(xv.max(zero.sub(xv))));
+                g = g.mul(e);
+                if let Some(ic) = self.inv_cap {
+                    // |x'| = 1 / e - 1 (the cap's factor squares it: its sign does not matter).
+                    let u = one.div(e).sub(one).mul(ic);
+                    g = g.mul(one.sub(u.mul(u)));
+                }
+            } else if let Some(ic) = self.inv_cap {
                 let u = xv.mul(ic);
                 g = g.mul(one.sub(u.mul(u)));
             }
@@ -249,6 +288,7 @@ pub(super) unsafe fn pass2<V: Vector, const GRAD: bool, const STATS: bool>(
             Some(s) => Some(V::splat(V::Elem::ONE / s)),
             None => None,
         },
+        stable: coef.stable,
         probs: *probs,
         unit: V::splat(V::Elem::from_f64(unit)),
         big: V::splat(V::Elem::from_f64(f32::MAX as f64)),
@@ -304,11 +344,8 @@ pub(super) unsafe fn pass2_exact<T: Float, const GRAD: bool>(
             sums.entropy += p * d;
         }
         if GRAD {
-            let mut g = p * coef.a - wv * (coef.b + coef.ct * tv);
-            if let Some(s) = cap {
-                let u = xv / s.to_f64();
-                g *= 1.0 - u * u;
-            }
+            let g = p * coef.a - wv * (coef.b + coef.ct * tv);
+            let g = g * chain(xv, cap.map(T::to_f64), coef.stable);
             *grad.add(c) = T::from_f64(g);
         }
     }
@@ -373,6 +410,7 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
         && hard
         && rule.eps == 0.0
         && rule.cap.is_none()
+        && !rule.stable
         && len <= IN_CACHE_MAX_LEN
         && !(STATS && std::ptr::eq(terms, raw));
     // Elsewhere on the logits as given, before anything may overwrite them (in place).
@@ -522,7 +560,8 @@ impl<T: Float> RowBlock<'_, T> {
         let with_grad = !self.grad.0.is_null();
         // The transformed logits (or the statistics' exp terms) need somewhere to live when there
         // is no gradient buffer.
-        let mut scratch = if (STATS || rule.cap.is_some() || rule.inv_t.is_some()) && !with_grad {
+        let transformed = rule.cap.is_some() || rule.inv_t.is_some() || rule.stable;
+        let mut scratch = if (STATS || transformed) && !with_grad {
             vec![T::ZERO; len]
         } else {
             Vec::new()

@@ -68,6 +68,8 @@ pub(super) struct Rule<T> {
     /// that a partial sum of terms up to the largest float times the largest weight stays
     /// finite (the result is scaled back in f64).
     pub(super) unit: f64,
+    /// StableMax: the logits are phi(cap(x / T)) (`CeOptions::stablemax`).
+    pub(super) stable: bool,
 }
 
 /// Gradient coefficients of one row: grad_c = (p_c * a - w_c * (b + ct * t_c)) * cap'(x_c).
@@ -78,6 +80,9 @@ pub(super) struct Coef {
     pub(super) b: f64,
     pub(super) ct: f64,
     pub(super) zl: f64,
+    /// The row's logits are StableMax's phi: the gradient carries exp(-|phi|) (and the cap's
+    /// factor of x' = sign(phi) expm1(|phi|)).
+    pub(super) stable: bool,
 }
 
 impl<T: Float> Rule<T> {
@@ -106,6 +111,7 @@ impl<T: Float> Rule<T> {
             grad_t: inv_t,
             token_weight: Ptr::from_const(o.token_weight.map_or(std::ptr::null(), |t| t.as_ptr())),
             unit,
+            stable: o.stablemax,
         }
     }
 
@@ -134,6 +140,7 @@ impl<T: Float> Rule<T> {
             b: s * self.eps / self.classes as f64,
             ct: s * (1.0 - self.eps),
             zl: s * zl,
+            stable: self.stable,
         }
     }
 
@@ -164,13 +171,7 @@ impl<T: Float> Rule<T> {
             0.0
         };
         let g = c.a * (-minus(lse, x_y)).exp_m1() + (residual + c.zl);
-        match self.cap {
-            Some(s) => {
-                let u = x_y / s.to_f64();
-                g * (1.0 - u * u)
-            }
-            None => g,
-        }
+        g * chain(x_y, self.cap.map(T::to_f64), c.stable)
     }
 
     pub(super) fn weight_of(&self, class: usize) -> f64 {
@@ -179,6 +180,24 @@ impl<T: Float> Rule<T> {
         } else {
             unsafe { (*self.weight.at(class)).to_f64() }
         }
+    }
+}
+
+/// d(logit the loss sees)/d(capped logit) at logit `z`: the cap's 1 - (x / s)^2 with x = z, or
+/// for StableMax (z = phi(x)) exp(-|z|) = 1 / (1 + |x|) times the cap's factor of x = sign(z)
+/// expm1(|z|).
+pub(super) fn chain(z: f64, cap: Option<f64>, stable: bool) -> f64 {
+    let (x, phi_chain) = if stable {
+        (z.abs().exp_m1(), (-z.abs()).exp())
+    } else {
+        (z, 1.0)
+    };
+    match cap {
+        Some(s) => {
+            let u = x / s;
+            phi_chain * (1.0 - u * u)
+        }
+        None => phi_chain,
     }
 }
 

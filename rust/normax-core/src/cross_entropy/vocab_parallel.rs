@@ -78,6 +78,7 @@ fn shard_rule<T: Float>(opts: &CeOptions<&[T]>, classes: usize, shard: Shard) ->
 }
 
 fn check_shard<T>(opts: &CeOptions<&[T]>, shard: Shard) -> Result<(), Error> {
+    opts.softmax_only("the vocabulary-parallel cross-entropy")?;
     if let Some(w) = opts.weight {
         if shard
             .start
@@ -126,6 +127,7 @@ impl<T: Float> Kernel<T> for StatsRows<'_, T> {
             b: 0.0,
             ct: 0.0,
             zl: 0.0,
+            stable: false,
         };
         let w = rule.weight.0 as *const T;
         let fields = fields(rule.eps);

@@ -1,6 +1,9 @@
 //! AVX2 + FMA: 8 x f32, 4 x f64.
 
 use super::Vector;
+use super::{F32_MANTISSA, F32_SPLIT_OFFSET, F32_SQRT_HALF};
+use super::{F64_MANTISSA, F64_SPLIT_OFFSET, F64_SQRT_HALF};
+use super::{F64_ROUND_MAGIC_BIASED, F64_ROUND_MAGIC_BITS};
 use std::arch::x86_64::*;
 
 #[derive(Clone, Copy)]
@@ -67,6 +70,24 @@ impl Vector for F32x8 {
             F32x8(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(
                 _mm256_castps_si256(self.0),
             )))
+        }
+    }
+    #[inline(always)]
+    fn split_sqrt2(self) -> (Self, Self) {
+        unsafe {
+            let t = _mm256_add_epi32(
+                _mm256_castps_si256(self.0),
+                _mm256_set1_epi32(F32_SPLIT_OFFSET as i32),
+            );
+            let m = _mm256_add_epi32(
+                _mm256_and_si256(t, _mm256_set1_epi32(F32_MANTISSA as i32)),
+                _mm256_set1_epi32(F32_SQRT_HALF as i32),
+            );
+            let k = _mm256_cvtepi32_ps(_mm256_srli_epi32::<23>(t));
+            (
+                F32x8(_mm256_castsi256_ps(m)),
+                F32x8(_mm256_sub_ps(k, _mm256_set1_ps(127.0))),
+            )
         }
     }
     #[inline(always)]
@@ -190,6 +211,32 @@ impl Vector for F64x4 {
             F64x4(_mm256_castsi256_pd(_mm256_slli_epi64::<52>(
                 _mm256_castpd_si256(self.0),
             )))
+        }
+    }
+    #[inline(always)]
+    fn split_sqrt2(self) -> (Self, Self) {
+        unsafe {
+            let t = _mm256_add_epi64(
+                _mm256_castpd_si256(self.0),
+                _mm256_set1_epi64x(F64_SPLIT_OFFSET as i64),
+            );
+            let m = _mm256_add_epi64(
+                _mm256_and_si256(t, _mm256_set1_epi64x(F64_MANTISSA as i64)),
+                _mm256_set1_epi64x(F64_SQRT_HALF as i64),
+            );
+            // No 64-bit integer conversion in AVX2: the biased exponent into ROUND_MAGIC's low
+            // bits.
+            let k = _mm256_add_epi64(
+                _mm256_srli_epi64::<52>(t),
+                _mm256_set1_epi64x(F64_ROUND_MAGIC_BITS as i64),
+            );
+            (
+                F64x4(_mm256_castsi256_pd(m)),
+                F64x4(_mm256_sub_pd(
+                    _mm256_castsi256_pd(k),
+                    _mm256_set1_pd(F64_ROUND_MAGIC_BIASED),
+                )),
+            )
         }
     }
     #[inline(always)]

@@ -1,6 +1,9 @@
 //! AVX-512F: 16 x f32, 8 x f64.
 
 use super::Vector;
+use super::{F32_MANTISSA, F32_SPLIT_OFFSET, F32_SQRT_HALF};
+use super::{F64_MANTISSA, F64_SPLIT_OFFSET, F64_SQRT_HALF};
+use super::{F64_ROUND_MAGIC_BIASED, F64_ROUND_MAGIC_BITS};
 use std::arch::x86_64::*;
 
 #[derive(Clone, Copy)]
@@ -65,6 +68,24 @@ impl Vector for F32x16 {
             F32x16(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(
                 _mm512_castps_si512(self.0),
             )))
+        }
+    }
+    #[inline(always)]
+    fn split_sqrt2(self) -> (Self, Self) {
+        unsafe {
+            let t = _mm512_add_epi32(
+                _mm512_castps_si512(self.0),
+                _mm512_set1_epi32(F32_SPLIT_OFFSET as i32),
+            );
+            let m = _mm512_add_epi32(
+                _mm512_and_si512(t, _mm512_set1_epi32(F32_MANTISSA as i32)),
+                _mm512_set1_epi32(F32_SQRT_HALF as i32),
+            );
+            let k = _mm512_cvtepi32_ps(_mm512_srli_epi32::<23>(t));
+            (
+                F32x16(_mm512_castsi512_ps(m)),
+                F32x16(_mm512_sub_ps(k, _mm512_set1_ps(127.0))),
+            )
         }
     }
     #[inline(always)]
@@ -168,6 +189,32 @@ impl Vector for F64x8 {
             F64x8(_mm512_castsi512_pd(_mm512_slli_epi64::<52>(
                 _mm512_castpd_si512(self.0),
             )))
+        }
+    }
+    #[inline(always)]
+    fn split_sqrt2(self) -> (Self, Self) {
+        unsafe {
+            let t = _mm512_add_epi64(
+                _mm512_castpd_si512(self.0),
+                _mm512_set1_epi64(F64_SPLIT_OFFSET as i64),
+            );
+            let m = _mm512_add_epi64(
+                _mm512_and_si512(t, _mm512_set1_epi64(F64_MANTISSA as i64)),
+                _mm512_set1_epi64(F64_SQRT_HALF as i64),
+            );
+            // No 64-bit integer conversion in AVX-512F: the biased exponent into ROUND_MAGIC's
+            // low bits.
+            let k = _mm512_add_epi64(
+                _mm512_srli_epi64::<52>(t),
+                _mm512_set1_epi64(F64_ROUND_MAGIC_BITS as i64),
+            );
+            (
+                F64x8(_mm512_castsi512_pd(m)),
+                F64x8(_mm512_sub_pd(
+                    _mm512_castsi512_pd(k),
+                    _mm512_set1_pd(F64_ROUND_MAGIC_BIASED),
+                )),
+            )
         }
     }
     #[inline(always)]

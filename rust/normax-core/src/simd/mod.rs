@@ -46,6 +46,10 @@ pub trait Vector: Copy {
     /// Moves the low bits of the representation into the exponent field: for
     /// v = ROUND_MAGIC + BIAS + k (k integral in [-BIAS, BIAS]) this is 2^k, exactly 0 at k = -BIAS.
     fn exponent_bits(self) -> Self;
+    /// For positive normal `self`: (m, k) with self = m * 2^k, m in [sqrt(1/2), sqrt(2)) and k
+    /// integral (log1p's reduction, from the representation's bits; other inputs give
+    /// unspecified lanes).
+    fn split_sqrt2(self) -> (Self, Self);
     /// Hints that `p` will be read soon; never faults, any address allowed.
     #[inline(always)]
     fn prefetch(_p: *const Self::Elem) {}
@@ -73,6 +77,21 @@ pub trait Vector: Copy {
     #[inline(always)]
     fn stream_fence() {}
 }
+
+/// The bits of sqrt(1/2), the mantissa mask, and what `Vector::split_sqrt2` adds to a
+/// representation so that its exponent field holds k + bias and its mantissa field m's.
+pub(crate) const F32_SQRT_HALF: u32 = 0x3f35_04f3;
+pub(crate) const F32_MANTISSA: u32 = 0x007f_ffff;
+pub(crate) const F32_SPLIT_OFFSET: u32 = 0x3f80_0000 - F32_SQRT_HALF;
+pub(crate) const F64_SQRT_HALF: u64 = 0x3fe6_a09e_667f_3bcd;
+pub(crate) const F64_MANTISSA: u64 = 0x000f_ffff_ffff_ffff;
+pub(crate) const F64_SPLIT_OFFSET: u64 = 0x3ff0_0000_0000_0000 - F64_SQRT_HALF;
+/// 1.5 * 2^52 (`Float::ROUND_MAGIC`): its bits plus an integer n < 2^51 are 1.5 * 2^52 + n,
+/// so an exponent field converts to f64 without a 64-bit integer conversion (AVX2, AVX-512F).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const F64_ROUND_MAGIC_BITS: u64 = 0x4338_0000_0000_0000;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const F64_ROUND_MAGIC_BIASED: f64 = 6_755_399_441_055_744.0 + 1023.0;
 
 /// Loads `n < LANES` elements, the other lanes set to `fill`.
 ///
@@ -185,6 +204,80 @@ pub fn exp<V: Vector>(x: V) -> V {
     let (m, n) = exp_parts(xc);
     let y = ldexp(m, n);
     select_nan::<V>(y, x, nan)
+}
+
+/// log1p(x) = log(1 + x) for every x: -1 gives -inf, below -1 NaN, +inf stays +inf, NaN stays NaN.
+/// f32 lanes: [`log1p_parts_f32`], within 2 ULP of the correctly rounded result; f64 lanes:
+/// std's `ln_1p` lane by lane (see `Float::log1p_parts`).
+#[inline(always)]
+pub fn log1p<V: Vector>(x: V) -> V {
+    let (hi, lo) = V::Elem::log1p_parts(x);
+    hi.add(lo)
+}
+
+/// log1p(x) = hi + lo on f32 lanes, unrounded: hi = k * LN2_HI is a multiple of 2^-9 (|hi| < 2^7),
+/// so a caller subtracting a constant that is one too gets hi - c exactly and rounds once
+/// (log_stablemax's log s(x) - log(sum)). hi + lo is within 2 ULP of the correctly rounded
+/// log1p for every float32 (the sweep of tests/log1p.rs).
+///
+/// u = 1 + x rounded, with its rounding error c (TwoSum: exact), u = m 2^k (`split_sqrt2`), so
+/// log1p(x) = k ln2 + log1p(f + d) with f = m - 1 (exact) and d = c 2^-k (|d| <= 2^-24). Then
+/// log1p(f + d) = log1p(f) + d / (1 + f), the division as d (1 - f + f^2) (the f^3 d left out is
+/// below 0.1 ULP of the result), and log1p(f) = f - f^2 / 2 + f^3 P(f) with P a near-minimax
+/// fit on f in [sqrt(1/2) - 1, sqrt(2) - 1] (relative error 2^-27 in the result with its f32
+/// coefficients). Where 1 + x is exact and k = 0, f + d is x itself: small x keep full
+/// relative accuracy (log1p(x) = x below 2^-24). x <= -1, +inf and NaN: hi is std's value, lo 0.
+#[inline(always)]
+pub fn log1p_parts_f32<V: Vector<Elem = f32>>(x: V) -> (V, V) {
+    const POLY: [f32; 8] = [
+        0.333_333_3,
+        -0.250_008_23,
+        0.200_012_27,
+        -0.166_233_57,
+        0.142_017_62,
+        -0.131_601_94,
+        0.127_615_5,
+        -0.076_344_3,
+    ];
+    let one = V::splat(1.0);
+    let u = one.add(x);
+    let b = u.sub(one);
+    let c = one.sub(u.sub(b)).add(x.sub(b));
+    let (m, k) = u.split_sqrt2();
+    let f = m.sub(one);
+    // 2^-k; for k = 127, 128 (u near the largest float) 2^-126: d is far below the result's ULP.
+    let d = c.mul(pow2(V::splat(0.0).sub(k).max(V::splat(-126.0))));
+    let d = d.mul(one.sub(f.mul(one.sub(f))));
+    let mut p = V::splat(POLY[POLY.len() - 1]);
+    for &coef in POLY[..POLY.len() - 1].iter().rev() {
+        p = p.mul_add(f, V::splat(coef));
+    }
+    let tail = f.mul(f).mul(p.mul_add(f, V::splat(-0.5)));
+    let lo = f.add(tail.add(k.mul_add(V::splat(f32::LN2_LO), d)));
+    let hi = k.mul(V::splat(f32::LN2_HI));
+    // The reduction assumed u normal and finite.
+    let outside = V::mask_or(
+        x.gt_or_nan(V::splat(f32::MAX)),
+        x.lt(V::splat(-0.999_999_94)),
+    );
+    if !V::mask_any(outside) {
+        return (hi, lo);
+    }
+    let mut his = [0f32; MAX_LANES];
+    let mut los = [0f32; MAX_LANES];
+    let mut xs = [0f32; MAX_LANES];
+    unsafe {
+        hi.store(his.as_mut_ptr());
+        lo.store(los.as_mut_ptr());
+        x.store(xs.as_mut_ptr());
+    }
+    for i in 0..V::LANES {
+        if !(xs[i] <= f32::MAX && xs[i] >= -0.999_999_94) {
+            his[i] = (xs[i] as f64).ln_1p() as f32;
+            los[i] = 0.0;
+        }
+    }
+    unsafe { (V::load(his.as_ptr()), V::load(los.as_ptr())) }
 }
 
 /// Where `mask` is set, take `x` (NaN) instead of `y`.

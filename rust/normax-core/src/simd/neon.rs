@@ -2,6 +2,8 @@
 //! 4 x f32, 2 x f64. Masks are the all-ones / all-zeros lanes NEON comparisons produce.
 
 use super::Vector;
+use super::{F32_MANTISSA, F32_SPLIT_OFFSET, F32_SQRT_HALF};
+use super::{F64_MANTISSA, F64_SPLIT_OFFSET, F64_SQRT_HALF};
 use std::arch::aarch64::*;
 
 #[derive(Clone, Copy)]
@@ -66,6 +68,21 @@ impl Vector for F32x4 {
             F32x4(vreinterpretq_f32_u32(vshlq_n_u32::<23>(
                 vreinterpretq_u32_f32(self.0),
             )))
+        }
+    }
+    #[inline(always)]
+    fn split_sqrt2(self) -> (Self, Self) {
+        unsafe {
+            let t = vaddq_u32(vreinterpretq_u32_f32(self.0), vdupq_n_u32(F32_SPLIT_OFFSET));
+            let m = vaddq_u32(
+                vandq_u32(t, vdupq_n_u32(F32_MANTISSA)),
+                vdupq_n_u32(F32_SQRT_HALF),
+            );
+            let k = vcvtq_f32_u32(vshrq_n_u32::<23>(t));
+            (
+                F32x4(vreinterpretq_f32_u32(m)),
+                F32x4(vsubq_f32(k, vdupq_n_f32(127.0))),
+            )
         }
     }
     #[inline(always)]
@@ -164,6 +181,21 @@ impl Vector for F64x2 {
             F64x2(vreinterpretq_f64_u64(vshlq_n_u64::<52>(
                 vreinterpretq_u64_f64(self.0),
             )))
+        }
+    }
+    #[inline(always)]
+    fn split_sqrt2(self) -> (Self, Self) {
+        unsafe {
+            let t = vaddq_u64(vreinterpretq_u64_f64(self.0), vdupq_n_u64(F64_SPLIT_OFFSET));
+            let m = vaddq_u64(
+                vandq_u64(t, vdupq_n_u64(F64_MANTISSA)),
+                vdupq_n_u64(F64_SQRT_HALF),
+            );
+            let k = vcvtq_f64_u64(vshrq_n_u64::<52>(t));
+            (
+                F64x2(vreinterpretq_f64_u64(m)),
+                F64x2(vsubq_f64(k, vdupq_n_f64(1023.0))),
+            )
         }
     }
     #[inline(always)]

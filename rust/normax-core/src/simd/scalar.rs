@@ -60,6 +60,11 @@ impl<T: Float> Vector for Scalar<T> {
         Scalar(T::exponent_bits(self.0))
     }
     #[inline(always)]
+    fn split_sqrt2(self) -> (Self, Self) {
+        let (m, k) = T::split_sqrt2(self.0);
+        (Scalar(m), Scalar(k))
+    }
+    #[inline(always)]
     fn reduce_add(self) -> T {
         self.0
     }

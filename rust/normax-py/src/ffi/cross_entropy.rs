@@ -31,6 +31,7 @@ pub(super) fn ce_options<W>(frame: &Frame, reduction: Reduction) -> Result<CeOpt
         softcap: (softcap != 0.0).then_some(softcap),
         temperature: frame.attr_f64("temperature")?,
         token_weight: None,
+        stablemax: false,
     })
 }
 
@@ -135,6 +136,7 @@ fn run_stable<T: Float>(
         reduction: opts.reduction,
         label_smoothing: opts.label_smoothing,
         z_loss: opts.z_loss,
+        stablemax: false,
     };
     let loss = out.loss;
     let mut loss64 = vec![0.0; loss.len()];
