@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import platform
 import sys
 import textwrap
@@ -99,6 +100,18 @@ def machine():
     )
 
 
+def load_line(when, load=None, cpus=None):
+    """The machine's 1-minute load average and whether it leaves the run's threads their cores:
+    on a 2-core machine at load 4 a parallel call waits for a descheduled thread (a scheduler
+    slice, milliseconds), and ratios measured so are not results."""
+    load = os.getloadavg()[0] if load is None else load
+    cpus = cpus or os.cpu_count() or 1
+    line = f"load {when}: {load:.1f} on {cpus} CPUs"
+    if load > cpus:
+        line += " (over its cores: times wait on the scheduler, ratios are not results)"
+    return line
+
+
 def _clock(seconds):
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
@@ -154,6 +167,7 @@ def main(argv=None):
     total = sum(SUITES[n].count(shapes) if n == "softmax" else SUITES[n].count() for n in names)
     start = time.perf_counter()
     print(f"machine: {machine()}")
+    print(load_line("at the start"))
     print(f"versions: normax {normax.__version__}, {versions()}")
     print(
         f"{total} cases in {', '.join(names)}: about {_clock(estimate_s(names, args.budget, shapes))} on a 2-core VM"
@@ -195,6 +209,7 @@ def main(argv=None):
     if args.plot:
         plot(cases, copy_gbps, cache, args.plot)
         print(f"\nplot written to {args.plot}")
+    print(load_line("at the end"))
     print(f"\ntotal time {_clock(time.perf_counter() - start)}")
     return 0
 

@@ -270,6 +270,13 @@ def test_plot_has_a_row_per_suite(tmp_path):
     assert width == 1500 and height >= 400  # 15 inches at 100 dpi, two rows
 
 
+def test_the_load_line_warns_when_the_machine_is_busier_than_its_cores():
+    quiet, busy = bench.load_line("at the start", 0.5, 2), bench.load_line("at the end", 4.0, 2)
+    assert quiet == "load at the start: 0.5 on 2 CPUs"
+    assert busy.startswith("load at the end: 4.0 on 2 CPUs (") and "not results" in busy
+    _line_ok(busy)
+
+
 def test_help_describes_every_option():
     for action in bench.make_parser()._actions:
         assert action.help, action.option_strings
