@@ -68,8 +68,9 @@ import normax
 # later fresh outputs would get.
 SUITES = {"softmax": softmax, "norms": norms, "cross_entropy": cross_entropy}
 # Seconds of a default run per suite on the 2-core VM of the README's table (budget 0.5 s; 107, 38
-# and 58 s in that run), for the estimate printed up front; the budget scales the timed part.
-REFERENCE_S = {"softmax": 110, "norms": 40, "cross_entropy": 60}
+# and 58 s in that run, plus the budget of the cases timed after a torch op since: 16 and 6 cases
+# of 2 contenders x 0.5 s), for the estimate printed up front; the budget scales the timed part.
+REFERENCE_S = {"softmax": 126, "norms": 46, "cross_entropy": 60}
 
 
 def copy_bandwidth(nbytes=1 << 30, threads=None):
