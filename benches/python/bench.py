@@ -18,10 +18,10 @@ What a line measures (timer.compare), in one of two situations:
   user's loop, started once no thread of the process used CPU for a 2 ms slice (timer.settle: no
   peer's spinning pool takes a core from the next). The batch is sized from the fastest of three
   calls after a warm-up: the first calls can pay page faults that the loop does not (a heap
-  growing to hold a 16 MiB output: 46 ms for a softmax of 4096x1024 that takes 0.9 ms in a loop).
-  Sized from such a call, every run would be one call straight after settle()'s sleep, timing a
-  thread pool woken from sleep and data reloaded into the cache (normax softmax 4096x1024 fresh:
-  2.26 ms ±29% so, against 0.86 ms in a loop).
+  growing to hold a 16 MiB output: 4,700 page faults in the second call of normax.softmax of
+  4096x1024, 46 ms on a busy VM). Sized from such a call, every run would be one call straight
+  after settle()'s sleep, timing a thread pool woken from sleep and data reloaded into the cache
+  each time (2.26 ms ±29% for that softmax, which takes 0.86 ms in a loop).
 - after a torch op (the line below its settled twin, for the inputs that stay in the cache:
   softmax suite 4096x1024 and 32x128256, norms 4096x1024; normax against torch only): every timed
   call right after an untimed torch.softmax of a 256x1024 tensor, normax's and torch's alike, so
