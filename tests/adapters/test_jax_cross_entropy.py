@@ -209,15 +209,17 @@ def test_integer_and_bool_logits_promote_as_jax(enable_x64, mode):
     jax.config.update("jax_enable_x64", enable_x64)
     try:
         with jax.numpy_dtype_promotion(mode):
+            labels = jnp.asarray([0, 3, 1], jnp.int16)
+            # Jitted: one compile per float dtype, shared by the integer and bool inputs.
+            reference = jax.jit(lambda x: jnp_ce(x, labels, weight=jnp.arange(1, 5)).sum() / (1 + 4 + 2))
             for dtype in (jnp.int32, jnp.uint8, jnp.bool_) + ((jnp.int64,) if enable_x64 else ()):
                 x = (jnp.arange(12).reshape(3, 4) % 3).astype(dtype)
-                labels = jnp.asarray([0, 3, 1], jnp.int16)
                 got = nj.cross_entropy(x, labels, weight=jnp.arange(1, 5), reduction="mean")
                 # jax's own promotion of the same input: int64 (with x64) to float64, the rest to
                 # float32 (jax.nn.softmax refuses bool; jax.scipy.special's logsumexp takes it).
-                expected_dtype = jax.scipy.special.logsumexp(x).dtype
+                expected_dtype = jax.eval_shape(jax.scipy.special.logsumexp, x).dtype
                 assert got.dtype == expected_dtype
-                ref = jnp_ce(x.astype(expected_dtype), labels, weight=jnp.arange(1, 5)).sum() / (1 + 4 + 2)
+                ref = reference(x.astype(expected_dtype))
                 np.testing.assert_allclose(got, ref, **(F64 if expected_dtype == jnp.float64 else F32))
     finally:
         jax.config.update("jax_enable_x64", previous)
