@@ -9,6 +9,10 @@ against a PyTorch implementation of MaskPowerNorm (tests/torch_power_norm.py, th
   dweight[, dbias]); the peers run their autograd (torch) or a jitted ``jax.vjp``;
 - ``power_norm fwd+bwd``: one training step (forward with the pad mask, backward).
 
+Every case is timed settled; those of an input that stays in the cache (up to
+report.CACHE_RESIDENT_BYTES: 4096x1024) also right after a torch op, against torch
+(report.AFTER_TORCH).
+
 torch uses ``torch.get_num_threads()`` threads and normax ``normax.get_num_threads()``.
 """
 
@@ -18,7 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from report import Case
+from report import AFTER_TORCH, CACHE_RESIDENT_BYTES, Case, after_torch_op
 from timer import compare
 
 import normax
@@ -34,7 +38,12 @@ OP_WIDTH = len("layer_norm fwd+bwd")
 
 
 def count(shapes=SHAPES):
-    return 6 * len(shapes) + 1
+    """How many cases :func:`suite` yields (where torch is installed)."""
+    return 6 * len(shapes) + 6 * sum(map(_after_torch, shapes)) + 1
+
+
+def _after_torch(shape):
+    return 4 * shape[0] * shape[1] <= CACHE_RESIDENT_BYTES
 
 
 def _compare(fns, budget_s):
@@ -153,6 +162,19 @@ def _shape_cases(shape, budget_s, rng, torch, jx):
             case.yardsticks["np.copyto of the same array, 1 thread"] = t.pop("copy")
         case.peers.update(t)
         yield case
+        if torch is not None and _after_torch(shape):
+            # One call per run (each after its own torch op): many more, shorter runs.
+            pair = {"normax": fn, "torch": theirs[op]["torch"]}
+            t = compare(pair, budget_s, min_runs=20, max_runs=300, before=after_torch_op(torch))
+            yield Case(
+                "norms",
+                op,
+                shape,
+                case.bytes_moved,
+                t["normax"],
+                {"torch": t["torch"]},
+                situation=AFTER_TORCH,
+            )
 
 
 def _power_case(torch, shape, budget_s, rng):

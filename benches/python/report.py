@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass, field
 
-from timer import Timing
+from timer import Timing, paired_ratio
 
 import normax
 
@@ -16,6 +16,23 @@ import normax
 NOISY = 0.10
 MARK = "~"
 
+# The cache-resident inputs (up to this many bytes: 4096x1024, 32x128256) are also timed right
+# after a torch op, the situation of a normax.torch op in a model: see :func:`after_torch_op`.
+CACHE_RESIDENT_BYTES = 16 << 20
+SETTLED = "settled"
+AFTER_TORCH = "after a torch op"
+# The torch op run untimed right before every timed call of an AFTER_TORCH case: parallel in
+# torch (256 rows, 8 of its grains) and short, so its OpenMP workers still spin (a few ms of CPU
+# after it returns) while the timed call runs, and small (1 MiB), so little of the timed call's
+# data leaves the cache.
+AFTER_TORCH_OP = "torch.softmax of a 256x1024 float32 tensor"
+
+
+def after_torch_op(torch):
+    """The ``before`` of an AFTER_TORCH case: ``AFTER_TORCH_OP``, on torch's current threads."""
+    t = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    return lambda: torch.softmax(t, -1)
+
 
 @dataclass
 class Case:
@@ -24,7 +41,9 @@ class Case:
     `op` includes the variant ("softmax out=", "rms_norm fwd+bwd"); `bytes_moved` is the
     roofline's bytes (what an ideal kernel reads + writes), 0 where there is none (GEMM-bound).
     Peers are other libraries doing the same work; yardsticks (np.exp, a copy) are not peers:
-    they are shown beside the case, never as a speedup.
+    they are shown beside the case, never as a speedup. `situation` says when each call was timed:
+    SETTLED (batches of back-to-back calls, each started with idle thread pools) or AFTER_TORCH
+    (every call right after ``AFTER_TORCH_OP``, normax's and the peers' alike).
     """
 
     suite: str
@@ -35,9 +54,11 @@ class Case:
     peers: dict = field(default_factory=dict)  # peer name -> Timing
     yardsticks: dict = field(default_factory=dict)  # description -> Timing
     notes: list = field(default_factory=list)
+    situation: str = SETTLED
 
     def speedup(self, peer):
-        return self.peers[peer].median / self.normax.median if peer in self.peers else None
+        """Peer time / normax time: the median of the rounds' ratios (see timer.paired_ratio)."""
+        return paired_ratio(self.peers[peer], self.normax) if peer in self.peers else None
 
     def noisy(self, peer):
         # Under 3 runs there is no spread to judge by: not a settled ratio either.
@@ -89,7 +110,8 @@ class Table:
 
     Columns: normax's median and its spread, its bandwidth and the share of the copy bandwidth
     (only where the data is larger than the last-level cache: a cache-resident case can beat a
-    DRAM copy, and a % above 100 says nothing), then normax's speedup over each peer."""
+    DRAM copy, and a % above 100 says nothing), then normax's speedup over each peer. A case timed
+    after a torch op is printed right below its settled twin, named by its situation."""
 
     def __init__(self, peers, op_width, copy_gbps, cache_bytes):
         self.peers, self.copy_gbps, self.cache_bytes = list(peers), copy_gbps, cache_bytes
@@ -112,7 +134,7 @@ class Table:
             )
         spread = case.normax.spread * 100
         cells = [
-            case.op,
+            case.op if case.situation == SETTLED else f"  {case.situation}",
             "x".join(map(str, case.shape)),
             fmt_ms(case.normax.median),
             "-" if case.normax.runs < 3 else ">99" if spread > 99 else f"{spread:.0f}",

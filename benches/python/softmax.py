@@ -1,12 +1,14 @@
 """The softmax suite: softmax, log_softmax, logsumexp (fresh output, out=, axis=0) and the two
-backwards against NumPy, SciPy, PyTorch and JAX."""
+backwards against NumPy, SciPy, PyTorch and JAX, settled; the cache-resident shapes' cases also
+right after a torch op, against PyTorch (report.AFTER_TORCH)."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import numpy as np
-from report import Case, peers_available
+from report import AFTER_TORCH, CACHE_RESIDENT_BYTES, Case, after_torch_op, peers_available
 from timer import compare
 
 import normax
@@ -98,18 +100,28 @@ def _one_thread(torch, run):
             torch.set_num_threads(torch_threads)
 
 
+def after_torch(shape):
+    """Whether the cases of `shape` are also timed right after a torch op: inputs that stay in
+    the cache (the situation of a training step's activations) and run on several threads."""
+    size = shape[0] * shape[1]
+    return SMALL < size and 4 * size <= CACHE_RESIDENT_BYTES
+
+
 def count(shapes=DEFAULT_SHAPES):
-    """How many cases :func:`suite` yields."""
-    return sum(7 if r * c <= SMALL else 8 for r, c in shapes)
+    """How many cases :func:`suite` yields (where torch is installed)."""
+    with_torch = importlib.util.find_spec("torch") is not None
+    return sum(7 if r * c <= SMALL else 16 if with_torch and after_torch((r, c)) else 8 for r, c in shapes)
 
 
 def suite(budget_s, shapes=DEFAULT_SHAPES):
     """Yields the cases of every shape as each is measured (axis=0 only above 4096 elements; the
-    small softmax with np.exp on the same array as its call-overhead yardstick)."""
+    small softmax with np.exp on the same array as its call-overhead yardstick), each case of a
+    shape that :func:`after_torch` selects followed by its twin timed right after a torch op."""
     mods = peers_available()
     torch, jax, sp = mods["torch"], mods["jax"], mods["scipy.special"]
     if torch is not None:
         torch.set_num_threads(normax.get_num_threads())
+        before = after_torch_op(torch)
     jitted = {}
     if jax is not None:
         import jax.numpy as jnp
@@ -146,3 +158,10 @@ def suite(budget_s, shapes=DEFAULT_SHAPES):
                 case.yardsticks["np.exp on the same array"] = t.pop("np.exp")
             case.peers.update(t)
             yield case
+            if torch is not None and after_torch(shape):
+                # One call per run (each after its own torch op): many more, shorter runs.
+                pair = {"normax": ours, "torch": peers["torch"]}
+                t = compare(pair, budget_s, min_runs=20, max_runs=300, before=before)
+                yield Case(
+                    "softmax", name, shape, nbytes, t["normax"], {"torch": t["torch"]}, situation=AFTER_TORCH
+                )
