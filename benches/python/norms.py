@@ -31,7 +31,7 @@ import normax
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from torch_power_norm import torch_mask_power_norm  # noqa: E402
 
-SHAPES = ((16384, 4096), (4096, 1024))
+SHAPES = ((16384, 4096), (4096, 1024), (16384, 64))
 POWER_SHAPE = (256, 64, 1024)  # (T, B, C): 16384 tokens of 1024 channels
 PEERS = ("torch", "jax")
 OP_WIDTH = len("layer_norm fwd+bwd")

@@ -367,29 +367,35 @@ fn backward_matches_the_chain_rule_on_every_isa() {
 fn column_sums_do_not_depend_on_the_thread_count() {
     let _guard = common::lock();
     let previous = threads::num_threads();
-    let (rows, len) = (3000, 96);
-    let (x, dy) = (
-        cast::<f32>(&noise(rows * len, 21)),
-        cast::<f32>(&noise(rows * len, 22)),
-    );
-    let w = cast::<f32>(&noise(len, 23));
-    let p = Params {
-        norm: NormKind::Rms,
-        len,
-        eps: 1e-6,
-        weight: Some(&w[..]),
-        bias: None,
-    };
-    let run = |threads_n: usize| {
-        threads::set_num_threads(threads_n).unwrap();
-        let mut dx = vec![0.0f32; rows * len];
-        let mut dw = vec![0.0f32; len];
-        backward(&p, &dy, &x, None, None, &mut dx, Some(&mut dw), None).unwrap();
-        (dx, dw)
-    };
-    let one = run(1);
-    for n in [2, 3, 5] {
-        assert_eq!(run(n), one, "{n} threads");
+    // Rows of 96 go in groups of 4, their column sums through registers; 1000 keeps row by row.
+    for (rows, len) in [(3001, 96), (301, 1000)] {
+        let (x, dy) = (
+            cast::<f32>(&noise(rows * len, 21)),
+            cast::<f32>(&noise(rows * len, 22)),
+        );
+        let (w, b) = (cast::<f32>(&noise(len, 23)), cast::<f32>(&noise(len, 24)));
+        for norm in [NormKind::Rms, NormKind::Layer] {
+            let bias = norm == NormKind::Layer;
+            let p = Params {
+                norm,
+                len,
+                eps: 1e-6,
+                weight: Some(&w[..]),
+                bias: bias.then_some(&b[..]),
+            };
+            let run = |threads_n: usize| {
+                threads::set_num_threads(threads_n).unwrap();
+                let mut dx = vec![0.0f32; rows * len];
+                let (mut dw, mut db) = (vec![0.0f32; len], vec![0.0f32; len]);
+                let dbias = bias.then_some(&mut db[..]);
+                backward(&p, &dy, &x, None, None, &mut dx, Some(&mut dw), dbias).unwrap();
+                (dx, dw, db)
+            };
+            let one = run(1);
+            for n in [2, 3, 5] {
+                assert_eq!(run(n), one, "{norm:?} {rows}x{len}: {n} threads");
+            }
+        }
     }
     threads::set_num_threads(previous).unwrap();
 }
