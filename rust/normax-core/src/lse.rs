@@ -651,9 +651,8 @@ pub unsafe fn sum_in_cache<V: Vector>(
     sum_in_cache_of::<V>(x, len, None, (store, true))
 }
 
-/// [`sum_in_cache`] for a caller whose output goes out by streaming stores: without the prefetch
-/// of the next row, whose burst holds the line-fill buffers that the streaming stores combine in
-/// (softmax 16384x4096 took 15% longer with it, 4096x1024 with plain stores 15% less).
+/// [`sum_in_cache`] without the prefetch of the next row, for outputs written by streaming stores
+/// (the prefetches hold the fill buffers they combine in: softmax 16384x4096 15% slower with them).
 ///
 /// # Safety
 /// As [`sum_in_cache`].
@@ -706,14 +705,10 @@ unsafe fn sum_in_cache_of<V: Vector>(
 }
 
 /// Rows up to this many elements use the in-cache algorithm; longer ones the two-pass one (rows of
-/// 2^18 or more are chunked two-pass in the driver anyway). Measured on the 2-core AVX-512 VM
-/// (Intel Xeon, 2 MiB of L2 per core; float32 softmax, one thread, 16 MiB per case, steady state):
-/// with AVX-512 in-cache is 15-25% faster at rows of 1024 and 4096, level (within 5%) from 16384
-/// to 131072, and 12-14% slower at 262143; with AVX2 in-cache is 10-30% faster up to 131072 and
-/// level at 262143. So the crossover is at the chunking length with AVX2 and about 2^17 (rows of
-/// half a MiB, a quarter of L2) with AVX-512, whose exponential is cheap enough for the two-pass
-/// algorithm's second one to cost less than the in-cache pass over the stored terms; one limit for
-/// both, as the AVX-512 difference is within noise below it.
+/// 2^18 or more are chunked two-pass in the driver anyway). On the 2-core AVX-512 VM (2 MiB of L2
+/// per core; float32 softmax, one thread, 16 MiB per case): AVX-512 in-cache 15-25% faster at rows
+/// of 1024 and 4096, level (within 5%) from 16384 to 131072, 12-14% slower at 262143; AVX2 10-30%
+/// faster up to 131072, level at 262143. One limit for both: below it AVX-512 is within noise.
 pub const IN_CACHE_MAX_LEN: usize = 1 << 18;
 
 /// The exact path: max and sum of exp(x - max) in f64. `nan` is set if any element is NaN.
