@@ -19,7 +19,7 @@
 //! beyond `Float::SPLIT_LIMIT` (where the Cody-Waite reduction degrades) go to an exact f64 path.
 
 use crate::float::Float;
-use crate::rows::{column_max, load_n};
+use crate::rows::{column_max, load_n, prefetch_line, Store};
 use crate::simd::{exp_reduced_low, load_partial, store_partial, Vector, MAX_LANES};
 use crate::sum::{CompensatedSum, SHORT_FOLD};
 use std::f64::consts::LN_2;
@@ -195,7 +195,7 @@ pub unsafe fn sum_two_pass<V: Vector>(x: *const V::Elem, len: usize) -> RowSum {
             continue;
         }
         let s = ExpSum::new(0.0, mx);
-        let m = sum_given_max::<V>(block, n, V::Elem::from_f64(s.n), None, None);
+        let m = sum_given_max::<V>(block, n, V::Elem::from_f64(s.n), (None, true), None);
         if m.is_nan() {
             return RowSum::Exact;
         }
@@ -287,15 +287,15 @@ impl<V: Vector> ScaledExp<V> {
 }
 
 /// In-cache pass 2: sum of exp(x) * 2^-top (x times `scale` where given), optionally storing each
-/// term. NaN if x holds NaN. Prefetches the next row (the next `len` elements) so the following
-/// row's reads overlap this row's arithmetic; prefetches never fault, past the end of the array
-/// included.
+/// term. NaN if x holds NaN. With `ahead`, prefetches the next row (the next `len` elements) so
+/// the following row's reads overlap this row's arithmetic; prefetches never fault, past the end
+/// of the array included.
 #[inline(always)]
 unsafe fn sum_given_max<V: Vector>(
     x: *const V::Elem,
     len: usize,
     top: V::Elem,
-    store: Option<*mut V::Elem>,
+    (store, ahead): (Option<*mut V::Elem>, bool),
     scale: Option<V::Elem>,
 ) -> f64 {
     let (k, exp) = (scale.map(V::splat), ScaledExp::<V>::new(top));
@@ -310,8 +310,11 @@ unsafe fn sum_given_max<V: Vector>(
     let w = V::LANES;
     let mut i = 0;
     while i + 4 * w <= len {
-        V::prefetch(x.wrapping_add(len + i));
-        V::prefetch(x.wrapping_add(len + i + 2 * w));
+        if ahead {
+            for j in 0..4 {
+                prefetch_line::<V>(x.wrapping_add(len), i + j * w);
+            }
+        }
         for (j, a) in acc.iter_mut().enumerate() {
             let t = term(exp, k, V::load(x.add(i + j * w)));
             if let Some(y) = store {
@@ -645,7 +648,21 @@ pub unsafe fn sum_in_cache<V: Vector>(
     len: usize,
     store: Option<*mut V::Elem>,
 ) -> RowSum {
-    sum_in_cache_of::<V>(x, len, None, store)
+    sum_in_cache_of::<V>(x, len, None, (store, true))
+}
+
+/// [`sum_in_cache`] without the prefetch of the next row, for outputs written by streaming stores
+/// (the prefetches hold the fill buffers they combine in: softmax 16384x4096 15% slower with them).
+///
+/// # Safety
+/// As [`sum_in_cache`].
+#[inline(always)]
+pub(crate) unsafe fn sum_in_cache_streamed<V: Vector>(
+    x: *const V::Elem,
+    len: usize,
+    store: Option<*mut V::Elem>,
+) -> RowSum {
+    sum_in_cache_of::<V>(x, len, None, (store, false))
 }
 
 /// [`sum_in_cache`] of the row x * `scale` (`scale` > 0: a cross-entropy's 1 / temperature),
@@ -660,7 +677,7 @@ pub unsafe fn sum_in_cache_scaled<V: Vector>(
     scale: V::Elem,
     store: Option<*mut V::Elem>,
 ) -> RowSum {
-    sum_in_cache_of::<V>(x, len, Some(scale), store)
+    sum_in_cache_of::<V>(x, len, Some(scale), (store, true))
 }
 
 #[inline(always)]
@@ -668,7 +685,7 @@ unsafe fn sum_in_cache_of<V: Vector>(
     x: *const V::Elem,
     len: usize,
     scale: Option<V::Elem>,
-    store: Option<*mut V::Elem>,
+    store: (Option<*mut V::Elem>, bool),
 ) -> RowSum {
     // max(x * k) = max(x) * k for k > 0: rounding is monotone.
     let mx = match scale {
@@ -688,11 +705,10 @@ unsafe fn sum_in_cache_of<V: Vector>(
 }
 
 /// Rows up to this many elements use the in-cache algorithm; longer ones the two-pass one (rows of
-/// 2^18 or more are chunked two-pass in the driver anyway). From `cargo bench --bench softmax` on
-/// the AVX2 development machine, single thread, ~1 M elements per case: in-cache 0.56-0.70 ms,
-/// two-pass 0.77-1.02 ms at every row length from 1024 to 262143, so in-cache wins up to the
-/// chunking length here; two-pass saves one read of memory per row, which pays where the
-/// arithmetic is cheaper (AVX-512) or rows do not fit in L2.
+/// 2^18 or more are chunked two-pass in the driver anyway). On the 2-core AVX-512 VM (2 MiB of L2
+/// per core; float32 softmax, one thread, 16 MiB per case): AVX-512 in-cache 15-25% faster at rows
+/// of 1024 and 4096, level (within 5%) from 16384 to 131072, 12-14% slower at 262143; AVX2 10-30%
+/// faster up to 131072, level at 262143. One limit for both: below it AVX-512 is within noise.
 pub const IN_CACHE_MAX_LEN: usize = 1 << 18;
 
 /// The exact path: max and sum of exp(x - max) in f64. `nan` is set if any element is NaN.
@@ -763,9 +779,22 @@ pub(crate) unsafe fn row_sum<V: Vector>(
     len: usize,
     algorithm: Algorithm,
 ) -> RowSum {
-    if algorithm.in_cache(len) {
-        sum_in_cache::<V>(x, len, None)
-    } else {
+    row_sum_for::<V>(x, len, algorithm, Store::Plain)
+}
+
+/// [`row_sum`] for a row whose output is written by `store` (see [`sum_in_cache_streamed`]).
+#[inline(always)]
+pub(crate) unsafe fn row_sum_for<V: Vector>(
+    x: *const V::Elem,
+    len: usize,
+    algorithm: Algorithm,
+    store: Store,
+) -> RowSum {
+    if !algorithm.in_cache(len) {
         sum_two_pass::<V>(x, len)
+    } else if store == Store::Stream {
+        sum_in_cache_streamed::<V>(x, len, None)
+    } else {
+        sum_in_cache::<V>(x, len, None)
     }
 }

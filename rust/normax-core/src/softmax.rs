@@ -3,12 +3,12 @@
 use crate::driver::{self, Layout, RowMap, RowReduce};
 use crate::float::Float;
 use crate::lse::{
-    column_exp_sums, exact_stats, refined_lse, refined_lse_known, row_sum, sum_in_cache,
-    sum_two_pass, Algorithm, ExpSum, Lse, RowSum, ScaledExp,
+    column_exp_sums, exact_stats, refined_lse, refined_lse_known, row_sum, row_sum_for,
+    sum_in_cache, sum_in_cache_streamed, sum_two_pass, Algorithm, ExpSum, Lse, RowSum, ScaledExp,
 };
 use crate::rows::{
-    columns_lane_sums, dot, lanes, load_n, map_columns, map_elements, map_elements2,
-    map_elements_to, scratch_row, Store,
+    columns_lane_sums, dot, for_each_vector, for_each_vector_from, lanes, load_n, map_columns,
+    map_elements, map_elements_to, prefetch_line, put, scratch_row, store_n, Store,
 };
 use crate::simd::{exp, Vector, MAX_LANES};
 use crate::Error;
@@ -101,7 +101,7 @@ impl<const LOG: bool> Softmax<LOG> {
             if self.1 == Store::Stream {
                 // Terms go to a scratch row in cache, so y is written once, by streaming stores.
                 let terms = scratch_row::<V::Elem>(len);
-                match sum_in_cache::<V>(x, len, Some(terms)).usable::<V::Elem>() {
+                match sum_in_cache_streamed::<V>(x, len, Some(terms)).usable::<V::Elem>() {
                     Some(s) => scale_into::<V>(terms, y, len, s, Store::Stream),
                     None => exact_softmax(x, y, len, false),
                 }
@@ -122,7 +122,7 @@ impl<const LOG: bool> Softmax<LOG> {
 
     #[inline(always)]
     unsafe fn log_softmax_row<V: Vector>(&self, x: *const V::Elem, y: *mut V::Elem, len: usize) {
-        match row_sum::<V>(x, len, self.0).usable::<V::Elem>() {
+        match row_sum_for::<V>(x, len, self.0, self.1).usable::<V::Elem>() {
             Some(s) => write_log_softmax::<V>(x, y, len, refined_lse::<V>(x, len, s), self.1),
             None => exact_softmax(x, y, len, true),
         }
@@ -416,8 +416,90 @@ impl<T: Float> RowReduce<T> for WeightedLogSumExp {
 }
 
 /// The backward of softmax: dx = y * (dy - sum(dy * y)) with y = softmax(x); with LOG, of
-/// log_softmax: dx = dy - exp(y) * sum(dy) with y = log_softmax(x).
-struct SoftmaxBackward<const LOG: bool>;
+/// log_softmax: dx = dy - exp(y) * sum(dy) with y = log_softmax(x). How dx is stored.
+struct SoftmaxBackward<const LOG: bool>(Store);
+
+/// Rows up to this many elements have the next row's y and dy prefetched while their own dx is
+/// written (from cache, no reads of memory): two rows of both inputs stay well within L2.
+const BACKWARD_PREFETCH_MAX_LEN: usize = 1 << 15;
+
+/// exp(y) for y <= 0, a log_softmax output: the exponential of [`ScaledExp`] with the exponent
+/// 0, half the instructions of the general `exp`; lanes above 0 or NaN (not a log_softmax, but
+/// any input is allowed) take the general `exp`.
+#[derive(Clone, Copy)]
+struct ExpNonPositive<V>(ScaledExp<V>);
+
+impl<V: Vector> ExpNonPositive<V> {
+    #[inline(always)]
+    fn new() -> Self {
+        ExpNonPositive(ScaledExp::new(V::Elem::ZERO))
+    }
+
+    #[inline(always)]
+    fn apply(self, y: V) -> V {
+        if V::mask_any(y.gt_or_nan(V::splat(V::Elem::ZERO))) {
+            exp(y)
+        } else {
+            self.0.apply(y)
+        }
+    }
+}
+
+impl<const LOG: bool> SoftmaxBackward<LOG> {
+    /// dx from y, dy and the row's sum `s` (a vector of it): the row and column kernels' formula.
+    #[inline(always)]
+    fn dx<V: Vector>(e: ExpNonPositive<V>, s: V, y: V, dy: V) -> V {
+        if LOG {
+            dy.sub(e.apply(y).mul(s))
+        } else {
+            y.mul(dy.sub(s))
+        }
+    }
+
+    /// Writes dx[..len] from the row's (or chunk's) sum; with `ahead`, prefetches the `len`
+    /// elements after y and dy (the next row, whose sum pass then reads them from cache).
+    #[inline(always)]
+    unsafe fn write<V: Vector>(
+        &self,
+        (y, dy, dx): (*const V::Elem, *const V::Elem, *mut V::Elem),
+        len: usize,
+        s: f64,
+        ahead: bool,
+    ) {
+        let (s, e) = (V::splat(V::Elem::from_f64(s)), ExpNonPositive::<V>::new());
+        #[inline(always)]
+        unsafe fn at<V: Vector, const LOG: bool>(
+            (y, dy): (*const V::Elem, *const V::Elem),
+            (e, s): (ExpNonPositive<V>, V),
+            ahead: Option<usize>,
+            (i, n): (usize, usize),
+        ) -> V {
+            if let Some(len) = ahead {
+                prefetch_line::<V>(y.wrapping_add(len), i);
+                prefetch_line::<V>(dy.wrapping_add(len), i);
+            }
+            let (y, dy) = (load_n::<V>(y.add(i), n), load_n::<V>(dy.add(i), n));
+            SoftmaxBackward::<LOG>::dx(e, s, y, dy)
+        }
+        let ahead = ahead.then_some(len);
+        let (head, store) = self.0.row::<V>(dx);
+        if store == Store::Stream {
+            for_each_vector_from::<V>(
+                head,
+                len,
+                #[inline(always)]
+                |i, n| put::<V, true>(at::<V, LOG>((y, dy), (e, s), ahead, (i, n)), dx.add(i), n),
+            );
+            store.finish::<V>();
+        } else {
+            for_each_vector::<V>(
+                len,
+                #[inline(always)]
+                |i, n| store_n(at::<V, LOG>((y, dy), (e, s), ahead, (i, n)), dx.add(i), n),
+            );
+        }
+    }
+}
 
 impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
     type Stat = f64;
@@ -425,8 +507,9 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
 
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(&self, y: *const T, dy: *const T, dx: *mut T, len: usize) {
+        // The sum reads the row from memory; the write pass finds it in cache.
         let s = self.chunk_stat::<V>(y, dy, len);
-        self.chunk_write::<V>(y, dy, dx, len, s);
+        self.write::<V>((y, dy, dx), len, s, len <= BACKWARD_PREFETCH_MAX_LEN);
     }
     #[inline(always)]
     unsafe fn chunk_stat<V: Vector<Elem = T>>(&self, y: *const T, dy: *const T, len: usize) -> f64 {
@@ -485,28 +568,16 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
                 T::from_f64(stats.get(c0 + l).copied().flatten().unwrap_or(0.0))
             })
         };
-        let shape = (stride, len, stats.len());
-        if LOG {
-            map_columns::<V, V>(
-                y,
-                dy,
-                dx,
-                shape,
-                params,
-                #[inline(always)]
-                |s, y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
-            );
-        } else {
-            map_columns::<V, V>(
-                y,
-                dy,
-                dx,
-                shape,
-                params,
-                #[inline(always)]
-                |s, y, dy| y.mul(dy.sub(s)),
-            );
-        }
+        let e = ExpNonPositive::<V>::new();
+        map_columns::<V, V>(
+            y,
+            dy,
+            dx,
+            (stride, len, stats.len()),
+            params,
+            #[inline(always)]
+            |s, y, dy| Self::dx(e, s, y, dy),
+        );
     }
     #[inline(always)]
     unsafe fn chunk_write<V: Vector<Elem = T>>(
@@ -517,26 +588,7 @@ impl<T: Float, const LOG: bool> RowMap<T> for SoftmaxBackward<LOG> {
         len: usize,
         s: f64,
     ) {
-        let s = V::splat(T::from_f64(s));
-        if LOG {
-            map_elements2::<V>(
-                y,
-                dy,
-                dx,
-                len,
-                #[inline(always)]
-                |y, dy| exp(y).mul(s).sub(dy).mul(V::splat(-T::ONE)),
-            );
-        } else {
-            map_elements2::<V>(
-                y,
-                dy,
-                dx,
-                len,
-                #[inline(always)]
-                |y, dy| y.mul(dy.sub(s)),
-            );
-        }
+        self.write::<V>((y, dy, dx), len, s, false);
     }
 }
 
@@ -664,7 +716,7 @@ fn backward<T: Float, const LOG: bool>(
 ) -> Result<(), Error> {
     check_io(&layout, y, dx.len())?;
     layout.check("dy", dy.len(), y.len())?;
-    let op = SoftmaxBackward::<LOG>;
+    let op = SoftmaxBackward::<LOG>(output_store::<T>(&layout));
     unsafe { driver::map(&op, y.as_ptr(), dy.as_ptr(), dx.as_mut_ptr(), layout) };
     Ok(())
 }

@@ -404,3 +404,126 @@ fn long_rows_with_a_dominant_element_are_refined() {
         }
     });
 }
+
+/// dx of `log_softmax_backward` against dy - exp(y) * sum(dy) in f64 for any y (it need not be a
+/// log_softmax): y <= 0 takes the kernels' exponential with a fixed exponent, a vector with a lane
+/// above 0 or NaN the general exp. Rows whose dy is one-hot (sum 1) show the exp itself,
+/// subnormal results included; the long row takes the chunked path.
+fn log_softmax_backward_of_any_y<T: Float>(ulp: fn(f64) -> f64) {
+    let values = [
+        -0.0,
+        0.0,
+        -1e-7,
+        -0.3,
+        -3.0,
+        -20.0,
+        -87.0,
+        -88.5,
+        -100.0,
+        -103.5,
+        -150.0,
+        -700.0,
+        -745.0,
+        -800.0,
+        0.3,
+        1.0,
+        50.0,
+        1000.0,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ];
+    let max = if std::mem::size_of::<T>() == 4 {
+        f32::MAX as f64
+    } else {
+        f64::MAX
+    };
+    let eps = ulp(1.0);
+    each_isa(|isa| {
+        let mut rng = Rng(3);
+        for len in [1usize, 7, 16, 17, 33, 1000, (1 << 18) + 5] {
+            // (first value, one-hot dy, only values <= 0)
+            for (start, one_hot, non_positive) in
+                [(0, false, false), (5, true, true), (9, true, false)]
+            {
+                let pick: Vec<f64> = values
+                    .iter()
+                    .copied()
+                    .filter(|&v| !non_positive || v <= 0.0)
+                    .collect();
+                let y: Vec<T> = (0..len)
+                    .map(|i| T::from_f64(pick[(start + 4 * i) % pick.len()]))
+                    .collect();
+                let dy: Vec<T> = (0..len)
+                    .map(|i| match (one_hot, i) {
+                        (true, 0) => T::ONE,
+                        (true, _) => T::ZERO,
+                        _ => T::from_f64(rng.normal(1.0)),
+                    })
+                    .collect();
+                let mut dx = vec![T::ZERO; len];
+                log_softmax_backward(&y, &dy, &mut dx, Layout::rows(1, len)).unwrap();
+                let s: f64 = dy.iter().map(|v| v.to_f64()).sum();
+                // The bound of the sum's rounding in any order.
+                let s_abs: f64 = dy.iter().map(|v| v.to_f64().abs()).sum();
+                for i in 0..len {
+                    let (yi, dyi, got) = (y[i].to_f64(), dy[i].to_f64(), dx[i].to_f64());
+                    let term = yi.exp() * s;
+                    let want = dyi - term;
+                    let what = format!("{isa:?} len {len} y {yi} dy {dyi}: {got} vs {want}");
+                    if want.is_nan() {
+                        assert!(got.is_nan(), "{what}");
+                    } else if term.abs() > 2.0 * max || want.is_infinite() {
+                        assert_eq!(got, -term.signum() * f64::INFINITY, "{what}");
+                    } else if term.abs() < max / 2.0 {
+                        // exp within 2 ULP, the sum and the product rounded once each.
+                        let e = yi.exp();
+                        let bound = 4.0 * eps * (dyi.abs() + e * s_abs) + 2.0 * ulp(0.0);
+                        assert!((got - want).abs() <= bound, "{what}");
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn log_softmax_backward_takes_any_y() {
+    log_softmax_backward_of_any_y::<f32>(ulp_f32);
+    log_softmax_backward_of_any_y::<f64>(ulp_f64);
+}
+
+#[test]
+fn backwards_with_streaming_stores_give_the_same_bits() {
+    // 4099 x 2305 f32 = 37.8 MB: past the streaming-store threshold; rows start unaligned.
+    let (rows, len) = (4099, 2305);
+    let mut rng = Rng(19);
+    let x = rng.vec_f32(rows * len, 4.0);
+    let dy = rng.vec_f32(rows * len, 1.0);
+    let (mut y, mut ly) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+    softmax(&x, &mut y, Layout::rows(rows, len)).unwrap();
+    log_softmax(&x, &mut ly, Layout::rows(rows, len)).unwrap();
+    each_isa(|isa| {
+        type Backward = fn(&[f32], &[f32], &mut [f32], Layout) -> Result<(), normax_core::Error>;
+        let ops: [(&str, Backward, &[f32]); 2] = [
+            ("softmax_backward", softmax_backward, &y),
+            ("log_softmax_backward", log_softmax_backward, &ly),
+        ];
+        for (name, op, y) in ops {
+            let mut dx = vec![0f32; x.len()];
+            op(y, &dy, &mut dx, Layout::rows(rows, len)).unwrap();
+            for r in [0, 1, 2, 1000, rows - 1] {
+                let at = r * len..(r + 1) * len;
+                let mut dxr = vec![0f32; len];
+                op(
+                    &y[at.clone()],
+                    &dy[at.clone()],
+                    &mut dxr,
+                    Layout::rows(1, len),
+                )
+                .unwrap();
+                assert_eq!(&dx[at], &dxr[..], "{isa:?} {name} row {r}");
+            }
+        }
+    });
+}
