@@ -162,7 +162,7 @@ def _shape_cases(shape, budget_s, rng, torch, jx):
             case.yardsticks["np.copyto of the same array, 1 thread"] = t.pop("copy")
         case.peers.update(t)
         yield case
-        if torch is not None and _after_torch(shape):
+        if "torch" in theirs[op] and _after_torch(shape):  # out= has no torch peer
             # One call per run (each after its own torch op): many more, shorter runs.
             pair = {"normax": fn, "torch": theirs[op]["torch"]}
             t = compare(pair, budget_s, min_runs=20, max_runs=300, before=after_torch_op(torch))
