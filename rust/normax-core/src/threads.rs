@@ -286,6 +286,10 @@ pub fn set_num_threads(threads: usize) -> Result<(), Error> {
 
 /// Runs `task(i)` for i in 0..tasks, in parallel when there is more than one task and thread;
 /// tasks not yet started are skipped once the watched call is interrupted.
+///
+/// The calling thread takes tasks too, and the pool's threads join as they wake: each claims the
+/// next task from a shared counter. So the call never waits for a thread that is slow to wake
+/// (on a busy core, behind torch's spinning OpenMP workers), only for tasks already started.
 pub(crate) fn for_each(tasks: usize, task: impl Fn(usize) + Sync + Send) {
     let stop = Stop::current();
     let task = |t| {
@@ -298,10 +302,68 @@ pub(crate) fn for_each(tasks: usize, task: impl Fn(usize) + Sync + Send) {
         return;
     }
     let pool = pool();
-    if pool.current_num_threads() == 1 {
+    let helpers = (pool.current_num_threads() - 1).min(tasks - 1);
+    if helpers == 0 {
         (0..tasks).for_each(task);
-    } else {
-        pool.install(|| (0..tasks).into_par_iter().for_each(task));
+        return;
+    }
+    let queue = Arc::new(TaskQueue {
+        next: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+        tasks,
+        panicked: AtomicBool::new(false),
+    });
+    let task: &(dyn Fn(usize) + Sync) = &task;
+    // SAFETY: a helper calls `task` only for an index it claimed below `tasks`, and this
+    // function returns only once every claimed task has finished; a helper that starts later
+    // claims nothing and never touches `task`. So `task` outlives every use of this reference.
+    let shared = SharedTask(unsafe {
+        std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(task)
+    });
+    for _ in 0..helpers {
+        let queue = queue.clone();
+        pool.spawn(move || queue.run(shared));
+    }
+    queue.run(shared);
+    let mut spins = 0u32;
+    while queue.finished.load(Ordering::Acquire) < tasks {
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    if queue.panicked.load(Ordering::Relaxed) {
+        panic!("a normax task panicked");
+    }
+}
+
+/// The tasks of one [`for_each`] call, claimed in order by whichever thread comes first.
+struct TaskQueue {
+    next: AtomicUsize,
+    finished: AtomicUsize,
+    tasks: usize,
+    panicked: AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+struct SharedTask(&'static (dyn Fn(usize) + Sync));
+
+impl TaskQueue {
+    fn run(&self, task: SharedTask) {
+        loop {
+            let t = self.next.fetch_add(1, Ordering::Relaxed);
+            if t >= self.tasks {
+                return;
+            }
+            // A panicking task still counts as finished, so the caller never waits forever.
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (task.0)(t))).is_ok();
+            if !ok {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            self.finished.fetch_add(1, Ordering::Release);
+        }
     }
 }
 
@@ -340,11 +402,60 @@ pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 #[cfg(test)]
 mod tests {
-    use super::resolve_env;
+    use super::{for_each, resolve_env, SharedTask, TaskQueue};
+    use std::sync::atomic::AtomicBool;
     use std::sync::atomic::{
         AtomicUsize,
         Ordering::{Relaxed, SeqCst},
     };
+
+    fn queue(tasks: usize) -> TaskQueue {
+        TaskQueue {
+            next: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            tasks,
+            panicked: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn the_caller_alone_runs_every_task_once_when_no_helper_comes() {
+        let counts: Vec<AtomicUsize> = (0..100).map(|_| AtomicUsize::new(0)).collect();
+        let task = |t: usize| {
+            counts[t].fetch_add(1, Relaxed);
+        };
+        let task: &(dyn Fn(usize) + Sync) = &task;
+        // SAFETY: `task` outlives both runs below.
+        let shared = SharedTask(unsafe { std::mem::transmute(task) });
+        let q = queue(counts.len());
+        q.run(shared);
+        // A helper that arrives after the caller took everything claims nothing.
+        q.run(shared);
+        assert!(counts.iter().all(|c| c.load(Relaxed) == 1));
+        assert_eq!(q.finished.load(SeqCst), counts.len());
+        assert!(!q.panicked.load(SeqCst));
+    }
+
+    #[test]
+    fn a_panicking_task_is_finished_and_reported() {
+        let task = |t: usize| assert!(t != 3, "task 3 fails");
+        let task: &(dyn Fn(usize) + Sync) = &task;
+        // SAFETY: `task` outlives the run.
+        let shared = SharedTask(unsafe { std::mem::transmute(task) });
+        let q = queue(8);
+        q.run(shared);
+        assert_eq!(q.finished.load(SeqCst), 8);
+        assert!(q.panicked.load(SeqCst));
+    }
+
+    #[test]
+    fn for_each_runs_every_task_once_on_the_pool() {
+        let counts: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
+        for_each(counts.len(), |t| {
+            counts[t].fetch_add(1, Relaxed);
+        });
+        assert!(counts.iter().all(|c| c.load(Relaxed) == 1));
+    }
 
     #[test]
     fn an_interrupted_call_starts_no_new_task() {
