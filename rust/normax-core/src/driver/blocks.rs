@@ -61,7 +61,7 @@ pub(crate) fn sum_fixed_row_blocks(
 }
 
 /// Rows summed in `Elem` before the partial sums are folded into f64.
-const COLUMN_FOLD_ROWS: usize = 16;
+pub(crate) const COLUMN_FOLD_ROWS: usize = 16;
 /// At most this many blocks of rows keep partial column sums (enough to share among threads).
 const COLUMN_MAX_BLOCKS: usize = 128;
 /// Bound on the f64 partial sums all blocks hold together.
@@ -70,14 +70,37 @@ const COLUMN_MAX_PARTIAL: usize = 1 << 22;
 /// Column sums over `rows` rows: `width` sums (for example `k` quantities of `cols` columns each).
 ///
 /// `add_rows(range, acc)` adds the terms of the rows in `range` (at most `COLUMN_FOLD_ROWS` of
-/// them) into `acc` (`width` zeroed values in `T`). The rows are cut into blocks that depend only on
-/// `rows` and `width`, never on the thread count; each block folds its `T` sums into f64 every
-/// `COLUMN_FOLD_ROWS` rows, and the blocks' f64 sums are added in block order. So the result is the
-/// same bits whatever the number of threads, and every `T` partial sum is short.
+/// them) into `acc` (`width` zeroed values in `T`); each block folds those short `T` sums into its
+/// f64 sums every `COLUMN_FOLD_ROWS` rows (see [`block_column_sums`]).
 pub(crate) fn column_sums<T: Float>(
     rows: usize,
     width: usize,
     add_rows: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync + Send,
+) -> Vec<f64> {
+    block_column_sums(rows, width, |block, acc| {
+        let mut part = vec![T::ZERO; width];
+        let mut r = block.start;
+        while r < block.end {
+            let next = (r + COLUMN_FOLD_ROWS).min(block.end);
+            add_rows(r..next, &mut part);
+            for (a, p) in acc.iter_mut().zip(part.iter_mut()) {
+                *a += p.to_f64();
+                *p = T::ZERO;
+            }
+            r = next;
+        }
+    })
+}
+
+/// Column sums over `rows` rows, each block of rows summing into its own `width` f64 sums
+/// (`add_block(range, acc)`, `acc` zeroed). The blocks depend only on `rows` and `width`, never
+/// on the thread count, and their sums are added in block order: the same bits whatever the
+/// number of threads. (The norms' backward folds its own short `Elem` sums inside its kernel,
+/// where the fold is vectorised.)
+pub(crate) fn block_column_sums(
+    rows: usize,
+    width: usize,
+    add_block: impl Fn(std::ops::Range<usize>, &mut [f64]) + Sync + Send,
 ) -> Vec<f64> {
     let mut total = vec![0.0f64; width];
     if rows == 0 || width == 0 {
@@ -87,19 +110,8 @@ pub(crate) fn column_sums<T: Float>(
     let max_blocks = (COLUMN_MAX_PARTIAL / width).clamp(1, COLUMN_MAX_BLOCKS);
     let per_block = rows.div_ceil(rows.div_ceil(min_rows).min(max_blocks));
     let partials = threads::map(rows.div_ceil(per_block), |b| {
-        let end = ((b + 1) * per_block).min(rows);
         let mut acc = vec![0.0f64; width];
-        let mut part = vec![T::ZERO; width];
-        let mut r = b * per_block;
-        while r < end {
-            let next = (r + COLUMN_FOLD_ROWS).min(end);
-            add_rows(r..next, &mut part);
-            for (a, p) in acc.iter_mut().zip(part.iter_mut()) {
-                *a += p.to_f64();
-                *p = T::ZERO;
-            }
-            r = next;
-        }
+        add_block(b * per_block..((b + 1) * per_block).min(rows), &mut acc);
         acc
     });
     for p in partials {

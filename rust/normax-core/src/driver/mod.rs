@@ -8,7 +8,7 @@
 //!   kernel leaves to the exact path is gathered and run through the row kernel. Very long rows
 //!   are split across threads in fixed chunks.
 //! - [`for_each_fixed_row_block`] and [`sum_fixed_row_blocks`] serve the cross-entropy family
-//!   (plain, linear, vocabulary-parallel); [`for_each_row_block`] and [`column_sums`] the norms.
+//!   (plain, linear, vocabulary-parallel); [`for_each_row_block`], [`column_sums`] and [`block_column_sums`] the norms.
 //!
 //! The cross-entropy and norm kernels are not [`RowMap`]s: a row needs its index (its target and
 //! class weight, its loss; its saved mean and rstd) and adds to outputs shared by all rows (the
@@ -24,7 +24,8 @@ use crate::Error;
 
 mod blocks;
 pub(crate) use blocks::{
-    column_sums, for_each_fixed_row_block, for_each_row_block, sum_fixed_row_blocks,
+    block_column_sums, column_sums, for_each_fixed_row_block, for_each_row_block,
+    sum_fixed_row_blocks, COLUMN_FOLD_ROWS,
 };
 
 /// Shape of the work: `outer` independent groups of `inner` rows of `len` elements, element (o, i, j)

@@ -4,13 +4,12 @@
 use super::{
     grad, opt_ptr, saved_or_stats, scale_row, scaled_stats, Affine, Centering, Params, Stats,
 };
-use crate::driver::{self, Ptr};
+use crate::driver::{self, Ptr, COLUMN_FOLD_ROWS};
 use crate::float::Float;
 use crate::isa::{dispatch, Kernel};
 use crate::rows::{add_n, for_each_vector_from, load_n, put, row_sums, Store};
 use crate::simd::Vector;
 use crate::spec::{check_len, NormKind};
-use crate::threads;
 use crate::Error;
 use std::ops::Range;
 
@@ -37,9 +36,6 @@ const GROUP: usize = 4;
 /// Rows up to this many bytes are grouped: a group of longer ones (dy, x and dx of each) would
 /// not stay in L1 between the coefficients and the write, and they are not latency-bound.
 const GROUP_MAX_ROW_BYTES: usize = 1024;
-/// Rows whose dweight / dbias terms are summed in `Elem` before they are folded into f64: short
-/// partial sums.
-const FOLD_ROWS: usize = 16;
 
 /// One row's backward write pass: dx = g * gr + xhat * b + a (gr: rstd, times the row's scale
 /// if it was scaled), and the row's dweight (dy * xhat) and dbias (dy) terms added to the column
@@ -221,6 +217,9 @@ impl<T: Float> Backward<'_, T> {
         db: Ptr<T>,
         scaled: &mut Vec<T>,
     ) {
+        if let Some(g) = self.coefficients::<V>(r, dw, db) {
+            return self.write_row(&g);
+        }
         let (p, len, norm, w) = (self.p, self.p.len, self.p.norm, self.w);
         let (dy, dx) = (self.dy.at(r * len) as *const T, self.dx.at(r * len));
         let mut x = self.x.at(r * len) as *const T;
@@ -230,22 +229,20 @@ impl<T: Float> Backward<'_, T> {
         // dx is homogeneous of degree -1 in x: with x scaled by k (and eps by k^2), dx is k
         // times the scaled row's.
         let mut k = 1.0;
-        if s.extreme::<T>() || !(a.is_finite() && b.is_finite()) {
-            if let Some(scale) = scale_row(x, len, scaled) {
-                let sk = if self.rstd.0.is_null() {
-                    scaled_stats::<V>(norm, scaled.as_ptr(), len, p.eps, scale)
-                } else {
-                    Stats {
-                        mean: s.mean * scale,
-                        rstd: s.rstd / scale,
-                    }
-                };
-                // Not finite: a constant LayerNorm row, as well off unscaled.
-                if sk.rstd.is_finite() {
-                    (k, x, s) = (scale, scaled.as_ptr(), sk);
-                    cen = Centering::<V>::new(s);
-                    (a, b) = grad_coefficients::<V>(norm, dy, w, x, len, s, cen);
+        if let Some(scale) = scale_row(x, len, scaled) {
+            let sk = if self.rstd.0.is_null() {
+                scaled_stats::<V>(norm, scaled.as_ptr(), len, p.eps, scale)
+            } else {
+                Stats {
+                    mean: s.mean * scale,
+                    rstd: s.rstd / scale,
                 }
+            };
+            // Not finite: a constant LayerNorm row, as well off unscaled.
+            if sk.rstd.is_finite() {
+                (k, x, s) = (scale, scaled.as_ptr(), sk);
+                cen = Centering::<V>::new(s);
+                (a, b) = grad_coefficients::<V>(norm, dy, w, x, len, s, cen);
             }
         }
         self.write_row(&RowGrad {
@@ -342,7 +339,7 @@ impl<T: Float> Kernel<T> for Backward<'_, T> {
     fn run<V: Vector<Elem = T>>(self) {
         let len = self.p.len;
         let mut scaled = Vec::new();
-        // The block's `Elem` partial sums of up to FOLD_ROWS rows (cleared by each fold).
+        // The block's `Elem` partial sums of up to COLUMN_FOLD_ROWS rows (cleared by each fold).
         let partial = |sums: Ptr<f64>| vec![T::ZERO; if sums.0.is_null() { 0 } else { len }];
         let (mut part_w, mut part_b) = (partial(self.dweight), partial(self.dbias));
         let part_ptr = |part: &mut Vec<T>| {
@@ -358,7 +355,7 @@ impl<T: Float> Kernel<T> for Backward<'_, T> {
             && len * std::mem::size_of::<T>() <= GROUP_MAX_ROW_BYTES;
         let mut r = self.rows.start;
         while r < self.rows.end {
-            let fold_end = (r + FOLD_ROWS).min(self.rows.end);
+            let fold_end = (r + COLUMN_FOLD_ROWS).min(self.rows.end);
             unsafe {
                 while grouped && r + GROUP <= fold_end {
                     self.group::<V>(r, dw, db, &mut scaled);
@@ -449,7 +446,18 @@ pub fn backward<T: Float>(
         return Ok(());
     }
     let (want_w, want_b) = (dweight.is_some(), dbias.is_some());
-    let sums = column_sums(rows, len, want_w, want_b, run);
+    let width = len * (want_w as usize + want_b as usize);
+    // dweight's sums first, then dbias's.
+    let sums = driver::block_column_sums(rows, width, |r, acc| {
+        let (at, null) = (Ptr(acc.as_mut_ptr()), Ptr(std::ptr::null_mut()));
+        let dw = if want_w { at } else { null };
+        let db = if want_b {
+            Ptr(at.at(width - len))
+        } else {
+            null
+        };
+        run(r, dw, db)
+    });
     let mut parts = sums.chunks_exact(len);
     for out in [dweight, dbias].into_iter().flatten() {
         for (o, &s) in out
@@ -460,51 +468,6 @@ pub fn backward<T: Float>(
         }
     }
     Ok(())
-}
-
-/// At most this many blocks of rows keep f64 column sums (enough to share among threads).
-const MAX_BLOCKS: usize = 128;
-/// Bound on the f64 column sums all blocks hold together.
-const MAX_PARTIAL: usize = 1 << 22;
-
-/// The dweight and dbias column sums (those wanted, one after the other) of `run` over all rows.
-/// The rows are cut into blocks that depend only on `rows` and `len`, never on the thread count;
-/// each block sums into its own f64 sums (`run(rows, dweight, dbias)`), and those are added in
-/// block order: the same bits whatever the number of threads.
-fn column_sums(
-    rows: usize,
-    len: usize,
-    want_w: bool,
-    want_b: bool,
-    run: impl Fn(Range<usize>, Ptr<f64>, Ptr<f64>) + Sync + Send,
-) -> Vec<f64> {
-    let width = len * (want_w as usize + want_b as usize);
-    let mut total = vec![0.0f64; width];
-    if rows == 0 || width == 0 {
-        return total;
-    }
-    let min_rows = (driver::GRAIN / width).max(1);
-    let max_blocks = (MAX_PARTIAL / width).clamp(1, MAX_BLOCKS);
-    let per_block = rows.div_ceil(rows.div_ceil(min_rows).min(max_blocks));
-    let partials = threads::map(rows.div_ceil(per_block), |b| {
-        let mut sums = vec![0.0f64; width];
-        let at = Ptr(sums.as_mut_ptr());
-        let null = Ptr(std::ptr::null_mut());
-        let dw = if want_w { at } else { null };
-        let db = if want_b {
-            Ptr(at.at(width - len))
-        } else {
-            null
-        };
-        run(b * per_block..((b + 1) * per_block).min(rows), dw, db);
-        sums
-    });
-    for p in partials {
-        for (t, v) in total.iter_mut().zip(p) {
-            *t += v;
-        }
-    }
-    total
 }
 
 // The public functions are tested in tests/norms.rs; this one needs the private row kernels.
