@@ -123,6 +123,9 @@ def _device_of(kwargs: dict) -> str:
     return device
 
 
+_ABSENT = object()  # a wrapper's first argument, not given
+
+
 def array_api(fn):
     """Wraps a NumPy-first function so that it takes and returns any library's arrays.
 
@@ -212,15 +215,7 @@ def array_api(fn):
             )
         return dispatch(args, kwargs)
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        # The plain-NumPy call: only a type lookup per argument before the function itself (an
-        # `out=` array included: it must not cost more than the call without it).
-        if len(args) == 1 and type(args[0]) is np.ndarray and _backend[0] == "cpu":
-            if not kwargs:
-                return fn(args[0])
-            if len(kwargs) == 1 and type(kwargs.get("out")) is np.ndarray:
-                return fn(args[0], out=kwargs["out"])
+    def general(args, kwargs):
         device = _device_of(kwargs) if "device" in kwargs else _backend[0]
         for a in args:
             if type(a) not in PLAIN and library(a):
@@ -231,6 +226,30 @@ def array_api(fn):
         if device == "wgpu":
             return kernel("wgpu", op)(*args, **kwargs)
         return fn(*args, **kwargs)
+
+    # The plain-NumPy call: only a type lookup per argument before the function itself. `out`
+    # is a parameter of the wrapper itself, so that a call with an `out=` array takes the very
+    # path of the call without it (and saves the allocation).
+    # The first argument is positional-only here (whatever its name in `fn`) so that the common
+    # call builds no tuple; a call without it, or with it by keyword, goes the general way.
+    if "out" in names:
+
+        @functools.wraps(fn)
+        def wrapper(first=_ABSENT, /, *args, out=None, **kwargs):
+            plain = not args and not kwargs and type(first) is np.ndarray and _backend[0] == "cpu"
+            if plain and (out is None or type(out) is np.ndarray):
+                return fn(first, out=out)
+            if out is not None:
+                kwargs["out"] = out
+            return general(args if first is _ABSENT else (first, *args), kwargs)
+
+    else:
+
+        @functools.wraps(fn)
+        def wrapper(first=_ABSENT, /, *args, **kwargs):
+            if not args and not kwargs and type(first) is np.ndarray and _backend[0] == "cpu":
+                return fn(first)
+            return general(args if first is _ABSENT else (first, *args), kwargs)
 
     if "device" not in signature.parameters:
         device = inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default=None)

@@ -177,33 +177,21 @@ def _complex_logsumexp(a, b, axes, keepdims, return_sign, result_dtype):
 
 def row_map(kernel, kernel_last, x, axis, out):
     """Runs a row-to-row kernel (softmax, log_softmax; stablemax's too) on `x` over `axis`:
-    `kernel_last` is its one-call form for a fresh output over the last axis."""
+    `kernel_last` is its one-call form over the last axis."""
     # The common call in one crossing into Rust: a contiguous float32/float64 array over its last
-    # axis into a fresh array (None back for anything else).
-    if out is None:
-        if axis == -1:
-            try:
-                y = kernel_last(x)
-            except ValueError:
-                if not _misaligned(x):
-                    raise
-                y = None  # read from one aligned copy below
-            if y is not None:
-                return y
-    # Into itself, or a separate array of its shape: straight to the kernel, whose binding checks
-    # in nanoseconds what this needs (dtypes, C-contiguity, writeability, and that `out` is `x` or
-    # does not overlap it) and refuses before writing anything; the general path below then gives
-    # any refusal its message, or computes through a buffer (a partial overlap, a misaligned or
-    # strided `out`).
-    elif axis == -1 and type(x) is np.ndarray and type(out) is np.ndarray:
-        shape = x.shape
-        n = shape[-1] if shape else 0
-        if n and out.shape == shape:
-            try:
-                kernel(x, out, (x.size // n, n, 1))
-                return out
-            except (TypeError, ValueError):
-                pass
+    # axis, into a fresh array or into an `out` of its shape and dtype that is `x` itself or does
+    # not overlap it (None back for anything else, before anything is written; the general path
+    # below then gives any refusal its message, or computes through a buffer: a partial overlap,
+    # a misaligned or strided `out`).
+    if axis == -1:
+        try:
+            y = kernel_last(x, out)
+        except ValueError:
+            if not _misaligned(x):
+                raise
+            y = None  # read from one aligned copy below
+        if y is not None:
+            return y
 
     a = np.asarray(x)
     if a.dtype.kind == "c":

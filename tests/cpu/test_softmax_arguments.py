@@ -178,6 +178,50 @@ def test_out_errors_leave_out_untouched(fname):
         f(x, out=[[0.0] * 4] * 3)
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "stablemax", "log_stablemax"])
+def test_one_call_binding_hands_every_refusal_back_before_writing(name):
+    """`<op>_last(x, out)`, the whole call for a contiguous `out` (the path that makes `out=` cost
+    no more than a fresh result), returns None for every `out` it cannot write as given, with
+    `out` untouched; the general path then refuses or writes through a buffer."""
+    from normax import _core
+
+    kernel_last = getattr(_core, f"{name}_last")
+    x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
+
+    class Sub(np.ndarray):
+        pass
+
+    read_only = np.full((3, 4), 42, np.float32)
+    read_only.flags.writeable = False
+    raw = np.zeros(12 * 4 + 1, np.uint8)
+    misaligned = raw[1:].view(np.float32).reshape(3, 4)
+    misaligned[...] = 42
+    buf = np.full(13, 42, np.float32)
+    refused = [
+        np.full((4, 3), 42, np.float32),
+        np.full((3, 4), 42, np.float64),
+        read_only,
+        np.full((3, 4), 42, np.float32).view(Sub),
+        misaligned,
+        np.full((3, 8), 42, np.float32)[:, ::2],
+        np.full((4, 3), 42, np.float32).T,
+        buf[1:].reshape(3, 4),  # overlaps x = buf[:-1] partially (below)
+    ]
+    for i, out in enumerate(refused):
+        xi = buf[:-1].reshape(3, 4) if i == len(refused) - 1 else x
+        before = out.copy()
+        assert kernel_last(xi, out) is None, i
+        np.testing.assert_array_equal(out, before)
+    assert kernel_last(x, [[0.0] * 4] * 3) is None
+    expect = kernel_last(x)
+    out = np.full_like(x, 42)
+    assert kernel_last(x, out) is out
+    np.testing.assert_array_equal(out, expect)
+    inplace = x.copy()
+    assert kernel_last(inplace, inplace) is inplace
+    np.testing.assert_array_equal(inplace, expect)
+
+
 @pytest.mark.parametrize("fname", list(FORWARD))
 def test_out_refusals_name_out(fname):
     """A contiguous `out` goes straight to the kernel, whose binding refuses what it cannot write;

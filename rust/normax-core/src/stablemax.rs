@@ -30,7 +30,7 @@ fn s_of<V: Vector>(x: V) -> V {
 }
 
 /// s(x) in f64 (the exact path and the log's per-element terms).
-fn s64(x: f64) -> f64 {
+pub(crate) fn s64(x: f64) -> f64 {
     if x >= 0.0 {
         1.0 + x
     } else {
@@ -39,7 +39,7 @@ fn s64(x: f64) -> f64 {
 }
 
 /// log s(x) = sign(x) log1p(|x|), without forming s(x).
-fn ln_s64(x: f64) -> f64 {
+pub(crate) fn ln_s64(x: f64) -> f64 {
     if x >= 0.0 {
         x.ln_1p()
     } else {

@@ -45,6 +45,9 @@ pub(crate) fn map_typed<T: Float + Element>(
     run(py, xs.len(), || f(xs, os, l))
 }
 
+/// A row-to-row kernel over an (outer, len, inner) layout: into a separate output, and in place.
+pub(crate) type RowOps<T> = (MapFn<T>, MapInplaceFn<T>);
+
 /// The whole call for the common case, in one crossing of the boundary: a C-contiguous, native
 /// float32/float64 array of at least one axis, reduced over its last axis into a new NumPy array
 /// (NumPy's allocator). None for anything else; the Python layer then takes the general path.
@@ -69,31 +72,100 @@ fn last_axis_new<'py, T: Float + Element>(
     Ok(Some(y.into_any().cast_into::<PyUntypedArray>()?))
 }
 
+/// [`last_axis_new`] into `out`: a plain, C-contiguous, aligned, writeable NumPy array of x's
+/// shape and dtype that is `x` itself or shares no memory with it (x aligned too). None for
+/// anything else (before anything is written): the general path gives the refusal its message, or computes through a buffer.
+fn last_axis_into<'py, T: Float + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArrayDyn<T>>,
+    out: &Bound<'py, PyAny>,
+    (f, f_inplace): RowOps<T>,
+) -> PyResult<Option<Arr<'py>>> {
+    let Ok(o) = out.cast::<PyArrayDyn<T>>() else {
+        return Ok(None);
+    };
+    let exact_ndarray = o.get_type().is(py.get_type::<PyUntypedArray>());
+    if !exact_ndarray || !x.is_c_contiguous() || !o.is_c_contiguous() || x.ndim() == 0 {
+        return Ok(None);
+    }
+    if o.shape() != x.shape() {
+        return Ok(None);
+    }
+    let len = x.shape()[x.ndim() - 1];
+    let (xu, ou) = (x.as_untyped(), o.as_untyped());
+    if len > 0 {
+        let l = rows_layout((x.len() / len, len, 1));
+        if same_memory(xu, ou) {
+            let Ok(mut w) = readwrite::<T>(ou, "out") else {
+                return Ok(None);
+            };
+            let Ok(os) = slice_mut(&mut w, "out") else {
+                return Ok(None);
+            };
+            run(py, os.len(), || f_inplace(os, l))?;
+        } else {
+            let (Ok(r), Ok(mut w)) = (readonly::<T>(xu, "x"), readwrite::<T>(ou, "out")) else {
+                return Ok(None);
+            };
+            // A misaligned array has no slice.
+            let (Ok(xs), Ok(os)) = (slice(&r, "x"), slice_mut(&mut w, "out")) else {
+                return Ok(None);
+            };
+            run(py, xs.len(), || f(xs, os, l))?;
+        }
+    }
+    Ok(Some(ou.clone()))
+}
+
+/// A row-to-row kernel over the last axis of `x`, into `out` where given (see
+/// [`last_axis_into`]), else into a new array (see [`last_axis_new`]); None where the general
+/// path is needed.
 pub(crate) fn last_axis<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    f32_op: MapFn<f32>,
-    f64_op: MapFn<f64>,
+    out: Option<&Bound<'py, PyAny>>,
+    f32_ops: RowOps<f32>,
+    f64_ops: RowOps<f64>,
 ) -> PyResult<Option<Arr<'py>>> {
     if let Ok(a) = x.cast::<PyArrayDyn<f32>>() {
-        last_axis_new(py, a, f32_op)
+        match out {
+            Some(o) => last_axis_into(py, a, o, f32_ops),
+            None => last_axis_new(py, a, f32_ops.0),
+        }
     } else if let Ok(a) = x.cast::<PyArrayDyn<f64>>() {
-        last_axis_new(py, a, f64_op)
+        match out {
+            Some(o) => last_axis_into(py, a, o, f64_ops),
+            None => last_axis_new(py, a, f64_ops.0),
+        }
     } else {
         Ok(None)
     }
 }
 
-/// softmax over the last axis into a new array, or None where the general path is needed.
+/// softmax over the last axis into `out` or a new array, or None where the general path is
+/// needed (see [`last_axis`]).
 #[pyfunction]
-fn softmax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Option<Arr<'py>>> {
-    last_axis(py, x, k::softmax, k::softmax)
+#[pyo3(signature = (x, out=None))]
+fn softmax_last<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Arr<'py>>> {
+    let ops32: RowOps<f32> = (k::softmax, k::softmax_inplace);
+    last_axis(py, x, out, ops32, (k::softmax, k::softmax_inplace))
 }
 
-/// log_softmax over the last axis into a new array, or None where the general path is needed.
+/// log_softmax over the last axis into `out` or a new array, or None where the general path is
+/// needed (see [`last_axis`]).
 #[pyfunction]
-fn log_softmax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Option<Arr<'py>>> {
-    last_axis(py, x, k::log_softmax, k::log_softmax)
+#[pyo3(signature = (x, out=None))]
+fn log_softmax_last<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Arr<'py>>> {
+    let ops32: RowOps<f32> = (k::log_softmax, k::log_softmax_inplace);
+    last_axis(py, x, out, ops32, (k::log_softmax, k::log_softmax_inplace))
 }
 
 /// softmax(x) into out (which may be x) over the middle axis of `layout` = (outer, len, inner).

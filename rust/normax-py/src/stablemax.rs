@@ -2,20 +2,40 @@
 //! softmax's, scaled in the Python layer).
 
 use crate::arrays::{by_dtype, rows_layout, Arr};
-use crate::softmax::{last_axis, map_typed};
+use crate::softmax::{last_axis, map_typed, RowOps};
 use normax_core::stablemax as k;
 use pyo3::prelude::*;
 
-/// stablemax over the last axis into a new array, or None where the general path is needed.
+/// stablemax over the last axis into `out` or a new array, or None where the general path is
+/// needed (see `softmax::last_axis`).
 #[pyfunction]
-fn stablemax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Option<Arr<'py>>> {
-    last_axis(py, x, k::stablemax, k::stablemax)
+#[pyo3(signature = (x, out=None))]
+fn stablemax_last<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Arr<'py>>> {
+    let ops32: RowOps<f32> = (k::stablemax, k::stablemax_inplace);
+    last_axis(py, x, out, ops32, (k::stablemax, k::stablemax_inplace))
 }
 
-/// log_stablemax over the last axis into a new array, or None where the general path is needed.
+/// log_stablemax over the last axis into `out` or a new array, or None where the general path
+/// is needed (see `softmax::last_axis`).
 #[pyfunction]
-fn log_stablemax_last<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Option<Arr<'py>>> {
-    last_axis(py, x, k::log_stablemax, k::log_stablemax)
+#[pyo3(signature = (x, out=None))]
+fn log_stablemax_last<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Arr<'py>>> {
+    let ops32: RowOps<f32> = (k::log_stablemax, k::log_stablemax_inplace);
+    last_axis(
+        py,
+        x,
+        out,
+        ops32,
+        (k::log_stablemax, k::log_stablemax_inplace),
+    )
 }
 
 /// stablemax(x) into out (which may be x) over the middle axis of `layout` = (outer, len, inner).

@@ -22,12 +22,14 @@
 //!
 //! Here: the public functions and their checks; `rule`: the loss algebra above; `rows`: the SIMD
 //! passes and `run_rows`; `stats`: what `return_stats` adds to them (the argmax check, the plain
-//! path's entropy pass); `linear`: the linear cross-entropy; `vocab_parallel`: both with the
-//! classes split across ranks.
+//! path's entropy pass); `stable`: the StableMax loss's direct path (sums of s(x), no phi);
+//! `linear`: the linear cross-entropy; `vocab_parallel`: both with the classes split across
+//! ranks.
 
 mod linear;
 mod rows;
 mod rule;
+mod stable;
 mod stats;
 mod vocab_parallel;
 

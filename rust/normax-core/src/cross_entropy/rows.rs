@@ -403,6 +403,11 @@ unsafe fn full_row<T: Float, V: Vector<Elem = T>, const GRAD: bool, const STATS:
         RowTarget::Probs(t) => (0, t),
     };
     let hard = t.is_null();
+    if rule.stable && hard && rule.eps == 0.0 && rule.cap.is_none() && !STATS {
+        if let Some(row) = super::stable::direct_row::<V, GRAD>(rule, x, len, y, s, grad) {
+            return row;
+        }
+    }
     let raw = x;
     // The plain path's pass 2 (below) reads the logits as given and checks the argmax there.
     let terms = if GRAD { grad } else { buf };
