@@ -117,7 +117,7 @@ def checked_cross_entropy(
     """The cross-entropy of options already checked (`opts` from ``ce_options``, `stable` from
     ``check_normalizer``): the route of the public functions and of the framework adapters.
     Returns as the public functions, with a :class:`CrossEntropyStats` last when `return_stats`."""
-    if stable:  # StableMax: phi and its chain formed in the Rust row kernels (CeOptions.stablemax)
+    if stable:  # StableMax: in the Rust row kernels (CeOptions.stablemax)
         opts = opts.replace(stablemax=True)
     plain = token_weight is None and not return_stats
     if plain and (not with_grad or type(grad_output) is float or type(grad_output) is int):
@@ -290,10 +290,13 @@ def cross_entropy(
     a few ULP of the float64 value up to margins of ~87 in float32 (the exp range).
 
     ``normalizer="stablemax"`` computes the softmax cross-entropy of ``phi = log s(x) =
-    sign(x) * log1p(|x|)`` (``softmax(phi) = stablemax(x)``) in the same Rust row passes, phi in
-    the logits' dtype on a SIMD log1p (float32: within 1 ULP of the correctly rounded value),
-    and chains the gradient through ``phi'(x) = 1 / (1 + |x|) = exp(-|phi|)``. A dominant
-    target keeps its loss: the log-sum-exp of phi keeps the other classes' sum apart.
+    sign(x) * log1p(|x|)`` (``softmax(phi) = stablemax(x)``) in the same Rust row passes. With
+    class targets and no smoothing, softcap or statistics, the loss needs only ``sum(s(x))`` and
+    ``s(x[y])``, and the gradient ``p * phi'(x)`` is ``m**2 / sum(s(x))`` with ``m = 1 / (1 -
+    min(x, 0))``: one division per element, no log or exp. Other rows (and the other options)
+    form phi in the logits' dtype on a SIMD log1p (float32: within 1 ULP of the correctly
+    rounded value) and chain the gradient through ``phi'(x) = 1 / (1 + |x|) = exp(-|phi|)``.
+    A dominant target keeps its loss either way: the other classes' sum is kept apart.
 
     Examples
     --------

@@ -6,7 +6,8 @@ StableMax replaces softmax's exp by s(x) = x + 1 for x >= 0, 1 / (1 - x) for x <
 ``phi(x) = log s(x) = sign(x) * log1p(|x|)``: the cross-entropy with ``normalizer="stablemax"``
 is the softmax cross-entropy of phi(x) (every option carries over), with the gradient chained
 through ``phi'(x) = s'(x) / s(x) = 1 / (1 + |x|)``; the Rust kernels form phi (the vector
-log1p) and the chain inside the cross-entropy's row passes.
+log1p) and the chain inside the cross-entropy's row passes, or, for class targets without
+smoothing, softcap or statistics, sum s(x) directly (see ``normax.cross_entropy``).
 """
 
 from __future__ import annotations
