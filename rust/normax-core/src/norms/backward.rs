@@ -257,9 +257,9 @@ impl<T: Float> Backward<'_, T> {
 
     /// Row r alone, redone from a scaled copy where its statistics leave what `T` resolves. Its
     /// column terms are added in the coefficients pass, which reads the row from memory anyway:
-    /// the write pass then stores dx alone. (Added there, the column sums' stores waited behind
-    /// dx's, which miss the cache: in-order commit; 4096x1024 LayerNorm's backward took 1.8x as
-    /// long with dweight and dbias as without, AVX-512.)
+    /// the write pass then stores dx alone. (Added there, the column sums' stores wait behind
+    /// dx's, which miss the cache, as stores commit in order: 4096x1024 LayerNorm's backward
+    /// took 1.6-1.8x as long with dweight and dbias as without, ~1.45x now, AVX-512.)
     #[inline(always)]
     unsafe fn row<V: Vector<Elem = T>>(
         &self,
@@ -399,7 +399,8 @@ impl<T: Float> Kernel<T> for Backward<'_, T> {
         // The block's `Elem` partial sums of up to COLUMN_FOLD_ROWS rows (cleared by each fold):
         // dweight's, then dbias's STAGGER elements past its end. Two buffers of 4 KiB each put
         // dbias[i] 16 bytes past dweight[i] modulo 4 KiB, and each load of dbias[i] waited for
-        // the store to dweight[i] (4K aliasing: LayerNorm's 4096x1024 backward 2.4x slower).
+        // the store to dweight[i] (4K aliasing: LayerNorm's 4096x1024 backward ~1.5x slower, one
+        // thread, AVX-512).
         let wanted = |sums: Ptr<f64>| !sums.0.is_null();
         let any = wanted(self.dweight) || wanted(self.dbias);
         let mut parts = vec![T::ZERO; if any { 2 * len + STAGGER } else { 0 }];

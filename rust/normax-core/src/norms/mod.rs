@@ -427,10 +427,16 @@ impl<T: Float> Kernel<T> for Forward<'_, T> {
         let p = self.p;
         let len = p.len;
         let mut scaled = Vec::new();
-        for r in self.rows {
+        let stats = |r: usize| unsafe { row_stats::<V>(p.norm, self.x.at(r * len), len, p.eps) };
+        // Each row's statistics are taken one row ahead, so the out-of-order core overlaps the
+        // next row's reductions with this row's write instead of waiting on its own (sqrt, divide:
+        // short rows were latency-bound).
+        let mut ahead = (!self.rows.is_empty()).then(|| stats(self.rows.start));
+        for r in self.rows.clone() {
             unsafe {
                 let (mut x, y) = (self.x.at(r * len) as *const T, self.y.at(r * len));
-                let mut s = row_stats::<V>(p.norm, x, len, p.eps);
+                let mut s = ahead.expect("taken one row ahead");
+                ahead = (r + 1 < self.rows.end).then(|| stats(r + 1));
                 let mut cen = Centering::<V>::new(s);
                 if s.extreme::<T>() {
                     if let Some(k) = scale_row(x, len, &mut scaled) {
