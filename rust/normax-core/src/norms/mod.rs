@@ -9,10 +9,11 @@
 //!   |mean| >> std). Other sums are short `Elem` partials folded into f64 (`rows`), and the
 //!   statistics are kept in f64.
 //! - the output pass: y = xhat * weight + bias with xhat = (x - m0) * rstd + (m0 - mean) * rstd.
-//! - backward: one pass for the row sums the gradient needs, one writing dx and adding the row's
+//! - backward: one pass for the row sums the gradient needs, which also adds the row's
 //!   dweight/dbias terms to its block's column sums (`Elem` sums of 16 rows folded into f64 in the
-//!   kernel, the blocks fixed by the shape and added in order: deterministic). Short rows are
-//!   written 4 at a time, column by column, their dweight/dbias terms summed in registers.
+//!   kernel, the blocks fixed by the shape and added in order: deterministic), one writing dx.
+//!   Short rows are written 4 at a time, column by column, their dweight/dbias terms summed in
+//!   registers and added in the write pass.
 //! - extremes: a row whose statistics leave what `Elem` resolves (squares that overflow past
 //!   |x| ~ 1.8e19 / sqrt(len) in f32, or that are subnormal with an `eps` too small to hide it) is
 //!   redone from a copy scaled by a power of two (exact), its `eps` scaled to match; a rare
