@@ -418,9 +418,9 @@ unsafe fn refined_lse_of<V: Vector>(x: *const V::Elem, len: usize, s: ExpSum, te
     if !s.rest.is_nan() {
         return s.lse::<V::Elem>();
     }
+    // rel = ln(m / top): m / top - 1 >= REST_ROW without a second transcendental per row.
     let rel = s.ln_over_max();
-    let top_estimate = (s.max - s.n * LN_2).exp();
-    if s.m / top_estimate - 1.0 >= REST_ROW && (s.max + rel).abs() >= 0.25 {
+    if rel >= REST_ROW.ln_1p() && (s.max + rel).abs() >= 0.25 {
         return Lse::new::<V::Elem>(s.max, rel);
     }
     with_rest_of::<V>(x, len, s, terms).lse::<V::Elem>()
