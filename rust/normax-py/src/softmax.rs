@@ -6,6 +6,7 @@ use crate::arrays::{named, same_memory, slice, slice_mut, slice_mut_opt, slice_o
 use crate::errors::to_py;
 use normax_core::{softmax as k, Error, Float, Layout};
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 /// Runs a kernel over `elements` values, releasing the GIL unless the work is too small to be
@@ -73,8 +74,9 @@ fn last_axis_new<'py, T: Float + Element>(
 }
 
 /// [`last_axis_new`] into `out`: a plain, C-contiguous, aligned, writeable NumPy array of x's
-/// shape and dtype that is `x` itself or shares no memory with it (x aligned too). None for
-/// anything else (before anything is written): the general path gives the refusal its message, or computes through a buffer.
+/// shape and dtype that is `x` itself or shares no memory with it (x aligned too), by
+/// [`map_typed`]. None for anything else (before anything is written): the general path gives
+/// the refusal its message, or computes through a buffer.
 fn last_axis_into<'py, T: Float + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
@@ -92,26 +94,18 @@ fn last_axis_into<'py, T: Float + Element>(
         return Ok(None);
     }
     let len = x.shape()[x.ndim() - 1];
-    let (xu, ou) = (x.as_untyped(), o.as_untyped());
+    let ou = o.as_untyped();
     if len > 0 {
         let l = rows_layout((x.len() / len, len, 1));
-        if same_memory(xu, ou) {
-            let Ok(mut w) = readwrite::<T>(ou, "out") else {
-                return Ok(None);
-            };
-            let Ok(os) = slice_mut(&mut w, "out") else {
-                return Ok(None);
-            };
-            run(py, os.len(), || f_inplace(os, l))?;
-        } else {
-            let (Ok(r), Ok(mut w)) = (readonly::<T>(xu, "x"), readwrite::<T>(ou, "out")) else {
-                return Ok(None);
-            };
-            // A misaligned array has no slice.
-            let (Ok(xs), Ok(os)) = (slice(&r, "x"), slice_mut(&mut w, "out")) else {
-                return Ok(None);
-            };
-            run(py, xs.len(), || f(xs, os, l))?;
+        // The binding's own checks refuse (read-only, misaligned, overlapping) with a ValueError or
+        // TypeError before anything is written; other errors (an interrupt) are the call's.
+        match map_typed(py, x.as_untyped(), ou, l, f, f_inplace) {
+            Err(e)
+                if e.is_instance_of::<PyValueError>(py) || e.is_instance_of::<PyTypeError>(py) =>
+            {
+                return Ok(None)
+            }
+            result => result?,
         }
     }
     Ok(Some(ou.clone()))
